@@ -1,0 +1,96 @@
+//! Command line: `keyward serve` and `keyward migrate`. Every `serve` flag has an
+//! environment twin (the flag wins); both end up in one [`RawConfig`] map for
+//! [`Config::from_raw`](crate::config::Config::from_raw) to validate.
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, RawConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "keyward", version, about = "Rate-limiting and key-pool sidecar for LLM API gateways")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the data plane and the admin API (migrations are applied first).
+    Serve(Box<ServeArgs>),
+    /// Apply the database migrations and exit.
+    Migrate(MigrateArgs),
+}
+
+// Secret-bearing settings hide their environment value from `--help`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Data plane address [default: 0.0.0.0:8080]
+    #[arg(long, env = config::LISTEN)]
+    pub listen: Option<String>,
+    /// Admin API address [default: 0.0.0.0:8081]
+    #[arg(long, env = config::ADMIN_LISTEN)]
+    pub admin_listen: Option<String>,
+    /// Bearer token of the admin API (unset: admin API disabled)
+    #[arg(long, env = config::ADMIN_TOKEN, hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// postgres://… or sqlite:… [default: sqlite://keyward.db]
+    #[arg(long, env = config::DATABASE_URL, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// redis://… (unset: counters in process)
+    #[arg(long, env = config::REDIS_URL, hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Base64 of 32 bytes (embedded shape: generated into a 0600 file if unset)
+    #[arg(long, env = config::ENCRYPTION_KEY, hide_env_values = true)]
+    pub encryption_key: Option<String>,
+    /// Comma-separated older keys that can still decrypt
+    #[arg(long, env = config::ENCRYPTION_KEYS_PREVIOUS, hide_env_values = true)]
+    pub encryption_keys_previous: Option<String>,
+    /// deny | allow | local [default: deny]
+    #[arg(long, env = config::ON_BACKEND_ERROR)]
+    pub on_backend_error: Option<String>,
+    /// text | json [default: text]
+    #[arg(long, env = config::LOG_FORMAT)]
+    pub log_format: Option<String>,
+    /// Prefix of generated client keys [default: sk-kw-]
+    #[arg(long, env = config::KEY_PREFIX)]
+    pub key_prefix: Option<String>,
+    /// Seconds between expiry passes, 0 = off [default: 60]
+    #[arg(long, env = config::EXPIRY_INTERVAL_S)]
+    pub expiry_interval_s: Option<String>,
+    /// Expiry deletes keys without their own auto_delete_on_expiry [default: false]
+    #[arg(long, env = config::EXPIRY_AUTO_DELETE)]
+    pub expiry_auto_delete: Option<String>,
+    /// Seconds in-flight requests get to finish on shutdown [default: 10]
+    #[arg(long, env = config::SHUTDOWN_GRACE_S)]
+    pub shutdown_grace_s: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// postgres://… or sqlite:… [default: sqlite://keyward.db]
+    #[arg(long, env = config::DATABASE_URL, hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+impl ServeArgs {
+    pub fn raw(&self) -> RawConfig {
+        [
+            (config::LISTEN, &self.listen),
+            (config::ADMIN_LISTEN, &self.admin_listen),
+            (config::ADMIN_TOKEN, &self.admin_token),
+            (config::DATABASE_URL, &self.database_url),
+            (config::REDIS_URL, &self.redis_url),
+            (config::ENCRYPTION_KEY, &self.encryption_key),
+            (config::ENCRYPTION_KEYS_PREVIOUS, &self.encryption_keys_previous),
+            (config::ON_BACKEND_ERROR, &self.on_backend_error),
+            (config::LOG_FORMAT, &self.log_format),
+            (config::KEY_PREFIX, &self.key_prefix),
+            (config::EXPIRY_INTERVAL_S, &self.expiry_interval_s),
+            (config::EXPIRY_AUTO_DELETE, &self.expiry_auto_delete),
+            (config::SHUTDOWN_GRACE_S, &self.shutdown_grace_s),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.clone().map(|v| (name, v)))
+        .collect()
+    }
+}

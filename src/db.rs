@@ -1,0 +1,180 @@
+//! The durable store's connection: Postgres (distributed) or SQLite (embedded).
+//!
+//! Architecture invariant: the rest of the code does not know which backend it talks to.
+//! Both are reached through sqlx's runtime-generic `Any` driver with the same SQL text:
+//! `$N` placeholders (SQLite accepts them too), integer Unix milliseconds for time,
+//! integer micro-USD for money, JSON text for lists, and aggregates cast to `BIGINT` or
+//! `DOUBLE PRECISION` so both report the same types. Only the migrations differ, one
+//! directory per backend, applied at start-up and by `keyward migrate`; they are embedded
+//! at compile time, so a fresh clone builds with no database running.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Executor};
+
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> Option<Backend> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else {
+            None
+        }
+    }
+}
+
+/// A failure of the durable store. `Unavailable` means "try again later" (connection,
+/// pool or I/O trouble); everything else is a bug or corrupt data.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database query failed: {0}")]
+    Query(#[source] sqlx::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => StoreError::Unavailable(e),
+            other => StoreError::Query(other),
+        }
+    }
+}
+
+/// A pool of connections to the durable store.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pub(crate) pool: AnyPool,
+    backend: Backend,
+}
+
+impl Db {
+    /// Connects (creating the SQLite file if needed). Does not run migrations.
+    pub async fn connect(url: &str) -> anyhow::Result<Db> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::of_url(url)
+            .ok_or_else(|| anyhow::anyhow!("unsupported database URL scheme"))?;
+        let pool = match backend {
+            Backend::Postgres => {
+                let options = AnyConnectOptions::from_str(url)?;
+                AnyPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(3))
+                    .connect_with(options)
+                    .await?
+            }
+            Backend::Sqlite => {
+                let memory = url.contains(":memory:") || url.contains("mode=memory");
+                let url = sqlite_url_with_create(url);
+                let options = AnyConnectOptions::from_str(&url)?;
+                // An in-memory database lives as long as its one connection does.
+                let (max, lifetime) = if memory { (1, None) } else { (8, Some(Duration::from_secs(1800))) };
+                AnyPoolOptions::new()
+                    .max_connections(max)
+                    .min_connections(if memory { 1 } else { 0 })
+                    .max_lifetime(lifetime)
+                    .idle_timeout(if memory { None } else { Some(Duration::from_secs(600)) })
+                    .acquire_timeout(Duration::from_secs(5))
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            // WAL lets readers proceed while the accounting writer writes;
+                            // busy_timeout makes concurrent writers wait instead of failing.
+                            conn.execute(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+                            )
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(options)
+                    .await?
+            }
+        };
+        Ok(Db { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies every pending migration of this backend (idempotent; on Postgres sqlx
+    /// holds an advisory lock, so replicas starting together do not race).
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        let migrator = match self.backend {
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+        };
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// A cheap round trip, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Adds `mode=rwc` so that sqlx creates a missing SQLite file instead of failing.
+fn sqlite_url_with_create(url: &str) -> String {
+    if url.contains("mode=") {
+        url.to_string()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    }
+}
+
+/// The file behind a SQLite URL, or `None` for an in-memory database.
+pub fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" || url.contains("mode=memory") {
+        None
+    } else {
+        Some(PathBuf::from(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(Backend::of_url("postgres://x/y"), Some(Backend::Postgres));
+        assert_eq!(Backend::of_url("sqlite::memory:"), Some(Backend::Sqlite));
+        assert_eq!(Backend::of_url("mysql://x"), None);
+        assert_eq!(sqlite_path("sqlite://keyward.db"), Some(PathBuf::from("keyward.db")));
+        assert_eq!(sqlite_path("sqlite:///var/k.db?mode=rwc"), Some(PathBuf::from("/var/k.db")));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_url_with_create("sqlite://a.db"), "sqlite://a.db?mode=rwc");
+    }
+}

@@ -1,0 +1,215 @@
+//! The admin API (`KEYWARD_ADMIN_LISTEN`): client keys, behind a bearer token.
+//!
+//! Invariants:
+//! - Every route sits behind [`require_admin`]; with no token configured every call is
+//!   refused (403 `ADMIN_DISABLED`).
+//! - The token is compared as SHA-256 digests in constant time, so neither its content
+//!   nor its length leaks through timing.
+//! - No answer but create and reveal carries a secret.
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::extract::{optional_bool, IdPath, JsonBody, QueryArgs};
+use crate::app::AppState;
+use crate::client_keys::input::{BalanceRequest, CreateKeyRequest, ExpireRequest, PatchKeyRequest};
+use crate::client_keys::store::ListFilter;
+use crate::client_keys::ClientKey;
+use crate::clock::{now_ms, parse_instant, to_rfc3339, DateEdge};
+use crate::crypto;
+use crate::money::Usd;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/admin/keys", post(create_key).get(list_user_keys))
+        .route("/admin/keys/standalone", get(list_standalone_keys))
+        .route("/admin/keys/expire", post(expire_keys))
+        .route("/admin/keys/{id}", get(get_key).patch(patch_key).delete(delete_key))
+        .route("/admin/keys/{id}/reveal", post(reveal_key))
+        .route("/admin/keys/{id}/balance", post(adjust_balance))
+        .route("/admin/keys/{id}/stats", get(key_stats))
+        .fallback(super::not_found)
+        .method_not_allowed_fallback(super::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), require_admin))
+        .with_state(state)
+}
+
+async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(expected) = state.admin_token_digest else {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "ADMIN_DISABLED",
+            "the admin API is disabled: set KEYWARD_ADMIN_TOKEN to enable it",
+        )
+        .into_response();
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|token| crypto::digest(token.trim().as_bytes()));
+    if presented.is_some_and(|p| bool::from(p.ct_eq(&expected))) {
+        return next.run(request).await;
+    }
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+        "missing or wrong admin token (Authorization: Bearer <KEYWARD_ADMIN_TOKEN>)",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+fn key_json(key: &ClientKey) -> Json<Value> {
+    Json(json!(key.view()))
+}
+
+async fn create_key(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<CreateKeyRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let new_key = body.validate(now_ms()).map_err(ApiError::bad_request)?;
+    let (key, secret) = state.keys.create(new_key).await?;
+    Ok((StatusCode::CREATED, Json(json!({"key": key.view(), "secret": secret}))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    user_id: Option<String>,
+    active: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActiveQuery {
+    active: Option<String>,
+}
+
+async fn list(state: &AppState, filter: ListFilter) -> Result<Json<Value>, ApiError> {
+    let keys = state.keys.list(&filter).await?;
+    let views: Vec<_> = keys.iter().map(ClientKey::view).collect();
+    Ok(Json(json!({ "keys": views })))
+}
+
+async fn list_user_keys(
+    State(state): State<AppState>,
+    QueryArgs(q): QueryArgs<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let filter = ListFilter {
+        standalone: false,
+        user_id: q.user_id.filter(|u| !u.is_empty()),
+        active: optional_bool("active", q.active.as_deref())?,
+    };
+    list(&state, filter).await
+}
+
+async fn list_standalone_keys(
+    State(state): State<AppState>,
+    QueryArgs(q): QueryArgs<ActiveQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let filter = ListFilter {
+        standalone: true,
+        user_id: None,
+        active: optional_bool("active", q.active.as_deref())?,
+    };
+    list(&state, filter).await
+}
+
+async fn get_key(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<Value>, ApiError> {
+    Ok(key_json(&state.keys.get(&id).await?))
+}
+
+async fn patch_key(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+    JsonBody(body): JsonBody<PatchKeyRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let patch = body.validate().map_err(ApiError::bad_request)?;
+    Ok(key_json(&state.keys.update(&id, &patch).await?))
+}
+
+async fn delete_key(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<Value>, ApiError> {
+    state.keys.disable(&id).await?;
+    Ok(key_json(&state.keys.get(&id).await?))
+}
+
+async fn reveal_key(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<Value>, ApiError> {
+    let secret = state.keys.reveal(&id).await?;
+    Ok(Json(json!({ "secret": secret })))
+}
+
+async fn adjust_balance(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+    JsonBody(body): JsonBody<BalanceRequest>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(key_json(&state.keys.adjust_balance(&id, body.amount_usd.micros()).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    start: Option<String>,
+    end: Option<String>,
+}
+
+async fn key_stats(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+    QueryArgs(q): QueryArgs<StatsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let bound = |name: &str, value: Option<String>, edge| -> Result<Option<i64>, ApiError> {
+        value
+            .filter(|v| !v.is_empty())
+            .map(|v| parse_instant(&v, edge).map_err(|why| ApiError::bad_request(format!("{name}: {why}"))))
+            .transpose()
+    };
+    let start = bound("start", q.start, DateEdge::Start)?;
+    let end = bound("end", q.end, DateEdge::End)?;
+    if let (Some(s), Some(e)) = (start, end) {
+        if s > e {
+            return Err(ApiError::bad_request("start is after end"));
+        }
+    }
+    let (key, stats) = state
+        .keys
+        .stats(&id, start.unwrap_or(i64::MIN), end.unwrap_or(i64::MAX))
+        .await?;
+    Ok(Json(json!({
+        "key_id": key.id,
+        "key_name": key.name,
+        "start": start.map(to_rfc3339),
+        "end": end.map(to_rfc3339),
+        "total_requests": stats.requests,
+        "total_tokens": stats.tokens,
+        "total_cost_usd": Usd(stats.cost_micros),
+        "avg_response_time_ms": stats.avg_latency_ms.unwrap_or(0.0),
+        "daily_stats": stats.daily,
+    })))
+}
+
+async fn expire_keys(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<ExpireRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let auto_delete = body.auto_delete.unwrap_or(state.expiry_auto_delete);
+    let expired = state.keys.expire(auto_delete).await?;
+    Ok(Json(json!({
+        "processed": expired.deleted.len() + expired.disabled.len(),
+        "deleted": expired.deleted.len(),
+        "disabled": expired.disabled.len(),
+    })))
+}

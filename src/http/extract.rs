@@ -1,0 +1,77 @@
+//! Request extractors that fail with the contract's error body instead of axum's plain
+//! text: JSON bodies (size-limited, unknown fields refused), query strings, path ids.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+
+/// The largest JSON body any endpoint accepts.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// A JSON body. An empty body reads as `{}`, so endpoints whose fields are all optional
+/// can be called without one.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        let bytes: Bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "PAYLOAD_TOO_LARGE",
+                    format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+                )
+            })?;
+        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
+        serde_json::from_slice(text)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// A query string decoded into `T` (which should refuse unknown fields).
+pub struct QueryArgs<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryArgs<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        serde_urlencoded::from_str(parts.uri.query().unwrap_or_default())
+            .map(QueryArgs)
+            .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
+    }
+}
+
+/// A `{id}` path segment that must be a UUID (as every keyward id is).
+pub struct IdPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::bad_request("the id in the path is not valid UTF-8"))?;
+        match uuid::Uuid::try_parse(&id) {
+            Ok(uuid) => Ok(IdPath(uuid.hyphenated().to_string())),
+            Err(_) => Err(ApiError::bad_request("the id in the path is not a UUID")),
+        }
+    }
+}
+
+/// Reads an optional boolean query value: absent or empty → `None`.
+pub fn optional_bool(name: &str, value: Option<&str>) -> Result<Option<bool>, ApiError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some("true") | Some("1") => Ok(Some(true)),
+        Some("false") | Some("0") => Ok(Some(false)),
+        Some(_) => Err(ApiError::bad_request(format!("{name} must be true or false"))),
+    }
+}

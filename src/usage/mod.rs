@@ -1,0 +1,57 @@
+//! Usage history: one row per reported request, key totals and balances, and the
+//! per-key statistics the admin API shows.
+//!
+//! Invariant: a usage record is applied at most once, keyed by its id (the lease id).
+//! [`store::apply`] inserts the row and moves the key's totals and balance in the same
+//! transaction, and only when the insert actually added a row; re-applying a batch
+//! changes nothing. This is the database half of exactly-once accounting.
+
+pub mod store;
+
+use serde::Serialize;
+
+use crate::money::Usd;
+
+/// What one finished request cost; becomes one `usage_records` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// The lease id, or a fresh id for a report that had none.
+    pub id: String,
+    pub key_id: Option<String>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub api_format: Option<String>,
+    pub provider_key_id: Option<String>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_micros: i64,
+    pub latency_ms: Option<i64>,
+    pub upstream_status: Option<i64>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+impl UsageRecord {
+    pub fn total_tokens(&self) -> i64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+}
+
+/// Totals over a time range, and the same per UTC day.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KeyStats {
+    pub requests: i64,
+    pub tokens: i64,
+    pub cost_micros: i64,
+    pub avg_latency_ms: Option<f64>,
+    pub daily: Vec<DayStats>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DayStats {
+    /// `YYYY-MM-DD`, UTC.
+    pub date: String,
+    pub requests: i64,
+    pub tokens: i64,
+    pub cost_usd: Usd,
+}

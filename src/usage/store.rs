@@ -1,0 +1,133 @@
+//! SQL for usage rows: idempotent batch apply and range statistics.
+
+use std::collections::HashMap;
+
+use sqlx::Row;
+
+use super::{DayStats, KeyStats, UsageRecord};
+use crate::clock::{day_to_date, MS_PER_DAY};
+use crate::db::{Db, StoreError};
+use crate::money::Usd;
+
+/// How a batch went: rows newly applied, and rows that had been applied before.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub inserted: usize,
+    pub duplicates: usize,
+}
+
+#[derive(Default)]
+struct KeyDelta {
+    requests: i64,
+    tokens: i64,
+    cost: i64,
+    last_used: i64,
+}
+
+/// Applies a batch in one transaction: each record is inserted unless its id exists, and
+/// the totals, balance and last use of its key move only for records newly inserted.
+pub async fn apply(db: &Db, records: &[UsageRecord]) -> Result<Applied, StoreError> {
+    let mut tx = db.pool.begin().await?;
+    let mut applied = Applied::default();
+    let mut deltas: HashMap<&str, KeyDelta> = HashMap::new();
+    for r in records {
+        let done = sqlx::query(
+            "INSERT INTO usage_records (id, key_id, provider, model, api_format, provider_key_id, \
+             prompt_tokens, completion_tokens, total_tokens, cost_micros, latency_ms, upstream_status, \
+             created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&r.id)
+        .bind(r.key_id.as_deref())
+        .bind(r.provider.as_deref())
+        .bind(r.model.as_deref())
+        .bind(r.api_format.as_deref())
+        .bind(r.provider_key_id.as_deref())
+        .bind(r.prompt_tokens)
+        .bind(r.completion_tokens)
+        .bind(r.total_tokens())
+        .bind(r.cost_micros)
+        .bind(r.latency_ms)
+        .bind(r.upstream_status)
+        .bind(r.created_at)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            applied.duplicates += 1;
+            continue;
+        }
+        applied.inserted += 1;
+        if let Some(key_id) = r.key_id.as_deref() {
+            let d = deltas.entry(key_id).or_default();
+            d.requests += 1;
+            d.tokens = d.tokens.saturating_add(r.total_tokens());
+            d.cost = d.cost.saturating_add(r.cost_micros);
+            d.last_used = d.last_used.max(r.created_at);
+        }
+    }
+    for (key_id, d) in deltas {
+        // A key deleted meanwhile matches no row: its history is kept, its totals are gone.
+        sqlx::query(
+            "UPDATE client_keys SET total_requests = total_requests + $2, \
+             total_tokens = total_tokens + $3, total_cost_micros = total_cost_micros + $4, \
+             balance_used_micros = balance_used_micros + $4, \
+             last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $5 THEN $5 ELSE last_used_at END \
+             WHERE id = $1",
+        )
+        .bind(key_id)
+        .bind(d.requests)
+        .bind(d.tokens)
+        .bind(d.cost)
+        .bind(d.last_used)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Totals and the per-day breakdown of one key's usage with `start <= created_at <= end`.
+pub async fn stats(db: &Db, key_id: &str, start: i64, end: i64) -> Result<KeyStats, StoreError> {
+    let totals = sqlx::query(
+        "SELECT COUNT(*) AS requests, CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT) AS tokens, \
+         CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost, \
+         CAST(AVG(latency_ms) AS DOUBLE PRECISION) AS avg_latency \
+         FROM usage_records WHERE key_id = $1 AND created_at >= $2 AND created_at <= $3",
+    )
+    .bind(key_id)
+    .bind(start)
+    .bind(end)
+    .fetch_one(&db.pool)
+    .await?;
+    let days = sqlx::query(
+        "SELECT created_at / $4 AS day, COUNT(*) AS requests, \
+         CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT) AS tokens, \
+         CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost \
+         FROM usage_records WHERE key_id = $1 AND created_at >= $2 AND created_at <= $3 \
+         GROUP BY day ORDER BY day",
+    )
+    .bind(key_id)
+    .bind(start)
+    .bind(end)
+    .bind(MS_PER_DAY)
+    .fetch_all(&db.pool)
+    .await?;
+    let daily = days
+        .iter()
+        .map(|row| {
+            Ok(DayStats {
+                date: day_to_date(row.try_get("day")?),
+                requests: row.try_get("requests")?,
+                tokens: row.try_get("tokens")?,
+                cost_usd: Usd(row.try_get("cost")?),
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(KeyStats {
+        requests: totals.try_get("requests")?,
+        tokens: totals.try_get("tokens")?,
+        cost_micros: totals.try_get("cost")?,
+        avg_latency_ms: totals.try_get("avg_latency")?,
+        daily,
+    })
+}

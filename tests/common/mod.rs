@@ -1,0 +1,254 @@
+//! Test harness: real keyward servers in-process on port 0, each on its own database.
+//!
+//! SQLite tests get a file in a fresh temporary directory. Postgres tests get a fresh
+//! database `kw_test_<uuid>` on the server named by `KEYWARD_TEST_POSTGRES_URL`
+//! (default `postgres://postgres@127.0.0.1:5432/postgres`), dropped when the test ends;
+//! nothing shared is ever flushed. Postgres tests fail, not skip, when it is unreachable:
+//! `scripts/test.sh` makes sure it runs.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use keyward::config::{self, Config, RawConfig};
+use keyward::db::Db;
+use reqwest::Method;
+use serde_json::Value;
+use sqlx::{AnyPool, Executor};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const TOKEN: &str = "test-admin-token-0123456789";
+/// A fixed key so Postgres servers sharing a database can read each other's secrets.
+pub const ENCRYPTION_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs each named `async fn(Backend)` once per backend, as `sqlite::name` and `postgres::name`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+pub fn postgres_base_url() -> String {
+    std::env::var("KEYWARD_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// A database of this test's own, removed on drop.
+pub struct TestDb {
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        match backend {
+            Backend::Sqlite => TestDb {
+                url: format!("sqlite://{}", dir.path().join("keyward.db").display()),
+                pg_name: None,
+                _dir: dir,
+            },
+            Backend::Postgres => {
+                sqlx::any::install_default_drivers();
+                let base = postgres_base_url();
+                let name = format!("kw_test_{}", uuid::Uuid::new_v4().simple());
+                let admin = AnyPool::connect(&base)
+                    .await
+                    .unwrap_or_else(|e| panic!("Postgres at {base} is unreachable ({e}); run scripts/test.sh"));
+                admin.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
+                admin.close().await;
+                let (prefix, _) = base.rsplit_once('/').unwrap();
+                TestDb {
+                    url: format!("{prefix}/{name}"),
+                    pg_name: Some(name),
+                    _dir: dir,
+                }
+            }
+        }
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    /// A direct connection (migrations applied), for setting up or checking state.
+    pub async fn connect(&self) -> Db {
+        let db = Db::connect(&self.url).await.unwrap();
+        db.migrate().await.unwrap();
+        db
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else { return };
+        // Drop runs inside the test's runtime: do the async work on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(pool) = AnyPool::connect(&postgres_base_url()).await {
+                    let _ = pool
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .await;
+                    pool.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The configuration a test server runs with, before the test tweaks it.
+pub fn base_config(db: &TestDb) -> RawConfig {
+    let mut raw = RawConfig::new();
+    raw.insert(config::DATABASE_URL, db.url.clone());
+    raw.insert(config::ADMIN_TOKEN, TOKEN.to_string());
+    raw.insert(config::ENCRYPTION_KEY, ENCRYPTION_KEY.to_string());
+    raw.insert(config::EXPIRY_INTERVAL_S, "0".to_string());
+    raw.insert(config::SHUTDOWN_GRACE_S, "5".to_string());
+    raw
+}
+
+pub struct TestServer {
+    pub data: String,
+    pub admin: String,
+    pub client: reqwest::Client,
+    pub db: TestDb,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> TestServer {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut RawConfig)) -> TestServer {
+        let db = TestDb::new(backend).await;
+        let mut raw = base_config(&db);
+        tweak(&mut raw);
+        Self::start_on(db, raw).await
+    }
+
+    pub async fn start_on(db: TestDb, raw: RawConfig) -> TestServer {
+        let config = Config::from_raw(&raw).unwrap();
+        let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (data_addr, admin_addr) = (data.local_addr().unwrap(), admin.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(keyward::app::run(config, data, admin, async {
+            let _ = rx.await;
+        }));
+        let server = TestServer {
+            data: format!("http://{data_addr}"),
+            admin: format!("http://{admin_addr}"),
+            client: reqwest::Client::new(),
+            db,
+            shutdown: Some(tx),
+            task: Some(task),
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if let Ok(r) = self.client.get(format!("{}/readyz", self.data)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("server did not become ready");
+    }
+
+    /// An admin call with the right token.
+    pub async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> Answer {
+        let body = body.map(|b| b.to_string());
+        self.admin_raw(method, path, body, Some(TOKEN)).await
+    }
+
+    pub async fn admin_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<impl Into<reqwest::Body>>,
+        token: Option<&str>,
+    ) -> Answer {
+        let mut request = self.client.request(method, format!("{}{path}", self.admin));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            panic!("{path}: answer is not JSON: {}", String::from_utf8_lossy(&bytes))
+        });
+        Answer { status, body, headers }
+    }
+
+    /// Creates a key and returns `(key, secret)`.
+    pub async fn create_key(&self, body: Value) -> (Value, String) {
+        let a = self.admin(Method::POST, "/admin/keys", Some(body)).await;
+        assert_eq!(a.status, 201, "{}", a.body);
+        let secret = a.body["secret"].as_str().unwrap().to_string();
+        (a.body["key"].clone(), secret)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// Asserts the contract's error body and returns its code.
+pub fn error_code(answer: &Answer) -> String {
+    let error = &answer.body["error"];
+    assert!(error.is_object(), "not an error body: {}", answer.body);
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", answer.body);
+    assert_eq!(
+        answer.headers.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/json")
+    );
+    error["code"].as_str().unwrap().to_string()
+}
