@@ -66,7 +66,10 @@ pub async fn build_state(config: &Config) -> anyhow::Result<AppState> {
     Ok(AppState {
         keys: ClientKeys::new(db.clone(), keyring, config.key_prefix.clone()),
         db,
-        admin_token_digest: config.admin_token.as_deref().map(|t| crypto::digest(t.as_bytes())),
+        admin_token_digest: config
+            .admin_token
+            .as_deref()
+            .map(|t| crypto::digest(t.as_bytes())),
         expiry_auto_delete: config.expiry_auto_delete,
     })
 }
@@ -84,7 +87,12 @@ pub async fn run(
     let state = build_state(&config).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let expiry_job = config.expiry_interval.map(|every| {
-        tokio::spawn(expiry::run(state.keys.clone(), every, config.expiry_auto_delete, stop_rx.clone()))
+        tokio::spawn(expiry::run(
+            state.keys.clone(),
+            every,
+            config.expiry_auto_delete,
+            stop_rx.clone(),
+        ))
     });
     tracing::info!(
         data = %data.local_addr()?,
@@ -109,7 +117,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding {} ({})", config.listen, crate::config::LISTEN))?;
     let admin = TcpListener::bind(config.admin_listen)
         .await
-        .with_context(|| format!("binding {} ({})", config.admin_listen, crate::config::ADMIN_LISTEN))?;
+        .with_context(|| {
+            format!(
+                "binding {} ({})",
+                config.admin_listen,
+                crate::config::ADMIN_LISTEN
+            )
+        })?;
     run(config, data, admin, shutdown_signal()).await
 }
 

@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{self, RawConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "keyward", version, about = "Rate-limiting and key-pool sidecar for LLM API gateways")]
+#[command(
+    name = "keyward",
+    version,
+    about = "Rate-limiting and key-pool sidecar for LLM API gateways"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -81,7 +85,10 @@ impl ServeArgs {
             (config::DATABASE_URL, &self.database_url),
             (config::REDIS_URL, &self.redis_url),
             (config::ENCRYPTION_KEY, &self.encryption_key),
-            (config::ENCRYPTION_KEYS_PREVIOUS, &self.encryption_keys_previous),
+            (
+                config::ENCRYPTION_KEYS_PREVIOUS,
+                &self.encryption_keys_previous,
+            ),
             (config::ON_BACKEND_ERROR, &self.on_backend_error),
             (config::LOG_FORMAT, &self.log_format),
             (config::KEY_PREFIX, &self.key_prefix),

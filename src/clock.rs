@@ -40,9 +40,8 @@ pub fn parse_instant(text: &str, edge: DateEdge) -> Result<i64, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
         return Ok(t.timestamp_millis());
     }
-    let date = NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| {
-        format!("`{text}` is not an RFC 3339 timestamp or a YYYY-MM-DD date")
-    })?;
+    let date = NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .map_err(|_| format!("`{text}` is not an RFC 3339 timestamp or a YYYY-MM-DD date"))?;
     let start = date
         .and_hms_opt(0, 0, 0)
         .map(|t| t.and_utc().timestamp_millis())
@@ -61,8 +60,14 @@ mod tests {
     fn formats_and_parses() {
         assert_eq!(to_rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(parse_instant("1970-01-02", DateEdge::Start), Ok(MS_PER_DAY));
-        assert_eq!(parse_instant("1970-01-01", DateEdge::End), Ok(MS_PER_DAY - 1));
-        assert_eq!(parse_instant("1970-01-01T00:00:01+00:00", DateEdge::Start), Ok(1000));
+        assert_eq!(
+            parse_instant("1970-01-01", DateEdge::End),
+            Ok(MS_PER_DAY - 1)
+        );
+        assert_eq!(
+            parse_instant("1970-01-01T00:00:01+00:00", DateEdge::Start),
+            Ok(1000)
+        );
         assert!(parse_instant("yesterday", DateEdge::Start).is_err());
         assert_eq!(day_to_date(1), "1970-01-02");
     }

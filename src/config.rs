@@ -109,7 +109,10 @@ struct Parser<'a> {
 impl Parser<'_> {
     /// The trimmed value, or `None` when unset or empty.
     fn get(&self, var: &'static str) -> Option<&str> {
-        self.raw.get(var).map(|v| v.trim()).filter(|v| !v.is_empty())
+        self.raw
+            .get(var)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
     }
 
     fn fail(&mut self, var: &'static str, reason: impl Into<String>) {
@@ -122,7 +125,10 @@ impl Parser<'_> {
     fn addr(&mut self, var: &'static str, default: &str) -> SocketAddr {
         let text = self.get(var).unwrap_or(default).to_string();
         text.parse().unwrap_or_else(|_| {
-            self.fail(var, format!("`{text}` is not a socket address like 0.0.0.0:8080"));
+            self.fail(
+                var,
+                format!("`{text}` is not a socket address like 0.0.0.0:8080"),
+            );
             SocketAddr::from(([0, 0, 0, 0], 0))
         })
     }
@@ -134,7 +140,10 @@ impl Parser<'_> {
         match text.parse::<u64>() {
             Ok(n) if n <= max => n,
             _ => {
-                self.fail(var, format!("`{text}` is not a whole number of seconds from 0 to {max}"));
+                self.fail(
+                    var,
+                    format!("`{text}` is not a whole number of seconds from 0 to {max}"),
+                );
                 default
             }
         }
@@ -183,10 +192,16 @@ impl Config {
             }
         }
 
-        let database_url = p.get(DATABASE_URL).unwrap_or(DEFAULT_DATABASE_URL).to_string();
+        let database_url = p
+            .get(DATABASE_URL)
+            .unwrap_or(DEFAULT_DATABASE_URL)
+            .to_string();
         let backend = Backend::of_url(&database_url).unwrap_or_else(|| {
             // The URL may hold a password: do not echo it.
-            p.fail(DATABASE_URL, "must start with postgres://, postgresql:// or sqlite:");
+            p.fail(
+                DATABASE_URL,
+                "must start with postgres://, postgresql:// or sqlite:",
+            );
             Backend::Sqlite
         });
 
@@ -202,7 +217,10 @@ impl Config {
                 .map_err(|why| p.fail(ENCRYPTION_KEY, why))
                 .ok()
         });
-        if encryption_key.is_none() && backend == Backend::Postgres && p.get(ENCRYPTION_KEY).is_none() {
+        if encryption_key.is_none()
+            && backend == Backend::Postgres
+            && p.get(ENCRYPTION_KEY).is_none()
+        {
             p.fail(
                 ENCRYPTION_KEY,
                 "is required with a Postgres database (base64 of 32 random bytes, e.g. `openssl rand -base64 32`)",
@@ -210,7 +228,12 @@ impl Config {
         }
         let mut previous_keys = Vec::new();
         if let Some(list) = p.get(ENCRYPTION_KEYS_PREVIOUS).map(str::to_string) {
-            for (i, item) in list.split(',').map(str::trim).filter(|s| !s.is_empty()).enumerate() {
+            for (i, item) in list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .enumerate()
+            {
                 match crypto::parse_key(item) {
                     Ok(key) => previous_keys.push(key),
                     Err(why) => p.fail(ENCRYPTION_KEYS_PREVIOUS, format!("entry {}: {why}", i + 1)),
@@ -239,7 +262,10 @@ impl Config {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            p.fail(KEY_PREFIX, "must be at most 16 characters of A-Z, a-z, 0-9, - and _");
+            p.fail(
+                KEY_PREFIX,
+                "must be at most 16 characters of A-Z, a-z, 0-9, - and _",
+            );
         }
 
         let expiry_secs = p.seconds(EXPIRY_INTERVAL_S, 60, 86_400);
@@ -321,7 +347,15 @@ mod tests {
         let vars: Vec<&str> = errors.iter().map(|e| e.var).collect();
         assert_eq!(
             vars,
-            [LISTEN, REDIS_URL, ENCRYPTION_KEY, ON_BACKEND_ERROR, LOG_FORMAT, KEY_PREFIX, EXPIRY_INTERVAL_S]
+            [
+                LISTEN,
+                REDIS_URL,
+                ENCRYPTION_KEY,
+                ON_BACKEND_ERROR,
+                LOG_FORMAT,
+                KEY_PREFIX,
+                EXPIRY_INTERVAL_S
+            ]
         );
         for e in &errors {
             let line = e.to_string();

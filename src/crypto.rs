@@ -75,7 +75,9 @@ impl Keyring {
 
     /// Decrypts with the current key, then each previous key in order.
     pub fn decrypt(&self, value: &str) -> Result<String, CryptoError> {
-        let encoded = value.strip_prefix(ENC_PREFIX).ok_or(CryptoError::Malformed)?;
+        let encoded = value
+            .strip_prefix(ENC_PREFIX)
+            .ok_or(CryptoError::Malformed)?;
         let raw = B64.decode(encoded).map_err(|_| CryptoError::Malformed)?;
         if raw.len() < NONCE_LEN + 16 {
             return Err(CryptoError::Malformed);
@@ -134,7 +136,9 @@ pub fn load_or_create_key_file(path: &Path) -> anyhow::Result<[u8; 32]> {
                 anyhow::anyhow!("encryption key file {} is invalid: {why}", path.display())
             })
         }
-        Err(e) => Err(e).with_context(|| format!("creating encryption key file {}", path.display())),
+        Err(e) => {
+            Err(e).with_context(|| format!("creating encryption key file {}", path.display()))
+        }
     }
 }
 

@@ -90,7 +90,11 @@ impl Db {
                 let url = sqlite_url_with_create(url);
                 let options = AnyConnectOptions::from_str(&url)?;
                 // An in-memory database lives as long as its one connection does.
-                let (max, lifetime) = if memory { (1, None) } else { (8, Some(Duration::from_secs(1800))) };
+                let (max, lifetime) = if memory {
+                    (1, None)
+                } else {
+                    (8, Some(Duration::from_secs(1800)))
+                };
                 AnyPoolOptions::new()
                     .max_connections(max)
                     .min_connections(if memory { 1 } else { 0 })
@@ -154,7 +158,9 @@ fn sqlite_url_with_create(url: &str) -> String {
 
 /// The file behind a SQLite URL, or `None` for an in-memory database.
 pub fn sqlite_path(url: &str) -> Option<PathBuf> {
-    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next().unwrap_or_default();
     if path.is_empty() || path == ":memory:" || url.contains("mode=memory") {
         None
@@ -172,9 +178,18 @@ mod tests {
         assert_eq!(Backend::of_url("postgres://x/y"), Some(Backend::Postgres));
         assert_eq!(Backend::of_url("sqlite::memory:"), Some(Backend::Sqlite));
         assert_eq!(Backend::of_url("mysql://x"), None);
-        assert_eq!(sqlite_path("sqlite://keyward.db"), Some(PathBuf::from("keyward.db")));
-        assert_eq!(sqlite_path("sqlite:///var/k.db?mode=rwc"), Some(PathBuf::from("/var/k.db")));
+        assert_eq!(
+            sqlite_path("sqlite://keyward.db"),
+            Some(PathBuf::from("keyward.db"))
+        );
+        assert_eq!(
+            sqlite_path("sqlite:///var/k.db?mode=rwc"),
+            Some(PathBuf::from("/var/k.db"))
+        );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
-        assert_eq!(sqlite_url_with_create("sqlite://a.db"), "sqlite://a.db?mode=rwc");
+        assert_eq!(
+            sqlite_url_with_create("sqlite://a.db"),
+            "sqlite://a.db?mode=rwc"
+        );
     }
 }

@@ -10,7 +10,12 @@ use tokio::sync::watch;
 
 use crate::client_keys::ClientKeys;
 
-pub async fn run(keys: ClientKeys, every: Duration, auto_delete: bool, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    keys: ClientKeys,
+    every: Duration,
+    auto_delete: bool,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -9,7 +9,10 @@ use keyward::{app, db, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keyward: cannot start the async runtime: {e}");
@@ -31,7 +34,9 @@ fn main() -> ExitCode {
             runtime.block_on(app::serve(config))
         }
         Command::Migrate(args) => {
-            let url = args.database_url.unwrap_or_else(|| config::DEFAULT_DATABASE_URL.into());
+            let url = args
+                .database_url
+                .unwrap_or_else(|| config::DEFAULT_DATABASE_URL.into());
             if db::Backend::of_url(&url).is_none() {
                 eprintln!(
                     "keyward: {}: must start with postgres://, postgresql:// or sqlite:",

@@ -26,6 +26,12 @@ impl Usd {
 }
 
 /// Parses the text of a JSON number into micro-USD, exactly.
+///
+/// ```
+/// assert_eq!(keyward::money::parse_usd("12.5"), Ok(12_500_000));
+/// assert_eq!(keyward::money::parse_usd("1e-6"), Ok(1));
+/// assert!(keyward::money::parse_usd("0.0000001").is_err()); // finer than a micro-USD
+/// ```
 pub fn parse_usd(text: &str) -> Result<i64, String> {
     let text = text.trim();
     let (negative, unsigned) = match text.strip_prefix('-') {
@@ -81,7 +87,12 @@ pub fn parse_usd(text: &str) -> Result<i64, String> {
     Ok(if negative { -micros } else { micros })
 }
 
-/// Formats micro-USD as decimal text with at most six decimals (`1.5`, `-0.000001`, `3`).
+/// Formats micro-USD as decimal text with at most six decimals.
+///
+/// ```
+/// assert_eq!(keyward::money::format_usd(1_500_000), "1.5");
+/// assert_eq!(keyward::money::format_usd(-1), "-0.000001");
+/// ```
 pub fn format_usd(micros: i64) -> String {
     let sign = if micros < 0 { "-" } else { "" };
     let abs = micros.unsigned_abs();

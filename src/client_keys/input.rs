@@ -21,7 +21,9 @@ const MAX_LIST: usize = 1000;
 const MAX_EXPIRE_DAYS: i64 = 36_500;
 
 /// Absent → `None`; `null` → `Some(None)`; a value → `Some(Some(v))`.
-fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -187,7 +189,9 @@ impl CreateKeyRequest {
         let balance_micros = match self.initial_balance_usd {
             None => None,
             Some(_) if !is_standalone => {
-                return Err("initial_balance_usd is only for standalone keys (is_standalone: true)".into())
+                return Err(
+                    "initial_balance_usd is only for standalone keys (is_standalone: true)".into(),
+                )
             }
             Some(Usd(m)) if m < 0 => return Err("initial_balance_usd must not be negative".into()),
             Some(Usd(m)) => Some(m),
@@ -198,11 +202,15 @@ impl CreateKeyRequest {
             allowed_providers: allow_list("allowed_providers", self.allowed_providers)?,
             allowed_api_formats: allow_list("allowed_api_formats", self.allowed_api_formats)?,
             allowed_models: allow_list("allowed_models", self.allowed_models)?,
-            rate_limit: limit("rate_limit", self.rate_limit.unwrap_or(Some(DEFAULT_RATE_LIMIT)))?,
+            rate_limit: limit(
+                "rate_limit",
+                self.rate_limit.unwrap_or(Some(DEFAULT_RATE_LIMIT)),
+            )?,
             tpm_limit: limit("tpm_limit", self.tpm_limit)?,
             concurrent_limit: limit(
                 "concurrent_limit",
-                self.concurrent_limit.unwrap_or(Some(DEFAULT_CONCURRENT_LIMIT)),
+                self.concurrent_limit
+                    .unwrap_or(Some(DEFAULT_CONCURRENT_LIMIT)),
             )?,
             expires_at,
             is_standalone,
@@ -233,7 +241,10 @@ impl PatchKeyRequest {
                 .allowed_models
                 .map(|l| allow_list("allowed_models", l))
                 .transpose()?,
-            rate_limit: self.rate_limit.map(|v| limit("rate_limit", v)).transpose()?,
+            rate_limit: self
+                .rate_limit
+                .map(|v| limit("rate_limit", v))
+                .transpose()?,
             tpm_limit: self.tpm_limit.map(|v| limit("tpm_limit", v)).transpose()?,
             concurrent_limit: self
                 .concurrent_limit
@@ -269,8 +280,12 @@ mod tests {
         assert_eq!(k.rate_limit, Some(100));
         assert_eq!(k.concurrent_limit, Some(5));
         assert_eq!(k.tpm_limit, None);
-        let k = create(r#"{"rate_limit": null, "concurrent_limit": null, "tpm_limit": 10}"#).unwrap();
-        assert_eq!((k.rate_limit, k.concurrent_limit, k.tpm_limit), (None, None, Some(10)));
+        let k =
+            create(r#"{"rate_limit": null, "concurrent_limit": null, "tpm_limit": 10}"#).unwrap();
+        assert_eq!(
+            (k.rate_limit, k.concurrent_limit, k.tpm_limit),
+            (None, None, Some(10))
+        );
     }
 
     #[test]
@@ -305,7 +320,8 @@ mod tests {
 
     #[test]
     fn patch_distinguishes_absent_from_null() {
-        let p: PatchKeyRequest = serde_json::from_str(r#"{"rate_limit": null, "allowed_models": []}"#).unwrap();
+        let p: PatchKeyRequest =
+            serde_json::from_str(r#"{"rate_limit": null, "allowed_models": []}"#).unwrap();
         let p = p.validate().unwrap();
         assert_eq!(p.rate_limit, Some(None));
         assert_eq!(p.allowed_models, Some(None));

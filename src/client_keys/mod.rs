@@ -82,7 +82,11 @@ impl ClientKey {
             concurrent_limit: self.concurrent_limit,
             expires_at: self.expires_at.map(to_rfc3339),
             is_standalone: self.is_standalone,
-            balance_usd: self.is_standalone.then_some(self.balance_micros).flatten().map(Usd),
+            balance_usd: self
+                .is_standalone
+                .then_some(self.balance_micros)
+                .flatten()
+                .map(Usd),
             balance_used_usd: Usd(self.balance_used_micros),
             remaining_balance_usd: self.remaining_micros().map(Usd),
             auto_delete_on_expiry: self.auto_delete_on_expiry,

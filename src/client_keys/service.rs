@@ -24,7 +24,9 @@ pub enum KeyError {
     BalanceRefused(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("the stored secret of key `{0}` cannot be decrypted with the configured encryption keys")]
+    #[error(
+        "the stored secret of key `{0}` cannot be decrypted with the configured encryption keys"
+    )]
     Undecryptable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -55,7 +57,9 @@ impl ClientKeys {
         let now = now_ms();
         let previous = self
             .last_created
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| Some(now.max(last + 1)))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                Some(now.max(last + 1))
+            })
             .unwrap_or(now);
         now.max(previous + 1)
     }
@@ -129,11 +133,17 @@ impl ClientKeys {
     }
 
     /// Credits (positive) or deducts (negative) a standalone key's balance.
-    pub async fn adjust_balance(&self, id: &str, amount_micros: i64) -> Result<ClientKey, KeyError> {
+    pub async fn adjust_balance(
+        &self,
+        id: &str,
+        amount_micros: i64,
+    ) -> Result<ClientKey, KeyError> {
         if amount_micros == 0 {
             return Err(KeyError::ZeroAmount);
         }
-        if let Some(key) = store::adjust_balance(&self.db, id, amount_micros, MAX_MICROS, now_ms()).await? {
+        if let Some(key) =
+            store::adjust_balance(&self.db, id, amount_micros, MAX_MICROS, now_ms()).await?
+        {
             tracing::info!(key_id = %id, amount_usd = %format_usd(amount_micros), "balance adjusted");
             return Ok(key);
         }
@@ -170,7 +180,12 @@ impl ClientKeys {
         Ok(expired)
     }
 
-    pub async fn stats(&self, id: &str, start: i64, end: i64) -> Result<(ClientKey, KeyStats), KeyError> {
+    pub async fn stats(
+        &self,
+        id: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<(ClientKey, KeyStats), KeyError> {
         let key = self.get(id).await?;
         let stats = usage::store::stats(&self.db, id, start, end).await?;
         Ok((key, stats))

@@ -41,14 +41,17 @@ pub(crate) fn get_bool(row: &AnyRow, col: &str) -> Result<bool, sqlx::Error> {
 }
 
 pub(crate) fn get_opt_bool(row: &AnyRow, col: &str) -> Result<Option<bool>, sqlx::Error> {
-    row.try_get::<Option<bool>, _>(col)
-        .or_else(|_| row.try_get::<Option<i64>, _>(col).map(|v| v.map(|v| v != 0)))
+    row.try_get::<Option<bool>, _>(col).or_else(|_| {
+        row.try_get::<Option<i64>, _>(col)
+            .map(|v| v.map(|v| v != 0))
+    })
 }
 
 fn list_column(row: &AnyRow, col: &str) -> Result<Option<Vec<String>>, StoreError> {
     let text: Option<String> = row.try_get(col)?;
     text.map(|t| {
-        serde_json::from_str(&t).map_err(|_| StoreError::Corrupt(format!("client_keys.{col} is not a JSON list")))
+        serde_json::from_str(&t)
+            .map_err(|_| StoreError::Corrupt(format!("client_keys.{col} is not a JSON list")))
     })
     .transpose()
 }
@@ -100,7 +103,12 @@ pub struct Secrets<'a> {
     pub name: &'a str,
 }
 
-pub async fn insert(db: &Db, key: &NewKey, s: &Secrets<'_>, now: i64) -> Result<ClientKey, StoreError> {
+pub async fn insert(
+    db: &Db,
+    key: &NewKey,
+    s: &Secrets<'_>,
+    now: i64,
+) -> Result<ClientKey, StoreError> {
     let row = sqlx::query(concat!(
         "INSERT INTO client_keys (id, user_id, name, key_hash, key_encrypted, prefix, \
          allowed_providers, allowed_api_formats, allowed_models, rate_limit, tpm_limit, \
@@ -134,18 +142,26 @@ pub async fn insert(db: &Db, key: &NewKey, s: &Secrets<'_>, now: i64) -> Result<
 }
 
 pub async fn get(db: &Db, id: &str) -> Result<Option<ClientKey>, StoreError> {
-    let row = sqlx::query(concat!("SELECT ", columns!(), " FROM client_keys WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(&db.pool)
-        .await?;
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        columns!(),
+        " FROM client_keys WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(&db.pool)
+    .await?;
     one(row)
 }
 
 pub async fn get_by_hash(db: &Db, key_hash: &str) -> Result<Option<ClientKey>, StoreError> {
-    let row = sqlx::query(concat!("SELECT ", columns!(), " FROM client_keys WHERE key_hash = $1"))
-        .bind(key_hash)
-        .fetch_optional(&db.pool)
-        .await?;
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        columns!(),
+        " FROM client_keys WHERE key_hash = $1"
+    ))
+    .bind(key_hash)
+    .fetch_optional(&db.pool)
+    .await?;
     one(row)
 }
 
@@ -167,7 +183,12 @@ pub async fn list(db: &Db, filter: &ListFilter) -> Result<Vec<ClientKey>, StoreE
 }
 
 /// Applies a patch in one statement: each field has a "given" flag and a value.
-pub async fn update(db: &Db, id: &str, p: &KeyPatch, now: i64) -> Result<Option<ClientKey>, StoreError> {
+pub async fn update(
+    db: &Db,
+    id: &str,
+    p: &KeyPatch,
+    now: i64,
+) -> Result<Option<ClientKey>, StoreError> {
     let row = sqlx::query(concat!(
         "UPDATE client_keys SET \
          name = CASE WHEN $2 THEN $3 ELSE name END, \
@@ -213,11 +234,12 @@ pub async fn update(db: &Db, id: &str, p: &KeyPatch, now: i64) -> Result<Option<
 
 /// Disables a key (the admin API's DELETE). `false` when there is no such key.
 pub async fn disable(db: &Db, id: &str, now: i64) -> Result<bool, StoreError> {
-    let done = sqlx::query("UPDATE client_keys SET is_active = FALSE, updated_at = $2 WHERE id = $1")
-        .bind(id)
-        .bind(now)
-        .execute(&db.pool)
-        .await?;
+    let done =
+        sqlx::query("UPDATE client_keys SET is_active = FALSE, updated_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(now)
+            .execute(&db.pool)
+            .await?;
     Ok(done.rows_affected() > 0)
 }
 
@@ -272,7 +294,9 @@ pub async fn expire(db: &Db, now: i64, default_delete: bool) -> Result<Expired, 
     .await?;
     tx.commit().await?;
     let ids = |rows: Vec<AnyRow>| -> Result<Vec<String>, StoreError> {
-        rows.iter().map(|r| r.try_get("id").map_err(StoreError::from)).collect()
+        rows.iter()
+            .map(|r| r.try_get("id").map_err(StoreError::from))
+            .collect()
     };
     Ok(Expired {
         deleted: ids(deleted)?,

@@ -32,13 +32,19 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/keys", post(create_key).get(list_user_keys))
         .route("/admin/keys/standalone", get(list_standalone_keys))
         .route("/admin/keys/expire", post(expire_keys))
-        .route("/admin/keys/{id}", get(get_key).patch(patch_key).delete(delete_key))
+        .route(
+            "/admin/keys/{id}",
+            get(get_key).patch(patch_key).delete(delete_key),
+        )
         .route("/admin/keys/{id}/reveal", post(reveal_key))
         .route("/admin/keys/{id}/balance", post(adjust_balance))
         .route("/admin/keys/{id}/stats", get(key_stats))
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), require_admin))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin,
+        ))
         .with_state(state)
 }
 
@@ -82,7 +88,10 @@ async fn create_key(
 ) -> Result<impl IntoResponse, ApiError> {
     let new_key = body.validate(now_ms()).map_err(ApiError::bad_request)?;
     let (key, secret) = state.keys.create(new_key).await?;
-    Ok((StatusCode::CREATED, Json(json!({"key": key.view(), "secret": secret}))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"key": key.view(), "secret": secret})),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -128,7 +137,10 @@ async fn list_standalone_keys(
     list(&state, filter).await
 }
 
-async fn get_key(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<Value>, ApiError> {
+async fn get_key(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+) -> Result<Json<Value>, ApiError> {
     Ok(key_json(&state.keys.get(&id).await?))
 }
 
@@ -141,12 +153,18 @@ async fn patch_key(
     Ok(key_json(&state.keys.update(&id, &patch).await?))
 }
 
-async fn delete_key(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<Value>, ApiError> {
+async fn delete_key(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+) -> Result<Json<Value>, ApiError> {
     state.keys.disable(&id).await?;
     Ok(key_json(&state.keys.get(&id).await?))
 }
 
-async fn reveal_key(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<Value>, ApiError> {
+async fn reveal_key(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+) -> Result<Json<Value>, ApiError> {
     let secret = state.keys.reveal(&id).await?;
     Ok(Json(json!({ "secret": secret })))
 }
@@ -156,7 +174,12 @@ async fn adjust_balance(
     IdPath(id): IdPath,
     JsonBody(body): JsonBody<BalanceRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(key_json(&state.keys.adjust_balance(&id, body.amount_usd.micros()).await?))
+    Ok(key_json(
+        &state
+            .keys
+            .adjust_balance(&id, body.amount_usd.micros())
+            .await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -174,7 +197,10 @@ async fn key_stats(
     let bound = |name: &str, value: Option<String>, edge| -> Result<Option<i64>, ApiError> {
         value
             .filter(|v| !v.is_empty())
-            .map(|v| parse_instant(&v, edge).map_err(|why| ApiError::bad_request(format!("{name}: {why}"))))
+            .map(|v| {
+                parse_instant(&v, edge)
+                    .map_err(|why| ApiError::bad_request(format!("{name}: {why}")))
+            })
             .transpose()
     };
     let start = bound("start", q.start, DateEdge::Start)?;

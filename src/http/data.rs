@@ -40,7 +40,11 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         Err(_) => "timeout",
     };
     let ready = database == "ok";
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         status,
         Json(json!({

@@ -59,7 +59,11 @@ impl ApiError {
     /// A 5xx whose cause is logged here and replaced by a generic message.
     pub fn internal(cause: &dyn std::error::Error) -> Self {
         tracing::error!(error = %ErrorChain(cause), "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "internal error")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL",
+            "internal error",
+        )
     }
 
     pub fn unavailable(cause: &dyn std::error::Error) -> Self {
@@ -104,7 +108,10 @@ impl IntoResponse for ApiError {
         let json = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (self.status, json).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Some(ms) = self.retry_after_ms {
             // Whole seconds, rounded up, at least 1.
             let secs = ms.div_ceil(1000).max(1);
@@ -125,7 +132,8 @@ impl From<StoreError> for ApiError {
 
 impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> Self {
-        let unprocessable = |code| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, e.to_string());
+        let unprocessable =
+            |code| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, e.to_string());
         match e {
             KeyError::NotFound(_) => ApiError::not_found(e.to_string()),
             KeyError::NotStandalone(_) => unprocessable("NOT_STANDALONE"),
@@ -150,7 +158,9 @@ mod tests {
         let response = e.into_response();
         assert_eq!(response.status(), 429);
         assert_eq!(response.headers()[header::RETRY_AFTER], "2");
-        let bytes = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
+        let bytes = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             v,

@@ -12,8 +12,9 @@ use super::error::ApiError;
 /// The largest JSON body any endpoint accepts.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
-/// A JSON body. An empty body reads as `{}`, so endpoints whose fields are all optional
-/// can be called without one.
+/// A JSON object body. An empty body reads as `{}`, so endpoints whose fields are all
+/// optional can be called without one. Anything but an object is refused: serde's derive
+/// would otherwise accept an array as a struct in positional form.
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
@@ -29,7 +30,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                     format!("the body is larger than {MAX_BODY_BYTES} bytes"),
                 )
             })?;
-        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
+        let text: &[u8] = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => b"{}",
+            Some(b'{') => &bytes,
+            Some(_) => return Err(ApiError::bad_request("the body must be a JSON object")),
+        };
         serde_json::from_slice(text)
             .map(JsonBody)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
@@ -72,6 +77,8 @@ pub fn optional_bool(name: &str, value: Option<&str>) -> Result<Option<bool>, Ap
         None | Some("") => Ok(None),
         Some("true") | Some("1") => Ok(Some(true)),
         Some("false") | Some("0") => Ok(Some(false)),
-        Some(_) => Err(ApiError::bad_request(format!("{name} must be true or false"))),
+        Some(_) => Err(ApiError::bad_request(format!(
+            "{name} must be true or false"
+        ))),
     }
 }

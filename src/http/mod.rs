@@ -24,7 +24,11 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "method not allowed on this endpoint")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        "method not allowed on this endpoint",
+    )
 }
 
 /// Serves both routers until `shutdown` completes, then drains for at most `grace`.
@@ -55,7 +59,10 @@ pub async fn serve(
         }
         () = shutdown => {}
     }
-    tracing::info!(grace_s = grace.as_secs(), "shutting down: draining in-flight requests");
+    tracing::info!(
+        grace_s = grace.as_secs(),
+        "shutting down: draining in-flight requests"
+    );
     let _ = stop_tx.send(true);
     match tokio::time::timeout(grace, &mut servers).await {
         Ok(result) => {

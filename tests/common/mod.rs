@@ -76,10 +76,13 @@ impl TestDb {
                 sqlx::any::install_default_drivers();
                 let base = postgres_base_url();
                 let name = format!("kw_test_{}", uuid::Uuid::new_v4().simple());
-                let admin = AnyPool::connect(&base)
+                let admin = AnyPool::connect(&base).await.unwrap_or_else(|e| {
+                    panic!("Postgres at {base} is unreachable ({e}); run scripts/test.sh")
+                });
+                admin
+                    .execute(format!("CREATE DATABASE {name}").as_str())
                     .await
-                    .unwrap_or_else(|e| panic!("Postgres at {base} is unreachable ({e}); run scripts/test.sh"));
-                admin.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
+                    .unwrap();
                 admin.close().await;
                 let (prefix, _) = base.rsplit_once('/').unwrap();
                 TestDb {
@@ -105,10 +108,15 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let Some(name) = self.pg_name.take() else { return };
+        let Some(name) = self.pg_name.take() else {
+            return;
+        };
         // Drop runs inside the test's runtime: do the async work on a thread of its own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 if let Ok(pool) = AnyPool::connect(&postgres_base_url()).await {
                     let _ = pool
@@ -183,7 +191,12 @@ impl TestServer {
 
     async fn wait_ready(&self) {
         for _ in 0..200 {
-            if let Ok(r) = self.client.get(format!("{}/readyz", self.data)).send().await {
+            if let Ok(r) = self
+                .client
+                .get(format!("{}/readyz", self.data))
+                .send()
+                .await
+            {
                 if r.status() == 200 {
                     return;
                 }
@@ -211,16 +224,25 @@ impl TestServer {
             request = request.bearer_auth(token);
         }
         if let Some(body) = body {
-            request = request.header("content-type", "application/json").body(body);
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
         }
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let bytes = response.bytes().await.unwrap();
         let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-            panic!("{path}: answer is not JSON: {}", String::from_utf8_lossy(&bytes))
+            panic!(
+                "{path}: answer is not JSON: {}",
+                String::from_utf8_lossy(&bytes)
+            )
         });
-        Answer { status, body, headers }
+        Answer {
+            status,
+            body,
+            headers,
+        }
     }
 
     /// Creates a key and returns `(key, secret)`.
@@ -245,9 +267,16 @@ impl TestServer {
 pub fn error_code(answer: &Answer) -> String {
     let error = &answer.body["error"];
     assert!(error.is_object(), "not an error body: {}", answer.body);
-    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", answer.body);
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{}",
+        answer.body
+    );
     assert_eq!(
-        answer.headers.get("content-type").and_then(|v| v.to_str().ok()),
+        answer
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
         Some("application/json")
     );
     error["code"].as_str().unwrap().to_string()

@@ -1,0 +1,245 @@
+//! Guarantee 8 on the admin API: bad input gets a 4xx with the contract's error body,
+//! changes nothing, and never crashes the server.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{error_code, Backend, TestServer, TOKEN};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+on_both_backends!(
+    bad_create_bodies_are_refused_and_change_nothing,
+    bad_patch_and_balance_bodies_are_refused_and_change_nothing,
+    bad_ids_and_queries_are_refused,
+    bodies_that_are_not_json_text_are_refused,
+);
+
+/// Everything the admin API would show about every key.
+async fn snapshot(s: &TestServer) -> (Value, Value) {
+    let users = s.admin(Method::GET, "/admin/keys", None).await.body;
+    let standalone = s
+        .admin(Method::GET, "/admin/keys/standalone", None)
+        .await
+        .body;
+    (users, standalone)
+}
+
+async fn expect_400(s: &TestServer, method: Method, path: &str, body: &str) {
+    let a = s
+        .admin_raw(method.clone(), path, Some(body.to_string()), Some(TOKEN))
+        .await;
+    assert_eq!(a.status, 400, "{method} {path} {body}: {}", a.body);
+    assert_eq!(error_code(&a), "BAD_REQUEST", "{body}");
+}
+
+async fn bad_create_bodies_are_refused_and_change_nothing(b: Backend) {
+    let s = TestServer::start(b).await;
+    s.create_key(json!({"user_id": "u", "is_standalone": true, "initial_balance_usd": 1}))
+        .await;
+    let before = snapshot(&s).await;
+    for body in [
+        "{",
+        "{\"name\": \"x\",}",
+        "[]",
+        "\"key\"",
+        "42",
+        "null",
+        r#"{"unknown": 1}"#,
+        r#"{"user_id": 5}"#,
+        r#"{"name": ["a"]}"#,
+        r#"{"allowed_models": "gpt-4o"}"#,
+        r#"{"allowed_models": [1, 2]}"#,
+        r#"{"rate_limit": "100"}"#,
+        r#"{"rate_limit": 1.5}"#,
+        r#"{"rate_limit": -1}"#,
+        r#"{"rate_limit": 0}"#,
+        r#"{"tpm_limit": 0}"#,
+        r#"{"tpm_limit": -100}"#,
+        r#"{"concurrent_limit": 0}"#,
+        r#"{"concurrent_limit": 99999999999999999999}"#,
+        r#"{"expire_days": 0}"#,
+        r#"{"expire_days": -3}"#,
+        r#"{"expire_days": 100000}"#,
+        r#"{"expires_at": "next week"}"#,
+        r#"{"expires_at": "2001-01-01T00:00:00Z"}"#,
+        r#"{"expire_days": 1, "expires_at": "2999-01-01T00:00:00Z"}"#,
+        r#"{"is_standalone": "yes"}"#,
+        r#"{"is_standalone": true, "initial_balance_usd": -5}"#,
+        r#"{"is_standalone": true, "initial_balance_usd": 1e10}"#,
+        r#"{"is_standalone": true, "initial_balance_usd": 0.0000001}"#,
+        r#"{"is_standalone": true, "initial_balance_usd": "5"}"#,
+        r#"{"initial_balance_usd": 5}"#,
+        r#"{"auto_delete_on_expiry": "true"}"#,
+        r#"{"name": ""}"#,
+        r#"{"name": "line\nbreak"}"#,
+        r#"{"user_id": "   "}"#,
+    ] {
+        expect_400(&s, Method::POST, "/admin/keys", body).await;
+    }
+    assert_eq!(
+        snapshot(&s).await,
+        before,
+        "a refused create changed something"
+    );
+    s.stop().await;
+}
+
+async fn bad_patch_and_balance_bodies_are_refused_and_change_nothing(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (key, _) = s
+        .create_key(json!({"is_standalone": true, "initial_balance_usd": 2}))
+        .await;
+    let id = key["id"].as_str().unwrap();
+    let before = snapshot(&s).await;
+    let patch = format!("/admin/keys/{id}");
+    for body in [
+        "{",
+        "[]",
+        r#"{"rate_limit": -1}"#,
+        r#"{"rate_limit": 0}"#,
+        r#"{"tpm_limit": "many"}"#,
+        r#"{"concurrent_limit": 0}"#,
+        r#"{"is_active": "false"}"#,
+        r#"{"expires_at": 5}"#,
+        r#"{"expires_at": "tomorrow"}"#,
+        r#"{"allowed_providers": [""]}"#,
+        r#"{"id": "00000000-0000-4000-8000-000000000000"}"#,
+        r#"{"created_at": "2020-01-01T00:00:00Z"}"#,
+        r#"{"balance_used_usd": 0}"#,
+        r#"{"remaining_balance_usd": 100}"#,
+        r#"{"key_hash": "00"}"#,
+    ] {
+        expect_400(&s, Method::PATCH, &patch, body).await;
+    }
+    let balance = format!("/admin/keys/{id}/balance");
+    for body in [
+        "",
+        "{}",
+        r#"{"amount": 1}"#,
+        r#"{"amount_usd": "1"}"#,
+        r#"{"amount_usd": null}"#,
+        r#"{"amount_usd": [1]}"#,
+        r#"{"amount_usd": 1, "note": "x"}"#,
+        r#"{"amount_usd": 1.0000001}"#,
+        r#"{"amount_usd": 2000000000}"#,
+        r#"{"amount_usd": -1e400}"#,
+        r#"{"amount_usd": NaN}"#,
+    ] {
+        expect_400(&s, Method::POST, &balance, body).await;
+    }
+    expect_400(
+        &s,
+        Method::POST,
+        "/admin/keys/expire",
+        r#"{"auto_delete": "yes"}"#,
+    )
+    .await;
+    expect_400(
+        &s,
+        Method::POST,
+        "/admin/keys/expire",
+        r#"{"everything": true}"#,
+    )
+    .await;
+    assert_eq!(
+        snapshot(&s).await,
+        before,
+        "a refused change changed something"
+    );
+    s.stop().await;
+}
+
+async fn bad_ids_and_queries_are_refused(b: Backend) {
+    let s = TestServer::start(b).await;
+    s.create_key(json!({})).await;
+    let before = snapshot(&s).await;
+    for id in [
+        "not-a-uuid",
+        "1",
+        "00000000-0000-4000-8000-00000000000g",
+        "%FF%FE",
+        "..%2F..%2Fetc",
+    ] {
+        for (method, suffix) in [
+            (Method::GET, ""),
+            (Method::PATCH, ""),
+            (Method::DELETE, ""),
+            (Method::POST, "/reveal"),
+            (Method::POST, "/balance"),
+            (Method::GET, "/stats"),
+        ] {
+            let body = if method == Method::GET || method == Method::DELETE {
+                ""
+            } else {
+                r#"{"amount_usd": 1}"#
+            };
+            expect_400(&s, method, &format!("/admin/keys/{id}{suffix}"), body).await;
+        }
+    }
+    for query in [
+        "?active=maybe",
+        "?active=yes",
+        "?page=2",
+        "?user_id=u&sort=asc",
+    ] {
+        let a = s
+            .admin(Method::GET, &format!("/admin/keys{query}"), None)
+            .await;
+        assert_eq!(
+            (a.status, error_code(&a).as_str()),
+            (400, "BAD_REQUEST"),
+            "{query}"
+        );
+    }
+    let a = s
+        .admin(Method::GET, "/admin/keys/standalone?user_id=u", None)
+        .await;
+    assert_eq!(a.status, 400, "standalone keys are not listed by user");
+    let a = s.admin(Method::PUT, "/admin/keys", None).await;
+    assert_eq!(
+        (a.status, error_code(&a).as_str()),
+        (405, "METHOD_NOT_ALLOWED")
+    );
+    let a = s.admin(Method::GET, "/admin/nothing-here", None).await;
+    assert_eq!((a.status, error_code(&a).as_str()), (404, "NOT_FOUND"));
+    assert_eq!(snapshot(&s).await, before);
+    s.stop().await;
+}
+
+async fn bodies_that_are_not_json_text_are_refused(b: Backend) {
+    let s = TestServer::start(b).await;
+    let before = snapshot(&s).await;
+    // Invalid UTF-8 inside a JSON string.
+    let invalid_utf8: Vec<u8> = [&b"{\"name\": \""[..], &[0xff, 0xfe, 0xfd], &b"\"}"[..]].concat();
+    let a = s
+        .admin_raw(Method::POST, "/admin/keys", Some(invalid_utf8), Some(TOKEN))
+        .await;
+    assert_eq!((a.status, error_code(&a).as_str()), (400, "BAD_REQUEST"));
+    // An oversized body is refused before it is parsed.
+    let huge = format!("{{\"name\": \"{}\"}}", "x".repeat(300 * 1024));
+    let a = s
+        .admin_raw(Method::POST, "/admin/keys", Some(huge), Some(TOKEN))
+        .await;
+    assert_eq!(
+        (a.status, error_code(&a).as_str()),
+        (413, "PAYLOAD_TOO_LARGE")
+    );
+    // A name far longer than allowed but under the size limit.
+    let long = format!("{{\"name\": \"{}\"}}", "x".repeat(1000));
+    expect_400(&s, Method::POST, "/admin/keys", &long).await;
+    // Deep nesting is a parse error, not a stack overflow.
+    let deep = format!(
+        "{{\"name\": {}{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let a = s
+        .admin_raw(Method::POST, "/admin/keys", Some(deep), Some(TOKEN))
+        .await;
+    assert!(a.status == 400 || a.status == 413, "{}", a.status);
+    assert_eq!(snapshot(&s).await, before);
+    // And the server is still well.
+    assert_eq!(s.admin(Method::GET, "/admin/keys", None).await.status, 200);
+    s.stop().await;
+}
