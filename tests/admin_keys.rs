@@ -563,6 +563,14 @@ async fn usage_batches_apply_exactly_once(b: Backend) {
         .await
         .body;
     assert_eq!(stats["total_requests"], 3);
+
+    // Spending past the balance (one in-flight request's worth) never shows as negative.
+    usage_store::apply(&db, &[record("lease-4", id, DAY1 + 30, 4_000_000)])
+        .await
+        .unwrap();
+    let k = s.admin(Method::GET, &format!("/admin/keys/{id}"), None).await.body;
+    assert_eq!(k["balance_used_usd"], 5.25);
+    assert_eq!(k["remaining_balance_usd"], 0);
     s.stop().await;
 }
 
