@@ -1,18 +1,31 @@
-//! Start-up: turns a [`Config`] into running parts (store, keyring, services), and runs
-//! the listeners and background jobs until shutdown.
+//! Start-up: turns a [`Config`] into running parts (store, keyring, counters, caches,
+//! services), and runs the listeners and background jobs until shutdown.
+//!
+//! Shutdown order matters for exactly-once accounting: the listeners drain first (so
+//! every report that was answered is queued), then the background jobs are told to stop
+//! (the embedded writer flushes its queue before it returns), then the pools close.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
+use crate::accounting;
+use crate::admission::Admission;
+use crate::client_keys::cache::{self, KeyCache};
 use crate::client_keys::ClientKeys;
 use crate::config::{Config, ENCRYPTION_KEY};
 use crate::crypto::{self, Keyring};
 use crate::db::{self, Backend, Db};
+use crate::limits::memory::MemoryCounters;
+use crate::limits::redis::RedisCounters;
+use crate::limits::Counters;
+use crate::usage::UsageRecord;
 use crate::{expiry, http};
 
 /// What every request handler can reach. Cheap to clone.
@@ -20,10 +33,28 @@ use crate::{expiry, http};
 pub struct AppState {
     pub db: Db,
     pub keys: ClientKeys,
+    pub admission: Arc<Admission>,
+    pub counters: Counters,
     /// SHA-256 of `KEYWARD_ADMIN_TOKEN`; `None` disables the admin API.
     pub admin_token_digest: Option<[u8; 32]>,
     /// The expiry pass deletes (rather than disables) keys without a flag of their own.
     pub expiry_auto_delete: bool,
+}
+
+/// Background work that [`run`] starts beside the listeners.
+enum Accounting {
+    Embedded(mpsc::Receiver<UsageRecord>),
+    Stream {
+        client: redis::Client,
+        stream: String,
+    },
+}
+
+pub struct Parts {
+    pub state: AppState,
+    accounting: Accounting,
+    cache: Arc<KeyCache>,
+    invalidation_channel: String,
 }
 
 /// Where the embedded shape keeps its generated encryption key: beside the SQLite file.
@@ -39,9 +70,7 @@ fn keyring(config: &Config) -> anyhow::Result<Keyring> {
         (None, Backend::Sqlite) => match db::sqlite_path(&config.database_url) {
             Some(path) => crypto::load_or_create_key_file(&key_file_for(&path))?,
             None => {
-                tracing::warn!(
-                    "{ENCRYPTION_KEY} is unset and the database is in memory: using a throw-away key"
-                );
+                tracing::warn!("{ENCRYPTION_KEY} is unset and the database is in memory: using a throw-away key");
                 crypto::random_key()
             }
         },
@@ -60,18 +89,126 @@ pub async fn open_db(config: &Config) -> anyhow::Result<Db> {
     Ok(db)
 }
 
-pub async fn build_state(config: &Config) -> anyhow::Result<AppState> {
+pub async fn build(config: &Config) -> anyhow::Result<Parts> {
     let db = open_db(config).await?;
     let keyring = Arc::new(keyring(config)?);
-    Ok(AppState {
-        keys: ClientKeys::new(db.clone(), keyring, config.key_prefix.clone()),
+    let mut cache = KeyCache::new(db.clone(), config.key_cache_ttl, config.negative_cache_ttl);
+    let guard_ttl_ms = config.report_dedupe_ttl.as_millis() as i64;
+    let invalidation_channel = format!("{}:invalidate", config.redis_prefix);
+    let (counters, accounting) = match &config.redis_url {
+        Some(url) => {
+            let redis = RedisCounters::connect(url, &config.redis_prefix, guard_ttl_ms)
+                .await
+                .context("connecting to Redis (KEYWARD_REDIS_URL)")?;
+            let stream = redis.stream_key();
+            accounting::stream::ensure_group(redis.client(), &stream)
+                .await
+                .context("creating the accounting stream's consumer group")?;
+            cache = cache.with_publisher(redis.pool().clone(), invalidation_channel.clone());
+            let client = redis.client().clone();
+            (
+                Counters::Redis(Arc::new(redis)),
+                Accounting::Stream { client, stream },
+            )
+        }
+        None => {
+            let (tx, rx) = accounting::embedded::channel();
+            let memory = MemoryCounters::new(guard_ttl_ms, tx);
+            (Counters::Memory(Arc::new(memory)), Accounting::Embedded(rx))
+        }
+    };
+    let cache = Arc::new(cache);
+    let admission = Admission::new(
+        cache.clone(),
+        counters.clone(),
+        config.lease_ttl.as_millis() as i64,
+        config.default_estimated_tokens,
+    );
+    let state = AppState {
+        keys: ClientKeys::new(
+            db.clone(),
+            keyring,
+            config.key_prefix.clone(),
+            cache.clone(),
+        ),
         db,
+        admission: Arc::new(admission),
+        counters,
         admin_token_digest: config
             .admin_token
             .as_deref()
             .map(|t| crypto::digest(t.as_bytes())),
         expiry_auto_delete: config.expiry_auto_delete,
+    };
+    Ok(Parts {
+        state,
+        accounting,
+        cache,
+        invalidation_channel,
     })
+}
+
+/// A name for this replica in the accounting consumer group.
+fn consumer_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "keyward".into());
+    format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+fn spawn_background(
+    parts: Parts,
+    config: &Config,
+    stop: &watch::Receiver<bool>,
+) -> (AppState, Vec<JoinHandle<()>>) {
+    let state = parts.state;
+    let mut jobs = Vec::new();
+    match parts.accounting {
+        Accounting::Embedded(queue) => {
+            jobs.push(tokio::spawn(accounting::embedded::run(
+                queue,
+                state.db.clone(),
+                stop.clone(),
+            )));
+        }
+        Accounting::Stream { client, stream } => {
+            jobs.push(tokio::spawn(accounting::stream::run(
+                client.clone(),
+                stream,
+                consumer_name(),
+                state.db.clone(),
+                stop.clone(),
+            )));
+            jobs.push(tokio::spawn(cache::subscribe(
+                client,
+                parts.invalidation_channel,
+                parts.cache,
+                stop.clone(),
+            )));
+        }
+    }
+    if let Counters::Memory(memory) = &state.counters {
+        let (memory, mut stop) = (memory.clone(), stop.clone());
+        jobs.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => memory.sweep(),
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }));
+    }
+    if let Some(every) = config.expiry_interval {
+        jobs.push(tokio::spawn(expiry::run(
+            state.keys.clone(),
+            every,
+            config.expiry_auto_delete,
+            stop.clone(),
+        )));
+    }
+    (state, jobs)
 }
 
 /// Runs keyward on the given listeners until `shutdown` completes.
@@ -81,28 +218,33 @@ pub async fn run(
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let parts = build(&config).await?;
+    run_parts(parts, config, data, admin, shutdown).await
+}
+
+/// Like [`run`], with the parts already built (tests reach into `parts.state` first).
+pub async fn run_parts(
+    parts: Parts,
+    config: Config,
+    data: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
-    let state = build_state(&config).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let expiry_job = config.expiry_interval.map(|every| {
-        tokio::spawn(expiry::run(
-            state.keys.clone(),
-            every,
-            config.expiry_auto_delete,
-            stop_rx.clone(),
-        ))
-    });
+    let (state, jobs) = spawn_background(parts, &config, &stop_rx);
     tracing::info!(
         data = %data.local_addr()?,
         admin = %admin.local_addr()?,
-        backend = ?config.backend,
+        database = ?config.backend,
+        counters = if config.redis_url.is_some() { "redis" } else { "in-process" },
         "keyward serving"
     );
     let served = http::serve(state.clone(), data, admin, config.shutdown_grace, shutdown).await;
     let _ = stop_tx.send(true);
-    if let Some(job) = expiry_job {
+    for job in jobs {
         let _ = job.await;
     }
     state.db.close().await;

@@ -67,6 +67,24 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish on shutdown [default: 10]
     #[arg(long, env = config::SHUTDOWN_GRACE_S)]
     pub shutdown_grace_s: Option<String>,
+    /// Seconds an unreported lease holds its slot [default: 300]
+    #[arg(long, env = config::LEASE_TTL_S)]
+    pub lease_ttl_s: Option<String>,
+    /// Tokens reserved when a request gives no estimate [default: 1000]
+    #[arg(long, env = config::DEFAULT_ESTIMATED_TOKENS)]
+    pub default_estimated_tokens: Option<String>,
+    /// Redis key prefix and hash tag of this deployment [default: kw]
+    #[arg(long, env = config::REDIS_PREFIX)]
+    pub redis_prefix: Option<String>,
+    /// Seconds a key record is served from the in-process cache [default: 60]
+    #[arg(long, env = config::KEY_CACHE_TTL_S)]
+    pub key_cache_ttl_s: Option<String>,
+    /// Seconds an unknown key is remembered as unknown [default: 5]
+    #[arg(long, env = config::NEGATIVE_CACHE_TTL_S)]
+    pub negative_cache_ttl_s: Option<String>,
+    /// Seconds a reported lease id answers "duplicate" [default: 600]
+    #[arg(long, env = config::REPORT_DEDUPE_TTL_S)]
+    pub report_dedupe_ttl_s: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +113,15 @@ impl ServeArgs {
             (config::EXPIRY_INTERVAL_S, &self.expiry_interval_s),
             (config::EXPIRY_AUTO_DELETE, &self.expiry_auto_delete),
             (config::SHUTDOWN_GRACE_S, &self.shutdown_grace_s),
+            (config::LEASE_TTL_S, &self.lease_ttl_s),
+            (
+                config::DEFAULT_ESTIMATED_TOKENS,
+                &self.default_estimated_tokens,
+            ),
+            (config::REDIS_PREFIX, &self.redis_prefix),
+            (config::KEY_CACHE_TTL_S, &self.key_cache_ttl_s),
+            (config::NEGATIVE_CACHE_TTL_S, &self.negative_cache_ttl_s),
+            (config::REPORT_DEDUPE_TTL_S, &self.report_dedupe_ttl_s),
         ]
         .into_iter()
         .filter_map(|(name, value)| value.clone().map(|v| (name, v)))

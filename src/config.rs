@@ -26,6 +26,12 @@ pub const KEY_PREFIX: &str = "KEYWARD_KEY_PREFIX";
 pub const EXPIRY_INTERVAL_S: &str = "KEYWARD_EXPIRY_INTERVAL_S";
 pub const EXPIRY_AUTO_DELETE: &str = "KEYWARD_EXPIRY_AUTO_DELETE";
 pub const SHUTDOWN_GRACE_S: &str = "KEYWARD_SHUTDOWN_GRACE_S";
+pub const LEASE_TTL_S: &str = "KEYWARD_LEASE_TTL_S";
+pub const DEFAULT_ESTIMATED_TOKENS: &str = "KEYWARD_DEFAULT_ESTIMATED_TOKENS";
+pub const REDIS_PREFIX: &str = "KEYWARD_REDIS_PREFIX";
+pub const KEY_CACHE_TTL_S: &str = "KEYWARD_KEY_CACHE_TTL_S";
+pub const NEGATIVE_CACHE_TTL_S: &str = "KEYWARD_NEGATIVE_CACHE_TTL_S";
+pub const REPORT_DEDUPE_TTL_S: &str = "KEYWARD_REPORT_DEDUPE_TTL_S";
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://keyward.db";
 
@@ -79,6 +85,16 @@ pub struct Config {
     pub expiry_interval: Option<Duration>,
     pub expiry_auto_delete: bool,
     pub shutdown_grace: Duration,
+    /// How long an unreported, unrenewed lease holds its slot.
+    pub lease_ttl: Duration,
+    /// Tokens reserved when a request names no estimate.
+    pub default_estimated_tokens: i64,
+    /// The Redis hash tag of this deployment: every key is under `{prefix}`.
+    pub redis_prefix: String,
+    pub key_cache_ttl: Duration,
+    pub negative_cache_ttl: Duration,
+    /// How long a reported lease id is remembered as reported.
+    pub report_dedupe_ttl: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -97,6 +113,12 @@ impl std::fmt::Debug for Config {
             .field("expiry_interval", &self.expiry_interval)
             .field("expiry_auto_delete", &self.expiry_auto_delete)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("default_estimated_tokens", &self.default_estimated_tokens)
+            .field("redis_prefix", &self.redis_prefix)
+            .field("key_cache_ttl", &self.key_cache_ttl)
+            .field("negative_cache_ttl", &self.negative_cache_ttl)
+            .field("report_dedupe_ttl", &self.report_dedupe_ttl)
             .finish()
     }
 }
@@ -133,20 +155,24 @@ impl Parser<'_> {
         })
     }
 
-    fn seconds(&mut self, var: &'static str, default: u64, max: u64) -> u64 {
+    fn number(&mut self, var: &'static str, default: u64, min: u64, max: u64, unit: &str) -> u64 {
         let Some(text) = self.get(var).map(str::to_string) else {
             return default;
         };
         match text.parse::<u64>() {
-            Ok(n) if n <= max => n,
+            Ok(n) if (min..=max).contains(&n) => n,
             _ => {
                 self.fail(
                     var,
-                    format!("`{text}` is not a whole number of seconds from 0 to {max}"),
+                    format!("`{text}` is not a whole number of {unit} from {min} to {max}"),
                 );
                 default
             }
         }
+    }
+
+    fn seconds(&mut self, var: &'static str, default: u64, max: u64) -> u64 {
+        self.number(var, default, 0, max, "seconds")
     }
 
     fn boolean(&mut self, var: &'static str, default: bool) -> bool {
@@ -271,6 +297,30 @@ impl Config {
         let expiry_secs = p.seconds(EXPIRY_INTERVAL_S, 60, 86_400);
         let expiry_auto_delete = p.boolean(EXPIRY_AUTO_DELETE, false);
         let shutdown_grace = Duration::from_secs(p.seconds(SHUTDOWN_GRACE_S, 10, 3_600));
+        let lease_ttl = Duration::from_secs(p.number(LEASE_TTL_S, 300, 1, 86_400, "seconds"));
+        let default_estimated_tokens = p.number(
+            DEFAULT_ESTIMATED_TOKENS,
+            1_000,
+            0,
+            1_000_000_000_000,
+            "tokens",
+        ) as i64;
+        let redis_prefix = p.get(REDIS_PREFIX).unwrap_or("kw").to_string();
+        if redis_prefix.len() > 64
+            || !redis_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_:.".contains(&b))
+        {
+            p.fail(
+                REDIS_PREFIX,
+                "must be at most 64 characters of A-Z, a-z, 0-9, -, _, : and .",
+            );
+        }
+        let key_cache_ttl =
+            Duration::from_secs(p.number(KEY_CACHE_TTL_S, 60, 1, 86_400, "seconds"));
+        let negative_cache_ttl = Duration::from_secs(p.seconds(NEGATIVE_CACHE_TTL_S, 5, 3_600));
+        let report_dedupe_ttl =
+            Duration::from_secs(p.number(REPORT_DEDUPE_TTL_S, 600, 1, 604_800, "seconds"));
 
         if !p.errors.is_empty() {
             return Err(p.errors);
@@ -290,6 +340,12 @@ impl Config {
             expiry_interval: (expiry_secs > 0).then(|| Duration::from_secs(expiry_secs)),
             expiry_auto_delete,
             shutdown_grace,
+            lease_ttl,
+            default_estimated_tokens,
+            redis_prefix,
+            key_cache_ttl,
+            negative_cache_ttl,
+            report_dedupe_ttl,
         })
     }
 

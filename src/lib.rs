@@ -16,6 +16,8 @@
 //!    [`http::error`].
 #![forbid(unsafe_code)]
 
+pub mod accounting;
+pub mod admission;
 pub mod app;
 pub mod cli;
 pub mod client_keys;
@@ -25,6 +27,7 @@ pub mod crypto;
 pub mod db;
 pub mod expiry;
 pub mod http;
+pub mod limits;
 pub mod money;
 pub mod telemetry;
 pub mod usage;

@@ -568,7 +568,10 @@ async fn usage_batches_apply_exactly_once(b: Backend) {
     usage_store::apply(&db, &[record("lease-4", id, DAY1 + 30, 4_000_000)])
         .await
         .unwrap();
-    let k = s.admin(Method::GET, &format!("/admin/keys/{id}"), None).await.body;
+    let k = s
+        .admin(Method::GET, &format!("/admin/keys/{id}"), None)
+        .await
+        .body;
     assert_eq!(k["balance_used_usd"], 5.25);
     assert_eq!(k["remaining_balance_usd"], 0);
     s.stop().await;

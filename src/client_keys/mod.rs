@@ -13,6 +13,7 @@
 //!   no balance limit), `balance_used_micros` what accounting debited; the remaining
 //!   balance shown to people is never below zero.
 
+pub mod cache;
 pub mod input;
 pub mod service;
 pub mod store;
@@ -44,6 +45,8 @@ pub struct ClientKey {
     pub is_standalone: bool,
     pub balance_micros: Option<i64>,
     pub balance_used_micros: i64,
+    /// Bumped by every admin balance change (see `limits`: applied once by version).
+    pub balance_version: i64,
     pub auto_delete_on_expiry: Option<bool>,
     pub is_active: bool,
     pub total_requests: i64,

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
+use super::cache::KeyCache;
 use super::input::{KeyPatch, NewKey};
 use super::store::{self, Expired, ListFilter, Secrets};
 use super::ClientKey;
@@ -38,17 +39,20 @@ pub struct ClientKeys {
     db: Db,
     keyring: Arc<Keyring>,
     prefix: String,
+    /// Told about every change, so no replica admits with a stale record.
+    cache: Arc<KeyCache>,
     /// Last `created_at` handed out, so keys created in one millisecond still sort
     /// newest-first in the order they were created.
     last_created: Arc<AtomicI64>,
 }
 
 impl ClientKeys {
-    pub fn new(db: Db, keyring: Arc<Keyring>, prefix: String) -> Self {
+    pub fn new(db: Db, keyring: Arc<Keyring>, prefix: String, cache: Arc<KeyCache>) -> Self {
         Self {
             db,
             keyring,
             prefix,
+            cache,
             last_created: Arc::new(AtomicI64::new(0)),
         }
     }
@@ -108,15 +112,16 @@ impl ClientKeys {
         let key = store::update(&self.db, id, patch, now_ms())
             .await?
             .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
+        self.cache.changed(&key.key_hash).await;
         tracing::info!(key_id = %id, "client key updated");
         Ok(key)
     }
 
     /// Disables the key; its record and usage history stay.
     pub async fn disable(&self, id: &str) -> Result<(), KeyError> {
-        if !store::disable(&self.db, id, now_ms()).await? {
-            return Err(KeyError::NotFound(id.to_string()));
-        }
+        let key = self.get(id).await?;
+        store::disable(&self.db, id, now_ms()).await?;
+        self.cache.changed(&key.key_hash).await;
         tracing::info!(key_id = %id, "client key disabled");
         Ok(())
     }
@@ -144,6 +149,7 @@ impl ClientKeys {
         if let Some(key) =
             store::adjust_balance(&self.db, id, amount_micros, MAX_MICROS, now_ms()).await?
         {
+            self.cache.changed(&key.key_hash).await;
             tracing::info!(key_id = %id, amount_usd = %format_usd(amount_micros), "balance adjusted");
             return Ok(key);
         }
@@ -171,10 +177,12 @@ impl ClientKeys {
     /// Disables or deletes every expired active key; returns what it changed.
     pub async fn expire(&self, default_delete: bool) -> Result<Expired, KeyError> {
         let expired = store::expire(&self.db, now_ms(), default_delete).await?;
-        for id in &expired.deleted {
+        for (id, hash) in &expired.deleted {
+            self.cache.changed(hash).await;
             tracing::info!(key_id = %id, "expired client key deleted");
         }
-        for id in &expired.disabled {
+        for (id, hash) in &expired.disabled {
+            self.cache.changed(hash).await;
             tracing::info!(key_id = %id, "expired client key disabled");
         }
         Ok(expired)

@@ -13,7 +13,7 @@ macro_rules! columns {
     () => {
         "id, user_id, name, key_hash, key_encrypted, prefix, allowed_providers, \
          allowed_api_formats, allowed_models, rate_limit, tpm_limit, concurrent_limit, \
-         expires_at, is_standalone, balance_micros, balance_used_micros, \
+         expires_at, is_standalone, balance_micros, balance_used_micros, balance_version, \
          auto_delete_on_expiry, is_active, total_requests, total_tokens, total_cost_micros, \
          created_at, updated_at, last_used_at"
     };
@@ -27,11 +27,11 @@ pub struct ListFilter {
     pub active: Option<bool>,
 }
 
-/// Keys the expiry pass changed.
+/// Keys the expiry pass changed, as `(id, lookup hash)`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Expired {
-    pub deleted: Vec<String>,
-    pub disabled: Vec<String>,
+    pub deleted: Vec<(String, String)>,
+    pub disabled: Vec<(String, String)>,
 }
 
 // SQLite reports booleans of expressions and RETURNING columns as integers; accept both.
@@ -79,6 +79,7 @@ fn from_row(row: &AnyRow) -> Result<ClientKey, StoreError> {
         is_standalone: get_bool(row, "is_standalone")?,
         balance_micros: row.try_get("balance_micros")?,
         balance_used_micros: row.try_get("balance_used_micros")?,
+        balance_version: row.try_get("balance_version")?,
         auto_delete_on_expiry: get_opt_bool(row, "auto_delete_on_expiry")?,
         is_active: get_bool(row, "is_active")?,
         total_requests: row.try_get("total_requests")?,
@@ -112,10 +113,10 @@ pub async fn insert(
     let row = sqlx::query(concat!(
         "INSERT INTO client_keys (id, user_id, name, key_hash, key_encrypted, prefix, \
          allowed_providers, allowed_api_formats, allowed_models, rate_limit, tpm_limit, \
-         concurrent_limit, expires_at, is_standalone, balance_micros, balance_used_micros, \
+         concurrent_limit, expires_at, is_standalone, balance_micros, balance_used_micros, balance_version, \
          auto_delete_on_expiry, is_active, total_requests, total_tokens, total_cost_micros, \
          created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 0, $16, TRUE, \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 0, 0, $16, TRUE, \
          0, 0, 0, $17, $17) RETURNING ",
         columns!()
     ))
@@ -257,7 +258,8 @@ pub async fn adjust_balance(
 ) -> Result<Option<ClientKey>, StoreError> {
     let row = sqlx::query(concat!(
         "UPDATE client_keys SET \
-         balance_micros = COALESCE(balance_micros, balance_used_micros) + $2, updated_at = $3 \
+         balance_micros = COALESCE(balance_micros, balance_used_micros) + $2, \
+         balance_version = balance_version + 1, updated_at = $3 \
          WHERE id = $1 AND is_standalone = TRUE \
          AND ($2 > 0 OR (balance_micros IS NOT NULL AND balance_micros - balance_used_micros + $2 >= 0)) \
          AND COALESCE(balance_micros, balance_used_micros) + $2 - balance_used_micros <= $4 \
@@ -279,7 +281,7 @@ pub async fn expire(db: &Db, now: i64, default_delete: bool) -> Result<Expired, 
     let mut tx = db.pool.begin().await?;
     let deleted = sqlx::query(
         "DELETE FROM client_keys WHERE is_active = TRUE AND expires_at IS NOT NULL \
-         AND expires_at <= $1 AND COALESCE(auto_delete_on_expiry, $2) = TRUE RETURNING id",
+         AND expires_at <= $1 AND COALESCE(auto_delete_on_expiry, $2) = TRUE RETURNING id, key_hash",
     )
     .bind(now)
     .bind(default_delete)
@@ -287,15 +289,15 @@ pub async fn expire(db: &Db, now: i64, default_delete: bool) -> Result<Expired, 
     .await?;
     let disabled = sqlx::query(
         "UPDATE client_keys SET is_active = FALSE, updated_at = $1 WHERE is_active = TRUE \
-         AND expires_at IS NOT NULL AND expires_at <= $1 RETURNING id",
+         AND expires_at IS NOT NULL AND expires_at <= $1 RETURNING id, key_hash",
     )
     .bind(now)
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    let ids = |rows: Vec<AnyRow>| -> Result<Vec<String>, StoreError> {
+    let ids = |rows: Vec<AnyRow>| -> Result<Vec<(String, String)>, StoreError> {
         rows.iter()
-            .map(|r| r.try_get("id").map_err(StoreError::from))
+            .map(|r| Ok((r.try_get("id")?, r.try_get("key_hash")?)))
             .collect()
     };
     Ok(Expired {

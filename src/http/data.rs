@@ -1,26 +1,117 @@
-//! The data plane (`KEYWARD_LISTEN`): health and readiness for now; admission, selection
-//! and reporting join it in later issues.
+//! The data plane (`KEYWARD_LISTEN`): admit, report, renew, health and readiness.
 
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::error::ApiError;
+use super::extract::JsonBody;
+use super::ratelimit;
+use crate::accounting::report::{ReportBody, Validated};
+use crate::admission::{AdmitBody, AdmitError, Admitted};
 use crate::app::AppState;
+use crate::clock::{now_ms, to_rfc3339};
+use crate::limits::{LeaseId, Reported};
+use crate::money::Usd;
 
 /// How long `/readyz` waits for a backend before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/v1/admit", post(admit))
+        .route("/v1/report", post(report))
+        .route("/v1/leases/{lease_id}/renew", post(renew))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
         .with_state(state)
+}
+
+fn admitted_body(a: &Admitted) -> Value {
+    let key = &a.key;
+    let u = &a.usage;
+    let window = |limit: Option<i64>, used: i64, reset_ms: i64| {
+        limit.map(|l| json!({"limit": l, "remaining": (l - used).max(0), "reset_ms": reset_ms}))
+    };
+    json!({
+        "allowed": true,
+        "lease_id": a.lease.to_string(),
+        "lease_expires_at": to_rfc3339(a.expires_at_ms),
+        "key_id": key.id,
+        "provider_key": null,
+        "limits": {
+            "requests": window(key.rate_limit, u.requests_used, u.requests_reset_ms),
+            "tokens": window(key.tpm_limit, u.tokens_used, u.tokens_reset_ms),
+            "concurrency": key.concurrent_limit.map(|l| json!({"limit": l, "in_flight": u.in_flight})),
+        },
+        "remaining_balance_usd": u.balance_remaining.map(|r| Usd(r.max(0))),
+    })
+}
+
+async fn admit(State(state): State<AppState>, JsonBody(body): JsonBody<AdmitBody>) -> Response {
+    match state.admission.admit(&body).await {
+        Ok(admitted) => {
+            let mut response = Json(admitted_body(&admitted)).into_response();
+            ratelimit::apply(response.headers_mut(), &admitted.key, &admitted.usage);
+            response
+        }
+        Err(e) => {
+            let limits = match &e {
+                AdmitError::Limited { key, usage, .. } => Some((key.clone(), *usage)),
+                _ => None,
+            };
+            let mut response = ApiError::from(e).into_response();
+            if let Some((key, usage)) = limits {
+                ratelimit::apply(response.headers_mut(), &key, &usage);
+            }
+            response
+        }
+    }
+}
+
+async fn report(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<ReportBody>,
+) -> Result<Json<Value>, ApiError> {
+    match body.validate(now_ms()).map_err(ApiError::bad_request)? {
+        Validated::Leased(r) => match state.counters.report(&r).await? {
+            Reported::Recorded => Ok(Json(json!({"recorded": true}))),
+            Reported::Duplicate => Ok(Json(json!({"recorded": false, "duplicate": true}))),
+        },
+        Validated::Unleased(record) => {
+            state.counters.queue_unleased(record).await?;
+            Ok(Json(json!({"recorded": true})))
+        }
+    }
+}
+
+async fn renew(
+    State(state): State<AppState>,
+    Path(lease_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let lease = LeaseId::parse(&lease_id)
+        .ok_or_else(|| ApiError::bad_request("not a lease id keyward issued"))?;
+    match state
+        .counters
+        .renew(&lease, state.admission.lease_ttl_ms())
+        .await?
+    {
+        Some(expires_at) => Ok(Json(
+            json!({"lease_id": lease_id, "lease_expires_at": to_rfc3339(expires_at)}),
+        )),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "LEASE_NOT_FOUND",
+            "the lease has expired or was already reported",
+        )),
+    }
 }
 
 /// Alive: the process answers. Touches no backend, so a database outage does not get
@@ -29,17 +120,33 @@ async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready: every backend this replica needs answers.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let database = match tokio::time::timeout(READY_TIMEOUT, state.db.ping()).await {
+fn check<E: std::fmt::Display>(
+    name: &str,
+    result: Result<Result<(), E>, tokio::time::error::Elapsed>,
+) -> &'static str {
+    match result {
         Ok(Ok(())) => "ok",
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readiness: database check failed");
+            tracing::warn!(error = %e, "readiness: {name} check failed");
             "unreachable"
         }
         Err(_) => "timeout",
-    };
-    let ready = database == "ok";
+    }
+}
+
+/// Ready: every backend this replica needs answers (and Redis holds the scripts).
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let (db, counters) = tokio::join!(
+        tokio::time::timeout(READY_TIMEOUT, state.db.ping()),
+        tokio::time::timeout(READY_TIMEOUT, state.counters.ready()),
+    );
+    let mut checks = json!({"database": check("database", db)});
+    if matches!(state.counters, crate::limits::Counters::Redis(_)) {
+        checks["redis"] = json!(check("redis", counters));
+    }
+    let ready = checks
+        .as_object()
+        .is_some_and(|c| c.values().all(|v| v == "ok"));
     let status = if ready {
         StatusCode::OK
     } else {
@@ -47,9 +154,6 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     };
     (
         status,
-        Json(json!({
-            "status": if ready { "ready" } else { "not_ready" },
-            "checks": {"database": database},
-        })),
+        Json(json!({"status": if ready { "ready" } else { "not_ready" }, "checks": checks})),
     )
 }

@@ -10,8 +10,10 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::admission::AdmitError;
 use crate::client_keys::KeyError;
 use crate::db::StoreError;
+use crate::limits::{CounterError, Denial};
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -142,6 +144,70 @@ impl From<KeyError> for ApiError {
             KeyError::Invalid(_) => ApiError::bad_request(e.to_string()),
             KeyError::Undecryptable(_) => ApiError::internal(&e),
             KeyError::Store(inner) => inner.into(),
+        }
+    }
+}
+
+impl From<CounterError> for ApiError {
+    fn from(e: CounterError) -> Self {
+        tracing::warn!(error = %ErrorChain(&e), "counter store unavailable");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "BACKEND_UNAVAILABLE",
+            "the counter store cannot answer right now; retry later",
+        )
+    }
+}
+
+impl From<AdmitError> for ApiError {
+    fn from(e: AdmitError) -> Self {
+        let message = e.to_string();
+        let status = |status, code| ApiError::new(status, code, message.clone());
+        let retry = |mut err: ApiError, ms: Option<i64>| {
+            err.retry_after_ms = ms.map(|ms| ms.max(1) as u64);
+            err
+        };
+        match e {
+            AdmitError::MissingKey => status(StatusCode::UNAUTHORIZED, "MISSING_KEY"),
+            AdmitError::InvalidKey => status(StatusCode::UNAUTHORIZED, "INVALID_KEY"),
+            AdmitError::KeyDisabled => status(StatusCode::FORBIDDEN, "KEY_DISABLED"),
+            AdmitError::KeyExpired => status(StatusCode::FORBIDDEN, "KEY_EXPIRED"),
+            AdmitError::ProviderNotAllowed(_) => {
+                status(StatusCode::FORBIDDEN, "PROVIDER_NOT_ALLOWED")
+            }
+            AdmitError::ModelNotAllowed(_) => status(StatusCode::FORBIDDEN, "MODEL_NOT_ALLOWED"),
+            AdmitError::ApiFormatNotAllowed(_) => {
+                status(StatusCode::FORBIDDEN, "API_FORMAT_NOT_ALLOWED")
+            }
+            AdmitError::TokensExceedLimit { .. } => {
+                let mut err = status(StatusCode::PAYLOAD_TOO_LARGE, "TOKENS_EXCEED_LIMIT");
+                err.limit = Some("tokens");
+                err
+            }
+            AdmitError::Limited {
+                reason,
+                retry_after_ms,
+                ..
+            } => {
+                let (code, limit) = match reason {
+                    Denial::Requests => ("RATE_LIMITED", "requests"),
+                    Denial::Tokens => ("RATE_LIMITED", "tokens"),
+                    Denial::Concurrency => ("CONCURRENCY_LIMITED", "concurrency"),
+                    Denial::BalanceCommitted => ("CONCURRENCY_LIMITED", "balance"),
+                    Denial::BalanceExhausted => {
+                        return status(StatusCode::PAYMENT_REQUIRED, "INSUFFICIENT_BALANCE");
+                    }
+                };
+                let mut err = retry(status(StatusCode::TOO_MANY_REQUESTS, code), retry_after_ms);
+                err.limit = Some(limit);
+                err
+            }
+            AdmitError::NoProviderKey(_) => {
+                status(StatusCode::SERVICE_UNAVAILABLE, "NO_PROVIDER_KEY")
+            }
+            AdmitError::BadRequest(_) => status(StatusCode::BAD_REQUEST, "BAD_REQUEST"),
+            AdmitError::Store(inner) => inner.into(),
+            AdmitError::Counters(inner) => inner.into(),
         }
     }
 }

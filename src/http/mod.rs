@@ -8,6 +8,7 @@ pub mod admin;
 pub mod data;
 pub mod error;
 pub mod extract;
+pub mod ratelimit;
 
 use std::future::{Future, IntoFuture};
 use std::time::Duration;

@@ -1,0 +1,171 @@
+-- admit.lua: decide one request for one client key, all or nothing.
+--
+-- KEYS (all under the deployment's hash tag, e.g. "{kw}"):
+--   1  rpm     hash   1-second bucket -> requests admitted in it
+--   2  tpm     hash   1-second bucket -> tokens reserved in it
+--   3  leases  zset   lease token -> expiry (ms)
+--   4  ld      hash   lease token -> "bucket|reserved_tokens|provider|model|api_format"
+--   5  bal     hash   rem, cred, ver (live balance, micro-USD), hwm (highest request cost)
+-- ARGV:
+--   1  rpm limit        (0 = unlimited)
+--   2  tpm limit        (0 = unlimited)
+--   3  concurrency limit (0 = unlimited)
+--   4  tokens to reserve (>= 0)
+--   5  lease token      (unique per request)
+--   6  lease ttl ms     (> 0)
+--   7  lease meta       ("provider|model|api_format", stored for the report)
+--   8  balance tracked  (1 = standalone key with a balance, else 0)
+--   9  credited micro-USD, 10 used micro-USD (applied in the database), 11 balance version
+--   12 time shift ms    (0 in production; tests move the clock without sleeping)
+-- Returns {code, a, now_ms, req_used, tok_used, req_reset_ms, tok_reset_ms, in_flight, bal_rem}
+--   code 0 admitted (a = lease expiry ms)       1 requests window full (a = retry ms)
+--        2 tokens window full (a = retry ms)    3 all slots in use (a = retry ms)
+--        4 balance exhausted (a = 0)            5 balance committed to requests in flight (a = retry ms)
+-- bal_rem is -1 when the balance is not tracked.
+--
+-- Windows are exact: an admission at second b counts buckets b-60..b (61 buckets), so any
+-- 60-second interval that contains an admitted request lies inside the buckets counted
+-- when it was admitted. The cost is at most one second of extra look-back (under-
+-- admission bounded by 1 s), and memory is at most 61 fields per window.
+-- Time is the Redis server's (TIME), never a replica's clock.
+
+local rpm_limit = tonumber(ARGV[1])
+local tpm_limit = tonumber(ARGV[2])
+local conc_limit = tonumber(ARGV[3])
+local tokens = tonumber(ARGV[4])
+local token = ARGV[5]
+local ttl = tonumber(ARGV[6])
+local meta = ARGV[7]
+local bal_tracked = ARGV[8] == '1'
+local credited = tonumber(ARGV[9])
+local used = tonumber(ARGV[10])
+local version = tonumber(ARGV[11])
+local shift = tonumber(ARGV[12])
+assert(rpm_limit and rpm_limit >= 0, 'rpm limit')
+assert(tpm_limit and tpm_limit >= 0, 'tpm limit')
+assert(conc_limit and conc_limit >= 0, 'concurrency limit')
+assert(tokens and tokens >= 0, 'tokens')
+assert(token and #token > 0, 'lease token')
+assert(ttl and ttl > 0, 'lease ttl')
+assert(credited and used and version, 'balance')
+assert(shift, 'time shift')
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
+local b = math.floor(now / 1000)
+local oldest = b - 60
+
+-- Reads a window: drops buckets older than the window, returns the sum and the buckets.
+local function window(key)
+  local all = redis.call('HGETALL', key)
+  local sum, buckets, stale = 0, {}, {}
+  for i = 1, #all, 2 do
+    local f, v = tonumber(all[i]), tonumber(all[i + 1])
+    if f < oldest then
+      stale[#stale + 1] = all[i]
+    else
+      sum = sum + v
+      buckets[f] = v
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  return sum, buckets
+end
+
+-- Milliseconds until `sum + add <= limit`, as old buckets leave the window.
+local function wait_for(sum, buckets, add, limit)
+  for k = 1, 61 do
+    sum = sum - (buckets[oldest + k - 1] or 0)
+    if sum + add <= limit then return (b + k) * 1000 - now end
+  end
+  return 61000
+end
+
+-- Milliseconds until the oldest counted bucket leaves the window (0 when empty).
+local function reset_in(buckets)
+  for f = oldest, b do
+    if buckets[f] then return (f + 61) * 1000 - now end
+  end
+  return 0
+end
+
+-- Expired leases free their slot (and their reservation data). HDEL in chunks: unpack()
+-- has a stack limit, and with no concurrency limit many leases can expire at once.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  for i = 1, #expired, 1000 do
+    redis.call('HDEL', KEYS[4], unpack(expired, i, math.min(i + 999, #expired)))
+  end
+end
+local in_flight = redis.call('ZCARD', KEYS[3])
+
+local req_used, req_buckets, tok_used, tok_buckets = 0, {}, 0, {}
+if rpm_limit > 0 then req_used, req_buckets = window(KEYS[1]) end
+if tpm_limit > 0 then tok_used, tok_buckets = window(KEYS[2]) end
+
+local rem, hwm = -1, nil
+if bal_tracked then
+  local h = redis.call('HMGET', KEYS[5], 'rem', 'cred', 'ver', 'hwm')
+  if not h[1] then
+    rem = credited - used
+    redis.call('HSET', KEYS[5], 'rem', rem, 'cred', credited, 'ver', version)
+  else
+    rem = tonumber(h[1])
+    -- An admin credit or debit the counters have not seen yet: apply its delta once.
+    if tonumber(h[3]) < version then
+      rem = rem + credited - tonumber(h[2])
+      redis.call('HSET', KEYS[5], 'rem', rem, 'cred', credited, 'ver', version)
+    end
+    hwm = tonumber(h[4])
+  end
+end
+
+local function answer(code, a)
+  return {code, a, now, req_used, tok_used, reset_in(req_buckets), reset_in(tok_buckets), in_flight, rem}
+end
+
+local function earliest_lease_expiry()
+  local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  if first[2] then return math.max(tonumber(first[2]) - now, 1) end
+  return 1000
+end
+
+if bal_tracked and rem <= 0 then return answer(4, 0) end
+if rpm_limit > 0 and req_used + 1 > rpm_limit then
+  return answer(1, wait_for(req_used, req_buckets, 1, rpm_limit))
+end
+if tpm_limit > 0 and tok_used + tokens > tpm_limit then
+  return answer(2, wait_for(tok_used, tok_buckets, tokens, tpm_limit))
+end
+if conc_limit > 0 and in_flight >= conc_limit then return answer(3, earliest_lease_expiry()) end
+-- Each request in flight holds the key's highest request cost seen so far; before any
+-- cost is known, only one request may be in flight. So a balance can be overspent by at
+-- most one request's cost.
+if bal_tracked and in_flight > 0 and (hwm == nil or rem - in_flight * hwm <= 0) then
+  return answer(5, earliest_lease_expiry())
+end
+
+-- Admitted: take everything at once.
+if rpm_limit > 0 then
+  redis.call('HINCRBY', KEYS[1], b, 1)
+  redis.call('PEXPIRE', KEYS[1], 62000)
+  req_used = req_used + 1
+  req_buckets[b] = (req_buckets[b] or 0) + 1
+end
+if tpm_limit > 0 and tokens > 0 then
+  redis.call('HINCRBY', KEYS[2], b, tokens)
+  redis.call('PEXPIRE', KEYS[2], 62000)
+  tok_used = tok_used + tokens
+  tok_buckets[b] = (tok_buckets[b] or 0) + tokens
+end
+local expiry = now + ttl
+redis.call('ZADD', KEYS[3], expiry, token)
+redis.call('HSET', KEYS[4], token, b .. '|' .. (tpm_limit > 0 and tokens or 0) .. '|' .. meta)
+-- The newest lease is the last to expire (renewals extend these too).
+if redis.call('PTTL', KEYS[3]) < ttl + 1000 then
+  redis.call('PEXPIRE', KEYS[3], ttl + 1000)
+  redis.call('PEXPIRE', KEYS[4], ttl + 1000)
+end
+in_flight = in_flight + 1
+return answer(0, expiry)

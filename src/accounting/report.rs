@@ -1,0 +1,123 @@
+//! The body of `POST /v1/report`, validated into what the counter store settles.
+
+use serde::Deserialize;
+
+use crate::client_keys::input::MAX_LIMIT;
+use crate::limits::{LeaseId, Report};
+use crate::money::Usd;
+use crate::usage::UsageRecord;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportBody {
+    #[serde(default)]
+    pub lease_id: Option<String>,
+    #[serde(default)]
+    pub provider_key_id: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub prompt_tokens: Option<i64>,
+    #[serde(default)]
+    pub completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub cost_usd: Option<Usd>,
+    #[serde(default)]
+    pub latency_ms: Option<i64>,
+    #[serde(default)]
+    pub upstream_status: Option<i64>,
+    #[serde(default)]
+    pub retry_after_s: Option<i64>,
+}
+
+/// A report with a lease settles it; one without is only recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Validated {
+    Leased(Report),
+    Unleased(UsageRecord),
+}
+
+fn range(name: &str, value: Option<i64>, max: i64) -> Result<Option<i64>, String> {
+    match value {
+        Some(v) if !(0..=max).contains(&v) => {
+            Err(format!("{name} must be a whole number from 0 to {max}"))
+        }
+        other => Ok(other),
+    }
+}
+
+impl ReportBody {
+    pub fn validate(self, now_ms: i64) -> Result<Validated, String> {
+        let lease = match self.lease_id.as_deref() {
+            None => None,
+            Some(text) => {
+                Some(LeaseId::parse(text).ok_or("lease_id is not a lease id keyward issued")?)
+            }
+        };
+        let provider_key_id = match self.provider_key_id {
+            None => None,
+            Some(id) => Some(
+                uuid::Uuid::try_parse(&id)
+                    .map_err(|_| "provider_key_id is not a UUID")?
+                    .hyphenated()
+                    .to_string(),
+            ),
+        };
+        let model = self
+            .model
+            .map(|m| m.trim().to_string())
+            .filter(|m| !m.is_empty());
+        if model
+            .as_ref()
+            .is_some_and(|m| m.chars().count() > 200 || m.chars().any(char::is_control))
+        {
+            return Err("model must be at most 200 printable characters".into());
+        }
+        let prompt = range("prompt_tokens", self.prompt_tokens, MAX_LIMIT)?;
+        let completion = range("completion_tokens", self.completion_tokens, MAX_LIMIT)?;
+        let tokens = (prompt.is_some() || completion.is_some())
+            .then(|| (prompt.unwrap_or(0), completion.unwrap_or(0)));
+        let cost_micros = match self.cost_usd {
+            Some(Usd(m)) if m < 0 => return Err("cost_usd must not be negative".into()),
+            Some(Usd(m)) => m,
+            None => 0,
+        };
+        let latency_ms = range("latency_ms", self.latency_ms, 86_400_000)?;
+        let upstream_status = match self.upstream_status {
+            Some(s) if !(100..=599).contains(&s) => {
+                return Err("upstream_status must be an HTTP status (100 to 599)".into())
+            }
+            other => other,
+        };
+        range("retry_after_s", self.retry_after_s, 86_400)?;
+
+        Ok(match lease {
+            Some(lease) => Validated::Leased(Report {
+                lease,
+                tokens,
+                cost_micros,
+                model,
+                provider_key_id,
+                latency_ms,
+                upstream_status,
+            }),
+            None => {
+                let (prompt, completion) = tokens.unwrap_or((0, 0));
+                Validated::Unleased(UsageRecord {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    key_id: None,
+                    provider: None,
+                    model,
+                    api_format: None,
+                    provider_key_id,
+                    prompt_tokens: prompt,
+                    completion_tokens: completion,
+                    cost_micros,
+                    latency_ms,
+                    upstream_status,
+                    created_at: now_ms,
+                })
+            }
+        })
+    }
+}

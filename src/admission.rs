@@ -1,0 +1,275 @@
+//! Admission: may this client key make this request now?
+//!
+//! The path of one admit:
+//! 1. The secret is hashed and looked up in the in-process [`KeyCache`] (no database
+//!    query for a key seen before).
+//! 2. Static checks, in process, before Redis is touched: unknown, disabled, expired
+//!    (at once, from `expires_at`), provider/model/API-format allow-lists, an estimate
+//!    larger than the TPM limit itself.
+//! 3. One call to the counter store ([`Counters::admit`]): balance, RPM, TPM, concurrency,
+//!    all or nothing, in one Redis round trip.
+//!
+//! Invariant: nothing is counted before step 3, and step 3 counts everything or nothing.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::client_keys::cache::KeyCache;
+use crate::client_keys::input::MAX_LIMIT;
+use crate::client_keys::ClientKey;
+use crate::clock::now_ms;
+use crate::crypto::lookup_hash;
+use crate::db::StoreError;
+use crate::limits::{
+    AdmitRequest, BalanceSnapshot, CounterError, Counters, Denial, LeaseId, Usage, Verdict,
+};
+
+/// The body of `POST /v1/admit`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmitBody {
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub provider: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub api_format: Option<String>,
+    #[serde(default)]
+    pub estimated_tokens: Option<i64>,
+    #[serde(default)]
+    pub select: bool,
+}
+
+/// An admitted request.
+#[derive(Debug)]
+pub struct Admitted {
+    pub lease: LeaseId,
+    pub key: Arc<ClientKey>,
+    pub expires_at_ms: i64,
+    pub usage: Usage,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("no client key in the request")]
+    MissingKey,
+    #[error("unknown client key")]
+    InvalidKey,
+    #[error("the client key is disabled")]
+    KeyDisabled,
+    #[error("the client key has expired")]
+    KeyExpired,
+    #[error("provider `{0}` is not allowed for this key")]
+    ProviderNotAllowed(String),
+    #[error("model `{0}` is not allowed for this key")]
+    ModelNotAllowed(String),
+    #[error("API format `{0}` is not allowed for this key")]
+    ApiFormatNotAllowed(String),
+    #[error("the estimate of {estimate} tokens is larger than the key's limit of {limit} tokens per minute")]
+    TokensExceedLimit { estimate: i64, limit: i64 },
+    #[error("{}", limited_message(.reason))]
+    Limited {
+        reason: Denial,
+        retry_after_ms: Option<i64>,
+        key: Arc<ClientKey>,
+        usage: Usage,
+    },
+    #[error("provider `{0}` has no active provider key")]
+    NoProviderKey(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Counters(#[from] CounterError),
+}
+
+fn limited_message(reason: &Denial) -> &'static str {
+    match reason {
+        Denial::Requests => "requests-per-minute limit reached",
+        Denial::Tokens => "tokens-per-minute limit reached",
+        Denial::Concurrency => "all concurrent-request slots of this key are in use",
+        Denial::BalanceExhausted => "the key's balance is used up",
+        Denial::BalanceCommitted => "the key's remaining balance is held by requests in flight",
+    }
+}
+
+pub struct Admission {
+    cache: Arc<KeyCache>,
+    counters: Counters,
+    lease_ttl_ms: i64,
+    default_tokens: i64,
+}
+
+/// `None` for "not given" (absent or empty).
+fn given(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// An allow-list admits a value it contains; `None` (no list) admits everything, and a
+/// list admits nothing that was not named.
+fn allows(list: &Option<Vec<String>>, value: Option<&str>) -> bool {
+    match list {
+        None => true,
+        Some(list) => value.is_some_and(|v| list.iter().any(|item| item == v)),
+    }
+}
+
+/// A string that cannot be a key is refused without a lookup.
+fn plausible_secret(secret: &str) -> bool {
+    (8..=512).contains(&secret.len()) && secret.bytes().all(|b| b.is_ascii_graphic())
+}
+
+impl Admission {
+    pub fn new(
+        cache: Arc<KeyCache>,
+        counters: Counters,
+        lease_ttl_ms: i64,
+        default_tokens: i64,
+    ) -> Self {
+        Self {
+            cache,
+            counters,
+            lease_ttl_ms,
+            default_tokens,
+        }
+    }
+
+    pub fn lease_ttl_ms(&self) -> i64 {
+        self.lease_ttl_ms
+    }
+
+    /// The key a secret names, after the static checks.
+    pub async fn check_key(&self, secret: Option<&str>) -> Result<Arc<ClientKey>, AdmitError> {
+        let secret = secret
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .ok_or(AdmitError::MissingKey)?;
+        if !plausible_secret(secret) {
+            return Err(AdmitError::InvalidKey);
+        }
+        let key = self
+            .cache
+            .get(&lookup_hash(secret))
+            .await?
+            .ok_or(AdmitError::InvalidKey)?;
+        if !key.is_active {
+            return Err(AdmitError::KeyDisabled);
+        }
+        if key.is_expired_at(now_ms()) {
+            return Err(AdmitError::KeyExpired);
+        }
+        Ok(key)
+    }
+
+    pub async fn admit(&self, body: &AdmitBody) -> Result<Admitted, AdmitError> {
+        let estimate = match body.estimated_tokens {
+            Some(n) if !(0..=MAX_LIMIT).contains(&n) => {
+                return Err(AdmitError::BadRequest(format!(
+                    "estimated_tokens must be a whole number from 0 to {MAX_LIMIT}"
+                )))
+            }
+            Some(n) => n,
+            None => self.default_tokens,
+        };
+        let key = self.check_key(body.key.as_deref()).await?;
+        let (provider, model, api_format) = (
+            given(&body.provider),
+            given(&body.model),
+            given(&body.api_format),
+        );
+        if !allows(&key.allowed_providers, provider) {
+            return Err(AdmitError::ProviderNotAllowed(
+                provider.unwrap_or("(none)").to_string(),
+            ));
+        }
+        if !allows(&key.allowed_models, model) {
+            return Err(AdmitError::ModelNotAllowed(
+                model.unwrap_or("(none)").to_string(),
+            ));
+        }
+        if !allows(&key.allowed_api_formats, api_format) {
+            return Err(AdmitError::ApiFormatNotAllowed(
+                api_format.unwrap_or("(none)").to_string(),
+            ));
+        }
+        if let Some(limit) = key.tpm_limit.filter(|l| estimate > *l) {
+            return Err(AdmitError::TokensExceedLimit { estimate, limit });
+        }
+        if body.select {
+            // The provider key pool arrives with its own issue; until then no provider has
+            // a key, and refusing here keeps the client's counters untouched.
+            return Err(AdmitError::NoProviderKey(
+                provider.unwrap_or("(none)").to_string(),
+            ));
+        }
+
+        let lease = LeaseId::new(&key.id);
+        let balance = match (key.is_standalone, key.balance_micros) {
+            (true, Some(credited)) => Some(BalanceSnapshot {
+                credited,
+                used: key.balance_used_micros,
+                version: key.balance_version,
+            }),
+            _ => None,
+        };
+        let decision = self
+            .counters
+            .admit(&AdmitRequest {
+                lease: &lease,
+                rpm: key.rate_limit,
+                tpm: key.tpm_limit,
+                concurrency: key.concurrent_limit,
+                tokens: estimate,
+                lease_ttl_ms: self.lease_ttl_ms,
+                provider: provider.unwrap_or_default(),
+                model: model.unwrap_or_default(),
+                api_format: api_format.unwrap_or_default(),
+                balance,
+            })
+            .await?;
+        match decision.verdict {
+            Verdict::Admitted { expires_at_ms } => Ok(Admitted {
+                lease,
+                key,
+                expires_at_ms,
+                usage: decision.usage,
+            }),
+            Verdict::Denied {
+                reason,
+                retry_after_ms,
+            } => Err(AdmitError::Limited {
+                reason,
+                retry_after_ms,
+                key,
+                usage: decision.usage,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_lists() {
+        assert!(allows(&None, None));
+        assert!(allows(&None, Some("x")));
+        let list = Some(vec!["gpt-4o".to_string()]);
+        assert!(allows(&list, Some("gpt-4o")));
+        assert!(!allows(&list, Some("gpt-4")));
+        assert!(!allows(&list, None), "a list admits nothing unnamed");
+    }
+
+    #[test]
+    fn implausible_secrets_skip_the_lookup() {
+        assert!(plausible_secret("sk-kw-abcdefgh"));
+        assert!(!plausible_secret("short"));
+        assert!(!plausible_secret("has space inside it"));
+        assert!(!plausible_secret(&"x".repeat(513)));
+    }
+}

@@ -1,0 +1,255 @@
+//! The counter store: sliding windows, concurrency leases and live balances, with two
+//! implementations of one behaviour.
+//!
+//! - [`redis::RedisCounters`]: the distributed shape. Each operation is one Lua script
+//!   (`lua/*.lua`) run with EVALSHA: one round trip, atomic, timed by the Redis server.
+//! - [`memory::MemoryCounters`]: the embedded shape, an in-process twin of the scripts.
+//!
+//! Architecture invariants (both implementations; `tests/counters.rs` runs one suite on
+//! both):
+//! - **Exact windows.** An admission at second `b` counts buckets `b-60..=b`; for every
+//!   60-second interval the admitted amount never exceeds the limit. Under-admission is
+//!   bounded by one second of extra look-back. At most 61 buckets per window.
+//! - **All or nothing.** A denied admission changes no counter, slot or balance.
+//! - **Leases.** Every admission holds a lease until report, or until it expires.
+//! - **Reports once.** A lease id is settled at most once (within the duplicate-guard
+//!   time); the durable record of it is queued in the same step.
+//! - **Balance.** In-flight requests of a balance-tracked key each hold the key's highest
+//!   request cost; overspend is bounded by one request's cost.
+
+pub mod memory;
+pub mod redis;
+pub mod window;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use crate::usage::UsageRecord;
+
+/// A lease id as clients see it: `<key id>.<32 hex>`. The key id part lets a report find
+/// its key's counters even after the lease expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseId {
+    pub key_id: String,
+    pub token: String,
+}
+
+impl LeaseId {
+    pub fn new(key_id: &str) -> LeaseId {
+        LeaseId {
+            key_id: key_id.to_string(),
+            token: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
+
+    /// Parses `<uuid>.<32 lowercase hex>`; `None` for anything else.
+    pub fn parse(text: &str) -> Option<LeaseId> {
+        let (key, token) = text.split_once('.')?;
+        let key = uuid::Uuid::try_parse(key).ok()?;
+        let valid_token = token.len() == 32
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        valid_token.then(|| LeaseId {
+            key_id: key.hyphenated().to_string(),
+            token: token.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.key_id, self.token)
+    }
+}
+
+/// What was known about a balance-tracked key when it was loaded from the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalanceSnapshot {
+    /// Credited micro-USD.
+    pub credited: i64,
+    /// Spent micro-USD, as applied to the database.
+    pub used: i64,
+    /// Bumped by every admin balance change, so the counters apply each change once.
+    pub version: i64,
+}
+
+/// One admission to decide.
+#[derive(Debug, Clone)]
+pub struct AdmitRequest<'a> {
+    pub lease: &'a LeaseId,
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub concurrency: Option<i64>,
+    /// Tokens to reserve in the TPM window (ignored without a TPM limit).
+    pub tokens: i64,
+    pub lease_ttl_ms: i64,
+    pub provider: &'a str,
+    pub model: &'a str,
+    pub api_format: &'a str,
+    pub balance: Option<BalanceSnapshot>,
+}
+
+/// Why an admission was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    Requests,
+    Tokens,
+    Concurrency,
+    /// The remaining balance is zero or less.
+    BalanceExhausted,
+    /// The remaining balance is held by requests in flight.
+    BalanceCommitted,
+}
+
+/// The windows and slots as the decision saw them (after it, when admitted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub now_ms: i64,
+    pub requests_used: i64,
+    pub tokens_used: i64,
+    /// Until the oldest counted request (token) leaves the window; 0 when empty.
+    pub requests_reset_ms: i64,
+    pub tokens_reset_ms: i64,
+    pub in_flight: i64,
+    /// Live remaining balance in micro-USD, for balance-tracked keys.
+    pub balance_remaining: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Admitted {
+        expires_at_ms: i64,
+    },
+    Denied {
+        reason: Denial,
+        retry_after_ms: Option<i64>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub usage: Usage,
+}
+
+/// One finished request to settle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub lease: LeaseId,
+    /// `(prompt, completion)` when the caller knows them; otherwise the reservation stays.
+    pub tokens: Option<(i64, i64)>,
+    pub cost_micros: i64,
+    pub model: Option<String>,
+    pub provider_key_id: Option<String>,
+    pub latency_ms: Option<i64>,
+    pub upstream_status: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reported {
+    Recorded,
+    Duplicate,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CounterError {
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("redis pool: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    #[error("unexpected answer from a script: {0}")]
+    Protocol(String),
+    #[error("the accounting queue is closed")]
+    QueueClosed,
+}
+
+/// A test hook: milliseconds added to the counters' clock, so tests can move time
+/// forward without sleeping. Always 0 outside tests.
+#[derive(Debug, Clone, Default)]
+pub struct TimeShift(Arc<AtomicI64>);
+
+impl TimeShift {
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+    pub fn advance(&self, ms: i64) {
+        self.0.fetch_add(ms, Ordering::Relaxed);
+    }
+}
+
+/// The counter store of this process: one of the two shapes.
+#[derive(Clone)]
+pub enum Counters {
+    Memory(Arc<memory::MemoryCounters>),
+    Redis(Arc<redis::RedisCounters>),
+}
+
+impl Counters {
+    pub async fn admit(&self, request: &AdmitRequest<'_>) -> Result<Decision, CounterError> {
+        match self {
+            Counters::Memory(m) => Ok(m.admit(request)),
+            Counters::Redis(r) => r.admit(request).await,
+        }
+    }
+
+    pub async fn report(&self, report: &Report) -> Result<Reported, CounterError> {
+        match self {
+            Counters::Memory(m) => m.report(report).await,
+            Counters::Redis(r) => r.report(report).await,
+        }
+    }
+
+    /// Queues a usage record that has no lease (nothing to settle, nothing to deduplicate).
+    pub async fn queue_unleased(&self, record: UsageRecord) -> Result<(), CounterError> {
+        match self {
+            Counters::Memory(m) => m.queue(record).await,
+            Counters::Redis(r) => r.queue_unleased(&record).await,
+        }
+    }
+
+    /// The new expiry, or `None` when the lease is unknown or expired.
+    pub async fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Result<Option<i64>, CounterError> {
+        match self {
+            Counters::Memory(m) => Ok(m.renew(lease, ttl_ms)),
+            Counters::Redis(r) => r.renew(lease, ttl_ms).await,
+        }
+    }
+
+    /// Whether the store can answer (Redis reachable, scripts loaded).
+    pub async fn ready(&self) -> Result<(), CounterError> {
+        match self {
+            Counters::Memory(_) => Ok(()),
+            Counters::Redis(r) => r.ready().await,
+        }
+    }
+
+    pub fn time_shift(&self) -> &TimeShift {
+        match self {
+            Counters::Memory(m) => &m.shift,
+            Counters::Redis(r) => &r.shift,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ids_round_trip_and_reject_garbage() {
+        let lease = LeaseId::new("6f1c2f7e-3a55-4c2e-9a55-2f0d5c1e9b10");
+        assert_eq!(LeaseId::parse(&lease.to_string()), Some(lease.clone()));
+        for bad in [
+            "",
+            "x.y",
+            "6f1c2f7e-3a55-4c2e-9a55-2f0d5c1e9b10",
+            "6f1c2f7e-3a55-4c2e-9a55-2f0d5c1e9b10.",
+            "6f1c2f7e-3a55-4c2e-9a55-2f0d5c1e9b10.ABCDEF0123456789abcdef0123456789",
+            "6f1c2f7e-3a55-4c2e-9a55-2f0d5c1e9b10.0123|",
+            "not-a-uuid.0123456789abcdef0123456789abcdef",
+        ] {
+            assert_eq!(LeaseId::parse(bad), None, "{bad}");
+        }
+    }
+}

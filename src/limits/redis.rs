@@ -1,0 +1,329 @@
+//! The distributed counter store: one Lua script per operation, EVALSHA through a
+//! deadpool-redis pool.
+//!
+//! Key layout (every key under one hash tag, the deployment prefix `{P}`, so every script
+//! touches one Redis Cluster slot, and admit-with-select can later touch client and pool
+//! keys atomically):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `{P}:k:<key id>:rpm` / `:tpm` | hash | second → requests / tokens (61 buckets at most) |
+//! | `{P}:k:<key id>:leases` | zset | lease token → expiry ms |
+//! | `{P}:k:<key id>:ld` | hash | lease token → reservation data for the report |
+//! | `{P}:k:<key id>:bal` | hash | live balance (no expiry: it is ahead of the database) |
+//! | `{P}:done:<lease id>` | string | duplicate guard of a report |
+//! | `{P}:usage` | stream | the accounting queue |
+//!
+//! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
+//! `SCRIPT FLUSH`), `redis::Script` sees NOSCRIPT, loads, and retries once.
+
+use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use redis::Script;
+
+use super::{
+    AdmitRequest, CounterError, Decision, Denial, LeaseId, Report, Reported, TimeShift, Usage,
+    Verdict,
+};
+use crate::usage::UsageRecord;
+
+/// The Lua sources, compiled into the binary.
+pub mod source {
+    pub const ADMIT: &str = include_str!("../../lua/admit.lua");
+    pub const REPORT: &str = include_str!("../../lua/report.lua");
+    pub const RENEW: &str = include_str!("../../lua/renew.lua");
+}
+
+/// Every script keyward runs, loaded once.
+pub struct Scripts {
+    pub admit: Script,
+    pub report: Script,
+    pub renew: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            admit: Script::new(source::ADMIT),
+            report: Script::new(source::REPORT),
+            renew: Script::new(source::RENEW),
+        }
+    }
+
+    fn all(&self) -> [&Script; 3] {
+        [&self.admit, &self.report, &self.renew]
+    }
+}
+
+pub struct RedisCounters {
+    pool: Pool,
+    client: redis::Client,
+    tag: String,
+    scripts: Scripts,
+    guard_ttl_ms: i64,
+    pub(crate) shift: TimeShift,
+}
+
+/// Creates a pool of multiplexed connections with short timeouts, so an outage fails
+/// fast instead of adding its timeout to every request.
+pub fn pool(url: &str, size: usize) -> Result<Pool, CounterError> {
+    let mut config = PoolConfig::from_url(url);
+    let mut pool_config = deadpool_redis::PoolConfig::new(size);
+    pool_config.timeouts.wait = Some(std::time::Duration::from_secs(1));
+    pool_config.timeouts.create = Some(std::time::Duration::from_secs(1));
+    pool_config.timeouts.recycle = Some(std::time::Duration::from_secs(1));
+    config.pool = Some(pool_config);
+    config
+        .create_pool(Some(Runtime::Tokio1))
+        .map_err(|e| CounterError::Protocol(format!("cannot create the Redis pool: {e}")))
+}
+
+impl RedisCounters {
+    /// Connects, preloads the scripts and makes sure the accounting stream's consumer
+    /// group exists.
+    pub async fn connect(url: &str, prefix: &str, guard_ttl_ms: i64) -> Result<Self, CounterError> {
+        let counters = Self {
+            pool: pool(url, 32)?,
+            client: redis::Client::open(url)?,
+            tag: format!("{{{prefix}}}"),
+            scripts: Scripts::new(),
+            guard_ttl_ms,
+            shift: TimeShift::default(),
+        };
+        counters.load_scripts().await?;
+        Ok(counters)
+    }
+
+    pub async fn load_scripts(&self) -> Result<(), CounterError> {
+        let mut conn = self.pool.get().await?;
+        for script in self.scripts.all() {
+            script.prepare_invoke().load_async(&mut conn).await?;
+        }
+        Ok(())
+    }
+
+    /// A client for dedicated connections (stream consumer, pub/sub).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    fn key(&self, key_id: &str, what: &str) -> String {
+        format!("{}:k:{key_id}:{what}", self.tag)
+    }
+
+    /// The accounting stream.
+    pub fn stream_key(&self) -> String {
+        format!("{}:usage", self.tag)
+    }
+
+    pub async fn admit(&self, r: &AdmitRequest<'_>) -> Result<Decision, CounterError> {
+        let id = &r.lease.key_id;
+        let balance = r.balance.unwrap_or(super::BalanceSnapshot {
+            credited: 0,
+            used: 0,
+            version: 0,
+        });
+        let meta = format!(
+            "{}|{}|{}",
+            sanitize(r.provider),
+            sanitize(r.model),
+            sanitize(r.api_format)
+        );
+        let mut conn = self.pool.get().await?;
+        let reply: Vec<i64> = self
+            .scripts
+            .admit
+            .key(self.key(id, "rpm"))
+            .key(self.key(id, "tpm"))
+            .key(self.key(id, "leases"))
+            .key(self.key(id, "ld"))
+            .key(self.key(id, "bal"))
+            .arg(r.rpm.unwrap_or(0))
+            .arg(r.tpm.unwrap_or(0))
+            .arg(r.concurrency.unwrap_or(0))
+            .arg(r.tokens)
+            .arg(&r.lease.token)
+            .arg(r.lease_ttl_ms)
+            .arg(meta)
+            .arg(i64::from(r.balance.is_some()))
+            .arg(balance.credited)
+            .arg(balance.used)
+            .arg(balance.version)
+            .arg(self.shift.get())
+            .invoke_async(&mut conn)
+            .await?;
+        let [code, a, now_ms, requests_used, tokens_used, requests_reset_ms, tokens_reset_ms, in_flight, rem] =
+            reply[..]
+        else {
+            return Err(CounterError::Protocol(format!(
+                "admit returned {} values",
+                reply.len()
+            )));
+        };
+        let usage = Usage {
+            now_ms,
+            requests_used,
+            tokens_used,
+            requests_reset_ms,
+            tokens_reset_ms,
+            in_flight,
+            balance_remaining: r.balance.map(|_| rem),
+        };
+        let denied = |reason, retry: Option<i64>| Verdict::Denied {
+            reason,
+            retry_after_ms: retry,
+        };
+        let verdict = match code {
+            0 => Verdict::Admitted { expires_at_ms: a },
+            1 => denied(Denial::Requests, Some(a)),
+            2 => denied(Denial::Tokens, Some(a)),
+            3 => denied(Denial::Concurrency, Some(a)),
+            4 => denied(Denial::BalanceExhausted, None),
+            5 => denied(Denial::BalanceCommitted, Some(a)),
+            other => {
+                return Err(CounterError::Protocol(format!(
+                    "admit returned code {other}"
+                )))
+            }
+        };
+        Ok(Decision { verdict, usage })
+    }
+
+    pub async fn report(&self, r: &Report) -> Result<Reported, CounterError> {
+        let id = &r.lease.key_id;
+        let lease_id = r.lease.to_string();
+        let (prompt, completion) = r.tokens.unwrap_or((0, 0));
+        let text = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
+        let mut conn = self.pool.get().await?;
+        let reply: Vec<i64> = self
+            .scripts
+            .report
+            .key(self.key(id, "tpm"))
+            .key(self.key(id, "leases"))
+            .key(self.key(id, "ld"))
+            .key(self.key(id, "bal"))
+            .key(format!("{}:done:{lease_id}", self.tag))
+            .key(self.stream_key())
+            .arg(&r.lease.token)
+            .arg(&lease_id)
+            .arg(id)
+            .arg(i64::from(r.tokens.is_some()))
+            .arg(prompt)
+            .arg(completion)
+            .arg(r.cost_micros)
+            .arg(self.guard_ttl_ms)
+            .arg(r.model.as_deref().unwrap_or_default())
+            .arg(r.provider_key_id.as_deref().unwrap_or_default())
+            .arg(text(r.latency_ms))
+            .arg(text(r.upstream_status))
+            .arg(self.shift.get())
+            .invoke_async(&mut conn)
+            .await?;
+        match reply.first() {
+            Some(1) => Ok(Reported::Recorded),
+            Some(0) => Ok(Reported::Duplicate),
+            _ => Err(CounterError::Protocol(
+                "report returned an unknown answer".into(),
+            )),
+        }
+    }
+
+    /// Appends a record that has no lease to the accounting stream.
+    pub async fn queue_unleased(&self, record: &UsageRecord) -> Result<(), CounterError> {
+        let text = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
+        let mut conn = self.pool.get().await?;
+        redis::cmd("XADD")
+            .arg(self.stream_key())
+            .arg("*")
+            .arg(&[
+                ("id", record.id.as_str()),
+                ("key", ""),
+                ("provider", record.provider.as_deref().unwrap_or_default()),
+                ("model", record.model.as_deref().unwrap_or_default()),
+                ("fmt", record.api_format.as_deref().unwrap_or_default()),
+                ("pk", record.provider_key_id.as_deref().unwrap_or_default()),
+            ])
+            .arg(&[
+                ("pt", record.prompt_tokens.to_string()),
+                ("ct", record.completion_tokens.to_string()),
+                ("cost", record.cost_micros.to_string()),
+                ("lat", text(record.latency_ms)),
+                ("st", text(record.upstream_status)),
+                ("ts", record.created_at.to_string()),
+            ])
+            .query_async::<String>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Result<Option<i64>, CounterError> {
+        let mut conn = self.pool.get().await?;
+        let expiry: i64 = self
+            .scripts
+            .renew
+            .key(self.key(&lease.key_id, "leases"))
+            .key(self.key(&lease.key_id, "ld"))
+            .arg(&lease.token)
+            .arg(ttl_ms)
+            .arg(self.shift.get())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((expiry > 0).then_some(expiry))
+    }
+
+    /// Redis answers and holds every script.
+    pub async fn ready(&self) -> Result<(), CounterError> {
+        let mut conn = self.pool.get().await?;
+        let mut exists = redis::cmd("SCRIPT");
+        exists.arg("EXISTS");
+        for script in self.scripts.all() {
+            exists.arg(script.get_hash());
+        }
+        let loaded: Vec<bool> = exists.query_async(&mut conn).await?;
+        if loaded.iter().all(|l| *l) {
+            Ok(())
+        } else {
+            drop(conn);
+            self.load_scripts().await
+        }
+    }
+}
+
+/// The lease meta is `|`-separated inside the script: keep separators out of its fields.
+fn sanitize(field: &str) -> std::borrow::Cow<'_, str> {
+    if field.contains('|') {
+        field.replace('|', "/").into()
+    } else {
+        field.into()
+    }
+}
+
+/// Turns one accounting-stream entry back into a usage record.
+pub fn record_from_entry(
+    fields: &std::collections::HashMap<String, redis::Value>,
+) -> Option<UsageRecord> {
+    let text = |name: &str| -> Option<String> {
+        fields
+            .get(name)
+            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+    };
+    let opt = |name: &str| text(name).filter(|s| !s.is_empty());
+    let int = |name: &str| opt(name).and_then(|s| s.parse::<i64>().ok());
+    Some(UsageRecord {
+        id: opt("id")?,
+        key_id: opt("key"),
+        provider: opt("provider"),
+        model: opt("model"),
+        api_format: opt("fmt"),
+        provider_key_id: opt("pk"),
+        prompt_tokens: int("pt").unwrap_or(0),
+        completion_tokens: int("ct").unwrap_or(0),
+        cost_micros: int("cost").unwrap_or(0),
+        latency_ms: int("lat"),
+        upstream_status: int("st"),
+        created_at: int("ts")?,
+    })
+}
