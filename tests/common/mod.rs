@@ -281,3 +281,104 @@ pub fn error_code(answer: &Answer) -> String {
     );
     error["code"].as_str().unwrap().to_string()
 }
+
+pub fn redis_url() -> String {
+    std::env::var("KEYWARD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+/// A Redis key prefix (and hash tag) no other test uses.
+pub fn unique_prefix() -> String {
+    format!("kwt-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Removes every key under this test's prefix (its own keys only; nothing shared).
+pub async fn delete_prefix(url: &str, prefix: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}}}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// A redis-server of this test's own on a free port, killed on drop. For tests that
+/// flush, stop or restart Redis.
+pub struct PrivateRedis {
+    pub url: String,
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = PrivateRedis {
+            url: format!("redis://127.0.0.1:{port}"),
+            port,
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        redis.restart().await;
+        redis
+    }
+
+    /// Starts the server (again) on the same port.
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        for _ in 0..100 {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("private redis-server did not start");
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,671 @@
+//! The counter store's behaviour suite, run on both implementations: the Lua scripts on a
+//! real Redis (each test under its own key prefix) and the in-process twin. Time moves
+//! through the store's time-shift hook, so minute-long windows are tested without
+//! sleeping.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use keyward::limits::memory::MemoryCounters;
+use keyward::limits::redis::{record_from_entry, RedisCounters};
+use keyward::limits::{
+    AdmitRequest, BalanceSnapshot, Counters, Decision, Denial, LeaseId, Report, Reported, Verdict,
+};
+use keyward::usage::UsageRecord;
+use tokio::sync::{mpsc, Mutex};
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Memory,
+    Redis,
+}
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod in_memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::Kind::Memory).await; }
+            )*
+        }
+        mod on_redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::Kind::Redis).await; }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    request_window_is_exact_at_second_boundaries,
+    retry_after_is_the_time_until_capacity_frees,
+    tokens_are_reserved_then_settled,
+    denied_requests_consume_nothing,
+    leases_expire_free_their_slot_and_renew,
+    reports_count_once_even_after_the_lease_expired,
+    concurrent_admissions_never_exceed_any_limit,
+    balance_changes_apply_once_by_version,
+    balance_overspend_is_bounded_by_one_request,
+);
+
+struct Store {
+    counters: Counters,
+    queue: Option<Mutex<mpsc::Receiver<UsageRecord>>>,
+    redis: Option<(String, String)>,
+}
+
+impl Store {
+    async fn new(kind: Kind) -> Store {
+        match kind {
+            Kind::Memory => {
+                let (tx, rx) = mpsc::channel(100_000);
+                Store {
+                    counters: Counters::Memory(Arc::new(MemoryCounters::new(600_000, tx))),
+                    queue: Some(Mutex::new(rx)),
+                    redis: None,
+                }
+            }
+            Kind::Redis => {
+                let url = common::redis_url();
+                let prefix = common::unique_prefix();
+                let redis = RedisCounters::connect(&url, &prefix, 600_000)
+                    .await
+                    .unwrap();
+                Store {
+                    counters: Counters::Redis(Arc::new(redis)),
+                    queue: None,
+                    redis: Some((url, prefix)),
+                }
+            }
+        }
+    }
+
+    /// Every record queued for the database so far.
+    async fn queued(&self) -> Vec<UsageRecord> {
+        match (&self.queue, &self.counters) {
+            (Some(queue), _) => {
+                let mut queue = queue.lock().await;
+                let mut out = Vec::new();
+                while let Ok(r) = queue.try_recv() {
+                    out.push(r);
+                }
+                out
+            }
+            (None, Counters::Redis(redis)) => {
+                let mut conn = redis.pool().get().await.unwrap();
+                let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                    .arg(redis.stream_key())
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                reply
+                    .ids
+                    .iter()
+                    .map(|e| record_from_entry(&e.map).unwrap())
+                    .collect()
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    fn advance(&self, ms: i64) {
+        self.counters.time_shift().advance(ms);
+    }
+
+    async fn admit(&self, r: &AdmitRequest<'_>) -> Decision {
+        self.counters.admit(r).await.unwrap()
+    }
+
+    async fn cleanup(self) {
+        if let Some((url, prefix)) = self.redis {
+            common::delete_prefix(&url, &prefix).await;
+        }
+    }
+}
+
+fn request(lease: &LeaseId) -> AdmitRequest<'_> {
+    AdmitRequest {
+        lease,
+        rpm: None,
+        tpm: None,
+        concurrency: None,
+        tokens: 0,
+        lease_ttl_ms: 300_000,
+        provider: "openai",
+        model: "gpt-4o",
+        api_format: "openai_chat",
+        balance: None,
+    }
+}
+
+fn key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn admitted(d: &Decision) -> bool {
+    matches!(d.verdict, Verdict::Admitted { .. })
+}
+
+fn denial(d: &Decision) -> (Denial, Option<i64>) {
+    match d.verdict {
+        Verdict::Denied {
+            reason,
+            retry_after_ms,
+        } => (reason, retry_after_ms),
+        Verdict::Admitted { .. } => panic!("admitted: {d:?}"),
+    }
+}
+
+/// Moves the store's clock to `frac` milliseconds into a second; returns that second.
+async fn align(store: &Store, frac: i64) -> i64 {
+    let probe = LeaseId::new(&key());
+    let now = store.admit(&request(&probe)).await.usage.now_ms;
+    let shift = (frac - now.rem_euclid(1000)).rem_euclid(1000);
+    store.advance(shift);
+    (now + shift).div_euclid(1000)
+}
+
+fn report(lease: &LeaseId, tokens: Option<(i64, i64)>, cost: i64) -> Report {
+    Report {
+        lease: lease.clone(),
+        tokens,
+        cost_micros: cost,
+        model: None,
+        provider_key_id: None,
+        latency_ms: Some(10),
+        upstream_status: Some(200),
+    }
+}
+
+async fn request_window_is_exact_at_second_boundaries(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    let b = align(&s, 500).await;
+    for _ in 0..3 {
+        let lease = LeaseId::new(&k);
+        let d = s
+            .admit(&AdmitRequest {
+                rpm: Some(3),
+                ..request(&lease)
+            })
+            .await;
+        assert!(admitted(&d), "{d:?}");
+    }
+    let lease = LeaseId::new(&k);
+    let r = AdmitRequest {
+        rpm: Some(3),
+        ..request(&lease)
+    };
+    let d = s.admit(&r).await;
+    assert_eq!(denial(&d).0, Denial::Requests);
+    assert_eq!(d.usage.requests_used, 3);
+    // 60 s later we are in bucket b+60: the requests of bucket b are at most 60 s old, so
+    // they still count (a 60-bucket window would over-admit here).
+    s.advance(60_000);
+    let d = s.admit(&r).await;
+    assert_eq!(d.usage.now_ms.div_euclid(1000), b + 60);
+    let (reason, retry) = denial(&d);
+    assert_eq!(reason, Denial::Requests);
+    assert_eq!(retry, Some((b + 61) * 1000 - d.usage.now_ms));
+    // The first millisecond of bucket b+61 has room again.
+    s.advance(retry.unwrap());
+    let d = s.admit(&r).await;
+    assert!(admitted(&d), "{d:?}");
+    assert_eq!(d.usage.requests_used, 1);
+    s.cleanup().await;
+}
+
+async fn retry_after_is_the_time_until_capacity_frees(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    let b = align(&s, 250).await;
+    // Two requests now, three 20 s later: limit 5 is full.
+    for (at, n) in [(0, 2), (20_000, 3)] {
+        s.advance(at);
+        for _ in 0..n {
+            let lease = LeaseId::new(&k);
+            assert!(admitted(
+                &s.admit(&AdmitRequest {
+                    rpm: Some(5),
+                    ..request(&lease)
+                })
+                .await
+            ));
+        }
+    }
+    let lease = LeaseId::new(&k);
+    let r = AdmitRequest {
+        rpm: Some(5),
+        ..request(&lease)
+    };
+    let d = s.admit(&r).await;
+    let (_, retry) = denial(&d);
+    // One slot frees when bucket b leaves the window: at the start of second b+61.
+    assert_eq!(retry, Some((b + 61) * 1000 - d.usage.now_ms));
+    assert!(d.usage.requests_reset_ms > 0);
+    // (Real time passes between calls too: "early" is 50 ms early, not 1.)
+    s.advance(retry.unwrap() - 50);
+    assert_eq!(denial(&s.admit(&r).await).0, Denial::Requests, "early");
+    s.advance(50);
+    assert!(admitted(&s.admit(&r).await));
+    s.cleanup().await;
+}
+
+async fn tokens_are_reserved_then_settled(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    align(&s, 100).await;
+    let a = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            tpm: Some(1_000),
+            tokens: 600,
+            ..request(&a)
+        })
+        .await;
+    assert!(admitted(&d));
+    assert_eq!(d.usage.tokens_used, 600);
+    let b = LeaseId::new(&k);
+    let rb = AdmitRequest {
+        tpm: Some(1_000),
+        tokens: 600,
+        ..request(&b)
+    };
+    let (reason, retry) = denial(&s.admit(&rb).await);
+    assert_eq!(reason, Denial::Tokens);
+    assert!(retry.unwrap() > 59_000, "{retry:?}");
+    // The report replaces the 600 reserved by the 150 used.
+    assert_eq!(
+        s.counters
+            .report(&report(&a, Some((100, 50)), 0))
+            .await
+            .unwrap(),
+        Reported::Recorded
+    );
+    let d = s.admit(&rb).await;
+    assert!(admitted(&d), "{d:?}");
+    assert_eq!(d.usage.tokens_used, 750);
+    // A report without token counts keeps the reservation (the proxy could not count).
+    assert_eq!(
+        s.counters.report(&report(&b, None, 0)).await.unwrap(),
+        Reported::Recorded
+    );
+    let c = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            tpm: Some(1_000),
+            tokens: 0,
+            ..request(&c)
+        })
+        .await;
+    assert_eq!(d.usage.tokens_used, 750);
+    // Reported usage above the reservation counts in full.
+    s.counters
+        .report(&report(&c, Some((200, 40)), 0))
+        .await
+        .unwrap();
+    let e = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            tpm: Some(1_000),
+            tokens: 11,
+            ..request(&e)
+        })
+        .await;
+    assert_eq!(denial(&d).0, Denial::Tokens, "990 + 11 > 1000");
+    assert_eq!(d.usage.tokens_used, 990);
+    assert!(admitted(
+        &s.admit(&AdmitRequest {
+            tpm: Some(1_000),
+            tokens: 10,
+            ..request(&e)
+        })
+        .await
+    ));
+    s.cleanup().await;
+}
+
+async fn denied_requests_consume_nothing(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    align(&s, 100).await;
+    fn limits(lease: &LeaseId) -> AdmitRequest<'_> {
+        AdmitRequest {
+            rpm: Some(10),
+            tpm: Some(1_000),
+            concurrency: Some(1),
+            tokens: 100,
+            ..request(lease)
+        }
+    }
+    let a = LeaseId::new(&k);
+    assert!(admitted(&s.admit(&limits(&a)).await));
+    for _ in 0..5 {
+        let b = LeaseId::new(&k);
+        let d = s.admit(&limits(&b)).await;
+        assert_eq!(denial(&d).0, Denial::Concurrency);
+        assert_eq!(
+            (
+                d.usage.requests_used,
+                d.usage.tokens_used,
+                d.usage.in_flight
+            ),
+            (1, 100, 1)
+        );
+    }
+    // Denied for tokens: no request, no slot either.
+    s.counters
+        .report(&report(&a, Some((50, 50)), 0))
+        .await
+        .unwrap();
+    let big = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            tokens: 950,
+            ..limits(&big)
+        })
+        .await;
+    assert_eq!(denial(&d).0, Denial::Tokens);
+    assert_eq!(
+        (
+            d.usage.requests_used,
+            d.usage.tokens_used,
+            d.usage.in_flight
+        ),
+        (1, 100, 0)
+    );
+    // Exactly one more was counted after all those refusals.
+    let c = LeaseId::new(&k);
+    let d = s.admit(&limits(&c)).await;
+    assert!(admitted(&d));
+    assert_eq!(
+        (
+            d.usage.requests_used,
+            d.usage.tokens_used,
+            d.usage.in_flight
+        ),
+        (2, 200, 1)
+    );
+    s.cleanup().await;
+}
+
+async fn leases_expire_free_their_slot_and_renew(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    fn slots(lease: &LeaseId) -> AdmitRequest<'_> {
+        AdmitRequest {
+            concurrency: Some(2),
+            lease_ttl_ms: 10_000,
+            ..request(lease)
+        }
+    }
+    let (a, b, c) = (LeaseId::new(&k), LeaseId::new(&k), LeaseId::new(&k));
+    assert!(admitted(&s.admit(&slots(&a)).await));
+    assert!(admitted(&s.admit(&slots(&b)).await));
+    let (reason, retry) = denial(&s.admit(&slots(&c)).await);
+    assert_eq!(reason, Denial::Concurrency);
+    assert!((9_000..=10_000).contains(&retry.unwrap()), "{retry:?}");
+    s.advance(5_000);
+    let renewed = s.counters.renew(&a, 10_000).await.unwrap();
+    assert!(renewed.is_some());
+    // b expires (never reported, never renewed); a, renewed, still holds its slot.
+    s.advance(6_000);
+    let d = s.admit(&slots(&c)).await;
+    assert!(admitted(&d), "{d:?}");
+    assert_eq!(d.usage.in_flight, 2);
+    let e = LeaseId::new(&k);
+    assert_eq!(denial(&s.admit(&slots(&e)).await).0, Denial::Concurrency);
+    assert_eq!(
+        s.counters.renew(&b, 10_000).await.unwrap(),
+        None,
+        "an expired lease cannot be renewed"
+    );
+    assert_eq!(
+        s.counters.renew(&LeaseId::new(&k), 10_000).await.unwrap(),
+        None
+    );
+    // A reported lease frees its slot at once and cannot be renewed.
+    s.counters.report(&report(&a, None, 0)).await.unwrap();
+    assert_eq!(s.counters.renew(&a, 10_000).await.unwrap(), None);
+    assert!(admitted(&s.admit(&slots(&e)).await));
+    s.cleanup().await;
+}
+
+async fn reports_count_once_even_after_the_lease_expired(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    let lease = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            lease_ttl_ms: 1_000,
+            ..request(&lease)
+        })
+        .await;
+    assert!(admitted(&d));
+    s.advance(5_000);
+    let r = Report {
+        model: Some("gpt-4o-mini".into()),
+        ..report(&lease, Some((7, 3)), 1_234)
+    };
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Recorded);
+    for _ in 0..2 {
+        assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Duplicate);
+    }
+    let queued = s.queued().await;
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    let rec = &queued[0];
+    assert_eq!(rec.id, lease.to_string());
+    assert_eq!(rec.key_id.as_deref(), Some(k.as_str()));
+    assert_eq!(
+        (rec.prompt_tokens, rec.completion_tokens, rec.cost_micros),
+        (7, 3, 1_234)
+    );
+    assert_eq!(rec.model.as_deref(), Some("gpt-4o-mini"));
+    assert_eq!((rec.latency_ms, rec.upstream_status), (Some(10), Some(200)));
+    // A live lease's report takes provider, model and format from the admission.
+    let live = LeaseId::new(&k);
+    s.admit(&request(&live)).await;
+    s.counters.report(&report(&live, None, 0)).await.unwrap();
+    let queued = s.queued().await;
+    let rec = queued.iter().find(|r| r.id == live.to_string()).unwrap();
+    assert_eq!(rec.provider.as_deref(), Some("openai"));
+    assert_eq!(rec.model.as_deref(), Some("gpt-4o"));
+    assert_eq!(rec.api_format.as_deref(), Some("openai_chat"));
+    s.cleanup().await;
+}
+
+async fn concurrent_admissions_never_exceed_any_limit(kind: Kind) {
+    let s = Arc::new(Store::new(kind).await);
+    align(&s, 100).await;
+    for (rpm, tpm, conc, tokens, expected) in [
+        (Some(50), None, None, 0, 50),
+        (None, Some(5_000), None, 100, 50),
+        (None, None, Some(5), 0, 5),
+    ] {
+        let k = key();
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let (s, k) = (s.clone(), k.clone());
+                tokio::spawn(async move {
+                    let lease = LeaseId::new(&k);
+                    let r = AdmitRequest {
+                        rpm,
+                        tpm,
+                        concurrency: conc,
+                        tokens,
+                        ..request(&lease)
+                    };
+                    admitted(&s.admit(&r).await)
+                })
+            })
+            .collect();
+        let mut admitted_count = 0;
+        for t in tasks {
+            admitted_count += usize::from(t.await.unwrap());
+        }
+        assert_eq!(
+            admitted_count, expected,
+            "rpm {rpm:?} tpm {tpm:?} concurrency {conc:?}"
+        );
+    }
+    Arc::into_inner(s).unwrap().cleanup().await;
+}
+
+async fn balance_changes_apply_once_by_version(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    fn with(lease: &LeaseId, credited: i64, used: i64, version: i64) -> AdmitRequest<'_> {
+        AdmitRequest {
+            balance: Some(BalanceSnapshot {
+                credited,
+                used,
+                version,
+            }),
+            ..request(lease)
+        }
+    }
+    let a = LeaseId::new(&k);
+    let d = s.admit(&with(&a, 1_000, 0, 0)).await;
+    assert_eq!(d.usage.balance_remaining, Some(1_000));
+    s.counters.report(&report(&a, None, 400)).await.unwrap();
+    // An admin credit of 500 (version 1): applied once, whoever sees it first.
+    for _ in 0..2 {
+        let l = LeaseId::new(&k);
+        let d = s.admit(&with(&l, 1_500, 0, 1)).await;
+        assert_eq!(d.usage.balance_remaining, Some(1_100));
+        s.counters.report(&report(&l, None, 0)).await.unwrap();
+    }
+    // A replica with a stale record (version 0) does not roll the credit back.
+    let l = LeaseId::new(&k);
+    assert_eq!(
+        s.admit(&with(&l, 1_000, 0, 0))
+            .await
+            .usage
+            .balance_remaining,
+        Some(1_100)
+    );
+    s.counters.report(&report(&l, None, 1_100)).await.unwrap();
+    let l = LeaseId::new(&k);
+    let d = s.admit(&with(&l, 1_500, 0, 1)).await;
+    assert_eq!(denial(&d), (Denial::BalanceExhausted, None));
+    assert_eq!(d.usage.balance_remaining, Some(0));
+    s.cleanup().await;
+}
+
+async fn balance_overspend_is_bounded_by_one_request(kind: Kind) {
+    const CREDIT: i64 = 50_000;
+    const COST: i64 = 10_000;
+    let s = Arc::new(Store::new(kind).await);
+    let k = key();
+    let workers: Vec<_> = (0..20)
+        .map(|_| {
+            let (s, k) = (s.clone(), k.clone());
+            tokio::spawn(async move {
+                let mut spent = 0;
+                for _ in 0..200 {
+                    let lease = LeaseId::new(&k);
+                    let r = AdmitRequest {
+                        balance: Some(BalanceSnapshot {
+                            credited: CREDIT,
+                            used: 0,
+                            version: 0,
+                        }),
+                        ..request(&lease)
+                    };
+                    match s.admit(&r).await.verdict {
+                        Verdict::Admitted { .. } => {
+                            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                            s.counters
+                                .report(&report(&lease, None, COST))
+                                .await
+                                .unwrap();
+                            spent += COST;
+                        }
+                        Verdict::Denied {
+                            reason: Denial::BalanceExhausted,
+                            ..
+                        } => break,
+                        Verdict::Denied { .. } => tokio::task::yield_now().await,
+                    }
+                }
+                spent
+            })
+        })
+        .collect();
+    let mut spent = 0;
+    for w in workers {
+        spent += w.await.unwrap();
+    }
+    assert!(spent >= CREDIT, "the whole balance can be used ({spent})");
+    assert!(
+        spent <= CREDIT + COST,
+        "overspent by more than one request: {spent}"
+    );
+    let lease = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            balance: Some(BalanceSnapshot {
+                credited: CREDIT,
+                used: 0,
+                version: 0,
+            }),
+            ..request(&lease)
+        })
+        .await;
+    assert_eq!(d.usage.balance_remaining, Some(CREDIT - spent));
+    Arc::into_inner(s).unwrap().cleanup().await;
+}
+
+#[tokio::test]
+async fn scripts_assert_their_inputs() {
+    let url = common::redis_url();
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let prefix = common::unique_prefix();
+    let keys: Vec<String> = (0..5).map(|i| format!("{{{prefix}}}:k{i}")).collect();
+    // A negative limit and a missing lease token are refused before anything is written.
+    let result: redis::RedisResult<Vec<i64>> =
+        redis::Script::new(keyward::limits::redis::source::ADMIT)
+            .key(&keys)
+            .arg(&[
+                "-1", "0", "0", "0", "", "1000", "||", "0", "0", "0", "0", "0",
+            ])
+            .invoke_async(&mut conn)
+            .await;
+    assert!(result.is_err());
+    let written: i64 = redis::cmd("EXISTS")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(written, 0);
+}
+
+#[tokio::test]
+async fn lost_scripts_are_reloaded() {
+    // A private Redis, so flushing its scripts touches nobody else.
+    let private = common::PrivateRedis::start().await;
+    let counters = RedisCounters::connect(&private.url, "kw", 600_000)
+        .await
+        .unwrap();
+    let k = key();
+    let lease = LeaseId::new(&k);
+    assert!(admitted(&counters.admit(&request(&lease)).await.unwrap()));
+    let client = redis::Client::open(private.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let lease = LeaseId::new(&k);
+    let d = counters.admit(&request(&lease)).await.unwrap();
+    assert!(admitted(&d), "NOSCRIPT was not handled");
+    assert_eq!(d.usage.in_flight, 2);
+    counters.ready().await.unwrap();
+}
