@@ -7,6 +7,7 @@
 //! `scripts/test.sh` makes sure it runs.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use keyward::config::{self, Config, RawConfig};
@@ -145,7 +146,8 @@ pub struct TestServer {
     pub data: String,
     pub admin: String,
     pub client: reqwest::Client,
-    pub db: TestDb,
+    pub db: Arc<TestDb>,
+    pub state: keyward::app::AppState,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -165,16 +167,18 @@ impl TestServer {
         let db = TestDb::new(backend).await;
         let mut raw = base_config(&db);
         tweak(&mut raw);
-        Self::start_on(db, raw).await
+        Self::start_on(Arc::new(db), raw).await
     }
 
-    pub async fn start_on(db: TestDb, raw: RawConfig) -> TestServer {
+    pub async fn start_on(db: Arc<TestDb>, raw: RawConfig) -> TestServer {
         let config = Config::from_raw(&raw).unwrap();
         let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (data_addr, admin_addr) = (data.local_addr().unwrap(), admin.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(keyward::app::run(config, data, admin, async {
+        let parts = keyward::app::build(&config).await.unwrap();
+        let state = parts.state.clone();
+        let task = tokio::spawn(keyward::app::run_parts(parts, config, data, admin, async {
             let _ = rx.await;
         }));
         let server = TestServer {
@@ -182,6 +186,7 @@ impl TestServer {
             admin: format!("http://{admin_addr}"),
             client: reqwest::Client::new(),
             db,
+            state,
             shutdown: Some(tx),
             task: Some(task),
         };
@@ -243,6 +248,35 @@ impl TestServer {
             body,
             headers,
         }
+    }
+
+    /// A data-plane call with a JSON body.
+    pub async fn data_post(&self, path: &str, body: Value) -> Answer {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.data))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            panic!(
+                "{path}: answer is not JSON: {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        });
+        Answer {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    pub async fn admit(&self, body: Value) -> Answer {
+        self.data_post("/v1/admit", body).await
     }
 
     /// Creates a key and returns `(key, secret)`.
@@ -381,4 +415,174 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The two deployment shapes of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// SQLite and in-process counters: one instance.
+    Embedded,
+    /// Postgres and Redis: any number of instances sharing both.
+    Distributed,
+}
+
+/// Runs each named `async fn(Shape)` once per shape, as `embedded::name` and `distributed::name`.
+#[macro_export]
+macro_rules! on_both_shapes {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Shape::Embedded).await;
+                }
+            )*
+        }
+        mod distributed {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Shape::Distributed).await;
+                }
+            )*
+        }
+    };
+}
+
+/// Instances of keyward sharing one database (and, distributed, one Redis prefix).
+pub struct Cluster {
+    pub servers: Vec<TestServer>,
+    pub db: Arc<TestDb>,
+    redis_prefix: Option<String>,
+}
+
+impl Cluster {
+    /// Three instances when distributed, one when embedded.
+    pub async fn start(shape: Shape, tweak: impl Fn(&mut RawConfig)) -> Cluster {
+        let n = if shape == Shape::Distributed { 3 } else { 1 };
+        Self::start_n(shape, n, tweak).await
+    }
+
+    pub async fn start_n(shape: Shape, n: usize, tweak: impl Fn(&mut RawConfig)) -> Cluster {
+        let backend = match shape {
+            Shape::Embedded => Backend::Sqlite,
+            Shape::Distributed => Backend::Postgres,
+        };
+        let db = Arc::new(TestDb::new(backend).await);
+        let prefix = (shape == Shape::Distributed).then(unique_prefix);
+        let mut servers = Vec::new();
+        for _ in 0..n {
+            let mut raw = base_config(&db);
+            if let Some(prefix) = &prefix {
+                raw.insert(config::REDIS_URL, redis_url());
+                raw.insert(config::REDIS_PREFIX, prefix.clone());
+            }
+            tweak(&mut raw);
+            servers.push(TestServer::start_on(db.clone(), raw).await);
+        }
+        Cluster {
+            servers,
+            db,
+            redis_prefix: prefix,
+        }
+    }
+
+    /// The instance for the `i`-th request, round robin.
+    pub fn any(&self, i: usize) -> &TestServer {
+        &self.servers[i % self.servers.len()]
+    }
+
+    pub async fn stop(self) {
+        for s in self.servers {
+            s.stop().await;
+        }
+        if let Some(prefix) = self.redis_prefix {
+            delete_prefix(&redis_url(), &prefix).await;
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, for at most `secs` seconds.
+pub async fn eventually<T, F, Fut>(secs: u64, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not met within {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TCP proxy in front of Postgres that a test can cut: while down, every proxied
+/// connection is dropped and new ones are refused, as in a database outage.
+pub struct PgProxy {
+    pub port: u16,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    connections: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl PgProxy {
+    pub async fn start(target: String) -> PgProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (up2, conns2) = (up.clone(), connections.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: connection refused-ish
+                }
+                let target = target.clone();
+                let handle = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns2.lock().unwrap().push(handle);
+            }
+        });
+        PgProxy {
+            port,
+            up,
+            connections,
+            accept,
+        }
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            for handle in self.connections.lock().unwrap().drain(..) {
+                handle.abort();
+            }
+        }
+    }
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.set_up(false);
+    }
+}
+
+/// `host:port` of a postgres:// URL, and the URL with them replaced by `with`.
+pub fn reroute(url: &str, with: &str) -> (String, String) {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((auth, rest)) => (format!("{auth}@"), rest),
+        None => (String::new(), rest),
+    };
+    let (host, path) = rest.split_once('/').unwrap();
+    (host.to_string(), format!("{scheme}://{auth}{with}/{path}"))
 }

@@ -1,0 +1,620 @@
+//! `/v1/admit`, `/v1/report` and `/v1/leases/{id}/renew` over HTTP: the contract's
+//! guarantees 1 to 5 with real servers. Distributed: three instances on one Redis and one
+//! Postgres, requests spread over them. Embedded: one instance on SQLite.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{error_code, eventually, Answer, Cluster, Shape, TestServer};
+use keyward::config;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+on_both_shapes!(
+    static_checks_refuse_before_anything_is_counted,
+    exactly_the_rpm_limit_is_admitted_under_concurrency,
+    exactly_the_tpm_limit_is_admitted_under_concurrency,
+    concurrency_slots_are_never_exceeded_and_are_released,
+    unreported_leases_free_their_slot_on_expiry_and_renewal_keeps_it,
+    a_denied_request_consumes_nothing,
+    reports_count_once_even_after_the_lease_expired,
+    admin_changes_reach_every_instance_at_once,
+    a_small_balance_is_never_overspent_by_more_than_one_request,
+    bad_data_plane_input_is_refused,
+);
+
+async fn key(c: &Cluster, body: Value) -> (String, String) {
+    let (key, secret) = c.servers[0].create_key(body).await;
+    (key["id"].as_str().unwrap().to_string(), secret)
+}
+
+fn header(a: &Answer, name: &str) -> Option<String> {
+    a.headers.get(name).map(|v| v.to_str().unwrap().to_string())
+}
+
+/// Fires `n` admits at once, spread over the instances.
+async fn burst(c: &Cluster, n: usize, body: Value) -> Vec<Answer> {
+    let futures = (0..n).map(|i| c.any(i).admit(body.clone()));
+    futures_util::future::join_all(futures).await
+}
+
+async fn usage_applied(c: &Cluster, key_id: &str, requests: i64) -> Value {
+    let s = &c.servers[0];
+    eventually(15, || async {
+        let stats = s
+            .admin(Method::GET, &format!("/admin/keys/{key_id}/stats"), None)
+            .await
+            .body;
+        (stats["total_requests"] == requests).then_some(stats)
+    })
+    .await
+}
+
+async fn static_checks_refuse_before_anything_is_counted(shape: Shape) {
+    let c = Cluster::start(shape, |_| {}).await;
+    let (id, secret) = key(
+        &c,
+        json!({"rate_limit": 10, "tpm_limit": 1000, "allowed_providers": ["openai"],
+               "allowed_models": ["gpt-4o"], "allowed_api_formats": ["openai_chat"]}),
+    )
+    .await;
+    let ok = json!({"key": secret, "provider": "openai", "model": "gpt-4o", "api_format": "openai_chat", "estimated_tokens": 10});
+    let with = |field: &str, value: Value| {
+        let mut body = ok.clone();
+        body[field] = value;
+        body
+    };
+    let s = c.any(1);
+    for (body, status, code) in [
+        (json!({}), 401, "MISSING_KEY"),
+        (json!({"key": ""}), 401, "MISSING_KEY"),
+        (
+            json!({"key": "sk-kw-thisisnotakeythisisnotakeythisisnotakey123"}),
+            401,
+            "INVALID_KEY",
+        ),
+        (json!({"key": "short"}), 401, "INVALID_KEY"),
+        (
+            with("provider", json!("anthropic")),
+            403,
+            "PROVIDER_NOT_ALLOWED",
+        ),
+        (with("provider", Value::Null), 403, "PROVIDER_NOT_ALLOWED"),
+        (with("model", json!("gpt-4")), 403, "MODEL_NOT_ALLOWED"),
+        (
+            with("api_format", json!("anthropic_messages")),
+            403,
+            "API_FORMAT_NOT_ALLOWED",
+        ),
+        (
+            with("estimated_tokens", json!(1001)),
+            413,
+            "TOKENS_EXCEED_LIMIT",
+        ),
+    ] {
+        let a = s.admit(body.clone()).await;
+        assert_eq!(
+            (a.status, error_code(&a)),
+            (status, code.to_string()),
+            "{body}"
+        );
+        assert!(
+            !a.body.to_string().contains(&secret[10..]),
+            "the key is echoed"
+        );
+    }
+    // Nothing above was counted: the first real admission sees an empty window.
+    let a = s.admit(ok.clone()).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(
+        header(&a, "x-ratelimit-remaining-requests").as_deref(),
+        Some("9")
+    );
+    assert_eq!(
+        header(&a, "x-ratelimit-remaining-tokens").as_deref(),
+        Some("990")
+    );
+    assert_eq!(a.body["limits"]["requests"]["remaining"], 9);
+
+    // Expired: refused at once, by every instance, with no expiry job running.
+    let path = format!("/admin/keys/{id}");
+    c.servers[0]
+        .admin(
+            Method::PATCH,
+            &path,
+            Some(json!({"expires_at": "2020-01-01T00:00:00Z"})),
+        )
+        .await;
+    for s in &c.servers {
+        let a = s.admit(ok.clone()).await;
+        assert_eq!((a.status, error_code(&a).as_str()), (403, "KEY_EXPIRED"));
+    }
+    c.servers[0]
+        .admin(Method::PATCH, &path, Some(json!({"expires_at": null})))
+        .await;
+    c.servers[0].admin(Method::DELETE, &path, None).await;
+    for s in &c.servers {
+        let a = s.admit(ok.clone()).await;
+        assert_eq!((a.status, error_code(&a).as_str()), (403, "KEY_DISABLED"));
+    }
+    c.stop().await;
+}
+
+async fn exactly_the_rpm_limit_is_admitted_under_concurrency(shape: Shape) {
+    let c = Cluster::start(shape, |_| {}).await;
+    let (_, secret) = key(&c, json!({"rate_limit": 50, "concurrent_limit": null})).await;
+    let answers = burst(&c, 200, json!({"key": secret, "estimated_tokens": 0})).await;
+    let allowed = answers.iter().filter(|a| a.status == 200).count();
+    assert_eq!(allowed, 50);
+    for a in answers.iter().filter(|a| a.status != 200) {
+        assert_eq!((a.status, error_code(a).as_str()), (429, "RATE_LIMITED"));
+        assert_eq!(a.body["error"]["limit"], "requests");
+        let retry_ms = a.body["error"]["retry_after_ms"].as_i64().unwrap();
+        assert!((59_000..=61_000).contains(&retry_ms), "{retry_ms}");
+        let retry_after: i64 = header(a, "retry-after").unwrap().parse().unwrap();
+        assert_eq!(retry_after, (retry_ms + 999) / 1000);
+        assert_eq!(
+            header(a, "x-ratelimit-remaining-requests").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            header(a, "ratelimit-policy").as_deref(),
+            Some("\"requests\";q=50;w=60")
+        );
+    }
+    c.stop().await;
+}
+
+async fn exactly_the_tpm_limit_is_admitted_under_concurrency(shape: Shape) {
+    let c = Cluster::start(shape, |_| {}).await;
+    let (_, secret) = key(
+        &c,
+        json!({"rate_limit": null, "tpm_limit": 5000, "concurrent_limit": null}),
+    )
+    .await;
+    let answers = burst(&c, 200, json!({"key": secret, "estimated_tokens": 100})).await;
+    assert_eq!(answers.iter().filter(|a| a.status == 200).count(), 50);
+    for a in answers.iter().filter(|a| a.status != 200) {
+        assert_eq!((a.status, error_code(a).as_str()), (429, "RATE_LIMITED"));
+        assert_eq!(a.body["error"]["limit"], "tokens");
+        assert!(header(a, "retry-after").is_some());
+    }
+    c.stop().await;
+}
+
+async fn concurrency_slots_are_never_exceeded_and_are_released(shape: Shape) {
+    let c = Arc::new(Cluster::start(shape, |_| {}).await);
+    let (_, secret) = key(&c, json!({"rate_limit": null, "concurrent_limit": 5})).await;
+    let live = Arc::new(AtomicI64::new(0));
+    let peak = Arc::new(AtomicI64::new(0));
+    let holders: Vec<_> = (0..50)
+        .map(|i| {
+            let (c, secret, live, peak) = (c.clone(), secret.clone(), live.clone(), peak.clone());
+            tokio::spawn(async move {
+                let s = c.any(i);
+                for _ in 0..2_000 {
+                    let a = s.admit(json!({"key": secret})).await;
+                    if a.status == 429 {
+                        assert_eq!(error_code(&a), "CONCURRENCY_LIMITED");
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    assert_eq!(a.status, 200, "{}", a.body);
+                    let now = live.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    live.fetch_sub(1, Ordering::SeqCst);
+                    let lease = a.body["lease_id"].as_str().unwrap();
+                    let r = c
+                        .any(i + 1)
+                        .data_post("/v1/report", json!({"lease_id": lease}))
+                        .await;
+                    assert_eq!(r.body["recorded"], true);
+                    return true;
+                }
+                false
+            })
+        })
+        .collect();
+    for h in holders {
+        assert!(
+            h.await.unwrap(),
+            "a holder never got a slot: slots were not released"
+        );
+    }
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= 5, "{peak} leases were live at once");
+    assert!(peak >= 2, "the test did not overlap holders ({peak})");
+    Arc::into_inner(c).unwrap().stop().await;
+}
+
+async fn unreported_leases_free_their_slot_on_expiry_and_renewal_keeps_it(shape: Shape) {
+    let c = Cluster::start(shape, |raw| {
+        raw.insert(config::LEASE_TTL_S, "1".into());
+    })
+    .await;
+    let (_, secret) = key(&c, json!({"rate_limit": null, "concurrent_limit": 2})).await;
+    let body = json!({"key": secret});
+    let first = c.any(0).admit(body.clone()).await;
+    let second = c.any(1).admit(body.clone()).await;
+    assert_eq!((first.status, second.status), (200, 200));
+    let denied = c.any(2).admit(body.clone()).await;
+    assert_eq!(error_code(&denied), "CONCURRENCY_LIMITED");
+    assert!(denied.body["error"]["retry_after_ms"].as_i64().unwrap() <= 1_000);
+    // Keep the first lease alive by renewing it; let the second expire unreported.
+    let lease = first.body["lease_id"].as_str().unwrap().to_string();
+    for i in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let r = c
+            .any(i)
+            .data_post(&format!("/v1/leases/{lease}/renew"), json!({}))
+            .await;
+        assert_eq!(r.status, 200, "renewal {i}: {}", r.body);
+    }
+    // 1.6 s later: the second lease expired, the renewed first one did not.
+    let third = c.any(1).admit(body.clone()).await;
+    assert_eq!(third.status, 200, "an expired lease still held its slot");
+    let fourth = c.any(2).admit(body.clone()).await;
+    assert_eq!(
+        error_code(&fourth),
+        "CONCURRENCY_LIMITED",
+        "the renewed lease lost its slot"
+    );
+    let stale = second.body["lease_id"].as_str().unwrap();
+    let r = c
+        .any(0)
+        .data_post(&format!("/v1/leases/{stale}/renew"), json!({}))
+        .await;
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (404, "LEASE_NOT_FOUND")
+    );
+    c.stop().await;
+}
+
+async fn a_denied_request_consumes_nothing(shape: Shape) {
+    let c = Cluster::start(shape, |_| {}).await;
+    let (_, secret) = key(
+        &c,
+        json!({"rate_limit": 10, "tpm_limit": 1000, "concurrent_limit": 1}),
+    )
+    .await;
+    let body = json!({"key": secret, "estimated_tokens": 100});
+    let a = c.any(0).admit(body.clone()).await;
+    assert_eq!(a.status, 200);
+    for i in 0..5 {
+        let d = c.any(i).admit(body.clone()).await;
+        assert_eq!(error_code(&d), "CONCURRENCY_LIMITED");
+        // Headers on a denial too, and they show nothing more was counted.
+        assert_eq!(
+            header(&d, "x-ratelimit-remaining-requests").as_deref(),
+            Some("9")
+        );
+        assert_eq!(
+            header(&d, "x-ratelimit-remaining-tokens").as_deref(),
+            Some("900")
+        );
+    }
+    let lease = a.body["lease_id"].as_str().unwrap();
+    c.any(1)
+        .data_post(
+            "/v1/report",
+            json!({"lease_id": lease, "prompt_tokens": 60, "completion_tokens": 40}),
+        )
+        .await;
+    let big = c
+        .any(2)
+        .admit(json!({"key": secret, "estimated_tokens": 950}))
+        .await;
+    assert_eq!(
+        (
+            error_code(&big).as_str(),
+            big.body["error"]["limit"].clone()
+        ),
+        ("RATE_LIMITED", json!("tokens"))
+    );
+    let next = c.any(0).admit(body.clone()).await;
+    assert_eq!(next.status, 200);
+    assert_eq!(
+        header(&next, "x-ratelimit-remaining-requests").as_deref(),
+        Some("8")
+    );
+    assert_eq!(
+        header(&next, "x-ratelimit-remaining-tokens").as_deref(),
+        Some("800")
+    );
+    c.stop().await;
+}
+
+async fn reports_count_once_even_after_the_lease_expired(shape: Shape) {
+    let c = Cluster::start(shape, |raw| {
+        raw.insert(config::LEASE_TTL_S, "1".into());
+    })
+    .await;
+    let (id, secret) = key(
+        &c,
+        json!({"is_standalone": true, "initial_balance_usd": 10}),
+    )
+    .await;
+    let body = json!({"key": secret, "model": "gpt-4o"});
+    let a = c.any(0).admit(body.clone()).await;
+    let lease = a.body["lease_id"].as_str().unwrap().to_string();
+    let report = json!({"lease_id": lease, "prompt_tokens": 10, "completion_tokens": 5,
+                        "cost_usd": 0.5, "latency_ms": 100, "upstream_status": 200});
+    let answers: Vec<_> = (0..3)
+        .map(|i| c.any(i).data_post("/v1/report", report.clone()))
+        .collect();
+    let answers = futures_util::future::join_all(answers).await;
+    let recorded = answers
+        .iter()
+        .filter(|r| r.body == json!({"recorded": true}))
+        .count();
+    let duplicates = answers
+        .iter()
+        .filter(|r| r.body == json!({"recorded": false, "duplicate": true}))
+        .count();
+    assert_eq!((recorded, duplicates), (1, 2));
+
+    // A lease that expired before its report is still recorded.
+    let late = c.any(1).admit(body.clone()).await;
+    let late_lease = late.body["lease_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let r = c
+        .any(2)
+        .data_post(
+            "/v1/report",
+            json!({"lease_id": late_lease, "cost_usd": 0.25, "prompt_tokens": 1}),
+        )
+        .await;
+    assert_eq!(r.body, json!({"recorded": true}));
+
+    let stats = usage_applied(&c, &id, 2).await;
+    assert_eq!(stats["total_cost_usd"], 0.75);
+    assert_eq!(stats["total_tokens"], 16);
+    let k = c.servers[0]
+        .admin(Method::GET, &format!("/admin/keys/{id}"), None)
+        .await
+        .body;
+    assert_eq!(k["total_requests"], 2);
+    assert_eq!(k["balance_used_usd"], 0.75);
+    assert_eq!(k["remaining_balance_usd"], 9.25);
+    // The admit answer shows the live balance too.
+    let a = c.any(0).admit(body.clone()).await;
+    assert_eq!(a.body["remaining_balance_usd"], 9.25);
+    c.stop().await;
+}
+
+async fn admin_changes_reach_every_instance_at_once(shape: Shape) {
+    let c = Cluster::start(shape, |_| {}).await;
+    let (id, secret) = key(&c, json!({"rate_limit": 100})).await;
+    let body = json!({"key": secret});
+    for s in &c.servers {
+        assert_eq!(
+            header(&s.admit(body.clone()).await, "x-ratelimit-limit-requests").as_deref(),
+            Some("100")
+        );
+    }
+    c.servers[0]
+        .admin(
+            Method::PATCH,
+            &format!("/admin/keys/{id}"),
+            Some(json!({"rate_limit": 7})),
+        )
+        .await;
+    for s in &c.servers {
+        // Pub/sub is asynchronous: allow it a moment, far below the cache TTL.
+        eventually(2, || async {
+            let a = s.admit(body.clone()).await;
+            (header(&a, "x-ratelimit-limit-requests").as_deref() == Some("7")).then_some(())
+        })
+        .await;
+    }
+    c.stop().await;
+}
+
+async fn a_small_balance_is_never_overspent_by_more_than_one_request(shape: Shape) {
+    let c = Arc::new(Cluster::start(shape, |_| {}).await);
+    let (id, secret) = key(
+        &c,
+        json!({"is_standalone": true, "initial_balance_usd": 0.05, "rate_limit": null, "concurrent_limit": null}),
+    )
+    .await;
+    let spent = Arc::new(AtomicI64::new(0));
+    let workers: Vec<_> = (0..12)
+        .map(|i| {
+            let (c, secret, spent) = (c.clone(), secret.clone(), spent.clone());
+            tokio::spawn(async move {
+                for _ in 0..500 {
+                    let a = c.any(i).admit(json!({"key": secret})).await;
+                    match (a.status, a.body["error"]["code"].as_str()) {
+                        (200, _) => {
+                            let lease = a.body["lease_id"].as_str().unwrap();
+                            tokio::time::sleep(Duration::from_millis(3)).await;
+                            let r = json!({"lease_id": lease, "cost_usd": 0.01});
+                            assert_eq!(
+                                c.any(i + 1).data_post("/v1/report", r).await.body["recorded"],
+                                true
+                            );
+                            spent.fetch_add(10_000, Ordering::SeqCst);
+                        }
+                        (402, Some("INSUFFICIENT_BALANCE")) => return,
+                        (429, Some("CONCURRENCY_LIMITED")) => {
+                            tokio::time::sleep(Duration::from_millis(2)).await
+                        }
+                        other => panic!("unexpected {other:?}: {}", a.body),
+                    }
+                }
+                panic!("the balance never ran out");
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let spent = spent.load(Ordering::SeqCst);
+    assert!(
+        (50_000..=60_000).contains(&spent),
+        "spent {spent} micro-USD of 50000"
+    );
+    let requests = spent / 10_000;
+    usage_applied(&c, &id, requests).await;
+    let k = c.servers[0]
+        .admin(Method::GET, &format!("/admin/keys/{id}"), None)
+        .await
+        .body;
+    assert_eq!(k["remaining_balance_usd"], 0);
+
+    // A credit (a balance version the counters have not seen) reopens the key everywhere.
+    c.servers[0]
+        .admin(
+            Method::POST,
+            &format!("/admin/keys/{id}/balance"),
+            Some(json!({"amount_usd": 1})),
+        )
+        .await;
+    for s in &c.servers {
+        eventually(2, || async {
+            (s.admit(json!({"key": secret})).await.status == 200).then_some(())
+        })
+        .await;
+    }
+    Arc::into_inner(c).unwrap().stop().await;
+}
+
+async fn bad_data_plane_input_is_refused(shape: Shape) {
+    let c = Cluster::start(shape, |_| {}).await;
+    let (_, secret) = key(&c, json!({})).await;
+    let s: &TestServer = c.any(0);
+    for (path, body) in [
+        ("/v1/admit", json!({"key": secret, "estimated_tokens": -1})),
+        (
+            "/v1/admit",
+            json!({"key": secret, "estimated_tokens": "10"}),
+        ),
+        ("/v1/admit", json!({"key": secret, "unknown": true})),
+        ("/v1/admit", json!({"key": 42})),
+        ("/v1/report", json!({"lease_id": "nope"})),
+        (
+            "/v1/report",
+            json!({"lease_id": "00000000-0000-4000-8000-000000000000.zz"}),
+        ),
+        ("/v1/report", json!({"prompt_tokens": -5})),
+        ("/v1/report", json!({"cost_usd": -0.1})),
+        ("/v1/report", json!({"cost_usd": 0.0000001})),
+        ("/v1/report", json!({"upstream_status": 42})),
+        ("/v1/report", json!({"latency_ms": "fast"})),
+        ("/v1/report", json!({"provider_key_id": "not-a-uuid"})),
+        ("/v1/report", json!({"lease_id": null, "extra": 1})),
+        ("/v1/leases/garbage/renew", json!({})),
+    ] {
+        let a = s.data_post(path, body.clone()).await;
+        assert_eq!(
+            (a.status, error_code(&a).as_str()),
+            (400, "BAD_REQUEST"),
+            "{path} {body}"
+        );
+    }
+    // Nothing was counted by any of that.
+    let a = s.admit(json!({"key": secret})).await;
+    assert_eq!(
+        header(&a, "x-ratelimit-remaining-requests").as_deref(),
+        Some("99")
+    );
+    c.stop().await;
+}
+
+/// Guarantee 5 through an outage: Postgres goes away while 500 reports arrive (some of
+/// them twice); when it returns, all 500 are applied, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_survive_a_database_outage_and_apply_once() {
+    let base = common::TestDb::new(common::Backend::Postgres).await;
+    let (target, _) = common::reroute(&base.url, "unused");
+    let proxy = common::PgProxy::start(target).await;
+    let (_, proxied_url) = common::reroute(&base.url, &format!("127.0.0.1:{}", proxy.port));
+    let db = Arc::new(base);
+    let prefix = common::unique_prefix();
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let mut raw = common::base_config(&db);
+        raw.insert(config::DATABASE_URL, proxied_url.clone());
+        raw.insert(config::REDIS_URL, common::redis_url());
+        raw.insert(config::REDIS_PREFIX, prefix.clone());
+        servers.push(TestServer::start_on(db.clone(), raw).await);
+    }
+    let (key, secret) = servers[0]
+        .create_key(json!({"is_standalone": true, "initial_balance_usd": 1000,
+                           "rate_limit": null, "concurrent_limit": null}))
+        .await;
+    let id = key["id"].as_str().unwrap().to_string();
+    // The cost is known after the first report, so the balance does not serialise the rest.
+    let first = servers[0].admit(json!({"key": secret})).await;
+    let lease = first.body["lease_id"].as_str().unwrap();
+    servers[0]
+        .data_post("/v1/report", json!({"lease_id": lease, "cost_usd": 0.001}))
+        .await;
+    let mut leases = Vec::new();
+    for i in 0..500 {
+        let a = servers[i % 2].admit(json!({"key": secret})).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        leases.push(a.body["lease_id"].as_str().unwrap().to_string());
+    }
+
+    proxy.set_up(false);
+    let reports = leases.iter().enumerate().map(|(i, lease)| {
+        let s = &servers[i % 2];
+        let body = json!({"lease_id": lease, "prompt_tokens": 1, "completion_tokens": 1, "cost_usd": 0.001});
+        async move {
+            let first = s.data_post("/v1/report", body.clone()).await;
+            // Every tenth report is retried by its caller.
+            let again = if i % 10 == 0 { Some(s.data_post("/v1/report", body).await) } else { None };
+            (first, again)
+        }
+    });
+    for (first, again) in futures_util::future::join_all(reports).await {
+        assert_eq!(first.body, json!({"recorded": true}));
+        if let Some(again) = again {
+            assert_eq!(again.body["duplicate"], true);
+        }
+    }
+    // While the database is away, nothing was applied and nothing was lost.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stats = servers[1]
+        .admin(Method::GET, &format!("/admin/keys/{id}/stats"), None)
+        .await;
+    assert_eq!(
+        stats.status, 503,
+        "the database is supposed to be unreachable: {}",
+        stats.body
+    );
+    proxy.set_up(true);
+
+    let conn = db.connect().await;
+    let stats = eventually(30, || async {
+        let s = keyward::usage::store::stats(&conn, &id, i64::MIN, i64::MAX)
+            .await
+            .ok()?;
+        (s.requests >= 501).then_some(s)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stats = keyward::usage::store::stats(&conn, &id, i64::MIN, i64::MAX)
+        .await
+        .unwrap_or(stats);
+    assert_eq!(stats.requests, 501, "every report applied exactly once");
+    assert_eq!(stats.tokens, 1000);
+    assert_eq!(stats.cost_micros, 501_000);
+    let k = servers[0]
+        .admin(Method::GET, &format!("/admin/keys/{id}"), None)
+        .await
+        .body;
+    assert_eq!(k["total_requests"], 501);
+    assert_eq!(k["balance_used_usd"], 0.501);
+    for s in servers {
+        s.stop().await;
+    }
+    common::delete_prefix(&common::redis_url(), &prefix).await;
+}
