@@ -177,6 +177,7 @@ fn spawn_background(
                 client.clone(),
                 stream,
                 consumer_name(),
+                config.accounting_claim_idle,
                 state.db.clone(),
                 stop.clone(),
             )));

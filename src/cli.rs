@@ -85,6 +85,9 @@ pub struct ServeArgs {
     /// Seconds a reported lease id answers "duplicate" [default: 600]
     #[arg(long, env = config::REPORT_DEDUPE_TTL_S)]
     pub report_dedupe_ttl_s: Option<String>,
+    /// Seconds before another replica's unapplied queue entries are taken over [default: 30]
+    #[arg(long, env = config::ACCOUNTING_CLAIM_IDLE_S)]
+    pub accounting_claim_idle_s: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +125,10 @@ impl ServeArgs {
             (config::KEY_CACHE_TTL_S, &self.key_cache_ttl_s),
             (config::NEGATIVE_CACHE_TTL_S, &self.negative_cache_ttl_s),
             (config::REPORT_DEDUPE_TTL_S, &self.report_dedupe_ttl_s),
+            (
+                config::ACCOUNTING_CLAIM_IDLE_S,
+                &self.accounting_claim_idle_s,
+            ),
         ]
         .into_iter()
         .filter_map(|(name, value)| value.clone().map(|v| (name, v)))

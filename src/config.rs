@@ -32,6 +32,7 @@ pub const REDIS_PREFIX: &str = "KEYWARD_REDIS_PREFIX";
 pub const KEY_CACHE_TTL_S: &str = "KEYWARD_KEY_CACHE_TTL_S";
 pub const NEGATIVE_CACHE_TTL_S: &str = "KEYWARD_NEGATIVE_CACHE_TTL_S";
 pub const REPORT_DEDUPE_TTL_S: &str = "KEYWARD_REPORT_DEDUPE_TTL_S";
+pub const ACCOUNTING_CLAIM_IDLE_S: &str = "KEYWARD_ACCOUNTING_CLAIM_IDLE_S";
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://keyward.db";
 
@@ -95,6 +96,8 @@ pub struct Config {
     pub negative_cache_ttl: Duration,
     /// How long a reported lease id is remembered as reported.
     pub report_dedupe_ttl: Duration,
+    /// Queue entries another replica has held this long are taken over.
+    pub accounting_claim_idle: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -119,6 +122,7 @@ impl std::fmt::Debug for Config {
             .field("key_cache_ttl", &self.key_cache_ttl)
             .field("negative_cache_ttl", &self.negative_cache_ttl)
             .field("report_dedupe_ttl", &self.report_dedupe_ttl)
+            .field("accounting_claim_idle", &self.accounting_claim_idle)
             .finish()
     }
 }
@@ -321,6 +325,8 @@ impl Config {
         let negative_cache_ttl = Duration::from_secs(p.seconds(NEGATIVE_CACHE_TTL_S, 5, 3_600));
         let report_dedupe_ttl =
             Duration::from_secs(p.number(REPORT_DEDUPE_TTL_S, 600, 1, 604_800, "seconds"));
+        let accounting_claim_idle =
+            Duration::from_secs(p.number(ACCOUNTING_CLAIM_IDLE_S, 30, 1, 3_600, "seconds"));
 
         if !p.errors.is_empty() {
             return Err(p.errors);
@@ -346,6 +352,7 @@ impl Config {
             key_cache_ttl,
             negative_cache_ttl,
             report_dedupe_ttl,
+            accounting_claim_idle,
         })
     }
 

@@ -618,3 +618,78 @@ async fn reports_survive_a_database_outage_and_apply_once() {
     }
     common::delete_prefix(&common::redis_url(), &prefix).await;
 }
+
+/// Guarantee 5 when a replica dies holding queue entries: a consumer reads 20 reports off
+/// the queue and dies before applying them; another replica takes them over once they
+/// have been idle for `KEYWARD_ACCOUNTING_CLAIM_IDLE_S` and applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_held_by_a_dead_replica_are_claimed_and_applied() {
+    use keyward::limits::redis::RedisCounters;
+    use keyward::limits::{LeaseId, Report};
+
+    let db = Arc::new(common::TestDb::new(common::Backend::Postgres).await);
+    let prefix = common::unique_prefix();
+    let mut raw = common::base_config(&db);
+    raw.insert(config::REDIS_URL, common::redis_url());
+    raw.insert(config::REDIS_PREFIX, prefix.clone());
+    raw.insert(config::ACCOUNTING_CLAIM_IDLE_S, "1".into());
+    let first = TestServer::start_on(db.clone(), raw.clone()).await;
+    let (key, _) = first.create_key(json!({})).await;
+    let id = key["id"].as_str().unwrap().to_string();
+    first.stop().await;
+
+    // Reports accepted while no writer runs, then taken off the queue by a doomed consumer.
+    let counters = RedisCounters::connect(&common::redis_url(), &prefix, 600_000)
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let report = Report {
+            lease: LeaseId::new(&id),
+            tokens: Some((2, 3)),
+            cost_micros: 7,
+            model: None,
+            provider_key_id: None,
+            latency_ms: None,
+            upstream_status: None,
+        };
+        counters.report(&report).await.unwrap();
+    }
+    let mut conn = counters.pool().get().await.unwrap();
+    let taken: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(keyward::accounting::stream::GROUP)
+        .arg("doomed-replica")
+        .arg("COUNT")
+        .arg(100)
+        .arg("STREAMS")
+        .arg(counters.stream_key())
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(taken.keys[0].ids.len(), 20);
+
+    let second = TestServer::start_on(db.clone(), raw).await;
+    let conn_db = db.connect().await;
+    let stats = eventually(20, || async {
+        let s = keyward::usage::store::stats(&conn_db, &id, i64::MIN, i64::MAX)
+            .await
+            .ok()?;
+        (s.requests == 20).then_some(s)
+    })
+    .await;
+    assert_eq!((stats.tokens, stats.cost_micros), (100, 140));
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(counters.stream_key())
+        .arg(keyward::accounting::stream::GROUP)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let pending = match pending {
+        redis::Value::Array(items) => redis::from_redis_value_ref::<i64>(&items[0]).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(pending, 0, "claimed entries were acknowledged");
+    second.stop().await;
+    common::delete_prefix(&common::redis_url(), &prefix).await;
+}

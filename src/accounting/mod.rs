@@ -4,7 +4,7 @@
 //! - Distributed shape ([`stream`]): the report script appends to a Redis stream in the
 //!   same atomic step that settles the lease. Every replica reads it through one consumer
 //!   group, applies a batch, then acknowledges and deletes it. Entries of a replica that
-//!   died are claimed by the others after [`stream::CLAIM_IDLE_MS`].
+//!   died are claimed by the others after `KEYWARD_ACCOUNTING_CLAIM_IDLE_S`.
 //! - Embedded shape ([`embedded`]): a bounded channel and a batched writer; on shutdown
 //!   the writer drains the channel before it returns.
 //!

@@ -13,11 +13,7 @@ use crate::usage::{store, UsageRecord};
 
 /// The one consumer group every replica reads through.
 pub const GROUP: &str = "keyward-writers";
-/// Entries another consumer has held this long (it died, or its database is down) are
-/// claimed by whoever asks next.
-pub const CLAIM_IDLE_MS: u64 = 30_000;
 const BLOCK_MS: u64 = 1_000;
-const CLAIM_EVERY: Duration = Duration::from_secs(10);
 
 /// Creates the consumer group (and the stream) unless they exist.
 pub async fn ensure_group(client: &redis::Client, stream: &str) -> redis::RedisResult<()> {
@@ -29,19 +25,22 @@ pub async fn ensure_group(client: &redis::Client, stream: &str) -> redis::RedisR
     }
 }
 
-/// Reads, applies and acknowledges until `stop` is set.
+/// Reads, applies and acknowledges until `stop` is set. Entries another consumer has held
+/// for `claim_idle` (it died, or its database is down) are claimed and applied here.
 pub async fn run(
     client: redis::Client,
     stream: String,
     consumer: String,
+    claim_idle: Duration,
     db: Db,
     mut stop: watch::Receiver<bool>,
 ) {
+    let claim_every = claim_idle.min(Duration::from_secs(10));
     let mut attempt = 0;
     // Start with this consumer's own unacknowledged entries (a restart under the same
     // name, or a batch that failed), then read new ones.
     let mut pending = true;
-    let mut last_claim = Instant::now() - CLAIM_EVERY;
+    let mut last_claim = Instant::now() - claim_every;
     let mut conn = None;
     while !*stop.borrow() {
         let c = match conn.as_mut() {
@@ -56,9 +55,9 @@ pub async fn run(
                 }
             },
         };
-        if last_claim.elapsed() >= CLAIM_EVERY {
+        if last_claim.elapsed() >= claim_every {
             last_claim = Instant::now();
-            match claim(c, &stream, &consumer).await {
+            match claim(c, &stream, &consumer, claim_idle).await {
                 Ok(0) => {}
                 Ok(n) => {
                     tracing::info!(
@@ -169,17 +168,18 @@ async fn read(
         .unwrap_or_default())
 }
 
-/// Takes over entries idle for longer than [`CLAIM_IDLE_MS`]; returns how many.
+/// Takes over entries idle for longer than `idle`; returns how many.
 async fn claim(
     conn: &mut redis::aio::MultiplexedConnection,
     stream: &str,
     consumer: &str,
+    idle: Duration,
 ) -> redis::RedisResult<usize> {
     let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
         .arg(stream)
         .arg(GROUP)
         .arg(consumer)
-        .arg(CLAIM_IDLE_MS)
+        .arg(idle.as_millis() as u64)
         .arg("0-0")
         .arg("COUNT")
         .arg(BATCH)
