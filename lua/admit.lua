@@ -1,8 +1,9 @@
 -- admit.lua: decide one request for one client key, all or nothing.
 --
 -- KEYS (all under the deployment's hash tag, e.g. "{kw}"):
---   1  rpm     hash   1-second bucket -> requests admitted in it
---   2  tpm     hash   1-second bucket -> tokens reserved in it
+--   1  rpm     hash   1-second bucket -> requests admitted in it; 's' = their sum,
+--                     'lo' = the oldest bucket that may exist
+--   2  tpm     hash   the same for tokens reserved
 --   3  leases  zset   lease token -> expiry (ms)
 --   4  ld      hash   lease token -> "bucket|reserved_tokens|provider|model|api_format"
 --   5  bal     hash   rem, cred, ver (live balance, micro-USD), hwm (highest request cost)
@@ -26,7 +27,7 @@
 -- Windows are exact: an admission at second b counts buckets b-60..b (61 buckets), so any
 -- 60-second interval that contains an admitted request lies inside the buckets counted
 -- when it was admitted. The cost is at most one second of extra look-back (under-
--- admission bounded by 1 s), and memory is at most 61 fields per window.
+-- admission bounded by 1 s), and memory is at most 63 fields per window.
 -- Time is the Redis server's (TIME), never a replica's clock.
 
 local rpm_limit = tonumber(ARGV[1])
@@ -55,25 +56,55 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
 local b = math.floor(now / 1000)
 local oldest = b - 60
 
--- Reads a window: drops buckets older than the window, returns the sum and the buckets.
+-- A window hash holds one field per second with traffic, plus 's' (the sum of those
+-- fields) and 'lo' (the oldest second that may hold a field). Reading it costs two fields
+-- and the removal of the seconds that left the window since the last decision (usually
+-- none or one), not a scan of all 61.
 local function window(key)
-  local all = redis.call('HGETALL', key)
-  local sum, buckets, stale = 0, {}, {}
-  for i = 1, #all, 2 do
-    local f, v = tonumber(all[i]), tonumber(all[i + 1])
-    if f < oldest then
-      stale[#stale + 1] = all[i]
-    else
-      sum = sum + v
-      buckets[f] = v
-    end
+  local h = redis.call('HMGET', key, 's', 'lo')
+  local sum, lo = tonumber(h[1]) or 0, tonumber(h[2])
+  if not lo then return 0, nil end
+  if lo < oldest - 60 then
+    -- Every field is older than the window (they span at most 61 seconds from 'lo').
+    redis.call('DEL', key)
+    return 0, nil
   end
-  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-  return sum, buckets
+  local gone = {}
+  while lo < oldest do
+    local v = redis.call('HGET', key, lo)
+    if v then
+      sum = sum - tonumber(v)
+      gone[#gone + 1] = lo
+    end
+    lo = lo + 1
+  end
+  -- Move 'lo' on to the oldest second that has a field, for the reset time.
+  while lo <= b and redis.call('HEXISTS', key, lo) == 0 do lo = lo + 1 end
+  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  if lo > b then
+    redis.call('DEL', key)
+    return 0, nil
+  end
+  redis.call('HSET', key, 's', sum, 'lo', lo)
+  return sum, lo
 end
 
--- Milliseconds until `sum + add <= limit`, as old buckets leave the window.
-local function wait_for(sum, buckets, add, limit)
+local function take(key, amount, lo)
+  redis.call('HINCRBY', key, b, amount)
+  redis.call('HINCRBY', key, 's', amount)
+  if not lo then redis.call('HSET', key, 'lo', b) end
+  redis.call('PEXPIRE', key, 62000)
+end
+
+-- Milliseconds until `sum + add <= limit`, as old buckets leave the window. Denials
+-- only, so reading every bucket here is fine.
+local function wait_for(key, sum, add, limit)
+  local all = redis.call('HGETALL', key)
+  local buckets = {}
+  for i = 1, #all, 2 do
+    local f = tonumber(all[i])
+    if f then buckets[f] = tonumber(all[i + 1]) end
+  end
   for k = 1, 61 do
     sum = sum - (buckets[oldest + k - 1] or 0)
     if sum + add <= limit then return (b + k) * 1000 - now end
@@ -82,10 +113,8 @@ local function wait_for(sum, buckets, add, limit)
 end
 
 -- Milliseconds until the oldest counted bucket leaves the window (0 when empty).
-local function reset_in(buckets)
-  for f = oldest, b do
-    if buckets[f] then return (f + 61) * 1000 - now end
-  end
+local function reset_in(lo)
+  if lo then return (lo + 61) * 1000 - now end
   return 0
 end
 
@@ -100,9 +129,9 @@ if #expired > 0 then
 end
 local in_flight = redis.call('ZCARD', KEYS[3])
 
-local req_used, req_buckets, tok_used, tok_buckets = 0, {}, 0, {}
-if rpm_limit > 0 then req_used, req_buckets = window(KEYS[1]) end
-if tpm_limit > 0 then tok_used, tok_buckets = window(KEYS[2]) end
+local req_used, req_lo, tok_used, tok_lo = 0, nil, 0, nil
+if rpm_limit > 0 then req_used, req_lo = window(KEYS[1]) end
+if tpm_limit > 0 then tok_used, tok_lo = window(KEYS[2]) end
 
 local rem, hwm = -1, nil
 if bal_tracked then
@@ -122,7 +151,7 @@ if bal_tracked then
 end
 
 local function answer(code, a)
-  return {code, a, now, req_used, tok_used, reset_in(req_buckets), reset_in(tok_buckets), in_flight, rem}
+  return {code, a, now, req_used, tok_used, reset_in(req_lo), reset_in(tok_lo), in_flight, rem}
 end
 
 local function earliest_lease_expiry()
@@ -133,10 +162,10 @@ end
 
 if bal_tracked and rem <= 0 then return answer(4, 0) end
 if rpm_limit > 0 and req_used + 1 > rpm_limit then
-  return answer(1, wait_for(req_used, req_buckets, 1, rpm_limit))
+  return answer(1, wait_for(KEYS[1], req_used, 1, rpm_limit))
 end
 if tpm_limit > 0 and tok_used + tokens > tpm_limit then
-  return answer(2, wait_for(tok_used, tok_buckets, tokens, tpm_limit))
+  return answer(2, wait_for(KEYS[2], tok_used, tokens, tpm_limit))
 end
 if conc_limit > 0 and in_flight >= conc_limit then return answer(3, earliest_lease_expiry()) end
 -- Each request in flight holds the key's highest request cost seen so far; before any
@@ -148,16 +177,14 @@ end
 
 -- Admitted: take everything at once.
 if rpm_limit > 0 then
-  redis.call('HINCRBY', KEYS[1], b, 1)
-  redis.call('PEXPIRE', KEYS[1], 62000)
+  take(KEYS[1], 1, req_lo)
   req_used = req_used + 1
-  req_buckets[b] = (req_buckets[b] or 0) + 1
+  req_lo = req_lo or b
 end
 if tpm_limit > 0 and tokens > 0 then
-  redis.call('HINCRBY', KEYS[2], b, tokens)
-  redis.call('PEXPIRE', KEYS[2], 62000)
+  take(KEYS[2], tokens, tok_lo)
   tok_used = tok_used + tokens
-  tok_buckets[b] = (tok_buckets[b] or 0) + tokens
+  tok_lo = tok_lo or b
 end
 local expiry = now + ttl
 redis.call('ZADD', KEYS[3], expiry, token)

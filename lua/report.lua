@@ -1,7 +1,7 @@
 -- report.lua: settle one finished request, exactly once, and queue it for the database.
 --
 -- KEYS (all under the deployment's hash tag):
---   1  tpm     hash    the key's token window (see admit.lua)
+--   1  tpm     hash    the key's token window (see admit.lua; 's' is kept equal to the sum)
 --   2  leases  zset    lease token -> expiry (ms)
 --   3  ld      hash    lease token -> "bucket|reserved_tokens|provider|model|api_format"
 --   4  bal     hash    live balance (see admit.lua)
@@ -52,9 +52,13 @@ if data then
   redis.call('HDEL', KEYS[3], token)
   redis.call('ZREM', KEYS[2], token)
   local b = math.floor(now / 1000)
-  if has_tokens and reserved and bucket >= b - 60 and redis.call('HEXISTS', KEYS[1], bucket) == 1 then
-    local settled = redis.call('HINCRBY', KEYS[1], bucket, prompt + completion - reserved)
-    if settled < 0 then redis.call('HSET', KEYS[1], bucket, 0) end
+  if has_tokens and reserved and bucket >= b - 60 then
+    local old = tonumber(redis.call('HGET', KEYS[1], bucket))
+    if old then
+      local new = math.max(0, old + prompt + completion - reserved)
+      redis.call('HSET', KEYS[1], bucket, new)
+      redis.call('HINCRBY', KEYS[1], 's', new - old)
+    end
   end
 end
 

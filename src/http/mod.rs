@@ -14,6 +14,7 @@ use std::future::{Future, IntoFuture};
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -40,6 +41,11 @@ pub async fn serve(
     grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Answers are small and latency matters: no Nagle delay on any connection.
+    let nodelay = |stream: &mut tokio::net::TcpStream| {
+        let _ = stream.set_nodelay(true);
+    };
+    let (data, admin) = (data.tap_io(nodelay), admin.tap_io(nodelay));
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;

@@ -5,7 +5,7 @@
 //! embedded accounting writer through a bounded channel (a full channel makes reports
 //! wait rather than drop anything).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use dashmap::DashMap;
 use tokio::sync::mpsc;
@@ -41,20 +41,37 @@ struct KeyState {
     requests: Window,
     tokens: Window,
     leases: HashMap<String, Lease>,
+    /// The leases ordered by expiry (the twin of the Redis zset), so expiring them costs
+    /// O(expired · log n), not a scan of every lease.
+    by_expiry: BTreeSet<(i64, String)>,
     balance: Option<Balance>,
 }
 
 impl KeyState {
     fn expire_leases(&mut self, now: i64) {
-        self.leases.retain(|_, l| l.expires_at > now);
+        while self.by_expiry.first().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, token)) = self.by_expiry.pop_first() {
+                self.leases.remove(&token);
+            }
+        }
     }
 
     fn earliest_expiry_ms(&self, now: i64) -> i64 {
-        self.leases
-            .values()
-            .map(|l| (l.expires_at - now).max(1))
-            .min()
-            .unwrap_or(1000)
+        self.by_expiry
+            .first()
+            .map_or(1000, |(at, _)| (at - now).max(1))
+    }
+
+    fn add_lease(&mut self, token: String, lease: Lease) {
+        self.by_expiry.insert((lease.expires_at, token.clone()));
+        self.leases.insert(token, lease);
+    }
+
+    fn remove_lease(&mut self, token: &str) -> Option<Lease> {
+        let lease = self.leases.remove(token)?;
+        self.by_expiry
+            .remove(&(lease.expires_at, token.to_string()));
+        Some(lease)
     }
 
     fn is_idle(&self) -> bool {
@@ -166,7 +183,7 @@ impl MemoryCounters {
             state.tokens.add(b, reserved);
         }
         let expires_at = now + r.lease_ttl_ms;
-        state.leases.insert(
+        state.add_lease(
             r.lease.token.clone(),
             Lease {
                 expires_at,
@@ -197,7 +214,7 @@ impl MemoryCounters {
         }
         let (mut provider, mut model, mut api_format) = (None, r.model.clone(), None);
         if let Some(mut state) = self.keys.get_mut(&r.lease.key_id) {
-            if let Some(lease) = state.leases.remove(&r.lease.token) {
+            if let Some(lease) = state.remove_lease(&r.lease.token) {
                 if let Some((prompt, completion)) = r.tokens {
                     let b = now.div_euclid(1000);
                     state.tokens.prune(b);
@@ -248,9 +265,10 @@ impl MemoryCounters {
         let now = self.now();
         let mut state = self.keys.get_mut(&lease.key_id)?;
         state.expire_leases(now);
-        let held = state.leases.get_mut(&lease.token)?;
+        let mut held = state.remove_lease(&lease.token)?;
         held.expires_at = now + ttl_ms;
-        Some(held.expires_at)
+        state.add_lease(lease.token.clone(), held);
+        Some(now + ttl_ms)
     }
 
     /// Drops idle keys and lapsed duplicate guards; run periodically.

@@ -16,8 +16,19 @@
 //!
 //! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
 //! `SCRIPT FLUSH`), `redis::Script` sees NOSCRIPT, loads, and retries once.
+//!
+//! Connections: deadpool-redis health-checks every checkout with a PING round trip, so
+//! checking a connection out per decision would cost two round trips. Instead the hot
+//! path runs on a few multiplexed connections ("lanes") taken from the pool once and
+//! shared by every request: one round trip per decision, and concurrent scripts are
+//! pipelined on the same socket. A lane that fails with a connection error is replaced
+//! through the pool (which checks the new one).
 
-use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use deadpool_redis::{Config as PoolConfig, Connection, Pool, Runtime};
+use redis::aio::MultiplexedConnection;
 use redis::Script;
 
 use super::{
@@ -54,8 +65,59 @@ impl Scripts {
     }
 }
 
+/// How many multiplexed connections carry the hot path.
+const LANES: usize = 2;
+
+/// Shared multiplexed connections, used round robin.
+struct Lanes {
+    pool: Pool,
+    lanes: Vec<Mutex<Option<MultiplexedConnection>>>,
+    next: AtomicUsize,
+}
+
+impl Lanes {
+    /// A handle to one lane's connection (a cheap clone of a shared socket).
+    async fn get(&self) -> Result<(usize, MultiplexedConnection), CounterError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        if let Some(conn) = self.lanes[i]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Ok((i, conn));
+        }
+        let conn = Connection::take(self.pool.get().await?);
+        *self.lanes[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        Ok((i, conn))
+    }
+
+    /// Forgets a lane whose connection broke; the next use takes a fresh one.
+    fn broken(&self, i: usize, error: &redis::RedisError) {
+        if error.is_io_error()
+            || error.is_connection_dropped()
+            || error.is_unrecoverable_error()
+            || error.is_timeout()
+        {
+            *self.lanes[i].lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// Runs one script on a lane: exactly one round trip (plus a reload after NOSCRIPT).
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, CounterError> {
+        let (i, mut conn) = self.get().await?;
+        call.invoke_async(&mut conn).await.map_err(|e| {
+            self.broken(i, &e);
+            CounterError::from(e)
+        })
+    }
+}
+
 pub struct RedisCounters {
     pool: Pool,
+    lanes: Lanes,
     client: redis::Client,
     tag: String,
     scripts: Scripts,
@@ -81,8 +143,14 @@ impl RedisCounters {
     /// Connects, preloads the scripts and makes sure the accounting stream's consumer
     /// group exists.
     pub async fn connect(url: &str, prefix: &str, guard_ttl_ms: i64) -> Result<Self, CounterError> {
+        let pool = pool(url, 8)?;
         let counters = Self {
-            pool: pool(url, 32)?,
+            lanes: Lanes {
+                pool: pool.clone(),
+                lanes: (0..LANES).map(|_| Mutex::new(None)).collect(),
+                next: AtomicUsize::new(0),
+            },
+            pool,
             client: redis::Client::open(url)?,
             tag: format!("{{{prefix}}}"),
             scripts: Scripts::new(),
@@ -132,11 +200,8 @@ impl RedisCounters {
             sanitize(r.model),
             sanitize(r.api_format)
         );
-        let mut conn = self.pool.get().await?;
-        let reply: Vec<i64> = self
-            .scripts
-            .admit
-            .key(self.key(id, "rpm"))
+        let mut call = self.scripts.admit.prepare_invoke();
+        call.key(self.key(id, "rpm"))
             .key(self.key(id, "tpm"))
             .key(self.key(id, "leases"))
             .key(self.key(id, "ld"))
@@ -152,9 +217,8 @@ impl RedisCounters {
             .arg(balance.credited)
             .arg(balance.used)
             .arg(balance.version)
-            .arg(self.shift.get())
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(self.shift.get());
+        let reply: Vec<i64> = self.lanes.invoke(&call).await?;
         let [code, a, now_ms, requests_used, tokens_used, requests_reset_ms, tokens_reset_ms, in_flight, rem] =
             reply[..]
         else {
@@ -197,11 +261,8 @@ impl RedisCounters {
         let lease_id = r.lease.to_string();
         let (prompt, completion) = r.tokens.unwrap_or((0, 0));
         let text = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
-        let mut conn = self.pool.get().await?;
-        let reply: Vec<i64> = self
-            .scripts
-            .report
-            .key(self.key(id, "tpm"))
+        let mut call = self.scripts.report.prepare_invoke();
+        call.key(self.key(id, "tpm"))
             .key(self.key(id, "leases"))
             .key(self.key(id, "ld"))
             .key(self.key(id, "bal"))
@@ -219,9 +280,8 @@ impl RedisCounters {
             .arg(r.provider_key_id.as_deref().unwrap_or_default())
             .arg(text(r.latency_ms))
             .arg(text(r.upstream_status))
-            .arg(self.shift.get())
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(self.shift.get());
+        let reply: Vec<i64> = self.lanes.invoke(&call).await?;
         match reply.first() {
             Some(1) => Ok(Reported::Recorded),
             Some(0) => Ok(Reported::Duplicate),
@@ -260,17 +320,13 @@ impl RedisCounters {
     }
 
     pub async fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Result<Option<i64>, CounterError> {
-        let mut conn = self.pool.get().await?;
-        let expiry: i64 = self
-            .scripts
-            .renew
-            .key(self.key(&lease.key_id, "leases"))
+        let mut call = self.scripts.renew.prepare_invoke();
+        call.key(self.key(&lease.key_id, "leases"))
             .key(self.key(&lease.key_id, "ld"))
             .arg(&lease.token)
             .arg(ttl_ms)
-            .arg(self.shift.get())
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(self.shift.get());
+        let expiry: i64 = self.lanes.invoke(&call).await?;
         Ok((expiry > 0).then_some(expiry))
     }
 
