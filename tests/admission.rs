@@ -580,6 +580,10 @@ async fn reports_survive_a_database_outage_and_apply_once() {
             assert_eq!(again.body["duplicate"], true);
         }
     }
+    // The hot path needs no database: cached keys are still admitted during the outage.
+    for s in &servers {
+        assert_eq!(s.admit(json!({"key": secret})).await.status, 200);
+    }
     // While the database is away, nothing was applied and nothing was lost.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stats = servers[1]
@@ -692,4 +696,136 @@ async fn entries_held_by_a_dead_replica_are_claimed_and_applied() {
     assert_eq!(pending, 0, "claimed entries were acknowledged");
     second.stop().await;
     common::delete_prefix(&common::redis_url(), &prefix).await;
+}
+
+/// Guarantee 6: an admission is one Redis round trip. MONITOR on a private redis-server
+/// shows every command a client sends; commands run inside a script are tagged `lua`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admission_is_one_redis_round_trip() {
+    let redis = common::PrivateRedis::start().await;
+    let db = Arc::new(common::TestDb::new(common::Backend::Sqlite).await);
+    let mut raw = common::base_config(&db);
+    raw.insert(config::REDIS_URL, redis.url.clone());
+    let s = TestServer::start_on(db.clone(), raw).await;
+    let (_, secret) = s
+        .create_key(json!({"rate_limit": 1000, "tpm_limit": 100000, "concurrent_limit": null}))
+        .await;
+    s.admit(json!({"key": secret})).await; // the key record is now cached
+
+    // Into a file, unbuffered: a pipe nobody reads would fill up and stall it.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("monitor.txt");
+    let mut monitor = std::process::Command::new("stdbuf")
+        .args(["-o0", "redis-cli", "-p", &redis.port.to_string(), "monitor"])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..50 {
+        assert_eq!(
+            s.admit(json!({"key": secret, "estimated_tokens": 10}))
+                .await
+                .status,
+            200
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let client_commands: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains('"') && !l.contains(" lua]"))
+        .filter_map(|l| l.split('"').nth(1))
+        // The accounting writer's own polling runs beside the data plane.
+        .filter(|c| !["XREADGROUP", "XAUTOCLAIM", "xreadgroup", "xautoclaim"].contains(c))
+        .collect();
+    let evalsha = client_commands
+        .iter()
+        .filter(|c| c.eq_ignore_ascii_case("evalsha"))
+        .count();
+    assert_eq!(evalsha, 50, "{client_commands:?}");
+    assert_eq!(
+        client_commands.len(),
+        50,
+        "other round trips: {client_commands:?}"
+    );
+    s.stop().await;
+}
+
+/// Key records come from the in-process cache, unknown keys are remembered for
+/// `KEYWARD_NEGATIVE_CACHE_TTL_S`, and both are reloaded after their TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_records_are_cached_and_unknown_keys_remembered() {
+    use keyward::client_keys::input::NewKey;
+    use keyward::client_keys::store::{self, Secrets};
+
+    let s = TestServer::start_with(common::Backend::Sqlite, |raw| {
+        raw.insert(config::NEGATIVE_CACHE_TTL_S, "1".into());
+        raw.insert(config::KEY_CACHE_TTL_S, "1".into());
+    })
+    .await;
+    let secret = "sk-kw-written-straight-into-the-database-0123456";
+    assert_eq!(
+        error_code(&s.admit(json!({"key": secret})).await),
+        "INVALID_KEY"
+    );
+    // Written behind keyward's back (no invalidation): the negative entry still answers.
+    let db = s.db.connect().await;
+    let new_key = NewKey {
+        user_id: None,
+        name: None,
+        allowed_providers: None,
+        allowed_api_formats: None,
+        allowed_models: None,
+        rate_limit: Some(5),
+        tpm_limit: None,
+        concurrent_limit: None,
+        expires_at: None,
+        is_standalone: false,
+        balance_micros: None,
+        auto_delete_on_expiry: None,
+    };
+    let id = uuid::Uuid::new_v4().to_string();
+    let hash = keyward::crypto::lookup_hash(secret);
+    let secrets = Secrets {
+        id: &id,
+        key_hash: &hash,
+        key_encrypted: "enc:v1:unused",
+        prefix: "sk-kw-writ",
+        name: "direct",
+    };
+    store::insert(&db, &new_key, &secrets, keyward::clock::now_ms())
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(&s.admit(json!({"key": secret})).await),
+        "INVALID_KEY"
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let a = s.admit(json!({"key": secret})).await;
+    assert_eq!(
+        a.status, 200,
+        "the negative entry outlived its TTL: {}",
+        a.body
+    );
+    assert_eq!(
+        header(&a, "x-ratelimit-limit-requests").as_deref(),
+        Some("5")
+    );
+    // A change behind keyward's back shows once the positive entry's TTL has passed.
+    let patch = keyward::client_keys::input::KeyPatch {
+        rate_limit: Some(Some(9)),
+        ..Default::default()
+    };
+    store::update(&db, &id, &patch, keyward::clock::now_ms())
+        .await
+        .unwrap();
+    let limit = eventually(5, || async {
+        let a = s.admit(json!({"key": secret})).await;
+        header(&a, "x-ratelimit-limit-requests").filter(|l| l == "9")
+    })
+    .await;
+    assert_eq!(limit, "9");
+    s.stop().await;
 }
