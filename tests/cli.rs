@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Backend, TestDb, ENCRYPTION_KEY, TOKEN};
+use common::{free_port, Backend, TestDb, ENCRYPTION_KEY, TOKEN};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
@@ -123,14 +123,6 @@ fn migrate_refuses_an_unknown_scheme() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr_of(&out).starts_with("keyward: KEYWARD_DATABASE_URL: "));
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Running {

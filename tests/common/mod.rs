@@ -29,26 +29,30 @@ pub enum Backend {
     Postgres,
 }
 
-/// Runs each named `async fn(Backend)` once per backend, as `sqlite::name` and `postgres::name`.
+/// Runs each named `async fn(Variant)` once per listed variant, in a module per variant:
+/// `each_variant!(Backend { sqlite: Sqlite, postgres: Postgres } => (test_a, test_b))`.
+#[macro_export]
+macro_rules! each_variant {
+    ($ty:ident { $($module:ident: $variant:ident),+ } => $names:tt) => {
+        $( each_variant!(@one $ty $module $variant $names); )+
+    };
+    (@one $ty:ident $module:ident $variant:ident ($($name:ident),*)) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::$ty::$variant).await;
+                }
+            )*
+        }
+    };
+}
+
+/// Runs each named `async fn(Backend)` on SQLite and on Postgres.
 #[macro_export]
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::common::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::common::Backend::Postgres).await;
-                }
-            )*
-        }
+        each_variant!(Backend { sqlite: Sqlite, postgres: Postgres } => ($($name),*));
     };
 }
 
@@ -426,26 +430,11 @@ pub enum Shape {
     Distributed,
 }
 
-/// Runs each named `async fn(Shape)` once per shape, as `embedded::name` and `distributed::name`.
+/// Runs each named `async fn(Shape)` embedded and distributed.
 #[macro_export]
 macro_rules! on_both_shapes {
     ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::common::Shape::Embedded).await;
-                }
-            )*
-        }
-        mod distributed {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::common::Shape::Distributed).await;
-                }
-            )*
-        }
+        each_variant!(Shape { embedded: Embedded, distributed: Distributed } => ($($name),*));
     };
 }
 
@@ -585,4 +574,13 @@ pub fn reroute(url: &str, with: &str) -> (String, String) {
     };
     let (host, path) = rest.split_once('/').unwrap();
     (host.to_string(), format!("{scheme}://{auth}{with}/{path}"))
+}
+
+/// A TCP port that was free a moment ago (for child processes that bind it themselves).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
