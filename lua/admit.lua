@@ -1,12 +1,17 @@
--- admit.lua: decide one request for one client key, all or nothing.
+-- admit.lua: decide one request for one client key and, when asked, pick a provider
+-- key for it, all or nothing. With ARGV[13] = 0 it only picks (POST /v1/select).
 --
 -- KEYS (all under the deployment's hash tag, e.g. "{kw}"):
 --   1  rpm     hash   1-second bucket -> requests admitted in it; 's' = their sum,
 --                     'lo' = the oldest bucket that may exist
 --   2  tpm     hash   the same for tokens reserved
 --   3  leases  zset   lease token -> expiry (ms)
---   4  ld      hash   lease token -> "bucket|reserved_tokens|provider|model|api_format"
+--   4  ld      hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved"
 --   5  bal     hash   rem, cred, ver (live balance, micro-USD), hwm (highest request cost)
+--   6  lru     hash   provider key id -> when it was last picked (ms)
+--   then per candidate provider key i (4 each, from KEYS[7]):
+--      rpm hash, tpm hash (windows as above), cd string (cooling down while it exists),
+--      susp string (suspended while it exists)
 -- ARGV:
 --   1  rpm limit        (0 = unlimited)
 --   2  tpm limit        (0 = unlimited)
@@ -18,11 +23,21 @@
 --   8  balance tracked  (1 = standalone key with a balance, else 0)
 --   9  credited micro-USD, 10 used micro-USD (applied in the database), 11 balance version
 --   12 time shift ms    (0 in production; tests move the clock without sleeping)
--- Returns {code, a, now_ms, req_used, tok_used, req_reset_ms, tok_reset_ms, in_flight, bal_rem}
+--   13 client           (1 = decide for the client key, 0 = only pick a provider key)
+--   14 candidates n     (0 = no provider key wanted)
+--   then per candidate (4 each, from ARGV[15], in priority order): id, max rpm
+--      (0 = unlimited), max tpm (0 = unlimited), priority
+-- Returns {code, a, now_ms, req_used, tok_used, req_reset_ms, tok_reset_ms, in_flight, bal_rem, picked}
 --   code 0 admitted (a = lease expiry ms)       1 requests window full (a = retry ms)
 --        2 tokens window full (a = retry ms)    3 all slots in use (a = retry ms)
 --        4 balance exhausted (a = 0)            5 balance committed to requests in flight (a = retry ms)
--- bal_rem is -1 when the balance is not tracked.
+--        6 every candidate provider key is cooling down, suspended or full (a = earliest recovery ms)
+-- bal_rem is -1 when the balance is not tracked; picked is the chosen candidate (1-based), or 0.
+--
+-- Provider keys are tried by priority, then least recently picked (never picked first);
+-- a key is skipped while cooling down, suspended, or without room for this request in
+-- its RPM/TPM windows. The picked key's request and tokens are taken, and its pick time
+-- recorded, in the same step as the client's.
 --
 -- Windows are exact: an admission at second b counts buckets b-60..b (61 buckets), so any
 -- 60-second interval that contains an admitted request lies inside the buckets counted
@@ -42,6 +57,9 @@ local credited = tonumber(ARGV[9])
 local used = tonumber(ARGV[10])
 local version = tonumber(ARGV[11])
 local shift = tonumber(ARGV[12])
+local client = ARGV[13] == '1'
+local n = tonumber(ARGV[14])
+assert(n and n >= 0 and #ARGV == 14 + 4 * n and #KEYS == 6 + 4 * n, 'candidates')
 assert(rpm_limit and rpm_limit >= 0, 'rpm limit')
 assert(tpm_limit and tpm_limit >= 0, 'tpm limit')
 assert(conc_limit and conc_limit >= 0, 'concurrency limit')
@@ -118,23 +136,26 @@ local function reset_in(lo)
   return 0
 end
 
--- Expired leases free their slot (and their reservation data). HDEL in chunks: unpack()
--- has a stack limit, and with no concurrency limit many leases can expire at once.
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-if #expired > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  for i = 1, #expired, 1000 do
-    redis.call('HDEL', KEYS[4], unpack(expired, i, math.min(i + 999, #expired)))
+local in_flight = 0
+if client then
+  -- Expired leases free their slot (and their reservation data). HDEL in chunks:
+  -- unpack() has a stack limit, and with no concurrency limit many can expire at once.
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+  if #expired > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+    for i = 1, #expired, 1000 do
+      redis.call('HDEL', KEYS[4], unpack(expired, i, math.min(i + 999, #expired)))
+    end
   end
+  in_flight = redis.call('ZCARD', KEYS[3])
 end
-local in_flight = redis.call('ZCARD', KEYS[3])
 
 local req_used, req_lo, tok_used, tok_lo = 0, nil, 0, nil
-if rpm_limit > 0 then req_used, req_lo = window(KEYS[1]) end
-if tpm_limit > 0 then tok_used, tok_lo = window(KEYS[2]) end
+if client and rpm_limit > 0 then req_used, req_lo = window(KEYS[1]) end
+if client and tpm_limit > 0 then tok_used, tok_lo = window(KEYS[2]) end
 
 local rem, hwm = -1, nil
-if bal_tracked then
+if client and bal_tracked then
   local h = redis.call('HMGET', KEYS[5], 'rem', 'cred', 'ver', 'hwm')
   if not h[1] then
     rem = credited - used
@@ -150,8 +171,8 @@ if bal_tracked then
   end
 end
 
-local function answer(code, a)
-  return {code, a, now, req_used, tok_used, reset_in(req_lo), reset_in(tok_lo), in_flight, rem}
+local function answer(code, a, picked)
+  return {code, a, now, req_used, tok_used, reset_in(req_lo), reset_in(tok_lo), in_flight, rem, picked or 0}
 end
 
 local function earliest_lease_expiry()
@@ -160,22 +181,71 @@ local function earliest_lease_expiry()
   return 1000
 end
 
-if bal_tracked and rem <= 0 then return answer(4, 0) end
-if rpm_limit > 0 and req_used + 1 > rpm_limit then
+if client and bal_tracked and rem <= 0 then return answer(4, 0) end
+if client and rpm_limit > 0 and req_used + 1 > rpm_limit then
   return answer(1, wait_for(KEYS[1], req_used, 1, rpm_limit))
 end
-if tpm_limit > 0 and tok_used + tokens > tpm_limit then
+if client and tpm_limit > 0 and tok_used + tokens > tpm_limit then
   return answer(2, wait_for(KEYS[2], tok_used, tokens, tpm_limit))
 end
-if conc_limit > 0 and in_flight >= conc_limit then return answer(3, earliest_lease_expiry()) end
+if client and conc_limit > 0 and in_flight >= conc_limit then return answer(3, earliest_lease_expiry()) end
 -- Each request in flight holds the key's highest request cost seen so far; before any
 -- cost is known, only one request may be in flight. So a balance can be overspent by at
 -- most one request's cost.
-if bal_tracked and in_flight > 0 and (hwm == nil or rem - in_flight * hwm <= 0) then
+if client and bal_tracked and in_flight > 0 and (hwm == nil or rem - in_flight * hwm <= 0) then
   return answer(5, earliest_lease_expiry())
 end
 
+-- The client may go ahead; now the provider key, if one is wanted.
+local picked, pick = 0, nil
+if n > 0 then
+  local cands, ids = {}, {}
+  for i = 1, n do
+    local a = 15 + (i - 1) * 4
+    ids[i] = ARGV[a]
+    cands[i] = {i = i, id = ARGV[a], rpm = tonumber(ARGV[a + 1]), tpm = tonumber(ARGV[a + 2]),
+                prio = tonumber(ARGV[a + 3]), k = 7 + (i - 1) * 4}
+  end
+  local last = redis.call('HMGET', KEYS[6], unpack(ids))
+  for i = 1, n do cands[i].last = tonumber(last[i]) or -1 end
+  table.sort(cands, function(x, y)
+    if x.prio ~= y.prio then return x.prio < y.prio end
+    if x.last ~= y.last then return x.last < y.last end
+    return x.i < y.i
+  end)
+  local earliest = nil
+  for _, c in ipairs(cands) do
+    local wait = math.max(0, redis.call('PTTL', KEYS[c.k + 2]), redis.call('PTTL', KEYS[c.k + 3]))
+    if c.rpm > 0 then
+      c.rsum, c.rlo = window(KEYS[c.k])
+      if c.rsum + 1 > c.rpm then wait = math.max(wait, wait_for(KEYS[c.k], c.rsum, 1, c.rpm)) end
+    end
+    if c.tpm > 0 then
+      c.tsum, c.tlo = window(KEYS[c.k + 1])
+      if tokens > c.tpm then
+        wait = math.max(wait, 61000) -- this key can never take the request
+      elseif c.tsum + tokens > c.tpm then
+        wait = math.max(wait, wait_for(KEYS[c.k + 1], c.tsum, tokens, c.tpm))
+      end
+    end
+    if wait == 0 then
+      pick = c
+      break
+    end
+    if earliest == nil or wait < earliest then earliest = wait end
+  end
+  if not pick then return answer(6, earliest) end
+  picked = pick.i
+end
+
 -- Admitted: take everything at once.
+if pick then
+  if pick.rpm > 0 then take(KEYS[pick.k], 1, pick.rlo) end
+  if pick.tpm > 0 and tokens > 0 then take(KEYS[pick.k + 1], tokens, pick.tlo) end
+  redis.call('HSET', KEYS[6], pick.id, now)
+  redis.call('PEXPIRE', KEYS[6], 86400000)
+end
+if not client then return answer(0, 0, picked) end
 if rpm_limit > 0 then
   take(KEYS[1], 1, req_lo)
   req_used = req_used + 1
@@ -188,11 +258,19 @@ if tpm_limit > 0 and tokens > 0 then
 end
 local expiry = now + ttl
 redis.call('ZADD', KEYS[3], expiry, token)
-redis.call('HSET', KEYS[4], token, b .. '|' .. (tpm_limit > 0 and tokens or 0) .. '|' .. meta)
+-- Reservation data for the report: second, client tokens, provider|model|format, and
+-- the picked provider key with its tokens.
+local pk_id, pk_tokens = '', 0
+if pick then
+  pk_id = pick.id
+  if pick.tpm > 0 then pk_tokens = tokens end
+end
+redis.call('HSET', KEYS[4], token,
+  b .. '|' .. (tpm_limit > 0 and tokens or 0) .. '|' .. meta .. '|' .. pk_id .. '|' .. pk_tokens)
 -- The newest lease is the last to expire (renewals extend these too).
 if redis.call('PTTL', KEYS[3]) < ttl + 1000 then
   redis.call('PEXPIRE', KEYS[3], ttl + 1000)
   redis.call('PEXPIRE', KEYS[4], ttl + 1000)
 end
 in_flight = in_flight + 1
-return answer(0, expiry)
+return answer(0, expiry, picked)

@@ -6,8 +6,9 @@
 //! 2. Static checks, in process, before Redis is touched: unknown, disabled, expired
 //!    (at once, from `expires_at`), provider/model/API-format allow-lists, an estimate
 //!    larger than the TPM limit itself.
-//! 3. One call to the counter store ([`Counters::admit`]): balance, RPM, TPM, concurrency,
-//!    all or nothing, in one Redis round trip.
+//! 3. One call to the counter store ([`Counters::admit`]): balance, RPM, TPM, concurrency
+//!    and, with `"select": true`, the provider key, all or nothing, in one Redis round
+//!    trip. A pool that refuses leaves the client's counters as they were.
 //!
 //! Invariant: nothing is counted before step 3, and step 3 counts everything or nothing.
 
@@ -22,8 +23,11 @@ use crate::clock::now_ms;
 use crate::crypto::lookup_hash;
 use crate::db::StoreError;
 use crate::limits::{
-    AdmitRequest, BalanceSnapshot, CounterError, Counters, Denial, LeaseId, Usage, Verdict,
+    AdmitRequest, BalanceSnapshot, CounterError, Counters, Denial, LeaseId, Pick, SelectRequest,
+    Usage, Verdict,
 };
+use crate::pool::cache::{Candidate, PoolCache};
+use crate::pool::valid_provider;
 
 /// The body of `POST /v1/admit`.
 #[derive(Debug, Default, Deserialize)]
@@ -50,6 +54,8 @@ pub struct Admitted {
     pub key: Arc<ClientKey>,
     pub expires_at_ms: i64,
     pub usage: Usage,
+    /// The provider key picked in the same step, when one was asked for.
+    pub provider_key: Option<Candidate>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +85,11 @@ pub enum AdmitError {
     },
     #[error("provider `{0}` has no active provider key")]
     NoProviderKey(String),
+    #[error("every key of provider `{provider}` is cooling down, suspended or at its limits")]
+    PoolExhausted {
+        provider: String,
+        retry_after_ms: i64,
+    },
     #[error("{0}")]
     BadRequest(String),
     #[error(transparent)]
@@ -94,11 +105,13 @@ fn limited_message(reason: &Denial) -> &'static str {
         Denial::Concurrency => "all concurrent-request slots of this key are in use",
         Denial::BalanceExhausted => "the key's balance is used up",
         Denial::BalanceCommitted => "the key's remaining balance is held by requests in flight",
+        Denial::PoolExhausted => "every provider key is cooling down, suspended or at its limits",
     }
 }
 
 pub struct Admission {
     cache: Arc<KeyCache>,
+    pools: Arc<PoolCache>,
     counters: Counters,
     lease_ttl_ms: i64,
     default_tokens: i64,
@@ -126,12 +139,14 @@ fn plausible_secret(secret: &str) -> bool {
 impl Admission {
     pub fn new(
         cache: Arc<KeyCache>,
+        pools: Arc<PoolCache>,
         counters: Counters,
         lease_ttl_ms: i64,
         default_tokens: i64,
     ) -> Self {
         Self {
             cache,
+            pools,
             counters,
             lease_ttl_ms,
             default_tokens,
@@ -165,16 +180,57 @@ impl Admission {
         Ok(key)
     }
 
-    pub async fn admit(&self, body: &AdmitBody) -> Result<Admitted, AdmitError> {
-        let estimate = match body.estimated_tokens {
-            Some(n) if !(0..=MAX_LIMIT).contains(&n) => {
-                return Err(AdmitError::BadRequest(format!(
-                    "estimated_tokens must be a whole number from 0 to {MAX_LIMIT}"
-                )))
-            }
-            Some(n) => n,
-            None => self.default_tokens,
+    fn estimate(&self, given: Option<i64>) -> Result<i64, AdmitError> {
+        match given {
+            Some(n) if !(0..=MAX_LIMIT).contains(&n) => Err(AdmitError::BadRequest(format!(
+                "estimated_tokens must be a whole number from 0 to {MAX_LIMIT}"
+            ))),
+            Some(n) => Ok(n),
+            None => Ok(self.default_tokens),
+        }
+    }
+
+    /// The provider's active keys, in the order selection tries them; never empty.
+    async fn candidates(&self, provider: Option<&str>) -> Result<Arc<Vec<Candidate>>, AdmitError> {
+        let provider = provider.ok_or_else(|| {
+            AdmitError::BadRequest("selecting a provider key needs a provider".into())
+        })?;
+        if !valid_provider(provider) {
+            return Err(AdmitError::BadRequest(
+                "provider must be 1 to 64 of A-Z, a-z, 0-9, ., _ and -".into(),
+            ));
+        }
+        let candidates = self.pools.get(provider).await?;
+        if candidates.is_empty() {
+            return Err(AdmitError::NoProviderKey(provider.to_string()));
+        }
+        Ok(candidates)
+    }
+
+    /// Picks a provider key without a client key (`POST /v1/select`).
+    pub async fn select(
+        &self,
+        provider: Option<&str>,
+        estimated_tokens: Option<i64>,
+    ) -> Result<Candidate, AdmitError> {
+        let tokens = self.estimate(estimated_tokens)?;
+        let candidates = self.candidates(provider).await?;
+        let request = SelectRequest {
+            provider: &candidates[0].provider,
+            candidates: &candidates,
+            tokens,
         };
+        match self.counters.select(&request).await? {
+            Pick::Picked(i) => Ok(candidates[i].clone()),
+            Pick::Exhausted { retry_after_ms } => Err(AdmitError::PoolExhausted {
+                provider: candidates[0].provider.clone(),
+                retry_after_ms,
+            }),
+        }
+    }
+
+    pub async fn admit(&self, body: &AdmitBody) -> Result<Admitted, AdmitError> {
+        let estimate = self.estimate(body.estimated_tokens)?;
         let key = self.check_key(body.key.as_deref()).await?;
         let (provider, model, api_format) = (
             given(&body.provider),
@@ -199,13 +255,10 @@ impl Admission {
         if let Some(limit) = key.tpm_limit.filter(|l| estimate > *l) {
             return Err(AdmitError::TokensExceedLimit { estimate, limit });
         }
-        if body.select {
-            // The provider key pool arrives with its own issue; until then no provider has
-            // a key, and refusing here keeps the client's counters untouched.
-            return Err(AdmitError::NoProviderKey(
-                provider.unwrap_or("(none)").to_string(),
-            ));
-        }
+        let candidates = match body.select {
+            true => Some(self.candidates(provider).await?),
+            false => None,
+        };
 
         let lease = LeaseId::new(&key.id);
         let balance = match (key.is_standalone, key.balance_micros) {
@@ -229,14 +282,17 @@ impl Admission {
                 model: model.unwrap_or_default(),
                 api_format: api_format.unwrap_or_default(),
                 balance,
+                pool: candidates.as_deref().map(Vec::as_slice),
             })
             .await?;
+        let picked = |i: Option<usize>| Some(candidates.as_ref()?.get(i?)?.clone());
         match decision.verdict {
             Verdict::Admitted { expires_at_ms } => Ok(Admitted {
                 lease,
                 key,
                 expires_at_ms,
                 usage: decision.usage,
+                provider_key: picked(decision.picked),
             }),
             Verdict::Denied {
                 reason,

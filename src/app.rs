@@ -15,16 +15,17 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::accounting;
+use crate::accounting::{self, report::PoolPolicy};
 use crate::admission::Admission;
-use crate::client_keys::cache::{self, KeyCache};
-use crate::client_keys::ClientKeys;
+use crate::client_keys::{self, ClientKeys};
 use crate::config::{Config, ENCRYPTION_KEY};
 use crate::crypto::{self, Keyring};
 use crate::db::{self, Backend, Db};
+use crate::invalidation::{self, Bus};
 use crate::limits::memory::MemoryCounters;
 use crate::limits::redis::RedisCounters;
 use crate::limits::Counters;
+use crate::pool::{self, ProviderKeys};
 use crate::usage::UsageRecord;
 use crate::{expiry, http};
 
@@ -33,8 +34,14 @@ use crate::{expiry, http};
 pub struct AppState {
     pub db: Db,
     pub keys: ClientKeys,
+    pub pools: ProviderKeys,
     pub admission: Arc<Admission>,
     pub counters: Counters,
+    pub keyring: Arc<Keyring>,
+    /// Cache invalidation, here and on every other replica.
+    pub bus: Arc<Bus>,
+    /// What upstream 429s and 401/403s do to provider keys.
+    pub pool_policy: PoolPolicy,
     /// SHA-256 of `KEYWARD_ADMIN_TOKEN`; `None` disables the admin API.
     pub admin_token_digest: Option<[u8; 32]>,
     /// The expiry pass deletes (rather than disables) keys without a flag of their own.
@@ -53,7 +60,6 @@ enum Accounting {
 pub struct Parts {
     pub state: AppState,
     accounting: Accounting,
-    cache: Arc<KeyCache>,
     invalidation_channel: String,
 }
 
@@ -92,7 +98,17 @@ pub async fn open_db(config: &Config) -> anyhow::Result<Db> {
 pub async fn build(config: &Config) -> anyhow::Result<Parts> {
     let db = open_db(config).await?;
     let keyring = Arc::new(keyring(config)?);
-    let mut cache = KeyCache::new(db.clone(), config.key_cache_ttl, config.negative_cache_ttl);
+    let key_cache = Arc::new(client_keys::cache::new(
+        db.clone(),
+        config.key_cache_ttl,
+        config.negative_cache_ttl,
+    ));
+    let pool_cache = Arc::new(pool::cache::new(
+        db.clone(),
+        keyring.clone(),
+        config.key_cache_ttl,
+    ));
+    let mut bus = Bus::new(key_cache.clone(), pool_cache.clone());
     let guard_ttl_ms = config.report_dedupe_ttl.as_millis() as i64;
     let invalidation_channel = format!("{}:invalidate", config.redis_prefix);
     let (counters, accounting) = match &config.redis_url {
@@ -104,7 +120,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
             accounting::stream::ensure_group(redis.client(), &stream)
                 .await
                 .context("creating the accounting stream's consumer group")?;
-            cache = cache.with_publisher(redis.pool().clone(), invalidation_channel.clone());
+            bus = bus.with_publisher(redis.pool().clone(), invalidation_channel.clone());
             let client = redis.client().clone();
             (
                 Counters::Redis(Arc::new(redis)),
@@ -117,9 +133,10 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
             (Counters::Memory(Arc::new(memory)), Accounting::Embedded(rx))
         }
     };
-    let cache = Arc::new(cache);
+    let bus = Arc::new(bus);
     let admission = Admission::new(
-        cache.clone(),
+        key_cache,
+        pool_cache,
         counters.clone(),
         config.lease_ttl.as_millis() as i64,
         config.default_estimated_tokens,
@@ -127,13 +144,20 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
     let state = AppState {
         keys: ClientKeys::new(
             db.clone(),
-            keyring,
+            keyring.clone(),
             config.key_prefix.clone(),
-            cache.clone(),
+            bus.clone(),
         ),
+        pools: ProviderKeys::new(db.clone(), keyring.clone(), bus.clone(), counters.clone()),
         db,
         admission: Arc::new(admission),
         counters,
+        keyring,
+        bus,
+        pool_policy: PoolPolicy {
+            default_cooldown_ms: config.provider_cooldown.as_millis() as i64,
+            suspend_ms: config.provider_suspend.as_millis() as i64,
+        },
         admin_token_digest: config
             .admin_token
             .as_deref()
@@ -143,7 +167,6 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
     Ok(Parts {
         state,
         accounting,
-        cache,
         invalidation_channel,
     })
 }
@@ -181,10 +204,10 @@ fn spawn_background(
                 state.db.clone(),
                 stop.clone(),
             )));
-            jobs.push(tokio::spawn(cache::subscribe(
+            jobs.push(tokio::spawn(invalidation::subscribe(
                 client,
                 parts.invalidation_channel,
-                parts.cache,
+                state.bus.clone(),
                 stop.clone(),
             )));
         }

@@ -88,6 +88,12 @@ pub struct ServeArgs {
     /// Seconds before another replica's unapplied queue entries are taken over [default: 30]
     #[arg(long, env = config::ACCOUNTING_CLAIM_IDLE_S)]
     pub accounting_claim_idle_s: Option<String>,
+    /// Seconds a provider key cools down after a 429 without retry_after_s [default: 60]
+    #[arg(long, env = config::PROVIDER_COOLDOWN_S)]
+    pub provider_cooldown_s: Option<String>,
+    /// Seconds a provider key is suspended after a 401/403 [default: 600]
+    #[arg(long, env = config::PROVIDER_SUSPEND_S)]
+    pub provider_suspend_s: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -33,6 +33,8 @@ pub const KEY_CACHE_TTL_S: &str = "KEYWARD_KEY_CACHE_TTL_S";
 pub const NEGATIVE_CACHE_TTL_S: &str = "KEYWARD_NEGATIVE_CACHE_TTL_S";
 pub const REPORT_DEDUPE_TTL_S: &str = "KEYWARD_REPORT_DEDUPE_TTL_S";
 pub const ACCOUNTING_CLAIM_IDLE_S: &str = "KEYWARD_ACCOUNTING_CLAIM_IDLE_S";
+pub const PROVIDER_COOLDOWN_S: &str = "KEYWARD_PROVIDER_COOLDOWN_S";
+pub const PROVIDER_SUSPEND_S: &str = "KEYWARD_PROVIDER_SUSPEND_S";
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://keyward.db";
 
@@ -98,6 +100,10 @@ pub struct Config {
     pub report_dedupe_ttl: Duration,
     /// Queue entries another replica has held this long are taken over.
     pub accounting_claim_idle: Duration,
+    /// How long a provider key cools down after an upstream 429 without `retry_after_s`.
+    pub provider_cooldown: Duration,
+    /// How long a provider key is suspended after an upstream 401 or 403.
+    pub provider_suspend: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -123,6 +129,8 @@ impl std::fmt::Debug for Config {
             .field("negative_cache_ttl", &self.negative_cache_ttl)
             .field("report_dedupe_ttl", &self.report_dedupe_ttl)
             .field("accounting_claim_idle", &self.accounting_claim_idle)
+            .field("provider_cooldown", &self.provider_cooldown)
+            .field("provider_suspend", &self.provider_suspend)
             .finish()
     }
 }
@@ -327,6 +335,10 @@ impl Config {
             Duration::from_secs(p.number(REPORT_DEDUPE_TTL_S, 600, 1, 604_800, "seconds"));
         let accounting_claim_idle =
             Duration::from_secs(p.number(ACCOUNTING_CLAIM_IDLE_S, 30, 1, 3_600, "seconds"));
+        let provider_cooldown =
+            Duration::from_secs(p.number(PROVIDER_COOLDOWN_S, 60, 1, 86_400, "seconds"));
+        let provider_suspend =
+            Duration::from_secs(p.number(PROVIDER_SUSPEND_S, 600, 1, 604_800, "seconds"));
 
         if !p.errors.is_empty() {
             return Err(p.errors);
@@ -353,6 +365,8 @@ impl Config {
             negative_cache_ttl,
             report_dedupe_ttl,
             accounting_claim_idle,
+            provider_cooldown,
+            provider_suspend,
         })
     }
 

@@ -19,6 +19,7 @@
 pub mod accounting;
 pub mod admission;
 pub mod app;
+pub mod cache;
 pub mod cli;
 pub mod client_keys;
 pub mod clock;
@@ -27,7 +28,10 @@ pub mod crypto;
 pub mod db;
 pub mod expiry;
 pub mod http;
+pub mod invalidation;
 pub mod limits;
 pub mod money;
+pub mod pool;
+pub mod rotation;
 pub mod telemetry;
 pub mod usage;

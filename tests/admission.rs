@@ -647,8 +647,12 @@ async fn entries_held_by_a_dead_replica_are_claimed_and_applied() {
         .await
         .unwrap();
     for _ in 0..20 {
+        let lease = LeaseId::new(&id);
         let report = Report {
-            lease: LeaseId::new(&id),
+            id: lease.to_string(),
+            lease: Some(lease),
+            cooldown_ms: 0,
+            suspend_ms: 0,
             tokens: Some((2, 3)),
             cost_micros: 7,
             model: None,

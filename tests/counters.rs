@@ -140,6 +140,7 @@ fn request(lease: &LeaseId) -> AdmitRequest<'_> {
         model: "gpt-4o",
         api_format: "openai_chat",
         balance: None,
+        pool: None,
     }
 }
 
@@ -172,13 +173,16 @@ async fn align(store: &Store, frac: i64) -> i64 {
 
 fn report(lease: &LeaseId, tokens: Option<(i64, i64)>, cost: i64) -> Report {
     Report {
-        lease: lease.clone(),
+        lease: Some(lease.clone()),
+        id: lease.to_string(),
         tokens,
         cost_micros: cost,
         model: None,
         provider_key_id: None,
         latency_ms: Some(10),
         upstream_status: Some(200),
+        cooldown_ms: 0,
+        suspend_ms: 0,
     }
 }
 

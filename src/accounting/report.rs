@@ -5,7 +5,6 @@ use serde::Deserialize;
 use crate::client_keys::input::MAX_LIMIT;
 use crate::limits::{LeaseId, Report};
 use crate::money::Usd;
-use crate::usage::UsageRecord;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,11 +29,13 @@ pub struct ReportBody {
     pub retry_after_s: Option<i64>,
 }
 
-/// A report with a lease settles it; one without is only recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Validated {
-    Leased(Report),
-    Unleased(UsageRecord),
+/// What an upstream answer does to the provider key that served it.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolPolicy {
+    /// Cooldown after a 429 that named no `retry_after_s`.
+    pub default_cooldown_ms: i64,
+    /// Suspension after a 401 or 403.
+    pub suspend_ms: i64,
 }
 
 fn range(name: &str, value: Option<i64>, max: i64) -> Result<Option<i64>, String> {
@@ -47,7 +48,7 @@ fn range(name: &str, value: Option<i64>, max: i64) -> Result<Option<i64>, String
 }
 
 impl ReportBody {
-    pub fn validate(self, now_ms: i64) -> Result<Validated, String> {
+    pub fn validate(self, policy: PoolPolicy) -> Result<Report, String> {
         let lease = match self.lease_id.as_deref() {
             None => None,
             Some(text) => {
@@ -89,35 +90,28 @@ impl ReportBody {
             }
             other => other,
         };
-        range("retry_after_s", self.retry_after_s, 86_400)?;
-
-        Ok(match lease {
-            Some(lease) => Validated::Leased(Report {
-                lease,
-                tokens,
-                cost_micros,
-                model,
-                provider_key_id,
-                latency_ms,
-                upstream_status,
-            }),
-            None => {
-                let (prompt, completion) = tokens.unwrap_or((0, 0));
-                Validated::Unleased(UsageRecord {
-                    id: uuid::Uuid::new_v4().to_string(),
-                    key_id: None,
-                    provider: None,
-                    model,
-                    api_format: None,
-                    provider_key_id,
-                    prompt_tokens: prompt,
-                    completion_tokens: completion,
-                    cost_micros,
-                    latency_ms,
-                    upstream_status,
-                    created_at: now_ms,
-                })
-            }
+        let retry_after_s = range("retry_after_s", self.retry_after_s, 86_400)?;
+        let (cooldown_ms, suspend_ms) = match upstream_status {
+            Some(429) => (
+                retry_after_s.map_or(policy.default_cooldown_ms, |s| (s * 1000).max(1)),
+                0,
+            ),
+            Some(401 | 403) => (0, policy.suspend_ms),
+            _ => (0, 0),
+        };
+        Ok(Report {
+            id: lease
+                .as_ref()
+                .map_or_else(|| uuid::Uuid::new_v4().to_string(), LeaseId::to_string),
+            lease,
+            tokens,
+            cost_micros,
+            model,
+            provider_key_id,
+            latency_ms,
+            upstream_status,
+            cooldown_ms,
+            suspend_ms,
         })
     }
 }

@@ -305,3 +305,39 @@ pub async fn expire(db: &Db, now: i64, default_delete: bool) -> Result<Expired, 
         disabled: ids(disabled)?,
     })
 }
+
+/// Every key's `(id, lookup hash, ciphertext)`, for re-encryption.
+pub async fn secrets(db: &Db) -> Result<Vec<(String, String, String)>, StoreError> {
+    let rows = sqlx::query("SELECT id, key_hash, key_encrypted FROM client_keys ORDER BY id")
+        .fetch_all(&db.pool)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("id")?,
+                r.try_get("key_hash")?,
+                r.try_get("key_encrypted")?,
+            ))
+        })
+        .collect()
+}
+
+/// Replaces a ciphertext, only if it is still the one that was read.
+pub async fn replace_secret(
+    db: &Db,
+    id: &str,
+    old: &str,
+    new: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE client_keys SET key_encrypted = $3, updated_at = $4 WHERE id = $1 AND key_encrypted = $2",
+    )
+    .bind(id)
+    .bind(old)
+    .bind(new)
+    .bind(now)
+    .execute(&db.pool)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}

@@ -1,4 +1,5 @@
-//! The admin API (`KEYWARD_ADMIN_LISTEN`): client keys, behind a bearer token.
+//! The admin API (`KEYWARD_ADMIN_LISTEN`): client keys, provider keys and encryption-key
+//! rotation, behind a bearer token.
 //!
 //! Invariants:
 //! - Every route sits behind [`require_admin`]; with no token configured every call is
@@ -7,7 +8,7 @@
 //!   nor its length leaks through timing.
 //! - No answer but create and reveal carries a secret.
 
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -26,6 +27,8 @@ use crate::client_keys::ClientKey;
 use crate::clock::{now_ms, parse_instant, to_rfc3339, DateEdge};
 use crate::crypto;
 use crate::money::Usd;
+use crate::pool::input::{AddKeyRequest, PatchProviderKeyRequest};
+use crate::pool::valid_provider;
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -39,6 +42,16 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/keys/{id}/reveal", post(reveal_key))
         .route("/admin/keys/{id}/balance", post(adjust_balance))
         .route("/admin/keys/{id}/stats", get(key_stats))
+        .route(
+            "/admin/providers/{provider}/keys",
+            post(add_provider_key).get(list_provider_keys),
+        )
+        .route(
+            "/admin/provider-keys/{id}",
+            axum::routing::patch(patch_provider_key).delete(delete_provider_key),
+        )
+        .route("/admin/provider-keys/{id}/usage", get(provider_key_usage))
+        .route("/admin/encryption/rotate", post(rotate_encryption))
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -238,4 +251,91 @@ async fn expire_keys(
         "deleted": expired.deleted.len(),
         "disabled": expired.disabled.len(),
     })))
+}
+
+fn provider_path(
+    provider: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<String, ApiError> {
+    match provider {
+        Ok(Path(p)) if valid_provider(&p) => Ok(p),
+        _ => Err(ApiError::bad_request(
+            "the provider in the path must be 1 to 64 of A-Z, a-z, 0-9, ., _ and -",
+        )),
+    }
+}
+
+async fn add_provider_key(
+    State(state): State<AppState>,
+    provider: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    JsonBody(body): JsonBody<AddKeyRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let provider = provider_path(provider)?;
+    let key = body.validate().map_err(ApiError::bad_request)?;
+    let stored = state.pools.add(&provider, key).await?;
+    Ok((StatusCode::CREATED, Json(json!(stored.view(None)))))
+}
+
+async fn list_provider_keys(
+    State(state): State<AppState>,
+    provider: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let provider = provider_path(provider)?;
+    let keys = state.pools.list(&provider).await?;
+    let views: Vec<_> = keys.iter().map(|(k, live)| k.view(Some(*live))).collect();
+    Ok(Json(json!({ "provider": provider, "keys": views })))
+}
+
+async fn patch_provider_key(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+    JsonBody(body): JsonBody<PatchProviderKeyRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let patch = body.validate().map_err(ApiError::bad_request)?;
+    Ok(Json(json!(state
+        .pools
+        .update(&id, &patch)
+        .await?
+        .view(None))))
+}
+
+async fn delete_provider_key(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+) -> Result<Json<Value>, ApiError> {
+    let key = state.pools.delete(&id).await?;
+    Ok(Json(json!({"id": key.id, "deleted": true})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    limit: Option<String>,
+}
+
+async fn provider_key_usage(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+    QueryArgs(q): QueryArgs<UsageQuery>,
+) -> Result<Json<Value>, ApiError> {
+    // Out-of-range limits are clamped to 1..=60 (as the seed did); non-numbers are refused.
+    let limit = match q.limit.as_deref().map(str::trim).filter(|l| !l.is_empty()) {
+        None => 60,
+        Some(text) => text
+            .parse::<i64>()
+            .map_err(|_| ApiError::bad_request("limit must be a whole number"))?
+            .clamp(1, 60),
+    };
+    let windows = state.pools.usage(&id, limit).await?;
+    let windows: Vec<Value> = windows
+        .iter()
+        .map(
+            |w| json!({"minute": to_rfc3339(w.minute), "requests": w.requests, "tokens": w.tokens}),
+        )
+        .collect();
+    Ok(Json(json!({ "provider_key_id": id, "windows": windows })))
+}
+
+async fn rotate_encryption(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let rotated = crate::rotation::rotate(&state.db, &state.keyring, &state.bus).await?;
+    Ok(Json(json!(rotated)))
 }

@@ -12,10 +12,10 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::JsonBody;
 use super::ratelimit;
-use crate::accounting::report::{ReportBody, Validated};
+use crate::accounting::report::ReportBody;
 use crate::admission::{AdmitBody, AdmitError, Admitted};
 use crate::app::AppState;
-use crate::clock::{now_ms, to_rfc3339};
+use crate::clock::to_rfc3339;
 use crate::limits::{LeaseId, Reported};
 use crate::money::Usd;
 
@@ -25,6 +25,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/admit", post(admit))
+        .route("/v1/select", post(select))
         .route("/v1/report", post(report))
         .route("/v1/leases/{lease_id}/renew", post(renew))
         .route("/healthz", get(healthz))
@@ -45,7 +46,7 @@ fn admitted_body(a: &Admitted) -> Value {
         "lease_id": a.lease.to_string(),
         "lease_expires_at": to_rfc3339(a.expires_at_ms),
         "key_id": key.id,
-        "provider_key": null,
+        "provider_key": a.provider_key.as_ref().map(|k| json!({"id": k.id, "provider": k.provider, "value": k.value})),
         "limits": {
             "requests": window(key.rate_limit, u.requests_used, u.requests_reset_ms),
             "tokens": window(key.tpm_limit, u.tokens_used, u.tokens_reset_ms),
@@ -76,19 +77,48 @@ async fn admit(State(state): State<AppState>, JsonBody(body): JsonBody<AdmitBody
     }
 }
 
+/// The body of `POST /v1/select`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SelectBody {
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    estimated_tokens: Option<i64>,
+}
+
+async fn select(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<SelectBody>,
+) -> Result<Json<Value>, ApiError> {
+    let provider = body
+        .provider
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty());
+    let key = state
+        .admission
+        .select(provider, body.estimated_tokens)
+        .await?;
+    Ok(Json(json!({"provider_key": {
+        "id": key.id,
+        "provider": key.provider,
+        "label": key.label,
+        "priority": key.priority,
+        "value": key.value,
+    }})))
+}
+
 async fn report(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<ReportBody>,
 ) -> Result<Json<Value>, ApiError> {
-    match body.validate(now_ms()).map_err(ApiError::bad_request)? {
-        Validated::Leased(r) => match state.counters.report(&r).await? {
-            Reported::Recorded => Ok(Json(json!({"recorded": true}))),
-            Reported::Duplicate => Ok(Json(json!({"recorded": false, "duplicate": true}))),
-        },
-        Validated::Unleased(record) => {
-            state.counters.queue_unleased(record).await?;
-            Ok(Json(json!({"recorded": true})))
-        }
+    let report = body
+        .validate(state.pool_policy)
+        .map_err(ApiError::bad_request)?;
+    match state.counters.report(&report).await? {
+        Reported::Recorded => Ok(Json(json!({"recorded": true}))),
+        Reported::Duplicate => Ok(Json(json!({"recorded": false, "duplicate": true}))),
     }
 }
 

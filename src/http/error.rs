@@ -14,6 +14,7 @@ use crate::admission::AdmitError;
 use crate::client_keys::KeyError;
 use crate::db::StoreError;
 use crate::limits::{CounterError, Denial};
+use crate::pool::PoolError;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -194,6 +195,12 @@ impl From<AdmitError> for ApiError {
                     Denial::Tokens => ("RATE_LIMITED", "tokens"),
                     Denial::Concurrency => ("CONCURRENCY_LIMITED", "concurrency"),
                     Denial::BalanceCommitted => ("CONCURRENCY_LIMITED", "balance"),
+                    Denial::PoolExhausted => {
+                        return retry(
+                            status(StatusCode::TOO_MANY_REQUESTS, "PROVIDER_KEYS_EXHAUSTED"),
+                            retry_after_ms,
+                        );
+                    }
                     Denial::BalanceExhausted => {
                         return status(StatusCode::PAYMENT_REQUIRED, "INSUFFICIENT_BALANCE");
                     }
@@ -205,9 +212,23 @@ impl From<AdmitError> for ApiError {
             AdmitError::NoProviderKey(_) => {
                 status(StatusCode::SERVICE_UNAVAILABLE, "NO_PROVIDER_KEY")
             }
+            AdmitError::PoolExhausted { retry_after_ms, .. } => retry(
+                status(StatusCode::TOO_MANY_REQUESTS, "PROVIDER_KEYS_EXHAUSTED"),
+                Some(retry_after_ms),
+            ),
             AdmitError::BadRequest(_) => status(StatusCode::BAD_REQUEST, "BAD_REQUEST"),
             AdmitError::Store(inner) => inner.into(),
             AdmitError::Counters(inner) => inner.into(),
+        }
+    }
+}
+
+impl From<PoolError> for ApiError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::NotFound(_) => ApiError::not_found(e.to_string()),
+            PoolError::Store(inner) => inner.into(),
+            PoolError::Counters(inner) => inner.into(),
         }
     }
 }

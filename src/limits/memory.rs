@@ -12,10 +12,12 @@ use tokio::sync::mpsc;
 
 use super::window::Window;
 use super::{
-    AdmitRequest, CounterError, Decision, Denial, LeaseId, Report, Reported, TimeShift, Usage,
-    Verdict,
+    AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported, SelectRequest,
+    TimeShift, Usage, Verdict,
 };
 use crate::clock::now_ms;
+use crate::pool::cache::Candidate;
+use crate::pool::LiveState;
 use crate::usage::UsageRecord;
 
 #[derive(Debug)]
@@ -26,6 +28,84 @@ struct Lease {
     provider: String,
     model: String,
     api_format: String,
+    /// The provider key picked with it, and the tokens reserved on that key.
+    provider_key: Option<(String, i64)>,
+}
+
+/// One provider key's live state.
+#[derive(Debug, Default)]
+struct PoolKey {
+    requests: Window,
+    tokens: Window,
+    cooldown_until: i64,
+    suspended_until: i64,
+    last_pick: Option<i64>,
+}
+
+/// One provider's keys. A pick holds the provider's map-entry lock throughout.
+#[derive(Debug, Default)]
+struct Pool {
+    keys: HashMap<String, PoolKey>,
+}
+
+impl Pool {
+    /// Picks like `lua/admit.lua`: priority, then least recently picked (never first),
+    /// skipping keys cooling down, suspended or without room. Takes nothing.
+    fn pick(&mut self, candidates: &[Candidate], tokens: i64, now: i64) -> Pick {
+        let b = now.div_euclid(1000);
+        let mut order: Vec<usize> = (0..candidates.len()).collect();
+        let last = |i: usize| {
+            self.keys
+                .get(&candidates[i].id)
+                .and_then(|k| k.last_pick)
+                .unwrap_or(-1)
+        };
+        order.sort_by_key(|&i| (candidates[i].priority, last(i), i));
+        let mut earliest: Option<i64> = None;
+        for i in order {
+            let c = &candidates[i];
+            let key = self.keys.entry(c.id.clone()).or_default();
+            key.requests.prune(b);
+            key.tokens.prune(b);
+            let mut wait = (key.cooldown_until - now)
+                .max(key.suspended_until - now)
+                .max(0);
+            if let Some(rpm) = c.max_rpm {
+                if key.requests.sum() + 1 > rpm {
+                    wait = wait.max(key.requests.wait_ms(now, 1, rpm));
+                }
+            }
+            if let Some(tpm) = c.max_tpm {
+                if tokens > tpm {
+                    wait = wait.max(61_000);
+                } else if key.tokens.sum() + tokens > tpm {
+                    wait = wait.max(key.tokens.wait_ms(now, tokens, tpm));
+                }
+            }
+            if wait == 0 {
+                return Pick::Picked(i);
+            }
+            earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
+        }
+        Pick::Exhausted {
+            retry_after_ms: earliest.unwrap_or(61_000),
+        }
+    }
+
+    /// Takes the picked key's request and tokens; returns the tokens reserved on it.
+    fn take(&mut self, c: &Candidate, tokens: i64, now: i64) -> i64 {
+        let b = now.div_euclid(1000);
+        let key = self.keys.entry(c.id.clone()).or_default();
+        key.last_pick = Some(now);
+        if c.max_rpm.is_some() {
+            key.requests.add(b, 1);
+        }
+        let reserved = if c.max_tpm.is_some() { tokens } else { 0 };
+        if reserved > 0 {
+            key.tokens.add(b, reserved);
+        }
+        reserved
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -84,6 +164,10 @@ impl KeyState {
 
 pub struct MemoryCounters {
     keys: DashMap<String, KeyState>,
+    /// Provider → its keys' live state.
+    pools: DashMap<String, Pool>,
+    /// Provider key id → provider, for reports (which name only the key).
+    key_provider: DashMap<String, String>,
     /// Lease id → when its duplicate guard lapses.
     reported: DashMap<String, i64>,
     guard_ttl_ms: i64,
@@ -95,6 +179,8 @@ impl MemoryCounters {
     pub fn new(guard_ttl_ms: i64, queue: mpsc::Sender<UsageRecord>) -> Self {
         Self {
             keys: DashMap::new(),
+            pools: DashMap::new(),
+            key_provider: DashMap::new(),
             reported: DashMap::new(),
             guard_ttl_ms,
             queue,
@@ -136,6 +222,7 @@ impl MemoryCounters {
                 retry_after_ms: retry,
             },
             usage: usage(state, now, tracked.map(|b| b.remaining)),
+            picked: None,
         };
         if tracked.is_some_and(|b| b.remaining <= 0) {
             return deny(&state, Denial::BalanceExhausted, None);
@@ -175,6 +262,24 @@ impl MemoryCounters {
             }
         }
 
+        // The client may go ahead; now the provider key, if one is wanted. The provider's
+        // lock is taken while the client's is held (always in this order).
+        let mut picked = None;
+        if let Some(candidates) = r.pool.filter(|c| !c.is_empty()) {
+            let provider = candidates[0].provider.clone();
+            let mut pool = self.pools.entry(provider.clone()).or_default();
+            match pool.pick(candidates, r.tokens, now) {
+                Pick::Exhausted { retry_after_ms } => {
+                    return deny(&state, Denial::PoolExhausted, Some(retry_after_ms));
+                }
+                Pick::Picked(i) => {
+                    let reserved = pool.take(&candidates[i], r.tokens, now);
+                    self.key_provider.insert(candidates[i].id.clone(), provider);
+                    picked = Some((i, candidates[i].id.clone(), reserved));
+                }
+            }
+        }
+
         if rpm > 0 {
             state.requests.add(b, 1);
         }
@@ -192,6 +297,9 @@ impl MemoryCounters {
                 provider: r.provider.to_string(),
                 model: r.model.to_string(),
                 api_format: r.api_format.to_string(),
+                provider_key: picked
+                    .as_ref()
+                    .map(|(_, id, reserved)| (id.clone(), *reserved)),
             },
         );
         Decision {
@@ -199,46 +307,107 @@ impl MemoryCounters {
                 expires_at_ms: expires_at,
             },
             usage: usage(&state, now, tracked.map(|b| b.remaining)),
+            picked: picked.map(|(i, _, _)| i),
+        }
+    }
+
+    pub fn select(&self, r: &SelectRequest<'_>) -> Pick {
+        let now = self.now();
+        let mut pool = self.pools.entry(r.provider.to_string()).or_default();
+        let pick = pool.pick(r.candidates, r.tokens, now);
+        if let Pick::Picked(i) = pick {
+            pool.take(&r.candidates[i], r.tokens, now);
+            self.key_provider
+                .insert(r.candidates[i].id.clone(), r.provider.to_string());
+        }
+        pick
+    }
+
+    pub fn pool_state(&self, provider: &str, ids: &[String]) -> Vec<LiveState> {
+        let now = self.now();
+        let b = now.div_euclid(1000);
+        let mut pool = self.pools.entry(provider.to_string()).or_default();
+        ids.iter()
+            .map(|id| match pool.keys.get_mut(id) {
+                None => LiveState::default(),
+                Some(key) => {
+                    key.requests.prune(b);
+                    key.tokens.prune(b);
+                    LiveState {
+                        requests_last_60s: key.requests.sum(),
+                        tokens_last_60s: key.tokens.sum(),
+                        cooldown_remaining_ms: (key.cooldown_until - now).max(0),
+                        suspended_remaining_ms: (key.suspended_until - now).max(0),
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Cools down, suspends, or settles the tokens of a provider key after a report.
+    fn pool_report(&self, r: &Report, settle: Option<(i64, i64)>, now: i64) {
+        let Some(id) = &r.provider_key_id else { return };
+        let Some(provider) = self.key_provider.get(id).map(|p| p.clone()) else {
+            return;
+        };
+        let mut pool = self.pools.entry(provider).or_default();
+        let key = pool.keys.entry(id.clone()).or_default();
+        if r.cooldown_ms > 0 {
+            key.cooldown_until = now + r.cooldown_ms;
+        }
+        if r.suspend_ms > 0 {
+            key.suspended_until = now + r.suspend_ms;
+        }
+        if let (Some((bucket, reserved)), Some((prompt, completion))) = (settle, r.tokens) {
+            key.tokens.prune(now.div_euclid(1000));
+            key.tokens.settle(bucket, prompt + completion - reserved);
         }
     }
 
     pub async fn report(&self, r: &Report) -> Result<Reported, CounterError> {
         let now = self.now();
-        let lease_id = r.lease.to_string();
-        {
-            let mut guard = self.reported.entry(lease_id.clone()).or_insert(i64::MIN);
-            if *guard > now {
-                return Ok(Reported::Duplicate);
-            }
-            *guard = now + self.guard_ttl_ms;
-        }
         let (mut provider, mut model, mut api_format) = (None, r.model.clone(), None);
-        if let Some(mut state) = self.keys.get_mut(&r.lease.key_id) {
-            if let Some(lease) = state.remove_lease(&r.lease.token) {
-                if let Some((prompt, completion)) = r.tokens {
-                    let b = now.div_euclid(1000);
-                    state.tokens.prune(b);
-                    state
-                        .tokens
-                        .settle(lease.bucket, prompt + completion - lease.reserved);
+        let mut pool_settle = None;
+        if let Some(lease) = &r.lease {
+            {
+                let mut guard = self.reported.entry(r.id.clone()).or_insert(i64::MIN);
+                if *guard > now {
+                    return Ok(Reported::Duplicate);
                 }
-                provider = Some(lease.provider).filter(|p| !p.is_empty());
-                api_format = Some(lease.api_format).filter(|f| !f.is_empty());
-                model = model.or(Some(lease.model).filter(|m| !m.is_empty()));
+                *guard = now + self.guard_ttl_ms;
             }
-            if let Some(balance) = state.balance.as_mut() {
-                balance.remaining -= r.cost_micros;
-                balance.highest_cost = Some(
-                    balance
-                        .highest_cost
-                        .map_or(r.cost_micros, |h| h.max(r.cost_micros)),
-                );
+            if let Some(mut state) = self.keys.get_mut(&lease.key_id) {
+                if let Some(held) = state.remove_lease(&lease.token) {
+                    if let Some((prompt, completion)) = r.tokens {
+                        state.tokens.prune(now.div_euclid(1000));
+                        state
+                            .tokens
+                            .settle(held.bucket, prompt + completion - held.reserved);
+                    }
+                    if let Some((pk, reserved)) = &held.provider_key {
+                        if r.provider_key_id.as_deref() == Some(pk.as_str()) {
+                            pool_settle = Some((held.bucket, *reserved));
+                        }
+                    }
+                    provider = Some(held.provider).filter(|p| !p.is_empty());
+                    api_format = Some(held.api_format).filter(|f| !f.is_empty());
+                    model = model.or(Some(held.model).filter(|m| !m.is_empty()));
+                }
+                if let Some(balance) = state.balance.as_mut() {
+                    balance.remaining -= r.cost_micros;
+                    balance.highest_cost = Some(
+                        balance
+                            .highest_cost
+                            .map_or(r.cost_micros, |h| h.max(r.cost_micros)),
+                    );
+                }
             }
         }
+        self.pool_report(r, pool_settle, now);
         let (prompt, completion) = r.tokens.unwrap_or((0, 0));
         let record = UsageRecord {
-            id: lease_id,
-            key_id: Some(r.lease.key_id.clone()),
+            id: r.id.clone(),
+            key_id: r.lease.as_ref().map(|l| l.key_id.clone()),
             provider,
             model,
             api_format,
@@ -282,6 +451,14 @@ impl MemoryCounters {
             !state.is_idle()
         });
         self.reported.retain(|_, lapses| *lapses > now);
+        for mut pool in self.pools.iter_mut() {
+            pool.keys.retain(|_, key| {
+                key.requests.prune(b);
+                key.tokens.prune(b);
+                // Keep the pick time: least-recently-used order must survive quiet periods.
+                key.last_pick.is_some() || !key.requests.is_empty() || key.cooldown_until > now
+            });
+        }
     }
 }
 

@@ -24,7 +24,8 @@ pub mod window;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use crate::usage::UsageRecord;
+use crate::pool::cache::Candidate;
+use crate::pool::LiveState;
 
 /// A lease id as clients see it: `<key id>.<32 hex>`. The key id part lets a report find
 /// its key's counters even after the lease expired.
@@ -89,6 +90,24 @@ pub struct AdmitRequest<'a> {
     pub model: &'a str,
     pub api_format: &'a str,
     pub balance: Option<BalanceSnapshot>,
+    /// Pick a provider key in the same step (admit with `"select": true`).
+    pub pool: Option<&'a [Candidate]>,
+}
+
+/// A provider key pick without a client key (`POST /v1/select`).
+#[derive(Debug, Clone)]
+pub struct SelectRequest<'a> {
+    pub provider: &'a str,
+    /// The provider's active keys, in priority order.
+    pub candidates: &'a [Candidate],
+    pub tokens: i64,
+}
+
+/// The outcome of a pick: the chosen candidate's index, or how long until one frees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    Picked(usize),
+    Exhausted { retry_after_ms: i64 },
 }
 
 /// Why an admission was refused.
@@ -101,6 +120,8 @@ pub enum Denial {
     BalanceExhausted,
     /// The remaining balance is held by requests in flight.
     BalanceCommitted,
+    /// Every provider key is cooling down, suspended or at its limits.
+    PoolExhausted,
 }
 
 /// The windows and slots as the decision saw them (after it, when admitted).
@@ -132,12 +153,18 @@ pub enum Verdict {
 pub struct Decision {
     pub verdict: Verdict,
     pub usage: Usage,
+    /// The candidate picked, when a pool was asked.
+    pub picked: Option<usize>,
 }
 
 /// One finished request to settle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
-    pub lease: LeaseId,
+    /// The lease to settle; `None` for a report that only records (and may cool down
+    /// a provider key).
+    pub lease: Option<LeaseId>,
+    /// The usage record's id: the lease id, or a fresh id without a lease.
+    pub id: String,
     /// `(prompt, completion)` when the caller knows them; otherwise the reservation stays.
     pub tokens: Option<(i64, i64)>,
     pub cost_micros: i64,
@@ -145,6 +172,10 @@ pub struct Report {
     pub provider_key_id: Option<String>,
     pub latency_ms: Option<i64>,
     pub upstream_status: Option<i64>,
+    /// Cool the provider key down this long (after an upstream 429); 0 = no.
+    pub cooldown_ms: i64,
+    /// Suspend the provider key this long (after an upstream 401/403); 0 = no.
+    pub suspend_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,11 +232,22 @@ impl Counters {
         }
     }
 
-    /// Queues a usage record that has no lease (nothing to settle, nothing to deduplicate).
-    pub async fn queue_unleased(&self, record: UsageRecord) -> Result<(), CounterError> {
+    pub async fn select(&self, request: &SelectRequest<'_>) -> Result<Pick, CounterError> {
         match self {
-            Counters::Memory(m) => m.queue(record).await,
-            Counters::Redis(r) => r.queue_unleased(&record).await,
+            Counters::Memory(m) => Ok(m.select(request)),
+            Counters::Redis(r) => r.select(request).await,
+        }
+    }
+
+    /// The live state of a provider's keys, for the admin API.
+    pub async fn pool_state(
+        &self,
+        provider: &str,
+        ids: &[String],
+    ) -> Result<Vec<LiveState>, CounterError> {
+        match self {
+            Counters::Memory(m) => Ok(m.pool_state(provider, ids)),
+            Counters::Redis(r) => r.pool_state(ids).await,
         }
     }
 

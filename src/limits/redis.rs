@@ -13,6 +13,9 @@
 //! | `{P}:k:<key id>:bal` | hash | live balance (no expiry: it is ahead of the database) |
 //! | `{P}:done:<lease id>` | string | duplicate guard of a report |
 //! | `{P}:usage` | stream | the accounting queue |
+//! | `{P}:p:<provider>:lru` | hash | provider key id → when it was last picked |
+//! | `{P}:pk:<id>:rpm` / `:tpm` | hash | a provider key's windows |
+//! | `{P}:pk:<id>:cd` / `:susp` | string | exists while it cools down / is suspended |
 //!
 //! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
 //! `SCRIPT FLUSH`), `redis::Script` sees NOSCRIPT, loads, and retries once.
@@ -32,9 +35,11 @@ use redis::aio::MultiplexedConnection;
 use redis::Script;
 
 use super::{
-    AdmitRequest, CounterError, Decision, Denial, LeaseId, Report, Reported, TimeShift, Usage,
-    Verdict,
+    AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported, SelectRequest,
+    TimeShift, Usage, Verdict,
 };
+use crate::pool::cache::Candidate;
+use crate::pool::LiveState;
 use crate::usage::UsageRecord;
 
 /// The Lua sources, compiled into the binary.
@@ -42,6 +47,7 @@ pub mod source {
     pub const ADMIT: &str = include_str!("../../lua/admit.lua");
     pub const REPORT: &str = include_str!("../../lua/report.lua");
     pub const RENEW: &str = include_str!("../../lua/renew.lua");
+    pub const POOL_STATE: &str = include_str!("../../lua/pool_state.lua");
 }
 
 /// Every script keyward runs, loaded once.
@@ -49,6 +55,7 @@ pub struct Scripts {
     pub admit: Script,
     pub report: Script,
     pub renew: Script,
+    pub pool_state: Script,
 }
 
 impl Scripts {
@@ -57,11 +64,12 @@ impl Scripts {
             admit: Script::new(source::ADMIT),
             report: Script::new(source::REPORT),
             renew: Script::new(source::RENEW),
+            pool_state: Script::new(source::POOL_STATE),
         }
     }
 
-    fn all(&self) -> [&Script; 3] {
-        [&self.admit, &self.report, &self.renew]
+    fn all(&self) -> [&Script; 4] {
+        [&self.admit, &self.report, &self.renew, &self.pool_state]
     }
 }
 
@@ -182,6 +190,33 @@ impl RedisCounters {
         format!("{}:k:{key_id}:{what}", self.tag)
     }
 
+    fn pk(&self, id: &str, what: &str) -> String {
+        format!("{}:pk:{id}:{what}", self.tag)
+    }
+
+    /// Adds the pool part of an admit call: KEYS 6.. and ARGV 13.. (see `lua/admit.lua`).
+    fn pool_args(
+        &self,
+        call: &mut redis::ScriptInvocation<'_>,
+        client: bool,
+        provider: &str,
+        candidates: &[Candidate],
+    ) {
+        call.key(format!("{}:p:{provider}:lru", self.tag));
+        for c in candidates {
+            for what in ["rpm", "tpm", "cd", "susp"] {
+                call.key(self.pk(&c.id, what));
+            }
+        }
+        call.arg(i64::from(client)).arg(candidates.len());
+        for c in candidates {
+            call.arg(&c.id)
+                .arg(c.max_rpm.unwrap_or(0))
+                .arg(c.max_tpm.unwrap_or(0))
+                .arg(c.priority);
+        }
+    }
+
     /// The accounting stream.
     pub fn stream_key(&self) -> String {
         format!("{}:usage", self.tag)
@@ -218,8 +253,11 @@ impl RedisCounters {
             .arg(balance.used)
             .arg(balance.version)
             .arg(self.shift.get());
+        let candidates = r.pool.unwrap_or_default();
+        let provider = candidates.first().map_or("", |c| c.provider.as_str());
+        self.pool_args(&mut call, true, provider, candidates);
         let reply: Vec<i64> = self.lanes.invoke(&call).await?;
-        let [code, a, now_ms, requests_used, tokens_used, requests_reset_ms, tokens_reset_ms, in_flight, rem] =
+        let [code, a, now_ms, requests_used, tokens_used, requests_reset_ms, tokens_reset_ms, in_flight, rem, picked] =
             reply[..]
         else {
             return Err(CounterError::Protocol(format!(
@@ -247,30 +285,95 @@ impl RedisCounters {
             3 => denied(Denial::Concurrency, Some(a)),
             4 => denied(Denial::BalanceExhausted, None),
             5 => denied(Denial::BalanceCommitted, Some(a)),
+            6 => denied(Denial::PoolExhausted, Some(a)),
             other => {
                 return Err(CounterError::Protocol(format!(
                     "admit returned code {other}"
                 )))
             }
         };
-        Ok(Decision { verdict, usage })
+        Ok(Decision {
+            verdict,
+            usage,
+            picked: (picked > 0).then(|| picked as usize - 1),
+        })
+    }
+
+    pub async fn select(&self, r: &SelectRequest<'_>) -> Result<Pick, CounterError> {
+        // The admit script with the client part switched off (its client keys untouched).
+        let mut call = self.scripts.admit.prepare_invoke();
+        for what in ["rpm", "tpm", "leases", "ld", "bal"] {
+            call.key(self.key("-", what));
+        }
+        call.arg(0)
+            .arg(0)
+            .arg(0)
+            .arg(r.tokens)
+            .arg("-")
+            .arg(1)
+            .arg("||");
+        call.arg(0).arg(0).arg(0).arg(0).arg(self.shift.get());
+        self.pool_args(&mut call, false, r.provider, r.candidates);
+        let reply: Vec<i64> = self.lanes.invoke(&call).await?;
+        match (reply.first(), reply.get(1), reply.get(9)) {
+            (Some(0), _, Some(picked)) if *picked > 0 => Ok(Pick::Picked(*picked as usize - 1)),
+            (Some(6), Some(retry), _) => Ok(Pick::Exhausted {
+                retry_after_ms: *retry,
+            }),
+            _ => Err(CounterError::Protocol(format!("select returned {reply:?}"))),
+        }
+    }
+
+    pub async fn pool_state(&self, ids: &[String]) -> Result<Vec<LiveState>, CounterError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut call = self.scripts.pool_state.prepare_invoke();
+        for id in ids {
+            for what in ["rpm", "tpm", "cd", "susp"] {
+                call.key(self.pk(id, what));
+            }
+        }
+        call.arg(self.shift.get());
+        let reply: Vec<i64> = self.lanes.invoke(&call).await?;
+        if reply.len() != ids.len() * 4 {
+            return Err(CounterError::Protocol(
+                "pool_state returned the wrong number of values".into(),
+            ));
+        }
+        Ok(reply
+            .chunks(4)
+            .map(|c| LiveState {
+                requests_last_60s: c[0],
+                tokens_last_60s: c[1],
+                cooldown_remaining_ms: c[2],
+                suspended_remaining_ms: c[3],
+            })
+            .collect())
     }
 
     pub async fn report(&self, r: &Report) -> Result<Reported, CounterError> {
-        let id = &r.lease.key_id;
-        let lease_id = r.lease.to_string();
+        let (token, key_id) = r
+            .lease
+            .as_ref()
+            .map_or(("", ""), |l| (l.token.as_str(), l.key_id.as_str()));
         let (prompt, completion) = r.tokens.unwrap_or((0, 0));
         let text = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
         let mut call = self.scripts.report.prepare_invoke();
-        call.key(self.key(id, "tpm"))
-            .key(self.key(id, "leases"))
-            .key(self.key(id, "ld"))
-            .key(self.key(id, "bal"))
-            .key(format!("{}:done:{lease_id}", self.tag))
-            .key(self.stream_key())
-            .arg(&r.lease.token)
-            .arg(&lease_id)
-            .arg(id)
+        call.key(self.key(key_id, "tpm"))
+            .key(self.key(key_id, "leases"))
+            .key(self.key(key_id, "ld"))
+            .key(self.key(key_id, "bal"))
+            .key(format!("{}:done:{}", self.tag, r.id))
+            .key(self.stream_key());
+        if let Some(pk) = &r.provider_key_id {
+            call.key(self.pk(pk, "tpm"))
+                .key(self.pk(pk, "cd"))
+                .key(self.pk(pk, "susp"));
+        }
+        call.arg(token)
+            .arg(&r.id)
+            .arg(key_id)
             .arg(i64::from(r.tokens.is_some()))
             .arg(prompt)
             .arg(completion)
@@ -280,7 +383,9 @@ impl RedisCounters {
             .arg(r.provider_key_id.as_deref().unwrap_or_default())
             .arg(text(r.latency_ms))
             .arg(text(r.upstream_status))
-            .arg(self.shift.get());
+            .arg(self.shift.get())
+            .arg(r.cooldown_ms)
+            .arg(r.suspend_ms);
         let reply: Vec<i64> = self.lanes.invoke(&call).await?;
         match reply.first() {
             Some(1) => Ok(Reported::Recorded),
@@ -289,34 +394,6 @@ impl RedisCounters {
                 "report returned an unknown answer".into(),
             )),
         }
-    }
-
-    /// Appends a record that has no lease to the accounting stream.
-    pub async fn queue_unleased(&self, record: &UsageRecord) -> Result<(), CounterError> {
-        let text = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
-        let mut conn = self.pool.get().await?;
-        redis::cmd("XADD")
-            .arg(self.stream_key())
-            .arg("*")
-            .arg(&[
-                ("id", record.id.as_str()),
-                ("key", ""),
-                ("provider", record.provider.as_deref().unwrap_or_default()),
-                ("model", record.model.as_deref().unwrap_or_default()),
-                ("fmt", record.api_format.as_deref().unwrap_or_default()),
-                ("pk", record.provider_key_id.as_deref().unwrap_or_default()),
-            ])
-            .arg(&[
-                ("pt", record.prompt_tokens.to_string()),
-                ("ct", record.completion_tokens.to_string()),
-                ("cost", record.cost_micros.to_string()),
-                ("lat", text(record.latency_ms)),
-                ("st", text(record.upstream_status)),
-                ("ts", record.created_at.to_string()),
-            ])
-            .query_async::<String>(&mut conn)
-            .await?;
-        Ok(())
     }
 
     pub async fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Result<Option<i64>, CounterError> {

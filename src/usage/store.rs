@@ -30,6 +30,7 @@ pub async fn apply(db: &Db, records: &[UsageRecord]) -> Result<Applied, StoreErr
     let mut tx = db.pool.begin().await?;
     let mut applied = Applied::default();
     let mut deltas: HashMap<&str, KeyDelta> = HashMap::new();
+    let mut provider_deltas: HashMap<&str, KeyDelta> = HashMap::new();
     for r in records {
         let done = sqlx::query(
             "INSERT INTO usage_records (id, key_id, provider, model, api_format, provider_key_id, \
@@ -57,6 +58,12 @@ pub async fn apply(db: &Db, records: &[UsageRecord]) -> Result<Applied, StoreErr
             continue;
         }
         applied.inserted += 1;
+        if let Some(pk) = r.provider_key_id.as_deref() {
+            let d = provider_deltas.entry(pk).or_default();
+            d.requests += 1;
+            d.tokens = d.tokens.saturating_add(r.total_tokens());
+            d.last_used = d.last_used.max(r.created_at);
+        }
         if let Some(key_id) = r.key_id.as_deref() {
             let d = deltas.entry(key_id).or_default();
             d.requests += 1;
@@ -64,6 +71,19 @@ pub async fn apply(db: &Db, records: &[UsageRecord]) -> Result<Applied, StoreErr
             d.cost = d.cost.saturating_add(r.cost_micros);
             d.last_used = d.last_used.max(r.created_at);
         }
+    }
+    for (provider_key_id, d) in provider_deltas {
+        sqlx::query(
+            "UPDATE provider_keys SET total_requests = total_requests + $2, total_tokens = total_tokens + $3, \
+             last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $4 THEN $4 ELSE last_used_at END \
+             WHERE id = $1",
+        )
+        .bind(provider_key_id)
+        .bind(d.requests)
+        .bind(d.tokens)
+        .bind(d.last_used)
+        .execute(&mut *tx)
+        .await?;
     }
     for (key_id, d) in deltas {
         // A key deleted meanwhile matches no row: its history is kept, its totals are gone.

@@ -1,0 +1,114 @@
+//! An in-process cache of database records for the hot path.
+//!
+//! - An entry is served until its TTL ([`Loader::ttl`]), then still served while one
+//!   background task reloads it, so the hot path waits on the database only for a key it
+//!   has never seen.
+//! - [`Cache::invalidate`] drops an entry at once (admin changes, here or, through
+//!   [`crate::invalidation`], on another replica).
+//!
+//! Invariant: a load that started before an invalidation never stores its (possibly
+//! stale) result. Every invalidation bumps an epoch that loads compare before storing.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+use crate::db::StoreError;
+
+/// Beyond this many entries, evictable ones ([`Loader::evictable`]) are dropped at once.
+const MAX_ENTRIES: usize = 500_000;
+
+/// How a cache fills itself.
+pub trait Loader: Send + Sync + 'static {
+    type Value: Clone + Send + Sync + 'static;
+    fn load(&self, key: &str) -> impl Future<Output = Result<Self::Value, StoreError>> + Send;
+    /// How long a freshly loaded value is served before it is reloaded.
+    fn ttl(&self, value: &Self::Value) -> Duration;
+    /// Entries that may be dropped when the cache grows too large (e.g. "unknown key").
+    fn evictable(&self, _value: &Self::Value) -> bool {
+        false
+    }
+    /// Whether an expired value may still be served while it reloads (otherwise the
+    /// caller waits for the reload).
+    fn serve_stale(&self, _value: &Self::Value) -> bool {
+        true
+    }
+}
+
+struct Entry<V> {
+    value: V,
+    expires: Instant,
+    refreshing: Arc<AtomicBool>,
+}
+
+pub struct Cache<L: Loader> {
+    loader: L,
+    entries: DashMap<String, Entry<L::Value>>,
+    epoch: AtomicU64,
+}
+
+impl<L: Loader> Cache<L> {
+    pub fn new(loader: L) -> Self {
+        Self {
+            loader,
+            entries: DashMap::new(),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    pub async fn get(self: &Arc<Self>, key: &str) -> Result<L::Value, StoreError> {
+        if let Some(entry) = self.entries.get(key) {
+            if Instant::now() < entry.expires {
+                return Ok(entry.value.clone());
+            }
+            if !self.loader.serve_stale(&entry.value) {
+                drop(entry);
+                return self.load(key).await;
+            }
+            // Stale: serve it, and let one background task reload it.
+            if !entry.refreshing.swap(true, Ordering::AcqRel) {
+                let (cache, key, flag) = (self.clone(), key.to_string(), entry.refreshing.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = cache.load(&key).await {
+                        tracing::warn!(error = %e, "cache: background reload failed; serving the old entry");
+                        flag.store(false, Ordering::Release);
+                    }
+                });
+            }
+            return Ok(entry.value.clone());
+        }
+        self.load(key).await
+    }
+
+    async fn load(&self, key: &str) -> Result<L::Value, StoreError> {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let value = self.loader.load(key).await?;
+        if self.epoch.load(Ordering::Acquire) == epoch {
+            if self.entries.len() >= MAX_ENTRIES {
+                self.entries.retain(|_, e| !self.loader.evictable(&e.value));
+            }
+            self.entries.insert(
+                key.to_string(),
+                Entry {
+                    expires: Instant::now() + self.loader.ttl(&value),
+                    value: value.clone(),
+                    refreshing: Arc::default(),
+                },
+            );
+        }
+        Ok(value)
+    }
+
+    pub fn invalidate(&self, key: &str) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.entries.remove(key);
+    }
+
+    pub fn clear(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.entries.clear();
+    }
+}
