@@ -10,8 +10,8 @@
 --   5  bal     hash   rem, cred, ver (live balance, micro-USD), hwm (highest request cost)
 --   6  lru     hash   provider key id -> when it was last picked (ms)
 --   then per candidate provider key i (4 each, from KEYS[7]):
---      rpm hash, tpm hash (windows as above), cd string (cooling down while it exists),
---      susp string (suspended while it exists)
+--      rpm hash, tpm hash (windows as above), cd string (cooling down until this ms),
+--      susp string (suspended until this ms)
 -- ARGV:
 --   1  rpm limit        (0 = unlimited)
 --   2  tpm limit        (0 = unlimited)
@@ -215,7 +215,9 @@ if n > 0 then
   end)
   local earliest = nil
   for _, c in ipairs(cands) do
-    local wait = math.max(0, redis.call('PTTL', KEYS[c.k + 2]), redis.call('PTTL', KEYS[c.k + 3]))
+        local cooling = tonumber(redis.call('GET', KEYS[c.k + 2]) or '0')
+    local suspended = tonumber(redis.call('GET', KEYS[c.k + 3]) or '0')
+    local wait = math.max(0, cooling - now, suspended - now)
     if c.rpm > 0 then
       c.rsum, c.rlo = window(KEYS[c.k])
       if c.rsum + 1 > c.rpm then wait = math.max(wait, wait_for(KEYS[c.k], c.rsum, 1, c.rpm)) end

@@ -27,7 +27,7 @@ local out = {}
 for i = 1, #KEYS, 4 do
   out[#out + 1] = counted(KEYS[i])
   out[#out + 1] = counted(KEYS[i + 1])
-  out[#out + 1] = math.max(0, redis.call('PTTL', KEYS[i + 2]))
-  out[#out + 1] = math.max(0, redis.call('PTTL', KEYS[i + 3]))
+    out[#out + 1] = math.max(0, tonumber(redis.call('GET', KEYS[i + 2]) or '0') - now)
+  out[#out + 1] = math.max(0, tonumber(redis.call('GET', KEYS[i + 3]) or '0') - now)
 end
 return out

@@ -9,8 +9,8 @@
 --   6  usage   stream  the accounting queue read by every replica's writer
 --   and, when a provider key is named (ARGV[10]):
 --   7  pk tpm  hash    the provider key's token window
---   8  pk cd   string  exists while the provider key cools down
---   9  pk susp string  exists while the provider key is suspended
+--   8  pk cd   string  when the provider key's cooldown ends (ms; the key expires then too)
+--   9  pk susp string  when its suspension ends (ms)
 -- ARGV:
 --   1  lease token ("" = a report without a lease: nothing to settle or deduplicate)
 --   2  lease id or record id     3  client key id ("" = none)
@@ -85,8 +85,10 @@ if token ~= '' then
 end
 
 if pk ~= '' then
-  if cooldown > 0 then redis.call('SET', KEYS[8], '1', 'PX', cooldown) end
-  if suspend > 0 then redis.call('SET', KEYS[9], '1', 'PX', suspend) end
+    -- The end is a time on the script clock, compared with `now` by admit.lua; the
+  -- expiry only tidies up.
+  if cooldown > 0 then redis.call('SET', KEYS[8], now + cooldown, 'PX', cooldown) end
+  if suspend > 0 then redis.call('SET', KEYS[9], now + suspend, 'PX', suspend) end
 end
 
 redis.call('XADD', KEYS[6], '*',

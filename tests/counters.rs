@@ -11,8 +11,10 @@ use std::sync::Arc;
 use keyward::limits::memory::MemoryCounters;
 use keyward::limits::redis::{record_from_entry, RedisCounters};
 use keyward::limits::{
-    AdmitRequest, BalanceSnapshot, Counters, Decision, Denial, LeaseId, Report, Reported, Verdict,
+    AdmitRequest, BalanceSnapshot, Counters, Decision, Denial, LeaseId, Pick, Report, Reported,
+    SelectRequest, Verdict,
 };
+use keyward::pool::cache::Candidate;
 use keyward::usage::UsageRecord;
 use tokio::sync::{mpsc, Mutex};
 
@@ -49,6 +51,11 @@ on_both_stores!(
     concurrent_admissions_never_exceed_any_limit,
     balance_changes_apply_once_by_version,
     balance_overspend_is_bounded_by_one_request,
+    selection_goes_by_priority_then_least_recently_picked,
+    full_provider_keys_are_skipped_until_their_window_has_room,
+    cooling_and_suspended_keys_are_skipped_until_they_recover,
+    a_pool_refusal_leaves_the_client_untouched,
+    only_one_request_gets_a_keys_last_unit,
 );
 
 struct Store {
@@ -672,4 +679,243 @@ async fn lost_scripts_are_reloaded() {
     assert!(admitted(&d), "NOSCRIPT was not handled");
     assert_eq!(d.usage.in_flight, 2);
     counters.ready().await.unwrap();
+}
+
+fn candidate(
+    provider: &str,
+    priority: i64,
+    max_rpm: Option<i64>,
+    max_tpm: Option<i64>,
+) -> Candidate {
+    Candidate {
+        id: uuid::Uuid::new_v4().to_string(),
+        provider: provider.to_string(),
+        label: format!("p{priority}"),
+        priority,
+        max_rpm,
+        max_tpm,
+        value: "sk-upstream".to_string(),
+    }
+}
+
+async fn pick(s: &Store, pool: &[Candidate], tokens: i64) -> Pick {
+    let request = SelectRequest {
+        provider: &pool[0].provider,
+        candidates: pool,
+        tokens,
+    };
+    s.counters.select(&request).await.unwrap()
+}
+
+async fn picked_id(s: &Store, pool: &[Candidate], tokens: i64) -> String {
+    match pick(s, pool, tokens).await {
+        Pick::Picked(i) => pool[i].id.clone(),
+        other => panic!("nothing picked: {other:?}"),
+    }
+}
+
+/// A report on a provider key only (no lease), e.g. an upstream 429.
+fn pool_report(id: &str, cooldown_ms: i64, suspend_ms: i64) -> Report {
+    Report {
+        lease: None,
+        id: uuid::Uuid::new_v4().to_string(),
+        tokens: None,
+        cost_micros: 0,
+        model: None,
+        provider_key_id: Some(id.to_string()),
+        latency_ms: None,
+        upstream_status: Some(429),
+        cooldown_ms,
+        suspend_ms,
+    }
+}
+
+async fn selection_goes_by_priority_then_least_recently_picked(kind: Kind) {
+    let s = Store::new(kind).await;
+    let provider = common::unique_prefix();
+    let pool = vec![
+        candidate(&provider, 0, None, None),
+        candidate(&provider, 0, None, None),
+        candidate(&provider, 0, None, None),
+        candidate(&provider, 1, None, None),
+    ];
+    // Never-picked keys first (in their given order), then the least recently picked.
+    let mut picks = Vec::new();
+    for _ in 0..6 {
+        picks.push(picked_id(&s, &pool, 0).await);
+        s.advance(5);
+    }
+    let ids: Vec<&str> = pool.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(picks, [ids[0], ids[1], ids[2], ids[0], ids[1], ids[2]]);
+    // The lower priority only when every key of the higher one is unusable.
+    for c in &pool[..3] {
+        s.counters
+            .report(&pool_report(&c.id, 10_000, 0))
+            .await
+            .unwrap();
+    }
+    assert_eq!(picked_id(&s, &pool, 0).await, ids[3]);
+    s.cleanup().await;
+}
+
+async fn full_provider_keys_are_skipped_until_their_window_has_room(kind: Kind) {
+    let s = Store::new(kind).await;
+    align(&s, 200).await;
+    let provider = common::unique_prefix();
+    let pool = vec![
+        candidate(&provider, 0, Some(1), Some(100)),
+        candidate(&provider, 1, None, None),
+    ];
+    assert_eq!(picked_id(&s, &pool, 10).await, pool[0].id);
+    assert_eq!(
+        picked_id(&s, &pool, 10).await,
+        pool[1].id,
+        "a key at its RPM is skipped"
+    );
+    s.advance(61_000);
+    assert_eq!(
+        picked_id(&s, &pool, 10).await,
+        pool[0].id,
+        "back once its window has room"
+    );
+    // TPM: the estimate must fit too.
+    let tpm_only = vec![candidate(&provider, 0, None, Some(100)), pool[1].clone()];
+    assert_eq!(picked_id(&s, &tpm_only, 80).await, tpm_only[0].id);
+    assert_eq!(
+        picked_id(&s, &tpm_only, 30).await,
+        pool[1].id,
+        "80 + 30 > 100"
+    );
+    assert_eq!(
+        picked_id(&s, &tpm_only, 20).await,
+        tpm_only[0].id,
+        "80 + 20 fits"
+    );
+    s.cleanup().await;
+}
+
+async fn cooling_and_suspended_keys_are_skipped_until_they_recover(kind: Kind) {
+    let s = Store::new(kind).await;
+    let provider = common::unique_prefix();
+    let pool = vec![
+        candidate(&provider, 0, None, None),
+        candidate(&provider, 0, None, None),
+    ];
+    // The twin learns which provider a key belongs to when it is first picked.
+    picked_id(&s, &pool, 0).await;
+    picked_id(&s, &pool, 0).await;
+    s.counters
+        .report(&pool_report(&pool[0].id, 30_000, 0))
+        .await
+        .unwrap();
+    s.counters
+        .report(&pool_report(&pool[1].id, 0, 600_000))
+        .await
+        .unwrap();
+    match pick(&s, &pool, 0).await {
+        Pick::Exhausted { retry_after_ms } => assert!(
+            (29_000..=30_000).contains(&retry_after_ms),
+            "earliest recovery is the cooldown: {retry_after_ms}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    s.advance(30_000);
+    assert_eq!(
+        picked_id(&s, &pool, 0).await,
+        pool[0].id,
+        "the cooldown ended"
+    );
+    assert_eq!(
+        picked_id(&s, &pool, 0).await,
+        pool[0].id,
+        "the suspended key stays out"
+    );
+    s.advance(570_001);
+    assert_eq!(
+        picked_id(&s, &pool, 0).await,
+        pool[1].id,
+        "a suspension ends by itself"
+    );
+    s.cleanup().await;
+}
+
+async fn a_pool_refusal_leaves_the_client_untouched(kind: Kind) {
+    let s = Store::new(kind).await;
+    align(&s, 100).await;
+    let provider = common::unique_prefix();
+    let pool = vec![candidate(&provider, 0, Some(1), None)];
+    assert_eq!(picked_id(&s, &pool, 0).await, pool[0].id);
+    let k = key();
+    let client = |lease| AdmitRequest {
+        rpm: Some(10),
+        tpm: Some(1_000),
+        concurrency: Some(3),
+        tokens: 100,
+        pool: Some(&pool[..]),
+        ..request(lease)
+    };
+    let lease = LeaseId::new(&k);
+    let d = s.admit(&client(&lease)).await;
+    let (reason, retry) = denial(&d);
+    assert_eq!(reason, Denial::PoolExhausted);
+    assert!(retry.unwrap() > 59_000);
+    assert_eq!(
+        (
+            d.usage.requests_used,
+            d.usage.tokens_used,
+            d.usage.in_flight
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(d.picked, None);
+    // Without the pool the same request goes through, and is the first one counted.
+    let lease = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            pool: None,
+            ..client(&lease)
+        })
+        .await;
+    assert!(admitted(&d));
+    assert_eq!(
+        (
+            d.usage.requests_used,
+            d.usage.tokens_used,
+            d.usage.in_flight
+        ),
+        (1, 100, 1)
+    );
+    s.cleanup().await;
+}
+
+async fn only_one_request_gets_a_keys_last_unit(kind: Kind) {
+    let s = Arc::new(Store::new(kind).await);
+    align(&s, 100).await;
+    for _ in 0..20 {
+        let provider = common::unique_prefix();
+        let pool = Arc::new(vec![candidate(&provider, 0, Some(1), None)]);
+        let racers: Vec<_> = (0..12)
+            .map(|i| {
+                let (s, pool) = (s.clone(), pool.clone());
+                tokio::spawn(async move {
+                    if i % 2 == 0 {
+                        matches!(pick(&s, &pool, 0).await, Pick::Picked(_))
+                    } else {
+                        let lease = LeaseId::new(&uuid::Uuid::new_v4().to_string());
+                        let r = AdmitRequest {
+                            pool: Some(&pool[..]),
+                            ..request(&lease)
+                        };
+                        admitted(&s.admit(&r).await)
+                    }
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for r in racers {
+            winners += usize::from(r.await.unwrap());
+        }
+        assert_eq!(winners, 1);
+    }
+    Arc::into_inner(s).unwrap().cleanup().await;
 }

@@ -15,7 +15,7 @@
 //! | `{P}:usage` | stream | the accounting queue |
 //! | `{P}:p:<provider>:lru` | hash | provider key id → when it was last picked |
 //! | `{P}:pk:<id>:rpm` / `:tpm` | hash | a provider key's windows |
-//! | `{P}:pk:<id>:cd` / `:susp` | string | exists while it cools down / is suspended |
+//! | `{P}:pk:<id>:cd` / `:susp` | string | when its cooldown / suspension ends (ms) |
 //!
 //! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
 //! `SCRIPT FLUSH`), `redis::Script` sees NOSCRIPT, loads, and retries once.
