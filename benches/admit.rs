@@ -3,6 +3,8 @@
 //!
 //! - Saturation: `CONCURRENCY` keep-alive connections send admits back to back for
 //!   `SECONDS`; decisions/s, p50 and p99 latency.
+//! - With select: the same admits with `"select": true` on a pool of 50 provider keys
+//!   of equal priority (so every pick reads the least-recently-used order of all 50).
 //! - Ceiling: `redis-benchmark` runs EVALSHA of `lua/admit.lua` with the same keys and
 //!   arguments at the same concurrency (a fresh lease token per call).
 //! - Open loop: a fixed offered load (`OPEN_LOOP_RPS`) paced by a schedule; p50, p99,
@@ -100,6 +102,35 @@ async fn start(redis: Option<(&str, &str)>) -> Keyward {
     panic!("keyward did not start");
 }
 
+/// The pool size for the select runs (`KEYWARD_BENCH_POOL`, default 50).
+fn pool_size() -> usize {
+    std::env::var("KEYWARD_BENCH_POOL")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(50)
+}
+
+/// Adds `n` provider keys of equal priority (limits too high to be reached) for `bench`.
+async fn create_pool(k: &Keyward, n: usize) {
+    let client = reqwest::Client::new();
+    for i in 0..n {
+        let body = serde_json::json!({"label": format!("k{i}"), "value": format!("sk-bench-{i:04}"),
+                                      "max_rpm": 1_000_000_000i64, "max_tpm": 1_000_000_000_000i64});
+        let status = client
+            .post(format!(
+                "http://127.0.0.1:{}/admin/providers/bench/keys",
+                k.admin
+            ))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 201);
+    }
+}
+
 async fn create_key(k: &Keyward) -> String {
     let body = serde_json::json!({"rate_limit": 1_000_000_000_000i64, "tpm_limit": 1_000_000_000_000i64,
                                   "concurrent_limit": null});
@@ -166,8 +197,14 @@ impl Conn {
     }
 }
 
-fn admit_request(port: u16, secret: &str) -> Vec<u8> {
-    let body = format!(r#"{{"key":"{secret}","model":"gpt-4o","estimated_tokens":100}}"#);
+fn admit_request(port: u16, secret: &str, select: bool) -> Vec<u8> {
+    let body = if select {
+        format!(
+            r#"{{"key":"{secret}","model":"gpt-4o","estimated_tokens":100,"provider":"bench","select":true}}"#
+        )
+    } else {
+        format!(r#"{{"key":"{secret}","model":"gpt-4o","estimated_tokens":100}}"#)
+    };
     format!(
         "POST /v1/admit HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
@@ -193,8 +230,8 @@ fn percentile(sorted_us: &[u64], p: f64) -> f64 {
 }
 
 /// Closed loop: every connection sends as fast as answers come back.
-async fn saturate(port: u16, secret: &str, seconds: u64) -> Run {
-    let request = admit_request(port, secret);
+async fn saturate(port: u16, secret: &str, select: bool, seconds: u64) -> Run {
+    let request = admit_request(port, secret, select);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let workers: Vec<_> = (0..CONCURRENCY)
         .map(|_| {
@@ -218,7 +255,7 @@ async fn saturate(port: u16, secret: &str, seconds: u64) -> Run {
 
 /// Open loop at `rps`: requests sent on a fixed schedule.
 async fn open_loop(port: u16, secret: &str, rps: u64, seconds: u64) -> Run {
-    let request = admit_request(port, secret);
+    let request = admit_request(port, secret, false);
     let start = Instant::now() + Duration::from_millis(100);
     let per_worker = Duration::from_nanos(1_000_000_000 * CONCURRENCY as u64 / rps);
     let total = rps * seconds / CONCURRENCY as u64;
@@ -281,7 +318,7 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
         String::from_utf8(out.stdout).ok()?.trim().to_string()
     };
     let prefix = format!("{{bench-ceiling-{}}}", std::process::id());
-    let keys: Vec<String> = ["rpm", "tpm", "leases", "ld", "bal"]
+    let keys: Vec<String> = ["rpm", "tpm", "leases", "ld", "bal", "lru"]
         .iter()
         .map(|k| format!("{prefix}:{k}"))
         .collect();
@@ -299,7 +336,7 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
         "--csv".into(),
         "EVALSHA".into(),
         sha,
-        "5".into(),
+        "6".into(),
     ];
     args.extend(keys.iter().cloned());
     args.extend(
@@ -315,6 +352,8 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
             "0",
             "0",
             "0",
+            "0",
+            "1",
             "0",
         ]
         .map(String::from),
@@ -368,20 +407,32 @@ async fn main() {
 
     let embedded = start(None).await;
     let secret = create_key(&embedded).await;
-    saturate(embedded.data, &secret, 1).await; // warm-up
-    let emb_sat = saturate(embedded.data, &secret, SECONDS).await;
+    create_pool(&embedded, pool_size()).await;
+    saturate(embedded.data, &secret, false, 1).await; // warm-up
+    let emb_sat = saturate(embedded.data, &secret, false, SECONDS).await;
     row("embedded, saturation", &emb_sat);
     let emb_open = open_loop(embedded.data, &secret, OPEN_LOOP_RPS, SECONDS).await;
     row(&format!("embedded, open loop {OPEN_LOOP_RPS}/s"), &emb_open);
+    saturate(embedded.data, &secret, true, 1).await;
+    row(
+        &format!("embedded, select of {}, sat.", pool_size()),
+        &saturate(embedded.data, &secret, true, SECONDS).await,
+    );
     drop(embedded);
 
     let distributed = start(Some((&redis_url, &prefix))).await;
     let secret = create_key(&distributed).await;
-    saturate(distributed.data, &secret, 1).await;
-    let red_sat = saturate(distributed.data, &secret, SECONDS).await;
+    create_pool(&distributed, pool_size()).await;
+    saturate(distributed.data, &secret, false, 1).await;
+    let red_sat = saturate(distributed.data, &secret, false, SECONDS).await;
     row("redis, saturation", &red_sat);
     let red_open = open_loop(distributed.data, &secret, OPEN_LOOP_RPS, SECONDS).await;
     row(&format!("redis, open loop {OPEN_LOOP_RPS}/s"), &red_open);
+    saturate(distributed.data, &secret, true, 1).await;
+    row(
+        &format!("redis, select of {}, sat.", pool_size()),
+        &saturate(distributed.data, &secret, true, SECONDS).await,
+    );
     drop(distributed);
     let _ = Command::new("sh")
         .arg("-c")
