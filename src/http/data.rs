@@ -28,6 +28,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/select", post(select))
         .route("/v1/report", post(report))
         .route("/v1/leases/{lease_id}/renew", post(renew))
+        .route("/authz", axum::routing::any(super::authz::authz))
+        .route("/authz/{*path}", axum::routing::any(super::authz::authz))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            super::authz::MAX_AUTHZ_BODY,
+        ))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(super::not_found)
@@ -109,10 +114,42 @@ async fn select(
     }})))
 }
 
+/// Fields a proxy can only send as headers (nginx `post_action`) fill what the JSON body
+/// leaves out: `x-keyward-lease`, `x-keyward-provider-key-id`, `x-keyward-upstream-status`
+/// (the last of nginx's list), `x-keyward-upstream-retry-after` (seconds) and
+/// `x-keyward-upstream-time` (nginx's seconds, e.g. `0.123`).
+fn report_from_headers(mut body: ReportBody, headers: &axum::http::HeaderMap) -> ReportBody {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.rsplit(',').next().unwrap_or(v).trim().to_string())
+            .filter(|v| !v.is_empty() && v != "-")
+    };
+    body.lease_id = body.lease_id.or_else(|| get("x-keyward-lease"));
+    body.provider_key_id = body
+        .provider_key_id
+        .or_else(|| get("x-keyward-provider-key-id"));
+    body.upstream_status = body
+        .upstream_status
+        .or_else(|| get("x-keyward-upstream-status").and_then(|s| s.parse().ok()));
+    body.retry_after_s = body
+        .retry_after_s
+        .or_else(|| get("x-keyward-upstream-retry-after").and_then(|s| s.parse().ok()));
+    body.latency_ms = body.latency_ms.or_else(|| {
+        get("x-keyward-upstream-time")
+            .and_then(|s| s.parse::<f64>().ok())
+            .map(|secs| (secs * 1000.0).round() as i64)
+    });
+    body
+}
+
 async fn report(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody<ReportBody>,
 ) -> Result<Json<Value>, ApiError> {
+    let body = report_from_headers(body, &headers);
     let report = body
         .validate(state.pool_policy)
         .map_err(ApiError::bad_request)?;

@@ -5,6 +5,7 @@
 //! requests get the configured grace period to finish, then the call returns.
 
 pub mod admin;
+pub mod authz;
 pub mod data;
 pub mod error;
 pub mod extract;

