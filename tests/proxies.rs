@@ -526,3 +526,29 @@ async fn envoy_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
     );
     drop(proxy);
 }
+
+/// The README's "Behind nginx" and "Behind Envoy" quote the shipped files: every quoted
+/// line must still be in the file it quotes.
+#[test]
+fn the_readme_quotes_the_shipped_files() {
+    let readme = include_str!("../README.md");
+    let nginx = include_str!("../examples/nginx/keyward.conf");
+    let envoy = include_str!("../examples/envoy/envoy.yaml");
+    let mut quoted = 0;
+    for block in readme.split("```").skip(1).step_by(2) {
+        let (lang, body) = block.split_once('\n').unwrap();
+        let file = match lang {
+            "nginx" => nginx,
+            "yaml" | "lua" => envoy,
+            _ => continue,
+        };
+        for line in body.lines().filter(|l| !l.trim().is_empty()) {
+            assert!(
+                file.lines().any(|f| f == line),
+                "README quotes a line the file no longer has: {line}"
+            );
+            quoted += 1;
+        }
+    }
+    assert!(quoted > 20, "the README quotes too little ({quoted} lines)");
+}
