@@ -145,6 +145,43 @@ impl Db {
     }
 }
 
+/// A table holding an encrypted secret in a `key_encrypted` column.
+#[derive(Debug, Clone, Copy)]
+pub enum SecretTable {
+    ClientKeys,
+    ProviderKeys,
+}
+
+impl Db {
+    /// Replaces a ciphertext, only if it is still the one that was read (a concurrent
+    /// change wins over re-encryption). `false` when it was not replaced.
+    pub async fn replace_secret(
+        &self,
+        table: SecretTable,
+        id: &str,
+        old: &str,
+        new: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let sql = match table {
+            SecretTable::ClientKeys => {
+                "UPDATE client_keys SET key_encrypted = $3, updated_at = $4 WHERE id = $1 AND key_encrypted = $2"
+            }
+            SecretTable::ProviderKeys => {
+                "UPDATE provider_keys SET key_encrypted = $3, updated_at = $4 WHERE id = $1 AND key_encrypted = $2"
+            }
+        };
+        let done = sqlx::query(sql)
+            .bind(id)
+            .bind(old)
+            .bind(new)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
 /// Adds `mode=rwc` so that sqlx creates a missing SQLite file instead of failing.
 fn sqlite_url_with_create(url: &str) -> String {
     if url.contains("mode=") {

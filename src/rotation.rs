@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::client_keys;
 use crate::clock::now_ms;
 use crate::crypto::Keyring;
-use crate::db::{Db, StoreError};
+use crate::db::{Db, SecretTable, StoreError};
 use crate::invalidation::Bus;
 use crate::pool;
 
@@ -29,7 +29,9 @@ pub async fn rotate(db: &Db, keyring: &Keyring, bus: &Bus) -> Result<Rotated, St
         match keyring.decrypt(&encrypted) {
             Ok(secret) => {
                 let fresh = keyring.encrypt(&secret);
-                if client_keys::store::replace_secret(db, &id, &encrypted, &fresh, now_ms()).await?
+                if db
+                    .replace_secret(SecretTable::ClientKeys, &id, &encrypted, &fresh, now_ms())
+                    .await?
                 {
                     done.reencrypted += 1;
                 }
@@ -46,7 +48,14 @@ pub async fn rotate(db: &Db, keyring: &Keyring, bus: &Bus) -> Result<Rotated, St
         match keyring.decrypt(&key.key_encrypted) {
             Ok(value) => {
                 let fresh = keyring.encrypt(&value);
-                if pool::store::replace_secret(db, &key.id, &key.key_encrypted, &fresh, now_ms())
+                if db
+                    .replace_secret(
+                        SecretTable::ProviderKeys,
+                        &key.id,
+                        &key.key_encrypted,
+                        &fresh,
+                        now_ms(),
+                    )
                     .await?
                 {
                     done.reencrypted += 1;

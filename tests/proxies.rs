@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use common::{eventually, free_port, TestServer};
+use common::{eventually, free_port, Answer, TestServer};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -131,12 +131,6 @@ async fn nginx(keyward_port: u16, upstream_port: u16) -> Proxy {
     }
 }
 
-struct Answer {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
 /// A client call that names the model in `x-keyward-model` (nginx forwards no body).
 async fn call(port: u16, path: &str, headers: &[(&str, &str)]) -> Answer {
     call_as(port, path, headers, true).await
@@ -156,17 +150,7 @@ async fn call_as(port: u16, path: &str, headers: &[(&str, &str)], model_in_heade
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let text = response.text().await.unwrap();
-    let body =
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
-    Answer {
-        status,
-        headers,
-        body,
-    }
+    Answer::read(path, request.send().await.unwrap()).await
 }
 
 fn h<'a>(a: &'a Answer, name: &str) -> Option<&'a str> {
@@ -192,18 +176,25 @@ fn keyward_port(s: &TestServer) -> u16 {
     s.data.rsplit(':').next().unwrap().parse().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_terms() {
-    let upstream = Upstream::start().await;
-    let (s, secret, provider_key) = keyward_with_pool().await;
-    let proxy = nginx(keyward_port(&s), upstream.port).await;
+/// What both proxies must do with the shipped files. Returns how many requests the
+/// upstream has seen. `model_in_body`: the first call names its model only in the JSON
+/// body (the proxy must forward it to keyward).
+async fn shared_scenario(
+    port: u16,
+    upstream: &Upstream,
+    s: &TestServer,
+    secret: &str,
+    provider_key: &str,
+    model_in_body: bool,
+) -> usize {
     let bearer = format!("Bearer {secret}");
 
     // Allowed: the upstream gets the provider key, never the client's.
-    let ok = call(
-        proxy.port,
+    let ok = call_as(
+        port,
         "/v1/chat/completions",
-        &[("authorization", &bearer), ("x-api-key", &secret)],
+        &[("authorization", &bearer), ("x-api-key", secret)],
+        !model_in_body,
     )
     .await;
     assert_eq!(ok.status, 200, "{}", ok.body);
@@ -211,22 +202,22 @@ async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
     assert_eq!(h(&ok, "x-ratelimit-remaining-requests"), Some("2"));
     let seen = upstream.last();
     assert_eq!(seen["authorization"], "Bearer sk-upstream-secret");
-    for name in ["x-api-key", "x-goog-api-key", "api-key"] {
+    for name in [
+        "x-api-key",
+        "x-goog-api-key",
+        "api-key",
+        "x-keyward-upstream-authorization",
+    ] {
         assert!(seen.get(name).is_none(), "{name} reached the upstream");
     }
     assert!(
-        !format!("{seen:?}").contains(&secret),
+        !format!("{seen:?}").contains(secret),
         "the client key reached the upstream"
     );
 
     // The slot (concurrent_limit 1) comes back after the response, not after 300 s.
     let again = eventually(3, || async {
-        let a = call(
-            proxy.port,
-            "/v1/chat/completions",
-            &[("authorization", &bearer)],
-        )
-        .await;
+        let a = call(port, "/v1/chat/completions", &[("authorization", &bearer)]).await;
         (a.status == 200).then_some(a)
     })
     .await;
@@ -234,13 +225,13 @@ async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
 
     // Missing and unknown keys: 401; a model outside the allow-list: 403.
     let before = upstream.count();
-    let missing = call(proxy.port, "/v1/chat/completions", &[]).await;
+    let missing = call(port, "/v1/chat/completions", &[]).await;
     assert_eq!(
         (missing.status, missing.body["error"]["code"].clone()),
         (401, json!("MISSING_KEY"))
     );
     let unknown = call(
-        proxy.port,
+        port,
         "/v1/chat/completions",
         &[("authorization", "Bearer sk-kw-not-a-real-key-0000000000")],
     )
@@ -250,7 +241,7 @@ async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
         (401, json!("INVALID_KEY"))
     );
     let model = call(
-        proxy.port,
+        port,
         "/v1/chat/completions",
         &[("authorization", &bearer), ("x-keyward-model", "gpt-4")],
     )
@@ -261,14 +252,9 @@ async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
     );
     assert_eq!(h(&model, "x-keyward-status"), Some("403"));
 
-    // RPM (3) exhausted: 429 with Retry-After and the JSON body, through nginx's 403.
+    // RPM (3) exhausted: 429 with Retry-After, the JSON body and the real status.
     let limited = eventually(3, || async {
-        let a = call(
-            proxy.port,
-            "/v1/chat/completions",
-            &[("authorization", &bearer)],
-        )
-        .await;
+        let a = call(port, "/v1/chat/completions", &[("authorization", &bearer)]).await;
         (a.status == 429).then_some(a)
     })
     .await;
@@ -283,15 +269,16 @@ async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
         "only the third allowed request reached the upstream"
     );
 
-    // An upstream 429 is reported after the response and cools the provider key down.
-    let s2_secret = s.create_key(json!({"rate_limit": null})).await.1;
+    // An upstream 429 is reported after the response and cools the provider key down
+    // for the upstream's Retry-After (30 s).
+    let other = format!(
+        "Bearer {}",
+        s.create_key(json!({"rate_limit": null})).await.1
+    );
     let cooled = call(
-        proxy.port,
+        port,
         "/v1/chat/completions",
-        &[
-            ("authorization", &format!("Bearer {s2_secret}")),
-            ("x-stub-status", "429"),
-        ],
+        &[("authorization", &other), ("x-stub-status", "429")],
     )
     .await;
     assert_eq!(cooled.status, 429);
@@ -303,7 +290,7 @@ async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
         let key = keys["keys"]
             .as_array()?
             .iter()
-            .find(|k| k["id"] == provider_key.as_str())?
+            .find(|k| k["id"] == provider_key)?
             .clone();
         let left = key["live"]["cooldown_remaining_ms"].as_i64()?;
         (left > 0).then_some(left)
@@ -313,30 +300,38 @@ async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
         (25_000..=30_000).contains(&cooldown),
         "retry-after 30 s: {cooldown}"
     );
-    let exhausted = call(
-        proxy.port,
-        "/v1/chat/completions",
-        &[("authorization", &format!("Bearer {s2_secret}"))],
-    )
-    .await;
+    let exhausted = call(port, "/v1/chat/completions", &[("authorization", &other)]).await;
     assert_eq!(
         (exhausted.status, exhausted.body["error"]["code"].clone()),
         (429, json!("PROVIDER_KEYS_EXHAUSTED"))
     );
+    upstream.count()
+}
 
-    // keyward gone: the documented failure mode (fail closed, 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_terms() {
+    let upstream = Upstream::start().await;
+    let (s, secret, provider_key) = keyward_with_pool().await;
+    let proxy = nginx(keyward_port(&s), upstream.port).await;
+    let seen = shared_scenario(proxy.port, &upstream, &s, &secret, &provider_key, false).await;
+
+    // keyward gone: the documented failure mode (fail closed, 503 with the JSON body).
     s.stop().await;
     let down = call(
         proxy.port,
         "/v1/chat/completions",
-        &[("authorization", &bearer)],
+        &[("authorization", &format!("Bearer {secret}"))],
     )
     .await;
     assert_eq!(
         (down.status, down.body["error"]["code"].clone()),
         (503, json!("BACKEND_UNAVAILABLE"))
     );
-    drop(proxy);
+    assert_eq!(
+        upstream.count(),
+        seen,
+        "nothing reached the upstream without keyward"
+    );
 }
 
 /// The shipped Envoy bootstrap with its three documented addresses replaced.
@@ -392,120 +387,7 @@ async fn envoy_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
     let upstream = Upstream::start().await;
     let (s, secret, provider_key) = keyward_with_pool().await;
     let proxy = envoy(keyward_port(&s), upstream.port).await;
-    let bearer = format!("Bearer {secret}");
-
-    // Allowed: the model comes from the forwarded body; the upstream gets the provider key.
-    let ok = call_as(
-        proxy.port,
-        "/v1/chat/completions",
-        &[("authorization", &bearer), ("x-api-key", &secret)],
-        false,
-    )
-    .await;
-    assert_eq!(ok.status, 200, "{}", ok.body);
-    assert_eq!(ok.body, json!({"ok": true}));
-    assert_eq!(h(&ok, "x-ratelimit-remaining-requests"), Some("2"));
-    let seen = upstream.last();
-    assert_eq!(seen["authorization"], "Bearer sk-upstream-secret");
-    for name in [
-        "x-api-key",
-        "x-goog-api-key",
-        "api-key",
-        "x-keyward-upstream-authorization",
-    ] {
-        assert!(seen.get(name).is_none(), "{name} reached the upstream");
-    }
-    assert!(
-        !format!("{seen:?}").contains(&secret),
-        "the client key reached the upstream"
-    );
-
-    // The slot (concurrent_limit 1) is released by the response-path report.
-    let again = eventually(3, || async {
-        let a = call(
-            proxy.port,
-            "/v1/chat/completions",
-            &[("authorization", &bearer)],
-        )
-        .await;
-        (a.status == 200).then_some(a)
-    })
-    .await;
-    assert_eq!(h(&again, "x-ratelimit-remaining-requests"), Some("1"));
-
-    let before = upstream.count();
-    let missing = call(proxy.port, "/v1/chat/completions", &[]).await;
-    assert_eq!(
-        (missing.status, missing.body["error"]["code"].clone()),
-        (401, json!("MISSING_KEY"))
-    );
-    let unknown = call(
-        proxy.port,
-        "/v1/chat/completions",
-        &[("authorization", "Bearer sk-kw-not-a-real-key-0000000000")],
-    )
-    .await;
-    assert_eq!(
-        (unknown.status, unknown.body["error"]["code"].clone()),
-        (401, json!("INVALID_KEY"))
-    );
-    let model = call(
-        proxy.port,
-        "/v1/chat/completions",
-        &[("authorization", &bearer), ("x-keyward-model", "gpt-4")],
-    )
-    .await;
-    assert_eq!(
-        (model.status, model.body["error"]["code"].clone()),
-        (403, json!("MODEL_NOT_ALLOWED"))
-    );
-
-    let limited = eventually(3, || async {
-        let a = call(
-            proxy.port,
-            "/v1/chat/completions",
-            &[("authorization", &bearer)],
-        )
-        .await;
-        (a.status == 429).then_some(a)
-    })
-    .await;
-    assert_eq!(limited.body["error"]["code"], "RATE_LIMITED");
-    assert!(h(&limited, "retry-after").unwrap().parse::<u64>().unwrap() >= 1);
-    assert_eq!(h(&limited, "x-keyward-status"), Some("429"));
-    assert_eq!(h(&limited, "content-type"), Some("application/json"));
-    assert_eq!(upstream.count(), before + 1);
-
-    // An upstream 429 is reported from the response path and cools the key down.
-    let other = s.create_key(json!({"rate_limit": null})).await.1;
-    let cooled = call(
-        proxy.port,
-        "/v1/chat/completions",
-        &[
-            ("authorization", &format!("Bearer {other}")),
-            ("x-stub-status", "429"),
-        ],
-    )
-    .await;
-    assert_eq!(cooled.status, 429);
-    let cooldown = eventually(3, || async {
-        let keys = s
-            .admin(Method::GET, "/admin/providers/openai/keys", None)
-            .await
-            .body;
-        let key = keys["keys"]
-            .as_array()?
-            .iter()
-            .find(|k| k["id"] == provider_key.as_str())?
-            .clone();
-        let left = key["live"]["cooldown_remaining_ms"].as_i64()?;
-        (left > 0).then_some(left)
-    })
-    .await;
-    assert!(
-        (25_000..=30_000).contains(&cooldown),
-        "retry-after 30 s: {cooldown}"
-    );
+    let seen = shared_scenario(proxy.port, &upstream, &s, &secret, &provider_key, true).await;
 
     // keyward gone: failure_mode_allow is false, so Envoy refuses (403).
     s.stop().await;
@@ -514,17 +396,16 @@ async fn envoy_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
             "http://127.0.0.1:{}/v1/chat/completions",
             proxy.port
         ))
-        .header("authorization", &bearer)
+        .header("authorization", format!("Bearer {secret}"))
         .send()
         .await
         .unwrap();
     assert_eq!(down.status().as_u16(), 403);
     assert_eq!(
         upstream.count(),
-        before + 2,
+        seen,
         "nothing reached the upstream without keyward"
     );
-    drop(proxy);
 }
 
 /// The README's "Behind nginx" and "Behind Envoy" quote the shipped files: every quoted

@@ -321,23 +321,3 @@ pub async fn secrets(db: &Db) -> Result<Vec<(String, String, String)>, StoreErro
         })
         .collect()
 }
-
-/// Replaces a ciphertext, only if it is still the one that was read.
-pub async fn replace_secret(
-    db: &Db,
-    id: &str,
-    old: &str,
-    new: &str,
-    now: i64,
-) -> Result<bool, StoreError> {
-    let done = sqlx::query(
-        "UPDATE client_keys SET key_encrypted = $3, updated_at = $4 WHERE id = $1 AND key_encrypted = $2",
-    )
-    .bind(id)
-    .bind(old)
-    .bind(new)
-    .bind(now)
-    .execute(&db.pool)
-    .await?;
-    Ok(done.rows_affected() > 0)
-}

@@ -155,27 +155,6 @@ pub async fn delete(db: &Db, id: &str) -> Result<Option<ProviderKey>, StoreError
     row.as_ref().map(from_row).transpose()
 }
 
-/// Replaces a ciphertext, only if it is still the one that was read (a concurrent change
-/// wins over re-encryption).
-pub async fn replace_secret(
-    db: &Db,
-    id: &str,
-    old: &str,
-    new: &str,
-    now: i64,
-) -> Result<bool, StoreError> {
-    let done = sqlx::query(
-        "UPDATE provider_keys SET key_encrypted = $3, updated_at = $4 WHERE id = $1 AND key_encrypted = $2",
-    )
-    .bind(id)
-    .bind(old)
-    .bind(new)
-    .bind(now)
-    .execute(&db.pool)
-    .await?;
-    Ok(done.rows_affected() > 0)
-}
-
 pub async fn disable(db: &Db, id: &str, now: i64) -> Result<(), StoreError> {
     sqlx::query("UPDATE provider_keys SET is_active = FALSE, updated_at = $2 WHERE id = $1")
         .bind(id)

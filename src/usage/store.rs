@@ -16,12 +16,22 @@ pub struct Applied {
     pub duplicates: usize,
 }
 
+/// What a batch adds to one key's totals.
 #[derive(Default)]
 struct KeyDelta {
     requests: i64,
     tokens: i64,
     cost: i64,
     last_used: i64,
+}
+
+impl KeyDelta {
+    fn add(&mut self, r: &UsageRecord) {
+        self.requests += 1;
+        self.tokens = self.tokens.saturating_add(r.total_tokens());
+        self.cost = self.cost.saturating_add(r.cost_micros);
+        self.last_used = self.last_used.max(r.created_at);
+    }
 }
 
 /// Applies a batch in one transaction: each record is inserted unless its id exists, and
@@ -59,17 +69,10 @@ pub async fn apply(db: &Db, records: &[UsageRecord]) -> Result<Applied, StoreErr
         }
         applied.inserted += 1;
         if let Some(pk) = r.provider_key_id.as_deref() {
-            let d = provider_deltas.entry(pk).or_default();
-            d.requests += 1;
-            d.tokens = d.tokens.saturating_add(r.total_tokens());
-            d.last_used = d.last_used.max(r.created_at);
+            provider_deltas.entry(pk).or_default().add(r);
         }
         if let Some(key_id) = r.key_id.as_deref() {
-            let d = deltas.entry(key_id).or_default();
-            d.requests += 1;
-            d.tokens = d.tokens.saturating_add(r.total_tokens());
-            d.cost = d.cost.saturating_add(r.cost_micros);
-            d.last_used = d.last_used.max(r.created_at);
+            deltas.entry(key_id).or_default().add(r);
         }
     }
     for (provider_key_id, d) in provider_deltas {

@@ -162,6 +162,26 @@ pub struct Answer {
     pub headers: reqwest::header::HeaderMap,
 }
 
+impl Answer {
+    /// Reads a response whose body must be JSON.
+    pub async fn read(what: &str, response: reqwest::Response) -> Answer {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            panic!(
+                "{what}: answer ({status}) is not JSON: {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        });
+        Answer {
+            status,
+            body,
+            headers,
+        }
+    }
+}
+
 impl TestServer {
     pub async fn start(backend: Backend) -> TestServer {
         Self::start_with(backend, |_| {}).await
@@ -237,46 +257,13 @@ impl TestServer {
                 .header("content-type", "application/json")
                 .body(body);
         }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.unwrap();
-        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-            panic!(
-                "{path}: answer is not JSON: {}",
-                String::from_utf8_lossy(&bytes)
-            )
-        });
-        Answer {
-            status,
-            body,
-            headers,
-        }
+        Answer::read(path, request.send().await.unwrap()).await
     }
 
     /// A data-plane call with a JSON body.
     pub async fn data_post(&self, path: &str, body: Value) -> Answer {
-        let response = self
-            .client
-            .post(format!("{}{path}", self.data))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.unwrap();
-        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-            panic!(
-                "{path}: answer is not JSON: {}",
-                String::from_utf8_lossy(&bytes)
-            )
-        });
-        Answer {
-            status,
-            body,
-            headers,
-        }
+        let request = self.client.post(format!("{}{path}", self.data)).json(&body);
+        Answer::read(path, request.send().await.unwrap()).await
     }
 
     pub async fn admit(&self, body: Value) -> Answer {
