@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use common::{eventually, free_port, Answer, TestServer};
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// An upstream LLM API stand-in: answers 200 `{"ok": true}` and records the headers of
 /// every request. `x-stub-status: 429` makes it answer 429 with `Retry-After: 30`;
