@@ -239,6 +239,22 @@ async fn bodies_that_are_not_json_text_are_refused(b: Backend) {
         .await;
     assert!(a.status == 400 || a.status == 413, "{}", a.status);
     assert_eq!(snapshot(&s).await, before);
+    // Huge headers: 431 with the error body, on both listeners.
+    for base in [&s.admin, &s.data] {
+        let response = s
+            .client
+            .get(format!("{base}/admin/keys"))
+            .bearer_auth(TOKEN)
+            .header("x-padding", "p".repeat(40 * 1024))
+            .send()
+            .await
+            .unwrap();
+        let a = common::Answer::read("huge headers", response).await;
+        assert_eq!(
+            (a.status, error_code(&a).as_str()),
+            (431, "HEADERS_TOO_LARGE")
+        );
+    }
     // And the server is still well.
     assert_eq!(s.admin(Method::GET, "/admin/keys", None).await.status, 200);
     s.stop().await;

@@ -69,7 +69,7 @@ async fn no_secret_in_any_log_line() {
         )
         .await;
         s.admin(Method::GET, &format!("{path}/stats"), None).await;
-                s.admin(Method::POST, "/admin/keys/expire", None).await;
+        s.admin(Method::POST, "/admin/keys/expire", None).await;
         // The data plane and the provider pool, whose values travel in answers.
         let provider_value = format!("sk-provider-{}", uuid::Uuid::new_v4().simple());
         s.admin(
@@ -78,13 +78,24 @@ async fn no_secret_in_any_log_line() {
             Some(json!({"label": "p", "value": provider_value})),
         )
         .await;
-        s.data_post("/v1/select", json!({"provider": "openai"})).await;
+        s.data_post("/v1/select", json!({"provider": "openai"}))
+            .await;
         let admitted = s
             .admit(json!({"key": secret, "provider": "openai", "select": true}))
             .await;
-        assert_eq!(admitted.body["provider_key"]["value"], json!(provider_value));
-        let lease = admitted.body["lease_id"].as_str().unwrap_or_default().to_string();
-        s.data_post("/v1/report", json!({"lease_id": lease, "upstream_status": 401})).await;
+        assert_eq!(
+            admitted.body["provider_key"]["value"],
+            json!(provider_value)
+        );
+        let lease = admitted.body["lease_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        s.data_post(
+            "/v1/report",
+            json!({"lease_id": lease, "upstream_status": 401}),
+        )
+        .await;
         let authz = s
             .client
             .post(format!("{}/authz/v1/chat/completions", s.data))
@@ -95,8 +106,10 @@ async fn no_secret_in_any_log_line() {
             .await
             .unwrap();
         assert!(authz.headers().contains_key("x-keyward-lease"));
-        s.admin(Method::GET, "/admin/providers/openai/keys", None).await;
-        s.admin(Method::POST, "/admin/encryption/rotate", None).await;
+        s.admin(Method::GET, "/admin/providers/openai/keys", None)
+            .await;
+        s.admin(Method::POST, "/admin/encryption/rotate", None)
+            .await;
         secrets.push(provider_value);
         s.admin(Method::DELETE, &path, None).await;
         // A caller who pastes a client key where the admin token goes.

@@ -22,6 +22,30 @@ use tokio::sync::watch;
 use crate::app::AppState;
 use error::ApiError;
 
+/// The largest total size of a request's headers; larger ones get 431 with the JSON
+/// error body. (hyper itself refuses far larger ones, without a body.)
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Refuses requests whose headers are too large, in the contract's error format.
+async fn limit_headers(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let size: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if size > MAX_HEADER_BYTES {
+        return axum::response::IntoResponse::into_response(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "HEADERS_TOO_LARGE",
+            format!("the request headers are larger than {MAX_HEADER_BYTES} bytes"),
+        ));
+    }
+    next.run(request).await
+}
+
 async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
 }
@@ -51,10 +75,12 @@ pub async fn serve(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let data_server = axum::serve(data, data::router(state.clone()))
+    let data_router = data::router(state.clone()).layer(axum::middleware::from_fn(limit_headers));
+    let admin_router = admin::router(state.clone()).layer(axum::middleware::from_fn(limit_headers));
+    let data_server = axum::serve(data, data_router)
         .with_graceful_shutdown(stopped(stop_rx.clone()))
         .into_future();
-    let admin_server = axum::serve(admin, admin::router(state.clone()))
+    let admin_server = axum::serve(admin, admin_router)
         .with_graceful_shutdown(stopped(stop_rx.clone()))
         .into_future();
     let mut servers = tokio::spawn(async move { tokio::try_join!(data_server, admin_server) });
