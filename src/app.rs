@@ -257,6 +257,17 @@ pub async fn run_parts(
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
+    let mode = match config.on_backend_error {
+        crate::config::BackendErrorPolicy::Deny => "deny",
+        crate::config::BackendErrorPolicy::Allow => "allow",
+        crate::config::BackendErrorPolicy::Local => "local",
+    };
+    for m in ["deny", "allow", "local"] {
+        crate::metrics::get()
+            .backend_failure_mode
+            .with_label_values(&[m])
+            .set(i64::from(m == mode));
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let (state, jobs) = spawn_background(parts, &config, &stop_rx);
     tracing::info!(

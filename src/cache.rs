@@ -24,6 +24,8 @@ const MAX_ENTRIES: usize = 500_000;
 /// How a cache fills itself.
 pub trait Loader: Send + Sync + 'static {
     type Value: Clone + Send + Sync + 'static;
+    /// The `cache` label of its metrics.
+    const NAME: &'static str;
     fn load(&self, key: &str) -> impl Future<Output = Result<Self::Value, StoreError>> + Send;
     /// How long a freshly loaded value is served before it is reloaded.
     fn ttl(&self, value: &Self::Value) -> Duration;
@@ -60,14 +62,18 @@ impl<L: Loader> Cache<L> {
     }
 
     pub async fn get(self: &Arc<Self>, key: &str) -> Result<L::Value, StoreError> {
+        let lookups = &crate::metrics::get().cache_lookups;
         if let Some(entry) = self.entries.get(key) {
             if Instant::now() < entry.expires {
+                lookups.with_label_values(&[L::NAME, "hit"]).inc();
                 return Ok(entry.value.clone());
             }
             if !self.loader.serve_stale(&entry.value) {
                 drop(entry);
+                lookups.with_label_values(&[L::NAME, "miss"]).inc();
                 return self.load(key).await;
             }
+            lookups.with_label_values(&[L::NAME, "stale"]).inc();
             // Stale: serve it, and let one background task reload it.
             if !entry.refreshing.swap(true, Ordering::AcqRel) {
                 let (cache, key, flag) = (self.clone(), key.to_string(), entry.refreshing.clone());
@@ -80,6 +86,7 @@ impl<L: Loader> Cache<L> {
             }
             return Ok(entry.value.clone());
         }
+        lookups.with_label_values(&[L::NAME, "miss"]).inc();
         self.load(key).await
     }
 

@@ -30,6 +30,7 @@ pub mod expiry;
 pub mod http;
 pub mod invalidation;
 pub mod limits;
+pub mod metrics;
 pub mod money;
 pub mod pool;
 pub mod rotation;

@@ -18,7 +18,10 @@ pub async fn run(mut queue: mpsc::Receiver<UsageRecord>, db: Db, mut stop: watch
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         let stopping = tokio::select! {
-            n = queue.recv_many(&mut batch, BATCH) => n == 0,
+                        n = queue.recv_many(&mut batch, BATCH) => {
+                crate::metrics::get().accounting_queue_depth.set((queue.len() + batch.len()) as i64);
+                n == 0
+            }
             _ = stop.wait_for(|s| *s) => true,
         };
         if stopping {
@@ -38,12 +41,15 @@ async fn apply_with_retry(db: &Db, batch: &mut Vec<UsageRecord>, stopping: bool)
     let mut attempt = 0;
     while !batch.is_empty() {
         let chunk = batch.len().min(BATCH);
+        let oldest = batch[..chunk].iter().map(|r| r.created_at).min();
         match store::apply(db, &batch[..chunk]).await {
-            Ok(_) => {
+            Ok(applied) => {
+                crate::metrics::applied(Ok(&applied), oldest);
                 batch.drain(..chunk);
                 attempt = 0;
             }
             Err(e) => {
+                crate::metrics::applied(Err(()), None);
                 tracing::warn!(error = %e, pending = batch.len(), "accounting: cannot apply usage; retrying");
                 if stopping && attempt >= 5 {
                     tracing::error!(

@@ -96,8 +96,10 @@ pub async fn run(
                 record
             })
             .collect();
+        let oldest = records.iter().map(|r| r.created_at).min();
         match store::apply(&db, &records).await {
             Ok(applied) => {
+                crate::metrics::applied(Ok(&applied), oldest);
                 attempt = 0;
                 if applied.duplicates > 0 {
                     tracing::debug!(
@@ -108,6 +110,8 @@ pub async fn run(
                 let acked: redis::RedisResult<()> = async {
                     let _: i64 = c.xack(&stream, GROUP, &ids).await?;
                     let _: i64 = c.xdel(&stream, &ids).await?;
+                    let depth: i64 = c.xlen(&stream).await?;
+                    crate::metrics::get().accounting_queue_depth.set(depth);
                     Ok(())
                 }
                 .await;
@@ -118,6 +122,7 @@ pub async fn run(
                 }
             }
             Err(e) => {
+                crate::metrics::applied(Err(()), None);
                 tracing::warn!(error = %e, entries = records.len(), "accounting: database unavailable; will retry");
                 pending = true;
                 sleep_or_stop(backoff(attempt), &mut stop).await;

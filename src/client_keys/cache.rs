@@ -19,6 +19,7 @@ pub struct KeyLoader {
 
 impl Loader for KeyLoader {
     type Value = Option<Arc<ClientKey>>;
+    const NAME: &'static str = "client_keys";
 
     async fn load(&self, hash: &str) -> Result<Self::Value, StoreError> {
         Ok(store::get_by_hash(&self.db, hash).await?.map(Arc::new))

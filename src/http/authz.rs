@@ -170,6 +170,7 @@ pub async fn authz(
         )
         .into_response();
     };
+    let started = std::time::Instant::now();
     let nginx = header(&headers, "x-keyward-mode").is_some_and(|m| m.eq_ignore_ascii_case("nginx"));
     let original = header(&headers, "x-original-uri")
         .map(str::to_string)
@@ -186,6 +187,7 @@ pub async fn authz(
     };
     match outcome {
         Ok(admitted) => {
+            crate::metrics::decision("authz", started, None);
             let mut response = StatusCode::OK.into_response();
             let h = response.headers_mut();
             set(h, "x-keyward-lease", &admitted.lease.to_string());
@@ -203,6 +205,7 @@ pub async fn authz(
             response
         }
         Err((error, limits)) => {
+            crate::metrics::decision("authz", started, Some((error.code, error.limit)));
             let (status, code) = (error.status, error.code);
             let mut response = error.into_response();
             if let Some((key, usage)) = limits {

@@ -35,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         ))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
         .with_state(state)
@@ -61,9 +62,22 @@ fn admitted_body(a: &Admitted) -> Value {
     })
 }
 
+/// Prometheus text format (see [`crate::metrics`]).
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        crate::metrics::render(),
+    )
+}
+
 async fn admit(State(state): State<AppState>, JsonBody(body): JsonBody<AdmitBody>) -> Response {
+    let started = std::time::Instant::now();
     match state.admission.admit(&body).await {
         Ok(admitted) => {
+            crate::metrics::decision("admit", started, None);
             let mut response = Json(admitted_body(&admitted)).into_response();
             ratelimit::apply(response.headers_mut(), &admitted.key, &admitted.usage);
             response
@@ -73,7 +87,9 @@ async fn admit(State(state): State<AppState>, JsonBody(body): JsonBody<AdmitBody
                 AdmitError::Limited { key, usage, .. } => Some((key.clone(), *usage)),
                 _ => None,
             };
-            let mut response = ApiError::from(e).into_response();
+            let error = ApiError::from(e);
+            crate::metrics::decision("admit", started, Some((error.code, error.limit)));
+            let mut response = error.into_response();
             if let Some((key, usage)) = limits {
                 ratelimit::apply(response.headers_mut(), &key, &usage);
             }
@@ -101,10 +117,22 @@ async fn select(
         .as_deref()
         .map(str::trim)
         .filter(|p| !p.is_empty());
-    let key = state
+    let started = std::time::Instant::now();
+    let key = match state
         .admission
         .select(provider, body.estimated_tokens)
-        .await?;
+        .await
+    {
+        Ok(key) => {
+            crate::metrics::decision("select", started, None);
+            key
+        }
+        Err(e) => {
+            let error = ApiError::from(e);
+            crate::metrics::decision("select", started, Some((error.code, error.limit)));
+            return Err(error);
+        }
+    };
     Ok(Json(json!({"provider_key": {
         "id": key.id,
         "provider": key.provider,
@@ -153,9 +181,25 @@ async fn report(
     let report = body
         .validate(state.pool_policy)
         .map_err(ApiError::bad_request)?;
-    match state.counters.report(&report).await? {
-        Reported::Recorded => Ok(Json(json!({"recorded": true}))),
-        Reported::Duplicate => Ok(Json(json!({"recorded": false, "duplicate": true}))),
+    let outcome = state.counters.report(&report).await?;
+    let m = crate::metrics::get();
+    match outcome {
+        Reported::Recorded => {
+            m.reports.with_label_values(&["recorded"]).inc();
+            if report.provider_key_id.is_some() && report.cooldown_ms > 0 {
+                m.provider_key_events.with_label_values(&["cooldown"]).inc();
+            }
+            if report.provider_key_id.is_some() && report.suspend_ms > 0 {
+                m.provider_key_events
+                    .with_label_values(&["suspension"])
+                    .inc();
+            }
+            Ok(Json(json!({"recorded": true})))
+        }
+        Reported::Duplicate => {
+            m.reports.with_label_values(&["duplicate"]).inc();
+            Ok(Json(json!({"recorded": false, "duplicate": true})))
+        }
     }
 }
 

@@ -111,15 +111,28 @@ impl Lanes {
     }
 
     /// Runs one script on a lane: exactly one round trip (plus a reload after NOSCRIPT).
+    /// `name` labels its metrics.
     async fn invoke<T: redis::FromRedisValue>(
         &self,
+        name: &str,
         call: &redis::ScriptInvocation<'_>,
     ) -> Result<T, CounterError> {
-        let (i, mut conn) = self.get().await?;
-        call.invoke_async(&mut conn).await.map_err(|e| {
-            self.broken(i, &e);
-            CounterError::from(e)
-        })
+        let m = crate::metrics::get();
+        let started = std::time::Instant::now();
+        let result = match self.get().await {
+            Ok((i, mut conn)) => call.invoke_async(&mut conn).await.map_err(|e| {
+                self.broken(i, &e);
+                CounterError::from(e)
+            }),
+            Err(e) => Err(e),
+        };
+        m.script_seconds
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            m.script_errors.with_label_values(&[name]).inc();
+        }
+        result
     }
 }
 
@@ -256,7 +269,7 @@ impl RedisCounters {
         let candidates = r.pool.unwrap_or_default();
         let provider = candidates.first().map_or("", |c| c.provider.as_str());
         self.pool_args(&mut call, true, provider, candidates);
-        let reply: Vec<i64> = self.lanes.invoke(&call).await?;
+        let reply: Vec<i64> = self.lanes.invoke("admit", &call).await?;
         let [code, a, now_ms, requests_used, tokens_used, requests_reset_ms, tokens_reset_ms, in_flight, rem, picked] =
             reply[..]
         else {
@@ -314,7 +327,7 @@ impl RedisCounters {
             .arg("||");
         call.arg(0).arg(0).arg(0).arg(0).arg(self.shift.get());
         self.pool_args(&mut call, false, r.provider, r.candidates);
-        let reply: Vec<i64> = self.lanes.invoke(&call).await?;
+        let reply: Vec<i64> = self.lanes.invoke("select", &call).await?;
         match (reply.first(), reply.get(1), reply.get(9)) {
             (Some(0), _, Some(picked)) if *picked > 0 => Ok(Pick::Picked(*picked as usize - 1)),
             (Some(6), Some(retry), _) => Ok(Pick::Exhausted {
@@ -335,7 +348,7 @@ impl RedisCounters {
             }
         }
         call.arg(self.shift.get());
-        let reply: Vec<i64> = self.lanes.invoke(&call).await?;
+        let reply: Vec<i64> = self.lanes.invoke("pool_state", &call).await?;
         if reply.len() != ids.len() * 4 {
             return Err(CounterError::Protocol(
                 "pool_state returned the wrong number of values".into(),
@@ -386,7 +399,7 @@ impl RedisCounters {
             .arg(self.shift.get())
             .arg(r.cooldown_ms)
             .arg(r.suspend_ms);
-        let reply: Vec<i64> = self.lanes.invoke(&call).await?;
+        let reply: Vec<i64> = self.lanes.invoke("report", &call).await?;
         match reply.first() {
             Some(1) => Ok(Reported::Recorded),
             Some(0) => Ok(Reported::Duplicate),
@@ -403,7 +416,7 @@ impl RedisCounters {
             .arg(&lease.token)
             .arg(ttl_ms)
             .arg(self.shift.get());
-        let expiry: i64 = self.lanes.invoke(&call).await?;
+        let expiry: i64 = self.lanes.invoke("renew", &call).await?;
         Ok((expiry > 0).then_some(expiry))
     }
 

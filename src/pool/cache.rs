@@ -38,6 +38,7 @@ pub struct PoolLoader {
 
 impl Loader for PoolLoader {
     type Value = Arc<Vec<Candidate>>;
+    const NAME: &'static str = "provider_pools";
 
     async fn load(&self, provider: &str) -> Result<Self::Value, StoreError> {
         let keys = store::list(&self.db, provider, true).await?;

@@ -1,0 +1,240 @@
+//! Prometheus metrics, served as text on `GET /metrics` (data listener).
+//!
+//! Every name starts with `keyward_`, is in base units (seconds), and counters end in
+//! `_total`. No label carries a key id or anything per key: label values come from
+//! fixed sets (endpoints, reasons, operations) or from provider names, which an operator
+//! configures and which stay few.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `keyward_decisions_total` | counter | `endpoint` (admit, select, authz), `outcome` (allowed, denied), `reason` (none or the error code, with the limit for RATE_LIMITED) |
+//! | `keyward_decision_duration_seconds` | histogram | `endpoint` |
+//! | `keyward_redis_script_duration_seconds` | histogram | `script` (admit, select, report, renew, pool_state) |
+//! | `keyward_redis_script_errors_total` | counter | `script` |
+//! | `keyward_provider_selections_total` | counter | `provider` |
+//! | `keyward_provider_key_events_total` | counter | `event` (cooldown, suspension) |
+//! | `keyward_reports_total` | counter | `result` (recorded, duplicate) |
+//! | `keyward_accounting_records_total` | counter | `result` (applied, duplicate) |
+//! | `keyward_accounting_failures_total` | counter | |
+//! | `keyward_accounting_queue_depth` | gauge | |
+//! | `keyward_accounting_lag_seconds` | gauge | (age of the oldest record in the last applied batch) |
+//! | `keyward_cache_lookups_total` | counter | `cache` (client_keys, provider_pools), `result` (hit, stale, miss) |
+//! | `keyward_backend_failure_mode` | gauge | `mode` (deny, allow, local): 1 for the mode in force |
+//! | `keyward_build_info` | gauge | `version` |
+
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets from 50 µs to 2.5 s: decisions are expected well under a millisecond.
+const BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub decisions: IntCounterVec,
+    pub decision_seconds: HistogramVec,
+    pub script_seconds: HistogramVec,
+    pub script_errors: IntCounterVec,
+    pub provider_selections: IntCounterVec,
+    pub provider_key_events: IntCounterVec,
+    pub reports: IntCounterVec,
+    pub accounting_records: IntCounterVec,
+    pub accounting_failures: IntCounter,
+    pub accounting_queue_depth: IntGauge,
+    pub accounting_lag_seconds: Gauge,
+    pub cache_lookups: IntCounterVec,
+    pub backend_failure_mode: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
+// The metric definitions are constants: `expect` here can only fail on a programming
+// error, and fails at the first scrape or use in every test.
+#[allow(clippy::expect_used)]
+fn build() -> Metrics {
+    let r = Registry::new();
+    let accounting_failures = IntCounter::new(
+        "keyward_accounting_failures_total",
+        "Batches the database could not apply (retried).",
+    )
+    .expect("valid metric");
+    r.register(Box::new(accounting_failures.clone()))
+        .expect("unique metric");
+    let accounting_queue_depth = IntGauge::new(
+        "keyward_accounting_queue_depth",
+        "Finished requests queued and not yet applied to the database.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(accounting_queue_depth.clone()))
+        .expect("unique metric");
+    let accounting_lag_seconds = Gauge::new(
+        "keyward_accounting_lag_seconds",
+        "Age of the oldest record in the last batch applied to the database.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(accounting_lag_seconds.clone()))
+        .expect("unique metric");
+    let backend_failure_mode = IntGaugeVec::new(
+        Opts::new(
+            "keyward_backend_failure_mode",
+            "The KEYWARD_ON_BACKEND_ERROR mode in force (1).",
+        ),
+        &["mode"],
+    )
+    .expect("valid metric");
+    r.register(Box::new(backend_failure_mode.clone()))
+        .expect("unique metric");
+    let build_info = IntGaugeVec::new(
+        Opts::new("keyward_build_info", "The running version (1)."),
+        &["version"],
+    )
+    .expect("valid metric");
+    r.register(Box::new(build_info.clone()))
+        .expect("unique metric");
+    build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    Metrics {
+        decisions: counter(
+            &r,
+            "keyward_decisions_total",
+            "Admission and selection decisions.",
+            &["endpoint", "outcome", "reason"],
+        ),
+        decision_seconds: histogram(
+            &r,
+            "keyward_decision_duration_seconds",
+            "Time to decide, in seconds.",
+            &["endpoint"],
+        ),
+        script_seconds: histogram(
+            &r,
+            "keyward_redis_script_duration_seconds",
+            "Redis script round trips, in seconds.",
+            &["script"],
+        ),
+        script_errors: counter(
+            &r,
+            "keyward_redis_script_errors_total",
+            "Redis script calls that failed.",
+            &["script"],
+        ),
+        provider_selections: counter(
+            &r,
+            "keyward_provider_selections_total",
+            "Provider keys picked.",
+            &["provider"],
+        ),
+        provider_key_events: counter(
+            &r,
+            "keyward_provider_key_events_total",
+            "Provider keys cooled down (429) or suspended (401/403).",
+            &["event"],
+        ),
+        reports: counter(
+            &r,
+            "keyward_reports_total",
+            "Reports received.",
+            &["result"],
+        ),
+        accounting_records: counter(
+            &r,
+            "keyward_accounting_records_total",
+            "Usage records written to the database.",
+            &["result"],
+        ),
+        cache_lookups: counter(
+            &r,
+            "keyward_cache_lookups_total",
+            "In-process cache lookups.",
+            &["cache", "result"],
+        ),
+        accounting_failures,
+        accounting_queue_depth,
+        accounting_lag_seconds,
+        backend_failure_mode,
+        registry: r,
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(build);
+
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+/// The text exposition of every metric.
+pub fn render() -> String {
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&METRICS.registry.gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Records one decision: its endpoint, its outcome and how long it took.
+pub fn decision(endpoint: &str, started: Instant, denial: Option<(&str, Option<&str>)>) {
+    let m = get();
+    m.decision_seconds
+        .with_label_values(&[endpoint])
+        .observe(started.elapsed().as_secs_f64());
+    match denial {
+        None => m
+            .decisions
+            .with_label_values(&[endpoint, "allowed", "none"])
+            .inc(),
+        Some((code, limit)) => {
+            let reason = match limit {
+                Some(limit) if code == "RATE_LIMITED" || code == "CONCURRENCY_LIMITED" => {
+                    format!("{}_{limit}", code.to_ascii_lowercase())
+                }
+                _ => code.to_ascii_lowercase(),
+            };
+            m.decisions
+                .with_label_values(&[endpoint, "denied", &reason])
+                .inc();
+        }
+    }
+}
+
+/// Records a batch the accounting writer applied (or failed to apply).
+pub fn applied(result: Result<&crate::usage::store::Applied, ()>, oldest_created_ms: Option<i64>) {
+    let m = get();
+    match result {
+        Ok(a) => {
+            m.accounting_records
+                .with_label_values(&["applied"])
+                .inc_by(a.inserted as u64);
+            m.accounting_records
+                .with_label_values(&["duplicate"])
+                .inc_by(a.duplicates as u64);
+            if let Some(oldest) = oldest_created_ms {
+                let lag = (crate::clock::now_ms() - oldest).max(0) as f64 / 1000.0;
+                m.accounting_lag_seconds.set(lag);
+            }
+        }
+        Err(()) => m.accounting_failures.inc(),
+    }
+}
