@@ -56,6 +56,8 @@ pub struct Admitted {
     pub usage: Usage,
     /// The provider key picked in the same step, when one was asked for.
     pub provider_key: Option<Candidate>,
+    /// Admitted without Redis, by this `KEYWARD_ON_BACKEND_ERROR` mode.
+    pub degraded: Option<&'static str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -306,6 +308,7 @@ impl Admission {
                 expires_at_ms,
                 usage: decision.usage,
                 provider_key: picked(decision.picked),
+                degraded: decision.degraded,
             }),
             Verdict::Denied {
                 reason,

@@ -54,6 +54,8 @@ enum Accounting {
     Stream {
         client: redis::Client,
         stream: String,
+        /// Reports taken by the in-process twin while Redis fails (`allow`, `local`).
+        fallback: mpsc::Receiver<UsageRecord>,
     },
 }
 
@@ -113,9 +115,12 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
     let invalidation_channel = format!("{}:invalidate", config.redis_prefix);
     let (counters, accounting) = match &config.redis_url {
         Some(url) => {
+            let (tx, fallback) = accounting::embedded::channel();
+            let twin = Arc::new(MemoryCounters::new(guard_ttl_ms, tx));
             let redis = RedisCounters::connect(url, &config.redis_prefix, guard_ttl_ms)
                 .await
-                .context("connecting to Redis (KEYWARD_REDIS_URL)")?;
+                .context("connecting to Redis (KEYWARD_REDIS_URL)")?
+                .with_failure_policy(config.on_backend_error, twin);
             let stream = redis.stream_key();
             accounting::stream::ensure_group(redis.client(), &stream)
                 .await
@@ -124,7 +129,11 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
             let client = redis.client().clone();
             (
                 Counters::Redis(Arc::new(redis)),
-                Accounting::Stream { client, stream },
+                Accounting::Stream {
+                    client,
+                    stream,
+                    fallback,
+                },
             )
         }
         None => {
@@ -195,7 +204,16 @@ fn spawn_background(
                 stop.clone(),
             )));
         }
-        Accounting::Stream { client, stream } => {
+        Accounting::Stream {
+            client,
+            stream,
+            fallback,
+        } => {
+            jobs.push(tokio::spawn(accounting::embedded::run(
+                fallback,
+                state.db.clone(),
+                stop.clone(),
+            )));
             jobs.push(tokio::spawn(accounting::stream::run(
                 client.clone(),
                 stream,

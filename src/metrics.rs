@@ -20,6 +20,8 @@
 //! | `keyward_accounting_lag_seconds` | gauge | (age of the oldest record in the last applied batch) |
 //! | `keyward_cache_lookups_total` | counter | `cache` (client_keys, provider_pools), `result` (hit, stale, miss) |
 //! | `keyward_backend_failure_mode` | gauge | `mode` (deny, allow, local): 1 for the mode in force |
+//! | `keyward_redis_circuit_open` | gauge | 1 while Redis calls are skipped after failures |
+//! | `keyward_degraded_answers_total` | counter | `mode` (allow, local): answers given without Redis |
 //! | `keyward_build_info` | gauge | `version` |
 
 use std::sync::LazyLock;
@@ -50,6 +52,8 @@ pub struct Metrics {
     pub accounting_lag_seconds: Gauge,
     pub cache_lookups: IntCounterVec,
     pub backend_failure_mode: IntGaugeVec,
+    pub redis_circuit_open: IntGauge,
+    pub degraded_answers: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -107,6 +111,13 @@ fn build() -> Metrics {
     )
     .expect("valid metric");
     r.register(Box::new(backend_failure_mode.clone()))
+        .expect("unique metric");
+    let redis_circuit_open = IntGauge::new(
+        "keyward_redis_circuit_open",
+        "1 while Redis calls are skipped after consecutive failures.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(redis_circuit_open.clone()))
         .expect("unique metric");
     let build_info = IntGaugeVec::new(
         Opts::new("keyward_build_info", "The running version (1)."),
@@ -173,6 +184,13 @@ fn build() -> Metrics {
             "In-process cache lookups.",
             &["cache", "result"],
         ),
+        degraded_answers: counter(
+            &r,
+            "keyward_degraded_answers_total",
+            "Answers given without Redis, by KEYWARD_ON_BACKEND_ERROR.",
+            &["mode"],
+        ),
+        redis_circuit_open,
         accounting_failures,
         accounting_queue_depth,
         accounting_lag_seconds,

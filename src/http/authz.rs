@@ -202,6 +202,7 @@ pub async fn authz(
                 set(h, "x-keyward-upstream-key", &pk.value);
             }
             ratelimit::apply(h, &admitted.key, &admitted.usage);
+            ratelimit::degraded(h, admitted.degraded);
             response
         }
         Err((error, limits)) => {

@@ -80,6 +80,7 @@ async fn admit(State(state): State<AppState>, JsonBody(body): JsonBody<AdmitBody
             crate::metrics::decision("admit", started, None);
             let mut response = Json(admitted_body(&admitted)).into_response();
             ratelimit::apply(response.headers_mut(), &admitted.key, &admitted.usage);
+            ratelimit::degraded(response.headers_mut(), admitted.degraded);
             response
         }
         Err(e) => {

@@ -27,6 +27,16 @@ fn set(headers: &mut HeaderMap, name: &'static str, value: String) {
     }
 }
 
+/// Marks an answer given without Redis: `x-keyward-degraded: allow | local`.
+pub fn degraded(headers: &mut HeaderMap, mode: Option<&'static str>) {
+    if let Some(mode) = mode {
+        headers.insert(
+            HeaderName::from_static("x-keyward-degraded"),
+            HeaderValue::from_static(mode),
+        );
+    }
+}
+
 pub fn apply(headers: &mut HeaderMap, key: &ClientKey, usage: &Usage) {
     if let Some(limit) = key.rate_limit {
         let remaining = (limit - usage.requests_used).max(0);

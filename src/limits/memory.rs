@@ -223,6 +223,7 @@ impl MemoryCounters {
             },
             usage: usage(state, now, tracked.map(|b| b.remaining)),
             picked: None,
+            degraded: None,
         };
         if tracked.is_some_and(|b| b.remaining <= 0) {
             return deny(&state, Denial::BalanceExhausted, None);
@@ -308,6 +309,7 @@ impl MemoryCounters {
             },
             usage: usage(&state, now, tracked.map(|b| b.remaining)),
             picked: picked.map(|(i, _, _)| i),
+            degraded: None,
         }
     }
 

@@ -17,6 +17,7 @@
 //! - **Balance.** In-flight requests of a balance-tracked key each hold the key's highest
 //!   request cost; overspend is bounded by one request's cost.
 
+pub mod breaker;
 pub mod memory;
 pub mod redis;
 pub mod window;
@@ -155,6 +156,8 @@ pub struct Decision {
     pub usage: Usage,
     /// The candidate picked, when a pool was asked.
     pub picked: Option<usize>,
+    /// Decided without Redis, by this `KEYWARD_ON_BACKEND_ERROR` mode.
+    pub degraded: Option<&'static str>,
 }
 
 /// One finished request to settle.
@@ -194,6 +197,8 @@ pub enum CounterError {
     Protocol(String),
     #[error("the accounting queue is closed")]
     QueueClosed,
+    #[error("redis is failing; calls are skipped for a moment")]
+    CircuitOpen,
 }
 
 /// A test hook: milliseconds added to the counters' clock, so tests can move time

@@ -20,6 +20,13 @@
 //! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
 //! `SCRIPT FLUSH`), `redis::Script` sees NOSCRIPT, loads, and retries once.
 //!
+//! Outages: a [`Breaker`] skips Redis for a moment after consecutive connection
+//! failures, and `KEYWARD_ON_BACKEND_ERROR` decides what happens meanwhile: `deny`
+//! answers 503; `allow` admits without counting; `local` decides with an in-process
+//! twin ([`MemoryCounters`]), per replica and so only approximately. In `allow` and
+//! `local`, reports go through the twin's queue straight to the database (applied once
+//! by lease id, like any report); in `deny` they are refused and the caller retries.
+//!
 //! Connections: deadpool-redis health-checks every checkout with a PING round trip, so
 //! checking a connection out per decision would cost two round trips. Instead the hot
 //! path runs on a few multiplexed connections ("lanes") taken from the pool once and
@@ -28,16 +35,20 @@
 //! through the pool (which checks the new one).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use deadpool_redis::{Config as PoolConfig, Connection, Pool, Runtime};
 use redis::aio::MultiplexedConnection;
 use redis::Script;
 
+use super::breaker::Breaker;
+use super::memory::MemoryCounters;
 use super::{
     AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported, SelectRequest,
     TimeShift, Usage, Verdict,
 };
+use crate::clock::now_ms;
+use crate::config::BackendErrorPolicy;
 use crate::pool::cache::Candidate;
 use crate::pool::LiveState;
 use crate::usage::UsageRecord;
@@ -144,6 +155,24 @@ pub struct RedisCounters {
     scripts: Scripts,
     guard_ttl_ms: i64,
     pub(crate) shift: TimeShift,
+    breaker: Breaker,
+    policy: BackendErrorPolicy,
+    /// The in-process twin used while Redis fails (`allow` and `local`).
+    fallback: Option<Arc<MemoryCounters>>,
+}
+
+/// An error that means "Redis cannot answer", as opposed to a bug.
+fn is_outage(e: &CounterError) -> bool {
+    match e {
+        CounterError::Redis(e) => {
+            e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+        }
+        CounterError::Pool(_) | CounterError::CircuitOpen => true,
+        CounterError::Protocol(_) | CounterError::QueueClosed => false,
+    }
 }
 
 /// Creates a pool of multiplexed connections with short timeouts, so an outage fails
@@ -177,9 +206,84 @@ impl RedisCounters {
             scripts: Scripts::new(),
             guard_ttl_ms,
             shift: TimeShift::default(),
+            breaker: Breaker::default(),
+            policy: BackendErrorPolicy::Deny,
+            fallback: None,
         };
         counters.load_scripts().await?;
         Ok(counters)
+    }
+
+    /// What to do while Redis fails; `fallback` serves `allow` and `local`.
+    pub fn with_failure_policy(
+        mut self,
+        policy: BackendErrorPolicy,
+        fallback: Arc<MemoryCounters>,
+    ) -> Self {
+        self.policy = policy;
+        self.fallback = Some(fallback);
+        self
+    }
+
+    /// Runs a Redis call through the breaker.
+    async fn guarded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, CounterError>>,
+    ) -> Result<T, CounterError> {
+        if !self.breaker.allows() {
+            return Err(CounterError::CircuitOpen);
+        }
+        let result = call.await;
+        match &result {
+            Ok(_) => self.breaker.success(),
+            Err(e) if is_outage(e) => self.breaker.failure(),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// The twin that answers while Redis fails, with its mode; `None` under `deny`.
+    fn degraded(&self) -> Option<(&'static str, &MemoryCounters)> {
+        let mode = match self.policy {
+            BackendErrorPolicy::Deny => return None,
+            BackendErrorPolicy::Allow => "allow",
+            BackendErrorPolicy::Local => "local",
+        };
+        let fallback = self.fallback.as_deref()?;
+        crate::metrics::get()
+            .degraded_answers
+            .with_label_values(&[mode])
+            .inc();
+        Some((mode, fallback))
+    }
+
+    pub async fn admit(&self, r: &AdmitRequest<'_>) -> Result<Decision, CounterError> {
+        let e = match self.guarded(self.admit_redis(r)).await {
+            Err(e) if is_outage(&e) => e,
+            other => return other,
+        };
+        match self.degraded() {
+            None => Err(e),
+            Some(("local", twin)) => Ok(Decision {
+                degraded: Some("local"),
+                ..twin.admit(r)
+            }),
+            Some((mode, _)) => {
+                let now = now_ms();
+                Ok(Decision {
+                    verdict: Verdict::Admitted {
+                        expires_at_ms: now + r.lease_ttl_ms,
+                    },
+                    usage: Usage {
+                        now_ms: now,
+                        ..Usage::default()
+                    },
+                    // Without counters the pool order is all there is: the first by priority.
+                    picked: r.pool.filter(|c| !c.is_empty()).map(|_| 0),
+                    degraded: Some(mode),
+                })
+            }
+        }
     }
 
     pub async fn load_scripts(&self) -> Result<(), CounterError> {
@@ -235,7 +339,7 @@ impl RedisCounters {
         format!("{}:usage", self.tag)
     }
 
-    pub async fn admit(&self, r: &AdmitRequest<'_>) -> Result<Decision, CounterError> {
+    async fn admit_redis(&self, r: &AdmitRequest<'_>) -> Result<Decision, CounterError> {
         let id = &r.lease.key_id;
         let balance = r.balance.unwrap_or(super::BalanceSnapshot {
             credited: 0,
@@ -309,10 +413,23 @@ impl RedisCounters {
             verdict,
             usage,
             picked: (picked > 0).then(|| picked as usize - 1),
+            degraded: None,
         })
     }
 
     pub async fn select(&self, r: &SelectRequest<'_>) -> Result<Pick, CounterError> {
+        let e = match self.guarded(self.select_redis(r)).await {
+            Err(e) if is_outage(&e) => e,
+            other => return other,
+        };
+        match self.degraded() {
+            None => Err(e),
+            Some(("local", twin)) => Ok(twin.select(r)),
+            Some(_) => Ok(Pick::Picked(0)),
+        }
+    }
+
+    async fn select_redis(&self, r: &SelectRequest<'_>) -> Result<Pick, CounterError> {
         // The admit script with the client part switched off (its client keys untouched).
         let mut call = self.scripts.admit.prepare_invoke();
         for what in ["rpm", "tpm", "leases", "ld", "bal"] {
@@ -366,6 +483,18 @@ impl RedisCounters {
     }
 
     pub async fn report(&self, r: &Report) -> Result<Reported, CounterError> {
+        let e = match self.guarded(self.report_redis(r)).await {
+            Err(e) if is_outage(&e) => e,
+            other => return other,
+        };
+        match self.degraded() {
+            None => Err(e),
+            // Straight to the database through the twin's queue (applied once by lease id).
+            Some((_, twin)) => twin.report(r).await,
+        }
+    }
+
+    async fn report_redis(&self, r: &Report) -> Result<Reported, CounterError> {
         let (token, key_id) = r
             .lease
             .as_ref()
@@ -410,6 +539,18 @@ impl RedisCounters {
     }
 
     pub async fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Result<Option<i64>, CounterError> {
+        let e = match self.guarded(self.renew_redis(lease, ttl_ms)).await {
+            Err(e) if is_outage(&e) => e,
+            other => return other,
+        };
+        match self.degraded() {
+            None => Err(e),
+            Some(("local", twin)) => Ok(twin.renew(lease, ttl_ms)),
+            Some(_) => Ok(Some(now_ms() + ttl_ms)),
+        }
+    }
+
+    async fn renew_redis(&self, lease: &LeaseId, ttl_ms: i64) -> Result<Option<i64>, CounterError> {
         let mut call = self.scripts.renew.prepare_invoke();
         call.key(self.key(&lease.key_id, "leases"))
             .key(self.key(&lease.key_id, "ld"))

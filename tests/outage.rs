@@ -1,0 +1,218 @@
+//! `KEYWARD_ON_BACKEND_ERROR` with a real Redis killed and restarted under load: each
+//! policy answers as documented, fast (the circuit breaker spares every request the
+//! timeout), `/readyz` follows Redis, and keyward recovers by itself.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{error_code, eventually, PrivateRedis, TestDb, TestServer};
+use keyward::config;
+use serde_json::json;
+
+async fn start(policy: &str) -> (PrivateRedis, TestServer) {
+    let redis = PrivateRedis::start().await;
+    let db = Arc::new(TestDb::new(common::Backend::Sqlite).await);
+    let mut raw = common::base_config(&db);
+    raw.insert(config::REDIS_URL, redis.url.clone());
+    raw.insert(config::ON_BACKEND_ERROR, policy.to_string());
+    (redis, TestServer::start_on(db, raw).await)
+}
+
+/// Admits in a loop from 4 tasks until stopped; returns every (status, seconds) seen.
+fn load(
+    s: &TestServer,
+    secret: &str,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Vec<(u16, f64)>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, url, secret, stop, seen) = (
+                s.client.clone(),
+                format!("{}/v1/admit", s.data),
+                secret.to_string(),
+                stop.clone(),
+                seen.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let status = client
+                        .post(&url)
+                        .json(&json!({"key": secret}))
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                        .unwrap_or(0);
+                    seen.lock()
+                        .unwrap()
+                        .push((status, t.elapsed().as_secs_f64()));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        })
+        .collect();
+    let handle = tokio::spawn(async move {
+        for t in tasks {
+            t.await.unwrap();
+        }
+        Arc::try_unwrap(seen).unwrap().into_inner().unwrap()
+    });
+    (stop, handle)
+}
+
+async fn ready(s: &TestServer) -> u16 {
+    s.client
+        .get(format!("{}/readyz", s.data))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Kills Redis under load, runs `during`, restarts it, and checks recovery.
+async fn outage<F, Fut>(policy: &str, key: serde_json::Value, during: F) -> Vec<(u16, f64)>
+where
+    F: FnOnce(Arc<TestServer>, String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (mut redis, s) = start(policy).await;
+    let s = Arc::new(s);
+    let (_, secret) = s.create_key(key).await;
+    assert_eq!(s.admit(json!({"key": secret})).await.status, 200);
+    let (stop, load) = load(&s, &secret);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    redis.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ready(&s).await, 503, "/readyz must say Redis is gone");
+    during(s.clone(), secret.clone()).await;
+
+    redis.restart().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = load.await.unwrap();
+    // Recovery without a restart: a fresh key is admitted through Redis again.
+    let (_, fresh) = s.create_key(json!({})).await;
+    eventually(10, || async {
+        let a = s.admit(json!({"key": fresh})).await;
+        (a.status == 200 && a.headers.get("x-keyward-degraded").is_none()).then_some(())
+    })
+    .await;
+    assert_eq!(ready(&s).await, 200);
+    let slowest = seen.iter().map(|(_, t)| *t).fold(0.0, f64::max);
+    assert!(
+        slowest < 2.0,
+        "a request took {slowest:.2} s: the outage was not cut short"
+    );
+    Arc::into_inner(s).unwrap().stop().await;
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_refuses_with_503_fast_and_recovers() {
+    let seen = outage(
+        "deny",
+        json!({"concurrent_limit": null}),
+        |s, secret| async move {
+            let started = Instant::now();
+            for _ in 0..20 {
+                let a = s.admit(json!({"key": secret})).await;
+                assert_eq!(
+                    (a.status, error_code(&a).as_str()),
+                    (503, "BACKEND_UNAVAILABLE")
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "20 refusals took {:?}",
+                started.elapsed()
+            );
+            let lease = format!("{}.{}", uuid::Uuid::new_v4(), "0".repeat(32));
+            let r = s.data_post("/v1/report", json!({"lease_id": lease})).await;
+            assert_eq!(
+                r.status, 503,
+                "a report is refused (and retried by its caller), not lost"
+            );
+        },
+    )
+    .await;
+    assert!(
+        seen.iter().all(|(status, _)| [200, 503].contains(status)),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_admits_uncounted_and_records_reports_in_the_database() {
+    let seen = outage(
+        "allow",
+        json!({"rate_limit": 2, "concurrent_limit": null}),
+        |s, secret| async move {
+            for _ in 0..5 {
+                let a = s.admit(json!({"key": secret})).await;
+                assert_eq!(a.status, 200, "{}", a.body);
+                assert_eq!(a.headers["x-keyward-degraded"], "allow");
+            }
+            // A report during the outage goes straight to the database.
+            let a = s.admit(json!({"key": secret})).await;
+            let lease = a.body["lease_id"].as_str().unwrap();
+            let r = s
+                .data_post("/v1/report", json!({"lease_id": lease, "prompt_tokens": 3}))
+                .await;
+            assert_eq!(r.body, json!({"recorded": true}));
+            let key_id = a.body["key_id"].as_str().unwrap().to_string();
+            let db = s.db.connect().await;
+            eventually(5, || async {
+                let stats = keyward::usage::store::stats(&db, &key_id, i64::MIN, i64::MAX)
+                    .await
+                    .ok()?;
+                (stats.requests == 1).then_some(())
+            })
+            .await;
+        },
+    )
+    .await;
+    assert!(
+        seen.iter().all(|(status, _)| [200, 429].contains(status)),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_enforces_limits_in_process_and_recovers() {
+    outage(
+        "local",
+        json!({"rate_limit": 1000, "concurrent_limit": 3}),
+        |s, secret| async move {
+            // Per-replica limits: the slots the load holds count too, so fill them up.
+            let mut held = 0;
+            let mut refused = false;
+            for _ in 0..50 {
+                let a = s.admit(json!({"key": secret})).await;
+                match a.status {
+                    200 => {
+                        assert_eq!(a.headers["x-keyward-degraded"], "local");
+                        held += 1;
+                    }
+                    429 => {
+                        assert_eq!(error_code(&a), "CONCURRENCY_LIMITED");
+                        refused = true;
+                        break;
+                    }
+                    other => panic!("unexpected {other}: {}", a.body),
+                }
+            }
+            assert!(
+                refused,
+                "the in-process limit never refused ({held} admitted)"
+            );
+        },
+    )
+    .await;
+}
