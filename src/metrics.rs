@@ -212,12 +212,22 @@ pub fn render() -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// Records one decision: its endpoint, its outcome and how long it took.
+/// Records one decision: its endpoint, its outcome and how long it took, as metrics and
+/// as one log line at debug level.
 pub fn decision(endpoint: &str, started: Instant, denial: Option<(&str, Option<&str>)>) {
     let m = get();
+    let seconds = started.elapsed().as_secs_f64();
     m.decision_seconds
         .with_label_values(&[endpoint])
-        .observe(started.elapsed().as_secs_f64());
+        .observe(seconds);
+    tracing::debug!(
+        endpoint,
+        allowed = denial.is_none(),
+        reason = denial.map_or("none", |(code, _)| code),
+        limit = denial.and_then(|(_, limit)| limit),
+        micros = (seconds * 1e6) as u64,
+        "decision"
+    );
     match denial {
         None => m
             .decisions

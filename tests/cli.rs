@@ -229,3 +229,62 @@ async fn embedded_default_serves_keeps_its_key_file_and_stops_on_sigterm() {
     assert_eq!(revealed["secret"].as_str(), Some(secret.as_str()));
     assert!(terminate(second).success());
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_a_line_per_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, admin) = (free_port(), free_port());
+    let mut child = keyward(&["serve"])
+        .current_dir(dir.path())
+        .env("KEYWARD_LISTEN", format!("127.0.0.1:{data}"))
+        .env("KEYWARD_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("KEYWARD_ADMIN_TOKEN", TOKEN)
+        .env("KEYWARD_LOG_FORMAT", "json")
+        .env("RUST_LOG", "keyward=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    wait_ready(&client, data).await;
+    let created: Value = client
+        .post(format!("http://127.0.0.1:{admin}/admin/keys"))
+        .bearer_auth(TOKEN)
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = created["secret"].as_str().unwrap().to_string();
+    for key in [secret.as_str(), "sk-kw-unknown-00000000000000"] {
+        client
+            .post(format!("http://127.0.0.1:{data}/v1/admit"))
+            .json(&serde_json::json!({"key": key}))
+            .send()
+            .await
+            .unwrap();
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not a JSON line: {l}")))
+        .collect();
+    let decisions: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "decision")
+        .collect();
+    assert_eq!(decisions.len(), 2, "{text}");
+    assert_eq!(decisions[0]["allowed"], true);
+    assert_eq!(decisions[1]["reason"], "INVALID_KEY");
+    assert!(lines.iter().any(|l| l["message"] == "client key created"));
+    assert!(!text.contains(&secret), "the secret reached the logs");
+}
