@@ -234,7 +234,7 @@ async fn embedded_default_serves_keeps_its_key_file_and_stops_on_sigterm() {
 async fn json_logs_are_one_object_per_line_with_a_line_per_decision() {
     let dir = tempfile::tempdir().unwrap();
     let (data, admin) = (free_port(), free_port());
-    let mut child = keyward(&["serve"])
+    let child = keyward(&["serve"])
         .current_dir(dir.path())
         .env("KEYWARD_LISTEN", format!("127.0.0.1:{data}"))
         .env("KEYWARD_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
