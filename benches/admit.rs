@@ -3,6 +3,9 @@
 //!
 //! - Saturation: `CONCURRENCY` keep-alive connections send admits back to back for
 //!   `SECONDS`; decisions/s, p50 and p99 latency.
+//! - 10,000 keys: the same runs rotating over 10,000 client keys (every key loaded into
+//!   the cache first), to show that the cost per decision does not grow with the number
+//!   of keys.
 //! - With select: the same admits with `"select": true` on a pool of 50 provider keys
 //!   of equal priority (so every pick reads the least-recently-used order of all 50).
 //! - Ceiling: `redis-benchmark` runs EVALSHA of `lua/admit.lua` with the same keys and
@@ -131,11 +134,37 @@ async fn create_pool(k: &Keyward, n: usize) {
     }
 }
 
+/// Creates `n` keys like [`create_key`], 16 at a time.
+async fn create_keys(k: &Keyward, n: usize) -> Vec<String> {
+    let admin = k.admin;
+    let tasks: Vec<_> = (0..16)
+        .map(|t| {
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut secrets = Vec::new();
+                for _ in (t..n).step_by(16) {
+                    secrets.push(create_key_at(&client, admin).await);
+                }
+                secrets
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(n);
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
 async fn create_key(k: &Keyward) -> String {
+    create_key_at(&reqwest::Client::new(), k.admin).await
+}
+
+async fn create_key_at(client: &reqwest::Client, admin: u16) -> String {
     let body = serde_json::json!({"rate_limit": 1_000_000_000_000i64, "tpm_limit": 1_000_000_000_000i64,
                                   "concurrent_limit": null});
-    let created: serde_json::Value = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{}/admin/keys", k.admin))
+    let created: serde_json::Value = client
+        .post(format!("http://127.0.0.1:{admin}/admin/keys"))
         .bearer_auth(TOKEN)
         .json(&body)
         .send()
@@ -229,28 +258,66 @@ fn percentile(sorted_us: &[u64], p: f64) -> f64 {
     sorted_us[i] as f64 / 1000.0
 }
 
-/// Closed loop: every connection sends as fast as answers come back.
-async fn saturate(port: u16, secret: &str, select: bool, seconds: u64) -> Run {
-    let request = admit_request(port, secret, select);
+/// Closed loop: every connection sends as fast as answers come back, rotating over
+/// the keys (connection `w` starts at key `w`).
+async fn saturate(port: u16, secrets: &[String], select: bool, seconds: u64) -> Run {
+    let requests: std::sync::Arc<Vec<Vec<u8>>> = std::sync::Arc::new(
+        secrets
+            .iter()
+            .map(|s| admit_request(port, s, select))
+            .collect(),
+    );
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let workers: Vec<_> = (0..CONCURRENCY)
-        .map(|_| {
-            let request = request.clone();
+        .map(|w| {
+            let requests = requests.clone();
             tokio::spawn(async move {
                 let mut conn = Conn::open(port).await;
                 let (mut lat, mut errors) = (Vec::with_capacity(200_000), 0);
+                let mut i = w;
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    if conn.call(&request).await != 200 {
+                    if conn.call(&requests[i % requests.len()]).await != 200 {
                         errors += 1;
                     }
                     lat.push(t.elapsed().as_micros() as u64);
+                    i += CONCURRENCY;
                 }
                 (lat, Vec::new(), errors)
             })
         })
         .collect();
     collect(workers, seconds).await
+}
+
+/// Sends one admission per key, so that every key record is in the cache.
+async fn warm(port: u16, secrets: &[String]) {
+    let chunks: Vec<Vec<Vec<u8>>> = secrets
+        .chunks(secrets.len().div_ceil(CONCURRENCY))
+        .map(|c| c.iter().map(|s| admit_request(port, s, false)).collect())
+        .collect();
+    let tasks: Vec<_> = chunks
+        .into_iter()
+        .map(|requests| {
+            tokio::spawn(async move {
+                let mut conn = Conn::open(port).await;
+                for r in &requests {
+                    conn.call(r).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// The number of keys for the many-keys runs (`KEYWARD_BENCH_KEYS`, default 10,000).
+fn many_keys() -> usize {
+    std::env::var("KEYWARD_BENCH_KEYS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000)
 }
 
 /// Open loop at `rps`: requests sent on a fixed schedule.
@@ -371,6 +438,39 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
         .next()
 }
 
+/// Every run on one keyward; returns the plain single-key saturation run.
+async fn runs(shape: &str, k: &Keyward) -> Run {
+    let one = vec![create_key(k).await];
+    create_pool(k, pool_size()).await;
+    saturate(k.data, &one, false, 1).await; // warm-up
+    let sat = saturate(k.data, &one, false, SECONDS).await;
+    row(&format!("{shape}, 1 key, saturation"), &sat);
+    let open = open_loop(k.data, &one[0], OPEN_LOOP_RPS, SECONDS).await;
+    row(
+        &format!("{shape}, 1 key, open loop {OPEN_LOOP_RPS}/s"),
+        &open,
+    );
+    saturate(k.data, &one, true, 1).await;
+    let select = saturate(k.data, &one, true, SECONDS).await;
+    row(
+        &format!("{shape}, 1 key, select of {}", pool_size()),
+        &select,
+    );
+
+    let many = create_keys(k, many_keys()).await;
+    warm(k.data, &many).await;
+    let n = many.len();
+    row(
+        &format!("{shape}, {n} keys, saturation"),
+        &saturate(k.data, &many, false, SECONDS).await,
+    );
+    row(
+        &format!("{shape}, {n} keys, select of {}", pool_size()),
+        &saturate(k.data, &many, true, SECONDS).await,
+    );
+    sat
+}
+
 fn row(name: &str, run: &Run) {
     let lag = if run.lag_us.is_empty() {
         "-".to_string()
@@ -378,7 +478,7 @@ fn row(name: &str, run: &Run) {
         format!("{:.3}", percentile(&run.lag_us, 0.99))
     };
     println!(
-        "| {name:<28} | {:>11.0} | {:>6.3} | {:>6.3} | {:>8.3} | {lag:>10} | {:>6} |",
+        "| {name:<32} | {:>11.0} | {:>6.3} | {:>6.3} | {:>8.3} | {lag:>10} | {:>6} |",
         run.rate,
         percentile(&run.latencies_us, 0.50),
         percentile(&run.latencies_us, 0.99),
@@ -402,38 +502,11 @@ async fn main() {
     println!(
         "keyward admit benchmark: {CONCURRENCY} connections, {SECONDS} s per run, 2 shared cores\n"
     );
-    println!("| run                          | decisions/s | p50 ms | p99 ms | p99.9 ms | lag p99 ms | errors |");
-    println!("|------------------------------|------------:|-------:|-------:|---------:|-----------:|-------:|");
+    println!("| run                              | decisions/s | p50 ms | p99 ms | p99.9 ms | lag p99 ms | errors |");
+    println!("|----------------------------------|------------:|-------:|-------:|---------:|-----------:|-------:|");
 
-    let embedded = start(None).await;
-    let secret = create_key(&embedded).await;
-    create_pool(&embedded, pool_size()).await;
-    saturate(embedded.data, &secret, false, 1).await; // warm-up
-    let emb_sat = saturate(embedded.data, &secret, false, SECONDS).await;
-    row("embedded, saturation", &emb_sat);
-    let emb_open = open_loop(embedded.data, &secret, OPEN_LOOP_RPS, SECONDS).await;
-    row(&format!("embedded, open loop {OPEN_LOOP_RPS}/s"), &emb_open);
-    saturate(embedded.data, &secret, true, 1).await;
-    row(
-        &format!("embedded, select of {}, sat.", pool_size()),
-        &saturate(embedded.data, &secret, true, SECONDS).await,
-    );
-    drop(embedded);
-
-    let distributed = start(Some((&redis_url, &prefix))).await;
-    let secret = create_key(&distributed).await;
-    create_pool(&distributed, pool_size()).await;
-    saturate(distributed.data, &secret, false, 1).await;
-    let red_sat = saturate(distributed.data, &secret, false, SECONDS).await;
-    row("redis, saturation", &red_sat);
-    let red_open = open_loop(distributed.data, &secret, OPEN_LOOP_RPS, SECONDS).await;
-    row(&format!("redis, open loop {OPEN_LOOP_RPS}/s"), &red_open);
-    saturate(distributed.data, &secret, true, 1).await;
-    row(
-        &format!("redis, select of {}, sat.", pool_size()),
-        &saturate(distributed.data, &secret, true, SECONDS).await,
-    );
-    drop(distributed);
+    let emb_sat = runs("embedded", &start(None).await).await;
+    let red_sat = runs("redis", &start(Some((&redis_url, &prefix))).await).await;
     let _ = Command::new("sh")
         .arg("-c")
         .arg(format!(
