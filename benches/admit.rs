@@ -25,8 +25,12 @@
 //! Under `cargo test` (no `--bench` argument) it does nothing.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use support::{Keyward, TOKEN};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -34,75 +38,18 @@ use tokio::net::TcpStream;
 const CONCURRENCY: usize = 32;
 const SECONDS: u64 = 8;
 const OPEN_LOOP_RPS: u64 = 5_000;
-const TOKEN: &str = "bench-admin-token-0123456789";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Keyward {
-    child: Child,
-    data: u16,
-    admin: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Keyward {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
+/// keyward with short leases (so the lease set stays a few seconds deep), and Redis when given.
 async fn start(redis: Option<(&str, &str)>) -> Keyward {
-    let dir = tempfile::tempdir().unwrap();
-    let (data, admin) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
-    cmd.arg("serve")
-        .env("KEYWARD_LISTEN", format!("127.0.0.1:{data}"))
-        .env("KEYWARD_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .env("KEYWARD_ADMIN_TOKEN", TOKEN)
-        .env(
-            "KEYWARD_DATABASE_URL",
-            format!("sqlite://{}/bench.db", dir.path().display()),
-        )
-        .env("KEYWARD_LEASE_TTL_S", "5")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null());
+    let mut env = vec![("KEYWARD_LEASE_TTL_S", "5".to_string())];
     if let Ok(threads) = std::env::var("KEYWARD_BENCH_SERVER_THREADS") {
-        cmd.env("TOKIO_WORKER_THREADS", threads);
+        env.push(("TOKIO_WORKER_THREADS", threads));
     }
     if let Some((url, prefix)) = redis {
-        cmd.env("KEYWARD_REDIS_URL", url)
-            .env("KEYWARD_REDIS_PREFIX", prefix);
+        env.push(("KEYWARD_REDIS_URL", url.to_string()));
+        env.push(("KEYWARD_REDIS_PREFIX", prefix.to_string()));
     }
-    let child = cmd.spawn().unwrap();
-    let k = Keyward {
-        child,
-        data,
-        admin,
-        _dir: dir,
-    };
-    let client = reqwest::Client::new();
-    for _ in 0..200 {
-        if let Ok(r) = client
-            .get(format!("http://127.0.0.1:{data}/readyz"))
-            .send()
-            .await
-        {
-            if r.status() == 200 {
-                return k;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("keyward did not start");
+    support::start(&env).await
 }
 
 /// The pool size for the select runs (`KEYWARD_BENCH_POOL`, default 50).
