@@ -22,6 +22,7 @@ use crate::config::{Config, ENCRYPTION_KEY};
 use crate::crypto::{self, Keyring};
 use crate::db::{self, Backend, Db};
 use crate::invalidation::{self, Bus};
+use crate::limits::conn::Target;
 use crate::limits::memory::MemoryCounters;
 use crate::limits::redis::RedisCounters;
 use crate::limits::Counters;
@@ -52,7 +53,9 @@ pub struct AppState {
 enum Accounting {
     Embedded(mpsc::Receiver<UsageRecord>),
     Stream {
-        client: redis::Client,
+        target: Target,
+        /// For the invalidation subscription.
+        pubsub: Box<redis::Client>,
         stream: String,
         /// Reports taken by the in-process twin while Redis fails (`allow`, `local`).
         fallback: mpsc::Receiver<UsageRecord>,
@@ -122,15 +125,23 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
                 .context("connecting to Redis (KEYWARD_REDIS_URL)")?
                 .with_failure_policy(config.on_backend_error, twin);
             let stream = redis.stream_key();
-            accounting::stream::ensure_group(redis.client(), &stream)
+            let mut conn = redis
+                .conn()
+                .await
+                .context("connecting to Redis (KEYWARD_REDIS_URL)")?;
+            accounting::stream::ensure_group(&mut conn, &stream)
                 .await
                 .context("creating the accounting stream's consumer group")?;
-            bus = bus.with_publisher(redis.pool().clone(), invalidation_channel.clone());
-            let client = redis.client().clone();
+            let target = redis.target().clone();
+            let pubsub =
+                Box::new(redis::Client::open(target.pubsub_url()).context("KEYWARD_REDIS_URL")?);
+            let redis = Arc::new(redis);
+            bus = bus.with_publisher(redis.clone(), invalidation_channel.clone());
             (
-                Counters::Redis(Arc::new(redis)),
+                Counters::Redis(redis),
                 Accounting::Stream {
-                    client,
+                    target,
+                    pubsub,
                     stream,
                     fallback,
                 },
@@ -205,7 +216,8 @@ fn spawn_background(
             )));
         }
         Accounting::Stream {
-            client,
+            target,
+            pubsub,
             stream,
             fallback,
         } => {
@@ -215,7 +227,7 @@ fn spawn_background(
                 stop.clone(),
             )));
             jobs.push(tokio::spawn(accounting::stream::run(
-                client.clone(),
+                target,
                 stream,
                 consumer_name(),
                 config.accounting_claim_idle,
@@ -223,7 +235,7 @@ fn spawn_background(
                 stop.clone(),
             )));
             jobs.push(tokio::spawn(invalidation::subscribe(
-                client,
+                *pubsub,
                 parts.invalidation_channel,
                 state.bus.clone(),
                 stop.clone(),

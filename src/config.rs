@@ -245,8 +245,11 @@ impl Config {
 
         let redis_url = p.get(REDIS_URL).map(str::to_string);
         if let Some(url) = &redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                p.fail(REDIS_URL, "must start with redis:// or rediss://");
+            if crate::limits::conn::Target::parse(url).is_none() {
+                p.fail(
+                    REDIS_URL,
+                    "must be redis://host:port, rediss://…, or redis+cluster://host:port,host:port",
+                );
             }
         }
 

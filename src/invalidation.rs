@@ -14,12 +14,13 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use crate::client_keys::cache::KeyCache;
+use crate::limits::redis::RedisCounters;
 use crate::pool::cache::PoolCache;
 
 pub struct Bus {
     pub keys: Arc<KeyCache>,
     pub pools: Arc<PoolCache>,
-    publisher: Option<(deadpool_redis::Pool, String)>,
+    publisher: Option<(Arc<RedisCounters>, String)>,
 }
 
 impl Bus {
@@ -32,8 +33,8 @@ impl Bus {
     }
 
     /// Publishes to the other replicas through Redis.
-    pub fn with_publisher(mut self, pool: deadpool_redis::Pool, channel: String) -> Self {
-        self.publisher = Some((pool, channel));
+    pub fn with_publisher(mut self, redis: Arc<RedisCounters>, channel: String) -> Self {
+        self.publisher = Some((redis, channel));
         self
     }
 
@@ -61,11 +62,11 @@ impl Bus {
     }
 
     async fn publish(&self, message: String) {
-        let Some((pool, channel)) = &self.publisher else {
+        let Some((redis, channel)) = &self.publisher else {
             return;
         };
         let published: Result<(), String> = async {
-            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+            let mut conn = redis.conn().await.map_err(|e| e.to_string())?;
             redis::cmd("PUBLISH")
                 .arg(channel)
                 .arg(&message)

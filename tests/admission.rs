@@ -662,7 +662,7 @@ async fn entries_held_by_a_dead_replica_are_claimed_and_applied() {
         };
         counters.report(&report).await.unwrap();
     }
-    let mut conn = counters.pool().get().await.unwrap();
+    let mut conn = counters.conn().await.unwrap();
     let taken: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
         .arg("GROUP")
         .arg(keyward::accounting::stream::GROUP)

@@ -102,7 +102,7 @@ impl Store {
                 out
             }
             (None, Counters::Redis(redis)) => {
-                let mut conn = redis.pool().get().await.unwrap();
+                let mut conn = redis.conn().await.unwrap();
                 let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
                     .arg(redis.stream_key())
                     .arg("-")

@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use super::{backoff, BATCH};
 use crate::db::Db;
+use crate::limits::conn::{Conn, Target};
 use crate::limits::redis::record_from_entry;
 use crate::usage::{store, UsageRecord};
 
@@ -16,8 +17,7 @@ pub const GROUP: &str = "keyward-writers";
 const BLOCK_MS: u64 = 1_000;
 
 /// Creates the consumer group (and the stream) unless they exist.
-pub async fn ensure_group(client: &redis::Client, stream: &str) -> redis::RedisResult<()> {
-    let mut conn = client.get_multiplexed_async_connection().await?;
+pub async fn ensure_group(conn: &mut Conn, stream: &str) -> redis::RedisResult<()> {
     let created: redis::RedisResult<()> = conn.xgroup_create_mkstream(stream, GROUP, "0").await;
     match created {
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
@@ -28,7 +28,7 @@ pub async fn ensure_group(client: &redis::Client, stream: &str) -> redis::RedisR
 /// Reads, applies and acknowledges until `stop` is set. Entries another consumer has held
 /// for `claim_idle` (it died, or its database is down) are claimed and applied here.
 pub async fn run(
-    client: redis::Client,
+    target: Target,
     stream: String,
     consumer: String,
     claim_idle: Duration,
@@ -45,7 +45,10 @@ pub async fn run(
     while !*stop.borrow() {
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => match connect(&client).await {
+            None => match target
+                .dedicated(Duration::from_millis(BLOCK_MS + 4_000))
+                .await
+            {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
                     tracing::warn!(error = %e, "accounting: cannot reach Redis; retrying");
@@ -132,16 +135,6 @@ pub async fn run(
     }
 }
 
-/// A connection of its own: a blocking read must not share (or trip) the pool's short
-/// response timeout.
-async fn connect(client: &redis::Client) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_response_timeout(Some(Duration::from_millis(BLOCK_MS + 4_000)));
-    client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-}
-
 async fn sleep_or_stop(wait: Duration, stop: &mut watch::Receiver<bool>) {
     tokio::select! {
         _ = tokio::time::sleep(wait) => {}
@@ -150,7 +143,7 @@ async fn sleep_or_stop(wait: Duration, stop: &mut watch::Receiver<bool>) {
 }
 
 async fn read(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     consumer: &str,
     pending: bool,
@@ -175,7 +168,7 @@ async fn read(
 
 /// Takes over entries idle for longer than `idle`; returns how many.
 async fn claim(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     consumer: &str,
     idle: Duration,

@@ -18,6 +18,7 @@
 //!   request cost; overspend is bounded by one request's cost.
 
 pub mod breaker;
+pub mod conn;
 pub mod memory;
 pub mod redis;
 pub mod window;

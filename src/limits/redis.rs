@@ -37,8 +37,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use deadpool_redis::{Config as PoolConfig, Connection, Pool, Runtime};
-use redis::aio::MultiplexedConnection;
+use super::conn::{Conn, Pools, Target};
 use redis::Script;
 
 use super::breaker::Breaker;
@@ -89,14 +88,14 @@ const LANES: usize = 2;
 
 /// Shared multiplexed connections, used round robin.
 struct Lanes {
-    pool: Pool,
-    lanes: Vec<Mutex<Option<MultiplexedConnection>>>,
+    pools: Pools,
+    lanes: Vec<Mutex<Option<Conn>>>,
     next: AtomicUsize,
 }
 
 impl Lanes {
     /// A handle to one lane's connection (a cheap clone of a shared socket).
-    async fn get(&self) -> Result<(usize, MultiplexedConnection), CounterError> {
+    async fn get(&self) -> Result<(usize, Conn), CounterError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
         if let Some(conn) = self.lanes[i]
             .lock()
@@ -105,7 +104,7 @@ impl Lanes {
         {
             return Ok((i, conn));
         }
-        let conn = Connection::take(self.pool.get().await?);
+        let conn = self.pools.take().await?;
         *self.lanes[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
         Ok((i, conn))
     }
@@ -148,9 +147,8 @@ impl Lanes {
 }
 
 pub struct RedisCounters {
-    pool: Pool,
+    target: Target,
     lanes: Lanes,
-    client: redis::Client,
     tag: String,
     scripts: Scripts,
     guard_ttl_ms: i64,
@@ -175,33 +173,20 @@ fn is_outage(e: &CounterError) -> bool {
     }
 }
 
-/// Creates a pool of multiplexed connections with short timeouts, so an outage fails
-/// fast instead of adding its timeout to every request.
-pub fn pool(url: &str, size: usize) -> Result<Pool, CounterError> {
-    let mut config = PoolConfig::from_url(url);
-    let mut pool_config = deadpool_redis::PoolConfig::new(size);
-    pool_config.timeouts.wait = Some(std::time::Duration::from_secs(1));
-    pool_config.timeouts.create = Some(std::time::Duration::from_secs(1));
-    pool_config.timeouts.recycle = Some(std::time::Duration::from_secs(1));
-    config.pool = Some(pool_config);
-    config
-        .create_pool(Some(Runtime::Tokio1))
-        .map_err(|e| CounterError::Protocol(format!("cannot create the Redis pool: {e}")))
-}
-
 impl RedisCounters {
     /// Connects, preloads the scripts and makes sure the accounting stream's consumer
     /// group exists.
     pub async fn connect(url: &str, prefix: &str, guard_ttl_ms: i64) -> Result<Self, CounterError> {
-        let pool = pool(url, 8)?;
+        let target = Target::parse(url).ok_or_else(|| {
+            CounterError::Protocol("not a redis:// or redis+cluster:// URL".into())
+        })?;
         let counters = Self {
             lanes: Lanes {
-                pool: pool.clone(),
+                pools: Pools::new(&target, 8)?,
                 lanes: (0..LANES).map(|_| Mutex::new(None)).collect(),
                 next: AtomicUsize::new(0),
             },
-            pool,
-            client: redis::Client::open(url)?,
+            target,
             tag: format!("{{{prefix}}}"),
             scripts: Scripts::new(),
             guard_ttl_ms,
@@ -287,20 +272,21 @@ impl RedisCounters {
     }
 
     pub async fn load_scripts(&self) -> Result<(), CounterError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.lanes.pools.take().await?;
         for script in self.scripts.all() {
             script.prepare_invoke().load_async(&mut conn).await?;
         }
         Ok(())
     }
 
-    /// A client for dedicated connections (stream consumer, pub/sub).
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// Where Redis is (for dedicated connections: the stream consumer, pub/sub).
+    pub fn target(&self) -> &Target {
+        &self.target
     }
 
-    pub fn pool(&self) -> &Pool {
-        &self.pool
+    /// A shared connection (one of the hot path's lanes).
+    pub async fn conn(&self) -> Result<Conn, CounterError> {
+        Ok(self.lanes.get().await?.1)
     }
 
     fn key(&self, key_id: &str, what: &str) -> String {
@@ -563,7 +549,7 @@ impl RedisCounters {
 
     /// Redis answers and holds every script.
     pub async fn ready(&self) -> Result<(), CounterError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.conn().await?;
         let mut exists = redis::cmd("SCRIPT");
         exists.arg("EXISTS");
         for script in self.scripts.all() {
