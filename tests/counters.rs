@@ -22,6 +22,8 @@ use tokio::sync::{mpsc, Mutex};
 enum Kind {
     Memory,
     Redis,
+    /// A three-master Redis Cluster of the test's own.
+    Cluster,
 }
 
 macro_rules! on_both_stores {
@@ -32,10 +34,16 @@ macro_rules! on_both_stores {
                 async fn $name() { super::$name(super::Kind::Memory).await; }
             )*
         }
-        mod on_redis {
+                mod on_redis {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() { super::$name(super::Kind::Redis).await; }
+            )*
+        }
+        mod on_redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::Kind::Cluster).await; }
             )*
         }
     };
@@ -62,6 +70,8 @@ struct Store {
     counters: Counters,
     queue: Option<Mutex<mpsc::Receiver<UsageRecord>>>,
     redis: Option<(String, String)>,
+    /// Kept alive for the test; its processes end on drop.
+    _cluster: Option<common::PrivateCluster>,
 }
 
 impl Store {
@@ -73,6 +83,7 @@ impl Store {
                     counters: Counters::Memory(Arc::new(MemoryCounters::new(600_000, tx))),
                     queue: Some(Mutex::new(rx)),
                     redis: None,
+                    _cluster: None,
                 }
             }
             Kind::Redis => {
@@ -85,6 +96,20 @@ impl Store {
                     counters: Counters::Redis(Arc::new(redis)),
                     queue: None,
                     redis: Some((url, prefix)),
+                    _cluster: None,
+                }
+            }
+            Kind::Cluster => {
+                let cluster = common::PrivateCluster::start().await;
+                assert_eq!(cluster.node_count(), 3);
+                let redis = RedisCounters::connect(&cluster.url, &common::unique_prefix(), 600_000)
+                    .await
+                    .unwrap();
+                Store {
+                    counters: Counters::Redis(Arc::new(redis)),
+                    queue: None,
+                    redis: None,
+                    _cluster: Some(cluster),
                 }
             }
         }

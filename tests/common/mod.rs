@@ -571,3 +571,107 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A three-master Redis Cluster of the test's own (redis-server --cluster-enabled yes on
+/// free ports, joined with redis-cli --cluster create), killed on drop.
+pub struct PrivateCluster {
+    pub url: String,
+    nodes: Vec<PrivateRedisNode>,
+}
+
+struct PrivateRedisNode {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for PrivateRedisNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free port whose cluster bus port (port + 10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl PrivateCluster {
+    pub async fn start() -> PrivateCluster {
+        let ports: Vec<u16> = (0..3).map(|_| free_cluster_port()).collect();
+        let mut nodes = Vec::new();
+        for port in &ports {
+            let dir = tempfile::tempdir().unwrap();
+            let child = std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .current_dir(dir.path())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server is not installed");
+            nodes.push(PrivateRedisNode { child, _dir: dir });
+        }
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        for port in &ports {
+            eventually(10, || async {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
+            })
+            .await;
+        }
+        let created = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        for port in &ports {
+            eventually(20, || async {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                info.contains("cluster_state:ok").then_some(())
+            })
+            .await;
+        }
+        PrivateCluster {
+            url: format!("redis+cluster://{}", addresses.join(",")),
+            nodes,
+        }
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+}
