@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use sqlx::Executor;
-use support::{Keyward, TOKEN};
+use support::Keyward;
 
 const REPLICAS: usize = 3;
 
@@ -32,21 +32,7 @@ impl Cluster {
     }
 
     async fn key(&self, body: Value) -> String {
-        let created: Value = self
-            .client
-            .post(format!(
-                "http://127.0.0.1:{}/admin/keys",
-                self.replicas[0].admin
-            ))
-            .bearer_auth(TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        created["secret"].as_str().unwrap().to_string()
+        support::create_key(&self.client, self.replicas[0].admin, &body).await
     }
 
     async fn post(&self, i: usize, path: &str, body: Value) -> (u16, Value) {

@@ -107,20 +107,11 @@ async fn create_key(k: &Keyward) -> String {
     create_key_at(&reqwest::Client::new(), k.admin).await
 }
 
+/// A key whose limits are too high to be reached, so every window is read and written.
 async fn create_key_at(client: &reqwest::Client, admin: u16) -> String {
     let body = serde_json::json!({"rate_limit": 1_000_000_000_000i64, "tpm_limit": 1_000_000_000_000i64,
                                   "concurrent_limit": null});
-    let created: serde_json::Value = client
-        .post(format!("http://127.0.0.1:{admin}/admin/keys"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    created["secret"].as_str().unwrap().to_string()
+    support::create_key(client, admin, &body).await
 }
 
 /// One keep-alive HTTP/1.1 connection that sends a fixed request.

@@ -163,6 +163,20 @@ async fn wait_ready(client: &reqwest::Client, port: u16) {
     panic!("keyward did not become ready");
 }
 
+/// Creates a key with default settings through a running binary's admin API.
+async fn create_key(client: &reqwest::Client, admin: u16) -> Value {
+    client
+        .post(format!("http://127.0.0.1:{admin}/admin/keys"))
+        .bearer_auth(TOKEN)
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn terminate(mut running: Running) -> std::process::ExitStatus {
     let pid = running.child.id().to_string();
     assert!(Command::new("kill")
@@ -191,16 +205,7 @@ async fn embedded_default_serves_keeps_its_key_file_and_stops_on_sigterm() {
 
     let first = serve_embedded(dir.path());
     wait_ready(&client, first.data).await;
-    let created: Value = client
-        .post(format!("http://127.0.0.1:{}/admin/keys", first.admin))
-        .bearer_auth(TOKEN)
-        .body("{}")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = create_key(&client, first.admin).await;
     let id = created["key"]["id"].as_str().unwrap().to_string();
     let secret = created["secret"].as_str().unwrap().to_string();
     assert!(terminate(first).success(), "SIGTERM must be a clean exit");
@@ -247,16 +252,7 @@ async fn json_logs_are_one_object_per_line_with_a_line_per_decision() {
         .unwrap();
     let client = reqwest::Client::new();
     wait_ready(&client, data).await;
-    let created: Value = client
-        .post(format!("http://127.0.0.1:{admin}/admin/keys"))
-        .bearer_auth(TOKEN)
-        .body("{}")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = create_key(&client, admin).await;
     let secret = created["secret"].as_str().unwrap().to_string();
     for key in [secret.as_str(), "sk-kw-unknown-00000000000000"] {
         client

@@ -72,3 +72,18 @@ pub async fn start(env: &[(&str, String)]) -> Keyward {
     }
     panic!("keyward did not start");
 }
+
+/// Creates a client key through the admin API; returns its secret.
+pub async fn create_key(client: &reqwest::Client, admin: u16, body: &serde_json::Value) -> String {
+    let created: serde_json::Value = client
+        .post(format!("http://127.0.0.1:{admin}/admin/keys"))
+        .bearer_auth(TOKEN)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    created["secret"].as_str().unwrap().to_string()
+}
