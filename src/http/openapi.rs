@@ -1,0 +1,270 @@
+//! The OpenAPI 3.0 documents of the two listeners, served at `/openapi.json` on each.
+//!
+//! Invariant: the documents, the route tables [`DATA_ROUTES`] / [`ADMIN_ROUTES`] and the
+//! routers agree. `tests/openapi.rs` checks that each document's operations are its
+//! table, that the table's paths are the `.route(…)` calls of the router's source (both
+//! directions), and that every operation answers on a live server. Every error answer
+//! is the `Error` schema (the `default` response).
+
+use serde_json::{json, Value};
+
+/// `(method, path)` of every data-plane operation.
+pub const DATA_ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/admit"),
+    ("post", "/v1/select"),
+    ("post", "/v1/report"),
+    ("post", "/v1/leases/{lease_id}/renew"),
+    ("get", "/authz/{path}"),
+    ("post", "/authz/{path}"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+];
+
+/// `(method, path)` of every admin operation.
+pub const ADMIN_ROUTES: &[(&str, &str)] = &[
+    ("post", "/admin/keys"),
+    ("get", "/admin/keys"),
+    ("get", "/admin/keys/standalone"),
+    ("post", "/admin/keys/expire"),
+    ("get", "/admin/keys/{id}"),
+    ("patch", "/admin/keys/{id}"),
+    ("delete", "/admin/keys/{id}"),
+    ("post", "/admin/keys/{id}/reveal"),
+    ("post", "/admin/keys/{id}/balance"),
+    ("get", "/admin/keys/{id}/stats"),
+    ("post", "/admin/providers/{provider}/keys"),
+    ("get", "/admin/providers/{provider}/keys"),
+    ("patch", "/admin/provider-keys/{id}"),
+    ("delete", "/admin/provider-keys/{id}"),
+    ("get", "/admin/provider-keys/{id}/usage"),
+    ("post", "/admin/encryption/rotate"),
+    ("get", "/openapi.json"),
+];
+
+fn s(t: &str) -> Value {
+    json!({"type": t})
+}
+
+fn nullable(t: &str) -> Value {
+    json!({"type": t, "nullable": true})
+}
+
+fn strings() -> Value {
+    json!({"type": "array", "items": {"type": "string"}, "nullable": true})
+}
+
+fn reference(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn body(schema: Value) -> Value {
+    json!({"required": false, "content": {"application/json": {"schema": schema}}})
+}
+
+/// An operation: its summary, an optional JSON body, and its success answer.
+fn op(
+    summary: &str,
+    request: Option<Value>,
+    status: &str,
+    answer: Value,
+    params: Vec<Value>,
+) -> Value {
+    let mut o = json!({
+        "summary": summary,
+        "responses": {
+            status: {"description": "success", "content": {"application/json": {"schema": answer}}},
+            "default": {"description": "the contract's error body", "content": {"application/json": {"schema": reference("Error")}}},
+        },
+    });
+    if let Some(request) = request {
+        o["requestBody"] = body(request);
+    }
+    if !params.is_empty() {
+        o["parameters"] = json!(params);
+    }
+    o
+}
+
+fn path_param(name: &str) -> Value {
+    json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}})
+}
+
+fn query(name: &str, schema: Value) -> Value {
+    json!({"name": name, "in": "query", "required": false, "schema": schema})
+}
+
+fn object(props: Value, required: &[&str]) -> Value {
+    json!({"type": "object", "properties": props, "required": required, "additionalProperties": false})
+}
+
+fn error_schema() -> Value {
+    json!({
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": s("string"),
+                "message": s("string"),
+                "retry_after_ms": s("integer"),
+                "limit": s("string"),
+            },
+        }},
+    })
+}
+
+fn document(title: &str, paths: Value, schemas: Value, secured: bool) -> Value {
+    let mut schemas = schemas;
+    schemas["Error"] = error_schema();
+    let mut doc = json!({
+        "openapi": "3.0.3",
+        "info": {"title": title, "version": env!("CARGO_PKG_VERSION")},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    });
+    if secured {
+        doc["components"]["securitySchemes"] =
+            json!({"admin": {"type": "http", "scheme": "bearer"}});
+        doc["security"] = json!([{"admin": []}]);
+    }
+    doc
+}
+
+/// The data plane's document.
+pub fn data_plane() -> Value {
+    let limits = json!({"type": "object", "nullable": true});
+    let admit = object(
+        json!({
+            "key": nullable("string"), "provider": nullable("string"), "model": nullable("string"),
+            "api_format": nullable("string"), "estimated_tokens": {"type": "integer", "nullable": true},
+            "select": s("boolean"),
+        }),
+        &[],
+    );
+    let admitted = json!({"type": "object", "required": ["allowed", "lease_id", "key_id"], "properties": {
+        "allowed": s("boolean"), "lease_id": s("string"), "lease_expires_at": s("string"), "key_id": s("string"),
+        "provider_key": {"type": "object", "nullable": true}, "limits": limits,
+        "remaining_balance_usd": nullable("number"),
+    }});
+    let select = object(
+        json!({"provider": nullable("string"), "estimated_tokens": {"type": "integer", "nullable": true}}),
+        &[],
+    );
+    let report = object(
+        json!({
+            "lease_id": nullable("string"), "provider_key_id": nullable("string"), "model": nullable("string"),
+            "prompt_tokens": {"type": "integer", "nullable": true}, "completion_tokens": {"type": "integer", "nullable": true},
+            "cost_usd": nullable("number"), "latency_ms": {"type": "integer", "nullable": true},
+            "upstream_status": {"type": "integer", "nullable": true}, "retry_after_s": {"type": "integer", "nullable": true},
+        }),
+        &[],
+    );
+    let any = json!({});
+    let authz = op(
+        "The proxy check (Envoy ext_authz, nginx auth_request)",
+        None,
+        "200",
+        any.clone(),
+        vec![path_param("path")],
+    );
+    document(
+        "keyward data plane",
+        json!({
+            "/v1/admit": {"post": op("May this key make this request now?", Some(admit), "200", admitted, vec![])},
+            "/v1/select": {"post": op("Pick a provider key", Some(select), "200", json!({"type": "object", "required": ["provider_key"]}), vec![])},
+            "/v1/report": {"post": op("What did the request cost?", Some(report), "200", json!({"type": "object", "required": ["recorded"]}), vec![])},
+            "/v1/leases/{lease_id}/renew": {"post": op("Extend a live lease", None, "200", json!({"type": "object"}), vec![path_param("lease_id")])},
+            "/authz/{path}": {"get": authz.clone(), "post": authz},
+            "/healthz": {"get": op("Alive", None, "200", json!({"type": "object"}), vec![])},
+            "/readyz": {"get": op("Ready: database and Redis answer", None, "200", json!({"type": "object"}), vec![])},
+            "/metrics": {"get": {"summary": "Prometheus text", "responses": {"200": {"description": "metrics", "content": {"text/plain": {"schema": s("string")}}}}}},
+            "/openapi.json": {"get": op("This document", None, "200", json!({"type": "object"}), vec![])},
+        }),
+        json!({}),
+        false,
+    )
+}
+
+/// The admin API's document.
+pub fn admin() -> Value {
+    let id = || vec![path_param("id")];
+    let limit = || json!({"type": "integer", "nullable": true});
+    let create = object(
+        json!({
+            "user_id": nullable("string"), "name": nullable("string"),
+            "allowed_providers": strings(), "allowed_api_formats": strings(), "allowed_models": strings(),
+            "rate_limit": limit(), "tpm_limit": limit(), "concurrent_limit": limit(),
+            "expire_days": limit(), "expires_at": nullable("string"), "is_standalone": {"type": "boolean", "nullable": true},
+            "initial_balance_usd": nullable("number"), "auto_delete_on_expiry": {"type": "boolean", "nullable": true},
+        }),
+        &[],
+    );
+    let patch = object(
+        json!({
+            "name": nullable("string"), "allowed_providers": strings(), "allowed_api_formats": strings(),
+            "allowed_models": strings(), "rate_limit": limit(), "tpm_limit": limit(), "concurrent_limit": limit(),
+            "is_active": {"type": "boolean", "nullable": true}, "expires_at": nullable("string"),
+            "auto_delete_on_expiry": {"type": "boolean", "nullable": true},
+        }),
+        &[],
+    );
+    let key = json!({"type": "object", "required": ["id", "is_active", "is_standalone"], "properties": {
+        "id": s("string"), "user_id": nullable("string"), "name": s("string"), "prefix": s("string"),
+        "rate_limit": limit(), "tpm_limit": limit(), "concurrent_limit": limit(), "is_active": s("boolean"),
+        "is_standalone": s("boolean"), "balance_usd": nullable("number"), "remaining_balance_usd": nullable("number"),
+    }});
+    let keys = json!({"type": "object", "required": ["keys"], "properties": {"keys": {"type": "array", "items": reference("Key")}}});
+    let provider_key = json!({"type": "object", "required": ["id", "provider", "label", "priority"], "properties": {
+        "id": s("string"), "provider": s("string"), "label": s("string"), "priority": s("integer"),
+        "max_rpm": limit(), "max_tpm": limit(), "is_active": s("boolean"),
+    }});
+    let add_provider = object(
+        json!({"label": s("string"), "value": s("string"), "priority": limit(), "max_rpm": limit(), "max_tpm": limit()}),
+        &["label", "value"],
+    );
+    let patch_provider = object(
+        json!({"label": nullable("string"), "priority": limit(), "max_rpm": limit(), "max_tpm": limit(), "is_active": {"type": "boolean", "nullable": true}}),
+        &[],
+    );
+    let obj = || json!({"type": "object"});
+    document(
+        "keyward admin API",
+        json!({
+            "/admin/keys": {
+                "post": op("Create a client key (the secret is shown once)", Some(create), "201", obj(), vec![]),
+                "get": op("A user's keys, newest first", None, "200", keys.clone(),
+                    vec![query("user_id", s("string")), query("active", json!({"type": "string", "enum": ["true", "false"]}))]),
+            },
+            "/admin/keys/standalone": {"get": op("Standalone keys, newest first", None, "200", keys,
+                vec![query("active", json!({"type": "string", "enum": ["true", "false"]}))])},
+            "/admin/keys/expire": {"post": op("Disable or delete expired keys", Some(object(json!({"auto_delete": {"type": "boolean", "nullable": true}}), &[])), "200", obj(), vec![])},
+            "/admin/keys/{id}": {
+                "get": op("One key", None, "200", reference("Key"), id()),
+                "patch": op("Change updatable fields", Some(patch), "200", reference("Key"), id()),
+                "delete": op("Disable a key", None, "200", reference("Key"), id()),
+            },
+            "/admin/keys/{id}/reveal": {"post": op("Show the secret (logged)", None, "200", obj(), id())},
+            "/admin/keys/{id}/balance": {"post": op("Credit or deduct a standalone key's balance",
+                Some(object(json!({"amount_usd": s("number")}), &["amount_usd"])), "200", reference("Key"), id())},
+            "/admin/keys/{id}/stats": {"get": op("Usage totals and days", None, "200", obj(),
+                [id(), vec![query("start", s("string")), query("end", s("string"))]].concat())},
+            "/admin/providers/{provider}/keys": {
+                "post": op("Add a provider key (its value is never returned)", Some(add_provider), "201", reference("ProviderKey"), vec![path_param("provider")]),
+                "get": op("A provider's keys by priority, with live state", None, "200", obj(), vec![path_param("provider")]),
+            },
+            "/admin/provider-keys/{id}": {
+                "patch": op("Change a provider key", Some(patch_provider), "200", reference("ProviderKey"), id()),
+                "delete": op("Remove a provider key", None, "200", obj(), id()),
+            },
+            "/admin/provider-keys/{id}/usage": {"get": op("Reported usage per minute, newest first", None, "200", obj(),
+                [id(), vec![query("limit", s("integer"))]].concat())},
+            "/admin/encryption/rotate": {"post": op("Re-encrypt every secret with the current key", None, "200", obj(), vec![])},
+            "/openapi.json": {"get": op("This document", None, "200", obj(), vec![])},
+        }),
+        json!({"Key": key, "ProviderKey": provider_key}),
+        true,
+    )
+}
