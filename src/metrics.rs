@@ -12,7 +12,7 @@
 //! | `keyward_redis_script_duration_seconds` | histogram | `script` (admit, select, report, renew, pool_state) |
 //! | `keyward_redis_script_errors_total` | counter | `script` |
 //! | `keyward_provider_selections_total` | counter | `provider` |
-//! | `keyward_provider_key_events_total` | counter | `event` (cooldown, suspension) |
+//! | `keyward_provider_key_events_total` | counter | `provider`, `event` (cooldown, suspension) |
 //! | `keyward_reports_total` | counter | `result` (recorded, duplicate) |
 //! | `keyward_accounting_records_total` | counter | `result` (applied, duplicate) |
 //! | `keyward_accounting_failures_total` | counter | |
@@ -164,7 +164,7 @@ fn build() -> Metrics {
             &r,
             "keyward_provider_key_events_total",
             "Provider keys cooled down (429) or suspended (401/403).",
-            &["event"],
+            &["provider", "event"],
         ),
         reports: counter(
             &r,

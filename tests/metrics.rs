@@ -68,7 +68,7 @@ async fn a_live_scrape_passes_promtool_and_names_no_key() {
         "keyward_decision_duration_seconds_bucket{endpoint=\"admit\",le=\"0.001\"}",
         "keyward_redis_script_duration_seconds_count{script=\"admit\"}",
         "keyward_provider_selections_total{provider=\"openai\"} 1",
-        "keyward_provider_key_events_total{event=\"cooldown\"} 1",
+        "keyward_provider_key_events_total{event=\"cooldown\",provider=\"openai\"} 1",
         "keyward_reports_total{result=\"recorded\"} 1",
         "keyward_cache_lookups_total{cache=\"client_keys\",result=\"hit\"}",
         "keyward_backend_failure_mode{mode=\"deny\"} 1",

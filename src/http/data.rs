@@ -191,12 +191,17 @@ async fn report(
     match outcome {
         Reported::Recorded => {
             m.reports.with_label_values(&["recorded"]).inc();
-            if report.provider_key_id.is_some() && report.cooldown_ms > 0 {
-                m.provider_key_events.with_label_values(&["cooldown"]).inc();
-            }
-            if report.provider_key_id.is_some() && report.suspend_ms > 0 {
+            let event = match (report.cooldown_ms > 0, report.suspend_ms > 0) {
+                (true, _) => Some("cooldown"),
+                (_, true) => Some("suspension"),
+                _ => None,
+            };
+            if let (Some(event), Some(id)) = (event, &report.provider_key_id) {
+                // Only after an upstream 429/401/403, never on the admission path.
+                let provider = state.pools.get(id).await.map(|k| k.provider);
+                let provider = provider.as_deref().unwrap_or("unknown");
                 m.provider_key_events
-                    .with_label_values(&["suspension"])
+                    .with_label_values(&[provider, event])
                     .inc();
             }
             Ok(Json(json!({"recorded": true})))
