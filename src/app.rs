@@ -100,6 +100,36 @@ pub async fn open_db(config: &Config) -> anyhow::Result<Db> {
     Ok(db)
 }
 
+/// The distributed counter store: Redis with its failure policy (and the in-process twin
+/// that serves it), the accounting stream's consumer group, the pub/sub client.
+async fn connect_redis(
+    config: &Config,
+    url: &str,
+    guard_ttl_ms: i64,
+) -> anyhow::Result<(Arc<RedisCounters>, Accounting)> {
+    let context = "connecting to Redis (KEYWARD_REDIS_URL)";
+    let (tx, fallback) = accounting::embedded::channel();
+    let twin = Arc::new(MemoryCounters::new(guard_ttl_ms, tx));
+    let redis = RedisCounters::connect(url, &config.redis_prefix, guard_ttl_ms)
+        .await
+        .context(context)?
+        .with_failure_policy(config.on_backend_error, twin);
+    let stream = redis.stream_key();
+    let mut conn = redis.conn().await.context(context)?;
+    accounting::stream::ensure_group(&mut conn, &stream)
+        .await
+        .context("creating the accounting stream's consumer group")?;
+    let target = redis.target().clone();
+    let pubsub = Box::new(redis::Client::open(target.pubsub_url()).context(context)?);
+    let accounting = Accounting::Stream {
+        target,
+        pubsub,
+        stream,
+        fallback,
+    };
+    Ok((Arc::new(redis), accounting))
+}
+
 pub async fn build(config: &Config) -> anyhow::Result<Parts> {
     let db = open_db(config).await?;
     let keyring = Arc::new(keyring(config)?);
@@ -118,34 +148,9 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
     let invalidation_channel = format!("{}:invalidate", config.redis_prefix);
     let (counters, accounting) = match &config.redis_url {
         Some(url) => {
-            let (tx, fallback) = accounting::embedded::channel();
-            let twin = Arc::new(MemoryCounters::new(guard_ttl_ms, tx));
-            let redis = RedisCounters::connect(url, &config.redis_prefix, guard_ttl_ms)
-                .await
-                .context("connecting to Redis (KEYWARD_REDIS_URL)")?
-                .with_failure_policy(config.on_backend_error, twin);
-            let stream = redis.stream_key();
-            let mut conn = redis
-                .conn()
-                .await
-                .context("connecting to Redis (KEYWARD_REDIS_URL)")?;
-            accounting::stream::ensure_group(&mut conn, &stream)
-                .await
-                .context("creating the accounting stream's consumer group")?;
-            let target = redis.target().clone();
-            let pubsub =
-                Box::new(redis::Client::open(target.pubsub_url()).context("KEYWARD_REDIS_URL")?);
-            let redis = Arc::new(redis);
+            let (redis, accounting) = connect_redis(config, url, guard_ttl_ms).await?;
             bus = bus.with_publisher(redis.clone(), invalidation_channel.clone());
-            (
-                Counters::Redis(redis),
-                Accounting::Stream {
-                    target,
-                    pubsub,
-                    stream,
-                    fallback,
-                },
-            )
+            (Counters::Redis(redis), accounting)
         }
         None => {
             let (tx, rx) = accounting::embedded::channel();
