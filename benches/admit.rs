@@ -323,7 +323,7 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
         String::from_utf8(out.stdout).ok()?.trim().to_string()
     };
     let prefix = format!("{{bench-ceiling-{}}}", std::process::id());
-    let keys: Vec<String> = ["rpm", "tpm", "leases", "ld", "bal", "lru"]
+    let keys: Vec<String> = ["rpm", "tpm", "leases", "ld", "bal", "def", "order"]
         .iter()
         .map(|k| format!("{prefix}:{k}"))
         .collect();
@@ -341,7 +341,7 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
         "--csv".into(),
         "EVALSHA".into(),
         sha,
-        "6".into(),
+        "7".into(),
     ];
     args.extend(keys.iter().cloned());
     args.extend(
@@ -359,7 +359,7 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
             "0",
             "0",
             "1",
-            "0",
+            "",
         ]
         .map(String::from),
     );

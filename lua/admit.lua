@@ -8,10 +8,11 @@
 --   3  leases  zset   lease token -> expiry (ms)
 --   4  ld      hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved"
 --   5  bal     hash   rem, cred, ver (live balance, micro-USD), hwm (highest request cost)
---   6  lru     hash   provider key id -> when it was last picked (ms)
---   then per candidate provider key i (4 each, from KEYS[7]):
---      rpm hash, tpm hash (windows as above), cd string (cooling down until this ms),
---      susp string (suspended until this ms)
+--   6  def     hash   the provider's pool: '_v' -> version, key id -> "max_rpm|max_tpm"
+--   7  order   zset   key id -> priority rank * 2^42 + last pick (see pool_sync.lua)
+--   A provider key's own keys are named from the same hash tag and its id (so they are in
+--   the same slot): {tag}:pk:<id>:rpm and :tpm (windows as above), :cd and :susp (the
+--   time its cooldown / suspension ends, ms).
 -- ARGV:
 --   1  rpm limit        (0 = unlimited)
 --   2  tpm limit        (0 = unlimited)
@@ -24,15 +25,14 @@
 --   9  credited micro-USD, 10 used micro-USD (applied in the database), 11 balance version
 --   12 time shift ms    (0 in production; tests move the clock without sleeping)
 --   13 client           (1 = decide for the client key, 0 = only pick a provider key)
---   14 candidates n     (0 = no provider key wanted)
---   then per candidate (4 each, from ARGV[15], in priority order): id, max rpm
---      (0 = unlimited), max tpm (0 = unlimited), priority
+--   14 pool version     ("" = no provider key wanted)
 -- Returns {code, a, now_ms, req_used, tok_used, req_reset_ms, tok_reset_ms, in_flight, bal_rem, picked}
 --   code 0 admitted (a = lease expiry ms)       1 requests window full (a = retry ms)
 --        2 tokens window full (a = retry ms)    3 all slots in use (a = retry ms)
 --        4 balance exhausted (a = 0)            5 balance committed to requests in flight (a = retry ms)
 --        6 every candidate provider key is cooling down, suspended or full (a = earliest recovery ms)
--- bal_rem is -1 when the balance is not tracked; picked is the chosen candidate (1-based), or 0.
+--        7 the pool in Redis is not the caller's version: run pool_sync.lua, then again
+-- bal_rem is -1 when the balance is not tracked; picked is the chosen key's id, or "".
 --
 -- Provider keys are tried by priority, then least recently picked (never picked first);
 -- a key is skipped while cooling down, suspended, or without room for this request in
@@ -58,8 +58,9 @@ local used = tonumber(ARGV[10])
 local version = tonumber(ARGV[11])
 local shift = tonumber(ARGV[12])
 local client = ARGV[13] == '1'
-local n = tonumber(ARGV[14])
-assert(n and n >= 0 and #ARGV == 14 + 4 * n and #KEYS == 6 + 4 * n, 'candidates')
+local pool_version = ARGV[14]
+assert(pool_version and #ARGV == 14 and #KEYS == 7, 'pool')
+local SHIFT = 4398046511104 -- 2^42: order scores are priority rank * SHIFT + last pick
 assert(rpm_limit and rpm_limit >= 0, 'rpm limit')
 assert(tpm_limit and tpm_limit >= 0, 'tpm limit')
 assert(conc_limit and conc_limit >= 0, 'concurrency limit')
@@ -172,7 +173,7 @@ if client and bal_tracked then
 end
 
 local function answer(code, a, picked)
-  return {code, a, now, req_used, tok_used, reset_in(req_lo), reset_in(tok_lo), in_flight, rem, picked or 0}
+  return {code, a, now, req_used, tok_used, reset_in(req_lo), reset_in(tok_lo), in_flight, rem, picked or ''}
 end
 
 local function earliest_lease_expiry()
@@ -196,57 +197,60 @@ if client and bal_tracked and in_flight > 0 and (hwm == nil or rem - in_flight *
   return answer(5, earliest_lease_expiry())
 end
 
--- The client may go ahead; now the provider key, if one is wanted.
-local picked, pick = 0, nil
-if n > 0 then
-  local cands, ids = {}, {}
-  for i = 1, n do
-    local a = 15 + (i - 1) * 4
-    ids[i] = ARGV[a]
-    cands[i] = {i = i, id = ARGV[a], rpm = tonumber(ARGV[a + 1]), tpm = tonumber(ARGV[a + 2]),
-                prio = tonumber(ARGV[a + 3]), k = 7 + (i - 1) * 4}
-  end
-  local last = redis.call('HMGET', KEYS[6], unpack(ids))
-  for i = 1, n do cands[i].last = tonumber(last[i]) or -1 end
-  table.sort(cands, function(x, y)
-    if x.prio ~= y.prio then return x.prio < y.prio end
-    if x.last ~= y.last then return x.last < y.last end
-    return x.i < y.i
-  end)
+-- The client may go ahead; now the provider key, if one is wanted: walk the pool in
+-- order (priority, then least recently picked) and take the first key that is not
+-- cooling down, not suspended, and has room. Usually that is the first one looked at.
+local pick = nil
+if pool_version ~= '' then
+  if redis.call('HGET', KEYS[6], '_v') ~= pool_version then return answer(7, 0) end
+  local tag = string.match(KEYS[6], '^(%b{})')
   local earliest = nil
-  for _, c in ipairs(cands) do
-        local cooling = tonumber(redis.call('GET', KEYS[c.k + 2]) or '0')
-    local suspended = tonumber(redis.call('GET', KEYS[c.k + 3]) or '0')
-    local wait = math.max(0, cooling - now, suspended - now)
-    if c.rpm > 0 then
-      c.rsum, c.rlo = window(KEYS[c.k])
-      if c.rsum + 1 > c.rpm then wait = math.max(wait, wait_for(KEYS[c.k], c.rsum, 1, c.rpm)) end
-    end
-    if c.tpm > 0 then
-      c.tsum, c.tlo = window(KEYS[c.k + 1])
-      if tokens > c.tpm then
-        wait = math.max(wait, 61000) -- this key can never take the request
-      elseif c.tsum + tokens > c.tpm then
-        wait = math.max(wait, wait_for(KEYS[c.k + 1], c.tsum, tokens, c.tpm))
+  local start = 0
+  while not pick do
+    local batch = redis.call('ZRANGE', KEYS[7], start, start + 9, 'WITHSCORES')
+    if #batch == 0 then break end
+    for i = 1, #batch, 2 do
+      local id = batch[i]
+      local limits = redis.call('HGET', KEYS[6], id) or '0|0'
+      local rpm, tpm = string.match(limits, '^(%d+)|(%d+)$')
+      local base = tag .. ':pk:' .. id .. ':'
+      local c = {id = id, rpm = tonumber(rpm) or 0, tpm = tonumber(tpm) or 0,
+                 rank = math.floor(tonumber(batch[i + 1]) / SHIFT), krpm = base .. 'rpm', ktpm = base .. 'tpm'}
+      local cooling = tonumber(redis.call('GET', base .. 'cd') or '0')
+      local suspended = tonumber(redis.call('GET', base .. 'susp') or '0')
+      local wait = math.max(0, cooling - now, suspended - now)
+      if c.rpm > 0 then
+        c.rsum, c.rlo = window(c.krpm)
+        if c.rsum + 1 > c.rpm then wait = math.max(wait, wait_for(c.krpm, c.rsum, 1, c.rpm)) end
       end
+      if c.tpm > 0 then
+        c.tsum, c.tlo = window(c.ktpm)
+        if tokens > c.tpm then
+          wait = math.max(wait, 61000) -- this key can never take the request
+        elseif c.tsum + tokens > c.tpm then
+          wait = math.max(wait, wait_for(c.ktpm, c.tsum, tokens, c.tpm))
+        end
+      end
+      if wait == 0 then
+        pick = c
+        break
+      end
+      if earliest == nil or wait < earliest then earliest = wait end
     end
-    if wait == 0 then
-      pick = c
-      break
-    end
-    if earliest == nil or wait < earliest then earliest = wait end
+    start = start + 10
   end
-  if not pick then return answer(6, earliest) end
-  picked = pick.i
+  if not pick then return answer(6, earliest or 61000) end
 end
 
 -- Admitted: take everything at once.
 if pick then
-  if pick.rpm > 0 then take(KEYS[pick.k], 1, pick.rlo) end
-  if pick.tpm > 0 and tokens > 0 then take(KEYS[pick.k + 1], tokens, pick.tlo) end
-  redis.call('HSET', KEYS[6], pick.id, now)
+  if pick.rpm > 0 then take(pick.krpm, 1, pick.rlo) end
+  if pick.tpm > 0 and tokens > 0 then take(pick.ktpm, tokens, pick.tlo) end
+  redis.call('ZADD', KEYS[7], pick.rank * SHIFT + now, pick.id)
   redis.call('PEXPIRE', KEYS[6], 86400000)
+  redis.call('PEXPIRE', KEYS[7], 86400000)
 end
+local picked = pick and pick.id or ''
 if not client then return answer(0, 0, picked) end
 if rpm_limit > 0 then
   take(KEYS[1], 1, req_lo)

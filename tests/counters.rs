@@ -60,6 +60,7 @@ on_both_stores!(
     balance_changes_apply_once_by_version,
     balance_overspend_is_bounded_by_one_request,
     selection_goes_by_priority_then_least_recently_picked,
+    pool_changes_apply_at_once_and_keep_pick_history,
     full_provider_keys_are_skipped_until_their_window_has_room,
     cooling_and_suspended_keys_are_skipped_until_they_recover,
     a_pool_refusal_leaves_the_client_untouched,
@@ -663,13 +664,13 @@ async fn scripts_assert_their_inputs() {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let prefix = common::unique_prefix();
-    let keys: Vec<String> = (0..5).map(|i| format!("{{{prefix}}}:k{i}")).collect();
+    let keys: Vec<String> = (0..7).map(|i| format!("{{{prefix}}}:k{i}")).collect();
     // A negative limit and a missing lease token are refused before anything is written.
     let result: redis::RedisResult<Vec<i64>> =
         redis::Script::new(keyward::limits::redis::source::ADMIT)
             .key(&keys)
             .arg(&[
-                "-1", "0", "0", "0", "", "1000", "||", "0", "0", "0", "0", "0",
+                "-1", "0", "0", "0", "", "1000", "||", "0", "0", "0", "0", "0", "1", "",
             ])
             .invoke_async(&mut conn)
             .await;
@@ -780,6 +781,44 @@ async fn selection_goes_by_priority_then_least_recently_picked(kind: Kind) {
             .unwrap();
     }
     assert_eq!(picked_id(&s, &pool, 0).await, ids[3]);
+    s.cleanup().await;
+}
+
+async fn pool_changes_apply_at_once_and_keep_pick_history(kind: Kind) {
+    let s = Store::new(kind).await;
+    let provider = common::unique_prefix();
+    let mut pool: Vec<Candidate> = (0..3)
+        .map(|_| candidate(&provider, 0, None, None))
+        .collect();
+    let ids: Vec<String> = pool.iter().map(|c| c.id.clone()).collect();
+    for expected in &ids[..2] {
+        assert_eq!(&picked_id(&s, &pool, 0).await, expected);
+        s.advance(5);
+    }
+    // A key joins: the next call sees it (Redis resyncs the pool), and the keys already
+    // picked keep their history: never-picked ones first, then the least recently picked.
+    pool.push(candidate(&provider, 0, None, None));
+    let mut picks = Vec::new();
+    for _ in 0..4 {
+        picks.push(picked_id(&s, &pool, 0).await);
+        s.advance(5);
+    }
+    assert_eq!(
+        picks,
+        [&ids[2], &pool[3].id, &ids[0], &ids[1]].map(String::clone)
+    );
+    // A priority change applies to the very next pick.
+    pool[2].priority = -1;
+    for _ in 0..2 {
+        assert_eq!(picked_id(&s, &pool, 0).await, ids[2]);
+        s.advance(5);
+    }
+    // A key that leaves the pool is never picked again.
+    pool.remove(2);
+    for _ in 0..3 {
+        assert_ne!(picked_id(&s, &pool, 0).await, ids[2]);
+        s.advance(5);
+    }
     s.cleanup().await;
 }
 

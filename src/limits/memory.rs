@@ -60,7 +60,8 @@ impl Pool {
                 .and_then(|k| k.last_pick)
                 .unwrap_or(-1)
         };
-        order.sort_by_key(|&i| (candidates[i].priority, last(i), i));
+        // One map lookup per candidate, not one per comparison.
+        order.sort_by_cached_key(|&i| (candidates[i].priority, last(i), i));
         let mut earliest: Option<i64> = None;
         for i in order {
             let c = &candidates[i];

@@ -13,7 +13,8 @@
 //! | `{P}:k:<key id>:bal` | hash | live balance (no expiry: it is ahead of the database) |
 //! | `{P}:done:<lease id>` | string | duplicate guard of a report |
 //! | `{P}:usage` | stream | the accounting queue |
-//! | `{P}:p:<provider>:lru` | hash | provider key id → when it was last picked |
+//! | `{P}:p:<provider>:def` | hash | the pool's version and each key's limits |
+//! | `{P}:p:<provider>:order` | zset | key id → priority rank · 2^42 + last pick |
 //! | `{P}:pk:<id>:rpm` / `:tpm` | hash | a provider key's windows |
 //! | `{P}:pk:<id>:cd` / `:susp` | string | when its cooldown / suspension ends (ms) |
 //!
@@ -58,6 +59,7 @@ pub mod source {
     pub const REPORT: &str = include_str!("../../lua/report.lua");
     pub const RENEW: &str = include_str!("../../lua/renew.lua");
     pub const POOL_STATE: &str = include_str!("../../lua/pool_state.lua");
+    pub const POOL_SYNC: &str = include_str!("../../lua/pool_sync.lua");
 }
 
 /// Every script keyward runs, loaded once.
@@ -66,6 +68,7 @@ pub struct Scripts {
     pub report: Script,
     pub renew: Script,
     pub pool_state: Script,
+    pub pool_sync: Script,
 }
 
 impl Scripts {
@@ -75,11 +78,18 @@ impl Scripts {
             report: Script::new(source::REPORT),
             renew: Script::new(source::RENEW),
             pool_state: Script::new(source::POOL_STATE),
+            pool_sync: Script::new(source::POOL_SYNC),
         }
     }
 
-    fn all(&self) -> [&Script; 4] {
-        [&self.admit, &self.report, &self.renew, &self.pool_state]
+    fn all(&self) -> [&Script; 5] {
+        [
+            &self.admit,
+            &self.report,
+            &self.renew,
+            &self.pool_state,
+            &self.pool_sync,
+        ]
     }
 }
 
@@ -297,7 +307,7 @@ impl RedisCounters {
         format!("{}:pk:{id}:{what}", self.tag)
     }
 
-    /// Adds the pool part of an admit call: KEYS 6.. and ARGV 13.. (see `lua/admit.lua`).
+    /// Adds the pool part of an admit call: KEYS 6-7 and ARGV 13-14 (see `lua/admit.lua`).
     fn pool_args(
         &self,
         call: &mut redis::ScriptInvocation<'_>,
@@ -305,19 +315,61 @@ impl RedisCounters {
         provider: &str,
         candidates: &[Candidate],
     ) {
-        call.key(format!("{}:p:{provider}:lru", self.tag));
-        for c in candidates {
-            for what in ["rpm", "tpm", "cd", "susp"] {
-                call.key(self.pk(&c.id, what));
-            }
-        }
-        call.arg(i64::from(client)).arg(candidates.len());
-        for c in candidates {
+        call.key(format!("{}:p:{provider}:def", self.tag))
+            .key(format!("{}:p:{provider}:order", self.tag));
+        let version = if candidates.is_empty() {
+            String::new()
+        } else {
+            pool_version(candidates)
+        };
+        call.arg(i64::from(client)).arg(version);
+    }
+
+    /// Writes the caller's pool into Redis (`lua/pool_sync.lua`).
+    async fn sync_pool(&self, candidates: &[Candidate]) -> Result<(), CounterError> {
+        let Some(first) = candidates.first() else {
+            return Ok(());
+        };
+        let mut priorities: Vec<i64> = candidates.iter().map(|c| c.priority).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        let mut call = self.scripts.pool_sync.prepare_invoke();
+        call.key(format!("{}:p:{}:def", self.tag, first.provider))
+            .key(format!("{}:p:{}:order", self.tag, first.provider))
+            .arg(pool_version(candidates));
+        for (index, c) in candidates.iter().enumerate() {
+            let rank = priorities.binary_search(&c.priority).unwrap_or_default();
             call.arg(&c.id)
                 .arg(c.max_rpm.unwrap_or(0))
                 .arg(c.max_tpm.unwrap_or(0))
-                .arg(c.priority);
+                .arg(rank)
+                .arg(index);
         }
+        let _: i64 = self.lanes.invoke("pool_sync", &call).await?;
+        Ok(())
+    }
+
+    /// Runs an admit-script call. When Redis holds another version of the pool (an admin
+    /// change, or its first use), syncs the pool and runs the call once more: the one
+    /// case where a decision takes more than one round trip.
+    async fn invoke_admit(
+        &self,
+        name: &str,
+        call: &redis::ScriptInvocation<'_>,
+        candidates: &[Candidate],
+    ) -> Result<AdmitReply, CounterError> {
+        let reply = AdmitReply::parse(self.lanes.invoke(name, call).await?)?;
+        if reply.code != 7 {
+            return Ok(reply);
+        }
+        self.sync_pool(candidates).await?;
+        let reply = AdmitReply::parse(self.lanes.invoke(name, call).await?)?;
+        if reply.code == 7 {
+            return Err(CounterError::Protocol(
+                "the pool changed again during its sync".into(),
+            ));
+        }
+        Ok(reply)
     }
 
     /// The accounting stream.
@@ -359,15 +411,18 @@ impl RedisCounters {
         let candidates = r.pool.unwrap_or_default();
         let provider = candidates.first().map_or("", |c| c.provider.as_str());
         self.pool_args(&mut call, true, provider, candidates);
-        let reply: Vec<i64> = self.lanes.invoke("admit", &call).await?;
-        let [code, a, now_ms, requests_used, tokens_used, requests_reset_ms, tokens_reset_ms, in_flight, rem, picked] =
-            reply[..]
-        else {
-            return Err(CounterError::Protocol(format!(
-                "admit returned {} values",
-                reply.len()
-            )));
-        };
+        let AdmitReply {
+            code,
+            a,
+            now_ms,
+            requests_used,
+            tokens_used,
+            requests_reset_ms,
+            tokens_reset_ms,
+            in_flight,
+            rem,
+            picked,
+        } = self.invoke_admit("admit", &call, candidates).await?;
         let usage = Usage {
             now_ms,
             requests_used,
@@ -398,7 +453,9 @@ impl RedisCounters {
         Ok(Decision {
             verdict,
             usage,
-            picked: (picked > 0).then(|| picked as usize - 1),
+            picked: candidates
+                .iter()
+                .position(|c| !picked.is_empty() && c.id == picked),
             degraded: None,
         })
     }
@@ -430,13 +487,17 @@ impl RedisCounters {
             .arg("||");
         call.arg(0).arg(0).arg(0).arg(0).arg(self.shift.get());
         self.pool_args(&mut call, false, r.provider, r.candidates);
-        let reply: Vec<i64> = self.lanes.invoke("select", &call).await?;
-        match (reply.first(), reply.get(1), reply.get(9)) {
-            (Some(0), _, Some(picked)) if *picked > 0 => Ok(Pick::Picked(*picked as usize - 1)),
-            (Some(6), Some(retry), _) => Ok(Pick::Exhausted {
-                retry_after_ms: *retry,
+        let reply = self.invoke_admit("select", &call, r.candidates).await?;
+        let picked = r.candidates.iter().position(|c| c.id == reply.picked);
+        match (reply.code, picked) {
+            (0, Some(i)) => Ok(Pick::Picked(i)),
+            (6, _) => Ok(Pick::Exhausted {
+                retry_after_ms: reply.a,
             }),
-            _ => Err(CounterError::Protocol(format!("select returned {reply:?}"))),
+            _ => Err(CounterError::Protocol(format!(
+                "select returned code {}",
+                reply.code
+            ))),
         }
     }
 
@@ -563,6 +624,62 @@ impl RedisCounters {
             self.load_scripts().await
         }
     }
+}
+
+/// What `lua/admit.lua` answers.
+struct AdmitReply {
+    code: i64,
+    a: i64,
+    now_ms: i64,
+    requests_used: i64,
+    tokens_used: i64,
+    requests_reset_ms: i64,
+    tokens_reset_ms: i64,
+    in_flight: i64,
+    rem: i64,
+    /// The picked provider key's id, or empty.
+    picked: String,
+}
+
+impl AdmitReply {
+    fn parse(reply: Vec<redis::Value>) -> Result<AdmitReply, CounterError> {
+        let bad = || CounterError::Protocol(format!("admit returned {} values", reply.len()));
+        let int = |i: usize| -> Result<i64, CounterError> {
+            redis::from_redis_value_ref::<i64>(reply.get(i).ok_or_else(bad)?).map_err(|_| bad())
+        };
+        Ok(AdmitReply {
+            code: int(0)?,
+            a: int(1)?,
+            now_ms: int(2)?,
+            requests_used: int(3)?,
+            tokens_used: int(4)?,
+            requests_reset_ms: int(5)?,
+            tokens_reset_ms: int(6)?,
+            in_flight: int(7)?,
+            rem: int(8)?,
+            picked: reply
+                .get(9)
+                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// A fingerprint of a pool as the caller sees it (ids, limits, priorities, order), so
+/// the admit script can tell whether Redis holds the same pool.
+fn pool_version(candidates: &[Candidate]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    // Fixed-width numbers after each id, so no two pools hash the same bytes; nothing
+    // is allocated (this runs on every pick).
+    for c in candidates {
+        hash.update(c.id.as_bytes());
+        hash.update([0]);
+        for n in [c.max_rpm.unwrap_or(-1), c.max_tpm.unwrap_or(-1), c.priority] {
+            hash.update(n.to_le_bytes());
+        }
+    }
+    hex::encode(&hash.finalize()[..8])
 }
 
 /// The lease meta is `|`-separated inside the script: keep separators out of its fields.
