@@ -657,6 +657,7 @@ async fn entries_held_by_a_dead_replica_are_claimed_and_applied() {
             cost_micros: 7,
             model: None,
             provider_key_id: None,
+            provider: None,
             latency_ms: None,
             upstream_status: None,
         };

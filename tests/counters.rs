@@ -63,6 +63,7 @@ on_both_stores!(
     pool_changes_apply_at_once_and_keep_pick_history,
     full_provider_keys_are_skipped_until_their_window_has_room,
     cooling_and_suspended_keys_are_skipped_until_they_recover,
+    a_report_cools_a_key_not_picked_since_start,
     a_pool_refusal_leaves_the_client_untouched,
     only_one_request_gets_a_keys_last_unit,
 );
@@ -212,6 +213,7 @@ fn report(lease: &LeaseId, tokens: Option<(i64, i64)>, cost: i64) -> Report {
         cost_micros: cost,
         model: None,
         provider_key_id: None,
+        provider: None,
         latency_ms: Some(10),
         upstream_status: Some(200),
         cooldown_ms: 0,
@@ -749,6 +751,7 @@ fn pool_report(id: &str, cooldown_ms: i64, suspend_ms: i64) -> Report {
         cost_micros: 0,
         model: None,
         provider_key_id: Some(id.to_string()),
+        provider: None,
         latency_ms: None,
         upstream_status: Some(429),
         cooldown_ms,
@@ -855,6 +858,28 @@ async fn full_provider_keys_are_skipped_until_their_window_has_room(kind: Kind) 
         tpm_only[0].id,
         "80 + 20 fits"
     );
+    s.cleanup().await;
+}
+
+async fn a_report_cools_a_key_not_picked_since_start(kind: Kind) {
+    // After a restart the twin has picked nothing yet; the report names the provider.
+    let s = Store::new(kind).await;
+    let provider = common::unique_prefix();
+    let pool = vec![
+        candidate(&provider, 0, None, None),
+        candidate(&provider, 0, None, None),
+    ];
+    let r = Report {
+        provider: Some(provider.clone()),
+        ..pool_report(&pool[0].id, 20_000, 0)
+    };
+    s.counters.report(&r).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(picked_id(&s, &pool, 0).await, pool[1].id);
+        s.advance(5);
+    }
+    s.advance(20_000);
+    assert_eq!(picked_id(&s, &pool, 0).await, pool[0].id);
     s.cleanup().await;
 }
 

@@ -108,6 +108,7 @@ impl ReportBody {
             cost_micros,
             model,
             provider_key_id,
+            provider: None,
             latency_ms,
             upstream_status,
             cooldown_ms,

@@ -183,23 +183,25 @@ async fn report(
     JsonBody(body): JsonBody<ReportBody>,
 ) -> Result<Json<Value>, ApiError> {
     let body = report_from_headers(body, &headers);
-    let report = body
+    let mut report = body
         .validate(state.pool_policy)
         .map_err(ApiError::bad_request)?;
+    let event = match (report.cooldown_ms > 0, report.suspend_ms > 0) {
+        (true, _) => Some("cooldown"),
+        (_, true) => Some("suspension"),
+        _ => None,
+    };
+    if let (Some(_), Some(id)) = (event, &report.provider_key_id) {
+        // Only after an upstream 429/401/403, never on the admission path.
+        report.provider = state.pools.get(id).await.ok().map(|k| k.provider);
+    }
     let outcome = state.counters.report(&report).await?;
     let m = crate::metrics::get();
     match outcome {
         Reported::Recorded => {
             m.reports.with_label_values(&["recorded"]).inc();
-            let event = match (report.cooldown_ms > 0, report.suspend_ms > 0) {
-                (true, _) => Some("cooldown"),
-                (_, true) => Some("suspension"),
-                _ => None,
-            };
-            if let (Some(event), Some(id)) = (event, &report.provider_key_id) {
-                // Only after an upstream 429/401/403, never on the admission path.
-                let provider = state.pools.get(id).await.map(|k| k.provider);
-                let provider = provider.as_deref().unwrap_or("unknown");
+            if let Some(event) = event.filter(|_| report.provider_key_id.is_some()) {
+                let provider = report.provider.as_deref().unwrap_or("unknown");
                 m.provider_key_events
                     .with_label_values(&[provider, event])
                     .inc();

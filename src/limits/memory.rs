@@ -350,7 +350,8 @@ impl MemoryCounters {
     /// Cools down, suspends, or settles the tokens of a provider key after a report.
     fn pool_report(&self, r: &Report, settle: Option<(i64, i64)>, now: i64) {
         let Some(id) = &r.provider_key_id else { return };
-        let Some(provider) = self.key_provider.get(id).map(|p| p.clone()) else {
+        let known = || self.key_provider.get(id).map(|p| p.clone());
+        let Some(provider) = r.provider.clone().or_else(known) else {
             return;
         };
         let mut pool = self.pools.entry(provider).or_default();

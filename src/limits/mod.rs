@@ -174,6 +174,10 @@ pub struct Report {
     pub cost_micros: i64,
     pub model: Option<String>,
     pub provider_key_id: Option<String>,
+    /// That key's provider, when the caller looked it up (only after an upstream
+    /// 429/401/403). The in-process twin needs it for a key it has not picked since it
+    /// started; Redis finds the key by its id alone.
+    pub provider: Option<String>,
     pub latency_ms: Option<i64>,
     pub upstream_status: Option<i64>,
     /// Cool the provider key down this long (after an upstream 429); 0 = no.
