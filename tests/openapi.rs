@@ -139,7 +139,7 @@ async fn schemathesis_finds_no_server_error_and_no_stray_error_body() {
             let mut cmd = std::process::Command::new("schemathesis");
             cmd.args(["run", &format!("{base}/openapi.json")])
                 .args(["--checks", "not_a_server_error,response_schema_conformance"])
-                .args(["--max-examples", "150", "--no-color"]);
+                .args(["--max-examples", "300", "--no-color"]);
             if let Some(auth) = &auth {
                 cmd.args(["-H", auth]);
             }
