@@ -136,7 +136,10 @@ async fn schemathesis_finds_no_server_error_and_no_stray_error_body() {
         ),
     ] {
         let run = tokio::task::spawn_blocking(move || {
+            // Its cache goes to a fresh directory, not into the checkout.
+            let scratch = tempfile::tempdir().unwrap();
             let mut cmd = std::process::Command::new("schemathesis");
+            cmd.current_dir(scratch.path());
             cmd.args(["run", &format!("{base}/openapi.json")])
                 .args(["--checks", "not_a_server_error,response_schema_conformance"])
                 .args(["--max-examples", "300", "--no-color"]);

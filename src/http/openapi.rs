@@ -99,6 +99,15 @@ fn object(props: Value, required: &[&str]) -> Value {
     json!({"type": "object", "properties": props, "required": required, "additionalProperties": false})
 }
 
+/// A success answer: these fields always present, more may be added later.
+fn answer(props: Value, required: &[&str]) -> Value {
+    json!({"type": "object", "properties": props, "required": required})
+}
+
+fn integer() -> Value {
+    s("integer")
+}
+
 fn error_schema() -> Value {
     json!({
         "type": "object",
@@ -135,7 +144,23 @@ fn document(title: &str, paths: Value, schemas: Value, secured: bool) -> Value {
 
 /// The data plane's document.
 pub fn data_plane() -> Value {
-    let limits = json!({"type": "object", "nullable": true});
+    let window = || {
+        json!({"type": "object", "nullable": true, "required": ["limit", "remaining", "reset_ms"], "properties": {
+            "limit": integer(), "remaining": integer(), "reset_ms": integer(),
+        }})
+    };
+    let limits = answer(
+        json!({
+            "requests": window(), "tokens": window(),
+            "concurrency": {"type": "object", "nullable": true, "required": ["limit", "in_flight"],
+                "properties": {"limit": integer(), "in_flight": integer()}},
+        }),
+        &["requests", "tokens", "concurrency"],
+    );
+    let picked_key = answer(
+        json!({"id": s("string"), "provider": s("string"), "value": s("string")}),
+        &["id", "provider", "value"],
+    );
     let admit = object(
         json!({
             "key": nullable("string"), "provider": nullable("string"), "model": nullable("string"),
@@ -144,9 +169,11 @@ pub fn data_plane() -> Value {
         }),
         &[],
     );
-    let admitted = json!({"type": "object", "required": ["allowed", "lease_id", "key_id"], "properties": {
+    let mut nullable_key = picked_key.clone();
+    nullable_key["nullable"] = json!(true);
+    let admitted = json!({"type": "object", "required": ["allowed", "lease_id", "lease_expires_at", "key_id", "limits"], "properties": {
         "allowed": s("boolean"), "lease_id": s("string"), "lease_expires_at": s("string"), "key_id": s("string"),
-        "provider_key": {"type": "object", "nullable": true}, "limits": limits,
+        "provider_key": nullable_key, "limits": limits,
         "remaining_balance_usd": nullable("number"),
     }});
     let select = object(
@@ -163,6 +190,18 @@ pub fn data_plane() -> Value {
         &[],
     );
     let any = json!({});
+    let ready = answer(
+        json!({"status": {"type": "string", "enum": ["ready", "not_ready"]}, "checks": s("object")}),
+        &["status", "checks"],
+    );
+    let mut readyz = op(
+        "Ready: database and Redis answer",
+        None,
+        "200",
+        ready.clone(),
+        vec![],
+    );
+    readyz["responses"]["503"] = json!({"description": "not ready, with each check", "content": {"application/json": {"schema": ready}}});
     let authz = op(
         "The proxy check (Envoy ext_authz, nginx auth_request)",
         None,
@@ -174,12 +213,14 @@ pub fn data_plane() -> Value {
         "keyward data plane",
         json!({
             "/v1/admit": {"post": op("May this key make this request now?", Some(admit), "200", admitted, vec![])},
-            "/v1/select": {"post": op("Pick a provider key", Some(select), "200", json!({"type": "object", "required": ["provider_key"]}), vec![])},
-            "/v1/report": {"post": op("What did the request cost?", Some(report), "200", json!({"type": "object", "required": ["recorded"]}), vec![])},
-            "/v1/leases/{lease_id}/renew": {"post": op("Extend a live lease", None, "200", json!({"type": "object"}), vec![path_param("lease_id")])},
+            "/v1/select": {"post": op("Pick a provider key", Some(select), "200", answer(json!({"provider_key": picked_key}), &["provider_key"]), vec![])},
+            "/v1/report": {"post": op("What did the request cost?", Some(report), "200", answer(json!({"recorded": s("boolean"), "duplicate": s("boolean")}), &["recorded"]), vec![])},
+            "/v1/leases/{lease_id}/renew": {"post": op("Extend a live lease", None, "200",
+                answer(json!({"lease_id": s("string"), "lease_expires_at": s("string")}), &["lease_id", "lease_expires_at"]),
+                vec![path_param("lease_id")])},
             "/authz/{path}": {"get": authz.clone(), "post": authz},
-            "/healthz": {"get": op("Alive", None, "200", json!({"type": "object"}), vec![])},
-            "/readyz": {"get": op("Ready: database and Redis answer", None, "200", json!({"type": "object"}), vec![])},
+            "/healthz": {"get": op("Alive", None, "200", answer(json!({"status": s("string")}), &["status"]), vec![])},
+            "/readyz": {"get": readyz},
             "/metrics": {"get": {"summary": "Prometheus text", "responses": {"200": {"description": "metrics", "content": {"text/plain": {"schema": s("string")}}}}}},
             "/openapi.json": {"get": op("This document", None, "200", json!({"type": "object"}), vec![])},
         }),
@@ -230,38 +271,82 @@ pub fn admin() -> Value {
         &[],
     );
     let obj = || json!({"type": "object"});
+    let created = answer(
+        json!({"key": reference("Key"), "secret": s("string")}),
+        &["key", "secret"],
+    );
+    let expired = answer(
+        json!({"processed": integer(), "deleted": integer(), "disabled": integer()}),
+        &["processed", "deleted", "disabled"],
+    );
+    let day = answer(
+        json!({"date": s("string"), "requests": integer(), "tokens": integer(), "cost_usd": s("number")}),
+        &["date", "requests", "tokens", "cost_usd"],
+    );
+    let stats = answer(
+        json!({
+            "key_id": s("string"), "key_name": nullable("string"), "start": nullable("string"), "end": nullable("string"),
+            "total_requests": integer(), "total_tokens": integer(), "total_cost_usd": s("number"),
+            "avg_response_time_ms": s("number"), "daily_stats": {"type": "array", "items": day},
+        }),
+        &[
+            "key_id",
+            "total_requests",
+            "total_tokens",
+            "total_cost_usd",
+            "avg_response_time_ms",
+            "daily_stats",
+        ],
+    );
+    let pool = answer(
+        json!({"provider": s("string"), "keys": {"type": "array", "items": reference("ProviderKey")}}),
+        &["provider", "keys"],
+    );
+    let minute = answer(
+        json!({"minute": s("string"), "requests": integer(), "tokens": integer()}),
+        &["minute", "requests", "tokens"],
+    );
+    let usage = answer(
+        json!({"provider_key_id": s("string"), "windows": {"type": "array", "items": minute}}),
+        &["provider_key_id", "windows"],
+    );
+    let rotated = answer(
+        json!({"reencrypted": integer(), "failed": integer()}),
+        &["reencrypted", "failed"],
+    );
     document(
         "keyward admin API",
         json!({
             "/admin/keys": {
-                "post": op("Create a client key (the secret is shown once)", Some(create), "201", obj(), vec![]),
+                "post": op("Create a client key (the secret is shown once)", Some(create), "201", created, vec![]),
                 "get": op("A user's keys, newest first", None, "200", keys.clone(),
                     vec![query("user_id", s("string")), query("active", json!({"type": "string", "enum": ["true", "false"]}))]),
             },
             "/admin/keys/standalone": {"get": op("Standalone keys, newest first", None, "200", keys,
                 vec![query("active", json!({"type": "string", "enum": ["true", "false"]}))])},
-            "/admin/keys/expire": {"post": op("Disable or delete expired keys", Some(object(json!({"auto_delete": {"type": "boolean", "nullable": true}}), &[])), "200", obj(), vec![])},
+            "/admin/keys/expire": {"post": op("Disable or delete expired keys", Some(object(json!({"auto_delete": {"type": "boolean", "nullable": true}}), &[])), "200", expired, vec![])},
             "/admin/keys/{id}": {
                 "get": op("One key", None, "200", reference("Key"), id()),
                 "patch": op("Change updatable fields", Some(patch), "200", reference("Key"), id()),
                 "delete": op("Disable a key", None, "200", reference("Key"), id()),
             },
-            "/admin/keys/{id}/reveal": {"post": op("Show the secret (logged)", None, "200", obj(), id())},
+            "/admin/keys/{id}/reveal": {"post": op("Show the secret (logged)", None, "200", answer(json!({"secret": s("string")}), &["secret"]), id())},
             "/admin/keys/{id}/balance": {"post": op("Credit or deduct a standalone key's balance",
                 Some(object(json!({"amount_usd": s("number")}), &["amount_usd"])), "200", reference("Key"), id())},
-            "/admin/keys/{id}/stats": {"get": op("Usage totals and days", None, "200", obj(),
+            "/admin/keys/{id}/stats": {"get": op("Usage totals and days", None, "200", stats,
                 [id(), vec![query("start", s("string")), query("end", s("string"))]].concat())},
             "/admin/providers/{provider}/keys": {
                 "post": op("Add a provider key (its value is never returned)", Some(add_provider), "201", reference("ProviderKey"), vec![path_param("provider")]),
-                "get": op("A provider's keys by priority, with live state", None, "200", obj(), vec![path_param("provider")]),
+                "get": op("A provider's keys by priority, with live state", None, "200", pool, vec![path_param("provider")]),
             },
             "/admin/provider-keys/{id}": {
                 "patch": op("Change a provider key", Some(patch_provider), "200", reference("ProviderKey"), id()),
-                "delete": op("Remove a provider key", None, "200", obj(), id()),
+                "delete": op("Remove a provider key", None, "200",
+                    answer(json!({"id": s("string"), "deleted": s("boolean")}), &["id", "deleted"]), id()),
             },
-            "/admin/provider-keys/{id}/usage": {"get": op("Reported usage per minute, newest first", None, "200", obj(),
+            "/admin/provider-keys/{id}/usage": {"get": op("Reported usage per minute, newest first", None, "200", usage,
                 [id(), vec![query("limit", s("integer"))]].concat())},
-            "/admin/encryption/rotate": {"post": op("Re-encrypt every secret with the current key", None, "200", obj(), vec![])},
+            "/admin/encryption/rotate": {"post": op("Re-encrypt every secret with the current key", None, "200", rotated, vec![])},
             "/openapi.json": {"get": op("This document", None, "200", obj(), vec![])},
         }),
         json!({"Key": key, "ProviderKey": provider_key}),
