@@ -307,6 +307,14 @@ impl RedisCounters {
         format!("{}:pk:{id}:{what}", self.tag)
     }
 
+    /// A pool's definition hash and pick-order sorted set.
+    fn pool_keys(&self, provider: &str) -> [String; 2] {
+        [
+            format!("{}:p:{provider}:def", self.tag),
+            format!("{}:p:{provider}:order", self.tag),
+        ]
+    }
+
     /// Adds the pool part of an admit call: KEYS 6-7 and ARGV 13-14 (see `lua/admit.lua`).
     fn pool_args(
         &self,
@@ -315,8 +323,8 @@ impl RedisCounters {
         provider: &str,
         candidates: &[Candidate],
     ) {
-        call.key(format!("{}:p:{provider}:def", self.tag))
-            .key(format!("{}:p:{provider}:order", self.tag));
+        let [def, order] = self.pool_keys(provider);
+        call.key(def).key(order);
         let version = if candidates.is_empty() {
             String::new()
         } else {
@@ -333,10 +341,9 @@ impl RedisCounters {
         let mut priorities: Vec<i64> = candidates.iter().map(|c| c.priority).collect();
         priorities.sort_unstable();
         priorities.dedup();
+        let [def, order] = self.pool_keys(&first.provider);
         let mut call = self.scripts.pool_sync.prepare_invoke();
-        call.key(format!("{}:p:{}:def", self.tag, first.provider))
-            .key(format!("{}:p:{}:order", self.tag, first.provider))
-            .arg(pool_version(candidates));
+        call.key(def).key(order).arg(pool_version(candidates));
         for (index, c) in candidates.iter().enumerate() {
             let rank = priorities.binary_search(&c.priority).unwrap_or_default();
             call.arg(&c.id)
