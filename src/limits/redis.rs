@@ -421,24 +421,10 @@ impl RedisCounters {
         let AdmitReply {
             code,
             a,
-            now_ms,
-            requests_used,
-            tokens_used,
-            requests_reset_ms,
-            tokens_reset_ms,
-            in_flight,
-            rem,
+            mut usage,
             picked,
         } = self.invoke_admit("admit", &call, candidates).await?;
-        let usage = Usage {
-            now_ms,
-            requests_used,
-            tokens_used,
-            requests_reset_ms,
-            tokens_reset_ms,
-            in_flight,
-            balance_remaining: r.balance.map(|_| rem),
-        };
+        usage.balance_remaining = usage.balance_remaining.filter(|_| r.balance.is_some());
         let denied = |reason, retry: Option<i64>| Verdict::Denied {
             reason,
             retry_after_ms: retry,
@@ -637,13 +623,8 @@ impl RedisCounters {
 struct AdmitReply {
     code: i64,
     a: i64,
-    now_ms: i64,
-    requests_used: i64,
-    tokens_used: i64,
-    requests_reset_ms: i64,
-    tokens_reset_ms: i64,
-    in_flight: i64,
-    rem: i64,
+    /// With `balance_remaining` always set (-1 when the balance is not tracked).
+    usage: Usage,
     /// The picked provider key's id, or empty.
     picked: String,
 }
@@ -657,13 +638,15 @@ impl AdmitReply {
         Ok(AdmitReply {
             code: int(0)?,
             a: int(1)?,
-            now_ms: int(2)?,
-            requests_used: int(3)?,
-            tokens_used: int(4)?,
-            requests_reset_ms: int(5)?,
-            tokens_reset_ms: int(6)?,
-            in_flight: int(7)?,
-            rem: int(8)?,
+            usage: Usage {
+                now_ms: int(2)?,
+                requests_used: int(3)?,
+                tokens_used: int(4)?,
+                requests_reset_ms: int(5)?,
+                tokens_reset_ms: int(6)?,
+                in_flight: int(7)?,
+                balance_remaining: Some(int(8)?),
+            },
             picked: reply
                 .get(9)
                 .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
