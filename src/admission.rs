@@ -26,7 +26,7 @@ use crate::limits::{
     AdmitRequest, BalanceSnapshot, CounterError, Counters, Denial, LeaseId, Pick, SelectRequest,
     Usage, Verdict,
 };
-use crate::pool::cache::{Candidate, PoolCache};
+use crate::pool::cache::{Candidate, Pool, PoolCache};
 use crate::pool::valid_provider;
 
 /// The body of `POST /v1/admit`.
@@ -193,7 +193,7 @@ impl Admission {
     }
 
     /// The provider's active keys, in the order selection tries them; never empty.
-    async fn candidates(&self, provider: Option<&str>) -> Result<Arc<Vec<Candidate>>, AdmitError> {
+    async fn candidates(&self, provider: Option<&str>) -> Result<Arc<Pool>, AdmitError> {
         let provider = provider.ok_or_else(|| {
             AdmitError::BadRequest("selecting a provider key needs a provider".into())
         })?;
@@ -290,7 +290,7 @@ impl Admission {
                 model: model.unwrap_or_default(),
                 api_format: api_format.unwrap_or_default(),
                 balance,
-                pool: candidates.as_deref().map(Vec::as_slice),
+                pool: candidates.as_deref(),
             })
             .await?;
         let picked = |i: Option<usize>| {

@@ -14,7 +14,7 @@ use keyward::limits::{
     AdmitRequest, BalanceSnapshot, Counters, Decision, Denial, LeaseId, Pick, Report, Reported,
     SelectRequest, Verdict,
 };
-use keyward::pool::cache::Candidate;
+use keyward::pool::cache::{Candidate, Pool};
 use keyward::usage::UsageRecord;
 use tokio::sync::{mpsc, Mutex};
 
@@ -726,10 +726,12 @@ fn candidate(
     }
 }
 
+/// Picks from these candidates, as the pool cache would hand them over.
 async fn pick(s: &Store, pool: &[Candidate], tokens: i64) -> Pick {
+    let pool = Pool::new(pool.to_vec());
     let request = SelectRequest {
         provider: &pool[0].provider,
-        candidates: pool,
+        candidates: &pool,
         tokens,
     };
     s.counters.select(&request).await.unwrap()
@@ -932,7 +934,7 @@ async fn a_pool_refusal_leaves_the_client_untouched(kind: Kind) {
     let s = Store::new(kind).await;
     align(&s, 100).await;
     let provider = common::unique_prefix();
-    let pool = vec![candidate(&provider, 0, Some(1), None)];
+    let pool = Pool::new(vec![candidate(&provider, 0, Some(1), None)]);
     assert_eq!(picked_id(&s, &pool, 0).await, pool[0].id);
     let k = key();
     let client = |lease| AdmitRequest {
@@ -940,7 +942,7 @@ async fn a_pool_refusal_leaves_the_client_untouched(kind: Kind) {
         tpm: Some(1_000),
         concurrency: Some(3),
         tokens: 100,
-        pool: Some(&pool[..]),
+        pool: Some(&pool),
         ..request(lease)
     };
     let lease = LeaseId::new(&k);
@@ -982,7 +984,7 @@ async fn only_one_request_gets_a_keys_last_unit(kind: Kind) {
     align(&s, 100).await;
     for _ in 0..20 {
         let provider = common::unique_prefix();
-        let pool = Arc::new(vec![candidate(&provider, 0, Some(1), None)]);
+        let pool = Arc::new(Pool::new(vec![candidate(&provider, 0, Some(1), None)]));
         let racers: Vec<_> = (0..12)
             .map(|i| {
                 let (s, pool) = (s.clone(), pool.clone());
@@ -992,7 +994,7 @@ async fn only_one_request_gets_a_keys_last_unit(kind: Kind) {
                     } else {
                         let lease = LeaseId::new(&uuid::Uuid::new_v4().to_string());
                         let r = AdmitRequest {
-                            pool: Some(&pool[..]),
+                            pool: Some(&pool),
                             ..request(&lease)
                         };
                         admitted(&s.admit(&r).await)

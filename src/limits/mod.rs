@@ -26,7 +26,7 @@ pub mod window;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use crate::pool::cache::Candidate;
+use crate::pool::cache::Pool;
 use crate::pool::LiveState;
 
 /// A lease id as clients see it: `<key id>.<32 hex>`. The key id part lets a report find
@@ -93,7 +93,7 @@ pub struct AdmitRequest<'a> {
     pub api_format: &'a str,
     pub balance: Option<BalanceSnapshot>,
     /// Pick a provider key in the same step (admit with `"select": true`).
-    pub pool: Option<&'a [Candidate]>,
+    pub pool: Option<&'a Pool>,
 }
 
 /// A provider key pick without a client key (`POST /v1/select`).
@@ -101,7 +101,7 @@ pub struct AdmitRequest<'a> {
 pub struct SelectRequest<'a> {
     pub provider: &'a str,
     /// The provider's active keys, in priority order.
-    pub candidates: &'a [Candidate],
+    pub candidates: &'a Pool,
     pub tokens: i64,
 }
 

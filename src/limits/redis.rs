@@ -49,7 +49,7 @@ use super::{
 };
 use crate::clock::now_ms;
 use crate::config::BackendErrorPolicy;
-use crate::pool::cache::Candidate;
+use crate::pool::cache::{Candidate, Pool};
 use crate::pool::LiveState;
 use crate::usage::UsageRecord;
 
@@ -321,20 +321,16 @@ impl RedisCounters {
         call: &mut redis::ScriptInvocation<'_>,
         client: bool,
         provider: &str,
-        candidates: &[Candidate],
+        pool: Option<&Pool>,
     ) {
         let [def, order] = self.pool_keys(provider);
         call.key(def).key(order);
-        let version = if candidates.is_empty() {
-            String::new()
-        } else {
-            pool_version(candidates)
-        };
+        let version = pool.filter(|p| !p.is_empty()).map_or("", |p| p.version());
         call.arg(i64::from(client)).arg(version);
     }
 
     /// Writes the caller's pool into Redis (`lua/pool_sync.lua`).
-    async fn sync_pool(&self, candidates: &[Candidate]) -> Result<(), CounterError> {
+    async fn sync_pool(&self, candidates: &Pool) -> Result<(), CounterError> {
         let Some(first) = candidates.first() else {
             return Ok(());
         };
@@ -343,7 +339,7 @@ impl RedisCounters {
         priorities.dedup();
         let [def, order] = self.pool_keys(&first.provider);
         let mut call = self.scripts.pool_sync.prepare_invoke();
-        call.key(def).key(order).arg(pool_version(candidates));
+        call.key(def).key(order).arg(candidates.version());
         for (index, c) in candidates.iter().enumerate() {
             let rank = priorities.binary_search(&c.priority).unwrap_or_default();
             call.arg(&c.id)
@@ -363,13 +359,13 @@ impl RedisCounters {
         &self,
         name: &str,
         call: &redis::ScriptInvocation<'_>,
-        candidates: &[Candidate],
+        pool: Option<&Pool>,
     ) -> Result<AdmitReply, CounterError> {
         let reply = AdmitReply::parse(self.lanes.invoke(name, call).await?)?;
-        if reply.code != 7 {
+        let (7, Some(pool)) = (reply.code, pool) else {
             return Ok(reply);
-        }
-        self.sync_pool(candidates).await?;
+        };
+        self.sync_pool(pool).await?;
         let reply = AdmitReply::parse(self.lanes.invoke(name, call).await?)?;
         if reply.code == 7 {
             return Err(CounterError::Protocol(
@@ -415,15 +411,15 @@ impl RedisCounters {
             .arg(balance.used)
             .arg(balance.version)
             .arg(self.shift.get());
-        let candidates = r.pool.unwrap_or_default();
+        let candidates: &[Candidate] = r.pool.map_or(&[], |p| p);
         let provider = candidates.first().map_or("", |c| c.provider.as_str());
-        self.pool_args(&mut call, true, provider, candidates);
+        self.pool_args(&mut call, true, provider, r.pool);
         let AdmitReply {
             code,
             a,
             mut usage,
             picked,
-        } = self.invoke_admit("admit", &call, candidates).await?;
+        } = self.invoke_admit("admit", &call, r.pool).await?;
         usage.balance_remaining = usage.balance_remaining.filter(|_| r.balance.is_some());
         let denied = |reason, retry: Option<i64>| Verdict::Denied {
             reason,
@@ -479,8 +475,10 @@ impl RedisCounters {
             .arg(1)
             .arg("||");
         call.arg(0).arg(0).arg(0).arg(0).arg(self.shift.get());
-        self.pool_args(&mut call, false, r.provider, r.candidates);
-        let reply = self.invoke_admit("select", &call, r.candidates).await?;
+        self.pool_args(&mut call, false, r.provider, Some(r.candidates));
+        let reply = self
+            .invoke_admit("select", &call, Some(r.candidates))
+            .await?;
         let picked = r.candidates.iter().position(|c| c.id == reply.picked);
         match (reply.code, picked) {
             (0, Some(i)) => Ok(Pick::Picked(i)),
@@ -653,23 +651,6 @@ impl AdmitReply {
                 .unwrap_or_default(),
         })
     }
-}
-
-/// A fingerprint of a pool as the caller sees it (ids, limits, priorities, order), so
-/// the admit script can tell whether Redis holds the same pool.
-fn pool_version(candidates: &[Candidate]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
-    // Fixed-width numbers after each id, so no two pools hash the same bytes; nothing
-    // is allocated (this runs on every pick).
-    for c in candidates {
-        hash.update(c.id.as_bytes());
-        hash.update([0]);
-        for n in [c.max_rpm.unwrap_or(-1), c.max_tpm.unwrap_or(-1), c.priority] {
-            hash.update(n.to_le_bytes());
-        }
-    }
-    hex::encode(&hash.finalize()[..8])
 }
 
 /// The lease meta is `|`-separated inside the script: keep separators out of its fields.
