@@ -10,12 +10,11 @@
 //!   of equal priority (so every pick reads the least-recently-used order of all 50).
 //! - Ceiling: `redis-benchmark` runs EVALSHA of `lua/admit.lua` with the same keys and
 //!   arguments at the same concurrency (a fresh lease token per call).
-//! - Open loop: a fixed offered load (`OPEN_LOOP_RPS`) paced by a schedule; p50, p99,
-//!   p99.9 of each request from its send, and beside them the p99 lag of sends behind the
-//!   schedule. Tokio's timer has 1 ms resolution, so timing from the due instant would add
-//!   up to 1 ms of timer slack to every request; a server stall instead shows up as lag
-//!   (the generator cannot send while it waits), so the two columns together hide
-//!   nothing.
+//! - Open loop: a fixed offered load (`OPEN_LOOP_RPS`) from a pacing thread, once evenly
+//!   spaced and once with Poisson arrivals; p50, p99, p99.9 of each request from its due
+//!   instant (so a stall anywhere counts), and beside them the p99 lag of sends behind
+//!   the schedule. Beside keyward's Redis shape, two floors on the same schedule: a bare
+//!   axum server that makes the same EVALSHA per request, and EVALSHA straight to Redis.
 //!
 //! keyward runs as its own process (the release binary); the load generator is a minimal
 //! HTTP/1.1 client so it takes as little of the shared CPU as it can. Everything shares
@@ -258,38 +257,202 @@ fn many_keys() -> usize {
         .unwrap_or(10_000)
 }
 
-/// Open loop at `rps`: requests sent on a fixed schedule.
-async fn open_loop(port: u16, secret: &str, rps: u64, seconds: u64) -> Run {
+/// Open loop at `rps` against keyward: admits due on the `arrivals` schedule, whatever
+/// the answers do (see [`pace`]).
+async fn open_loop(arrivals: Arrivals, port: u16, secret: &str, rps: u64, seconds: u64) -> Run {
     let request = admit_request(port, secret, false);
-    let start = Instant::now() + Duration::from_millis(100);
-    let per_worker = Duration::from_nanos(1_000_000_000 * CONCURRENCY as u64 / rps);
-    let total = rps * seconds / CONCURRENCY as u64;
-    let workers: Vec<_> = (0..CONCURRENCY)
-        .map(|w| {
+    let (senders, workers): (Vec<_>, Vec<_>) = (0..CONCURRENCY)
+        .map(|_| {
+            let (tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
             let request = request.clone();
-            tokio::spawn(async move {
+            let worker = tokio::spawn(async move {
                 let mut conn = Conn::open(port).await;
-                let offset = per_worker * w as u32 / CONCURRENCY as u32;
-                let (mut lat, mut lag, mut errors) = (
-                    Vec::with_capacity(total as usize),
-                    Vec::with_capacity(total as usize),
-                    0,
-                );
-                for i in 0..total {
-                    let due = start + offset + per_worker * i as u32;
-                    tokio::time::sleep_until(due.into()).await;
+                let mut timed = Timed::default();
+                while let Some(due) = due_rx.recv().await {
                     let sent = Instant::now();
-                    if conn.call(&request).await != 200 {
-                        errors += 1;
-                    }
-                    lat.push(sent.elapsed().as_micros() as u64);
-                    lag.push(sent.saturating_duration_since(due).as_micros() as u64);
+                    let ok = conn.call(&request).await == 200;
+                    timed.record(due, sent, ok);
                 }
-                (lat, lag, errors)
-            })
+                timed.into_parts()
+            });
+            (tx, worker)
         })
-        .collect();
+        .unzip();
+    pace(arrivals, rps, seconds, senders).await;
     collect(workers, seconds).await
+}
+
+/// The floor beside [`open_loop`]: the same schedule sending `EVALSHA` of
+/// `lua/admit.lua` (same arguments as the ceiling) straight to Redis through the client
+/// library keyward uses, on one multiplexed connection. keyward's open-loop latency
+/// minus this is what its HTTP hop and its own work add.
+async fn open_loop_evalsha(arrivals: Arrivals, url: &str, rps: u64, seconds: u64) -> Run {
+    let conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let script = std::sync::Arc::new(redis::Script::new(include_str!("../lua/admit.lua")));
+    let prefix = format!("{{bench-floor-{}}}", std::process::id());
+    let (senders, workers): (Vec<_>, Vec<_>) = (0..CONCURRENCY)
+        .map(|w| {
+            let (tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+            let (mut conn, script, prefix) = (conn.clone(), script.clone(), prefix.clone());
+            let worker = tokio::spawn(async move {
+                let mut timed = Timed::default();
+                let mut i = 0u64;
+                while let Some(due) = due_rx.recv().await {
+                    i += 1;
+                    let mut call = script.prepare_invoke();
+                    for k in SCRIPT_KEYS {
+                        call.key(format!("{prefix}:{k}"));
+                    }
+                    let mut args = ceiling_args();
+                    args[4] = format!("floor-{w}-{i}");
+                    for a in args {
+                        call.arg(a);
+                    }
+                    let sent = Instant::now();
+                    let ok = call.invoke_async::<redis::Value>(&mut conn).await.is_ok();
+                    timed.record(due, sent, ok);
+                }
+                timed.into_parts()
+            });
+            (tx, worker)
+        })
+        .unzip();
+    pace(arrivals, rps, seconds, senders).await;
+    let run = collect(workers, seconds).await;
+    let keys: Vec<String> = SCRIPT_KEYS
+        .iter()
+        .map(|k| format!("{prefix}:{k}"))
+        .collect();
+    let _ = Command::new("redis-cli")
+        .args(["-u", url, "DEL"])
+        .args(&keys)
+        .output();
+    run
+}
+
+/// The floor for the Redis shape: a bare axum server (the HTTP stack keyward uses) on a
+/// runtime of its own with as many workers as keyward's, that answers every POST with
+/// one `EVALSHA` of `lua/admit.lua` (the ceiling's arguments) and nothing else: no key
+/// lookup, no JSON, no headers. Returns its port.
+fn bare_server(url: &str) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let client = redis::Client::open(url).unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let conn = client.get_multiplexed_async_connection().await.unwrap();
+            let script = std::sync::Arc::new(redis::Script::new(include_str!("../lua/admit.lua")));
+            let prefix = format!("{{bench-bare-{}}}", std::process::id());
+            let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let handler = move |_body: axum::body::Bytes| {
+                let (mut conn, script, prefix, counter) = (
+                    conn.clone(),
+                    script.clone(),
+                    prefix.clone(),
+                    counter.clone(),
+                );
+                async move {
+                    let mut call = script.prepare_invoke();
+                    for k in SCRIPT_KEYS {
+                        call.key(format!("{prefix}:{k}"));
+                    }
+                    let mut args = ceiling_args();
+                    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    args[4] = format!("bare-{n}");
+                    for a in args {
+                        call.arg(a);
+                    }
+                    match call.invoke_async::<redis::Value>(&mut conn).await {
+                        Ok(_) => axum::http::StatusCode::OK,
+                        Err(_) => axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    }
+                }
+            };
+            let app = axum::Router::new().route("/v1/admit", axum::routing::post(handler));
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    port
+}
+
+/// Hands request `i` of `rps · seconds` to worker `i % workers` at its due instant
+/// `start + i/rps`, from a thread of its own: Tokio's timer ticks once per millisecond
+/// and would send the requests in bursts of `rps/1000`, which is not the load asked for.
+/// Workers time each request from its due instant, so the pacer's own wake-up, any wait
+/// for a busy connection and the send all count (no coordinated omission).
+async fn pace(
+    arrivals: Arrivals,
+    rps: u64,
+    seconds: u64,
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<Instant>>,
+) {
+    tokio::time::sleep(Duration::from_millis(100)).await; // connections open
+    let mean_ns = 1e9 / rps as f64;
+    std::thread::spawn(move || {
+        let mut due = Instant::now();
+        for i in 0..rps * seconds {
+            due += Duration::from_nanos(match arrivals {
+                Arrivals::Even => mean_ns,
+                // Exponential gaps: -ln(U) · mean, U in (0, 1].
+                Arrivals::Poisson => -(1.0 - rand::random::<f64>()).ln() * mean_ns,
+            } as u64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let _ = senders[i as usize % senders.len()].send(due);
+        }
+    });
+}
+
+/// How an open loop spaces its requests.
+#[derive(Clone, Copy)]
+enum Arrivals {
+    /// One every `1/rps` (as wrk2 paces).
+    Even,
+    /// Independent arrivals at a mean rate of `rps` (exponential gaps), which bunch up
+    /// now and then the way unrelated clients do.
+    Poisson,
+}
+
+impl Arrivals {
+    fn name(self) -> &'static str {
+        match self {
+            Arrivals::Even => "open loop",
+            Arrivals::Poisson => "Poisson",
+        }
+    }
+}
+
+/// One open-loop worker's measurements.
+#[derive(Default)]
+struct Timed {
+    latencies_us: Vec<u64>,
+    lag_us: Vec<u64>,
+    errors: usize,
+}
+
+impl Timed {
+    fn record(&mut self, due: Instant, sent: Instant, ok: bool) {
+        self.latencies_us.push(due.elapsed().as_micros() as u64);
+        self.lag_us
+            .push(sent.saturating_duration_since(due).as_micros() as u64);
+        self.errors += usize::from(!ok);
+    }
+
+    fn into_parts(self) -> (Vec<u64>, Vec<u64>, usize) {
+        (self.latencies_us, self.lag_us, self.errors)
+    }
 }
 
 type Worker = tokio::task::JoinHandle<(Vec<u64>, Vec<u64>, usize)>;
@@ -312,6 +475,32 @@ async fn collect(workers: Vec<Worker>, seconds: u64) -> Run {
     }
 }
 
+/// The keys `lua/admit.lua` is called with (under a prefix of the caller's).
+const SCRIPT_KEYS: [&str; 7] = ["rpm", "tpm", "leases", "ld", "bal", "def", "order"];
+
+/// The arguments of one admission like the bench key's (no pool; `[4]` is the lease
+/// token, which redis-benchmark replaces by a random number on every call).
+fn ceiling_args() -> Vec<String> {
+    [
+        "1000000000000",
+        "1000000000000",
+        "0",
+        "100",
+        "__rand_int__",
+        "5000",
+        "||gpt-4o|",
+        "0",
+        "0",
+        "0",
+        "0",
+        "0",
+        "1",
+        "",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// EVALSHA of the admission script straight from redis-benchmark, same concurrency.
 fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
     let script = include_str!("../lua/admit.lua");
@@ -323,7 +512,7 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
         String::from_utf8(out.stdout).ok()?.trim().to_string()
     };
     let prefix = format!("{{bench-ceiling-{}}}", std::process::id());
-    let keys: Vec<String> = ["rpm", "tpm", "leases", "ld", "bal", "def", "order"]
+    let keys: Vec<String> = SCRIPT_KEYS
         .iter()
         .map(|k| format!("{prefix}:{k}"))
         .collect();
@@ -344,25 +533,7 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
         "7".into(),
     ];
     args.extend(keys.iter().cloned());
-    args.extend(
-        [
-            "1000000000000",
-            "1000000000000",
-            "0",
-            "100",
-            "__rand_int__",
-            "5000",
-            "||gpt-4o|",
-            "0",
-            "0",
-            "0",
-            "0",
-            "0",
-            "1",
-            "",
-        ]
-        .map(String::from),
-    );
+    args.extend(ceiling_args());
     let out = Command::new("redis-benchmark").args(&args).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let _ = Command::new("redis-cli")
@@ -376,18 +547,37 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
         .next()
 }
 
+/// `KEYWARD_BENCH_ONLY=open` runs only the open-loop rows (and no ceiling): the
+/// quick way to compare latency changes.
+fn open_loop_only() -> bool {
+    std::env::var("KEYWARD_BENCH_ONLY").is_ok_and(|v| v == "open")
+}
+
+/// Both open loops on one server; returns the evenly paced one.
+async fn open_loops(label: &str, port: u16, secret: &str) -> Run {
+    let mut even = None;
+    for arrivals in [Arrivals::Even, Arrivals::Poisson] {
+        let run = open_loop(arrivals, port, secret, OPEN_LOOP_RPS, SECONDS).await;
+        row(
+            &format!("{label}, {} {OPEN_LOOP_RPS}/s", arrivals.name()),
+            &run,
+        );
+        even.get_or_insert(run);
+    }
+    even.unwrap()
+}
+
 /// Every run on one keyward; returns the plain single-key saturation run.
 async fn runs(shape: &str, k: &Keyward) -> Run {
     let one = vec![create_key(k).await];
-    create_pool(k, pool_size()).await;
     saturate(k.data, &one, false, 1).await; // warm-up
+    if open_loop_only() {
+        return open_loops(shape, k.data, &one[0]).await;
+    }
+    create_pool(k, pool_size()).await;
     let sat = saturate(k.data, &one, false, SECONDS).await;
     row(&format!("{shape}, 1 key, saturation"), &sat);
-    let open = open_loop(k.data, &one[0], OPEN_LOOP_RPS, SECONDS).await;
-    row(
-        &format!("{shape}, 1 key, open loop {OPEN_LOOP_RPS}/s"),
-        &open,
-    );
+    open_loops(shape, k.data, &one[0]).await;
     saturate(k.data, &one, true, 1).await;
     let select = saturate(k.data, &one, true, SECONDS).await;
     row(
@@ -416,7 +606,7 @@ fn row(name: &str, run: &Run) {
         format!("{:.3}", percentile(&run.lag_us, 0.99))
     };
     println!(
-        "| {name:<32} | {:>11.0} | {:>6.3} | {:>6.3} | {:>8.3} | {lag:>10} | {:>6} |",
+        "| {name:<36} | {:>11.0} | {:>6.3} | {:>6.3} | {:>8.3} | {lag:>10} | {:>6} |",
         run.rate,
         percentile(&run.latencies_us, 0.50),
         percentile(&run.latencies_us, 0.99),
@@ -440,11 +630,18 @@ async fn main() {
     println!(
         "keyward admit benchmark: {CONCURRENCY} connections, {SECONDS} s per run, 2 shared cores\n"
     );
-    println!("| run                              | decisions/s | p50 ms | p99 ms | p99.9 ms | lag p99 ms | errors |");
-    println!("|----------------------------------|------------:|-------:|-------:|---------:|-----------:|-------:|");
+    println!("| run                                  | decisions/s | p50 ms | p99 ms | p99.9 ms | lag p99 ms | errors |");
+    println!("|--------------------------------------|------------:|-------:|-------:|---------:|-----------:|-------:|");
 
     let emb_sat = runs("embedded", &start(None).await).await;
     let red_sat = runs("redis", &start(Some((&redis_url, &prefix))).await).await;
+    open_loops("bare HTTP+EVALSHA", bare_server(&redis_url), "-").await;
+    for arrivals in [Arrivals::Even, Arrivals::Poisson] {
+        row(
+            &format!("EVALSHA, {} {OPEN_LOOP_RPS}/s", arrivals.name()),
+            &open_loop_evalsha(arrivals, &redis_url, OPEN_LOOP_RPS, SECONDS).await,
+        );
+    }
     let _ = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -452,6 +649,9 @@ async fn main() {
         ))
         .status();
 
+    if open_loop_only() {
+        return;
+    }
     let ceiling = evalsha_ceiling(redis_port, SECONDS);
     println!();
     match ceiling {

