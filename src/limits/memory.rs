@@ -16,7 +16,7 @@ use super::{
     TimeShift, Usage, Verdict,
 };
 use crate::clock::now_ms;
-use crate::pool::cache::Candidate;
+use crate::pool::cache::Pool as CandidatePool;
 use crate::pool::LiveState;
 use crate::usage::UsageRecord;
 
@@ -46,26 +46,38 @@ struct PoolKey {
 #[derive(Debug, Default)]
 struct Pool {
     keys: HashMap<String, PoolKey>,
+    /// The version of the candidates `order` was built for (see `pool::cache::Pool`).
+    version: String,
+    /// The twin of the Redis `:order` zset: (priority, last pick or -1 if never,
+    /// candidate index), so a pick walks from the front instead of sorting the pool.
+    order: BTreeSet<(i64, i64, usize)>,
 }
 
 impl Pool {
     /// Picks like `lua/admit.lua`: priority, then least recently picked (never first),
     /// skipping keys cooling down, suspended or without room. Takes nothing.
-    fn pick(&mut self, candidates: &[Candidate], tokens: i64, now: i64) -> Pick {
+    fn pick(&mut self, candidates: &CandidatePool, tokens: i64, now: i64) -> Pick {
+        if self.version != candidates.version() {
+            // The pool changed (or this is its first pick): rebuild the order, keeping
+            // the pick history of the keys that stay, as `lua/pool_sync.lua` does.
+            self.version = candidates.version().to_string();
+            let keys = &self.keys;
+            self.order = candidates
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let last = keys.get(&c.id).and_then(|k| k.last_pick);
+                    (c.priority, last.unwrap_or(-1), i)
+                })
+                .collect();
+        }
         let b = now.div_euclid(1000);
-        let mut order: Vec<usize> = (0..candidates.len()).collect();
-        let last = |i: usize| {
-            self.keys
-                .get(&candidates[i].id)
-                .and_then(|k| k.last_pick)
-                .unwrap_or(-1)
-        };
-        // One map lookup per candidate, not one per comparison.
-        order.sort_by_cached_key(|&i| (candidates[i].priority, last(i), i));
         let mut earliest: Option<i64> = None;
-        for i in order {
+        for &(_, _, i) in &self.order {
             let c = &candidates[i];
-            let key = self.keys.entry(c.id.clone()).or_default();
+            let Some(key) = self.keys.get_mut(&c.id) else {
+                return Pick::Picked(i); // never picked, never reported: nothing in its way
+            };
             key.requests.prune(b);
             key.tokens.prune(b);
             let mut wait = (key.cooldown_until - now)
@@ -94,9 +106,12 @@ impl Pool {
     }
 
     /// Takes the picked key's request and tokens; returns the tokens reserved on it.
-    fn take(&mut self, c: &Candidate, tokens: i64, now: i64) -> i64 {
-        let b = now.div_euclid(1000);
+    fn take(&mut self, candidates: &CandidatePool, i: usize, tokens: i64, now: i64) -> i64 {
+        let (c, b) = (&candidates[i], now.div_euclid(1000));
         let key = self.keys.entry(c.id.clone()).or_default();
+        self.order
+            .remove(&(c.priority, key.last_pick.unwrap_or(-1), i));
+        self.order.insert((c.priority, now, i));
         key.last_pick = Some(now);
         if c.max_rpm.is_some() {
             key.requests.add(b, 1);
@@ -278,7 +293,7 @@ impl MemoryCounters {
                     return deny(&state, Denial::PoolExhausted, Some(retry_after_ms));
                 }
                 Pick::Picked(i) => {
-                    let reserved = pool.take(&candidates[i], r.tokens, now);
+                    let reserved = pool.take(candidates, i, r.tokens, now);
                     self.key_provider.insert(candidates[i].id.clone(), provider);
                     picked = Some((i, candidates[i].id.clone(), reserved));
                 }
@@ -322,7 +337,7 @@ impl MemoryCounters {
         let mut pool = self.pools.entry(r.provider.to_string()).or_default();
         let pick = pool.pick(r.candidates, r.tokens, now);
         if let Pick::Picked(i) = pick {
-            pool.take(&r.candidates[i], r.tokens, now);
+            pool.take(r.candidates, i, r.tokens, now);
             self.key_provider
                 .insert(r.candidates[i].id.clone(), r.provider.to_string());
         }
