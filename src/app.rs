@@ -30,9 +30,22 @@ use crate::pool::{self, ProviderKeys};
 use crate::usage::UsageRecord;
 use crate::{expiry, http};
 
-/// What every request handler can reach. Cheap to clone.
+/// What every request handler can reach. One `Arc`: axum clones the state for every
+/// extractor and middleware of every request, so a clone is one atomic increment rather
+/// than one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct Shared {
     pub db: Db,
     pub keys: ClientKeys,
     pub pools: ProviderKeys,
@@ -166,7 +179,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         config.lease_ttl.as_millis() as i64,
         config.default_estimated_tokens,
     );
-    let state = AppState {
+    let state = AppState(Arc::new(Shared {
         keys: ClientKeys::new(
             db.clone(),
             keyring.clone(),
@@ -188,7 +201,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
             .as_deref()
             .map(|t| crypto::digest(t.as_bytes())),
         expiry_auto_delete: config.expiry_auto_delete,
-    };
+    }));
     Ok(Parts {
         state,
         accounting,

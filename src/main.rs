@@ -7,6 +7,12 @@ use keyward::cli::{Cli, Command};
 use keyward::config::{self, Config, LogFormat};
 use keyward::{app, db, telemetry};
 
+/// mimalloc rather than the system allocator: a decision allocates a few dozen small,
+/// short-lived buffers (HTTP, JSON, the Redis command), and glibc's malloc and free were
+/// a quarter of keyward's CPU under load (measured with perf, BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
