@@ -190,6 +190,8 @@ async fn patch_changes_only_updatable_fields(b: Backend) {
         )
         .await;
     let path = format!("/admin/keys/{}", key["id"].as_str().unwrap());
+    // Timestamps have millisecond resolution: let one pass, so updated_at must move.
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     let patched = s
         .admin(
             Method::PATCH,

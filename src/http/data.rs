@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
@@ -45,25 +46,76 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn admitted_body(a: &Admitted) -> Value {
+/// The body of an admission (contract section 3), serialized straight from borrowed
+/// fields: this is the hottest response, so no intermediate `serde_json::Value`.
+#[derive(Serialize)]
+struct AdmittedBody<'a> {
+    allowed: bool,
+    lease_id: String,
+    lease_expires_at: String,
+    key_id: &'a str,
+    provider_key: Option<PickedKey<'a>>,
+    limits: Limits,
+    remaining_balance_usd: Option<Usd>,
+}
+
+#[derive(Serialize)]
+struct PickedKey<'a> {
+    id: &'a str,
+    provider: &'a str,
+    value: &'a str,
+}
+
+#[derive(Serialize)]
+struct Limits {
+    requests: Option<WindowBody>,
+    tokens: Option<WindowBody>,
+    concurrency: Option<ConcurrencyBody>,
+}
+
+#[derive(Serialize)]
+struct WindowBody {
+    limit: i64,
+    remaining: i64,
+    reset_ms: i64,
+}
+
+#[derive(Serialize)]
+struct ConcurrencyBody {
+    limit: i64,
+    in_flight: i64,
+}
+
+fn admitted_body(a: &Admitted) -> AdmittedBody<'_> {
     let key = &a.key;
     let u = &a.usage;
     let window = |limit: Option<i64>, used: i64, reset_ms: i64| {
-        limit.map(|l| json!({"limit": l, "remaining": (l - used).max(0), "reset_ms": reset_ms}))
+        limit.map(|limit| WindowBody {
+            limit,
+            remaining: (limit - used).max(0),
+            reset_ms,
+        })
     };
-    json!({
-        "allowed": true,
-        "lease_id": a.lease.to_string(),
-        "lease_expires_at": to_rfc3339(a.expires_at_ms),
-        "key_id": key.id,
-        "provider_key": a.provider_key.as_ref().map(|k| json!({"id": k.id, "provider": k.provider, "value": k.value})),
-        "limits": {
-            "requests": window(key.rate_limit, u.requests_used, u.requests_reset_ms),
-            "tokens": window(key.tpm_limit, u.tokens_used, u.tokens_reset_ms),
-            "concurrency": key.concurrent_limit.map(|l| json!({"limit": l, "in_flight": u.in_flight})),
+    AdmittedBody {
+        allowed: true,
+        lease_id: a.lease.to_string(),
+        lease_expires_at: to_rfc3339(a.expires_at_ms),
+        key_id: &key.id,
+        provider_key: a.provider_key.as_ref().map(|k| PickedKey {
+            id: &k.id,
+            provider: &k.provider,
+            value: &k.value,
+        }),
+        limits: Limits {
+            requests: window(key.rate_limit, u.requests_used, u.requests_reset_ms),
+            tokens: window(key.tpm_limit, u.tokens_used, u.tokens_reset_ms),
+            concurrency: key.concurrent_limit.map(|limit| ConcurrencyBody {
+                limit,
+                in_flight: u.in_flight,
+            }),
         },
-        "remaining_balance_usd": u.balance_remaining.map(|r| Usd(r.max(0))),
-    })
+        remaining_balance_usd: u.balance_remaining.map(|r| Usd(r.max(0))),
+    }
 }
 
 /// Prometheus text format (see [`crate::metrics`]).
