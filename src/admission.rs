@@ -155,6 +155,17 @@ impl Admission {
         }
     }
 
+    /// The provider of a key in one of the pools this process holds, or `None`; never
+    /// reads the database. A scan of the held pools: only upstream 429/401/403 reports
+    /// ask.
+    pub fn held_provider_of(&self, key_id: &str) -> Option<String> {
+        self.pools.find_held(|pool| {
+            pool.iter()
+                .find(|c| c.id == key_id)
+                .map(|c| c.provider.clone())
+        })
+    }
+
     pub fn lease_ttl_ms(&self) -> i64 {
         self.lease_ttl_ms
     }

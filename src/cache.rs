@@ -109,6 +109,12 @@ impl<L: Loader> Cache<L> {
         Ok(value)
     }
 
+    /// The first `Some` that `f` gives for a value held now (stale ones included); loads
+    /// nothing.
+    pub fn find_held<R>(&self, mut f: impl FnMut(&L::Value) -> Option<R>) -> Option<R> {
+        self.entries.iter().find_map(|entry| f(&entry.value))
+    }
+
     pub fn invalidate(&self, key: &str) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.entries.remove(key);

@@ -298,6 +298,65 @@ async fn upstream_429_cools_a_key_and_401_suspends_it(shape: Shape) {
     c.stop().await;
 }
 
+/// A report of an upstream 429 finds the key's provider among the pools in memory: with
+/// the database unreachable it still cools the key, and the event is counted under the
+/// key's provider (a database lookup would fail and count it as "unknown").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_429_needs_no_database() {
+    let base = common::TestDb::new(common::Backend::Postgres).await;
+    let (target, _) = common::reroute(&base.url, "unused");
+    let proxy = common::PgProxy::start(target).await;
+    let (_, proxied_url) = common::reroute(&base.url, &format!("127.0.0.1:{}", proxy.port));
+    let db = Arc::new(base);
+    let mut raw = common::base_config(&db);
+    raw.insert(config::DATABASE_URL, proxied_url);
+    raw.insert(config::REDIS_URL, common::redis_url());
+    raw.insert(config::REDIS_PREFIX, common::unique_prefix());
+    let s = TestServer::start_on(db.clone(), raw).await;
+    // A provider of this test's own, so the process-wide metric is this test's alone.
+    let provider = format!("p{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let a = add(&s, &provider, json!({"label": "a", "value": "sk-a-000000"})).await;
+    let b = add(&s, &provider, json!({"label": "b", "value": "sk-b-000000"})).await;
+    let first = picked(&select(&s, &provider).await);
+    let other = if first == a["id"] {
+        b["id"].clone()
+    } else {
+        a["id"].clone()
+    };
+
+    proxy.set_up(false);
+    let r = s
+        .data_post(
+            "/v1/report",
+            json!({"provider_key_id": first, "upstream_status": 429, "retry_after_s": 30}),
+        )
+        .await;
+    assert_eq!(r.body["recorded"], true, "{}", r.body);
+    assert_eq!(
+        picked(&select(&s, &provider).await),
+        other,
+        "the cooling key is skipped"
+    );
+    let text = s
+        .client
+        .get(format!("{}/metrics", s.data))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted = text.lines().any(|l| {
+        l.starts_with("keyward_provider_key_events_total{")
+            && l.contains(&format!("provider=\"{provider}\""))
+            && l.contains("event=\"cooldown\"")
+            && l.ends_with(" 1")
+    });
+    assert!(counted, "no cooldown event for {provider}:\n{text}");
+    proxy.set_up(true);
+    s.stop().await;
+}
+
 async fn exactly_one_instance_gets_a_keys_last_unit_every_round(shape: Shape) {
     let c = Arc::new(Cluster::start(shape, |_| {}).await);
     for round in 0..15 {

@@ -244,8 +244,12 @@ async fn report(
         _ => None,
     };
     if let (Some(_), Some(id)) = (event, &report.provider_key_id) {
-        // Only after an upstream 429/401/403, never on the admission path.
-        report.provider = state.pools.get(id).await.ok().map(|k| k.provider);
+        // Only after an upstream 429/401/403. From the pools this process holds (no
+        // database on the request path), else from the database (a key it never loaded).
+        report.provider = match state.admission.held_provider_of(id) {
+            Some(provider) => Some(provider),
+            None => state.pools.get(id).await.ok().map(|k| k.provider),
+        };
     }
     let outcome = state.counters.report(&report).await?;
     let m = crate::metrics::get();
