@@ -904,6 +904,9 @@ async fn full_provider_keys_are_skipped_until_their_window_has_room(kind: Kind) 
         tpm_only[0].id,
         "80 + 20 fits"
     );
+    // A key that can never take the estimate is skipped, even one never picked before.
+    let small = vec![candidate(&provider, 0, None, Some(100)), pool[1].clone()];
+    assert_eq!(picked_id(&s, &small, 150).await, pool[1].id, "150 > 100");
     s.cleanup().await;
 }
 

@@ -73,11 +73,11 @@ impl Pool {
         }
         let b = now.div_euclid(1000);
         let mut earliest: Option<i64> = None;
+        let mut unseen = PoolKey::default();
         for &(_, _, i) in &self.order {
             let c = &candidates[i];
-            let Some(key) = self.keys.get_mut(&c.id) else {
-                return Pick::Picked(i); // never picked, never reported: nothing in its way
-            };
+            // A key never picked nor reported has empty windows (nothing is stored for it).
+            let key = self.keys.get_mut(&c.id).unwrap_or(&mut unseen);
             key.requests.prune(b);
             key.tokens.prune(b);
             let mut wait = (key.cooldown_until - now)

@@ -601,45 +601,66 @@ fn free_cluster_port() -> u16 {
     }
 }
 
-impl PrivateCluster {
-    pub async fn start() -> PrivateCluster {
-        let ports: Vec<u16> = (0..3).map(|_| free_cluster_port()).collect();
-        let mut nodes = Vec::new();
-        for port in &ports {
-            let dir = tempfile::tempdir().unwrap();
-            let child = std::process::Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .current_dir(dir.path())
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("redis-server is not installed");
-            nodes.push(PrivateRedisNode { child, _dir: dir });
-        }
-        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        for port in &ports {
-            eventually(10, || async {
+/// Starts one cluster-enabled redis-server, on another port when the one picked was
+/// taken meanwhile: ports come from the ephemeral range, which every outgoing connection
+/// of the tests running beside this one draws from too (redis-server then exits).
+async fn start_cluster_node() -> (u16, PrivateRedisNode) {
+    for _ in 0..10 {
+        let port = free_cluster_port();
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                break; // it could not bind: try another port
+            }
+            let pong = async {
                 let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
                 let mut conn = client.get_multiplexed_async_connection().await.ok()?;
                 redis::cmd("PING")
                     .query_async::<String>(&mut conn)
                     .await
                     .ok()
-            })
-            .await;
+            };
+            if pong.await.is_some() {
+                return (port, PrivateRedisNode { child, _dir: dir });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("no cluster node could start");
+}
+
+impl PrivateCluster {
+    pub async fn start() -> PrivateCluster {
+        let mut ports = Vec::new();
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let (port, node) = start_cluster_node().await;
+            ports.push(port);
+            nodes.push(node);
+        }
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = std::process::Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
@@ -653,7 +674,7 @@ impl PrivateCluster {
             String::from_utf8_lossy(&created.stdout)
         );
         for port in &ports {
-            eventually(20, || async {
+            eventually(30, || async {
                 let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
                 let mut conn = client.get_multiplexed_async_connection().await.ok()?;
                 let info: String = redis::cmd("CLUSTER")
