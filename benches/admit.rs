@@ -303,15 +303,7 @@ async fn open_loop_evalsha(arrivals: Arrivals, url: &str, rps: u64, seconds: u64
                 let mut i = 0u64;
                 while let Some(due) = due_rx.recv().await {
                     i += 1;
-                    let mut call = script.prepare_invoke();
-                    for k in SCRIPT_KEYS {
-                        call.key(format!("{prefix}:{k}"));
-                    }
-                    let mut args = ceiling_args();
-                    args[4] = format!("floor-{w}-{i}");
-                    for a in args {
-                        call.arg(a);
-                    }
+                    let call = admit_call(&script, &prefix, format!("floor-{w}-{i}"));
                     let sent = Instant::now();
                     let ok = call.invoke_async::<redis::Value>(&mut conn).await.is_ok();
                     timed.record(due, sent, ok);
@@ -323,10 +315,7 @@ async fn open_loop_evalsha(arrivals: Arrivals, url: &str, rps: u64, seconds: u64
         .unzip();
     pace(arrivals, rps, seconds, senders).await;
     let run = collect(workers, seconds).await;
-    let keys: Vec<String> = SCRIPT_KEYS
-        .iter()
-        .map(|k| format!("{prefix}:{k}"))
-        .collect();
+    let keys = script_keys(&prefix);
     let _ = Command::new("redis-cli")
         .args(["-u", url, "DEL"])
         .args(&keys)
@@ -361,16 +350,8 @@ fn bare_server(url: &str) -> u16 {
                     counter.clone(),
                 );
                 async move {
-                    let mut call = script.prepare_invoke();
-                    for k in SCRIPT_KEYS {
-                        call.key(format!("{prefix}:{k}"));
-                    }
-                    let mut args = ceiling_args();
                     let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    args[4] = format!("bare-{n}");
-                    for a in args {
-                        call.arg(a);
-                    }
+                    let call = admit_call(&script, &prefix, format!("bare-{n}"));
                     match call.invoke_async::<redis::Value>(&mut conn).await {
                         Ok(_) => axum::http::StatusCode::OK,
                         Err(_) => axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -501,6 +482,32 @@ fn ceiling_args() -> Vec<String> {
     .to_vec()
 }
 
+/// [`SCRIPT_KEYS`] under `prefix`.
+fn script_keys(prefix: &str) -> Vec<String> {
+    SCRIPT_KEYS
+        .iter()
+        .map(|k| format!("{prefix}:{k}"))
+        .collect()
+}
+
+/// One admission call like the ceiling's, under `prefix`, with its own lease `token`.
+fn admit_call<'a>(
+    script: &'a redis::Script,
+    prefix: &str,
+    token: String,
+) -> redis::ScriptInvocation<'a> {
+    let mut call = script.prepare_invoke();
+    for key in script_keys(prefix) {
+        call.key(key);
+    }
+    let mut args = ceiling_args();
+    args[4] = token;
+    for arg in args {
+        call.arg(arg);
+    }
+    call
+}
+
 /// EVALSHA of the admission script straight from redis-benchmark, same concurrency.
 fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
     let script = include_str!("../lua/admit.lua");
@@ -512,10 +519,7 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
         String::from_utf8(out.stdout).ok()?.trim().to_string()
     };
     let prefix = format!("{{bench-ceiling-{}}}", std::process::id());
-    let keys: Vec<String> = SCRIPT_KEYS
-        .iter()
-        .map(|k| format!("{prefix}:{k}"))
-        .collect();
+    let keys = script_keys(&prefix);
     // About as many calls as keyward would make in `seconds` at this rate.
     let requests = (80_000 * seconds).to_string();
     let mut args: Vec<String> = vec![
