@@ -557,6 +557,12 @@ fn open_loop_only() -> bool {
     std::env::var("KEYWARD_BENCH_ONLY").is_ok_and(|v| v == "open")
 }
 
+/// `KEYWARD_BENCH_ONLY=redis-open` runs only the Redis shape's open loops: the quickest
+/// A/B of two builds (`KEYWARD_BENCH_BIN`), alternated many times on a noisy machine.
+fn redis_open_loop_only() -> bool {
+    std::env::var("KEYWARD_BENCH_ONLY").is_ok_and(|v| v == "redis-open")
+}
+
 /// Both open loops on one server; returns the evenly paced one.
 async fn open_loops(label: &str, port: u16, secret: &str) -> Run {
     let mut even = None;
@@ -637,6 +643,13 @@ async fn main() {
     println!("| run                                  | decisions/s | p50 ms | p99 ms | p99.9 ms | lag p99 ms | errors |");
     println!("|--------------------------------------|------------:|-------:|-------:|---------:|-----------:|-------:|");
 
+    if redis_open_loop_only() {
+        let k = start(Some((&redis_url, &prefix))).await;
+        let one = vec![create_key(&k).await];
+        saturate(k.data, &one, false, 1).await; // warm-up
+        open_loops("redis", k.data, &one[0]).await;
+        return;
+    }
     let emb_sat = runs("embedded", &start(None).await).await;
     let red_sat = runs("redis", &start(Some((&redis_url, &prefix))).await).await;
     open_loops("bare HTTP+EVALSHA", bare_server(&redis_url), "-").await;

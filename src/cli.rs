@@ -135,9 +135,47 @@ impl ServeArgs {
                 config::ACCOUNTING_CLAIM_IDLE_S,
                 &self.accounting_claim_idle_s,
             ),
+            (config::PROVIDER_COOLDOWN_S, &self.provider_cooldown_s),
+            (config::PROVIDER_SUSPEND_S, &self.provider_suspend_s),
         ]
         .into_iter()
         .filter_map(|(name, value)| value.clone().map(|v| (name, v)))
         .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every `serve` flag (and so its environment twin) must reach the configuration: a
+    /// flag missing from `raw()` would be accepted and silently ignored.
+    #[test]
+    fn every_serve_flag_reaches_the_configuration() {
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("serve");
+        let mut argv = vec!["keyward".to_string(), "serve".to_string()];
+        let mut vars = Vec::new();
+        for arg in serve.get_arguments() {
+            if let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) {
+                argv.push(format!("--{long}"));
+                argv.push(format!("value-of-{long}"));
+                vars.push((env.to_string_lossy().into_owned(), long.to_string()));
+            }
+        }
+        assert!(vars.len() >= 20, "the serve flags were not found");
+        let Command::Serve(args) = Cli::try_parse_from(&argv).expect("parses").command else {
+            panic!("not serve");
+        };
+        let raw = args.raw();
+        for (var, long) in vars {
+            assert_eq!(
+                raw.get(var.as_str()).map(String::as_str),
+                Some(format!("value-of-{long}").as_str()),
+                "--{long} / {var} does not reach the configuration"
+            );
+        }
     }
 }

@@ -33,11 +33,14 @@ impl Drop for Keyward {
 }
 
 /// Starts `keyward serve` with the admin token, ports of its own, a SQLite file in a
-/// fresh directory unless `env` names a database, and `env` on top.
+/// fresh directory unless `env` names a database, and `env` on top. `KEYWARD_BENCH_BIN`
+/// names another `keyward` binary to run instead (another build, compared in one session).
 pub async fn start(env: &[(&str, String)]) -> Keyward {
     let dir = tempfile::tempdir().unwrap();
     let (data, admin) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
+    let binary = std::env::var("KEYWARD_BENCH_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_keyward").to_string());
+    let mut cmd = Command::new(binary);
     cmd.arg("serve")
         .env("KEYWARD_LISTEN", format!("127.0.0.1:{data}"))
         .env("KEYWARD_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
