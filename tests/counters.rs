@@ -56,6 +56,7 @@ on_both_stores!(
     tokens_are_reserved_then_settled,
     denied_requests_consume_nothing,
     leases_expire_free_their_slot_and_renew,
+    expired_leases_leave_the_store,
     reports_count_once_even_after_the_lease_expired,
     concurrent_admissions_never_exceed_any_limit,
     balance_changes_apply_once_by_version,
@@ -497,12 +498,15 @@ async fn leases_expire_free_their_slot_and_renew(kind: Kind) {
     let renewed = s.counters.renew(&a, 10_000).await.unwrap();
     assert!(renewed.is_some());
     // b expires (never reported, never renewed); a, renewed, still holds its slot.
-    s.advance(6_000);
+    s.advance(5_500);
     let d = s.admit(&slots(&c)).await;
     assert!(admitted(&d), "{d:?}");
     assert_eq!(d.usage.in_flight, 2);
     let e = LeaseId::new(&k);
-    assert_eq!(denial(&s.admit(&slots(&e)).await).0, Denial::Concurrency);
+    let (reason, retry) = denial(&s.admit(&slots(&e)).await);
+    assert_eq!(reason, Denial::Concurrency);
+    // a, renewed at 5 s for 10 s, is the first live lease to expire: at 15 s, 4.5 s on.
+    assert!((4_000..=4_500).contains(&retry.unwrap()), "{retry:?}");
     assert_eq!(
         s.counters.renew(&b, 10_000).await.unwrap(),
         None,
@@ -516,6 +520,55 @@ async fn leases_expire_free_their_slot_and_renew(kind: Kind) {
     s.counters.report(&report(&a, None, 0)).await.unwrap();
     assert_eq!(s.counters.renew(&a, 10_000).await.unwrap(), None);
     assert!(admitted(&s.admit(&slots(&e)).await));
+    s.cleanup().await;
+}
+
+/// Expired leases do not stay in Redis: the next decision on the key removes them with
+/// their reservation data (bounded memory per key). In both stores they stop counting.
+async fn expired_leases_leave_the_store(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    let short = |lease| AdmitRequest {
+        lease_ttl_ms: 1_000,
+        ..request(lease)
+    };
+    let leases: Vec<LeaseId> = (0..250).map(|_| LeaseId::new(&k)).collect();
+    for lease in &leases {
+        assert!(admitted(&s.admit(&short(lease)).await));
+    }
+    let stored = || {
+        let (counters, k) = (&s.counters, &k);
+        async move {
+            let Counters::Redis(redis) = counters else {
+                return None;
+            };
+            let mut conn = redis.conn().await.unwrap();
+            let (leases, data): (i64, i64) = redis::pipe()
+                .cmd("ZCARD")
+                .arg(redis.key(k, "leases"))
+                .cmd("HLEN")
+                .arg(redis.key(k, "ld"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            Some((leases, data))
+        }
+    };
+    let redis = matches!(kind, Kind::Redis | Kind::Cluster);
+    assert_eq!(stored().await, redis.then_some((250, 250)));
+    s.advance(1_500);
+    let d = s.admit(&request(&LeaseId::new(&k))).await;
+    assert_eq!(d.usage.in_flight, 1, "only the new lease is live");
+    assert_eq!(stored().await, redis.then_some((1, 1)));
+    // None of the removed leases can be renewed; their reports still count (once).
+    assert_eq!(s.counters.renew(&leases[0], 10_000).await.unwrap(), None);
+    assert_eq!(
+        s.counters
+            .report(&report(&leases[0], None, 0))
+            .await
+            .unwrap(),
+        Reported::Recorded
+    );
     s.cleanup().await;
 }
 

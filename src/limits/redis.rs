@@ -299,7 +299,8 @@ impl RedisCounters {
         Ok(self.lanes.get().await?.1)
     }
 
-    fn key(&self, key_id: &str, what: &str) -> String {
+    /// The Redis key of a client key's `rpm`, `tpm`, `leases`, `ld` or `bal`.
+    pub fn key(&self, key_id: &str, what: &str) -> String {
         format!("{}:k:{key_id}:{what}", self.tag)
     }
 
