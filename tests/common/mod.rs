@@ -345,11 +345,7 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     pub async fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut redis = PrivateRedis {
             url: format!("redis://127.0.0.1:{port}"),
             port,
@@ -564,7 +560,25 @@ pub fn reroute(url: &str, with: &str) -> (String, String) {
 }
 
 /// A TCP port that was free a moment ago (for child processes that bind it themselves).
+///
+/// It is below the kernel's ephemeral range (and so is port + 10000, a cluster node's bus
+/// port): a port from that range (`bind(:0)`) can be taken by any outgoing connection of
+/// the tests running beside this one, between the moment it is picked and the moment the
+/// child binds it, or while a server the test restarts on the same port is down.
 pub fn free_port() -> u16 {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > 20_001 {
+        let span = ephemeral_low - 20_001;
+        for _ in 0..1_000 {
+            let port = (10_000 + rand::random::<u32>() % span) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -602,8 +616,7 @@ fn free_cluster_port() -> u16 {
 }
 
 /// Starts one cluster-enabled redis-server, on another port when the one picked was
-/// taken meanwhile: ports come from the ephemeral range, which every outgoing connection
-/// of the tests running beside this one draws from too (redis-server then exits).
+/// taken meanwhile by another test's server (redis-server then exits).
 async fn start_cluster_node() -> (u16, PrivateRedisNode) {
     for _ in 0..10 {
         let port = free_cluster_port();
