@@ -150,16 +150,22 @@ end
 
 local in_flight = 0
 if client then
-  -- Expired leases free their slot (and their reservation data). HDEL in chunks:
-  -- unpack() has a stack limit, and with no concurrency limit many can expire at once.
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+  -- Expired leases free their slot (and their reservation data), at most PURGE_BATCH per
+  -- decision. A backlog (a busy key without a concurrency limit, idle for longer than
+  -- its lease TTL, can have tens of thousands expire together) leaves over several
+  -- decisions instead of holding Redis for milliseconds in one; meanwhile only live
+  -- leases are counted (and renew.lua refuses expired ones).
+  local PURGE_BATCH = 100
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, PURGE_BATCH)
   if #expired > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-    for i = 1, #expired, 1000 do
-      redis.call('HDEL', KEYS[4], unpack(expired, i, math.min(i + 999, #expired)))
-    end
+    redis.call('ZREM', KEYS[3], unpack(expired))
+    redis.call('HDEL', KEYS[4], unpack(expired))
   end
-  in_flight = redis.call('ZCARD', KEYS[3])
+  if #expired == PURGE_BATCH then
+    in_flight = redis.call('ZCOUNT', KEYS[3], '(' .. int(now), '+inf')
+  else
+    in_flight = redis.call('ZCARD', KEYS[3])
+  end
 end
 
 local req_used, req_lo, req_cur, tok_used, tok_lo, tok_cur = 0, nil, 0, 0, nil, 0
@@ -187,8 +193,9 @@ local function answer(code, a, picked)
   return {code, a, now, req_used, tok_used, reset_in(req_lo), reset_in(tok_lo), in_flight, rem, picked or ''}
 end
 
+-- Milliseconds until the first live lease expires (expired ones may still be in the set).
 local function earliest_lease_expiry()
-  local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  local first = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
   if first[2] then return math.max(tonumber(first[2]) - now, 1) end
   return 1000
 end
