@@ -43,19 +43,9 @@ async fn a_live_scrape_passes_promtool_and_names_no_key() {
     )
     .await;
 
-    let scrape = || async {
-        s.client
-            .get(format!("{}/metrics", s.data))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
     // Wait until the accounting writer has applied the report.
     let text = eventually(10, || async {
-        let text = scrape().await;
+        let text = s.metrics().await;
         text.contains("keyward_accounting_records_total{result=\"applied\"} 1")
             .then_some(text)
     })

@@ -337,15 +337,7 @@ async fn an_upstream_429_needs_no_database() {
         other,
         "the cooling key is skipped"
     );
-    let text = s
-        .client
-        .get(format!("{}/metrics", s.data))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics().await;
     let counted = text.lines().any(|l| {
         l.starts_with("keyward_provider_key_events_total{")
             && l.contains(&format!("provider=\"{provider}\""))

@@ -266,6 +266,12 @@ impl TestServer {
         Answer::read(path, request.send().await.unwrap()).await
     }
 
+    /// The data plane's Prometheus scrape, as text.
+    pub async fn metrics(&self) -> String {
+        let response = self.client.get(format!("{}/metrics", self.data)).send();
+        response.await.unwrap().text().await.unwrap()
+    }
+
     pub async fn admit(&self, body: Value) -> Answer {
         self.data_post("/v1/admit", body).await
     }
