@@ -37,6 +37,9 @@ pub struct ServeArgs {
     /// Bearer token of the admin API (unset: admin API disabled)
     #[arg(long, env = config::ADMIN_TOKEN, hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Bearer token for /v1/select and reports without a lease (unset: those are refused)
+    #[arg(long, env = config::DATA_TOKEN, hide_env_values = true)]
+    pub data_token: Option<String>,
     /// postgres://… or sqlite:… [default: sqlite://keyward.db]
     #[arg(long, env = config::DATABASE_URL, hide_env_values = true)]
     pub database_url: Option<String>,
@@ -109,6 +112,7 @@ impl ServeArgs {
             (config::LISTEN, &self.listen),
             (config::ADMIN_LISTEN, &self.admin_listen),
             (config::ADMIN_TOKEN, &self.admin_token),
+            (config::DATA_TOKEN, &self.data_token),
             (config::DATABASE_URL, &self.database_url),
             (config::REDIS_URL, &self.redis_url),
             (config::ENCRYPTION_KEY, &self.encryption_key),

@@ -16,6 +16,7 @@ use crate::db::Backend;
 pub const LISTEN: &str = "KEYWARD_LISTEN";
 pub const ADMIN_LISTEN: &str = "KEYWARD_ADMIN_LISTEN";
 pub const ADMIN_TOKEN: &str = "KEYWARD_ADMIN_TOKEN";
+pub const DATA_TOKEN: &str = "KEYWARD_DATA_TOKEN";
 pub const DATABASE_URL: &str = "KEYWARD_DATABASE_URL";
 pub const REDIS_URL: &str = "KEYWARD_REDIS_URL";
 pub const ENCRYPTION_KEY: &str = "KEYWARD_ENCRYPTION_KEY";
@@ -76,6 +77,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub admin_token: Option<String>,
+    /// The data-plane token: `/v1/select` and reports without a lease need it.
+    pub data_token: Option<String>,
     pub database_url: String,
     pub backend: Backend,
     pub redis_url: Option<String>,
@@ -112,6 +115,7 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("admin_listen", &self.admin_listen)
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .field("data_token", &self.data_token.as_ref().map(|_| "<set>"))
             .field("backend", &self.backend)
             .field("redis", &self.redis_url.as_ref().map(|_| "<set>"))
             .field("encryption_key", &self.encryption_key.map(|_| "<set>"))
@@ -227,6 +231,15 @@ impl Config {
         if let Some(token) = &admin_token {
             if token.chars().any(char::is_control) {
                 p.fail(ADMIN_TOKEN, "contains control characters");
+            }
+        }
+        let data_token = p.get(DATA_TOKEN).map(str::to_string);
+        if let Some(token) = &data_token {
+            if token.len() < RECOMMENDED_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                p.fail(
+                    DATA_TOKEN,
+                    format!("must be at least {RECOMMENDED_TOKEN_LEN} printable characters without spaces"),
+                );
             }
         }
 
@@ -350,6 +363,7 @@ impl Config {
             listen,
             admin_listen,
             admin_token,
+            data_token,
             database_url,
             backend,
             redis_url,

@@ -653,6 +653,7 @@ async fn entries_held_by_a_dead_replica_are_claimed_and_applied() {
             lease: Some(lease),
             cooldown_ms: 0,
             suspend_ms: 0,
+            source: "data-token".into(),
             tokens: Some((2, 3)),
             cost_micros: 7,
             model: None,

@@ -220,6 +220,7 @@ fn report(lease: &LeaseId, tokens: Option<(i64, i64)>, cost: i64) -> Report {
         upstream_status: Some(200),
         cooldown_ms: 0,
         suspend_ms: 0,
+        source: "data-token".into(),
     }
 }
 
@@ -872,6 +873,7 @@ fn pool_report(id: &str, cooldown_ms: i64, suspend_ms: i64) -> Report {
         upstream_status: Some(429),
         cooldown_ms,
         suspend_ms,
+        source: "data-token".into(),
     }
 }
 

@@ -99,6 +99,9 @@ impl ReportBody {
             Some(401 | 403) => (0, policy.suspend_ms),
             _ => (0, 0),
         };
+        let source = lease
+            .as_ref()
+            .map_or_else(|| "data-token".to_string(), |l| format!("lease {l}"));
         Ok(Report {
             id: lease
                 .as_ref()
@@ -113,6 +116,7 @@ impl ReportBody {
             upstream_status,
             cooldown_ms,
             suspend_ms,
+            source,
         })
     }
 }

@@ -184,6 +184,9 @@ pub struct Report {
     pub cooldown_ms: i64,
     /// Suspend the provider key this long (after an upstream 401/403); 0 = no.
     pub suspend_ms: i64,
+    /// Who made the report, kept as the cause of a cooldown or suspension: `lease <id>`
+    /// for a report authorized by its lease, `data-token` for one without a lease.
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
