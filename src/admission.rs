@@ -20,8 +20,9 @@ use crate::client_keys::cache::KeyCache;
 use crate::client_keys::input::MAX_LIMIT;
 use crate::client_keys::ClientKey;
 use crate::clock::now_ms;
-use crate::crypto::lookup_hash;
+use crate::crypto::{lookup_hash, Keyring};
 use crate::db::StoreError;
+use crate::lease::SignedLease;
 use crate::limits::{
     AdmitRequest, BalanceSnapshot, CounterError, Counters, Denial, LeaseId, Pick, SelectRequest,
     Usage, Verdict,
@@ -51,6 +52,8 @@ pub struct AdmitBody {
 #[derive(Debug)]
 pub struct Admitted {
     pub lease: LeaseId,
+    /// The signed lease id the caller gets (see [`crate::lease`]).
+    pub lease_id: String,
     pub key: Arc<ClientKey>,
     pub expires_at_ms: i64,
     pub usage: Usage,
@@ -115,6 +118,8 @@ pub struct Admission {
     cache: Arc<KeyCache>,
     pools: Arc<PoolCache>,
     counters: Counters,
+    /// Signs the lease ids this process issues and verifies the ones it is shown.
+    keyring: Arc<Keyring>,
     lease_ttl_ms: i64,
     default_tokens: i64,
 }
@@ -143,6 +148,7 @@ impl Admission {
         cache: Arc<KeyCache>,
         pools: Arc<PoolCache>,
         counters: Counters,
+        keyring: Arc<Keyring>,
         lease_ttl_ms: i64,
         default_tokens: i64,
     ) -> Self {
@@ -150,6 +156,7 @@ impl Admission {
             cache,
             pools,
             counters,
+            keyring,
             lease_ttl_ms,
             default_tokens,
         }
@@ -168,6 +175,12 @@ impl Admission {
 
     pub fn lease_ttl_ms(&self) -> i64 {
         self.lease_ttl_ms
+    }
+
+    /// The lease a lease id names, when this deployment issued it (any replica, any
+    /// time, before or after a key rotation); `None` for a forged or altered one.
+    pub fn verify_lease(&self, text: &str) -> Option<SignedLease> {
+        SignedLease::verify(text, &self.keyring)
     }
 
     /// The key a secret names, after the static checks.
@@ -313,14 +326,23 @@ impl Admission {
             Some(key)
         };
         match decision.verdict {
-            Verdict::Admitted { expires_at_ms } => Ok(Admitted {
-                lease,
-                key,
-                expires_at_ms,
-                usage: decision.usage,
-                provider_key: picked(decision.picked),
-                degraded: decision.degraded,
-            }),
+            Verdict::Admitted { expires_at_ms } => {
+                let provider_key = picked(decision.picked);
+                let signed = SignedLease {
+                    lease,
+                    provider_key_id: provider_key.as_ref().map(|k| k.id.clone()),
+                    expires_at_ms,
+                };
+                Ok(Admitted {
+                    lease_id: signed.encode(&self.keyring),
+                    lease: signed.lease,
+                    key,
+                    expires_at_ms,
+                    usage: decision.usage,
+                    provider_key,
+                    degraded: decision.degraded,
+                })
+            }
             Verdict::Denied {
                 reason,
                 retry_after_ms,

@@ -58,6 +58,8 @@ pub struct Shared {
     pub pool_policy: PoolPolicy,
     /// SHA-256 of `KEYWARD_ADMIN_TOKEN`; `None` disables the admin API.
     pub admin_token_digest: Option<[u8; 32]>,
+    /// SHA-256 of `KEYWARD_DATA_TOKEN`; `None` refuses the calls that need it.
+    pub data_token_digest: Option<[u8; 32]>,
     /// The expiry pass deletes (rather than disables) keys without a flag of their own.
     pub expiry_auto_delete: bool,
 }
@@ -176,6 +178,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         key_cache,
         pool_cache,
         counters.clone(),
+        keyring.clone(),
         config.lease_ttl.as_millis() as i64,
         config.default_estimated_tokens,
     );
@@ -198,6 +201,10 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         },
         admin_token_digest: config
             .admin_token
+            .as_deref()
+            .map(|t| crypto::digest(t.as_bytes())),
+        data_token_digest: config
+            .data_token
             .as_deref()
             .map(|t| crypto::digest(t.as_bytes())),
         expiry_auto_delete: config.expiry_auto_delete,

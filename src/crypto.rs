@@ -14,8 +14,10 @@ use aes_gcm::aead::{Aead, KeyInit, OsRng};
 use aes_gcm::{AeadCore, Aes256Gcm, Nonce};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use hmac::{Hmac, Mac};
 use rand::distributions::{Alphanumeric, DistString};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// Prefix of every value encrypted by [`Keyring::encrypt`].
 pub const ENC_PREFIX: &str = "enc:v1:";
@@ -38,11 +40,19 @@ pub enum CryptoError {
     NoMatchingKey,
 }
 
-/// The current encryption key plus older ones that can still decrypt.
+/// The current encryption key plus older ones that can still decrypt, and the lease
+/// signing keys derived from each.
 pub struct Keyring {
     current: Aes256Gcm,
     previous: Vec<Aes256Gcm>,
+    /// HMAC-SHA256 keys for lease ids, current first: derived from each encryption key
+    /// (never the key itself), so every replica that can decrypt can verify, and a lease
+    /// signed before a rotation verifies while its key is among the previous ones.
+    lease_macs: Vec<Hmac<Sha256>>,
 }
+
+/// Bytes of a lease's MAC (HMAC-SHA256 truncated to 128 bits).
+pub const LEASE_MAC_LEN: usize = 16;
 
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -52,10 +62,46 @@ impl std::fmt::Debug for Keyring {
 
 impl Keyring {
     pub fn new(current: &[u8; 32], previous: &[[u8; 32]]) -> Self {
+        let lease_mac = |key: &[u8; 32]| {
+            let derived = <Hmac<Sha256> as Mac>::new_from_slice(key)
+                .expect("HMAC takes a key of any length")
+                .chain_update(b"keyward lease signing v1")
+                .finalize()
+                .into_bytes();
+            <Hmac<Sha256> as Mac>::new_from_slice(&derived).expect("HMAC takes a key of any length")
+        };
         Self {
             current: Aes256Gcm::new(current.into()),
             previous: previous.iter().map(|k| Aes256Gcm::new(k.into())).collect(),
+            lease_macs: std::iter::once(current)
+                .chain(previous)
+                .map(lease_mac)
+                .collect(),
         }
+    }
+
+    /// The MAC of a lease's text, with the current key.
+    pub fn sign_lease(&self, text: &str) -> [u8; LEASE_MAC_LEN] {
+        Self::lease_mac(&self.lease_macs[0], text)
+    }
+
+    /// Whether `mac` is the MAC of `text` under the current or a previous key; compared
+    /// in constant time.
+    pub fn verify_lease(&self, text: &str, mac: &[u8]) -> bool {
+        self.lease_macs
+            .iter()
+            .any(|key| bool::from(Self::lease_mac(key, text).as_slice().ct_eq(mac)))
+    }
+
+    fn lease_mac(key: &Hmac<Sha256>, text: &str) -> [u8; LEASE_MAC_LEN] {
+        let full = key
+            .clone()
+            .chain_update(text.as_bytes())
+            .finalize()
+            .into_bytes();
+        let mut out = [0u8; LEASE_MAC_LEN];
+        out.copy_from_slice(&full[..LEASE_MAC_LEN]);
+        out
     }
 
     /// Encrypts with the current key and a fresh random nonce.

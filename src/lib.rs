@@ -29,6 +29,7 @@ pub mod db;
 pub mod expiry;
 pub mod http;
 pub mod invalidation;
+pub mod lease;
 pub mod limits;
 pub mod metrics;
 pub mod money;

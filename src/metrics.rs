@@ -14,6 +14,7 @@
 //! | `keyward_provider_selections_total` | counter | `provider` |
 //! | `keyward_provider_key_events_total` | counter | `provider`, `event` (cooldown, suspension) |
 //! | `keyward_reports_total` | counter | `result` (recorded, duplicate) |
+//! | `keyward_data_plane_refusals_total` | counter | `endpoint` (select, report, renew), `reason` (no_token, wrong_token, token_not_configured, lease_not_found, not_the_lease_provider_key): calls refused for lack of proof, and suspicious ones |
 //! | `keyward_accounting_records_total` | counter | `result` (applied, duplicate) |
 //! | `keyward_accounting_failures_total` | counter | |
 //! | `keyward_accounting_queue_depth` | gauge | |
@@ -46,6 +47,7 @@ pub struct Metrics {
     pub provider_selections: IntCounterVec,
     pub provider_key_events: IntCounterVec,
     pub reports: IntCounterVec,
+    pub data_plane_refusals: IntCounterVec,
     pub accounting_records: IntCounterVec,
     pub accounting_failures: IntCounter,
     pub accounting_queue_depth: IntGauge,
@@ -130,6 +132,12 @@ fn build() -> Metrics {
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
     Metrics {
+        data_plane_refusals: counter(
+            &r,
+            "keyward_data_plane_refusals_total",
+            "Data-plane calls refused for lack of proof (data token or lease), or suspicious.",
+            &["endpoint", "reason"],
+        ),
         decisions: counter(
             &r,
             "keyward_decisions_total",

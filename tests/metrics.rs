@@ -26,13 +26,15 @@ async fn a_live_scrape_passes_promtool_and_names_no_key() {
         s.admit(json!({"key": secret})).await;
     }
     let a = s
-        .data_post("/v1/select", json!({"provider": "openai"}))
+        .data_post_token("/v1/select", json!({"provider": "openai"}))
         .await;
     assert_eq!(a.status, 200);
     s.admit(json!({"key": "sk-kw-unknown-key-000000000000"}))
         .await;
     let lease = s
-        .admit(json!({"key": s.create_key(json!({})).await.1}))
+        .admit(
+            json!({"key": s.create_key(json!({})).await.1, "provider": "openai", "select": true}),
+        )
         .await
         .body["lease_id"]
         .clone();
@@ -57,7 +59,8 @@ async fn a_live_scrape_passes_promtool_and_names_no_key() {
         "keyward_decisions_total{endpoint=\"select\",outcome=\"allowed\",reason=\"none\"} 1",
         "keyward_decision_duration_seconds_bucket{endpoint=\"admit\",le=\"0.001\"}",
         "keyward_redis_script_duration_seconds_count{script=\"admit\"}",
-        "keyward_provider_selections_total{provider=\"openai\"} 1",
+        // One select, one admit with select (whose lease then cools its key).
+        "keyward_provider_selections_total{provider=\"openai\"} 2",
         "keyward_provider_key_events_total{event=\"cooldown\",provider=\"openai\"} 1",
         "keyward_reports_total{result=\"recorded\"} 1",
         "keyward_cache_lookups_total{cache=\"client_keys\",result=\"hit\"}",

@@ -138,7 +138,10 @@ async fn schemathesis_finds_no_server_error_and_no_stray_error_body() {
     s.create_key(json!({"is_standalone": true, "initial_balance_usd": 1}))
         .await;
     for (base, auth) in [
-        (s.data.clone(), None),
+        (
+            s.data.clone(),
+            Some(format!("Authorization: Bearer {}", common::DATA_TOKEN)),
+        ),
         (
             s.admin.clone(),
             Some(format!("Authorization: Bearer {TOKEN}")),

@@ -133,7 +133,17 @@ async fn deny_refuses_with_503_fast_and_recovers() {
                 "20 refusals took {:?}",
                 started.elapsed()
             );
-            let lease = format!("{}.{}", uuid::Uuid::new_v4(), "0".repeat(32));
+            // A lease as a replica of this deployment signs it (the key is the tests' own).
+            let keyring = keyward::crypto::Keyring::new(
+                &keyward::crypto::parse_key(common::ENCRYPTION_KEY).unwrap(),
+                &[],
+            );
+            let lease = keyward::lease::SignedLease {
+                lease: keyward::limits::LeaseId::new(&uuid::Uuid::new_v4().to_string()),
+                provider_key_id: None,
+                expires_at_ms: 0,
+            }
+            .encode(&keyring);
             let r = s.data_post("/v1/report", json!({"lease_id": lease})).await;
             assert_eq!(
                 r.status, 503,

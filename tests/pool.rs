@@ -35,7 +35,7 @@ async fn add(s: &TestServer, provider: &str, body: Value) -> Value {
 }
 
 async fn select(s: &TestServer, provider: &str) -> Answer {
-    s.data_post(
+    s.data_post_token(
         "/v1/select",
         json!({"provider": provider, "estimated_tokens": 10}),
     )
@@ -271,7 +271,7 @@ async fn upstream_429_cools_a_key_and_401_suspends_it(shape: Shape) {
     // The other key answers 401: suspended. Both out: 429 with the earliest recovery.
     let r = c
         .any(0)
-        .data_post(
+        .data_post_token(
             "/v1/report",
             json!({"provider_key_id": other, "upstream_status": 401}),
         )
@@ -326,7 +326,7 @@ async fn an_upstream_429_needs_no_database() {
 
     proxy.set_up(false);
     let r = s
-        .data_post(
+        .data_post_token(
             "/v1/report",
             json!({"provider_key_id": first, "upstream_status": 429, "retry_after_s": 30}),
         )
@@ -554,7 +554,7 @@ async fn bad_provider_input_is_refused(shape: Shape) {
         json!({"provider": "bad name"}),
         json!({"provider": "openai", "estimated_tokens": -1}),
     ] {
-        let a = s.data_post("/v1/select", body.clone()).await;
+        let a = s.data_post_token("/v1/select", body.clone()).await;
         assert_eq!(
             (a.status, error_code(&a).as_str()),
             (400, "BAD_REQUEST"),
@@ -562,7 +562,7 @@ async fn bad_provider_input_is_refused(shape: Shape) {
         );
     }
     let a = s
-        .data_post(
+        .data_post_token(
             "/v1/report",
             json!({"provider_key_id": id, "upstream_status": 429, "retry_after_s": -1}),
         )

@@ -78,7 +78,7 @@ async fn no_secret_in_any_log_line() {
             Some(json!({"label": "p", "value": provider_value})),
         )
         .await;
-        s.data_post("/v1/select", json!({"provider": "openai"}))
+        s.data_post_token("/v1/select", json!({"provider": "openai"}))
             .await;
         let admitted = s
             .admit(json!({"key": secret, "provider": "openai", "select": true}))
@@ -93,7 +93,8 @@ async fn no_secret_in_any_log_line() {
             .to_string();
         s.data_post(
             "/v1/report",
-            json!({"lease_id": lease, "upstream_status": 401}),
+            // Not 401: that would suspend the lease's (only) key, and authz below picks it.
+            json!({"lease_id": lease, "upstream_status": 200}),
         )
         .await;
         let authz = s

@@ -48,13 +48,9 @@ fn range(name: &str, value: Option<i64>, max: i64) -> Result<Option<i64>, String
 }
 
 impl ReportBody {
-    pub fn validate(self, policy: PoolPolicy) -> Result<Report, String> {
-        let lease = match self.lease_id.as_deref() {
-            None => None,
-            Some(text) => {
-                Some(LeaseId::parse(text).ok_or("lease_id is not a lease id keyward issued")?)
-            }
-        };
+    /// The report to settle. `lease` is the lease that `lease_id` proved (the caller
+    /// verified its signature); `None` for a report without a lease.
+    pub fn validate(self, policy: PoolPolicy, lease: Option<LeaseId>) -> Result<Report, String> {
         let provider_key_id = match self.provider_key_id {
             None => None,
             Some(id) => Some(

@@ -16,7 +16,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::extract::{optional_bool, IdPath, JsonBody, QueryArgs};
@@ -25,7 +24,7 @@ use crate::client_keys::input::{BalanceRequest, CreateKeyRequest, ExpireRequest,
 use crate::client_keys::store::ListFilter;
 use crate::client_keys::ClientKey;
 use crate::clock::{now_ms, parse_instant, to_rfc3339, DateEdge};
-use crate::crypto;
+
 use crate::money::Usd;
 use crate::pool::input::{AddKeyRequest, PatchProviderKeyRequest};
 use crate::pool::valid_provider;
@@ -74,13 +73,7 @@ async fn require_admin(State(state): State<AppState>, request: Request, next: Ne
         )
         .into_response();
     };
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|token| crypto::digest(token.trim().as_bytes()));
-    if presented.is_some_and(|p| bool::from(p.ct_eq(&expected))) {
+    if super::bearer_matches(request.headers(), &expected) {
         return next.run(request).await;
     }
     let mut response = ApiError::new(

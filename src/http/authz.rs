@@ -190,7 +190,7 @@ pub async fn authz(
             crate::metrics::decision("authz", started, None);
             let mut response = StatusCode::OK.into_response();
             let h = response.headers_mut();
-            set(h, "x-keyward-lease", &admitted.lease.to_string());
+            set(h, "x-keyward-lease", &admitted.lease_id);
             set(h, "x-keyward-key-id", &admitted.key.id);
             if let Some(pk) = &admitted.provider_key {
                 set(h, "x-keyward-provider-key-id", &pk.id);

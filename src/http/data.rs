@@ -1,9 +1,15 @@
-//! The data plane (`KEYWARD_LISTEN`): admit, report, renew, health and readiness.
+//! The data plane (`KEYWARD_LISTEN`): admit, select, report, renew, health and readiness.
+//!
+//! Who may do what (contract guarantee 9): admit and `/authz` need a client key; report
+//! and renew need a lease this deployment issued (verified by its signature, see
+//! [`crate::lease`]); select and reports without a lease need the data-plane token.
+//! Every call refused for lack of proof is counted in
+//! `keyward_data_plane_refusals_total` and logged.
 
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,7 +23,8 @@ use crate::accounting::report::ReportBody;
 use crate::admission::{AdmitBody, AdmitError, Admitted};
 use crate::app::AppState;
 use crate::clock::to_rfc3339;
-use crate::limits::{LeaseId, Reported};
+use crate::lease::SignedLease;
+use crate::limits::Reported;
 use crate::money::Usd;
 
 /// How long `/readyz` waits for a backend before calling it unreachable.
@@ -98,7 +105,7 @@ fn admitted_body(a: &Admitted) -> AdmittedBody<'_> {
     };
     AdmittedBody {
         allowed: true,
-        lease_id: a.lease.to_string(),
+        lease_id: a.lease_id.clone(),
         lease_expires_at: to_rfc3339(a.expires_at_ms),
         key_id: &key.id,
         provider_key: a.provider_key.as_ref().map(|k| PickedKey {
@@ -167,8 +174,12 @@ struct SelectBody {
 
 async fn select(
     State(state): State<AppState>,
-    JsonBody(body): JsonBody<SelectBody>,
+    headers: HeaderMap,
+    body: Result<JsonBody<SelectBody>, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
+    // The token first: a caller without it learns nothing, not even about its body.
+    require_data_token(&state, &headers, "select")?;
+    let JsonBody(body) = body?;
     let provider = body
         .provider
         .as_deref()
@@ -229,14 +240,90 @@ fn report_from_headers(mut body: ReportBody, headers: &axum::http::HeaderMap) ->
     body
 }
 
+/// Counts (and logs) a data-plane call refused for lack of proof, or a suspicious one.
+fn refused(endpoint: &'static str, reason: &'static str, error: ApiError) -> ApiError {
+    crate::metrics::get()
+        .data_plane_refusals
+        .with_label_values(&[endpoint, reason])
+        .inc();
+    tracing::warn!(endpoint, reason, "data-plane call refused");
+    error
+}
+
+/// `/v1/select` and reports without a lease need `Authorization: Bearer
+/// <KEYWARD_DATA_TOKEN>`.
+fn require_data_token(
+    state: &AppState,
+    headers: &HeaderMap,
+    endpoint: &'static str,
+) -> Result<(), ApiError> {
+    let Some(expected) = &state.data_token_digest else {
+        return Err(refused(
+            endpoint,
+            "token_not_configured",
+            ApiError::data_token_not_configured(),
+        ));
+    };
+    if super::bearer_matches(headers, expected) {
+        return Ok(());
+    }
+    let reason = match headers.contains_key(axum::http::header::AUTHORIZATION) {
+        true => "wrong_token",
+        false => "no_token",
+    };
+    Err(refused(endpoint, reason, ApiError::data_token_missing()))
+}
+
+/// The lease a lease id proves, or the refusal.
+fn verified_lease(
+    state: &AppState,
+    text: &str,
+    endpoint: &'static str,
+) -> Result<SignedLease, ApiError> {
+    state.admission.verify_lease(text).ok_or_else(|| {
+        refused(
+            endpoint,
+            "lease_not_found",
+            ApiError::lease_not_found("not a lease id this deployment issued"),
+        )
+    })
+}
+
+/// A report is authorized by its lease (it charges the lease's key, and an upstream
+/// status acts only on the provider key picked for that lease), or, without a lease, by
+/// the data-plane token.
 async fn report(
     State(state): State<AppState>,
-    headers: axum::http::HeaderMap,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<ReportBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let body = report_from_headers(body, &headers);
+    let mut body = report_from_headers(body, &headers);
+    let lease = match body.lease_id.as_deref() {
+        Some(text) => {
+            let lease = verified_lease(&state, text, "report")?;
+            let named = body
+                .provider_key_id
+                .as_deref()
+                .map(|id| uuid::Uuid::try_parse(id).map(|u| u.hyphenated().to_string()));
+            if named.is_some_and(|named| named.ok() != lease.provider_key_id) {
+                return Err(refused(
+                    "report",
+                    "not_the_lease_provider_key",
+                    ApiError::bad_request(
+                        "provider_key_id is not the provider key picked for this lease",
+                    ),
+                ));
+            }
+            body.provider_key_id.clone_from(&lease.provider_key_id);
+            Some(lease.lease)
+        }
+        None => {
+            require_data_token(&state, &headers, "report")?;
+            None
+        }
+    };
     let mut report = body
-        .validate(state.pool_policy)
+        .validate(state.pool_policy, lease)
         .map_err(ApiError::bad_request)?;
     let event = match (report.cooldown_ms > 0, report.suspend_ms > 0) {
         (true, _) => Some("cooldown"),
@@ -271,23 +358,21 @@ async fn report(
     }
 }
 
+/// A renewal is authorized by the lease itself; its id does not change.
 async fn renew(
     State(state): State<AppState>,
     Path(lease_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let lease = LeaseId::parse(&lease_id)
-        .ok_or_else(|| ApiError::bad_request("not a lease id keyward issued"))?;
+    let lease = verified_lease(&state, &lease_id, "renew")?;
     match state
         .counters
-        .renew(&lease, state.admission.lease_ttl_ms())
+        .renew(&lease.lease, state.admission.lease_ttl_ms())
         .await?
     {
         Some(expires_at) => Ok(Json(
             json!({"lease_id": lease_id, "lease_expires_at": to_rfc3339(expires_at)}),
         )),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "LEASE_NOT_FOUND",
+        None => Err(ApiError::lease_not_found(
             "the lease has expired or was already reported",
         )),
     }

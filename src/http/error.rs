@@ -59,6 +59,30 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
     }
 
+    /// A lease id that keyward did not issue, that was altered, or (on renewal) whose
+    /// lease is over.
+    pub fn lease_not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "LEASE_NOT_FOUND", message)
+    }
+
+    /// A call that needs the data-plane token came without it or with a wrong one.
+    pub fn data_token_missing() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "missing or wrong data-plane token (Authorization: Bearer <KEYWARD_DATA_TOKEN>)",
+        )
+    }
+
+    /// A call that needs the data-plane token, while none is configured.
+    pub fn data_token_not_configured() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "DATA_TOKEN_NOT_CONFIGURED",
+            "this call needs the data-plane token, and KEYWARD_DATA_TOKEN is not set",
+        )
+    }
+
     /// A 5xx whose cause is logged here and replaced by a generic message.
     pub fn internal(cause: &dyn std::error::Error) -> Self {
         tracing::error!(error = %ErrorChain(cause), "internal error");

@@ -47,6 +47,19 @@ async fn limit_headers(
     next.run(request).await
 }
 
+/// Whether the request's `Authorization: Bearer …` is the token whose SHA-256 is
+/// `expected`. Digests of equal length are compared in constant time, so neither the
+/// token's content nor its length leaks through timing.
+fn bearer_matches(headers: &axum::http::HeaderMap, expected: &[u8; 32]) -> bool {
+    use subtle::ConstantTimeEq;
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|token| crate::crypto::digest(token.trim().as_bytes()))
+        .is_some_and(|presented| bool::from(presented.ct_eq(expected)))
+}
+
 async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
 }

@@ -209,12 +209,32 @@ pub fn data_plane() -> Value {
         any.clone(),
         vec![path_param("path")],
     );
-    document(
+    // Select needs the data-plane token; a report needs it only without a lease.
+    let mut select = op(
+        "Pick a provider key (data-plane token)",
+        Some(select),
+        "200",
+        answer(json!({"provider_key": picked_key}), &["provider_key"]),
+        vec![],
+    );
+    select["security"] = json!([{"data": []}]);
+    let mut report = op(
+        "What did the request cost? (its lease, or the data-plane token)",
+        Some(report),
+        "200",
+        answer(
+            json!({"recorded": s("boolean"), "duplicate": s("boolean")}),
+            &["recorded"],
+        ),
+        vec![],
+    );
+    report["security"] = json!([{}, {"data": []}]);
+    let mut doc = document(
         "keyward data plane",
         json!({
             "/v1/admit": {"post": op("May this key make this request now?", Some(admit), "200", admitted, vec![])},
-            "/v1/select": {"post": op("Pick a provider key", Some(select), "200", answer(json!({"provider_key": picked_key}), &["provider_key"]), vec![])},
-            "/v1/report": {"post": op("What did the request cost?", Some(report), "200", answer(json!({"recorded": s("boolean"), "duplicate": s("boolean")}), &["recorded"]), vec![])},
+            "/v1/select": {"post": select},
+            "/v1/report": {"post": report},
             "/v1/leases/{lease_id}/renew": {"post": op("Extend a live lease", None, "200",
                 answer(json!({"lease_id": s("string"), "lease_expires_at": s("string")}), &["lease_id", "lease_expires_at"]),
                 vec![path_param("lease_id")])},
@@ -226,7 +246,10 @@ pub fn data_plane() -> Value {
         }),
         json!({}),
         false,
-    )
+    );
+    doc["components"]["securitySchemes"] =
+        json!({"data": {"type": "http", "scheme": "bearer", "description": "KEYWARD_DATA_TOKEN"}});
+    doc
 }
 
 /// The admin API's document.

@@ -20,6 +20,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub const TOKEN: &str = "test-admin-token-0123456789";
+/// The data-plane token of test servers (`/v1/select`, reports without a lease).
+pub const DATA_TOKEN: &str = "test-data-token-0123456789";
 /// A fixed key so Postgres servers sharing a database can read each other's secrets.
 pub const ENCRYPTION_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
@@ -140,6 +142,7 @@ pub fn base_config(db: &TestDb) -> RawConfig {
     let mut raw = RawConfig::new();
     raw.insert(config::DATABASE_URL, db.url.clone());
     raw.insert(config::ADMIN_TOKEN, TOKEN.to_string());
+    raw.insert(config::DATA_TOKEN, DATA_TOKEN.to_string());
     raw.insert(config::ENCRYPTION_KEY, ENCRYPTION_KEY.to_string());
     raw.insert(config::EXPIRY_INTERVAL_S, "0".to_string());
     raw.insert(config::SHUTDOWN_GRACE_S, "5".to_string());
@@ -260,9 +263,22 @@ impl TestServer {
         Answer::read(path, request.send().await.unwrap()).await
     }
 
-    /// A data-plane call with a JSON body.
+    /// A data-plane call with a JSON body and no credential but what the body holds.
     pub async fn data_post(&self, path: &str, body: Value) -> Answer {
-        let request = self.client.post(format!("{}{path}", self.data)).json(&body);
+        self.data_post_auth(path, body, None).await
+    }
+
+    /// A data-plane call with the data-plane token, as a trusted gateway makes it.
+    pub async fn data_post_token(&self, path: &str, body: Value) -> Answer {
+        self.data_post_auth(path, body, Some(DATA_TOKEN)).await
+    }
+
+    /// A data-plane call with `Authorization: Bearer <token>` when a token is given.
+    pub async fn data_post_auth(&self, path: &str, body: Value, token: Option<&str>) -> Answer {
+        let mut request = self.client.post(format!("{}{path}", self.data)).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
         Answer::read(path, request.send().await.unwrap()).await
     }
 

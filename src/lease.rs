@@ -1,0 +1,151 @@
+//! Leases that prove themselves.
+//!
+//! A lease id is the only thing a report or a renewal needs, so it must not be
+//! forgeable: whoever can make up a lease id could charge any key, or cool down any
+//! provider key, from anywhere on the pod network. A lease id therefore carries what it
+//! authorizes, signed:
+//!
+//! ```text
+//! <client key id>.<32 hex: lease token>.<provider key id, or ->.<expiry, Unix ms>.<32 hex: MAC>
+//! ```
+//!
+//! The MAC is HMAC-SHA256 (truncated to 128 bits) of everything before it, under a key
+//! derived from the encryption keyring ([`Keyring::sign_lease`]). Every replica holds the
+//! same keyring, so any replica verifies any lease, after it expired too; after a key
+//! rotation, leases signed with the old key verify while it is among
+//! `KEYWARD_ENCRYPTION_KEYS_PREVIOUS`.
+//!
+//! Invariants:
+//! - A text that does not verify yields nothing: no field of an unverified lease is
+//!   ever used.
+//! - Counters, duplicate guards and usage records are keyed by the inner [`LeaseId`]
+//!   (`<key id>.<token>`), which one admission fixes, so a lease has one identity
+//!   whatever key signed it.
+//! - The expiry is the one the admission set; a renewal does not change the lease id.
+
+use crate::crypto::{Keyring, LEASE_MAC_LEN};
+use crate::limits::LeaseId;
+
+/// Longer texts are refused before any parsing or MAC (a real one is 153 characters).
+const MAX_LEN: usize = 160;
+
+/// A lease id whose signature verified, or that this process just issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedLease {
+    pub lease: LeaseId,
+    /// The provider key picked in the same step, if any: the only one a report of this
+    /// lease may cool down or suspend.
+    pub provider_key_id: Option<String>,
+    /// When the lease lapses unless renewed (the admission's expiry).
+    pub expires_at_ms: i64,
+}
+
+impl SignedLease {
+    /// The lease id handed to the caller.
+    pub fn encode(&self, keyring: &Keyring) -> String {
+        let body = format!(
+            "{}.{}.{}",
+            self.lease,
+            self.provider_key_id.as_deref().unwrap_or("-"),
+            self.expires_at_ms
+        );
+        let mac = hex::encode(keyring.sign_lease(&body));
+        format!("{body}.{mac}")
+    }
+
+    /// The lease a text names, if keyring's keys signed exactly that text.
+    pub fn verify(text: &str, keyring: &Keyring) -> Option<SignedLease> {
+        if text.len() > MAX_LEN {
+            return None;
+        }
+        let (body, mac) = text.rsplit_once('.')?;
+        let mac = hex::decode(mac).ok().filter(|m| m.len() == LEASE_MAC_LEN)?;
+        if !keyring.verify_lease(body, &mac) {
+            return None;
+        }
+        // Only texts this code wrote verify; parsing stays strict anyway.
+        let mut parts = body.split('.');
+        let (key, token, provider_key, expiry) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        let lease = LeaseId::parse(&format!("{key}.{token}"))?;
+        let provider_key_id = match provider_key {
+            "-" => None,
+            id => Some(uuid::Uuid::try_parse(id).ok()?.hyphenated().to_string()),
+        };
+        Some(SignedLease {
+            lease,
+            provider_key_id,
+            expires_at_ms: expiry.parse().ok()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "6f1c2f7e-3a55-4c2e-9a55-2f0d5c1e9b10";
+    const PK: &str = "0b5e8a3c-1d2f-4e6a-8b9c-0d1e2f3a4b5c";
+
+    fn lease(pk: Option<&str>) -> SignedLease {
+        SignedLease {
+            lease: LeaseId::new(KEY),
+            provider_key_id: pk.map(str::to_string),
+            expires_at_ms: 1_790_000_000_000,
+        }
+    }
+
+    #[test]
+    fn issued_leases_verify_on_any_holder_of_the_keyring() {
+        let ring = Keyring::new(&[1; 32], &[]);
+        let replica = Keyring::new(&[1; 32], &[]);
+        for l in [lease(None), lease(Some(PK))] {
+            let text = l.encode(&ring);
+            assert!(text.len() <= MAX_LEN, "{}", text.len());
+            assert_eq!(SignedLease::verify(&text, &replica), Some(l));
+        }
+    }
+
+    #[test]
+    fn forged_and_altered_leases_do_not_verify() {
+        let ring = Keyring::new(&[1; 32], &[]);
+        let text = lease(Some(PK)).encode(&ring);
+        // Every single-character change, anywhere.
+        for i in 0..text.len() {
+            let mut bytes = text.clone().into_bytes();
+            bytes[i] = if bytes[i] == b'0' { b'1' } else { b'0' };
+            let altered = String::from_utf8(bytes).unwrap_or_default();
+            if altered != text {
+                assert_eq!(SignedLease::verify(&altered, &ring), None, "{altered}");
+            }
+        }
+        // A real key id with random bytes, the old unsigned format, another keyring's
+        // signature, and garbage.
+        let unsigned = LeaseId::new(KEY).to_string();
+        let other = lease(Some(PK)).encode(&Keyring::new(&[2; 32], &[]));
+        let long = format!("{text}{}", "0".repeat(200));
+        for bad in [
+            unsigned.as_str(),
+            other.as_str(),
+            long.as_str(),
+            "",
+            ".",
+            "....",
+        ] {
+            assert_eq!(SignedLease::verify(bad, &ring), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_rotation_keeps_old_leases_valid_while_the_old_key_is_kept() {
+        let before = Keyring::new(&[1; 32], &[]);
+        let text = lease(None).encode(&before);
+        let after = Keyring::new(&[2; 32], &[[1; 32]]);
+        assert!(SignedLease::verify(&text, &after).is_some());
+        let forgotten = Keyring::new(&[2; 32], &[]);
+        assert!(SignedLease::verify(&text, &forgotten).is_none());
+    }
+}

@@ -1,0 +1,342 @@
+//! The trust boundary of the data plane (contract guarantee 9): nothing hands out a
+//! provider secret, charges a key, cools a provider key or renews a lease unless the
+//! caller proves it may, with a client key, a lease keyward issued, or the data-plane
+//! token. Each test walks an attack from the pod network and checks, through the admin
+//! API and `/metrics`, that it changed nothing.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{error_code, eventually, Cluster, Shape, TestServer, DATA_TOKEN};
+use keyward::config;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+on_both_shapes!(
+    without_the_data_token_no_secret_leaves_and_no_key_cools,
+    forged_and_altered_leases_charge_and_cool_nothing,
+);
+
+/// A provider of the test's own, so process-wide metrics and pools are the test's alone.
+fn unique_provider() -> String {
+    format!("p{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+async fn add_provider_key(s: &TestServer, provider: &str, label: &str) -> String {
+    let a = s
+        .admin(
+            Method::POST,
+            &format!("/admin/providers/{provider}/keys"),
+            Some(json!({"label": label, "value": format!("sk-secret-{label}-0000000000")})),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    a.body["id"].as_str().unwrap().to_string()
+}
+
+/// Every key of the provider with its live state, by id.
+async fn live(s: &TestServer, provider: &str) -> Vec<(String, Value)> {
+    let a = s
+        .admin(
+            Method::GET,
+            &format!("/admin/providers/{provider}/keys"),
+            None,
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let keys = a.body.as_array().or(a.body["keys"].as_array()).unwrap();
+    keys.iter()
+        .map(|k| (k["id"].as_str().unwrap().to_string(), k["live"].clone()))
+        .collect()
+}
+
+async fn assert_nothing_cools(s: &TestServer, provider: &str) {
+    for (id, live) in live(s, provider).await {
+        assert_eq!(live["cooldown_remaining_ms"], 0, "{id} cools: {live}");
+        assert_eq!(live["suspended"], false, "{id} is suspended: {live}");
+    }
+}
+
+/// The value of one sample of `/metrics` (0 when absent).
+async fn sample(s: &TestServer, series: &str) -> f64 {
+    let text = s.metrics().await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn refusals(endpoint: &str, reason: &str) -> String {
+    format!("keyward_data_plane_refusals_total{{endpoint=\"{endpoint}\",reason=\"{reason}\"}}")
+}
+
+/// Finding 1 of the trust-boundary issue as a test: select → report walks the whole
+/// pool's secrets and cools every key for a day, with no credential at all.
+async fn without_the_data_token_no_secret_leaves_and_no_key_cools(shape: Shape) {
+    let c = Cluster::start(shape, |_| {}).await;
+    let s = &c.servers[0];
+    let provider = unique_provider();
+    let a = add_provider_key(s, &provider, "a").await;
+    let b = add_provider_key(s, &provider, "b").await;
+    let no_token = sample(s, &refusals("select", "no_token")).await;
+
+    for token in [None, Some("not-the-data-token-000000"), Some("")] {
+        let answer = c
+            .any(1)
+            .data_post_auth("/v1/select", json!({"provider": provider}), token)
+            .await;
+        assert_eq!(
+            (answer.status, error_code(&answer).as_str()),
+            (401, "UNAUTHORIZED"),
+            "{token:?}"
+        );
+        assert!(!answer.body.to_string().contains("sk-secret"));
+        // Not even a malformed body tells a caller without the token anything else.
+        let answer = c
+            .any(1)
+            .data_post_auth("/v1/select", json!({"nonsense": 1}), token)
+            .await;
+        assert_eq!(answer.status, 401, "{}", answer.body);
+    }
+    for id in [&a, &b] {
+        let answer = c
+            .any(2)
+            .data_post(
+                "/v1/report",
+                json!({"provider_key_id": id, "upstream_status": 429, "retry_after_s": 86400}),
+            )
+            .await;
+        assert_eq!(
+            (answer.status, error_code(&answer).as_str()),
+            (401, "UNAUTHORIZED")
+        );
+    }
+    // An empty report used to insert a usage row each time.
+    let answer = s.data_post("/v1/report", json!({})).await;
+    assert_eq!(answer.status, 401, "{}", answer.body);
+    assert_nothing_cools(s, &provider).await;
+    assert!(sample(s, &refusals("select", "no_token")).await >= no_token + 2.0);
+
+    // With the token, the pool still serves, both keys in turn.
+    let mut seen = Vec::new();
+    for i in 0..2 {
+        let answer = c
+            .any(i)
+            .data_post_token("/v1/select", json!({"provider": provider}))
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert!(answer.body["provider_key"]["value"]
+            .as_str()
+            .unwrap()
+            .starts_with("sk-secret-"));
+        seen.push(answer.body["provider_key"]["id"].clone());
+    }
+    assert_ne!(seen[0], seen[1], "neither key was cooled: both are picked");
+    c.stop().await;
+
+    // With no data token configured, those calls are refused as such.
+    let c = Cluster::start(shape, |raw| {
+        raw.remove(config::DATA_TOKEN);
+    })
+    .await;
+    for path in ["/v1/select", "/v1/report"] {
+        let body = json!({"provider": "openai"});
+        let body = if path == "/v1/select" {
+            body
+        } else {
+            json!({})
+        };
+        let answer = c.any(0).data_post_token(path, body).await;
+        assert_eq!(
+            (answer.status, error_code(&answer).as_str()),
+            (403, "DATA_TOKEN_NOT_CONFIGURED"),
+            "{path}"
+        );
+    }
+    c.stop().await;
+}
+
+/// Finding 2: a report trusted the key id inside any well-formed lease id. Forged,
+/// altered and borrowed leases are refused and change nothing; the real lease then
+/// settles once, on any replica, and cools only the provider key picked for it.
+async fn forged_and_altered_leases_charge_and_cool_nothing(shape: Shape) {
+    let c = Cluster::start(shape, |_| {}).await;
+    let s = &c.servers[0];
+    let provider = unique_provider();
+    let a = add_provider_key(s, &provider, "a").await;
+    let b = add_provider_key(s, &provider, "b").await;
+    let (key, secret) = s
+        .create_key(json!({"is_standalone": true, "initial_balance_usd": 1}))
+        .await;
+    let key_id = key["id"].as_str().unwrap().to_string();
+    let admitted = c
+        .any(1)
+        .admit(json!({"key": secret, "provider": provider, "select": true}))
+        .await;
+    assert_eq!(admitted.status, 200, "{}", admitted.body);
+    let lease = admitted.body["lease_id"].as_str().unwrap().to_string();
+    let picked = admitted.body["provider_key"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = if picked == a { &b } else { &a };
+    assert!(lease.starts_with(&key_id), "{lease}");
+    assert!(lease.contains(&picked), "the lease names its pick: {lease}");
+    let not_found = sample(s, &refusals("report", "lease_not_found")).await;
+
+    // A real key id with random bytes (the old format), a new-format lease with a made-up
+    // signature, and the real lease with one character changed at either end.
+    let random = format!("{key_id}.{}", uuid::Uuid::new_v4().simple());
+    let (body, _) = lease.rsplit_once('.').unwrap();
+    let made_up = format!("{body}.{}", uuid::Uuid::new_v4().simple());
+    let flip = |i: usize| {
+        let mut bytes = lease.clone().into_bytes();
+        bytes[i] = if bytes[i] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(bytes).unwrap()
+    };
+    let token_at = key_id.len() + 5;
+    for forged in [random, made_up, flip(token_at), flip(lease.len() - 1)] {
+        let answer = c
+            .any(2)
+            .data_post(
+                "/v1/report",
+                json!({"lease_id": forged, "cost_usd": 0.9, "prompt_tokens": 5,
+                       "upstream_status": 429, "retry_after_s": 86400}),
+            )
+            .await;
+        assert_eq!(
+            (answer.status, error_code(&answer).as_str()),
+            (404, "LEASE_NOT_FOUND"),
+            "{forged}"
+        );
+        let answer = c
+            .any(0)
+            .data_post(&format!("/v1/leases/{forged}/renew"), json!({}))
+            .await;
+        assert_eq!(
+            (answer.status, error_code(&answer).as_str()),
+            (404, "LEASE_NOT_FOUND"),
+            "{forged}"
+        );
+    }
+    // The real lease used to cool a provider key it did not pick, by body or header.
+    let borrowed = json!({"lease_id": lease, "provider_key_id": other, "cost_usd": 0.9,
+                         "upstream_status": 429, "retry_after_s": 86400});
+    let answer = c.any(2).data_post("/v1/report", borrowed).await;
+    assert_eq!(
+        (answer.status, error_code(&answer).as_str()),
+        (400, "BAD_REQUEST"),
+        "{}",
+        answer.body
+    );
+    assert_nothing_cools(s, &provider).await;
+    assert!(sample(s, &refusals("report", "lease_not_found")).await >= not_found + 4.0);
+    assert!(sample(s, &refusals("report", "not_the_lease_provider_key")).await >= 1.0);
+
+    // Nothing was charged, and the lease itself still settles: once, on any replica,
+    // cooling the key it picked (named by the lease alone) and no other.
+    let answer = c
+        .any(0)
+        .data_post(&format!("/v1/leases/{lease}/renew"), json!({}))
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body["lease_id"], lease.as_str());
+    let report =
+        json!({"lease_id": lease, "cost_usd": 0.25, "upstream_status": 429, "retry_after_s": 30});
+    let answer = c.any(2).data_post("/v1/report", report.clone()).await;
+    assert_eq!(answer.body, json!({"recorded": true}));
+    let answer = c.any(1).data_post("/v1/report", report).await;
+    assert_eq!(answer.body["duplicate"], true);
+    let states = live(s, &provider).await;
+    for (id, state) in states {
+        let cooling = state["cooldown_remaining_ms"].as_i64().unwrap() > 0;
+        assert_eq!(cooling, id == picked, "{id}: {state}");
+    }
+    let used = eventually(10, || async {
+        let k = s
+            .admin(Method::GET, &format!("/admin/keys/{key_id}"), None)
+            .await;
+        (k.body["balance_used_usd"] != 0).then(|| k.body["balance_used_usd"].clone())
+    })
+    .await;
+    assert_eq!(used, json!(0.25), "only the real report was charged");
+    c.stop().await;
+}
+
+/// A lease verifies on every replica that holds the keyring it was signed with, also
+/// after a rotation that keeps the old key as a previous one; a replica that does not
+/// know the key refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_survive_a_key_rotation_on_every_replica() {
+    const OLD: &str = common::ENCRYPTION_KEY;
+    const NEW: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+    let db = Arc::new(common::TestDb::new(common::Backend::Postgres).await);
+    let prefix = common::unique_prefix();
+    let server = |key: &'static str, previous: Option<&'static str>| {
+        let mut raw = common::base_config(&db);
+        raw.insert(config::REDIS_URL, common::redis_url());
+        raw.insert(config::REDIS_PREFIX, prefix.clone());
+        raw.insert(config::ENCRYPTION_KEY, key.to_string());
+        if let Some(previous) = previous {
+            raw.insert(config::ENCRYPTION_KEYS_PREVIOUS, previous.to_string());
+        }
+        TestServer::start_on(db.clone(), raw)
+    };
+    let before = server(OLD, None).await;
+    let (_, secret) = before.create_key(json!({})).await;
+    let admitted = before.admit(json!({"key": secret})).await;
+    let lease = admitted.body["lease_id"].as_str().unwrap().to_string();
+
+    let stranger = server(NEW, None).await;
+    let answer = stranger
+        .data_post(&format!("/v1/leases/{lease}/renew"), json!({}))
+        .await;
+    assert_eq!(answer.status, 404, "{}", answer.body);
+
+    let after = server(NEW, Some(OLD)).await;
+    let answer = after
+        .data_post(&format!("/v1/leases/{lease}/renew"), json!({}))
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let answer = after
+        .data_post("/v1/report", json!({"lease_id": lease}))
+        .await;
+    assert_eq!(answer.body, json!({"recorded": true}));
+    for s in [before, stranger, after] {
+        s.stop().await;
+    }
+    common::delete_prefix(&common::redis_url(), &prefix).await;
+}
+
+/// The data-plane token is compared whole: a prefix, a longer value or another scheme
+/// does not pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_token_is_compared_whole() {
+    let s = TestServer::start(common::Backend::Sqlite).await;
+    let longer = format!("{DATA_TOKEN}x");
+    for token in [&DATA_TOKEN[..DATA_TOKEN.len() - 1], longer.as_str()] {
+        let answer = s
+            .data_post_auth("/v1/select", json!({"provider": "openai"}), Some(token))
+            .await;
+        assert_eq!(answer.status, 401, "{token}");
+    }
+    let answer = s
+        .client
+        .post(format!("{}/v1/select", s.data))
+        .header("authorization", format!("Basic {DATA_TOKEN}"))
+        .json(&json!({"provider": "openai"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 401);
+    let answer = s
+        .data_post_token("/v1/select", json!({"provider": "openai"}))
+        .await;
+    assert_eq!(
+        (answer.status, error_code(&answer).as_str()),
+        (503, "NO_PROVIDER_KEY"),
+        "the right token passes"
+    );
+    s.stop().await;
+}
