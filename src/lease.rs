@@ -59,7 +59,13 @@ impl SignedLease {
             return None;
         }
         let (body, mac) = text.rsplit_once('.')?;
-        let mac = hex::decode(mac).ok().filter(|m| m.len() == LEASE_MAC_LEN)?;
+        // Exactly the lowercase hex this code writes: one spelling per lease id.
+        if mac.len() != 2 * LEASE_MAC_LEN
+            || !mac.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return None;
+        }
+        let mac = hex::decode(mac).ok()?;
         if !keyring.verify_lease(body, &mac) {
             return None;
         }
@@ -122,6 +128,10 @@ mod tests {
                 assert_eq!(SignedLease::verify(&altered, &ring), None, "{altered}");
             }
         }
+        // The same MAC in upper case: one spelling per lease.
+        let (body, mac) = text.rsplit_once('.').unwrap_or_default();
+        let upper = format!("{body}.{}", mac.to_uppercase());
+        assert_eq!(SignedLease::verify(&upper, &ring), None);
         // A real key id with random bytes, the old unsigned format, another keyring's
         // signature, and garbage.
         let unsigned = LeaseId::new(KEY).to_string();

@@ -240,13 +240,34 @@ fn report_from_headers(mut body: ReportBody, headers: &axum::http::HeaderMap) ->
     body
 }
 
-/// Counts (and logs) a data-plane call refused for lack of proof, or a suspicious one.
+/// Counts a data-plane call refused for lack of proof, or a suspicious one, and logs it:
+/// at most one warning a second, so that callers without a credential cannot flood the
+/// log (the metric counts every one).
 fn refused(endpoint: &'static str, reason: &'static str, error: ApiError) -> ApiError {
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+    static LAST_LOGGED_S: AtomicI64 = AtomicI64::new(0);
+    static UNLOGGED: AtomicU64 = AtomicU64::new(0);
     crate::metrics::get()
         .data_plane_refusals
         .with_label_values(&[endpoint, reason])
         .inc();
-    tracing::warn!(endpoint, reason, "data-plane call refused");
+    let second = crate::clock::now_ms() / 1000;
+    let last = LAST_LOGGED_S.load(Ordering::Relaxed);
+    if second > last
+        && LAST_LOGGED_S
+            .compare_exchange(last, second, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let also = UNLOGGED.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            endpoint,
+            reason,
+            also_refused_unlogged = also,
+            "data-plane call refused"
+        );
+    } else {
+        UNLOGGED.fetch_add(1, Ordering::Relaxed);
+    }
     error
 }
 
