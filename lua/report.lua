@@ -5,7 +5,7 @@
 --   2  leases  zset    lease token -> expiry (ms)
 --   3  ld      hash    lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved"
 --   4  bal     hash    live balance (see admit.lua)
---   5  done    string  marker that this lease id was reported (the duplicate guard)
+--   5  done    string  when the duplicate guard of this lease id lapses (ms): it was reported
 --   6  usage   stream  the accounting queue read by every replica's writer
 --   and, when a provider key is named (ARGV[10]):
 --   7  pk tpm  hash    the provider key's token window
@@ -20,7 +20,14 @@
 --   11 latency ms ("" = unknown)                     12 upstream status ("" = unknown)
 --   13 time shift ms (0 in production)
 --   14 cooldown ms (> 0 after an upstream 429)      15 suspension ms (> 0 after 401/403)
--- Returns {1, now_ms} when recorded, {0, now_ms} for a duplicate (nothing changed).
+--   16 the expiry signed into the lease id (ms; 0 = no lease)
+-- Returns {1, now_ms} when recorded, {0, now_ms} for a duplicate, {2, now_ms} when the
+-- report comes later than the guard ttl after the lease's expiry (nothing changed in
+-- either case).
+--
+-- The duplicate guard lives until the guard ttl after the lease's latest expiry (the
+-- signed one, or a later one after renewals), and a report is refused after that: so a
+-- lease can never be reported twice, however late the repeat.
 --
 -- In one step: the slot is released, token reservations (client's and provider key's)
 -- are replaced by the actual count in the second where they were made (if still in the
@@ -38,16 +45,21 @@ local pk = ARGV[10]
 local shift = tonumber(ARGV[13])
 local cooldown = tonumber(ARGV[14])
 local suspend = tonumber(ARGV[15])
+local signed_expiry = tonumber(ARGV[16])
 assert(#lease_id > 0, 'id')
 assert(prompt and prompt >= 0 and completion and completion >= 0, 'tokens')
 assert(cost and cost >= 0, 'cost')
 assert(guard_ttl and guard_ttl > 0, 'guard ttl')
 assert(shift and cooldown and cooldown >= 0 and suspend and suspend >= 0, 'times')
+assert(signed_expiry and signed_expiry >= 0, 'lease expiry')
 assert(#KEYS == (pk == '' and 6 or 9), 'provider key keys')
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
 local b = math.floor(now / 1000)
+
+-- A whole number as Redis takes it (Lua's own conversion may say "1e+14").
+local function int(x) return string.format('%.0f', x) end
 
 -- Replaces `reserved` tokens taken at second `bucket` by the actual count.
 local function settle(key, bucket, reserved)
@@ -62,9 +74,14 @@ end
 
 local provider, model, api_format = '', ARGV[9], ''
 if token ~= '' then
-  if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', guard_ttl) then
-    return {0, now}
-  end
+  local expiry = math.max(signed_expiry, tonumber(redis.call('ZSCORE', KEYS[2], token) or '0'))
+  -- The guard holds the time it lapses, on the script clock; "1" is a guard written by
+  -- an older release, live until its own expiry.
+  local guard = tonumber(redis.call('GET', KEYS[5]) or '0')
+  if guard == 1 or guard > now then return {0, now} end
+  if signed_expiry > 0 and now > expiry + guard_ttl then return {2, now} end
+  local lapses = math.max(now, expiry) + guard_ttl
+  redis.call('SET', KEYS[5], int(lapses), 'PX', int(lapses - now))
   local data = redis.call('HGET', KEYS[3], token)
   if data then
     local f = {}

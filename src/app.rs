@@ -197,6 +197,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         bus,
         pool_policy: PoolPolicy {
             default_cooldown_ms: config.provider_cooldown.as_millis() as i64,
+            lease_cooldown_max_ms: config.provider_cooldown_max.as_millis() as i64,
             suspend_ms: config.provider_suspend.as_millis() as i64,
         },
         admin_token_digest: config

@@ -85,7 +85,7 @@ pub struct ServeArgs {
     /// Seconds an unknown key is remembered as unknown [default: 5]
     #[arg(long, env = config::NEGATIVE_CACHE_TTL_S)]
     pub negative_cache_ttl_s: Option<String>,
-    /// Seconds a reported lease id answers "duplicate" [default: 600]
+    /// Seconds after a lease's expiry that its report is accepted (a repeat: "duplicate") [default: 600]
     #[arg(long, env = config::REPORT_DEDUPE_TTL_S)]
     pub report_dedupe_ttl_s: Option<String>,
     /// Seconds before another replica's unapplied queue entries are taken over [default: 30]
@@ -94,6 +94,9 @@ pub struct ServeArgs {
     /// Seconds a provider key cools down after a 429 without retry_after_s [default: 60]
     #[arg(long, env = config::PROVIDER_COOLDOWN_S)]
     pub provider_cooldown_s: Option<String>,
+    /// Longest cooldown a report authorized by a lease may set [default: 3600]
+    #[arg(long, env = config::PROVIDER_COOLDOWN_MAX_S)]
+    pub provider_cooldown_max_s: Option<String>,
     /// Seconds a provider key is suspended after a 401/403 [default: 600]
     #[arg(long, env = config::PROVIDER_SUSPEND_S)]
     pub provider_suspend_s: Option<String>,
@@ -140,6 +143,10 @@ impl ServeArgs {
                 &self.accounting_claim_idle_s,
             ),
             (config::PROVIDER_COOLDOWN_S, &self.provider_cooldown_s),
+            (
+                config::PROVIDER_COOLDOWN_MAX_S,
+                &self.provider_cooldown_max_s,
+            ),
             (config::PROVIDER_SUSPEND_S, &self.provider_suspend_s),
         ]
         .into_iter()

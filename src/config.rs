@@ -35,6 +35,7 @@ pub const NEGATIVE_CACHE_TTL_S: &str = "KEYWARD_NEGATIVE_CACHE_TTL_S";
 pub const REPORT_DEDUPE_TTL_S: &str = "KEYWARD_REPORT_DEDUPE_TTL_S";
 pub const ACCOUNTING_CLAIM_IDLE_S: &str = "KEYWARD_ACCOUNTING_CLAIM_IDLE_S";
 pub const PROVIDER_COOLDOWN_S: &str = "KEYWARD_PROVIDER_COOLDOWN_S";
+pub const PROVIDER_COOLDOWN_MAX_S: &str = "KEYWARD_PROVIDER_COOLDOWN_MAX_S";
 pub const PROVIDER_SUSPEND_S: &str = "KEYWARD_PROVIDER_SUSPEND_S";
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://keyward.db";
@@ -105,6 +106,9 @@ pub struct Config {
     pub accounting_claim_idle: Duration,
     /// How long a provider key cools down after an upstream 429 without `retry_after_s`.
     pub provider_cooldown: Duration,
+    /// The longest cooldown a report authorized by a lease can set (a client holding a
+    /// key must not take a pool out for a day).
+    pub provider_cooldown_max: Duration,
     /// How long a provider key is suspended after an upstream 401 or 403.
     pub provider_suspend: Duration,
 }
@@ -134,6 +138,7 @@ impl std::fmt::Debug for Config {
             .field("report_dedupe_ttl", &self.report_dedupe_ttl)
             .field("accounting_claim_idle", &self.accounting_claim_idle)
             .field("provider_cooldown", &self.provider_cooldown)
+            .field("provider_cooldown_max", &self.provider_cooldown_max)
             .field("provider_suspend", &self.provider_suspend)
             .finish()
     }
@@ -353,6 +358,8 @@ impl Config {
             Duration::from_secs(p.number(ACCOUNTING_CLAIM_IDLE_S, 30, 1, 3_600, "seconds"));
         let provider_cooldown =
             Duration::from_secs(p.number(PROVIDER_COOLDOWN_S, 60, 1, 86_400, "seconds"));
+        let provider_cooldown_max =
+            Duration::from_secs(p.number(PROVIDER_COOLDOWN_MAX_S, 3_600, 1, 86_400, "seconds"));
         let provider_suspend =
             Duration::from_secs(p.number(PROVIDER_SUSPEND_S, 600, 1, 604_800, "seconds"));
 
@@ -383,6 +390,7 @@ impl Config {
             report_dedupe_ttl,
             accounting_claim_idle,
             provider_cooldown,
+            provider_cooldown_max,
             provider_suspend,
         })
     }

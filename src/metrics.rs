@@ -13,7 +13,7 @@
 //! | `keyward_redis_script_errors_total` | counter | `script` |
 //! | `keyward_provider_selections_total` | counter | `provider` |
 //! | `keyward_provider_key_events_total` | counter | `provider`, `event` (cooldown, suspension) |
-//! | `keyward_reports_total` | counter | `result` (recorded, duplicate) |
+//! | `keyward_reports_total` | counter | `result` (recorded, duplicate, too_late) |
 //! | `keyward_data_plane_refusals_total` | counter | `endpoint` (select, report, renew), `reason` (no_token, wrong_token, token_not_configured, lease_not_found, not_the_lease_provider_key): calls refused for lack of proof, and suspicious ones |
 //! | `keyward_accounting_records_total` | counter | `result` (applied, duplicate) |
 //! | `keyward_accounting_failures_total` | counter | |

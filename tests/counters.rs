@@ -58,6 +58,7 @@ on_both_stores!(
     leases_expire_free_their_slot_and_renew,
     expired_leases_leave_the_store_in_bounded_batches,
     reports_count_once_even_after_the_lease_expired,
+    a_lease_is_reported_once_however_late_the_repeat,
     concurrent_admissions_never_exceed_any_limit,
     balance_changes_apply_once_by_version,
     balance_overspend_is_bounded_by_one_request,
@@ -221,6 +222,7 @@ fn report(lease: &LeaseId, tokens: Option<(i64, i64)>, cost: i64) -> Report {
         cooldown_ms: 0,
         suspend_ms: 0,
         source: "data-token".into(),
+        lease_expires_at_ms: 0,
     }
 }
 
@@ -633,6 +635,68 @@ async fn reports_count_once_even_after_the_lease_expired(kind: Kind) {
     s.cleanup().await;
 }
 
+/// The duplicate guard outlives the last moment a lease may be reported: the guard time
+/// after its latest expiry (renewals move it past the one signed into the lease id).
+/// After that a report is refused as too late, so a repeat is never counted twice, and
+/// a lease never reported in time cannot be reported at all.
+async fn a_lease_is_reported_once_however_late_the_repeat(kind: Kind) {
+    const GUARD_MS: i64 = 600_000; // the suite's duplicate-guard time
+    let s = Store::new(kind).await;
+    let k = key();
+    let lease = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            lease_ttl_ms: 1_000,
+            ..request(&lease)
+        })
+        .await;
+    let Verdict::Admitted { expires_at_ms } = d.verdict else {
+        panic!("{d:?}")
+    };
+    s.advance(500);
+    let renewed = s.counters.renew(&lease, 1_000).await.unwrap().unwrap();
+    assert!(renewed > expires_at_ms);
+    s.advance(600); // past the signed expiry, before the renewed one
+    let r = Report {
+        lease_expires_at_ms: expires_at_ms,
+        ..report(&lease, None, 1_000)
+    };
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Recorded);
+    // A guard of `GUARD_MS` from the report would lapse here; it lasts until the
+    // guard time after the renewed expiry.
+    s.advance(GUARD_MS + 200);
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Duplicate);
+    s.advance(1_000);
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::TooLate);
+    // A lease never reported until the guard time after its expiry: too late, nothing queued.
+    let late = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            lease_ttl_ms: 1_000,
+            ..request(&late)
+        })
+        .await;
+    let Verdict::Admitted { expires_at_ms } = d.verdict else {
+        panic!("{d:?}")
+    };
+    s.advance(1_000 + GUARD_MS + 1);
+    let r = Report {
+        lease_expires_at_ms: expires_at_ms,
+        ..report(&late, None, 1_000)
+    };
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::TooLate);
+    let queued = s.queued().await;
+    assert_eq!(
+        queued.iter().filter(|q| q.id == lease.to_string()).count(),
+        1
+    );
+    assert!(
+        !queued.iter().any(|q| q.id == late.to_string()),
+        "{queued:?}"
+    );
+    s.cleanup().await;
+}
+
 async fn concurrent_admissions_never_exceed_any_limit(kind: Kind) {
     let s = Arc::new(Store::new(kind).await);
     align(&s, 100).await;
@@ -874,6 +938,7 @@ fn pool_report(id: &str, cooldown_ms: i64, suspend_ms: i64) -> Report {
         cooldown_ms,
         suspend_ms,
         source: "data-token".into(),
+        lease_expires_at_ms: 0,
     }
 }
 

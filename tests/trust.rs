@@ -340,3 +340,42 @@ async fn the_data_token_is_compared_whole() {
     );
     s.stop().await;
 }
+
+/// A client key's lease cannot take a provider key out for a day: its 429 cools the key
+/// for at most `KEYWARD_PROVIDER_COOLDOWN_MAX_S`. A report with the data-plane token (the
+/// operator's own gateway) may set the upstream's full `retry_after_s`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_cools_its_key_for_at_most_the_configured_maximum() {
+    let s = TestServer::start_with(common::Backend::Sqlite, |raw| {
+        raw.insert(config::PROVIDER_COOLDOWN_MAX_S, "120".to_string());
+    })
+    .await;
+    let provider = unique_provider();
+    let a = add_provider_key(&s, &provider, "a").await;
+    let b = add_provider_key(&s, &provider, "b").await;
+    let (_, secret) = s.create_key(json!({})).await;
+    let admitted = s
+        .admit(json!({"key": secret, "provider": provider, "select": true}))
+        .await;
+    let lease = admitted.body["lease_id"].as_str().unwrap();
+    let picked = admitted.body["provider_key"]["id"].as_str().unwrap();
+    let other = if picked == a { &b } else { &a };
+    let day = json!({"lease_id": lease, "upstream_status": 429, "retry_after_s": 86400});
+    assert_eq!(s.data_post("/v1/report", day).await.body["recorded"], true);
+    let day = json!({"provider_key_id": other, "upstream_status": 429, "retry_after_s": 86400});
+    assert_eq!(
+        s.data_post_token("/v1/report", day).await.body["recorded"],
+        true
+    );
+    let states = live(&s, &provider).await;
+    let remaining = |id: &str| {
+        let (_, state) = states.iter().find(|(k, _)| k == id).unwrap();
+        state["cooldown_remaining_ms"].as_i64().unwrap()
+    };
+    assert!(
+        (110_000..=120_000).contains(&remaining(picked)),
+        "{states:?}"
+    );
+    assert!(remaining(other) > 86_000_000, "{states:?}");
+    s.stop().await;
+}

@@ -3,6 +3,7 @@
 use serde::Deserialize;
 
 use crate::client_keys::input::MAX_LIMIT;
+use crate::lease::SignedLease;
 use crate::limits::{LeaseId, Report};
 use crate::money::Usd;
 
@@ -36,6 +37,10 @@ pub struct PoolPolicy {
     pub default_cooldown_ms: i64,
     /// Suspension after a 401 or 403.
     pub suspend_ms: i64,
+    /// The longest cooldown a report authorized by a lease sets, whatever its
+    /// `retry_after_s`: a client key must not be able to take a pool out for a day.
+    /// Reports with the data-plane token are trusted up to a day.
+    pub lease_cooldown_max_ms: i64,
 }
 
 fn range(name: &str, value: Option<i64>, max: i64) -> Result<Option<i64>, String> {
@@ -50,7 +55,13 @@ fn range(name: &str, value: Option<i64>, max: i64) -> Result<Option<i64>, String
 impl ReportBody {
     /// The report to settle. `lease` is the lease that `lease_id` proved (the caller
     /// verified its signature); `None` for a report without a lease.
-    pub fn validate(self, policy: PoolPolicy, lease: Option<LeaseId>) -> Result<Report, String> {
+    pub fn validate(
+        self,
+        policy: PoolPolicy,
+        lease: Option<SignedLease>,
+    ) -> Result<Report, String> {
+        let lease_expires_at_ms = lease.as_ref().map_or(0, |l| l.expires_at_ms);
+        let lease = lease.map(|l| l.lease);
         let provider_key_id = match self.provider_key_id {
             None => None,
             Some(id) => Some(
@@ -88,10 +99,14 @@ impl ReportBody {
         };
         let retry_after_s = range("retry_after_s", self.retry_after_s, 86_400)?;
         let (cooldown_ms, suspend_ms) = match upstream_status {
-            Some(429) => (
-                retry_after_s.map_or(policy.default_cooldown_ms, |s| (s * 1000).max(1)),
-                0,
-            ),
+            Some(429) => {
+                let asked = retry_after_s.map_or(policy.default_cooldown_ms, |s| (s * 1000).max(1));
+                let cap = match lease {
+                    Some(_) => policy.lease_cooldown_max_ms,
+                    None => i64::MAX,
+                };
+                (asked.min(cap), 0)
+            }
             Some(401 | 403) => (0, policy.suspend_ms),
             _ => (0, 0),
         };
@@ -99,6 +114,7 @@ impl ReportBody {
             .as_ref()
             .map_or_else(|| "data-token".to_string(), |l| format!("lease {l}"));
         Ok(Report {
+            lease_expires_at_ms,
             id: lease
                 .as_ref()
                 .map_or_else(|| uuid::Uuid::new_v4().to_string(), LeaseId::to_string),

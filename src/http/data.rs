@@ -336,7 +336,7 @@ async fn report(
                 ));
             }
             body.provider_key_id.clone_from(&lease.provider_key_id);
-            Some(lease.lease)
+            Some(lease)
         }
         None => {
             require_data_token(&state, &headers, "report")?;
@@ -375,6 +375,14 @@ async fn report(
         Reported::Duplicate => {
             m.reports.with_label_values(&["duplicate"]).inc();
             Ok(Json(json!({"recorded": false, "duplicate": true})))
+        }
+        Reported::TooLate => {
+            m.reports.with_label_values(&["too_late"]).inc();
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "LEASE_REPORT_TOO_LATE",
+                "the lease expired longer ago than KEYWARD_REPORT_DEDUPE_TTL_S: a repeat could no longer be told apart, so nothing was recorded",
+            ))
         }
     }
 }

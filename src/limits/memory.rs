@@ -391,12 +391,23 @@ impl MemoryCounters {
         let (mut provider, mut model, mut api_format) = (None, r.model.clone(), None);
         let mut pool_settle = None;
         if let Some(lease) = &r.lease {
+            // As report.lua: the lease's latest expiry (renewals move it past the signed
+            // one) bounds when it may be reported, and its guard outlives that bound.
+            let live_expiry = self
+                .keys
+                .get(&lease.key_id)
+                .and_then(|s| s.leases.get(&lease.token).map(|l| l.expires_at))
+                .unwrap_or(0);
+            let expiry = live_expiry.max(r.lease_expires_at_ms);
             {
                 let mut guard = self.reported.entry(r.id.clone()).or_insert(i64::MIN);
                 if *guard > now {
                     return Ok(Reported::Duplicate);
                 }
-                *guard = now + self.guard_ttl_ms;
+                if r.lease_expires_at_ms > 0 && now > expiry.saturating_add(self.guard_ttl_ms) {
+                    return Ok(Reported::TooLate);
+                }
+                *guard = now.max(expiry).saturating_add(self.guard_ttl_ms);
             }
             if let Some(mut state) = self.keys.get_mut(&lease.key_id) {
                 if let Some(held) = state.remove_lease(&lease.token) {

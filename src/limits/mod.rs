@@ -169,6 +169,10 @@ pub struct Report {
     pub lease: Option<LeaseId>,
     /// The usage record's id: the lease id, or a fresh id without a lease.
     pub id: String,
+    /// The expiry signed into the lease id (0 without a lease). A report is accepted
+    /// until the duplicate-guard time after the lease's expiry (this one, or a later one
+    /// after renewals) and no later, because only until then can a repeat be told apart.
+    pub lease_expires_at_ms: i64,
     /// `(prompt, completion)` when the caller knows them; otherwise the reservation stays.
     pub tokens: Option<(i64, i64)>,
     pub cost_micros: i64,
@@ -193,6 +197,8 @@ pub struct Report {
 pub enum Reported {
     Recorded,
     Duplicate,
+    /// Past the duplicate-guard time after the lease's expiry: nothing changed.
+    TooLate,
 }
 
 #[derive(Debug, thiserror::Error)]

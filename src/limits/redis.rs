@@ -566,11 +566,13 @@ impl RedisCounters {
             .arg(text(r.upstream_status))
             .arg(self.shift.get())
             .arg(r.cooldown_ms)
-            .arg(r.suspend_ms);
+            .arg(r.suspend_ms)
+            .arg(r.lease_expires_at_ms);
         let reply: Vec<i64> = self.lanes.invoke("report", &call).await?;
         match reply.first() {
             Some(1) => Ok(Reported::Recorded),
             Some(0) => Ok(Reported::Duplicate),
+            Some(2) => Ok(Reported::TooLate),
             _ => Err(CounterError::Protocol(
                 "report returned an unknown answer".into(),
             )),
