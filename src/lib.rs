@@ -32,6 +32,7 @@ pub mod invalidation;
 pub mod limits;
 pub mod metrics;
 pub mod money;
+pub mod names;
 pub mod pool;
 pub mod rotation;
 pub mod telemetry;

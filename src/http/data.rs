@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::extract::JsonBody;
+use super::extract::{JsonBody, TextPath};
 use super::ratelimit;
 use crate::accounting::report::ReportBody;
 use crate::admission::{AdmitBody, AdmitError, Admitted};
@@ -273,7 +273,7 @@ async fn report(
 
 async fn renew(
     State(state): State<AppState>,
-    Path(lease_id): Path<String>,
+    TextPath(lease_id): TextPath,
 ) -> Result<Json<Value>, ApiError> {
     let lease = LeaseId::parse(&lease_id)
         .ok_or_else(|| ApiError::bad_request("not a lease id keyward issued"))?;
