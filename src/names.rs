@@ -20,16 +20,18 @@ pub struct BadName {
     pub field: &'static str,
 }
 
-/// The trimmed name, which may be empty.
-pub fn check<'a>(field: &'static str, value: &'a str) -> Result<&'a str, BadName> {
+/// The trimmed text when it keeps the rule (it may be empty), else `None`.
+pub fn printable(value: &str) -> Option<&str> {
     let value = value.trim();
     // A char is at most 4 bytes: longer texts are refused without counting.
     let too_long = value.len() > 4 * MAX_NAME_CHARS
         || (value.len() > MAX_NAME_CHARS && value.chars().count() > MAX_NAME_CHARS);
-    if too_long || value.chars().any(char::is_control) {
-        return Err(BadName { field });
-    }
-    Ok(value)
+    (!too_long && !value.chars().any(char::is_control)).then_some(value)
+}
+
+/// The trimmed name, which may be empty.
+pub fn check<'a>(field: &'static str, value: &'a str) -> Result<&'a str, BadName> {
+    printable(value).ok_or(BadName { field })
 }
 
 /// An optional name: absent or blank is `None`.

@@ -130,8 +130,8 @@ pub struct KeyPatch {
 
 /// A name or label: the rule of [`crate::names`], and not blank.
 fn text(field: &str, value: String) -> Result<String, String> {
-    match crate::names::check("it", &value) {
-        Ok(value) if !value.is_empty() => Ok(value.to_string()),
+    match crate::names::printable(&value) {
+        Some(value) if !value.is_empty() => Ok(value.to_string()),
         _ => Err(format!(
             "{field} must be 1 to {MAX_TEXT} printable characters (no control characters)"
         )),

@@ -62,8 +62,8 @@ pub struct ProviderKeyPatch {
 }
 
 fn label(value: String) -> Result<String, String> {
-    match crate::names::check("label", &value) {
-        Ok(value) if !value.is_empty() => Ok(value.to_string()),
+    match crate::names::printable(&value) {
+        Some(value) if !value.is_empty() => Ok(value.to_string()),
         _ => Err(format!(
             "label must be 1 to {MAX_LABEL} printable characters"
         )),
