@@ -27,6 +27,7 @@ use crate::limits::{
     AdmitRequest, BalanceSnapshot, CounterError, Counters, Denial, LeaseId, Pick, SelectRequest,
     Usage, Verdict,
 };
+use crate::names;
 use crate::pool::cache::{Candidate, Pool, PoolCache};
 use crate::pool::valid_provider;
 
@@ -46,6 +47,11 @@ pub struct AdmitBody {
     pub estimated_tokens: Option<i64>,
     #[serde(default)]
     pub select: bool,
+    /// `/authz` only: pick a provider key when the provider has a pool, and admit
+    /// without one when it has none (contract section 3). `select` is stricter: no
+    /// active key there is `NO_PROVIDER_KEY`.
+    #[serde(skip)]
+    pub select_if_pooled: bool,
 }
 
 /// An admitted request.
@@ -124,9 +130,13 @@ pub struct Admission {
     default_tokens: i64,
 }
 
-/// `None` for "not given" (absent or empty).
-fn given(value: &Option<String>) -> Option<&str> {
-    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+/// A name from the request: `None` for "not given" (absent or blank), refused when it
+/// breaks the rule of [`crate::names`].
+fn given<'a>(
+    field: &'static str,
+    value: &'a Option<String>,
+) -> Result<Option<&'a str>, AdmitError> {
+    names::optional(field, value.as_deref()).map_err(|e| AdmitError::BadRequest(e.to_string()))
 }
 
 /// An allow-list admits a value it contains; `None` (no list) admits everything, and a
@@ -218,9 +228,11 @@ impl Admission {
 
     /// The provider's active keys, in the order selection tries them; never empty.
     async fn candidates(&self, provider: Option<&str>) -> Result<Arc<Pool>, AdmitError> {
-        let provider = provider.ok_or_else(|| {
-            AdmitError::BadRequest("selecting a provider key needs a provider".into())
-        })?;
+        let provider = names::optional("provider", provider)
+            .map_err(|e| AdmitError::BadRequest(e.to_string()))?
+            .ok_or_else(|| {
+                AdmitError::BadRequest("selecting a provider key needs a provider".into())
+            })?;
         if !valid_provider(provider) {
             return Err(AdmitError::BadRequest(
                 "provider must be 1 to 64 of A-Z, a-z, 0-9, ., _ and -".into(),
@@ -231,6 +243,16 @@ impl Admission {
             return Err(AdmitError::NoProviderKey(provider.to_string()));
         }
         Ok(candidates)
+    }
+
+    /// The provider's active keys when it has any; `None` for no provider, a name that
+    /// cannot be a pool's, or a pool without active keys.
+    async fn pool_if_any(&self, provider: Option<&str>) -> Result<Option<Arc<Pool>>, AdmitError> {
+        let Some(provider) = provider.filter(|p| valid_provider(p)) else {
+            return Ok(None);
+        };
+        let candidates = self.pools.get(provider).await?;
+        Ok((!candidates.is_empty()).then_some(candidates))
     }
 
     /// Picks a provider key without a client key (`POST /v1/select`).
@@ -262,13 +284,13 @@ impl Admission {
     }
 
     pub async fn admit(&self, body: &AdmitBody) -> Result<Admitted, AdmitError> {
+        let (provider, model, api_format) = (
+            given("provider", &body.provider)?,
+            given("model", &body.model)?,
+            given("api_format", &body.api_format)?,
+        );
         let estimate = self.estimate(body.estimated_tokens)?;
         let key = self.check_key(body.key.as_deref()).await?;
-        let (provider, model, api_format) = (
-            given(&body.provider),
-            given(&body.model),
-            given(&body.api_format),
-        );
         if !allows(&key.allowed_providers, provider) {
             return Err(AdmitError::ProviderNotAllowed(
                 provider.unwrap_or("(none)").to_string(),
@@ -287,9 +309,12 @@ impl Admission {
         if let Some(limit) = key.tpm_limit.filter(|l| estimate > *l) {
             return Err(AdmitError::TokensExceedLimit { estimate, limit });
         }
-        let candidates = match body.select {
-            true => Some(self.candidates(provider).await?),
-            false => None,
+        let candidates = if body.select {
+            Some(self.candidates(provider).await?)
+        } else if body.select_if_pooled {
+            self.pool_if_any(provider).await?
+        } else {
+            None
         };
 
         let lease = LeaseId::new(&key.id);

@@ -33,6 +33,7 @@ pub mod lease;
 pub mod limits;
 pub mod metrics;
 pub mod money;
+pub mod names;
 pub mod pool;
 pub mod rotation;
 pub mod telemetry;

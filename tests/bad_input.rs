@@ -1,5 +1,6 @@
-//! Guarantee 8 on the admin API: bad input gets a 4xx with the contract's error body,
-//! changes nothing, and never crashes the server.
+//! Guarantee 8: bad input gets a 4xx with the contract's error body, changes nothing,
+//! and never crashes the server: on the admin API, and for the names every data-plane
+//! endpoint accepts.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -13,7 +14,196 @@ on_both_backends!(
     bad_patch_and_balance_bodies_are_refused_and_change_nothing,
     bad_ids_and_queries_are_refused,
     bodies_that_are_not_json_text_are_refused,
+    bad_names_are_refused_on_every_data_plane_endpoint,
+    paths_and_header_counts_are_refused_with_the_error_body,
 );
+
+const DATA_TOKEN: &str = "test-data-token-0123456789";
+
+/// Names no endpoint may accept: a NUL (Postgres refuses it in a usage record, after the
+/// request was admitted), 250 KB, and control characters.
+fn bad_names() -> Vec<(&'static str, String)> {
+    vec![
+        ("NUL", "gpt-4o\u{0}".to_string()),
+        ("250 KB", "m".repeat(250_000)),
+        ("newline", "gpt-4o\nmini".to_string()),
+        ("bell", "\u{7}".to_string()),
+        ("C1 control", "g\u{85}pt".to_string()),
+    ]
+}
+
+fn refused_naming(a: &common::Answer, field: &str, what: &str) {
+    assert_eq!(a.status, 400, "{field} with {what}: {}", a.body);
+    assert_eq!(
+        (a.status, error_code(a).as_str()),
+        (400, "BAD_REQUEST"),
+        "{field} with {what}: {}",
+        a.body
+    );
+    let message = a.body["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with(field), "{field} with {what}: {message}");
+}
+
+async fn bad_names_are_refused_on_every_data_plane_endpoint(b: Backend) {
+    let s = TestServer::start_with(b, |raw| {
+        raw.insert(keyward::config::DATA_TOKEN, DATA_TOKEN.to_string());
+    })
+    .await;
+    let (key, secret) = s.create_key(json!({"rate_limit": 100})).await;
+    let id = key["id"].as_str().unwrap().to_string();
+    let pk = s
+        .admin(
+            Method::POST,
+            "/admin/providers/openai/keys",
+            Some(json!({"label": "main", "value": "sk-upstream"})),
+        )
+        .await;
+    assert_eq!(pk.status, 201, "{}", pk.body);
+    let pool_before = s
+        .admin(Method::GET, "/admin/providers/openai/keys", None)
+        .await
+        .body;
+    let lease = s.admit(json!({"key": secret, "model": "gpt-4o"})).await;
+    assert_eq!(lease.status, 200, "{}", lease.body);
+    let lease = lease.body["lease_id"].as_str().unwrap().to_string();
+
+    for (what, bad) in bad_names() {
+        // /v1/admit: each name, with and without a pick.
+        for field in ["provider", "model", "api_format"] {
+            for select in [false, true] {
+                let mut body = json!({"key": secret, "provider": "openai", "select": select});
+                body[field] = json!(bad);
+                let a = s.admit(body).await;
+                refused_naming(&a, field, what);
+            }
+        }
+        // /authz: the model from the body, the provider from its header.
+        let authz = |body: String| {
+            s.client
+                .post(format!("{}/authz/v1/chat/completions", s.data))
+                .bearer_auth(&secret)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+        };
+        let a = authz(json!({"model": bad, "max_tokens": 5}).to_string())
+            .await
+            .unwrap();
+        refused_naming(&common::Answer::read("authz", a).await, "model", what);
+        // /v1/select, with the data-plane token.
+        let a = s
+            .client
+            .post(format!("{}/v1/select", s.data))
+            .bearer_auth(DATA_TOKEN)
+            .json(&json!({"provider": bad}))
+            .send()
+            .await
+            .unwrap();
+        refused_naming(&common::Answer::read("select", a).await, "provider", what);
+        // /v1/report, authorized by a real lease: refused, and the lease is not used up.
+        let a = s
+            .data_post("/v1/report", json!({"lease_id": lease, "model": bad}))
+            .await;
+        refused_naming(&a, "model", what);
+    }
+    // A header can carry neither a NUL nor a newline, but a tab and other bytes.
+    for value in ["open\tai", "gpt\t4o"] {
+        for header in ["x-keyward-provider", "x-keyward-model"] {
+            let a = s
+                .client
+                .post(format!("{}/authz/v1/chat/completions", s.data))
+                .bearer_auth(&secret)
+                .header(header, value)
+                .send()
+                .await
+                .unwrap();
+            let a = common::Answer::read("authz header", a).await;
+            let field = header.trim_start_matches("x-keyward-");
+            refused_naming(&a, field, "a tab");
+        }
+    }
+
+    // Nothing changed: one admission counted, the lease still reports, the pool is as it
+    // was, and accounting goes on (the one report reaches the stats).
+    let next = s.admit(json!({"key": secret, "model": "gpt-4o"})).await;
+    assert_eq!(next.status, 200, "{}", next.body);
+    assert_eq!(next.headers["x-ratelimit-remaining-requests"], "98");
+    let reported = s
+        .data_post(
+            "/v1/report",
+            json!({"lease_id": lease, "model": "gpt-4o", "prompt_tokens": 3}),
+        )
+        .await;
+    assert_eq!(reported.body, json!({"recorded": true}));
+    let pool_after = s
+        .admin(Method::GET, "/admin/providers/openai/keys", None)
+        .await
+        .body;
+    assert_eq!(
+        pool_after["keys"][0]["live"],
+        pool_before["keys"][0]["live"]
+    );
+    common::eventually(10, || async {
+        let stats = s
+            .admin(Method::GET, &format!("/admin/keys/{id}/stats"), None)
+            .await;
+        (stats.body["total_requests"] == 1).then_some(())
+    })
+    .await;
+    s.stop().await;
+}
+
+async fn paths_and_header_counts_are_refused_with_the_error_body(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (_, secret) = s.create_key(json!({})).await;
+    for path in [
+        "/authz/%ff",
+        "/authz/v1/%ff%fe/chat/completions",
+        "/v1/leases/%ff/renew",
+    ] {
+        let a = s
+            .client
+            .post(format!("{}{path}", s.data))
+            .bearer_auth(&secret)
+            .send()
+            .await
+            .unwrap();
+        let a = common::Answer::read(path, a).await;
+        assert_eq!(
+            (a.status, error_code(&a).as_str()),
+            (400, "BAD_REQUEST"),
+            "{path}"
+        );
+    }
+    // More headers than hyper's default of 100, on both listeners.
+    for base in [&s.data, &s.admin] {
+        for count in [101, 150, 900] {
+            let mut request = s
+                .client
+                .get(format!("{base}/admin/keys"))
+                .bearer_auth(TOKEN);
+            for i in 0..count {
+                request = request.header(format!("x-h-{i}"), "v");
+            }
+            let a = common::Answer::read("many headers", request.send().await.unwrap()).await;
+            assert_eq!(
+                (a.status, error_code(&a).as_str()),
+                (431, "HEADERS_TOO_LARGE"),
+                "{count} headers"
+            );
+        }
+        // 90 of them (with the client's own few) still pass.
+        let mut request = s
+            .client
+            .get(format!("{base}/admin/keys"))
+            .bearer_auth(TOKEN);
+        for i in 0..90 {
+            request = request.header(format!("x-h-{i}"), "v");
+        }
+        assert_ne!(request.send().await.unwrap().status(), 431);
+    }
+    s.stop().await;
+}
 
 /// Everything the admin API would show about every key.
 async fn snapshot(s: &TestServer) -> (Value, Value) {

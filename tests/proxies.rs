@@ -64,6 +64,19 @@ impl Upstream {
     fn count(&self) -> usize {
         self.seen.lock().unwrap().len()
     }
+
+    /// No request the upstream saw carried a header of keyward's (or a client's
+    /// imitation of one).
+    fn never_saw_keyward_headers(&self) {
+        for headers in self.seen.lock().unwrap().iter() {
+            for name in headers.keys() {
+                assert!(
+                    !name.as_str().starts_with("x-keyward-"),
+                    "{name} reached the upstream"
+                );
+            }
+        }
+    }
 }
 
 /// A proxy process of the test's own, killed on drop.
@@ -131,22 +144,18 @@ async fn nginx(keyward_port: u16, upstream_port: u16) -> Proxy {
     }
 }
 
-/// A client call that names the model in `x-keyward-model` (nginx forwards no body).
+/// A chat request naming `gpt-4o`, with `max_tokens` 50, in its JSON body.
+const BODY: &str = r#"{"model": "gpt-4o", "max_tokens": 50, "messages": []}"#;
+
 async fn call(port: u16, path: &str, headers: &[(&str, &str)]) -> Answer {
-    call_as(port, path, headers, true).await
+    call_with(port, path, headers, BODY.to_string()).await
 }
 
-/// With `model_in_header` false the model is only in the JSON body (Envoy forwards it).
-async fn call_as(port: u16, path: &str, headers: &[(&str, &str)], model_in_header: bool) -> Answer {
+async fn call_with(port: u16, path: &str, headers: &[(&str, &str)], body: String) -> Answer {
     let mut request = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port}{path}"))
         .header("content-type", "application/json")
-        .body(r#"{"model": "gpt-4o", "max_tokens": 50, "messages": []}"#);
-    // nginx does not forward the body to keyward: the model travels in a header (a test
-    // can override it).
-    if model_in_header && !headers.iter().any(|(n, _)| *n == "x-keyward-model") {
-        request = request.header("x-keyward-model", "gpt-4o");
-    }
+        .body(body);
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
@@ -157,11 +166,15 @@ fn h<'a>(a: &'a Answer, name: &str) -> Option<&'a str> {
     a.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn keyward_with_pool() -> (TestServer, String, String) {
+/// keyward with a pool for openai and a client key (3 RPM, one slot), limited to
+/// `gpt-4o` when the proxy lets keyward see the body (`body_visible`).
+async fn keyward_with_pool(body_visible: bool) -> (TestServer, String, String) {
     let s = TestServer::start(common::Backend::Sqlite).await;
-    let (_, secret) = s
-        .create_key(json!({"rate_limit": 3, "concurrent_limit": 1, "allowed_models": ["gpt-4o"]}))
-        .await;
+    let mut key = json!({"rate_limit": 3, "concurrent_limit": 1});
+    if body_visible {
+        key["allowed_models"] = json!(["gpt-4o"]);
+    }
+    let (_, secret) = s.create_key(key).await;
     let key = s
         .admin(
             Method::POST,
@@ -177,24 +190,23 @@ fn keyward_port(s: &TestServer) -> u16 {
 }
 
 /// What both proxies must do with the shipped files. Returns how many requests the
-/// upstream has seen. `model_in_body`: the first call names its model only in the JSON
-/// body (the proxy must forward it to keyward).
+/// upstream has seen. `body_visible`: the proxy forwards the body to keyward (Envoy),
+/// so keyward checks the model in it.
 async fn shared_scenario(
     port: u16,
     upstream: &Upstream,
     s: &TestServer,
     secret: &str,
     provider_key: &str,
-    model_in_body: bool,
+    body_visible: bool,
 ) -> usize {
     let bearer = format!("Bearer {secret}");
 
     // Allowed: the upstream gets the provider key, never the client's.
-    let ok = call_as(
+    let ok = call(
         port,
         "/v1/chat/completions",
         &[("authorization", &bearer), ("x-api-key", secret)],
-        !model_in_body,
     )
     .await;
     assert_eq!(ok.status, 200, "{}", ok.body);
@@ -223,6 +235,8 @@ async fn shared_scenario(
     .await;
     assert_eq!(h(&again, "x-ratelimit-remaining-requests"), Some("1"));
 
+    no_keyward_headers_for_the_client(&ok);
+
     // Missing and unknown keys: 401; a model outside the allow-list: 403.
     let before = upstream.count();
     let missing = call(port, "/v1/chat/completions", &[]).await;
@@ -240,17 +254,20 @@ async fn shared_scenario(
         (unknown.status, unknown.body["error"]["code"].clone()),
         (401, json!("INVALID_KEY"))
     );
-    let model = call(
-        port,
-        "/v1/chat/completions",
-        &[("authorization", &bearer), ("x-keyward-model", "gpt-4")],
-    )
-    .await;
-    assert_eq!(
-        (model.status, model.body["error"]["code"].clone()),
-        (403, json!("MODEL_NOT_ALLOWED"))
-    );
-    assert_eq!(h(&model, "x-keyward-status"), Some("403"));
+    if body_visible {
+        let model = call_with(
+            port,
+            "/v1/chat/completions",
+            &[("authorization", &bearer), ("x-keyward-model", "gpt-4o")],
+            BODY.replace("gpt-4o", "gpt-4"),
+        )
+        .await;
+        assert_eq!(
+            (model.status, model.body["error"]["code"].clone()),
+            (403, json!("MODEL_NOT_ALLOWED"))
+        );
+        assert_eq!(h(&model, "x-keyward-status"), Some("403"));
+    }
 
     // RPM (3) exhausted: 429 with Retry-After, the JSON body and the real status.
     let limited = eventually(3, || async {
@@ -305,13 +322,128 @@ async fn shared_scenario(
         (exhausted.status, exhausted.body["error"]["code"].clone()),
         (429, json!("PROVIDER_KEYS_EXHAUSTED"))
     );
+    upstream.never_saw_keyward_headers();
     upstream.count()
+}
+
+/// An answer to the client carries none of keyward's lease, ids or upstream secret.
+fn no_keyward_headers_for_the_client(a: &Answer) {
+    for name in a.headers.keys() {
+        let name = name.as_str();
+        let allowed = ["x-keyward-status", "x-keyward-error"];
+        assert!(
+            !name.starts_with("x-keyward-") || (a.status != 200 && allowed.contains(&name)),
+            "the client got {name} ({})",
+            a.status
+        );
+    }
+}
+
+/// A client's own `x-keyward-*` headers change nothing: the model and the estimate
+/// keyward checks, the pick, and the lease the report settles all stay keyward's.
+/// Runs on a fresh keyward (the provider key of `shared_scenario` is cooling down).
+async fn spoofed_headers_change_nothing(
+    port: u16,
+    upstream: &Upstream,
+    s: &TestServer,
+    body_visible: bool,
+) {
+    let pk = s
+        .admin(
+            Method::POST,
+            "/admin/providers/openai/keys",
+            Some(json!({"label": "upstream", "value": "sk-upstream-secret"})),
+        )
+        .await;
+    let pk = pk.body["id"].as_str().unwrap().to_string();
+    // Limited to one model, 2,000 tokens a minute, one request at a time.
+    let (_, limited) = s
+        .create_key(
+            json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 2000,
+            "allowed_models": ["gpt-4o-mini"]}),
+        )
+        .await;
+    let (_, unlisted) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 2000}))
+        .await;
+    let spoofs = |bearer: &str| {
+        vec![
+            ("authorization".to_string(), format!("Bearer {bearer}")),
+            ("x-keyward-model".into(), "gpt-4o-mini".into()),
+            ("x-keyward-estimated-tokens".into(), "1".into()),
+            ("x-keyward-select".into(), "false".into()),
+            ("x-keyward-lease".into(), "forged-lease".into()),
+            ("x-keyward-provider-key-id".into(), pk.clone()),
+            ("x-keyward-mode".into(), "nginx".into()),
+            ("x-keyward-provider".into(), "anthropic".into()),
+        ]
+    };
+    let send = |headers: Vec<(String, String)>, body: String| async move {
+        let refs: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        call_with(port, "/v1/chat/completions", &refs, body).await
+    };
+    let body = |model: &str, max_tokens: i64| {
+        format!(r#"{{"model": "{model}", "max_tokens": {max_tokens}, "messages": []}}"#)
+    };
+
+    // The model keyward checks is the body's (Envoy), or none it cannot see (nginx):
+    // never the header's.
+    let spoofed = spoofs(&limited);
+    let a = send(spoofed.clone(), body("gpt-4o", 10)).await;
+    assert_eq!(
+        (a.status, a.body["error"]["code"].clone()),
+        (403, json!("MODEL_NOT_ALLOWED")),
+        "{}",
+        a.body
+    );
+    no_keyward_headers_for_the_client(&a);
+
+    let (key, model) = if body_visible {
+        (&limited, "gpt-4o-mini")
+    } else {
+        (&unlisted, "gpt-4o-mini")
+    };
+    let spoofed = spoofs(key);
+    if body_visible {
+        // The body's estimate: 4,000 tokens can never pass 2,000 TPM (and the real
+        // status, not the 403 of a spoofed nginx mode).
+        let a = send(spoofed.clone(), body(model, 4000)).await;
+        assert_eq!(
+            (a.status, a.body["error"]["code"].clone()),
+            (413, json!("TOKENS_EXCEED_LIMIT")),
+            "{}",
+            a.body
+        );
+    }
+    // Charged the body's estimate (Envoy) or the default estimate (nginx), not 1.
+    let a = send(spoofed.clone(), body(model, 1500)).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let charged = if body_visible { "500" } else { "1000" };
+    assert_eq!(h(&a, "x-ratelimit-remaining-tokens"), Some(charged));
+    no_keyward_headers_for_the_client(&a);
+    // Picked despite `x-keyward-select: false`: the upstream got the provider key.
+    assert_eq!(
+        upstream.last()["authorization"],
+        "Bearer sk-upstream-secret"
+    );
+    // The report settled keyward's lease, not the spoofed one: the key's one slot comes
+    // back after the answer.
+    let again = eventually(3, || async {
+        let a = send(spoofed.clone(), body(model, 100)).await;
+        (a.status == 200).then_some(a)
+    })
+    .await;
+    no_keyward_headers_for_the_client(&again);
+    upstream.never_saw_keyward_headers();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_terms() {
     let upstream = Upstream::start().await;
-    let (s, secret, provider_key) = keyward_with_pool().await;
+    let (s, secret, provider_key) = keyward_with_pool(false).await;
     let proxy = nginx(keyward_port(&s), upstream.port).await;
     let seen = shared_scenario(proxy.port, &upstream, &s, &secret, &provider_key, false).await;
 
@@ -394,7 +526,7 @@ async fn envoy(keyward_port: u16, upstream_port: u16) -> Proxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_admits_injects_the_provider_key_and_refuses_in_the_contracts_terms() {
     let upstream = Upstream::start().await;
-    let (s, secret, provider_key) = keyward_with_pool().await;
+    let (s, secret, provider_key) = keyward_with_pool(true).await;
     let proxy = envoy(keyward_port(&s), upstream.port).await;
     let seen = shared_scenario(proxy.port, &upstream, &s, &secret, &provider_key, true).await;
 
@@ -415,6 +547,60 @@ async fn envoy_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
         seen,
         "nothing reached the upstream without keyward"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_ignores_a_clients_keyward_headers() {
+    let upstream = Upstream::start().await;
+    let s = TestServer::start(common::Backend::Sqlite).await;
+    let proxy = nginx(keyward_port(&s), upstream.port).await;
+    spoofed_headers_change_nothing(proxy.port, &upstream, &s, false).await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_ignores_a_clients_keyward_headers_and_reads_long_bodies() {
+    let upstream = Upstream::start().await;
+    let s = TestServer::start(common::Backend::Sqlite).await;
+    let proxy = envoy(keyward_port(&s), upstream.port).await;
+    spoofed_headers_change_nothing(proxy.port, &upstream, &s, true).await;
+
+    // A body over Envoy's 64 KiB: keyward gets its first 64 KiB and still reads the
+    // model named before the prompt.
+    let (_, secret) = s
+        .create_key(json!({"rate_limit": null, "allowed_models": ["gpt-4o-mini"]}))
+        .await;
+    let bearer = format!("Bearer {secret}");
+    let long = |model: &str| {
+        let prompt = "x".repeat(100 * 1024);
+        format!(
+            r#"{{"model": "{model}", "max_tokens": 50, "messages": [{{"role": "user", "content": "{prompt}"}}]}}"#
+        )
+    };
+    let a = call_with(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer)],
+        long("gpt-4o-mini"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = call_with(
+        proxy.port,
+        "/v1/chat/completions",
+        &[
+            ("authorization", &bearer),
+            ("x-keyward-model", "gpt-4o-mini"),
+        ],
+        long("gpt-4o"),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body["error"]["code"].clone()),
+        (403, json!("MODEL_NOT_ALLOWED"))
+    );
+    upstream.never_saw_keyward_headers();
+    s.stop().await;
 }
 
 /// The README's "Behind nginx" and "Behind Envoy" quote the shipped files: every quoted

@@ -71,16 +71,9 @@ impl ReportBody {
                     .to_string(),
             ),
         };
-        let model = self
-            .model
-            .map(|m| m.trim().to_string())
-            .filter(|m| !m.is_empty());
-        if model
-            .as_ref()
-            .is_some_and(|m| m.chars().count() > 200 || m.chars().any(char::is_control))
-        {
-            return Err("model must be at most 200 printable characters".into());
-        }
+        let model = crate::names::optional("model", self.model.as_deref())
+            .map_err(|e| e.to_string())?
+            .map(str::to_string);
         let prompt = range("prompt_tokens", self.prompt_tokens, MAX_LIMIT)?;
         let completion = range("completion_tokens", self.completion_tokens, MAX_LIMIT)?;
         let tokens = (prompt.is_some() || completion.is_some())

@@ -16,7 +16,7 @@ pub const DEFAULT_RATE_LIMIT: i64 = 100;
 pub const DEFAULT_CONCURRENT_LIMIT: i64 = 5;
 /// Upper bound for every limit; keeps all arithmetic (also in Lua's doubles) exact.
 pub const MAX_LIMIT: i64 = 1_000_000_000_000;
-const MAX_TEXT: usize = 200;
+const MAX_TEXT: usize = crate::names::MAX_NAME_CHARS;
 const MAX_LIST: usize = 1000;
 const MAX_EXPIRE_DAYS: i64 = 36_500;
 
@@ -128,15 +128,14 @@ pub struct KeyPatch {
     pub auto_delete_on_expiry: Option<Option<bool>>,
 }
 
+/// A name or label: the rule of [`crate::names`], and not blank.
 fn text(field: &str, value: String) -> Result<String, String> {
-    let value = value.trim().to_string();
-    if value.is_empty() || value.chars().count() > MAX_TEXT {
-        return Err(format!("{field} must be 1 to {MAX_TEXT} characters"));
+    match crate::names::printable(&value) {
+        Some(value) if !value.is_empty() => Ok(value.to_string()),
+        _ => Err(format!(
+            "{field} must be 1 to {MAX_TEXT} printable characters (no control characters)"
+        )),
     }
-    if value.chars().any(char::is_control) {
-        return Err(format!("{field} must not contain control characters"));
-    }
-    Ok(value)
 }
 
 /// Validates an allow-list; an empty list becomes `None` ("all"), duplicates are dropped.

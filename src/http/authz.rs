@@ -6,11 +6,16 @@
 //! - Original path: `{*path}`, or `X-Original-URI` behind nginx. The API format is
 //!   inferred from it, and the provider from the format unless `x-keyward-provider`
 //!   names one.
-//! - Model and token estimate: `x-keyward-model` / `x-keyward-estimated-tokens`, else
-//!   the JSON body when the proxy forwards it (`model`; `max_tokens`,
-//!   `max_completion_tokens`, `max_output_tokens`, Gemini's
-//!   `generationConfig.maxOutputTokens`), else the Gemini model in the path.
-//! - `x-keyward-select: true` also picks a provider key.
+//! - Model and token estimate: from the JSON body when the proxy forwards it (`model`;
+//!   `max_tokens`, `max_completion_tokens`, `max_output_tokens`, Gemini's
+//!   `generationConfig.maxOutputTokens`), read by [`super::scan`] as far as it goes when
+//!   the proxy cut it short; else the Gemini model in the path; only then
+//!   `x-keyward-model` / `x-keyward-estimated-tokens`. The body comes first because it
+//!   is what the upstream acts on; the shipped proxies drop client-sent `x-keyward-*`
+//!   headers, and these headers are for a gateway that forwards no body.
+//! - A provider key is picked whenever the provider has a pool; a provider without
+//!   one is admitted without a pick. `x-keyward-select: false` opts out, and
+//!   `x-keyward-select: true` requires a pick (`NO_PROVIDER_KEY` without one).
 //!
 //! Allowed: **200** (Envoy allows on 200 only) with `x-keyward-lease`, `x-keyward-key-id`
 //! and, when a provider key was picked, `x-keyward-provider-key-id`,
@@ -23,13 +28,14 @@
 //! shipped nginx configuration rebuilds the real answer from those headers.
 
 use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::Value;
 
 use super::error::ApiError;
 use super::ratelimit;
+use super::scan::scan;
 use crate::admission::{AdmitBody, AdmitError};
 use crate::app::AppState;
 
@@ -92,44 +98,52 @@ fn model_in_path(path: &str) -> Option<String> {
     (!model.is_empty()).then(|| model.to_string())
 }
 
-fn estimate_in_body(body: &Value) -> Option<i64> {
-    ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-        .iter()
-        .find_map(|f| body.get(f).and_then(Value::as_i64))
-        .or_else(|| {
-            body.pointer("/generationConfig/maxOutputTokens")
-                .and_then(Value::as_i64)
-        })
+/// `x-keyward-select`: `Some(true)` to require a pick, `Some(false)` to opt out, `None`
+/// (absent) to pick whenever the provider has a pool.
+fn select_header(headers: &HeaderMap) -> Result<Option<bool>, ApiError> {
+    match header(headers, "x-keyward-select")
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None => Ok(None),
+        Some("true" | "1") => Ok(Some(true)),
+        Some("false" | "0") => Ok(Some(false)),
+        Some(_) => Err(ApiError::bad_request(
+            "x-keyward-select must be true or false",
+        )),
+    }
 }
 
-/// The admission an authz request stands for.
+/// The admission an authz request stands for. The body says what the upstream will
+/// act on, so it comes first: the `x-keyward-*` headers only fill what it leaves out
+/// (a proxy that forwards no body, or a body cut before the field).
 fn admit_body(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody, ApiError> {
-    let json: Option<Value> = (!body.is_empty())
-        .then(|| serde_json::from_slice(body).ok())
-        .flatten();
+    let scanned = scan(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let format = api_format(path);
-    let estimated_tokens = match header(headers, "x-keyward-estimated-tokens") {
-        Some(text) => Some(text.parse::<i64>().map_err(|_| {
-            ApiError::bad_request("x-keyward-estimated-tokens must be a whole number")
-        })?),
-        None => json.as_ref().and_then(estimate_in_body),
+    let estimated_tokens = match scanned.estimate() {
+        Some(n) => Some(n),
+        None => header(headers, "x-keyward-estimated-tokens")
+            .map(|text| {
+                text.parse::<i64>().map_err(|_| {
+                    ApiError::bad_request("x-keyward-estimated-tokens must be a whole number")
+                })
+            })
+            .transpose()?,
     };
+    let select = select_header(headers)?;
     Ok(AdmitBody {
         key: client_key(headers),
         provider: header(headers, "x-keyward-provider")
             .map(str::to_string)
             .or_else(|| format.map(|(_, provider)| provider.to_string())),
-        model: header(headers, "x-keyward-model")
-            .map(str::to_string)
-            .or_else(|| {
-                json.as_ref()
-                    .and_then(|b| b.get("model").and_then(Value::as_str).map(str::to_string))
-            })
-            .or_else(|| model_in_path(path)),
+        model: scanned
+            .model
+            .or_else(|| model_in_path(path))
+            .or_else(|| header(headers, "x-keyward-model").map(str::to_string)),
         api_format: format.map(|(f, _)| f.to_string()),
         estimated_tokens,
-        select: header(headers, "x-keyward-select")
-            .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
+        select: select == Some(true),
+        select_if_pooled: select.is_none(),
     })
 }
 
@@ -158,7 +172,7 @@ fn header_safe_json(bytes: &[u8]) -> String {
 
 pub async fn authz(
     State(state): State<AppState>,
-    path: Option<Path<String>>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
@@ -172,9 +186,18 @@ pub async fn authz(
     };
     let started = std::time::Instant::now();
     let nginx = header(&headers, "x-keyward-mode").is_some_and(|m| m.eq_ignore_ascii_case("nginx"));
-    let original = header(&headers, "x-original-uri")
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("/{}", path.map(|Path(p)| p).unwrap_or_default()));
+    let original = match header(&headers, "x-original-uri") {
+        Some(original) => original.to_string(),
+        None => match path {
+            Ok(Path(path)) => format!("/{path}"),
+            // `/authz` itself.
+            Err(PathRejection::MissingPathParams(_)) => "/".to_string(),
+            // `%ff`: axum's own answer would be plain text.
+            Err(_) => {
+                return ApiError::bad_request("the path is not valid UTF-8").into_response();
+            }
+        },
+    };
     let outcome = match admit_body(&original, &headers, &body) {
         Ok(request) => state.admission.admit(&request).await.map_err(|e| {
             let limits = match &e {
@@ -287,16 +310,85 @@ mod tests {
     }
 
     #[test]
-    fn estimates_and_header_safe_bodies() {
-        let body: Value = serde_json::json!({"generationConfig": {"maxOutputTokens": 77}});
-        assert_eq!(estimate_in_body(&body), Some(77));
-        assert_eq!(
-            estimate_in_body(&serde_json::json!({"max_tokens": 5})),
-            Some(5)
-        );
+    fn header_safe_bodies() {
         assert_eq!(
             header_safe_json("{\"m\":\"é\"}".as_bytes()),
             "{\"m\":\"\\u00e9\"}"
         );
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn the_body_is_preferred_to_the_headers() {
+        let spoofed = headers(&[
+            ("x-keyward-model", "gpt-4o"),
+            ("x-keyward-estimated-tokens", "1"),
+        ]);
+        let body = br#"{"model": "gpt-4o-mini", "max_tokens": 4000}"#;
+        let a = admit_body("/v1/chat/completions", &spoofed, body).unwrap();
+        assert_eq!(a.model.as_deref(), Some("gpt-4o-mini"));
+        assert_eq!(a.estimated_tokens, Some(4000));
+        // The headers fill what the body leaves out.
+        let a = admit_body("/v1/chat/completions", &spoofed, b"").unwrap();
+        assert_eq!(
+            (a.model.as_deref(), a.estimated_tokens),
+            (Some("gpt-4o"), Some(1))
+        );
+        let a = admit_body("/v1/chat/completions", &spoofed, br#"{"messages": []"#).unwrap();
+        assert_eq!(
+            (a.model.as_deref(), a.estimated_tokens),
+            (Some("gpt-4o"), Some(1))
+        );
+        // Gemini names its model in the path, which the upstream acts on.
+        let a = admit_body(
+            "/v1beta/models/gemini-1.5-pro:generateContent",
+            &spoofed,
+            br#"{"generationConfig": {"maxOutputTokens": 77}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (a.model.as_deref(), a.estimated_tokens),
+            (Some("gemini-1.5-pro"), Some(77))
+        );
+        // A body that names its model twice is refused, whatever the headers say.
+        let twice = br#"{"model": "gpt-4o-mini", "model": "gpt-4o"}"#;
+        let e = admit_body("/v1/chat/completions", &spoofed, twice).unwrap_err();
+        assert_eq!(e.code, "BAD_REQUEST");
+    }
+
+    #[test]
+    fn selection_is_the_default() {
+        let a = admit_body("/v1/chat/completions", &HeaderMap::new(), b"").unwrap();
+        assert_eq!((a.select, a.select_if_pooled), (false, true));
+        let a = admit_body(
+            "/v1/messages",
+            &headers(&[("x-keyward-select", "true")]),
+            b"",
+        )
+        .unwrap();
+        assert_eq!((a.select, a.select_if_pooled), (true, false));
+        let a = admit_body(
+            "/v1/messages",
+            &headers(&[("x-keyward-select", "false")]),
+            b"",
+        )
+        .unwrap();
+        assert_eq!((a.select, a.select_if_pooled), (false, false));
+        let e = admit_body(
+            "/v1/messages",
+            &headers(&[("x-keyward-select", "maybe")]),
+            b"",
+        );
+        assert!(e.is_err());
     }
 }

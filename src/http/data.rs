@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::extract::JsonBody;
+use super::extract::{JsonBody, TextPath};
 use super::ratelimit;
 use crate::accounting::report::ReportBody;
 use crate::admission::{AdmitBody, AdmitError, Admitted};
@@ -390,7 +390,7 @@ async fn report(
 /// A renewal is authorized by the lease itself; its id does not change.
 async fn renew(
     State(state): State<AppState>,
-    Path(lease_id): Path<String>,
+    TextPath(lease_id): TextPath,
 ) -> Result<Json<Value>, ApiError> {
     let lease = verified_lease(&state, &lease_id, "renew")?;
     match state

@@ -54,6 +54,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryArgs<T> {
     }
 }
 
+/// A path parameter as text. A segment that does not decode to UTF-8 (`%ff`) is 400
+/// with the contract's body, where axum's own rejection is plain text.
+pub struct TextPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for TextPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(text)| TextPath(text))
+            .map_err(|_| ApiError::bad_request("the path is not valid UTF-8"))
+    }
+}
+
 /// A `{id}` path segment that must be a UUID (as every keyward id is).
 pub struct IdPath(pub String);
 

@@ -11,12 +11,16 @@ pub mod error;
 pub mod extract;
 pub mod openapi;
 pub mod ratelimit;
+pub mod scan;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use axum::serve::ListenerExt;
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -27,24 +31,37 @@ use error::ApiError;
 /// error body. (hyper itself refuses far larger ones, without a body.)
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
-/// Refuses requests whose headers are too large, in the contract's error format.
+/// The most headers a request may have; more get 431 with the JSON error body.
+pub const MAX_HEADERS: usize = 100;
+
+/// How many headers hyper parses before it refuses a request itself, with a bare 431
+/// and no body. Well above [`MAX_HEADERS`], so that [`limit_headers`] is the one that
+/// answers in the contract's terms; hyper's own default is exactly 100.
+const HYPER_MAX_HEADERS: usize = 1000;
+
+/// Refuses requests whose headers are too many or too large, in the contract's error
+/// format.
 async fn limit_headers(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let size: usize = request
-        .headers()
+    let headers = request.headers();
+    let size: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    if size > MAX_HEADER_BYTES {
-        return axum::response::IntoResponse::into_response(ApiError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "HEADERS_TOO_LARGE",
-            format!("the request headers are larger than {MAX_HEADER_BYTES} bytes"),
-        ));
-    }
-    next.run(request).await
+    let message = if headers.len() > MAX_HEADERS {
+        format!("the request has more than {MAX_HEADERS} headers")
+    } else if size > MAX_HEADER_BYTES {
+        format!("the request headers are larger than {MAX_HEADER_BYTES} bytes")
+    } else {
+        return next.run(request).await;
+    };
+    axum::response::IntoResponse::into_response(ApiError::new(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "HEADERS_TOO_LARGE",
+        message,
+    ))
 }
 
 /// Whether the request's `Authorization: Bearer …` is the token whose SHA-256 is
@@ -72,6 +89,68 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// Resolves once `stop` is set (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Serves `router` over HTTP/1.1 on `listener` until `stop` is set, then lets every open
+/// connection finish its request in flight and returns when all are closed.
+///
+/// A hand-written accept loop rather than `axum::serve`, which offers no way to set
+/// hyper's header limit (see [`HYPER_MAX_HEADERS`]).
+async fn serve_one(
+    listener: TcpListener,
+    router: Router,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    // Every connection task holds a receiver; `closed()` resolves when the last is gone.
+    let (all_closed, close_rx) = watch::channel(());
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors and the like: wait instead of spinning, as
+                // axum does.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(stop.clone()) => break,
+        };
+        // Answers are small and latency matters: no Nagle delay on any connection.
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let (stop, close_rx) = (stop.clone(), close_rx.clone());
+        tokio::spawn(async move {
+            let mut builder = http1::Builder::new();
+            builder
+                .max_headers(HYPER_MAX_HEADERS)
+                .header_read_timeout(None);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            let mut stop = std::pin::pin!(stopped(stop));
+            let mut stopping = false;
+            loop {
+                tokio::select! {
+                    _ = conn.as_mut() => break,
+                    () = &mut stop, if !stopping => {
+                        stopping = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(close_rx);
+        });
+    }
+    drop(close_rx);
+    drop(listener);
+    all_closed.closed().await;
+    Ok(())
+}
+
 /// Serves both routers until `shutdown` completes, then drains for at most `grace`.
 pub async fn serve(
     state: AppState,
@@ -80,23 +159,11 @@ pub async fn serve(
     grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    // Answers are small and latency matters: no Nagle delay on any connection.
-    let nodelay = |stream: &mut tokio::net::TcpStream| {
-        let _ = stream.set_nodelay(true);
-    };
-    let (data, admin) = (data.tap_io(nodelay), admin.tap_io(nodelay));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
     let data_router = data::router(state.clone()).layer(axum::middleware::from_fn(limit_headers));
     let admin_router = admin::router(state.clone()).layer(axum::middleware::from_fn(limit_headers));
-    let data_server = axum::serve(data, data_router)
-        .with_graceful_shutdown(stopped(stop_rx.clone()))
-        .into_future();
-    let admin_server = axum::serve(admin, admin_router)
-        .with_graceful_shutdown(stopped(stop_rx.clone()))
-        .into_future();
+    let data_server = serve_one(data, data_router, stop_rx.clone());
+    let admin_server = serve_one(admin, admin_router, stop_rx.clone());
     let mut servers = tokio::spawn(async move { tokio::try_join!(data_server, admin_server) });
 
     tokio::select! {

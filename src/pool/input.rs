@@ -4,7 +4,7 @@ use serde::Deserialize;
 
 use crate::client_keys::input::MAX_LIMIT;
 
-const MAX_LABEL: usize = 200;
+const MAX_LABEL: usize = crate::names::MAX_NAME_CHARS;
 const MAX_VALUE: usize = 4096;
 const MAX_PRIORITY: i64 = 1_000_000;
 
@@ -62,14 +62,12 @@ pub struct ProviderKeyPatch {
 }
 
 fn label(value: String) -> Result<String, String> {
-    let value = value.trim().to_string();
-    if value.is_empty() || value.chars().count() > MAX_LABEL || value.chars().any(char::is_control)
-    {
-        return Err(format!(
+    match crate::names::printable(&value) {
+        Some(value) if !value.is_empty() => Ok(value.to_string()),
+        _ => Err(format!(
             "label must be 1 to {MAX_LABEL} printable characters"
-        ));
+        )),
     }
-    Ok(value)
 }
 
 fn priority(value: i64) -> Result<i64, String> {

@@ -1,0 +1,592 @@
+//! A streaming scan of an LLM request body that may have been cut short.
+//!
+//! Envoy's `ext_authz` forwards at most `max_request_bytes` of a body
+//! (`allow_partial_message`), so `/authz` often sees the first 64 KiB of a long prompt:
+//! not JSON a parser would accept. [`scan`] reads the body once, front to back, and
+//! keeps what it learned before the bytes ran out: the top-level `model` (a string),
+//! `max_tokens`, `max_completion_tokens`, `max_output_tokens` (whole numbers), `stream`
+//! (a boolean), and Gemini's `generationConfig.maxOutputTokens`.
+//!
+//! Only the top-level object's own fields count: a `model` inside `messages` or any
+//! other nested value is skipped. Keys and strings are decoded (escapes included), so
+//! `"mod\u0065l"` is the same field to keyward as to the upstream. A value is taken only
+//! once it is complete: a string needs its closing quote and a number the character
+//! after it, so a cut in the middle of `"max_tokens": 4096` does not read as `40`.
+//! A checked field named twice is an error: parsers disagree on which one wins, and
+//! keyward must check the one the upstream uses.
+//!
+//! Nested values are skipped without recursion (a depth counter), so deep nesting costs
+//! nothing but time linear in the body.
+
+/// What [`scan`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Scanned {
+    pub model: Option<String>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub max_output_tokens: Option<i64>,
+    /// Gemini's `generationConfig.maxOutputTokens`.
+    pub gemini_max_output_tokens: Option<i64>,
+    pub stream: Option<bool>,
+    /// The top-level object was closed: nothing after the end of what was read can
+    /// change the answer.
+    pub complete: bool,
+}
+
+impl Scanned {
+    /// The token estimate the body states: the first of `max_tokens`,
+    /// `max_completion_tokens`, `max_output_tokens`, `generationConfig.maxOutputTokens`.
+    pub fn estimate(&self) -> Option<i64> {
+        self.max_tokens
+            .or(self.max_completion_tokens)
+            .or(self.max_output_tokens)
+            .or(self.gemini_max_output_tokens)
+    }
+}
+
+/// A body keyward must not guess about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScanError {
+    #[error("the body names `{0}` more than once")]
+    Duplicate(&'static str),
+}
+
+/// Why reading stopped early: the bytes ran out, or they are not JSON.
+struct Stop;
+
+type Step<T> = Result<T, Stop>;
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn peek(&self) -> Step<u8> {
+        self.bytes.get(self.at).copied().ok_or(Stop)
+    }
+
+    fn next(&mut self) -> Step<u8> {
+        let b = self.peek()?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn skip_ws(&mut self) -> Step<u8> {
+        while let Some(&b) = self.bytes.get(self.at) {
+            if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+                return Ok(b);
+            }
+            self.at += 1;
+        }
+        Err(Stop)
+    }
+
+    fn expect(&mut self, want: u8) -> Step<()> {
+        match self.skip_ws()? == want {
+            true => {
+                self.at += 1;
+                Ok(())
+            }
+            false => Err(Stop),
+        }
+    }
+
+    /// Past a string whose opening quote was read, without decoding it.
+    fn skip_string(&mut self) -> Step<()> {
+        loop {
+            let rest = &self.bytes[self.at..];
+            let i = rest
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\')
+                .ok_or(Stop)?;
+            self.at += i + 1;
+            if rest[i] == b'"' {
+                return Ok(());
+            }
+            self.next()?; // the escaped character
+        }
+    }
+
+    /// A string whose opening quote was read, decoded.
+    fn string(&mut self) -> Step<String> {
+        let mut out = Vec::new();
+        loop {
+            let rest = &self.bytes[self.at..];
+            let i = rest
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                .ok_or(Stop)?;
+            out.extend_from_slice(&rest[..i]);
+            self.at += i + 1;
+            match rest[i] {
+                b'"' => return String::from_utf8(out).map_err(|_| Stop),
+                b'\\' => {}
+                _ => return Err(Stop), // a raw control character: not JSON
+            }
+            let c = match self.next()? {
+                b'"' => '"',
+                b'\\' => '\\',
+                b'/' => '/',
+                b'b' => '\u{8}',
+                b'f' => '\u{c}',
+                b'n' => '\n',
+                b'r' => '\r',
+                b't' => '\t',
+                b'u' => self.unicode_escape()?,
+                _ => return Err(Stop),
+            };
+            out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+        }
+    }
+
+    fn hex4(&mut self) -> Step<u32> {
+        let digits = self.bytes.get(self.at..self.at + 4).ok_or(Stop)?;
+        let text = std::str::from_utf8(digits).map_err(|_| Stop)?;
+        let value = u32::from_str_radix(text, 16).map_err(|_| Stop)?;
+        self.at += 4;
+        Ok(value)
+    }
+
+    /// After `\u`: one code point, joining a surrogate pair.
+    fn unicode_escape(&mut self) -> Step<char> {
+        let first = self.hex4()?;
+        let code = if (0xD800..0xDC00).contains(&first) {
+            if self.next()? != b'\\' || self.next()? != b'u' {
+                return Err(Stop);
+            }
+            let second = self.hex4()?;
+            if !(0xDC00..0xE000).contains(&second) {
+                return Err(Stop);
+            }
+            0x10000 + ((first - 0xD800) << 10) + (second - 0xDC00)
+        } else {
+            first
+        };
+        char::from_u32(code).ok_or(Stop)
+    }
+
+    /// The bytes of a number or literal, once the character after it has arrived.
+    fn atom(&mut self) -> Step<&[u8]> {
+        let start = self.at;
+        let rest = &self.bytes[start..];
+        let len = rest
+            .iter()
+            .position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+            .ok_or(Stop)?;
+        self.at += len;
+        Ok(&rest[..len])
+    }
+
+    /// Past any value, nested ones by a depth count.
+    fn skip_value(&mut self) -> Step<()> {
+        match self.skip_ws()? {
+            b'"' => {
+                self.at += 1;
+                self.skip_string()
+            }
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    match self.next()? {
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return Ok(());
+                            }
+                        }
+                        b'"' => self.skip_string()?,
+                        _ => {}
+                    }
+                }
+            }
+            _ => self.atom().map(|_| ()),
+        }
+    }
+
+    /// A whole number; `None` for another value (a fraction, a string, `null`).
+    /// Numbers too large for `i64` saturate, so they are refused as too large rather
+    /// than ignored.
+    fn whole_number(&mut self) -> Step<Option<i64>> {
+        match self.skip_ws()? {
+            b'-' | b'0'..=b'9' => {}
+            _ => return self.skip_value().map(|_| None),
+        }
+        let atom = self.atom()?;
+        let (negative, digits) = match atom.split_first() {
+            Some((b'-', digits)) => (true, digits),
+            _ => (false, atom),
+        };
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return Ok(None);
+        }
+        let magnitude = digits.iter().fold(0i64, |n, d| {
+            n.saturating_mul(10).saturating_add(i64::from(d - b'0'))
+        });
+        Ok(Some(if negative { -magnitude } else { magnitude }))
+    }
+
+    fn boolean(&mut self) -> Step<Option<bool>> {
+        match self.skip_ws()? {
+            b't' | b'f' => Ok(match self.atom()? {
+                b"true" => Some(true),
+                b"false" => Some(false),
+                _ => None,
+            }),
+            _ => self.skip_value().map(|_| None),
+        }
+    }
+
+    fn model(&mut self) -> Step<Option<String>> {
+        match self.skip_ws()? {
+            b'"' => {
+                self.at += 1;
+                self.string().map(Some)
+            }
+            _ => self.skip_value().map(|_| None),
+        }
+    }
+
+    /// The members of an object whose `{` was read, each handed to `member` with the
+    /// cursor before its value. `Ok` once the object closed.
+    fn members(
+        &mut self,
+        mut member: impl FnMut(&mut Self, &str) -> Result<Step<()>, ScanError>,
+    ) -> Result<Step<()>, ScanError> {
+        let mut first = true;
+        loop {
+            let step: Step<Option<String>> = (|| {
+                match self.skip_ws()? {
+                    b'}' if first => {
+                        self.at += 1;
+                        return Ok(None);
+                    }
+                    b'"' => self.at += 1,
+                    _ => return Err(Stop),
+                }
+                let key = self.string()?;
+                self.expect(b':')?;
+                Ok(Some(key))
+            })();
+            let key = match step {
+                Ok(Some(key)) => key,
+                Ok(None) => return Ok(Ok(())),
+                Err(stop) => return Ok(Err(stop)),
+            };
+            if let Err(stop) = member(self, &key)? {
+                return Ok(Err(stop));
+            }
+            first = false;
+            match self.skip_ws().and_then(|_| self.next()) {
+                Ok(b',') => {
+                    // `{"a": 1,}` is not JSON; a key must follow.
+                    if !matches!(self.skip_ws(), Ok(b'"') | Err(_)) {
+                        return Ok(Err(Stop));
+                    }
+                }
+                Ok(b'}') => return Ok(Ok(())),
+                _ => return Ok(Err(Stop)),
+            }
+        }
+    }
+}
+
+/// Stores a field's value, refusing a second occurrence of the field.
+fn once<T>(
+    slot: &mut Option<T>,
+    seen: &mut bool,
+    name: &'static str,
+    value: Step<Option<T>>,
+) -> Result<Step<()>, ScanError> {
+    if std::mem::replace(seen, true) {
+        return Err(ScanError::Duplicate(name));
+    }
+    Ok(value.map(|v| *slot = v))
+}
+
+/// Reads what it can of a JSON object body; see the module documentation.
+pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
+    let mut cursor = Cursor { bytes: body, at: 0 };
+    if cursor.expect(b'{').is_err() {
+        return Ok(Scanned::default());
+    }
+    // Which checked fields were named, with a value of any type.
+    let mut seen = [false; 7];
+    let mut out = Scanned::default();
+    let closed = cursor.members(|c, key| {
+        let [model, max, completion, output, stream, config, gemini] = &mut seen;
+        match key {
+            "model" => once(&mut out.model, model, "model", c.model()),
+            "max_tokens" => once(&mut out.max_tokens, max, "max_tokens", c.whole_number()),
+            "max_completion_tokens" => once(
+                &mut out.max_completion_tokens,
+                completion,
+                "max_completion_tokens",
+                c.whole_number(),
+            ),
+            "max_output_tokens" => once(
+                &mut out.max_output_tokens,
+                output,
+                "max_output_tokens",
+                c.whole_number(),
+            ),
+            "stream" => once(&mut out.stream, stream, "stream", c.boolean()),
+            "generationConfig" => {
+                if std::mem::replace(config, true) {
+                    return Err(ScanError::Duplicate("generationConfig"));
+                }
+                match c.skip_ws() {
+                    Ok(b'{') => c.at += 1,
+                    Ok(_) => return Ok(c.skip_value()),
+                    Err(stop) => return Ok(Err(stop)),
+                }
+                c.members(|c, key| match key {
+                    "maxOutputTokens" => once(
+                        &mut out.gemini_max_output_tokens,
+                        gemini,
+                        "generationConfig.maxOutputTokens",
+                        c.whole_number(),
+                    ),
+                    _ => Ok(c.skip_value()),
+                })
+            }
+            _ => Ok(c.skip_value()),
+        }
+    })?;
+    Ok(Scanned {
+        complete: closed.is_ok(),
+        ..out
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> Scanned {
+        scan(body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn whole_bodies() {
+        let s = ok(r#"{"model": "gpt-4o", "max_tokens": 50, "stream": true, "messages": []}"#);
+        assert_eq!(s.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(
+            (s.max_tokens, s.stream, s.complete),
+            (Some(50), Some(true), true)
+        );
+        assert_eq!(s.estimate(), Some(50));
+        let s = ok(r#"{"max_completion_tokens":7}"#);
+        assert_eq!((s.estimate(), s.complete), (Some(7), true));
+        let s = ok(r#"{"input": "hi", "max_output_tokens": 9, "stream": false}"#);
+        assert_eq!((s.estimate(), s.stream), (Some(9), Some(false)));
+        let s = ok(
+            r#"{"contents": [], "generationConfig": {"temperature": 0.2, "maxOutputTokens": 77}}"#,
+        );
+        assert_eq!((s.estimate(), s.complete), (Some(77), true));
+        assert_eq!(
+            ok("{}"),
+            Scanned {
+                complete: true,
+                ..Scanned::default()
+            }
+        );
+        assert_eq!(
+            ok(" \n{ } "),
+            Scanned {
+                complete: true,
+                ..Scanned::default()
+            }
+        );
+    }
+
+    #[test]
+    fn the_first_estimate_field_wins_in_a_fixed_order() {
+        let s = ok(
+            r#"{"max_output_tokens": 3, "generationConfig": {"maxOutputTokens": 4}, "max_tokens": 1}"#,
+        );
+        assert_eq!(s.estimate(), Some(1));
+        let s = ok(r#"{"generationConfig": {"maxOutputTokens": 4}, "max_completion_tokens": 2}"#);
+        assert_eq!(s.estimate(), Some(2));
+    }
+
+    #[test]
+    fn nested_fields_of_the_same_name_are_decoys() {
+        let body = r#"{"messages": [{"role": "user", "model": "decoy", "max_tokens": 1,
+            "content": [{"model": "decoy2", "stream": false}]}],
+            "metadata": {"model": "decoy3", "generationConfig": {"maxOutputTokens": 5}},
+            "tools": [[["model"]], {"\"model\"": "x"}],
+            "model": "real", "max_tokens": 100}"#;
+        let s = ok(body);
+        assert_eq!(s.model.as_deref(), Some("real"));
+        assert_eq!(
+            (s.max_tokens, s.stream, s.gemini_max_output_tokens),
+            (Some(100), None, None)
+        );
+        assert!(s.complete);
+        // A string value that looks like a field.
+        let s = ok(r#"{"prompt": "\"model\": \"decoy\", ", "model": "real"}"#);
+        assert_eq!(s.model.as_deref(), Some("real"));
+        // Brackets inside strings do not move the depth.
+        let s = ok(r#"{"messages": [{"content": "]}]} {\"x"}], "model": "real"}"#);
+        assert_eq!(s.model.as_deref(), Some("real"));
+    }
+
+    #[test]
+    fn escapes_are_decoded_in_keys_and_values() {
+        let s = ok(r#"{"mod\u0065l": "gpt\u002d4o", "max\u005ftokens": 5}"#);
+        assert_eq!(
+            (s.model.as_deref(), s.max_tokens),
+            (Some("gpt-4o"), Some(5))
+        );
+        let s = ok(r#"{"model": "a\"b\\c\/d\u00e9\ud83d\ude00\n"}"#);
+        assert_eq!(s.model.as_deref(), Some("a\"b\\c/dé😀\n"));
+        let s = ok(r#"{"model": "nul\u0000here"}"#);
+        assert_eq!(
+            s.model.as_deref(),
+            Some("nul\0here"),
+            "decoded; names::check refuses it"
+        );
+        // A lone surrogate is not a character: reading stops there.
+        let s = ok(r#"{"max_tokens": 2, "model": "\ud800x"}"#);
+        assert_eq!((s.model, s.max_tokens, s.complete), (None, Some(2), false));
+    }
+
+    #[test]
+    fn truncated_bodies_are_read_as_far_as_they_go() {
+        let full = r#"{"model": "gpt-4o", "max_tokens": 4096, "messages": [{"role": "user", "content": "hello \"world\""}], "stream": true}"#;
+        for cut in 0..full.len() {
+            let s = ok(&full[..cut]);
+            assert!(!s.complete, "cut at {cut}");
+            // The model only once its closing quote arrived; never a prefix of it.
+            let model_end = full.find("gpt-4o\"").unwrap() + "gpt-4o\"".len();
+            assert_eq!(s.model.is_some(), cut >= model_end, "cut at {cut}");
+            // A number only once the character after it arrived: never 40 or 409.
+            assert!(
+                matches!(s.max_tokens, None | Some(4096)),
+                "cut at {cut}: {s:?}"
+            );
+            assert_eq!(s.stream, None, "cut at {cut}");
+        }
+        let s = ok(full);
+        assert_eq!(
+            (s.max_tokens, s.stream, s.complete),
+            (Some(4096), Some(true), true)
+        );
+        // Cut inside an escape, inside a \u escape, after a backslash.
+        for body in [
+            r#"{"model": "gpt\"#,
+            r#"{"model": "gpt\u00"#,
+            r#"{"model": "gpt\u"#,
+        ] {
+            assert_eq!(ok(body).model, None, "{body}");
+        }
+        assert_eq!(ok(r#"{"max_tokens": 12"#).max_tokens, None);
+        assert_eq!(ok(r#"{"max_tokens": 12 "#).max_tokens, Some(12));
+        assert_eq!(ok(r#"{"stream": tru"#).stream, None);
+    }
+
+    #[test]
+    fn huge_prompts_before_and_after_the_model() {
+        let prompt = "x".repeat(200 * 1024);
+        let before = format!(
+            r#"{{"messages": [{{"content": "{prompt}"}}], "model": "late", "max_tokens": 8}}"#
+        );
+        let s = ok(&before);
+        assert_eq!((s.model.as_deref(), s.max_tokens), (Some("late"), Some(8)));
+        // Cut inside the prompt: the model after it is not seen (and not guessed).
+        let s = ok(&before[..64 * 1024]);
+        assert_eq!((s.model, s.complete), (None, false));
+        let after = format!(
+            r#"{{"model": "early", "max_tokens": 8, "messages": [{{"content": "{prompt}"}}]}}"#
+        );
+        let s = ok(&after[..64 * 1024]);
+        assert_eq!(
+            (s.model.as_deref(), s.max_tokens, s.complete),
+            (Some("early"), Some(8), false)
+        );
+    }
+
+    #[test]
+    fn numbers_arrays_and_other_types() {
+        let s = ok(r#"{"max_tokens": 1.5, "stream": "yes", "model": 4}"#);
+        assert_eq!((s.max_tokens, s.stream, s.model), (None, None, None));
+        assert!(s.complete);
+        assert_eq!(ok(r#"{"max_tokens": -3}"#).max_tokens, Some(-3));
+        assert_eq!(ok(r#"{"max_tokens": 1e3}"#).max_tokens, None);
+        assert_eq!(
+            ok(r#"{"max_tokens": 99999999999999999999999}"#).max_tokens,
+            Some(i64::MAX)
+        );
+        assert_eq!(
+            ok(r#"{"max_tokens": null, "model": null}"#).max_tokens,
+            None
+        );
+        let s = ok(r#"{"generationConfig": [1, 2], "max_tokens": [3], "model": ["m"]}"#);
+        assert_eq!((s.estimate(), s.model, s.complete), (None, None, true));
+        // Not an object at all: nothing.
+        for body in [
+            "",
+            "[{\"model\": \"x\"}]",
+            "\"model\"",
+            "null",
+            "{\"model\" \"x\"}",
+        ] {
+            assert_eq!(ok(body).model, None, "{body}");
+        }
+    }
+
+    #[test]
+    fn malformed_json_stops_the_scan_where_it_breaks() {
+        let s = ok(r#"{"model": "a", "max_tokens": 5,, "stream": true}"#);
+        assert_eq!(
+            (s.model.as_deref(), s.max_tokens, s.stream, s.complete),
+            (Some("a"), Some(5), None, false)
+        );
+        let s = ok("{\"model\": \"raw\nnewline\"}");
+        assert_eq!(s.model, None);
+        let s = ok(&format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)));
+        assert_eq!(s, Scanned::default());
+        let deep = format!(
+            r#"{{"a": {}{}, "model": "m"}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(
+            ok(&deep).model.as_deref(),
+            Some("m"),
+            "deep nesting is skipped, not recursed"
+        );
+    }
+
+    #[test]
+    fn a_checked_field_named_twice_is_refused() {
+        for (body, field) in [
+            (
+                r#"{"model": "gpt-4o-mini", "messages": [], "model": "gpt-4o"}"#,
+                "model",
+            ),
+            (r#"{"model": "a", "m\u006fdel": "b"}"#, "model"),
+            (r#"{"max_tokens": 1, "max_tokens": 9000}"#, "max_tokens"),
+            (r#"{"model": null, "model": "b"}"#, "model"),
+            (r#"{"stream": false, "stream": true}"#, "stream"),
+            (
+                r#"{"generationConfig": {"maxOutputTokens": 1, "maxOutputTokens": 2}}"#,
+                "generationConfig.maxOutputTokens",
+            ),
+            (
+                r#"{"generationConfig": {}, "generationConfig": {}}"#,
+                "generationConfig",
+            ),
+        ] {
+            assert_eq!(
+                scan(body.as_bytes()),
+                Err(ScanError::Duplicate(field)),
+                "{body}"
+            );
+        }
+        // Nested repeats are nobody's business.
+        assert!(scan(br#"{"messages": [{"model": 1}, {"model": 2}], "model": "m"}"#).is_ok());
+    }
+}

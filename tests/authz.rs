@@ -1,0 +1,174 @@
+//! `/authz` as the proxies call it: the body before the `x-keyward-*` headers, bodies
+//! cut short by the proxy, and a provider key picked by default.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{error_code, Answer, Backend, TestServer};
+use reqwest::Method;
+use serde_json::json;
+
+on_both_backends!(
+    a_body_cut_short_is_read_as_far_as_it_goes,
+    the_body_wins_over_spoofed_headers,
+    a_provider_key_is_picked_by_default,
+);
+
+async fn authz(
+    s: &TestServer,
+    path: &str,
+    secret: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<reqwest::Body>,
+) -> Answer {
+    let mut request = s
+        .client
+        .post(format!("{}/authz{path}", s.data))
+        .bearer_auth(secret)
+        .header("content-type", "application/json")
+        .body(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.unwrap();
+    Answer {
+        status,
+        body: serde_json::from_slice(&bytes).unwrap_or_default(),
+        headers,
+    }
+}
+
+/// A 100 KiB chat request naming `model` first, as Envoy forwards it: its first 64 KiB.
+fn cut_body(model: &str) -> Vec<u8> {
+    // Written out: `json!` would sort the keys, putting `model` after the prompt.
+    let prompt = "x".repeat(100 * 1024);
+    let body = format!(
+        r#"{{"model": "{model}", "max_tokens": 50, "messages": [{{"role": "user", "content": "{prompt}"}}]}}"#
+    );
+    assert!(body.len() > 100 * 1024);
+    body.as_bytes()[..64 * 1024].to_vec()
+}
+
+async fn a_body_cut_short_is_read_as_far_as_it_goes(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (_, secret) = s
+        .create_key(json!({"allowed_models": ["gpt-4o-mini"], "tpm_limit": 40}))
+        .await;
+    let path = "/v1/chat/completions";
+    // The allowed model, read from the cut body; its max_tokens (50) is over the key's
+    // 40 TPM, so the estimate was read too.
+    let a = authz(&s, path, &secret, &[], cut_body("gpt-4o-mini")).await;
+    assert_eq!(
+        (a.status, error_code(&a).as_str()),
+        (413, "TOKENS_EXCEED_LIMIT")
+    );
+    let (_, roomy) = s
+        .create_key(json!({"allowed_models": ["gpt-4o-mini"]}))
+        .await;
+    let a = authz(&s, path, &roomy, &[], cut_body("gpt-4o-mini")).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(a.headers.contains_key("x-keyward-lease"));
+    // Another model in the cut body: refused by name.
+    let a = authz(&s, path, &roomy, &[], cut_body("gpt-4o")).await;
+    assert_eq!(
+        (a.status, error_code(&a).as_str()),
+        (403, "MODEL_NOT_ALLOWED")
+    );
+    assert!(a.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("gpt-4o"));
+    s.stop().await;
+}
+
+async fn the_body_wins_over_spoofed_headers(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (_, secret) = s
+        .create_key(json!({"allowed_models": ["gpt-4o-mini"], "tpm_limit": 2000}))
+        .await;
+    let path = "/v1/chat/completions";
+    let spoofed = [
+        ("x-keyward-model", "gpt-4o-mini"),
+        ("x-keyward-estimated-tokens", "1"),
+    ];
+    // The body names gpt-4o: that is what is checked, whatever the header says.
+    let body = json!({"model": "gpt-4o", "max_tokens": 10, "messages": []}).to_string();
+    let a = authz(&s, path, &secret, &spoofed, body).await;
+    assert_eq!(
+        (a.status, error_code(&a).as_str()),
+        (403, "MODEL_NOT_ALLOWED")
+    );
+    // The body's estimate, not the header's.
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 4000}).to_string();
+    let a = authz(&s, path, &secret, &spoofed, body).await;
+    assert_eq!(
+        (a.status, error_code(&a).as_str()),
+        (413, "TOKENS_EXCEED_LIMIT")
+    );
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 1500}).to_string();
+    let a = authz(&s, path, &secret, &spoofed, body).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.headers["x-ratelimit-remaining-tokens"], "500");
+    // A body that names its model twice is refused: the upstream may take either.
+    let twice = r#"{"model": "gpt-4o-mini", "messages": [], "model": "gpt-4o"}"#;
+    let a = authz(&s, path, &secret, &[], twice).await;
+    assert_eq!((a.status, error_code(&a).as_str()), (400, "BAD_REQUEST"));
+    // Without a body the headers still say it (a gateway that forwards none).
+    let a = authz(&s, path, &secret, &spoofed, "").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    s.stop().await;
+}
+
+async fn a_provider_key_is_picked_by_default(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (_, secret) = s.create_key(json!({"rate_limit": null})).await;
+    let pk = s
+        .admin(
+            Method::POST,
+            "/admin/providers/openai/keys",
+            Some(json!({"label": "main", "value": "sk-upstream"})),
+        )
+        .await;
+    let pk_id = pk.body["id"].as_str().unwrap();
+    let body = r#"{"model": "gpt-4o"}"#;
+    // openai has a pool: picked without being asked.
+    let a = authz(&s, "/v1/chat/completions", &secret, &[], body).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.headers["x-keyward-provider-key-id"], pk_id);
+    assert_eq!(
+        a.headers["x-keyward-upstream-authorization"],
+        "Bearer sk-upstream"
+    );
+    // Opting out.
+    let a = authz(
+        &s,
+        "/v1/chat/completions",
+        &secret,
+        &[("x-keyward-select", "false")],
+        body,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(!a.headers.contains_key("x-keyward-provider-key-id"));
+    // anthropic has no pool: admitted without a pick (no 503) ...
+    let a = authz(&s, "/v1/messages", &secret, &[], body).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(!a.headers.contains_key("x-keyward-provider-key-id"));
+    // ... unless a pick is required.
+    let a = authz(
+        &s,
+        "/v1/messages",
+        &secret,
+        &[("x-keyward-select", "true")],
+        body,
+    )
+    .await;
+    assert_eq!(
+        (a.status, error_code(&a).as_str()),
+        (503, "NO_PROVIDER_KEY")
+    );
+    s.stop().await;
+}
