@@ -260,13 +260,14 @@ fn spawn_background(
             )));
         }
     }
-    if let Counters::Memory(memory) = &state.counters {
-        let (memory, mut stop) = (memory.clone(), stop.clone());
+    {
+        // The in-process counters: the embedded store, or the Redis shape's outage twin.
+        let (counters, mut stop) = (state.counters.clone(), stop.clone());
         jobs.push(tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(10));
             loop {
                 tokio::select! {
-                    _ = every.tick() => memory.sweep(),
+                    _ = every.tick() => counters.sweep(),
                     _ = stop.wait_for(|s| *s) => return,
                 }
             }

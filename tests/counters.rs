@@ -68,6 +68,7 @@ on_both_stores!(
     a_report_cools_a_key_not_picked_since_start,
     a_pool_refusal_leaves_the_client_untouched,
     only_one_request_gets_a_keys_last_unit,
+    a_sweep_keeps_a_suspension_of_a_key_never_picked,
 );
 
 struct Store {
@@ -1128,4 +1129,32 @@ async fn only_one_request_gets_a_keys_last_unit(kind: Kind) {
         assert_eq!(winners, 1);
     }
     Arc::into_inner(s).unwrap().cleanup().await;
+}
+
+async fn a_sweep_keeps_a_suspension_of_a_key_never_picked(kind: Kind) {
+    // A key revoked upstream (401) that this process has not picked since it started:
+    // the periodic sweep must not forget the suspension (nor a cooldown), or the key is
+    // picked again.
+    let s = Store::new(kind).await;
+    let provider = common::unique_prefix();
+    let pool = vec![
+        candidate(&provider, 0, None, None),
+        candidate(&provider, 0, None, None),
+        candidate(&provider, 0, None, None),
+    ];
+    for (i, (cooldown, suspend)) in [(0, 600_000), (300_000, 0)].into_iter().enumerate() {
+        let r = Report {
+            provider: Some(provider.clone()),
+            upstream_status: Some(if suspend > 0 { 401 } else { 429 }),
+            ..pool_report(&pool[i].id, cooldown, suspend)
+        };
+        s.counters.report(&r).await.unwrap();
+    }
+    s.advance(15_000);
+    s.counters.sweep();
+    for _ in 0..3 {
+        assert_eq!(picked_id(&s, &pool, 0).await, pool[2].id);
+        s.advance(5);
+    }
+    s.cleanup().await;
 }

@@ -477,8 +477,14 @@ impl MemoryCounters {
             pool.keys.retain(|_, key| {
                 key.requests.prune(b);
                 key.tokens.prune(b);
-                // Keep the pick time: least-recently-used order must survive quiet periods.
-                key.last_pick.is_some() || !key.requests.is_empty() || key.cooldown_until > now
+                // Keep the pick time (least-recently-used order must survive quiet
+                // periods), and a cooldown or suspension until it ends: a key reported
+                // revoked but never picked here has nothing else to keep it by.
+                key.last_pick.is_some()
+                    || !key.requests.is_empty()
+                    || !key.tokens.is_empty()
+                    || key.cooldown_until > now
+                    || key.suspended_until > now
             });
         }
     }

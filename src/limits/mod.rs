@@ -280,6 +280,15 @@ impl Counters {
         }
     }
 
+    /// Drops lapsed state from the in-process twin (the embedded store, or the Redis
+    /// shape's outage twin); run periodically. Redis expires its own keys.
+    pub fn sweep(&self) {
+        match self {
+            Counters::Memory(m) => m.sweep(),
+            Counters::Redis(r) => r.sweep_fallback(),
+        }
+    }
+
     pub fn time_shift(&self) -> &TimeShift {
         match self {
             Counters::Memory(m) => &m.shift,

@@ -600,6 +600,13 @@ impl RedisCounters {
         Ok((expiry > 0).then_some(expiry))
     }
 
+    /// Sweeps the outage twin (see [`MemoryCounters::sweep`]).
+    pub fn sweep_fallback(&self) {
+        if let Some(twin) = &self.fallback {
+            twin.sweep();
+        }
+    }
+
     /// Redis answers and holds every script.
     pub async fn ready(&self) -> Result<(), CounterError> {
         let mut conn = self.conn().await?;
