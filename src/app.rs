@@ -155,6 +155,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         db.clone(),
         keyring.clone(),
         config.key_cache_ttl,
+        config.negative_cache_ttl,
     ));
     let mut bus = Bus::new(key_cache.clone(), pool_cache.clone());
     let guard_ttl_ms = config.report_dedupe_ttl.as_millis() as i64;
