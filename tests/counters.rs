@@ -69,6 +69,7 @@ on_both_stores!(
     a_pool_refusal_leaves_the_client_untouched,
     only_one_request_gets_a_keys_last_unit,
     a_sweep_keeps_a_suspension_of_a_key_never_picked,
+    a_pool_with_2100_priorities_selects_in_order,
 );
 
 struct Store {
@@ -1156,5 +1157,33 @@ async fn a_sweep_keeps_a_suspension_of_a_key_never_picked(kind: Kind) {
         assert_eq!(picked_id(&s, &pool, 0).await, pool[2].id);
         s.advance(5);
     }
+    s.cleanup().await;
+}
+
+async fn a_pool_with_2100_priorities_selects_in_order(kind: Kind) {
+    // The admin API allows priorities 0 to 1,000,000, so a pool can hold more distinct
+    // priorities than fit beside a millisecond time in a sorted-set score's 53 bits.
+    let s = Store::new(kind).await;
+    let provider = common::unique_prefix();
+    let mut pool: Vec<Candidate> = (0..2_100)
+        .map(|p| candidate(&provider, p, None, None))
+        .collect();
+    // Two keys share the last priority: least recently picked still alternates there.
+    pool.push(candidate(&provider, 2_099, None, None));
+    assert_eq!(picked_id(&s, &pool, 0).await, pool[0].id);
+    for c in &pool[..2_099] {
+        let r = Report {
+            provider: Some(provider.clone()),
+            ..pool_report(&c.id, 600_000, 0)
+        };
+        s.counters.report(&r).await.unwrap();
+    }
+    let mut picks = Vec::new();
+    for _ in 0..4 {
+        picks.push(picked_id(&s, &pool, 0).await);
+        s.advance(5);
+    }
+    let (a, b) = (pool[2_099].id.clone(), pool[2_100].id.clone());
+    assert_eq!(picks, [a.clone(), b.clone(), a, b]);
     s.cleanup().await;
 }
