@@ -11,6 +11,8 @@
 --   7  pk tpm  hash    the provider key's token window
 --   8  pk cd   string  when the provider key's cooldown ends (ms; the key expires then too)
 --   9  pk susp string  when its suspension ends (ms)
+--   10 pk cause hash   'cd' / 'susp' -> "status|at ms|source": the report behind the
+--                      cooldown / suspension (the hash expires with the later of them)
 -- ARGV:
 --   1  lease token ("" = a report without a lease: nothing to settle or deduplicate)
 --   2  lease id or record id     3  client key id ("" = none)
@@ -20,6 +22,7 @@
 --   11 latency ms ("" = unknown)                     12 upstream status ("" = unknown)
 --   13 time shift ms (0 in production)
 --   14 cooldown ms (> 0 after an upstream 429)      15 suspension ms (> 0 after 401/403)
+--   16 source ("lease <lease id>" or "data-token"; kept as the cause, cut to 200 bytes)
 -- Returns {1, now_ms} when recorded, {0, now_ms} for a duplicate (nothing changed).
 --
 -- In one step: the slot is released, token reservations (client's and provider key's)
@@ -43,7 +46,7 @@ assert(prompt and prompt >= 0 and completion and completion >= 0, 'tokens')
 assert(cost and cost >= 0, 'cost')
 assert(guard_ttl and guard_ttl > 0, 'guard ttl')
 assert(shift and cooldown and cooldown >= 0 and suspend and suspend >= 0, 'times')
-assert(#KEYS == (pk == '' and 6 or 9), 'provider key keys')
+assert(#KEYS == (pk == '' and 6 or 10), 'provider key keys')
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
@@ -89,6 +92,13 @@ if pk ~= '' then
   -- expiry only tidies up.
   if cooldown > 0 then redis.call('SET', KEYS[8], now + cooldown, 'PX', cooldown) end
   if suspend > 0 then redis.call('SET', KEYS[9], now + suspend, 'PX', suspend) end
+  if cooldown > 0 or suspend > 0 then
+    -- Who stopped the key, shown by pool_state.lua while the cooldown / suspension lasts.
+    local cause = ARGV[12] .. '|' .. string.format('%.0f', now) .. '|' .. string.sub(ARGV[16] or '', 1, 200)
+    if cooldown > 0 then redis.call('HSET', KEYS[10], 'cd', cause) end
+    if suspend > 0 then redis.call('HSET', KEYS[10], 'susp', cause) end
+    redis.call('PEXPIRE', KEYS[10], math.max(cooldown, suspend, redis.call('PTTL', KEYS[10])))
+  end
 end
 
 redis.call('XADD', KEYS[6], '*',

@@ -264,6 +264,17 @@ impl Counters {
         }
     }
 
+    /// Ends a provider key's cooldown and suspension now.
+    pub async fn reset_provider_key(&self, provider: &str, id: &str) -> Result<(), CounterError> {
+        match self {
+            Counters::Memory(m) => {
+                m.reset_provider_key(provider, id);
+                Ok(())
+            }
+            Counters::Redis(r) => r.reset_provider_key(provider, id).await,
+        }
+    }
+
     /// The new expiry, or `None` when the lease is unknown or expired.
     pub async fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Result<Option<i64>, CounterError> {
         match self {

@@ -17,6 +17,7 @@
 //! | `{P}:p:<provider>:order` | zset | key id → priority rank · 2^42 + last pick |
 //! | `{P}:pk:<id>:rpm` / `:tpm` | hash | a provider key's windows |
 //! | `{P}:pk:<id>:cd` / `:susp` | string | when its cooldown / suspension ends (ms) |
+//! | `{P}:pk:<id>:cause` | hash | `cd` / `susp` → the report behind them (`status\|at\|source`) |
 //!
 //! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
 //! `SCRIPT FLUSH`), `redis::Script` sees NOSCRIPT, loads, and retries once.
@@ -50,7 +51,7 @@ use super::{
 use crate::clock::now_ms;
 use crate::config::BackendErrorPolicy;
 use crate::pool::cache::{Candidate, Pool};
-use crate::pool::LiveState;
+use crate::pool::{Cause, LiveState};
 use crate::usage::UsageRecord;
 
 /// The Lua sources, compiled into the binary.
@@ -499,26 +500,51 @@ impl RedisCounters {
         }
         let mut call = self.scripts.pool_state.prepare_invoke();
         for id in ids {
-            for what in ["rpm", "tpm", "cd", "susp"] {
+            for what in ["rpm", "tpm", "cd", "susp", "cause"] {
                 call.key(self.pk(id, what));
             }
         }
         call.arg(self.shift.get());
-        let reply: Vec<i64> = self.lanes.invoke("pool_state", &call).await?;
-        if reply.len() != ids.len() * 4 {
-            return Err(CounterError::Protocol(
-                "pool_state returned the wrong number of values".into(),
-            ));
+        let reply: Vec<redis::Value> = self.lanes.invoke("pool_state", &call).await?;
+        let bad = || CounterError::Protocol("pool_state returned an unexpected answer".into());
+        if reply.len() != ids.len() * 6 {
+            return Err(bad());
         }
-        Ok(reply
-            .chunks(4)
-            .map(|c| LiveState {
-                requests_last_60s: c[0],
-                tokens_last_60s: c[1],
-                cooldown_remaining_ms: c[2],
-                suspended_remaining_ms: c[3],
+        let int = |v: &redis::Value| redis::from_redis_value_ref::<i64>(v).map_err(|_| bad());
+        let cause = |v: &redis::Value| {
+            redis::from_redis_value_ref::<String>(v)
+                .ok()
+                .and_then(|text| Cause::decode(&text))
+        };
+        reply
+            .chunks(6)
+            .map(|c| {
+                Ok(LiveState {
+                    requests_last_60s: int(&c[0])?,
+                    tokens_last_60s: int(&c[1])?,
+                    cooldown_remaining_ms: int(&c[2])?,
+                    suspended_remaining_ms: int(&c[3])?,
+                    cooldown_cause: cause(&c[4]),
+                    suspension_cause: cause(&c[5]),
+                })
             })
-            .collect())
+            .collect()
+    }
+
+    /// Ends a provider key's cooldown and suspension now, here and in the outage twin
+    /// (one DEL of keys under the deployment's hash tag, so one slot).
+    pub async fn reset_provider_key(&self, provider: &str, id: &str) -> Result<(), CounterError> {
+        if let Some(twin) = &self.fallback {
+            twin.reset_provider_key(provider, id);
+        }
+        let mut conn = self.conn().await?;
+        let _: i64 = redis::cmd("DEL")
+            .arg(self.pk(id, "cd"))
+            .arg(self.pk(id, "susp"))
+            .arg(self.pk(id, "cause"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     pub async fn report(&self, r: &Report) -> Result<Reported, CounterError> {
@@ -550,7 +576,8 @@ impl RedisCounters {
         if let Some(pk) = &r.provider_key_id {
             call.key(self.pk(pk, "tpm"))
                 .key(self.pk(pk, "cd"))
-                .key(self.pk(pk, "susp"));
+                .key(self.pk(pk, "susp"))
+                .key(self.pk(pk, "cause"));
         }
         call.arg(token)
             .arg(&r.id)
@@ -566,7 +593,8 @@ impl RedisCounters {
             .arg(text(r.upstream_status))
             .arg(self.shift.get())
             .arg(r.cooldown_ms)
-            .arg(r.suspend_ms);
+            .arg(r.suspend_ms)
+            .arg(crate::pool::bounded_source(&r.source));
         let reply: Vec<i64> = self.lanes.invoke("report", &call).await?;
         match reply.first() {
             Some(1) => Ok(Reported::Recorded),
