@@ -487,6 +487,20 @@ impl MemoryCounters {
         Some(now + ttl_ms)
     }
 
+    /// Forgets every live balance; each key's next admission starts again from its
+    /// database snapshot. For the Redis shape's outage twin only: in the embedded shape
+    /// the live balance is ahead of the database.
+    pub fn forget_balances(&self) {
+        for mut state in self.keys.iter_mut() {
+            state.balance = None;
+        }
+    }
+
+    /// How many client keys have state here (for tests and diagnostics).
+    pub fn held_keys(&self) -> usize {
+        self.keys.len()
+    }
+
     /// Drops idle keys and lapsed duplicate guards; run periodically.
     pub fn sweep(&self) {
         let now = self.now();

@@ -28,6 +28,8 @@
 //! twin ([`MemoryCounters`]), per replica and so only approximately. In `allow` and
 //! `local`, reports go through the twin's queue straight to the database (applied once
 //! by lease id, like any report); in `deny` they are refused and the caller retries.
+//! The twin is swept periodically; its live balances are forgotten at the start of each
+//! outage (and between outages), so an outage starts from the database's balances.
 //!
 //! Connections: deadpool-redis health-checks every checkout with a PING round trip, so
 //! checking a connection out per decision would cost two round trips. Instead the hot
@@ -36,7 +38,7 @@
 //! pipelined on the same socket. A lane that fails with a connection error is replaced
 //! through the pool (which checks the new one).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::conn::{Conn, Pools, Target};
@@ -168,6 +170,8 @@ pub struct RedisCounters {
     policy: BackendErrorPolicy,
     /// The in-process twin used while Redis fails (`allow` and `local`).
     fallback: Option<Arc<MemoryCounters>>,
+    /// Set by the first degraded answer of an outage, cleared by Redis answering again.
+    in_outage: AtomicBool,
 }
 
 /// An error that means "Redis cannot answer", as opposed to a bug.
@@ -205,6 +209,7 @@ impl RedisCounters {
             breaker: Breaker::default(),
             policy: BackendErrorPolicy::Deny,
             fallback: None,
+            in_outage: AtomicBool::new(false),
         };
         counters.load_scripts().await?;
         Ok(counters)
@@ -231,7 +236,13 @@ impl RedisCounters {
         }
         let result = call.await;
         match &result {
-            Ok(_) => self.breaker.success(),
+            Ok(_) => {
+                self.breaker.success();
+                // A load, not a store, on the hot path: the flag is written once per outage.
+                if self.in_outage.load(Ordering::Relaxed) {
+                    self.in_outage.store(false, Ordering::Relaxed);
+                }
+            }
             Err(e) if is_outage(e) => self.breaker.failure(),
             Err(_) => {}
         }
@@ -246,6 +257,12 @@ impl RedisCounters {
             BackendErrorPolicy::Local => "local",
         };
         let fallback = self.fallback.as_deref()?;
+        if !self.in_outage.swap(true, Ordering::Relaxed) {
+            // A new outage: the twin's live balances are an earlier outage's, behind
+            // whatever Redis and the database have seen since. Each key starts again from
+            // its database snapshot.
+            fallback.forget_balances();
+        }
         crate::metrics::get()
             .degraded_answers
             .with_label_values(&[mode])
@@ -628,9 +645,14 @@ impl RedisCounters {
         Ok((expiry > 0).then_some(expiry))
     }
 
-    /// Sweeps the outage twin (see [`MemoryCounters::sweep`]).
+    /// Sweeps the outage twin (see [`MemoryCounters::sweep`]). Between outages its live
+    /// balances are dropped too: they are stale, and they would keep every key that ever
+    /// had one in memory.
     pub fn sweep_fallback(&self) {
         if let Some(twin) = &self.fallback {
+            if !self.in_outage.load(Ordering::Relaxed) {
+                twin.forget_balances();
+            }
             twin.sweep();
         }
     }
