@@ -126,6 +126,11 @@ impl<L: Loader> Cache<L> {
         Ok(value)
     }
 
+    /// Loads `key` now, and holds the result (unless an invalidation raced the load).
+    pub async fn reload(&self, key: &str) -> Result<L::Value, StoreError> {
+        self.load(key).await
+    }
+
     /// The first `Some` that `f` gives for a value held now (stale ones included); loads
     /// nothing.
     pub fn find_held<R>(&self, mut f: impl FnMut(&L::Value) -> Option<R>) -> Option<R> {

@@ -759,3 +759,77 @@ async fn cooldowns_show_their_cause_and_reset_clears_them(shape: Shape) {
     assert!(!error_code(&missing).is_empty());
     c.stop().await;
 }
+
+/// Two replicas, one of which missed the invalidation of a pool change (the message was
+/// lost): they hold different pools. Neither may rewrite the pool in Redis on every
+/// request (each resyncing its own, in turn, until the cache TTL): the one holding the
+/// older pool reloads it from the database once, and from then on both use the newer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_different_pools_do_not_rewrite_it_in_turn() {
+    let prefix = common::unique_prefix();
+    let own_prefix = |raw: &mut keyward::config::RawConfig| {
+        raw.insert(config::REDIS_PREFIX, prefix.clone());
+    };
+    let mut c = Cluster::start_n(Shape::Distributed, 1, own_prefix).await;
+    let first = add(
+        &c.servers[0],
+        "openai",
+        json!({"label": "a", "value": "sk-a-000000"}),
+    )
+    .await;
+    assert_eq!(picked(&select(&c.servers[0], "openai").await), first["id"]);
+
+    // A key added without any invalidation reaching the first replica.
+    let db = c.db.connect().await;
+    let second = uuid::Uuid::new_v4().to_string();
+    let keyring = keyward::crypto::Keyring::new(
+        &keyward::crypto::parse_key(common::ENCRYPTION_KEY).unwrap(),
+        &[],
+    );
+    keyward::pool::store::insert(
+        &db,
+        &second,
+        "openai",
+        "b",
+        &keyring.encrypt("sk-b-000000"),
+        0,
+        None,
+        None,
+        keyward::clock::now_ms(),
+    )
+    .await
+    .unwrap();
+    // A second replica starts: it loads the pool with both keys.
+    let mut raw = common::base_config(&c.db);
+    raw.insert(config::REDIS_URL, common::redis_url());
+    own_prefix(&mut raw);
+    c.servers
+        .push(TestServer::start_on(c.db.clone(), raw).await);
+
+    let redis = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let def = format!("{{{prefix}}}:p:openai:def");
+    let mut versions = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..20 {
+        seen.insert(picked(&select(c.any(i + 1), "openai").await));
+        let v: String = redis::cmd("HGET")
+            .arg(&def)
+            .arg("_v")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        versions.push(v);
+    }
+    let rewrites = versions.windows(2).filter(|w| w[0] != w[1]).count();
+    assert_eq!(
+        rewrites, 0,
+        "the pool in Redis changed {rewrites} times: {versions:?}"
+    );
+    assert!(
+        seen.contains(&second),
+        "the first replica still picks from the old pool"
+    );
+    c.stop().await;
+    common::delete_prefix(&common::redis_url(), &prefix).await;
+}

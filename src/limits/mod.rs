@@ -207,6 +207,10 @@ pub enum CounterError {
     QueueClosed,
     #[error("redis is failing; calls are skipped for a moment")]
     CircuitOpen,
+    /// Redis holds a provider pool stamped `newer`, later than the caller's: the caller
+    /// reloads its pool from the database and asks again (see `pool::cache::Pool`).
+    #[error("redis holds a newer version of the provider pool")]
+    PoolOutdated { newer: i64 },
 }
 
 /// A test hook: milliseconds added to the counters' clock, so tests can move time

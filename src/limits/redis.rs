@@ -184,7 +184,9 @@ fn is_outage(e: &CounterError) -> bool {
                 || e.is_connection_refusal()
         }
         CounterError::Pool(_) | CounterError::CircuitOpen => true,
-        CounterError::Protocol(_) | CounterError::QueueClosed => false,
+        CounterError::Protocol(_)
+        | CounterError::QueueClosed
+        | CounterError::PoolOutdated { .. } => false,
     }
 }
 
@@ -348,7 +350,8 @@ impl RedisCounters {
         call.arg(i64::from(client)).arg(version);
     }
 
-    /// Writes the caller's pool into Redis (`lua/pool_sync.lua`).
+    /// Writes the caller's pool into Redis (`lua/pool_sync.lua`), unless Redis holds one
+    /// stamped later ([`CounterError::PoolOutdated`]).
     async fn sync_pool(&self, candidates: &Pool) -> Result<(), CounterError> {
         let Some(first) = candidates.first() else {
             return Ok(());
@@ -358,7 +361,10 @@ impl RedisCounters {
         priorities.dedup();
         let [def, order] = self.pool_keys(&first.provider);
         let mut call = self.scripts.pool_sync.prepare_invoke();
-        call.key(def).key(order).arg(candidates.version());
+        call.key(def)
+            .key(order)
+            .arg(candidates.version())
+            .arg(candidates.stamp());
         for (index, c) in candidates.iter().enumerate() {
             let rank = priorities.binary_search(&c.priority).unwrap_or_default();
             call.arg(&c.id)
@@ -367,13 +373,17 @@ impl RedisCounters {
                 .arg(rank)
                 .arg(index);
         }
-        let _: i64 = self.lanes.invoke("pool_sync", &call).await?;
-        Ok(())
+        match self.lanes.invoke::<i64>("pool_sync", &call).await? {
+            0 => Ok(()),
+            newer => Err(CounterError::PoolOutdated { newer }),
+        }
     }
 
     /// Runs an admit-script call. When Redis holds another version of the pool (an admin
     /// change, or its first use), syncs the pool and runs the call once more: the one
-    /// case where a decision takes more than one round trip.
+    /// case where a decision takes more than one round trip. When the pool in Redis is
+    /// stamped later than the caller's, nothing is written: the caller's pool is
+    /// outdated ([`CounterError::PoolOutdated`]), and it reloads it.
     async fn invoke_admit(
         &self,
         name: &str,
@@ -384,6 +394,9 @@ impl RedisCounters {
         let (7, Some(pool)) = (reply.code, pool) else {
             return Ok(reply);
         };
+        if reply.a > pool.stamp() {
+            return Err(CounterError::PoolOutdated { newer: reply.a });
+        }
         self.sync_pool(pool).await?;
         let reply = AdmitReply::parse(self.lanes.invoke(name, call).await?)?;
         if reply.code == 7 {

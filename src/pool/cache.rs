@@ -33,14 +33,26 @@ impl std::fmt::Debug for Candidate {
 /// A provider's candidates, with a fingerprint of them (ids, limits, priorities, order)
 /// computed once per load: the Redis shape sends it so the admit script can tell whether
 /// Redis holds the same pool (see `lua/pool_sync.lua`).
+///
+/// The stamp orders pools: when it was loaded (this replica's clock, Unix ms). A replica
+/// that finds a pool in Redis stamped later than its own reloads from the database
+/// instead of writing its own back (see `admission`), so two replicas holding different
+/// pools (a lost invalidation) cannot rewrite the pool in turn on every request.
 #[derive(Debug)]
 pub struct Pool {
     keys: Vec<Candidate>,
     version: String,
+    stamp: i64,
 }
 
 impl Pool {
+    /// A pool loaded now.
     pub fn new(keys: Vec<Candidate>) -> Pool {
+        Self::stamped(keys, crate::clock::now_ms())
+    }
+
+    /// A pool with the given stamp.
+    pub fn stamped(keys: Vec<Candidate>, stamp: i64) -> Pool {
         use sha2::{Digest, Sha256};
         let mut hash = Sha256::new();
         // Fixed-width numbers after each id, so no two pools hash the same bytes.
@@ -52,11 +64,31 @@ impl Pool {
             }
         }
         let version = hex::encode(&hash.finalize()[..8]);
-        Pool { keys, version }
+        Pool {
+            keys,
+            version,
+            stamp,
+        }
     }
 
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    pub fn stamp(&self) -> i64 {
+        self.stamp
+    }
+
+    /// This pool, stamped later than `stamp` (a copy when it is not already).
+    pub fn stamped_after(self: &Arc<Self>, stamp: i64) -> Arc<Pool> {
+        if self.stamp > stamp {
+            return self.clone();
+        }
+        Arc::new(Pool {
+            keys: self.keys.clone(),
+            version: self.version.clone(),
+            stamp: stamp + 1,
+        })
     }
 }
 
