@@ -70,6 +70,7 @@ on_both_stores!(
     only_one_request_gets_a_keys_last_unit,
     a_sweep_keeps_a_suspension_of_a_key_never_picked,
     a_pool_with_2100_priorities_selects_in_order,
+    causes_last_as_long_as_cooldowns_and_reset_clears_both,
 );
 
 struct Store {
@@ -1185,5 +1186,76 @@ async fn a_pool_with_2100_priorities_selects_in_order(kind: Kind) {
     }
     let (a, b) = (pool[2_099].id.clone(), pool[2_100].id.clone());
     assert_eq!(picks, [a.clone(), b.clone(), a, b]);
+    s.cleanup().await;
+}
+
+async fn causes_last_as_long_as_cooldowns_and_reset_clears_both(kind: Kind) {
+    let s = Store::new(kind).await;
+    let provider = common::unique_prefix();
+    let pool = vec![
+        candidate(&provider, 0, None, None),
+        candidate(&provider, 1, None, None),
+    ];
+    let ids: Vec<String> = pool.iter().map(|c| c.id.clone()).collect();
+    let state = || s.counters.pool_state(&provider, &ids);
+    // A 429 from a lease (with an overlong source: it is cut), then a 401 on the same key.
+    let long = format!("lease {}", "x".repeat(1_000));
+    let cooled = Report {
+        provider: Some(provider.clone()),
+        source: long,
+        ..pool_report(&ids[0], 10_000, 0)
+    };
+    s.counters.report(&cooled).await.unwrap();
+    s.advance(1_000);
+    let suspended = Report {
+        provider: Some(provider.clone()),
+        upstream_status: Some(401),
+        ..pool_report(&ids[0], 0, 60_000)
+    };
+    s.counters.report(&suspended).await.unwrap();
+    let live = state().await.unwrap();
+    let cd = live[0].cooldown_cause.clone().expect("a cooldown cause");
+    let susp = live[0]
+        .suspension_cause
+        .clone()
+        .expect("a suspension cause");
+    assert_eq!(
+        (cd.upstream_status, susp.upstream_status),
+        (Some(429), Some(401))
+    );
+    assert_eq!(cd.source.len(), keyward::pool::MAX_CAUSE_SOURCE);
+    assert!(cd.source.starts_with("lease xxx"));
+    assert_eq!(susp.source, "data-token");
+    assert!(
+        (900..=1_100).contains(&(susp.at_ms - cd.at_ms)),
+        "{cd:?} {susp:?}"
+    );
+    assert_eq!(live[1], keyward::pool::LiveState::default());
+    // The cooldown ends: its cause is no longer shown; the suspension's still is.
+    s.advance(9_500);
+    let live = state().await.unwrap();
+    assert_eq!(
+        (
+            live[0].cooldown_remaining_ms,
+            live[0].cooldown_cause.is_none()
+        ),
+        (0, true)
+    );
+    assert!(live[0].suspension_cause.is_some());
+    assert_eq!(picked_id(&s, &pool, 0).await, ids[1]);
+    // Reset: usable at once, nothing shown.
+    s.counters
+        .reset_provider_key(&provider, &ids[0])
+        .await
+        .unwrap();
+    let live = state().await.unwrap();
+    assert_eq!(
+        (
+            live[0].suspended_remaining_ms,
+            live[0].suspension_cause.is_none()
+        ),
+        (0, true)
+    );
+    assert_eq!(picked_id(&s, &pool, 0).await, ids[0]);
     s.cleanup().await;
 }
