@@ -8,7 +8,8 @@
 --   3  leases  zset   lease token -> expiry (ms)
 --   4  ld      hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved"
 --   5  bal     hash   rem, cred, ver (live balance, micro-USD), hwm (highest request cost)
---   6  def     hash   the provider's pool: '_v' -> version, key id -> "max_rpm|max_tpm"
+--   6  def     hash   the provider's pool: '_v' -> version, '_t' -> its stamp,
+--                     key id -> "max_rpm|max_tpm"
 --   7  order   zset   key id -> priority rank * 2^42 + last pick (see pool_sync.lua)
 --   A provider key's own keys are named from the same hash tag and its id (so they are in
 --   the same slot): {tag}:pk:<id>:rpm and :tpm (windows as above), :cd and :susp (the
@@ -31,7 +32,9 @@
 --        2 tokens window full (a = retry ms)    3 all slots in use (a = retry ms)
 --        4 balance exhausted (a = 0)            5 balance committed to requests in flight (a = retry ms)
 --        6 every candidate provider key is cooling down, suspended or full (a = earliest recovery ms)
---        7 the pool in Redis is not the caller's version: run pool_sync.lua, then again
+--        7 the pool in Redis is not the caller's version (a = the stamp of the one in
+--          Redis, 0 if none): run pool_sync.lua (or, if that stamp is later than the
+--          caller's, reload the pool from the database), then again
 -- bal_rem is -1 when the balance is not tracked; picked is the chosen key's id, or "".
 --
 -- Provider keys are tried by priority, then least recently picked (never picked first);
@@ -220,7 +223,9 @@ end
 -- cooling down, not suspended, and has room. Usually that is the first one looked at.
 local pick = nil
 if pool_version ~= '' then
-  if redis.call('HGET', KEYS[6], '_v') ~= pool_version then return answer(7, 0) end
+  if redis.call('HGET', KEYS[6], '_v') ~= pool_version then
+    return answer(7, tonumber(redis.call('HGET', KEYS[6], '_t') or '0') or 0)
+  end
   local tag = string.match(KEYS[6], '^(%b{})')
   local earliest = nil
   local start = 0

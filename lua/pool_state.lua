@@ -1,14 +1,15 @@
 -- pool_state.lua: the live state of provider keys, for the admin API. Reads only.
 --
--- KEYS (under the deployment's hash tag): per provider key (4 each): rpm hash, tpm hash,
---   cd string, susp string (see admit.lua)
+-- KEYS (under the deployment's hash tag): per provider key (5 each): rpm hash, tpm hash,
+--   cd string, susp string (see admit.lua), cause hash (see report.lua)
 -- ARGV:
 --   1  time shift ms (0 in production)
--- Returns per key: requests in the window, tokens in the window, cooldown left (ms),
--- suspension left (ms).
+-- Returns per key (6 each): requests in the window, tokens in the window, cooldown left
+-- (ms), suspension left (ms), the cooldown's cause and the suspension's cause
+-- ("status|at ms|source", or "" when there is none or it is over).
 
 local shift = tonumber(ARGV[1])
-assert(shift and #KEYS % 4 == 0, 'arguments')
+assert(shift and #KEYS % 5 == 0, 'arguments')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
 local oldest = math.floor(now / 1000) - 60
@@ -24,10 +25,15 @@ local function counted(key)
 end
 
 local out = {}
-for i = 1, #KEYS, 4 do
+for i = 1, #KEYS, 5 do
+  local cooling = math.max(0, tonumber(redis.call('GET', KEYS[i + 2]) or '0') - now)
+  local suspended = math.max(0, tonumber(redis.call('GET', KEYS[i + 3]) or '0') - now)
+  local cause = redis.call('HMGET', KEYS[i + 4], 'cd', 'susp')
   out[#out + 1] = counted(KEYS[i])
   out[#out + 1] = counted(KEYS[i + 1])
-    out[#out + 1] = math.max(0, tonumber(redis.call('GET', KEYS[i + 2]) or '0') - now)
-  out[#out + 1] = math.max(0, tonumber(redis.call('GET', KEYS[i + 3]) or '0') - now)
+  out[#out + 1] = cooling
+  out[#out + 1] = suspended
+  out[#out + 1] = cooling > 0 and cause[1] or ''
+  out[#out + 1] = suspended > 0 and cause[2] or ''
 end
 return out

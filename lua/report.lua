@@ -11,6 +11,8 @@
 --   7  pk tpm  hash    the provider key's token window
 --   8  pk cd   string  when the provider key's cooldown ends (ms; the key expires then too)
 --   9  pk susp string  when its suspension ends (ms)
+--   10 pk cause hash   'cd' / 'susp' -> "status|at ms|source": the report behind the
+--                      cooldown / suspension (the hash expires with the later of them)
 -- ARGV:
 --   1  lease token ("" = a report without a lease: nothing to settle or deduplicate)
 --   2  lease id or record id     3  client key id ("" = none)
@@ -20,7 +22,8 @@
 --   11 latency ms ("" = unknown)                     12 upstream status ("" = unknown)
 --   13 time shift ms (0 in production)
 --   14 cooldown ms (> 0 after an upstream 429)      15 suspension ms (> 0 after 401/403)
---   16 the expiry signed into the lease id (ms; 0 = no lease)
+--   16 source ("lease <lease id>" or "data-token"; kept as the cause, cut to 200 bytes)
+--   17 the expiry signed into the lease id (ms; 0 = no lease)
 -- Returns {1, now_ms} when recorded, {0, now_ms} for a duplicate, {2, now_ms} when the
 -- report comes later than the guard ttl after the lease's expiry (nothing changed in
 -- either case).
@@ -45,14 +48,14 @@ local pk = ARGV[10]
 local shift = tonumber(ARGV[13])
 local cooldown = tonumber(ARGV[14])
 local suspend = tonumber(ARGV[15])
-local signed_expiry = tonumber(ARGV[16])
+local signed_expiry = tonumber(ARGV[17])
 assert(#lease_id > 0, 'id')
 assert(prompt and prompt >= 0 and completion and completion >= 0, 'tokens')
 assert(cost and cost >= 0, 'cost')
 assert(guard_ttl and guard_ttl > 0, 'guard ttl')
 assert(shift and cooldown and cooldown >= 0 and suspend and suspend >= 0, 'times')
 assert(signed_expiry and signed_expiry >= 0, 'lease expiry')
-assert(#KEYS == (pk == '' and 6 or 9), 'provider key keys')
+assert(#KEYS == (pk == '' and 6 or 10), 'provider key keys')
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
@@ -106,6 +109,13 @@ if pk ~= '' then
   -- expiry only tidies up.
   if cooldown > 0 then redis.call('SET', KEYS[8], now + cooldown, 'PX', cooldown) end
   if suspend > 0 then redis.call('SET', KEYS[9], now + suspend, 'PX', suspend) end
+  if cooldown > 0 or suspend > 0 then
+    -- Who stopped the key, shown by pool_state.lua while the cooldown / suspension lasts.
+    local cause = ARGV[12] .. '|' .. string.format('%.0f', now) .. '|' .. string.sub(ARGV[16] or '', 1, 200)
+    if cooldown > 0 then redis.call('HSET', KEYS[10], 'cd', cause) end
+    if suspend > 0 then redis.call('HSET', KEYS[10], 'susp', cause) end
+    redis.call('PEXPIRE', KEYS[10], math.max(cooldown, suspend, redis.call('PTTL', KEYS[10])))
+  end
 end
 
 redis.call('XADD', KEYS[6], '*',

@@ -123,6 +123,9 @@ fn limited_message(reason: &Denial) -> &'static str {
 pub struct Admission {
     cache: Arc<KeyCache>,
     pools: Arc<PoolCache>,
+    /// One reload at a time of a pool that Redis holds a newer version of, so the
+    /// requests that meet it together load it from the database once.
+    pool_reload: tokio::sync::Mutex<()>,
     counters: Counters,
     /// Signs the lease ids this process issues and verifies the ones it is shown.
     keyring: Arc<Keyring>,
@@ -165,6 +168,7 @@ impl Admission {
         Self {
             cache,
             pools,
+            pool_reload: tokio::sync::Mutex::new(()),
             counters,
             keyring,
             lease_ttl_ms,
@@ -255,6 +259,27 @@ impl Admission {
         Ok((!candidates.is_empty()).then_some(candidates))
     }
 
+    /// The provider's pool after Redis answered that it holds one stamped `newer` than
+    /// `used` (this replica missed an invalidation): held or loaded later than that, and
+    /// never empty. Reloaded from the database at most once per such meeting; the
+    /// requests that meet it together wait for that one load.
+    async fn newer_pool(&self, used: &Pool, newer: i64) -> Result<Arc<Pool>, AdmitError> {
+        let provider = used.first().map_or("", |c| c.provider.as_str());
+        let _one_at_a_time = self.pool_reload.lock().await;
+        let held = self.pools.get(provider).await?;
+        let fresh = if held.stamp() > newer {
+            held
+        } else {
+            self.pools.reload(provider).await?
+        };
+        if fresh.is_empty() {
+            return Err(AdmitError::NoProviderKey(provider.to_string()));
+        }
+        // Loaded after Redis showed `newer`, so at least as recent as what is there:
+        // stamped so, even when this replica's clock is behind the writer's.
+        Ok(fresh.stamped_after(newer))
+    }
+
     /// Picks a provider key without a client key (`POST /v1/select`).
     pub async fn select(
         &self,
@@ -262,13 +287,24 @@ impl Admission {
         estimated_tokens: Option<i64>,
     ) -> Result<Candidate, AdmitError> {
         let tokens = self.estimate(estimated_tokens)?;
-        let candidates = self.candidates(provider).await?;
+        let mut candidates = self.candidates(provider).await?;
         let request = SelectRequest {
             provider: &candidates[0].provider,
             candidates: &candidates,
             tokens,
         };
-        match self.counters.select(&request).await? {
+        let mut pick = self.counters.select(&request).await;
+        if let Err(CounterError::PoolOutdated { newer }) = pick {
+            // Refused before anything was taken: once more with the newer pool.
+            candidates = self.newer_pool(&candidates, newer).await?;
+            let request = SelectRequest {
+                provider: &candidates[0].provider,
+                candidates: &candidates,
+                tokens,
+            };
+            pick = self.counters.select(&request).await;
+        }
+        match pick? {
             Pick::Picked(i) => {
                 crate::metrics::get()
                     .provider_selections
@@ -326,22 +362,35 @@ impl Admission {
             }),
             _ => None,
         };
-        let decision = self
-            .counters
-            .admit(&AdmitRequest {
-                lease: &lease,
-                rpm: key.rate_limit,
-                tpm: key.tpm_limit,
-                concurrency: key.concurrent_limit,
-                tokens: estimate,
-                lease_ttl_ms: self.lease_ttl_ms,
-                provider: provider.unwrap_or_default(),
-                model: model.unwrap_or_default(),
-                api_format: api_format.unwrap_or_default(),
-                balance,
-                pool: candidates.as_deref(),
-            })
-            .await?;
+        let request = AdmitRequest {
+            lease: &lease,
+            rpm: key.rate_limit,
+            tpm: key.tpm_limit,
+            concurrency: key.concurrent_limit,
+            tokens: estimate,
+            lease_ttl_ms: self.lease_ttl_ms,
+            provider: provider.unwrap_or_default(),
+            model: model.unwrap_or_default(),
+            api_format: api_format.unwrap_or_default(),
+            balance,
+            pool: candidates.as_deref(),
+        };
+        let mut fresh = None;
+        let decision = match (self.counters.admit(&request).await, request.pool) {
+            // Refused before anything was taken: once more with the newer pool.
+            (Err(CounterError::PoolOutdated { newer }), Some(used)) => {
+                let pool = self.newer_pool(used, newer).await?;
+                let retried = AdmitRequest {
+                    pool: Some(&pool),
+                    ..request.clone()
+                };
+                let decision = self.counters.admit(&retried).await?;
+                fresh = Some(pool);
+                decision
+            }
+            (other, _) => other?,
+        };
+        let candidates = fresh.or(candidates);
         let picked = |i: Option<usize>| {
             let key = candidates.as_ref()?.get(i?)?.clone();
             crate::metrics::get()

@@ -157,6 +157,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         db.clone(),
         keyring.clone(),
         config.key_cache_ttl,
+        config.negative_cache_ttl,
     ));
     let mut bus = Bus::new(key_cache.clone(), pool_cache.clone());
     let guard_ttl_ms = config.report_dedupe_ttl.as_millis() as i64;
@@ -268,13 +269,14 @@ fn spawn_background(
             )));
         }
     }
-    if let Counters::Memory(memory) = &state.counters {
-        let (memory, mut stop) = (memory.clone(), stop.clone());
+    {
+        // The in-process counters: the embedded store, or the Redis shape's outage twin.
+        let (counters, mut stop) = (state.counters.clone(), stop.clone());
         jobs.push(tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(10));
             loop {
                 tokio::select! {
-                    _ = every.tick() => memory.sweep(),
+                    _ = every.tick() => counters.sweep(),
                     _ = stop.wait_for(|s| *s) => return,
                 }
             }

@@ -50,15 +50,32 @@ pub struct Cache<L: Loader> {
     loader: L,
     entries: DashMap<String, Entry<L::Value>>,
     epoch: AtomicU64,
+    /// Beyond this many entries, evictable ones are dropped at once.
+    capacity: usize,
 }
 
 impl<L: Loader> Cache<L> {
     pub fn new(loader: L) -> Self {
+        Self::with_capacity(loader, MAX_ENTRIES)
+    }
+
+    /// A cache that drops its evictable entries whenever it holds `capacity` entries.
+    pub fn with_capacity(loader: L, capacity: usize) -> Self {
         Self {
             loader,
             entries: DashMap::new(),
             epoch: AtomicU64::new(0),
+            capacity,
         }
+    }
+
+    /// How many entries are held (stale and evictable ones included).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     pub async fn get(self: &Arc<Self>, key: &str) -> Result<L::Value, StoreError> {
@@ -94,7 +111,7 @@ impl<L: Loader> Cache<L> {
         let epoch = self.epoch.load(Ordering::Acquire);
         let value = self.loader.load(key).await?;
         if self.epoch.load(Ordering::Acquire) == epoch {
-            if self.entries.len() >= MAX_ENTRIES {
+            if self.entries.len() >= self.capacity {
                 self.entries.retain(|_, e| !self.loader.evictable(&e.value));
             }
             self.entries.insert(
@@ -107,6 +124,11 @@ impl<L: Loader> Cache<L> {
             );
         }
         Ok(value)
+    }
+
+    /// Loads `key` now, and holds the result (unless an invalidation raced the load).
+    pub async fn reload(&self, key: &str) -> Result<L::Value, StoreError> {
+        self.load(key).await
     }
 
     /// The first `Some` that `f` gives for a value held now (stale ones included); loads

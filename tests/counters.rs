@@ -69,6 +69,9 @@ on_both_stores!(
     a_report_cools_a_key_not_picked_since_start,
     a_pool_refusal_leaves_the_client_untouched,
     only_one_request_gets_a_keys_last_unit,
+    a_sweep_keeps_a_suspension_of_a_key_never_picked,
+    a_pool_with_2100_priorities_selects_in_order,
+    causes_last_as_long_as_cooldowns_and_reset_clears_both,
 );
 
 struct Store {
@@ -1193,4 +1196,131 @@ async fn only_one_request_gets_a_keys_last_unit(kind: Kind) {
         assert_eq!(winners, 1);
     }
     Arc::into_inner(s).unwrap().cleanup().await;
+}
+
+async fn a_sweep_keeps_a_suspension_of_a_key_never_picked(kind: Kind) {
+    // A key revoked upstream (401) that this process has not picked since it started:
+    // the periodic sweep must not forget the suspension (nor a cooldown), or the key is
+    // picked again.
+    let s = Store::new(kind).await;
+    let provider = common::unique_prefix();
+    let pool = vec![
+        candidate(&provider, 0, None, None),
+        candidate(&provider, 0, None, None),
+        candidate(&provider, 0, None, None),
+    ];
+    for (i, (cooldown, suspend)) in [(0, 600_000), (300_000, 0)].into_iter().enumerate() {
+        let r = Report {
+            provider: Some(provider.clone()),
+            upstream_status: Some(if suspend > 0 { 401 } else { 429 }),
+            ..pool_report(&pool[i].id, cooldown, suspend)
+        };
+        s.counters.report(&r).await.unwrap();
+    }
+    s.advance(15_000);
+    s.counters.sweep();
+    for _ in 0..3 {
+        assert_eq!(picked_id(&s, &pool, 0).await, pool[2].id);
+        s.advance(5);
+    }
+    s.cleanup().await;
+}
+
+async fn a_pool_with_2100_priorities_selects_in_order(kind: Kind) {
+    // The admin API allows priorities 0 to 1,000,000, so a pool can hold more distinct
+    // priorities than fit beside a millisecond time in a sorted-set score's 53 bits.
+    let s = Store::new(kind).await;
+    let provider = common::unique_prefix();
+    let mut pool: Vec<Candidate> = (0..2_100)
+        .map(|p| candidate(&provider, p, None, None))
+        .collect();
+    // Two keys share the last priority: least recently picked still alternates there.
+    pool.push(candidate(&provider, 2_099, None, None));
+    assert_eq!(picked_id(&s, &pool, 0).await, pool[0].id);
+    for c in &pool[..2_099] {
+        let r = Report {
+            provider: Some(provider.clone()),
+            ..pool_report(&c.id, 600_000, 0)
+        };
+        s.counters.report(&r).await.unwrap();
+    }
+    let mut picks = Vec::new();
+    for _ in 0..4 {
+        picks.push(picked_id(&s, &pool, 0).await);
+        s.advance(5);
+    }
+    let (a, b) = (pool[2_099].id.clone(), pool[2_100].id.clone());
+    assert_eq!(picks, [a.clone(), b.clone(), a, b]);
+    s.cleanup().await;
+}
+
+async fn causes_last_as_long_as_cooldowns_and_reset_clears_both(kind: Kind) {
+    let s = Store::new(kind).await;
+    let provider = common::unique_prefix();
+    let pool = vec![
+        candidate(&provider, 0, None, None),
+        candidate(&provider, 1, None, None),
+    ];
+    let ids: Vec<String> = pool.iter().map(|c| c.id.clone()).collect();
+    let state = || s.counters.pool_state(&provider, &ids);
+    // A 429 from a lease (with an overlong source: it is cut), then a 401 on the same key.
+    let long = format!("lease {}", "x".repeat(1_000));
+    let cooled = Report {
+        provider: Some(provider.clone()),
+        source: long,
+        ..pool_report(&ids[0], 10_000, 0)
+    };
+    s.counters.report(&cooled).await.unwrap();
+    s.advance(1_000);
+    let suspended = Report {
+        provider: Some(provider.clone()),
+        upstream_status: Some(401),
+        ..pool_report(&ids[0], 0, 60_000)
+    };
+    s.counters.report(&suspended).await.unwrap();
+    let live = state().await.unwrap();
+    let cd = live[0].cooldown_cause.clone().expect("a cooldown cause");
+    let susp = live[0]
+        .suspension_cause
+        .clone()
+        .expect("a suspension cause");
+    assert_eq!(
+        (cd.upstream_status, susp.upstream_status),
+        (Some(429), Some(401))
+    );
+    assert_eq!(cd.source.len(), keyward::pool::MAX_CAUSE_SOURCE);
+    assert!(cd.source.starts_with("lease xxx"));
+    assert_eq!(susp.source, "data-token");
+    assert!(
+        (900..=1_100).contains(&(susp.at_ms - cd.at_ms)),
+        "{cd:?} {susp:?}"
+    );
+    assert_eq!(live[1], keyward::pool::LiveState::default());
+    // The cooldown ends: its cause is no longer shown; the suspension's still is.
+    s.advance(9_500);
+    let live = state().await.unwrap();
+    assert_eq!(
+        (
+            live[0].cooldown_remaining_ms,
+            live[0].cooldown_cause.is_none()
+        ),
+        (0, true)
+    );
+    assert!(live[0].suspension_cause.is_some());
+    assert_eq!(picked_id(&s, &pool, 0).await, ids[1]);
+    // Reset: usable at once, nothing shown.
+    s.counters
+        .reset_provider_key(&provider, &ids[0])
+        .await
+        .unwrap();
+    let live = state().await.unwrap();
+    assert_eq!(
+        (
+            live[0].suspended_remaining_ms,
+            live[0].suspension_cause.is_none()
+        ),
+        (0, true)
+    );
+    assert_eq!(picked_id(&s, &pool, 0).await, ids[0]);
+    s.cleanup().await;
 }

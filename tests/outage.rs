@@ -226,3 +226,118 @@ async fn local_enforces_limits_in_process_and_recovers() {
     )
     .await;
 }
+
+/// The outage twin's live balances belong to the outage they were made in: a later
+/// outage starts from the database snapshot, not from what the twin held before Redis
+/// came back (spending through Redis in between would otherwise be invisible to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_outage_starts_from_the_database_balance() {
+    use keyward::config::BackendErrorPolicy;
+    use keyward::limits::memory::MemoryCounters;
+    use keyward::limits::redis::RedisCounters;
+    use keyward::limits::{
+        AdmitRequest, BalanceSnapshot, Counters, Decision, Denial, LeaseId, Report, Verdict,
+    };
+
+    let mut redis = PrivateRedis::start().await;
+    let (tx, _queue) = tokio::sync::mpsc::channel(1_000);
+    let twin = Arc::new(MemoryCounters::new(600_000, tx));
+    let counters = Counters::Redis(Arc::new(
+        RedisCounters::connect(&redis.url, &common::unique_prefix(), 600_000)
+            .await
+            .unwrap()
+            .with_failure_policy(BackendErrorPolicy::Local, twin.clone()),
+    ));
+    let key = uuid::Uuid::new_v4().to_string();
+    // `used` is what the database has applied: the snapshot the cache would hand over.
+    let admit = |used: i64| {
+        let counters = counters.clone();
+        let lease = LeaseId::new(&key);
+        async move {
+            let request = AdmitRequest {
+                lease: &lease,
+                rpm: None,
+                tpm: None,
+                concurrency: None,
+                tokens: 0,
+                lease_ttl_ms: 60_000,
+                provider: "openai",
+                model: "gpt-4o",
+                api_format: "openai_chat",
+                balance: Some(BalanceSnapshot {
+                    credited: 1_000,
+                    used,
+                    version: 1,
+                }),
+                pool: None,
+            };
+            let decision: Decision = counters.admit(&request).await.unwrap();
+            (lease, decision)
+        }
+    };
+    let spend = |lease: LeaseId, cost: i64| {
+        let counters = counters.clone();
+        async move {
+            let report = Report {
+                id: lease.to_string(),
+                lease: Some(lease),
+                tokens: None,
+                cost_micros: cost,
+                model: None,
+                provider_key_id: None,
+                provider: None,
+                latency_ms: None,
+                upstream_status: Some(200),
+                cooldown_ms: 0,
+                suspend_ms: 0,
+                source: "data-token".into(),
+                lease_expires_at_ms: 0,
+            };
+            counters.report(&report).await.unwrap();
+        }
+    };
+
+    // Outage 1: the twin admits from the snapshot and spends 900 of 1,000.
+    redis.stop();
+    let (lease, d) = admit(0).await;
+    assert_eq!(d.degraded, Some("local"), "{d:?}");
+    spend(lease, 900).await;
+    // Redis is back: the database has applied the 900; 100 more is spent through Redis.
+    redis.restart().await;
+    let lease = eventually(10, || async {
+        let (lease, d) = admit(900).await;
+        (d.degraded.is_none()).then_some((lease, d))
+    })
+    .await;
+    assert!(
+        matches!(lease.1.verdict, Verdict::Admitted { .. }),
+        "{:?}",
+        lease.1
+    );
+    spend(lease.0, 100).await;
+    // Outage 2: the database says 1,000 of 1,000 are spent. The twin must not admit
+    // from the 100 it still held from outage 1.
+    redis.stop();
+    let (_, d) = admit(1_000).await;
+    assert_eq!(d.degraded, Some("local"), "{d:?}");
+    assert!(
+        matches!(
+            d.verdict,
+            Verdict::Denied {
+                reason: Denial::BalanceExhausted,
+                ..
+            }
+        ),
+        "admitted from an earlier outage's balance: {d:?}"
+    );
+    // Redis back: the periodic sweep empties the twin (balances included), so keys seen
+    // in outages do not stay in memory for ever.
+    redis.restart().await;
+    eventually(10, || async {
+        admit(1_000).await.1.degraded.is_none().then_some(())
+    })
+    .await;
+    assert!(twin.held_keys() > 0);
+    counters.sweep();
+    assert_eq!(twin.held_keys(), 0, "the outage twin was not swept");
+}

@@ -20,6 +20,7 @@ on_both_shapes!(
     admit_with_select_refused_by_the_pool_leaves_the_client_as_it_was,
     provider_usage_reaches_the_admin_api_through_the_queue,
     bad_provider_input_is_refused,
+    cooldowns_show_their_cause_and_reset_clears_them,
 );
 
 async fn add(s: &TestServer, provider: &str, body: Value) -> Value {
@@ -644,4 +645,205 @@ async fn rotation_reencrypts_everything_and_disables_what_it_cannot_read() {
     // Running it again is harmless; the unreadable secret is still unreadable.
     assert_eq!(again.body, json!({"reencrypted": 2, "failed": 1}));
     fresh.stop().await;
+}
+
+async fn cooldowns_show_their_cause_and_reset_clears_them(shape: Shape) {
+    let c = Cluster::start(shape, |_| {}).await;
+    let s = &c.servers[0];
+    let (_, secret) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": null}))
+        .await;
+    let a = add(s, "openai", json!({"label": "a", "value": "sk-a-000000"})).await;
+    let b = add(s, "openai", json!({"label": "b", "value": "sk-b-000000"})).await;
+    let (a_id, b_id) = (a["id"].as_str().unwrap(), b["id"].as_str().unwrap());
+    let before = chrono::Utc::now() - chrono::Duration::seconds(5);
+
+    // A lease's 429 cools its key; a 403 without a lease suspends the other.
+    let admitted = c
+        .any(1)
+        .admit(json!({"key": secret, "provider": "openai", "select": true}))
+        .await;
+    assert_eq!(admitted.status, 200, "{}", admitted.body);
+    let first = admitted.body["provider_key"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = if first == a_id { b_id } else { a_id };
+    let lease = admitted.body["lease_id"].as_str().unwrap();
+    let r = c
+        .any(2)
+        .data_post(
+            "/v1/report",
+            json!({"lease_id": lease, "provider_key_id": first, "upstream_status": 429, "retry_after_s": 3600}),
+        )
+        .await;
+    assert_eq!(r.body["recorded"], true, "{}", r.body);
+    let r = c
+        .any(2)
+        .data_post_token(
+            "/v1/report",
+            json!({"provider_key_id": other, "upstream_status": 403}),
+        )
+        .await;
+    assert_eq!(r.body["recorded"], true, "{}", r.body);
+    // The source names the lease by its inner id (`<key id>.<token>`), as usage does.
+    let inner: Vec<&str> = lease.splitn(3, '.').take(2).collect();
+    let exhausted = select(c.any(0), "openai").await;
+    assert_eq!(exhausted.status, 429, "{}", exhausted.body);
+
+    let keys = list(c.any(1), "openai").await;
+    let live = |id: &str| keys.iter().find(|k| k["id"] == id).unwrap()["live"].clone();
+    let at = |cause: &Value| {
+        let at = chrono::DateTime::parse_from_rfc3339(cause["at"].as_str().unwrap()).unwrap();
+        assert!(
+            at > before && at < chrono::Utc::now() + chrono::Duration::seconds(5),
+            "{cause}"
+        );
+    };
+    let cooled = live(&first);
+    assert_eq!(cooled["cooldown_cause"]["upstream_status"], 429, "{cooled}");
+    assert_eq!(
+        cooled["cooldown_cause"]["source"],
+        format!("lease {}", inner.join("."))
+    );
+    at(&cooled["cooldown_cause"]);
+    assert_eq!(cooled["suspension_cause"], Value::Null);
+    let suspended = live(other);
+    assert_eq!(suspended["suspended"], true);
+    assert_eq!(
+        suspended["suspension_cause"]["upstream_status"], 403,
+        "{suspended}"
+    );
+    assert_eq!(suspended["suspension_cause"]["source"], "data-token");
+    at(&suspended["suspension_cause"]);
+    assert_eq!(suspended["cooldown_cause"], Value::Null);
+
+    // Reset: the cooldown ends at once, on every instance.
+    let reset = c
+        .any(2)
+        .admin(
+            Method::POST,
+            &format!("/admin/provider-keys/{first}/reset"),
+            None,
+        )
+        .await;
+    assert_eq!(reset.status, 200, "{}", reset.body);
+    assert_eq!(reset.body["id"], first.as_str());
+    assert_eq!(
+        reset.body["live"]["cooldown_remaining_ms"], 0,
+        "{}",
+        reset.body
+    );
+    assert_eq!(reset.body["live"]["cooldown_cause"], Value::Null);
+    for i in 0..3 {
+        assert_eq!(picked(&select(c.any(i), "openai").await), first);
+    }
+    // And the suspension.
+    let reset = s
+        .admin(
+            Method::POST,
+            &format!("/admin/provider-keys/{other}/reset"),
+            None,
+        )
+        .await;
+    assert_eq!(reset.status, 200, "{}", reset.body);
+    assert_eq!(reset.body["live"]["suspended"], false, "{}", reset.body);
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..4 {
+        seen.insert(picked(&select(c.any(i), "openai").await));
+    }
+    assert!(seen.contains(other), "the suspended key is back: {seen:?}");
+    for k in list(s, "openai").await {
+        assert_eq!(
+            (&k["live"]["cooldown_cause"], &k["live"]["suspension_cause"]),
+            (&Value::Null, &Value::Null),
+            "{k}"
+        );
+    }
+    // An unknown key: 404 with the contract's error body.
+    let unknown = uuid::Uuid::new_v4();
+    let missing = s
+        .admin(
+            Method::POST,
+            &format!("/admin/provider-keys/{unknown}/reset"),
+            None,
+        )
+        .await;
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    assert!(!error_code(&missing).is_empty());
+    c.stop().await;
+}
+
+/// Two replicas, one of which missed the invalidation of a pool change (the message was
+/// lost): they hold different pools. Neither may rewrite the pool in Redis on every
+/// request (each resyncing its own, in turn, until the cache TTL): the one holding the
+/// older pool reloads it from the database once, and from then on both use the newer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_different_pools_do_not_rewrite_it_in_turn() {
+    let prefix = common::unique_prefix();
+    let own_prefix = |raw: &mut keyward::config::RawConfig| {
+        raw.insert(config::REDIS_PREFIX, prefix.clone());
+    };
+    let mut c = Cluster::start_n(Shape::Distributed, 1, own_prefix).await;
+    let first = add(
+        &c.servers[0],
+        "openai",
+        json!({"label": "a", "value": "sk-a-000000"}),
+    )
+    .await;
+    assert_eq!(picked(&select(&c.servers[0], "openai").await), first["id"]);
+
+    // A key added without any invalidation reaching the first replica.
+    let db = c.db.connect().await;
+    let second = uuid::Uuid::new_v4().to_string();
+    let keyring = keyward::crypto::Keyring::new(
+        &keyward::crypto::parse_key(common::ENCRYPTION_KEY).unwrap(),
+        &[],
+    );
+    keyward::pool::store::insert(
+        &db,
+        &second,
+        "openai",
+        "b",
+        &keyring.encrypt("sk-b-000000"),
+        0,
+        None,
+        None,
+        keyward::clock::now_ms(),
+    )
+    .await
+    .unwrap();
+    // A second replica starts: it loads the pool with both keys.
+    let mut raw = common::base_config(&c.db);
+    raw.insert(config::REDIS_URL, common::redis_url());
+    own_prefix(&mut raw);
+    c.servers
+        .push(TestServer::start_on(c.db.clone(), raw).await);
+
+    let redis = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let def = format!("{{{prefix}}}:p:openai:def");
+    let mut versions = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..20 {
+        seen.insert(picked(&select(c.any(i + 1), "openai").await));
+        let v: String = redis::cmd("HGET")
+            .arg(&def)
+            .arg("_v")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        versions.push(v);
+    }
+    let rewrites = versions.windows(2).filter(|w| w[0] != w[1]).count();
+    assert_eq!(
+        rewrites, 0,
+        "the pool in Redis changed {rewrites} times: {versions:?}"
+    );
+    assert!(
+        seen.contains(&second),
+        "the first replica still picks from the old pool"
+    );
+    c.stop().await;
+    common::delete_prefix(&common::redis_url(), &prefix).await;
 }

@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::patch(patch_provider_key).delete(delete_provider_key),
         )
         .route("/admin/provider-keys/{id}/usage", get(provider_key_usage))
+        .route("/admin/provider-keys/{id}/reset", post(reset_provider_key))
         .route("/admin/encryption/rotate", post(rotate_encryption))
         .route(
             "/openapi.json",
@@ -278,7 +279,10 @@ async fn list_provider_keys(
 ) -> Result<Json<Value>, ApiError> {
     let provider = provider_path(provider)?;
     let keys = state.pools.list(&provider).await?;
-    let views: Vec<_> = keys.iter().map(|(k, live)| k.view(Some(*live))).collect();
+    let views: Vec<_> = keys
+        .iter()
+        .map(|(k, live)| k.view(Some(live.clone())))
+        .collect();
     Ok(Json(json!({ "provider": provider, "keys": views })))
 }
 
@@ -301,6 +305,15 @@ async fn delete_provider_key(
 ) -> Result<Json<Value>, ApiError> {
     let key = state.pools.delete(&id).await?;
     Ok(Json(json!({"id": key.id, "deleted": true})))
+}
+
+/// Clears the key's cooldown and suspension at once; answers the key with its live state.
+async fn reset_provider_key(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+) -> Result<Json<Value>, ApiError> {
+    let (key, live) = state.pools.reset(&id).await?;
+    Ok(Json(json!(key.view(Some(live)))))
 }
 
 #[derive(Deserialize)]

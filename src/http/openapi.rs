@@ -39,6 +39,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("patch", "/admin/provider-keys/{id}"),
     ("delete", "/admin/provider-keys/{id}"),
     ("get", "/admin/provider-keys/{id}/usage"),
+    ("post", "/admin/provider-keys/{id}/reset"),
     ("post", "/admin/encryption/rotate"),
     ("get", "/openapi.json"),
 ];
@@ -281,9 +282,17 @@ pub fn admin() -> Value {
         "is_standalone": s("boolean"), "balance_usd": nullable("number"), "remaining_balance_usd": nullable("number"),
     }});
     let keys = json!({"type": "object", "required": ["keys"], "properties": {"keys": {"type": "array", "items": reference("Key")}}});
+    let cause = json!({"type": "object", "nullable": true, "required": ["upstream_status", "at", "source"], "properties": {
+        "upstream_status": nullable("integer"), "at": s("string"), "source": s("string"),
+    }});
+    let live = json!({"type": "object", "properties": {
+        "requests_last_60s": s("integer"), "tokens_last_60s": s("integer"), "cooldown_remaining_ms": s("integer"),
+        "suspended": s("boolean"), "suspended_remaining_ms": s("integer"),
+        "cooldown_cause": cause.clone(), "suspension_cause": cause,
+    }});
     let provider_key = json!({"type": "object", "required": ["id", "provider", "label", "priority"], "properties": {
         "id": s("string"), "provider": s("string"), "label": s("string"), "priority": s("integer"),
-        "max_rpm": limit(), "max_tpm": limit(), "is_active": s("boolean"),
+        "max_rpm": limit(), "max_tpm": limit(), "is_active": s("boolean"), "live": live,
     }});
     let add_provider = object(
         json!({"label": s("string"), "value": s("string"), "priority": limit(), "max_rpm": limit(), "max_tpm": limit()}),
@@ -369,6 +378,7 @@ pub fn admin() -> Value {
             },
             "/admin/provider-keys/{id}/usage": {"get": op("Reported usage per minute, newest first", None, "200", usage,
                 [id(), vec![query("limit", s("integer"))]].concat())},
+            "/admin/provider-keys/{id}/reset": {"post": op("End a provider key's cooldown and suspension now", None, "200", reference("ProviderKey"), id())},
             "/admin/encryption/rotate": {"post": op("Re-encrypt every secret with the current key", None, "200", rotated, vec![])},
             "/openapi.json": {"get": op("This document", None, "200", obj(), vec![])},
         }),

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::clock::now_ms;
 use crate::pool::cache::Pool as CandidatePool;
-use crate::pool::LiveState;
+use crate::pool::{Cause, LiveState};
 use crate::usage::UsageRecord;
 
 #[derive(Debug)]
@@ -39,6 +39,9 @@ struct PoolKey {
     tokens: Window,
     cooldown_until: i64,
     suspended_until: i64,
+    /// The reports behind them (shown while they last).
+    cooldown_cause: Option<Cause>,
+    suspension_cause: Option<Cause>,
     last_pick: Option<i64>,
 }
 
@@ -347,22 +350,42 @@ impl MemoryCounters {
     pub fn pool_state(&self, provider: &str, ids: &[String]) -> Vec<LiveState> {
         let now = self.now();
         let b = now.div_euclid(1000);
-        let mut pool = self.pools.entry(provider.to_string()).or_default();
+        // A lookup, not an entry: listing a provider must not create state for it.
+        let Some(mut pool) = self.pools.get_mut(provider) else {
+            return vec![LiveState::default(); ids.len()];
+        };
         ids.iter()
             .map(|id| match pool.keys.get_mut(id) {
                 None => LiveState::default(),
                 Some(key) => {
                     key.requests.prune(b);
                     key.tokens.prune(b);
+                    let cooling = key.cooldown_until > now;
+                    let suspended = key.suspended_until > now;
                     LiveState {
                         requests_last_60s: key.requests.sum(),
                         tokens_last_60s: key.tokens.sum(),
                         cooldown_remaining_ms: (key.cooldown_until - now).max(0),
                         suspended_remaining_ms: (key.suspended_until - now).max(0),
+                        cooldown_cause: key.cooldown_cause.clone().filter(|_| cooling),
+                        suspension_cause: key.suspension_cause.clone().filter(|_| suspended),
                     }
                 }
             })
             .collect()
+    }
+
+    /// Ends a provider key's cooldown and suspension now (`POST
+    /// /admin/provider-keys/{id}/reset`). Its windows and pick time stay.
+    pub fn reset_provider_key(&self, provider: &str, id: &str) {
+        if let Some(mut pool) = self.pools.get_mut(provider) {
+            if let Some(key) = pool.keys.get_mut(id) {
+                key.cooldown_until = 0;
+                key.suspended_until = 0;
+                key.cooldown_cause = None;
+                key.suspension_cause = None;
+            }
+        }
     }
 
     /// Cools down, suspends, or settles the tokens of a provider key after a report.
@@ -376,9 +399,11 @@ impl MemoryCounters {
         let key = pool.keys.entry(id.clone()).or_default();
         if r.cooldown_ms > 0 {
             key.cooldown_until = now + r.cooldown_ms;
+            key.cooldown_cause = Some(Cause::new(r.upstream_status, now, &r.source));
         }
         if r.suspend_ms > 0 {
             key.suspended_until = now + r.suspend_ms;
+            key.suspension_cause = Some(Cause::new(r.upstream_status, now, &r.source));
         }
         if let (Some((bucket, reserved)), Some((prompt, completion))) = (settle, r.tokens) {
             key.tokens.prune(now.div_euclid(1000));
@@ -473,6 +498,20 @@ impl MemoryCounters {
         Some(now + ttl_ms)
     }
 
+    /// Forgets every live balance; each key's next admission starts again from its
+    /// database snapshot. For the Redis shape's outage twin only: in the embedded shape
+    /// the live balance is ahead of the database.
+    pub fn forget_balances(&self) {
+        for mut state in self.keys.iter_mut() {
+            state.balance = None;
+        }
+    }
+
+    /// How many client keys have state here (for tests and diagnostics).
+    pub fn held_keys(&self) -> usize {
+        self.keys.len()
+    }
+
     /// Drops idle keys and lapsed duplicate guards; run periodically.
     pub fn sweep(&self) {
         let now = self.now();
@@ -488,8 +527,20 @@ impl MemoryCounters {
             pool.keys.retain(|_, key| {
                 key.requests.prune(b);
                 key.tokens.prune(b);
-                // Keep the pick time: least-recently-used order must survive quiet periods.
-                key.last_pick.is_some() || !key.requests.is_empty() || key.cooldown_until > now
+                if key.cooldown_until <= now {
+                    key.cooldown_cause = None;
+                }
+                if key.suspended_until <= now {
+                    key.suspension_cause = None;
+                }
+                // Keep the pick time (least-recently-used order must survive quiet
+                // periods), and a cooldown or suspension until it ends: a key reported
+                // revoked but never picked here has nothing else to keep it by.
+                key.last_pick.is_some()
+                    || !key.requests.is_empty()
+                    || !key.tokens.is_empty()
+                    || key.cooldown_until > now
+                    || key.suspended_until > now
             });
         }
     }

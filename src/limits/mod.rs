@@ -213,6 +213,10 @@ pub enum CounterError {
     QueueClosed,
     #[error("redis is failing; calls are skipped for a moment")]
     CircuitOpen,
+    /// Redis holds a provider pool stamped `newer`, later than the caller's: the caller
+    /// reloads its pool from the database and asks again (see `pool::cache::Pool`).
+    #[error("redis holds a newer version of the provider pool")]
+    PoolOutdated { newer: i64 },
 }
 
 /// A test hook: milliseconds added to the counters' clock, so tests can move time
@@ -270,6 +274,17 @@ impl Counters {
         }
     }
 
+    /// Ends a provider key's cooldown and suspension now.
+    pub async fn reset_provider_key(&self, provider: &str, id: &str) -> Result<(), CounterError> {
+        match self {
+            Counters::Memory(m) => {
+                m.reset_provider_key(provider, id);
+                Ok(())
+            }
+            Counters::Redis(r) => r.reset_provider_key(provider, id).await,
+        }
+    }
+
     /// The new expiry, or `None` when the lease is unknown or expired.
     pub async fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Result<Option<i64>, CounterError> {
         match self {
@@ -283,6 +298,15 @@ impl Counters {
         match self {
             Counters::Memory(_) => Ok(()),
             Counters::Redis(r) => r.ready().await,
+        }
+    }
+
+    /// Drops lapsed state from the in-process twin (the embedded store, or the Redis
+    /// shape's outage twin); run periodically. Redis expires its own keys.
+    pub fn sweep(&self) {
+        match self {
+            Counters::Memory(m) => m.sweep(),
+            Counters::Redis(r) => r.sweep_fallback(),
         }
     }
 

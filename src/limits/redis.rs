@@ -17,6 +17,7 @@
 //! | `{P}:p:<provider>:order` | zset | key id → priority rank · 2^42 + last pick |
 //! | `{P}:pk:<id>:rpm` / `:tpm` | hash | a provider key's windows |
 //! | `{P}:pk:<id>:cd` / `:susp` | string | when its cooldown / suspension ends (ms) |
+//! | `{P}:pk:<id>:cause` | hash | `cd` / `susp` → the report behind them (`status\|at\|source`) |
 //!
 //! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
 //! `SCRIPT FLUSH`), `redis::Script` sees NOSCRIPT, loads, and retries once.
@@ -27,6 +28,8 @@
 //! twin ([`MemoryCounters`]), per replica and so only approximately. In `allow` and
 //! `local`, reports go through the twin's queue straight to the database (applied once
 //! by lease id, like any report); in `deny` they are refused and the caller retries.
+//! The twin is swept periodically; its live balances are forgotten at the start of each
+//! outage (and between outages), so an outage starts from the database's balances.
 //!
 //! Connections: deadpool-redis health-checks every checkout with a PING round trip, so
 //! checking a connection out per decision would cost two round trips. Instead the hot
@@ -35,7 +38,7 @@
 //! pipelined on the same socket. A lane that fails with a connection error is replaced
 //! through the pool (which checks the new one).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::conn::{Conn, Pools, Target};
@@ -50,7 +53,7 @@ use super::{
 use crate::clock::now_ms;
 use crate::config::BackendErrorPolicy;
 use crate::pool::cache::{Candidate, Pool};
-use crate::pool::LiveState;
+use crate::pool::{Cause, LiveState};
 use crate::usage::UsageRecord;
 
 /// The Lua sources, compiled into the binary.
@@ -167,6 +170,8 @@ pub struct RedisCounters {
     policy: BackendErrorPolicy,
     /// The in-process twin used while Redis fails (`allow` and `local`).
     fallback: Option<Arc<MemoryCounters>>,
+    /// Set by the first degraded answer of an outage, cleared by Redis answering again.
+    in_outage: AtomicBool,
 }
 
 /// An error that means "Redis cannot answer", as opposed to a bug.
@@ -179,7 +184,9 @@ fn is_outage(e: &CounterError) -> bool {
                 || e.is_connection_refusal()
         }
         CounterError::Pool(_) | CounterError::CircuitOpen => true,
-        CounterError::Protocol(_) | CounterError::QueueClosed => false,
+        CounterError::Protocol(_)
+        | CounterError::QueueClosed
+        | CounterError::PoolOutdated { .. } => false,
     }
 }
 
@@ -204,6 +211,7 @@ impl RedisCounters {
             breaker: Breaker::default(),
             policy: BackendErrorPolicy::Deny,
             fallback: None,
+            in_outage: AtomicBool::new(false),
         };
         counters.load_scripts().await?;
         Ok(counters)
@@ -230,7 +238,13 @@ impl RedisCounters {
         }
         let result = call.await;
         match &result {
-            Ok(_) => self.breaker.success(),
+            Ok(_) => {
+                self.breaker.success();
+                // A load, not a store, on the hot path: the flag is written once per outage.
+                if self.in_outage.load(Ordering::Relaxed) {
+                    self.in_outage.store(false, Ordering::Relaxed);
+                }
+            }
             Err(e) if is_outage(e) => self.breaker.failure(),
             Err(_) => {}
         }
@@ -245,6 +259,12 @@ impl RedisCounters {
             BackendErrorPolicy::Local => "local",
         };
         let fallback = self.fallback.as_deref()?;
+        if !self.in_outage.swap(true, Ordering::Relaxed) {
+            // A new outage: the twin's live balances are an earlier outage's, behind
+            // whatever Redis and the database have seen since. Each key starts again from
+            // its database snapshot.
+            fallback.forget_balances();
+        }
         crate::metrics::get()
             .degraded_answers
             .with_label_values(&[mode])
@@ -330,7 +350,8 @@ impl RedisCounters {
         call.arg(i64::from(client)).arg(version);
     }
 
-    /// Writes the caller's pool into Redis (`lua/pool_sync.lua`).
+    /// Writes the caller's pool into Redis (`lua/pool_sync.lua`), unless Redis holds one
+    /// stamped later ([`CounterError::PoolOutdated`]).
     async fn sync_pool(&self, candidates: &Pool) -> Result<(), CounterError> {
         let Some(first) = candidates.first() else {
             return Ok(());
@@ -340,7 +361,10 @@ impl RedisCounters {
         priorities.dedup();
         let [def, order] = self.pool_keys(&first.provider);
         let mut call = self.scripts.pool_sync.prepare_invoke();
-        call.key(def).key(order).arg(candidates.version());
+        call.key(def)
+            .key(order)
+            .arg(candidates.version())
+            .arg(candidates.stamp());
         for (index, c) in candidates.iter().enumerate() {
             let rank = priorities.binary_search(&c.priority).unwrap_or_default();
             call.arg(&c.id)
@@ -349,13 +373,17 @@ impl RedisCounters {
                 .arg(rank)
                 .arg(index);
         }
-        let _: i64 = self.lanes.invoke("pool_sync", &call).await?;
-        Ok(())
+        match self.lanes.invoke::<i64>("pool_sync", &call).await? {
+            0 => Ok(()),
+            newer => Err(CounterError::PoolOutdated { newer }),
+        }
     }
 
     /// Runs an admit-script call. When Redis holds another version of the pool (an admin
     /// change, or its first use), syncs the pool and runs the call once more: the one
-    /// case where a decision takes more than one round trip.
+    /// case where a decision takes more than one round trip. When the pool in Redis is
+    /// stamped later than the caller's, nothing is written: the caller's pool is
+    /// outdated ([`CounterError::PoolOutdated`]), and it reloads it.
     async fn invoke_admit(
         &self,
         name: &str,
@@ -366,6 +394,9 @@ impl RedisCounters {
         let (7, Some(pool)) = (reply.code, pool) else {
             return Ok(reply);
         };
+        if reply.a > pool.stamp() {
+            return Err(CounterError::PoolOutdated { newer: reply.a });
+        }
         self.sync_pool(pool).await?;
         let reply = AdmitReply::parse(self.lanes.invoke(name, call).await?)?;
         if reply.code == 7 {
@@ -499,26 +530,51 @@ impl RedisCounters {
         }
         let mut call = self.scripts.pool_state.prepare_invoke();
         for id in ids {
-            for what in ["rpm", "tpm", "cd", "susp"] {
+            for what in ["rpm", "tpm", "cd", "susp", "cause"] {
                 call.key(self.pk(id, what));
             }
         }
         call.arg(self.shift.get());
-        let reply: Vec<i64> = self.lanes.invoke("pool_state", &call).await?;
-        if reply.len() != ids.len() * 4 {
-            return Err(CounterError::Protocol(
-                "pool_state returned the wrong number of values".into(),
-            ));
+        let reply: Vec<redis::Value> = self.lanes.invoke("pool_state", &call).await?;
+        let bad = || CounterError::Protocol("pool_state returned an unexpected answer".into());
+        if reply.len() != ids.len() * 6 {
+            return Err(bad());
         }
-        Ok(reply
-            .chunks(4)
-            .map(|c| LiveState {
-                requests_last_60s: c[0],
-                tokens_last_60s: c[1],
-                cooldown_remaining_ms: c[2],
-                suspended_remaining_ms: c[3],
+        let int = |v: &redis::Value| redis::from_redis_value_ref::<i64>(v).map_err(|_| bad());
+        let cause = |v: &redis::Value| {
+            redis::from_redis_value_ref::<String>(v)
+                .ok()
+                .and_then(|text| Cause::decode(&text))
+        };
+        reply
+            .chunks(6)
+            .map(|c| {
+                Ok(LiveState {
+                    requests_last_60s: int(&c[0])?,
+                    tokens_last_60s: int(&c[1])?,
+                    cooldown_remaining_ms: int(&c[2])?,
+                    suspended_remaining_ms: int(&c[3])?,
+                    cooldown_cause: cause(&c[4]),
+                    suspension_cause: cause(&c[5]),
+                })
             })
-            .collect())
+            .collect()
+    }
+
+    /// Ends a provider key's cooldown and suspension now, here and in the outage twin
+    /// (one DEL of keys under the deployment's hash tag, so one slot).
+    pub async fn reset_provider_key(&self, provider: &str, id: &str) -> Result<(), CounterError> {
+        if let Some(twin) = &self.fallback {
+            twin.reset_provider_key(provider, id);
+        }
+        let mut conn = self.conn().await?;
+        let _: i64 = redis::cmd("DEL")
+            .arg(self.pk(id, "cd"))
+            .arg(self.pk(id, "susp"))
+            .arg(self.pk(id, "cause"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     pub async fn report(&self, r: &Report) -> Result<Reported, CounterError> {
@@ -550,7 +606,8 @@ impl RedisCounters {
         if let Some(pk) = &r.provider_key_id {
             call.key(self.pk(pk, "tpm"))
                 .key(self.pk(pk, "cd"))
-                .key(self.pk(pk, "susp"));
+                .key(self.pk(pk, "susp"))
+                .key(self.pk(pk, "cause"));
         }
         call.arg(token)
             .arg(&r.id)
@@ -567,6 +624,7 @@ impl RedisCounters {
             .arg(self.shift.get())
             .arg(r.cooldown_ms)
             .arg(r.suspend_ms)
+            .arg(crate::pool::bounded_source(&r.source))
             .arg(r.lease_expires_at_ms);
         let reply: Vec<i64> = self.lanes.invoke("report", &call).await?;
         match reply.first() {
@@ -600,6 +658,18 @@ impl RedisCounters {
             .arg(self.shift.get());
         let expiry: i64 = self.lanes.invoke("renew", &call).await?;
         Ok((expiry > 0).then_some(expiry))
+    }
+
+    /// Sweeps the outage twin (see [`MemoryCounters::sweep`]). Between outages its live
+    /// balances are dropped too: they are stale, and they would keep every key that ever
+    /// had one in memory.
+    pub fn sweep_fallback(&self) {
+        if let Some(twin) = &self.fallback {
+            if !self.in_outage.load(Ordering::Relaxed) {
+                twin.forget_balances();
+            }
+            twin.sweep();
+        }
     }
 
     /// Redis answers and holds every script.

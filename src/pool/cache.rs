@@ -33,14 +33,26 @@ impl std::fmt::Debug for Candidate {
 /// A provider's candidates, with a fingerprint of them (ids, limits, priorities, order)
 /// computed once per load: the Redis shape sends it so the admit script can tell whether
 /// Redis holds the same pool (see `lua/pool_sync.lua`).
+///
+/// The stamp orders pools: when it was loaded (this replica's clock, Unix ms). A replica
+/// that finds a pool in Redis stamped later than its own reloads from the database
+/// instead of writing its own back (see `admission`), so two replicas holding different
+/// pools (a lost invalidation) cannot rewrite the pool in turn on every request.
 #[derive(Debug)]
 pub struct Pool {
     keys: Vec<Candidate>,
     version: String,
+    stamp: i64,
 }
 
 impl Pool {
+    /// A pool loaded now.
     pub fn new(keys: Vec<Candidate>) -> Pool {
+        Self::stamped(keys, crate::clock::now_ms())
+    }
+
+    /// A pool with the given stamp.
+    pub fn stamped(keys: Vec<Candidate>, stamp: i64) -> Pool {
         use sha2::{Digest, Sha256};
         let mut hash = Sha256::new();
         // Fixed-width numbers after each id, so no two pools hash the same bytes.
@@ -52,11 +64,31 @@ impl Pool {
             }
         }
         let version = hex::encode(&hash.finalize()[..8]);
-        Pool { keys, version }
+        Pool {
+            keys,
+            version,
+            stamp,
+        }
     }
 
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    pub fn stamp(&self) -> i64 {
+        self.stamp
+    }
+
+    /// This pool, stamped later than `stamp` (a copy when it is not already).
+    pub fn stamped_after(self: &Arc<Self>, stamp: i64) -> Arc<Pool> {
+        if self.stamp > stamp {
+            return self.clone();
+        }
+        Arc::new(Pool {
+            keys: self.keys.clone(),
+            version: self.version.clone(),
+            stamp: stamp + 1,
+        })
     }
 }
 
@@ -72,6 +104,8 @@ pub struct PoolLoader {
     db: Db,
     keyring: Arc<Keyring>,
     ttl: Duration,
+    /// For a provider without an active key (any name a caller sends becomes one).
+    negative_ttl: Duration,
 }
 
 impl Loader for PoolLoader {
@@ -102,15 +136,54 @@ impl Loader for PoolLoader {
         Ok(Arc::new(Pool::new(candidates)))
     }
 
-    fn ttl(&self, _value: &Self::Value) -> Duration {
-        self.ttl
+    fn ttl(&self, value: &Self::Value) -> Duration {
+        if value.is_empty() {
+            self.negative_ttl
+        } else {
+            self.ttl
+        }
+    }
+
+    /// An empty pool is what any unknown provider name loads, so callers choose how many
+    /// there are: like an unknown client key, it lives for the negative TTL, is never
+    /// served past it, and is dropped first when the cache is full.
+    fn evictable(&self, value: &Self::Value) -> bool {
+        value.is_empty()
+    }
+
+    fn serve_stale(&self, value: &Self::Value) -> bool {
+        !value.is_empty()
     }
 }
 
 pub type PoolCache = Cache<PoolLoader>;
 
-pub fn new(db: Db, keyring: Arc<Keyring>, ttl: Duration) -> PoolCache {
-    Cache::new(PoolLoader { db, keyring, ttl })
+pub fn new(db: Db, keyring: Arc<Keyring>, ttl: Duration, negative_ttl: Duration) -> PoolCache {
+    Cache::new(PoolLoader {
+        db,
+        keyring,
+        ttl,
+        negative_ttl,
+    })
+}
+
+/// [`new`] with a smaller bound, for tests.
+pub fn with_capacity(
+    db: Db,
+    keyring: Arc<Keyring>,
+    ttl: Duration,
+    negative_ttl: Duration,
+    capacity: usize,
+) -> PoolCache {
+    Cache::with_capacity(
+        PoolLoader {
+            db,
+            keyring,
+            ttl,
+            negative_ttl,
+        },
+        capacity,
+    )
 }
 
 #[cfg(test)]
@@ -127,6 +200,43 @@ mod tests {
             max_tpm: Some(100),
             value: "sk-x".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn unknown_providers_expire_and_cannot_grow_the_cache() {
+        let db = Db::connect("sqlite::memory:").await.unwrap();
+        db.migrate().await.unwrap();
+        let keyring = Arc::new(Keyring::new(&[7; 32], &[]));
+        let cache = Arc::new(with_capacity(
+            db.clone(),
+            keyring.clone(),
+            Duration::from_secs(3600),
+            Duration::from_millis(200),
+            100,
+        ));
+        // Any name a caller sends loads an empty pool; they never pile up.
+        for i in 0..1_000 {
+            assert!(cache.get(&format!("made-up-{i}")).await.unwrap().is_empty());
+            assert!(cache.len() <= 100, "{} entries", cache.len());
+        }
+        // An empty pool is not served past its (negative) TTL, even when the key that
+        // fills it came without an invalidation.
+        assert!(cache.get("late").await.unwrap().is_empty());
+        super::store::insert(
+            &db,
+            &uuid::Uuid::new_v4().to_string(),
+            "late",
+            "l",
+            &keyring.encrypt("sk-late"),
+            0,
+            None,
+            None,
+            1,
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(cache.get("late").await.unwrap().len(), 1);
     }
 
     #[test]

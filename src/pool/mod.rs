@@ -45,12 +45,96 @@ pub struct ProviderKey {
 }
 
 /// What the counter store knows about a key right now.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LiveState {
     pub requests_last_60s: i64,
     pub tokens_last_60s: i64,
     pub cooldown_remaining_ms: i64,
     pub suspended_remaining_ms: i64,
+    /// The report behind the current cooldown (`None` when the key is not cooling down).
+    pub cooldown_cause: Option<Cause>,
+    /// The report behind the current suspension (`None` when not suspended).
+    pub suspension_cause: Option<Cause>,
+}
+
+/// The report that cooled down or suspended a key, kept with the cooldown / suspension
+/// (and expiring with it) so an operator can see who stopped a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cause {
+    /// The upstream status reported (429, 401, 403); `None` if the report gave none.
+    pub upstream_status: Option<i64>,
+    /// When, on the counter store's clock (Unix ms).
+    pub at_ms: i64,
+    /// `lease <lease id>` or `data-token` (see [`crate::limits::Report::source`]), at most
+    /// [`MAX_CAUSE_SOURCE`] characters.
+    pub source: String,
+}
+
+/// The longest report source kept as a cause; a longer one is cut.
+pub const MAX_CAUSE_SOURCE: usize = 200;
+
+impl Cause {
+    /// A cause from a report's fields, its source cut to [`MAX_CAUSE_SOURCE`] characters.
+    pub fn new(upstream_status: Option<i64>, at_ms: i64, source: &str) -> Cause {
+        Cause {
+            upstream_status,
+            at_ms,
+            source: bounded_source(source).to_string(),
+        }
+    }
+
+    /// The stored form `status|at ms|source` (`status` empty when unknown).
+    pub fn encode(&self) -> String {
+        let status = self.upstream_status.map(|s| s.to_string());
+        format!(
+            "{}|{}|{}",
+            status.unwrap_or_default(),
+            self.at_ms,
+            self.source
+        )
+    }
+
+    /// Reads [`Cause::encode`]'s form; `None` for anything else (or an empty text).
+    pub fn decode(text: &str) -> Option<Cause> {
+        let mut parts = text.splitn(3, '|');
+        let status = parts.next()?;
+        let at_ms = parts.next()?.parse().ok()?;
+        let source = parts.next()?;
+        Some(Cause {
+            upstream_status: if status.is_empty() {
+                None
+            } else {
+                Some(status.parse().ok()?)
+            },
+            at_ms,
+            source: bounded_source(source).to_string(),
+        })
+    }
+}
+
+/// `source` cut to [`MAX_CAUSE_SOURCE`] characters (on a character boundary).
+pub fn bounded_source(source: &str) -> &str {
+    match source.char_indices().nth(MAX_CAUSE_SOURCE) {
+        Some((end, _)) => &source[..end],
+        None => source,
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct CauseView {
+    pub upstream_status: Option<i64>,
+    pub at: String,
+    pub source: String,
+}
+
+impl From<&Cause> for CauseView {
+    fn from(c: &Cause) -> CauseView {
+        CauseView {
+            upstream_status: c.upstream_status,
+            at: to_rfc3339(c.at_ms),
+            source: c.source.clone(),
+        }
+    }
 }
 
 /// The admin API's view of a provider key: everything but the value.
@@ -79,6 +163,10 @@ pub struct LiveView {
     pub cooldown_remaining_ms: i64,
     pub suspended: bool,
     pub suspended_remaining_ms: i64,
+    /// Why the key is cooling down (null when it is not).
+    pub cooldown_cause: Option<CauseView>,
+    /// Why the key is suspended (null when it is not).
+    pub suspension_cause: Option<CauseView>,
 }
 
 impl ProviderKey {
@@ -102,6 +190,8 @@ impl ProviderKey {
                 cooldown_remaining_ms: l.cooldown_remaining_ms,
                 suspended: l.suspended_remaining_ms > 0,
                 suspended_remaining_ms: l.suspended_remaining_ms,
+                cooldown_cause: l.cooldown_cause.as_ref().map(CauseView::from),
+                suspension_cause: l.suspension_cause.as_ref().map(CauseView::from),
             }),
         }
     }
@@ -113,4 +203,25 @@ pub fn valid_provider(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_round_trip_and_sources_are_bounded() {
+        let c = Cause::new(Some(429), 1_764_460_000_000, "lease a|b.c");
+        assert_eq!(Cause::decode(&c.encode()), Some(c));
+        let unknown = Cause::new(None, 5, "data-token");
+        assert_eq!(Cause::decode(&unknown.encode()), Some(unknown));
+        for bad in ["", "429", "429|x|s", "x|1|s"] {
+            assert_eq!(Cause::decode(bad), None, "{bad}");
+        }
+        let long = "é".repeat(MAX_CAUSE_SOURCE + 50);
+        assert_eq!(
+            Cause::new(Some(401), 1, &long).source.chars().count(),
+            MAX_CAUSE_SOURCE
+        );
+    }
 }

@@ -95,6 +95,23 @@ impl ProviderKeys {
         Ok(key)
     }
 
+    /// Ends the key's cooldown and suspension at once (they would otherwise end by
+    /// themselves); its windows and pick history stay. Answers the key's live state after.
+    pub async fn reset(&self, id: &str) -> Result<(ProviderKey, LiveState), PoolError> {
+        let key = self.get(id).await?;
+        self.counters
+            .reset_provider_key(&key.provider, &key.id)
+            .await?;
+        let live = self
+            .counters
+            .pool_state(&key.provider, std::slice::from_ref(&key.id))
+            .await?
+            .pop()
+            .unwrap_or_default();
+        tracing::info!(provider = %key.provider, provider_key_id = %id, "provider key cooldown and suspension cleared");
+        Ok((key, live))
+    }
+
     /// Reported usage per minute, newest first, at most `limit` minutes.
     pub async fn usage(&self, id: &str, limit: i64) -> Result<Vec<MinuteUsage>, PoolError> {
         self.get(id).await?;
