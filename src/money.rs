@@ -15,6 +15,20 @@ pub const MICROS_PER_USD: i64 = 1_000_000;
 pub const MAX_USD: i64 = 1_000_000_000;
 pub const MAX_MICROS: i64 = MAX_USD * MICROS_PER_USD;
 
+/// The largest total kept anywhere (a key's spent and credited micro-USD, its requests
+/// and tokens): 2^53 − 1, about 9 billion USD. Every integer up to it is exact as a
+/// double, so the Lua scripts (whose numbers are doubles) and JSON readers that parse
+/// numbers as doubles (JavaScript) see these values exactly, and a sum of two of them
+/// still fits an i64. A change that would take a total past it is refused, never
+/// wrapped or rounded.
+pub const MAX_TOTAL: i64 = (1 << 53) - 1;
+
+/// The largest cost one report may carry: 1,000,000 USD. No single LLM request costs
+/// anywhere near that, so a larger value is a mistake or an attack (one forged report
+/// once charged 1e9 USD), and with it a live balance needs billions of reports to
+/// approach [`MAX_TOTAL`].
+pub const MAX_REPORT_MICROS: i64 = 1_000_000 * MICROS_PER_USD;
+
 /// An amount of USD, held as integer micro-USD.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Usd(pub i64);

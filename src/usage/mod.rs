@@ -6,14 +6,16 @@
 //! transaction, and only when the insert actually added a row; re-applying a batch
 //! changes nothing. This is the database half of exactly-once accounting.
 
+pub mod dead_letters;
 pub mod store;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::money::Usd;
 
-/// What one finished request cost; becomes one `usage_records` row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What one finished request cost; becomes one `usage_records` row. Serialized as JSON
+/// only for a dead letter (`usage_dead_letters.record`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     /// The lease id, or a fresh id for a report that had none.
     pub id: String,
@@ -29,12 +31,6 @@ pub struct UsageRecord {
     pub upstream_status: Option<i64>,
     /// Unix milliseconds.
     pub created_at: i64,
-}
-
-impl UsageRecord {
-    pub fn total_tokens(&self) -> i64 {
-        self.prompt_tokens.saturating_add(self.completion_tokens)
-    }
 }
 
 /// Totals over a time range, and the same per UTC day.
