@@ -29,6 +29,14 @@ pub const MAX_TOTAL: i64 = (1 << 53) - 1;
 /// approach [`MAX_TOTAL`].
 pub const MAX_REPORT_MICROS: i64 = 1_000_000 * MICROS_PER_USD;
 
+/// `value` held within ±[`MAX_TOTAL`]: the live balance of the counter stores. Past
+/// either end a key is far beyond exhausted, or credited far beyond any use, so holding
+/// it there loses nothing that matters, and keeps every value exact in the Lua scripts
+/// (which clamp the same way) and every sum of two of them inside an i64.
+pub fn bounded(value: i128) -> i64 {
+    value.clamp(-i128::from(MAX_TOTAL), i128::from(MAX_TOTAL)) as i64
+}
+
 /// An amount of USD, held as integer micro-USD.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Usd(pub i64);
@@ -181,6 +189,15 @@ mod tests {
         assert!(parse_usd("abc").is_err());
         assert!(parse_usd(".5").is_err());
         assert!(parse_usd("1.2.3").is_err());
+    }
+
+    #[test]
+    fn bounds_hold_exactly() {
+        assert_eq!(MAX_TOTAL as f64 as i64, MAX_TOTAL);
+        assert_eq!(bounded(i128::from(i64::MAX) * 2), MAX_TOTAL);
+        assert_eq!(bounded(-i128::from(i64::MAX) * 2), -MAX_TOTAL);
+        assert_eq!(bounded(-5), -5);
+        const { assert!(MAX_MICROS < MAX_TOTAL && MAX_REPORT_MICROS < MAX_MICROS) };
     }
 
     #[test]
