@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{eventually, Cluster, Shape, TestServer};
+use common::{eventually, Backend, Cluster, Shape, TestDb, TestServer};
+use keyward::accounting::apply_batch;
+use keyward::usage::{dead_letters, UsageRecord};
 use reqwest::Method;
 use serde_json::{json, Value};
 use sqlx::{AnyPool, Executor};
@@ -168,3 +170,54 @@ async fn poisoned_record_is_set_aside_and_the_queue_goes_on(shape: Shape) {
 }
 
 on_both_shapes!(poisoned_record_is_set_aside_and_the_queue_goes_on);
+
+fn record(id: &str, model: &str, cost: i64) -> UsageRecord {
+    UsageRecord {
+        id: id.to_string(),
+        key_id: None,
+        provider: Some("openai".into()),
+        model: Some(model.into()),
+        api_format: None,
+        provider_key_id: None,
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        cost_micros: cost,
+        latency_ms: None,
+        upstream_status: None,
+        created_at: 1_700_000_000_000,
+    }
+}
+
+/// The writer's batch apply, directly: a NUL in a model (Postgres refuses it) and a cost
+/// past the range of totals are each set aside; the records around them are applied;
+/// applying the same batch again changes nothing and sets nothing aside twice.
+async fn refused_records_in_a_batch_are_found_and_set_aside(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let batch = vec![
+        record("good-1", "gpt-4o", 10),
+        record("nul", "gpt\0-4o", 10),
+        record("huge", "gpt-4o", keyward::money::MAX_TOTAL + 1),
+        record("good-2", "gpt-4o", 10),
+    ];
+    let applied = apply_batch(&store, &batch).await.unwrap();
+    // SQLite stores a NUL in text; Postgres refuses it.
+    let refused = if backend == Backend::Postgres { 2 } else { 1 };
+    assert_eq!(applied.inserted, 4 - refused, "{applied:?}");
+    assert_eq!(applied.dead_lettered, refused, "{applied:?}");
+    let again = apply_batch(&store, &batch).await.unwrap();
+    assert_eq!(again.duplicates, 4 - refused, "{again:?}");
+    let letters = dead_letters::list(&store, 10).await.unwrap();
+    assert_eq!(letters.len(), refused);
+    assert!(letters.iter().all(|l| l.attempts == 2), "{letters:?}");
+    let huge = letters.iter().find(|l| l.record_id == "huge").unwrap();
+    assert!(huge.error.contains("cost"), "{huge:?}");
+    if backend == Backend::Postgres {
+        let nul = letters.iter().find(|l| l.record_id == "nul").unwrap();
+        let kept: UsageRecord = serde_json::from_str(&nul.record).unwrap();
+        assert_eq!(kept, batch[1], "the record is kept whole, NUL included");
+    }
+    store.close().await;
+}
+
+on_both_backends!(refused_records_in_a_batch_are_found_and_set_aside);
