@@ -221,3 +221,39 @@ async fn refused_records_in_a_batch_are_found_and_set_aside(backend: Backend) {
 }
 
 on_both_backends!(refused_records_in_a_batch_are_found_and_set_aside);
+
+/// An entry in the Redis usage stream that is not a usage record is kept as a dead
+/// letter (with its fields), not dropped, and the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_stream_entry_is_kept_not_dropped() {
+    let c = Cluster::start_n(Shape::Distributed, 1, |_| {}).await;
+    let s = &c.servers[0];
+    let keyward::limits::Counters::Redis(redis) = &s.state.counters else {
+        panic!("distributed shape without Redis");
+    };
+    let mut conn = redis.conn().await.unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(redis.stream_key())
+        .arg("*")
+        .arg("id")
+        .arg("no-timestamp")
+        .arg("model")
+        .arg("gpt-4o")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (key, secret) = s.create_key(json!({})).await;
+    admit_and_report(s, &secret, "gpt-4o").await;
+    let id = key["id"].as_str().unwrap().to_string();
+    eventually(30, || async {
+        (key_totals(s, &id).await.0 == 1).then_some(())
+    })
+    .await;
+    let list = dead_letters(s).await;
+    assert_eq!(list["total"], 1, "{list}");
+    let letter = &list["dead_letters"][0];
+    assert!(letter["record_id"].as_str().unwrap().starts_with("stream:"));
+    assert_eq!(letter["record"]["id"], "no-timestamp");
+    assert_eq!(letter["record"]["model"], "gpt-4o");
+    c.stop().await;
+}
