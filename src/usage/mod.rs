@@ -33,6 +33,14 @@ pub struct UsageRecord {
     pub created_at: i64,
 }
 
+impl UsageRecord {
+    /// Prompt plus completion tokens, saturating (the writer checks the range itself
+    /// before it stores a record).
+    pub fn total_tokens(&self) -> i64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+}
+
 /// Totals over a time range, and the same per UTC day.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct KeyStats {
