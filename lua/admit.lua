@@ -70,7 +70,12 @@ assert(conc_limit and conc_limit >= 0, 'concurrency limit')
 assert(tokens and tokens >= 0, 'tokens')
 assert(token and #token > 0, 'lease token')
 assert(ttl and ttl > 0, 'lease ttl')
-assert(credited and used and version, 'balance')
+-- Every amount stays within +-MAX (2^53 - 1), where a Lua double is exact; the live
+-- balance is held within it (the caller bounds credited and used the same way).
+local MAX = 9007199254740991
+local function bounded(x) return math.max(-MAX, math.min(MAX, x)) end
+assert(credited and used and version and math.abs(credited) <= MAX and math.abs(used) <= MAX, 'balance')
+assert(tokens <= MAX, 'tokens')
 assert(shift, 'time shift')
 
 local t = redis.call('TIME')
@@ -179,14 +184,15 @@ local rem, hwm = -1, nil
 if client and bal_tracked then
   local h = redis.call('HMGET', KEYS[5], 'rem', 'cred', 'ver', 'hwm')
   if not h[1] then
-    rem = credited - used
-    redis.call('HSET', KEYS[5], 'rem', rem, 'cred', credited, 'ver', version)
+    rem = bounded(credited - used)
+    redis.call('HSET', KEYS[5], 'rem', int(rem), 'cred', int(credited), 'ver', int(version))
   else
     rem = tonumber(h[1])
+    assert(rem, 'live balance is not a number')
     -- An admin credit or debit the counters have not seen yet: apply its delta once.
     if tonumber(h[3]) < version then
-      rem = rem + credited - tonumber(h[2])
-      redis.call('HSET', KEYS[5], 'rem', rem, 'cred', credited, 'ver', version)
+      rem = bounded(rem + (credited - (tonumber(h[2]) or 0)))
+      redis.call('HSET', KEYS[5], 'rem', int(rem), 'cred', int(credited), 'ver', int(version))
     end
     hwm = tonumber(h[4])
   end

@@ -17,7 +17,7 @@
 --   1  lease token ("" = a report without a lease: nothing to settle or deduplicate)
 --   2  lease id or record id     3  client key id ("" = none)
 --   4  tokens reported (1/0)     5  prompt tokens    6  completion tokens
---   7  cost micro-USD (>= 0)     8  duplicate guard ttl ms (> 0)
+--   7  cost micro-USD (0..2^53-1) 8  duplicate guard ttl ms (> 0)
 --   9  model ("" = the one given at admission)       10 provider key id ("" = none)
 --   11 latency ms ("" = unknown)                     12 upstream status ("" = unknown)
 --   13 time shift ms (0 in production)
@@ -31,6 +31,12 @@
 -- The duplicate guard lives until the guard ttl after the lease's latest expiry (the
 -- signed one, or a later one after renewals), and a report is refused after that: so a
 -- lease can never be reported twice, however late the repeat.
+--
+-- Everything is read, checked and computed before the first write: Redis does not roll
+-- a script back, so an error after the duplicate guard was set would lose the report
+-- (its retry would answer "duplicate"). Every number stays within +-MAX (2^53 - 1, the
+-- largest range of integers a Lua double holds exactly); the live balance is held
+-- within it, as the in-process twin does.
 --
 -- In one step: the slot is released, token reservations (client's and provider key's)
 -- are replaced by the actual count in the second where they were made (if still in the
@@ -49,33 +55,36 @@ local shift = tonumber(ARGV[13])
 local cooldown = tonumber(ARGV[14])
 local suspend = tonumber(ARGV[15])
 local signed_expiry = tonumber(ARGV[17])
+local MAX = 9007199254740991 -- 2^53 - 1
+local function whole(x) return x and x >= 0 and x <= MAX and x == math.floor(x) end
 assert(#lease_id > 0, 'id')
-assert(prompt and prompt >= 0 and completion and completion >= 0, 'tokens')
-assert(cost and cost >= 0, 'cost')
+assert(whole(prompt) and whole(completion), 'tokens')
+assert(whole(cost), 'cost')
 assert(guard_ttl and guard_ttl > 0, 'guard ttl')
-assert(shift and cooldown and cooldown >= 0 and suspend and suspend >= 0, 'times')
-assert(signed_expiry and signed_expiry >= 0, 'lease expiry')
+assert(shift and whole(cooldown) and whole(suspend), 'times')
+assert(whole(signed_expiry), 'lease expiry')
 assert(#KEYS == (pk == '' and 6 or 10), 'provider key keys')
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
 local b = math.floor(now / 1000)
 
--- A whole number as Redis takes it (Lua's own conversion may say "1e+14").
+-- A whole number as Redis stores it (Lua's own conversion keeps 14 digits: "1e+15").
 local function int(x) return string.format('%.0f', x) end
 
--- Replaces `reserved` tokens taken at second `bucket` by the actual count.
+-- Reads only: what settling `reserved` tokens taken at second `bucket` writes (the
+-- bucket's and the sum's new values), or nil when there is nothing to settle.
 local function settle(key, bucket, reserved)
-  if not (has_tokens and reserved and bucket >= b - 60) then return end
-  local old = tonumber(redis.call('HGET', key, bucket))
-  if old then
-    local new = math.max(0, old + prompt + completion - reserved)
-    redis.call('HSET', key, bucket, new)
-    redis.call('HINCRBY', key, 's', new - old)
-  end
+  if not (has_tokens and reserved and bucket and bucket >= b - 60) then return nil end
+  local h = redis.call('HMGET', key, bucket, 's')
+  local old, sum = tonumber(h[1]), tonumber(h[2]) or 0
+  if not old then return nil end
+  local new = math.max(0, old + prompt + completion - reserved)
+  return {key, bucket, new, math.max(0, sum + new - old)}
 end
 
 local provider, model, api_format = '', ARGV[9], ''
+local held, settles, bal, lapses = false, {}, nil, nil
 if token ~= '' then
   local expiry = math.max(signed_expiry, tonumber(redis.call('ZSCORE', KEYS[2], token) or '0'))
   -- The guard holds the time it lapses, on the script clock; "1" is a guard written by
@@ -83,25 +92,41 @@ if token ~= '' then
   local guard = tonumber(redis.call('GET', KEYS[5]) or '0')
   if guard == 1 or guard > now then return {0, now} end
   if signed_expiry > 0 and now > expiry + guard_ttl then return {2, now} end
-  local lapses = math.max(now, expiry) + guard_ttl
-  redis.call('SET', KEYS[5], int(lapses), 'PX', int(lapses - now))
+  lapses = math.max(now, expiry) + guard_ttl
   local data = redis.call('HGET', KEYS[3], token)
   if data then
+    held = true
     local f = {}
     for part in string.gmatch(data .. '|', '([^|]*)|') do f[#f + 1] = part end
     local bucket = tonumber(f[1])
     provider, api_format = f[3] or '', f[5] or ''
     if model == '' then model = f[4] or '' end
+    redis.call('ZSCORE', KEYS[2], token) -- only to fail here, not later, on a wrong type
+    settles[#settles + 1] = settle(KEYS[1], bucket, tonumber(f[2]))
+    if pk ~= '' and f[6] == pk then settles[#settles + 1] = settle(KEYS[7], bucket, tonumber(f[7])) end
+  end
+  local h = redis.call('HMGET', KEYS[4], 'rem', 'hwm')
+  if h[1] then
+    local rem = tonumber(h[1])
+    assert(rem, 'live balance is not a number')
+    local hwm = tonumber(h[2] or '-1') or -1
+    bal = {math.max(-MAX, math.min(MAX, rem - cost)), math.max(hwm, cost)}
+  end
+end
+-- The queue must take the entry: a key of another type would fail the XADD below.
+local kind = redis.call('TYPE', KEYS[6])
+kind = type(kind) == 'table' and kind.ok or kind
+assert(kind == 'none' or kind == 'stream', 'usage stream')
+
+-- Nothing can fail from here on: write.
+if token ~= '' then
+  redis.call('SET', KEYS[5], int(lapses), 'PX', int(lapses - now))
+  if held then
     redis.call('HDEL', KEYS[3], token)
     redis.call('ZREM', KEYS[2], token)
-    settle(KEYS[1], bucket, tonumber(f[2]))
-    if pk ~= '' and f[6] == pk then settle(KEYS[7], bucket, tonumber(f[7])) end
   end
-  if redis.call('EXISTS', KEYS[4]) == 1 then
-    if cost > 0 then redis.call('HINCRBY', KEYS[4], 'rem', -cost) end
-    local hwm = tonumber(redis.call('HGET', KEYS[4], 'hwm') or '-1')
-    if cost > hwm then redis.call('HSET', KEYS[4], 'hwm', cost) end
-  end
+  for _, s in ipairs(settles) do redis.call('HSET', s[1], s[2], int(s[3]), 's', int(s[4])) end
+  if bal then redis.call('HSET', KEYS[4], 'rem', int(bal[1]), 'hwm', int(bal[2])) end
 end
 
 if pk ~= '' then
@@ -120,6 +145,6 @@ end
 
 redis.call('XADD', KEYS[6], '*',
   'id', lease_id, 'key', key_id, 'provider', provider, 'model', model, 'fmt', api_format,
-  'pk', pk, 'pt', prompt, 'ct', completion, 'cost', cost,
-  'lat', ARGV[11], 'st', ARGV[12], 'ts', now)
+  'pk', pk, 'pt', int(prompt), 'ct', int(completion), 'cost', int(cost),
+  'lat', ARGV[11], 'st', ARGV[12], 'ts', int(now))
 return {1, now}

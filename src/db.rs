@@ -38,7 +38,9 @@ impl Backend {
 }
 
 /// A failure of the durable store. `Unavailable` means "try again later" (connection,
-/// pool or I/O trouble); everything else is a bug or corrupt data.
+/// pool or I/O trouble, a busy or read-only file, a serialization conflict); `Query` is
+/// any other refusal by the database; `OutOfRange` is a value keyward itself refused to
+/// write because a column would leave its range.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database unavailable: {0}")]
@@ -47,6 +49,69 @@ pub enum StoreError {
     Query(#[source] sqlx::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("value out of range: {0}")]
+    OutOfRange(String),
+}
+
+impl StoreError {
+    /// The database refused this data itself, and would refuse it again on every retry:
+    /// a constraint, a trigger, a value it cannot store (NUL in text, BIGINT overflow),
+    /// or [`StoreError::OutOfRange`]. Anything else (unreachable, busy, a missing table, a
+    /// permission) may pass later, so the accounting writer keeps retrying it instead of
+    /// setting the record aside.
+    pub fn refused_data(&self) -> bool {
+        match self {
+            StoreError::OutOfRange(_) => true,
+            StoreError::Query(sqlx::Error::Database(db)) => {
+                code_of(db.as_ref()).is_some_and(|code| code.refuses_data())
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A database error's code, by backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Code<'a> {
+    /// A SQLSTATE.
+    Postgres(&'a str),
+    /// An extended result code; its low byte is the primary code.
+    Sqlite(i64),
+}
+
+fn code_of(db: &dyn sqlx::error::DatabaseError) -> Option<Code<'_>> {
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return Some(Code::Postgres(pg.code()));
+    }
+    let sqlite = db.try_downcast_ref::<sqlx::sqlite::SqliteError>()?;
+    let code = sqlx::error::DatabaseError::code(sqlite)?;
+    code.parse().ok().map(Code::Sqlite)
+}
+
+impl Code<'_> {
+    /// A refusal of the data itself. Postgres: class 22 (data exception: NUL in text,
+    /// BIGINT out of range), 23 (integrity constraint), P0 (a PL/pgSQL `RAISE`). SQLite:
+    /// TOOBIG (18), CONSTRAINT (19, including a trigger's `RAISE`), MISMATCH (20),
+    /// RANGE (25).
+    fn refuses_data(self) -> bool {
+        match self {
+            Code::Postgres(state) => ["22", "23", "P0"].iter().any(|c| state.starts_with(c)),
+            Code::Sqlite(code) => matches!(code & 0xff, 18 | 19 | 20 | 25),
+        }
+    }
+
+    /// "Not now" rather than "never". Postgres: classes 08 (connection), 40
+    /// (serialization failure, deadlock), 53 (insufficient resources), 57 (shutdown,
+    /// cannot connect now), 58 (system I/O). SQLite: BUSY (5), LOCKED (6), NOMEM (7),
+    /// READONLY (8), IOERR (10), FULL (13), CANTOPEN (14).
+    fn transient(self) -> bool {
+        match self {
+            Code::Postgres(state) => ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|c| state.starts_with(c)),
+            Code::Sqlite(code) => matches!(code & 0xff, 5 | 6 | 7 | 8 | 10 | 13 | 14),
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -58,6 +123,9 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Protocol(_) => StoreError::Unavailable(e),
+            sqlx::Error::Database(ref db) if code_of(db.as_ref()).is_some_and(Code::transient) => {
+                StoreError::Unavailable(e)
+            }
             other => StoreError::Query(other),
         }
     }
@@ -224,9 +292,40 @@ mod tests {
             Some(PathBuf::from("/var/k.db"))
         );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
-        assert_eq!(
-            sqlite_url_with_create("sqlite://a.db"),
-            "sqlite://a.db?mode=rwc"
-        );
+        // Refusals of the data: constraint, trigger RAISE (SQLITE_CONSTRAINT_TRIGGER),
+        // data exceptions, PL/pgSQL RAISE; not: busy, read-only, connection trouble.
+        let refused = [
+            Code::Sqlite(19),
+            Code::Sqlite(1811),
+            Code::Sqlite(2067),
+            Code::Postgres("23505"),
+            Code::Postgres("22021"),
+            Code::Postgres("22003"),
+            Code::Postgres("P0001"),
+        ];
+        for code in refused {
+            assert!(code.refuses_data() && !code.transient(), "{code:?}");
+        }
+        let transient = [
+            Code::Sqlite(5),
+            Code::Sqlite(517),
+            Code::Sqlite(8),
+            Code::Sqlite(1032),
+            Code::Postgres("08006"),
+            Code::Postgres("40001"),
+            Code::Postgres("57P01"),
+            Code::Postgres("53300"),
+        ];
+        for code in transient {
+            assert!(code.transient() && !code.refuses_data(), "{code:?}");
+        }
+        for code in [
+            Code::Sqlite(1),
+            Code::Postgres("42P01"),
+            Code::Postgres("42501"),
+            Code::Postgres("XX000"),
+        ] {
+            assert!(!code.transient() && !code.refuses_data(), "{code:?}");
+        }
     }
 }

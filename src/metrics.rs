@@ -17,8 +17,9 @@
 //! | `keyward_data_plane_refusals_total` | counter | `endpoint` (select, report, renew), `reason` (no_token, wrong_token, token_not_configured, lease_not_found, not_the_lease_provider_key): calls refused for lack of proof, and suspicious ones |
 //! | `keyward_accounting_records_total` | counter | `result` (applied, duplicate) |
 //! | `keyward_accounting_failures_total` | counter | |
-//! | `keyward_accounting_queue_depth` | gauge | |
-//! | `keyward_accounting_lag_seconds` | gauge | (age of the oldest record in the last applied batch) |
+//! | `keyward_accounting_dead_letters_total` | counter | (records the database refused, set aside in `usage_dead_letters`) |
+//! | `keyward_accounting_queue_depth` | gauge | (records not yet applied: Redis, the consumer group's pending entries plus those not yet delivered; embedded, the channel plus the batch in hand) |
+//! | `keyward_accounting_lag_seconds` | gauge | (age of the oldest record not yet applied; 0 when none; grows while the writer is stuck) |
 //! | `keyward_cache_lookups_total` | counter | `cache` (client_keys, provider_pools), `result` (hit, stale, miss) |
 //! | `keyward_backend_failure_mode` | gauge | `mode` (deny, allow, local): 1 for the mode in force |
 //! | `keyward_redis_circuit_open` | gauge | 1 while Redis calls are skipped after failures |
@@ -50,6 +51,7 @@ pub struct Metrics {
     pub data_plane_refusals: IntCounterVec,
     pub accounting_records: IntCounterVec,
     pub accounting_failures: IntCounter,
+    pub accounting_dead_letters: IntCounter,
     pub accounting_queue_depth: IntGauge,
     pub accounting_lag_seconds: Gauge,
     pub cache_lookups: IntCounterVec,
@@ -90,16 +92,23 @@ fn build() -> Metrics {
     .expect("valid metric");
     r.register(Box::new(accounting_failures.clone()))
         .expect("unique metric");
+    let accounting_dead_letters = IntCounter::new(
+        "keyward_accounting_dead_letters_total",
+        "Usage records the database refused, set aside as dead letters.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(accounting_dead_letters.clone()))
+        .expect("unique metric");
     let accounting_queue_depth = IntGauge::new(
         "keyward_accounting_queue_depth",
-        "Finished requests queued and not yet applied to the database.",
+        "Finished requests queued (pending included) and not yet applied to the database.",
     )
     .expect("valid metric");
     r.register(Box::new(accounting_queue_depth.clone()))
         .expect("unique metric");
     let accounting_lag_seconds = Gauge::new(
         "keyward_accounting_lag_seconds",
-        "Age of the oldest record in the last batch applied to the database.",
+        "Age of the oldest finished request not yet applied to the database.",
     )
     .expect("valid metric");
     r.register(Box::new(accounting_lag_seconds.clone()))
@@ -200,6 +209,7 @@ fn build() -> Metrics {
         ),
         redis_circuit_open,
         accounting_failures,
+        accounting_dead_letters,
         accounting_queue_depth,
         accounting_lag_seconds,
         backend_failure_mode,
@@ -256,7 +266,7 @@ pub fn decision(endpoint: &str, started: Instant, denial: Option<(&str, Option<&
 }
 
 /// Records a batch the accounting writer applied (or failed to apply).
-pub fn applied(result: Result<&crate::usage::store::Applied, ()>, oldest_created_ms: Option<i64>) {
+pub fn applied(result: Result<&crate::usage::store::Applied, ()>) {
     let m = get();
     match result {
         Ok(a) => {
@@ -266,11 +276,18 @@ pub fn applied(result: Result<&crate::usage::store::Applied, ()>, oldest_created
             m.accounting_records
                 .with_label_values(&["duplicate"])
                 .inc_by(a.duplicates as u64);
-            if let Some(oldest) = oldest_created_ms {
-                let lag = (crate::clock::now_ms() - oldest).max(0) as f64 / 1000.0;
-                m.accounting_lag_seconds.set(lag);
-            }
         }
         Err(()) => m.accounting_failures.inc(),
     }
+}
+
+/// Records what the accounting queue holds: how many records are not yet applied, and
+/// when the oldest of them was made (Unix ms; `None` when the queue is empty).
+pub fn accounting_queue(depth: i64, oldest_created_ms: Option<i64>) {
+    let m = get();
+    m.accounting_queue_depth.set(depth);
+    let lag = oldest_created_ms.map_or(0.0, |oldest| {
+        (crate::clock::now_ms() - oldest).max(0) as f64 / 1000.0
+    });
+    m.accounting_lag_seconds.set(lag);
 }

@@ -15,6 +15,28 @@ pub const MICROS_PER_USD: i64 = 1_000_000;
 pub const MAX_USD: i64 = 1_000_000_000;
 pub const MAX_MICROS: i64 = MAX_USD * MICROS_PER_USD;
 
+/// The largest total kept anywhere (a key's spent and credited micro-USD, its requests
+/// and tokens): 2^53 − 1, about 9 billion USD. Every integer up to it is exact as a
+/// double, so the Lua scripts (whose numbers are doubles) and JSON readers that parse
+/// numbers as doubles (JavaScript) see these values exactly, and a sum of two of them
+/// still fits an i64. A change that would take a total past it is refused, never
+/// wrapped or rounded.
+pub const MAX_TOTAL: i64 = (1 << 53) - 1;
+
+/// The largest cost one report may carry: 1,000,000 USD. No single LLM request costs
+/// anywhere near that, so a larger value is a mistake or an attack (one forged report
+/// once charged 1e9 USD), and with it a live balance needs billions of reports to
+/// approach [`MAX_TOTAL`].
+pub const MAX_REPORT_MICROS: i64 = 1_000_000 * MICROS_PER_USD;
+
+/// `value` held within ±[`MAX_TOTAL`]: the live balance of the counter stores. Past
+/// either end a key is far beyond exhausted, or credited far beyond any use, so holding
+/// it there loses nothing that matters, and keeps every value exact in the Lua scripts
+/// (which clamp the same way) and every sum of two of them inside an i64.
+pub fn bounded(value: i128) -> i64 {
+    value.clamp(-i128::from(MAX_TOTAL), i128::from(MAX_TOTAL)) as i64
+}
+
 /// An amount of USD, held as integer micro-USD.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Usd(pub i64);
@@ -167,6 +189,15 @@ mod tests {
         assert!(parse_usd("abc").is_err());
         assert!(parse_usd(".5").is_err());
         assert!(parse_usd("1.2.3").is_err());
+    }
+
+    #[test]
+    fn bounds_hold_exactly() {
+        assert_eq!(MAX_TOTAL as f64 as i64, MAX_TOTAL);
+        assert_eq!(bounded(i128::from(i64::MAX) * 2), MAX_TOTAL);
+        assert_eq!(bounded(-i128::from(i64::MAX) * 2), -MAX_TOTAL);
+        assert_eq!(bounded(-5), -5);
+        const { assert!(MAX_MICROS < MAX_TOTAL && MAX_REPORT_MICROS < MAX_MICROS) };
     }
 
     #[test]

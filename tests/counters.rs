@@ -62,6 +62,7 @@ on_both_stores!(
     concurrent_admissions_never_exceed_any_limit,
     balance_changes_apply_once_by_version,
     balance_overspend_is_bounded_by_one_request,
+    live_balances_never_wrap_and_no_report_is_lost,
     selection_goes_by_priority_then_least_recently_picked,
     pool_changes_apply_at_once_and_keep_pick_history,
     full_provider_keys_are_skipped_until_their_window_has_room,
@@ -840,6 +841,95 @@ async fn balance_overspend_is_bounded_by_one_request(kind: Kind) {
         .await;
     assert_eq!(d.usage.balance_remaining, Some(CREDIT - spent));
     Arc::into_inner(s).unwrap().cleanup().await;
+}
+
+/// Seeded near-limit balances (as a database holding them would hand them over): the
+/// live balance is held within ±MAX_TOTAL instead of wrapping or losing precision, every
+/// report is recorded once, and a report the script refuses changes nothing, so its
+/// retry is recorded rather than answered "duplicate".
+async fn live_balances_never_wrap_and_no_report_is_lost(kind: Kind) {
+    use keyward::money::MAX_TOTAL;
+    let s = Store::new(kind).await;
+    fn with(lease: &LeaseId, credited: i64, used: i64, version: i64) -> AdmitRequest<'_> {
+        AdmitRequest {
+            balance: Some(BalanceSnapshot {
+                credited,
+                used,
+                version,
+            }),
+            ..request(lease)
+        }
+    }
+    // A balance at the top of the range: kept exactly, and debited exactly.
+    let k = key();
+    let a = LeaseId::new(&k);
+    let d = s.admit(&with(&a, MAX_TOTAL, 0, 0)).await;
+    assert_eq!(d.usage.balance_remaining, Some(MAX_TOTAL));
+    let r = report(&a, Some((1, 1)), 1);
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Recorded);
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Duplicate);
+    let b = LeaseId::new(&k);
+    let d = s.admit(&with(&b, MAX_TOTAL, 0, 0)).await;
+    assert_eq!(d.usage.balance_remaining, Some(MAX_TOTAL - 1));
+
+    // Extremes that overflow an i64 when subtracted: refused as exhausted, not wrapped
+    // into a huge positive balance.
+    let k = key();
+    let c = LeaseId::new(&k);
+    let d = s.admit(&with(&c, -2, i64::MAX, 0)).await;
+    assert_eq!(denial(&d).0, Denial::BalanceExhausted);
+    assert!(d.usage.balance_remaining.unwrap() <= 0, "{d:?}");
+    // A credit taking it past the top: held at the top.
+    let e = LeaseId::new(&k);
+    let d = s.admit(&with(&e, i64::MAX, i64::MIN, 1)).await;
+    assert!(admitted(&d), "{d:?}");
+    assert!(d.usage.balance_remaining.unwrap() <= MAX_TOTAL);
+    s.counters
+        .report(&report(&e, None, keyward::money::MAX_REPORT_MICROS))
+        .await
+        .unwrap();
+
+    if let Some((url, prefix)) = &s.redis {
+        // A live balance the script cannot read: the report fails before it writes
+        // anything, and once the balance is repaired its retry is recorded, once.
+        let k = key();
+        let f = LeaseId::new(&k);
+        assert!(admitted(&s.admit(&with(&f, 1_000_000, 0, 0)).await));
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let bal = format!("{{{prefix}}}:k:{k}:bal");
+        let _: () = redis::cmd("HSET")
+            .arg(&bal)
+            .arg("rem")
+            .arg("garbage")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let before = s.queued().await.len();
+        let r = report(&f, Some((5, 5)), 10);
+        assert!(s.counters.report(&r).await.is_err());
+        assert_eq!(s.queued().await.len(), before, "nothing was queued");
+        let _: () = redis::cmd("HSET")
+            .arg(&bal)
+            .arg("rem")
+            .arg("1000000")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Recorded);
+        assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Duplicate);
+        let rem: i64 = redis::cmd("HGET")
+            .arg(&bal)
+            .arg("rem")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(rem, 999_990);
+        let queued = s.queued().await;
+        assert_eq!(queued.len(), before + 1);
+        assert_eq!(queued.last().unwrap().cost_micros, 10);
+    }
+    s.cleanup().await;
 }
 
 #[tokio::test]

@@ -687,7 +687,7 @@ async fn cooldowns_show_their_cause_and_reset_clears_them(shape: Shape) {
         .await;
     assert_eq!(r.body["recorded"], true, "{}", r.body);
     // The source names the lease by its inner id (`<key id>.<token>`), as usage does.
-    let inner: Vec<&str> = lease.splitn(3, '.').take(2).collect();
+    let inner = common::lease_record_id(lease);
     let exhausted = select(c.any(0), "openai").await;
     assert_eq!(exhausted.status, 429, "{}", exhausted.body);
 
@@ -702,10 +702,7 @@ async fn cooldowns_show_their_cause_and_reset_clears_them(shape: Shape) {
     };
     let cooled = live(&first);
     assert_eq!(cooled["cooldown_cause"]["upstream_status"], 429, "{cooled}");
-    assert_eq!(
-        cooled["cooldown_cause"]["source"],
-        format!("lease {}", inner.join("."))
-    );
+    assert_eq!(cooled["cooldown_cause"]["source"], format!("lease {inner}"));
     at(&cooled["cooldown_cause"]);
     assert_eq!(cooled["suspension_cause"], Value::Null);
     let suspended = live(other);

@@ -2,9 +2,9 @@
 
 use tokio::sync::{mpsc, watch};
 
-use super::{backoff, BATCH};
+use super::{apply_batch, backoff, BATCH};
 use crate::db::Db;
-use crate::usage::{store, UsageRecord};
+use crate::usage::UsageRecord;
 
 /// Room for this many finished requests before reports wait for the writer.
 pub const CAPACITY: usize = 100_000;
@@ -18,10 +18,7 @@ pub async fn run(mut queue: mpsc::Receiver<UsageRecord>, db: Db, mut stop: watch
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         let stopping = tokio::select! {
-                        n = queue.recv_many(&mut batch, BATCH) => {
-                crate::metrics::get().accounting_queue_depth.set((queue.len() + batch.len()) as i64);
-                n == 0
-            }
+            n = queue.recv_many(&mut batch, BATCH) => n == 0,
             _ = stop.wait_for(|s| *s) => true,
         };
         if stopping {
@@ -30,26 +27,39 @@ pub async fn run(mut queue: mpsc::Receiver<UsageRecord>, db: Db, mut stop: watch
                 batch.push(record);
             }
         }
-        apply_with_retry(&db, &mut batch, stopping).await;
+        apply_with_retry(&db, &mut batch, &queue, stopping).await;
         if stopping {
             return;
         }
     }
 }
 
-async fn apply_with_retry(db: &Db, batch: &mut Vec<UsageRecord>, stopping: bool) {
+/// The queue's depth and lag: the batch in hand is the oldest part of it.
+fn measure(batch: &[UsageRecord], queue: &mpsc::Receiver<UsageRecord>) {
+    let oldest = batch.iter().map(|r| r.created_at).min();
+    crate::metrics::accounting_queue((queue.len() + batch.len()) as i64, oldest);
+}
+
+async fn apply_with_retry(
+    db: &Db,
+    batch: &mut Vec<UsageRecord>,
+    queue: &mpsc::Receiver<UsageRecord>,
+    stopping: bool,
+) {
     let mut attempt = 0;
+    measure(batch, queue);
     while !batch.is_empty() {
         let chunk = batch.len().min(BATCH);
-        let oldest = batch[..chunk].iter().map(|r| r.created_at).min();
-        match store::apply(db, &batch[..chunk]).await {
+        // Records the database refuses are set aside inside `apply_batch`; an error here
+        // means it could not answer at all.
+        match apply_batch(db, &batch[..chunk]).await {
             Ok(applied) => {
-                crate::metrics::applied(Ok(&applied), oldest);
+                crate::metrics::applied(Ok(&applied));
                 batch.drain(..chunk);
                 attempt = 0;
             }
             Err(e) => {
-                crate::metrics::applied(Err(()), None);
+                crate::metrics::applied(Err(()));
                 tracing::warn!(error = %e, pending = batch.len(), "accounting: cannot apply usage; retrying");
                 if stopping && attempt >= 5 {
                     tracing::error!(
@@ -59,9 +69,11 @@ async fn apply_with_retry(db: &Db, batch: &mut Vec<UsageRecord>, stopping: bool)
                     batch.clear();
                     return;
                 }
+                measure(batch, queue);
                 tokio::time::sleep(backoff(attempt)).await;
                 attempt += 1;
             }
         }
+        measure(batch, queue);
     }
 }

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use crate::client_keys::input::MAX_LIMIT;
 use crate::lease::SignedLease;
 use crate::limits::{LeaseId, Report};
-use crate::money::Usd;
+use crate::money::{format_usd, Usd, MAX_REPORT_MICROS};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,6 +80,12 @@ impl ReportBody {
             .then(|| (prompt.unwrap_or(0), completion.unwrap_or(0)));
         let cost_micros = match self.cost_usd {
             Some(Usd(m)) if m < 0 => return Err("cost_usd must not be negative".into()),
+            Some(Usd(m)) if m > MAX_REPORT_MICROS => {
+                return Err(format!(
+                    "cost_usd must be at most {} (USD, for one request)",
+                    format_usd(MAX_REPORT_MICROS)
+                ))
+            }
             Some(Usd(m)) => m,
             None => 0,
         };

@@ -2,19 +2,25 @@
 
 use std::time::{Duration, Instant};
 
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimReply, StreamId, StreamInfoGroupsReply, StreamPendingReply, StreamRangeReply,
+    StreamReadReply,
+};
 use redis::AsyncCommands;
 use tokio::sync::watch;
 
-use super::{backoff, BATCH};
-use crate::db::Db;
+use super::{apply_batch, backoff, BATCH};
+use crate::clock::now_ms;
+use crate::db::{Db, StoreError};
 use crate::limits::conn::{Conn, Target};
 use crate::limits::redis::record_from_entry;
-use crate::usage::{store, UsageRecord};
+use crate::usage::dead_letters;
 
 /// The one consumer group every replica reads through.
 pub const GROUP: &str = "keyward-writers";
 const BLOCK_MS: u64 = 1_000;
+/// How often the queue's depth and lag are measured for `/metrics`.
+const MEASURE_EVERY: Duration = Duration::from_secs(1);
 
 /// Creates the consumer group (and the stream) unless they exist.
 pub async fn ensure_group(conn: &mut Conn, stream: &str) -> redis::RedisResult<()> {
@@ -41,6 +47,7 @@ pub async fn run(
     // name, or a batch that failed), then read new ones.
     let mut pending = true;
     let mut last_claim = Instant::now() - claim_every;
+    let mut last_measure = Instant::now() - MEASURE_EVERY;
     let mut conn = None;
     while !*stop.borrow() {
         let c = match conn.as_mut() {
@@ -74,6 +81,12 @@ pub async fn run(
                 }
             }
         }
+        if last_measure.elapsed() >= MEASURE_EVERY {
+            last_measure = Instant::now();
+            if let Err(e) = measure(c, &stream).await {
+                tracing::debug!(error = %e, "accounting: measuring the queue failed");
+            }
+        }
         let entries = match read(c, &stream, &consumer, pending).await {
             Ok(entries) => entries,
             Err(e) => {
@@ -89,20 +102,25 @@ pub async fn run(
             continue;
         }
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-        let records: Vec<UsageRecord> = entries
-            .iter()
-            .filter_map(|e| {
-                let record = record_from_entry(&e.map);
-                if record.is_none() {
-                    tracing::error!(entry = %e.id, "accounting: malformed usage entry dropped");
-                }
-                record
-            })
-            .collect();
-        let oldest = records.iter().map(|r| r.created_at).min();
-        match store::apply(&db, &records).await {
+        let mut records = Vec::with_capacity(entries.len());
+        let mut malformed = Vec::new();
+        for e in &entries {
+            match record_from_entry(&e.map) {
+                Some(record) => records.push(record),
+                None => malformed.push(e),
+            }
+        }
+        // An entry that is not a usage record is kept as a dead letter too, not dropped.
+        let result = async {
+            for e in malformed {
+                set_aside_malformed(&db, e).await?;
+            }
+            apply_batch(&db, &records).await
+        }
+        .await;
+        match result {
             Ok(applied) => {
-                crate::metrics::applied(Ok(&applied), oldest);
+                crate::metrics::applied(Ok(&applied));
                 attempt = 0;
                 if applied.duplicates > 0 {
                     tracing::debug!(
@@ -113,8 +131,6 @@ pub async fn run(
                 let acked: redis::RedisResult<()> = async {
                     let _: i64 = c.xack(&stream, GROUP, &ids).await?;
                     let _: i64 = c.xdel(&stream, &ids).await?;
-                    let depth: i64 = c.xlen(&stream).await?;
-                    crate::metrics::get().accounting_queue_depth.set(depth);
                     Ok(())
                 }
                 .await;
@@ -125,7 +141,7 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                crate::metrics::applied(Err(()), None);
+                crate::metrics::applied(Err(()));
                 tracing::warn!(error = %e, entries = records.len(), "accounting: database unavailable; will retry");
                 pending = true;
                 sleep_or_stop(backoff(attempt), &mut stop).await;
@@ -133,6 +149,71 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Keeps an entry that is not a usage record as a dead letter (its fields as JSON).
+async fn set_aside_malformed(db: &Db, entry: &StreamId) -> Result<(), StoreError> {
+    let fields: serde_json::Map<String, serde_json::Value> = entry
+        .map
+        .iter()
+        .map(|(k, v)| {
+            let text = redis::from_redis_value_ref::<String>(v).unwrap_or_default();
+            (k.clone(), serde_json::Value::String(text))
+        })
+        .collect();
+    let raw = serde_json::Value::Object(fields).to_string();
+    let error = "not a usage record (a field is missing or malformed)";
+    if dead_letters::put_raw(db, &format!("stream:{}", entry.id), &raw, error, now_ms()).await? {
+        crate::metrics::get().accounting_dead_letters.inc();
+    }
+    tracing::error!(entry = %entry.id, "accounting: malformed usage entry set aside as a dead letter");
+    Ok(())
+}
+
+/// Measures the queue for `/metrics`: the records not yet applied are the group's pending
+/// entries (delivered, not acknowledged: a writer that is stuck holds them here) plus
+/// those not yet delivered; the lag is the age of the oldest of them. Measured from Redis
+/// on every pass, also while applying fails, so a stall shows.
+async fn measure(conn: &mut Conn, stream: &str) -> redis::RedisResult<()> {
+    let info: StreamInfoGroupsReply = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await?;
+    let Some(group) = info.groups.iter().find(|g| g.name == GROUP) else {
+        return Ok(());
+    };
+    let pending = group.pending as i64;
+    let undelivered = match group.lag {
+        Some(lag) => lag as i64,
+        // Redis cannot tell (entries were deleted): count what the stream holds instead.
+        None => {
+            let len: i64 = conn.xlen(stream).await?;
+            (len - pending).max(0)
+        }
+    };
+    let mut oldest: Option<i64> = None;
+    if pending > 0 {
+        let summary: StreamPendingReply = conn.xpending(stream, GROUP).await?;
+        if let StreamPendingReply::Data(data) = summary {
+            oldest = entry_ms(&data.start_id);
+        }
+    }
+    if undelivered > 0 {
+        let next: StreamRangeReply = conn
+            .xrange_count(stream, format!("({}", group.last_delivered_id), "+", 1)
+            .await?;
+        if let Some(first) = next.ids.first().and_then(|e| entry_ms(&e.id)) {
+            oldest = Some(oldest.map_or(first, |o| o.min(first)));
+        }
+    }
+    crate::metrics::accounting_queue(pending + undelivered, oldest);
+    Ok(())
+}
+
+/// The time part (Unix ms) of a stream entry id `<ms>-<seq>`.
+fn entry_ms(id: &str) -> Option<i64> {
+    id.split_once('-')?.0.parse().ok()
 }
 
 async fn sleep_or_stop(wait: Duration, stop: &mut watch::Receiver<bool>) {

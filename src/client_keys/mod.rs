@@ -64,7 +64,7 @@ impl ClientKey {
             return None;
         }
         self.balance_micros
-            .map(|credited| (credited - self.balance_used_micros).max(0))
+            .map(|credited| credited.saturating_sub(self.balance_used_micros).max(0))
     }
 
     pub fn is_expired_at(&self, now_ms: i64) -> bool {

@@ -10,7 +10,7 @@ use crate::clock::now_ms;
 use crate::crypto::{self, Keyring};
 use crate::db::{Db, StoreError};
 use crate::invalidation::Bus;
-use crate::money::{format_usd, MAX_MICROS};
+use crate::money::{format_usd, MAX_MICROS, MAX_TOTAL};
 use crate::usage::{self, KeyStats};
 
 #[derive(Debug, thiserror::Error)]
@@ -158,8 +158,16 @@ impl ClientKeys {
         if !key.is_standalone {
             return Err(KeyError::NotStandalone(id.to_string()));
         }
-        let remaining = key.balance_micros.map(|b| b - key.balance_used_micros);
+        let remaining = key
+            .balance_micros
+            .map(|b| b.saturating_sub(key.balance_used_micros));
+        let credited = key.balance_micros.unwrap_or(key.balance_used_micros);
         Err(KeyError::BalanceRefused(match remaining {
+            _ if amount_micros > 0 && credited > MAX_TOTAL - amount_micros => format!(
+                "crediting {} USD would take the key's credited total above {} USD",
+                format_usd(amount_micros),
+                format_usd(MAX_TOTAL)
+            ),
             _ if amount_micros > 0 => format!(
                 "crediting {} USD would take the balance above {} USD",
                 format_usd(amount_micros),

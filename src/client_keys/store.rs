@@ -8,6 +8,7 @@ use sqlx::Row;
 use super::input::{KeyPatch, NewKey};
 use super::ClientKey;
 use crate::db::{Db, StoreError};
+use crate::money::MAX_TOTAL;
 
 macro_rules! columns {
     () => {
@@ -245,8 +246,10 @@ pub async fn disable(db: &Db, id: &str, now: i64) -> Result<bool, StoreError> {
 }
 
 /// Adds `amount` micro-USD to a standalone key's credited balance, in one statement that
-/// also checks the rules: a deduction may not take the remaining balance below zero, and
-/// the credited balance stays within range. A key without a balance limit that is
+/// also checks the rules: a deduction may not take the remaining balance below zero, the
+/// remaining balance stays within `max_balance`, and the credited total within
+/// [`MAX_TOTAL`]. The checks are written so that no intermediate sum can overflow
+/// (Postgres would fail the statement, SQLite would turn the sum into a REAL). A key without a balance limit that is
 /// credited starts with exactly `amount` remaining. `None` when any rule (or the key's
 /// existence) fails; the caller asks [`get`] which.
 pub async fn adjust_balance(
@@ -261,8 +264,9 @@ pub async fn adjust_balance(
          balance_micros = COALESCE(balance_micros, balance_used_micros) + $2, \
          balance_version = balance_version + 1, updated_at = $3 \
          WHERE id = $1 AND is_standalone = TRUE \
-         AND ($2 > 0 OR (balance_micros IS NOT NULL AND balance_micros - balance_used_micros + $2 >= 0)) \
-         AND COALESCE(balance_micros, balance_used_micros) + $2 - balance_used_micros <= $4 \
+         AND ($2 > 0 OR (balance_micros IS NOT NULL AND balance_micros - balance_used_micros >= 0 - $2)) \
+         AND COALESCE(balance_micros, balance_used_micros) - balance_used_micros <= $4 - $2 \
+         AND COALESCE(balance_micros, balance_used_micros) <= $5 - $2 \
          RETURNING ",
         columns!()
     ))
@@ -270,6 +274,7 @@ pub async fn adjust_balance(
     .bind(amount)
     .bind(now)
     .bind(max_balance)
+    .bind(MAX_TOTAL)
     .fetch_optional(&db.pool)
     .await?;
     one(row)

@@ -1,6 +1,9 @@
 //! The admin API (`KEYWARD_ADMIN_LISTEN`): client keys, provider keys and encryption-key
 //! rotation, behind a bearer token.
 //!
+//! Also the accounting dead letters: usage records the database refused, listed and
+//! replayed here (see `usage::dead_letters`).
+//!
 //! Invariants:
 //! - Every route sits behind [`require_admin`]; with no token configured every call is
 //!   refused (403 `ADMIN_DISABLED`).
@@ -28,6 +31,7 @@ use crate::clock::{now_ms, parse_instant, to_rfc3339, DateEdge};
 use crate::money::Usd;
 use crate::pool::input::{AddKeyRequest, PatchProviderKeyRequest};
 use crate::pool::valid_provider;
+use crate::usage::dead_letters::{self, Replay};
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -52,6 +56,11 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/provider-keys/{id}/usage", get(provider_key_usage))
         .route("/admin/provider-keys/{id}/reset", post(reset_provider_key))
         .route("/admin/encryption/rotate", post(rotate_encryption))
+        .route("/admin/accounting/dead-letters", get(list_dead_letters))
+        .route(
+            "/admin/accounting/dead-letters/{id}/replay",
+            post(replay_dead_letter),
+        )
         .route(
             "/openapi.json",
             get(|| async { Json(super::openapi::admin()) }),
@@ -348,4 +357,59 @@ async fn provider_key_usage(
 async fn rotate_encryption(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let rotated = crate::rotation::rotate(&state.db, &state.keyring, &state.bus).await?;
     Ok(Json(json!(rotated)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadLetterQuery {
+    limit: Option<String>,
+}
+
+async fn list_dead_letters(
+    State(state): State<AppState>,
+    QueryArgs(q): QueryArgs<DeadLetterQuery>,
+) -> Result<Json<Value>, ApiError> {
+    // Out-of-range limits are clamped to 1..=1000; non-numbers are refused.
+    let limit = match q.limit.as_deref().map(str::trim).filter(|l| !l.is_empty()) {
+        None => 100,
+        Some(text) => text
+            .parse::<i64>()
+            .map_err(|_| ApiError::bad_request("limit must be a whole number"))?
+            .clamp(1, 1000),
+    };
+    let letters = dead_letters::list(&state.db, limit).await?;
+    let total = dead_letters::count(&state.db).await?;
+    let views: Vec<Value> = letters.iter().map(|l| l.view()).collect();
+    Ok(Json(json!({ "dead_letters": views, "total": total })))
+}
+
+async fn replay_dead_letter(
+    State(state): State<AppState>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = match id {
+        Ok(Path(text)) => text.parse::<i64>().ok().filter(|id| *id > 0),
+        Err(_) => None,
+    }
+    .ok_or_else(|| {
+        ApiError::bad_request("the dead letter id in the path must be a whole number")
+    })?;
+    match dead_letters::replay(&state.db, id, now_ms()).await? {
+        Replay::NotFound => Err(ApiError::not_found(format!("no dead letter {id}"))),
+        Replay::Applied { inserted } => {
+            tracing::info!(
+                dead_letter = id,
+                inserted,
+                "accounting: dead letter replayed"
+            );
+            Ok(Json(
+                json!({ "id": id, "replayed": true, "applied": inserted }),
+            ))
+        }
+        Replay::Refused(error) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "REPLAY_REFUSED",
+            format!("the database refused the record again; it stays a dead letter: {error}"),
+        )),
+    }
 }

@@ -41,6 +41,8 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("get", "/admin/provider-keys/{id}/usage"),
     ("post", "/admin/provider-keys/{id}/reset"),
     ("post", "/admin/encryption/rotate"),
+    ("get", "/admin/accounting/dead-letters"),
+    ("post", "/admin/accounting/dead-letters/{id}/replay"),
     ("get", "/openapi.json"),
 ];
 
@@ -346,6 +348,29 @@ pub fn admin() -> Value {
         json!({"reencrypted": integer(), "failed": integer()}),
         &["reencrypted", "failed"],
     );
+    let dead_letter = answer(
+        json!({
+            "id": integer(), "record_id": s("string"), "record": obj(), "error": s("string"),
+            "attempts": integer(), "first_seen_at": s("string"), "last_seen_at": s("string"),
+        }),
+        &[
+            "id",
+            "record_id",
+            "record",
+            "error",
+            "attempts",
+            "first_seen_at",
+            "last_seen_at",
+        ],
+    );
+    let dead_letters = answer(
+        json!({"dead_letters": {"type": "array", "items": dead_letter}, "total": integer()}),
+        &["dead_letters", "total"],
+    );
+    let replayed = answer(
+        json!({"id": integer(), "replayed": s("boolean"), "applied": s("boolean")}),
+        &["id", "replayed", "applied"],
+    );
     document(
         "keyward admin API",
         json!({
@@ -380,6 +405,12 @@ pub fn admin() -> Value {
                 [id(), vec![query("limit", s("integer"))]].concat())},
             "/admin/provider-keys/{id}/reset": {"post": op("End a provider key's cooldown and suspension now", None, "200", reference("ProviderKey"), id())},
             "/admin/encryption/rotate": {"post": op("Re-encrypt every secret with the current key", None, "200", rotated, vec![])},
+            "/admin/accounting/dead-letters": {"get": op("Usage records the database refused, newest first", None, "200", dead_letters,
+                vec![query("limit", s("integer"))])},
+            "/admin/accounting/dead-letters/{id}/replay": {"post": op(
+                "Apply a dead letter again (idempotent); removed on success, 409 REPLAY_REFUSED when refused again",
+                None, "200", replayed,
+                vec![json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}})])},
             "/openapi.json": {"get": op("This document", None, "200", obj(), vec![])},
         }),
         json!({"Key": key, "ProviderKey": provider_key}),

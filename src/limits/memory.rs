@@ -16,6 +16,7 @@ use super::{
     TimeShift, Usage, Verdict,
 };
 use crate::clock::now_ms;
+use crate::money::bounded;
 use crate::pool::cache::Pool as CandidatePool;
 use crate::pool::{Cause, LiveState};
 use crate::usage::UsageRecord;
@@ -222,14 +223,18 @@ impl MemoryCounters {
         state.requests.prune(b);
         state.tokens.prune(b);
         if let Some(snapshot) = r.balance {
+            // Checked like `lua/admit.lua`: the live balance stays within ±MAX_TOTAL.
             let balance = state.balance.get_or_insert(Balance {
-                remaining: snapshot.credited - snapshot.used,
+                remaining: bounded(i128::from(snapshot.credited) - i128::from(snapshot.used)),
                 credited: snapshot.credited,
                 version: snapshot.version,
                 highest_cost: None,
             });
             if balance.version < snapshot.version {
-                balance.remaining += snapshot.credited - balance.credited;
+                balance.remaining = bounded(
+                    i128::from(balance.remaining) + i128::from(snapshot.credited)
+                        - i128::from(balance.credited),
+                );
                 balance.credited = snapshot.credited;
                 balance.version = snapshot.version;
             }
@@ -274,7 +279,10 @@ impl MemoryCounters {
         if let Some(b) = tracked {
             let committed = match b.highest_cost {
                 None => in_flight > 0,
-                Some(cost) => in_flight > 0 && b.remaining - in_flight * cost <= 0,
+                Some(cost) => {
+                    in_flight > 0
+                        && i128::from(b.remaining) - i128::from(in_flight) * i128::from(cost) <= 0
+                }
             };
             if committed {
                 return deny(
@@ -452,7 +460,8 @@ impl MemoryCounters {
                     model = model.or(Some(held.model).filter(|m| !m.is_empty()));
                 }
                 if let Some(balance) = state.balance.as_mut() {
-                    balance.remaining -= r.cost_micros;
+                    balance.remaining =
+                        bounded(i128::from(balance.remaining) - i128::from(r.cost_micros));
                     balance.highest_cost = Some(
                         balance
                             .highest_cost

@@ -439,8 +439,9 @@ impl RedisCounters {
             .arg(r.lease_ttl_ms)
             .arg(meta)
             .arg(i64::from(r.balance.is_some()))
-            .arg(balance.credited)
-            .arg(balance.used)
+            // Bounded like the twin's live balance: the script's doubles stay exact.
+            .arg(crate::money::bounded(balance.credited.into()))
+            .arg(crate::money::bounded(balance.used.into()))
             .arg(balance.version)
             .arg(self.shift.get());
         let candidates: &[Candidate] = r.pool.map_or(&[], |p| p);

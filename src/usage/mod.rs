@@ -6,14 +6,16 @@
 //! transaction, and only when the insert actually added a row; re-applying a batch
 //! changes nothing. This is the database half of exactly-once accounting.
 
+pub mod dead_letters;
 pub mod store;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::money::Usd;
 
-/// What one finished request cost; becomes one `usage_records` row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What one finished request cost; becomes one `usage_records` row. Serialized as JSON
+/// only for a dead letter (`usage_dead_letters.record`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     /// The lease id, or a fresh id for a report that had none.
     pub id: String,
@@ -32,6 +34,8 @@ pub struct UsageRecord {
 }
 
 impl UsageRecord {
+    /// Prompt plus completion tokens, saturating (the writer checks the range itself
+    /// before it stores a record).
     pub fn total_tokens(&self) -> i64 {
         self.prompt_tokens.saturating_add(self.completion_tokens)
     }

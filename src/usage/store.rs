@@ -7,13 +7,15 @@ use sqlx::Row;
 use super::{DayStats, KeyStats, UsageRecord};
 use crate::clock::{day_to_date, MS_PER_DAY};
 use crate::db::{Db, StoreError};
-use crate::money::Usd;
+use crate::money::{Usd, MAX_TOTAL};
 
-/// How a batch went: rows newly applied, and rows that had been applied before.
+/// How a batch went: rows newly applied, rows that had been applied before, and (from
+/// `accounting::apply_batch`) records set aside as dead letters.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Applied {
     pub inserted: usize,
     pub duplicates: usize,
+    pub dead_lettered: usize,
 }
 
 /// What a batch adds to one key's totals.
@@ -25,23 +27,66 @@ struct KeyDelta {
     last_used: i64,
 }
 
+/// A record's refusal: a value out of the range every total is kept in.
+fn out_of_range(r: &UsageRecord, what: &str) -> StoreError {
+    StoreError::OutOfRange(format!(
+        "usage record {}: {what} (every count and amount is from 0 to {MAX_TOTAL})",
+        r.id
+    ))
+}
+
 impl KeyDelta {
-    fn add(&mut self, r: &UsageRecord) {
-        self.requests += 1;
-        self.tokens = self.tokens.saturating_add(r.total_tokens());
-        self.cost = self.cost.saturating_add(r.cost_micros);
+    /// Adds one record; refuses a sum that would pass [`MAX_TOTAL`] (never wraps).
+    fn add(&mut self, r: &UsageRecord) -> Result<(), StoreError> {
+        let sum = |a: i64, b: i64| a.checked_add(b).filter(|s| *s <= MAX_TOTAL);
+        let tokens = total_tokens(r)?;
+        self.requests = sum(self.requests, 1).ok_or_else(|| out_of_range(r, "requests"))?;
+        self.tokens = sum(self.tokens, tokens).ok_or_else(|| out_of_range(r, "tokens"))?;
+        self.cost = sum(self.cost, r.cost_micros).ok_or_else(|| out_of_range(r, "cost"))?;
         self.last_used = self.last_used.max(r.created_at);
+        Ok(())
     }
+}
+
+/// The record's tokens, after checking every amount in it is within range.
+fn total_tokens(r: &UsageRecord) -> Result<i64, StoreError> {
+    let in_range = |v: i64| (0..=MAX_TOTAL).contains(&v);
+    if !in_range(r.prompt_tokens) || !in_range(r.completion_tokens) {
+        return Err(out_of_range(r, "tokens"));
+    }
+    if !in_range(r.cost_micros) {
+        return Err(out_of_range(r, "cost"));
+    }
+    r.prompt_tokens
+        .checked_add(r.completion_tokens)
+        .filter(|t| *t <= MAX_TOTAL)
+        .ok_or_else(|| out_of_range(r, "tokens"))
 }
 
 /// Applies a batch in one transaction: each record is inserted unless its id exists, and
 /// the totals, balance and last use of its key move only for records newly inserted.
+///
+/// A total that would pass [`MAX_TOTAL`] is refused ([`StoreError::OutOfRange`]), not
+/// wrapped, nor (in SQLite) turned into a REAL: the accounting writer then sets the
+/// record aside as a dead letter.
 pub async fn apply(db: &Db, records: &[UsageRecord]) -> Result<Applied, StoreError> {
     let mut tx = db.pool.begin().await?;
+    let applied = apply_in(&mut tx, records).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// [`apply`] inside a transaction the caller commits (a dead letter's replay also
+/// removes the dead letter in it).
+pub async fn apply_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    records: &[UsageRecord],
+) -> Result<Applied, StoreError> {
     let mut applied = Applied::default();
     let mut deltas: HashMap<&str, KeyDelta> = HashMap::new();
     let mut provider_deltas: HashMap<&str, KeyDelta> = HashMap::new();
     for r in records {
+        let total = total_tokens(r)?;
         let done = sqlx::query(
             "INSERT INTO usage_records (id, key_id, provider, model, api_format, provider_key_id, \
              prompt_tokens, completion_tokens, total_tokens, cost_micros, latency_ms, upstream_status, \
@@ -56,12 +101,12 @@ pub async fn apply(db: &Db, records: &[UsageRecord]) -> Result<Applied, StoreErr
         .bind(r.provider_key_id.as_deref())
         .bind(r.prompt_tokens)
         .bind(r.completion_tokens)
-        .bind(r.total_tokens())
+        .bind(total)
         .bind(r.cost_micros)
         .bind(r.latency_ms)
         .bind(r.upstream_status)
         .bind(r.created_at)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         if done.rows_affected() == 0 {
             applied.duplicates += 1;
@@ -69,44 +114,80 @@ pub async fn apply(db: &Db, records: &[UsageRecord]) -> Result<Applied, StoreErr
         }
         applied.inserted += 1;
         if let Some(pk) = r.provider_key_id.as_deref() {
-            provider_deltas.entry(pk).or_default().add(r);
+            provider_deltas.entry(pk).or_default().add(r)?;
         }
         if let Some(key_id) = r.key_id.as_deref() {
-            deltas.entry(key_id).or_default().add(r);
+            deltas.entry(key_id).or_default().add(r)?;
         }
     }
     for (provider_key_id, d) in provider_deltas {
-        sqlx::query(
+        // Each total moves only while it stays within MAX_TOTAL ($5): the guard is in the
+        // WHERE clause, so an update that would pass it matches no row (see below).
+        let done = sqlx::query(
             "UPDATE provider_keys SET total_requests = total_requests + $2, total_tokens = total_tokens + $3, \
              last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $4 THEN $4 ELSE last_used_at END \
-             WHERE id = $1",
+             WHERE id = $1 AND total_requests <= $5 - $2 AND total_tokens <= $5 - $3",
         )
         .bind(provider_key_id)
         .bind(d.requests)
         .bind(d.tokens)
         .bind(d.last_used)
-        .execute(&mut *tx)
+        .bind(MAX_TOTAL)
+        .execute(&mut **tx)
         .await?;
+        if done.rows_affected() == 0
+            && exists(
+                tx,
+                "SELECT 1 AS one FROM provider_keys WHERE id = $1",
+                provider_key_id,
+            )
+            .await?
+        {
+            return Err(StoreError::OutOfRange(format!(
+                "provider key {provider_key_id}: its totals would pass {MAX_TOTAL}"
+            )));
+        }
     }
     for (key_id, d) in deltas {
         // A key deleted meanwhile matches no row: its history is kept, its totals are gone.
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE client_keys SET total_requests = total_requests + $2, \
              total_tokens = total_tokens + $3, total_cost_micros = total_cost_micros + $4, \
              balance_used_micros = balance_used_micros + $4, \
              last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $5 THEN $5 ELSE last_used_at END \
-             WHERE id = $1",
+             WHERE id = $1 AND total_requests <= $6 - $2 AND total_tokens <= $6 - $3 \
+             AND total_cost_micros <= $6 - $4 AND balance_used_micros <= $6 - $4",
         )
         .bind(key_id)
         .bind(d.requests)
         .bind(d.tokens)
         .bind(d.cost)
         .bind(d.last_used)
-        .execute(&mut *tx)
+        .bind(MAX_TOTAL)
+        .execute(&mut **tx)
         .await?;
+        if done.rows_affected() == 0
+            && exists(tx, "SELECT 1 AS one FROM client_keys WHERE id = $1", key_id).await?
+        {
+            return Err(StoreError::OutOfRange(format!(
+                "client key {key_id}: its totals would pass {MAX_TOTAL}"
+            )));
+        }
     }
-    tx.commit().await?;
     Ok(applied)
+}
+
+/// Whether `sql` (a `SELECT … WHERE id = $1`) finds a row.
+async fn exists(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    sql: &'static str,
+    id: &str,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query(sql)
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .is_some())
 }
 
 /// Totals and the per-day breakdown of one key's usage with `start <= created_at <= end`.

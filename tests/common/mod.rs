@@ -310,6 +310,12 @@ impl TestServer {
     }
 }
 
+/// The id a lease's usage record and duplicate guard carry: the signed lease id's inner
+/// `<key id>.<token>` (the same whichever key signed it).
+pub fn lease_record_id(lease: &str) -> String {
+    lease.splitn(3, '.').take(2).collect::<Vec<_>>().join(".")
+}
+
 /// Asserts the contract's error body and returns its code.
 pub fn error_code(answer: &Answer) -> String {
     let error = &answer.body["error"];
