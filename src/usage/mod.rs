@@ -6,6 +6,7 @@
 //! transaction, and only when the insert actually added a row; re-applying a batch
 //! changes nothing. This is the database half of exactly-once accounting.
 
+pub mod parse;
 pub mod store;
 
 use serde::Serialize;
