@@ -13,7 +13,8 @@
 //! charges the admission hold. Usage is a snapshot, never a sum, so an event seen in
 //! both `head` and `tail` cannot count twice.
 //!
-//! How each part is read:
+//! How each part is read (the head's first byte tells a JSON document, `{` or `[`,
+//! from server-sent events; without a head, only events are read):
 //!
 //! - **Server-sent events.** Each `data:` line holds one JSON object; it is parsed on
 //!   its own. The tail's first line is dropped, because it may start in the middle of a
@@ -106,7 +107,8 @@ pub struct Excerpt<'a> {
     /// Leave it `false` when unsure: each part is then read on its own, which finds the
     /// usage unless it straddles the gap.
     pub complete: bool,
-    /// The answer's `Content-Encoding` header, if the proxy passed it on.
+    /// The `Content-Encoding` of the bytes handed over (the upstream's header, unless
+    /// the proxy decoded the body), if the proxy passed it on.
     pub content_encoding: Option<&'a str>,
 }
 
@@ -178,10 +180,9 @@ pub fn parse(format: ApiFormat, excerpt: &Excerpt<'_>) -> Outcome {
             },
         ]
     };
-    let usage = if is_json_document(excerpt) {
-        document_usage(format, &pieces)
-    } else {
-        stream_usage(format, &pieces)
+    let usage = match document_closer(pieces[0].bytes) {
+        Some(closer) => document_usage(format, &pieces, closer),
+        None => stream_usage(format, &pieces),
     };
     usage.map_or(Outcome::NotFound, Outcome::Parsed)
 }
@@ -218,20 +219,17 @@ fn is_compressed(excerpt: &Excerpt<'_>) -> bool {
     gzip || zstd || zlib
 }
 
-/// Whether the body is a JSON document (`{…}` or `[…]`) rather than server-sent events.
-fn is_json_document(excerpt: &Excerpt<'_>) -> bool {
-    let head = excerpt
-        .head
-        .strip_prefix(b"\xef\xbb\xbf")
-        .unwrap_or(excerpt.head);
+/// The byte that closes the body when it is a JSON document (`}` for an object, `]`
+/// for an array), or `None` for server-sent events. The head's first byte tells; an
+/// excerpt without a head is read as events only: a tail alone cannot tell a document
+/// from one line of a stream (a running count in a chunk looks like a plain answer's
+/// usage).
+fn document_closer(head: &[u8]) -> Option<u8> {
+    let head = head.strip_prefix(b"\xef\xbb\xbf").unwrap_or(head);
     match head.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b) => matches!(b, b'{' | b'['),
-        // No head: events have `data:` lines, a document has none outside strings
-        // (a string cannot hold a raw newline).
-        None => !excerpt
-            .tail
-            .split(|&b| b == b'\n')
-            .any(|line| line.starts_with(b"data:")),
+        Some(b'{') => Some(b'}'),
+        Some(b'[') => Some(b']'),
+        _ => None,
     }
 }
 
@@ -239,8 +237,7 @@ fn is_json_document(excerpt: &Excerpt<'_>) -> bool {
 // Server-sent events
 
 /// The JSON objects of a piece's `data:` lines, in order. Only lines that can matter
-/// are parsed (they name usage, or are Anthropic's `message_stop`), which keeps a long
-/// stream of text deltas cheap.
+/// ([`relevant`]) are parsed, so a long stream of text deltas costs one byte scan.
 fn events(piece: &Piece<'_>) -> Vec<Value> {
     let mut bytes = piece.bytes;
     if !piece.starts_body {
@@ -254,9 +251,7 @@ fn events(piece: &Piece<'_>) -> Vec<Value> {
         .split(|&b| b == b'\n')
         .filter_map(|line| {
             let data = line.strip_prefix(b"data:")?.trim_ascii();
-            let relevant = data.starts_with(b"{")
-                && (contains(data, b"usage") || contains(data, b"message_stop"));
-            if !relevant {
+            if !data.starts_with(b"{") || !relevant(data) {
                 return None;
             }
             // A line cut short is not a complete object, so it fails here.
@@ -267,8 +262,24 @@ fn events(piece: &Piece<'_>) -> Vec<Value> {
         .collect()
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// Whether a line names a usage object (`"usage": {`, `"usageMetadata": {`) or
+/// Anthropic's `"message_stop"`. A filter only (the parsed event is then read by its
+/// structure); quoted text never matches, as its quotes are escaped (`\"usage\"`).
+fn relevant(data: &[u8]) -> bool {
+    let opens_object = |rest: &[u8]| {
+        let mut after = rest.iter().filter(|b| !b.is_ascii_whitespace());
+        after.next() == Some(&b':') && after.next() == Some(&b'{')
+    };
+    data.iter().enumerate().any(|(i, &b)| {
+        if b != b'"' {
+            return false;
+        }
+        let rest = &data[i + 1..];
+        [&b"usage\""[..], b"usageMetadata\""]
+            .iter()
+            .any(|key| rest.starts_with(key) && opens_object(&rest[key.len()..]))
+            || rest.starts_with(b"message_stop\"")
+    })
 }
 
 fn stream_usage(format: ApiFormat, pieces: &[Piece<'_>]) -> Option<Usage> {
@@ -380,14 +391,14 @@ fn anthropic_stream(pieces: &[Vec<Value>]) -> Option<Usage> {
 // ---------------------------------------------------------------------------------
 // JSON documents
 
-fn document_usage(format: ApiFormat, pieces: &[Piece<'_>]) -> Option<Usage> {
+fn document_usage(format: ApiFormat, pieces: &[Piece<'_>], closer: u8) -> Option<Usage> {
     let key: &[u8] = if format.is_gemini() {
         b"usageMetadata"
     } else {
         b"usage"
     };
     for piece in pieces.iter().rev() {
-        let Some(opens) = depth_one_objects(piece) else {
+        let Some(opens) = depth_one_objects(piece, closer) else {
             continue;
         };
         for open in opens.iter().rev() {
@@ -437,8 +448,10 @@ struct Open<'a> {
 }
 
 /// The objects directly inside the document's top-level value, in order. `None` when
-/// the piece does not read as the document's end (a tail) or its start (a head).
-fn depth_one_objects<'a>(piece: &Piece<'a>) -> Option<Vec<Open<'a>>> {
+/// a tail does not read as the end of a document that `closer` closes: a stream
+/// broken off after one of its array's elements ends in `}`, and must not pass for a
+/// plain answer that ends there.
+fn depth_one_objects<'a>(piece: &Piece<'a>, closer: u8) -> Option<Vec<Open<'a>>> {
     let bytes = piece.bytes;
     if piece.starts_body {
         let text = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
@@ -446,9 +459,7 @@ fn depth_one_objects<'a>(piece: &Piece<'a>) -> Option<Vec<Open<'a>>> {
         let scan = scan_forward(bytes, offset);
         return Some(scan.opens_at(1, 0));
     }
-    // A document ends with the bracket that closes it.
-    let last = bytes.iter().rposition(|b| !b.is_ascii_whitespace())?;
-    if !matches!(bytes[last], b'}' | b']') {
+    if bytes.iter().rfind(|b| !b.is_ascii_whitespace()) != Some(&closer) {
         return None;
     }
     let from = tail_sync(bytes)?;
@@ -762,7 +773,6 @@ mod tests {
             excerpt(body, body, true),
             excerpt(body, body, false),
             excerpt(body, b"", false),
-            excerpt(b"", body, false),
         ];
         let first = parse(format, &ways[0]);
         for way in &ways[1..] {
@@ -902,6 +912,25 @@ mod tests {
     }
 
     #[test]
+    fn without_a_head_only_events_are_read() {
+        for (name, format, body, expected) in fixtures() {
+            let outcome = parse(format, &excerpt(b"", body, false));
+            if body.starts_with(b"data:") || body.starts_with(b"event:") {
+                assert_eq!(outcome, expected, "{name}");
+            } else {
+                assert_eq!(outcome, Outcome::NotFound, "{name}");
+            }
+        }
+        // The tail inside one data line of a running Gemini count: not a document.
+        let body = fixture!("gemini_stream_cut.sse");
+        let inside = body.windows(6).rposition(|w| w == b"data: ").unwrap() + 6;
+        assert_eq!(
+            ends(GeminiGenerateContent, body, 0, inside),
+            Outcome::NotFound
+        );
+    }
+
+    #[test]
     fn format_names_are_the_ones_authz_gives() {
         for path in [
             "/v1/chat/completions",
@@ -965,6 +994,23 @@ mod tests {
             ends(AnthropicMessages, body, d2, d2 - 1),
             usage(2572, 2000, 100, 42, 0)
         );
+    }
+
+    #[test]
+    fn a_json_array_stream_broken_off_after_a_chunk_is_not_a_plain_answer() {
+        // Cut right after the second chunk's `}`: the tail ends like an object whose
+        // `usageMetadata` (a running count) sits at depth 1. The head says array.
+        let body = fixture!("gemini_stream.json");
+        let first = position(body, "\"responseId\"") + 1;
+        let second = first + position(&body[first..], "\"responseId\"");
+        let cut = &body[..second + position(&body[second..], "}") + 1];
+        assert!(cut.ends_with(b"}"));
+        for split in [10, cut.len() / 2, cut.len() - 300] {
+            assert_eq!(
+                ends(GeminiGenerateContent, cut, split, split),
+                Outcome::NotFound
+            );
+        }
     }
 
     #[test]
@@ -1247,7 +1293,9 @@ mod tests {
                     outcome == expected || outcome == Outcome::NotFound,
                     "{name}: head ..{head_end}, tail {tail_start}.. of {len}: {outcome:?}"
                 );
-                let holds_all = !upstream_cut && (head_end == len || complete || tail_start == 0);
+                // (A tail alone is read as events only; see `document_closer`.)
+                let holds_all = !upstream_cut
+                    && (head_end == len || complete || (tail_start == 0 && head_end > 0));
                 if holds_all {
                     assert_eq!(
                         outcome, expected,
