@@ -37,11 +37,17 @@
 //! other than `identity`) is [`Outcome::Compressed`], charged its hold like an answer
 //! whose usage cannot be read.
 //!
-//! **What it cannot tell.** If the upstream itself broke off a large plain-JSON answer
-//! (bigger than the head) exactly after a model-written nested object shaped like usage
-//! (an Anthropic `tool_use` input, a Gemini `functionCall`), the tail's end looks like a
-//! document's end and that object sits at depth 1 relative to it. Streams are not
-//! affected: their lines are self-contained.
+//! **What it cannot tell.** If the upstream itself broke off a plain-JSON answer longer
+//! than the head exactly after a model-written nested object shaped like usage (inside
+//! an Anthropic `tool_use` input or a Gemini `functionCall`'s args), the tail ends like
+//! a document, that object sits at depth 1 relative to its end, and its numbers are
+//! taken. Nothing in the bytes tells this apart from a whole answer; a proxy that knows
+//! the upstream finished abnormally should not report the body. Streams are not
+//! affected (their lines are self-contained, and their final events are named), nor is
+//! a JSON-array stream (its end must be the array's `]`).
+//!
+//! Gemini's `embedContent` / `batchEmbedContents` answers carry no usage today; they
+//! are `NotFound` unless a `usageMetadata` appears.
 
 use std::borrow::Cow;
 
@@ -102,10 +108,10 @@ pub struct Excerpt<'a> {
     /// The body's last bytes. May start anywhere; may overlap `head` or repeat it whole.
     pub tail: &'a [u8],
     /// `head` followed by `tail` is exactly the body: no byte missing between them and
-    /// none repeated. Also fine: a `tail` that is empty or a suffix of `head` (`head` is
-    /// the body), or a `tail` that starts with `head` (`tail` is the body).
-    /// Leave it `false` when unsure: each part is then read on its own, which finds the
-    /// usage unless it straddles the gap.
+    /// none repeated. (A `tail` that is empty, or the very same bytes as `head`, means
+    /// `head` is the body.) Leave it `false` when unsure or when the two may overlap:
+    /// each is then read on its own, which finds the usage unless it straddles the gap
+    /// (a body that fits in the head is always read whole).
     pub complete: bool,
     /// The `Content-Encoding` of the bytes handed over (the upstream's header, unless
     /// the proxy decoded the body), if the proxy passed it on.
@@ -157,10 +163,8 @@ pub fn parse(format: ApiFormat, excerpt: &Excerpt<'_>) -> Outcome {
     }
     let whole: Cow<'_, [u8]>;
     let pieces: Vec<Piece<'_>> = if excerpt.complete {
-        whole = if excerpt.head.ends_with(excerpt.tail) {
+        whole = if excerpt.tail.is_empty() || excerpt.tail == excerpt.head {
             Cow::Borrowed(excerpt.head)
-        } else if excerpt.tail.starts_with(excerpt.head) {
-            Cow::Borrowed(excerpt.tail)
         } else {
             Cow::Owned([excerpt.head, excerpt.tail].concat())
         };
@@ -1080,6 +1084,31 @@ mod tests {
             // The usage object itself split by the gap: not found, not guessed.
             assert_eq!(
                 ends(format, body, last_key + 5, last_key + 25),
+                Outcome::NotFound
+            );
+        }
+    }
+
+    #[test]
+    fn usage_straddling_adjacent_head_and_tail() {
+        for (format, body, expected) in [
+            (
+                OpenAiChat,
+                fixture!("openai_chat.sse"),
+                usage(2006, 1920, 0, 300, 128),
+            ),
+            (
+                OpenAiChat,
+                fixture!("openai_chat.json"),
+                usage(1117, 1024, 0, 46, 12),
+            ),
+        ] {
+            let split = position(body, "\"completion_tokens\"");
+            let (head, tail) = body.split_at(split);
+            // Only the flag says nothing is missing between them.
+            assert_eq!(parse(format, &excerpt(head, tail, true)), expected);
+            assert_eq!(
+                parse(format, &excerpt(head, tail, false)),
                 Outcome::NotFound
             );
         }
