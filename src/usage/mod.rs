@@ -7,6 +7,7 @@
 //! changes nothing. This is the database half of exactly-once accounting.
 
 pub mod dead_letters;
+pub mod parse;
 pub mod store;
 
 use serde::{Deserialize, Serialize};
