@@ -24,15 +24,7 @@ on_both_shapes!(
 );
 
 async fn add(s: &TestServer, provider: &str, body: Value) -> Value {
-    let a = s
-        .admin(
-            Method::POST,
-            &format!("/admin/providers/{provider}/keys"),
-            Some(body),
-        )
-        .await;
-    assert_eq!(a.status, 201, "{}", a.body);
-    a.body
+    s.add_provider_key(provider, body).await
 }
 
 async fn select(s: &TestServer, provider: &str) -> Answer {
@@ -49,15 +41,7 @@ fn picked(a: &Answer) -> String {
 }
 
 async fn list(s: &TestServer, provider: &str) -> Vec<Value> {
-    let a = s
-        .admin(
-            Method::GET,
-            &format!("/admin/providers/{provider}/keys"),
-            None,
-        )
-        .await;
-    assert_eq!(a.status, 200, "{}", a.body);
-    a.body["keys"].as_array().unwrap().clone()
+    s.provider_keys(provider).await
 }
 
 async fn provider_keys_are_managed_without_ever_showing_their_value(shape: Shape) {

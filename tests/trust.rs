@@ -25,28 +25,16 @@ fn unique_provider() -> String {
 }
 
 async fn add_provider_key(s: &TestServer, provider: &str, label: &str) -> String {
-    let a = s
-        .admin(
-            Method::POST,
-            &format!("/admin/providers/{provider}/keys"),
-            Some(json!({"label": label, "value": format!("sk-secret-{label}-0000000000")})),
-        )
+    let value = format!("sk-secret-{label}-0000000000");
+    let key = s
+        .add_provider_key(provider, json!({"label": label, "value": value}))
         .await;
-    assert_eq!(a.status, 201, "{}", a.body);
-    a.body["id"].as_str().unwrap().to_string()
+    key["id"].as_str().unwrap().to_string()
 }
 
 /// Every key of the provider with its live state, by id.
 async fn live(s: &TestServer, provider: &str) -> Vec<(String, Value)> {
-    let a = s
-        .admin(
-            Method::GET,
-            &format!("/admin/providers/{provider}/keys"),
-            None,
-        )
-        .await;
-    assert_eq!(a.status, 200, "{}", a.body);
-    let keys = a.body.as_array().or(a.body["keys"].as_array()).unwrap();
+    let keys = s.provider_keys(provider).await;
     keys.iter()
         .map(|k| (k["id"].as_str().unwrap().to_string(), k["live"].clone()))
         .collect()

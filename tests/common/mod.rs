@@ -292,6 +292,22 @@ impl TestServer {
         self.data_post("/v1/admit", body).await
     }
 
+    /// Adds a provider key through the admin API and returns its record.
+    pub async fn add_provider_key(&self, provider: &str, body: Value) -> Value {
+        let path = format!("/admin/providers/{provider}/keys");
+        let a = self.admin(Method::POST, &path, Some(body)).await;
+        assert_eq!(a.status, 201, "{}", a.body);
+        a.body
+    }
+
+    /// The provider's keys, by priority, each with its `live` state.
+    pub async fn provider_keys(&self, provider: &str) -> Vec<Value> {
+        let path = format!("/admin/providers/{provider}/keys");
+        let a = self.admin(Method::GET, &path, None).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        a.body["keys"].as_array().unwrap().clone()
+    }
+
     /// Creates a key and returns `(key, secret)`.
     pub async fn create_key(&self, body: Value) -> (Value, String) {
         let a = self.admin(Method::POST, "/admin/keys", Some(body)).await;
