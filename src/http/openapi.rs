@@ -346,7 +346,7 @@ pub fn admin() -> Value {
             },
             "/admin/provider-keys/{id}/usage": {"get": op("Reported usage per minute, newest first", None, "200", usage,
                 [id(), vec![query("limit", s("integer"))]].concat())},
-            "/admin/encryption/rotate": {"post": op("Re-encrypt every secret with the current key", None, "200", rotated, vec![])},
+            "/admin/encryption/rotate": {"post": op("Re-encrypt every secret with the current key (409 KEYRING_MISMATCH, nothing changed, when it decrypts none)", None, "200", rotated, vec![])},
             "/openapi.json": {"get": op("This document", None, "200", obj(), vec![])},
         }),
         json!({"Key": key, "ProviderKey": provider_key}),
