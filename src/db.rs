@@ -121,6 +121,15 @@ impl Db {
                             Ok(())
                         })
                     })
+                    // After a failed COMMIT (a disk I/O error, a file turned read-only)
+                    // sqlx's SQLite driver can believe a transaction is still open and
+                    // turn the next `begin` into a SAVEPOINT inside a transaction that
+                    // SQLite keeps open: its "commit" then succeeds and writes nothing.
+                    // A connection handed back with a transaction SQLite still holds
+                    // (its ROLLBACK succeeds) is therefore dropped, not reused.
+                    .after_release(|conn, _| {
+                        Box::pin(async move { Ok(conn.execute("ROLLBACK").await.is_err()) })
+                    })
                     .connect_with(options)
                     .await?
             }
