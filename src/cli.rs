@@ -36,6 +36,18 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Apply the database migrations and exit.
     Migrate(MigrateArgs),
+    /// Ask the keyward at KEYWARD_LISTEN for a health path; exit 0 on 200 (for exec probes).
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The path to ask for
+    #[arg(default_value = "/readyz")]
+    pub path: String,
+    /// The data plane address [default: 127.0.0.1:8080]
+    #[arg(long, env = config::LISTEN)]
+    pub listen: Option<String>,
 }
 
 // The two URL flags have no clap `env`: `raw_from` reads the environment itself, so that
@@ -273,7 +285,7 @@ mod tests {
         let argv = ["keyward", "serve"].iter().chain(argv);
         match Cli::try_parse_from(argv).expect("parses").command {
             Command::Serve(args) => *args,
-            Command::Migrate(_) => panic!("not serve"),
+            _ => panic!("not serve"),
         }
     }
 

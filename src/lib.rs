@@ -33,6 +33,7 @@ pub mod limits;
 pub mod metrics;
 pub mod money;
 pub mod pool;
+pub mod probe;
 pub mod rotation;
 pub mod telemetry;
 pub mod usage;

@@ -51,6 +51,23 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Probe(args) => {
+            let mut raw = config::RawConfig::new();
+            if let Some(listen) = args.listen {
+                raw.insert(config::LISTEN, listen);
+            }
+            let listen = match Config::from_raw(&raw) {
+                Ok(config) => config.listen,
+                Err(errors) => return config_errors(errors),
+            };
+            return match keyward::probe::probe(keyward::probe::target(listen), &args.path) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(why) => {
+                    eprintln!("keyward: probe: {why}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

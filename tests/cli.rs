@@ -465,7 +465,21 @@ async fn the_key_file_is_never_replaced_beside_stored_secrets_nor_used_when_othe
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let again = serve_embedded(dir.path());
     wait_ready(&client, again.data).await;
+    // The exec probe of the Helm sidecar finds it from KEYWARD_LISTEN.
+    let out = probe(again.data, "/readyz");
+    assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(terminate(again).success());
+    let out = probe(free_port(), "/healthz");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).starts_with("keyward: probe: cannot connect"));
+}
+
+/// `keyward probe <path>` against the data plane on `port`, given as `0.0.0.0:<port>`.
+fn probe(port: u16, path: &str) -> Output {
+    keyward(&["probe", path])
+        .env("KEYWARD_LISTEN", format!("0.0.0.0:{port}"))
+        .output()
+        .unwrap()
 }
 
 /// Makes files immutable (`chattr +i`) and undoes it on drop. Tests run as root, and
@@ -575,6 +589,13 @@ async fn with_a_database_turned_read_only_reports_are_refused_and_sigterm_still_
         assert!(Instant::now() < deadline, "/readyz stayed ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let out = probe(running.data, "/readyz");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr_of(&out).contains("answered 503"),
+        "{}",
+        stderr_of(&out)
+    );
     // Now that the writer cannot write, a report is not acknowledged as recorded.
     let r = report(late.clone()).await.unwrap();
     assert_eq!(r.status(), 503);
