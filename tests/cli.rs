@@ -608,3 +608,30 @@ async fn with_a_database_turned_read_only_reports_are_refused_and_sigterm_still_
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("not applied"), "{log}");
 }
+
+#[test]
+fn migrate_reads_the_database_url_from_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("from-file.db");
+    let url_file = dir.path().join("url");
+    std::fs::write(&url_file, format!("sqlite://{}\n", db.display())).unwrap();
+    let out = keyward(&["migrate"])
+        .env("KEYWARD_DATABASE_URL_FILE", &url_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(db.exists());
+    // Both the variable and its file: one line naming both.
+    let out = keyward(&["migrate"])
+        .env("KEYWARD_DATABASE_URL_FILE", &url_file)
+        .env("KEYWARD_DATABASE_URL", "sqlite::memory:")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr_of(&out);
+    assert!(
+        err.starts_with("keyward: KEYWARD_DATABASE_URL: ")
+            && err.contains("KEYWARD_DATABASE_URL_FILE"),
+        "{err}"
+    );
+}
