@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use crate::accounting::{self, report::PoolPolicy};
 use crate::admission::Admission;
 use crate::client_keys::{self, ClientKeys};
-use crate::config::{Config, ENCRYPTION_KEY};
+use crate::config::{Config, DATABASE_URL, ENCRYPTION_KEY, REDIS_URL};
 use crate::crypto::{self, Keyring};
 use crate::db::{self, Backend, Db};
 use crate::invalidation::{self, Bus};
@@ -62,6 +62,8 @@ pub struct Shared {
     pub data_token_digest: Option<[u8; 32]>,
     /// The expiry pass deletes (rather than disables) keys without a flag of their own.
     pub expiry_auto_delete: bool,
+    /// Whether the in-process accounting writer can write (reports are refused if not).
+    pub accounting: accounting::embedded::WriterHealth,
 }
 
 /// Background work that [`run`] starts beside the listeners.
@@ -90,11 +92,18 @@ pub fn key_file_for(sqlite: &std::path::Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn keyring(config: &Config) -> anyhow::Result<Keyring> {
+async fn keyring(config: &Config, db: &Db) -> anyhow::Result<Keyring> {
     let current = match (config.encryption_key, config.backend) {
         (Some(key), _) => key,
         (None, Backend::Sqlite) => match db::sqlite_path(&config.database_url) {
-            Some(path) => crypto::load_or_create_key_file(&key_file_for(&path))?,
+            Some(path) => {
+                // A new key beside stored ciphertexts would decrypt none of them.
+                let may_create = !db
+                    .holds_secrets()
+                    .await
+                    .with_context(|| format!("{DATABASE_URL}: reading the database"))?;
+                crypto::load_or_create_key_file(&key_file_for(&path), may_create)?
+            }
             None => {
                 tracing::warn!("{ENCRYPTION_KEY} is unset and the database is in memory: using a throw-away key");
                 crypto::random_key()
@@ -106,13 +115,50 @@ fn keyring(config: &Config) -> anyhow::Result<Keyring> {
     Ok(Keyring::new(&current, &config.previous_keys))
 }
 
-/// Connects to the durable store and applies migrations.
+/// Connects to the durable store; the error is one line naming `KEYWARD_DATABASE_URL`
+/// and the cause, never the URL (it may hold a password).
+pub async fn connect_db(url: &str) -> anyhow::Result<Db> {
+    Db::connect(url).await.map_err(|e| {
+        anyhow::anyhow!(
+            "{DATABASE_URL}: cannot connect to the database: {}",
+            redact(&e.to_string(), url)
+        )
+    })
+}
+
+/// Connects to the durable store, checks that it can be written, and applies migrations.
 pub async fn open_db(config: &Config) -> anyhow::Result<Db> {
-    let db = Db::connect(&config.database_url)
-        .await
-        .with_context(|| format!("connecting to the {:?} database", config.backend))?;
-    db.migrate().await.context("applying database migrations")?;
+    let db = connect_db(&config.database_url).await?;
+    if config.backend == Backend::Sqlite {
+        // A read-only SQLite file answers reads (and `/readyz`) but no write: stop here
+        // instead of starting "ready" and losing every report.
+        db.check_writable().await.map_err(|e| {
+            anyhow::anyhow!("{DATABASE_URL}: the database is read-only (cannot write to it): {e}")
+        })?;
+    }
+    db.migrate().await.map_err(|e| {
+        anyhow::anyhow!(
+            "{DATABASE_URL}: applying database migrations: {}",
+            redact(&e.to_string(), &config.database_url)
+        )
+    })?;
     Ok(db)
+}
+
+/// `text` with the password of `url` (if any) masked: causes from drivers are shown in
+/// start-up errors, and must not carry it even if a driver quoted the URL.
+fn redact(text: &str, url: &str) -> String {
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split(['/', '?']).next())
+        .and_then(|authority| authority.rsplit_once('@'))
+        .and_then(|(user_info, _)| user_info.split_once(':'))
+        .map(|(_, password)| password)
+        .filter(|p| !p.is_empty());
+    match password {
+        Some(p) => text.replace(p, "***"),
+        None => text.to_string(),
+    }
 }
 
 /// The distributed counter store: Redis with its failure policy (and the in-process twin
@@ -122,20 +168,25 @@ async fn connect_redis(
     url: &str,
     guard_ttl_ms: i64,
 ) -> anyhow::Result<(Arc<RedisCounters>, Accounting)> {
-    let context = "connecting to Redis (KEYWARD_REDIS_URL)";
+    let unreachable = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "{REDIS_URL}: cannot connect to Redis: {}",
+            redact(&e.to_string(), url)
+        )
+    };
     let (tx, fallback) = accounting::embedded::channel();
     let twin = Arc::new(MemoryCounters::new(guard_ttl_ms, tx));
     let redis = RedisCounters::connect(url, &config.redis_prefix, guard_ttl_ms)
         .await
-        .context(context)?
+        .map_err(|e| unreachable(&e))?
         .with_failure_policy(config.on_backend_error, twin);
     let stream = redis.stream_key();
-    let mut conn = redis.conn().await.context(context)?;
+    let mut conn = redis.conn().await.map_err(|e| unreachable(&e))?;
     accounting::stream::ensure_group(&mut conn, &stream)
         .await
-        .context("creating the accounting stream's consumer group")?;
+        .map_err(|e| unreachable(&e))?;
     let target = redis.target().clone();
-    let pubsub = Box::new(redis::Client::open(target.pubsub_url()).context(context)?);
+    let pubsub = Box::new(redis::Client::open(target.pubsub_url()).map_err(|e| unreachable(&e))?);
     let accounting = Accounting::Stream {
         target,
         pubsub,
@@ -147,7 +198,7 @@ async fn connect_redis(
 
 pub async fn build(config: &Config) -> anyhow::Result<Parts> {
     let db = open_db(config).await?;
-    let keyring = Arc::new(keyring(config)?);
+    let keyring = Arc::new(keyring(config, &db).await?);
     let key_cache = Arc::new(client_keys::cache::new(
         db.clone(),
         config.key_cache_ttl,
@@ -210,6 +261,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
             .as_deref()
             .map(|t| crypto::digest(t.as_bytes())),
         expiry_auto_delete: config.expiry_auto_delete,
+        accounting: Default::default(),
     }));
     Ok(Parts {
         state,
@@ -240,6 +292,7 @@ fn spawn_background(
                 queue,
                 state.db.clone(),
                 stop.clone(),
+                state.accounting.clone(),
             )));
         }
         Accounting::Stream {
@@ -252,6 +305,7 @@ fn spawn_background(
                 fallback,
                 state.db.clone(),
                 stop.clone(),
+                state.accounting.clone(),
             )));
             jobs.push(tokio::spawn(accounting::stream::run(
                 target,

@@ -1,10 +1,22 @@
 //! Command line: `keyward serve` and `keyward migrate`. Every `serve` flag has an
 //! environment twin (the flag wins); both end up in one [`RawConfig`] map for
 //! [`Config::from_raw`](crate::config::Config::from_raw) to validate.
+//!
+//! Secrets are not flags ([`config::NOT_FLAGS`]): they, and every `…_FILE` twin, are read
+//! from the environment only. The database and Redis URLs stay flags for URLs without a
+//! password; a flag holding one is refused, because the command line is public.
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, RawConfig};
+use crate::config::{self, ConfigError, RawConfig};
+
+/// Shown under `keyward serve --help`: the settings that have no flag.
+const SECRETS_HELP: &str = "\
+Secrets are read from the environment only, never from flags (any local user can read a
+command line): KEYWARD_ADMIN_TOKEN, KEYWARD_DATA_TOKEN (each at least 16 characters),
+KEYWARD_ENCRYPTION_KEY, KEYWARD_ENCRYPTION_KEYS_PREVIOUS, and a database or Redis URL
+holding a password. Each of these, and KEYWARD_DATABASE_URL and KEYWARD_REDIS_URL, can
+instead be read from a file named by its _FILE twin (e.g. KEYWARD_ADMIN_TOKEN_FILE).";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,38 +32,41 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the data plane and the admin API (migrations are applied first).
+    #[command(after_help = SECRETS_HELP)]
     Serve(Box<ServeArgs>),
     /// Apply the database migrations and exit.
     Migrate(MigrateArgs),
+    /// Ask the keyward at KEYWARD_LISTEN for a health path; exit 0 on 200 (for exec probes).
+    Probe(ProbeArgs),
 }
 
-// Secret-bearing settings hide their environment value from `--help`.
 #[derive(Debug, Args)]
-pub struct ServeArgs {
-    /// Data plane address [default: 0.0.0.0:8080]
+pub struct ProbeArgs {
+    /// The path to ask for
+    #[arg(default_value = "/readyz")]
+    pub path: String,
+    /// The data plane address [default: 127.0.0.1:8080]
     #[arg(long, env = config::LISTEN)]
     pub listen: Option<String>,
-    /// Admin API address [default: 0.0.0.0:8081]
+}
+
+// The two URL flags have no clap `env`: `raw_from` reads the environment itself, so that
+// it knows whether a URL came from the (public) command line.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Data plane address [default: 127.0.0.1:8080]
+    #[arg(long, env = config::LISTEN)]
+    pub listen: Option<String>,
+    /// Admin API address [default: 127.0.0.1:8081]
     #[arg(long, env = config::ADMIN_LISTEN)]
     pub admin_listen: Option<String>,
-    /// Bearer token of the admin API (unset: admin API disabled)
-    #[arg(long, env = config::ADMIN_TOKEN, hide_env_values = true)]
-    pub admin_token: Option<String>,
-    /// Bearer token for /v1/select and reports without a lease (unset: those are refused)
-    #[arg(long, env = config::DATA_TOKEN, hide_env_values = true)]
-    pub data_token: Option<String>,
-    /// postgres://… or sqlite:… [default: sqlite://keyward.db]
-    #[arg(long, env = config::DATABASE_URL, hide_env_values = true)]
+    /// postgres://… or sqlite:…, without a password (env: KEYWARD_DATABASE_URL)
+    /// [default: sqlite://keyward.db]
+    #[arg(long)]
     pub database_url: Option<String>,
-    /// redis://… (unset: counters in process)
-    #[arg(long, env = config::REDIS_URL, hide_env_values = true)]
+    /// redis://…, without a password (env: KEYWARD_REDIS_URL) [default: counters in process]
+    #[arg(long)]
     pub redis_url: Option<String>,
-    /// Base64 of 32 bytes (embedded shape: generated into a 0600 file if unset)
-    #[arg(long, env = config::ENCRYPTION_KEY, hide_env_values = true)]
-    pub encryption_key: Option<String>,
-    /// Comma-separated older keys that can still decrypt
-    #[arg(long, env = config::ENCRYPTION_KEYS_PREVIOUS, hide_env_values = true)]
-    pub encryption_keys_previous: Option<String>,
     /// deny | allow | local [default: deny]
     #[arg(long, env = config::ON_BACKEND_ERROR)]
     pub on_backend_error: Option<String>,
@@ -104,25 +119,94 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
-    /// postgres://… or sqlite:… [default: sqlite://keyward.db]
-    #[arg(long, env = config::DATABASE_URL, hide_env_values = true)]
+    /// postgres://… or sqlite:…, without a password (env: KEYWARD_DATABASE_URL or
+    /// KEYWARD_DATABASE_URL_FILE) [default: sqlite://keyward.db]
+    #[arg(long)]
     pub database_url: Option<String>,
 }
 
+/// The `--database-url` and `--redis-url` flags with their variables.
+const URL_FLAGS: [(&str, &str); 2] = [
+    ("database-url", config::DATABASE_URL),
+    ("redis-url", config::REDIS_URL),
+];
+
+/// Adds the environment-only settings (secrets, `…_FILE` twins) and, when its flag is
+/// absent, each URL's variable. A URL flag holding a password is refused.
+fn add_environment(
+    raw: &mut RawConfig,
+    urls: &[(&'static str, &'static str, &Option<String>)],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    for (long, var, flag) in urls {
+        match flag {
+            Some(url) if config::url_has_password(url) => errors.push(ConfigError {
+                var,
+                reason: format!(
+                    "a URL with a password cannot be given as --{long} (any local user can read the command line); set {var} or {var}_FILE in the environment"
+                ),
+            }),
+            Some(url) => {
+                raw.insert(var, url.clone());
+            }
+            None => {
+                if let Some(url) = env(var) {
+                    raw.insert(var, url);
+                }
+            }
+        }
+    }
+    let twins = config::FILE_TWINS.iter().map(|(_, file)| *file);
+    for var in config::NOT_FLAGS.into_iter().chain(twins) {
+        if let Some(value) = env(var) {
+            raw.insert(var, value);
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+fn process_env(var: &str) -> Option<String> {
+    std::env::var(var).ok()
+}
+
+impl MigrateArgs {
+    /// `KEYWARD_DATABASE_URL` (or its `_FILE` twin) for `migrate`, by the rules of `serve`.
+    pub fn raw(&self) -> Result<RawConfig, Vec<ConfigError>> {
+        self.raw_from(&process_env)
+    }
+
+    pub fn raw_from(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<RawConfig, Vec<ConfigError>> {
+        let mut raw = RawConfig::new();
+        let (long, var) = URL_FLAGS[0];
+        add_environment(&mut raw, &[(long, var, &self.database_url)], env)?;
+        // Only the database matters here.
+        raw.retain(|name, _| *name == config::DATABASE_URL || *name == config::DATABASE_URL_FILE);
+        Ok(raw)
+    }
+}
+
 impl ServeArgs {
-    pub fn raw(&self) -> RawConfig {
-        [
+    /// Flags, then the environment: what [`Config::from_raw`](config::Config::from_raw)
+    /// validates.
+    pub fn raw(&self) -> Result<RawConfig, Vec<ConfigError>> {
+        self.raw_from(&process_env)
+    }
+
+    pub fn raw_from(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<RawConfig, Vec<ConfigError>> {
+        let mut raw: RawConfig = [
             (config::LISTEN, &self.listen),
             (config::ADMIN_LISTEN, &self.admin_listen),
-            (config::ADMIN_TOKEN, &self.admin_token),
-            (config::DATA_TOKEN, &self.data_token),
-            (config::DATABASE_URL, &self.database_url),
-            (config::REDIS_URL, &self.redis_url),
-            (config::ENCRYPTION_KEY, &self.encryption_key),
-            (
-                config::ENCRYPTION_KEYS_PREVIOUS,
-                &self.encryption_keys_previous,
-            ),
             (config::ON_BACKEND_ERROR, &self.on_backend_error),
             (config::LOG_FORMAT, &self.log_format),
             (config::KEY_PREFIX, &self.key_prefix),
@@ -151,7 +235,13 @@ impl ServeArgs {
         ]
         .into_iter()
         .filter_map(|(name, value)| value.clone().map(|v| (name, v)))
-        .collect()
+        .collect();
+        let urls = [
+            (URL_FLAGS[0].0, URL_FLAGS[0].1, &self.database_url),
+            (URL_FLAGS[1].0, URL_FLAGS[1].1, &self.redis_url),
+        ];
+        add_environment(&mut raw, &urls, env)?;
+        Ok(raw)
     }
 }
 
@@ -170,17 +260,25 @@ mod tests {
         let mut argv = vec!["keyward".to_string(), "serve".to_string()];
         let mut vars = Vec::new();
         for arg in serve.get_arguments() {
-            if let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) {
-                argv.push(format!("--{long}"));
-                argv.push(format!("value-of-{long}"));
-                vars.push((env.to_string_lossy().into_owned(), long.to_string()));
-            }
+            let Some(long) = arg.get_long() else { continue };
+            let var = match arg.get_env() {
+                Some(env) => env.to_string_lossy().into_owned(),
+                None => match URL_FLAGS.iter().find(|(l, _)| *l == long) {
+                    Some((_, var)) => var.to_string(),
+                    None => continue,
+                },
+            };
+            argv.push(format!("--{long}"));
+            argv.push(format!("value-of-{long}"));
+            vars.push((var, long.to_string()));
         }
-        assert!(vars.len() >= 20, "the serve flags were not found");
+        assert!(vars.len() >= 19, "the serve flags were not found");
         let Command::Serve(args) = Cli::try_parse_from(&argv).expect("parses").command else {
             panic!("not serve");
         };
-        let raw = args.raw();
+        let raw = args
+            .raw_from(&|_| None)
+            .expect("no password in these values");
         for (var, long) in vars {
             assert_eq!(
                 raw.get(var.as_str()).map(String::as_str),
@@ -188,5 +286,72 @@ mod tests {
                 "--{long} / {var} does not reach the configuration"
             );
         }
+    }
+
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        let argv = ["keyward", "serve"].iter().chain(argv);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Serve(args) => *args,
+            _ => panic!("not serve"),
+        }
+    }
+
+    /// No secret is a flag: the command line is readable by every local user.
+    #[test]
+    fn secrets_are_not_flags_but_come_from_the_environment() {
+        for flag in [
+            "--admin-token",
+            "--data-token",
+            "--encryption-key",
+            "--encryption-keys-previous",
+        ] {
+            let argv = ["keyward", "serve", flag, "x"];
+            assert!(Cli::try_parse_from(argv).is_err(), "{flag} is accepted");
+        }
+        let env = |var: &str| Some(format!("env-{var}"));
+        let raw = serve_args(&[]).raw_from(&env).unwrap();
+        for var in config::NOT_FLAGS {
+            assert_eq!(raw[var], format!("env-{var}"));
+        }
+        for (var, file_var) in config::FILE_TWINS {
+            assert_eq!(raw[file_var], format!("env-{file_var}"));
+            assert_eq!(raw[var], format!("env-{var}"));
+        }
+    }
+
+    #[test]
+    fn a_url_flag_with_a_password_is_refused_in_one_line() {
+        let env = |_: &str| None;
+        for (argv, var) in [
+            (
+                ["--database-url", "postgres://u:hunter2@db/k"],
+                config::DATABASE_URL,
+            ),
+            (
+                ["--redis-url", "redis://:hunter2@localhost:6379"],
+                config::REDIS_URL,
+            ),
+        ] {
+            let errors = serve_args(&argv).raw_from(&env).unwrap_err();
+            assert_eq!(errors.len(), 1);
+            let line = errors[0].to_string();
+            assert!(line.starts_with(var), "{line}");
+            assert!(line.contains(&format!("{var}_FILE")), "{line}");
+            assert!(!line.contains("hunter2"), "{line}");
+        }
+        // Without a password the flag is a flag, and it wins over the environment.
+        let env = |_: &str| Some("redis://env:6379".to_string());
+        let raw = serve_args(&["--redis-url", "redis://flag:6379"])
+            .raw_from(&env)
+            .unwrap();
+        assert_eq!(raw[config::REDIS_URL], "redis://flag:6379");
+
+        let migrate = MigrateArgs {
+            database_url: Some("postgres://u:hunter2@db/k".into()),
+        };
+        assert_eq!(
+            migrate.raw_from(&|_| None).unwrap_err()[0].var,
+            config::DATABASE_URL
+        );
     }
 }

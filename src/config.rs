@@ -1,10 +1,16 @@
-//! Configuration: every setting is an environment variable (also a `serve` flag).
+//! Configuration: every setting is an environment variable; the non-secret ones are
+//! also `serve` flags.
 //!
 //! Parsing is separate from reading: [`Config::from_raw`] takes a map of variable name →
-//! text, so tests hand it a map and `main` hands it what clap read from flags and the
-//! environment. Every bad value is reported (all of them, not only the first), each as
-//! one line that starts with the variable's name. Secret values never appear in those
-//! lines, nor in `Debug` output.
+//! text, so tests hand it a map and `main` hands it what [`crate::cli`] read from flags
+//! and the environment. Every bad value is reported (all of them, not only the first),
+//! each as one line that starts with the variable's name. Secret values never appear in
+//! those lines, nor in `Debug` output.
+//!
+//! Secrets (the tokens, the encryption keys, URLs that may hold a password) are never
+//! command-line flags, which any local user reads in `/proc/<pid>/cmdline`: they come
+//! from the environment or from a file named by their `…_FILE` twin ([`FILE_TWINS`]),
+//! which [`Config::from_raw`] reads.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -38,10 +44,37 @@ pub const PROVIDER_COOLDOWN_S: &str = "KEYWARD_PROVIDER_COOLDOWN_S";
 pub const PROVIDER_COOLDOWN_MAX_S: &str = "KEYWARD_PROVIDER_COOLDOWN_MAX_S";
 pub const PROVIDER_SUSPEND_S: &str = "KEYWARD_PROVIDER_SUSPEND_S";
 
+pub const ADMIN_TOKEN_FILE: &str = "KEYWARD_ADMIN_TOKEN_FILE";
+pub const DATA_TOKEN_FILE: &str = "KEYWARD_DATA_TOKEN_FILE";
+pub const DATABASE_URL_FILE: &str = "KEYWARD_DATABASE_URL_FILE";
+pub const REDIS_URL_FILE: &str = "KEYWARD_REDIS_URL_FILE";
+pub const ENCRYPTION_KEY_FILE: &str = "KEYWARD_ENCRYPTION_KEY_FILE";
+pub const ENCRYPTION_KEYS_PREVIOUS_FILE: &str = "KEYWARD_ENCRYPTION_KEYS_PREVIOUS_FILE";
+
+/// Each setting that may hold a secret, and the variable naming a file that holds its
+/// value instead (for Kubernetes and Docker secrets mounted as files).
+pub const FILE_TWINS: [(&str, &str); 6] = [
+    (ADMIN_TOKEN, ADMIN_TOKEN_FILE),
+    (DATA_TOKEN, DATA_TOKEN_FILE),
+    (DATABASE_URL, DATABASE_URL_FILE),
+    (REDIS_URL, REDIS_URL_FILE),
+    (ENCRYPTION_KEY, ENCRYPTION_KEY_FILE),
+    (ENCRYPTION_KEYS_PREVIOUS, ENCRYPTION_KEYS_PREVIOUS_FILE),
+];
+
+/// Secrets that have no command-line flag at all. The two URLs keep theirs, refused
+/// when the URL holds a password ([`url_has_password`]).
+pub const NOT_FLAGS: [&str; 4] = [
+    ADMIN_TOKEN,
+    DATA_TOKEN,
+    ENCRYPTION_KEY,
+    ENCRYPTION_KEYS_PREVIOUS,
+];
+
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://keyward.db";
 
-/// Admin tokens shorter than this start with a warning (not an error: local trials).
-const RECOMMENDED_TOKEN_LEN: usize = 16;
+/// The shortest admin or data token accepted: a guessable token opens everything.
+pub const MIN_TOKEN_LEN: usize = 16;
 
 /// Variable name → raw text, as read from flags or the environment.
 pub type RawConfig = BTreeMap<&'static str, String>;
@@ -165,15 +198,73 @@ impl Parser<'_> {
         });
     }
 
+    /// The text of every `…_FILE` twin's file, under the setting's own name (a file's
+    /// content without its trailing newline is the value). Setting both a variable and
+    /// its twin is an error; so is a file that cannot be read (its path is named, never
+    /// its content).
+    fn read_files(&mut self) -> RawConfig {
+        let mut resolved = self.raw.clone();
+        for (var, file_var) in FILE_TWINS {
+            let Some(path) = self.get(file_var).map(str::to_string) else {
+                continue;
+            };
+            resolved.remove(file_var);
+            if self.get(var).is_some() {
+                self.fail(
+                    var,
+                    format!("both {var} and {file_var} are set; set only one"),
+                );
+                continue;
+            }
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    let text = text.strip_suffix('\n').unwrap_or(&text);
+                    let text = text.strip_suffix('\r').unwrap_or(text);
+                    resolved.insert(var, text.to_string());
+                }
+                Err(e) => self.fail(file_var, format!("cannot read `{path}`: {e}")),
+            }
+        }
+        resolved
+    }
+
+    fn database(&mut self) -> (String, Backend) {
+        let url = self
+            .get(DATABASE_URL)
+            .unwrap_or(DEFAULT_DATABASE_URL)
+            .to_string();
+        let backend = Backend::of_url(&url).unwrap_or_else(|| {
+            // The URL may hold a password: do not echo it.
+            self.fail(
+                DATABASE_URL,
+                "must start with postgres://, postgresql:// or sqlite:",
+            );
+            Backend::Sqlite
+        });
+        (url, backend)
+    }
+
     fn addr(&mut self, var: &'static str, default: &str) -> SocketAddr {
         let text = self.get(var).unwrap_or(default).to_string();
         text.parse().unwrap_or_else(|_| {
             self.fail(
                 var,
-                format!("`{text}` is not a socket address like 0.0.0.0:8080"),
+                format!("`{text}` is not a socket address like 127.0.0.1:8080"),
             );
             SocketAddr::from(([0, 0, 0, 0], 0))
         })
+    }
+
+    /// A bearer token: at least [`MIN_TOKEN_LEN`] printable characters without spaces.
+    fn token(&mut self, var: &'static str) -> Option<String> {
+        let token = self.get(var).map(str::to_string)?;
+        if token.chars().count() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            self.fail(
+                var,
+                format!("must be at least {MIN_TOKEN_LEN} printable characters without spaces (e.g. `openssl rand -hex 24`)"),
+            );
+        }
+        Some(token)
     }
 
     fn number(&mut self, var: &'static str, default: u64, min: u64, max: u64, unit: &str) -> u64 {
@@ -223,51 +314,89 @@ impl Parser<'_> {
     }
 }
 
+/// Whether a database or Redis URL carries a password (in its user info, or as a
+/// `password=` query parameter, which libpq accepts).
+pub fn url_has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = before_query.split('/').next().unwrap_or_default();
+    let in_user_info = authority
+        .rsplit_once('@')
+        .is_some_and(|(user_info, _)| user_info.contains(':'));
+    in_user_info
+        || query
+            .split('&')
+            .any(|pair| pair.to_ascii_lowercase().starts_with("password="))
+}
+
+/// Whether each node of a Redis URL has a host and a port that can be used (`redis`
+/// parses the URL without connecting: a port like 99999 is refused here, not at the
+/// first request).
+fn redis_url_is_usable(target: &crate::limits::conn::Target) -> bool {
+    use crate::limits::conn::Target;
+    let nodes = match target {
+        Target::Single(url) => std::slice::from_ref(url),
+        Target::Cluster(nodes) => nodes.as_slice(),
+    };
+    nodes
+        .iter()
+        .all(|node| redis::Client::open(node.as_str()).is_ok())
+}
+
+/// `KEYWARD_DATABASE_URL` (or its file) alone, by the rules of [`Config::from_raw`]: for
+/// `keyward migrate`.
+pub fn database_url_from_raw(raw: &RawConfig) -> Result<String, Vec<ConfigError>> {
+    let mut p = Parser {
+        raw,
+        errors: Vec::new(),
+    };
+    let resolved = p.read_files();
+    let mut p = Parser {
+        raw: &resolved,
+        errors: p.errors,
+    };
+    let (url, _) = p.database();
+    if p.errors.is_empty() {
+        Ok(url)
+    } else {
+        Err(p.errors)
+    }
+}
+
 impl Config {
     pub fn from_raw(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         let mut p = Parser {
             raw,
             errors: Vec::new(),
         };
-        let listen = p.addr(LISTEN, "0.0.0.0:8080");
-        let admin_listen = p.addr(ADMIN_LISTEN, "0.0.0.0:8081");
+        let resolved = p.read_files();
+        let mut p = Parser {
+            raw: &resolved,
+            errors: p.errors,
+        };
+        let listen = p.addr(LISTEN, "127.0.0.1:8080");
+        let admin_listen = p.addr(ADMIN_LISTEN, "127.0.0.1:8081");
 
-        let admin_token = p.get(ADMIN_TOKEN).map(str::to_string);
-        if let Some(token) = &admin_token {
-            if token.chars().any(char::is_control) {
-                p.fail(ADMIN_TOKEN, "contains control characters");
-            }
-        }
-        let data_token = p.get(DATA_TOKEN).map(str::to_string);
-        if let Some(token) = &data_token {
-            if token.len() < RECOMMENDED_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
-                p.fail(
-                    DATA_TOKEN,
-                    format!("must be at least {RECOMMENDED_TOKEN_LEN} printable characters without spaces"),
-                );
-            }
-        }
+        let admin_token = p.token(ADMIN_TOKEN);
+        let data_token = p.token(DATA_TOKEN);
 
-        let database_url = p
-            .get(DATABASE_URL)
-            .unwrap_or(DEFAULT_DATABASE_URL)
-            .to_string();
-        let backend = Backend::of_url(&database_url).unwrap_or_else(|| {
-            // The URL may hold a password: do not echo it.
-            p.fail(
-                DATABASE_URL,
-                "must start with postgres://, postgresql:// or sqlite:",
-            );
-            Backend::Sqlite
-        });
+        let (database_url, backend) = p.database();
 
         let redis_url = p.get(REDIS_URL).map(str::to_string);
         if let Some(url) = &redis_url {
-            if crate::limits::conn::Target::parse(url).is_none() {
-                p.fail(
+            match crate::limits::conn::Target::parse(url) {
+                None => p.fail(
                     REDIS_URL,
                     "must be redis://host:port, rediss://…, or redis+cluster://host:port,host:port",
-                );
+                ),
+                // The URL may hold a password: do not echo it.
+                Some(target) if !redis_url_is_usable(&target) => p.fail(
+                    REDIS_URL,
+                    "has a host or port that is not valid (a port is 1 to 65535, e.g. redis://host:6379)",
+                ),
+                Some(_) => {}
             }
         }
 
@@ -398,14 +527,10 @@ impl Config {
     /// Start-up warnings that are not errors, one line each.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
-        match &self.admin_token {
-            None => out.push(format!(
+        if self.admin_token.is_none() {
+            out.push(format!(
                 "{ADMIN_TOKEN} is not set: the admin API refuses every call until it is"
-            )),
-            Some(t) if t.len() < RECOMMENDED_TOKEN_LEN => out.push(format!(
-                "{ADMIN_TOKEN} is shorter than {RECOMMENDED_TOKEN_LEN} characters; use a long random token"
-            )),
-            Some(_) => {}
+            ));
         }
         out
     }
@@ -423,8 +548,8 @@ mod tests {
     #[test]
     fn defaults_are_the_embedded_shape() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
-        assert_eq!(c.admin_listen.to_string(), "0.0.0.0:8081");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:8081");
         assert_eq!(c.database_url, "sqlite://keyward.db");
         assert_eq!(c.backend, Backend::Sqlite);
         assert_eq!(c.on_backend_error, BackendErrorPolicy::Deny);
@@ -490,5 +615,103 @@ mod tests {
             assert!(!debug.contains(secret), "{debug}");
         }
         assert_eq!(c.previous_keys.len(), 1);
+    }
+
+    #[test]
+    fn tokens_shorter_than_16_characters_are_refused() {
+        for var in [ADMIN_TOKEN, DATA_TOKEN] {
+            let errors = parse(&[(var, "fifteen-chars-x")]).unwrap_err();
+            assert_eq!(errors.len(), 1);
+            assert_eq!(errors[0].var, var);
+            assert!(!errors[0].to_string().contains("fifteen"), "{}", errors[0]);
+            assert!(parse(&[(var, "sixteen-chars-xx")]).is_ok());
+            assert_eq!(parse(&[(var, "sixteen chars xx")]).unwrap_err()[0].var, var);
+        }
+    }
+
+    #[test]
+    fn a_file_twin_gives_the_value_without_its_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "from-a-file-0123456789\n").unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\r\n").unwrap();
+        let c = parse(&[
+            (ADMIN_TOKEN_FILE, token.to_str().unwrap()),
+            (ENCRYPTION_KEY_FILE, key.to_str().unwrap()),
+        ])
+        .unwrap();
+        assert_eq!(c.admin_token.as_deref(), Some("from-a-file-0123456789"));
+        assert_eq!(c.encryption_key.unwrap()[1], 1);
+    }
+
+    #[test]
+    fn a_file_twin_beside_its_variable_or_unreadable_is_one_clear_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "the-content-must-not-show").unwrap();
+        let errors = parse(&[
+            (ADMIN_TOKEN, "a-token-of-sixteen-chars"),
+            (ADMIN_TOKEN_FILE, secret.to_str().unwrap()),
+        ])
+        .unwrap_err();
+        assert_eq!(errors.len(), 1);
+        let line = errors[0].to_string();
+        assert!(
+            line.starts_with(ADMIN_TOKEN) && line.contains(ADMIN_TOKEN_FILE),
+            "{line}"
+        );
+
+        let missing = dir.path().join("missing");
+        let errors = parse(&[(REDIS_URL_FILE, missing.to_str().unwrap())]).unwrap_err();
+        let line = errors[0].to_string();
+        assert_eq!(errors[0].var, REDIS_URL_FILE);
+        assert!(line.contains(missing.to_str().unwrap()), "{line}");
+
+        // A file that is not a valid value is reported under the variable, without its content.
+        let errors = parse(&[(DATA_TOKEN_FILE, secret.to_str().unwrap())]);
+        assert!(errors.is_ok(), "25 printable characters are a valid token");
+        std::fs::write(&secret, "short-secret").unwrap();
+        let errors = parse(&[(DATA_TOKEN_FILE, secret.to_str().unwrap())]).unwrap_err();
+        assert_eq!(errors[0].var, DATA_TOKEN);
+        assert!(!errors[0].to_string().contains("short-secret"));
+    }
+
+    #[test]
+    fn passwords_in_urls_are_recognised() {
+        for url in [
+            "postgres://u:pw@db/k",
+            "postgresql://u:@db/k",
+            "redis://:pw@localhost:6379",
+            "rediss://user:pw@h:6380/0",
+            "redis+cluster://:pw@a:1,b:2",
+            "postgres://u@db/k?sslmode=require&password=pw",
+        ] {
+            assert!(url_has_password(url), "{url}");
+        }
+        for url in [
+            "postgres://postgres@127.0.0.1:5432/k",
+            "redis://localhost:6379",
+            "redis+cluster://a:1,b:2",
+            "sqlite://keyward.db",
+            "sqlite::memory:",
+            "postgres://db/k?user=u",
+        ] {
+            assert!(!url_has_password(url), "{url}");
+        }
+    }
+
+    #[test]
+    fn a_redis_port_out_of_range_is_a_config_error() {
+        for url in [
+            "redis://:pw-secret@localhost:99999",
+            "redis+cluster://a:7000,b:99999",
+            "redis://:6379",
+        ] {
+            let errors = parse(&[(REDIS_URL, url)]).unwrap_err();
+            assert_eq!(errors[0].var, REDIS_URL, "{url}");
+            assert!(!errors[0].to_string().contains("pw-secret"));
+        }
+        assert!(parse(&[(REDIS_URL, "redis+cluster://a:7000,b:7001")]).is_ok());
     }
 }

@@ -153,39 +153,58 @@ pub fn random_key() -> [u8; 32] {
     Aes256Gcm::generate_key(&mut OsRng).into()
 }
 
-/// Reads the key kept in `path`, or creates it (mode 0600) when the file does not exist.
+/// Reads the key kept in `path`, or creates it (mode 0600) when the file does not exist
+/// and `may_create` is true.
 ///
 /// Used by the embedded shape when `KEYWARD_ENCRYPTION_KEY` is unset, so that the
-/// ciphertexts in the SQLite file stay readable across restarts.
-pub fn load_or_create_key_file(path: &Path) -> anyhow::Result<[u8; 32]> {
+/// ciphertexts in the SQLite file stay readable across restarts. The caller passes
+/// `may_create = false` when the database already holds ciphertexts: a fresh key could
+/// decrypt none of them, so a lost file must stop start-up rather than be replaced. A
+/// file that group or other users can read or write is refused: it is the only thing
+/// between them and every stored secret.
+pub fn load_or_create_key_file(path: &Path, may_create: bool) -> anyhow::Result<[u8; 32]> {
     use anyhow::Context;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(mut file) => {
-            let key = random_key();
-            writeln!(file, "{}", B64.encode(key))
-                .and_then(|_| file.sync_all())
-                .with_context(|| format!("writing encryption key file {}", path.display()))?;
-            tracing::info!(path = %path.display(), "generated a new encryption key file (mode 0600)");
-            Ok(key)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading encryption key file {}", path.display()))?;
-            parse_key(&text).map_err(|why| {
-                anyhow::anyhow!("encryption key file {} is invalid: {why}", path.display())
-            })
-        }
-        Err(e) => {
-            Err(e).with_context(|| format!("creating encryption key file {}", path.display()))
+    let shown = path.display();
+    if may_create {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(mut file) => {
+                let key = random_key();
+                writeln!(file, "{}", B64.encode(key))
+                    .and_then(|_| file.sync_all())
+                    .with_context(|| format!("writing encryption key file {shown}"))?;
+                tracing::info!(path = %shown, "generated a new encryption key file (mode 0600)");
+                return Ok(key);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating encryption key file {shown}"))
+            }
         }
     }
+    let metadata = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "encryption key file {shown} is missing and the database holds secrets encrypted with it: \
+             restore the file, or set KEYWARD_ENCRYPTION_KEY to its key (no new key is generated)"
+        ),
+        Err(e) => return Err(e).with_context(|| format!("reading encryption key file {shown}")),
+    };
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "encryption key file {shown} can be read or written by group or other users (mode {mode:03o}): run `chmod 600 {shown}`"
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading encryption key file {shown}"))?;
+    parse_key(&text).map_err(|why| anyhow::anyhow!("encryption key file {shown} is invalid: {why}"))
 }
 
 /// A new client API key: `prefix` followed by 43 random alphanumeric characters.
@@ -288,9 +307,42 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.key");
-        let first = load_or_create_key_file(&path).unwrap();
+        let first = load_or_create_key_file(&path, true).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(load_or_create_key_file(&path).unwrap(), first);
+        assert_eq!(load_or_create_key_file(&path, true).unwrap(), first);
+        assert_eq!(load_or_create_key_file(&path, false).unwrap(), first);
+    }
+
+    #[test]
+    fn a_missing_key_file_is_not_replaced_when_creating_is_not_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.key");
+        let e = load_or_create_key_file(&path, false).unwrap_err();
+        let line = format!("{e:#}");
+        assert!(
+            line.contains(path.to_str().unwrap()) && line.contains("missing"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+        assert!(!path.exists(), "a key file was generated");
+    }
+
+    #[test]
+    fn a_key_file_open_to_group_or_other_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.key");
+        load_or_create_key_file(&path, true).unwrap();
+        for mode in [0o640, 0o604, 0o620, 0o644] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let line = format!("{:#}", load_or_create_key_file(&path, true).unwrap_err());
+            assert!(
+                line.contains("chmod 600") && line.contains(path.to_str().unwrap()),
+                "{line}"
+            );
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(load_or_create_key_file(&path, true).is_ok());
     }
 }

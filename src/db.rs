@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyPool, Connection, Executor};
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -147,6 +147,15 @@ impl Db {
         let pool = match backend {
             Backend::Postgres => {
                 let options = AnyConnectOptions::from_str(url)?;
+                // One connection first: its error says why (refused, unknown host, bad
+                // password), where the pool's says only that it timed out.
+                let probe = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    sqlx::AnyConnection::connect_with(&options),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("no answer within 10 s"))??;
+                probe.close().await?;
                 AnyPoolOptions::new()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(3))
@@ -180,6 +189,15 @@ impl Db {
                             Ok(())
                         })
                     })
+                    // After a failed COMMIT (a disk I/O error, a file turned read-only)
+                    // sqlx's SQLite driver can believe a transaction is still open and
+                    // turn the next `begin` into a SAVEPOINT inside a transaction that
+                    // SQLite keeps open: its "commit" then succeeds and writes nothing.
+                    // A connection handed back with a transaction SQLite still holds
+                    // (its ROLLBACK succeeds) is therefore dropped, not reused.
+                    .after_release(|conn, _| {
+                        Box::pin(async move { Ok(conn.execute("ROLLBACK").await.is_err()) })
+                    })
                     .connect_with(options)
                     .await?
             }
@@ -210,6 +228,30 @@ impl Db {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// Fails when the database cannot be written (a read-only file or file system):
+    /// creates a table in a transaction that is rolled back, so nothing stays behind.
+    /// Reads alone would succeed, and keyward would seem ready while every write failed.
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("CREATE TABLE keyward_write_check (x INTEGER)")
+            .execute(&mut *tx)
+            .await?;
+        tx.rollback().await?;
+        Ok(())
+    }
+
+    /// Whether any client or provider key secret is stored (encrypted): then a new
+    /// encryption key could decrypt none of them.
+    pub async fn holds_secrets(&self) -> Result<bool, StoreError> {
+        let found = sqlx::query(
+            "SELECT id FROM client_keys WHERE key_encrypted LIKE 'enc:v1:%' \
+             UNION ALL SELECT id FROM provider_keys WHERE key_encrypted LIKE 'enc:v1:%' LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
     }
 }
 

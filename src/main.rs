@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use keyward::cli::{Cli, Command};
-use keyward::config::{self, Config, LogFormat};
-use keyward::{app, db, telemetry};
+use keyward::config::{self, Config, ConfigError, LogFormat};
+use keyward::{app, telemetry};
 
 /// mimalloc rather than the system allocator: a decision allocates a few dozen small,
 /// short-lived buffers (HTTP, JSON, the Redis command), and glibc's malloc and free were
@@ -27,37 +27,46 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => {
-            let config = match Config::from_raw(&args.raw()) {
+            let config = match args.raw().and_then(|raw| Config::from_raw(&raw)) {
                 Ok(config) => config,
-                Err(errors) => {
-                    for e in errors {
-                        eprintln!("keyward: {e}");
-                    }
-                    return ExitCode::from(2);
-                }
+                Err(errors) => return config_errors(errors),
             };
             telemetry::init(config.log_format);
             runtime.block_on(app::serve(config))
         }
         Command::Migrate(args) => {
-            let url = args
-                .database_url
-                .unwrap_or_else(|| config::DEFAULT_DATABASE_URL.into());
-            if db::Backend::of_url(&url).is_none() {
-                eprintln!(
-                    "keyward: {}: must start with postgres://, postgresql:// or sqlite:",
-                    config::DATABASE_URL
-                );
-                return ExitCode::from(2);
-            }
+            let url = match args
+                .raw()
+                .and_then(|raw| config::database_url_from_raw(&raw))
+            {
+                Ok(url) => url,
+                Err(errors) => return config_errors(errors),
+            };
             telemetry::init(LogFormat::Text);
             runtime.block_on(async {
-                let db = db::Db::connect(&url).await?;
+                let db = app::connect_db(&url).await?;
                 db.migrate().await?;
                 db.close().await;
                 tracing::info!("migrations applied");
                 Ok(())
             })
+        }
+        Command::Probe(args) => {
+            let mut raw = config::RawConfig::new();
+            if let Some(listen) = args.listen {
+                raw.insert(config::LISTEN, listen);
+            }
+            let listen = match Config::from_raw(&raw) {
+                Ok(config) => config.listen,
+                Err(errors) => return config_errors(errors),
+            };
+            return match keyward::probe::probe(keyward::probe::target(listen), &args.path) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(why) => {
+                    eprintln!("keyward: probe: {why}");
+                    ExitCode::FAILURE
+                }
+            };
         }
     };
     match result {
@@ -67,4 +76,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One line a bad setting, each naming its variable; exit code 2.
+fn config_errors(errors: Vec<ConfigError>) -> ExitCode {
+    for e in errors {
+        eprintln!("keyward: {e}");
+    }
+    ExitCode::from(2)
 }

@@ -5,6 +5,10 @@
 //! it can never be used again, and a disabled key says so where a silently broken one
 //! would not. A ciphertext changed concurrently (another replica rotating, an admin
 //! edit) is left to that change. Running it twice is harmless.
+//!
+//! When secrets are stored and the keyring decrypts none of them, the keyring is wrong
+//! (a lost key file replaced, a mistyped key), not the secrets: rotating would disable
+//! every key. That is refused ([`RotateError::KeyringMismatch`]) before anything changes.
 
 use serde::Serialize;
 
@@ -23,9 +27,35 @@ pub struct Rotated {
     pub failed: usize,
 }
 
-pub async fn rotate(db: &Db, keyring: &Keyring, bus: &Bus) -> Result<Rotated, StoreError> {
+/// Why a rotation did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error("none of the {stored} stored secrets can be decrypted with the configured encryption keys; nothing was changed (is KEYWARD_ENCRYPTION_KEY, or the key file, the one they were encrypted with?)")]
+    KeyringMismatch { stored: usize },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub async fn rotate(db: &Db, keyring: &Keyring, bus: &Bus) -> Result<Rotated, RotateError> {
+    let client_secrets = client_keys::store::secrets(db).await?;
+    let provider_keys = pool::store::list_all(db).await?;
+    // Decide before the first write: a keyring that decrypts nothing changes nothing.
+    let stored = client_secrets.len() + provider_keys.len();
+    let readable = client_secrets
+        .iter()
+        .map(|(_, _, encrypted)| encrypted)
+        .chain(provider_keys.iter().map(|k| &k.key_encrypted))
+        .any(|encrypted| keyring.decrypt(encrypted).is_ok());
+    if stored > 0 && !readable {
+        tracing::error!(
+            stored,
+            "rotation refused: the keyring decrypts none of the stored secrets"
+        );
+        return Err(RotateError::KeyringMismatch { stored });
+    }
+
     let mut done = Rotated::default();
-    for (id, hash, encrypted) in client_keys::store::secrets(db).await? {
+    for (id, hash, encrypted) in client_secrets {
         match keyring.decrypt(&encrypted) {
             Ok(secret) => {
                 let fresh = keyring.encrypt(&secret);
@@ -44,7 +74,7 @@ pub async fn rotate(db: &Db, keyring: &Keyring, bus: &Bus) -> Result<Rotated, St
             }
         }
     }
-    for key in pool::store::list_all(db).await? {
+    for key in provider_keys {
         match keyring.decrypt(&key.key_encrypted) {
             Ok(value) => {
                 let fresh = keyring.encrypt(&value);

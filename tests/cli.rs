@@ -40,6 +40,10 @@ fn bad_settings_stop_start_up_with_one_line_naming_the_variable() {
         ("KEYWARD_DATABASE_URL", "mysql://user:hunter2@db/keyward"),
         ("KEYWARD_REDIS_URL", "http://cache:6379"),
         ("KEYWARD_EXPIRY_INTERVAL_S", "soon"),
+        ("KEYWARD_ADMIN_TOKEN", "fifteen-chars-x"),
+        ("KEYWARD_DATA_TOKEN", "fifteen-chars-x"),
+        ("KEYWARD_REDIS_URL", "redis://:hunter2@localhost:99999"),
+        ("KEYWARD_ADMIN_TOKEN_FILE", "/nonexistent/admin-token"),
     ] {
         let out = keyward(&["serve"]).env(var, value).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{var}={value}");
@@ -133,16 +137,24 @@ struct Running {
 
 /// `keyward serve` with nothing configured but addresses and the admin token, in `dir`.
 fn serve_embedded(dir: &std::path::Path) -> Running {
+    serve_embedded_with(dir, &[], Stdio::null())
+}
+
+/// Like [`serve_embedded`], with more variables and the log (stdout) sent to `log`.
+fn serve_embedded_with(dir: &std::path::Path, env: &[(&str, &str)], log: Stdio) -> Running {
     let (data, admin) = (free_port(), free_port());
-    let child = keyward(&["serve"])
-        .current_dir(dir)
+    let mut cmd = keyward(&["serve"]);
+    cmd.current_dir(dir)
         .env("KEYWARD_LISTEN", format!("127.0.0.1:{data}"))
         .env("KEYWARD_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
         .env("KEYWARD_ADMIN_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .env("KEYWARD_EXPIRY_INTERVAL_S", "0")
+        .stdout(log)
+        .stderr(Stdio::null());
+    for (var, value) in env {
+        cmd.env(var, value);
+    }
+    let child = cmd.spawn().unwrap();
     Running { child, data, admin }
 }
 
@@ -283,4 +295,343 @@ async fn json_logs_are_one_object_per_line_with_a_line_per_decision() {
     assert_eq!(decisions[1]["reason"], "INVALID_KEY");
     assert!(lines.iter().any(|l| l["message"] == "client key created"));
     assert!(!text.contains(&secret), "the secret reached the logs");
+}
+
+#[test]
+fn secrets_given_as_flags_are_refused() {
+    for flag in [
+        "--admin-token",
+        "--data-token",
+        "--encryption-key",
+        "--encryption-keys-previous",
+    ] {
+        let out = keyward(&["serve", flag, "flag-secret-0123456789"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag} was accepted");
+        assert!(
+            !stderr_of(&out).contains("flag-secret"),
+            "{}",
+            stderr_of(&out)
+        );
+    }
+    for (args, var) in [
+        (
+            vec![
+                "serve",
+                "--database-url",
+                "postgres://u:hunter2@127.0.0.1/k",
+            ],
+            "KEYWARD_DATABASE_URL",
+        ),
+        (
+            vec!["serve", "--redis-url", "redis://:hunter2@127.0.0.1:6379"],
+            "KEYWARD_REDIS_URL",
+        ),
+        (
+            vec![
+                "migrate",
+                "--database-url",
+                "postgres://u:hunter2@127.0.0.1/k",
+            ],
+            "KEYWARD_DATABASE_URL",
+        ),
+    ] {
+        let out = keyward(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = stderr_of(&out);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with(&format!("keyward: {var}: ")), "{err}");
+        assert!(err.contains(&format!("{var}_FILE")), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}
+
+#[test]
+fn an_unreachable_database_or_redis_is_one_line_naming_the_variable_and_the_cause() {
+    let dead = free_port();
+    let out = keyward(&["serve"])
+        .env(
+            "KEYWARD_DATABASE_URL",
+            format!("postgres://postgres:hunter2@127.0.0.1:{dead}/keyward"),
+        )
+        .env("KEYWARD_ENCRYPTION_KEY", ENCRYPTION_KEY)
+        .env("KEYWARD_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("keyward: KEYWARD_DATABASE_URL: ") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = keyward(&["serve"])
+        .current_dir(dir.path())
+        .env(
+            "KEYWARD_REDIS_URL",
+            format!("redis://:hunter2@127.0.0.1:{dead}"),
+        )
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("keyward: KEYWARD_REDIS_URL: ") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+/// `keyward serve` in `dir` that is expected to stop at start-up: its stderr.
+fn failed_start(dir: &std::path::Path, env: &[(&str, &str)]) -> String {
+    let mut cmd = keyward(&["serve"]);
+    cmd.current_dir(dir)
+        .env("KEYWARD_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("KEYWARD_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("KEYWARD_ADMIN_TOKEN", TOKEN)
+        .stdout(Stdio::null());
+    for (var, value) in env {
+        cmd.env(var, value);
+    }
+    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("keyward started where it must refuse to");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    err
+}
+
+#[tokio::test]
+async fn the_key_file_is_never_replaced_beside_stored_secrets_nor_used_when_others_can_read_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+
+    // The admin token can come from a file.
+    let mut cmd = keyward(&["serve"]);
+    let (data, admin) = (free_port(), free_port());
+    cmd.current_dir(dir.path())
+        .env("KEYWARD_LISTEN", format!("127.0.0.1:{data}"))
+        .env("KEYWARD_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("KEYWARD_ADMIN_TOKEN_FILE", &token_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let running = Running {
+        child: cmd.spawn().unwrap(),
+        data,
+        admin,
+    };
+    wait_ready(&client, running.data).await;
+    let created = create_key(&client, running.admin).await;
+    assert!(created["secret"].is_string(), "{created}");
+    assert!(terminate(running).success());
+
+    // The key file is lost: no new key, start-up stops naming the file.
+    let key_file = dir.path().join("keyward.db.key");
+    let kept = std::fs::read(&key_file).unwrap();
+    std::fs::remove_file(&key_file).unwrap();
+    let err = failed_start(dir.path(), &[]);
+    assert!(
+        err.contains("keyward.db.key") && err.contains("missing"),
+        "{err}"
+    );
+    assert!(!key_file.exists(), "a new key file was generated");
+
+    // Restored but readable by others: refused until it is chmod 600.
+    std::fs::write(&key_file, &kept).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = failed_start(dir.path(), &[]);
+    assert!(
+        err.contains("keyward.db.key") && err.contains("chmod 600"),
+        "{err}"
+    );
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let again = serve_embedded(dir.path());
+    wait_ready(&client, again.data).await;
+    // The exec probe of the Helm sidecar finds it from KEYWARD_LISTEN.
+    let out = probe(again.data, "/readyz");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(terminate(again).success());
+    let out = probe(free_port(), "/healthz");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).starts_with("keyward: probe: cannot connect"));
+}
+
+/// `keyward probe <path>` against the data plane on `port`, given as `0.0.0.0:<port>`.
+fn probe(port: u16, path: &str) -> Output {
+    keyward(&["probe", path])
+        .env("KEYWARD_LISTEN", format!("0.0.0.0:{port}"))
+        .output()
+        .unwrap()
+}
+
+/// Makes files immutable (`chattr +i`) and undoes it on drop. Tests run as root, and
+/// root ignores permission bits, so a `chmod 444` would not make the database read-only;
+/// an immutable file refuses writes to root too, including through descriptors opened
+/// before (as when a file system turns read-only under a running process). `None` when
+/// the file system or the user cannot (the test then says so and passes).
+struct Immutable(Vec<std::path::PathBuf>);
+
+impl Immutable {
+    fn set(paths: &[std::path::PathBuf]) -> Option<Immutable> {
+        let paths: Vec<_> = paths.iter().filter(|p| p.exists()).cloned().collect();
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .args(&paths)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            Some(Immutable(paths))
+        } else {
+            eprintln!("chattr +i is not available here: read-only database not tested");
+            None
+        }
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").args(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_read_only_database_stops_start_up_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let first = serve_embedded(dir.path());
+    wait_ready(&client, first.data).await;
+    create_key(&client, first.admin).await;
+    assert!(terminate(first).success());
+
+    let Some(_lock) = Immutable::set(&[dir.path().join("keyward.db")]) else {
+        return;
+    };
+    let err = failed_start(dir.path(), &[]);
+    assert!(
+        err.starts_with("keyward: KEYWARD_DATABASE_URL: ") && err.contains("read-only"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn with_a_database_turned_read_only_reports_are_refused_and_sigterm_still_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let log_path = dir.path().join("log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let running = serve_embedded_with(dir.path(), &[], Stdio::from(log));
+    wait_ready(&client, running.data).await;
+    let secret = create_key(&client, running.admin).await["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let data = format!("http://127.0.0.1:{}", running.data);
+    let admit = || async {
+        let answer: Value = client
+            .post(format!("{data}/v1/admit"))
+            .json(&serde_json::json!({"key": secret}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer["lease_id"].as_str().unwrap().to_string()
+    };
+    let report = |lease: String| {
+        client
+            .post(format!("{data}/v1/report"))
+            .json(&serde_json::json!({"lease_id": lease, "prompt_tokens": 1}))
+            .send()
+    };
+    let (early, late) = (admit().await, admit().await);
+
+    // Not the -shm file: SQLite maps it into memory, and a write to an immutable mapping
+    // is a SIGBUS, not an error.
+    let files: Vec<_> = ["keyward.db", "keyward.db-wal"]
+        .iter()
+        .map(|f| dir.path().join(f))
+        .collect();
+    let Some(_lock) = Immutable::set(&files) else {
+        terminate(running);
+        return;
+    };
+    // Reported before the writer found out: queued, then it fails to apply it.
+    let r = report(early).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = client.get(format!("{data}/readyz")).send().await.unwrap();
+        if ready.status() == 503 {
+            let body: Value = ready.json().await.unwrap();
+            assert_eq!(body["checks"]["accounting"], "cannot_write", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz stayed ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = probe(running.data, "/readyz");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr_of(&out).contains("answered 503"),
+        "{}",
+        stderr_of(&out)
+    );
+    // Now that the writer cannot write, a report is not acknowledged as recorded.
+    let r = report(late.clone()).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "BACKEND_UNAVAILABLE", "{body}");
+
+    let started = Instant::now();
+    terminate(running);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("not applied"), "{log}");
+}
+
+#[test]
+fn migrate_reads_the_database_url_from_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("from-file.db");
+    let url_file = dir.path().join("url");
+    std::fs::write(&url_file, format!("sqlite://{}\n", db.display())).unwrap();
+    let out = keyward(&["migrate"])
+        .env("KEYWARD_DATABASE_URL_FILE", &url_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(db.exists());
+    // Both the variable and its file: one line naming both.
+    let out = keyward(&["migrate"])
+        .env("KEYWARD_DATABASE_URL_FILE", &url_file)
+        .env("KEYWARD_DATABASE_URL", "sqlite::memory:")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr_of(&out);
+    assert!(
+        err.starts_with("keyward: KEYWARD_DATABASE_URL: ")
+            && err.contains("KEYWARD_DATABASE_URL_FILE"),
+        "{err}"
+    );
 }

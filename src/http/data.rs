@@ -359,6 +359,11 @@ async fn report(
             None => state.pools.get(id).await.ok().map(|k| k.provider),
         };
     }
+    if let crate::limits::Counters::Memory(_) = state.counters {
+        // The in-process queue is only as good as its writer: refuse before anything
+        // changes rather than acknowledge a report that cannot be stored.
+        state.accounting.check()?;
+    }
     let outcome = state.counters.report(&report).await?;
     let m = crate::metrics::get();
     match outcome {
@@ -434,6 +439,9 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         tokio::time::timeout(READY_TIMEOUT, state.counters.ready()),
     );
     let mut checks = json!({"database": check("database", db)});
+    if state.accounting.failing() {
+        checks["accounting"] = json!("cannot_write");
+    }
     if matches!(state.counters, crate::limits::Counters::Redis(_)) {
         checks["redis"] = json!(check("redis", counters));
     }

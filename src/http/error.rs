@@ -157,6 +157,24 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::rotation::RotateError> for ApiError {
+    fn from(e: crate::rotation::RotateError) -> Self {
+        use crate::rotation::RotateError;
+        match e {
+            RotateError::KeyringMismatch { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "KEYRING_MISMATCH", e.to_string())
+            }
+            RotateError::Store(inner) => inner.into(),
+        }
+    }
+}
+
+impl From<crate::accounting::embedded::WriterFailing> for ApiError {
+    fn from(e: crate::accounting::embedded::WriterFailing) -> Self {
+        ApiError::unavailable(&e)
+    }
+}
+
 impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> Self {
         let unprocessable =

@@ -404,7 +404,7 @@ pub fn admin() -> Value {
             "/admin/provider-keys/{id}/usage": {"get": op("Reported usage per minute, newest first", None, "200", usage,
                 [id(), vec![query("limit", s("integer"))]].concat())},
             "/admin/provider-keys/{id}/reset": {"post": op("End a provider key's cooldown and suspension now", None, "200", reference("ProviderKey"), id())},
-            "/admin/encryption/rotate": {"post": op("Re-encrypt every secret with the current key", None, "200", rotated, vec![])},
+            "/admin/encryption/rotate": {"post": op("Re-encrypt every secret with the current key (409 KEYRING_MISMATCH, nothing changed, when it decrypts none)", None, "200", rotated, vec![])},
             "/admin/accounting/dead-letters": {"get": op("Usage records the database refused, newest first", None, "200", dead_letters,
                 vec![query("limit", s("integer"))])},
             "/admin/accounting/dead-letters/{id}/replay": {"post": op(

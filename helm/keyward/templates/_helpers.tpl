@@ -20,27 +20,40 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/*
-The keyward container. Secrets are read from .Values.existingSecret, which is
-required: the chart refuses to render without it.
+The keyward container, for a dict of "root" (the chart's context) and "sidecar" (bool).
+Secrets are read from .Values.existingSecret, which is required: the chart refuses to
+render without it. They are environment variables from the Secret, never arguments. The
+sidecar listens on the pod's loopback only, so its probes run inside the container.
 */}}
 {{- define "keyward.container" -}}
-{{- $secret := required "existingSecret is required: create a Secret with KEYWARD_ADMIN_TOKEN, KEYWARD_ENCRYPTION_KEY, KEYWARD_DATABASE_URL, KEYWARD_REDIS_URL" .Values.existingSecret -}}
+{{- $root := .root -}}
+{{- $values := $root.Values -}}
+{{- $secret := required "existingSecret is required: create a Secret with KEYWARD_ADMIN_TOKEN, KEYWARD_DATA_TOKEN, KEYWARD_ENCRYPTION_KEY, KEYWARD_DATABASE_URL, KEYWARD_REDIS_URL" $values.existingSecret -}}
 name: keyward
-image: "{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}"
-imagePullPolicy: {{ .Values.image.pullPolicy }}
+image: "{{ $values.image.repository }}:{{ $values.image.tag | default $root.Chart.AppVersion }}"
+imagePullPolicy: {{ $values.image.pullPolicy }}
 args: ["serve"]
 # The embedded shape's default SQLite file lands in the writable /data volume.
 workingDir: /data
 env:
+  {{- if .sidecar }}
+  # Only the containers of this pod reach keyward.
   - name: KEYWARD_LISTEN
-    value: "0.0.0.0:{{ .Values.ports.data }}"
+    value: "127.0.0.1:{{ $values.ports.data }}"
   - name: KEYWARD_ADMIN_LISTEN
-    value: "0.0.0.0:{{ .Values.ports.admin }}"
-  {{- range $name, $value := .Values.config }}
+    value: "127.0.0.1:{{ $values.ports.admin }}"
+  {{- else }}
+  # The data port also serves the kubelet's probes, so it listens on the pod's address.
+  - name: KEYWARD_LISTEN
+    value: "0.0.0.0:{{ $values.ports.data }}"
+  - name: KEYWARD_ADMIN_LISTEN
+    value: "{{ if $values.adminService.enabled }}0.0.0.0{{ else }}127.0.0.1{{ end }}:{{ $values.ports.admin }}"
+  {{- end }}
+  {{- range $name, $value := $values.config }}
   - name: {{ $name }}
     value: {{ $value | quote }}
   {{- end }}
-  {{- range $name := list "KEYWARD_ADMIN_TOKEN" "KEYWARD_ENCRYPTION_KEY" "KEYWARD_ENCRYPTION_KEYS_PREVIOUS" "KEYWARD_DATABASE_URL" "KEYWARD_REDIS_URL" }}
+  {{- range $name := list "KEYWARD_ADMIN_TOKEN" "KEYWARD_DATA_TOKEN" "KEYWARD_ENCRYPTION_KEY" "KEYWARD_ENCRYPTION_KEYS_PREVIOUS" "KEYWARD_DATABASE_URL" "KEYWARD_REDIS_URL" }}
   - name: {{ $name }}
     valueFrom:
       secretKeyRef:
@@ -50,9 +63,22 @@ env:
   {{- end }}
 ports:
   - name: data
-    containerPort: {{ .Values.ports.data }}
+    containerPort: {{ $values.ports.data }}
   - name: admin
-    containerPort: {{ .Values.ports.admin }}
+    containerPort: {{ $values.ports.admin }}
+{{- if .sidecar }}
+livenessProbe:
+  exec: { command: ["keyward", "probe", "/healthz"] }
+  periodSeconds: 10
+readinessProbe:
+  exec: { command: ["keyward", "probe", "/readyz"] }
+  periodSeconds: 5
+  failureThreshold: 2
+startupProbe:
+  exec: { command: ["keyward", "probe", "/healthz"] }
+  periodSeconds: 1
+  failureThreshold: 30
+{{- else }}
 livenessProbe:
   httpGet: { path: /healthz, port: data }
   periodSeconds: 10
@@ -64,10 +90,11 @@ startupProbe:
   httpGet: { path: /healthz, port: data }
   periodSeconds: 1
   failureThreshold: 30
+{{- end }}
 resources:
-  {{- toYaml .Values.resources | nindent 2 }}
+  {{- toYaml $values.resources | nindent 2 }}
 securityContext:
-  {{- toYaml .Values.securityContext | nindent 2 }}
+  {{- toYaml $values.securityContext | nindent 2 }}
 volumeMounts:
   # The embedded shape's SQLite file (and its key file) need a writable place.
   - name: keyward-data
@@ -81,7 +108,7 @@ clusters before Kubernetes 1.29. Include it under initContainers when native, un
 containers otherwise, and add the "keyward.volumes" to the pod's volumes.
 */}}
 {{- define "keyward.sidecar" -}}
-- {{- include "keyward.container" . | nindent 2 }}
+- {{- include "keyward.container" (dict "root" . "sidecar" true) | nindent 2 }}
   {{- if .Values.sidecar.native }}
   restartPolicy: Always
   {{- end }}
