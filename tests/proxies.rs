@@ -87,9 +87,19 @@ impl Upstream {
 /// sent in chunks, one event each; with `x-stub-slow` the stub waits a second after the
 /// first chunk.
 fn stub_answer(name: &str, slow: bool) -> axum::response::Response {
-    let body = match name {
-        "tpm" => TPM_ANSWER.as_bytes().to_vec(),
-        name => fixture(name),
+    let body = match name.strip_prefix("long:") {
+        // `long:<n>:<fixture>`: n text events before the fixture's stream.
+        Some(rest) => {
+            let (n, name) = rest.split_once(':').unwrap();
+            let mut body = Vec::new();
+            for _ in 0..n.parse::<usize>().unwrap() {
+                body.extend_from_slice(FILLER);
+            }
+            body.extend_from_slice(&fixture(name));
+            body
+        }
+        None if name == "tpm" => TPM_ANSWER.as_bytes().to_vec(),
+        None => fixture(name),
     };
     let content_type = match name.ends_with(".sse") {
         true => "text/event-stream",
@@ -117,6 +127,9 @@ fn stub_answer(name: &str, slow: bool) -> axum::response::Response {
         .body(axum::body::Body::from_stream(stream))
         .unwrap()
 }
+
+/// One text event of an OpenAI chat stream (51 bytes).
+const FILLER: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"word \"}}]}\n\n";
 
 /// An OpenAI chat answer that used 1,500 tokens.
 const TPM_ANSWER: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1200,"completion_tokens":300,"total_tokens":1500}}"#;
@@ -754,6 +767,31 @@ async fn envoy_charges_the_tokens_the_upstream_stated() {
         assert_eq!(settled(&s, key_id, 1).await, tokens, "{answer}");
         // Compressed answers cannot be read: the upstream was asked for identity.
         assert_eq!(upstream.last()["accept-encoding"], "identity");
+    }
+
+    // Longer answers: the filter keeps the first and the last 32 KiB. Up to 64 KiB they
+    // are the whole answer; beyond, the middle is missing and the usage is read from the
+    // tail. Around each bound (the fixture is 1,509 bytes).
+    for n in [1, 600, 620, 1150, 1260, 5000] {
+        let answer = format!("long:{n}:openai_chat.sse");
+        let (key, secret) = s.create_key(json!({"rate_limit": null})).await;
+        let key_id = key["id"].as_str().unwrap();
+        let bearer = format!("Bearer {secret}");
+        let (status, _, got) = streamed(
+            proxy.port,
+            "/v1/chat/completions",
+            &bearer,
+            &answer,
+            false,
+            body("gpt-4o", 100),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            got.len(),
+            n * FILLER.len() + fixture("openai_chat.sse").len()
+        );
+        assert_eq!(settled(&s, key_id, 1).await, 2006 + 300, "{answer}");
     }
 
     // TPM 4,000 on real tokens: each request reserves 100 (its max_tokens) but uses

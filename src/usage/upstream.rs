@@ -15,7 +15,10 @@
 //!                                          request's path, read as /authz reads it)
 //!  "headers": {"retry-after": "30", …},    the upstream's answer headers the proxy
 //!                                          passes on (content-encoding, retry-after,
-//!                                          rate-limit headers), names in any case
+//!                                          rate-limit headers), names in any case;
+//!                                          a header whose name is over 200 characters
+//!                                          or whose value is over 1 KiB, or with
+//!                                          control characters (but tab), is ignored
 //!  "head": "<base64>", "tail": "<base64>", each at most 64 KiB once decoded
 //!  "complete": true,                       head then tail is exactly the body
 //!  "latency_ms": 812}                      optional
@@ -163,14 +166,14 @@ impl UpstreamBody {
         }
         let mut headers = BTreeMap::new();
         for (name, value) in &self.headers {
-            crate::names::check("a header name", name)
-                .map_err(|e| UpstreamError::Bad(e.to_string()))?;
-            if value.len() > MAX_HEADER_VALUE || value.chars().any(char::is_control) {
-                return Err(UpstreamError::Bad(format!(
-                    "header values must be at most {MAX_HEADER_VALUE} bytes without control characters"
-                )));
+            // An odd header is the upstream's doing, not the proxy's: it is ignored (as if
+            // absent) rather than costing the whole report.
+            if crate::names::printable(name).is_some()
+                && value.len() <= MAX_HEADER_VALUE
+                && !value.chars().any(|c| c.is_control() && c != '\t')
+            {
+                headers.insert(name.trim().to_ascii_lowercase(), value.as_str());
             }
-            headers.insert(name.trim().to_ascii_lowercase(), value.as_str());
         }
         let format = match (&self.api_format, &self.path) {
             (Some(_), Some(_)) => {
@@ -333,6 +336,23 @@ mod tests {
     }
 
     #[test]
+    fn odd_header_values_are_ignored_not_refused() {
+        let long = "9".repeat(MAX_HEADER_VALUE + 1);
+        for value in [long.as_str(), "3\n0", "\u{0}"] {
+            let (report, _) =
+                body(serde_json::json!({"status": 429, "headers": {"retry-after": value}}))
+                    .into_report("lease", 0)
+                    .unwrap();
+            assert_eq!(report.retry_after_s, None, "{value:?}");
+        }
+        let (report, _) =
+            body(serde_json::json!({"status": 429, "headers": {"retry-after": "\t7"}}))
+                .into_report("lease", 0)
+                .unwrap();
+        assert_eq!(report.retry_after_s, Some(7));
+    }
+
+    #[test]
     fn bounds_and_malformed_fields_are_refused() {
         let big = b64(&vec![b'x'; MAX_PART_BYTES + 1]);
         let fits = b64(&vec![b'x'; MAX_PART_BYTES]);
@@ -363,7 +383,6 @@ mod tests {
             serde_json::json!({"status": 200, "head": "not base64!"}),
             serde_json::json!({"status": 200, "api_format": "carrier_pigeon"}),
             serde_json::json!({"status": 200, "api_format": "openai_chat", "path": "/v1/chat/completions"}),
-            serde_json::json!({"status": 200, "headers": {"x": "a\nb"}}),
             serde_json::json!({"status": 200, "latency_ms": -1}),
         ] {
             assert!(
