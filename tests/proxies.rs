@@ -885,6 +885,13 @@ async fn envoy_charges_the_tokens_the_upstream_stated() {
     assert!(started.elapsed() >= Duration::from_secs(1));
     assert_eq!(got, fixture("openai_chat.sse"));
     assert_eq!(settled(&s, key_id, 1).await, 2006 + 300);
+    // The latency Envoy measured runs to the last byte.
+    let st = s
+        .admin(Method::GET, &format!("/admin/keys/{key_id}/stats"), None)
+        .await
+        .body;
+    let latency = st["avg_response_time_ms"].as_f64().unwrap();
+    assert!((1000.0..5000.0).contains(&latency), "{st}");
 
     upstream.never_saw_keyward_headers();
     s.stop().await;
