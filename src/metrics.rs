@@ -14,7 +14,8 @@
 //! | `keyward_provider_selections_total` | counter | `provider` |
 //! | `keyward_provider_key_events_total` | counter | `provider`, `event` (cooldown, suspension) |
 //! | `keyward_reports_total` | counter | `result` (recorded, duplicate, too_late) |
-//! | `keyward_data_plane_refusals_total` | counter | `endpoint` (select, report, renew), `reason` (no_token, wrong_token, token_not_configured, lease_not_found, not_the_lease_provider_key): calls refused for lack of proof, and suspicious ones |
+//! | `keyward_upstream_usage_total` | counter | `outcome` (parsed, not_found, compressed, unknown_format, out_of_range): what `/v1/report/upstream` read from the upstream's answer |
+//! | `keyward_data_plane_refusals_total` | counter | `endpoint` (select, report, report_upstream, renew), `reason` (no_token, wrong_token, token_not_configured, lease_not_found, not_the_lease_provider_key, no_lease): calls refused for lack of proof, and suspicious ones |
 //! | `keyward_accounting_records_total` | counter | `result` (applied, duplicate) |
 //! | `keyward_accounting_failures_total` | counter | |
 //! | `keyward_accounting_dead_letters_total` | counter | (records the database refused, set aside in `usage_dead_letters`) |
@@ -48,6 +49,7 @@ pub struct Metrics {
     pub provider_selections: IntCounterVec,
     pub provider_key_events: IntCounterVec,
     pub reports: IntCounterVec,
+    pub upstream_usage: IntCounterVec,
     pub data_plane_refusals: IntCounterVec,
     pub accounting_records: IntCounterVec,
     pub accounting_failures: IntCounter,
@@ -188,6 +190,12 @@ fn build() -> Metrics {
             "keyward_reports_total",
             "Reports received.",
             &["result"],
+        ),
+        upstream_usage: counter(
+            &r,
+            "keyward_upstream_usage_total",
+            "Proxy reports (/v1/report/upstream) by what was read from the answer: parsed, not_found, compressed, unknown_format, out_of_range.",
+            &["outcome"],
         ),
         accounting_records: counter(
             &r,

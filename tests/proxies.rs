@@ -39,6 +39,9 @@ impl Upstream {
                 if let Some(ms) = get("x-stub-delay-ms").and_then(|v| v.parse().ok()) {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
+                if let Some(name) = get("x-stub-answer") {
+                    return stub_answer(&name, get("x-stub-slow").is_some());
+                }
                 if get("x-stub-status").as_deref() == Some("429") {
                     return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "30")], "{}")
                         .into_response();
@@ -77,6 +80,63 @@ impl Upstream {
             }
         }
     }
+}
+
+/// The answer `x-stub-answer` names: a fixture of `tests/fixtures/usage` (SSE when it
+/// ends in `.sse`), or `tpm` (an OpenAI chat answer that used 1,200 + 300 tokens). It is
+/// sent in chunks, one event each; with `x-stub-slow` the stub waits a second after the
+/// first chunk.
+fn stub_answer(name: &str, slow: bool) -> axum::response::Response {
+    let body = match name.strip_prefix("long:") {
+        // `long:<n>:<fixture>`: n text events before the fixture's stream.
+        Some(rest) => {
+            let (n, name) = rest.split_once(':').unwrap();
+            let mut body = Vec::new();
+            for _ in 0..n.parse::<usize>().unwrap() {
+                body.extend_from_slice(FILLER);
+            }
+            body.extend_from_slice(&fixture(name));
+            body
+        }
+        None if name == "tpm" => TPM_ANSWER.as_bytes().to_vec(),
+        None => fixture(name),
+    };
+    let content_type = match name.ends_with(".sse") {
+        true => "text/event-stream",
+        false => "application/json",
+    };
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut rest = body.as_slice();
+    while let Some(i) = rest.windows(2).position(|w| w == b"\n\n") {
+        chunks.push(rest[..i + 2].to_vec());
+        rest = &rest[i + 2..];
+    }
+    if !rest.is_empty() {
+        chunks.push(rest.to_vec());
+    }
+    let stream =
+        futures_util::stream::unfold((chunks.into_iter(), 0), move |(mut it, i)| async move {
+            let chunk = it.next()?;
+            if slow && i == 1 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Some((Ok::<_, std::io::Error>(chunk), (it, i + 1)))
+        });
+    axum::response::Response::builder()
+        .header("content-type", content_type)
+        .body(axum::body::Body::from_stream(stream))
+        .unwrap()
+}
+
+/// One text event of an OpenAI chat stream (51 bytes).
+const FILLER: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"word \"}}]}\n\n";
+
+/// An OpenAI chat answer that used 1,500 tokens.
+const TPM_ANSWER: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1200,"completion_tokens":300,"total_tokens":1500}}"#;
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/tests/fixtures/usage/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(path).unwrap()
 }
 
 /// A proxy process of the test's own, killed on drop.
@@ -600,6 +660,319 @@ async fn envoy_ignores_a_clients_keyward_headers_and_reads_long_bodies() {
         (403, json!("MODEL_NOT_ALLOWED"))
     );
     upstream.never_saw_keyward_headers();
+    s.stop().await;
+}
+
+/// A request through the proxy whose answer the stub takes from `x-stub-answer`: the
+/// status, the time to the first chunk of the answer, and the whole answer.
+async fn streamed(
+    port: u16,
+    path: &str,
+    bearer: &str,
+    answer: &str,
+    slow: bool,
+    body: String,
+) -> (u16, Duration, Vec<u8>) {
+    let started = std::time::Instant::now();
+    let mut request = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}{path}"))
+        .header("content-type", "application/json")
+        .header("authorization", bearer)
+        .header("x-stub-answer", answer)
+        .body(body);
+    if slow {
+        request = request.header("x-stub-slow", "1");
+    }
+    let mut response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let mut bytes = Vec::new();
+    let mut first = None;
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        first.get_or_insert_with(|| started.elapsed());
+        bytes.extend_from_slice(&chunk);
+    }
+    (status, first.unwrap_or_default(), bytes)
+}
+
+/// The key's totals once `requests` reports have been applied: `(requests, tokens)`.
+async fn settled(s: &TestServer, key_id: &str, requests: i64) -> i64 {
+    eventually(10, || async {
+        let st = s
+            .admin(Method::GET, &format!("/admin/keys/{key_id}/stats"), None)
+            .await
+            .body;
+        (st["total_requests"] == requests).then(|| st["total_tokens"].as_i64().unwrap())
+    })
+    .await
+}
+
+/// Behind the shipped Envoy file keyward learns what each request used from the
+/// upstream's answer (JSON, OpenAI SSE with include_usage, Anthropic SSE), TPM is
+/// enforced on those real tokens, a stream cut before its usage keeps its reservation,
+/// and a slow stream reaches the client chunk by chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_charges_the_tokens_the_upstream_stated() {
+    let upstream = Upstream::start().await;
+    let s = TestServer::start(common::Backend::Sqlite).await;
+    for provider in ["openai", "anthropic"] {
+        let a = s
+            .admin(
+                Method::POST,
+                &format!("/admin/providers/{provider}/keys"),
+                Some(json!({"label": "upstream", "value": "sk-upstream-secret"})),
+            )
+            .await;
+        assert_eq!(a.status, 201, "{}", a.body);
+    }
+    let proxy = envoy(keyward_port(&s), upstream.port).await;
+    let body = |model: &str, max_tokens: i64| {
+        format!(
+            r#"{{"model": "{model}", "max_tokens": {max_tokens}, "stream": true, "messages": []}}"#
+        )
+    };
+
+    // Each answer's stated tokens, exactly, in the key's stats; the client gets the
+    // upstream's bytes unchanged.
+    for (answer, path, model, tokens) in [
+        (
+            "openai_chat.json",
+            "/v1/chat/completions",
+            "gpt-4o",
+            1117 + 46,
+        ),
+        (
+            "openai_chat.sse",
+            "/v1/chat/completions",
+            "gpt-4o",
+            2006 + 300,
+        ),
+        (
+            "anthropic_messages.sse",
+            "/v1/messages",
+            "claude-sonnet-4",
+            2572 + 42,
+        ),
+    ] {
+        let (key, secret) = s.create_key(json!({"rate_limit": null})).await;
+        let key_id = key["id"].as_str().unwrap();
+        let bearer = format!("Bearer {secret}");
+        let (status, _, got) =
+            streamed(proxy.port, path, &bearer, answer, false, body(model, 100)).await;
+        assert_eq!(status, 200, "{answer}: {}", String::from_utf8_lossy(&got));
+        assert_eq!(
+            got,
+            fixture(answer),
+            "{answer}: the client got the upstream's bytes"
+        );
+        assert_eq!(settled(&s, key_id, 1).await, tokens, "{answer}");
+        // Compressed answers cannot be read: the upstream was asked for identity.
+        assert_eq!(upstream.last()["accept-encoding"], "identity");
+    }
+
+    // Longer answers: the filter keeps the first and the last 32 KiB. Up to 64 KiB they
+    // are the whole answer; beyond, the middle is missing and the usage is read from the
+    // tail. Around each bound (the fixture is 1,509 bytes).
+    for n in [1, 600, 620, 1150, 1260, 5000] {
+        let answer = format!("long:{n}:openai_chat.sse");
+        let (key, secret) = s.create_key(json!({"rate_limit": null})).await;
+        let key_id = key["id"].as_str().unwrap();
+        let bearer = format!("Bearer {secret}");
+        let (status, _, got) = streamed(
+            proxy.port,
+            "/v1/chat/completions",
+            &bearer,
+            &answer,
+            false,
+            body("gpt-4o", 100),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            got.len(),
+            n * FILLER.len() + fixture("openai_chat.sse").len()
+        );
+        assert_eq!(settled(&s, key_id, 1).await, 2006 + 300, "{answer}");
+    }
+
+    // TPM 4,000 on real tokens: each request reserves 100 (its max_tokens) but uses
+    // 1,500, so the fourth is refused (on estimates alone, forty would pass).
+    let (key, secret) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": null, "tpm_limit": 4000}))
+        .await;
+    let key_id = key["id"].as_str().unwrap();
+    let bearer = format!("Bearer {secret}");
+    for n in 1..=3 {
+        let (status, _, got) = streamed(
+            proxy.port,
+            "/v1/chat/completions",
+            &bearer,
+            "tpm",
+            false,
+            body("gpt-4o", 100),
+        )
+        .await;
+        assert_eq!(
+            status,
+            200,
+            "request {n}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        assert_eq!(settled(&s, key_id, n).await, 1500 * n);
+    }
+    let refused = call_with(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer), ("x-stub-answer", "tpm")],
+        body("gpt-4o", 100),
+    )
+    .await;
+    assert_eq!(
+        (refused.status, refused.body["error"]["code"].clone()),
+        (429, json!("RATE_LIMITED")),
+        "{}",
+        refused.body
+    );
+    assert_eq!(refused.body["error"]["limit"], "tokens");
+
+    // A stream that ends before its usage: recorded without tokens (the slot comes back)
+    // and the reservation of 100 stays in the window.
+    let (key, secret) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 10000}))
+        .await;
+    let key_id = key["id"].as_str().unwrap();
+    let bearer = format!("Bearer {secret}");
+    let (status, _, _) = streamed(
+        proxy.port,
+        "/v1/chat/completions",
+        &bearer,
+        "openai_chat_no_usage.sse",
+        false,
+        body("gpt-4o", 100),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(settled(&s, key_id, 1).await, 0);
+    let next = call_with(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer)],
+        body("gpt-4o", 100),
+    )
+    .await;
+    assert_eq!(next.status, 200, "{}", next.body);
+    assert_eq!(h(&next, "x-ratelimit-remaining-tokens"), Some("9800"));
+
+    // A slow stream: the first event reaches the client while the upstream still
+    // sends (it waits a second after it), and the report still follows the last chunk.
+    let (key, secret) = s.create_key(json!({"rate_limit": null})).await;
+    let key_id = key["id"].as_str().unwrap();
+    let bearer = format!("Bearer {secret}");
+    let started = std::time::Instant::now();
+    let (status, first, got) = streamed(
+        proxy.port,
+        "/v1/chat/completions",
+        &bearer,
+        "openai_chat.sse",
+        true,
+        body("gpt-4o", 100),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        first < Duration::from_millis(600),
+        "the first chunk took {first:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(got, fixture("openai_chat.sse"));
+    assert_eq!(settled(&s, key_id, 1).await, 2006 + 300);
+    // The latency Envoy measured runs to the last byte.
+    let st = s
+        .admin(Method::GET, &format!("/admin/keys/{key_id}/stats"), None)
+        .await
+        .body;
+    let latency = st["avg_response_time_ms"].as_f64().unwrap();
+    assert!((1000.0..5000.0).contains(&latency), "{st}");
+
+    upstream.never_saw_keyward_headers();
+    s.stop().await;
+}
+
+/// What the README says of a client that disconnects mid-stream: Envoy ends the filter
+/// with the stream, so no report is sent; the slot comes back when the lease expires and
+/// the token reservation stays (the estimate is what the key is charged in TPM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_a_client_that_disconnects_mid_stream_holds_its_slot_until_the_lease_expires() {
+    let upstream = Upstream::start().await;
+    let s = TestServer::start_with(common::Backend::Sqlite, |raw| {
+        raw.insert(keyward::config::LEASE_TTL_S, "2".to_string());
+    })
+    .await;
+    s.admin(
+        Method::POST,
+        "/admin/providers/openai/keys",
+        Some(json!({"label": "upstream", "value": "sk-upstream-secret"})),
+    )
+    .await;
+    let proxy = envoy(keyward_port(&s), upstream.port).await;
+    let (key, secret) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 10000}))
+        .await;
+    let key_id = key["id"].as_str().unwrap();
+    let bearer = format!("Bearer {secret}");
+    let body = r#"{"model": "gpt-4o", "max_tokens": 100, "stream": true, "messages": []}"#;
+    let mut response = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/v1/chat/completions",
+            proxy.port
+        ))
+        .header("authorization", &bearer)
+        .header("x-stub-answer", "openai_chat.sse")
+        .header("x-stub-slow", "1")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.chunk().await.unwrap().is_some());
+    drop(response);
+    let expires = std::time::Instant::now() + Duration::from_secs(2);
+
+    // The stub finishes a second later; no report comes: the slot stays taken.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let busy = call_with(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer)],
+        body.into(),
+    )
+    .await;
+    if std::time::Instant::now() < expires {
+        assert_eq!(
+            (busy.status, busy.body["error"]["code"].clone()),
+            (429, json!("CONCURRENCY_LIMITED")),
+            "{}",
+            busy.body
+        );
+    }
+    // Once the lease expired the slot is free, and the abandoned request's reservation
+    // of 100 is still in the window.
+    let again = eventually(5, || async {
+        let a = call_with(
+            proxy.port,
+            "/v1/chat/completions",
+            &[("authorization", &bearer)],
+            body.into(),
+        )
+        .await;
+        (a.status == 200).then_some(a)
+    })
+    .await;
+    assert_eq!(h(&again, "x-ratelimit-remaining-tokens"), Some("9800"));
+    assert_eq!(
+        settled(&s, key_id, 1).await,
+        0,
+        "only the finished request is recorded"
+    );
     s.stop().await;
 }
 

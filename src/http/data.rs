@@ -26,6 +26,7 @@ use crate::clock::to_rfc3339;
 use crate::lease::SignedLease;
 use crate::limits::Reported;
 use crate::money::Usd;
+use crate::usage::upstream::{UpstreamBody, UpstreamError};
 
 /// How long `/readyz` waits for a backend before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,6 +36,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admit", post(admit))
         .route("/v1/select", post(select))
         .route("/v1/report", post(report))
+        .route("/v1/report/upstream", post(report_upstream))
         .route("/v1/leases/{lease_id}/renew", post(renew))
         .route("/authz", axum::routing::any(super::authz::authz))
         .route("/authz/{*path}", axum::routing::any(super::authz::authz))
@@ -343,6 +345,16 @@ async fn report(
             None
         }
     };
+    record(&state, body, lease).await
+}
+
+/// Settles a report whose proof was checked: `lease` is the lease it names (and
+/// `body.provider_key_id` that lease's pick), `None` for one with the data-plane token.
+async fn record(
+    state: &AppState,
+    body: ReportBody,
+    lease: Option<SignedLease>,
+) -> Result<Json<Value>, ApiError> {
     let mut report = body
         .validate(state.pool_policy, lease)
         .map_err(ApiError::bad_request)?;
@@ -390,6 +402,46 @@ async fn report(
             ))
         }
     }
+}
+
+/// The proxies' report: the upstream's status, headers and an excerpt of its answer
+/// ([`crate::usage::upstream`]). Authorized by the lease in `x-keyward-lease` alone,
+/// checked before the body is read; the report then acts only on that lease's key and
+/// its pick, and settles like `/v1/report` with the tokens keyward read.
+async fn report_upstream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<JsonBody<UpstreamBody>, ApiError>,
+) -> Result<Json<Value>, ApiError> {
+    const ENDPOINT: &str = "report_upstream";
+    let text = headers
+        .get("x-keyward-lease")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            refused(
+                ENDPOINT,
+                "no_lease",
+                ApiError::bad_request("the x-keyward-lease header is required"),
+            )
+        })?;
+    let lease = verified_lease(&state, text, ENDPOINT)?;
+    let JsonBody(body) = body?;
+    let (mut report, read) =
+        body.into_report(text, crate::clock::now_ms())
+            .map_err(|e| match e {
+                UpstreamError::Bad(m) => ApiError::bad_request(m),
+                UpstreamError::TooLarge(m) => {
+                    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", m)
+                }
+            })?;
+    crate::metrics::get()
+        .upstream_usage
+        .with_label_values(&[read.label()])
+        .inc();
+    report.provider_key_id.clone_from(&lease.provider_key_id);
+    record(&state, report, Some(lease)).await
 }
 
 /// A renewal is authorized by the lease itself; its id does not change.

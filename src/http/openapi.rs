@@ -13,6 +13,7 @@ pub const DATA_ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/admit"),
     ("post", "/v1/select"),
     ("post", "/v1/report"),
+    ("post", "/v1/report/upstream"),
     ("post", "/v1/leases/{lease_id}/renew"),
     ("get", "/authz/{path}"),
     ("post", "/authz/{path}"),
@@ -232,12 +233,37 @@ pub fn data_plane() -> Value {
         vec![],
     );
     report["security"] = json!([{}, {"data": []}]);
+    // The proxies' report: the lease in a header, the upstream's answer in the body
+    // (module `usage::upstream` documents the format).
+    let upstream = object(
+        json!({
+            "status": {"type": "integer", "minimum": 100, "maximum": 599},
+            "api_format": nullable("string"), "path": nullable("string"),
+            "headers": {"type": "object", "additionalProperties": s("string"), "maxProperties": 64},
+            "head": {"type": "string", "format": "byte", "maxLength": 87384},
+            "tail": {"type": "string", "format": "byte", "maxLength": 87384},
+            "complete": s("boolean"), "latency_ms": {"type": "integer", "nullable": true},
+        }),
+        &["status"],
+    );
+    let mut report_upstream = op(
+        "The proxies' report: the upstream's status, headers and an excerpt of its answer, whose usage keyward reads",
+        Some(upstream),
+        "200",
+        answer(
+            json!({"recorded": s("boolean"), "duplicate": s("boolean")}),
+            &["recorded"],
+        ),
+        vec![json!({"name": "x-keyward-lease", "in": "header", "required": true, "schema": {"type": "string"}})],
+    );
+    report_upstream["security"] = json!([{}]);
     let mut doc = document(
         "keyward data plane",
         json!({
             "/v1/admit": {"post": op("May this key make this request now?", Some(admit), "200", admitted, vec![])},
             "/v1/select": {"post": select},
             "/v1/report": {"post": report},
+            "/v1/report/upstream": {"post": report_upstream},
             "/v1/leases/{lease_id}/renew": {"post": op("Extend a live lease", None, "200",
                 answer(json!({"lease_id": s("string"), "lease_expires_at": s("string")}), &["lease_id", "lease_expires_at"]),
                 vec![path_param("lease_id")])},

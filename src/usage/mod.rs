@@ -9,6 +9,7 @@
 pub mod dead_letters;
 pub mod parse;
 pub mod store;
+pub mod upstream;
 
 use serde::{Deserialize, Serialize};
 
