@@ -24,8 +24,11 @@ use crate::admission::{AdmitBody, AdmitError, Admitted};
 use crate::app::AppState;
 use crate::clock::to_rfc3339;
 use crate::lease::SignedLease;
-use crate::limits::Reported;
+use crate::limits::{Report, Reported};
 use crate::money::Usd;
+use crate::pool::PoolError;
+use crate::prices;
+use crate::usage::parse::Usage;
 
 /// How long `/readyz` waits for a backend before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -343,9 +346,13 @@ async fn report(
             None
         }
     };
+    let explicit_cost = body.cost_usd.is_some();
     let mut report = body
         .validate(state.pool_policy, lease)
         .map_err(ApiError::bad_request)?;
+    if !explicit_cost {
+        report.cost_micros = priced_cost(&state, &report).await?;
+    }
     let event = match (report.cooldown_ms > 0, report.suspend_ms > 0) {
         (true, _) => Some("cooldown"),
         (_, true) => Some("suspension"),
@@ -385,6 +392,38 @@ async fn report(
             ))
         }
     }
+}
+
+/// What a report's tokens cost at its model's price (see [`crate::prices`]), for a report
+/// without `cost_usd`: it needs tokens, a `model`, and the provider key that served the
+/// request (the lease's, or `provider_key_id`), whose provider names the price list. The
+/// provider comes from the pools this process holds, else from the database. Without
+/// any of these, or without a price, the cost is 0, as before prices existed.
+async fn priced_cost(state: &AppState, report: &Report) -> Result<i64, ApiError> {
+    let (Some((prompt, completion)), Some(model), Some(key_id)) = (
+        report.tokens,
+        report.model.as_deref(),
+        report.provider_key_id.as_deref(),
+    ) else {
+        return Ok(0);
+    };
+    let provider = match state.admission.held_provider_of(key_id) {
+        Some(provider) => provider,
+        None => match state.pools.get(key_id).await {
+            Ok(key) => key.provider,
+            Err(PoolError::NotFound(_)) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let Some(price) = state.prices.price_of(&provider, model).await? else {
+        return Ok(0);
+    };
+    let usage = Usage {
+        input_tokens: prompt,
+        output_tokens: completion,
+        ..Usage::default()
+    };
+    prices::cost_micros(&price, &usage).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 /// A renewal is authorized by the lease itself; its id does not change.
