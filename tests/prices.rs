@@ -451,3 +451,75 @@ fn a_bad_prices_file_stops_start_up_naming_the_variable() {
         assert!(!dir.path().join("k.db").exists(), "nothing started");
     }
 }
+
+/// Reports settle while the database is away: a price held in memory still prices them,
+/// and one that cannot be loaded leaves the cost at 0 instead of refusing the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_are_priced_from_memory_while_the_database_is_away() {
+    let base = common::TestDb::new(Backend::Postgres).await;
+    let (target, _) = common::reroute(&base.url, "unused");
+    let proxy = common::PgProxy::start(target).await;
+    let (_, proxied_url) = common::reroute(&base.url, &format!("127.0.0.1:{}", proxy.port));
+    let db = std::sync::Arc::new(base);
+    let mut raw = common::base_config(&db);
+    raw.insert(config::DATABASE_URL, proxied_url);
+    raw.insert(config::REDIS_URL, common::redis_url());
+    let prefix = common::unique_prefix();
+    raw.insert(config::REDIS_PREFIX, prefix.clone());
+    let s = TestServer::start_on(db.clone(), raw).await;
+    for provider in ["openai", "anthropic"] {
+        let a = s
+            .admin(
+                Method::POST,
+                &format!("/admin/providers/{provider}/keys"),
+                Some(json!({"label": "a", "value": "sk-upstream-a"})),
+            )
+            .await;
+        assert_eq!(a.status, 201, "{}", a.body);
+    }
+    assert_eq!(put(&s, "openai/gpt-4o", price(2.5, 10.0)).await.status, 200);
+    assert_eq!(
+        put(&s, "anthropic/claude", price(3.0, 15.0)).await.status,
+        200
+    );
+    let (key, secret) = s.create_key(json!({"concurrent_limit": null})).await;
+    let id = key["id"].as_str().unwrap().to_string();
+    let mut leases = Vec::new();
+    for provider in ["openai", "openai", "anthropic"] {
+        let a = s
+            .admit(json!({"key": secret, "provider": provider, "select": true}))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        leases.push(a.body["lease_id"].clone());
+    }
+    let report = |lease: &Value, model: &str| json!({"lease_id": lease, "model": model, "prompt_tokens": 1000, "completion_tokens": 100});
+    // 1000 × 2.5 + 100 × 10 per million = 3500 micro-USD; loads openai's prices.
+    let r = s
+        .data_post("/v1/report", report(&leases[0], "gpt-4o"))
+        .await;
+    assert_eq!(r.body["recorded"], true, "{}", r.body);
+
+    proxy.set_up(false);
+    // openai's prices are in memory; anthropic's were never loaded.
+    let r = s
+        .data_post("/v1/report", report(&leases[1], "gpt-4o"))
+        .await;
+    assert_eq!(r.body["recorded"], true, "{}", r.body);
+    let r = s
+        .data_post("/v1/report", report(&leases[2], "claude"))
+        .await;
+    assert_eq!(r.body["recorded"], true, "{}", r.body);
+    proxy.set_up(true);
+
+    let conn = db.connect().await;
+    let stats = eventually(30, || async {
+        let stats = keyward::usage::store::stats(&conn, &id, i64::MIN, i64::MAX)
+            .await
+            .ok()?;
+        (stats.requests == 3).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats.cost_micros, 2 * 3_500);
+    s.stop().await;
+    common::delete_prefix(&common::redis_url(), &prefix).await;
+}

@@ -399,6 +399,11 @@ async fn report(
 /// request (the lease's, or `provider_key_id`), whose provider names the price list. The
 /// provider comes from the pools this process holds, else from the database. Without
 /// any of these, or without a price, the cost is 0, as before prices existed.
+///
+/// A report must settle (release its slot, settle its tokens) while the database is
+/// away, like every other report: prices held in memory are used then (the cache serves
+/// them past their TTL), and a price that cannot be loaded leaves the cost at 0 with a
+/// warning, rather than refusing the report.
 async fn priced_cost(state: &AppState, report: &Report) -> Result<i64, ApiError> {
     let (Some((prompt, completion)), Some(model), Some(key_id)) = (
         report.tokens,
@@ -412,11 +417,13 @@ async fn priced_cost(state: &AppState, report: &Report) -> Result<i64, ApiError>
         None => match state.pools.get(key_id).await {
             Ok(key) => key.provider,
             Err(PoolError::NotFound(_)) => return Ok(0),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Ok(unpriced(&e)),
         },
     };
-    let Some(price) = state.prices.price_of(&provider, model).await? else {
-        return Ok(0);
+    let price = match state.prices.price_of(&provider, model).await {
+        Ok(Some(price)) => price,
+        Ok(None) => return Ok(0),
+        Err(e) => return Ok(unpriced(&e)),
     };
     let usage = Usage {
         input_tokens: prompt,
@@ -424,6 +431,18 @@ async fn priced_cost(state: &AppState, report: &Report) -> Result<i64, ApiError>
         ..Usage::default()
     };
     prices::cost_micros(&price, &usage).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// The cost of a report whose price could not be loaded: 0, logged at most once a
+/// second (an outage would otherwise log every report).
+fn unpriced(error: &dyn std::error::Error) -> i64 {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST_LOGGED_S: AtomicI64 = AtomicI64::new(0);
+    let second = crate::clock::now_ms() / 1000;
+    if LAST_LOGGED_S.swap(second, Ordering::Relaxed) != second {
+        tracing::warn!(error = %error, "cannot load a price for a report's tokens; recorded with cost 0");
+    }
+    0
 }
 
 /// A renewal is authorized by the lease itself; its id does not change.
