@@ -27,6 +27,7 @@ use crate::limits::memory::MemoryCounters;
 use crate::limits::redis::RedisCounters;
 use crate::limits::Counters;
 use crate::pool::{self, ProviderKeys};
+use crate::prices::{self, Prices};
 use crate::usage::UsageRecord;
 use crate::{expiry, http};
 
@@ -49,6 +50,8 @@ pub struct Shared {
     pub db: Db,
     pub keys: ClientKeys,
     pub pools: ProviderKeys,
+    /// Model prices (admin API, `KEYWARD_PRICES_FILE`, and pricing of reported tokens).
+    pub prices: Prices,
     pub admission: Arc<Admission>,
     pub counters: Counters,
     pub keyring: Arc<Keyring>,
@@ -210,7 +213,12 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         config.key_cache_ttl,
         config.negative_cache_ttl,
     ));
-    let mut bus = Bus::new(key_cache.clone(), pool_cache.clone());
+    let price_cache = Arc::new(prices::cache::new(
+        db.clone(),
+        config.key_cache_ttl,
+        config.negative_cache_ttl,
+    ));
+    let mut bus = Bus::new(key_cache.clone(), pool_cache.clone()).with_prices(price_cache.clone());
     let guard_ttl_ms = config.report_dedupe_ttl.as_millis() as i64;
     let invalidation_channel = format!("{}:invalidate", config.redis_prefix);
     let (counters, accounting) = match &config.redis_url {
@@ -226,6 +234,11 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         }
     };
     let bus = Arc::new(bus);
+    let prices = Prices::new(db.clone(), price_cache, bus.clone());
+    prices
+        .load(&config.prices)
+        .await
+        .with_context(|| format!("storing the prices of {}", crate::config::PRICES_FILE))?;
     let admission = Admission::new(
         key_cache,
         pool_cache,
@@ -242,6 +255,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
             bus.clone(),
         ),
         pools: ProviderKeys::new(db.clone(), keyring.clone(), bus.clone(), counters.clone()),
+        prices,
         db,
         admission: Arc::new(admission),
         counters,

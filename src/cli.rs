@@ -115,6 +115,9 @@ pub struct ServeArgs {
     /// Seconds a provider key is suspended after a 401/403 [default: 600]
     #[arg(long, env = config::PROVIDER_SUSPEND_S)]
     pub provider_suspend_s: Option<String>,
+    /// JSON file of model prices keyed by provider/model, stored at start-up
+    #[arg(long, env = config::PRICES_FILE)]
+    pub prices_file: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -232,6 +235,7 @@ impl ServeArgs {
                 &self.provider_cooldown_max_s,
             ),
             (config::PROVIDER_SUSPEND_S, &self.provider_suspend_s),
+            (config::PRICES_FILE, &self.prices_file),
         ]
         .into_iter()
         .filter_map(|(name, value)| value.clone().map(|v| (name, v)))

@@ -43,6 +43,7 @@ pub const ACCOUNTING_CLAIM_IDLE_S: &str = "KEYWARD_ACCOUNTING_CLAIM_IDLE_S";
 pub const PROVIDER_COOLDOWN_S: &str = "KEYWARD_PROVIDER_COOLDOWN_S";
 pub const PROVIDER_COOLDOWN_MAX_S: &str = "KEYWARD_PROVIDER_COOLDOWN_MAX_S";
 pub const PROVIDER_SUSPEND_S: &str = "KEYWARD_PROVIDER_SUSPEND_S";
+pub const PRICES_FILE: &str = "KEYWARD_PRICES_FILE";
 
 pub const ADMIN_TOKEN_FILE: &str = "KEYWARD_ADMIN_TOKEN_FILE";
 pub const DATA_TOKEN_FILE: &str = "KEYWARD_DATA_TOKEN_FILE";
@@ -144,6 +145,9 @@ pub struct Config {
     pub provider_cooldown_max: Duration,
     /// How long a provider key is suspended after an upstream 401 or 403.
     pub provider_suspend: Duration,
+    /// `(provider, model, price)` from `KEYWARD_PRICES_FILE`, read and checked here and
+    /// stored at start-up (empty when unset).
+    pub prices: Vec<(String, String, crate::prices::Price)>,
 }
 
 impl std::fmt::Debug for Config {
@@ -173,6 +177,7 @@ impl std::fmt::Debug for Config {
             .field("provider_cooldown", &self.provider_cooldown)
             .field("provider_cooldown_max", &self.provider_cooldown_max)
             .field("provider_suspend", &self.provider_suspend)
+            .field("prices", &self.prices.len())
             .finish()
     }
 }
@@ -492,6 +497,19 @@ impl Config {
         let provider_suspend =
             Duration::from_secs(p.number(PROVIDER_SUSPEND_S, 600, 1, 604_800, "seconds"));
 
+        let prices = match p.get(PRICES_FILE).map(str::to_string) {
+            None => Vec::new(),
+            Some(path) => std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read `{path}`: {e}"))
+                .and_then(|text| {
+                    crate::prices::parse_file(&text).map_err(|why| format!("`{path}`: {why}"))
+                })
+                .unwrap_or_else(|why| {
+                    p.fail(PRICES_FILE, why);
+                    Vec::new()
+                }),
+        };
+
         if !p.errors.is_empty() {
             return Err(p.errors);
         }
@@ -521,6 +539,7 @@ impl Config {
             provider_cooldown,
             provider_cooldown_max,
             provider_suspend,
+            prices,
         })
     }
 
@@ -598,6 +617,34 @@ mod tests {
         let errors = parse(&[(DATABASE_URL, "mysql://u:hunter2@db/k")]).unwrap_err();
         assert_eq!(errors[0].var, DATABASE_URL);
         assert!(!errors[0].to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn the_prices_file_is_read_and_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("prices.json");
+        std::fs::write(
+            &good,
+            r#"{"openai/gpt-4o": {"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10}}"#,
+        )
+        .unwrap();
+        let c = parse(&[(PRICES_FILE, good.to_str().unwrap())]).unwrap();
+        assert_eq!(c.prices.len(), 1);
+        assert_eq!(c.prices[0].2.input, 2_500_000);
+        let bad = dir.path().join("bad.json");
+        std::fs::write(
+            &bad,
+            r#"{"openai/gpt-4o": {"input_per_mtok_usd": 0.1234567}}"#,
+        )
+        .unwrap();
+        let missing = dir.path().join("missing.json");
+        for (path, says) in [(&bad, "6 decimal"), (&missing, "cannot read")] {
+            let errors = parse(&[(PRICES_FILE, path.to_str().unwrap())]).unwrap_err();
+            assert_eq!(errors.len(), 1);
+            let line = errors[0].to_string();
+            assert!(line.starts_with(PRICES_FILE), "{line}");
+            assert!(line.contains(says) && !line.contains('\n'), "{line}");
+        }
     }
 
     #[test]

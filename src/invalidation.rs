@@ -1,11 +1,13 @@
 //! Telling every replica that a record changed, so none admits or selects with a stale one.
 //!
-//! An admin change calls [`Bus::key_changed`] or [`Bus::pool_changed`]: the entry is
-//! dropped from this replica's cache at once and, in the distributed shape, published on
-//! `<prefix>:invalidate` as `k:<lookup hash>` or `p:<provider>`. Every replica's
-//! [`subscribe`] task applies those messages. When the subscription breaks, messages may
-//! have been missed, so both caches are cleared on reconnect; the caches' TTL is the
-//! last safety net.
+//! An admin change calls [`Bus::key_changed`], [`Bus::pool_changed`] or
+//! [`Bus::prices_changed`]: the entry is dropped from this replica's cache at once and,
+//! in the distributed shape, published on `<prefix>:invalidate` as `k:<lookup hash>`,
+//! `p:<provider>` or `r:<provider>` (a provider's prices). Every replica's [`subscribe`]
+//! task applies those messages; a message it does not know (from a newer release)
+//! clears every cache, which is always safe. When the subscription breaks, messages may
+//! have been missed, so every cache is cleared on reconnect; the caches' TTL is the last
+//! safety net.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +18,13 @@ use tokio::sync::watch;
 use crate::client_keys::cache::KeyCache;
 use crate::limits::redis::RedisCounters;
 use crate::pool::cache::PoolCache;
+use crate::prices::PriceCache;
 
 pub struct Bus {
     pub keys: Arc<KeyCache>,
     pub pools: Arc<PoolCache>,
+    /// Prices by provider (`None` only where no price is ever looked up).
+    pub prices: Option<Arc<PriceCache>>,
     publisher: Option<(Arc<RedisCounters>, String)>,
 }
 
@@ -28,8 +33,15 @@ impl Bus {
         Self {
             keys,
             pools,
+            prices: None,
             publisher: None,
         }
+    }
+
+    /// Also invalidates this price cache.
+    pub fn with_prices(mut self, prices: Arc<PriceCache>) -> Self {
+        self.prices = Some(prices);
+        self
     }
 
     /// Publishes to the other replicas through Redis.
@@ -48,10 +60,23 @@ impl Bus {
         self.publish(format!("p:{provider}")).await;
     }
 
+    /// A provider's prices changed.
+    pub async fn prices_changed(&self, provider: &str) {
+        if let Some(prices) = &self.prices {
+            prices.invalidate(provider);
+        }
+        self.publish(format!("r:{provider}")).await;
+    }
+
     fn apply(&self, message: &str) {
         match message.split_once(':') {
             Some(("k", hash)) => self.keys.invalidate(hash),
             Some(("p", provider)) => self.pools.invalidate(provider),
+            Some(("r", provider)) => {
+                if let Some(prices) = &self.prices {
+                    prices.invalidate(provider);
+                }
+            }
             _ => self.clear(),
         }
     }
@@ -59,6 +84,9 @@ impl Bus {
     fn clear(&self) {
         self.keys.clear();
         self.pools.clear();
+        if let Some(prices) = &self.prices {
+            prices.clear();
+        }
     }
 
     async fn publish(&self, message: String) {

@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod money;
 pub mod names;
 pub mod pool;
+pub mod prices;
 pub mod probe;
 pub mod rotation;
 pub mod telemetry;

@@ -21,6 +21,10 @@ fn keyward(args: &[&str]) -> Command {
             cmd.env_remove(name);
         }
     }
+    // Any free port unless a test names one: the defaults (8080, 8081) may be taken by
+    // anything else on the machine, and a test must not depend on them.
+    cmd.env("KEYWARD_LISTEN", "127.0.0.1:0")
+        .env("KEYWARD_ADMIN_LISTEN", "127.0.0.1:0");
     cmd
 }
 

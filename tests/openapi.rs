@@ -79,6 +79,7 @@ async fn every_documented_operation_exists_and_the_documents_are_served() {
                 path.replace("{id}", uuid)
                     .replace("{lease_id}", &lease)
                     .replace("{provider}", "openai")
+                    .replace("{model}", "accounts/x/models/llama-v3")
                     .replace("{path}", "v1/chat/completions")
             );
             let mut request = s

@@ -1,5 +1,5 @@
-//! The admin API (`KEYWARD_ADMIN_LISTEN`): client keys, provider keys and encryption-key
-//! rotation, behind a bearer token.
+//! The admin API (`KEYWARD_ADMIN_LISTEN`): client keys, provider keys, model prices and
+//! encryption-key rotation, behind a bearer token.
 //!
 //! Also the accounting dead letters: usage records the database refused, listed and
 //! replayed here (see `usage::dead_letters`).
@@ -31,6 +31,7 @@ use crate::clock::{now_ms, parse_instant, to_rfc3339, DateEdge};
 use crate::money::Usd;
 use crate::pool::input::{AddKeyRequest, PatchProviderKeyRequest};
 use crate::pool::valid_provider;
+use crate::prices::{self, PriceInput};
 use crate::usage::dead_letters::{self, Replay};
 
 pub fn router(state: AppState) -> Router {
@@ -55,6 +56,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/admin/provider-keys/{id}/usage", get(provider_key_usage))
         .route("/admin/provider-keys/{id}/reset", post(reset_provider_key))
+        .route("/admin/prices", get(list_prices))
+        .route(
+            "/admin/prices/{provider}/{*model}",
+            axum::routing::put(put_price).delete(delete_price),
+        )
         .route("/admin/encryption/rotate", post(rotate_encryption))
         .route("/admin/accounting/dead-letters", get(list_dead_letters))
         .route(
@@ -352,6 +358,49 @@ async fn provider_key_usage(
         )
         .collect();
     Ok(Json(json!({ "provider_key_id": id, "windows": windows })))
+}
+
+/// `{provider}/{*model}`: the provider in the pool's alphabet, the model the rest of the
+/// path (it may hold `/`) under the names rule.
+fn price_path(
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+) -> Result<(String, String), ApiError> {
+    let Ok(Path((provider, model))) = path else {
+        return Err(ApiError::bad_request("the path is not valid UTF-8"));
+    };
+    let provider = prices::check_provider(&provider).map_err(ApiError::bad_request)?;
+    let model = prices::check_model(&model).map_err(ApiError::bad_request)?;
+    Ok((provider.to_string(), model.to_string()))
+}
+
+async fn put_price(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+    JsonBody(body): JsonBody<PriceInput>,
+) -> Result<Json<Value>, ApiError> {
+    let (provider, model) = price_path(path)?;
+    let price = body.validate().map_err(ApiError::bad_request)?;
+    let stored = state.prices.put(&provider, &model, price).await?;
+    Ok(Json(json!(stored.view())))
+}
+
+async fn list_prices(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let prices = state.prices.list().await?;
+    let views: Vec<_> = prices.iter().map(prices::ModelPrice::view).collect();
+    Ok(Json(json!({ "prices": views })))
+}
+
+async fn delete_price(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (provider, model) = price_path(path)?;
+    let deleted = state.prices.delete(&provider, &model).await?;
+    Ok(Json(json!({
+        "provider": deleted.provider,
+        "model": deleted.model,
+        "deleted": true,
+    })))
 }
 
 async fn rotate_encryption(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {

@@ -24,8 +24,11 @@ use crate::admission::{AdmitBody, AdmitError, Admitted};
 use crate::app::AppState;
 use crate::clock::to_rfc3339;
 use crate::lease::SignedLease;
-use crate::limits::Reported;
+use crate::limits::{Report, Reported};
 use crate::money::Usd;
+use crate::pool::PoolError;
+use crate::prices;
+use crate::usage::parse::Usage;
 use crate::usage::upstream::{UpstreamBody, UpstreamError};
 
 /// How long `/readyz` waits for a backend before calling it unreachable.
@@ -355,9 +358,13 @@ async fn record(
     body: ReportBody,
     lease: Option<SignedLease>,
 ) -> Result<Json<Value>, ApiError> {
+    let explicit_cost = body.cost_usd.is_some();
     let mut report = body
         .validate(state.pool_policy, lease)
         .map_err(ApiError::bad_request)?;
+    if !explicit_cost {
+        report.cost_micros = priced_cost(state, &report).await?;
+    }
     let event = match (report.cooldown_ms > 0, report.suspend_ms > 0) {
         (true, _) => Some("cooldown"),
         (_, true) => Some("suspension"),
@@ -442,6 +449,57 @@ async fn report_upstream(
         .inc();
     report.provider_key_id.clone_from(&lease.provider_key_id);
     record(&state, report, Some(lease)).await
+}
+
+/// What a report's tokens cost at its model's price (see [`crate::prices`]), for a report
+/// without `cost_usd`: it needs tokens, a `model`, and the provider key that served the
+/// request (the lease's, or `provider_key_id`), whose provider names the price list. The
+/// provider comes from the pools this process holds, else from the database. Without
+/// any of these, or without a price, the cost is 0, as before prices existed.
+///
+/// A report must settle (release its slot, settle its tokens) while the database is
+/// away, like every other report: prices held in memory are used then (the cache serves
+/// them past their TTL), and a price that cannot be loaded leaves the cost at 0 with a
+/// warning, rather than refusing the report.
+async fn priced_cost(state: &AppState, report: &Report) -> Result<i64, ApiError> {
+    let (Some((prompt, completion)), Some(model), Some(key_id)) = (
+        report.tokens,
+        report.model.as_deref(),
+        report.provider_key_id.as_deref(),
+    ) else {
+        return Ok(0);
+    };
+    let provider = match state.admission.held_provider_of(key_id) {
+        Some(provider) => provider,
+        None => match state.pools.get(key_id).await {
+            Ok(key) => key.provider,
+            Err(PoolError::NotFound(_)) => return Ok(0),
+            Err(e) => return Ok(unpriced(&e)),
+        },
+    };
+    let price = match state.prices.price_of(&provider, model).await {
+        Ok(Some(price)) => price,
+        Ok(None) => return Ok(0),
+        Err(e) => return Ok(unpriced(&e)),
+    };
+    let usage = Usage {
+        input_tokens: prompt,
+        output_tokens: completion,
+        ..Usage::default()
+    };
+    prices::cost_micros(&price, &usage).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// The cost of a report whose price could not be loaded: 0, logged at most once a
+/// second (an outage would otherwise log every report).
+fn unpriced(error: &dyn std::error::Error) -> i64 {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST_LOGGED_S: AtomicI64 = AtomicI64::new(0);
+    let second = crate::clock::now_ms() / 1000;
+    if LAST_LOGGED_S.swap(second, Ordering::Relaxed) != second {
+        tracing::warn!(error = %error, "cannot load a price for a report's tokens; recorded with cost 0");
+    }
+    0
 }
 
 /// A renewal is authorized by the lease itself; its id does not change.

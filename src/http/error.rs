@@ -15,6 +15,7 @@ use crate::client_keys::KeyError;
 use crate::db::StoreError;
 use crate::limits::{CounterError, Denial};
 use crate::pool::PoolError;
+use crate::prices::PriceError;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -271,6 +272,15 @@ impl From<PoolError> for ApiError {
             PoolError::NotFound(_) => ApiError::not_found(e.to_string()),
             PoolError::Store(inner) => inner.into(),
             PoolError::Counters(inner) => inner.into(),
+        }
+    }
+}
+
+impl From<PriceError> for ApiError {
+    fn from(e: PriceError) -> Self {
+        match e {
+            PriceError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            PriceError::Store(inner) => inner.into(),
         }
     }
 }

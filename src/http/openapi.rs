@@ -41,6 +41,9 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("delete", "/admin/provider-keys/{id}"),
     ("get", "/admin/provider-keys/{id}/usage"),
     ("post", "/admin/provider-keys/{id}/reset"),
+    ("get", "/admin/prices"),
+    ("put", "/admin/prices/{provider}/{model}"),
+    ("delete", "/admin/prices/{provider}/{model}"),
     ("post", "/admin/encryption/rotate"),
     ("get", "/admin/accounting/dead-letters"),
     ("post", "/admin/accounting/dead-letters/{id}/replay"),
@@ -370,6 +373,41 @@ pub fn admin() -> Value {
         json!({"provider_key_id": s("string"), "windows": {"type": "array", "items": minute}}),
         &["provider_key_id", "windows"],
     );
+    let price_input = object(
+        json!({
+            "input_per_mtok_usd": s("number"), "output_per_mtok_usd": s("number"),
+            "cached_input_per_mtok_usd": nullable("number"), "cache_write_per_mtok_usd": nullable("number"),
+        }),
+        &["input_per_mtok_usd", "output_per_mtok_usd"],
+    );
+    let price = answer(
+        json!({
+            "provider": s("string"), "model": s("string"),
+            "input_per_mtok_usd": s("number"), "output_per_mtok_usd": s("number"),
+            "cached_input_per_mtok_usd": s("number"), "cache_write_per_mtok_usd": s("number"),
+            "created_at": s("string"), "updated_at": s("string"),
+        }),
+        &[
+            "provider",
+            "model",
+            "input_per_mtok_usd",
+            "output_per_mtok_usd",
+            "cached_input_per_mtok_usd",
+            "cache_write_per_mtok_usd",
+            "created_at",
+            "updated_at",
+        ],
+    );
+    let price_list = answer(
+        json!({"prices": {"type": "array", "items": reference("Price")}}),
+        &["prices"],
+    );
+    let price_deleted = answer(
+        json!({"provider": s("string"), "model": s("string"), "deleted": s("boolean")}),
+        &["provider", "model", "deleted"],
+    );
+    // The model is the rest of the path and may hold `/` (sent as `%2F` or as is).
+    let price_params = || vec![path_param("provider"), path_param("model")];
     let rotated = answer(
         json!({"reencrypted": integer(), "failed": integer()}),
         &["reencrypted", "failed"],
@@ -430,6 +468,12 @@ pub fn admin() -> Value {
             "/admin/provider-keys/{id}/usage": {"get": op("Reported usage per minute, newest first", None, "200", usage,
                 [id(), vec![query("limit", s("integer"))]].concat())},
             "/admin/provider-keys/{id}/reset": {"post": op("End a provider key's cooldown and suspension now", None, "200", reference("ProviderKey"), id())},
+            "/admin/prices": {"get": op("Every model price, by provider then model", None, "200", price_list, vec![])},
+            "/admin/prices/{provider}/{model}": {
+                "put": op("Set a model's price (USD per million tokens; cached input and cache writes default to the input price)",
+                    Some(price_input), "200", reference("Price"), price_params()),
+                "delete": op("Remove a model's price (404 when it has none)", None, "200", price_deleted, price_params()),
+            },
             "/admin/encryption/rotate": {"post": op("Re-encrypt every secret with the current key (409 KEYRING_MISMATCH, nothing changed, when it decrypts none)", None, "200", rotated, vec![])},
             "/admin/accounting/dead-letters": {"get": op("Usage records the database refused, newest first", None, "200", dead_letters,
                 vec![query("limit", s("integer"))])},
@@ -439,7 +483,7 @@ pub fn admin() -> Value {
                 vec![json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}})])},
             "/openapi.json": {"get": op("This document", None, "200", obj(), vec![])},
         }),
-        json!({"Key": key, "ProviderKey": provider_key}),
+        json!({"Key": key, "ProviderKey": provider_key, "Price": price}),
         true,
     )
 }
