@@ -15,7 +15,7 @@ pub const MAX_NAME_CHARS: usize = 200;
 
 /// A name that breaks the rule; the message names the field, never the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field} must be at most {MAX_NAME_CHARS} printable characters (no control characters)")]
+#[error("{field} must be at most {MAX_NAME_CHARS} printable characters (no control or invisible formatting characters)")]
 pub struct BadName {
     pub field: &'static str,
 }
@@ -26,7 +26,21 @@ pub fn printable(value: &str) -> Option<&str> {
     // A char is at most 4 bytes: longer texts are refused without counting.
     let too_long = value.len() > 4 * MAX_NAME_CHARS
         || (value.len() > MAX_NAME_CHARS && value.chars().count() > MAX_NAME_CHARS);
-    (!too_long && !value.chars().any(char::is_control)).then_some(value)
+    (!too_long && !value.chars().any(|c| c.is_control() || invisible(c))).then_some(value)
+}
+
+/// Characters that print as nothing or reorder what follows (Unicode's format and
+/// line/paragraph separator characters): `gpt\u{200b}-4o` must not pass for `gpt-4o`
+/// in a listing, and a bidi override must not reverse a log line.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}'
+        | '\u{200B}'..='\u{200F}'
+        | '\u{2028}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}'
+        | '\u{FEFF}'
+        | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{E0000}'..='\u{E007F}')
 }
 
 /// The trimmed name, which may be empty.
@@ -48,6 +62,24 @@ pub fn optional<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invisible_characters_are_refused() {
+        for c in [
+            '\u{200B}', '\u{202E}', '\u{2028}', '\u{2029}', '\u{FEFF}', '\u{00AD}', '\u{2066}',
+        ] {
+            let name = format!("gpt{c}-4o");
+            assert_eq!(
+                check("model", &name),
+                Err(BadName { field: "model" }),
+                "{c:?}"
+            );
+        }
+        assert!(
+            check("model", "模型-é-ü").is_ok(),
+            "other scripts are names too"
+        );
+    }
 
     #[test]
     fn printable_names_up_to_200_characters() {

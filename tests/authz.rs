@@ -12,6 +12,7 @@ on_both_backends!(
     a_body_cut_short_is_read_as_far_as_it_goes,
     the_body_wins_over_spoofed_headers,
     a_provider_key_is_picked_by_default,
+    the_path_model_is_the_checked_model,
 );
 
 async fn authz(
@@ -170,5 +171,54 @@ async fn a_provider_key_is_picked_by_default(b: Backend) {
         (a.status, error_code(&a).as_str()),
         (503, "NO_PROVIDER_KEY")
     );
+    s.stop().await;
+}
+
+/// Gemini routes by the model in the path: that is the model checked, whatever the body
+/// says, and a path the upstream could resolve to another route is refused.
+async fn the_path_model_is_the_checked_model(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (_, secret) = s
+        .create_key(json!({"allowed_models": ["gemini-1.5-flash"]}))
+        .await;
+    let allowed = "/v1beta/models/gemini-1.5-flash:generateContent";
+    let a = authz(&s, allowed, &secret, &[], r#"{"contents": []}"#).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    for (path, body) in [
+        // The body names the allowed model, the path the one served.
+        (
+            "/v1beta/models/gemini-1.5-pro:generateContent",
+            r#"{"model": "gemini-1.5-flash", "contents": []}"#,
+        ),
+        (
+            "/v1beta/models/gemini-1.5-flash/../gemini-1.5-pro:generateContent",
+            r#"{"contents": []}"#,
+        ),
+        (
+            "/v1beta/models/gemini-1.5-flash%2F..%2Fgemini-1.5-pro:generateContent",
+            r#"{"contents": []}"#,
+        ),
+    ] {
+        let a = authz(&s, path, &secret, &[], body).await;
+        assert_ne!(a.status, 200, "{path}");
+        assert!(
+            ["BAD_REQUEST", "MODEL_NOT_ALLOWED"].contains(&error_code(&a).as_str()),
+            "{path}: {}",
+            a.body
+        );
+    }
+    // Behind nginx the original path comes undecoded in X-Original-URI.
+    let a = authz(
+        &s,
+        "",
+        &secret,
+        &[(
+            "x-original-uri",
+            "/v1beta/models/gemini-1.5-flash%2F..%2Fgemini-1.5-pro:generateContent",
+        )],
+        "",
+    )
+    .await;
+    assert_eq!((a.status, error_code(&a).as_str()), (400, "BAD_REQUEST"));
     s.stop().await;
 }

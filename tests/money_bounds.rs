@@ -137,4 +137,67 @@ async fn money_never_wraps(shape: Shape) {
     c.stop().await;
 }
 
-on_both_shapes!(money_never_wraps);
+on_both_shapes!(
+    money_never_wraps,
+    a_full_provider_key_total_sets_no_tenant_aside
+);
+
+/// A provider key serves every tenant: once its totals are full (lying reports of one
+/// tenant could fill them), they stop there, and every tenant's usage is still applied.
+async fn a_full_provider_key_total_sets_no_tenant_aside(shape: Shape) {
+    let c = Cluster::start_n(shape, 1, |_| {}).await;
+    let s = &c.servers[0];
+    let provider = format!("p{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let pk = s
+        .add_provider_key(
+            &provider,
+            json!({"label": "shared", "value": "sk-shared-00000"}),
+        )
+        .await;
+    let pk_id = pk["id"].as_str().unwrap().to_string();
+    let near = keyward::money::MAX_TOTAL - 5;
+    sql(
+        &c.db.url,
+        &format!("UPDATE provider_keys SET total_tokens = {near} WHERE id = '{pk_id}'"),
+    )
+    .await;
+    let (key, secret) = s.create_key(json!({})).await;
+    let id = key["id"].as_str().unwrap().to_string();
+    let a = s
+        .admit(json!({"key": secret, "provider": provider, "select": true}))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let lease = a.body["lease_id"].as_str().unwrap();
+    let r = s
+        .data_post(
+            "/v1/report",
+            json!({"lease_id": lease, "prompt_tokens": 100, "cost_usd": 0.5}),
+        )
+        .await;
+    assert_eq!(r.body["recorded"], true, "{}", r.body);
+    let cost = eventually(30, || async {
+        let k = s
+            .admin(Method::GET, &format!("/admin/keys/{id}"), None)
+            .await;
+        (k.body["total_cost_usd"] != 0).then(|| k.body["total_cost_usd"].clone())
+    })
+    .await;
+    assert_eq!(cost, json!(0.5), "the tenant's usage was applied");
+    let letters = s
+        .admin(Method::GET, "/admin/accounting/dead-letters", None)
+        .await;
+    assert_eq!(letters.body["total"], 0, "{}", letters.body);
+    let pool = AnyPool::connect(&c.db.url).await.unwrap();
+    let row = sqlx::query("SELECT total_tokens FROM provider_keys WHERE id = $1")
+        .bind(&pk_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        row.try_get::<i64, _>("total_tokens").unwrap(),
+        keyward::money::MAX_TOTAL,
+        "the provider key's total stops at the maximum"
+    );
+    pool.close().await;
+    c.stop().await;
+}

@@ -69,12 +69,18 @@ impl Upstream {
     }
 
     /// No request the upstream saw carried a header of keyward's (or a client's
-    /// imitation of one).
+    /// imitation of one), nor one that picks the upstream account or project (with which
+    /// a client could make the upstream refuse keyward's key and suspend it).
     fn never_saw_keyward_headers(&self) {
+        const ACCOUNT: [&str; 3] = [
+            "openai-organization",
+            "openai-project",
+            "x-goog-user-project",
+        ];
         for headers in self.seen.lock().unwrap().iter() {
             for name in headers.keys() {
                 assert!(
-                    !name.as_str().starts_with("x-keyward-"),
+                    !name.as_str().starts_with("x-keyward-") && !ACCOUNT.contains(&name.as_str()),
                     "{name} reached the upstream"
                 );
             }
@@ -436,6 +442,10 @@ async fn spoofed_headers_change_nothing(
             ("x-keyward-provider-key-id".into(), pk.clone()),
             ("x-keyward-mode".into(), "nginx".into()),
             ("x-keyward-provider".into(), "anthropic".into()),
+            // Not keyward's, but able to make the upstream refuse keyward's key.
+            ("openai-organization".into(), "org-bogus".into()),
+            ("openai-project".into(), "proj-bogus".into()),
+            ("x-goog-user-project".into(), "bogus".into()),
         ]
     };
     let send = |headers: Vec<(String, String)>, body: String| async move {

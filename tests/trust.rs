@@ -367,3 +367,30 @@ async fn a_lease_cools_its_key_for_at_most_the_configured_maximum() {
     assert!(remaining(other) > 86_000_000, "{states:?}");
     s.stop().await;
 }
+
+/// The same maximum holds for a suspension a lease's 401/403 sets, whatever
+/// `KEYWARD_PROVIDER_SUSPEND_S` says (a client can make the upstream answer 401).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_suspends_its_key_for_at_most_the_configured_maximum() {
+    let s = TestServer::start_with(common::Backend::Sqlite, |raw| {
+        raw.insert(config::PROVIDER_COOLDOWN_MAX_S, "120".to_string());
+        raw.insert(config::PROVIDER_SUSPEND_S, "7200".to_string());
+    })
+    .await;
+    let provider = unique_provider();
+    add_provider_key(&s, &provider, "a").await;
+    let (_, secret) = s.create_key(json!({})).await;
+    let admitted = s
+        .admit(json!({"key": secret, "provider": provider, "select": true}))
+        .await;
+    let lease = admitted.body["lease_id"].as_str().unwrap();
+    let report = json!({"lease_id": lease, "upstream_status": 401});
+    assert_eq!(
+        s.data_post("/v1/report", report).await.body["recorded"],
+        true
+    );
+    let states = live(&s, &provider).await;
+    let remaining = states[0].1["suspended_remaining_ms"].as_i64().unwrap();
+    assert!((110_000..=120_000).contains(&remaining), "{states:?}");
+    s.stop().await;
+}

@@ -72,8 +72,12 @@ async fn dead_letter(db: &Db, record: &UsageRecord, e: &StoreError) -> Result<Ap
     if new {
         crate::metrics::get().accounting_dead_letters.inc();
     }
-    tracing::error!(record = %record.id, key_id = record.key_id.as_deref().unwrap_or(""), error = %error,
-        "accounting: the database refused a usage record; it is set aside as a dead letter (GET /admin/accounting/dead-letters)");
+    static LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+    if let Some(also) = LOG.ready() {
+        tracing::error!(record = %record.id, key_id = record.key_id.as_deref().unwrap_or(""), error = %error,
+            also_set_aside_unlogged = also,
+            "accounting: the database refused a usage record; it is set aside as a dead letter (GET /admin/accounting/dead-letters)");
+    }
     Ok(Applied {
         dead_lettered: 1,
         ..Applied::default()

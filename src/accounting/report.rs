@@ -2,7 +2,10 @@
 
 use serde::Deserialize;
 
-use crate::client_keys::input::MAX_LIMIT;
+/// The most tokens of either kind one report may carry: a billion, far above any model's
+/// context or output, and low enough that no key's totals can be filled by lying
+/// reports in any practical time (a key's totals would need ~4.5 million of them).
+pub const MAX_REPORT_TOKENS: i64 = 1_000_000_000;
 use crate::lease::SignedLease;
 use crate::limits::{LeaseId, Report};
 use crate::money::{format_usd, Usd, MAX_REPORT_MICROS};
@@ -37,8 +40,8 @@ pub struct PoolPolicy {
     pub default_cooldown_ms: i64,
     /// Suspension after a 401 or 403.
     pub suspend_ms: i64,
-    /// The longest cooldown a report authorized by a lease sets, whatever its
-    /// `retry_after_s`: a client key must not be able to take a pool out for a day.
+    /// The longest cooldown or suspension a report authorized by a lease sets, whatever
+    /// its `retry_after_s`: a client key must not be able to take a pool out for a day.
     /// Reports with the data-plane token are trusted up to a day.
     pub lease_cooldown_max_ms: i64,
 }
@@ -74,8 +77,12 @@ impl ReportBody {
         let model = crate::names::optional("model", self.model.as_deref())
             .map_err(|e| e.to_string())?
             .map(str::to_string);
-        let prompt = range("prompt_tokens", self.prompt_tokens, MAX_LIMIT)?;
-        let completion = range("completion_tokens", self.completion_tokens, MAX_LIMIT)?;
+        let prompt = range("prompt_tokens", self.prompt_tokens, MAX_REPORT_TOKENS)?;
+        let completion = range(
+            "completion_tokens",
+            self.completion_tokens,
+            MAX_REPORT_TOKENS,
+        )?;
         let tokens = (prompt.is_some() || completion.is_some())
             .then(|| (prompt.unwrap_or(0), completion.unwrap_or(0)));
         let cost_micros = match self.cost_usd {
@@ -97,16 +104,19 @@ impl ReportBody {
             other => other,
         };
         let retry_after_s = range("retry_after_s", self.retry_after_s, 86_400)?;
+        // A lease's report (which a client may make itself where it reaches the data
+        // plane) stops its provider key for at most the configured maximum, a cooldown
+        // and a suspension alike.
+        let cap = match lease {
+            Some(_) => policy.lease_cooldown_max_ms,
+            None => i64::MAX,
+        };
         let (cooldown_ms, suspend_ms) = match upstream_status {
             Some(429) => {
                 let asked = retry_after_s.map_or(policy.default_cooldown_ms, |s| (s * 1000).max(1));
-                let cap = match lease {
-                    Some(_) => policy.lease_cooldown_max_ms,
-                    None => i64::MAX,
-                };
                 (asked.min(cap), 0)
             }
-            Some(401 | 403) => (0, policy.suspend_ms),
+            Some(401 | 403) => (0, policy.suspend_ms.min(cap)),
             _ => (0, 0),
         };
         let source = lease

@@ -166,7 +166,11 @@ async fn set_aside_malformed(db: &Db, entry: &StreamId) -> Result<(), StoreError
     if dead_letters::put_raw(db, &format!("stream:{}", entry.id), &raw, error, now_ms()).await? {
         crate::metrics::get().accounting_dead_letters.inc();
     }
-    tracing::error!(entry = %entry.id, "accounting: malformed usage entry set aside as a dead letter");
+    static LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+    if let Some(also) = LOG.ready() {
+        tracing::error!(entry = %entry.id, also_set_aside_unlogged = also,
+            "accounting: malformed usage entry set aside as a dead letter");
+    }
     Ok(())
 }
 

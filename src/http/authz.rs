@@ -91,6 +91,25 @@ pub fn api_format(path: &str) -> Option<(&'static str, &'static str)> {
     })
 }
 
+/// Whether a path reaches the upstream as keyward reads it: no `.` or `..` segment, and
+/// no percent-encoded `/`, `.`, `:` or `%` (which the upstream may decode into another
+/// route, e.g. another model's, after keyward checked this one). The query is not
+/// looked at.
+fn plain_path(path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or_default();
+    let encoded = |code: &str| {
+        path.as_bytes()
+            .windows(3)
+            .any(|w| w[0] == b'%' && w[1..].eq_ignore_ascii_case(code.as_bytes()))
+    };
+    !path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+        && !["2f", "2e", "3a", "25", "5c"]
+            .iter()
+            .any(|code| encoded(code))
+}
+
 /// `gemini-1.5-pro` from `/v1beta/models/gemini-1.5-pro:generateContent`.
 fn model_in_path(path: &str) -> Option<String> {
     let after = path.split("/models/").nth(1)?;
@@ -118,8 +137,23 @@ fn select_header(headers: &HeaderMap) -> Result<Option<bool>, ApiError> {
 /// act on, so it comes first: the `x-keyward-*` headers only fill what it leaves out
 /// (a proxy that forwards no body, or a body cut before the field).
 fn admit_body(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody, ApiError> {
+    if !plain_path(path) {
+        return Err(ApiError::bad_request(
+            "the path has a dot segment or an encoded separator: the upstream could route it elsewhere than it reads",
+        ));
+    }
     let scanned = scan(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let format = api_format(path);
+    // Where the path names the model (Gemini), the upstream serves that one: it is the
+    // model checked, and a body naming another is refused rather than believed.
+    let path_model = model_in_path(path);
+    if let (Some(in_path), Some(in_body)) = (&path_model, &scanned.model) {
+        if in_path != in_body {
+            return Err(ApiError::bad_request(
+                "the body's model is not the model the path names",
+            ));
+        }
+    }
     let estimated_tokens = match scanned.estimate() {
         Some(n) => Some(n),
         None => header(headers, "x-keyward-estimated-tokens")
@@ -136,9 +170,8 @@ fn admit_body(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody,
         provider: header(headers, "x-keyward-provider")
             .map(str::to_string)
             .or_else(|| format.map(|(_, provider)| provider.to_string())),
-        model: scanned
-            .model
-            .or_else(|| model_in_path(path))
+        model: path_model
+            .or(scanned.model)
             .or_else(|| header(headers, "x-keyward-model").map(str::to_string)),
         api_format: format.map(|(f, _)| f.to_string()),
         estimated_tokens,
@@ -287,6 +320,18 @@ mod tests {
             Some(("gemini_generate_content", "gemini"))
         );
         assert_eq!(model_in_path(gemini).as_deref(), Some("gemini-1.5-pro"));
+        assert!(plain_path(gemini));
+        assert!(plain_path("/v1/chat/completions?x=%2F.."));
+        for tricky in [
+            "/v1beta/models/gemini-1.5-flash/../gemini-1.5-pro:generateContent",
+            "/v1beta/x/models/gemini-1.5-flash/../../models/gemini-1.5-pro:generateContent",
+            "/v1beta/models/gemini-1.5-flash%2F..%2Fgemini-1.5-pro:generateContent",
+            "/v1beta/models/gemini-1.5-flash%2f..:generateContent",
+            "/v1/./chat/completions",
+            "/v1beta/models/gemini-1.5-pro%3AgenerateContent",
+        ] {
+            assert!(!plain_path(tricky), "{tricky}");
+        }
         assert_eq!(api_format("/health"), None);
     }
 

@@ -249,29 +249,18 @@ fn report_from_headers(mut body: ReportBody, headers: &axum::http::HeaderMap) ->
 /// at most one warning a second, so that callers without a credential cannot flood the
 /// log (the metric counts every one).
 fn refused(endpoint: &'static str, reason: &'static str, error: ApiError) -> ApiError {
-    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-    static LAST_LOGGED_S: AtomicI64 = AtomicI64::new(0);
-    static UNLOGGED: AtomicU64 = AtomicU64::new(0);
+    static LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
     crate::metrics::get()
         .data_plane_refusals
         .with_label_values(&[endpoint, reason])
         .inc();
-    let second = crate::clock::now_ms() / 1000;
-    let last = LAST_LOGGED_S.load(Ordering::Relaxed);
-    if second > last
-        && LAST_LOGGED_S
-            .compare_exchange(last, second, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        let also = UNLOGGED.swap(0, Ordering::Relaxed);
+    if let Some(also) = LOG.ready() {
         tracing::warn!(
             endpoint,
             reason,
             also_refused_unlogged = also,
             "data-plane call refused"
         );
-    } else {
-        UNLOGGED.fetch_add(1, Ordering::Relaxed);
     }
     error
 }
@@ -493,10 +482,8 @@ async fn priced_cost(state: &AppState, report: &Report) -> Result<i64, ApiError>
 /// The cost of a report whose price could not be loaded: 0, logged at most once a
 /// second (an outage would otherwise log every report).
 fn unpriced(error: &dyn std::error::Error) -> i64 {
-    use std::sync::atomic::{AtomicI64, Ordering};
-    static LAST_LOGGED_S: AtomicI64 = AtomicI64::new(0);
-    let second = crate::clock::now_ms() / 1000;
-    if LAST_LOGGED_S.swap(second, Ordering::Relaxed) != second {
+    static LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+    if LOG.ready().is_some() {
         tracing::warn!(error = %error, "cannot load a price for a report's tokens; recorded with cost 0");
     }
     0

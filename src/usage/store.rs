@@ -121,12 +121,15 @@ pub async fn apply_in(
         }
     }
     for (provider_key_id, d) in provider_deltas {
-        // Each total moves only while it stays within MAX_TOTAL ($5): the guard is in the
-        // WHERE clause, so an update that would pass it matches no row (see below).
-        let done = sqlx::query(
-            "UPDATE provider_keys SET total_requests = total_requests + $2, total_tokens = total_tokens + $3, \
+        // A provider key serves every tenant: its totals (shown to operators, billed to
+        // nobody) stop at MAX_TOTAL ($5) rather than refuse the record, so no tenant's
+        // reports, true or not, can fill them and set everyone's usage aside.
+        sqlx::query(
+            "UPDATE provider_keys SET \
+             total_requests = CASE WHEN total_requests > $5 - $2 THEN $5 ELSE total_requests + $2 END, \
+             total_tokens = CASE WHEN total_tokens > $5 - $3 THEN $5 ELSE total_tokens + $3 END, \
              last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $4 THEN $4 ELSE last_used_at END \
-             WHERE id = $1 AND total_requests <= $5 - $2 AND total_tokens <= $5 - $3",
+             WHERE id = $1",
         )
         .bind(provider_key_id)
         .bind(d.requests)
@@ -135,18 +138,6 @@ pub async fn apply_in(
         .bind(MAX_TOTAL)
         .execute(&mut **tx)
         .await?;
-        if done.rows_affected() == 0
-            && exists(
-                tx,
-                "SELECT 1 AS one FROM provider_keys WHERE id = $1",
-                provider_key_id,
-            )
-            .await?
-        {
-            return Err(StoreError::OutOfRange(format!(
-                "provider key {provider_key_id}: its totals would pass {MAX_TOTAL}"
-            )));
-        }
     }
     for (key_id, d) in deltas {
         // A key deleted meanwhile matches no row: its history is kept, its totals are gone.
