@@ -54,6 +54,16 @@ pub struct ProbeArgs {
 // it knows whether a URL came from the (public) command line.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Secrets given on the command line (which any local user can read) are refused
+    /// with one line naming their variable, instead of clap's "unexpected argument".
+    #[arg(long = "admin-token", hide = true, value_name = "REFUSED")]
+    pub admin_token_flag: Option<String>,
+    #[arg(long = "data-token", hide = true, value_name = "REFUSED")]
+    pub data_token_flag: Option<String>,
+    #[arg(long = "encryption-key", hide = true, value_name = "REFUSED")]
+    pub encryption_key_flag: Option<String>,
+    #[arg(long = "encryption-keys-previous", hide = true, value_name = "REFUSED")]
+    pub encryption_keys_previous_flag: Option<String>,
     /// Data plane address [default: 127.0.0.1:8080]
     #[arg(long, env = config::LISTEN)]
     pub listen: Option<String>,
@@ -240,6 +250,33 @@ impl ServeArgs {
         .into_iter()
         .filter_map(|(name, value)| value.clone().map(|v| (name, v)))
         .collect();
+        let secret_flags = [
+            ("admin-token", config::ADMIN_TOKEN, &self.admin_token_flag),
+            ("data-token", config::DATA_TOKEN, &self.data_token_flag),
+            (
+                "encryption-key",
+                config::ENCRYPTION_KEY,
+                &self.encryption_key_flag,
+            ),
+            (
+                "encryption-keys-previous",
+                config::ENCRYPTION_KEYS_PREVIOUS,
+                &self.encryption_keys_previous_flag,
+            ),
+        ];
+        let refused: Vec<ConfigError> = secret_flags
+            .iter()
+            .filter(|(_, _, value)| value.is_some())
+            .map(|(long, var, _)| ConfigError {
+                var,
+                reason: format!(
+                    "a secret cannot be given as --{long} (any local user can read the command line); set {var} or {var}_FILE in the environment"
+                ),
+            })
+            .collect();
+        if !refused.is_empty() {
+            return Err(refused);
+        }
         let urls = [
             (URL_FLAGS[0].0, URL_FLAGS[0].1, &self.database_url),
             (URL_FLAGS[1].0, URL_FLAGS[1].1, &self.redis_url),
@@ -309,8 +346,17 @@ mod tests {
             "--encryption-key",
             "--encryption-keys-previous",
         ] {
+            // Parsed only to be refused, naming the variable to use instead.
             let argv = ["keyward", "serve", flag, "x"];
-            assert!(Cli::try_parse_from(argv).is_err(), "{flag} is accepted");
+            let Command::Serve(args) = Cli::try_parse_from(argv).expect("parses").command else {
+                panic!("not serve");
+            };
+            let errors = args
+                .raw_from(&|_| None)
+                .expect_err("a secret flag is refused");
+            let var = format!("KEYWARD_{}", flag[2..].replace('-', "_").to_uppercase());
+            assert_eq!(errors.len(), 1);
+            assert_eq!(errors[0].var, var.as_str(), "{flag}");
         }
         let env = |var: &str| Some(format!("env-{var}"));
         let raw = serve_args(&[]).raw_from(&env).unwrap();

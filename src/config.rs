@@ -551,6 +551,11 @@ impl Config {
                 "{ADMIN_TOKEN} is not set: the admin API refuses every call until it is"
             ));
         }
+        if self.data_token.is_none() {
+            out.push(format!(
+                "{DATA_TOKEN} is not set: /v1/select and reports without a lease are refused until it is"
+            ));
+        }
         out
     }
 }

@@ -313,11 +313,12 @@ fn secrets_given_as_flags_are_refused() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{flag} was accepted");
-        assert!(
-            !stderr_of(&out).contains("flag-secret"),
-            "{}",
-            stderr_of(&out)
-        );
+        let err = stderr_of(&out);
+        assert!(!err.contains("flag-secret"), "{err}");
+        // One line naming the variable to use instead.
+        let var = format!("KEYWARD_{}", flag[2..].replace('-', "_").to_uppercase());
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with(&format!("keyward: {var}: ")), "{err}");
     }
     for (args, var) in [
         (
