@@ -27,17 +27,15 @@ pub trait Loader: Send + Sync + 'static {
     /// The `cache` label of its metrics.
     const NAME: &'static str;
     fn load(&self, key: &str) -> impl Future<Output = Result<Self::Value, StoreError>> + Send;
-    /// How long a freshly loaded value is served before it is reloaded.
-    fn ttl(&self, value: &Self::Value) -> Duration;
-    /// Entries that may be dropped when the cache grows too large (e.g. "unknown key").
-    fn evictable(&self, _value: &Self::Value) -> bool {
-        false
-    }
-    /// Whether an expired value may still be served while it reloads (otherwise the
-    /// caller waits for the reload).
-    fn serve_stale(&self, _value: &Self::Value) -> bool {
-        true
-    }
+    /// Whether a value says "nothing there" (an unknown key, a provider without keys or
+    /// prices). Callers choose how many such names they ask for, so a negative value
+    /// lives for the negative TTL, is dropped first when the cache is full, and is never
+    /// served past its TTL (what was created since must be found at once). Any other
+    /// value is served past its TTL while one task reloads it.
+    fn is_negative(&self, value: &Self::Value) -> bool;
+    /// How long a freshly loaded value is served before it is reloaded: (positive,
+    /// negative).
+    fn ttls(&self) -> (Duration, Duration);
 }
 
 struct Entry<V> {
@@ -85,7 +83,7 @@ impl<L: Loader> Cache<L> {
                 lookups.with_label_values(&[L::NAME, "hit"]).inc();
                 return Ok(entry.value.clone());
             }
-            if !self.loader.serve_stale(&entry.value) {
+            if self.loader.is_negative(&entry.value) {
                 drop(entry);
                 lookups.with_label_values(&[L::NAME, "miss"]).inc();
                 return self.load(key).await;
@@ -112,12 +110,20 @@ impl<L: Loader> Cache<L> {
         let value = self.loader.load(key).await?;
         if self.epoch.load(Ordering::Acquire) == epoch {
             if self.entries.len() >= self.capacity {
-                self.entries.retain(|_, e| !self.loader.evictable(&e.value));
+                self.entries
+                    .retain(|_, e| !self.loader.is_negative(&e.value));
             }
             self.entries.insert(
                 key.to_string(),
                 Entry {
-                    expires: Instant::now() + self.loader.ttl(&value),
+                    expires: Instant::now() + {
+                        let (positive, negative) = self.loader.ttls();
+                        if self.loader.is_negative(&value) {
+                            negative
+                        } else {
+                            positive
+                        }
+                    },
                     value: value.clone(),
                     refreshing: Arc::default(),
                 },

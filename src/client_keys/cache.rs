@@ -25,21 +25,13 @@ impl Loader for KeyLoader {
         Ok(store::get_by_hash(&self.db, hash).await?.map(Arc::new))
     }
 
-    fn ttl(&self, value: &Self::Value) -> Duration {
-        if value.is_some() {
-            self.ttl
-        } else {
-            self.negative_ttl
-        }
-    }
-
-    fn evictable(&self, value: &Self::Value) -> bool {
+    /// An unknown key: a key created since must work at once.
+    fn is_negative(&self, value: &Self::Value) -> bool {
         value.is_none()
     }
 
-    /// "Unknown" is never served past its TTL: a key created since must work at once.
-    fn serve_stale(&self, value: &Self::Value) -> bool {
-        value.is_some()
+    fn ttls(&self) -> (Duration, Duration) {
+        (self.ttl, self.negative_ttl)
     }
 }
 

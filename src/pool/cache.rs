@@ -136,23 +136,13 @@ impl Loader for PoolLoader {
         Ok(Arc::new(Pool::new(candidates)))
     }
 
-    fn ttl(&self, value: &Self::Value) -> Duration {
-        if value.is_empty() {
-            self.negative_ttl
-        } else {
-            self.ttl
-        }
-    }
-
-    /// An empty pool is what any unknown provider name loads, so callers choose how many
-    /// there are: like an unknown client key, it lives for the negative TTL, is never
-    /// served past it, and is dropped first when the cache is full.
-    fn evictable(&self, value: &Self::Value) -> bool {
+    /// An empty pool is what any unknown provider name loads.
+    fn is_negative(&self, value: &Self::Value) -> bool {
         value.is_empty()
     }
 
-    fn serve_stale(&self, value: &Self::Value) -> bool {
-        !value.is_empty()
+    fn ttls(&self) -> (Duration, Duration) {
+        (self.ttl, self.negative_ttl)
     }
 }
 

@@ -33,22 +33,14 @@ impl Loader for PriceLoader {
         ))
     }
 
-    fn ttl(&self, value: &Self::Value) -> Duration {
-        if value.is_empty() {
-            self.negative_ttl
-        } else {
-            self.ttl
-        }
-    }
-
-    fn evictable(&self, value: &Self::Value) -> bool {
+    /// A provider without prices: a price set while an invalidation was lost is used
+    /// within the negative TTL.
+    fn is_negative(&self, value: &Self::Value) -> bool {
         value.is_empty()
     }
 
-    /// "No price" is never served past its (negative) TTL, so a price set while an
-    /// invalidation was lost is used within that TTL.
-    fn serve_stale(&self, value: &Self::Value) -> bool {
-        !value.is_empty()
+    fn ttls(&self) -> (Duration, Duration) {
+        (self.ttl, self.negative_ttl)
     }
 }
 
