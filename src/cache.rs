@@ -18,7 +18,7 @@ use dashmap::DashMap;
 
 use crate::db::StoreError;
 
-/// Beyond this many entries, evictable ones ([`Loader::evictable`]) are dropped at once.
+/// Beyond this many entries, negative ones ([`Loader::is_negative`]) are dropped at once.
 const MAX_ENTRIES: usize = 500_000;
 
 /// How a cache fills itself.
@@ -48,7 +48,7 @@ pub struct Cache<L: Loader> {
     loader: L,
     entries: DashMap<String, Entry<L::Value>>,
     epoch: AtomicU64,
-    /// Beyond this many entries, evictable ones are dropped at once.
+    /// Beyond this many entries, negative ones are dropped at once.
     capacity: usize,
 }
 
@@ -57,7 +57,7 @@ impl<L: Loader> Cache<L> {
         Self::with_capacity(loader, MAX_ENTRIES)
     }
 
-    /// A cache that drops its evictable entries whenever it holds `capacity` entries.
+    /// A cache that drops its negative entries whenever it holds `capacity` entries.
     pub fn with_capacity(loader: L, capacity: usize) -> Self {
         Self {
             loader,
@@ -67,7 +67,7 @@ impl<L: Loader> Cache<L> {
         }
     }
 
-    /// How many entries are held (stale and evictable ones included).
+    /// How many entries are held (stale and negative ones included).
     pub fn len(&self) -> usize {
         self.entries.len()
     }
