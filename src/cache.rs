@@ -1,8 +1,9 @@
 //! An in-process cache of database records for the hot path.
 //!
-//! - An entry is served until its TTL ([`Loader::ttl`]), then still served while one
+//! - An entry is served until its TTL ([`Loader::ttls`]), then still served while one
 //!   background task reloads it, so the hot path waits on the database only for a key it
-//!   has never seen.
+//!   has never seen. A negative entry ([`Loader::is_negative`]: "nothing there") is not
+//!   served past its TTL and is dropped first when the cache is full.
 //! - [`Cache::invalidate`] drops an entry at once (admin changes, here or, through
 //!   [`crate::invalidation`], on another replica).
 //!
