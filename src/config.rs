@@ -350,17 +350,24 @@ fn redis_url_is_usable(target: &crate::limits::conn::Target) -> bool {
         .all(|node| redis::Client::open(node.as_str()).is_ok())
 }
 
-/// `KEYWARD_DATABASE_URL` (or its file) alone, by the rules of [`Config::from_raw`]: for
-/// `keyward migrate`.
-pub fn database_url_from_raw(raw: &RawConfig) -> Result<String, Vec<ConfigError>> {
+/// `raw` with every `*_FILE` twin read into its variable (see [`Parser::read_files`]),
+/// and the errors of doing so.
+fn with_files(raw: &RawConfig) -> (RawConfig, Vec<ConfigError>) {
     let mut p = Parser {
         raw,
         errors: Vec::new(),
     };
     let resolved = p.read_files();
+    (resolved, p.errors)
+}
+
+/// `KEYWARD_DATABASE_URL` (or its file) alone, by the rules of [`Config::from_raw`]: for
+/// `keyward migrate`.
+pub fn database_url_from_raw(raw: &RawConfig) -> Result<String, Vec<ConfigError>> {
+    let (resolved, errors) = with_files(raw);
     let mut p = Parser {
         raw: &resolved,
-        errors: p.errors,
+        errors,
     };
     let (url, _) = p.database();
     if p.errors.is_empty() {
@@ -372,14 +379,10 @@ pub fn database_url_from_raw(raw: &RawConfig) -> Result<String, Vec<ConfigError>
 
 impl Config {
     pub fn from_raw(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
-        let mut p = Parser {
-            raw,
-            errors: Vec::new(),
-        };
-        let resolved = p.read_files();
+        let (resolved, errors) = with_files(raw);
         let mut p = Parser {
             raw: &resolved,
-            errors: p.errors,
+            errors,
         };
         let listen = p.addr(LISTEN, "127.0.0.1:8080");
         let admin_listen = p.addr(ADMIN_LISTEN, "127.0.0.1:8081");
