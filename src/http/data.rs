@@ -360,12 +360,8 @@ async fn record(
         _ => None,
     };
     if let (Some(_), Some(id)) = (event, &report.provider_key_id) {
-        // Only after an upstream 429/401/403. From the pools this process holds (no
-        // database on the request path), else from the database (a key it never loaded).
-        report.provider = match state.admission.held_provider_of(id) {
-            Some(provider) => Some(provider),
-            None => state.pools.get(id).await.ok().map(|k| k.provider),
-        };
+        // Only after an upstream 429/401/403.
+        report.provider = provider_of(state, id).await.ok().flatten();
     }
     if let crate::limits::Counters::Memory(_) = state.counters {
         // The in-process queue is only as good as its writer: refuse before anything
@@ -440,6 +436,20 @@ async fn report_upstream(
     record(&state, report, Some(lease)).await
 }
 
+/// The provider of a provider key: from the pools this process holds (no database on the
+/// request path), else from the database (a key it never loaded); `None` for a key that
+/// does not exist.
+async fn provider_of(state: &AppState, key_id: &str) -> Result<Option<String>, PoolError> {
+    if let Some(provider) = state.admission.held_provider_of(key_id) {
+        return Ok(Some(provider));
+    }
+    match state.pools.get(key_id).await {
+        Ok(key) => Ok(Some(key.provider)),
+        Err(PoolError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// What a report's tokens cost at its model's price (see [`crate::prices`]), for a report
 /// without `cost_usd`: it needs tokens, a `model`, and the provider key that served the
 /// request (the lease's, or `provider_key_id`), whose provider names the price list. The
@@ -458,13 +468,10 @@ async fn priced_cost(state: &AppState, report: &Report) -> Result<i64, ApiError>
     ) else {
         return Ok(0);
     };
-    let provider = match state.admission.held_provider_of(key_id) {
-        Some(provider) => provider,
-        None => match state.pools.get(key_id).await {
-            Ok(key) => key.provider,
-            Err(PoolError::NotFound(_)) => return Ok(0),
-            Err(e) => return Ok(unpriced(&e)),
-        },
+    let provider = match provider_of(state, key_id).await {
+        Ok(Some(provider)) => provider,
+        Ok(None) => return Ok(0),
+        Err(e) => return Ok(unpriced(&e)),
     };
     let price = match state.prices.price_of(&provider, model).await {
         Ok(Some(price)) => price,
