@@ -6,8 +6,9 @@
 --                     'lo' = the oldest bucket that may exist
 --   2  tpm     hash   the same for tokens reserved
 --   3  leases  zset   lease token -> expiry (ms)
---   4  ld      hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved"
---   5  bal     hash   rem, cred, ver (live balance, micro-USD), hwm (highest request cost)
+--   4  ld      hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold"
+--   5  bal     hash   rem, cred, ver (live balance, micro-USD), held (the holds of the
+--                     leases in flight, micro-USD)
 --   6  def     hash   the provider's pool: '_v' -> version, '_t' -> its stamp,
 --                     key id -> "max_rpm|max_tpm"
 --   7  order   zset   key id -> priority rank * 2^42 + last pick (see pool_sync.lua)
@@ -27,10 +28,12 @@
 --   12 time shift ms    (0 in production; tests move the clock without sleeping)
 --   13 client           (1 = decide for the client key, 0 = only pick a provider key)
 --   14 pool version     ("" = no provider key wanted)
+--   15 hold             (micro-USD this request holds on a tracked balance, >= 0)
 -- Returns {code, a, now_ms, req_used, tok_used, req_reset_ms, tok_reset_ms, in_flight, bal_rem, picked}
 --   code 0 admitted (a = lease expiry ms)       1 requests window full (a = retry ms)
 --        2 tokens window full (a = retry ms)    3 all slots in use (a = retry ms)
---        4 balance exhausted (a = 0)            5 balance committed to requests in flight (a = retry ms)
+--        4 balance exhausted, or smaller than the hold with nothing else held (a = 0)
+--        5 balance held by requests in flight (a = retry ms)
 --        6 every candidate provider key is cooling down, suspended or full (a = earliest recovery ms)
 --        7 the pool in Redis is not the caller's version (a = the stamp of the one in
 --          Redis, 0 if none): run pool_sync.lua (or, if that stamp is later than the
@@ -62,7 +65,8 @@ local version = tonumber(ARGV[11])
 local shift = tonumber(ARGV[12])
 local client = ARGV[13] == '1'
 local pool_version = ARGV[14]
-assert(pool_version and #ARGV == 14 and #KEYS == 7, 'pool')
+local hold = tonumber(ARGV[15])
+assert(pool_version and #ARGV == 15 and #KEYS == 7, 'pool')
 local SHIFT = 4398046511104 -- 2^42: order scores are priority rank * SHIFT + last pick
 assert(rpm_limit and rpm_limit >= 0, 'rpm limit')
 assert(tpm_limit and tpm_limit >= 0, 'tpm limit')
@@ -76,6 +80,7 @@ local MAX = 9007199254740991
 local function bounded(x) return math.max(-MAX, math.min(MAX, x)) end
 assert(credited and used and version and math.abs(credited) <= MAX and math.abs(used) <= MAX, 'balance')
 assert(tokens <= MAX, 'tokens')
+assert(hold and hold >= 0 and hold <= MAX, 'hold')
 assert(shift, 'time shift')
 
 local t = redis.call('TIME')
@@ -156,7 +161,18 @@ local function reset_in(lo)
   return 0
 end
 
-local in_flight = 0
+-- The hold of a lease, from its reservation data (its 8th field; 0 in data written by
+-- an older release, which has 7).
+local function hold_of(data)
+  local i = 0
+  for part in string.gmatch(data .. '|', '([^|]*)|') do
+    i = i + 1
+    if i == 8 then return tonumber(part) or 0 end
+  end
+  return 0
+end
+
+local in_flight, released = 0, 0
 if client then
   -- Expired leases free their slot (and their reservation data), at most PURGE_BATCH per
   -- decision. A backlog (a busy key without a concurrency limit, idle for longer than
@@ -166,6 +182,10 @@ if client then
   local PURGE_BATCH = 100
   local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, PURGE_BATCH)
   if #expired > 0 then
+    -- Their holds leave the balance's held amount with them.
+    for _, data in ipairs(redis.call('HMGET', KEYS[4], unpack(expired))) do
+      if data then released = released + hold_of(data) end
+    end
     redis.call('ZREM', KEYS[3], unpack(expired))
     redis.call('HDEL', KEYS[4], unpack(expired))
   end
@@ -180,9 +200,9 @@ local req_used, req_lo, req_cur, tok_used, tok_lo, tok_cur = 0, nil, 0, 0, nil, 
 if client and rpm_limit > 0 then req_used, req_lo, req_cur = window(KEYS[1]) end
 if client and tpm_limit > 0 then tok_used, tok_lo, tok_cur = window(KEYS[2]) end
 
-local rem, hwm = -1, nil
+local rem, held = -1, 0
 if client and bal_tracked then
-  local h = redis.call('HMGET', KEYS[5], 'rem', 'cred', 'ver', 'hwm')
+  local h = redis.call('HMGET', KEYS[5], 'rem', 'cred', 'ver', 'held')
   if not h[1] then
     rem = bounded(credited - used)
     redis.call('HSET', KEYS[5], 'rem', int(rem), 'cred', int(credited), 'ver', int(version))
@@ -194,8 +214,14 @@ if client and bal_tracked then
       rem = bounded(rem + (credited - (tonumber(h[2]) or 0)))
       redis.call('HSET', KEYS[5], 'rem', int(rem), 'cred', int(credited), 'ver', int(version))
     end
-    hwm = tonumber(h[4])
+    held = tonumber(h[4]) or 0
   end
+  -- Nothing in flight holds nothing (this also heals a held amount whose leases'
+  -- data expired with their hash).
+  local was = held
+  held = math.max(0, held - released)
+  if in_flight == 0 then held = 0 end
+  if held ~= was then redis.call('HSET', KEYS[5], 'held', int(held)) end
 end
 
 local function answer(code, a, picked)
@@ -217,11 +243,12 @@ if client and tpm_limit > 0 and tok_used + tokens > tpm_limit then
   return answer(2, wait_for(KEYS[2], tok_used, tokens, tpm_limit))
 end
 if client and conc_limit > 0 and in_flight >= conc_limit then return answer(3, earliest_lease_expiry()) end
--- Each request in flight holds the key's highest request cost seen so far; before any
--- cost is known, only one request may be in flight. So a balance can be overspent by at
--- most one request's cost.
-if client and bal_tracked and in_flight > 0 and (hwm == nil or rem - in_flight * hwm <= 0) then
-  return answer(5, earliest_lease_expiry())
+-- Each request in flight holds its estimated cost; a request goes ahead only while the
+-- balance less what is held covers its own hold. Its report replaces the hold by the real
+-- cost, so the balance goes below zero by at most one request's (actual - hold).
+if client and bal_tracked and rem - held < hold then
+  if held > 0 then return answer(5, earliest_lease_expiry()) end
+  return answer(4, 0)
 end
 
 -- The client may go ahead; now the provider key, if one is wanted: walk the pool in
@@ -301,7 +328,9 @@ if pick then
   if pick.tpm > 0 then pk_tokens = tokens end
 end
 redis.call('HSET', KEYS[4], token,
-  b .. '|' .. (tpm_limit > 0 and tokens or 0) .. '|' .. meta .. '|' .. pk_id .. '|' .. pk_tokens)
+  b .. '|' .. (tpm_limit > 0 and tokens or 0) .. '|' .. meta .. '|' .. pk_id .. '|' .. pk_tokens
+  .. '|' .. int(bal_tracked and hold or 0))
+if bal_tracked and hold > 0 then redis.call('HSET', KEYS[5], 'held', int(held + hold)) end
 -- The newest lease is the last to expire (renewals extend these too).
 if redis.call('PTTL', KEYS[3]) < ttl + 1000 then
   redis.call('PEXPIRE', KEYS[3], ttl + 1000)

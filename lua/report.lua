@@ -3,8 +3,8 @@
 -- KEYS (all under the deployment's hash tag):
 --   1  tpm     hash    the client key's token window (see admit.lua)
 --   2  leases  zset    lease token -> expiry (ms)
---   3  ld      hash    lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved"
---   4  bal     hash    live balance (see admit.lua)
+--   3  ld      hash    lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold"
+--   4  bal     hash    live balance and the holds in flight (see admit.lua)
 --   5  done    string  when the duplicate guard of this lease id lapses (ms): it was reported
 --   6  usage   stream  the accounting queue read by every replica's writer
 --   and, when a provider key is named (ARGV[10]):
@@ -24,6 +24,9 @@
 --   14 cooldown ms (> 0 after an upstream 429)      15 suspension ms (> 0 after 401/403)
 --   16 source ("lease <lease id>" or "data-token"; kept as the cause, cut to 200 bytes)
 --   17 the expiry signed into the lease id (ms; 0 = no lease)
+--   18 cached input tokens   19 cache-write tokens   20 reasoning tokens (each within
+--      prompt or completion, >= 0; kept on the usage entry)
+--   21 where the numbers come from: "reported", "parsed" or "estimated"
 -- Returns {1, now_ms} when recorded, {0, now_ms} for a duplicate, {2, now_ms} when the
 -- report comes later than the guard ttl after the lease's expiry (nothing changed in
 -- either case).
@@ -40,7 +43,8 @@
 --
 -- In one step: the slot is released, token reservations (client's and provider key's)
 -- are replaced by the actual count in the second where they were made (if still in the
--- window, and only when tokens were reported), the balance is debited, the provider key
+-- window, and only when tokens were reported), the balance is debited and the lease's
+-- hold released from what the balance holds in flight, the provider key
 -- is cooled down or suspended, and the usage entry is appended to the stream. A lease
 -- that already expired is still recorded and debited.
 
@@ -55,6 +59,8 @@ local shift = tonumber(ARGV[13])
 local cooldown = tonumber(ARGV[14])
 local suspend = tonumber(ARGV[15])
 local signed_expiry = tonumber(ARGV[17])
+local cached, cache_write, reasoning = tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20])
+local source = ARGV[21]
 local MAX = 9007199254740991 -- 2^53 - 1
 local function whole(x) return x and x >= 0 and x <= MAX and x == math.floor(x) end
 assert(#lease_id > 0, 'id')
@@ -63,6 +69,8 @@ assert(whole(cost), 'cost')
 assert(guard_ttl and guard_ttl > 0, 'guard ttl')
 assert(shift and whole(cooldown) and whole(suspend), 'times')
 assert(whole(signed_expiry), 'lease expiry')
+assert(whole(cached) and whole(cache_write) and whole(reasoning), 'token classes')
+assert(source == 'reported' or source == 'parsed' or source == 'estimated', 'source')
 assert(#KEYS == (pk == '' and 6 or 10), 'provider key keys')
 
 local t = redis.call('TIME')
@@ -84,7 +92,7 @@ local function settle(key, bucket, reserved)
 end
 
 local provider, model, api_format = '', ARGV[9], ''
-local held, settles, bal, lapses = false, {}, nil, nil
+local held, settles, bal, lapses, hold = false, {}, nil, nil, 0
 if token ~= '' then
   local expiry = math.max(signed_expiry, tonumber(redis.call('ZSCORE', KEYS[2], token) or '0'))
   -- The guard holds the time it lapses, on the script clock; "1" is a guard written by
@@ -104,13 +112,15 @@ if token ~= '' then
     redis.call('ZSCORE', KEYS[2], token) -- only to fail here, not later, on a wrong type
     settles[#settles + 1] = settle(KEYS[1], bucket, tonumber(f[2]))
     if pk ~= '' and f[6] == pk then settles[#settles + 1] = settle(KEYS[7], bucket, tonumber(f[7])) end
+    hold = tonumber(f[8] or '0') or 0
   end
-  local h = redis.call('HMGET', KEYS[4], 'rem', 'hwm')
+  local h = redis.call('HMGET', KEYS[4], 'rem', 'held')
   if h[1] then
     local rem = tonumber(h[1])
     assert(rem, 'live balance is not a number')
-    local hwm = tonumber(h[2] or '-1') or -1
-    bal = {math.max(-MAX, math.min(MAX, rem - cost)), math.max(hwm, cost)}
+    -- Only a lease still in flight holds anything (an expired one's hold was released
+    -- when admit.lua removed it).
+    bal = {math.max(-MAX, math.min(MAX, rem - cost)), math.max(0, (tonumber(h[2]) or 0) - hold)}
   end
 end
 -- The queue must take the entry: a key of another type would fail the XADD below.
@@ -126,7 +136,7 @@ if token ~= '' then
     redis.call('ZREM', KEYS[2], token)
   end
   for _, s in ipairs(settles) do redis.call('HSET', s[1], s[2], int(s[3]), 's', int(s[4])) end
-  if bal then redis.call('HSET', KEYS[4], 'rem', int(bal[1]), 'hwm', int(bal[2])) end
+  if bal then redis.call('HSET', KEYS[4], 'rem', int(bal[1]), 'held', int(bal[2])) end
 end
 
 if pk ~= '' then
@@ -146,5 +156,6 @@ end
 redis.call('XADD', KEYS[6], '*',
   'id', lease_id, 'key', key_id, 'provider', provider, 'model', model, 'fmt', api_format,
   'pk', pk, 'pt', int(prompt), 'ct', int(completion), 'cost', int(cost),
-  'lat', ARGV[11], 'st', ARGV[12], 'ts', int(now))
+  'lat', ARGV[11], 'st', ARGV[12], 'ts', int(now),
+  'cr', int(cached), 'cw', int(cache_write), 'rs', int(reasoning), 'src', source)
 return {1, now}

@@ -30,6 +30,7 @@ use crate::limits::{
 use crate::names;
 use crate::pool::cache::{Candidate, Pool, PoolCache};
 use crate::pool::valid_provider;
+use crate::prices::{Price, PriceCache};
 
 /// The body of `POST /v1/admit`.
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +53,10 @@ pub struct AdmitBody {
     /// active key there is `NO_PROVIDER_KEY`.
     #[serde(skip)]
     pub select_if_pooled: bool,
+    /// `/authz` only: input tokens estimated from the request body it saw (a quarter of
+    /// its bytes), priced into the balance hold.
+    #[serde(skip)]
+    pub input_estimate: i64,
 }
 
 /// An admitted request.
@@ -96,6 +101,8 @@ pub enum AdmitError {
     },
     #[error("provider `{0}` has no active provider key")]
     NoProviderKey(String),
+    #[error("{0} has no price: a key with a balance is charged at a model's price, so set one (PUT /admin/prices/<provider>/<model>) or KEYWARD_DEFAULT_PRICE")]
+    PriceUnknown(String),
     #[error("every key of provider `{provider}` is cooling down, suspended or at its limits")]
     PoolExhausted {
         provider: String,
@@ -114,7 +121,9 @@ fn limited_message(reason: &Denial) -> &'static str {
         Denial::Requests => "requests-per-minute limit reached",
         Denial::Tokens => "tokens-per-minute limit reached",
         Denial::Concurrency => "all concurrent-request slots of this key are in use",
-        Denial::BalanceExhausted => "the key's balance is used up",
+        Denial::BalanceExhausted => {
+            "the key's remaining balance is used up, or smaller than this request's hold"
+        }
         Denial::BalanceCommitted => "the key's remaining balance is held by requests in flight",
         Denial::PoolExhausted => "every provider key is cooling down, suspended or at its limits",
     }
@@ -131,6 +140,9 @@ pub struct Admission {
     keyring: Arc<Keyring>,
     lease_ttl_ms: i64,
     default_tokens: i64,
+    prices: Arc<PriceCache>,
+    /// `KEYWARD_DEFAULT_PRICE`: the price of a model without one.
+    default_price: Option<Price>,
 }
 
 /// A name from the request: `None` for "not given" (absent or blank), refused when it
@@ -164,6 +176,8 @@ impl Admission {
         keyring: Arc<Keyring>,
         lease_ttl_ms: i64,
         default_tokens: i64,
+        prices: Arc<PriceCache>,
+        default_price: Option<Price>,
     ) -> Self {
         Self {
             cache,
@@ -173,7 +187,41 @@ impl Admission {
             keyring,
             lease_ttl_ms,
             default_tokens,
+            prices,
+            default_price,
         }
+    }
+
+    /// The price a request is admitted at: its model's own (or its longest priced
+    /// prefix's, see [`crate::prices::lookup`]), else `KEYWARD_DEFAULT_PRICE`, else
+    /// none. Prices come from the in-process cache (no database query once loaded; a
+    /// provider's prices are served past their TTL while the database is away). A price
+    /// that cannot be loaded is an error only where it matters: for a key with a
+    /// balance.
+    async fn price(
+        &self,
+        provider: Option<&str>,
+        model: Option<&str>,
+        needed: bool,
+    ) -> Result<Option<Price>, AdmitError> {
+        let own = match (provider.filter(|p| valid_provider(p)), model) {
+            (Some(provider), Some(model)) => match self.prices.get(provider).await {
+                Ok(prices) => crate::prices::lookup(&prices, model).copied(),
+                Err(e) if needed => return Err(e.into()),
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        let price = own.or(self.default_price);
+        if needed && price.is_none() {
+            let what = match (provider, model) {
+                (Some(p), Some(m)) => format!("model `{m}` of provider `{p}`"),
+                (None, Some(m)) => format!("model `{m}` (no provider named)"),
+                _ => "a request that names no model".to_string(),
+            };
+            return Err(AdmitError::PriceUnknown(what));
+        }
+        Ok(price)
     }
 
     /// The provider of a key in one of the pools this process holds, or `None`; never
@@ -362,6 +410,8 @@ impl Admission {
             }),
             _ => None,
         };
+        let price = self.price(provider, model, balance.is_some()).await?;
+        let hold_micros = price.map_or(0, |p| hold(&p, body.input_estimate, estimate));
         let request = AdmitRequest {
             lease: &lease,
             rpm: key.rate_limit,
@@ -373,6 +423,7 @@ impl Admission {
             model: model.unwrap_or_default(),
             api_format: api_format.unwrap_or_default(),
             balance,
+            hold_micros,
             pool: candidates.as_deref(),
         };
         let mut fresh = None;
@@ -406,6 +457,8 @@ impl Admission {
                     lease,
                     provider_key_id: provider_key.as_ref().map(|k| k.id.clone()),
                     expires_at_ms,
+                    hold_micros,
+                    price,
                 };
                 Ok(Admitted {
                     lease_id: signed.encode(&self.keyring),
@@ -430,9 +483,40 @@ impl Admission {
     }
 }
 
+/// What a request holds on its key's balance until its report: its estimated input
+/// and output tokens at its price, rounded up; an estimate whose cost is beyond what
+/// one request may cost holds that most.
+fn hold(price: &Price, input: i64, output: i64) -> i64 {
+    let usage = crate::usage::parse::Usage {
+        input_tokens: input,
+        output_tokens: output,
+        ..Default::default()
+    };
+    crate::prices::cost_micros(price, &usage).unwrap_or(crate::money::MAX_REPORT_MICROS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holds_price_the_estimate_and_saturate() {
+        let price = Price {
+            input: 2_500_000,
+            output: 10_000_000,
+            cached_input: None,
+            cache_write: None,
+        };
+        // 400 input tokens at 2.5 USD/Mtok + 100 output at 10 USD/Mtok = 2,000 micro-USD.
+        assert_eq!(hold(&price, 400, 100), 2_000);
+        assert_eq!(hold(&price, 0, 1), 10);
+        assert_eq!(hold(&price, 0, 0), 0);
+        let dear = Price {
+            output: crate::prices::MAX_PRICE_MICROS,
+            ..price
+        };
+        assert_eq!(hold(&dear, 0, MAX_LIMIT), crate::money::MAX_REPORT_MICROS);
+    }
 
     #[test]
     fn allow_lists() {

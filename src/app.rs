@@ -234,7 +234,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         }
     };
     let bus = Arc::new(bus);
-    let prices = Prices::new(db.clone(), price_cache, bus.clone());
+    let prices = Prices::new(db.clone(), price_cache.clone(), bus.clone());
     prices
         .load(&config.prices)
         .await
@@ -246,6 +246,8 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         keyring.clone(),
         config.lease_ttl.as_millis() as i64,
         config.default_estimated_tokens,
+        price_cache,
+        config.default_price,
     );
     let state = AppState(Arc::new(Shared {
         keys: ClientKeys::new(

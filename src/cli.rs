@@ -128,6 +128,9 @@ pub struct ServeArgs {
     /// JSON file of model prices keyed by provider/model, stored at start-up
     #[arg(long, env = config::PRICES_FILE)]
     pub prices_file: Option<String>,
+    /// JSON price for models without one, e.g. {"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10} [default: none: PRICE_UNKNOWN for keys with a balance]
+    #[arg(long, env = config::DEFAULT_PRICE)]
+    pub default_price: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -246,6 +249,7 @@ impl ServeArgs {
             ),
             (config::PROVIDER_SUSPEND_S, &self.provider_suspend_s),
             (config::PRICES_FILE, &self.prices_file),
+            (config::DEFAULT_PRICE, &self.default_price),
         ]
         .into_iter()
         .filter_map(|(name, value)| value.clone().map(|v| (name, v)))

@@ -44,6 +44,7 @@ pub const PROVIDER_COOLDOWN_S: &str = "KEYWARD_PROVIDER_COOLDOWN_S";
 pub const PROVIDER_COOLDOWN_MAX_S: &str = "KEYWARD_PROVIDER_COOLDOWN_MAX_S";
 pub const PROVIDER_SUSPEND_S: &str = "KEYWARD_PROVIDER_SUSPEND_S";
 pub const PRICES_FILE: &str = "KEYWARD_PRICES_FILE";
+pub const DEFAULT_PRICE: &str = "KEYWARD_DEFAULT_PRICE";
 
 pub const ADMIN_TOKEN_FILE: &str = "KEYWARD_ADMIN_TOKEN_FILE";
 pub const DATA_TOKEN_FILE: &str = "KEYWARD_DATA_TOKEN_FILE";
@@ -148,6 +149,9 @@ pub struct Config {
     /// `(provider, model, price)` from `KEYWARD_PRICES_FILE`, read and checked here and
     /// stored at start-up (empty when unset).
     pub prices: Vec<(String, String, crate::prices::Price)>,
+    /// The price of a model without one of its own (`KEYWARD_DEFAULT_PRICE`); `None`:
+    /// such a model is refused (`PRICE_UNKNOWN`) for a key with a balance.
+    pub default_price: Option<crate::prices::Price>,
 }
 
 impl std::fmt::Debug for Config {
@@ -178,6 +182,7 @@ impl std::fmt::Debug for Config {
             .field("provider_cooldown_max", &self.provider_cooldown_max)
             .field("provider_suspend", &self.provider_suspend)
             .field("prices", &self.prices.len())
+            .field("default_price", &self.default_price)
             .finish()
     }
 }
@@ -513,6 +518,16 @@ impl Config {
                 }),
         };
 
+        let default_price = p.get(DEFAULT_PRICE).map(str::to_string).and_then(|text| {
+            serde_json::from_str::<crate::prices::PriceInput>(&text)
+                .map_err(|e| {
+                    format!("must be a JSON price like {{\"input_per_mtok_usd\": 2.5, \"output_per_mtok_usd\": 10}}: {e}")
+                })
+                .and_then(|input| input.validate())
+                .map_err(|why| p.fail(DEFAULT_PRICE, why))
+                .ok()
+        });
+
         if !p.errors.is_empty() {
             return Err(p.errors);
         }
@@ -543,6 +558,7 @@ impl Config {
             provider_cooldown_max,
             provider_suspend,
             prices,
+            default_price,
         })
     }
 

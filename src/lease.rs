@@ -6,8 +6,15 @@
 //! authorizes, signed:
 //!
 //! ```text
-//! <client key id>.<32 hex: lease token>.<provider key id, or ->.<expiry, Unix ms>.<32 hex: MAC>
+//! <client key id>.<32 hex: lease token>.<provider key id, or ->.<expiry, Unix ms>
+//!     .<hold, micro-USD>.<price: input-output-cached input-cache write, micro-USD per
+//!      million tokens, or ->.<32 hex: MAC>
 //! ```
+//!
+//! The hold and the price are the admission's: a report charges the tokens it names at
+//! the price the request was admitted at, and an answer whose usage cannot be read its
+//! hold, on any replica and after the lease expired, without a lookup. (Lease ids of the
+//! release before, without hold and price, still verify, as holding nothing unpriced.)
 //!
 //! The MAC is HMAC-SHA256 (truncated to 128 bits) of everything before it, under a key
 //! derived from the encryption keyring ([`Keyring::sign_lease`]). Every replica holds the
@@ -25,9 +32,11 @@
 
 use crate::crypto::{Keyring, LEASE_MAC_LEN};
 use crate::limits::LeaseId;
+use crate::prices::Price;
 
-/// Longer texts are refused before any parsing or MAC (a real one is 153 characters).
-const MAX_LEN: usize = 160;
+/// Longer texts are refused before any parsing or MAC (a real one is at most 230
+/// characters: 153 without hold and price, 13 digits for each amount).
+const MAX_LEN: usize = 256;
 
 /// A lease id whose signature verified, or that this process just issued.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,16 +47,66 @@ pub struct SignedLease {
     pub provider_key_id: Option<String>,
     /// When the lease lapses unless renewed (the admission's expiry).
     pub expires_at_ms: i64,
+    /// The micro-USD the admission held on the key's balance: what an answer whose usage
+    /// cannot be read is charged.
+    pub hold_micros: i64,
+    /// The price the request was admitted at; `None` when its model had none.
+    pub price: Option<Price>,
+}
+
+fn encode_price(price: Option<&Price>) -> String {
+    price.map_or_else(
+        || "-".to_string(),
+        |p| {
+            format!(
+                "{}-{}-{}-{}",
+                p.input,
+                p.output,
+                p.cached_input(),
+                p.cache_write()
+            )
+        },
+    )
+}
+
+/// The amounts this code writes: digits only, no sign, no leading zero, within
+/// `0..=max`.
+fn amount(text: &str, max: i64) -> Option<i64> {
+    let canonical = !text.is_empty()
+        && text.len() <= 19
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && (text == "0" || !text.starts_with('0'));
+    canonical
+        .then(|| text.parse().ok())
+        .flatten()
+        .filter(|n| (0..=max).contains(n))
+}
+
+fn decode_price(text: &str) -> Option<Option<Price>> {
+    if text == "-" {
+        return Some(None);
+    }
+    let max = crate::prices::MAX_PRICE_MICROS;
+    let mut parts = text.split('-').map(|p| amount(p, max));
+    let price = Price {
+        input: parts.next()??,
+        output: parts.next()??,
+        cached_input: Some(parts.next()??),
+        cache_write: Some(parts.next()??),
+    };
+    parts.next().is_none().then_some(Some(price))
 }
 
 impl SignedLease {
     /// The lease id handed to the caller.
     pub fn encode(&self, keyring: &Keyring) -> String {
         let body = format!(
-            "{}.{}.{}",
+            "{}.{}.{}.{}.{}",
             self.lease,
             self.provider_key_id.as_deref().unwrap_or("-"),
-            self.expires_at_ms
+            self.expires_at_ms,
+            self.hold_micros,
+            encode_price(self.price.as_ref())
         );
         let mac = hex::encode(keyring.sign_lease(&body));
         format!("{body}.{mac}")
@@ -70,21 +129,26 @@ impl SignedLease {
             return None;
         }
         // Only texts this code wrote verify; parsing stays strict anyway.
-        let mut parts = body.split('.');
-        let (key, token, provider_key, expiry) =
-            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() {
-            return None;
-        }
-        let lease = LeaseId::parse(&format!("{key}.{token}"))?;
-        let provider_key_id = match provider_key {
+        let parts: Vec<&str> = body.split('.').collect();
+        let (hold_micros, price) = match parts[..] {
+            [_, _, _, _] => (0, None),
+            [_, _, _, _, hold, price] => (
+                amount(hold, crate::money::MAX_REPORT_MICROS)?,
+                decode_price(price)?,
+            ),
+            _ => return None,
+        };
+        let lease = LeaseId::parse(&format!("{}.{}", parts[0], parts[1]))?;
+        let provider_key_id = match parts[2] {
             "-" => None,
             id => Some(uuid::Uuid::try_parse(id).ok()?.hyphenated().to_string()),
         };
         Some(SignedLease {
             lease,
             provider_key_id,
-            expires_at_ms: expiry.parse().ok()?,
+            expires_at_ms: parts[3].parse().ok()?,
+            hold_micros,
+            price,
         })
     }
 }
@@ -101,6 +165,23 @@ mod tests {
             lease: LeaseId::new(KEY),
             provider_key_id: pk.map(str::to_string),
             expires_at_ms: 1_790_000_000_000,
+            hold_micros: 0,
+            price: None,
+        }
+    }
+
+    /// The longest lease there is: every amount at its bound.
+    fn priced(pk: Option<&str>) -> SignedLease {
+        let max = crate::prices::MAX_PRICE_MICROS;
+        SignedLease {
+            hold_micros: crate::money::MAX_REPORT_MICROS,
+            price: Some(Price {
+                input: max,
+                output: max - 1,
+                cached_input: Some(7),
+                cache_write: Some(0),
+            }),
+            ..lease(pk)
         }
     }
 
@@ -108,7 +189,7 @@ mod tests {
     fn issued_leases_verify_on_any_holder_of_the_keyring() {
         let ring = Keyring::new(&[1; 32], &[]);
         let replica = Keyring::new(&[1; 32], &[]);
-        for l in [lease(None), lease(Some(PK))] {
+        for l in [lease(None), lease(Some(PK)), priced(None), priced(Some(PK))] {
             let text = l.encode(&ring);
             assert!(text.len() <= MAX_LEN, "{}", text.len());
             assert_eq!(SignedLease::verify(&text, &replica), Some(l));
@@ -118,7 +199,7 @@ mod tests {
     #[test]
     fn forged_and_altered_leases_do_not_verify() {
         let ring = Keyring::new(&[1; 32], &[]);
-        let text = lease(Some(PK)).encode(&ring);
+        let text = priced(Some(PK)).encode(&ring);
         // Every single-character change, anywhere.
         for i in 0..text.len() {
             let mut bytes = text.clone().into_bytes();
@@ -146,6 +227,36 @@ mod tests {
             "....",
         ] {
             assert_eq!(SignedLease::verify(bad, &ring), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn leases_of_the_release_before_verify_without_hold_or_price() {
+        let ring = Keyring::new(&[1; 32], &[]);
+        let l = lease(Some(PK));
+        let body = format!("{}.{PK}.{}", l.lease, l.expires_at_ms);
+        let text = format!("{body}.{}", hex::encode(ring.sign_lease(&body)));
+        assert_eq!(SignedLease::verify(&text, &ring), Some(l));
+    }
+
+    #[test]
+    fn only_canonical_amounts_verify() {
+        let ring = Keyring::new(&[1; 32], &[]);
+        let l = lease(None);
+        let max = crate::prices::MAX_PRICE_MICROS;
+        for (hold, price) in [
+            ("01", "-".to_string()),
+            ("+1", "-".to_string()),
+            ("", "-".to_string()),
+            ("1000000000001", "-".to_string()),
+            ("0", "1-2-3".to_string()),
+            ("0", "1-2-3-4-5".to_string()),
+            ("0", format!("{}-0-0-0", max + 1)),
+            ("0", "1--2-3".to_string()),
+        ] {
+            let body = format!("{}.-.{}.{hold}.{price}", l.lease, l.expires_at_ms);
+            let text = format!("{body}.{}", hex::encode(ring.sign_lease(&body)));
+            assert_eq!(SignedLease::verify(&text, &ring), None, "{text}");
         }
     }
 

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use keyward::limits::memory::MemoryCounters;
@@ -62,6 +63,7 @@ on_both_stores!(
     concurrent_admissions_never_exceed_any_limit,
     balance_changes_apply_once_by_version,
     balance_overspend_is_bounded_by_one_request,
+    holds_wait_for_leases_and_expired_leases_release_theirs,
     live_balances_never_wrap_and_no_report_is_lost,
     selection_goes_by_priority_then_least_recently_picked,
     pool_changes_apply_at_once_and_keep_pick_history,
@@ -181,6 +183,7 @@ fn request(lease: &LeaseId) -> AdmitRequest<'_> {
         model: "gpt-4o",
         api_format: "openai_chat",
         balance: None,
+        hold_micros: 0,
         pool: None,
     }
 }
@@ -227,6 +230,8 @@ fn report(lease: &LeaseId, tokens: Option<(i64, i64)>, cost: i64) -> Report {
         suspend_ms: 0,
         source: "data-token".into(),
         lease_expires_at_ms: 0,
+        token_classes: Default::default(),
+        usage_source: Default::default(),
     }
 }
 
@@ -779,34 +784,47 @@ async fn balance_changes_apply_once_by_version(kind: Kind) {
     s.cleanup().await;
 }
 
+/// Guarantee 10: with holds, a balance goes below zero by at most one request's
+/// (actual cost − hold), under any concurrency; and what is held caps what is in flight.
 async fn balance_overspend_is_bounded_by_one_request(kind: Kind) {
     const CREDIT: i64 = 50_000;
-    const COST: i64 = 10_000;
+    const HOLD: i64 = 10_000;
+    // Actual costs from half the hold to one and a half times it.
+    const OVERSHOOT: i64 = HOLD / 2;
     let s = Arc::new(Store::new(kind).await);
     let k = key();
+    let in_flight = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let most_in_flight = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let snapshot = BalanceSnapshot {
+        credited: CREDIT,
+        used: 0,
+        version: 0,
+    };
     let workers: Vec<_> = (0..20)
-        .map(|_| {
+        .map(|w| {
             let (s, k) = (s.clone(), k.clone());
+            let (in_flight, most) = (in_flight.clone(), most_in_flight.clone());
             tokio::spawn(async move {
                 let mut spent = 0;
-                for _ in 0..200 {
+                for i in 0..200 {
                     let lease = LeaseId::new(&k);
                     let r = AdmitRequest {
-                        balance: Some(BalanceSnapshot {
-                            credited: CREDIT,
-                            used: 0,
-                            version: 0,
-                        }),
+                        balance: Some(snapshot),
+                        hold_micros: HOLD,
                         ..request(&lease)
                     };
                     match s.admit(&r).await.verdict {
                         Verdict::Admitted { .. } => {
+                            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
                             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                            let cost = HOLD - OVERSHOOT + (w * 7 + i * 13) % (2 * OVERSHOOT + 1);
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
                             s.counters
-                                .report(&report(&lease, None, COST))
+                                .report(&report(&lease, None, cost))
                                 .await
                                 .unwrap();
-                            spent += COST;
+                            spent += cost;
                         }
                         Verdict::Denied {
                             reason: Denial::BalanceExhausted,
@@ -823,24 +841,85 @@ async fn balance_overspend_is_bounded_by_one_request(kind: Kind) {
     for w in workers {
         spent += w.await.unwrap();
     }
-    assert!(spent >= CREDIT, "the whole balance can be used ({spent})");
     assert!(
-        spent <= CREDIT + COST,
-        "overspent by more than one request: {spent}"
+        spent >= CREDIT - HOLD,
+        "the balance can be used until less than a hold is left ({spent})"
+    );
+    assert!(
+        spent <= CREDIT + OVERSHOOT,
+        "overspent by more than one request's (actual - hold): {spent}"
+    );
+    let most = most_in_flight.load(Ordering::SeqCst);
+    assert!(
+        most <= CREDIT / HOLD,
+        "{most} requests in flight, but the balance holds only {}",
+        CREDIT / HOLD
     );
     let lease = LeaseId::new(&k);
     let d = s
         .admit(&AdmitRequest {
-            balance: Some(BalanceSnapshot {
-                credited: CREDIT,
-                used: 0,
-                version: 0,
-            }),
+            balance: Some(snapshot),
             ..request(&lease)
         })
         .await;
     assert_eq!(d.usage.balance_remaining, Some(CREDIT - spent));
     Arc::into_inner(s).unwrap().cleanup().await;
+}
+
+/// A hold larger than the whole balance is refused as insufficient (it could never be
+/// covered), one larger than what is not held waits for the leases in flight, and a
+/// lease that expires unreported gives its hold back.
+async fn holds_wait_for_leases_and_expired_leases_release_theirs(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    let snapshot = BalanceSnapshot {
+        credited: 1_000,
+        used: 0,
+        version: 0,
+    };
+    let admit = |lease, hold| AdmitRequest {
+        balance: Some(snapshot),
+        hold_micros: hold,
+        lease_ttl_ms: 5_000,
+        ..request(lease)
+    };
+    let first = LeaseId::new(&k);
+    let d = s.admit(&admit(&first, 1_001)).await;
+    assert_eq!(denial(&d), (Denial::BalanceExhausted, None), "{d:?}");
+    let d = s.admit(&admit(&first, 600)).await;
+    assert!(admitted(&d), "{d:?}");
+    let second = LeaseId::new(&k);
+    let d = s.admit(&admit(&second, 600)).await;
+    let (reason, retry) = denial(&d);
+    assert_eq!(reason, Denial::BalanceCommitted, "{d:?}");
+    assert!(retry.is_some_and(|ms| ms > 0 && ms <= 5_000), "{d:?}");
+    // 400 are not held: a hold of 400 goes ahead (on a longer lease).
+    let third = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            lease_ttl_ms: 60_000,
+            ..admit(&third, 400)
+        })
+        .await;
+    assert!(admitted(&d), "{d:?}");
+    // The first lease lapses unreported: its hold is released, the third's stays.
+    s.advance(5_001);
+    let fourth = LeaseId::new(&k);
+    let d = s.admit(&admit(&fourth, 600)).await;
+    assert!(admitted(&d), "{d:?}");
+    assert_eq!(d.usage.balance_remaining, Some(1_000));
+    // Its report charges the real cost and releases its hold: 700 left, 400 held.
+    s.counters
+        .report(&report(&fourth, None, 300))
+        .await
+        .unwrap();
+    let fifth = LeaseId::new(&k);
+    let d = s.admit(&admit(&fifth, 301)).await;
+    assert_eq!(denial(&d).0, Denial::BalanceCommitted, "{d:?}");
+    let d = s.admit(&admit(&fifth, 300)).await;
+    assert!(admitted(&d), "{d:?}");
+    assert_eq!(d.usage.balance_remaining, Some(700));
+    s.cleanup().await;
 }
 
 /// Seeded near-limit balances (as a database holding them would hand them over): the
@@ -1032,6 +1111,8 @@ fn pool_report(id: &str, cooldown_ms: i64, suspend_ms: i64) -> Report {
         suspend_ms,
         source: "data-token".into(),
         lease_expires_at_ms: 0,
+        token_classes: Default::default(),
+        usage_source: Default::default(),
     }
 }
 

@@ -7,7 +7,7 @@ use serde::Deserialize;
 /// reports in any practical time (a key's totals would need ~4.5 million of them).
 pub const MAX_REPORT_TOKENS: i64 = 1_000_000_000;
 use crate::lease::SignedLease;
-use crate::limits::{LeaseId, Report};
+use crate::limits::{LeaseId, Report, TokenClasses};
 use crate::money::{format_usd, Usd, MAX_REPORT_MICROS};
 
 #[derive(Debug, Default, Deserialize)]
@@ -23,6 +23,15 @@ pub struct ReportBody {
     pub prompt_tokens: Option<i64>,
     #[serde(default)]
     pub completion_tokens: Option<i64>,
+    /// Within `prompt_tokens`: read from the provider's prompt cache.
+    #[serde(default)]
+    pub cached_tokens: Option<i64>,
+    /// Within `prompt_tokens`: written to the prompt cache.
+    #[serde(default)]
+    pub cache_write_tokens: Option<i64>,
+    /// Within `completion_tokens`: reasoning.
+    #[serde(default)]
+    pub reasoning_tokens: Option<i64>,
     #[serde(default)]
     pub cost_usd: Option<Usd>,
     #[serde(default)]
@@ -85,6 +94,29 @@ impl ReportBody {
         )?;
         let tokens = (prompt.is_some() || completion.is_some())
             .then(|| (prompt.unwrap_or(0), completion.unwrap_or(0)));
+        let token_classes = TokenClasses {
+            cached: range("cached_tokens", self.cached_tokens, MAX_REPORT_TOKENS)?.unwrap_or(0),
+            cache_write: range(
+                "cache_write_tokens",
+                self.cache_write_tokens,
+                MAX_REPORT_TOKENS,
+            )?
+            .unwrap_or(0),
+            reasoning: range("reasoning_tokens", self.reasoning_tokens, MAX_REPORT_TOKENS)?
+                .unwrap_or(0),
+        };
+        let (p, c) = tokens.unwrap_or((0, 0));
+        if token_classes.cached + token_classes.cache_write > p {
+            return Err(
+                "cached_tokens and cache_write_tokens are counted within prompt_tokens: together at most prompt_tokens".into(),
+            );
+        }
+        if token_classes.reasoning > c {
+            return Err(
+                "reasoning_tokens are counted within completion_tokens: at most completion_tokens"
+                    .into(),
+            );
+        }
         let cost_micros = match self.cost_usd {
             Some(Usd(m)) if m < 0 => return Err("cost_usd must not be negative".into()),
             Some(Usd(m)) if m > MAX_REPORT_MICROS => {
@@ -129,7 +161,9 @@ impl ReportBody {
                 .map_or_else(|| uuid::Uuid::new_v4().to_string(), LeaseId::to_string),
             lease,
             tokens,
+            token_classes,
             cost_micros,
+            usage_source: crate::usage::UsageSource::Reported,
             model,
             provider_key_id,
             provider: None,

@@ -177,6 +177,9 @@ fn admit_body(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody,
         estimated_tokens,
         select: select == Some(true),
         select_if_pooled: select.is_none(),
+        // About four bytes of JSON per input token: enough for a hold that prices the
+        // prompt too (a body cut short by the proxy holds for what was seen).
+        input_estimate: body.len().div_ceil(4) as i64,
     })
 }
 

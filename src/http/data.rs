@@ -30,6 +30,7 @@ use crate::pool::PoolError;
 use crate::prices;
 use crate::usage::parse::Usage;
 use crate::usage::upstream::{UpstreamBody, UpstreamError};
+use crate::usage::UsageSource;
 
 /// How long `/readyz` waits for a backend before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -337,22 +338,51 @@ async fn report(
             None
         }
     };
-    record(&state, body, lease).await
+    record(&state, body, lease, UsageSource::Reported).await
 }
 
 /// Settles a report whose proof was checked: `lease` is the lease it names (and
 /// `body.provider_key_id` that lease's pick), `None` for one with the data-plane token.
+/// `origin` says where its tokens come from (the caller, or keyward's reading of the
+/// upstream's answer).
+///
+/// What the request is charged (the books match what happened):
+/// - an explicit `cost_usd`: that;
+/// - tokens: their cost at the price the lease was admitted at (signed into it), else at
+///   the report's model's price now ([`priced_cost`]);
+/// - no usage and an upstream status that is not 2xx: nothing (the upstream served
+///   nothing);
+/// - no usage otherwise (a successful answer whose usage could not be read): the lease's
+///   hold, marked `estimated`, never zero.
 async fn record(
     state: &AppState,
     body: ReportBody,
     lease: Option<SignedLease>,
+    origin: UsageSource,
 ) -> Result<Json<Value>, ApiError> {
     let explicit_cost = body.cost_usd.is_some();
+    let (price, hold) = lease
+        .as_ref()
+        .map_or((None, None), |l| (l.price, Some(l.hold_micros)));
     let mut report = body
         .validate(state.pool_policy, lease)
         .map_err(ApiError::bad_request)?;
-    if !explicit_cost {
-        report.cost_micros = priced_cost(state, &report).await?;
+    report.usage_source = origin;
+    let failed = report
+        .upstream_status
+        .is_some_and(|s| !(200..300).contains(&s));
+    match (explicit_cost, report.tokens, price, hold) {
+        (true, _, _, _) => {}
+        (false, Some(_), Some(price), _) => {
+            report.cost_micros = prices::cost_micros(&price, &usage_of(&report))
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        }
+        (false, Some(_), None, _) => report.cost_micros = priced_cost(state, &report).await?,
+        (false, None, _, Some(hold)) if !failed => {
+            report.cost_micros = hold;
+            report.usage_source = UsageSource::Estimated;
+        }
+        (false, None, _, _) => {}
     }
     let event = match (report.cooldown_ms > 0, report.suspend_ms > 0) {
         (true, _) => Some("cooldown"),
@@ -433,7 +463,7 @@ async fn report_upstream(
         .with_label_values(&[read.label()])
         .inc();
     report.provider_key_id.clone_from(&lease.provider_key_id);
-    record(&state, report, Some(lease)).await
+    record(&state, report, Some(lease), UsageSource::Parsed).await
 }
 
 /// The provider of a provider key: from the pools this process holds (no database on the
@@ -461,7 +491,7 @@ async fn provider_of(state: &AppState, key_id: &str) -> Result<Option<String>, P
 /// them past their TTL), and a price that cannot be loaded leaves the cost at 0 with a
 /// warning, rather than refusing the report.
 async fn priced_cost(state: &AppState, report: &Report) -> Result<i64, ApiError> {
-    let (Some((prompt, completion)), Some(model), Some(key_id)) = (
+    let (Some(_), Some(model), Some(key_id)) = (
         report.tokens,
         report.model.as_deref(),
         report.provider_key_id.as_deref(),
@@ -478,12 +508,19 @@ async fn priced_cost(state: &AppState, report: &Report) -> Result<i64, ApiError>
         Ok(None) => return Ok(0),
         Err(e) => return Ok(unpriced(&e)),
     };
-    let usage = Usage {
-        input_tokens: prompt,
-        output_tokens: completion,
-        ..Usage::default()
-    };
-    prices::cost_micros(&price, &usage).map_err(|e| ApiError::bad_request(e.to_string()))
+    prices::cost_micros(&price, &usage_of(report)).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// A report's tokens as the price list counts them.
+fn usage_of(report: &Report) -> Usage {
+    let (input_tokens, output_tokens) = report.tokens.unwrap_or((0, 0));
+    Usage {
+        input_tokens,
+        cached_input_tokens: report.token_classes.cached,
+        cache_write_tokens: report.token_classes.cache_write,
+        output_tokens,
+        reasoning_tokens: report.token_classes.reasoning,
+    }
 }
 
 /// The cost of a report whose price could not be loaded: 0, logged at most once a

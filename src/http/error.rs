@@ -255,6 +255,7 @@ impl From<AdmitError> for ApiError {
             AdmitError::NoProviderKey(_) => {
                 status(StatusCode::SERVICE_UNAVAILABLE, "NO_PROVIDER_KEY")
             }
+            AdmitError::PriceUnknown(_) => status(StatusCode::FORBIDDEN, "PRICE_UNKNOWN"),
             AdmitError::PoolExhausted { retry_after_ms, .. } => retry(
                 status(StatusCode::TOO_MANY_REQUESTS, "PROVIDER_KEYS_EXHAUSTED"),
                 Some(retry_after_ms),

@@ -31,6 +31,8 @@ struct Lease {
     api_format: String,
     /// The provider key picked with it, and the tokens reserved on that key.
     provider_key: Option<(String, i64)>,
+    /// Micro-USD it holds on the key's tracked balance.
+    hold: i64,
 }
 
 /// One provider key's live state.
@@ -133,7 +135,8 @@ struct Balance {
     remaining: i64,
     credited: i64,
     version: i64,
-    highest_cost: Option<i64>,
+    /// The holds of the leases in flight.
+    held: i64,
 }
 
 #[derive(Debug, Default)]
@@ -151,11 +154,20 @@ struct KeyState {
 }
 
 impl KeyState {
+    /// Expired leases free their slot and their hold (as admit.lua's purge).
     fn expire_leases(&mut self, now: i64) {
         while self.by_expiry.first().is_some_and(|(at, _)| *at <= now) {
             if let Some((_, token)) = self.by_expiry.pop_first() {
-                self.leases.remove(&token);
+                if let Some(lease) = self.leases.remove(&token) {
+                    self.release(lease.hold);
+                }
             }
+        }
+    }
+
+    fn release(&mut self, hold: i64) {
+        if let Some(balance) = self.balance.as_mut() {
+            balance.held = (balance.held - hold).max(0);
         }
     }
 
@@ -228,7 +240,7 @@ impl MemoryCounters {
                 remaining: bounded(i128::from(snapshot.credited) - i128::from(snapshot.used)),
                 credited: snapshot.credited,
                 version: snapshot.version,
-                highest_cost: None,
+                held: 0,
             });
             if balance.version < snapshot.version {
                 balance.remaining = bounded(
@@ -239,8 +251,11 @@ impl MemoryCounters {
                 balance.version = snapshot.version;
             }
         }
-        let tracked = r.balance.and(state.balance);
         let in_flight = state.leases.len() as i64;
+        if in_flight == 0 {
+            state.release(i64::MAX);
+        }
+        let tracked = r.balance.and(state.balance);
         let (rpm, tpm) = (r.rpm.unwrap_or(0), r.tpm.unwrap_or(0));
 
         let deny = |state: &KeyState, reason, retry: Option<i64>| Decision {
@@ -277,19 +292,16 @@ impl MemoryCounters {
             );
         }
         if let Some(b) = tracked {
-            let committed = match b.highest_cost {
-                None => in_flight > 0,
-                Some(cost) => {
-                    in_flight > 0
-                        && i128::from(b.remaining) - i128::from(in_flight) * i128::from(cost) <= 0
+            // As admit.lua: the balance less what is held must cover this hold.
+            if i128::from(b.remaining) - i128::from(b.held) < i128::from(r.hold_micros) {
+                if b.held > 0 {
+                    return deny(
+                        &state,
+                        Denial::BalanceCommitted,
+                        Some(state.earliest_expiry_ms(now)),
+                    );
                 }
-            };
-            if committed {
-                return deny(
-                    &state,
-                    Denial::BalanceCommitted,
-                    Some(state.earliest_expiry_ms(now)),
-                );
+                return deny(&state, Denial::BalanceExhausted, None);
             }
         }
 
@@ -319,6 +331,10 @@ impl MemoryCounters {
             state.tokens.add(b, reserved);
         }
         let expires_at = now + r.lease_ttl_ms;
+        let hold = if tracked.is_some() { r.hold_micros } else { 0 };
+        if let Some(balance) = state.balance.as_mut().filter(|_| tracked.is_some()) {
+            balance.held = balance.held.saturating_add(hold);
+        }
         state.add_lease(
             r.lease.token.clone(),
             Lease {
@@ -331,6 +347,7 @@ impl MemoryCounters {
                 provider_key: picked
                     .as_ref()
                     .map(|(_, id, reserved)| (id.clone(), *reserved)),
+                hold,
             },
         );
         Decision {
@@ -458,15 +475,11 @@ impl MemoryCounters {
                     provider = Some(held.provider).filter(|p| !p.is_empty());
                     api_format = Some(held.api_format).filter(|f| !f.is_empty());
                     model = model.or(Some(held.model).filter(|m| !m.is_empty()));
+                    state.release(held.hold);
                 }
                 if let Some(balance) = state.balance.as_mut() {
                     balance.remaining =
                         bounded(i128::from(balance.remaining) - i128::from(r.cost_micros));
-                    balance.highest_cost = Some(
-                        balance
-                            .highest_cost
-                            .map_or(r.cost_micros, |h| h.max(r.cost_micros)),
-                    );
                 }
             }
         }

@@ -14,8 +14,10 @@
 //! - **Leases.** Every admission holds a lease until report, or until it expires.
 //! - **Reports once.** A lease id is settled at most once (within the duplicate-guard
 //!   time); the durable record of it is queued in the same step.
-//! - **Balance.** In-flight requests of a balance-tracked key each hold the key's highest
-//!   request cost; overspend is bounded by one request's cost.
+//! - **Balance holds.** Each in-flight request of a balance-tracked key holds its
+//!   estimated cost (its hold); a request is admitted only while the remaining balance
+//!   minus the holds in flight covers its own hold, and its report replaces the hold by
+//!   the real cost. So the balance never goes below −(one request's actual − hold).
 
 pub mod breaker;
 pub mod conn;
@@ -92,6 +94,9 @@ pub struct AdmitRequest<'a> {
     pub model: &'a str,
     pub api_format: &'a str,
     pub balance: Option<BalanceSnapshot>,
+    /// Micro-USD this request holds on a tracked balance until its report (0 when its
+    /// model has no price).
+    pub hold_micros: i64,
     /// Pick a provider key in the same step (admit with `"select": true`).
     pub pool: Option<&'a Pool>,
 }
@@ -161,6 +166,15 @@ pub struct Decision {
     pub degraded: Option<&'static str>,
 }
 
+/// The parts of a request's tokens that are priced or shown apart; each is counted
+/// within the prompt or completion tokens too, as the OpenAI API counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenClasses {
+    pub cached: i64,
+    pub cache_write: i64,
+    pub reasoning: i64,
+}
+
 /// One finished request to settle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -175,7 +189,11 @@ pub struct Report {
     pub lease_expires_at_ms: i64,
     /// `(prompt, completion)` when the caller knows them; otherwise the reservation stays.
     pub tokens: Option<(i64, i64)>,
+    /// Cached input, cache-write and reasoning tokens (each within prompt or completion).
+    pub token_classes: TokenClasses,
     pub cost_micros: i64,
+    /// Where the tokens and the cost came from.
+    pub usage_source: crate::usage::UsageSource,
     pub model: Option<String>,
     pub provider_key_id: Option<String>,
     /// That key's provider, when the caller looked it up (only after an upstream

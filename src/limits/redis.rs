@@ -336,7 +336,8 @@ impl RedisCounters {
         ]
     }
 
-    /// Adds the pool part of an admit call: KEYS 6-7 and ARGV 13-14 (see `lua/admit.lua`).
+    /// Adds the pool part of an admit call: KEYS 6-7 and ARGV 13-14 (see `lua/admit.lua`);
+    /// the hold (ARGV 15) follows.
     fn pool_args(
         &self,
         call: &mut redis::ScriptInvocation<'_>,
@@ -447,6 +448,7 @@ impl RedisCounters {
         let candidates: &[Candidate] = r.pool.map_or(&[], |p| p);
         let provider = candidates.first().map_or("", |c| c.provider.as_str());
         self.pool_args(&mut call, true, provider, r.pool);
+        call.arg(r.hold_micros);
         let AdmitReply {
             code,
             a,
@@ -509,6 +511,7 @@ impl RedisCounters {
             .arg("||");
         call.arg(0).arg(0).arg(0).arg(0).arg(self.shift.get());
         self.pool_args(&mut call, false, r.provider, Some(r.candidates));
+        call.arg(0);
         let reply = self
             .invoke_admit("select", &call, Some(r.candidates))
             .await?;
@@ -626,7 +629,11 @@ impl RedisCounters {
             .arg(r.cooldown_ms)
             .arg(r.suspend_ms)
             .arg(crate::pool::bounded_source(&r.source))
-            .arg(r.lease_expires_at_ms);
+            .arg(r.lease_expires_at_ms)
+            .arg(r.token_classes.cached)
+            .arg(r.token_classes.cache_write)
+            .arg(r.token_classes.reasoning)
+            .arg(r.usage_source.as_str());
         let reply: Vec<i64> = self.lanes.invoke("report", &call).await?;
         match reply.first() {
             Some(1) => Ok(Reported::Recorded),

@@ -15,6 +15,36 @@ use serde::{Deserialize, Serialize};
 
 use crate::money::Usd;
 
+/// Where a record's numbers came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// Stated by the caller of `/v1/report`.
+    #[default]
+    Reported,
+    /// Read from the upstream's answer by keyward.
+    Parsed,
+    /// The admission's estimate (no usage could be read): the hold is charged.
+    Estimated,
+}
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reported => "reported",
+            Self::Parsed => "parsed",
+            Self::Estimated => "estimated",
+        }
+    }
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "reported" => Some(Self::Reported),
+            "parsed" => Some(Self::Parsed),
+            "estimated" => Some(Self::Estimated),
+            _ => None,
+        }
+    }
+}
+
 /// What one finished request cost; becomes one `usage_records` row. Serialized as JSON
 /// only for a dead letter (`usage_dead_letters.record`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,8 +27,9 @@
 //! Invariants:
 //! - Tokens are reported only when [`super::parse::parse`] found the upstream's final
 //!   usage; otherwise the report carries none and the admission's reservation stays
-//!   (as for a `/v1/report` without tokens). No cost is set here: pricing the tokens is
-//!   the settling side's job.
+//!   (as for a `/v1/report` without tokens). No cost is set here: the settling side
+//!   prices the tokens at the lease's price, or charges the lease's hold for a
+//!   successful answer whose usage it could not read (`src/http/data.rs`).
 //! - Every field is bounded before anything is decoded or parsed: an oversized body is
 //!   refused whole ([`UpstreamError::TooLarge`]), never truncated.
 
@@ -39,7 +40,7 @@ use serde::Deserialize;
 
 use super::parse::{self, ApiFormat, Excerpt, Outcome, Usage};
 use crate::accounting::report::ReportBody;
-use crate::client_keys::input::MAX_LIMIT;
+use crate::accounting::report::MAX_REPORT_TOKENS;
 
 /// The most bytes of `head`, and of `tail`, once decoded.
 pub const MAX_PART_BYTES: usize = 64 * 1024;
@@ -95,7 +96,7 @@ pub enum Read {
     Compressed,
     /// The request's API format is not one keyward reads usage from (or none was given).
     UnknownFormat,
-    /// A usage beyond what a report takes ([`MAX_LIMIT`]): treated as unreadable.
+    /// A usage beyond what a report takes ([`MAX_REPORT_TOKENS`]): treated as unreadable.
     OutOfRange,
 }
 
@@ -222,7 +223,8 @@ impl UpstreamBody {
                 };
                 match parse::parse(format, &excerpt) {
                     Outcome::Parsed(u)
-                        if u.input_tokens > MAX_LIMIT || u.output_tokens > MAX_LIMIT =>
+                        if u.input_tokens > MAX_REPORT_TOKENS
+                            || u.output_tokens > MAX_REPORT_TOKENS =>
                     {
                         Read::OutOfRange
                     }
@@ -232,17 +234,20 @@ impl UpstreamBody {
                 }
             }
         };
-        let (prompt_tokens, completion_tokens) = match read {
-            Read::Parsed(u) => (Some(u.input_tokens), Some(u.output_tokens)),
-            _ => (None, None),
+        let usage = match read {
+            Read::Parsed(u) => Some(u),
+            _ => None,
         };
         let retry_after_s = headers
             .get("retry-after")
             .and_then(|v| retry_after_s(v, now_ms));
         let body = ReportBody {
             lease_id: Some(lease_id.to_string()),
-            prompt_tokens,
-            completion_tokens,
+            prompt_tokens: usage.map(|u| u.input_tokens),
+            completion_tokens: usage.map(|u| u.output_tokens),
+            cached_tokens: usage.map(|u| u.cached_input_tokens),
+            cache_write_tokens: usage.map(|u| u.cache_write_tokens),
+            reasoning_tokens: usage.map(|u| u.reasoning_tokens),
             latency_ms,
             upstream_status: Some(self.status),
             retry_after_s,
