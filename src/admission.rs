@@ -483,16 +483,24 @@ impl Admission {
     }
 }
 
-/// What a request holds on its key's balance until its report: its estimated input
-/// and output tokens at its price, rounded up; an estimate whose cost is beyond what
-/// one request may cost holds that most.
-fn hold(price: &Price, input: i64, output: i64) -> i64 {
+/// What a request holds on its key's balance until its report, rounded up: the input
+/// tokens estimated from the body `/authz` saw at the input price, and the request's
+/// estimate (`max_tokens`, `estimated_tokens` or the default) at the higher of the
+/// input and output prices, since `estimated_tokens` may count input too. An upstream
+/// never writes more than `max_tokens`, so the hold covers what the request can cost
+/// unless its input was underestimated. An estimate whose cost is beyond what one
+/// request may cost holds that most.
+fn hold(price: &Price, input: i64, estimate: i64) -> i64 {
+    let dearer = Price {
+        output: price.output.max(price.input),
+        ..*price
+    };
     let usage = crate::usage::parse::Usage {
         input_tokens: input,
-        output_tokens: output,
+        output_tokens: estimate,
         ..Default::default()
     };
-    crate::prices::cost_micros(price, &usage).unwrap_or(crate::money::MAX_REPORT_MICROS)
+    crate::prices::cost_micros(&dearer, &usage).unwrap_or(crate::money::MAX_REPORT_MICROS)
 }
 
 #[cfg(test)]
@@ -507,10 +515,17 @@ mod tests {
             cached_input: None,
             cache_write: None,
         };
-        // 400 input tokens at 2.5 USD/Mtok + 100 output at 10 USD/Mtok = 2,000 micro-USD.
+        // 400 input tokens at 2.5 USD/Mtok + 100 estimated at 10 USD/Mtok = 2,000 micro-USD.
         assert_eq!(hold(&price, 400, 100), 2_000);
         assert_eq!(hold(&price, 0, 1), 10);
         assert_eq!(hold(&price, 0, 0), 0);
+        // The estimate is priced at the dearer of the two prices.
+        let reversed = Price {
+            input: 10_000_000,
+            output: 2_500_000,
+            ..price
+        };
+        assert_eq!(hold(&reversed, 0, 100), 1_000);
         let dear = Price {
             output: crate::prices::MAX_PRICE_MICROS,
             ..price

@@ -333,6 +333,7 @@ async fn a_denied_request_consumes_nothing(shape: Shape) {
 async fn reports_count_once_even_after_the_lease_expired(shape: Shape) {
     let c = Cluster::start(shape, |raw| {
         raw.insert(config::LEASE_TTL_S, "1".into());
+        raw.insert(config::DEFAULT_PRICE, common::DEFAULT_PRICE.into());
     })
     .await;
     let (id, secret) = key(
@@ -416,30 +417,56 @@ async fn admin_changes_reach_every_instance_at_once(shape: Shape) {
     c.stop().await;
 }
 
+/// Guarantee 10 under concurrency: 50 requests at once, spread over the replicas, on a
+/// 0.01 USD balance. Each holds its estimate at the model's price (200 tokens at 10 USD
+/// per million: 0.002 USD) and really costs less (50 input tokens at 2.5 + 150 output
+/// at 10: 0.001625 USD). Never more requests are in flight than the balance holds, the
+/// balance is used up to less than one hold, and it never goes below zero; then one
+/// request that uses more than its estimate takes it below zero by exactly its
+/// (actual - hold), and no request passes after.
 async fn a_small_balance_is_never_overspent_by_more_than_one_request(shape: Shape) {
+    const HOLD: i64 = 2_000;
+    const ACTUAL: i64 = 1_625;
+    const CREDIT: i64 = 10_000;
     let c = Arc::new(Cluster::start(shape, |_| {}).await);
+    let put = c.servers[0]
+        .admin(
+            Method::PUT,
+            "/admin/prices/openai/gpt-4o",
+            Some(json!({"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10})),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
     let (id, secret) = key(
         &c,
-        json!({"is_standalone": true, "initial_balance_usd": 0.05, "rate_limit": null, "concurrent_limit": null}),
+        json!({"is_standalone": true, "initial_balance_usd": 0.01, "rate_limit": null, "concurrent_limit": null}),
     )
     .await;
+    let admit =
+        json!({"key": secret, "provider": "openai", "model": "gpt-4o", "estimated_tokens": 200});
     let spent = Arc::new(AtomicI64::new(0));
-    let workers: Vec<_> = (0..12)
+    let in_flight = Arc::new(AtomicI64::new(0));
+    let most = Arc::new(AtomicI64::new(0));
+    let workers: Vec<_> = (0..50)
         .map(|i| {
-            let (c, secret, spent) = (c.clone(), secret.clone(), spent.clone());
+            let (c, admit) = (c.clone(), admit.clone());
+            let (spent, in_flight, most) = (spent.clone(), in_flight.clone(), most.clone());
             tokio::spawn(async move {
                 for _ in 0..500 {
-                    let a = c.any(i).admit(json!({"key": secret})).await;
+                    let a = c.any(i).admit(admit.clone()).await;
                     match (a.status, a.body["error"]["code"].as_str()) {
                         (200, _) => {
+                            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
                             let lease = a.body["lease_id"].as_str().unwrap();
                             tokio::time::sleep(Duration::from_millis(3)).await;
-                            let r = json!({"lease_id": lease, "cost_usd": 0.01});
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                            let r = json!({"lease_id": lease, "prompt_tokens": 50, "completion_tokens": 150, "upstream_status": 200});
                             assert_eq!(
                                 c.any(i + 1).data_post("/v1/report", r).await.body["recorded"],
                                 true
                             );
-                            spent.fetch_add(10_000, Ordering::SeqCst);
+                            spent.fetch_add(ACTUAL, Ordering::SeqCst);
                         }
                         (402, Some("INSUFFICIENT_BALANCE")) => return,
                         (429, Some("CONCURRENCY_LIMITED")) => {
@@ -457,16 +484,54 @@ async fn a_small_balance_is_never_overspent_by_more_than_one_request(shape: Shap
     }
     let spent = spent.load(Ordering::SeqCst);
     assert!(
-        (50_000..=60_000).contains(&spent),
-        "spent {spent} micro-USD of 50000"
+        (CREDIT - HOLD..=CREDIT).contains(&spent),
+        "spent {spent} micro-USD of {CREDIT}"
     );
-    let requests = spent / 10_000;
-    usage_applied(&c, &id, requests).await;
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= CREDIT / HOLD, "{most} requests in flight at once");
+    let requests = spent / ACTUAL;
+    let stats = usage_applied(&c, &id, requests).await;
+    assert_eq!(stats["total_tokens"], requests * 200, "{stats}");
     let k = c.servers[0]
         .admin(Method::GET, &format!("/admin/keys/{id}"), None)
         .await
         .body;
-    assert_eq!(k["remaining_balance_usd"], 0);
+    let used = |k: &Value| (k["balance_used_usd"].as_f64().unwrap() * 1e6).round() as i64;
+    assert_eq!(used(&k), spent, "{k}");
+
+    // What is left (less than one hold) is too little for another request; credit one
+    // hold, and a request that uses 3,000 output tokens instead of its 200 overshoots.
+    let a = c.any(1).admit(admit.clone()).await;
+    assert_eq!(error_code(&a), "INSUFFICIENT_BALANCE", "{}", a.body);
+    let topped = c.servers[0]
+        .admin(
+            Method::POST,
+            &format!("/admin/keys/{id}/balance"),
+            Some(json!({"amount_usd": 0.002})),
+        )
+        .await;
+    assert_eq!(topped.status, 200, "{}", topped.body);
+    let a = eventually(2, || async {
+        let a = c.any(2).admit(admit.clone()).await;
+        (a.status == 200).then_some(a)
+    })
+    .await;
+    let r = json!({"lease_id": a.body["lease_id"], "prompt_tokens": 0, "completion_tokens": 3000});
+    assert_eq!(c.any(0).data_post("/v1/report", r).await.status, 200);
+    let stats = usage_applied(&c, &id, requests + 1).await;
+    let k = c.servers[0]
+        .admin(Method::GET, &format!("/admin/keys/{id}"), None)
+        .await
+        .body;
+    let overshoot = 30_000 - HOLD;
+    let left = CREDIT + HOLD - used(&k);
+    assert!(
+        left >= -overshoot && left < 0,
+        "{left} micro-USD left, one request's (actual - hold) is {overshoot}: {k} {stats}"
+    );
+    assert_eq!(k["remaining_balance_usd"], 0, "shown as 0, never below");
+    let a = c.any(0).admit(admit.clone()).await;
+    assert_eq!(error_code(&a), "INSUFFICIENT_BALANCE", "{}", a.body);
 
     // A credit (a balance version the counters have not seen) reopens the key everywhere.
     c.servers[0]
@@ -478,7 +543,7 @@ async fn a_small_balance_is_never_overspent_by_more_than_one_request(shape: Shap
         .await;
     for s in &c.servers {
         eventually(2, || async {
-            (s.admit(json!({"key": secret})).await.status == 200).then_some(())
+            (s.admit(admit.clone()).await.status == 200).then_some(())
         })
         .await;
     }
@@ -538,6 +603,7 @@ async fn reports_survive_a_database_outage_and_apply_once() {
         raw.insert(config::DATABASE_URL, proxied_url.clone());
         raw.insert(config::REDIS_URL, common::redis_url());
         raw.insert(config::REDIS_PREFIX, prefix.clone());
+        raw.insert(config::DEFAULT_PRICE, common::DEFAULT_PRICE.into());
         servers.push(TestServer::start_on(db.clone(), raw).await);
     }
     let (key, secret) = servers[0]
@@ -657,6 +723,8 @@ async fn entries_held_by_a_dead_replica_are_claimed_and_applied() {
             provider: None,
             latency_ms: None,
             upstream_status: None,
+            token_classes: Default::default(),
+            usage_source: Default::default(),
         };
         counters.report(&report).await.unwrap();
     }

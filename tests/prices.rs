@@ -179,14 +179,11 @@ async fn admin_api(backend: Backend) {
     s.stop().await;
 }
 
-/// Creates a standalone key, picks an `openai` provider key for it and reports
-/// `report` (plus the lease) for each of `models`; returns the key id.
+/// Creates a key without a balance (admitted without a price), picks an `openai`
+/// provider key for it and reports `report` (plus the lease) for each of `reports`;
+/// returns the key id.
 async fn report_each(s: &TestServer, reports: &[Value]) -> String {
-    let (key, secret) = s
-        .create_key(
-            json!({"is_standalone": true, "initial_balance_usd": 100, "concurrent_limit": null}),
-        )
-        .await;
+    let (key, secret) = s.create_key(json!({"concurrent_limit": null})).await;
     for report in reports {
         let a = s
             .admit(json!({"key": secret, "provider": "openai", "select": true}))

@@ -43,7 +43,10 @@ async fn no_secret_in_any_log_line() {
 
     let mut secrets = vec![TOKEN.to_string(), ENCRYPTION_KEY.to_string()];
     for backend in [Backend::Sqlite, Backend::Postgres] {
-        let s = TestServer::start(backend).await;
+        let s = TestServer::start_with(backend, |raw| {
+            raw.insert(keyward::config::DEFAULT_PRICE, common::DEFAULT_PRICE.into());
+        })
+        .await;
         let (key, secret) = s
             .create_key(json!({"user_id": "u", "is_standalone": true, "initial_balance_usd": 3}))
             .await;

@@ -149,7 +149,10 @@ async fn without_the_data_token_no_secret_leaves_and_no_key_cools(shape: Shape) 
 /// altered and borrowed leases are refused and change nothing; the real lease then
 /// settles once, on any replica, and cools only the provider key picked for it.
 async fn forged_and_altered_leases_charge_and_cool_nothing(shape: Shape) {
-    let c = Cluster::start(shape, |_| {}).await;
+    let c = Cluster::start(shape, |raw| {
+        raw.insert(keyward::config::DEFAULT_PRICE, common::DEFAULT_PRICE.into());
+    })
+    .await;
     let s = &c.servers[0];
     let provider = unique_provider();
     let a = add_provider_key(s, &provider, "a").await;

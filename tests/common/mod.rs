@@ -22,6 +22,9 @@ use tokio::task::JoinHandle;
 pub const TOKEN: &str = "test-admin-token-0123456789";
 /// The data-plane token of test servers (`/v1/select`, reports without a lease).
 pub const DATA_TOKEN: &str = "test-data-token-0123456789";
+/// `KEYWARD_DEFAULT_PRICE` for tests whose keys have a balance but whose requests'
+/// prices are not the point: 1 USD per million input tokens, 2 per million output.
+pub const DEFAULT_PRICE: &str = r#"{"input_per_mtok_usd": 1, "output_per_mtok_usd": 2}"#;
 /// A fixed key so Postgres servers sharing a database can read each other's secrets.
 pub const ENCRYPTION_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
