@@ -129,6 +129,16 @@ fn limited_message(reason: &Denial) -> &'static str {
     }
 }
 
+/// What an admission assumes where a request does not say.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    pub lease_ttl_ms: i64,
+    /// `KEYWARD_DEFAULT_ESTIMATED_TOKENS`: the estimate of a request that names none.
+    pub tokens: i64,
+    /// `KEYWARD_DEFAULT_PRICE`: the price of a model without one.
+    pub price: Option<Price>,
+}
+
 pub struct Admission {
     cache: Arc<KeyCache>,
     pools: Arc<PoolCache>,
@@ -138,11 +148,8 @@ pub struct Admission {
     counters: Counters,
     /// Signs the lease ids this process issues and verifies the ones it is shown.
     keyring: Arc<Keyring>,
-    lease_ttl_ms: i64,
-    default_tokens: i64,
     prices: Arc<PriceCache>,
-    /// `KEYWARD_DEFAULT_PRICE`: the price of a model without one.
-    default_price: Option<Price>,
+    defaults: Defaults,
 }
 
 /// A name from the request: `None` for "not given" (absent or blank), refused when it
@@ -174,10 +181,8 @@ impl Admission {
         pools: Arc<PoolCache>,
         counters: Counters,
         keyring: Arc<Keyring>,
-        lease_ttl_ms: i64,
-        default_tokens: i64,
         prices: Arc<PriceCache>,
-        default_price: Option<Price>,
+        defaults: Defaults,
     ) -> Self {
         Self {
             cache,
@@ -185,10 +190,8 @@ impl Admission {
             pool_reload: tokio::sync::Mutex::new(()),
             counters,
             keyring,
-            lease_ttl_ms,
-            default_tokens,
             prices,
-            default_price,
+            defaults,
         }
     }
 
@@ -212,7 +215,7 @@ impl Admission {
             },
             _ => None,
         };
-        let price = own.or(self.default_price);
+        let price = own.or(self.defaults.price);
         if needed && price.is_none() {
             let what = match (provider, model) {
                 (Some(p), Some(m)) => format!("model `{m}` of provider `{p}`"),
@@ -236,7 +239,7 @@ impl Admission {
     }
 
     pub fn lease_ttl_ms(&self) -> i64 {
-        self.lease_ttl_ms
+        self.defaults.lease_ttl_ms
     }
 
     /// The lease a lease id names, when this deployment issued it (any replica, any
@@ -274,7 +277,7 @@ impl Admission {
                 "estimated_tokens must be a whole number from 0 to {MAX_LIMIT}"
             ))),
             Some(n) => Ok(n),
-            None => Ok(self.default_tokens),
+            None => Ok(self.defaults.tokens),
         }
     }
 
@@ -418,7 +421,7 @@ impl Admission {
             tpm: key.tpm_limit,
             concurrency: key.concurrent_limit,
             tokens: estimate,
-            lease_ttl_ms: self.lease_ttl_ms,
+            lease_ttl_ms: self.defaults.lease_ttl_ms,
             provider: provider.unwrap_or_default(),
             model: model.unwrap_or_default(),
             api_format: api_format.unwrap_or_default(),

@@ -244,10 +244,12 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         pool_cache,
         counters.clone(),
         keyring.clone(),
-        config.lease_ttl.as_millis() as i64,
-        config.default_estimated_tokens,
         price_cache,
-        config.default_price,
+        crate::admission::Defaults {
+            lease_ttl_ms: config.lease_ttl.as_millis() as i64,
+            tokens: config.default_estimated_tokens,
+            price: config.default_price,
+        },
     );
     let state = AppState(Arc::new(Shared {
         keys: ClientKeys::new(

@@ -142,6 +142,8 @@ async fn deny_refuses_with_503_fast_and_recovers() {
                 lease: keyward::limits::LeaseId::new(&uuid::Uuid::new_v4().to_string()),
                 provider_key_id: None,
                 expires_at_ms: 0,
+                hold_micros: 0,
+                price: None,
             }
             .encode(&keyring);
             let r = s.data_post("/v1/report", json!({"lease_id": lease})).await;
@@ -269,6 +271,7 @@ async fn a_later_outage_starts_from_the_database_balance() {
                     used,
                     version: 1,
                 }),
+                hold_micros: 0,
                 pool: None,
             };
             let decision: Decision = counters.admit(&request).await.unwrap();
@@ -292,6 +295,8 @@ async fn a_later_outage_starts_from_the_database_balance() {
                 suspend_ms: 0,
                 source: "data-token".into(),
                 lease_expires_at_ms: 0,
+                token_classes: Default::default(),
+                usage_source: Default::default(),
             };
             counters.report(&report).await.unwrap();
         }
