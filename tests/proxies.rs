@@ -171,13 +171,18 @@ struct Proxy {
     _dir: tempfile::TempDir,
 }
 
+impl Proxy {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            eprintln!("{}:\n{log}", self.log.display());
+            eprintln!("{}:\n{}", self.log.display(), self.log());
         }
     }
 }
@@ -997,6 +1002,8 @@ async fn nginx_charges_the_tokens_the_upstream_stated() {
     let s = keyward_with_every_pool(None).await;
     let proxy = nginx(keyward_port(&s), upstream.port).await;
     charges_the_tokens_the_upstream_stated(proxy.port, &upstream, &s).await;
+    // No report failed or was refused, nothing was held back in a temporary file.
+    assert_eq!(proxy.log(), "");
     s.stop().await;
 }
 
@@ -1045,6 +1052,34 @@ async fn nginx_a_client_that_disconnects_mid_stream_is_reported_without_tokens()
     })
     .await;
     assert_eq!(h(&again, "x-ratelimit-remaining-tokens"), Some("9800"));
+    s.stop().await;
+}
+
+/// An upstream nginx cannot reach: the client gets nginx's 502, and the request is
+/// reported all the same (the slot comes back at once, not when the lease expires).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_reports_an_upstream_it_cannot_reach() {
+    let s = keyward_with_every_pool(Some(300)).await;
+    let proxy = nginx(keyward_port(&s), free_port()).await;
+    let (key, secret) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": 1}))
+        .await;
+    let key_id = key["id"].as_str().unwrap();
+    let bearer = format!("Bearer {secret}");
+    for n in 1..=2 {
+        let a = reqwest::Client::new()
+            .post(format!(
+                "http://127.0.0.1:{}/v1/chat/completions",
+                proxy.port
+            ))
+            .header("authorization", &bearer)
+            .body(stream_body("gpt-4o", 100))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(a.status(), 502, "request {n}");
+        assert_eq!(settled(&s, key_id, n).await, 0);
+    }
     s.stop().await;
 }
 
