@@ -150,6 +150,8 @@ function M.access()
     ngx.print(answer.body)
     return ngx.exit(ngx.HTTP_OK)
   end
+  -- Without a lease nothing could be reported: never proxy such a request.
+  if not answer.headers["x-keyward-lease"] then return unavailable("no lease") end
   local ctx = ngx.ctx
   ctx.keyward_lease = answer.headers["x-keyward-lease"]
   ctx.keyward_limits = {}
