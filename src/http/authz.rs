@@ -1,6 +1,6 @@
-//! `ANY /authz/{*path}`: the check for Envoy `ext_authz` (HTTP mode) and nginx
-//! `auth_request`. It turns the proxied request into an admission and answers in the
-//! proxy's terms.
+//! `ANY /authz/{*path}`: the check for Envoy `ext_authz` (HTTP mode), the shipped
+//! nginx Lua (`examples/nginx/keyward.lua`) and nginx `auth_request`. It turns the
+//! proxied request into an admission and answers in the proxy's terms.
 //!
 //! - Client key: `Authorization: Bearer`, `x-api-key`, `x-goog-api-key` or `api-key`.
 //! - Original path: `{*path}`, or `X-Original-URI` behind nginx. The API format is
@@ -24,8 +24,8 @@
 //! Denied: the contract's status and JSON body, `Retry-After`, `x-keyward-status` (the
 //! real status) and `x-keyward-error` (the code). With `x-keyward-mode: nginx` every
 //! denial is sent as 403, because nginx turns other codes into 500, and the JSON body is
-//! also sent in `x-keyward-error-body`, because `auth_request` drops the body. The
-//! shipped nginx configuration rebuilds the real answer from those headers.
+//! also sent in `x-keyward-error-body`, because `auth_request` drops the body. (The
+//! shipped nginx Lua calls `/authz` itself and passes the plain answer on.)
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
