@@ -767,6 +767,28 @@ async fn settled(s: &TestServer, key_id: &str, requests: i64) -> i64 {
     .await
 }
 
+/// Micro-USD from a JSON number of USD.
+fn micros(usd: &serde_json::Value) -> i64 {
+    (usd.as_f64().unwrap() * 1e6).round() as i64
+}
+
+/// A key's total cost in its stats and its remaining balance, in micro-USD (once its
+/// usage is applied).
+async fn charged(s: &TestServer, key_id: &str) -> (i64, i64) {
+    let stats = s
+        .admin(Method::GET, &format!("/admin/keys/{key_id}/stats"), None)
+        .await
+        .body;
+    let key = s
+        .admin(Method::GET, &format!("/admin/keys/{key_id}"), None)
+        .await
+        .body;
+    (
+        micros(&stats["total_cost_usd"]),
+        micros(&key["remaining_balance_usd"]),
+    )
+}
+
 /// A keyward with a provider key for openai, anthropic and gemini.
 async fn keyward_with_every_pool(ttl_s: Option<u64>) -> TestServer {
     let s = TestServer::start_with(common::Backend::Sqlite, |raw| {
@@ -799,35 +821,62 @@ fn stream_body(model: &str, max_tokens: i64) -> String {
 /// before its usage keeps its reservation; a slow stream reaches the client chunk by
 /// chunk.
 async fn charges_the_tokens_the_upstream_stated(port: u16, upstream: &Upstream, s: &TestServer) {
-    // Each answer's stated tokens, exactly, in the key's stats; the client gets the
-    // upstream's bytes unchanged.
-    for (answer, path, model, tokens) in [
+    // Each answer's stated tokens, exactly, in the key's stats, charged at the model's
+    // price: a prepaid balance falls by exactly that cost. The client gets the
+    // upstream's bytes unchanged. (Prices in micro-USD per million input and output
+    // tokens; cached tokens are charged the input price here.)
+    for (provider, model, input, output) in [
+        ("openai", "gpt-4o", 2_500_000, 10_000_000),
+        ("anthropic", "claude-sonnet-4", 3_000_000, 15_000_000),
+        ("gemini", "gemini-2.0-flash", 100_000, 400_000),
+    ] {
+        let price = json!({"input_per_mtok_usd": input as f64 / 1e6, "output_per_mtok_usd": output as f64 / 1e6});
+        let a = s
+            .admin(
+                Method::PUT,
+                &format!("/admin/prices/{provider}/{model}"),
+                Some(price),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let cost = |input_price: i64, output_price: i64, input: i64, output: i64| {
+        (input * input_price + output * output_price + 999_999) / 1_000_000
+    };
+    for (answer, path, model, (input, output), expected) in [
         (
             "openai_chat.json",
             "/v1/chat/completions",
             "gpt-4o",
-            1117 + 46,
+            (1117, 46),
+            cost(2_500_000, 10_000_000, 1117, 46),
         ),
         (
             "openai_chat.sse",
             "/v1/chat/completions",
             "gpt-4o",
-            2006 + 300,
+            (2006, 300),
+            cost(2_500_000, 10_000_000, 2006, 300),
         ),
         (
             "anthropic_messages.sse",
             "/v1/messages",
             "claude-sonnet-4",
-            2572 + 42,
+            (2572, 42),
+            cost(3_000_000, 15_000_000, 2572, 42),
         ),
         (
             "gemini_stream.sse",
             "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
             "gemini-2.0-flash",
-            1200 + 405,
+            (1200, 405),
+            cost(100_000, 400_000, 1200, 405),
         ),
     ] {
-        let (key, secret) = s.create_key(json!({"rate_limit": null})).await;
+        let tokens = input + output;
+        let (key, secret) = s
+            .create_key(json!({"rate_limit": null, "is_standalone": true, "initial_balance_usd": 1}))
+            .await;
         let key_id = key["id"].as_str().unwrap();
         let bearer = format!("Bearer {secret}");
         let got = streamed(
@@ -852,6 +901,9 @@ async fn charges_the_tokens_the_upstream_stated(port: u16, upstream: &Upstream, 
             "{answer}: the client got the upstream's bytes"
         );
         assert_eq!(settled(s, key_id, 1).await, tokens, "{answer}");
+        let (charged, remaining) = charged(s, key_id).await;
+        assert_eq!(charged, expected, "{answer}: the priced cost");
+        assert_eq!(remaining, 1_000_000 - expected, "{answer}: the balance fell by it");
         // Compressed answers cannot be read: the upstream was asked for identity.
         assert_eq!(upstream.last()["accept-encoding"], "identity");
     }
@@ -925,10 +977,13 @@ async fn charges_the_tokens_the_upstream_stated(port: u16, upstream: &Upstream, 
     );
     assert_eq!(refused.body["error"]["limit"], "tokens");
 
-    // A stream that ends before its usage: recorded without tokens (the slot comes back)
-    // and the reservation of 100 stays in the window.
+    // A stream that ends before its usage: recorded without tokens (the slot comes back),
+    // the reservation of 100 stays in the window, and the key is charged its hold, never
+    // zero: a quarter of the body's bytes as input at the input price, and max_tokens at
+    // the output price (the dearer one).
     let (key, secret) = s
-        .create_key(json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 10000}))
+        .create_key(json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 10000,
+                           "is_standalone": true, "initial_balance_usd": 1}))
         .await;
     let key_id = key["id"].as_str().unwrap();
     let bearer = format!("Bearer {secret}");
@@ -944,6 +999,9 @@ async fn charges_the_tokens_the_upstream_stated(port: u16, upstream: &Upstream, 
     .await;
     assert_eq!(got.status, 200);
     assert_eq!(settled(s, key_id, 1).await, 0);
+    let body_bytes = stream_body("gpt-4o", 100).len() as i64;
+    let hold = cost(2_500_000, 10_000_000, (body_bytes + 3) / 4, 100);
+    assert_eq!(charged(s, key_id).await, (hold, 1_000_000 - hold));
     let next = call_with(
         port,
         "/v1/chat/completions",
