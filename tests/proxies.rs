@@ -875,7 +875,9 @@ async fn charges_the_tokens_the_upstream_stated(port: u16, upstream: &Upstream, 
     ] {
         let tokens = input + output;
         let (key, secret) = s
-            .create_key(json!({"rate_limit": null, "is_standalone": true, "initial_balance_usd": 1}))
+            .create_key(
+                json!({"rate_limit": null, "is_standalone": true, "initial_balance_usd": 1}),
+            )
             .await;
         let key_id = key["id"].as_str().unwrap();
         let bearer = format!("Bearer {secret}");
@@ -903,7 +905,11 @@ async fn charges_the_tokens_the_upstream_stated(port: u16, upstream: &Upstream, 
         assert_eq!(settled(s, key_id, 1).await, tokens, "{answer}");
         let (charged, remaining) = charged(s, key_id).await;
         assert_eq!(charged, expected, "{answer}: the priced cost");
-        assert_eq!(remaining, 1_000_000 - expected, "{answer}: the balance fell by it");
+        assert_eq!(
+            remaining,
+            1_000_000 - expected,
+            "{answer}: the balance fell by it"
+        );
         // Compressed answers cannot be read: the upstream was asked for identity.
         assert_eq!(upstream.last()["accept-encoding"], "identity");
     }
@@ -982,8 +988,10 @@ async fn charges_the_tokens_the_upstream_stated(port: u16, upstream: &Upstream, 
     // zero: a quarter of the body's bytes as input at the input price, and max_tokens at
     // the output price (the dearer one).
     let (key, secret) = s
-        .create_key(json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 10000,
-                           "is_standalone": true, "initial_balance_usd": 1}))
+        .create_key(
+            json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 10000,
+                           "is_standalone": true, "initial_balance_usd": 1}),
+        )
         .await;
     let key_id = key["id"].as_str().unwrap();
     let bearer = format!("Bearer {secret}");

@@ -191,6 +191,8 @@ pub fn data_plane() -> Value {
         json!({
             "lease_id": nullable("string"), "provider_key_id": nullable("string"), "model": nullable("string"),
             "prompt_tokens": {"type": "integer", "nullable": true}, "completion_tokens": {"type": "integer", "nullable": true},
+            "cached_tokens": {"type": "integer", "nullable": true}, "cache_write_tokens": {"type": "integer", "nullable": true},
+            "reasoning_tokens": {"type": "integer", "nullable": true},
             "cost_usd": nullable("number"), "latency_ms": {"type": "integer", "nullable": true},
             "upstream_status": {"type": "integer", "nullable": true}, "retry_after_s": {"type": "integer", "nullable": true},
         }),
