@@ -12,7 +12,10 @@
 --   8  pk cd   string  when the provider key's cooldown ends (ms; the key expires then too)
 --   9  pk susp string  when its suspension ends (ms)
 --   10 pk cause hash   'cd' / 'susp' -> "status|at ms|source": the report behind the
---                      cooldown / suspension (the hash expires with the later of them)
+--                      cooldown / suspension ("headers|status|at ms|source" for a
+--                      cooldown learned from rate-limit headers); 'lim' -> "kept until
+--                      ms|<ARGV 24>|at ms": what the headers said last (the hash expires
+--                      with the latest of them)
 -- ARGV:
 --   1  lease token ("" = a report without a lease: nothing to settle or deduplicate)
 --   2  lease id or record id     3  client key id ("" = none)
@@ -24,6 +27,13 @@
 --   14 cooldown ms (> 0 after an upstream 429)      15 suspension ms (> 0 after 401/403)
 --   16 source ("lease <lease id>" or "data-token"; kept as the cause, cut to 200 bytes)
 --   17 the expiry signed into the lease id (ms; 0 = no lease)
+--   18-22 reserved (cost mode and token classes)
+--   23 learned cooldown ms (> 0 when the upstream's rate-limit headers said a limit of
+--      the provider key is used up, and no error status stopped it; it only lengthens
+--      the key's cooldown)
+--   24 learned limits ("" = none): "remaining requests|remaining tokens|requests reset
+--      ms|tokens reset ms" (each "" when unknown)
+--   25 how long to keep the learned limits (ms; > 0 when 24 is given)
 -- Returns {1, now_ms} when recorded, {0, now_ms} for a duplicate, {2, now_ms} when the
 -- report comes later than the guard ttl after the lease's expiry (nothing changed in
 -- either case).
@@ -55,6 +65,8 @@ local shift = tonumber(ARGV[13])
 local cooldown = tonumber(ARGV[14])
 local suspend = tonumber(ARGV[15])
 local signed_expiry = tonumber(ARGV[17])
+local learned_cd = tonumber(ARGV[23])
+local lim, lim_keep = ARGV[24] or '', tonumber(ARGV[25])
 local MAX = 9007199254740991 -- 2^53 - 1
 local function whole(x) return x and x >= 0 and x <= MAX and x == math.floor(x) end
 assert(#lease_id > 0, 'id')
@@ -63,6 +75,8 @@ assert(whole(cost), 'cost')
 assert(guard_ttl and guard_ttl > 0, 'guard ttl')
 assert(shift and whole(cooldown) and whole(suspend), 'times')
 assert(whole(signed_expiry), 'lease expiry')
+assert(whole(learned_cd) and whole(lim_keep) and #lim <= 200, 'learned limits')
+assert(lim == '' or lim_keep > 0, 'learned limits keep')
 assert(#KEYS == (pk == '' and 6 or 10), 'provider key keys')
 
 local t = redis.call('TIME')
@@ -113,6 +127,12 @@ if token ~= '' then
     bal = {math.max(-MAX, math.min(MAX, rem - cost)), math.max(hwm, cost)}
   end
 end
+-- A learned cooldown only lengthens the current one, read here (before any write).
+local learned_until = nil
+if pk ~= '' and learned_cd > 0 then
+  local current = tonumber(redis.call('GET', KEYS[8]) or '0') or 0
+  if now + learned_cd > current then learned_until = now + learned_cd end
+end
 -- The queue must take the entry: a key of another type would fail the XADD below.
 local kind = redis.call('TYPE', KEYS[6])
 kind = type(kind) == 'table' and kind.ok or kind
@@ -130,17 +150,26 @@ if token ~= '' then
 end
 
 if pk ~= '' then
-    -- The end is a time on the script clock, compared with `now` by admit.lua; the
+  -- The end is a time on the script clock, compared with `now` by admit.lua; the
   -- expiry only tidies up.
   if cooldown > 0 then redis.call('SET', KEYS[8], now + cooldown, 'PX', cooldown) end
   if suspend > 0 then redis.call('SET', KEYS[9], now + suspend, 'PX', suspend) end
-  if cooldown > 0 or suspend > 0 then
+  if learned_until then redis.call('SET', KEYS[8], int(learned_until), 'PX', learned_cd) end
+  -- How long the cause hash must live for what is written now.
+  local keep = 0
+  if cooldown > 0 or suspend > 0 or learned_until then
     -- Who stopped the key, shown by pool_state.lua while the cooldown / suspension lasts.
     local cause = ARGV[12] .. '|' .. string.format('%.0f', now) .. '|' .. string.sub(ARGV[16] or '', 1, 200)
     if cooldown > 0 then redis.call('HSET', KEYS[10], 'cd', cause) end
     if suspend > 0 then redis.call('HSET', KEYS[10], 'susp', cause) end
-    redis.call('PEXPIRE', KEYS[10], math.max(cooldown, suspend, redis.call('PTTL', KEYS[10])))
+    if learned_until then redis.call('HSET', KEYS[10], 'cd', 'headers|' .. cause) end
+    keep = math.max(cooldown, suspend, learned_until and learned_cd or 0)
   end
+  if lim ~= '' then
+    redis.call('HSET', KEYS[10], 'lim', int(now + lim_keep) .. '|' .. lim .. '|' .. int(now))
+    keep = math.max(keep, lim_keep)
+  end
+  if keep > 0 then redis.call('PEXPIRE', KEYS[10], math.max(keep, redis.call('PTTL', KEYS[10]))) end
 end
 
 redis.call('XADD', KEYS[6], '*',

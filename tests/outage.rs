@@ -291,6 +291,7 @@ async fn a_later_outage_starts_from_the_database_balance() {
                 cooldown_ms: 0,
                 suspend_ms: 0,
                 source: "data-token".into(),
+                learned: None,
                 lease_expires_at_ms: 0,
             };
             counters.report(&report).await.unwrap();

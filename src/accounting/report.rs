@@ -9,6 +9,7 @@ pub const MAX_REPORT_TOKENS: i64 = 1_000_000_000;
 use crate::lease::SignedLease;
 use crate::limits::{LeaseId, Report};
 use crate::money::{format_usd, Usd, MAX_REPORT_MICROS};
+use crate::pool::learned::LearnedLimits;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,6 +32,10 @@ pub struct ReportBody {
     pub upstream_status: Option<i64>,
     #[serde(default)]
     pub retry_after_s: Option<i64>,
+    /// What the upstream's rate-limit headers said (`/v1/report/upstream` only: a
+    /// `/v1/report` body cannot state it).
+    #[serde(skip)]
+    pub learned: Option<LearnedLimits>,
 }
 
 /// What an upstream answer does to the provider key that served it.
@@ -138,6 +143,8 @@ impl ReportBody {
             cooldown_ms,
             suspend_ms,
             source,
+            // A learned reset is a cooldown like any other: capped alike.
+            learned: self.learned.map(|l| l.capped(cap)),
         })
     }
 }

@@ -354,13 +354,17 @@ async fn record(
     if !explicit_cost {
         report.cost_micros = priced_cost(state, &report).await?;
     }
-    let event = match (report.cooldown_ms > 0, report.suspend_ms > 0) {
+    let cooldown = report.cooldown_ms > 0 || report.learned_cooldown_ms() > 0;
+    let event = match (cooldown, report.suspend_ms > 0) {
         (true, _) => Some("cooldown"),
         (_, true) => Some("suspension"),
         _ => None,
     };
-    if let (Some(_), Some(id)) = (event, &report.provider_key_id) {
-        // Only after an upstream 429/401/403.
+    if let (true, Some(id)) = (
+        event.is_some() || report.learned.is_some(),
+        &report.provider_key_id,
+    ) {
+        // Only after an upstream 429/401/403, or rate-limit headers to keep.
         report.provider = provider_of(state, id).await.ok().flatten();
     }
     if let crate::limits::Counters::Memory(_) = state.counters {

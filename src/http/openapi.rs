@@ -313,13 +313,18 @@ pub fn admin() -> Value {
         "is_standalone": s("boolean"), "balance_usd": nullable("number"), "remaining_balance_usd": nullable("number"),
     }});
     let keys = json!({"type": "object", "required": ["keys"], "properties": {"keys": {"type": "array", "items": reference("Key")}}});
-    let cause = json!({"type": "object", "nullable": true, "required": ["upstream_status", "at", "source"], "properties": {
+    let cause = json!({"type": "object", "nullable": true, "required": ["upstream_status", "at", "source", "from_headers"], "properties": {
         "upstream_status": nullable("integer"), "at": s("string"), "source": s("string"),
+        "from_headers": s("boolean"),
+    }});
+    let learned = json!({"type": "object", "nullable": true, "required": ["learned_at"], "properties": {
+        "remaining_requests": nullable("integer"), "remaining_tokens": nullable("integer"),
+        "requests_reset_at": nullable("string"), "tokens_reset_at": nullable("string"), "learned_at": s("string"),
     }});
     let live = json!({"type": "object", "properties": {
         "requests_last_60s": s("integer"), "tokens_last_60s": s("integer"), "cooldown_remaining_ms": s("integer"),
         "suspended": s("boolean"), "suspended_remaining_ms": s("integer"),
-        "cooldown_cause": cause.clone(), "suspension_cause": cause,
+        "cooldown_cause": cause.clone(), "suspension_cause": cause, "learned": learned,
     }});
     let provider_key = json!({"type": "object", "required": ["id", "provider", "label", "priority"], "properties": {
         "id": s("string"), "provider": s("string"), "label": s("string"), "priority": s("integer"),

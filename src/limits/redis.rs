@@ -17,7 +17,7 @@
 //! | `{P}:p:<provider>:order` | zset | key id → priority rank · 2^42 + last pick |
 //! | `{P}:pk:<id>:rpm` / `:tpm` | hash | a provider key's windows |
 //! | `{P}:pk:<id>:cd` / `:susp` | string | when its cooldown / suspension ends (ms) |
-//! | `{P}:pk:<id>:cause` | hash | `cd` / `susp` → the report behind them (`status\|at\|source`) |
+//! | `{P}:pk:<id>:cause` | hash | `cd` / `susp` → the report behind them (`status\|at\|source`); `lim` → what the rate-limit headers said last |
 //!
 //! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
 //! `SCRIPT FLUSH`), `redis::Script` sees NOSCRIPT, loads, and retries once.
@@ -53,6 +53,7 @@ use super::{
 use crate::clock::now_ms;
 use crate::config::BackendErrorPolicy;
 use crate::pool::cache::{Candidate, Pool};
+use crate::pool::learned::Learned;
 use crate::pool::{Cause, LiveState};
 use crate::usage::UsageRecord;
 
@@ -538,7 +539,7 @@ impl RedisCounters {
         call.arg(self.shift.get());
         let reply: Vec<redis::Value> = self.lanes.invoke("pool_state", &call).await?;
         let bad = || CounterError::Protocol("pool_state returned an unexpected answer".into());
-        if reply.len() != ids.len() * 6 {
+        if reply.len() != ids.len() * 7 {
             return Err(bad());
         }
         let int = |v: &redis::Value| redis::from_redis_value_ref::<i64>(v).map_err(|_| bad());
@@ -547,8 +548,13 @@ impl RedisCounters {
                 .ok()
                 .and_then(|text| Cause::decode(&text))
         };
+        let learned = |v: &redis::Value| {
+            redis::from_redis_value_ref::<String>(v)
+                .ok()
+                .and_then(|text| Learned::decode(&text))
+        };
         reply
-            .chunks(6)
+            .chunks(7)
             .map(|c| {
                 Ok(LiveState {
                     requests_last_60s: int(&c[0])?,
@@ -557,6 +563,7 @@ impl RedisCounters {
                     suspended_remaining_ms: int(&c[3])?,
                     cooldown_cause: cause(&c[4]),
                     suspension_cause: cause(&c[5]),
+                    learned: learned(&c[6]),
                 })
             })
             .collect()
@@ -627,6 +634,11 @@ impl RedisCounters {
             .arg(r.suspend_ms)
             .arg(crate::pool::bounded_source(&r.source))
             .arg(r.lease_expires_at_ms);
+        // ARGV 18-22 are reserved (cost mode and token classes).
+        call.arg("").arg("").arg("").arg("").arg("");
+        call.arg(r.learned_cooldown_ms())
+            .arg(r.learned.map(|l| l.encode()).unwrap_or_default())
+            .arg(r.learned.map_or(0, |l| l.keep_ms()));
         let reply: Vec<i64> = self.lanes.invoke("report", &call).await?;
         match reply.first() {
             Some(1) => Ok(Reported::Recorded),

@@ -15,7 +15,8 @@
 //!                                          request's path, read as /authz reads it)
 //!  "headers": {"retry-after": "30", …},    the upstream's answer headers the proxy
 //!                                          passes on (content-encoding, retry-after,
-//!                                          rate-limit headers), names in any case;
+//!                                          rate-limit headers: see
+//!                                          `pool::learned`), names in any case;
 //!                                          a header whose name is over 200 characters
 //!                                          or whose value is over 1 KiB, or with
 //!                                          control characters (but tab), is ignored
@@ -40,6 +41,7 @@ use serde::Deserialize;
 use super::parse::{self, ApiFormat, Excerpt, Outcome, Usage};
 use crate::accounting::report::ReportBody;
 use crate::client_keys::input::MAX_LIMIT;
+use crate::pool::learned::LearnedLimits;
 
 /// The most bytes of `head`, and of `tail`, once decoded.
 pub const MAX_PART_BYTES: usize = 64 * 1024;
@@ -246,6 +248,7 @@ impl UpstreamBody {
             latency_ms,
             upstream_status: Some(self.status),
             retry_after_s,
+            learned: LearnedLimits::from_headers(&headers, now_ms),
             ..ReportBody::default()
         };
         Ok((body, read))
