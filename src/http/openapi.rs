@@ -348,13 +348,26 @@ pub fn admin() -> Value {
         &["processed", "deleted", "disabled"],
     );
     let day = answer(
-        json!({"date": s("string"), "requests": integer(), "tokens": integer(), "cost_usd": s("number")}),
-        &["date", "requests", "tokens", "cost_usd"],
+        json!({"date": s("string"), "requests": integer(), "tokens": integer(), "cost_usd": s("number"),
+               "cached_tokens": integer(), "cache_write_tokens": integer(), "reasoning_tokens": integer(),
+               "estimated_requests": integer()}),
+        &[
+            "date",
+            "requests",
+            "tokens",
+            "cost_usd",
+            "cached_tokens",
+            "cache_write_tokens",
+            "reasoning_tokens",
+            "estimated_requests",
+        ],
     );
     let stats = answer(
         json!({
             "key_id": s("string"), "key_name": nullable("string"), "start": nullable("string"), "end": nullable("string"),
             "total_requests": integer(), "total_tokens": integer(), "total_cost_usd": s("number"),
+            "total_cached_tokens": integer(), "total_cache_write_tokens": integer(),
+            "total_reasoning_tokens": integer(), "estimated_requests": integer(),
             "avg_response_time_ms": s("number"), "daily_stats": {"type": "array", "items": day},
         }),
         &[
@@ -362,6 +375,10 @@ pub fn admin() -> Value {
             "total_requests",
             "total_tokens",
             "total_cost_usd",
+            "total_cached_tokens",
+            "total_cache_write_tokens",
+            "total_reasoning_tokens",
+            "estimated_requests",
             "avg_response_time_ms",
             "daily_stats",
         ],

@@ -20,7 +20,7 @@ use crate::money::bounded;
 use crate::pool::cache::Pool as CandidatePool;
 use crate::pool::learned::Learned;
 use crate::pool::{Cause, LiveState};
-use crate::usage::UsageRecord;
+use crate::usage::{UsageRecord, UsageSource};
 
 #[derive(Debug)]
 struct Lease {
@@ -501,6 +501,10 @@ impl MemoryCounters {
             latency_ms: r.latency_ms,
             upstream_status: r.upstream_status,
             created_at: now,
+            cached_tokens: 0,
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
+            source: UsageSource::Reported,
         };
         self.queue(record).await?;
         Ok(Reported::Recorded)

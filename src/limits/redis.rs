@@ -55,7 +55,7 @@ use crate::config::BackendErrorPolicy;
 use crate::pool::cache::{Candidate, Pool};
 use crate::pool::learned::Learned;
 use crate::pool::{Cause, LiveState};
-use crate::usage::UsageRecord;
+use crate::usage::{UsageRecord, UsageSource};
 
 /// The Lua sources, compiled into the binary.
 pub mod source {
@@ -748,7 +748,12 @@ fn sanitize(field: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Turns one accounting-stream entry back into a usage record.
+/// Turns one accounting-stream entry back into a usage record; `None` for an entry that
+/// is not one (it becomes a dead letter).
+///
+/// The token classes (`cr` cached, `cw` cache write, `rs` reasoning) and `src` came with
+/// a later release: an entry without them (an older release's) has none of the classes
+/// and was reported; one with an unreadable value is not a usage record.
 pub fn record_from_entry(
     fields: &std::collections::HashMap<String, redis::Value>,
 ) -> Option<UsageRecord> {
@@ -759,6 +764,14 @@ pub fn record_from_entry(
     };
     let opt = |name: &str| text(name).filter(|s| !s.is_empty());
     let int = |name: &str| opt(name).and_then(|s| s.parse::<i64>().ok());
+    let class = |name: &str| match fields.get(name) {
+        None => Some(0),
+        Some(_) => text(name)?.parse::<i64>().ok().filter(|n| *n >= 0),
+    };
+    let source = match fields.get("src") {
+        None => UsageSource::Reported,
+        Some(_) => UsageSource::parse(&text("src")?)?,
+    };
     Some(UsageRecord {
         id: opt("id")?,
         key_id: opt("key"),
@@ -772,5 +785,9 @@ pub fn record_from_entry(
         latency_ms: int("lat"),
         upstream_status: int("st"),
         created_at: int("ts")?,
+        cached_tokens: class("cr")?,
+        cache_write_tokens: class("cw")?,
+        reasoning_tokens: class("rs")?,
+        source,
     })
 }

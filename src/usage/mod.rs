@@ -33,6 +33,56 @@ pub struct UsageRecord {
     pub upstream_status: Option<i64>,
     /// Unix milliseconds.
     pub created_at: i64,
+    /// Cached input tokens, within `prompt_tokens`.
+    #[serde(default)]
+    pub cached_tokens: i64,
+    /// Cache-write tokens, within `prompt_tokens`.
+    #[serde(default)]
+    pub cache_write_tokens: i64,
+    /// Reasoning tokens, within `completion_tokens`.
+    #[serde(default)]
+    pub reasoning_tokens: i64,
+    /// Where the numbers came from. A record set aside by an older release has none:
+    /// it was reported.
+    #[serde(default, deserialize_with = "source_from_text")]
+    pub source: UsageSource,
+}
+
+/// Where a record's numbers came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// Stated by the caller of `/v1/report`.
+    #[default]
+    Reported,
+    /// Read from the upstream's answer by keyward.
+    Parsed,
+    /// The admission's estimate (no usage could be read): the hold is charged.
+    Estimated,
+}
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reported => "reported",
+            Self::Parsed => "parsed",
+            Self::Estimated => "estimated",
+        }
+    }
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "reported" => Some(Self::Reported),
+            "parsed" => Some(Self::Parsed),
+            "estimated" => Some(Self::Estimated),
+            _ => None,
+        }
+    }
+}
+
+/// Reads a [`UsageSource`] through [`UsageSource::parse`], the one place its text is read.
+fn source_from_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<UsageSource, D::Error> {
+    let text = String::deserialize(d)?;
+    UsageSource::parse(&text)
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown usage source `{text}`")))
 }
 
 impl UsageRecord {
@@ -50,7 +100,18 @@ pub struct KeyStats {
     pub tokens: i64,
     pub cost_micros: i64,
     pub avg_latency_ms: Option<f64>,
+    pub classes: TokenClasses,
     pub daily: Vec<DayStats>,
+}
+
+/// Sums of the token classes over some rows, and how many of them were charged the
+/// admission's estimate (their numbers are not the upstream's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct TokenClasses {
+    pub cached_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub estimated_requests: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -60,4 +121,6 @@ pub struct DayStats {
     pub requests: i64,
     pub tokens: i64,
     pub cost_usd: Usd,
+    #[serde(flatten)]
+    pub classes: TokenClasses,
 }
