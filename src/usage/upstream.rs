@@ -356,6 +356,28 @@ mod tests {
     }
 
     #[test]
+    fn rate_limit_headers_are_learned_in_any_case() {
+        let (report, _) = body(serde_json::json!({"status": 200, "headers": {
+            "X-RateLimit-Remaining-Requests": "0", "x-ratelimit-reset-requests": "20s",
+            "x-ratelimit-remaining-tokens": "garbage"}}))
+        .into_report("lease", 0)
+        .unwrap();
+        let learned = report.learned.unwrap();
+        assert_eq!(
+            (
+                learned.remaining_requests,
+                learned.requests_reset_ms,
+                learned.remaining_tokens
+            ),
+            (Some(0), Some(20_000), None)
+        );
+        let (report, _) = body(serde_json::json!({"status": 200}))
+            .into_report("lease", 0)
+            .unwrap();
+        assert_eq!(report.learned, None);
+    }
+
+    #[test]
     fn bounds_and_malformed_fields_are_refused() {
         let big = b64(&vec![b'x'; MAX_PART_BYTES + 1]);
         let fits = b64(&vec![b'x'; MAX_PART_BYTES]);
