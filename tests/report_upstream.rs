@@ -357,6 +357,13 @@ async fn used_up_rate_limit_headers_rest_the_key_until_their_reset(shape: Shape)
                          "x-ratelimit-remaining-tokens": "149984", "x-ratelimit-reset-tokens": "6m0s"});
     let a = post(c.any(1), Some(&lease), answer(headers)).await;
     assert_eq!(a.body, json!({"recorded": true}));
+    let metrics = c.any(1).metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "keyward_provider_key_events_total{{event=\"learned_cooldown\",provider=\"{provider}\"}} 1"
+        )),
+        "{metrics}"
+    );
     for i in 0..3 {
         assert_eq!(
             admit_select(c.any(i), &secret, &provider).await.1,

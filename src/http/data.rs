@@ -354,11 +354,14 @@ async fn record(
     if !explicit_cost {
         report.cost_micros = priced_cost(state, &report).await?;
     }
-    let cooldown = report.cooldown_ms > 0 || report.learned_cooldown_ms() > 0;
-    let event = match (cooldown, report.suspend_ms > 0) {
-        (true, _) => Some("cooldown"),
-        (_, true) => Some("suspension"),
-        _ => None,
+    let event = if report.cooldown_ms > 0 {
+        Some("cooldown")
+    } else if report.suspend_ms > 0 {
+        Some("suspension")
+    } else if report.learned_cooldown_ms() > 0 {
+        Some("learned_cooldown")
+    } else {
+        None
     };
     if let (true, Some(id)) = (
         event.is_some() || report.learned.is_some(),
