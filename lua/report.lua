@@ -150,7 +150,7 @@ if token ~= '' then
 end
 
 if pk ~= '' then
-  -- The end is a time on the script clock, compared with `now` by admit.lua; the
+    -- The end is a time on the script clock, compared with `now` by admit.lua; the
   -- expiry only tidies up.
   if cooldown > 0 then redis.call('SET', KEYS[8], now + cooldown, 'PX', cooldown) end
   if suspend > 0 then redis.call('SET', KEYS[9], now + suspend, 'PX', suspend) end

@@ -180,8 +180,9 @@ pub struct Report {
     pub model: Option<String>,
     pub provider_key_id: Option<String>,
     /// That key's provider, when the caller looked it up (only after an upstream
-    /// 429/401/403, or with rate-limit headers to keep). The in-process twin needs it for a key it has not picked since it
-    /// started; Redis finds the key by its id alone.
+    /// 429/401/403, or with rate-limit headers to keep). The in-process twin needs it
+    /// for a key it has not picked since it started; Redis finds the key by its id
+    /// alone.
     pub provider: Option<String>,
     pub latency_ms: Option<i64>,
     pub upstream_status: Option<i64>,
