@@ -4,9 +4,10 @@
 --   cd string, susp string (see admit.lua), cause hash (see report.lua)
 -- ARGV:
 --   1  time shift ms (0 in production)
--- Returns per key (6 each): requests in the window, tokens in the window, cooldown left
+-- Returns per key (7 each): requests in the window, tokens in the window, cooldown left
 -- (ms), suspension left (ms), the cooldown's cause and the suspension's cause
--- ("status|at ms|source", or "" when there is none or it is over).
+-- ("status|at ms|source", or "" when there is none or it is over), and what the
+-- rate-limit headers said last ("kept until ms|...|at ms", or "" when none is kept).
 
 local shift = tonumber(ARGV[1])
 assert(shift and #KEYS % 5 == 0, 'arguments')
@@ -28,12 +29,14 @@ local out = {}
 for i = 1, #KEYS, 5 do
   local cooling = math.max(0, tonumber(redis.call('GET', KEYS[i + 2]) or '0') - now)
   local suspended = math.max(0, tonumber(redis.call('GET', KEYS[i + 3]) or '0') - now)
-  local cause = redis.call('HMGET', KEYS[i + 4], 'cd', 'susp')
+  local cause = redis.call('HMGET', KEYS[i + 4], 'cd', 'susp', 'lim')
+  local lim_until = tonumber(string.match(cause[3] or '', '^(%d+)|') or '0')
   out[#out + 1] = counted(KEYS[i])
   out[#out + 1] = counted(KEYS[i + 1])
   out[#out + 1] = cooling
   out[#out + 1] = suspended
   out[#out + 1] = cooling > 0 and cause[1] or ''
   out[#out + 1] = suspended > 0 and cause[2] or ''
+  out[#out + 1] = lim_until > now and cause[3] or ''
 end
 return out

@@ -12,7 +12,10 @@
 --   8  pk cd   string  when the provider key's cooldown ends (ms; the key expires then too)
 --   9  pk susp string  when its suspension ends (ms)
 --   10 pk cause hash   'cd' / 'susp' -> "status|at ms|source": the report behind the
---                      cooldown / suspension (the hash expires with the later of them)
+--                      cooldown / suspension ("headers|status|at ms|source" for a
+--                      cooldown learned from rate-limit headers); 'lim' -> "kept until
+--                      ms|<ARGV 24>|at ms": what the headers said last (the hash expires
+--                      with the latest of them)
 -- ARGV:
 --   1  lease token ("" = a report without a lease: nothing to settle or deduplicate)
 --   2  lease id or record id     3  client key id ("" = none)
@@ -27,6 +30,12 @@
 --   18 cached input tokens   19 cache-write tokens   20 reasoning tokens (each within
 --      prompt or completion, >= 0; kept on the usage entry)
 --   21 where the numbers come from: "reported", "parsed" or "estimated"
+--   22 learned cooldown ms (> 0 when the upstream's rate-limit headers said a limit of
+--      the provider key is used up, and no error status stopped it; it only lengthens
+--      the key's cooldown)
+--   23 learned limits ("" = none): "remaining requests|remaining tokens|requests reset
+--      ms|tokens reset ms" (each "" when unknown)
+--   24 how long to keep the learned limits (ms; > 0 when 23 is given)
 -- Returns {1, now_ms} when recorded, {0, now_ms} for a duplicate, {2, now_ms} when the
 -- report comes later than the guard ttl after the lease's expiry (nothing changed in
 -- either case).
@@ -61,6 +70,8 @@ local suspend = tonumber(ARGV[15])
 local signed_expiry = tonumber(ARGV[17])
 local cached, cache_write, reasoning = tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20])
 local source = ARGV[21]
+local learned_cd = tonumber(ARGV[22])
+local lim, lim_keep = ARGV[23] or '', tonumber(ARGV[24])
 local MAX = 9007199254740991 -- 2^53 - 1
 local function whole(x) return x and x >= 0 and x <= MAX and x == math.floor(x) end
 assert(#lease_id > 0, 'id')
@@ -71,6 +82,8 @@ assert(shift and whole(cooldown) and whole(suspend), 'times')
 assert(whole(signed_expiry), 'lease expiry')
 assert(whole(cached) and whole(cache_write) and whole(reasoning), 'token classes')
 assert(source == 'reported' or source == 'parsed' or source == 'estimated', 'source')
+assert(whole(learned_cd) and whole(lim_keep) and #lim <= 200, 'learned limits')
+assert(lim == '' or lim_keep > 0, 'learned limits keep')
 assert(#KEYS == (pk == '' and 6 or 10), 'provider key keys')
 
 local t = redis.call('TIME')
@@ -123,6 +136,12 @@ if token ~= '' then
     bal = {math.max(-MAX, math.min(MAX, rem - cost)), math.max(0, (tonumber(h[2]) or 0) - hold)}
   end
 end
+-- A learned cooldown only lengthens the current one, read here (before any write).
+local learned_until = nil
+if pk ~= '' and learned_cd > 0 then
+  local current = tonumber(redis.call('GET', KEYS[8]) or '0') or 0
+  if now + learned_cd > current then learned_until = now + learned_cd end
+end
 -- The queue must take the entry: a key of another type would fail the XADD below.
 local kind = redis.call('TYPE', KEYS[6])
 kind = type(kind) == 'table' and kind.ok or kind
@@ -144,13 +163,22 @@ if pk ~= '' then
   -- expiry only tidies up.
   if cooldown > 0 then redis.call('SET', KEYS[8], now + cooldown, 'PX', cooldown) end
   if suspend > 0 then redis.call('SET', KEYS[9], now + suspend, 'PX', suspend) end
-  if cooldown > 0 or suspend > 0 then
+  if learned_until then redis.call('SET', KEYS[8], int(learned_until), 'PX', learned_cd) end
+  -- How long the cause hash must live for what is written now.
+  local keep = 0
+  if cooldown > 0 or suspend > 0 or learned_until then
     -- Who stopped the key, shown by pool_state.lua while the cooldown / suspension lasts.
     local cause = ARGV[12] .. '|' .. string.format('%.0f', now) .. '|' .. string.sub(ARGV[16] or '', 1, 200)
     if cooldown > 0 then redis.call('HSET', KEYS[10], 'cd', cause) end
     if suspend > 0 then redis.call('HSET', KEYS[10], 'susp', cause) end
-    redis.call('PEXPIRE', KEYS[10], math.max(cooldown, suspend, redis.call('PTTL', KEYS[10])))
+    if learned_until then redis.call('HSET', KEYS[10], 'cd', 'headers|' .. cause) end
+    keep = math.max(cooldown, suspend, learned_until and learned_cd or 0)
   end
+  if lim ~= '' then
+    redis.call('HSET', KEYS[10], 'lim', int(now + lim_keep) .. '|' .. lim .. '|' .. int(now))
+    keep = math.max(keep, lim_keep)
+  end
+  if keep > 0 then redis.call('PEXPIRE', KEYS[10], math.max(keep, redis.call('PTTL', KEYS[10]))) end
 end
 
 redis.call('XADD', KEYS[6], '*',

@@ -12,7 +12,7 @@
 //! | `keyward_redis_script_duration_seconds` | histogram | `script` (admit, select, report, renew, pool_state) |
 //! | `keyward_redis_script_errors_total` | counter | `script` |
 //! | `keyward_provider_selections_total` | counter | `provider` |
-//! | `keyward_provider_key_events_total` | counter | `provider`, `event` (cooldown, suspension) |
+//! | `keyward_provider_key_events_total` | counter | `provider`, `event` (cooldown, suspension, learned_cooldown: the upstream's rate-limit headers said a limit is used up) |
 //! | `keyward_reports_total` | counter | `result` (recorded, duplicate, too_late) |
 //! | `keyward_upstream_usage_total` | counter | `outcome` (parsed, not_found, compressed, unknown_format, out_of_range): what `/v1/report/upstream` read from the upstream's answer |
 //! | `keyward_data_plane_refusals_total` | counter | `endpoint` (select, report, report_upstream, renew), `reason` (no_token, wrong_token, token_not_configured, lease_not_found, not_the_lease_provider_key, no_lease): calls refused for lack of proof, and suspicious ones |
@@ -182,7 +182,7 @@ fn build() -> Metrics {
         provider_key_events: counter(
             &r,
             "keyward_provider_key_events_total",
-            "Provider keys cooled down (429) or suspended (401/403).",
+            "Provider keys cooled down (429, or a limit used up by their rate-limit headers) or suspended (401/403).",
             &["provider", "event"],
         ),
         reports: counter(

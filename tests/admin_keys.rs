@@ -5,7 +5,7 @@
 mod common;
 
 use common::{error_code, Backend, TestServer, TOKEN};
-use keyward::usage::{store as usage_store, UsageRecord};
+use keyward::usage::{store as usage_store, UsageRecord, UsageSource};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -424,6 +424,10 @@ fn record(id: &str, key_id: &str, created_at: i64, cost_micros: i64) -> UsageRec
         latency_ms: Some(100),
         upstream_status: Some(200),
         created_at,
+        cached_tokens: 0,
+        cache_write_tokens: 0,
+        reasoning_tokens: 0,
+        source: UsageSource::Reported,
     }
 }
 
@@ -445,6 +449,17 @@ async fn stats_give_totals_average_latency_and_days(b: Backend) {
     rows[1].latency_ms = Some(300);
     rows[2].latency_ms = None;
     rows[2].completion_tokens = 100;
+    // Token classes (within the tokens) and where the numbers came from.
+    rows[0].cached_tokens = 4;
+    rows[0].reasoning_tokens = 2;
+    rows[0].source = UsageSource::Parsed;
+    rows[1].cache_write_tokens = 3;
+    rows[1].source = UsageSource::Estimated;
+    rows[2].cached_tokens = 1;
+    rows[2].reasoning_tokens = 50;
+    rows[2].source = UsageSource::Estimated;
+    rows[4].cached_tokens = 1_000;
+    rows[4].source = UsageSource::Estimated;
     let db = s.db.connect().await;
     usage_store::apply(&db, &rows).await.unwrap();
 
@@ -462,11 +477,37 @@ async fn stats_give_totals_average_latency_and_days(b: Backend) {
         167.0
     );
     assert_eq!(
+        (
+            &all.body["total_cached_tokens"],
+            &all.body["total_cache_write_tokens"],
+            &all.body["total_reasoning_tokens"],
+            &all.body["estimated_requests"],
+        ),
+        (&json!(5), &json!(3), &json!(52), &json!(2))
+    );
+    let none = json!({"cached_tokens": 0, "cache_write_tokens": 0, "reasoning_tokens": 0, "estimated_requests": 0});
+    let day = |base: Value, classes: &Value| {
+        let mut day = base;
+        day.as_object_mut()
+            .unwrap()
+            .extend(classes.as_object().unwrap().clone());
+        day
+    };
+    assert_eq!(
         all.body["daily_stats"],
         json!([
-            {"date": "2026-01-01", "requests": 2, "tokens": 30, "cost_usd": 2},
-            {"date": "2026-01-02", "requests": 1, "tokens": 110, "cost_usd": 0.25},
-            {"date": "2026-01-04", "requests": 1, "tokens": 15, "cost_usd": 0.000001},
+            day(
+                json!({"date": "2026-01-01", "requests": 2, "tokens": 30, "cost_usd": 2}),
+                &json!({"cached_tokens": 4, "cache_write_tokens": 3, "reasoning_tokens": 2, "estimated_requests": 1})
+            ),
+            day(
+                json!({"date": "2026-01-02", "requests": 1, "tokens": 110, "cost_usd": 0.25}),
+                &json!({"cached_tokens": 1, "cache_write_tokens": 0, "reasoning_tokens": 50, "estimated_requests": 1})
+            ),
+            day(
+                json!({"date": "2026-01-04", "requests": 1, "tokens": 15, "cost_usd": 0.000001}),
+                &none
+            ),
         ])
     );
 
@@ -498,6 +539,8 @@ async fn stats_give_totals_average_latency_and_days(b: Backend) {
         )
         .await;
     assert_eq!(empty.body["total_requests"], 0);
+    assert_eq!(empty.body["total_cached_tokens"], 0);
+    assert_eq!(empty.body["estimated_requests"], 0);
     assert_eq!(empty.body["daily_stats"], json!([]));
 
     for q in [

@@ -715,6 +715,7 @@ async fn entries_held_by_a_dead_replica_are_claimed_and_applied() {
             cooldown_ms: 0,
             suspend_ms: 0,
             source: "data-token".into(),
+            learned: None,
             lease_expires_at_ms: 0,
             tokens: Some((2, 3)),
             cost_micros: 7,

@@ -75,6 +75,7 @@ on_both_stores!(
     a_sweep_keeps_a_suspension_of_a_key_never_picked,
     a_pool_with_2100_priorities_selects_in_order,
     causes_last_as_long_as_cooldowns_and_reset_clears_both,
+    learned_limits_cool_a_used_up_key_and_are_shown_for_a_while,
 );
 
 struct Store {
@@ -229,6 +230,7 @@ fn report(lease: &LeaseId, tokens: Option<(i64, i64)>, cost: i64) -> Report {
         cooldown_ms: 0,
         suspend_ms: 0,
         source: "data-token".into(),
+        learned: None,
         lease_expires_at_ms: 0,
         token_classes: Default::default(),
         usage_source: Default::default(),
@@ -1110,6 +1112,7 @@ fn pool_report(id: &str, cooldown_ms: i64, suspend_ms: i64) -> Report {
         cooldown_ms,
         suspend_ms,
         source: "data-token".into(),
+        learned: None,
         lease_expires_at_ms: 0,
         token_classes: Default::default(),
         usage_source: Default::default(),
@@ -1493,5 +1496,85 @@ async fn causes_last_as_long_as_cooldowns_and_reset_clears_both(kind: Kind) {
         (0, true)
     );
     assert_eq!(picked_id(&s, &pool, 0).await, ids[0]);
+    s.cleanup().await;
+}
+
+/// What rate-limit headers said: a used-up limit cools the key until its reset (only
+/// ever lengthening a cooldown), the cause says so, and the last snapshot is shown for
+/// [`learned::KEEP_MS`] (or until a later reset), on both stores alike.
+async fn learned_limits_cool_a_used_up_key_and_are_shown_for_a_while(kind: Kind) {
+    use keyward::pool::learned::{self, LearnedLimits};
+    let s = Store::new(kind).await;
+    let provider = common::unique_prefix();
+    let pool = vec![
+        candidate(&provider, 0, None, None),
+        candidate(&provider, 1, None, None),
+    ];
+    let ids: Vec<String> = pool.iter().map(|c| c.id.clone()).collect();
+    let learned = |requests: i64, reset_ms: i64| Report {
+        provider: Some(provider.clone()),
+        upstream_status: Some(200),
+        learned: Some(LearnedLimits {
+            remaining_requests: Some(requests),
+            remaining_tokens: Some(5_000),
+            requests_reset_ms: Some(reset_ms),
+            tokens_reset_ms: Some(60_000),
+        }),
+        ..pool_report(&ids[0], 0, 0)
+    };
+    // Requests left: no cooldown, the snapshot is shown.
+    s.counters.report(&learned(7, 20_000)).await.unwrap();
+    let live = s.counters.pool_state(&provider, &ids).await.unwrap();
+    let seen = live[0].learned.expect("a snapshot");
+    assert_eq!(seen.limits.remaining_requests, Some(7));
+    assert_eq!(seen.limits.tokens_reset_ms, Some(60_000));
+    assert_eq!((live[0].cooldown_remaining_ms, live[1].learned), (0, None));
+    assert_eq!(picked_id(&s, &pool, 0).await, ids[0]);
+    // Used up, reset in 20 s: skipped until then.
+    s.counters.report(&learned(0, 20_000)).await.unwrap();
+    let live = s.counters.pool_state(&provider, &ids).await.unwrap();
+    assert!((19_000..=20_000).contains(&live[0].cooldown_remaining_ms));
+    let cause = live[0].cooldown_cause.clone().expect("a cause");
+    assert!(cause.from_headers, "{cause:?}");
+    assert_eq!(cause.upstream_status, Some(200));
+    assert_eq!(live[0].learned.unwrap().limits.remaining_requests, Some(0));
+    assert_eq!(picked_id(&s, &pool, 0).await, ids[1]);
+    // A shorter learned reset does not shorten it.
+    s.counters.report(&learned(0, 1_000)).await.unwrap();
+    s.advance(2_000);
+    assert_eq!(picked_id(&s, &pool, 0).await, ids[1]);
+    // An upstream 429 with used-up headers keeps its own cooldown (and cause).
+    let refused = Report {
+        upstream_status: Some(429),
+        cooldown_ms: 30_000,
+        ..learned(0, 5_000)
+    };
+    assert_eq!(refused.learned_cooldown_ms(), 0);
+    s.counters.report(&refused).await.unwrap();
+    let live = s.counters.pool_state(&provider, &ids).await.unwrap();
+    let cause = live[0].cooldown_cause.clone().unwrap();
+    assert_eq!(
+        (cause.upstream_status, cause.from_headers),
+        (Some(429), false)
+    );
+    assert!(live[0].cooldown_remaining_ms > 25_000);
+    // Back after the cooldown; the snapshot stays until its keep time.
+    s.advance(31_000);
+    assert_eq!(picked_id(&s, &pool, 0).await, ids[0]);
+    s.counters.sweep();
+    let live = s.counters.pool_state(&provider, &ids).await.unwrap();
+    assert!(live[0].learned.is_some() && live[0].cooldown_cause.is_none());
+    s.advance(learned::KEEP_MS);
+    s.counters.sweep();
+    let live = s.counters.pool_state(&provider, &ids).await.unwrap();
+    assert_eq!(live[0].learned, None);
+    // A reset forgets the snapshot too.
+    s.counters.report(&learned(0, 20_000)).await.unwrap();
+    s.counters
+        .reset_provider_key(&provider, &ids[0])
+        .await
+        .unwrap();
+    let live = s.counters.pool_state(&provider, &ids).await.unwrap();
+    assert_eq!((live[0].cooldown_remaining_ms, live[0].learned), (0, None));
     s.cleanup().await;
 }

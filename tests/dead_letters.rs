@@ -8,7 +8,7 @@ mod common;
 
 use common::{eventually, Backend, Cluster, Shape, TestDb, TestServer};
 use keyward::accounting::apply_batch;
-use keyward::usage::{dead_letters, UsageRecord};
+use keyward::usage::{dead_letters, UsageRecord, UsageSource};
 use reqwest::Method;
 use serde_json::{json, Value};
 use sqlx::{AnyPool, Executor};
@@ -188,6 +188,10 @@ fn record(id: &str, model: &str, cost: i64) -> UsageRecord {
         latency_ms: None,
         upstream_status: None,
         created_at: 1_700_000_000_000,
+        cached_tokens: 0,
+        cache_write_tokens: 0,
+        reasoning_tokens: 0,
+        source: UsageSource::Reported,
     }
 }
 
@@ -223,7 +227,10 @@ async fn refused_records_in_a_batch_are_found_and_set_aside(backend: Backend) {
     store.close().await;
 }
 
-on_both_backends!(refused_records_in_a_batch_are_found_and_set_aside);
+on_both_backends!(
+    refused_records_in_a_batch_are_found_and_set_aside,
+    token_classes_and_source_are_stored_once,
+);
 
 /// An entry in the Redis usage stream that is not a usage record is kept as a dead
 /// letter (with its fields), not dropped, and the stream goes on.
@@ -258,5 +265,207 @@ async fn a_malformed_stream_entry_is_kept_not_dropped() {
     assert!(letter["record_id"].as_str().unwrap().starts_with("stream:"));
     assert_eq!(letter["record"]["id"], "no-timestamp");
     assert_eq!(letter["record"]["model"], "gpt-4o");
+    c.stop().await;
+}
+
+/// A usage row's token classes and source, as stored (`id` of the record).
+async fn stored_classes(db: &AnyPool, id: &str) -> (i64, i64, i64, String) {
+    use sqlx::Row;
+    let row = sqlx::query(
+        "SELECT cached_tokens, cache_write_tokens, reasoning_tokens, source \
+         FROM usage_records WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(db)
+    .await
+    .unwrap();
+    (
+        row.get("cached_tokens"),
+        row.get("cache_write_tokens"),
+        row.get("reasoning_tokens"),
+        row.get("source"),
+    )
+}
+
+/// The writer stores the token classes and source (once: a repeat adds nothing), a
+/// class out of range is set aside like any value out of range, and a dead letter
+/// written by an older release (without them) still reads back.
+async fn token_classes_and_source_are_stored_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let classed = UsageRecord {
+        prompt_tokens: 100,
+        completion_tokens: 40,
+        cached_tokens: 60,
+        cache_write_tokens: 20,
+        reasoning_tokens: 30,
+        source: UsageSource::Parsed,
+        ..record("classed", "gpt-4o", 10)
+    };
+    let estimated = UsageRecord {
+        source: UsageSource::Estimated,
+        ..record("estimated", "gpt-4o", 10)
+    };
+    let huge = UsageRecord {
+        reasoning_tokens: keyward::money::MAX_TOTAL + 1,
+        ..record("huge-class", "gpt-4o", 10)
+    };
+    let batch = vec![
+        classed.clone(),
+        estimated,
+        huge,
+        record("plain", "gpt-4o", 10),
+    ];
+    let applied = apply_batch(&store, &batch).await.unwrap();
+    assert_eq!(
+        (applied.inserted, applied.dead_lettered),
+        (3, 1),
+        "{applied:?}"
+    );
+    assert_eq!(apply_batch(&store, &batch).await.unwrap().duplicates, 3);
+    sqlx::any::install_default_drivers();
+    let sql = AnyPool::connect(&db.url).await.unwrap();
+    assert_eq!(
+        stored_classes(&sql, "classed").await,
+        (60, 20, 30, "parsed".into())
+    );
+    assert_eq!(
+        stored_classes(&sql, "estimated").await,
+        (0, 0, 0, "estimated".into())
+    );
+    assert_eq!(
+        stored_classes(&sql, "plain").await,
+        (0, 0, 0, "reported".into())
+    );
+    let letters = dead_letters::list(&store, 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0].error.contains("token classes"), "{letters:?}");
+    let kept: UsageRecord = serde_json::from_str(&letters[0].record).unwrap();
+    assert_eq!(kept.reasoning_tokens, keyward::money::MAX_TOTAL + 1);
+    // The JSON of a record set aside by an older release.
+    let mut old = serde_json::to_value(&classed).unwrap();
+    for field in [
+        "cached_tokens",
+        "cache_write_tokens",
+        "reasoning_tokens",
+        "source",
+    ] {
+        old.as_object_mut().unwrap().remove(field);
+    }
+    let read: UsageRecord = serde_json::from_value(old.clone()).unwrap();
+    assert_eq!(
+        (read.cached_tokens, read.reasoning_tokens, read.source),
+        (0, 0, UsageSource::Reported)
+    );
+    old["source"] = json!("guessed");
+    assert!(serde_json::from_value::<UsageRecord>(old).is_err());
+    assert_eq!(serde_json::to_value(&classed).unwrap()["source"], "parsed");
+    sql.close().await;
+    store.close().await;
+}
+
+/// Stream entries with the token classes and source are stored with them; an older
+/// release's entry (without them) is stored as reported with no classes; an entry with
+/// an unreadable class or source is set aside as a dead letter, and the queue goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_entries_carry_token_classes_and_bad_ones_are_set_aside() {
+    let c = Cluster::start_n(Shape::Distributed, 1, |_| {}).await;
+    let s = &c.servers[0];
+    let keyward::limits::Counters::Redis(redis) = &s.state.counters else {
+        panic!("distributed shape without Redis");
+    };
+    let mut conn = redis.conn().await.unwrap();
+    let entry = |id: &str, extra: &[(&str, &str)]| {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(redis.stream_key()).arg("*");
+        for (name, value) in [
+            ("id", id),
+            ("key", ""),
+            ("provider", "openai"),
+            ("model", "gpt-4o"),
+            ("fmt", ""),
+            ("pk", ""),
+            ("pt", "100"),
+            ("ct", "40"),
+            ("cost", "0"),
+            ("lat", ""),
+            ("st", "200"),
+            ("ts", "1700000000000"),
+        ]
+        .iter()
+        .chain(extra)
+        {
+            cmd.arg(*name).arg(*value);
+        }
+        cmd
+    };
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let id = |name: &str| format!("{name}-{unique}");
+    for (name, extra) in [
+        (
+            "new",
+            &[("cr", "60"), ("cw", "20"), ("rs", "30"), ("src", "parsed")][..],
+        ),
+        (
+            "estimated",
+            &[("cr", "0"), ("cw", "0"), ("rs", "0"), ("src", "estimated")][..],
+        ),
+        ("old", &[][..]),
+        ("bad-class", &[("cr", "lots"), ("src", "parsed")][..]),
+        ("bad-source", &[("cr", "1"), ("src", "guessed")][..]),
+        ("negative", &[("rs", "-1")][..]),
+    ] {
+        let _: String = entry(&id(name), extra)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let db = c.db.connect().await;
+    sqlx::any::install_default_drivers();
+    let sql = AnyPool::connect(&c.db.url).await.unwrap();
+    let letters = eventually(30, || async {
+        let letters = dead_letters::list(&db, 10).await.unwrap();
+        (letters.len() == 3).then_some(letters)
+    })
+    .await;
+    let mut kept: Vec<String> = letters
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<Value>(&l.record).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        vec![id("bad-class"), id("bad-source"), id("negative")]
+    );
+    eventually(30, || async {
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM usage_records WHERE id IN ($1, $2, $3)")
+                .bind(id("new"))
+                .bind(id("estimated"))
+                .bind(id("old"))
+                .fetch_one(&sql)
+                .await
+                .unwrap();
+        (count == 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stored_classes(&sql, &id("new")).await,
+        (60, 20, 30, "parsed".into())
+    );
+    assert_eq!(
+        stored_classes(&sql, &id("estimated")).await,
+        (0, 0, 0, "estimated".into())
+    );
+    assert_eq!(
+        stored_classes(&sql, &id("old")).await,
+        (0, 0, 0, "reported".into())
+    );
+    sql.close().await;
     c.stop().await;
 }

@@ -294,6 +294,7 @@ async fn a_later_outage_starts_from_the_database_balance() {
                 cooldown_ms: 0,
                 suspend_ms: 0,
                 source: "data-token".into(),
+                learned: None,
                 lease_expires_at_ms: 0,
                 token_classes: Default::default(),
                 usage_source: Default::default(),

@@ -16,6 +16,7 @@ on_both_shapes!(
     every_fixture_answer_is_charged_its_stated_tokens,
     only_the_lease_authorizes_and_bounds_hold,
     an_upstream_429_cools_the_leases_pick_and_repeats_count_once,
+    used_up_rate_limit_headers_rest_the_key_until_their_reset,
 );
 
 /// Every fixture of `tests/fixtures/usage`, the path its API is called at, and the total
@@ -287,6 +288,137 @@ async fn an_upstream_429_cools_the_leases_pick_and_repeats_count_once(shape: Sha
     assert!(
         (25_000..=30_000).contains(&left),
         "Retry-After 30 s: {left}"
+    );
+    c.stop().await;
+}
+
+/// An admission with `"select": true`: its lease id and its pick.
+async fn admit_select(s: &TestServer, secret: &str, provider: &str) -> (String, String) {
+    let a = s
+        .admit(json!({"key": secret, "provider": provider, "select": true}))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    (
+        a.body["lease_id"].as_str().unwrap().to_string(),
+        a.body["provider_key"]["id"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The case: an answer with `x-ratelimit-remaining-requests: 0` and a reset of
+/// 20 s rests the lease's pick (the next select skips it) until the reset, when it
+/// returns; the listing shows what was learned and that the cooldown came from the
+/// headers. Anthropic's headers do the same with an RFC 3339 reset.
+async fn used_up_rate_limit_headers_rest_the_key_until_their_reset(shape: Shape) {
+    let c = Cluster::start(shape, |_| {}).await;
+    let s = c.any(0);
+    let provider = format!("p{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let first = s
+        .add_provider_key(
+            &provider,
+            json!({"label": "a", "value": "sk-learn-a-0000000000", "priority": 0}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let second = s
+        .add_provider_key(
+            &provider,
+            json!({"label": "b", "value": "sk-learn-b-0000000000", "priority": 1}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, secret) = s.create_key(json!({"rate_limit": null})).await;
+    let advance = |ms: i64| {
+        for server in &c.servers {
+            server.state.counters.time_shift().advance(ms);
+        }
+    };
+    let answer = |headers: Value| {
+        json!({"status": 200, "path": "/v1/chat/completions", "headers": headers,
+               "head": b64(&fixture("openai_chat.json")), "complete": true})
+        .to_string()
+    };
+
+    // Requests left: nothing rests, the first key stays first.
+    let (lease, picked) = admit_select(c.any(1), &secret, &provider).await;
+    assert_eq!(picked, first);
+    let headers =
+        json!({"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "20s"});
+    let a = post(c.any(2), Some(&lease), answer(headers)).await;
+    assert_eq!(a.body, json!({"recorded": true}));
+    let (lease, picked) = admit_select(c.any(0), &secret, &provider).await;
+    assert_eq!(picked, first, "requests were left");
+
+    // Used up, reset in 20 s: the next selects skip it.
+    let headers = json!({"X-RateLimit-Remaining-Requests": "0", "x-ratelimit-reset-requests": "20s",
+                         "x-ratelimit-remaining-tokens": "149984", "x-ratelimit-reset-tokens": "6m0s"});
+    let a = post(c.any(1), Some(&lease), answer(headers)).await;
+    assert_eq!(a.body, json!({"recorded": true}));
+    let metrics = c.any(1).metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "keyward_provider_key_events_total{{event=\"learned_cooldown\",provider=\"{provider}\"}} 1"
+        )),
+        "{metrics}"
+    );
+    for i in 0..3 {
+        assert_eq!(
+            admit_select(c.any(i), &secret, &provider).await.1,
+            second,
+            "the first key rests"
+        );
+    }
+    let keys = c.any(2).provider_keys(&provider).await;
+    let key = keys.iter().find(|k| k["id"] == first.as_str()).unwrap();
+    let live = &key["live"];
+    let left = live["cooldown_remaining_ms"].as_i64().unwrap();
+    assert!((15_000..=20_000).contains(&left), "{live}");
+    assert_eq!(live["cooldown_cause"]["from_headers"], true, "{live}");
+    assert_eq!(live["cooldown_cause"]["upstream_status"], 200, "{live}");
+    let learned = &live["learned"];
+    assert_eq!(learned["remaining_requests"], 0, "{live}");
+    assert_eq!(learned["remaining_tokens"], 149_984, "{live}");
+    let at = |field: &str| {
+        chrono::DateTime::parse_from_rfc3339(learned[field].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis()
+    };
+    assert_eq!(at("requests_reset_at") - at("learned_at"), 20_000, "{live}");
+    assert_eq!(at("tokens_reset_at") - at("learned_at"), 360_000, "{live}");
+    let other = keys.iter().find(|k| k["id"] == second.as_str()).unwrap();
+    assert!(other["live"]["learned"].is_null(), "{other}");
+
+    // After the reset it is back.
+    advance(21_000);
+    let (lease, picked) = admit_select(c.any(1), &secret, &provider).await;
+    assert_eq!(picked, first, "back after the reset");
+
+    // Anthropic: input tokens used up until a time 30 s ahead (a duration from the
+    // report, so the shifted counter clock does not matter).
+    let reset = chrono::Utc::now() + chrono::Duration::seconds(30);
+    let headers = json!({"anthropic-ratelimit-requests-remaining": "40",
+                         "anthropic-ratelimit-input-tokens-remaining": "0",
+                         "anthropic-ratelimit-input-tokens-reset": reset.to_rfc3339()});
+    let a = post(c.any(0), Some(&lease), answer(headers)).await;
+    assert_eq!(a.body, json!({"recorded": true}));
+    assert_eq!(
+        admit_select(c.any(2), &secret, &provider).await.1,
+        second,
+        "input tokens used up"
+    );
+    let keys = c.any(1).provider_keys(&provider).await;
+    let key = keys.iter().find(|k| k["id"] == first.as_str()).unwrap();
+    assert_eq!(key["live"]["learned"]["remaining_tokens"], 0, "{key}");
+    assert_eq!(key["live"]["learned"]["remaining_requests"], 40, "{key}");
+    assert_eq!(key["live"]["cooldown_cause"]["from_headers"], true, "{key}");
+    advance(31_000);
+    assert_eq!(
+        admit_select(c.any(0), &secret, &provider).await.1,
+        first,
+        "back after the reset"
     );
     c.stop().await;
 }

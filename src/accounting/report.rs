@@ -9,6 +9,7 @@ pub const MAX_REPORT_TOKENS: i64 = 1_000_000_000;
 use crate::lease::SignedLease;
 use crate::limits::{LeaseId, Report, TokenClasses};
 use crate::money::{format_usd, Usd, MAX_REPORT_MICROS};
+use crate::pool::learned::LearnedLimits;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +41,10 @@ pub struct ReportBody {
     pub upstream_status: Option<i64>,
     #[serde(default)]
     pub retry_after_s: Option<i64>,
+    /// What the upstream's rate-limit headers said (`/v1/report/upstream` only: a
+    /// `/v1/report` body cannot state it).
+    #[serde(skip)]
+    pub learned: Option<LearnedLimits>,
 }
 
 /// What an upstream answer does to the provider key that served it.
@@ -172,6 +177,67 @@ impl ReportBody {
             cooldown_ms,
             suspend_ms,
             source,
+            // A learned reset is a cooldown like any other: capped alike.
+            learned: self.learned.map(|l| l.capped(cap)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: PoolPolicy = PoolPolicy {
+        default_cooldown_ms: 60_000,
+        suspend_ms: 3_600_000,
+        lease_cooldown_max_ms: 10_000,
+    };
+
+    fn learned(reset_ms: i64) -> Option<LearnedLimits> {
+        Some(LearnedLimits {
+            remaining_requests: Some(0),
+            requests_reset_ms: Some(reset_ms),
+            ..LearnedLimits::default()
+        })
+    }
+
+    fn lease() -> SignedLease {
+        SignedLease {
+            lease: LeaseId::new("6f1c2f7e-3a55-4c2e-9a55-2f0d5c1e9b10"),
+            provider_key_id: None,
+            expires_at_ms: 1,
+            hold_micros: 0,
+            price: None,
+        }
+    }
+
+    #[test]
+    fn a_learned_reset_is_capped_like_a_leases_cooldown() {
+        let body = |status, reset_ms| ReportBody {
+            upstream_status: Some(status),
+            learned: learned(reset_ms),
+            ..ReportBody::default()
+        };
+        let report = body(200, 20_000).validate(POLICY, Some(lease())).unwrap();
+        assert_eq!(
+            report.learned_cooldown_ms(),
+            10_000,
+            "capped by the lease maximum"
+        );
+        let report = body(200, 5_000).validate(POLICY, Some(lease())).unwrap();
+        assert_eq!(report.learned_cooldown_ms(), 5_000);
+        // An error status keeps its own cooldown or suspension.
+        for status in [429, 401, 403] {
+            let report = body(status, 5_000).validate(POLICY, Some(lease())).unwrap();
+            assert_eq!(report.learned_cooldown_ms(), 0, "{status}");
+            assert!(report.learned.is_some(), "still kept for the listing");
+        }
+    }
+
+    #[test]
+    fn a_report_body_cannot_state_learned_limits() {
+        let parsed: Result<ReportBody, _> =
+            serde_json::from_str(r#"{"learned": {"remaining_requests": 0}}"#);
+        assert!(parsed.is_err());
     }
 }

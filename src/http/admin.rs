@@ -248,6 +248,10 @@ async fn key_stats(
         "total_requests": stats.requests,
         "total_tokens": stats.tokens,
         "total_cost_usd": Usd(stats.cost_micros),
+        "total_cached_tokens": stats.classes.cached_tokens,
+        "total_cache_write_tokens": stats.classes.cache_write_tokens,
+        "total_reasoning_tokens": stats.classes.reasoning_tokens,
+        "estimated_requests": stats.classes.estimated_requests,
         "avg_response_time_ms": stats.avg_latency_ms.unwrap_or(0.0),
         "daily_stats": stats.daily,
     })))

@@ -384,13 +384,20 @@ async fn record(
         }
         (false, None, _, _) => {}
     }
-    let event = match (report.cooldown_ms > 0, report.suspend_ms > 0) {
-        (true, _) => Some("cooldown"),
-        (_, true) => Some("suspension"),
-        _ => None,
+    let event = if report.cooldown_ms > 0 {
+        Some("cooldown")
+    } else if report.suspend_ms > 0 {
+        Some("suspension")
+    } else if report.learned_cooldown_ms() > 0 {
+        Some("learned_cooldown")
+    } else {
+        None
     };
-    if let (Some(_), Some(id)) = (event, &report.provider_key_id) {
-        // Only after an upstream 429/401/403.
+    if let (true, Some(id)) = (
+        event.is_some() || report.learned.is_some(),
+        &report.provider_key_id,
+    ) {
+        // Only after an upstream 429/401/403, or rate-limit headers to keep.
         report.provider = provider_of(state, id).await.ok().flatten();
     }
     if let crate::limits::Counters::Memory(_) = state.counters {

@@ -315,13 +315,18 @@ pub fn admin() -> Value {
         "is_standalone": s("boolean"), "balance_usd": nullable("number"), "remaining_balance_usd": nullable("number"),
     }});
     let keys = json!({"type": "object", "required": ["keys"], "properties": {"keys": {"type": "array", "items": reference("Key")}}});
-    let cause = json!({"type": "object", "nullable": true, "required": ["upstream_status", "at", "source"], "properties": {
+    let cause = json!({"type": "object", "nullable": true, "required": ["upstream_status", "at", "source", "from_headers"], "properties": {
         "upstream_status": nullable("integer"), "at": s("string"), "source": s("string"),
+        "from_headers": s("boolean"),
+    }});
+    let learned = json!({"type": "object", "nullable": true, "required": ["learned_at"], "properties": {
+        "remaining_requests": nullable("integer"), "remaining_tokens": nullable("integer"),
+        "requests_reset_at": nullable("string"), "tokens_reset_at": nullable("string"), "learned_at": s("string"),
     }});
     let live = json!({"type": "object", "properties": {
         "requests_last_60s": s("integer"), "tokens_last_60s": s("integer"), "cooldown_remaining_ms": s("integer"),
         "suspended": s("boolean"), "suspended_remaining_ms": s("integer"),
-        "cooldown_cause": cause.clone(), "suspension_cause": cause,
+        "cooldown_cause": cause.clone(), "suspension_cause": cause, "learned": learned,
     }});
     let provider_key = json!({"type": "object", "required": ["id", "provider", "label", "priority"], "properties": {
         "id": s("string"), "provider": s("string"), "label": s("string"), "priority": s("integer"),
@@ -345,13 +350,26 @@ pub fn admin() -> Value {
         &["processed", "deleted", "disabled"],
     );
     let day = answer(
-        json!({"date": s("string"), "requests": integer(), "tokens": integer(), "cost_usd": s("number")}),
-        &["date", "requests", "tokens", "cost_usd"],
+        json!({"date": s("string"), "requests": integer(), "tokens": integer(), "cost_usd": s("number"),
+               "cached_tokens": integer(), "cache_write_tokens": integer(), "reasoning_tokens": integer(),
+               "estimated_requests": integer()}),
+        &[
+            "date",
+            "requests",
+            "tokens",
+            "cost_usd",
+            "cached_tokens",
+            "cache_write_tokens",
+            "reasoning_tokens",
+            "estimated_requests",
+        ],
     );
     let stats = answer(
         json!({
             "key_id": s("string"), "key_name": nullable("string"), "start": nullable("string"), "end": nullable("string"),
             "total_requests": integer(), "total_tokens": integer(), "total_cost_usd": s("number"),
+            "total_cached_tokens": integer(), "total_cache_write_tokens": integer(),
+            "total_reasoning_tokens": integer(), "estimated_requests": integer(),
             "avg_response_time_ms": s("number"), "daily_stats": {"type": "array", "items": day},
         }),
         &[
@@ -359,6 +377,10 @@ pub fn admin() -> Value {
             "total_requests",
             "total_tokens",
             "total_cost_usd",
+            "total_cached_tokens",
+            "total_cache_write_tokens",
+            "total_reasoning_tokens",
+            "estimated_requests",
             "avg_response_time_ms",
             "daily_stats",
         ],

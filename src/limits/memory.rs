@@ -18,6 +18,7 @@ use super::{
 use crate::clock::now_ms;
 use crate::money::bounded;
 use crate::pool::cache::Pool as CandidatePool;
+use crate::pool::learned::Learned;
 use crate::pool::{Cause, LiveState};
 use crate::usage::UsageRecord;
 
@@ -45,6 +46,8 @@ struct PoolKey {
     /// The reports behind them (shown while they last).
     cooldown_cause: Option<Cause>,
     suspension_cause: Option<Cause>,
+    /// What the rate-limit headers said last, and until when it is shown.
+    learned: Option<(Learned, i64)>,
     last_pick: Option<i64>,
 }
 
@@ -394,6 +397,10 @@ impl MemoryCounters {
                         suspended_remaining_ms: (key.suspended_until - now).max(0),
                         cooldown_cause: key.cooldown_cause.clone().filter(|_| cooling),
                         suspension_cause: key.suspension_cause.clone().filter(|_| suspended),
+                        learned: key
+                            .learned
+                            .filter(|(_, until)| *until > now)
+                            .map(|(l, _)| l),
                     }
                 }
             })
@@ -409,6 +416,7 @@ impl MemoryCounters {
                 key.suspended_until = 0;
                 key.cooldown_cause = None;
                 key.suspension_cause = None;
+                key.learned = None;
             }
         }
     }
@@ -429,6 +437,14 @@ impl MemoryCounters {
         if r.suspend_ms > 0 {
             key.suspended_until = now + r.suspend_ms;
             key.suspension_cause = Some(Cause::new(r.upstream_status, now, &r.source));
+        }
+        let learned_cd = r.learned_cooldown_ms();
+        if learned_cd > 0 && now + learned_cd > key.cooldown_until {
+            key.cooldown_until = now + learned_cd;
+            key.cooldown_cause = Some(Cause::new(r.upstream_status, now, &r.source).learned());
+        }
+        if let Some(limits) = r.learned {
+            key.learned = Some((Learned { limits, at_ms: now }, now + limits.keep_ms()));
         }
         if let (Some((bucket, reserved)), Some((prompt, completion))) = (settle, r.tokens) {
             key.tokens.prune(now.div_euclid(1000));
@@ -498,6 +514,10 @@ impl MemoryCounters {
             latency_ms: r.latency_ms,
             upstream_status: r.upstream_status,
             created_at: now,
+            cached_tokens: r.token_classes.cached,
+            cache_write_tokens: r.token_classes.cache_write,
+            reasoning_tokens: r.token_classes.reasoning,
+            source: r.usage_source,
         };
         self.queue(record).await?;
         Ok(Reported::Recorded)
@@ -555,6 +575,9 @@ impl MemoryCounters {
                 if key.suspended_until <= now {
                     key.suspension_cause = None;
                 }
+                if key.learned.is_some_and(|(_, until)| until <= now) {
+                    key.learned = None;
+                }
                 // Keep the pick time (least-recently-used order must survive quiet
                 // periods), and a cooldown or suspension until it ends: a key reported
                 // revoked but never picked here has nothing else to keep it by.
@@ -563,6 +586,7 @@ impl MemoryCounters {
                     || !key.tokens.is_empty()
                     || key.cooldown_until > now
                     || key.suspended_until > now
+                    || key.learned.is_some()
             });
         }
     }

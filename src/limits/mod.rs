@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use crate::pool::cache::Pool;
+use crate::pool::learned::LearnedLimits;
 use crate::pool::LiveState;
 
 /// A lease id as clients see it: `<key id>.<32 hex>`. The key id part lets a report find
@@ -197,8 +198,9 @@ pub struct Report {
     pub model: Option<String>,
     pub provider_key_id: Option<String>,
     /// That key's provider, when the caller looked it up (only after an upstream
-    /// 429/401/403). The in-process twin needs it for a key it has not picked since it
-    /// started; Redis finds the key by its id alone.
+    /// 429/401/403, or with rate-limit headers to keep). The in-process twin needs it
+    /// for a key it has not picked since it started; Redis finds the key by its id
+    /// alone.
     pub provider: Option<String>,
     pub latency_ms: Option<i64>,
     pub upstream_status: Option<i64>,
@@ -209,6 +211,25 @@ pub struct Report {
     /// Who made the report, kept as the cause of a cooldown or suspension: `lease <id>`
     /// for a report authorized by its lease, `data-token` for one without a lease.
     pub source: String,
+    /// What the upstream's rate-limit headers said about the provider key (resets
+    /// already capped like a cooldown): kept for the listing, and a used-up limit cools
+    /// the key down ([`Report::learned_cooldown_ms`]).
+    pub learned: Option<LearnedLimits>,
+}
+
+impl Report {
+    /// How long the provider key rests because its headers said a limit is used up: 0
+    /// when an error status already cools it down or suspends it (an upstream 429 keeps
+    /// its own cooldown). Such a cooldown only lengthens one the key already has.
+    pub fn learned_cooldown_ms(&self) -> i64 {
+        let stopped = self.cooldown_ms > 0
+            || self.suspend_ms > 0
+            || matches!(self.upstream_status, Some(401 | 403 | 429));
+        match (&self.learned, stopped) {
+            (Some(learned), false) => learned.cooldown_ms(),
+            _ => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

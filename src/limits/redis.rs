@@ -17,7 +17,7 @@
 //! | `{P}:p:<provider>:order` | zset | key id → priority rank · 2^42 + last pick |
 //! | `{P}:pk:<id>:rpm` / `:tpm` | hash | a provider key's windows |
 //! | `{P}:pk:<id>:cd` / `:susp` | string | when its cooldown / suspension ends (ms) |
-//! | `{P}:pk:<id>:cause` | hash | `cd` / `susp` → the report behind them (`status\|at\|source`) |
+//! | `{P}:pk:<id>:cause` | hash | `cd` / `susp` → the report behind them (`status\|at\|source`); `lim` → what the rate-limit headers said last |
 //!
 //! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
 //! `SCRIPT FLUSH`), `redis::Script` sees NOSCRIPT, loads, and retries once.
@@ -53,8 +53,9 @@ use super::{
 use crate::clock::now_ms;
 use crate::config::BackendErrorPolicy;
 use crate::pool::cache::{Candidate, Pool};
+use crate::pool::learned::Learned;
 use crate::pool::{Cause, LiveState};
-use crate::usage::UsageRecord;
+use crate::usage::{UsageRecord, UsageSource};
 
 /// The Lua sources, compiled into the binary.
 pub mod source {
@@ -541,7 +542,7 @@ impl RedisCounters {
         call.arg(self.shift.get());
         let reply: Vec<redis::Value> = self.lanes.invoke("pool_state", &call).await?;
         let bad = || CounterError::Protocol("pool_state returned an unexpected answer".into());
-        if reply.len() != ids.len() * 6 {
+        if reply.len() != ids.len() * 7 {
             return Err(bad());
         }
         let int = |v: &redis::Value| redis::from_redis_value_ref::<i64>(v).map_err(|_| bad());
@@ -550,8 +551,13 @@ impl RedisCounters {
                 .ok()
                 .and_then(|text| Cause::decode(&text))
         };
+        let learned = |v: &redis::Value| {
+            redis::from_redis_value_ref::<String>(v)
+                .ok()
+                .and_then(|text| Learned::decode(&text))
+        };
         reply
-            .chunks(6)
+            .chunks(7)
             .map(|c| {
                 Ok(LiveState {
                     requests_last_60s: int(&c[0])?,
@@ -560,6 +566,7 @@ impl RedisCounters {
                     suspended_remaining_ms: int(&c[3])?,
                     cooldown_cause: cause(&c[4]),
                     suspension_cause: cause(&c[5]),
+                    learned: learned(&c[6]),
                 })
             })
             .collect()
@@ -633,7 +640,10 @@ impl RedisCounters {
             .arg(r.token_classes.cached)
             .arg(r.token_classes.cache_write)
             .arg(r.token_classes.reasoning)
-            .arg(r.usage_source.as_str());
+            .arg(r.usage_source.as_str())
+            .arg(r.learned_cooldown_ms())
+            .arg(r.learned.map(|l| l.encode()).unwrap_or_default())
+            .arg(r.learned.map_or(0, |l| l.keep_ms()));
         let reply: Vec<i64> = self.lanes.invoke("report", &call).await?;
         match reply.first() {
             Some(1) => Ok(Reported::Recorded),
@@ -743,7 +753,12 @@ fn sanitize(field: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Turns one accounting-stream entry back into a usage record.
+/// Turns one accounting-stream entry back into a usage record; `None` for an entry that
+/// is not one (it becomes a dead letter).
+///
+/// The token classes (`cr` cached, `cw` cache write, `rs` reasoning) and `src` came with
+/// a later release: an entry without them (an older release's) has none of the classes
+/// and was reported; one with an unreadable value is not a usage record.
 pub fn record_from_entry(
     fields: &std::collections::HashMap<String, redis::Value>,
 ) -> Option<UsageRecord> {
@@ -754,6 +769,14 @@ pub fn record_from_entry(
     };
     let opt = |name: &str| text(name).filter(|s| !s.is_empty());
     let int = |name: &str| opt(name).and_then(|s| s.parse::<i64>().ok());
+    let class = |name: &str| match fields.get(name) {
+        None => Some(0),
+        Some(_) => text(name)?.parse::<i64>().ok().filter(|n| *n >= 0),
+    };
+    let source = match fields.get("src") {
+        None => UsageSource::Reported,
+        Some(_) => UsageSource::parse(&text("src")?)?,
+    };
     Some(UsageRecord {
         id: opt("id")?,
         key_id: opt("key"),
@@ -767,5 +790,9 @@ pub fn record_from_entry(
         latency_ms: int("lat"),
         upstream_status: int("st"),
         created_at: int("ts")?,
+        cached_tokens: class("cr")?,
+        cache_write_tokens: class("cw")?,
+        reasoning_tokens: class("rs")?,
+        source,
     })
 }

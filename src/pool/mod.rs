@@ -5,6 +5,7 @@
 //! - [`cache`]: per provider, the active keys with their values decrypted once, in the
 //!   order selection tries them.
 //! - [`service`]: the admin operations.
+//! - [`learned`]: what an upstream's rate-limit headers say about a key.
 //!
 //! Selection itself happens in the counter store, in the same atomic step as a client
 //! admission (see `lua/admit.lua` and [`crate::limits`]): lowest priority first, then
@@ -17,12 +18,14 @@
 
 pub mod cache;
 pub mod input;
+pub mod learned;
 pub mod service;
 pub mod store;
 
 use serde::Serialize;
 
 use crate::clock::to_rfc3339;
+use learned::{Learned, LearnedView};
 
 pub use service::{PoolError, ProviderKeys};
 
@@ -55,6 +58,9 @@ pub struct LiveState {
     pub cooldown_cause: Option<Cause>,
     /// The report behind the current suspension (`None` when not suspended).
     pub suspension_cause: Option<Cause>,
+    /// What the upstream's rate-limit headers said last (kept for a while, see
+    /// [`learned::LearnedLimits::keep_ms`]).
+    pub learned: Option<Learned>,
 }
 
 /// The report that cooled down or suspended a key, kept with the cooldown / suspension
@@ -68,7 +74,13 @@ pub struct Cause {
     /// `lease <lease id>` or `data-token` (see [`crate::limits::Report::source`]), at most
     /// [`MAX_CAUSE_SOURCE`] characters.
     pub source: String,
+    /// The cooldown was learned from the upstream's rate-limit headers (a limit used up),
+    /// not set by an error status.
+    pub from_headers: bool,
 }
+
+/// What starts the stored form of a cause learned from rate-limit headers.
+const FROM_HEADERS: &str = "headers|";
 
 /// The longest report source kept as a cause; a longer one is cut.
 pub const MAX_CAUSE_SOURCE: usize = 200;
@@ -80,14 +92,26 @@ impl Cause {
             upstream_status,
             at_ms,
             source: bounded_source(source).to_string(),
+            from_headers: false,
         }
     }
 
-    /// The stored form `status|at ms|source` (`status` empty when unknown).
+    /// The same, learned from the upstream's rate-limit headers.
+    pub fn learned(self) -> Cause {
+        Cause {
+            from_headers: true,
+            ..self
+        }
+    }
+
+    /// The stored form `status|at ms|source` (`status` empty when unknown), after
+    /// `headers|` for a cause learned from rate-limit headers (as `lua/report.lua`
+    /// writes them).
     pub fn encode(&self) -> String {
         let status = self.upstream_status.map(|s| s.to_string());
         format!(
-            "{}|{}|{}",
+            "{}{}|{}|{}",
+            if self.from_headers { FROM_HEADERS } else { "" },
             status.unwrap_or_default(),
             self.at_ms,
             self.source
@@ -96,6 +120,10 @@ impl Cause {
 
     /// Reads [`Cause::encode`]'s form; `None` for anything else (or an empty text).
     pub fn decode(text: &str) -> Option<Cause> {
+        let (from_headers, text) = match text.strip_prefix(FROM_HEADERS) {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
         let mut parts = text.splitn(3, '|');
         let status = parts.next()?;
         let at_ms = parts.next()?.parse().ok()?;
@@ -108,6 +136,7 @@ impl Cause {
             },
             at_ms,
             source: bounded_source(source).to_string(),
+            from_headers,
         })
     }
 }
@@ -125,6 +154,8 @@ pub struct CauseView {
     pub upstream_status: Option<i64>,
     pub at: String,
     pub source: String,
+    /// Learned from the upstream's rate-limit headers (a limit used up), not an error.
+    pub from_headers: bool,
 }
 
 impl From<&Cause> for CauseView {
@@ -133,6 +164,7 @@ impl From<&Cause> for CauseView {
             upstream_status: c.upstream_status,
             at: to_rfc3339(c.at_ms),
             source: c.source.clone(),
+            from_headers: c.from_headers,
         }
     }
 }
@@ -167,6 +199,9 @@ pub struct LiveView {
     pub cooldown_cause: Option<CauseView>,
     /// Why the key is suspended (null when it is not).
     pub suspension_cause: Option<CauseView>,
+    /// What the upstream's rate-limit headers said last (null when nothing was learned
+    /// lately).
+    pub learned: Option<LearnedView>,
 }
 
 impl ProviderKey {
@@ -192,6 +227,7 @@ impl ProviderKey {
                 suspended_remaining_ms: l.suspended_remaining_ms,
                 cooldown_cause: l.cooldown_cause.as_ref().map(CauseView::from),
                 suspension_cause: l.suspension_cause.as_ref().map(CauseView::from),
+                learned: l.learned.as_ref().map(LearnedView::from),
             }),
         }
     }
@@ -215,6 +251,9 @@ mod tests {
         assert_eq!(Cause::decode(&c.encode()), Some(c));
         let unknown = Cause::new(None, 5, "data-token");
         assert_eq!(Cause::decode(&unknown.encode()), Some(unknown));
+        let learned = Cause::new(Some(200), 7, "lease a.b").learned();
+        assert_eq!(learned.encode(), "headers|200|7|lease a.b");
+        assert_eq!(Cause::decode(&learned.encode()), Some(learned));
         for bad in ["", "429", "429|x|s", "x|1|s"] {
             assert_eq!(Cause::decode(bad), None, "{bad}");
         }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use sqlx::Row;
 
-use super::{DayStats, KeyStats, UsageRecord};
+use super::{DayStats, KeyStats, TokenClasses, UsageRecord};
 use crate::clock::{day_to_date, MS_PER_DAY};
 use crate::db::{Db, StoreError};
 use crate::money::{Usd, MAX_TOTAL};
@@ -57,6 +57,12 @@ fn total_tokens(r: &UsageRecord) -> Result<i64, StoreError> {
     if !in_range(r.cost_micros) {
         return Err(out_of_range(r, "cost"));
     }
+    if ![r.cached_tokens, r.cache_write_tokens, r.reasoning_tokens]
+        .into_iter()
+        .all(in_range)
+    {
+        return Err(out_of_range(r, "token classes"));
+    }
     r.prompt_tokens
         .checked_add(r.completion_tokens)
         .filter(|t| *t <= MAX_TOTAL)
@@ -90,7 +96,8 @@ pub async fn apply_in(
         let done = sqlx::query(
             "INSERT INTO usage_records (id, key_id, provider, model, api_format, provider_key_id, \
              prompt_tokens, completion_tokens, total_tokens, cost_micros, latency_ms, upstream_status, \
-             created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             created_at, cached_tokens, cache_write_tokens, reasoning_tokens, source) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(&r.id)
@@ -106,6 +113,10 @@ pub async fn apply_in(
         .bind(r.latency_ms)
         .bind(r.upstream_status)
         .bind(r.created_at)
+        .bind(r.cached_tokens)
+        .bind(r.cache_write_tokens)
+        .bind(r.reasoning_tokens)
+        .bind(r.source.as_str())
         .execute(&mut **tx)
         .await?;
         if done.rows_affected() == 0 {
@@ -181,26 +192,42 @@ async fn exists(
         .is_some())
 }
 
+/// The sums of [`TokenClasses`] as select-list items (one text for the totals and the
+/// days).
+const CLASS_SUMS: &str = "CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached, \
+     CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT) AS cache_write, \
+     CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT) AS reasoning, \
+     CAST(COALESCE(SUM(CASE WHEN source = 'estimated' THEN 1 ELSE 0 END), 0) AS BIGINT) AS estimated";
+
+fn classes(row: &sqlx::any::AnyRow) -> Result<TokenClasses, sqlx::Error> {
+    Ok(TokenClasses {
+        cached_tokens: row.try_get("cached")?,
+        cache_write_tokens: row.try_get("cache_write")?,
+        reasoning_tokens: row.try_get("reasoning")?,
+        estimated_requests: row.try_get("estimated")?,
+    })
+}
+
 /// Totals and the per-day breakdown of one key's usage with `start <= created_at <= end`.
 pub async fn stats(db: &Db, key_id: &str, start: i64, end: i64) -> Result<KeyStats, StoreError> {
-    let totals = sqlx::query(
+    let totals = sqlx::query(&format!(
         "SELECT COUNT(*) AS requests, CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT) AS tokens, \
          CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost, \
-         CAST(AVG(latency_ms) AS DOUBLE PRECISION) AS avg_latency \
+         CAST(AVG(latency_ms) AS DOUBLE PRECISION) AS avg_latency, {CLASS_SUMS} \
          FROM usage_records WHERE key_id = $1 AND created_at >= $2 AND created_at <= $3",
-    )
+    ))
     .bind(key_id)
     .bind(start)
     .bind(end)
     .fetch_one(&db.pool)
     .await?;
-    let days = sqlx::query(
+    let days = sqlx::query(&format!(
         "SELECT created_at / $4 AS day, COUNT(*) AS requests, \
          CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT) AS tokens, \
-         CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost \
+         CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost, {CLASS_SUMS} \
          FROM usage_records WHERE key_id = $1 AND created_at >= $2 AND created_at <= $3 \
          GROUP BY day ORDER BY day",
-    )
+    ))
     .bind(key_id)
     .bind(start)
     .bind(end)
@@ -215,6 +242,7 @@ pub async fn stats(db: &Db, key_id: &str, start: i64, end: i64) -> Result<KeySta
                 requests: row.try_get("requests")?,
                 tokens: row.try_get("tokens")?,
                 cost_usd: Usd(row.try_get("cost")?),
+                classes: classes(row)?,
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
@@ -223,6 +251,7 @@ pub async fn stats(db: &Db, key_id: &str, start: i64, end: i64) -> Result<KeySta
         tokens: totals.try_get("tokens")?,
         cost_micros: totals.try_get("cost")?,
         avg_latency_ms: totals.try_get("avg_latency")?,
+        classes: classes(&totals)?,
         daily,
     })
 }

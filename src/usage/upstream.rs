@@ -15,7 +15,8 @@
 //!                                          request's path, read as /authz reads it)
 //!  "headers": {"retry-after": "30", …},    the upstream's answer headers the proxy
 //!                                          passes on (content-encoding, retry-after,
-//!                                          rate-limit headers), names in any case;
+//!                                          rate-limit headers: see
+//!                                          `pool::learned`), names in any case;
 //!                                          a header whose name is over 200 characters
 //!                                          or whose value is over 1 KiB, or with
 //!                                          control characters (but tab), is ignored
@@ -41,6 +42,7 @@ use serde::Deserialize;
 use super::parse::{self, ApiFormat, Excerpt, Outcome, Usage};
 use crate::accounting::report::ReportBody;
 use crate::accounting::report::MAX_REPORT_TOKENS;
+use crate::pool::learned::LearnedLimits;
 
 /// The most bytes of `head`, and of `tail`, once decoded.
 pub const MAX_PART_BYTES: usize = 64 * 1024;
@@ -251,6 +253,7 @@ impl UpstreamBody {
             latency_ms,
             upstream_status: Some(self.status),
             retry_after_s,
+            learned: LearnedLimits::from_headers(&headers, now_ms),
             ..ReportBody::default()
         };
         Ok((body, read))
@@ -355,6 +358,28 @@ mod tests {
                 .into_report("lease", 0)
                 .unwrap();
         assert_eq!(report.retry_after_s, Some(7));
+    }
+
+    #[test]
+    fn rate_limit_headers_are_learned_in_any_case() {
+        let (report, _) = body(serde_json::json!({"status": 200, "headers": {
+            "X-RateLimit-Remaining-Requests": "0", "x-ratelimit-reset-requests": "20s",
+            "x-ratelimit-remaining-tokens": "garbage"}}))
+        .into_report("lease", 0)
+        .unwrap();
+        let learned = report.learned.unwrap();
+        assert_eq!(
+            (
+                learned.remaining_requests,
+                learned.requests_reset_ms,
+                learned.remaining_tokens
+            ),
+            (Some(0), Some(20_000), None)
+        );
+        let (report, _) = body(serde_json::json!({"status": 200}))
+            .into_report("lease", 0)
+            .unwrap();
+        assert_eq!(report.learned, None);
     }
 
     #[test]
