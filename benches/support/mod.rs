@@ -2,6 +2,8 @@
 //! process and waiting until it is ready.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod proxies;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
