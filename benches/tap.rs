@@ -505,17 +505,8 @@ async fn proxy_latency() {
     let envoy_bare_port = support::free_port();
     let envoy_bare =
         proxies::envoy_without_tap(&proxies::shipped_envoy(envoy_bare_port, k.data, upstream));
-    let nginx_port = support::free_port();
-    let shipped = proxies::shipped_nginx();
-    let nginx_tap = proxies::nginx_site(&shipped, nginx_port, k.data, upstream);
-    let nginx_bare_port = support::free_port();
-    let nginx_bare = proxies::nginx_without_tap(&proxies::nginx_site(
-        &shipped,
-        nginx_bare_port,
-        k.data,
-        upstream,
-    ));
-    let nginx_has_tap = proxies::nginx_without_tap(&shipped) != shipped;
+    let (nginx_port, nginx_bare_port) = (support::free_port(), support::free_port());
+    let nginx_has_tap = proxies::nginx_has_tap();
 
     let mut running = vec![
         proxies::envoy(&envoy_tap, envoy_port).await,
@@ -527,10 +518,10 @@ async fn proxy_latency() {
         ("Envoy, no tap".to_string(), envoy_bare_port),
     ];
     if nginx_has_tap {
-        running.push(proxies::nginx(&nginx_tap, nginx_port).await);
+        running.push(proxies::nginx(nginx_port, k.data, upstream, true).await);
         paths.push(("nginx, tap".to_string(), nginx_port));
     }
-    running.push(proxies::nginx(&nginx_bare, nginx_bare_port).await);
+    running.push(proxies::nginx(nginx_bare_port, k.data, upstream, false).await);
     paths.push(("nginx, no tap".to_string(), nginx_bare_port));
     let mut paths: Vec<Target> = paths
         .into_iter()

@@ -1,5 +1,6 @@
 //! What the bench binaries share: starting the release `keyward` binary as its own
-//! process and waiting until it is ready.
+//! process and waiting until it is ready, the keys and pools they create, a minimal
+//! HTTP/1.1 client, and the shipped proxies ([`proxies`]).
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod proxies;

@@ -129,8 +129,10 @@ pub fn shipped_envoy(port: u16, keyward: u16, upstream: u16) -> String {
     envoy_config(&shipped, port, keyward, upstream)
 }
 
-/// The shipped nginx site with its three documented addresses replaced.
-pub fn nginx_site(shipped: &str, port: u16, keyward: u16, upstream: u16) -> String {
+/// The shipped nginx site with its documented addresses replaced, and the path of its
+/// Lua files pointed at `lua_dir`. Both forms of the file are understood: keyward as an
+/// `upstream` server (the file before the tap) and as `$keyward_address` (with the tap).
+pub fn nginx_site(shipped: &str, port: u16, keyward: u16, upstream: u16, lua_dir: &str) -> String {
     let site = shipped
         .replace("listen 8000;", &format!("listen 127.0.0.1:{port};"))
         .replace(
@@ -138,10 +140,22 @@ pub fn nginx_site(shipped: &str, port: u16, keyward: u16, upstream: u16) -> Stri
             &format!("server 127.0.0.1:{keyward};"),
         )
         .replace(
+            "set $keyward_address 127.0.0.1:8080;",
+            &format!("set $keyward_address 127.0.0.1:{keyward};"),
+        )
+        .replace(
             "server 127.0.0.1:9000;",
             &format!("server 127.0.0.1:{upstream};"),
+        )
+        .replace(
+            "\"/etc/nginx/keyward/?.lua;;\"",
+            &format!("\"{lua_dir}/?.lua;;\""),
         );
-    assert_ne!(site, shipped);
+    for line in site.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        for documented in ["8000", "8080", "9000", "/etc/nginx/keyward/"] {
+            assert!(!line.contains(documented), "not replaced: {line}");
+        }
+    }
     site
 }
 
@@ -185,11 +199,15 @@ fn brace_balance(line: &str) -> i32 {
     line.matches('{').count() as i32 - line.matches('}').count() as i32
 }
 
-/// nginx running `site` as `keyward.conf`, beside the other files of `examples/nginx/`
-/// (such as the tap's Lua file), with a main file of its own.
-pub async fn nginx(site: &str, port: u16) -> Proxy {
+/// nginx running the shipped `examples/nginx/` (with its tap, or without it: see
+/// [`nginx_without_tap`]), addresses replaced, with a main file of its own.
+pub async fn nginx(port: u16, keyward: u16, upstream: u16, tap: bool) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display().to_string();
+    let mut site = nginx_site(&shipped_nginx(), port, keyward, upstream, &d);
+    if !tap {
+        site = nginx_without_tap(&site);
+    }
     let mut lua = site.contains("_by_lua");
     for entry in std::fs::read_dir(examples("nginx")).unwrap() {
         let path = entry.unwrap().path();
@@ -232,7 +250,12 @@ pub async fn nginx(site: &str, port: u16) -> Proxy {
     }
 }
 
-/// The shipped nginx site (`examples/nginx/keyward.conf`).
-pub fn shipped_nginx() -> String {
+/// Whether the shipped nginx site has a tap to take out.
+pub fn nginx_has_tap() -> bool {
+    let shipped = shipped_nginx();
+    nginx_without_tap(&shipped) != shipped
+}
+
+fn shipped_nginx() -> String {
     std::fs::read_to_string(examples("nginx").join("keyward.conf")).unwrap()
 }
