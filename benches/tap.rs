@@ -1,18 +1,19 @@
 //! `cargo bench --bench tap`: what the usage tap costs.
 //!
 //! - **report**: keyward's CPU time per report, read from `/proc/<pid>/stat` (user +
-//!   system) around `REPORTS` reports sent over `CONNECTIONS` keep-alive connections,
-//!   for a plain `/v1/report` with tokens, a `/v1/report/upstream` carrying a 4 KiB
-//!   OpenAI chat answer (head only, complete) and one carrying a 200 KiB OpenAI stream
-//!   (64 KiB head and 64 KiB tail, not complete), and the same on a path whose usage
-//!   keyward does not read (so the parser's share shows). Each report settles a lease admitted
-//!   beforehand (admissions are not measured). keyward's writer (SQLite) runs in the
-//!   same process, so its work for each report counts: the CPU is read once keyward is
-//!   quiet again. Embedded shape, then Redis shape (127.0.0.1:6379).
+//!   system) around 5,000 reports (`KEYWARD_BENCH_REPORTS`) sent over [`CONNECTIONS`]
+//!   keep-alive connections, for a plain `/v1/report` with tokens, a
+//!   `/v1/report/upstream` carrying a 4 KiB OpenAI chat answer (head only, complete),
+//!   one carrying a 200 KiB OpenAI stream (64 KiB head and 64 KiB tail, not complete),
+//!   and the same on a path whose usage keyward does not read (so the parser's share
+//!   shows). Each report settles a lease admitted beforehand (admissions are not
+//!   measured). keyward's writer (SQLite) runs in the same process, so its work for
+//!   each report counts: the CPU is read once keyward is quiet again. Embedded shape,
+//!   then Redis shape (127.0.0.1:6379, `KEYWARD_BENCH_REDIS_PORT`).
 //! - **proxy**: time to the first and to the last byte of the answer through Envoy and
 //!   nginx running the shipped files, with and without the tap (see
 //!   [`support::proxies`]), and straight from the stub upstream, for a 4 KiB JSON answer
-//!   and a stream of `SSE_CHUNKS` chunks `SSE_GAP_MS` apart (usage last). Requests go
+//!   and a stream of [`SSE_CHUNKS`] chunks [`SSE_GAP_MS`] apart (usage last). Requests go
 //!   one at a time, round robin over the paths, so a machine whose speed drifts slows
 //!   every path alike.
 //!
