@@ -29,10 +29,7 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Keyward, TOKEN};
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use support::Keyward;
 
 const CONCURRENCY: usize = 32;
 const SECONDS: u64 = 8;
@@ -59,27 +56,6 @@ fn pool_size() -> usize {
         .unwrap_or(50)
 }
 
-/// Adds `n` provider keys of equal priority (limits too high to be reached) for `bench`.
-async fn create_pool(k: &Keyward, n: usize) {
-    let client = reqwest::Client::new();
-    for i in 0..n {
-        let body = serde_json::json!({"label": format!("k{i}"), "value": format!("sk-bench-{i:04}"),
-                                      "max_rpm": 1_000_000_000i64, "max_tpm": 1_000_000_000_000i64});
-        let status = client
-            .post(format!(
-                "http://127.0.0.1:{}/admin/providers/bench/keys",
-                k.admin
-            ))
-            .bearer_auth(TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(status, 201);
-    }
-}
-
 /// Creates `n` keys like [`create_key`], 16 at a time.
 async fn create_keys(k: &Keyward, n: usize) -> Vec<String> {
     let admin = k.admin;
@@ -89,7 +65,7 @@ async fn create_keys(k: &Keyward, n: usize) -> Vec<String> {
                 let client = reqwest::Client::new();
                 let mut secrets = Vec::new();
                 for _ in (t..n).step_by(16) {
-                    secrets.push(create_key_at(&client, admin).await);
+                    secrets.push(support::unlimited_key(&client, admin).await);
                 }
                 secrets
             })
@@ -103,64 +79,7 @@ async fn create_keys(k: &Keyward, n: usize) -> Vec<String> {
 }
 
 async fn create_key(k: &Keyward) -> String {
-    create_key_at(&reqwest::Client::new(), k.admin).await
-}
-
-/// A key whose limits are too high to be reached, so every window is read and written.
-async fn create_key_at(client: &reqwest::Client, admin: u16) -> String {
-    let body = serde_json::json!({"rate_limit": 1_000_000_000_000i64, "tpm_limit": 1_000_000_000_000i64,
-                                  "concurrent_limit": null});
-    support::create_key(client, admin, &body).await
-}
-
-/// One keep-alive HTTP/1.1 connection that sends a fixed request.
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    async fn open(port: u16) -> Conn {
-        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        Conn {
-            stream,
-            buf: Vec::with_capacity(8192),
-        }
-    }
-
-    /// Sends `request`, reads the whole answer, returns its status.
-    async fn call(&mut self, request: &[u8]) -> u16 {
-        self.stream.write_all(request).await.unwrap();
-        loop {
-            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = std::str::from_utf8(&self.buf[..end]).unwrap();
-                let status: u16 = head[9..12].parse().unwrap();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (name, value) = l.split_once(':')?;
-                        name.eq_ignore_ascii_case("content-length")
-                            .then(|| value.trim().parse().unwrap())
-                    })
-                    .unwrap_or(0);
-                let total = end + 4 + length;
-                while self.buf.len() < total {
-                    self.read().await;
-                }
-                self.buf.drain(..total);
-                return status;
-            }
-            self.read().await;
-        }
-    }
-
-    async fn read(&mut self) {
-        let mut chunk = [0u8; 8192];
-        let n = self.stream.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "connection closed");
-        self.buf.extend_from_slice(&chunk[..n]);
-    }
+    support::unlimited_key(&reqwest::Client::new(), k.admin).await
 }
 
 fn admit_request(port: u16, secret: &str, select: bool) -> Vec<u8> {
@@ -186,15 +105,6 @@ struct Run {
     errors: usize,
 }
 
-/// The `p` quantile of sorted microseconds, in milliseconds.
-fn percentile(sorted_us: &[u64], p: f64) -> f64 {
-    if sorted_us.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted_us.len() as f64 * p).ceil() as usize).clamp(1, sorted_us.len()) - 1;
-    sorted_us[i] as f64 / 1000.0
-}
-
 /// Closed loop: every connection sends as fast as answers come back, rotating over
 /// the keys (connection `w` starts at key `w`).
 async fn saturate(port: u16, secrets: &[String], select: bool, seconds: u64) -> Run {
@@ -209,7 +119,7 @@ async fn saturate(port: u16, secrets: &[String], select: bool, seconds: u64) -> 
         .map(|w| {
             let requests = requests.clone();
             tokio::spawn(async move {
-                let mut conn = Conn::open(port).await;
+                let mut conn = support::Conn::open(port).await;
                 let (mut lat, mut errors) = (Vec::with_capacity(200_000), 0);
                 let mut i = w;
                 while Instant::now() < deadline {
@@ -237,7 +147,7 @@ async fn warm(port: u16, secrets: &[String]) {
         .into_iter()
         .map(|requests| {
             tokio::spawn(async move {
-                let mut conn = Conn::open(port).await;
+                let mut conn = support::Conn::open(port).await;
                 for r in &requests {
                     conn.call(r).await;
                 }
@@ -266,7 +176,7 @@ async fn open_loop(arrivals: Arrivals, port: u16, secret: &str, rps: u64, second
             let (tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
             let request = request.clone();
             let worker = tokio::spawn(async move {
-                let mut conn = Conn::open(port).await;
+                let mut conn = support::Conn::open(port).await;
                 let mut timed = Timed::default();
                 while let Some(due) = due_rx.recv().await {
                     let sent = Instant::now();
@@ -584,7 +494,7 @@ async fn runs(shape: &str, k: &Keyward) -> Run {
     if open_loop_only() {
         return open_loops(shape, k.data, &one[0]).await;
     }
-    create_pool(k, pool_size()).await;
+    support::create_pool(k, "bench", pool_size()).await;
     let sat = saturate(k.data, &one, false, SECONDS).await;
     row(&format!("{shape}, 1 key, saturation"), &sat);
     open_loops(shape, k.data, &one[0]).await;
@@ -613,14 +523,14 @@ fn row(name: &str, run: &Run) {
     let lag = if run.lag_us.is_empty() {
         "-".to_string()
     } else {
-        format!("{:.3}", percentile(&run.lag_us, 0.99))
+        format!("{:.3}", support::percentile(&run.lag_us, 0.99))
     };
     println!(
         "| {name:<36} | {:>11.0} | {:>6.3} | {:>6.3} | {:>8.3} | {lag:>10} | {:>6} |",
         run.rate,
-        percentile(&run.latencies_us, 0.50),
-        percentile(&run.latencies_us, 0.99),
-        percentile(&run.latencies_us, 0.999),
+        support::percentile(&run.latencies_us, 0.50),
+        support::percentile(&run.latencies_us, 0.99),
+        support::percentile(&run.latencies_us, 0.999),
         run.errors
     );
 }
@@ -659,12 +569,7 @@ async fn main() {
             &open_loop_evalsha(arrivals, &redis_url, OPEN_LOOP_RPS, SECONDS).await,
         );
     }
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "redis-cli -p {redis_port} --scan --pattern '{{{prefix}}}*' | xargs -r redis-cli -p {redis_port} DEL > /dev/null"
-        ))
-        .status();
+    support::drop_redis_keys(redis_port, &prefix);
 
     if open_loop_only() {
         return;

@@ -1,9 +1,15 @@
 //! What the bench binaries share: starting the release `keyward` binary as its own
-//! process and waiting until it is ready.
+//! process and waiting until it is ready, the keys and pools they create, a minimal
+//! HTTP/1.1 client, and the shipped proxies ([`proxies`]).
 #![allow(dead_code, clippy::unwrap_used)]
+
+pub mod proxies;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 pub const TOKEN: &str = "bench-admin-token-0123456789";
 
@@ -21,6 +27,13 @@ pub struct Keyward {
     pub data: u16,
     pub admin: u16,
     _dir: tempfile::TempDir,
+}
+
+impl Keyward {
+    /// The process id, to read its CPU time from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Keyward {
@@ -89,4 +102,119 @@ pub async fn create_key(client: &reqwest::Client, admin: u16, body: &serde_json:
         .await
         .unwrap();
     created["secret"].as_str().unwrap().to_string()
+}
+
+/// Adds `n` provider keys of equal priority (limits too high to be reached) to the pool
+/// of `provider`.
+pub async fn create_pool(k: &Keyward, provider: &str, n: usize) {
+    let client = reqwest::Client::new();
+    for i in 0..n {
+        let body = serde_json::json!({"label": format!("k{i}"), "value": format!("sk-bench-{i:04}"),
+                                      "max_rpm": 1_000_000_000i64, "max_tpm": 1_000_000_000_000i64});
+        let status = client
+            .post(format!(
+                "http://127.0.0.1:{}/admin/providers/{provider}/keys",
+                k.admin
+            ))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 201);
+    }
+}
+
+/// A key whose limits are too high to be reached, so every window is read and written.
+pub async fn unlimited_key(client: &reqwest::Client, admin: u16) -> String {
+    let body = serde_json::json!({"rate_limit": 1_000_000_000_000i64, "tpm_limit": 1_000_000_000_000i64,
+                                  "concurrent_limit": null});
+    create_key(client, admin, &body).await
+}
+
+/// One keep-alive HTTP/1.1 connection that sends a fixed request: a minimal client, so
+/// the load generator takes as little of the shared CPU as it can.
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub async fn open(port: u16) -> Conn {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Conn {
+            stream,
+            buf: Vec::with_capacity(8192),
+        }
+    }
+
+    /// Sends `request`, reads the whole answer, returns its status.
+    pub async fn call(&mut self, request: &[u8]) -> u16 {
+        let (status, total) = self.answer(request).await;
+        self.buf.drain(..total);
+        status
+    }
+
+    /// Sends `request`, returns the answer's status and body.
+    pub async fn call_body(&mut self, request: &[u8]) -> (u16, Vec<u8>) {
+        let (status, total) = self.answer(request).await;
+        let body = self.buf[..total].to_vec();
+        self.buf.drain(..total);
+        let start = body.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        (status, body[start..].to_vec())
+    }
+
+    /// Sends `request` and reads until the whole answer is buffered: its status and its
+    /// length in the buffer (head and body). Only `content-length` answers.
+    async fn answer(&mut self, request: &[u8]) -> (u16, usize) {
+        self.stream.write_all(request).await.unwrap();
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end]).unwrap();
+                let status: u16 = head[9..12].parse().unwrap();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                let total = end + 4 + length;
+                while self.buf.len() < total {
+                    self.read().await;
+                }
+                return (status, total);
+            }
+            self.read().await;
+        }
+    }
+
+    async fn read(&mut self) {
+        let mut chunk = [0u8; 8192];
+        let n = self.stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The `p` quantile of sorted microseconds, in milliseconds.
+pub fn percentile(sorted_us: &[u64], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted_us.len() as f64 * p).ceil() as usize).clamp(1, sorted_us.len()) - 1;
+    sorted_us[i] as f64 / 1000.0
+}
+
+/// Deletes the Redis keys a bench's keyward wrote under `prefix`.
+pub fn drop_redis_keys(redis_port: u16, prefix: &str) {
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "redis-cli -p {redis_port} --scan --pattern '{{{prefix}}}*' | xargs -r redis-cli -p {redis_port} DEL > /dev/null"
+        ))
+        .status();
 }
