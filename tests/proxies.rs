@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use common::{eventually, free_port, Answer, TestServer};
+use common::{eventually, free_port, shipped, Answer, TestServer};
 use reqwest::Method;
 use serde_json::json;
 
@@ -200,64 +200,24 @@ async fn wait_for_port(port: u16) {
     panic!("the proxy did not start listening on {port}");
 }
 
-/// The Lua module's files (Debian's libnginx-mod-http-lua, which scripts/test.sh
-/// installs), loaded by absolute path: the test's nginx runs with its own prefix and
-/// config, so the `modules/…` paths of /etc/nginx/modules-enabled would not resolve.
-const NGINX_MODULES: [&str; 2] = [
-    "/usr/lib/nginx/modules/ndk_http_module.so",
-    "/usr/lib/nginx/modules/ngx_http_lua_module.so",
-];
-
 /// The shipped nginx files with their documented addresses and path replaced.
 async fn nginx(keyward_port: u16, upstream_port: u16) -> Proxy {
     let shipped = include_str!("../examples/nginx/keyward.conf");
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display();
-    let site = shipped
-        .replace("listen 8000;", &format!("listen 127.0.0.1:{port};"))
-        .replace(
-            "set $keyward_address 127.0.0.1:8080;",
-            &format!("set $keyward_address 127.0.0.1:{keyward_port};"),
-        )
-        .replace(
-            "server 127.0.0.1:9000;",
-            &format!("server 127.0.0.1:{upstream_port};"),
-        )
-        .replace(
-            "\"/etc/nginx/keyward/?.lua;;\"",
-            &format!("\"{d}/?.lua;;\""),
-        );
-    for line in site.lines().filter(|l| !l.trim_start().starts_with('#')) {
-        for documented in ["8000", "8080", "9000", "/etc/nginx/keyward/"] {
-            assert!(!line.contains(documented), "not replaced: {line}");
-        }
-    }
+    let d = dir.path().display().to_string();
+    let site = shipped::nginx_site(shipped, port, keyward_port, upstream_port, &d);
     std::fs::write(dir.path().join("keyward.conf"), site).unwrap();
     std::fs::write(
         dir.path().join("keyward.lua"),
         include_str!("../examples/nginx/keyward.lua"),
     )
     .unwrap();
-    let mut main = String::new();
-    for module in NGINX_MODULES {
-        assert!(
-            std::path::Path::new(module).exists(),
-            "{module} is missing: install libnginx-mod-http-lua (scripts/test.sh does)"
-        );
-        main.push_str(&format!("load_module {module};\n"));
-    }
-    main.push_str(&format!(
-        "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log warn;\n\
-         events {{ worker_connections 256; }}\n\
-         http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
-         fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-         include {d}/keyward.conf; }}\n"
-    ));
+    let main = shipped::nginx_main(&d, true);
     std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
     let log = dir.path().join("error.log");
     let child = std::process::Command::new("nginx")
-        .args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf")])
+        .args(["-p", &d, "-c", &format!("{d}/nginx.conf")])
         .spawn()
         .expect("nginx is not installed (scripts/test.sh installs it)");
     wait_for_port(port).await;
@@ -612,28 +572,7 @@ async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
 async fn envoy(keyward_port: u16, upstream_port: u16) -> Proxy {
     let shipped = include_str!("../examples/envoy/envoy.yaml");
     let port = free_port();
-    let config = shipped
-        .replace(
-            "address: 0.0.0.0, port_value: 8000",
-            &format!("address: 127.0.0.1, port_value: {port}"),
-        )
-        .replace(
-            "uri: http://127.0.0.1:8080",
-            &format!("uri: http://127.0.0.1:{keyward_port}"),
-        )
-        .replace(
-            "address: 127.0.0.1, port_value: 8080",
-            &format!("address: 127.0.0.1, port_value: {keyward_port}"),
-        )
-        .replace(
-            "address: 127.0.0.1, port_value: 9000",
-            &format!("address: 127.0.0.1, port_value: {upstream_port}"),
-        );
-    assert_eq!(
-        config.matches(&format!("{keyward_port}")).count(),
-        2,
-        "every keyward address replaced"
-    );
+    let config = shipped::envoy_config(shipped, port, keyward_port, upstream_port);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("envoy.yaml");
     std::fs::write(&path, config).unwrap();

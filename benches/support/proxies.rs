@@ -3,6 +3,10 @@
 //! makes), and, for comparison, the same files with the usage tap taken out
 //! mechanically, so the copy without the tap stays in step with the shipped file.
 
+#[path = "../../tests/common/shipped.rs"]
+mod shipped;
+pub use shipped::*;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -40,63 +44,6 @@ fn examples(dir: &str) -> PathBuf {
         .join(dir)
 }
 
-/// The shipped Envoy bootstrap with its addresses replaced.
-pub fn envoy_config(shipped: &str, port: u16, keyward: u16, upstream: u16) -> String {
-    let config = shipped
-        .replace(
-            "address: 0.0.0.0, port_value: 8000",
-            &format!("address: 127.0.0.1, port_value: {port}"),
-        )
-        .replace(
-            "uri: http://127.0.0.1:8080",
-            &format!("uri: http://127.0.0.1:{keyward}"),
-        )
-        .replace(
-            "address: 127.0.0.1, port_value: 8080",
-            &format!("address: 127.0.0.1, port_value: {keyward}"),
-        )
-        .replace(
-            "address: 127.0.0.1, port_value: 9000",
-            &format!("address: 127.0.0.1, port_value: {upstream}"),
-        );
-    assert_eq!(
-        config.matches(&format!("{keyward}")).count(),
-        2,
-        "every keyward address replaced"
-    );
-    config
-}
-
-/// The Envoy file without its tap: the Lua filter's `envoy_on_response` (the function
-/// that keeps head and tail and posts `/v1/report/upstream`) is cut out, from its
-/// `function` line to the `end` at the same indentation. Envoy then runs no Lua on the
-/// response path; everything on the request path is unchanged.
-pub fn envoy_without_tap(config: &str) -> String {
-    let mut out = Vec::new();
-    let mut closing: Option<String> = None;
-    let mut cut = false;
-    for line in config.lines() {
-        match &closing {
-            Some(end) => {
-                if line == end {
-                    closing = None;
-                }
-            }
-            None if line.trim_start() == "function envoy_on_response(handle)" => {
-                let indent = &line[..line.len() - line.trim_start().len()];
-                closing = Some(format!("{indent}end"));
-                cut = true;
-            }
-            None => out.push(line),
-        }
-    }
-    assert!(
-        cut && closing.is_none(),
-        "envoy_on_response not found whole"
-    );
-    out.join("\n") + "\n"
-}
-
 /// Envoy running `config`.
 pub async fn envoy(config: &str, port: u16) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
@@ -129,76 +76,6 @@ pub fn shipped_envoy(port: u16, keyward: u16, upstream: u16) -> String {
     envoy_config(&shipped, port, keyward, upstream)
 }
 
-/// The shipped nginx site with its documented addresses replaced, and the path of its
-/// Lua files pointed at `lua_dir`. Both forms of the file are understood: keyward as an
-/// `upstream` server (the file before the tap) and as `$keyward_address` (with the tap).
-pub fn nginx_site(shipped: &str, port: u16, keyward: u16, upstream: u16, lua_dir: &str) -> String {
-    let site = shipped
-        .replace("listen 8000;", &format!("listen 127.0.0.1:{port};"))
-        .replace(
-            "server 127.0.0.1:8080;",
-            &format!("server 127.0.0.1:{keyward};"),
-        )
-        .replace(
-            "set $keyward_address 127.0.0.1:8080;",
-            &format!("set $keyward_address 127.0.0.1:{keyward};"),
-        )
-        .replace(
-            "server 127.0.0.1:9000;",
-            &format!("server 127.0.0.1:{upstream};"),
-        )
-        .replace(
-            "\"/etc/nginx/keyward/?.lua;;\"",
-            &format!("\"{lua_dir}/?.lua;;\""),
-        );
-    for line in site.lines().filter(|l| !l.trim_start().starts_with('#')) {
-        for documented in ["8000", "8080", "9000", "/etc/nginx/keyward/"] {
-            assert!(!line.contains(documented), "not replaced: {line}");
-        }
-    }
-    site
-}
-
-/// The directives of the nginx tap: the body filter that keeps head and tail, and the
-/// log phase that posts them (with each `_block` and `_file` form).
-const NGINX_TAP: [&str; 2] = ["body_filter_by_lua", "log_by_lua"];
-
-/// The nginx site without its tap: every [`NGINX_TAP`] directive is cut out (a one-line
-/// or multi-line directive up to its `;`, a `_block` up to its matching brace). The same
-/// text when the site has no tap.
-pub fn nginx_without_tap(site: &str) -> String {
-    let mut out = Vec::new();
-    let mut depth = 0i32;
-    let mut until_semicolon = false;
-    for line in site.lines() {
-        let trimmed = line.trim_start();
-        if depth > 0 {
-            depth += brace_balance(line);
-            continue;
-        }
-        if until_semicolon {
-            until_semicolon = !line.trim_end().ends_with(';');
-            continue;
-        }
-        if NGINX_TAP.iter().any(|d| trimmed.starts_with(d)) {
-            let name = trimmed.split_whitespace().next().unwrap_or("");
-            if name.ends_with("_block") || trimmed.contains('{') {
-                depth = brace_balance(line);
-            } else {
-                until_semicolon = !line.trim_end().ends_with(';');
-            }
-            continue;
-        }
-        out.push(line);
-    }
-    assert_eq!(depth, 0, "an unclosed tap block");
-    out.join("\n") + "\n"
-}
-
-fn brace_balance(line: &str) -> i32 {
-    line.matches('{').count() as i32 - line.matches('}').count() as i32
-}
-
 /// nginx running the shipped `examples/nginx/` (with its tap, or without it: see
 /// [`nginx_without_tap`]), addresses replaced, with a main file of its own.
 pub async fn nginx(port: u16, keyward: u16, upstream: u16, tap: bool) -> Proxy {
@@ -219,23 +96,7 @@ pub async fn nginx(port: u16, keyward: u16, upstream: u16, tap: bool) -> Proxy {
         }
     }
     std::fs::write(dir.path().join("keyward.conf"), site).unwrap();
-    // The Lua module is loaded by absolute path: Debian's modules-enabled files name it
-    // relative to the prefix, which is this directory here.
-    let modules = if lua {
-        ["ndk_http_module.so", "ngx_http_lua_module.so"]
-            .iter()
-            .map(|m| format!("load_module /usr/lib/nginx/modules/{m};\n"))
-            .collect::<String>()
-    } else {
-        String::new()
-    };
-    let main = format!(
-        "{modules}daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log warn;\n\
-         events {{ worker_connections 1024; }}\n\
-         http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
-         fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-         include {d}/keyward.conf; }}\n"
-    );
+    let main = nginx_main(&d, lua);
     std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
     let child = Command::new("nginx")
         .args(["-p", &d, "-c", &format!("{d}/nginx.conf")])

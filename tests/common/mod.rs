@@ -7,6 +7,8 @@
 //! `scripts/test.sh` makes sure it runs.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod shipped;
+
 use std::sync::Arc;
 use std::time::Duration;
 
