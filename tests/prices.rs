@@ -380,11 +380,159 @@ async fn the_prices_file_is_loaded_at_start(backend: Backend) {
     s.stop().await;
 }
 
+/// Admission prices the request: a key with a balance needs a price (`PRICE_UNKNOWN`
+/// without one, `KEYWARD_DEFAULT_PRICE` else); the lease carries the price, so a price
+/// change mid-request does not change what it is charged; a successful answer without
+/// usage is charged its hold (shown as estimated), a failed one nothing.
+async fn admission_prices_and_holds(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    assert_eq!(put(&s, "openai/gpt-4o", price(2.5, 10.0)).await.status, 200);
+    let (key, secret) = s
+        .create_key(
+            json!({"is_standalone": true, "initial_balance_usd": 1, "concurrent_limit": null}),
+        )
+        .await;
+    let key_id = key["id"].as_str().unwrap().to_string();
+    let admit = |model: Option<&str>| {
+        let mut body = json!({"key": secret, "provider": "openai", "estimated_tokens": 1000});
+        if let Some(model) = model {
+            body["model"] = json!(model);
+        }
+        body
+    };
+    for model in [Some("gpt-5"), None] {
+        let a = s.admit(admit(model)).await;
+        assert_eq!(
+            (a.status, error_code(&a).as_str()),
+            (403, "PRICE_UNKNOWN"),
+            "{}",
+            a.body
+        );
+    }
+    // A key without a balance needs no price.
+    let (_, free) = s.create_key(json!({})).await;
+    let a = s
+        .admit(json!({"key": free, "provider": "openai", "model": "gpt-5"}))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+
+    // Admitted at 2.5/10: the hold is 1000 tokens at 10 USD per million, 0.01 USD.
+    let a = s.admit(admit(Some("gpt-4o-2024-08-06"))).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let priced_lease = a.body["lease_id"].clone();
+    let a = s.admit(admit(Some("gpt-4o"))).await;
+    let held_lease = a.body["lease_id"].clone();
+    let a = s.admit(admit(Some("gpt-4o"))).await;
+    let failed_lease = a.body["lease_id"].clone();
+    // The price doubles before the reports: they are charged the admission's price.
+    assert_eq!(put(&s, "openai/gpt-4o", price(5.0, 20.0)).await.status, 200);
+    for (lease, report) in [
+        (
+            &priced_lease,
+            json!({"prompt_tokens": 1000, "completion_tokens": 100, "upstream_status": 200}),
+        ),
+        (&held_lease, json!({"upstream_status": 200})),
+        (&failed_lease, json!({"upstream_status": 500})),
+    ] {
+        let mut body = report;
+        body["lease_id"] = lease.clone();
+        let r = s.data_post("/v1/report", body).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // 1000 × 2.5 + 100 × 10 = 3,500 micro-USD, plus the hold of 10,000, plus nothing.
+    assert_eq!(total_cost(&s, &key_id, 3).await, 0.0135);
+    let stats = s
+        .admin(Method::GET, &format!("/admin/keys/{key_id}/stats"), None)
+        .await
+        .body;
+    assert_eq!(stats["estimated_requests"], 1, "{stats}");
+    let k = s
+        .admin(Method::GET, &format!("/admin/keys/{key_id}"), None)
+        .await
+        .body;
+    assert_eq!(k["remaining_balance_usd"], 0.9865, "{k}");
+    s.stop().await;
+
+    // With a default price, an unpriced model is admitted and held at it.
+    let s = TestServer::start_with(backend, |raw| {
+        raw.insert(
+            config::DEFAULT_PRICE,
+            r#"{"input_per_mtok_usd": 1, "output_per_mtok_usd": 3}"#.into(),
+        );
+    })
+    .await;
+    let (key, secret) = s
+        .create_key(json!({"is_standalone": true, "initial_balance_usd": 0.003}))
+        .await;
+    let key_id = key["id"].as_str().unwrap().to_string();
+    let a = s
+        .admit(json!({"key": secret, "model": "anything", "estimated_tokens": 1000}))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // 0.003 USD held: a second request has to wait for the first.
+    let b = s
+        .admit(json!({"key": secret, "model": "anything", "estimated_tokens": 1}))
+        .await;
+    assert_eq!(
+        (b.status, b.body["error"]["limit"].clone()),
+        (429, json!("balance")),
+        "{}",
+        b.body
+    );
+    let r = s
+        .data_post(
+            "/v1/report",
+            json!({"lease_id": a.body["lease_id"], "upstream_status": 200}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(total_cost(&s, &key_id, 1).await, 0.003);
+    s.stop().await;
+}
+
 on_both_backends!(
     admin_api,
     reports_without_a_cost_are_priced,
-    the_prices_file_is_loaded_at_start
+    the_prices_file_is_loaded_at_start,
+    admission_prices_and_holds
 );
+
+/// A bad `KEYWARD_DEFAULT_PRICE` stops start-up with one line naming it.
+#[test]
+fn a_bad_default_price_stops_start_up_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    for (value, says) in [
+        ("2.5", "must be a JSON price"),
+        (
+            r#"{"input_per_mtok_usd": -1, "output_per_mtok_usd": 1}"#,
+            "input_per_mtok_usd",
+        ),
+        (r#"{"input_per_mtok_usd": 1}"#, "output_per_mtok_usd"),
+    ] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"));
+        for (var, _) in std::env::vars() {
+            if var.starts_with("KEYWARD_") {
+                cmd.env_remove(var);
+            }
+        }
+        let out = cmd
+            .arg("serve")
+            .env(config::DEFAULT_PRICE, value)
+            .env(
+                config::DATABASE_URL,
+                format!("sqlite://{}", dir.path().join("k.db").display()),
+            )
+            .env(config::LISTEN, "127.0.0.1:0")
+            .env(config::ADMIN_LISTEN, "127.0.0.1:0")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{value}: {err}");
+        assert_eq!(err.lines().count(), 1, "{value}: {err}");
+        assert!(err.starts_with("keyward: KEYWARD_DEFAULT_PRICE: "), "{err}");
+        assert!(err.contains(says), "{value}: {err}");
+    }
+}
 
 /// The real binary refuses a bad prices file before it serves, with one line naming
 /// the variable and what is wrong.
