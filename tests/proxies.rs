@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use common::{eventually, free_port, shipped, Answer, TestServer};
+use common::{eventually, free_port, shipped, Answer, Cluster, Shape, TestServer};
 use reqwest::Method;
 use serde_json::json;
 
@@ -728,14 +728,15 @@ async fn charged(s: &TestServer, key_id: &str) -> (i64, i64) {
     )
 }
 
-/// A keyward with a provider key for openai, anthropic and gemini.
-async fn keyward_with_every_pool(ttl_s: Option<u64>) -> TestServer {
-    let s = TestServer::start_with(common::Backend::Sqlite, |raw| {
+/// A keyward of `shape` with a provider key for openai, anthropic and gemini.
+async fn keyward_with_every_pool(ttl_s: Option<u64>, shape: Shape) -> Cluster {
+    let c = Cluster::start_n(shape, 1, |raw| {
         if let Some(ttl) = ttl_s {
             raw.insert(keyward::config::LEASE_TTL_S, ttl.to_string());
         }
     })
     .await;
+    let s = &c.servers[0];
     for provider in ["openai", "anthropic", "gemini"] {
         let a = s
             .admin(
@@ -746,7 +747,7 @@ async fn keyward_with_every_pool(ttl_s: Option<u64>) -> TestServer {
             .await;
         assert_eq!(a.status, 201, "{}", a.body);
     }
-    s
+    c
 }
 
 /// A streamed request's body naming `model` and `max_tokens`.
@@ -992,24 +993,44 @@ async fn charges_the_tokens_the_upstream_stated(port: u16, upstream: &Upstream, 
     upstream.never_saw_keyward_headers();
 }
 
+async fn envoy_charges(shape: Shape) {
+    let upstream = Upstream::start().await;
+    let c = keyward_with_every_pool(None, shape).await;
+    let s = &c.servers[0];
+    let proxy = envoy(keyward_port(s), upstream.port).await;
+    charges_the_tokens_the_upstream_stated(proxy.port, &upstream, s).await;
+    c.stop().await;
+}
+
+async fn nginx_charges(shape: Shape) {
+    let upstream = Upstream::start().await;
+    let c = keyward_with_every_pool(None, shape).await;
+    let s = &c.servers[0];
+    let proxy = nginx(keyward_port(s), upstream.port).await;
+    charges_the_tokens_the_upstream_stated(proxy.port, &upstream, s).await;
+    // No report failed or was refused, nothing was held back in a temporary file.
+    assert_eq!(proxy.log(), "");
+    c.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_charges_the_tokens_the_upstream_stated() {
-    let upstream = Upstream::start().await;
-    let s = keyward_with_every_pool(None).await;
-    let proxy = envoy(keyward_port(&s), upstream.port).await;
-    charges_the_tokens_the_upstream_stated(proxy.port, &upstream, &s).await;
-    s.stop().await;
+    envoy_charges(Shape::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_charges_the_tokens_the_upstream_stated_on_redis_and_postgres() {
+    envoy_charges(Shape::Distributed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_charges_the_tokens_the_upstream_stated() {
-    let upstream = Upstream::start().await;
-    let s = keyward_with_every_pool(None).await;
-    let proxy = nginx(keyward_port(&s), upstream.port).await;
-    charges_the_tokens_the_upstream_stated(proxy.port, &upstream, &s).await;
-    // No report failed or was refused, nothing was held back in a temporary file.
-    assert_eq!(proxy.log(), "");
-    s.stop().await;
+    nginx_charges(Shape::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_charges_the_tokens_the_upstream_stated_on_redis_and_postgres() {
+    nginx_charges(Shape::Distributed).await;
 }
 
 /// A streamed request whose client reads the first chunk and goes away; the stub
@@ -1036,15 +1057,16 @@ async fn disconnect_mid_stream(port: u16, bearer: &str) {
 async fn nginx_a_client_that_disconnects_mid_stream_is_reported_without_tokens() {
     let upstream = Upstream::start().await;
     // A lease TTL far beyond the test: the slot can only come back by the report.
-    let s = keyward_with_every_pool(Some(300)).await;
-    let proxy = nginx(keyward_port(&s), upstream.port).await;
+    let c = keyward_with_every_pool(Some(300), Shape::Embedded).await;
+    let s = &c.servers[0];
+    let proxy = nginx(keyward_port(s), upstream.port).await;
     let (key, secret) = s
         .create_key(json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 10000}))
         .await;
     let key_id = key["id"].as_str().unwrap();
     let bearer = format!("Bearer {secret}");
     disconnect_mid_stream(proxy.port, &bearer).await;
-    assert_eq!(settled(&s, key_id, 1).await, 0, "reported without tokens");
+    assert_eq!(settled(s, key_id, 1).await, 0, "reported without tokens");
     let again = eventually(3, || async {
         let a = call_with(
             proxy.port,
@@ -1057,15 +1079,16 @@ async fn nginx_a_client_that_disconnects_mid_stream_is_reported_without_tokens()
     })
     .await;
     assert_eq!(h(&again, "x-ratelimit-remaining-tokens"), Some("9800"));
-    s.stop().await;
+    c.stop().await;
 }
 
 /// An upstream nginx cannot reach: the client gets nginx's 502, and the request is
 /// reported all the same (the slot comes back at once, not when the lease expires).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_reports_an_upstream_it_cannot_reach() {
-    let s = keyward_with_every_pool(Some(300)).await;
-    let proxy = nginx(keyward_port(&s), free_port()).await;
+    let c = keyward_with_every_pool(Some(300), Shape::Embedded).await;
+    let s = &c.servers[0];
+    let proxy = nginx(keyward_port(s), free_port()).await;
     let (key, secret) = s
         .create_key(json!({"rate_limit": null, "concurrent_limit": 1}))
         .await;
@@ -1083,9 +1106,9 @@ async fn nginx_reports_an_upstream_it_cannot_reach() {
             .await
             .unwrap();
         assert_eq!(a.status(), 502, "request {n}");
-        assert_eq!(settled(&s, key_id, n).await, 0);
+        assert_eq!(settled(s, key_id, n).await, 0);
     }
-    s.stop().await;
+    c.stop().await;
 }
 
 /// What the README says of a client that disconnects mid-stream: Envoy ends the filter
@@ -1094,8 +1117,9 @@ async fn nginx_reports_an_upstream_it_cannot_reach() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_a_client_that_disconnects_mid_stream_holds_its_slot_until_the_lease_expires() {
     let upstream = Upstream::start().await;
-    let s = keyward_with_every_pool(Some(2)).await;
-    let proxy = envoy(keyward_port(&s), upstream.port).await;
+    let c = keyward_with_every_pool(Some(2), Shape::Embedded).await;
+    let s = &c.servers[0];
+    let proxy = envoy(keyward_port(s), upstream.port).await;
     let (key, secret) = s
         .create_key(json!({"rate_limit": null, "concurrent_limit": 1, "tpm_limit": 10000}))
         .await;
@@ -1137,11 +1161,11 @@ async fn envoy_a_client_that_disconnects_mid_stream_holds_its_slot_until_the_lea
     .await;
     assert_eq!(h(&again, "x-ratelimit-remaining-tokens"), Some("9800"));
     assert_eq!(
-        settled(&s, key_id, 1).await,
+        settled(s, key_id, 1).await,
         0,
         "only the finished request is recorded"
     );
-    s.stop().await;
+    c.stop().await;
 }
 
 /// The README's "Behind nginx" and "Behind Envoy" quote the shipped files: every quoted
