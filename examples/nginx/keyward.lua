@@ -11,8 +11,8 @@
 -- log():           posts them to /v1/report/upstream (from a timer, over a cosocket),
 --                  authorized by the request's lease, for every admitted request.
 --
--- keyward's address is the nginx variable $keyward_address (host:port, set in
--- keyward.conf). Both calls go over cosockets with a keepalive pool.
+-- keyward's address is the nginx variable $keyward_address (IP:port, set in
+-- keyward.conf: a host name would need an nginx resolver). Both calls go over cosockets with a keepalive pool.
 
 local M = {}
 
