@@ -401,14 +401,54 @@ mod tests {
         );
     }
 
+    /// Upstreams differ in which of two limits they honour (vLLM prefers
+    /// `max_completion_tokens` to `max_tokens`, OpenAI the other way round for older
+    /// models): the estimate, and so the balance hold, is the largest one stated.
     #[test]
-    fn the_first_estimate_field_wins_in_a_fixed_order() {
+    fn the_largest_estimate_field_counts() {
         let s = ok(
             r#"{"max_output_tokens": 3, "generationConfig": {"maxOutputTokens": 4}, "max_tokens": 1}"#,
         );
-        assert_eq!(s.estimate(), Some(1));
+        assert_eq!(s.estimate(), Some(4));
+        let s = ok(r#"{"max_tokens": 1, "max_completion_tokens": 100000}"#);
+        assert_eq!(s.estimate(), Some(100_000));
         let s = ok(r#"{"generationConfig": {"maxOutputTokens": 4}, "max_completion_tokens": 2}"#);
-        assert_eq!(s.estimate(), Some(2));
+        assert_eq!(s.estimate(), Some(4));
+    }
+
+    /// `n` (OpenAI chat and completions), `best_of` (completions) and Gemini's
+    /// `generationConfig.candidateCount` ask for several answers, each up to the limit:
+    /// the upstream writes (and bills) all of them, so the estimate counts each.
+    #[test]
+    fn the_estimate_counts_every_choice_asked_for() {
+        let s = ok(r#"{"model": "gpt-4o", "max_tokens": 1000, "n": 8}"#);
+        assert_eq!(s.estimate(), Some(8000));
+        let s = ok(r#"{"max_tokens": 10, "n": 2, "best_of": 5}"#);
+        assert_eq!(s.estimate(), Some(50));
+        let s = ok(r#"{"generationConfig": {"candidateCount": 4, "maxOutputTokens": 100}}"#);
+        assert_eq!(s.estimate(), Some(400));
+        // Nonsense counts do not lower the estimate; huge ones saturate (then refused).
+        for body in [
+            r#"{"max_tokens": 10, "n": 0}"#,
+            r#"{"max_tokens": 10, "n": -3}"#,
+            r#"{"max_tokens": 10, "n": "4"}"#,
+            r#"{"max_tokens": 10, "n": 1.5}"#,
+        ] {
+            assert_eq!(ok(body).estimate(), Some(10), "{body}");
+        }
+        let s = ok(r#"{"max_tokens": 4611686018427387904, "n": 4}"#);
+        assert_eq!(s.estimate(), Some(i64::MAX));
+        // Without a stated limit there is nothing to multiply (the default applies).
+        assert_eq!(ok(r#"{"n": 4}"#).estimate(), None);
+        // Only the top level's `n` counts, and a second one is refused.
+        assert_eq!(
+            ok(r#"{"messages": [{"n": 9}], "max_tokens": 10}"#).estimate(),
+            Some(10)
+        );
+        assert_eq!(
+            scan(br#"{"n": 1, "max_tokens": 10, "n": 9}"#),
+            Err(ScanError::Duplicate("n"))
+        );
     }
 
     #[test]
