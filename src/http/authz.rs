@@ -7,8 +7,9 @@
 //!   inferred from it, and the provider from the format unless `x-keyward-provider`
 //!   names one.
 //! - Model and token estimate: from the JSON body when the proxy forwards it (`model`;
-//!   `max_tokens`, `max_completion_tokens`, `max_output_tokens`, Gemini's
-//!   `generationConfig.maxOutputTokens`), read by [`super::scan`] as far as it goes when
+//!   the largest of `max_tokens`, `max_completion_tokens`, `max_output_tokens`, Gemini's
+//!   `generationConfig.maxOutputTokens`, times the answers asked for: `n`, `best_of`,
+//!   `generationConfig.candidateCount`), read by [`super::scan`] as far as it goes when
 //!   the proxy cut it short; else the Gemini model in the path; only then
 //!   `x-keyward-model` / `x-keyward-estimated-tokens`. The body comes first because it
 //!   is what the upstream acts on; the shipped proxies drop client-sent `x-keyward-*`

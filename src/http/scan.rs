@@ -4,8 +4,9 @@
 //! (`allow_partial_message`), so `/authz` often sees the first 64 KiB of a long prompt:
 //! not JSON a parser would accept. [`scan`] reads the body once, front to back, and
 //! keeps what it learned before the bytes ran out: the top-level `model` (a string),
-//! `max_tokens`, `max_completion_tokens`, `max_output_tokens` (whole numbers), `stream`
-//! (a boolean), and Gemini's `generationConfig.maxOutputTokens`.
+//! `max_tokens`, `max_completion_tokens`, `max_output_tokens`, `n`, `best_of` (whole
+//! numbers), `stream` (a boolean), and Gemini's `generationConfig.maxOutputTokens` and
+//! `generationConfig.candidateCount`.
 //!
 //! Only the top-level object's own fields count: a `model` inside `messages` or any
 //! other nested value is skipped. Keys and strings are decoded (escapes included), so
@@ -27,6 +28,12 @@ pub struct Scanned {
     pub max_output_tokens: Option<i64>,
     /// Gemini's `generationConfig.maxOutputTokens`.
     pub gemini_max_output_tokens: Option<i64>,
+    /// `n`: how many answers (choices) the request asks for.
+    pub n: Option<i64>,
+    /// `best_of`: how many answers a completions request has written to pick from.
+    pub best_of: Option<i64>,
+    /// Gemini's `generationConfig.candidateCount`.
+    pub candidate_count: Option<i64>,
     pub stream: Option<bool>,
     /// The top-level object was closed: nothing after the end of what was read can
     /// change the answer.
@@ -34,13 +41,28 @@ pub struct Scanned {
 }
 
 impl Scanned {
-    /// The token estimate the body states: the first of `max_tokens`,
-    /// `max_completion_tokens`, `max_output_tokens`, `generationConfig.maxOutputTokens`.
+    /// The token estimate the body states: the largest of `max_tokens`,
+    /// `max_completion_tokens`, `max_output_tokens`, `generationConfig.maxOutputTokens`
+    /// (upstreams differ in which one they honour when given two), times the answers
+    /// asked for (`n`, `best_of`, `candidateCount`: each answer may reach the limit, and
+    /// the upstream bills them all). Saturates, so a huge product is refused as too
+    /// large rather than wrapped; a negative limit is returned as it is, to be refused.
     pub fn estimate(&self) -> Option<i64> {
-        self.max_tokens
-            .or(self.max_completion_tokens)
-            .or(self.max_output_tokens)
-            .or(self.gemini_max_output_tokens)
+        let limits = [
+            self.max_tokens,
+            self.max_completion_tokens,
+            self.max_output_tokens,
+            self.gemini_max_output_tokens,
+        ];
+        let limit = match limits.into_iter().flatten().min()? {
+            negative if negative < 0 => return Some(negative),
+            _ => limits.into_iter().flatten().max()?,
+        };
+        let answers = [self.n, self.best_of, self.candidate_count]
+            .into_iter()
+            .flatten()
+            .fold(1, i64::max);
+        Some(limit.saturating_mul(answers))
     }
 }
 
@@ -312,10 +334,11 @@ pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
         return Ok(Scanned::default());
     }
     // Which checked fields were named, with a value of any type.
-    let mut seen = [false; 7];
+    let mut seen = [false; 10];
     let mut out = Scanned::default();
     let closed = cursor.members(|c, key| {
-        let [model, max, completion, output, stream, config, gemini] = &mut seen;
+        let [model, max, completion, output, stream, config, gemini, n, best_of, candidates] =
+            &mut seen;
         match key {
             "model" => once(&mut out.model, model, "model", c.model()),
             "max_tokens" => once(&mut out.max_tokens, max, "max_tokens", c.whole_number()),
@@ -332,6 +355,8 @@ pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
                 c.whole_number(),
             ),
             "stream" => once(&mut out.stream, stream, "stream", c.boolean()),
+            "n" => once(&mut out.n, n, "n", c.whole_number()),
+            "best_of" => once(&mut out.best_of, best_of, "best_of", c.whole_number()),
             "generationConfig" => {
                 if std::mem::replace(config, true) {
                     return Err(ScanError::Duplicate("generationConfig"));
@@ -346,6 +371,12 @@ pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
                         &mut out.gemini_max_output_tokens,
                         gemini,
                         "generationConfig.maxOutputTokens",
+                        c.whole_number(),
+                    ),
+                    "candidateCount" => once(
+                        &mut out.candidate_count,
+                        candidates,
+                        "generationConfig.candidateCount",
                         c.whole_number(),
                     ),
                     _ => Ok(c.skip_value()),
@@ -414,6 +445,9 @@ mod tests {
         assert_eq!(s.estimate(), Some(100_000));
         let s = ok(r#"{"generationConfig": {"maxOutputTokens": 4}, "max_completion_tokens": 2}"#);
         assert_eq!(s.estimate(), Some(4));
+        // A negative limit is not hidden behind a larger one: it is refused.
+        let s = ok(r#"{"max_tokens": -1, "max_completion_tokens": 100, "n": 3}"#);
+        assert_eq!(s.estimate(), Some(-1));
     }
 
     /// `n` (OpenAI chat and completions), `best_of` (completions) and Gemini's
