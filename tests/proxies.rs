@@ -1149,6 +1149,47 @@ async fn nginx_reports_an_upstream_it_cannot_reach() {
     s.stop().await;
 }
 
+/// A client that walks away while the upstream is still writing a (non-streamed) answer,
+/// before its headers: the upstream was asked and spends the tokens all the same, so
+/// the prepaid key is charged its hold, never nothing. (nginx finalizes such a request
+/// with its own 499 and no upstream status.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_a_client_that_leaves_before_the_answer_is_charged_its_hold() {
+    let upstream = Upstream::start().await;
+    let s = keyward_with_every_pool(Some(300)).await;
+    let proxy = nginx(keyward_port(&s), upstream.port).await;
+    let price = json!({"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10});
+    let a = s
+        .admin(Method::PUT, "/admin/prices/openai/gpt-4o", Some(price))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let (key, secret) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": 1,
+                           "is_standalone": true, "initial_balance_usd": 1}))
+        .await;
+    let key_id = key["id"].as_str().unwrap();
+    let body = r#"{"model": "gpt-4o", "max_tokens": 1000, "messages": []}"#;
+    let gone = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/v1/chat/completions",
+            proxy.port
+        ))
+        .header("authorization", format!("Bearer {secret}"))
+        .header("x-stub-delay-ms", "1500")
+        .timeout(Duration::from_millis(500))
+        .body(body)
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client left before the answer");
+    // The upstream got the request.
+    eventually(5, || async { (upstream.count() == 1).then_some(()) }).await;
+    assert_eq!(settled(&s, key_id, 1).await, 0, "recorded without tokens");
+    let hold =
+        (((body.len() as i64 + 3) / 4) * 2_500_000 + 1000 * 10_000_000 + 999_999) / 1_000_000;
+    assert_eq!(charged(&s, key_id).await, (hold, 1_000_000 - hold));
+    s.stop().await;
+}
+
 /// What the README says of a client that disconnects mid-stream: Envoy ends the filter
 /// with the stream, so no report is sent; the slot comes back when the lease expires and
 /// the token reservation stays (the estimate is what the key is charged in TPM).
