@@ -1248,13 +1248,11 @@ async fn nginx_a_stream_outliving_its_lease_keeps_its_hold() {
 
 /// An OpenAI stream carries its usage only when the client asks for it
 /// (`stream_options.include_usage`), so a prepaid client that names no `max_tokens` and
-/// does not ask is charged the hold of `KEYWARD_DEFAULT_ESTIMATED_TOKENS` (1,000) for an
-/// answer of any length: here 20,000 tokens of text (one per event) for the price of
-/// 1,000. The books must not be that far from what happened: such an answer is charged
-/// at least the output the tap saw pass.
+/// does not ask would be charged the hold of `KEYWARD_DEFAULT_ESTIMATED_TOKENS` (1,000)
+/// for an answer of any length (20,000 tokens of text here). Such a request is refused
+/// before it reaches the upstream; asking for the usage, it is charged what it used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding: an OpenAI stream without include_usage and without max_tokens is charged the default estimate's hold, whatever its length"]
-async fn nginx_a_long_stream_without_usage_is_not_charged_a_fixed_small_hold() {
+async fn nginx_a_prepaid_stream_without_usage_or_limit_is_refused() {
     let upstream = Upstream::start().await;
     let s = keyward_with_every_pool(None).await;
     let proxy = nginx(keyward_port(&s), upstream.port).await;
@@ -1267,25 +1265,37 @@ async fn nginx_a_long_stream_without_usage_is_not_charged_a_fixed_small_hold() {
         .create_key(json!({"rate_limit": null, "is_standalone": true, "initial_balance_usd": 1}))
         .await;
     let key_id = key["id"].as_str().unwrap();
+    let bearer = format!("Bearer {secret}");
+    let refused = call_with(
+        proxy.port,
+        "/v1/chat/completions",
+        &[
+            ("authorization", &bearer),
+            ("x-stub-answer", "long:20000:openai_chat_no_usage.sse"),
+        ],
+        r#"{"model": "gpt-4o", "stream": true, "messages": []}"#.to_string(),
+    )
+    .await;
+    assert_eq!(
+        (refused.status, refused.body["error"]["code"].clone()),
+        (400, json!("BAD_REQUEST")),
+        "{}",
+        refused.body
+    );
+    assert_eq!(upstream.count(), 0, "the upstream was never asked");
     let got = streamed(
         proxy.port,
         &upstream,
         "/v1/chat/completions",
-        &format!("Bearer {secret}"),
-        "long:20000:openai_chat_no_usage.sse",
+        &bearer,
+        "openai_chat.sse",
         false,
-        r#"{"model": "gpt-4o", "stream": true, "messages": []}"#.to_string(),
+        r#"{"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}}"#
+            .to_string(),
     )
     .await;
     assert_eq!(got.status, 200);
-    assert!(got.bytes.len() > 20_000 * FILLER.len());
-    assert_eq!(settled(&s, key_id, 1).await, 0);
-    let (charged, _) = charged(&s, key_id).await;
-    // 20,000 output tokens at 10 USD per million.
-    assert!(
-        charged >= 200_000,
-        "charged {charged} micro-USD for 20,000 output tokens"
-    );
+    assert_eq!(settled(&s, key_id, 1).await, 2006 + 300);
     s.stop().await;
 }
 

@@ -181,6 +181,10 @@ fn admit_body(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody,
         // About four bytes of JSON per input token: enough for a hold that prices the
         // prompt too (a body cut short by the proxy holds for what was seen).
         input_estimate: body.len().div_ceil(4) as i64,
+        // OpenAI chat and completions streams state their usage only when asked.
+        usage_unstated: matches!(format, Some(("openai_chat" | "openai_completions", _)))
+            && scanned.stream == Some(true)
+            && scanned.include_usage != Some(true),
     })
 }
 

@@ -5,8 +5,8 @@
 //! not JSON a parser would accept. [`scan`] reads the body once, front to back, and
 //! keeps what it learned before the bytes ran out: the top-level `model` (a string),
 //! `max_tokens`, `max_completion_tokens`, `max_output_tokens`, `n`, `best_of` (whole
-//! numbers), `stream` (a boolean), and Gemini's `generationConfig.maxOutputTokens` and
-//! `generationConfig.candidateCount`.
+//! numbers), `stream` and `stream_options.include_usage` (booleans), and Gemini's
+//! `generationConfig.maxOutputTokens` and `generationConfig.candidateCount`.
 //!
 //! Only the top-level object's own fields count: a `model` inside `messages` or any
 //! other nested value is skipped. Keys and strings are decoded (escapes included), so
@@ -35,6 +35,8 @@ pub struct Scanned {
     /// Gemini's `generationConfig.candidateCount`.
     pub candidate_count: Option<i64>,
     pub stream: Option<bool>,
+    /// `stream_options.include_usage`: an OpenAI stream states its usage only if asked.
+    pub include_usage: Option<bool>,
     /// The top-level object was closed: nothing after the end of what was read can
     /// change the answer.
     pub complete: bool,
@@ -334,10 +336,10 @@ pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
         return Ok(Scanned::default());
     }
     // Which checked fields were named, with a value of any type.
-    let mut seen = [false; 10];
+    let mut seen = [false; 12];
     let mut out = Scanned::default();
     let closed = cursor.members(|c, key| {
-        let [model, max, completion, output, stream, config, gemini, n, best_of, candidates] =
+        let [model, max, completion, output, stream, config, gemini, n, best_of, candidates, options, usage] =
             &mut seen;
         match key {
             "model" => once(&mut out.model, model, "model", c.model()),
@@ -357,6 +359,25 @@ pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
             "stream" => once(&mut out.stream, stream, "stream", c.boolean()),
             "n" => once(&mut out.n, n, "n", c.whole_number()),
             "best_of" => once(&mut out.best_of, best_of, "best_of", c.whole_number()),
+            "stream_options" => {
+                if std::mem::replace(options, true) {
+                    return Err(ScanError::Duplicate("stream_options"));
+                }
+                match c.skip_ws() {
+                    Ok(b'{') => c.at += 1,
+                    Ok(_) => return Ok(c.skip_value()),
+                    Err(stop) => return Ok(Err(stop)),
+                }
+                c.members(|c, key| match key {
+                    "include_usage" => once(
+                        &mut out.include_usage,
+                        usage,
+                        "stream_options.include_usage",
+                        c.boolean(),
+                    ),
+                    _ => Ok(c.skip_value()),
+                })
+            }
             "generationConfig" => {
                 if std::mem::replace(config, true) {
                     return Err(ScanError::Duplicate("generationConfig"));
