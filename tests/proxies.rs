@@ -1191,13 +1191,11 @@ async fn nginx_a_client_that_leaves_before_the_answer_is_charged_its_hold() {
 }
 
 /// A prepaid request still streaming when its lease's TTL runs out keeps its hold: the
-/// balance must not be held for a second request while the first still spends.
-/// Neither tap renews the lease while the answer streams, so the hold (and the
-/// concurrency slot) comes back at the TTL, and a client whose answers outlast it (a
-/// long generation at `KEYWARD_LEASE_TTL_S`, default 300 s) runs any number of them on
-/// one balance: it goes below zero by many requests' cost, not one's.
+/// balance must not be held for a second request while the first still spends. (Were
+/// the hold to lapse at the TTL, a client whose answers outlast it, a long generation
+/// at `KEYWARD_LEASE_TTL_S`, default 300 s, would run any number of them on one
+/// balance.) nginx renews the lease at half its TTL until the report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding: the taps do not renew a streaming request's lease, so its hold lapses at the TTL while it still spends"]
 async fn nginx_a_stream_outliving_its_lease_keeps_its_hold() {
     let upstream = Upstream::start().await;
     let s = keyward_with_every_pool(Some(1)).await;
@@ -1207,10 +1205,11 @@ async fn nginx_a_stream_outliving_its_lease_keeps_its_hold() {
         .admin(Method::PUT, "/admin/prices/openai/gpt-4o", Some(price))
         .await;
     assert_eq!(a.status, 200, "{}", a.body);
-    let (_, secret) = s
+    let (key, secret) = s
         .create_key(json!({"rate_limit": null, "concurrent_limit": null,
                            "is_standalone": true, "initial_balance_usd": 1}))
         .await;
+    let key_id = key["id"].as_str().unwrap();
     let bearer = format!("Bearer {secret}");
     // Each holds 60,000 tokens at 10 USD per million: 0.6 of the 1 USD.
     let mut first = reqwest::Client::new()
@@ -1243,6 +1242,18 @@ async fn nginx_a_stream_outliving_its_lease_keeps_its_hold() {
         second.body
     );
     while first.chunk().await.unwrap().is_some() {}
+    // Reported: charged what it used, and its hold is free again (renewals stopped).
+    assert_eq!(settled(&s, key_id, 1).await, 2006 + 300);
+    let third = call_with(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer)],
+        stream_body("gpt-4o", 60_000),
+    )
+    .await;
+    assert_eq!(third.status, 200, "{}", third.body);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(proxy.log(), "");
     s.stop().await;
 }
 
