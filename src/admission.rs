@@ -57,6 +57,11 @@ pub struct AdmitBody {
     /// its bytes), priced into the balance hold.
     #[serde(skip)]
     pub input_estimate: i64,
+    /// `/authz` only: a stream whose answer will not state its usage (an OpenAI stream
+    /// without `stream_options.include_usage`). Charged its hold, so a key with a
+    /// balance must then name a limit.
+    #[serde(skip)]
+    pub usage_unstated: bool,
 }
 
 /// An admitted request.
@@ -414,6 +419,13 @@ impl Admission {
             _ => None,
         };
         let price = self.price(provider, model, balance.is_some()).await?;
+        if balance.is_some() && body.usage_unstated && body.estimated_tokens.is_none() {
+            // Its answer is charged its hold, and without a limit the hold is the
+            // default estimate's, whatever the answer's length.
+            return Err(AdmitError::BadRequest(
+                "a prepaid key's stream must state its usage or its limit: set stream_options.include_usage to true, or max_tokens".into(),
+            ));
+        }
         let hold_micros = price.map_or(0, |p| hold(&p, body.input_estimate, estimate));
         let request = AdmitRequest {
             lease: &lease,

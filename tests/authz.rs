@@ -13,6 +13,7 @@ on_both_backends!(
     the_body_wins_over_spoofed_headers,
     a_provider_key_is_picked_by_default,
     the_path_model_is_the_checked_model,
+    a_prepaid_stream_must_state_its_usage_or_its_limit,
 );
 
 async fn authz(
@@ -220,5 +221,87 @@ async fn the_path_model_is_the_checked_model(b: Backend) {
     )
     .await;
     assert_eq!((a.status, error_code(&a).as_str()), (400, "BAD_REQUEST"));
+    s.stop().await;
+}
+
+/// An OpenAI chat or completions stream states its usage only when asked
+/// (`stream_options.include_usage`). A prepaid key's stream that asks neither for that
+/// nor names a limit (`max_tokens`, ...) would be charged the default estimate's hold
+/// whatever its length: it is refused before anything is taken. With either, or on a
+/// key without a balance, or an API whose streams always state their usage, it goes
+/// ahead.
+async fn a_prepaid_stream_must_state_its_usage_or_its_limit(b: Backend) {
+    let s = TestServer::start(b).await;
+    for provider in ["openai", "anthropic"] {
+        let price = json!({"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10});
+        let a = s
+            .admin(
+                Method::PUT,
+                &format!("/admin/prices/{provider}/gpt-4o"),
+                Some(price),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let (_, prepaid) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": null,
+                           "is_standalone": true, "initial_balance_usd": 1}))
+        .await;
+    let (_, postpaid) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": null}))
+        .await;
+    let unstated = r#"{"model": "gpt-4o", "stream": true, "messages": []}"#;
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let a = authz(&s, path, &prepaid, &[], unstated).await;
+        assert_eq!(
+            (a.status, error_code(&a).as_str()),
+            (400, "BAD_REQUEST"),
+            "{path}"
+        );
+        let message = a.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("include_usage"), "{message}");
+    }
+    for (path, secret, body) in [
+        (
+            "/v1/chat/completions",
+            &prepaid,
+            r#"{"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            &prepaid,
+            r#"{"model": "gpt-4o", "stream": true, "max_tokens": 100}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            &prepaid,
+            r#"{"model": "gpt-4o", "stream": false}"#,
+        ),
+        ("/v1/chat/completions", &prepaid, r#"{"model": "gpt-4o"}"#),
+        ("/v1/chat/completions", &postpaid, unstated),
+        ("/v1/messages", &prepaid, unstated),
+    ] {
+        let a = authz(&s, path, secret, &[], body).await;
+        assert_eq!(a.status, 200, "{path} {body}: {}", a.body);
+    }
+    // Asking for the usage as false, or twice, is not asking.
+    let a = authz(
+        &s,
+        "/v1/chat/completions",
+        &prepaid,
+        &[],
+        r#"{"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": false}}"#,
+    )
+    .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    let a = authz(
+        &s,
+        "/v1/chat/completions",
+        &prepaid,
+        &[],
+        r#"{"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}, "stream_options": {"include_usage": true}}"#,
+    )
+    .await;
+    assert_eq!(a.status, 400, "{}", a.body);
     s.stop().await;
 }

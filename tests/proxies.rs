@@ -1111,6 +1111,167 @@ async fn nginx_reports_an_upstream_it_cannot_reach() {
     c.stop().await;
 }
 
+/// A client that walks away while the upstream is still writing a (non-streamed) answer,
+/// before its headers: the upstream was asked and spends the tokens all the same, so
+/// the prepaid key is charged its hold, never nothing. (nginx finalizes such a request
+/// with its own 499 and no upstream status.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_a_client_that_leaves_before_the_answer_is_charged_its_hold() {
+    let upstream = Upstream::start().await;
+    let s = keyward_with_every_pool(Some(300)).await;
+    let proxy = nginx(keyward_port(&s), upstream.port).await;
+    let price = json!({"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10});
+    let a = s
+        .admin(Method::PUT, "/admin/prices/openai/gpt-4o", Some(price))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let (key, secret) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": 1,
+                           "is_standalone": true, "initial_balance_usd": 1}))
+        .await;
+    let key_id = key["id"].as_str().unwrap();
+    let body = r#"{"model": "gpt-4o", "max_tokens": 1000, "messages": []}"#;
+    let gone = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/v1/chat/completions",
+            proxy.port
+        ))
+        .header("authorization", format!("Bearer {secret}"))
+        .header("x-stub-delay-ms", "1500")
+        .timeout(Duration::from_millis(500))
+        .body(body)
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client left before the answer");
+    // The upstream got the request.
+    eventually(5, || async { (upstream.count() == 1).then_some(()) }).await;
+    assert_eq!(settled(&s, key_id, 1).await, 0, "recorded without tokens");
+    let hold =
+        (((body.len() as i64 + 3) / 4) * 2_500_000 + 1000 * 10_000_000 + 999_999) / 1_000_000;
+    assert_eq!(charged(&s, key_id).await, (hold, 1_000_000 - hold));
+    s.stop().await;
+}
+
+/// A prepaid request still streaming when its lease's TTL runs out keeps its hold: the
+/// balance must not be held for a second request while the first still spends. (Were
+/// the hold to lapse at the TTL, a client whose answers outlast it, a long generation
+/// at `KEYWARD_LEASE_TTL_S`, default 300 s, would run any number of them on one
+/// balance.) nginx renews the lease at half its TTL until the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_a_stream_outliving_its_lease_keeps_its_hold() {
+    let upstream = Upstream::start().await;
+    let s = keyward_with_every_pool(Some(1)).await;
+    let proxy = nginx(keyward_port(&s), upstream.port).await;
+    let price = json!({"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10});
+    let a = s
+        .admin(Method::PUT, "/admin/prices/openai/gpt-4o", Some(price))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let (key, secret) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": null,
+                           "is_standalone": true, "initial_balance_usd": 1}))
+        .await;
+    let key_id = key["id"].as_str().unwrap();
+    let bearer = format!("Bearer {secret}");
+    // Each holds 60,000 tokens at 10 USD per million: 0.6 of the 1 USD.
+    let mut first = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/v1/chat/completions",
+            proxy.port
+        ))
+        .header("authorization", &bearer)
+        .header("x-stub-answer", "openai_chat.sse")
+        .header("x-stub-slow", "1")
+        .body(stream_body("gpt-4o", 60_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert!(first.chunk().await.unwrap().is_some());
+    // The first answer is still streaming (the stub waits 1.5 s) past its 1 s lease.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let second = call_with(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer)],
+        stream_body("gpt-4o", 60_000),
+    )
+    .await;
+    assert_eq!(
+        (second.status, second.body["error"]["limit"].clone()),
+        (429, json!("balance")),
+        "the balance was held again while the first request still streamed: {}",
+        second.body
+    );
+    while first.chunk().await.unwrap().is_some() {}
+    // Reported: charged what it used, and its hold is free again (renewals stopped).
+    assert_eq!(settled(&s, key_id, 1).await, 2006 + 300);
+    let third = call_with(
+        proxy.port,
+        "/v1/chat/completions",
+        &[("authorization", &bearer)],
+        stream_body("gpt-4o", 60_000),
+    )
+    .await;
+    assert_eq!(third.status, 200, "{}", third.body);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(proxy.log(), "");
+    s.stop().await;
+}
+
+/// An OpenAI stream carries its usage only when the client asks for it
+/// (`stream_options.include_usage`), so a prepaid client that names no `max_tokens` and
+/// does not ask would be charged the hold of `KEYWARD_DEFAULT_ESTIMATED_TOKENS` (1,000)
+/// for an answer of any length (20,000 tokens of text here). Such a request is refused
+/// before it reaches the upstream; asking for the usage, it is charged what it used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_a_prepaid_stream_without_usage_or_limit_is_refused() {
+    let upstream = Upstream::start().await;
+    let s = keyward_with_every_pool(None).await;
+    let proxy = nginx(keyward_port(&s), upstream.port).await;
+    let price = json!({"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10});
+    let a = s
+        .admin(Method::PUT, "/admin/prices/openai/gpt-4o", Some(price))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let (key, secret) = s
+        .create_key(json!({"rate_limit": null, "is_standalone": true, "initial_balance_usd": 1}))
+        .await;
+    let key_id = key["id"].as_str().unwrap();
+    let bearer = format!("Bearer {secret}");
+    let refused = call_with(
+        proxy.port,
+        "/v1/chat/completions",
+        &[
+            ("authorization", &bearer),
+            ("x-stub-answer", "long:20000:openai_chat_no_usage.sse"),
+        ],
+        r#"{"model": "gpt-4o", "stream": true, "messages": []}"#.to_string(),
+    )
+    .await;
+    assert_eq!(
+        (refused.status, refused.body["error"]["code"].clone()),
+        (400, json!("BAD_REQUEST")),
+        "{}",
+        refused.body
+    );
+    assert_eq!(upstream.count(), 0, "the upstream was never asked");
+    let got = streamed(
+        proxy.port,
+        &upstream,
+        "/v1/chat/completions",
+        &bearer,
+        "openai_chat.sse",
+        false,
+        r#"{"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}}"#
+            .to_string(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(settled(&s, key_id, 1).await, 2006 + 300);
+    s.stop().await;
+}
+
 /// What the README says of a client that disconnects mid-stream: Envoy ends the filter
 /// with the stream, so no report is sent; the slot comes back when the lease expires and
 /// the token reservation stays (the estimate is what the key is charged in TPM).

@@ -10,6 +10,8 @@
 --                  streams on to the client untouched.
 -- log():           posts them to /v1/report/upstream (from a timer, over a cosocket),
 --                  authorized by the request's lease, for every admitted request.
+-- Meanwhile a timer renews the lease at a third of its TTL until the answer is over,
+-- so one that outlasts KEYWARD_LEASE_TTL_S keeps its slot and its balance hold.
 --
 -- keyward's address is the nginx variable $keyward_address (IP:port, set in
 -- keyward.conf: a host name would need an nginx resolver). Both calls go over cosockets with a keepalive pool.
@@ -118,6 +120,31 @@ local function body_head()
   return data
 end
 
+-- The leases of this worker's requests in flight, each with its address and when it is
+-- next renewed. One timer per worker renews those due (a timer per request would stay
+-- pending for half a TTL after its request, and nginx caps pending timers).
+local live, renewing = {}, false
+
+local function renew_due(premature)
+  if premature then return end
+  local now, due = ngx.now(), {}
+  for lease, r in pairs(live) do
+    if r.at <= now then
+      r.at = now + r.every
+      due[#due + 1] = { lease, r.address }
+    end
+  end
+  for _, d in ipairs(due) do
+    local answer, err = call(d[2], "POST", "/v1/leases/" .. d[1] .. "/renew", {}, "",
+      { 200, 1000, 1000 })
+    if not answer then
+      ngx.log(ngx.ERR, "keyward: the lease renewal failed: ", err)
+    elseif answer.status ~= 200 then
+      live[d[1]] = nil -- reported or expired meanwhile: nothing to keep
+    end
+  end
+end
+
 local function unavailable(err)
   ngx.log(ngx.ERR, "keyward: the admission failed: ", err)
   ngx.status = 503
@@ -159,6 +186,20 @@ function M.access()
     if string.sub(name, 1, 12) == "x-ratelimit-" then ctx.keyward_limits[name] = value end
   end
   ctx.keyward_started = ngx.now()
+  -- The lease id carries its expiry (Unix ms, its fourth field): renew at a third of
+  -- the TTL while the answer lasts.
+  local expiry = tonumber(string.match(ctx.keyward_lease, "^[^.]*%.[^.]*%.[^.]*%.(%d+)%."))
+  if expiry then
+    local every = math.max(0.1, (expiry / 1000 - ngx.now()) / 3)
+    live[ctx.keyward_lease] = { address = ngx.var.keyward_address, every = every,
+      at = ngx.now() + every }
+    if not renewing then
+      local ok, terr = ngx.timer.every(0.25, renew_due)
+      if ok then renewing = true else
+        ngx.log(ngx.ERR, "keyward: the lease renewals could not be scheduled: ", terr)
+      end
+    end
+  end
   -- The upstream gets the provider key keyward picked, and nothing of keyward's or of
   -- the client's key.
   for name, _ in pairs(request) do
@@ -227,6 +268,7 @@ end
 function M.log()
   local ctx = ngx.ctx
   if not ctx.keyward_lease then return end
+  live[ctx.keyward_lease] = nil
   local total = ctx.keyward_total or 0
   local head = ctx.keyward_head or ""
   local tail = string.sub(table.concat(ctx.keyward_tail or {}), -TAIL)

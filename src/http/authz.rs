@@ -7,8 +7,9 @@
 //!   inferred from it, and the provider from the format unless `x-keyward-provider`
 //!   names one.
 //! - Model and token estimate: from the JSON body when the proxy forwards it (`model`;
-//!   `max_tokens`, `max_completion_tokens`, `max_output_tokens`, Gemini's
-//!   `generationConfig.maxOutputTokens`), read by [`super::scan`] as far as it goes when
+//!   the largest of `max_tokens`, `max_completion_tokens`, `max_output_tokens`, Gemini's
+//!   `generationConfig.maxOutputTokens`, times the answers asked for: `n`, `best_of`,
+//!   `generationConfig.candidateCount`), read by [`super::scan`] as far as it goes when
 //!   the proxy cut it short; else the Gemini model in the path; only then
 //!   `x-keyward-model` / `x-keyward-estimated-tokens`. The body comes first because it
 //!   is what the upstream acts on; the shipped proxies drop client-sent `x-keyward-*`
@@ -180,6 +181,10 @@ fn admit_body(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody,
         // About four bytes of JSON per input token: enough for a hold that prices the
         // prompt too (a body cut short by the proxy holds for what was seen).
         input_estimate: body.len().div_ceil(4) as i64,
+        // OpenAI chat and completions streams state their usage only when asked.
+        usage_unstated: matches!(format, Some(("openai_chat" | "openai_completions", _)))
+            && scanned.stream == Some(true)
+            && scanned.include_usage != Some(true),
     })
 }
 

@@ -341,6 +341,9 @@ async fn report(
     record(&state, body, lease, UsageSource::Reported).await
 }
 
+/// nginx's status for a request whose client closed the connection before the answer.
+const CLIENT_CLOSED_REQUEST: i64 = 499;
+
 /// Settles a report whose proof was checked: `lease` is the lease it names (and
 /// `body.provider_key_id` that lease's pick), `None` for one with the data-plane token.
 /// `origin` says where its tokens come from (the caller, or keyward's reading of the
@@ -351,7 +354,7 @@ async fn report(
 /// - tokens: their cost at the price the lease was admitted at (signed into it), else at
 ///   the report's model's price now ([`priced_cost`]);
 /// - no usage and an upstream status that is not 2xx: nothing (the upstream served
-///   nothing);
+///   nothing), but for nginx's 499 ([`CLIENT_CLOSED_REQUEST`]);
 /// - no usage otherwise (a successful answer whose usage could not be read): the lease's
 ///   hold, marked `estimated`, never zero.
 async fn record(
@@ -368,9 +371,12 @@ async fn record(
         .validate(state.pool_policy, lease)
         .map_err(ApiError::bad_request)?;
     report.usage_source = origin;
+    // An upstream's refusal spent nothing. nginx's 499 is no upstream's answer: the
+    // client closed the request while the upstream was still writing one, which it
+    // spends (and bills) all the same, so it is charged like an unreadable success.
     let failed = report
         .upstream_status
-        .is_some_and(|s| !(200..300).contains(&s));
+        .is_some_and(|s| !(200..300).contains(&s) && s != CLIENT_CLOSED_REQUEST);
     match (explicit_cost, report.tokens, price, hold) {
         (true, _, _, _) => {}
         (false, Some(_), Some(price), _) => {

@@ -4,8 +4,9 @@
 //! (`allow_partial_message`), so `/authz` often sees the first 64 KiB of a long prompt:
 //! not JSON a parser would accept. [`scan`] reads the body once, front to back, and
 //! keeps what it learned before the bytes ran out: the top-level `model` (a string),
-//! `max_tokens`, `max_completion_tokens`, `max_output_tokens` (whole numbers), `stream`
-//! (a boolean), and Gemini's `generationConfig.maxOutputTokens`.
+//! `max_tokens`, `max_completion_tokens`, `max_output_tokens`, `n`, `best_of` (whole
+//! numbers), `stream` and `stream_options.include_usage` (booleans), and Gemini's
+//! `generationConfig.maxOutputTokens` and `generationConfig.candidateCount`.
 //!
 //! Only the top-level object's own fields count: a `model` inside `messages` or any
 //! other nested value is skipped. Keys and strings are decoded (escapes included), so
@@ -27,20 +28,43 @@ pub struct Scanned {
     pub max_output_tokens: Option<i64>,
     /// Gemini's `generationConfig.maxOutputTokens`.
     pub gemini_max_output_tokens: Option<i64>,
+    /// `n`: how many answers (choices) the request asks for.
+    pub n: Option<i64>,
+    /// `best_of`: how many answers a completions request has written to pick from.
+    pub best_of: Option<i64>,
+    /// Gemini's `generationConfig.candidateCount`.
+    pub candidate_count: Option<i64>,
     pub stream: Option<bool>,
+    /// `stream_options.include_usage`: an OpenAI stream states its usage only if asked.
+    pub include_usage: Option<bool>,
     /// The top-level object was closed: nothing after the end of what was read can
     /// change the answer.
     pub complete: bool,
 }
 
 impl Scanned {
-    /// The token estimate the body states: the first of `max_tokens`,
-    /// `max_completion_tokens`, `max_output_tokens`, `generationConfig.maxOutputTokens`.
+    /// The token estimate the body states: the largest of `max_tokens`,
+    /// `max_completion_tokens`, `max_output_tokens`, `generationConfig.maxOutputTokens`
+    /// (upstreams differ in which one they honour when given two), times the answers
+    /// asked for (`n`, `best_of`, `candidateCount`: each answer may reach the limit, and
+    /// the upstream bills them all). Saturates, so a huge product is refused as too
+    /// large rather than wrapped; a negative limit is returned as it is, to be refused.
     pub fn estimate(&self) -> Option<i64> {
-        self.max_tokens
-            .or(self.max_completion_tokens)
-            .or(self.max_output_tokens)
-            .or(self.gemini_max_output_tokens)
+        let limits = [
+            self.max_tokens,
+            self.max_completion_tokens,
+            self.max_output_tokens,
+            self.gemini_max_output_tokens,
+        ];
+        let limit = match limits.into_iter().flatten().min()? {
+            negative if negative < 0 => return Some(negative),
+            _ => limits.into_iter().flatten().max()?,
+        };
+        let answers = [self.n, self.best_of, self.candidate_count]
+            .into_iter()
+            .flatten()
+            .fold(1, i64::max);
+        Some(limit.saturating_mul(answers))
     }
 }
 
@@ -312,10 +336,11 @@ pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
         return Ok(Scanned::default());
     }
     // Which checked fields were named, with a value of any type.
-    let mut seen = [false; 7];
+    let mut seen = [false; 12];
     let mut out = Scanned::default();
     let closed = cursor.members(|c, key| {
-        let [model, max, completion, output, stream, config, gemini] = &mut seen;
+        let [model, max, completion, output, stream, config, gemini, n, best_of, candidates, options, usage] =
+            &mut seen;
         match key {
             "model" => once(&mut out.model, model, "model", c.model()),
             "max_tokens" => once(&mut out.max_tokens, max, "max_tokens", c.whole_number()),
@@ -332,6 +357,27 @@ pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
                 c.whole_number(),
             ),
             "stream" => once(&mut out.stream, stream, "stream", c.boolean()),
+            "n" => once(&mut out.n, n, "n", c.whole_number()),
+            "best_of" => once(&mut out.best_of, best_of, "best_of", c.whole_number()),
+            "stream_options" => {
+                if std::mem::replace(options, true) {
+                    return Err(ScanError::Duplicate("stream_options"));
+                }
+                match c.skip_ws() {
+                    Ok(b'{') => c.at += 1,
+                    Ok(_) => return Ok(c.skip_value()),
+                    Err(stop) => return Ok(Err(stop)),
+                }
+                c.members(|c, key| match key {
+                    "include_usage" => once(
+                        &mut out.include_usage,
+                        usage,
+                        "stream_options.include_usage",
+                        c.boolean(),
+                    ),
+                    _ => Ok(c.skip_value()),
+                })
+            }
             "generationConfig" => {
                 if std::mem::replace(config, true) {
                     return Err(ScanError::Duplicate("generationConfig"));
@@ -346,6 +392,12 @@ pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
                         &mut out.gemini_max_output_tokens,
                         gemini,
                         "generationConfig.maxOutputTokens",
+                        c.whole_number(),
+                    ),
+                    "candidateCount" => once(
+                        &mut out.candidate_count,
+                        candidates,
+                        "generationConfig.candidateCount",
                         c.whole_number(),
                     ),
                     _ => Ok(c.skip_value()),
@@ -401,14 +453,57 @@ mod tests {
         );
     }
 
+    /// Upstreams differ in which of two limits they honour (vLLM prefers
+    /// `max_completion_tokens` to `max_tokens`, OpenAI the other way round for older
+    /// models): the estimate, and so the balance hold, is the largest one stated.
     #[test]
-    fn the_first_estimate_field_wins_in_a_fixed_order() {
+    fn the_largest_estimate_field_counts() {
         let s = ok(
             r#"{"max_output_tokens": 3, "generationConfig": {"maxOutputTokens": 4}, "max_tokens": 1}"#,
         );
-        assert_eq!(s.estimate(), Some(1));
+        assert_eq!(s.estimate(), Some(4));
+        let s = ok(r#"{"max_tokens": 1, "max_completion_tokens": 100000}"#);
+        assert_eq!(s.estimate(), Some(100_000));
         let s = ok(r#"{"generationConfig": {"maxOutputTokens": 4}, "max_completion_tokens": 2}"#);
-        assert_eq!(s.estimate(), Some(2));
+        assert_eq!(s.estimate(), Some(4));
+        // A negative limit is not hidden behind a larger one: it is refused.
+        let s = ok(r#"{"max_tokens": -1, "max_completion_tokens": 100, "n": 3}"#);
+        assert_eq!(s.estimate(), Some(-1));
+    }
+
+    /// `n` (OpenAI chat and completions), `best_of` (completions) and Gemini's
+    /// `generationConfig.candidateCount` ask for several answers, each up to the limit:
+    /// the upstream writes (and bills) all of them, so the estimate counts each.
+    #[test]
+    fn the_estimate_counts_every_choice_asked_for() {
+        let s = ok(r#"{"model": "gpt-4o", "max_tokens": 1000, "n": 8}"#);
+        assert_eq!(s.estimate(), Some(8000));
+        let s = ok(r#"{"max_tokens": 10, "n": 2, "best_of": 5}"#);
+        assert_eq!(s.estimate(), Some(50));
+        let s = ok(r#"{"generationConfig": {"candidateCount": 4, "maxOutputTokens": 100}}"#);
+        assert_eq!(s.estimate(), Some(400));
+        // Nonsense counts do not lower the estimate; huge ones saturate (then refused).
+        for body in [
+            r#"{"max_tokens": 10, "n": 0}"#,
+            r#"{"max_tokens": 10, "n": -3}"#,
+            r#"{"max_tokens": 10, "n": "4"}"#,
+            r#"{"max_tokens": 10, "n": 1.5}"#,
+        ] {
+            assert_eq!(ok(body).estimate(), Some(10), "{body}");
+        }
+        let s = ok(r#"{"max_tokens": 4611686018427387904, "n": 4}"#);
+        assert_eq!(s.estimate(), Some(i64::MAX));
+        // Without a stated limit there is nothing to multiply (the default applies).
+        assert_eq!(ok(r#"{"n": 4}"#).estimate(), None);
+        // Only the top level's `n` counts, and a second one is refused.
+        assert_eq!(
+            ok(r#"{"messages": [{"n": 9}], "max_tokens": 10}"#).estimate(),
+            Some(10)
+        );
+        assert_eq!(
+            scan(br#"{"n": 1, "max_tokens": 10, "n": 9}"#),
+            Err(ScanError::Duplicate("n"))
+        );
     }
 
     #[test]
