@@ -612,7 +612,7 @@ async fn envoy_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
     let proxy = envoy(keyward_port(&s), upstream.port).await;
     let seen = shared_scenario(proxy.port, &upstream, &s, &secret, &provider_key).await;
 
-    // keyward gone: failure_mode_allow is false, so Envoy refuses (403).
+    // keyward gone: failure_mode_allow is false, so Envoy refuses (503, status_on_error).
     s.stop().await;
     let down = reqwest::Client::new()
         .post(format!(
@@ -623,7 +623,7 @@ async fn envoy_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
         .send()
         .await
         .unwrap();
-    assert_eq!(down.status().as_u16(), 403);
+    assert_eq!(down.status().as_u16(), 503);
     assert_eq!(
         upstream.count(),
         seen,
@@ -1118,8 +1118,9 @@ async fn nginx_reports_an_upstream_it_cannot_reach() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_a_client_that_leaves_before_the_answer_is_charged_its_hold() {
     let upstream = Upstream::start().await;
-    let s = keyward_with_every_pool(Some(300)).await;
-    let proxy = nginx(keyward_port(&s), upstream.port).await;
+    let c = keyward_with_every_pool(Some(300), Shape::Embedded).await;
+    let s = &c.servers[0];
+    let proxy = nginx(keyward_port(s), upstream.port).await;
     let price = json!({"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10});
     let a = s
         .admin(Method::PUT, "/admin/prices/openai/gpt-4o", Some(price))
@@ -1145,11 +1146,11 @@ async fn nginx_a_client_that_leaves_before_the_answer_is_charged_its_hold() {
     assert!(gone.is_err(), "the client left before the answer");
     // The upstream got the request.
     eventually(5, || async { (upstream.count() == 1).then_some(()) }).await;
-    assert_eq!(settled(&s, key_id, 1).await, 0, "recorded without tokens");
+    assert_eq!(settled(s, key_id, 1).await, 0, "recorded without tokens");
     let hold =
         (((body.len() as i64 + 3) / 4) * 2_500_000 + 1000 * 10_000_000 + 999_999) / 1_000_000;
-    assert_eq!(charged(&s, key_id).await, (hold, 1_000_000 - hold));
-    s.stop().await;
+    assert_eq!(charged(s, key_id).await, (hold, 1_000_000 - hold));
+    c.stop().await;
 }
 
 /// A prepaid request still streaming when its lease's TTL runs out keeps its hold: the
@@ -1160,8 +1161,9 @@ async fn nginx_a_client_that_leaves_before_the_answer_is_charged_its_hold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_a_stream_outliving_its_lease_keeps_its_hold() {
     let upstream = Upstream::start().await;
-    let s = keyward_with_every_pool(Some(1)).await;
-    let proxy = nginx(keyward_port(&s), upstream.port).await;
+    let c = keyward_with_every_pool(Some(1), Shape::Embedded).await;
+    let s = &c.servers[0];
+    let proxy = nginx(keyward_port(s), upstream.port).await;
     let price = json!({"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10});
     let a = s
         .admin(Method::PUT, "/admin/prices/openai/gpt-4o", Some(price))
@@ -1205,7 +1207,7 @@ async fn nginx_a_stream_outliving_its_lease_keeps_its_hold() {
     );
     while first.chunk().await.unwrap().is_some() {}
     // Reported: charged what it used, and its hold is free again (renewals stopped).
-    assert_eq!(settled(&s, key_id, 1).await, 2006 + 300);
+    assert_eq!(settled(s, key_id, 1).await, 2006 + 300);
     let third = call_with(
         proxy.port,
         "/v1/chat/completions",
@@ -1216,7 +1218,7 @@ async fn nginx_a_stream_outliving_its_lease_keeps_its_hold() {
     assert_eq!(third.status, 200, "{}", third.body);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(proxy.log(), "");
-    s.stop().await;
+    c.stop().await;
 }
 
 /// An OpenAI stream carries its usage only when the client asks for it
@@ -1227,8 +1229,9 @@ async fn nginx_a_stream_outliving_its_lease_keeps_its_hold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_a_prepaid_stream_without_usage_or_limit_is_refused() {
     let upstream = Upstream::start().await;
-    let s = keyward_with_every_pool(None).await;
-    let proxy = nginx(keyward_port(&s), upstream.port).await;
+    let c = keyward_with_every_pool(None, Shape::Embedded).await;
+    let s = &c.servers[0];
+    let proxy = nginx(keyward_port(s), upstream.port).await;
     let price = json!({"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10});
     let a = s
         .admin(Method::PUT, "/admin/prices/openai/gpt-4o", Some(price))
@@ -1268,8 +1271,8 @@ async fn nginx_a_prepaid_stream_without_usage_or_limit_is_refused() {
     )
     .await;
     assert_eq!(got.status, 200);
-    assert_eq!(settled(&s, key_id, 1).await, 2006 + 300);
-    s.stop().await;
+    assert_eq!(settled(s, key_id, 1).await, 2006 + 300);
+    c.stop().await;
 }
 
 /// What the README says of a client that disconnects mid-stream: Envoy ends the filter
