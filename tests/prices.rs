@@ -424,6 +424,8 @@ async fn admission_prices_and_holds(backend: Backend) {
     let held_lease = a.body["lease_id"].clone();
     let a = s.admit(admit(Some("gpt-4o"))).await;
     let failed_lease = a.body["lease_id"].clone();
+    let a = s.admit(admit(Some("gpt-4o"))).await;
+    let timed_out_lease = a.body["lease_id"].clone();
     // The price doubles before the reports: they are charged the admission's price.
     assert_eq!(put(&s, "openai/gpt-4o", price(5.0, 20.0)).await.status, 200);
     for (lease, report) in [
@@ -433,24 +435,27 @@ async fn admission_prices_and_holds(backend: Backend) {
         ),
         (&held_lease, json!({"upstream_status": 200})),
         (&failed_lease, json!({"upstream_status": 500})),
+        (&timed_out_lease, json!({"upstream_status": 504})),
     ] {
         let mut body = report;
         body["lease_id"] = lease.clone();
         let r = s.data_post("/v1/report", body).await;
         assert_eq!(r.status, 200, "{}", r.body);
     }
-    // 1000 × 2.5 + 100 × 10 = 3,500 micro-USD, plus the hold of 10,000, plus nothing.
-    assert_eq!(total_cost(&s, &key_id, 3).await, 0.0135);
+    // 1000 × 2.5 + 100 × 10 = 3,500 micro-USD, plus the hold of 10,000, plus nothing
+    // for the failure, plus the hold for the proxy's timeout (the upstream may have
+    // gone on).
+    assert_eq!(total_cost(&s, &key_id, 4).await, 0.0235);
     let stats = s
         .admin(Method::GET, &format!("/admin/keys/{key_id}/stats"), None)
         .await
         .body;
-    assert_eq!(stats["estimated_requests"], 1, "{stats}");
+    assert_eq!(stats["estimated_requests"], 2, "{stats}");
     let k = s
         .admin(Method::GET, &format!("/admin/keys/{key_id}"), None)
         .await
         .body;
-    assert_eq!(k["remaining_balance_usd"], 0.9865, "{k}");
+    assert_eq!(k["remaining_balance_usd"], 0.9765, "{k}");
     s.stop().await;
 
     // With a default price, an unpriced model is admitted and held at it.

@@ -341,8 +341,11 @@ async fn report(
     record(&state, body, lease, UsageSource::Reported).await
 }
 
-/// nginx's status for a request whose client closed the connection before the answer.
-const CLIENT_CLOSED_REQUEST: i64 = 499;
+/// Statuses without usage after which the upstream may still have worked on the request:
+/// nginx's 499 (the client closed the connection before the answer) and 504 (the proxy
+/// gave up waiting while the upstream went on). They are charged the hold, like a
+/// success whose usage could not be read.
+const MAY_HAVE_WORKED: [i64; 2] = [499, 504];
 
 /// Settles a report whose proof was checked: `lease` is the lease it names (and
 /// `body.provider_key_id` that lease's pick), `None` for one with the data-plane token.
@@ -354,7 +357,7 @@ const CLIENT_CLOSED_REQUEST: i64 = 499;
 /// - tokens: their cost at the price the lease was admitted at (signed into it), else at
 ///   the report's model's price now ([`priced_cost`]);
 /// - no usage and an upstream status that is not 2xx: nothing (the upstream served
-///   nothing), but for nginx's 499 ([`CLIENT_CLOSED_REQUEST`]);
+///   nothing), but for [`MAY_HAVE_WORKED`];
 /// - no usage otherwise (a successful answer whose usage could not be read): the lease's
 ///   hold, marked `estimated`, never zero.
 async fn record(
@@ -376,7 +379,7 @@ async fn record(
     // spends (and bills) all the same, so it is charged like an unreadable success.
     let failed = report
         .upstream_status
-        .is_some_and(|s| !(200..300).contains(&s) && s != CLIENT_CLOSED_REQUEST);
+        .is_some_and(|s| !(200..300).contains(&s) && !MAY_HAVE_WORKED.contains(&s));
     match (explicit_cost, report.tokens, price, hold) {
         (true, _, _, _) => {}
         (false, Some(_), Some(price), _) => {
