@@ -502,10 +502,39 @@ on_both_backends!(
     admission_prices_and_holds
 );
 
+/// Runs the real binary's `serve` with `var` set to `value` (and nothing else of the
+/// environment's `KEYWARD_*`), expecting it to refuse to start: its one line of stderr,
+/// after checking that it exits 2 and writes nothing.
+fn start_up_error(var: &str, value: &std::ffi::OsStr) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("KEYWARD_") {
+            cmd.env_remove(name);
+        }
+    }
+    let out = cmd
+        .arg("serve")
+        .env(var, value)
+        .env(
+            config::DATABASE_URL,
+            format!("sqlite://{}", dir.path().join("k.db").display()),
+        )
+        .env(config::LISTEN, "127.0.0.1:0")
+        .env(config::ADMIN_LISTEN, "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{var}={value:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "{var}={value:?}: {err}");
+    assert!(err.starts_with(&format!("keyward: {var}: ")), "{err}");
+    assert!(!dir.path().join("k.db").exists(), "nothing started");
+    err
+}
+
 /// A bad `KEYWARD_DEFAULT_PRICE` stops start-up with one line naming it.
 #[test]
 fn a_bad_default_price_stops_start_up_naming_the_variable() {
-    let dir = tempfile::tempdir().unwrap();
     for (value, says) in [
         ("2.5", "must be a JSON price"),
         (
@@ -514,27 +543,7 @@ fn a_bad_default_price_stops_start_up_naming_the_variable() {
         ),
         (r#"{"input_per_mtok_usd": 1}"#, "output_per_mtok_usd"),
     ] {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"));
-        for (var, _) in std::env::vars() {
-            if var.starts_with("KEYWARD_") {
-                cmd.env_remove(var);
-            }
-        }
-        let out = cmd
-            .arg("serve")
-            .env(config::DEFAULT_PRICE, value)
-            .env(
-                config::DATABASE_URL,
-                format!("sqlite://{}", dir.path().join("k.db").display()),
-            )
-            .env(config::LISTEN, "127.0.0.1:0")
-            .env(config::ADMIN_LISTEN, "127.0.0.1:0")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{value}: {err}");
-        assert_eq!(err.lines().count(), 1, "{value}: {err}");
-        assert!(err.starts_with("keyward: KEYWARD_DEFAULT_PRICE: "), "{err}");
+        let err = start_up_error(config::DEFAULT_PRICE, value.as_ref());
         assert!(err.contains(says), "{value}: {err}");
     }
 }
@@ -576,29 +585,8 @@ fn a_bad_prices_file_stops_start_up_naming_the_variable() {
         if let Some(content) = content {
             std::fs::write(&path, content).unwrap();
         }
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"));
-        for (var, _) in std::env::vars() {
-            if var.starts_with("KEYWARD_") {
-                cmd.env_remove(var);
-            }
-        }
-        let out = cmd
-            .arg("serve")
-            .env(config::PRICES_FILE, &path)
-            .env(
-                config::DATABASE_URL,
-                format!("sqlite://{}", dir.path().join("k.db").display()),
-            )
-            .env(config::LISTEN, "127.0.0.1:0")
-            .env(config::ADMIN_LISTEN, "127.0.0.1:0")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
-        assert_eq!(err.lines().count(), 1, "{name}: {err}");
-        assert!(err.starts_with("keyward: KEYWARD_PRICES_FILE: "), "{err}");
+        let err = start_up_error(config::PRICES_FILE, path.as_os_str());
         assert!(err.contains(says), "{name}: {err}");
-        assert!(!dir.path().join("k.db").exists(), "nothing started");
     }
 }
 

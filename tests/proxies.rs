@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use common::{eventually, free_port, shipped, Answer, Cluster, Shape, TestServer};
+use common::shipped::{self, wait_for_port};
+use common::{eventually, free_port, Answer, Cluster, Shape, TestServer};
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// An upstream LLM API stand-in: answers 200 `{"ok": true}` and records the headers of
 /// every request. `x-stub-status: 429` makes it answer 429 with `Retry-After: 30`;
@@ -185,19 +186,6 @@ impl Drop for Proxy {
             eprintln!("{}:\n{}", self.log.display(), self.log());
         }
     }
-}
-
-async fn wait_for_port(port: u16) {
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the proxy did not start listening on {port}");
 }
 
 /// The shipped nginx files with their documented addresses and path replaced.
@@ -707,7 +695,7 @@ async fn settled(s: &TestServer, key_id: &str, requests: i64) -> i64 {
 }
 
 /// Micro-USD from a JSON number of USD.
-fn micros(usd: &serde_json::Value) -> i64 {
+fn micros(usd: &Value) -> i64 {
     (usd.as_f64().unwrap() * 1e6).round() as i64
 }
 
@@ -1111,14 +1099,15 @@ async fn nginx_reports_an_upstream_it_cannot_reach() {
     c.stop().await;
 }
 
-/// A client that walks away while the upstream is still writing a (non-streamed) answer,
-/// before its headers: the upstream was asked and spends the tokens all the same, so
-/// the prepaid key is charged its hold, never nothing. (nginx finalizes such a request
-/// with its own 499 and no upstream status.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nginx_a_client_that_leaves_before_the_answer_is_charged_its_hold() {
-    let upstream = Upstream::start().await;
-    let c = keyward_with_every_pool(Some(300), Shape::Embedded).await;
+/// nginx in front of a keyward (lease TTL `ttl_s`) whose `openai/gpt-4o` costs 2.5 / 10
+/// USD per million input / output tokens, and a prepaid key of 1 USD with
+/// `concurrent_limit`: the cluster, the proxy, the key's id and its secret.
+async fn prepaid_behind_nginx(
+    ttl_s: u64,
+    upstream: &Upstream,
+    concurrent_limit: Value,
+) -> (Cluster, Proxy, String, String) {
+    let c = keyward_with_every_pool(Some(ttl_s), Shape::Embedded).await;
     let s = &c.servers[0];
     let proxy = nginx(keyward_port(s), upstream.port).await;
     let price = json!({"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10});
@@ -1127,10 +1116,24 @@ async fn nginx_a_client_that_leaves_before_the_answer_is_charged_its_hold() {
         .await;
     assert_eq!(a.status, 200, "{}", a.body);
     let (key, secret) = s
-        .create_key(json!({"rate_limit": null, "concurrent_limit": 1,
-                           "is_standalone": true, "initial_balance_usd": 1}))
+        .create_key(
+            json!({"rate_limit": null, "concurrent_limit": concurrent_limit,
+                           "is_standalone": true, "initial_balance_usd": 1}),
+        )
         .await;
-    let key_id = key["id"].as_str().unwrap();
+    let key_id = key["id"].as_str().unwrap().to_string();
+    (c, proxy, key_id, secret)
+}
+
+/// A client that walks away while the upstream is still writing a (non-streamed) answer,
+/// before its headers: the upstream was asked and spends the tokens all the same, so
+/// the prepaid key is charged its hold, never nothing. (nginx finalizes such a request
+/// with its own 499 and no upstream status.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_a_client_that_leaves_before_the_answer_is_charged_its_hold() {
+    let upstream = Upstream::start().await;
+    let (c, proxy, key_id, secret) = prepaid_behind_nginx(300, &upstream, json!(1)).await;
+    let (s, key_id) = (&c.servers[0], key_id.as_str());
     let body = r#"{"model": "gpt-4o", "max_tokens": 1000, "messages": []}"#;
     let gone = reqwest::Client::new()
         .post(format!(
@@ -1161,19 +1164,8 @@ async fn nginx_a_client_that_leaves_before_the_answer_is_charged_its_hold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_a_stream_outliving_its_lease_keeps_its_hold() {
     let upstream = Upstream::start().await;
-    let c = keyward_with_every_pool(Some(1), Shape::Embedded).await;
-    let s = &c.servers[0];
-    let proxy = nginx(keyward_port(s), upstream.port).await;
-    let price = json!({"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10});
-    let a = s
-        .admin(Method::PUT, "/admin/prices/openai/gpt-4o", Some(price))
-        .await;
-    assert_eq!(a.status, 200, "{}", a.body);
-    let (key, secret) = s
-        .create_key(json!({"rate_limit": null, "concurrent_limit": null,
-                           "is_standalone": true, "initial_balance_usd": 1}))
-        .await;
-    let key_id = key["id"].as_str().unwrap();
+    let (c, proxy, key_id, secret) = prepaid_behind_nginx(1, &upstream, Value::Null).await;
+    let (s, key_id) = (&c.servers[0], key_id.as_str());
     let bearer = format!("Bearer {secret}");
     // Each holds 60,000 tokens at 10 USD per million: 0.6 of the 1 USD.
     let mut first = reqwest::Client::new()

@@ -9,7 +9,6 @@ pub use shipped::*;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 /// A proxy process of the bench's own, killed on drop.
 pub struct Proxy {
@@ -23,19 +22,6 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-async fn wait_for_port(port: u16) {
-    for _ in 0..400 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the proxy did not start listening on {port}");
 }
 
 fn examples(dir: &str) -> PathBuf {

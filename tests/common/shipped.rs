@@ -157,3 +157,17 @@ pub fn nginx_without_tap(site: &str) -> String {
 fn brace_balance(line: &str) -> i32 {
     line.matches('{').count() as i32 - line.matches('}').count() as i32
 }
+
+/// Waits until something listens on `port` (a proxy just started); panics after 10 s.
+pub async fn wait_for_port(port: u16) {
+    for _ in 0..400 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the proxy did not start listening on {port}");
+}
