@@ -18,3 +18,16 @@ fn the_chart_lints_renders_and_validates() {
     assert!(out.status.success(), "{said}");
     assert!(said.contains("manifests valid"), "{said}");
 }
+
+/// The chart's `appVersion` (the image tag it defaults to) follows the crate's version,
+/// so a release cannot ship a chart that runs another build.
+#[test]
+fn the_charts_app_version_is_the_crates_version() {
+    let chart = include_str!("../helm/keyward/Chart.yaml");
+    let app_version = chart
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .map(|v| v.trim().trim_matches('"'))
+        .expect("Chart.yaml has an appVersion");
+    assert_eq!(app_version, env!("CARGO_PKG_VERSION"));
+}
