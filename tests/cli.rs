@@ -640,3 +640,42 @@ fn migrate_reads_the_database_url_from_its_file() {
         "{err}"
     );
 }
+
+/// Each setting is declared once, in `src/config.rs`, and the README's configuration
+/// table names exactly those: a row for each, the `…_FILE` twins of secrets in one row.
+#[test]
+fn the_readme_documents_every_setting_and_only_those() {
+    use std::collections::BTreeSet;
+    let declared: BTreeSet<String> = include_str!("../src/config.rs")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub const "))
+        .filter_map(|l| l.split_once("= \"").map(|(_, v)| v))
+        .filter_map(|v| v.strip_suffix("\";"))
+        .filter(|v| v.starts_with("KEYWARD_"))
+        .map(str::to_string)
+        .collect();
+    let twins: BTreeSet<String> = keyward::config::FILE_TWINS
+        .iter()
+        .map(|(_, file)| file.to_string())
+        .collect();
+    let readme = include_str!("../README.md");
+    assert!(
+        readme.contains("| `KEYWARD_…_FILE` |"),
+        "the README's row for the secrets' file twins"
+    );
+    let rows: BTreeSet<String> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once('`').map(|(name, _)| name))
+        .filter(|name| name.starts_with("KEYWARD_") && *name != "KEYWARD_…_FILE")
+        .map(str::to_string)
+        .collect();
+    let documented: BTreeSet<String> = rows.union(&twins).cloned().collect();
+    assert_eq!(
+        declared
+            .symmetric_difference(&documented)
+            .collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "settings without a README row, or README rows of no setting"
+    );
+}
