@@ -316,6 +316,26 @@ impl Cursor<'_> {
     }
 }
 
+/// The members of a nested object field (`name`), each handed to `member` as
+/// [`Cursor::members`] does; a second occurrence of the field is refused, and a value
+/// that is not an object is skipped.
+fn nested(
+    c: &mut Cursor<'_>,
+    seen: &mut bool,
+    name: &'static str,
+    member: impl FnMut(&mut Cursor<'_>, &str) -> Result<Step<()>, ScanError>,
+) -> Result<Step<()>, ScanError> {
+    if std::mem::replace(seen, true) {
+        return Err(ScanError::Duplicate(name));
+    }
+    match c.skip_ws() {
+        Ok(b'{') => c.at += 1,
+        Ok(_) => return Ok(c.skip_value()),
+        Err(stop) => return Ok(Err(stop)),
+    }
+    c.members(member)
+}
+
 /// Stores a field's value, refusing a second occurrence of the field.
 fn once<T>(
     slot: &mut Option<T>,
@@ -359,35 +379,17 @@ pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
             "stream" => once(&mut out.stream, stream, "stream", c.boolean()),
             "n" => once(&mut out.n, n, "n", c.whole_number()),
             "best_of" => once(&mut out.best_of, best_of, "best_of", c.whole_number()),
-            "stream_options" => {
-                if std::mem::replace(options, true) {
-                    return Err(ScanError::Duplicate("stream_options"));
-                }
-                match c.skip_ws() {
-                    Ok(b'{') => c.at += 1,
-                    Ok(_) => return Ok(c.skip_value()),
-                    Err(stop) => return Ok(Err(stop)),
-                }
-                c.members(|c, key| match key {
-                    "include_usage" => once(
-                        &mut out.include_usage,
-                        usage,
-                        "stream_options.include_usage",
-                        c.boolean(),
-                    ),
-                    _ => Ok(c.skip_value()),
-                })
-            }
+            "stream_options" => nested(c, options, "stream_options", |c, key| match key {
+                "include_usage" => once(
+                    &mut out.include_usage,
+                    usage,
+                    "stream_options.include_usage",
+                    c.boolean(),
+                ),
+                _ => Ok(c.skip_value()),
+            }),
             "generationConfig" => {
-                if std::mem::replace(config, true) {
-                    return Err(ScanError::Duplicate("generationConfig"));
-                }
-                match c.skip_ws() {
-                    Ok(b'{') => c.at += 1,
-                    Ok(_) => return Ok(c.skip_value()),
-                    Err(stop) => return Ok(Err(stop)),
-                }
-                c.members(|c, key| match key {
+                nested(c, config, "generationConfig", |c, key| match key {
                     "maxOutputTokens" => once(
                         &mut out.gemini_max_output_tokens,
                         gemini,
