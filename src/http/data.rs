@@ -374,9 +374,7 @@ async fn record(
         .validate(state.pool_policy, lease)
         .map_err(ApiError::bad_request)?;
     report.usage_source = origin;
-    // An upstream's refusal spent nothing. nginx's 499 is no upstream's answer: the
-    // client closed the request while the upstream was still writing one, which it
-    // spends (and bills) all the same, so it is charged like an unreadable success.
+    // An upstream's refusal spent nothing (but see [`MAY_HAVE_WORKED`]).
     let failed = report
         .upstream_status
         .is_some_and(|s| !(200..300).contains(&s) && !MAY_HAVE_WORKED.contains(&s));

@@ -255,8 +255,9 @@ impl MemoryCounters {
             }
         }
         let in_flight = state.leases.len() as i64;
-        if in_flight == 0 {
-            state.release(i64::MAX);
+        if let Some(balance) = state.balance.as_mut().filter(|_| in_flight == 0) {
+            // Nothing in flight holds nothing (as admit.lua).
+            balance.held = 0;
         }
         let tracked = r.balance.and(state.balance);
         let (rpm, tpm) = (r.rpm.unwrap_or(0), r.tpm.unwrap_or(0));

@@ -100,14 +100,14 @@ pub struct KeyStats {
     pub tokens: i64,
     pub cost_micros: i64,
     pub avg_latency_ms: Option<f64>,
-    pub classes: TokenClasses,
+    pub classes: ClassTotals,
     pub daily: Vec<DayStats>,
 }
 
 /// Sums of the token classes over some rows, and how many of them were charged the
 /// admission's estimate (their numbers are not the upstream's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-pub struct TokenClasses {
+pub struct ClassTotals {
     pub cached_tokens: i64,
     pub cache_write_tokens: i64,
     pub reasoning_tokens: i64,
@@ -122,5 +122,5 @@ pub struct DayStats {
     pub tokens: i64,
     pub cost_usd: Usd,
     #[serde(flatten)]
-    pub classes: TokenClasses,
+    pub classes: ClassTotals,
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use sqlx::Row;
 
-use super::{DayStats, KeyStats, TokenClasses, UsageRecord};
+use super::{ClassTotals, DayStats, KeyStats, UsageRecord};
 use crate::clock::{day_to_date, MS_PER_DAY};
 use crate::db::{Db, StoreError};
 use crate::money::{Usd, MAX_TOTAL};
@@ -192,15 +192,15 @@ async fn exists(
         .is_some())
 }
 
-/// The sums of [`TokenClasses`] as select-list items (one text for the totals and the
+/// The sums of [`ClassTotals`] as select-list items (one text for the totals and the
 /// days).
 const CLASS_SUMS: &str = "CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached, \
      CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT) AS cache_write, \
      CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT) AS reasoning, \
      CAST(COALESCE(SUM(CASE WHEN source = 'estimated' THEN 1 ELSE 0 END), 0) AS BIGINT) AS estimated";
 
-fn classes(row: &sqlx::any::AnyRow) -> Result<TokenClasses, sqlx::Error> {
-    Ok(TokenClasses {
+fn classes(row: &sqlx::any::AnyRow) -> Result<ClassTotals, sqlx::Error> {
+    Ok(ClassTotals {
         cached_tokens: row.try_get("cached")?,
         cache_write_tokens: row.try_get("cache_write")?,
         reasoning_tokens: row.try_get("reasoning")?,
