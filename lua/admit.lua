@@ -245,7 +245,8 @@ end
 if client and conc_limit > 0 and in_flight >= conc_limit then return answer(3, earliest_lease_expiry()) end
 -- Each request in flight holds its estimated cost; a request goes ahead only while the
 -- balance less what is held covers its own hold. Its report replaces the hold by the real
--- cost, so the balance goes below zero by at most one request's (actual - hold).
+-- cost, so the balance goes below zero only by what the requests in flight cost beyond
+-- their holds (one request alone: its actual - hold).
 if client and bal_tracked and rem - held < hold then
   if held > 0 then return answer(5, earliest_lease_expiry()) end
   return answer(4, 0)

@@ -17,7 +17,8 @@
 //! - **Balance holds.** Each in-flight request of a balance-tracked key holds its
 //!   estimated cost (its hold); a request is admitted only while the remaining balance
 //!   minus the holds in flight covers its own hold, and its report replaces the hold by
-//!   the real cost. So the balance never goes below −(one request's actual − hold).
+//!   the real cost. So the balance goes below zero only by what the requests in flight
+//!   cost beyond their holds (one request alone: its actual − hold).
 
 pub mod breaker;
 pub mod conn;
