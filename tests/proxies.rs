@@ -694,6 +694,23 @@ async fn settled(s: &TestServer, key_id: &str, requests: i64) -> i64 {
     .await
 }
 
+/// What `input` and `output` tokens cost, in micro-USD, at prices in micro-USD per
+/// million tokens, rounded up.
+fn cost(input_price: i64, output_price: i64, input: i64, output: i64) -> i64 {
+    (input * input_price + output * output_price + 999_999) / 1_000_000
+}
+
+/// The hold of a request for `gpt-4o` at the tests' price (2.5 / 10 USD per million):
+/// a quarter of its body's bytes as input, and `max_tokens` at the (dearer) output price.
+fn gpt_4o_hold(body: &str, max_tokens: i64) -> i64 {
+    cost(
+        2_500_000,
+        10_000_000,
+        body.len().div_ceil(4) as i64,
+        max_tokens,
+    )
+}
+
 /// Micro-USD from a JSON number of USD.
 fn micros(usd: &Value) -> i64 {
     (usd.as_f64().unwrap() * 1e6).round() as i64
@@ -768,9 +785,6 @@ async fn charges_the_tokens_the_upstream_stated(port: u16, upstream: &Upstream, 
             .await;
         assert_eq!(a.status, 200, "{}", a.body);
     }
-    let cost = |input_price: i64, output_price: i64, input: i64, output: i64| {
-        (input * input_price + output * output_price + 999_999) / 1_000_000
-    };
     for (answer, path, model, (input, output), expected) in [
         (
             "openai_chat.json",
@@ -935,8 +949,7 @@ async fn charges_the_tokens_the_upstream_stated(port: u16, upstream: &Upstream, 
     .await;
     assert_eq!(got.status, 200);
     assert_eq!(settled(s, key_id, 1).await, 0);
-    let body_bytes = stream_body("gpt-4o", 100).len() as i64;
-    let hold = cost(2_500_000, 10_000_000, (body_bytes + 3) / 4, 100);
+    let hold = gpt_4o_hold(&stream_body("gpt-4o", 100), 100);
     assert_eq!(charged(s, key_id).await, (hold, 1_000_000 - hold));
     let next = call_with(
         port,
@@ -1150,8 +1163,7 @@ async fn nginx_a_client_that_leaves_before_the_answer_is_charged_its_hold() {
     // The upstream got the request.
     eventually(5, || async { (upstream.count() == 1).then_some(()) }).await;
     assert_eq!(settled(s, key_id, 1).await, 0, "recorded without tokens");
-    let hold =
-        (((body.len() as i64 + 3) / 4) * 2_500_000 + 1000 * 10_000_000 + 999_999) / 1_000_000;
+    let hold = gpt_4o_hold(body, 1000);
     assert_eq!(charged(s, key_id).await, (hold, 1_000_000 - hold));
     c.stop().await;
 }
