@@ -25,6 +25,7 @@
 //! | `keyward_backend_failure_mode` | gauge | `mode` (deny, allow, local): 1 for the mode in force |
 //! | `keyward_redis_circuit_open` | gauge | 1 while Redis calls are skipped after failures |
 //! | `keyward_degraded_answers_total` | counter | `mode` (allow, local): answers given without Redis |
+//! | `keyward_ready` | gauge | `check` (database, redis, accounting): 1 when the check passed the last time `/readyz` ran, else 0; absent until then |
 //! | `keyward_build_info` | gauge | `version` |
 
 use std::sync::LazyLock;
@@ -60,6 +61,7 @@ pub struct Metrics {
     pub backend_failure_mode: IntGaugeVec,
     pub redis_circuit_open: IntGauge,
     pub degraded_answers: IntCounterVec,
+    pub ready: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -142,6 +144,17 @@ fn build() -> Metrics {
     build_info
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
+    // Readiness as a metric, so an alert can say which check fails: `/readyz` answers
+    // only whoever probes it.
+    let ready = IntGaugeVec::new(
+        Opts::new(
+            "keyward_ready",
+            "Readiness checks the last time /readyz ran: 1 passed, 0 failed.",
+        ),
+        &["check"],
+    )
+    .expect("valid metric");
+    r.register(Box::new(ready.clone())).expect("unique metric");
     Metrics {
         data_plane_refusals: counter(
             &r,
@@ -216,6 +229,7 @@ fn build() -> Metrics {
             &["mode"],
         ),
         redis_circuit_open,
+        ready,
         accounting_failures,
         accounting_dead_letters,
         accounting_queue_depth,

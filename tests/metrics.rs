@@ -45,6 +45,15 @@ async fn a_live_scrape_passes_promtool_and_names_no_key() {
     )
     .await;
 
+    // Readiness is a metric too (set each time `/readyz` runs).
+    let ready = s
+        .client
+        .get(format!("{}/readyz", s.data))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+
     // Wait until the accounting writer has applied the report.
     let text = eventually(10, || async {
         let text = s.metrics().await;
@@ -66,6 +75,9 @@ async fn a_live_scrape_passes_promtool_and_names_no_key() {
         "keyward_cache_lookups_total{cache=\"client_keys\",result=\"hit\"}",
         "keyward_backend_failure_mode{mode=\"deny\"} 1",
         "keyward_accounting_queue_depth",
+        "keyward_ready{check=\"database\"} 1",
+        "keyward_ready{check=\"redis\"} 1",
+        "keyward_ready{check=\"accounting\"} 1",
         "keyward_build_info{version=",
     ] {
                 // This is the only test in its binary, so the process-wide counters are its own.

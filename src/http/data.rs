@@ -600,6 +600,17 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     if matches!(state.counters, crate::limits::Counters::Redis(_)) {
         checks["redis"] = json!(check("redis", counters));
     }
+    let gauge = &crate::metrics::get().ready;
+    gauge
+        .with_label_values(&["accounting"])
+        .set(i64::from(!state.accounting.failing()));
+    if let Some(checks) = checks.as_object() {
+        for (name, value) in checks.iter().filter(|(name, _)| *name != "accounting") {
+            gauge
+                .with_label_values(&[name.as_str()])
+                .set(i64::from(value == "ok"));
+        }
+    }
     let ready = checks
         .as_object()
         .is_some_and(|c| c.values().all(|v| v == "ok"));
