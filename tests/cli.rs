@@ -95,6 +95,16 @@ fn help_does_not_print_secret_values() {
     }
 }
 
+#[test]
+fn version_prints_the_crates_version() {
+    let out = keyward(&["--version"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("keyward {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
 async fn migrate_twice(backend: Backend) {
     let db = TestDb::new(backend).await;
     for _ in 0..2 {
