@@ -1,6 +1,9 @@
-//! The Helm chart (`helm/keyward`): linted, rendered with several value sets, and every
-//! manifest validated against the Kubernetes schemas, by `scripts/check_helm.py` (Helm's
-//! SDK from PyPI `helm-python-sdk`, schemas from `kubernetes-validate`).
+//! The Helm chart (`helm/keyward`): linted, rendered with several value sets, every
+//! manifest validated against the Kubernetes schemas, the render refused where the chart
+//! must refuse, and the sidecar example's proxy configuration (the chart's byte-identical
+//! copies of `examples/`) accepted by `nginx -t` and `envoy --mode validate`, by
+//! `scripts/check_helm.py` (Helm's SDK from PyPI `helm-python-sdk`, schemas from
+//! `kubernetes-validate`; nginx, its Lua module and envoy as scripts/test.sh installs them).
 #![allow(clippy::unwrap_used)]
 
 #[test]
