@@ -220,8 +220,13 @@ def check_standalone(name, values, docs, deploy):
     pod = deploy["spec"]["template"]
     labels = pod["metadata"]["labels"]
     spec = pod["spec"]
-    if not distributed and deploy["spec"].get("strategy", {}).get("type") != "Recreate":
+    strategy = deploy["spec"].get("strategy", {})
+    if not distributed and strategy.get("type") != "Recreate":
         fail(f"{name}: the embedded shape is not replaced with Recreate (two writers of one SQLite file)")
+    if not distributed and ("rollingUpdate" not in strategy or strategy["rollingUpdate"] is not None):
+        # `helm upgrade` from a rolling release: only an explicit null clears the stored
+        # RollingUpdate defaults, which Kubernetes refuses beside Recreate.
+        fail(f"{name}: Recreate without `rollingUpdate: null`: {strategy}")
     if (replicas > 1) != bool(spec.get("topologySpreadConstraints")):
         fail(f"{name}: topology spread with {replicas} replicas: {spec.get('topologySpreadConstraints')}")
     (data,) = [v for v in spec["volumes"] if v["name"] == "keyward-data"]
