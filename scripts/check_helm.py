@@ -207,6 +207,14 @@ def check_sidecar_example(name, values, docs):
         fail(f"{name}: the proxy container lacks /tmp, resources or a readiness probe")
     if not container["securityContext"]["readOnlyRootFilesystem"]:
         fail(f"{name}: the proxy's root filesystem is writable")
+    (service,) = [s for s in docs_of(docs, "Service") if "sidecar-example" in s["metadata"]["name"]]
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    if not service["spec"]["selector"].items() <= pod_labels.items() or service["spec"]["ports"] != [
+        {"name": "http", "port": 8000, "targetPort": "http"}
+    ]:
+        fail(f"{name}: the example's Service does not reach the proxy's port 8000: {service['spec']}")
+    if {"name": "http", "containerPort": 8000} not in container["ports"]:
+        fail(f"{name}: the proxy does not expose its port 8000 as http: {container['ports']}")
     if proxy == "nginx" and container["command"][-1] != f"{mount}/nginx.conf":
         fail(f"{name}: nginx does not run the ConfigMap's nginx.conf: {container['command']}")
     if proxy == "envoy" and "/etc/envoy/envoy.yaml" not in container["command"]:
@@ -381,6 +389,9 @@ def main():
             expected.add(("data",))
         if standalone and values.get("adminService", {}).get("enabled"):
             expected.add(("admin",))
+        if values.get("sidecarExample", {}).get("enabled"):
+            # The example's proxy, never keyward's loopback ports.
+            expected.add(("http",))
         if services != expected:
             fail(f"{name}: Services with ports {services}, expected {expected}")
         example = values.get("sidecarExample", {}).get("enabled", False)
