@@ -9,17 +9,27 @@ termination grace longer than keyward's shutdown, the PodDisruptionBudget, the
 NetworkPolicy, /data on an emptyDir or a PersistentVolumeClaim, and the sidecar example:
 its files/ copies byte-identical to examples/, its ConfigMap equal to them but for the
 documented replacements, and the rendered configuration accepted by `nginx -t` and
-`envoy --mode validate`). Exits non-zero on the first problem.
+`envoy --mode validate`). With KEYWARD_BIN (a keyward binary; tests/helm.rs passes its
+own), the sidecar example also runs end to end for each proxy: keyward as the rendered
+container runs it, the proxy on the rendered ConfigMap, an LLM API stub as its upstream.
+Exits non-zero on the first problem.
 
 Needs the PyPI packages helm-python-sdk (Helm's SDK, no helm binary) and
 kubernetes-validate, and nginx with its Lua module and envoy; scripts/test.sh installs
 them.
 """
+import http.server
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
 
 import helm_python as helm
 import kubernetes_validate
@@ -219,6 +229,154 @@ def check_sidecar_example(name, values, docs):
         fail(f"{name}: nginx does not run the ConfigMap's nginx.conf: {container['command']}")
     if proxy == "envoy" and "/etc/envoy/envoy.yaml" not in container["command"]:
         fail(f"{name}: envoy does not run the ConfigMap's envoy.yaml: {container['command']}")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(what, ready, logs, seconds=15):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if ready():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    said = "".join(f"\n{path}:\n{open(path).read()}" for path in logs if os.path.exists(path))
+    fail(f"sidecar example, end to end: {what} did not come up{said}")
+
+
+def http_call(method, url, headers=None, body=None):
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class Upstream(http.server.BaseHTTPRequestHandler):
+    """An LLM API stub: a chat completion with its usage, and the headers it got."""
+
+    seen = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        Upstream.seen.append({k.lower(): v for k, v in self.headers.items()})
+        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        body = json.dumps({"object": "chat.completion", "model": "gpt-4o", "choices": [], "usage": usage})
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def run_example(proxy, keyward_bin):
+    """The sidecar example as rendered, on this machine: keyward with the rendered
+    container's environment and its /data as working directory, the proxy (Debian's
+    nginx with its Lua module for OpenResty, or envoy) with the rendered command on the
+    rendered ConfigMap. Ports are free ones: keyward's and the upstream's through the
+    chart's own values, the proxy's listener replaced here (the file's port 8000)."""
+    name = f"sidecar example with {proxy}, end to end"
+    data_port, admin_port, up_port, port = free_port(), free_port(), free_port(), free_port()
+    values = {
+        **BASE,
+        "standalone": {"enabled": False},
+        "ports": {"data": data_port, "admin": admin_port},
+        "sidecarExample": {"enabled": True, "proxy": proxy, "upstream": f"127.0.0.1:{up_port}"},
+    }
+    docs = render(values)
+    (cm,) = docs_of(docs, "ConfigMap")
+    (deploy,) = docs_of(docs, "Deployment")
+    spec, ((container, _),) = keyward_containers(deploy)
+    (proxy_container,) = [c for c in spec["containers"] if c["name"] == "proxy"]
+    admin_token = "chart-check-admin-token-0123456789"
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", up_port), Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    Upstream.seen = []
+    children = []
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            # The workers of an nginx started as root run as nobody: they read the files.
+            os.chmod(d, 0o755)
+            os.mkdir(f"{d}/data")
+            env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+            env.update(PATH=os.environ["PATH"], KEYWARD_ADMIN_TOKEN=admin_token)
+            children.append(
+                subprocess.Popen(
+                    [keyward_bin, *container["args"]],
+                    cwd=f"{d}/data",
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(f"{d}/keyward.log", "w"),
+                )
+            )
+            mount = next(m["mountPath"] for m in proxy_container["volumeMounts"] if m["name"] == "proxy-config")
+            listen = {"nginx": "listen 8000;", "envoy": "address: 0.0.0.0, port_value: 8000"}[proxy]
+            local = {"nginx": f"listen 127.0.0.1:{port};", "envoy": f"address: 127.0.0.1, port_value: {port}"}[proxy]
+            for key, text in cm["data"].items():
+                if listen in text:
+                    text = text.replace(listen, local)
+                text = text.replace("/tmp/", f"{d}/").replace(f"{mount}/", f"{d}/")
+                if key == "nginx.conf":
+                    text = "".join(f"load_module {m};\n" for m in NGINX_MODULES) + text
+                open(f"{d}/{key}", "w").write(text)
+            command = [a.replace(f"{mount}/", f"{d}/") for a in proxy_container["command"]]
+            if proxy == "nginx":
+                command = ["nginx", "-p", f"{d}/"] + command[1:]
+            logs = [f"{d}/keyward.log", f"{d}/proxy.log"]
+            wait_until("keyward", lambda: http_call("GET", f"http://127.0.0.1:{data_port}/readyz")[0] == 200, logs)
+            children.append(
+                subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(f"{d}/proxy.log", "w"))
+            )
+            wait_until(proxy, lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() or True, logs)
+
+            admin = {"authorization": f"Bearer {admin_token}"}
+            status, body = http_call(
+                "POST",
+                f"http://127.0.0.1:{admin_port}/admin/keys",
+                admin,
+                json.dumps({"user_id": "chart", "allowed_models": ["gpt-4o"]}).encode(),
+            )
+            secret = json.loads(body)["secret"]
+            status, body = http_call(
+                "POST",
+                f"http://127.0.0.1:{admin_port}/admin/providers/openai/keys",
+                admin,
+                json.dumps({"label": "chart", "value": "sk-upstream-chart"}).encode(),
+            )
+            if status >= 300:
+                fail(f"{name}: the provider key was refused: {status} {body}")
+            request = json.dumps({"model": "gpt-4o", "max_tokens": 5, "messages": []}).encode()
+            client = {"authorization": f"Bearer {secret}", "content-type": "application/json"}
+            status, body = http_call("POST", f"http://127.0.0.1:{port}/v1/chat/completions", client, request)
+            if status != 200 or [s.get("authorization") for s in Upstream.seen] != ["Bearer sk-upstream-chart"]:
+                fail(f"{name}: admitted {status} {body}, the upstream saw {Upstream.seen}: {open(f'{d}/proxy.log').read()}")
+            wrong = {"authorization": "Bearer sk-kw-not-a-key", "content-type": "application/json"}
+            status, body = http_call("POST", f"http://127.0.0.1:{port}/v1/chat/completions", wrong, request)
+            if status != 401 or json.loads(body)["error"]["code"] != "INVALID_KEY" or len(Upstream.seen) != 1:
+                fail(f"{name}: a wrong key got {status} {body}")
+
+            # The tap's report reaches keyward, which reads the upstream's usage from it.
+            def parsed():
+                metrics = http_call("GET", f"http://127.0.0.1:{data_port}/metrics")[1].decode()
+                return 'keyward_upstream_usage_total{outcome="parsed"} 1' in metrics
+
+            wait_until("the report of the upstream's usage", parsed, logs, 10)
+        finally:
+            for child in children:
+                child.terminate()
+                child.wait(10)
+            upstream.shutdown()
+            upstream.server_close()
 
 
 def check_standalone(name, values, docs, deploy):
@@ -442,6 +600,11 @@ def main():
         if expected != bool(extra.get("serviceMonitor", {}).get("enabled")):
             fail(f"{name}: ServiceMonitor rendered = {expected}")
     print(f"helm chart: lint clean, {len(cases)} value sets rendered, {checked} manifests valid for Kubernetes {KUBE}")
+    keyward_bin = os.environ.get("KEYWARD_BIN")
+    if keyward_bin:
+        for proxy in ("nginx", "envoy"):
+            run_example(proxy, keyward_bin)
+        print("helm chart: the sidecar example ran end to end with nginx and with envoy")
 
 
 if __name__ == "__main__":
