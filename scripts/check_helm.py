@@ -371,6 +371,10 @@ def run_example(proxy, keyward_bin):
                 return 'keyward_upstream_usage_total{outcome="parsed"} 1' in metrics
 
             wait_until("the report of the upstream's usage", parsed, logs, 10)
+            # Without KEYWARD_DATABASE_URL the SQLite file and its key file land in the
+            # working directory, the pod's writable /data.
+            if not {"keyward.db", "keyward.db.key"} <= set(os.listdir(f"{d}/data")):
+                fail(f"{name}: keyward's files are not in its working directory: {os.listdir(f'{d}/data')}")
         finally:
             for child in children:
                 child.terminate()
