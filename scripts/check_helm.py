@@ -307,13 +307,14 @@ def run_example(proxy, keyward_bin):
         try:
             # The workers of an nginx started as root run as nobody: they read the files.
             os.chmod(d, 0o755)
-            os.mkdir(f"{d}/data")
+            workdir = d + container["workingDir"]  # the pod's /data
+            os.mkdir(workdir)
             env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
             env.update(PATH=os.environ["PATH"], KEYWARD_ADMIN_TOKEN=admin_token)
             children.append(
                 subprocess.Popen(
                     [keyward_bin, *container["args"]],
-                    cwd=f"{d}/data",
+                    cwd=workdir,
                     env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=open(f"{d}/keyward.log", "w"),
@@ -373,8 +374,8 @@ def run_example(proxy, keyward_bin):
             wait_until("the report of the upstream's usage", parsed, logs, 10)
             # Without KEYWARD_DATABASE_URL the SQLite file and its key file land in the
             # working directory, the pod's writable /data.
-            if not {"keyward.db", "keyward.db.key"} <= set(os.listdir(f"{d}/data")):
-                fail(f"{name}: keyward's files are not in its working directory: {os.listdir(f'{d}/data')}")
+            if not {"keyward.db", "keyward.db.key"} <= set(os.listdir(workdir)):
+                fail(f"{name}: keyward's files are not in its working directory: {os.listdir(workdir)}")
         finally:
             for child in children:
                 child.terminate()
