@@ -1,12 +1,19 @@
-//! The Helm chart (`helm/keyward`): linted, rendered with several value sets, and every
-//! manifest validated against the Kubernetes schemas, by `scripts/check_helm.py` (Helm's
-//! SDK from PyPI `helm-python-sdk`, schemas from `kubernetes-validate`).
+//! The Helm chart (`helm/keyward`): linted, rendered with several value sets, every
+//! manifest validated against the Kubernetes schemas, the render refused where the chart
+//! must refuse, and the sidecar example's proxy configuration (the chart's byte-identical
+//! copies of `examples/`) accepted by `nginx -t` and `envoy --mode validate`, by
+//! `scripts/check_helm.py` (Helm's SDK from PyPI `helm-python-sdk`, schemas from
+//! `kubernetes-validate`; nginx, its Lua module and envoy as scripts/test.sh installs them),
+//! which also runs that example end to end (keyward, the proxy, an LLM API stub).
 #![allow(clippy::unwrap_used)]
 
+/// Also runs the sidecar example end to end with nginx and with Envoy: `KEYWARD_BIN` is
+/// this build's keyward, which the example's pod would run.
 #[test]
 fn the_chart_lints_renders_and_validates() {
     let out = std::process::Command::new("python3")
         .arg("scripts/check_helm.py")
+        .env("KEYWARD_BIN", env!("CARGO_BIN_EXE_keyward"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("python3 is needed for the chart checks");
@@ -17,6 +24,10 @@ fn the_chart_lints_renders_and_validates() {
     );
     assert!(out.status.success(), "{said}");
     assert!(said.contains("manifests valid"), "{said}");
+    assert!(
+        said.contains("ran end to end with nginx and with envoy"),
+        "{said}"
+    );
 }
 
 /// The chart's `appVersion` (the image tag it defaults to) follows the crate's version,

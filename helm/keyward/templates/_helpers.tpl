@@ -118,3 +118,50 @@ containers otherwise, and add the "keyward.volumes" to the pod's volumes.
 - name: keyward-data
   emptyDir: {}
 {{- end -}}
+
+{{/*
+terminationGracePeriodSeconds, refused unless keyward can finish its shutdown within
+it: KEYWARD_SHUTDOWN_GRACE_S for requests in flight, then up to 4 s of the accounting
+writer's retries, and a second to spare. A kill before that loses usage records.
+*/}}
+{{- define "keyward.terminationGrace" -}}
+{{- $grace := int (default 10 (index .Values.config "KEYWARD_SHUTDOWN_GRACE_S")) -}}
+{{- $period := int .Values.terminationGracePeriodSeconds -}}
+{{- if lt $period (add $grace 5) -}}
+{{- fail (printf "terminationGracePeriodSeconds=%d is too short for KEYWARD_SHUTDOWN_GRACE_S=%d: set it to at least %d (the grace, then up to 4 s of accounting retries, and 1 s to spare)" $period $grace (add $grace 5)) -}}
+{{- end -}}
+{{- $period -}}
+{{- end -}}
+
+{{/*
+One documented replacement in a shipped example file, for a dict of "text", "file" (its
+name, for the error), "old" and "new". Fails when "old" is not in the text: the example
+changed, and the chart must follow it rather than render the old address.
+*/}}
+{{- define "keyward.replace" -}}
+{{- if not (contains .old .text) -}}
+{{- fail (printf "the chart's files/ copy of %s no longer contains %q: update the replacement in templates/sidecar-example.yaml" .file .old) -}}
+{{- end -}}
+{{- replace .old .new .text -}}
+{{- end -}}
+
+{{/*
+The main nginx file of the sidecar example: the shipped keyward.conf is a site for the
+http block, so this file gives it one, with every file nginx writes under /tmp (the root
+filesystem is read-only) and its logs on stderr and stdout.
+*/}}
+{{- define "keyward.exampleNginxMain" -}}
+daemon off;
+pid /tmp/nginx.pid;
+error_log stderr warn;
+events { worker_connections 1024; }
+http {
+    access_log /dev/stdout;
+    client_body_temp_path /tmp/client_body;
+    proxy_temp_path /tmp/proxy;
+    fastcgi_temp_path /tmp/fastcgi;
+    uwsgi_temp_path /tmp/uwsgi;
+    scgi_temp_path /tmp/scgi;
+    include /etc/nginx/keyward/keyward.conf;
+}
+{{ end -}}
