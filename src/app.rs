@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use crate::accounting::{self, report::PoolPolicy};
 use crate::admission::Admission;
 use crate::client_keys::{self, ClientKeys};
-use crate::config::{Config, DATABASE_URL, ENCRYPTION_KEY, REDIS_URL};
+use crate::config::{Config, DATABASE_URL, ENCRYPTION_KEY, REDIS_CA_FILE, REDIS_URL};
 use crate::crypto::{self, Keyring};
 use crate::db::{self, Backend, Db};
 use crate::invalidation::{self, Bus};
@@ -29,7 +29,7 @@ use crate::limits::Counters;
 use crate::pool::{self, ProviderKeys};
 use crate::prices::{self, Prices};
 use crate::usage::UsageRecord;
-use crate::{expiry, http};
+use crate::{expiry, http, tls};
 
 /// What every request handler can reach. One `Arc`: axum clones the state for every
 /// extractor and middleware of every request, so a clone is one atomic increment rather
@@ -122,10 +122,13 @@ async fn keyring(config: &Config, db: &Db) -> anyhow::Result<Keyring> {
 /// and the cause, never the URL (it may hold a password).
 pub async fn connect_db(url: &str) -> anyhow::Result<Db> {
     Db::connect(url).await.map_err(|e| {
-        anyhow::anyhow!(
-            "{DATABASE_URL}: cannot connect to the database: {}",
-            redact(&e.to_string(), url)
-        )
+        let cause = redact(&e.to_string(), url);
+        let hint = if tls::is_certificate_error(&cause) {
+            " (the server's certificate must be signed by a CA of the URL's sslrootcert or of the system roots and, with sslmode=verify-full, name the URL's host)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("{DATABASE_URL}: cannot connect to the database: {cause}{hint}")
     })
 }
 
@@ -172,14 +175,26 @@ async fn connect_redis(
     guard_ttl_ms: i64,
 ) -> anyhow::Result<(Arc<RedisCounters>, Accounting)> {
     let unreachable = |e: &dyn std::fmt::Display| {
-        anyhow::anyhow!(
-            "{REDIS_URL}: cannot connect to Redis: {}",
-            redact(&e.to_string(), url)
-        )
+        let cause = redact(&e.to_string(), url);
+        let hint = match (tls::is_certificate_error(&cause), &config.redis_ca) {
+            (false, _) => String::new(),
+            (true, Some(_)) => format!(" (the server's certificate must be signed by a CA of {REDIS_CA_FILE} or of the system roots, and name the host of {REDIS_URL})"),
+            (true, None) => format!(" (the server's certificate must be signed by a CA of the system roots, or of a file named by {REDIS_CA_FILE}, and name the host of {REDIS_URL})"),
+        };
+        anyhow::anyhow!("{REDIS_URL}: cannot connect to Redis: {cause}{hint}")
+    };
+    // Config::from_raw checked the URL and the CA file; kept as errors, not panics.
+    let target = Target::parse(url)
+        .ok_or_else(|| anyhow::anyhow!("{REDIS_URL}: not a redis:// or redis+cluster:// URL"))?;
+    let target = match &config.redis_ca {
+        Some(ca) => target
+            .with_ca(ca)
+            .map_err(|why| anyhow::anyhow!("{REDIS_CA_FILE}: {why}"))?,
+        None => target,
     };
     let (tx, fallback) = accounting::embedded::channel();
     let twin = Arc::new(MemoryCounters::new(guard_ttl_ms, tx));
-    let redis = RedisCounters::connect(url, &config.redis_prefix, guard_ttl_ms)
+    let redis = RedisCounters::connect_to(target, &config.redis_prefix, guard_ttl_ms)
         .await
         .map_err(|e| unreachable(&e))?
         .with_failure_policy(config.on_backend_error, twin);
@@ -189,7 +204,7 @@ async fn connect_redis(
         .await
         .map_err(|e| unreachable(&e))?;
     let target = redis.target().clone();
-    let pubsub = Box::new(redis::Client::open(target.pubsub_url()).map_err(|e| unreachable(&e))?);
+    let pubsub = Box::new(target.pubsub_client().map_err(|e| unreachable(&e))?);
     let accounting = Accounting::Stream {
         target,
         pubsub,

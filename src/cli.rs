@@ -74,9 +74,12 @@ pub struct ServeArgs {
     /// [default: sqlite://keyward.db]
     #[arg(long)]
     pub database_url: Option<String>,
-    /// redis://…, without a password (env: KEYWARD_REDIS_URL) [default: counters in process]
+    /// redis://… or rediss://… (TLS), without a password (env: KEYWARD_REDIS_URL) [default: counters in process]
     #[arg(long)]
     pub redis_url: Option<String>,
+    /// PEM file of CA certificates trusted for rediss:// beside the system roots
+    #[arg(long, env = config::REDIS_CA_FILE)]
+    pub redis_ca_file: Option<String>,
     /// deny | allow | local [default: deny]
     #[arg(long, env = config::ON_BACKEND_ERROR)]
     pub on_backend_error: Option<String>,
@@ -249,6 +252,7 @@ impl ServeArgs {
             ),
             (config::PROVIDER_SUSPEND_S, &self.provider_suspend_s),
             (config::PRICES_FILE, &self.prices_file),
+            (config::REDIS_CA_FILE, &self.redis_ca_file),
             (config::DEFAULT_PRICE, &self.default_price),
         ]
         .into_iter()

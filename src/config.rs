@@ -45,6 +45,9 @@ pub const PROVIDER_COOLDOWN_MAX_S: &str = "KEYWARD_PROVIDER_COOLDOWN_MAX_S";
 pub const PROVIDER_SUSPEND_S: &str = "KEYWARD_PROVIDER_SUSPEND_S";
 pub const PRICES_FILE: &str = "KEYWARD_PRICES_FILE";
 pub const DEFAULT_PRICE: &str = "KEYWARD_DEFAULT_PRICE";
+/// CA certificates (PEM) trusted for `rediss://` beside the system roots. Not a secret's
+/// `_FILE` twin: its file is read here, as `KEYWARD_PRICES_FILE`'s is.
+pub const REDIS_CA_FILE: &str = "KEYWARD_REDIS_CA_FILE";
 
 pub const ADMIN_TOKEN_FILE: &str = "KEYWARD_ADMIN_TOKEN_FILE";
 pub const DATA_TOKEN_FILE: &str = "KEYWARD_DATA_TOKEN_FILE";
@@ -118,6 +121,9 @@ pub struct Config {
     pub database_url: String,
     pub backend: Backend,
     pub redis_url: Option<String>,
+    /// The content of `KEYWARD_REDIS_CA_FILE` (PEM, checked to hold CA certificates);
+    /// only with a `rediss://` or `rediss+cluster://` URL.
+    pub redis_ca: Option<Vec<u8>>,
     pub encryption_key: Option<[u8; 32]>,
     pub previous_keys: Vec<[u8; 32]>,
     pub on_backend_error: BackendErrorPolicy,
@@ -163,6 +169,7 @@ impl std::fmt::Debug for Config {
             .field("data_token", &self.data_token.as_ref().map(|_| "<set>"))
             .field("backend", &self.backend)
             .field("redis", &self.redis_url.as_ref().map(|_| "<set>"))
+            .field("redis_ca", &self.redis_ca.as_ref().map(|_| "<set>"))
             .field("encryption_key", &self.encryption_key.map(|_| "<set>"))
             .field("previous_keys", &self.previous_keys.len())
             .field("on_backend_error", &self.on_backend_error)
@@ -345,12 +352,8 @@ pub fn url_has_password(url: &str) -> bool {
 /// parses the URL without connecting: a port like 99999 is refused here, not at the
 /// first request).
 fn redis_url_is_usable(target: &crate::limits::conn::Target) -> bool {
-    use crate::limits::conn::Target;
-    let nodes = match target {
-        Target::Single(url) => std::slice::from_ref(url),
-        Target::Cluster(nodes) => nodes.as_slice(),
-    };
-    nodes
+    target
+        .node_urls()
         .iter()
         .all(|node| redis::Client::open(node.as_str()).is_ok())
 }
@@ -412,6 +415,28 @@ impl Config {
                 Some(_) => {}
             }
         }
+        // A CA file that would not be used is a mistake (a `redis://` URL where
+        // `rediss://` was meant), not something to ignore.
+        let redis_ca = p.get(REDIS_CA_FILE).map(str::to_string).and_then(|path| {
+            let tls = redis_url
+                .as_deref()
+                .is_some_and(crate::limits::conn::Target::is_tls);
+            if !tls {
+                p.fail(
+                    REDIS_CA_FILE,
+                    format!("is set but {REDIS_URL} is not a rediss:// or rediss+cluster:// URL (the CA file is only used for TLS)"),
+                );
+                return None;
+            }
+            let checked = std::fs::read(&path)
+                .map_err(|e| format!("cannot read `{path}`: {e}"))
+                .and_then(|pem| {
+                    crate::tls::ca_certificates(&pem)
+                        .map(|_| pem)
+                        .map_err(|why| format!("`{path}`: {why}"))
+                });
+            checked.map_err(|why| p.fail(REDIS_CA_FILE, why)).ok()
+        });
 
         let encryption_key = p.get(ENCRYPTION_KEY).map(str::to_string).and_then(|text| {
             crypto::parse_key(&text)
@@ -539,6 +564,7 @@ impl Config {
             database_url,
             backend,
             redis_url,
+            redis_ca,
             encryption_key,
             previous_keys,
             on_backend_error,

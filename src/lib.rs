@@ -39,4 +39,5 @@ pub mod prices;
 pub mod probe;
 pub mod rotation;
 pub mod telemetry;
+pub mod tls;
 pub mod usage;

@@ -5,26 +5,45 @@
 //! listed nodes are where the client starts to discover the rest. Every keyward key is
 //! under one hash tag, so each script runs on the one node that owns that slot; the
 //! cluster client routes it there (and loads scripts on every primary).
+//!
+//! TLS: a [`Target`] carries the roots trusted for `rediss://` (`KEYWARD_REDIS_CA_FILE`
+//! beside the system roots, see [`crate::tls`]), and every connection keyward opens to
+//! Redis is made from it: the pools of the hot path's lanes, dedicated connections,
+//! pub/sub. Without a CA file the redis crate trusts the system roots.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, Pipeline, RedisFuture, TlsCertificates, Value};
 
 use super::CounterError;
 
-/// Where Redis is.
+/// The node URLs of `KEYWARD_REDIS_URL`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
+pub enum Nodes {
     Single(String),
     /// Node URLs (`redis://host:port`), at least one.
     Cluster(Vec<String>),
 }
 
+/// Where Redis is, and which certificates its TLS connections trust.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub nodes: Nodes,
+    /// `None`: the redis crate's default, the system roots.
+    certs: Option<TlsCertificates>,
+}
+
 impl Target {
     /// Parses `KEYWARD_REDIS_URL`; `None` for anything keyward cannot use.
     pub fn parse(url: &str) -> Option<Target> {
+        Self::parse_nodes(url).map(|nodes| Target { nodes, certs: None })
+    }
+
+    fn parse_nodes(url: &str) -> Option<Nodes> {
         for (cluster, single) in [
             ("redis+cluster://", "redis://"),
             ("rediss+cluster://", "rediss://"),
@@ -40,36 +59,79 @@ impl Target {
                     .filter(|h| !h.is_empty())
                     .map(|h| format!("{single}{auth}{h}"))
                     .collect();
-                return (!nodes.is_empty()).then_some(Target::Cluster(nodes));
+                return (!nodes.is_empty()).then_some(Nodes::Cluster(nodes));
             }
         }
         (url.starts_with("redis://") || url.starts_with("rediss://"))
-            .then(|| Target::Single(url.to_string()))
+            .then(|| Nodes::Single(url.to_string()))
     }
 
-    /// A node to subscribe to invalidations on (in a cluster, PUBLISH reaches every node).
-    pub fn pubsub_url(&self) -> &str {
-        match self {
-            Target::Single(url) => url,
-            Target::Cluster(nodes) => &nodes[0],
+    /// Whether the URL asks for TLS (`rediss://`, `rediss+cluster://`).
+    pub fn is_tls(url: &str) -> bool {
+        url.starts_with("rediss://") || url.starts_with("rediss+cluster://")
+    }
+
+    /// Trusts `ca` (PEM, checked by [`crate::tls::ca_certificates`]) beside the system
+    /// roots for `rediss://` connections.
+    pub fn with_ca(mut self, ca: &[u8]) -> Result<Target, String> {
+        let extra = crate::tls::ca_certificates(ca)?;
+        self.certs = Some(TlsCertificates {
+            client_tls: None,
+            root_cert: Some(crate::tls::roots_with_system(&extra)),
+        });
+        Ok(self)
+    }
+
+    /// The node URLs, one for a standalone Redis.
+    pub fn node_urls(&self) -> &[String] {
+        match &self.nodes {
+            Nodes::Single(url) => std::slice::from_ref(url),
+            Nodes::Cluster(nodes) => nodes,
+        }
+    }
+
+    /// A client for one node URL, with this target's trust.
+    pub fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        match &self.certs {
+            Some(certs) if url.starts_with("rediss://") => {
+                redis::Client::build_with_tls(url, certs.clone())
+            }
+            _ => redis::Client::open(url),
+        }
+    }
+
+    /// A client to subscribe to invalidations with (in a cluster, PUBLISH reaches every
+    /// node, so the first one will do).
+    pub fn pubsub_client(&self) -> redis::RedisResult<redis::Client> {
+        self.client(&self.node_urls()[0])
+    }
+
+    fn cluster_builder(&self, nodes: &[String]) -> ClusterClientBuilder {
+        let builder = ClusterClientBuilder::new(nodes.to_vec());
+        match &self.certs {
+            Some(certs) if nodes.iter().all(|n| n.starts_with("rediss://")) => {
+                builder.certs(certs.clone())
+            }
+            _ => builder,
         }
     }
 
     /// A connection of its own with a long response timeout, for blocking reads.
     pub async fn dedicated(&self, response_timeout: Duration) -> Result<Conn, CounterError> {
-        match self {
-            Target::Single(url) => {
+        match &self.nodes {
+            Nodes::Single(url) => {
                 let config = redis::AsyncConnectionConfig::new()
                     .set_response_timeout(Some(response_timeout));
-                let client = redis::Client::open(url.as_str())?;
+                let client = self.client(url)?;
                 Ok(Conn::Single(
                     client
                         .get_multiplexed_async_connection_with_config(&config)
                         .await?,
                 ))
             }
-            Target::Cluster(nodes) => {
-                let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+            Nodes::Cluster(nodes) => {
+                let client = self
+                    .cluster_builder(nodes)
                     .response_timeout(response_timeout)
                     .build()?;
                 Ok(Conn::Cluster(client.get_async_connection().await?))
@@ -117,7 +179,7 @@ impl ConnectionLike for Conn {
 #[derive(Clone)]
 pub enum Pools {
     Single(deadpool_redis::Pool),
-    Cluster(deadpool_redis::cluster::Pool),
+    Cluster(deadpool::managed::Pool<ClusterManager>),
 }
 
 impl Pools {
@@ -127,24 +189,31 @@ impl Pools {
         pool_config.timeouts.wait = Some(Duration::from_secs(1));
         pool_config.timeouts.create = Some(Duration::from_secs(1));
         pool_config.timeouts.recycle = Some(Duration::from_secs(1));
-        let runtime = Some(deadpool_redis::Runtime::Tokio1);
+        let runtime = deadpool_redis::Runtime::Tokio1;
         let error = |e: &dyn std::fmt::Display| {
             CounterError::Protocol(format!("cannot create the Redis pool: {e}"))
         };
-        match target {
-            Target::Single(url) => {
-                let mut config = deadpool_redis::Config::from_url(url.as_str());
-                config.pool = Some(pool_config);
-                config
-                    .create_pool(runtime)
+        match &target.nodes {
+            Nodes::Single(url) => {
+                // The client's connection info carries the TLS roots to the manager's client.
+                let info = target.client(url)?.get_connection_info().clone();
+                let manager = deadpool_redis::Manager::new(info)?;
+                deadpool_redis::Pool::builder(manager)
+                    .config(pool_config)
+                    .runtime(runtime)
+                    .build()
                     .map(Pools::Single)
                     .map_err(|e| error(&e))
             }
-            Target::Cluster(nodes) => {
-                let mut config = deadpool_redis::cluster::Config::from_urls(nodes.clone());
-                config.pool = Some(pool_config);
-                config
-                    .create_pool(runtime)
+            Nodes::Cluster(nodes) => {
+                let manager = ClusterManager {
+                    client: target.cluster_builder(nodes).build()?,
+                    ping_number: AtomicUsize::new(0),
+                };
+                deadpool::managed::Pool::builder(manager)
+                    .config(pool_config)
+                    .runtime(runtime)
+                    .build()
                     .map(Pools::Cluster)
                     .map_err(|e| error(&e))
             }
@@ -155,10 +224,40 @@ impl Pools {
     pub async fn take(&self) -> Result<Conn, CounterError> {
         Ok(match self {
             Pools::Single(p) => Conn::Single(deadpool_redis::Connection::take(p.get().await?)),
-            Pools::Cluster(p) => {
-                Conn::Cluster(deadpool_redis::cluster::Connection::take(p.get().await?))
-            }
+            Pools::Cluster(p) => Conn::Cluster(deadpool::managed::Object::take(p.get().await?)),
         })
+    }
+}
+
+/// deadpool-redis' cluster manager, with a client that keyward builds (so that it can
+/// carry the TLS roots, which deadpool-redis' cluster configuration has no place for).
+pub struct ClusterManager {
+    client: ClusterClient,
+    ping_number: AtomicUsize,
+}
+
+impl deadpool::managed::Manager for ClusterManager {
+    type Type = ClusterConnection;
+    type Error = redis::RedisError;
+
+    async fn create(&self) -> Result<ClusterConnection, redis::RedisError> {
+        self.client.get_async_connection().await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut ClusterConnection,
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<redis::RedisError> {
+        let ping = self.ping_number.fetch_add(1, Ordering::Relaxed).to_string();
+        let answer: String = redis::cmd("PING").arg(&ping).query_async(conn).await?;
+        if answer == ping {
+            Ok(())
+        } else {
+            Err(deadpool::managed::RecycleError::message(
+                "invalid PING answer",
+            ))
+        }
     }
 }
 
@@ -166,24 +265,30 @@ impl Pools {
 mod tests {
     use super::*;
 
+    fn nodes(url: &str) -> Option<Nodes> {
+        Target::parse(url).map(|t| t.nodes)
+    }
+
     #[test]
     fn urls() {
         assert_eq!(
-            Target::parse("redis://h:1"),
-            Some(Target::Single("redis://h:1".into()))
+            nodes("redis://h:1"),
+            Some(Nodes::Single("redis://h:1".into()))
         );
         assert_eq!(
-            Target::parse("redis+cluster://:pw@a:1,b:2"),
-            Some(Target::Cluster(vec![
+            nodes("redis+cluster://:pw@a:1,b:2"),
+            Some(Nodes::Cluster(vec![
                 "redis://:pw@a:1".into(),
                 "redis://:pw@b:2".into()
             ]))
         );
         assert_eq!(
-            Target::parse("rediss+cluster://a:1"),
-            Some(Target::Cluster(vec!["rediss://a:1".into()]))
+            nodes("rediss+cluster://a:1"),
+            Some(Nodes::Cluster(vec!["rediss://a:1".into()]))
         );
-        assert_eq!(Target::parse("redis+cluster://"), None);
-        assert_eq!(Target::parse("http://x"), None);
+        assert_eq!(nodes("redis+cluster://"), None);
+        assert_eq!(nodes("http://x"), None);
+        assert!(Target::is_tls("rediss+cluster://a:1") && Target::is_tls("rediss://a:1"));
+        assert!(!Target::is_tls("redis://a:1") && !Target::is_tls("redis+cluster://a:1"));
     }
 }

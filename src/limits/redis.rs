@@ -192,12 +192,21 @@ fn is_outage(e: &CounterError) -> bool {
 }
 
 impl RedisCounters {
-    /// Connects, preloads the scripts and makes sure the accounting stream's consumer
-    /// group exists.
+    /// [`RedisCounters::connect_to`] a URL, trusting the system roots for `rediss://`.
     pub async fn connect(url: &str, prefix: &str, guard_ttl_ms: i64) -> Result<Self, CounterError> {
         let target = Target::parse(url).ok_or_else(|| {
             CounterError::Protocol("not a redis:// or redis+cluster:// URL".into())
         })?;
+        Self::connect_to(target, prefix, guard_ttl_ms).await
+    }
+
+    /// Connects and preloads the scripts.
+    pub async fn connect_to(
+        target: Target,
+        prefix: &str,
+        guard_ttl_ms: i64,
+    ) -> Result<Self, CounterError> {
+        crate::tls::install_provider();
         let counters = Self {
             lanes: Lanes {
                 pools: Pools::new(&target, 8)?,

@@ -106,6 +106,16 @@ impl TestDb {
         }
     }
 
+    /// A database on a server the test runs itself (and so removes with it): nothing is
+    /// dropped on drop.
+    pub fn at(url: String) -> TestDb {
+        TestDb {
+            url,
+            pg_name: None,
+            _dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
     pub fn dir(&self) -> &std::path::Path {
         self._dir.path()
     }
@@ -655,7 +665,7 @@ impl Drop for PrivateRedisNode {
 }
 
 /// A free port whose cluster bus port (port + 10000) is free too.
-fn free_cluster_port() -> u16 {
+pub fn free_cluster_port() -> u16 {
     loop {
         let port = free_port();
         if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
