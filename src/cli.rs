@@ -232,6 +232,16 @@ mod tests {
             argv.push(format!("value-of-{}", s.flag));
         }
         assert!(flags.len() >= 20, "the serve flags were not found");
+        // And `serve` has no other flag than these (and the refused secrets' and --help).
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("serve");
+        let longs: Vec<&str> = serve
+            .get_arguments()
+            .filter_map(|arg| arg.get_long())
+            .filter(|long| *long != "help")
+            .collect();
+        let declared: Vec<&str> = SETTINGS.iter().map(|s| s.flag).collect();
+        assert_eq!(longs, declared);
         let Command::Serve(args) = Cli::try_parse_from(&argv).expect("parses").command else {
             panic!("not serve");
         };

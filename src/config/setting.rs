@@ -257,9 +257,13 @@ pub fn secrets_help(settings: &[Setting]) -> String {
         "A database or Redis URL holding a password ({}) is refused as a flag.\n",
         urls.join(", ")
     ));
-    out.push_str(
-        "Each of these can instead be read from a file named by its _FILE twin (e.g. KEYWARD_ADMIN_TOKEN_FILE).",
-    );
+    let example = settings
+        .iter()
+        .find_map(Setting::file_twin)
+        .unwrap_or_default();
+    out.push_str(&format!(
+        "Each of these can instead be read from a file named by its _FILE twin (e.g. {example})."
+    ));
     out
 }
 
