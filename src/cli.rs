@@ -1,22 +1,20 @@
-//! Command line: `keyward serve` and `keyward migrate`. Every `serve` flag has an
-//! environment twin (the flag wins); both end up in one [`RawConfig`] map for
+//! Command line: `keyward serve`, `keyward migrate` and `keyward probe`. Their setting
+//! flags are built at run time from the declarations in [`config::SETTINGS`], so a flag,
+//! its help, its variable and its default cannot disagree with the parser. Every flag has
+//! an environment twin (the flag wins); both end up in one [`RawConfig`] map for
 //! [`Config::from_raw`](crate::config::Config::from_raw) to validate.
 //!
-//! Secrets are not flags ([`config::NOT_FLAGS`]): they, and every `…_FILE` twin, are read
-//! from the environment only. The database and Redis URLs stay flags for URLs without a
-//! password; a flag holding one is refused, because the command line is public.
+//! Secrets ([`Exposure::Secret`]) are not flags: they, and every `…_FILE` twin, are read
+//! from the environment only; their flag exists, hidden, only to be refused with one line
+//! naming the variable. The database and Redis URLs ([`Exposure::Url`]) stay flags for
+//! URLs without a password; a flag holding one is refused, because the command line is
+//! public.
 
-use clap::{Args, Parser, Subcommand};
+use std::marker::PhantomData;
 
-use crate::config::{self, ConfigError, RawConfig};
+use clap::{Arg, ArgMatches, Args, FromArgMatches, Parser, Subcommand};
 
-/// Shown under `keyward serve --help`: the settings that have no flag.
-const SECRETS_HELP: &str = "\
-Secrets are read from the environment only, never from flags (any local user can read a
-command line): KEYWARD_ADMIN_TOKEN, KEYWARD_DATA_TOKEN (each at least 16 characters),
-KEYWARD_ENCRYPTION_KEY, KEYWARD_ENCRYPTION_KEYS_PREVIOUS, and a database or Redis URL
-holding a password. Each of these, and KEYWARD_DATABASE_URL and KEYWARD_REDIS_URL, can
-instead be read from a file named by its _FILE twin (e.g. KEYWARD_ADMIN_TOKEN_FILE).";
+use crate::config::{self, ConfigError, Exposure, RawConfig, Setting, SETTINGS};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,7 +30,6 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the data plane and the admin API (migrations are applied first).
-    #[command(after_help = SECRETS_HELP)]
     Serve(Box<ServeArgs>),
     /// Apply the database migrations and exit.
     Migrate(MigrateArgs),
@@ -45,252 +42,173 @@ pub struct ProbeArgs {
     /// The path to ask for
     #[arg(default_value = "/readyz")]
     pub path: String,
-    /// The data plane address [default: 127.0.0.1:8080]
-    #[arg(long, env = config::LISTEN)]
-    pub listen: Option<String>,
+    #[command(flatten)]
+    pub settings: SettingFlags<ListenOnly>,
 }
 
-// The two URL flags have no clap `env`: `raw_from` reads the environment itself, so that
-// it knows whether a URL came from the (public) command line.
-#[derive(Debug, Args)]
-pub struct ServeArgs {
-    /// Secrets given on the command line (which any local user can read) are refused
-    /// with one line naming their variable, instead of clap's "unexpected argument".
-    #[arg(long = "admin-token", hide = true, value_name = "REFUSED")]
-    pub admin_token_flag: Option<String>,
-    #[arg(long = "data-token", hide = true, value_name = "REFUSED")]
-    pub data_token_flag: Option<String>,
-    #[arg(long = "encryption-key", hide = true, value_name = "REFUSED")]
-    pub encryption_key_flag: Option<String>,
-    #[arg(long = "encryption-keys-previous", hide = true, value_name = "REFUSED")]
-    pub encryption_keys_previous_flag: Option<String>,
-    /// Data plane address [default: 127.0.0.1:8080]
-    #[arg(long, env = config::LISTEN)]
-    pub listen: Option<String>,
-    /// Admin API address [default: 127.0.0.1:8081]
-    #[arg(long, env = config::ADMIN_LISTEN)]
-    pub admin_listen: Option<String>,
-    /// postgres://… or sqlite:…, without a password (env: KEYWARD_DATABASE_URL)
-    /// [default: sqlite://keyward.db]
-    #[arg(long)]
-    pub database_url: Option<String>,
-    /// redis://… or rediss://… (TLS), without a password (env: KEYWARD_REDIS_URL) [default: counters in process]
-    #[arg(long)]
-    pub redis_url: Option<String>,
-    /// PEM file of CA certificates trusted for rediss:// beside the system roots
-    #[arg(long, env = config::REDIS_CA_FILE)]
-    pub redis_ca_file: Option<String>,
-    /// deny | allow | local [default: deny]
-    #[arg(long, env = config::ON_BACKEND_ERROR)]
-    pub on_backend_error: Option<String>,
-    /// text | json [default: text]
-    #[arg(long, env = config::LOG_FORMAT)]
-    pub log_format: Option<String>,
-    /// Prefix of generated client keys [default: sk-kw-]
-    #[arg(long, env = config::KEY_PREFIX)]
-    pub key_prefix: Option<String>,
-    /// Seconds between expiry passes, 0 = off [default: 60]
-    #[arg(long, env = config::EXPIRY_INTERVAL_S)]
-    pub expiry_interval_s: Option<String>,
-    /// Expiry deletes keys without their own auto_delete_on_expiry [default: false]
-    #[arg(long, env = config::EXPIRY_AUTO_DELETE)]
-    pub expiry_auto_delete: Option<String>,
-    /// Seconds in-flight requests get to finish on shutdown [default: 10]
-    #[arg(long, env = config::SHUTDOWN_GRACE_S)]
-    pub shutdown_grace_s: Option<String>,
-    /// Seconds an unreported lease holds its slot [default: 300]
-    #[arg(long, env = config::LEASE_TTL_S)]
-    pub lease_ttl_s: Option<String>,
-    /// Tokens reserved when a request gives no estimate [default: 1000]
-    #[arg(long, env = config::DEFAULT_ESTIMATED_TOKENS)]
-    pub default_estimated_tokens: Option<String>,
-    /// Redis key prefix and hash tag of this deployment [default: kw]
-    #[arg(long, env = config::REDIS_PREFIX)]
-    pub redis_prefix: Option<String>,
-    /// Seconds a key record is served from the in-process cache [default: 60]
-    #[arg(long, env = config::KEY_CACHE_TTL_S)]
-    pub key_cache_ttl_s: Option<String>,
-    /// Seconds an unknown key is remembered as unknown [default: 5]
-    #[arg(long, env = config::NEGATIVE_CACHE_TTL_S)]
-    pub negative_cache_ttl_s: Option<String>,
-    /// Seconds after a lease's expiry that its report is accepted (a repeat: "duplicate") [default: 600]
-    #[arg(long, env = config::REPORT_DEDUPE_TTL_S)]
-    pub report_dedupe_ttl_s: Option<String>,
-    /// Seconds before another replica's unapplied queue entries are taken over [default: 30]
-    #[arg(long, env = config::ACCOUNTING_CLAIM_IDLE_S)]
-    pub accounting_claim_idle_s: Option<String>,
-    /// Seconds a provider key cools down after a 429 without retry_after_s [default: 60]
-    #[arg(long, env = config::PROVIDER_COOLDOWN_S)]
-    pub provider_cooldown_s: Option<String>,
-    /// Longest cooldown a report authorized by a lease may set [default: 3600]
-    #[arg(long, env = config::PROVIDER_COOLDOWN_MAX_S)]
-    pub provider_cooldown_max_s: Option<String>,
-    /// Seconds a provider key is suspended after a 401/403 [default: 600]
-    #[arg(long, env = config::PROVIDER_SUSPEND_S)]
-    pub provider_suspend_s: Option<String>,
-    /// JSON file of model prices keyed by provider/model, stored at start-up
-    #[arg(long, env = config::PRICES_FILE)]
-    pub prices_file: Option<String>,
-    /// JSON price for models without one, e.g. {"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10} [default: none: PRICE_UNKNOWN for keys with a balance]
-    #[arg(long, env = config::DEFAULT_PRICE)]
-    pub default_price: Option<String>,
+/// `serve` takes every setting.
+pub type ServeArgs = SettingFlags<AllSettings>;
+/// `migrate` takes the database URL.
+pub type MigrateArgs = SettingFlags<DatabaseOnly>;
+
+/// Which settings a subcommand takes as flags (and reads from the environment).
+pub trait Selection: std::fmt::Debug {
+    fn takes(setting: &Setting) -> bool;
+    /// Text after the flags in `--help`.
+    fn after_help() -> Option<String> {
+        None
+    }
 }
 
-#[derive(Debug, Args)]
-pub struct MigrateArgs {
-    /// postgres://… or sqlite:…, without a password (env: KEYWARD_DATABASE_URL or
-    /// KEYWARD_DATABASE_URL_FILE) [default: sqlite://keyward.db]
-    #[arg(long)]
-    pub database_url: Option<String>,
+#[derive(Debug)]
+pub enum AllSettings {}
+impl Selection for AllSettings {
+    fn takes(_: &Setting) -> bool {
+        true
+    }
+    fn after_help() -> Option<String> {
+        Some(config::secrets_help())
+    }
 }
 
-/// The `--database-url` and `--redis-url` flags with their variables.
-const URL_FLAGS: [(&str, &str); 2] = [
-    ("database-url", config::DATABASE_URL),
-    ("redis-url", config::REDIS_URL),
-];
+#[derive(Debug)]
+pub enum DatabaseOnly {}
+impl Selection for DatabaseOnly {
+    fn takes(setting: &Setting) -> bool {
+        setting.var == config::DATABASE_URL
+    }
+}
 
-/// Adds the environment-only settings (secrets, `…_FILE` twins) and, when its flag is
-/// absent, each URL's variable. A URL flag holding a password is refused.
-fn add_environment(
-    raw: &mut RawConfig,
-    urls: &[(&'static str, &'static str, &Option<String>)],
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(), Vec<ConfigError>> {
-    let mut errors = Vec::new();
-    for (long, var, flag) in urls {
-        match flag {
-            Some(url) if config::url_has_password(url) => errors.push(ConfigError {
-                var,
-                reason: format!(
-                    "a URL with a password cannot be given as --{long} (any local user can read the command line); set {var} or {var}_FILE in the environment"
-                ),
-            }),
-            Some(url) => {
-                raw.insert(var, url.clone());
-            }
-            None => {
-                if let Some(url) = env(var) {
-                    raw.insert(var, url);
-                }
-            }
+#[derive(Debug)]
+pub enum ListenOnly {}
+impl Selection for ListenOnly {
+    fn takes(setting: &Setting) -> bool {
+        setting.var == config::LISTEN
+    }
+}
+
+/// The setting flags given on a command line: variable → value.
+#[derive(Debug)]
+pub struct SettingFlags<S> {
+    given: RawConfig,
+    selection: PhantomData<S>,
+}
+
+impl<S: Selection> SettingFlags<S> {
+    fn taken() -> impl Iterator<Item = &'static Setting> + Clone {
+        SETTINGS.iter().filter(|s| S::takes(s))
+    }
+
+    /// Flags as if given on the command line, `(variable, value)` (for tests).
+    pub fn given(flags: &[(&'static str, &str)]) -> Self {
+        SettingFlags {
+            given: flags.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+            selection: PhantomData,
         }
     }
-    let twins = config::FILE_TWINS.iter().map(|(_, file)| *file);
-    for var in config::NOT_FLAGS.into_iter().chain(twins) {
-        if let Some(value) = env(var) {
-            raw.insert(var, value);
-        }
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors)
-    }
-}
 
-fn process_env(var: &str) -> Option<String> {
-    std::env::var(var).ok()
-}
-
-impl MigrateArgs {
-    /// `KEYWARD_DATABASE_URL` (or its `_FILE` twin) for `migrate`, by the rules of `serve`.
-    pub fn raw(&self) -> Result<RawConfig, Vec<ConfigError>> {
-        self.raw_from(&process_env)
-    }
-
-    pub fn raw_from(
-        &self,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<RawConfig, Vec<ConfigError>> {
-        let mut raw = RawConfig::new();
-        let (long, var) = URL_FLAGS[0];
-        add_environment(&mut raw, &[(long, var, &self.database_url)], env)?;
-        // Only the database matters here.
-        raw.retain(|name, _| *name == config::DATABASE_URL || *name == config::DATABASE_URL_FILE);
-        Ok(raw)
-    }
-}
-
-impl ServeArgs {
     /// Flags, then the environment: what [`Config::from_raw`](config::Config::from_raw)
     /// validates.
     pub fn raw(&self) -> Result<RawConfig, Vec<ConfigError>> {
-        self.raw_from(&process_env)
+        self.raw_from(&|var| std::env::var(var).ok())
     }
 
+    /// Like [`Self::raw`], with `env` for the environment. A secret given as a flag, or
+    /// a URL flag holding a password, is refused with one line naming the variable.
     pub fn raw_from(
         &self,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<RawConfig, Vec<ConfigError>> {
-        let mut raw: RawConfig = [
-            (config::LISTEN, &self.listen),
-            (config::ADMIN_LISTEN, &self.admin_listen),
-            (config::ON_BACKEND_ERROR, &self.on_backend_error),
-            (config::LOG_FORMAT, &self.log_format),
-            (config::KEY_PREFIX, &self.key_prefix),
-            (config::EXPIRY_INTERVAL_S, &self.expiry_interval_s),
-            (config::EXPIRY_AUTO_DELETE, &self.expiry_auto_delete),
-            (config::SHUTDOWN_GRACE_S, &self.shutdown_grace_s),
-            (config::LEASE_TTL_S, &self.lease_ttl_s),
-            (
-                config::DEFAULT_ESTIMATED_TOKENS,
-                &self.default_estimated_tokens,
-            ),
-            (config::REDIS_PREFIX, &self.redis_prefix),
-            (config::KEY_CACHE_TTL_S, &self.key_cache_ttl_s),
-            (config::NEGATIVE_CACHE_TTL_S, &self.negative_cache_ttl_s),
-            (config::REPORT_DEDUPE_TTL_S, &self.report_dedupe_ttl_s),
-            (
-                config::ACCOUNTING_CLAIM_IDLE_S,
-                &self.accounting_claim_idle_s,
-            ),
-            (config::PROVIDER_COOLDOWN_S, &self.provider_cooldown_s),
-            (
-                config::PROVIDER_COOLDOWN_MAX_S,
-                &self.provider_cooldown_max_s,
-            ),
-            (config::PROVIDER_SUSPEND_S, &self.provider_suspend_s),
-            (config::PRICES_FILE, &self.prices_file),
-            (config::REDIS_CA_FILE, &self.redis_ca_file),
-            (config::DEFAULT_PRICE, &self.default_price),
-        ]
-        .into_iter()
-        .filter_map(|(name, value)| value.clone().map(|v| (name, v)))
-        .collect();
-        let secret_flags = [
-            ("admin-token", config::ADMIN_TOKEN, &self.admin_token_flag),
-            ("data-token", config::DATA_TOKEN, &self.data_token_flag),
-            (
-                "encryption-key",
-                config::ENCRYPTION_KEY,
-                &self.encryption_key_flag,
-            ),
-            (
-                "encryption-keys-previous",
-                config::ENCRYPTION_KEYS_PREVIOUS,
-                &self.encryption_keys_previous_flag,
-            ),
-        ];
-        let refused: Vec<ConfigError> = secret_flags
-            .iter()
-            .filter(|(_, _, value)| value.is_some())
-            .map(|(long, var, _)| ConfigError {
-                var,
+        let refused: Vec<ConfigError> = Self::taken()
+            .filter(|s| s.exposure == Exposure::Secret && self.given.contains_key(s.var))
+            .map(|s| ConfigError {
+                var: s.var,
                 reason: format!(
-                    "a secret cannot be given as --{long} (any local user can read the command line); set {var} or {var}_FILE in the environment"
+                    "a secret cannot be given as --{} (any local user can read the command line); set {} or {} in the environment",
+                    s.flag, s.var, s.file
                 ),
             })
             .collect();
         if !refused.is_empty() {
             return Err(refused);
         }
-        let urls = [
-            (URL_FLAGS[0].0, URL_FLAGS[0].1, &self.database_url),
-            (URL_FLAGS[1].0, URL_FLAGS[1].1, &self.redis_url),
-        ];
-        add_environment(&mut raw, &urls, env)?;
-        Ok(raw)
+        let mut raw = RawConfig::new();
+        let mut errors = Vec::new();
+        for s in Self::taken() {
+            match self.given.get(s.var) {
+                Some(url) if s.exposure == Exposure::Url && config::url_has_password(url) => {
+                    errors.push(ConfigError {
+                        var: s.var,
+                        reason: format!(
+                            "a URL with a password cannot be given as --{} (any local user can read the command line); set {} or {} in the environment",
+                            s.flag, s.var, s.file
+                        ),
+                    })
+                }
+                Some(value) => {
+                    raw.insert(s.var, value.clone());
+                }
+                None => {
+                    if let Some(value) = env(s.var) {
+                        raw.insert(s.var, value);
+                    }
+                }
+            }
+            if let Some(file) = s.file_twin() {
+                if let Some(path) = env(file) {
+                    raw.insert(file, path);
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(raw)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// The flag of one setting; a secret's is hidden (it is only refused).
+fn flag_arg(s: &'static Setting) -> Arg {
+    let arg = Arg::new(s.var).long(s.flag);
+    if s.exposure == Exposure::Secret {
+        arg.hide(true).value_name("REFUSED")
+    } else {
+        arg.value_name(s.value_name()).help(s.flag_help())
+    }
+}
+
+impl<S: Selection> Args for SettingFlags<S> {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let cmd = Self::taken().fold(cmd, |cmd, s| cmd.arg(flag_arg(s)));
+        match S::after_help() {
+            Some(text) => cmd.after_help(text),
+            None => cmd,
+        }
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl<S: Selection> FromArgMatches for SettingFlags<S> {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let given = Self::taken()
+            .filter_map(|s| {
+                let value = matches.try_get_one::<String>(s.var).ok().flatten()?;
+                Some((s.var, value.clone()))
+            })
+            .collect();
+        Ok(SettingFlags {
+            given,
+            selection: PhantomData,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
     }
 }
 
@@ -304,35 +222,39 @@ mod tests {
     /// flag missing from `raw()` would be accepted and silently ignored.
     #[test]
     fn every_serve_flag_reaches_the_configuration() {
+        let mut argv = vec!["keyward".to_string(), "serve".to_string()];
+        let flags: Vec<&Setting> = SETTINGS
+            .iter()
+            .filter(|s| s.exposure != Exposure::Secret)
+            .collect();
+        for s in &flags {
+            argv.push(format!("--{}", s.flag));
+            argv.push(format!("value-of-{}", s.flag));
+        }
+        assert!(flags.len() >= 20, "the serve flags were not found");
+        // And `serve` has no other flag than these (and the refused secrets' and --help).
         let cli = Cli::command();
         let serve = cli.find_subcommand("serve").expect("serve");
-        let mut argv = vec!["keyward".to_string(), "serve".to_string()];
-        let mut vars = Vec::new();
-        for arg in serve.get_arguments() {
-            let Some(long) = arg.get_long() else { continue };
-            let var = match arg.get_env() {
-                Some(env) => env.to_string_lossy().into_owned(),
-                None => match URL_FLAGS.iter().find(|(l, _)| *l == long) {
-                    Some((_, var)) => var.to_string(),
-                    None => continue,
-                },
-            };
-            argv.push(format!("--{long}"));
-            argv.push(format!("value-of-{long}"));
-            vars.push((var, long.to_string()));
-        }
-        assert!(vars.len() >= 19, "the serve flags were not found");
+        let longs: Vec<&str> = serve
+            .get_arguments()
+            .filter_map(|arg| arg.get_long())
+            .filter(|long| *long != "help")
+            .collect();
+        let declared: Vec<&str> = SETTINGS.iter().map(|s| s.flag).collect();
+        assert_eq!(longs, declared);
         let Command::Serve(args) = Cli::try_parse_from(&argv).expect("parses").command else {
             panic!("not serve");
         };
         let raw = args
             .raw_from(&|_| None)
             .expect("no password in these values");
-        for (var, long) in vars {
+        for s in flags {
             assert_eq!(
-                raw.get(var.as_str()).map(String::as_str),
-                Some(format!("value-of-{long}").as_str()),
-                "--{long} / {var} does not reach the configuration"
+                raw.get(s.var).map(String::as_str),
+                Some(format!("value-of-{}", s.flag).as_str()),
+                "--{} / {} does not reach the configuration",
+                s.flag,
+                s.var
             );
         }
     }
@@ -348,32 +270,36 @@ mod tests {
     /// No secret is a flag: the command line is readable by every local user.
     #[test]
     fn secrets_are_not_flags_but_come_from_the_environment() {
-        for flag in [
-            "--admin-token",
-            "--data-token",
-            "--encryption-key",
-            "--encryption-keys-previous",
-        ] {
+        let secrets: Vec<&Setting> = SETTINGS
+            .iter()
+            .filter(|s| s.exposure == Exposure::Secret)
+            .collect();
+        assert_eq!(secrets.len(), 4);
+        for s in &secrets {
             // Parsed only to be refused, naming the variable to use instead.
-            let argv = ["keyward", "serve", flag, "x"];
-            let Command::Serve(args) = Cli::try_parse_from(argv).expect("parses").command else {
-                panic!("not serve");
-            };
-            let errors = args
+            let flag = format!("--{}", s.flag);
+            let errors = serve_args(&[&flag, "x"])
                 .raw_from(&|_| None)
                 .expect_err("a secret flag is refused");
-            let var = format!("KEYWARD_{}", flag[2..].replace('-', "_").to_uppercase());
             assert_eq!(errors.len(), 1);
-            assert_eq!(errors[0].var, var.as_str(), "{flag}");
+            assert_eq!(errors[0].var, s.var, "{flag}");
         }
         let env = |var: &str| Some(format!("env-{var}"));
         let raw = serve_args(&[]).raw_from(&env).unwrap();
-        for var in config::NOT_FLAGS {
-            assert_eq!(raw[var], format!("env-{var}"));
+        for s in SETTINGS {
+            assert_eq!(raw[s.var], format!("env-{}", s.var));
+            if let Some(file) = s.file_twin() {
+                assert_eq!(raw[file], format!("env-{file}"));
+            }
         }
-        for (var, file_var) in config::FILE_TWINS {
-            assert_eq!(raw[file_var], format!("env-{file_var}"));
-            assert_eq!(raw[var], format!("env-{var}"));
+        let help = Cli::command()
+            .find_subcommand_mut("serve")
+            .expect("serve")
+            .render_help()
+            .to_string();
+        for s in secrets {
+            assert!(!help.contains(&format!("--{}", s.flag)), "{help}");
+            assert!(help.contains(s.var), "{help}");
         }
     }
 
@@ -404,12 +330,15 @@ mod tests {
             .unwrap();
         assert_eq!(raw[config::REDIS_URL], "redis://flag:6379");
 
-        let migrate = MigrateArgs {
-            database_url: Some("postgres://u:hunter2@db/k".into()),
-        };
+        let migrate = MigrateArgs::given(&[(config::DATABASE_URL, "postgres://u:hunter2@db/k")]);
         assert_eq!(
             migrate.raw_from(&|_| None).unwrap_err()[0].var,
             config::DATABASE_URL
         );
+        // `migrate` reads only the database URL and its file.
+        let env = |var: &str| Some(format!("env-{var}"));
+        let raw = MigrateArgs::given(&[]).raw_from(&env).unwrap();
+        let vars: Vec<&str> = raw.keys().copied().collect();
+        assert_eq!(vars, [config::DATABASE_URL, "KEYWARD_DATABASE_URL_FILE"]);
     }
 }

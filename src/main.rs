@@ -52,11 +52,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Probe(args) => {
-            let mut raw = config::RawConfig::new();
-            if let Some(listen) = args.listen {
-                raw.insert(config::LISTEN, listen);
-            }
-            let listen = match Config::from_raw(&raw) {
+            let listen = match args.settings.raw().and_then(|raw| Config::from_raw(&raw)) {
                 Ok(config) => config.listen,
                 Err(errors) => return config_errors(errors),
             };

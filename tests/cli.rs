@@ -651,41 +651,91 @@ fn migrate_reads_the_database_url_from_its_file() {
     );
 }
 
-/// Each setting is declared once, in `src/config.rs`, and the README's configuration
-/// table names exactly those: a row for each, the `…_FILE` twins of secrets in one row.
+/// Each setting is declared once, in `keyward::config::SETTINGS`, and the README's
+/// Configuration table is exactly its rendering: a setting added, removed or changed
+/// (default, range, flag, secret or not) without the README is caught here. On a
+/// mismatch the expected table is printed, to paste into the README.
 #[test]
-fn the_readme_documents_every_setting_and_only_those() {
-    use std::collections::BTreeSet;
-    let declared: BTreeSet<String> = include_str!("../src/config.rs")
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("pub const "))
-        .filter_map(|l| l.split_once("= \"").map(|(_, v)| v))
-        .filter_map(|v| v.strip_suffix("\";"))
-        .filter(|v| v.starts_with("KEYWARD_"))
-        .map(str::to_string)
-        .collect();
-    let twins: BTreeSet<String> = keyward::config::FILE_TWINS
-        .iter()
-        .map(|(_, file)| file.to_string())
-        .collect();
+fn the_readme_configuration_table_is_the_declarations_rendered() {
+    let rendered = keyward::config::markdown_table();
     let readme = include_str!("../README.md");
-    assert!(
-        readme.contains("| `KEYWARD_…_FILE` |"),
-        "the README's row for the secrets' file twins"
-    );
-    let rows: BTreeSet<String> = readme
+    let section = readme
+        .find("\n## Configuration\n")
+        .expect("the README has a Configuration section");
+    let start = section
+        + readme[section..]
+            .find("\n|")
+            .expect("the Configuration section has a table")
+        + 1;
+    let table: String = readme[start..]
         .lines()
-        .filter_map(|l| l.strip_prefix("| `"))
-        .filter_map(|l| l.split_once('`').map(|(name, _)| name))
-        .filter(|name| name.starts_with("KEYWARD_") && *name != "KEYWARD_…_FILE")
-        .map(str::to_string)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| format!("{l}\n"))
         .collect();
-    let documented: BTreeSet<String> = rows.union(&twins).cloned().collect();
-    assert_eq!(
-        declared
-            .symmetric_difference(&documented)
-            .collect::<Vec<_>>(),
-        Vec::<&String>::new(),
-        "settings without a README row, or README rows of no setting"
+    assert!(
+        table == rendered,
+        "the README's configuration table differs from the declarations; it should be:\n{rendered}"
     );
+    // One row a setting (and one for the `_FILE` twins), and no cell broken by a `|`.
+    let rows = rendered.lines().count() - 2;
+    assert_eq!(rows, keyward::config::SETTINGS.len() + 1);
+    for line in rendered.lines() {
+        assert_eq!(line.matches('|').count(), 6, "{line}");
+    }
+}
+
+/// The help of one flag in `keyward <args> --help`: the lines from `--flag` to the next.
+fn flag_help(help: &str, flag: &str) -> Option<String> {
+    let start = help.find(&format!("      --{flag} "))?;
+    let rest = &help[start + 8..];
+    let end = rest
+        .find("\n      --")
+        .or(rest.find("\n  -h"))
+        .unwrap_or(rest.len());
+    Some(rest[..end].to_string())
+}
+
+/// `keyward serve --help` shows each flag with its variable and default from the same
+/// declaration the parser uses; a secret has no flag there, only its variable.
+#[test]
+fn serve_help_shows_each_flag_with_its_variable_and_default_from_the_declarations() {
+    use keyward::config::{Exposure, Fallback, SETTINGS};
+    let out = keyward(&["serve", "--help"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    for s in SETTINGS {
+        let shown = flag_help(&help, s.flag);
+        if s.exposure == Exposure::Secret {
+            assert!(shown.is_none(), "a secret has a flag in --help: {help}");
+            assert!(help.contains(&format!("  {}: ", s.var)), "{help}");
+            continue;
+        }
+        let shown = shown.unwrap_or_else(|| panic!("--{} is not in --help: {help}", s.flag));
+        assert!(shown.contains(&format!("[env: {}]", s.var)), "{shown}");
+        let default = match s.default {
+            Fallback::Value(text) | Fallback::Instead(text) => text,
+            Fallback::Unset => "unset",
+        };
+        assert!(shown.contains(&format!("[default: {default}]")), "{shown}");
+    }
+    // Spot checks against the parser's own behaviour, so a rendering that drifted from
+    // the declarations in both places at once is still caught.
+    let lease = flag_help(&help, "lease-ttl-s").unwrap();
+    assert!(
+        lease.contains("[default: 300]") && lease.contains("1 to 86400 seconds"),
+        "{lease}"
+    );
+    for (value, accepted) in [("86400", true), ("86401", false), ("0", false)] {
+        let out = keyward(&["serve", "--lease-ttl-s", value, "--listen", "nowhere"])
+            .output()
+            .unwrap();
+        let err = stderr_of(&out);
+        assert_eq!(
+            !err.contains("KEYWARD_LEASE_TTL_S"),
+            accepted,
+            "{value}: {err}"
+        );
+    }
+    // The secrets have no flag, and their flags are refused (secrets_given_as_flags_are_refused).
+    assert!(!help.contains("--admin-token"), "{help}");
 }
