@@ -120,6 +120,12 @@ ensure_promtool() {
     command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
 }
 
+# The image test (tests/image.rs) validates and unpacks the image with real OCI tools.
+ensure_image_tools() {
+    command -v skopeo >/dev/null || apt_install --no-install-recommends skopeo
+    command -v umoci >/dev/null || apt_install --no-install-recommends umoci
+}
+
 drop_stale_test_databases() {
     local name
     for name in $(psql "$KEYWARD_TEST_POSTGRES_URL" -Atqc \
@@ -135,6 +141,7 @@ ensure_proxies
 ensure_promtool
 ensure_tls_tools
 ensure_helm_tools
+ensure_image_tools
 drop_stale_test_databases
 
 log "cargo fmt --check"
