@@ -12,10 +12,9 @@ use tokio::sync::mpsc;
 
 use super::window::Window;
 use super::{
-    AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported, SelectRequest,
-    TimeShift, Usage, Verdict,
+    effective_limit, AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported,
+    SelectRequest, TimeShift, Usage, Verdict,
 };
-use crate::clock::now_ms;
 use crate::money::bounded;
 use crate::pool::cache::Pool as CandidatePool;
 use crate::pool::learned::Learned;
@@ -38,7 +37,7 @@ struct Lease {
 
 /// One provider key's live state.
 #[derive(Debug, Default)]
-struct PoolKey {
+struct ProviderKeyState {
     requests: Window,
     tokens: Window,
     cooldown_until: i64,
@@ -51,10 +50,11 @@ struct PoolKey {
     last_pick: Option<i64>,
 }
 
-/// One provider's keys. A pick holds the provider's map-entry lock throughout.
+/// One provider's keys' live state. A pick holds the provider's map-entry lock
+/// throughout.
 #[derive(Debug, Default)]
-struct Pool {
-    keys: HashMap<String, PoolKey>,
+struct ProviderKeyStates {
+    keys: HashMap<String, ProviderKeyState>,
     /// The version of the candidates `order` was built for (see `pool::cache::Pool`).
     version: String,
     /// The twin of the Redis `:order` zset: (priority, last pick or -1 if never,
@@ -62,7 +62,7 @@ struct Pool {
     order: BTreeSet<(i64, i64, usize)>,
 }
 
-impl Pool {
+impl ProviderKeyStates {
     /// Picks like `lua/admit.lua`: priority, then least recently picked (never first),
     /// skipping keys cooling down, suspended or without room. Takes nothing.
     fn pick(&mut self, candidates: &CandidatePool, tokens: i64, now: i64) -> Pick {
@@ -82,7 +82,7 @@ impl Pool {
         }
         let b = now.div_euclid(1000);
         let mut earliest: Option<i64> = None;
-        let mut unseen = PoolKey::default();
+        let mut unseen = ProviderKeyState::default();
         for &(_, _, i) in &self.order {
             let c = &candidates[i];
             // A key never picked nor reported has empty windows (nothing is stored for it).
@@ -92,12 +92,12 @@ impl Pool {
             let mut wait = (key.cooldown_until - now)
                 .max(key.suspended_until - now)
                 .max(0);
-            if let Some(rpm) = c.max_rpm {
+            if let Some(rpm) = effective_limit(c.max_rpm) {
                 if key.requests.sum() + 1 > rpm {
                     wait = wait.max(key.requests.wait_ms(now, 1, rpm));
                 }
             }
-            if let Some(tpm) = c.max_tpm {
+            if let Some(tpm) = effective_limit(c.max_tpm) {
                 if tokens > tpm {
                     wait = wait.max(61_000);
                 } else if key.tokens.sum() + tokens > tpm {
@@ -122,10 +122,14 @@ impl Pool {
             .remove(&(c.priority, key.last_pick.unwrap_or(-1), i));
         self.order.insert((c.priority, now, i));
         key.last_pick = Some(now);
-        if c.max_rpm.is_some() {
+        if effective_limit(c.max_rpm).is_some() {
             key.requests.add(b, 1);
         }
-        let reserved = if c.max_tpm.is_some() { tokens } else { 0 };
+        let reserved = if effective_limit(c.max_tpm).is_some() {
+            tokens
+        } else {
+            0
+        };
         if reserved > 0 {
             key.tokens.add(b, reserved);
         }
@@ -203,7 +207,7 @@ impl KeyState {
 pub struct MemoryCounters {
     keys: DashMap<String, KeyState>,
     /// Provider → its keys' live state.
-    pools: DashMap<String, Pool>,
+    providers: DashMap<String, ProviderKeyStates>,
     /// Provider key id → provider, for reports (which name only the key).
     key_provider: DashMap<String, String>,
     /// Lease id → when its duplicate guard lapses.
@@ -217,7 +221,7 @@ impl MemoryCounters {
     pub fn new(guard_ttl_ms: i64, queue: mpsc::Sender<UsageRecord>) -> Self {
         Self {
             keys: DashMap::new(),
-            pools: DashMap::new(),
+            providers: DashMap::new(),
             key_provider: DashMap::new(),
             reported: DashMap::new(),
             guard_ttl_ms,
@@ -227,7 +231,7 @@ impl MemoryCounters {
     }
 
     fn now(&self) -> i64 {
-        now_ms() + self.shift.get()
+        self.shift.now_ms()
     }
 
     pub fn admit(&self, r: &AdmitRequest<'_>) -> Decision {
@@ -288,7 +292,7 @@ impl MemoryCounters {
                 Some(state.tokens.wait_ms(now, r.tokens, tpm)),
             );
         }
-        if r.concurrency.is_some_and(|c| in_flight >= c) {
+        if effective_limit(r.concurrency).is_some_and(|c| in_flight >= c) {
             return deny(
                 &state,
                 Denial::Concurrency,
@@ -314,13 +318,13 @@ impl MemoryCounters {
         let mut picked = None;
         if let Some(candidates) = r.pool.filter(|c| !c.is_empty()) {
             let provider = candidates[0].provider.clone();
-            let mut pool = self.pools.entry(provider.clone()).or_default();
-            match pool.pick(candidates, r.tokens, now) {
+            let mut keys = self.providers.entry(provider.clone()).or_default();
+            match keys.pick(candidates, r.tokens, now) {
                 Pick::Exhausted { retry_after_ms } => {
                     return deny(&state, Denial::PoolExhausted, Some(retry_after_ms));
                 }
                 Pick::Picked(i) => {
-                    let reserved = pool.take(candidates, i, r.tokens, now);
+                    let reserved = keys.take(candidates, i, r.tokens, now);
                     self.key_provider.insert(candidates[i].id.clone(), provider);
                     picked = Some((i, candidates[i].id.clone(), reserved));
                 }
@@ -366,10 +370,10 @@ impl MemoryCounters {
 
     pub fn select(&self, r: &SelectRequest<'_>) -> Pick {
         let now = self.now();
-        let mut pool = self.pools.entry(r.provider.to_string()).or_default();
-        let pick = pool.pick(r.candidates, r.tokens, now);
+        let mut keys = self.providers.entry(r.provider.to_string()).or_default();
+        let pick = keys.pick(r.candidates, r.tokens, now);
         if let Pick::Picked(i) = pick {
-            pool.take(r.candidates, i, r.tokens, now);
+            keys.take(r.candidates, i, r.tokens, now);
             self.key_provider
                 .insert(r.candidates[i].id.clone(), r.provider.to_string());
         }
@@ -380,11 +384,11 @@ impl MemoryCounters {
         let now = self.now();
         let b = now.div_euclid(1000);
         // A lookup, not an entry: listing a provider must not create state for it.
-        let Some(mut pool) = self.pools.get_mut(provider) else {
+        let Some(mut keys) = self.providers.get_mut(provider) else {
             return vec![LiveState::default(); ids.len()];
         };
         ids.iter()
-            .map(|id| match pool.keys.get_mut(id) {
+            .map(|id| match keys.keys.get_mut(id) {
                 None => LiveState::default(),
                 Some(key) => {
                     key.requests.prune(b);
@@ -411,8 +415,8 @@ impl MemoryCounters {
     /// Ends a provider key's cooldown and suspension now (`POST
     /// /admin/provider-keys/{id}/reset`). Its windows and pick time stay.
     pub fn reset_provider_key(&self, provider: &str, id: &str) {
-        if let Some(mut pool) = self.pools.get_mut(provider) {
-            if let Some(key) = pool.keys.get_mut(id) {
+        if let Some(mut keys) = self.providers.get_mut(provider) {
+            if let Some(key) = keys.keys.get_mut(id) {
                 key.cooldown_until = 0;
                 key.suspended_until = 0;
                 key.cooldown_cause = None;
@@ -423,14 +427,14 @@ impl MemoryCounters {
     }
 
     /// Cools down, suspends, or settles the tokens of a provider key after a report.
-    fn pool_report(&self, r: &Report, settle: Option<(i64, i64)>, now: i64) {
+    fn provider_key_report(&self, r: &Report, settle: Option<(i64, i64)>, now: i64) {
         let Some(id) = &r.provider_key_id else { return };
         let known = || self.key_provider.get(id).map(|p| p.clone());
         let Some(provider) = r.provider.clone().or_else(known) else {
             return;
         };
-        let mut pool = self.pools.entry(provider).or_default();
-        let key = pool.keys.entry(id.clone()).or_default();
+        let mut keys = self.providers.entry(provider).or_default();
+        let key = keys.keys.entry(id.clone()).or_default();
         if r.cooldown_ms > 0 {
             key.cooldown_until = now + r.cooldown_ms;
             key.cooldown_cause = Some(Cause::new(r.upstream_status, now, &r.source));
@@ -500,7 +504,7 @@ impl MemoryCounters {
                 }
             }
         }
-        self.pool_report(r, pool_settle, now);
+        self.provider_key_report(r, pool_settle, now);
         let (prompt, completion) = r.tokens.unwrap_or((0, 0));
         let record = UsageRecord {
             id: r.id.clone(),
@@ -566,8 +570,8 @@ impl MemoryCounters {
             !state.is_idle()
         });
         self.reported.retain(|_, lapses| *lapses > now);
-        for mut pool in self.pools.iter_mut() {
-            pool.keys.retain(|_, key| {
+        for mut keys in self.providers.iter_mut() {
+            keys.keys.retain(|_, key| {
                 key.requests.prune(b);
                 key.tokens.prune(b);
                 if key.cooldown_until <= now {

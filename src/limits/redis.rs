@@ -42,10 +42,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::conn::{Conn, Pools, Target};
-use redis::Script;
 
 use super::breaker::Breaker;
 use super::memory::MemoryCounters;
+use super::scripts::admit::{AdmitArgs, AdmitCode, AdmitKeys, AdmitReply};
+use super::scripts::pool_state::{PoolStateArgs, PoolStateKeys};
+use super::scripts::pool_sync::{PoolSyncArgs, PoolSyncKey, PoolSyncKeys, PoolSyncReply};
+use super::scripts::renew::{RenewArgs, RenewKeys, RenewReply};
+use super::scripts::report::{ReportArgs, ReportCode, ReportKeys, ReportProviderKeys};
+use super::scripts::{limit_arg, KeySpace, Scripts};
 use super::{
     AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported, SelectRequest,
     TimeShift, Usage, Verdict,
@@ -53,49 +58,8 @@ use super::{
 use crate::clock::now_ms;
 use crate::config::BackendErrorPolicy;
 use crate::pool::cache::{Candidate, Pool};
-use crate::pool::learned::Learned;
-use crate::pool::{Cause, LiveState};
+use crate::pool::LiveState;
 use crate::usage::{UsageRecord, UsageSource};
-
-/// The Lua sources, compiled into the binary.
-pub mod source {
-    pub const ADMIT: &str = include_str!("../../lua/admit.lua");
-    pub const REPORT: &str = include_str!("../../lua/report.lua");
-    pub const RENEW: &str = include_str!("../../lua/renew.lua");
-    pub const POOL_STATE: &str = include_str!("../../lua/pool_state.lua");
-    pub const POOL_SYNC: &str = include_str!("../../lua/pool_sync.lua");
-}
-
-/// Every script keyward runs, loaded once.
-pub struct Scripts {
-    pub admit: Script,
-    pub report: Script,
-    pub renew: Script,
-    pub pool_state: Script,
-    pub pool_sync: Script,
-}
-
-impl Scripts {
-    fn new() -> Self {
-        Self {
-            admit: Script::new(source::ADMIT),
-            report: Script::new(source::REPORT),
-            renew: Script::new(source::RENEW),
-            pool_state: Script::new(source::POOL_STATE),
-            pool_sync: Script::new(source::POOL_SYNC),
-        }
-    }
-
-    fn all(&self) -> [&Script; 5] {
-        [
-            &self.admit,
-            &self.report,
-            &self.renew,
-            &self.pool_state,
-            &self.pool_sync,
-        ]
-    }
-}
 
 /// How many multiplexed connections carry the hot path.
 const LANES: usize = 2;
@@ -163,7 +127,7 @@ impl Lanes {
 pub struct RedisCounters {
     target: Target,
     lanes: Lanes,
-    tag: String,
+    space: KeySpace,
     scripts: Scripts,
     guard_ttl_ms: i64,
     pub(crate) shift: TimeShift,
@@ -205,8 +169,8 @@ impl RedisCounters {
                 next: AtomicUsize::new(0),
             },
             target,
-            tag: format!("{{{prefix}}}"),
-            scripts: Scripts::new(),
+            space: KeySpace::new(prefix),
+            scripts: Scripts::default(),
             guard_ttl_ms,
             shift: TimeShift::default(),
             breaker: Breaker::default(),
@@ -322,34 +286,7 @@ impl RedisCounters {
 
     /// The Redis key of a client key's `rpm`, `tpm`, `leases`, `ld` or `bal`.
     pub fn key(&self, key_id: &str, what: &str) -> String {
-        format!("{}:k:{key_id}:{what}", self.tag)
-    }
-
-    fn pk(&self, id: &str, what: &str) -> String {
-        format!("{}:pk:{id}:{what}", self.tag)
-    }
-
-    /// A pool's definition hash and pick-order sorted set.
-    fn pool_keys(&self, provider: &str) -> [String; 2] {
-        [
-            format!("{}:p:{provider}:def", self.tag),
-            format!("{}:p:{provider}:order", self.tag),
-        ]
-    }
-
-    /// Adds the pool part of an admit call: KEYS 6-7 and ARGV 13-14 (see `lua/admit.lua`);
-    /// the hold (ARGV 15) follows.
-    fn pool_args(
-        &self,
-        call: &mut redis::ScriptInvocation<'_>,
-        client: bool,
-        provider: &str,
-        pool: Option<&Pool>,
-    ) {
-        let [def, order] = self.pool_keys(provider);
-        call.key(def).key(order);
-        let version = pool.filter(|p| !p.is_empty()).map_or("", |p| p.version());
-        call.arg(i64::from(client)).arg(version);
+        self.space.client(key_id, what)
     }
 
     /// Writes the caller's pool into Redis (`lua/pool_sync.lua`), unless Redis holds one
@@ -358,26 +295,19 @@ impl RedisCounters {
         let Some(first) = candidates.first() else {
             return Ok(());
         };
-        let mut priorities: Vec<i64> = candidates.iter().map(|c| c.priority).collect();
-        priorities.sort_unstable();
-        priorities.dedup();
-        let [def, order] = self.pool_keys(&first.provider);
         let mut call = self.scripts.pool_sync.prepare_invoke();
-        call.key(def)
-            .key(order)
-            .arg(candidates.version())
-            .arg(candidates.stamp());
-        for (index, c) in candidates.iter().enumerate() {
-            let rank = priorities.binary_search(&c.priority).unwrap_or_default();
-            call.arg(&c.id)
-                .arg(c.max_rpm.unwrap_or(0))
-                .arg(c.max_tpm.unwrap_or(0))
-                .arg(rank)
-                .arg(index);
+        PoolSyncKeys::new(&self.space, &first.provider).push(&mut call);
+        PoolSyncArgs {
+            version: candidates.version(),
+            stamp: candidates.stamp(),
         }
-        match self.lanes.invoke::<i64>("pool_sync", &call).await? {
-            0 => Ok(()),
-            newer => Err(CounterError::PoolOutdated { newer }),
+        .push(&mut call);
+        for key in PoolSyncKey::all(candidates) {
+            key.push(&mut call);
+        }
+        match PoolSyncReply::parse(self.lanes.invoke("pool_sync", &call).await?)? {
+            PoolSyncReply::InSync => Ok(()),
+            PoolSyncReply::Newer(newer) => Err(CounterError::PoolOutdated { newer }),
         }
     }
 
@@ -392,16 +322,16 @@ impl RedisCounters {
         call: &redis::ScriptInvocation<'_>,
         pool: Option<&Pool>,
     ) -> Result<AdmitReply, CounterError> {
-        let reply = AdmitReply::parse(self.lanes.invoke(name, call).await?)?;
-        let (7, Some(pool)) = (reply.code, pool) else {
+        let reply = AdmitReply::parse(&self.lanes.invoke::<Vec<redis::Value>>(name, call).await?)?;
+        let (AdmitCode::PoolVersion, Some(pool)) = (reply.code, pool) else {
             return Ok(reply);
         };
         if reply.a > pool.stamp() {
             return Err(CounterError::PoolOutdated { newer: reply.a });
         }
         self.sync_pool(pool).await?;
-        let reply = AdmitReply::parse(self.lanes.invoke(name, call).await?)?;
-        if reply.code == 7 {
+        let reply = AdmitReply::parse(&self.lanes.invoke::<Vec<redis::Value>>(name, call).await?)?;
+        if reply.code == AdmitCode::PoolVersion {
             return Err(CounterError::Protocol(
                 "the pool changed again during its sync".into(),
             ));
@@ -411,7 +341,7 @@ impl RedisCounters {
 
     /// The accounting stream.
     pub fn stream_key(&self) -> String {
-        format!("{}:usage", self.tag)
+        self.space.usage()
     }
 
     async fn admit_redis(&self, r: &AdmitRequest<'_>) -> Result<Decision, CounterError> {
@@ -427,29 +357,31 @@ impl RedisCounters {
             sanitize(r.model),
             sanitize(r.api_format)
         );
-        let mut call = self.scripts.admit.prepare_invoke();
-        call.key(self.key(id, "rpm"))
-            .key(self.key(id, "tpm"))
-            .key(self.key(id, "leases"))
-            .key(self.key(id, "ld"))
-            .key(self.key(id, "bal"))
-            .arg(r.rpm.unwrap_or(0))
-            .arg(r.tpm.unwrap_or(0))
-            .arg(r.concurrency.unwrap_or(0))
-            .arg(r.tokens)
-            .arg(&r.lease.token)
-            .arg(r.lease_ttl_ms)
-            .arg(meta)
-            .arg(i64::from(r.balance.is_some()))
-            // Bounded like the twin's live balance: the script's doubles stay exact.
-            .arg(crate::money::bounded(balance.credited.into()))
-            .arg(crate::money::bounded(balance.used.into()))
-            .arg(balance.version)
-            .arg(self.shift.get());
         let candidates: &[Candidate] = r.pool.map_or(&[], |p| p);
         let provider = candidates.first().map_or("", |c| c.provider.as_str());
-        self.pool_args(&mut call, true, provider, r.pool);
-        call.arg(r.hold_micros);
+        let clock = self.shift.script_clock();
+        let mut call = self.scripts.admit.prepare_invoke();
+        AdmitKeys::new(&self.space, id, provider).push(&mut call);
+        AdmitArgs {
+            rpm_limit: limit_arg(r.rpm),
+            tpm_limit: limit_arg(r.tpm),
+            concurrency_limit: limit_arg(r.concurrency),
+            tokens: r.tokens,
+            lease_token: &r.lease.token,
+            lease_ttl_ms: r.lease_ttl_ms,
+            lease_meta: meta,
+            balance_tracked: r.balance.is_some(),
+            // Bounded like the twin's live balance: the script's doubles stay exact.
+            credited: crate::money::bounded(balance.credited.into()),
+            used: crate::money::bounded(balance.used.into()),
+            balance_version: balance.version,
+            time_shift_ms: clock.shift_ms,
+            client: true,
+            pool_version: pool_version(r.pool),
+            hold: r.hold_micros,
+            now_ms: clock.pinned_ms,
+        }
+        .push(&mut call);
         let AdmitReply {
             code,
             a,
@@ -462,17 +394,17 @@ impl RedisCounters {
             retry_after_ms: retry,
         };
         let verdict = match code {
-            0 => Verdict::Admitted { expires_at_ms: a },
-            1 => denied(Denial::Requests, Some(a)),
-            2 => denied(Denial::Tokens, Some(a)),
-            3 => denied(Denial::Concurrency, Some(a)),
-            4 => denied(Denial::BalanceExhausted, None),
-            5 => denied(Denial::BalanceCommitted, Some(a)),
-            6 => denied(Denial::PoolExhausted, Some(a)),
-            other => {
-                return Err(CounterError::Protocol(format!(
-                    "admit returned code {other}"
-                )))
+            AdmitCode::Admitted => Verdict::Admitted { expires_at_ms: a },
+            AdmitCode::Requests => denied(Denial::Requests, Some(a)),
+            AdmitCode::Tokens => denied(Denial::Tokens, Some(a)),
+            AdmitCode::Concurrency => denied(Denial::Concurrency, Some(a)),
+            AdmitCode::BalanceExhausted => denied(Denial::BalanceExhausted, None),
+            AdmitCode::BalanceCommitted => denied(Denial::BalanceCommitted, Some(a)),
+            AdmitCode::PoolExhausted => denied(Denial::PoolExhausted, Some(a)),
+            AdmitCode::PoolVersion => {
+                return Err(CounterError::Protocol(
+                    "admit asked for a pool sync without a pool".into(),
+                ))
             }
         };
         Ok(Decision {
@@ -499,32 +431,40 @@ impl RedisCounters {
 
     async fn select_redis(&self, r: &SelectRequest<'_>) -> Result<Pick, CounterError> {
         // The admit script with the client part switched off (its client keys untouched).
+        let clock = self.shift.script_clock();
         let mut call = self.scripts.admit.prepare_invoke();
-        for what in ["rpm", "tpm", "leases", "ld", "bal"] {
-            call.key(self.key("-", what));
+        AdmitKeys::new(&self.space, "-", r.provider).push(&mut call);
+        AdmitArgs {
+            rpm_limit: 0,
+            tpm_limit: 0,
+            concurrency_limit: 0,
+            tokens: r.tokens,
+            lease_token: "-",
+            lease_ttl_ms: 1,
+            lease_meta: "||".into(),
+            balance_tracked: false,
+            credited: 0,
+            used: 0,
+            balance_version: 0,
+            time_shift_ms: clock.shift_ms,
+            client: false,
+            pool_version: pool_version(Some(r.candidates)),
+            hold: 0,
+            now_ms: clock.pinned_ms,
         }
-        call.arg(0)
-            .arg(0)
-            .arg(0)
-            .arg(r.tokens)
-            .arg("-")
-            .arg(1)
-            .arg("||");
-        call.arg(0).arg(0).arg(0).arg(0).arg(self.shift.get());
-        self.pool_args(&mut call, false, r.provider, Some(r.candidates));
-        call.arg(0);
+        .push(&mut call);
         let reply = self
             .invoke_admit("select", &call, Some(r.candidates))
             .await?;
         let picked = r.candidates.iter().position(|c| c.id == reply.picked);
         match (reply.code, picked) {
-            (0, Some(i)) => Ok(Pick::Picked(i)),
-            (6, _) => Ok(Pick::Exhausted {
+            (AdmitCode::Admitted, Some(i)) => Ok(Pick::Picked(i)),
+            (AdmitCode::PoolExhausted, _) => Ok(Pick::Exhausted {
                 retry_after_ms: reply.a,
             }),
-            _ => Err(CounterError::Protocol(format!(
-                "select returned code {}",
-                reply.code
+            (code, _) => Err(CounterError::Protocol(format!(
+                "select returned {code:?} (picked {:?})",
+                reply.picked
             ))),
         }
     }
@@ -535,41 +475,16 @@ impl RedisCounters {
         }
         let mut call = self.scripts.pool_state.prepare_invoke();
         for id in ids {
-            for what in ["rpm", "tpm", "cd", "susp", "cause"] {
-                call.key(self.pk(id, what));
-            }
+            PoolStateKeys::new(&self.space, id).push(&mut call);
         }
-        call.arg(self.shift.get());
+        let clock = self.shift.script_clock();
+        PoolStateArgs {
+            time_shift_ms: clock.shift_ms,
+            now_ms: clock.pinned_ms,
+        }
+        .push(&mut call);
         let reply: Vec<redis::Value> = self.lanes.invoke("pool_state", &call).await?;
-        let bad = || CounterError::Protocol("pool_state returned an unexpected answer".into());
-        if reply.len() != ids.len() * 7 {
-            return Err(bad());
-        }
-        let int = |v: &redis::Value| redis::from_redis_value_ref::<i64>(v).map_err(|_| bad());
-        let cause = |v: &redis::Value| {
-            redis::from_redis_value_ref::<String>(v)
-                .ok()
-                .and_then(|text| Cause::decode(&text))
-        };
-        let learned = |v: &redis::Value| {
-            redis::from_redis_value_ref::<String>(v)
-                .ok()
-                .and_then(|text| Learned::decode(&text))
-        };
-        reply
-            .chunks(7)
-            .map(|c| {
-                Ok(LiveState {
-                    requests_last_60s: int(&c[0])?,
-                    tokens_last_60s: int(&c[1])?,
-                    cooldown_remaining_ms: int(&c[2])?,
-                    suspended_remaining_ms: int(&c[3])?,
-                    cooldown_cause: cause(&c[4]),
-                    suspension_cause: cause(&c[5]),
-                    learned: learned(&c[6]),
-                })
-            })
-            .collect()
+        super::scripts::pool_state::parse(&reply, ids.len())
     }
 
     /// Ends a provider key's cooldown and suspension now, here and in the outage twin
@@ -580,9 +495,9 @@ impl RedisCounters {
         }
         let mut conn = self.conn().await?;
         let _: i64 = redis::cmd("DEL")
-            .arg(self.pk(id, "cd"))
-            .arg(self.pk(id, "susp"))
-            .arg(self.pk(id, "cause"))
+            .arg(self.space.provider_key(id, "cd"))
+            .arg(self.space.provider_key(id, "susp"))
+            .arg(self.space.provider_key(id, "cause"))
             .query_async(&mut conn)
             .await?;
         Ok(())
@@ -607,52 +522,42 @@ impl RedisCounters {
             .map_or(("", ""), |l| (l.token.as_str(), l.key_id.as_str()));
         let (prompt, completion) = r.tokens.unwrap_or((0, 0));
         let text = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
+        let clock = self.shift.script_clock();
         let mut call = self.scripts.report.prepare_invoke();
-        call.key(self.key(key_id, "tpm"))
-            .key(self.key(key_id, "leases"))
-            .key(self.key(key_id, "ld"))
-            .key(self.key(key_id, "bal"))
-            .key(format!("{}:done:{}", self.tag, r.id))
-            .key(self.stream_key());
+        ReportKeys::new(&self.space, key_id, &r.id).push(&mut call);
         if let Some(pk) = &r.provider_key_id {
-            call.key(self.pk(pk, "tpm"))
-                .key(self.pk(pk, "cd"))
-                .key(self.pk(pk, "susp"))
-                .key(self.pk(pk, "cause"));
+            ReportProviderKeys::new(&self.space, pk).push(&mut call);
         }
-        call.arg(token)
-            .arg(&r.id)
-            .arg(key_id)
-            .arg(i64::from(r.tokens.is_some()))
-            .arg(prompt)
-            .arg(completion)
-            .arg(r.cost_micros)
-            .arg(self.guard_ttl_ms)
-            .arg(r.model.as_deref().unwrap_or_default())
-            .arg(r.provider_key_id.as_deref().unwrap_or_default())
-            .arg(text(r.latency_ms))
-            .arg(text(r.upstream_status))
-            .arg(self.shift.get())
-            .arg(r.cooldown_ms)
-            .arg(r.suspend_ms)
-            .arg(crate::pool::bounded_source(&r.source))
-            .arg(r.lease_expires_at_ms)
-            .arg(r.token_classes.cached)
-            .arg(r.token_classes.cache_write)
-            .arg(r.token_classes.reasoning)
-            .arg(r.usage_source.as_str())
-            .arg(r.learned_cooldown_ms())
-            .arg(r.learned.map(|l| l.encode()).unwrap_or_default())
-            .arg(r.learned.map_or(0, |l| l.keep_ms()));
-        let reply: Vec<i64> = self.lanes.invoke("report", &call).await?;
-        match reply.first() {
-            Some(1) => Ok(Reported::Recorded),
-            Some(0) => Ok(Reported::Duplicate),
-            Some(2) => Ok(Reported::TooLate),
-            _ => Err(CounterError::Protocol(
-                "report returned an unknown answer".into(),
-            )),
+        ReportArgs {
+            lease_token: token,
+            record_id: &r.id,
+            key_id,
+            has_tokens: r.tokens.is_some(),
+            prompt,
+            completion,
+            cost: r.cost_micros,
+            guard_ttl_ms: self.guard_ttl_ms,
+            model: r.model.as_deref().unwrap_or_default(),
+            provider_key: r.provider_key_id.as_deref().unwrap_or_default(),
+            latency_ms: text(r.latency_ms),
+            status: text(r.upstream_status),
+            time_shift_ms: clock.shift_ms,
+            cooldown_ms: r.cooldown_ms,
+            suspend_ms: r.suspend_ms,
+            cause_source: crate::pool::bounded_source(&r.source),
+            lease_expiry: r.lease_expires_at_ms,
+            cached: r.token_classes.cached,
+            cache_write: r.token_classes.cache_write,
+            reasoning: r.token_classes.reasoning,
+            usage_source: r.usage_source.as_str(),
+            learned_cooldown_ms: r.learned_cooldown_ms(),
+            learned_limits: r.learned.map(|l| l.encode()).unwrap_or_default(),
+            learned_keep_ms: r.learned.map_or(0, |l| l.keep_ms()),
+            now_ms: clock.pinned_ms,
         }
+        .push(&mut call);
+        let reply: Vec<redis::Value> = self.lanes.invoke("report", &call).await?;
+        Ok(ReportCode::parse(&reply)?.into())
     }
 
     pub async fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Result<Option<i64>, CounterError> {
@@ -668,14 +573,17 @@ impl RedisCounters {
     }
 
     async fn renew_redis(&self, lease: &LeaseId, ttl_ms: i64) -> Result<Option<i64>, CounterError> {
+        let clock = self.shift.script_clock();
         let mut call = self.scripts.renew.prepare_invoke();
-        call.key(self.key(&lease.key_id, "leases"))
-            .key(self.key(&lease.key_id, "ld"))
-            .arg(&lease.token)
-            .arg(ttl_ms)
-            .arg(self.shift.get());
-        let expiry: i64 = self.lanes.invoke("renew", &call).await?;
-        Ok((expiry > 0).then_some(expiry))
+        RenewKeys::new(&self.space, &lease.key_id).push(&mut call);
+        RenewArgs {
+            lease_token: &lease.token,
+            lease_ttl_ms: ttl_ms,
+            time_shift_ms: clock.shift_ms,
+            now_ms: clock.pinned_ms,
+        }
+        .push(&mut call);
+        Ok(RenewReply::parse(self.lanes.invoke("renew", &call).await?)?.expiry())
     }
 
     /// Sweeps the outage twin (see [`MemoryCounters::sweep`]). Between outages its live
@@ -708,40 +616,9 @@ impl RedisCounters {
     }
 }
 
-/// What `lua/admit.lua` answers.
-struct AdmitReply {
-    code: i64,
-    a: i64,
-    /// With `balance_remaining` always set (-1 when the balance is not tracked).
-    usage: Usage,
-    /// The picked provider key's id, or empty.
-    picked: String,
-}
-
-impl AdmitReply {
-    fn parse(reply: Vec<redis::Value>) -> Result<AdmitReply, CounterError> {
-        let bad = || CounterError::Protocol(format!("admit returned {} values", reply.len()));
-        let int = |i: usize| -> Result<i64, CounterError> {
-            redis::from_redis_value_ref::<i64>(reply.get(i).ok_or_else(bad)?).map_err(|_| bad())
-        };
-        Ok(AdmitReply {
-            code: int(0)?,
-            a: int(1)?,
-            usage: Usage {
-                now_ms: int(2)?,
-                requests_used: int(3)?,
-                tokens_used: int(4)?,
-                requests_reset_ms: int(5)?,
-                tokens_reset_ms: int(6)?,
-                in_flight: int(7)?,
-                balance_remaining: Some(int(8)?),
-            },
-            picked: reply
-                .get(9)
-                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
-                .unwrap_or_default(),
-        })
-    }
+/// The pool version an admit call sends: "" when no provider key is wanted.
+fn pool_version(pool: Option<&Pool>) -> &str {
+    pool.filter(|p| !p.is_empty()).map_or("", |p| p.version())
 }
 
 /// The lease meta is `|`-separated inside the script: keep separators out of its fields.
