@@ -57,9 +57,14 @@ struct ProviderKeyStates {
     keys: HashMap<String, ProviderKeyState>,
     /// The version of the candidates `order` was built for (see `pool::cache::Pool`).
     version: String,
-    /// The twin of the Redis `:order` zset: (priority, last pick or -1 if never,
-    /// candidate index), so a pick walks from the front instead of sorting the pool.
-    order: BTreeSet<(i64, i64, usize)>,
+    /// The twin of the Redis `:order` zset: (priority, last pick, rank of the id, candidate
+    /// index), so a pick walks from the front instead of sorting the pool. A key never
+    /// picked sorts before every pick time and by its index (as `lua/pool_sync.lua`
+    /// scores it); keys picked in the same millisecond sort by id, as the zset sorts
+    /// members of equal score.
+    order: BTreeSet<(i64, i64, usize, usize)>,
+    /// Each candidate's rank in id order, by candidate index.
+    id_rank: Vec<usize>,
 }
 
 impl ProviderKeyStates {
@@ -70,20 +75,26 @@ impl ProviderKeyStates {
             // The pool changed (or this is its first pick): rebuild the order, keeping
             // the pick history of the keys that stay, as `lua/pool_sync.lua` does.
             self.version = candidates.version().to_string();
+            let mut by_id: Vec<usize> = (0..candidates.len()).collect();
+            by_id.sort_unstable_by(|a, b| candidates[*a].id.cmp(&candidates[*b].id));
+            self.id_rank = vec![0; candidates.len()];
+            for (rank, i) in by_id.into_iter().enumerate() {
+                self.id_rank[i] = rank;
+            }
             let keys = &self.keys;
             self.order = candidates
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
                     let last = keys.get(&c.id).and_then(|k| k.last_pick);
-                    (c.priority, last.unwrap_or(-1), i)
+                    self.slot(candidates, i, last)
                 })
                 .collect();
         }
         let b = now.div_euclid(1000);
         let mut earliest: Option<i64> = None;
         let mut unseen = ProviderKeyState::default();
-        for &(_, _, i) in &self.order {
+        for &(_, _, _, i) in &self.order {
             let c = &candidates[i];
             // A key never picked nor reported has empty windows (nothing is stored for it).
             let key = self.keys.get_mut(&c.id).unwrap_or(&mut unseen);
@@ -114,13 +125,29 @@ impl ProviderKeyStates {
         }
     }
 
+    /// Candidate `i`'s place in `order`, picked last at `last`.
+    fn slot(
+        &self,
+        candidates: &CandidatePool,
+        i: usize,
+        last: Option<i64>,
+    ) -> (i64, i64, usize, usize) {
+        // Never picked: below any time, in index order.
+        let last = last.unwrap_or(i as i64 - candidates.len() as i64);
+        (candidates[i].priority, last, self.id_rank[i], i)
+    }
+
     /// Takes the picked key's request and tokens; returns the tokens reserved on it.
     fn take(&mut self, candidates: &CandidatePool, i: usize, tokens: i64, now: i64) -> i64 {
         let (c, b) = (&candidates[i], now.div_euclid(1000));
+        let last = self.keys.get(&c.id).and_then(|k| k.last_pick);
+        let (old, new) = (
+            self.slot(candidates, i, last),
+            self.slot(candidates, i, Some(now)),
+        );
+        self.order.remove(&old);
+        self.order.insert(new);
         let key = self.keys.entry(c.id.clone()).or_default();
-        self.order
-            .remove(&(c.priority, key.last_pick.unwrap_or(-1), i));
-        self.order.insert((c.priority, now, i));
         key.last_pick = Some(now);
         if effective_limit(c.max_rpm).is_some() {
             key.requests.add(b, 1);
@@ -157,6 +184,10 @@ struct KeyState {
     /// The leases ordered by expiry (the twin of the Redis zset), so expiring them costs
     /// O(expired · log n), not a scan of every lease.
     by_expiry: BTreeSet<(i64, String)>,
+    /// When Redis would let the lease set and its data expire: a second after the
+    /// latest expiry any lease of the key has had (admit.lua and renew.lua extend them to
+    /// that). Until then an expired lease keeps its data for its report, as in Redis.
+    leases_lapse_at: i64,
     balance: Option<Balance>,
 }
 
@@ -185,6 +216,7 @@ impl KeyState {
     }
 
     fn add_lease(&mut self, token: String, lease: Lease) {
+        self.leases_lapse_at = self.leases_lapse_at.max(lease.expires_at + 1000);
         self.by_expiry.insert((lease.expires_at, token.clone()));
         self.leases.insert(token, lease);
     }
@@ -538,7 +570,11 @@ impl MemoryCounters {
     pub fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Option<i64> {
         let now = self.now();
         let mut state = self.keys.get_mut(&lease.key_id)?;
-        state.expire_leases(now);
+        // As renew.lua: an expired lease is not renewed, and is left (with its data, for
+        // its report) for the next admission to purge.
+        if state.leases.get(&lease.token)?.expires_at <= now {
+            return None;
+        }
         let mut held = state.remove_lease(&lease.token)?;
         held.expires_at = now + ttl_ms;
         state.add_lease(lease.token.clone(), held);
@@ -564,7 +600,11 @@ impl MemoryCounters {
         let now = self.now();
         let b = now.div_euclid(1000);
         self.keys.retain(|_, state| {
-            state.expire_leases(now);
+            // Expired leases go with the next admission (as admit.lua purges them), or
+            // here once Redis would have expired the whole set.
+            if state.leases_lapse_at <= now {
+                state.expire_leases(now);
+            }
             state.requests.prune(b);
             state.tokens.prune(b);
             !state.is_idle()
