@@ -5,6 +5,11 @@
 //!   (`lua/*.lua`) run with EVALSHA: one round trip, atomic, timed by the Redis server.
 //! - [`memory::MemoryCounters`]: the embedded shape, an in-process twin of the scripts.
 //!
+//! The scripts' positional contracts are typed once, in [`scripts`]. The twin is held
+//! equal to the scripts by `tests/twin_equals_redis.rs` (random sequences run on both at
+//! one pinned clock, every answer compared); a limit below 1 is no limit in both
+//! ([`effective_limit`]).
+//!
 //! Architecture invariants (both implementations; `tests/counters.rs` runs one suite on
 //! both):
 //! - **Exact windows.** An admission at second `b` counts buckets `b-60..=b`; for every
