@@ -9,8 +9,9 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use keyward::accounting::codec::record_from_entry;
 use keyward::limits::memory::MemoryCounters;
-use keyward::limits::redis::{record_from_entry, RedisCounters};
+use keyward::limits::redis::RedisCounters;
 use keyward::limits::scripts::admit::{AdmitArgs, AdmitKeys};
 use keyward::limits::scripts::{source, KeySpace};
 use keyward::limits::{

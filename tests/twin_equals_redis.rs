@@ -19,8 +19,9 @@ mod common;
 
 use std::sync::Arc;
 
+use keyward::accounting::codec::record_from_entry;
 use keyward::limits::memory::MemoryCounters;
-use keyward::limits::redis::{record_from_entry, RedisCounters};
+use keyward::limits::redis::RedisCounters;
 use keyward::limits::{
     AdmitRequest, BalanceSnapshot, Counters, Decision, LeaseId, Pick, Report, Reported,
     SelectRequest, Verdict,
