@@ -2,7 +2,8 @@
 //! randomized differential test: proptest generates sequences of admissions (client
 //! limits of every kind, 0 included, balances with holds, with or without a provider
 //! key pick), selections, reports (with and without a lease, statuses that cool a
-//! provider key down or suspend it, tokens, costs), renewals, balance credits, clock
+//! provider key down or suspend it, rate-limit headers, tokens, costs), renewals, admin
+//! changes (balance credits, client limits, the pool, provider key resets), clock
 //! moves (small, across second and window boundaries, past lease expiry and the
 //! duplicate guard) and the twin's housekeeping (`sweep`). Each sequence runs on a fresh
 //! twin, on Redis (127.0.0.1:6379) and on a three-master Redis Cluster of the test's own,
@@ -27,6 +28,7 @@ use keyward::limits::{
     SelectRequest, Verdict,
 };
 use keyward::pool::cache::{Candidate, Pool};
+use keyward::pool::learned::LearnedLimits;
 use keyward::usage::UsageRecord;
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -84,6 +86,9 @@ enum Op {
     ReportKey {
         key: Index,
         status: Status,
+        /// What the upstream's rate-limit headers said: remaining requests and tokens,
+        /// and their reset (ms).
+        learned: Option<(Option<i64>, Option<i64>, i64)>,
     },
     Renew {
         lease: Index,
@@ -92,6 +97,20 @@ enum Op {
     /// An admin credit on key 0's balance (a new version).
     Credit {
         micros: i64,
+    },
+    /// An admin change of a client key's limits.
+    SetLimits {
+        key: usize,
+        limits: Limits,
+    },
+    /// An admin change of the pool: one key's priority and limits (a new version).
+    SetProviderKey {
+        key: Index,
+        to: ProviderKey,
+    },
+    /// `POST /admin/provider-keys/{id}/reset`.
+    ResetKey {
+        key: Index,
     },
     Advance {
         ms: i64,
@@ -129,7 +148,16 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..40i64).prop_map(|tokens| Op::Select { tokens }),
         4 => (any::<Index>(), proptest::option::of((0..30i64, 0..30i64)), 0..500i64, status())
             .prop_map(|(lease, tokens, cost, status)| Op::Report { lease, tokens, cost, status }),
-        2 => (any::<Index>(), status()).prop_map(|(key, status)| Op::ReportKey { key, status }),
+        2 => (any::<Index>(), status(), proptest::option::of((
+                proptest::option::of(0..3i64),
+                proptest::option::of(0..3i64),
+                prop_oneof![Just(1_500i64), Just(20_000), Just(90_000)],
+            )))
+            .prop_map(|(key, status, learned)| Op::ReportKey { key, status, learned }),
+        1 => (0..2usize, limits()).prop_map(|(key, limits)| Op::SetLimits { key, limits }),
+        1 => (any::<Index>(), provider_key())
+            .prop_map(|(key, to)| Op::SetProviderKey { key, to }),
+        1 => any::<Index>().prop_map(|key| Op::ResetKey { key }),
         1 => (any::<Index>(), prop_oneof![Just(1_000i64), Just(60_000)])
             .prop_map(|(lease, ttl_ms)| Op::Renew { lease, ttl_ms }),
         1 => (0..500i64).prop_map(|micros| Op::Credit { micros }),
@@ -141,21 +169,28 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+fn limits() -> impl Strategy<Value = Limits> {
+    (limit(4), limit(80), limit(3)).prop_map(|(rpm, tpm, concurrency)| Limits {
+        rpm,
+        tpm,
+        concurrency,
+    })
+}
+
+fn provider_key() -> impl Strategy<Value = ProviderKey> {
+    (0..3i64, limit(3), limit(60)).prop_map(|(priority, rpm, tpm)| ProviderKey {
+        priority,
+        rpm,
+        tpm,
+    })
+}
+
 fn case() -> impl Strategy<Value = Case> {
-    let limits = || {
-        (limit(4), limit(80), limit(3)).prop_map(|(rpm, tpm, concurrency)| Limits {
-            rpm,
-            tpm,
-            concurrency,
-        })
-    };
-    let provider_key = (0..3i64, limit(3), limit(60))
-        .prop_map(|(priority, rpm, tpm)| ProviderKey { priority, rpm, tpm });
     (
         0..1000i64,
         [limits(), limits()],
         proptest::option::of(0..1_500i64),
-        proptest::collection::vec(provider_key, 1..=3),
+        proptest::collection::vec(provider_key(), 1..=3),
         proptest::collection::vec(op(), 1..40),
     )
         .prop_map(|(phase_ms, keys, balance, pool, ops)| Case {
@@ -289,7 +324,9 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
         })
         .collect();
     let ids: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
-    let pool = Pool::new(candidates);
+    let mut stamp = 1;
+    let mut pool = Pool::stamped(candidates, stamp);
+    let mut limits = case.keys;
     let key_ids = [
         uuid::Uuid::new_v4().to_string(),
         uuid::Uuid::new_v4().to_string(),
@@ -309,7 +346,7 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
                 provider: &provider,
                 pool: &pool,
                 key_ids: &key_ids,
-                limits: &case.keys,
+                limits: &limits,
                 balance,
                 held: &held,
                 leases_lapse_at,
@@ -325,9 +362,22 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
             compare(&stores, step, op, &answers, "answer")?;
             compare(&stores, step, op, &states, "provider keys' live state")?;
             // Only after the stores agreed: the next step's view of the leases.
-            if let (Op::Credit { micros }, Some(b)) = (op, balance.as_mut()) {
-                b.credited += micros;
-                b.version += 1;
+            match op {
+                Op::Credit { micros } => {
+                    if let Some(b) = balance.as_mut() {
+                        b.credited += micros;
+                        b.version += 1;
+                    }
+                }
+                Op::SetLimits { key, limits: to } => limits[*key] = *to,
+                Op::SetProviderKey { key, to } => {
+                    let mut candidates = pool.to_vec();
+                    let c = &mut candidates[key.index(ids.len())];
+                    (c.priority, c.max_rpm, c.max_tpm) = (to.priority, to.rpm, to.tpm);
+                    stamp += 1;
+                    pool = Pool::stamped(candidates, stamp);
+                }
+                _ => {}
             }
             if let (Op::Renew { lease, .. }, Answer::Renew(Some(expiry))) = (op, &answers[0]) {
                 let h = &held[lease.index(held.len())];
@@ -480,7 +530,11 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
             };
             Answer::Report(c.report(&report).await.unwrap())
         }
-        Op::ReportKey { key, status } => {
+        Op::ReportKey {
+            key,
+            status,
+            learned,
+        } => {
             let id = &w.pool[key.index(w.pool.len())].id;
             let (upstream_status, cooldown_ms, suspend_ms) = report_status(*status);
             let report = Report {
@@ -499,7 +553,12 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
                 cooldown_ms,
                 suspend_ms,
                 source: "data-token".into(),
-                learned: None,
+                learned: learned.map(|(requests, tokens, reset)| LearnedLimits {
+                    remaining_requests: requests,
+                    remaining_tokens: tokens,
+                    requests_reset_ms: Some(reset),
+                    tokens_reset_ms: Some(reset),
+                }),
             };
             Answer::Report(c.report(&report).await.unwrap())
         }
@@ -510,7 +569,12 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
             let h = &w.held[lease.index(w.held.len())];
             Answer::Renew(c.renew(&h.lease, *ttl_ms).await.unwrap())
         }
-        Op::Credit { .. } => Answer::Done,
+        Op::Credit { .. } | Op::SetLimits { .. } | Op::SetProviderKey { .. } => Answer::Done,
+        Op::ResetKey { key } => {
+            let id = &w.pool[key.index(w.pool.len())].id;
+            c.reset_provider_key(w.provider, id).await.unwrap();
+            Answer::Done
+        }
         Op::Advance { ms } => {
             c.time_shift().advance(*ms);
             Answer::Done

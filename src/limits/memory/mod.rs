@@ -4,237 +4,28 @@
 //! whole check-then-take, which is what makes it atomic. Finished requests go to the
 //! embedded accounting writer through a bounded channel (a full channel makes reports
 //! wait rather than drop anything).
+//!
+//! Client keys' state is in `key_state`, provider keys' in `provider_keys`. This file
+//! holds every operation (over 400 lines): each mirrors one script, and reads best beside
+//! the others it must agree with.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+mod key_state;
+mod provider_keys;
 
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
-use super::window::Window;
+use key_state::{Balance, KeyState, Lease};
+use provider_keys::ProviderKeyStates;
+
 use super::{
     effective_limit, AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported,
     SelectRequest, TimeShift, Usage, Verdict,
 };
 use crate::money::bounded;
-use crate::pool::cache::Pool as CandidatePool;
 use crate::pool::learned::Learned;
 use crate::pool::{Cause, LiveState};
 use crate::usage::UsageRecord;
-
-#[derive(Debug)]
-struct Lease {
-    expires_at: i64,
-    bucket: i64,
-    reserved: i64,
-    provider: String,
-    model: String,
-    api_format: String,
-    /// The provider key picked with it, and the tokens reserved on that key.
-    provider_key: Option<(String, i64)>,
-    /// Micro-USD it holds on the key's tracked balance.
-    hold: i64,
-}
-
-/// One provider key's live state.
-#[derive(Debug, Default)]
-struct ProviderKeyState {
-    requests: Window,
-    tokens: Window,
-    cooldown_until: i64,
-    suspended_until: i64,
-    /// The reports behind them (shown while they last).
-    cooldown_cause: Option<Cause>,
-    suspension_cause: Option<Cause>,
-    /// What the rate-limit headers said last, and until when it is shown.
-    learned: Option<(Learned, i64)>,
-    last_pick: Option<i64>,
-}
-
-/// One provider's keys' live state. A pick holds the provider's map-entry lock
-/// throughout.
-#[derive(Debug, Default)]
-struct ProviderKeyStates {
-    keys: HashMap<String, ProviderKeyState>,
-    /// The version of the candidates `order` was built for (see `pool::cache::Pool`).
-    version: String,
-    /// The twin of the Redis `:order` zset: (priority, last pick, rank of the id, candidate
-    /// index), so a pick walks from the front instead of sorting the pool. A key never
-    /// picked sorts before every pick time and by its index (as `lua/pool_sync.lua`
-    /// scores it); keys picked in the same millisecond sort by id, as the zset sorts
-    /// members of equal score.
-    order: BTreeSet<(i64, i64, usize, usize)>,
-    /// Each candidate's rank in id order, by candidate index.
-    id_rank: Vec<usize>,
-}
-
-impl ProviderKeyStates {
-    /// Picks like `lua/admit.lua`: priority, then least recently picked (never first),
-    /// skipping keys cooling down, suspended or without room. Takes nothing.
-    fn pick(&mut self, candidates: &CandidatePool, tokens: i64, now: i64) -> Pick {
-        if self.version != candidates.version() {
-            // The pool changed (or this is its first pick): rebuild the order, keeping
-            // the pick history of the keys that stay, as `lua/pool_sync.lua` does.
-            self.version = candidates.version().to_string();
-            let mut by_id: Vec<usize> = (0..candidates.len()).collect();
-            by_id.sort_unstable_by(|a, b| candidates[*a].id.cmp(&candidates[*b].id));
-            self.id_rank = vec![0; candidates.len()];
-            for (rank, i) in by_id.into_iter().enumerate() {
-                self.id_rank[i] = rank;
-            }
-            let keys = &self.keys;
-            self.order = candidates
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    let last = keys.get(&c.id).and_then(|k| k.last_pick);
-                    self.slot(candidates, i, last)
-                })
-                .collect();
-        }
-        let b = now.div_euclid(1000);
-        let mut earliest: Option<i64> = None;
-        let mut unseen = ProviderKeyState::default();
-        for &(_, _, _, i) in &self.order {
-            let c = &candidates[i];
-            // A key never picked nor reported has empty windows (nothing is stored for it).
-            let key = self.keys.get_mut(&c.id).unwrap_or(&mut unseen);
-            key.requests.prune(b);
-            key.tokens.prune(b);
-            let mut wait = (key.cooldown_until - now)
-                .max(key.suspended_until - now)
-                .max(0);
-            if let Some(rpm) = effective_limit(c.max_rpm) {
-                if key.requests.sum() + 1 > rpm {
-                    wait = wait.max(key.requests.wait_ms(now, 1, rpm));
-                }
-            }
-            if let Some(tpm) = effective_limit(c.max_tpm) {
-                if tokens > tpm {
-                    wait = wait.max(61_000);
-                } else if key.tokens.sum() + tokens > tpm {
-                    wait = wait.max(key.tokens.wait_ms(now, tokens, tpm));
-                }
-            }
-            if wait == 0 {
-                return Pick::Picked(i);
-            }
-            earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
-        }
-        Pick::Exhausted {
-            retry_after_ms: earliest.unwrap_or(61_000),
-        }
-    }
-
-    /// Candidate `i`'s place in `order`, picked last at `last`.
-    fn slot(
-        &self,
-        candidates: &CandidatePool,
-        i: usize,
-        last: Option<i64>,
-    ) -> (i64, i64, usize, usize) {
-        // Never picked: below any time, in index order.
-        let last = last.unwrap_or(i as i64 - candidates.len() as i64);
-        (candidates[i].priority, last, self.id_rank[i], i)
-    }
-
-    /// Takes the picked key's request and tokens; returns the tokens reserved on it.
-    fn take(&mut self, candidates: &CandidatePool, i: usize, tokens: i64, now: i64) -> i64 {
-        let (c, b) = (&candidates[i], now.div_euclid(1000));
-        let last = self.keys.get(&c.id).and_then(|k| k.last_pick);
-        let (old, new) = (
-            self.slot(candidates, i, last),
-            self.slot(candidates, i, Some(now)),
-        );
-        self.order.remove(&old);
-        self.order.insert(new);
-        let key = self.keys.entry(c.id.clone()).or_default();
-        key.last_pick = Some(now);
-        if effective_limit(c.max_rpm).is_some() {
-            key.requests.add(b, 1);
-        }
-        let reserved = if effective_limit(c.max_tpm).is_some() {
-            tokens
-        } else {
-            0
-        };
-        if reserved > 0 {
-            key.tokens.add(b, reserved);
-        }
-        reserved
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Balance {
-    remaining: i64,
-    credited: i64,
-    version: i64,
-    /// The holds of the leases in flight.
-    held: i64,
-}
-
-#[derive(Debug, Default)]
-struct KeyState {
-    requests: Window,
-    tokens: Window,
-    /// A B-tree, not a hash map: it grows a node at a time, where a hash map would
-    /// rehash every lease at once while the key's shard is locked (a 15–20 ms stall for
-    /// every admission of the key at 60,000 leases, measured by the open-loop bench).
-    leases: BTreeMap<String, Lease>,
-    /// The leases ordered by expiry (the twin of the Redis zset), so expiring them costs
-    /// O(expired · log n), not a scan of every lease.
-    by_expiry: BTreeSet<(i64, String)>,
-    /// When Redis would let the lease set and its data expire: a second after the
-    /// latest expiry any lease of the key has had (admit.lua and renew.lua extend them to
-    /// that). Until then an expired lease keeps its data for its report, as in Redis.
-    leases_lapse_at: i64,
-    balance: Option<Balance>,
-}
-
-impl KeyState {
-    /// Expired leases free their slot and their hold (as admit.lua's purge).
-    fn expire_leases(&mut self, now: i64) {
-        while self.by_expiry.first().is_some_and(|(at, _)| *at <= now) {
-            if let Some((_, token)) = self.by_expiry.pop_first() {
-                if let Some(lease) = self.leases.remove(&token) {
-                    self.release(lease.hold);
-                }
-            }
-        }
-    }
-
-    fn release(&mut self, hold: i64) {
-        if let Some(balance) = self.balance.as_mut() {
-            balance.held = (balance.held - hold).max(0);
-        }
-    }
-
-    fn earliest_expiry_ms(&self, now: i64) -> i64 {
-        self.by_expiry
-            .first()
-            .map_or(1000, |(at, _)| (at - now).max(1))
-    }
-
-    fn add_lease(&mut self, token: String, lease: Lease) {
-        self.leases_lapse_at = self.leases_lapse_at.max(lease.expires_at + 1000);
-        self.by_expiry.insert((lease.expires_at, token.clone()));
-        self.leases.insert(token, lease);
-    }
-
-    fn remove_lease(&mut self, token: &str) -> Option<Lease> {
-        let lease = self.leases.remove(token)?;
-        self.by_expiry
-            .remove(&(lease.expires_at, token.to_string()));
-        Some(lease)
-    }
-
-    fn is_idle(&self) -> bool {
-        self.requests.is_empty()
-            && self.tokens.is_empty()
-            && self.leases.is_empty()
-            && self.balance.is_none()
-    }
-}
 
 pub struct MemoryCounters {
     keys: DashMap<String, KeyState>,
@@ -303,7 +94,7 @@ impl MemoryCounters {
                 reason,
                 retry_after_ms: retry,
             },
-            usage: usage(state, now, tracked.map(|b| b.remaining)),
+            usage: usage(state, now, (rpm > 0, tpm > 0), tracked.map(|b| b.remaining)),
             picked: None,
             degraded: None,
         };
@@ -394,7 +185,12 @@ impl MemoryCounters {
             verdict: Verdict::Admitted {
                 expires_at_ms: expires_at,
             },
-            usage: usage(&state, now, tracked.map(|b| b.remaining)),
+            usage: usage(
+                &state,
+                now,
+                (rpm > 0, tpm > 0),
+                tracked.map(|b| b.remaining),
+            ),
             picked: picked.map(|(i, _, _)| i),
             degraded: None,
         }
@@ -637,13 +433,16 @@ impl MemoryCounters {
     }
 }
 
-fn usage(state: &KeyState, now: i64, balance: Option<i64>) -> Usage {
+/// The usage a decision reports. A window is read only under a limit (as admit.lua,
+/// which does not read one otherwise): a key whose limit was removed shows none.
+fn usage(state: &KeyState, now: i64, limited: (bool, bool), balance: Option<i64>) -> Usage {
+    let (rpm, tpm) = limited;
     Usage {
         now_ms: now,
-        requests_used: state.requests.sum(),
-        tokens_used: state.tokens.sum(),
-        requests_reset_ms: state.requests.reset_ms(now),
-        tokens_reset_ms: state.tokens.reset_ms(now),
+        requests_used: if rpm { state.requests.sum() } else { 0 },
+        tokens_used: if tpm { state.tokens.sum() } else { 0 },
+        requests_reset_ms: if rpm { state.requests.reset_ms(now) } else { 0 },
+        tokens_reset_ms: if tpm { state.tokens.reset_ms(now) } else { 0 },
         in_flight: state.leases.len() as i64,
         balance_remaining: balance,
     }
