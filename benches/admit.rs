@@ -29,6 +29,8 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use keyward::limits::scripts::admit::{AdmitArgs, AdmitKeys};
+use keyward::limits::scripts::{source, KeySpace};
 use support::Keyward;
 
 const CONCURRENCY: usize = 32;
@@ -202,8 +204,8 @@ async fn open_loop_evalsha(arrivals: Arrivals, url: &str, rps: u64, seconds: u64
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let script = std::sync::Arc::new(redis::Script::new(include_str!("../lua/admit.lua")));
-    let prefix = format!("{{bench-floor-{}}}", std::process::id());
+    let script = std::sync::Arc::new(redis::Script::new(source::ADMIT));
+    let prefix = format!("bench-floor-{}", std::process::id());
     let (senders, workers): (Vec<_>, Vec<_>) = (0..CONCURRENCY)
         .map(|w| {
             let (tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
@@ -249,8 +251,8 @@ fn bare_server(url: &str) -> u16 {
             .unwrap();
         runtime.block_on(async move {
             let conn = client.get_multiplexed_async_connection().await.unwrap();
-            let script = std::sync::Arc::new(redis::Script::new(include_str!("../lua/admit.lua")));
-            let prefix = format!("{{bench-bare-{}}}", std::process::id());
+            let script = std::sync::Arc::new(redis::Script::new(source::ADMIT));
+            let prefix = format!("bench-bare-{}", std::process::id());
             let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
             let handler = move |_body: axum::body::Bytes| {
                 let (mut conn, script, prefix, counter) = (
@@ -366,38 +368,33 @@ async fn collect(workers: Vec<Worker>, seconds: u64) -> Run {
     }
 }
 
-/// The keys `lua/admit.lua` is called with (under a prefix of the caller's).
-const SCRIPT_KEYS: [&str; 7] = ["rpm", "tpm", "leases", "ld", "bal", "def", "order"];
-
-/// The arguments of one admission like the bench key's (no pool; `[4]` is the lease
-/// token, which redis-benchmark replaces by a random number on every call).
-fn ceiling_args() -> Vec<String> {
-    [
-        "1000000000000",
-        "1000000000000",
-        "0",
-        "100",
-        "__rand_int__",
-        "5000",
-        "||gpt-4o|",
-        "0",
-        "0",
-        "0",
-        "0",
-        "0",
-        "1",
-        "",
-    ]
-    .map(String::from)
-    .to_vec()
+/// The keys `lua/admit.lua` is called with, for the bench key under a prefix of the
+/// caller's (no pool).
+fn script_keys(prefix: &str) -> Vec<String> {
+    let keys = AdmitKeys::new(&KeySpace::new(prefix), "bench", "");
+    keys.all().map(String::from).to_vec()
 }
 
-/// [`SCRIPT_KEYS`] under `prefix`.
-fn script_keys(prefix: &str) -> Vec<String> {
-    SCRIPT_KEYS
-        .iter()
-        .map(|k| format!("{prefix}:{k}"))
-        .collect()
+/// The arguments of one admission like the bench key's (no pool), with lease `token`.
+fn admit_args(token: &str) -> AdmitArgs<'_> {
+    AdmitArgs {
+        rpm_limit: 1_000_000_000_000,
+        tpm_limit: 1_000_000_000_000,
+        concurrency_limit: 0,
+        tokens: 100,
+        lease_token: token,
+        lease_ttl_ms: 5000,
+        lease_meta: "||gpt-4o|".into(),
+        balance_tracked: false,
+        credited: 0,
+        used: 0,
+        balance_version: 0,
+        time_shift_ms: 0,
+        client: true,
+        pool_version: "",
+        hold: 0,
+        now_ms: 0,
+    }
 }
 
 /// One admission call like the ceiling's, under `prefix`, with its own lease `token`.
@@ -407,20 +404,14 @@ fn admit_call<'a>(
     token: String,
 ) -> redis::ScriptInvocation<'a> {
     let mut call = script.prepare_invoke();
-    for key in script_keys(prefix) {
-        call.key(key);
-    }
-    let mut args = ceiling_args();
-    args[4] = token;
-    for arg in args {
-        call.arg(arg);
-    }
+    AdmitKeys::new(&KeySpace::new(prefix), "bench", "").push(&mut call);
+    admit_args(&token).push(&mut call);
     call
 }
 
 /// EVALSHA of the admission script straight from redis-benchmark, same concurrency.
 fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
-    let script = include_str!("../lua/admit.lua");
+    let script = source::ADMIT;
     let sha = {
         let out = Command::new("redis-cli")
             .args(["-p", &url_port.to_string(), "SCRIPT", "LOAD", script])
@@ -428,7 +419,7 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
             .ok()?;
         String::from_utf8(out.stdout).ok()?.trim().to_string()
     };
-    let prefix = format!("{{bench-ceiling-{}}}", std::process::id());
+    let prefix = format!("bench-ceiling-{}", std::process::id());
     let keys = script_keys(&prefix);
     // About as many calls as keyward would make in `seconds` at this rate.
     let requests = (80_000 * seconds).to_string();
@@ -444,10 +435,11 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
         "--csv".into(),
         "EVALSHA".into(),
         sha,
-        "7".into(),
+        keys.len().to_string(),
     ];
     args.extend(keys.iter().cloned());
-    args.extend(ceiling_args());
+    // redis-benchmark replaces `__rand_int__` by a random number on every call.
+    args.extend(admit_args("__rand_int__").to_strings());
     let out = Command::new("redis-benchmark").args(&args).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let _ = Command::new("redis-cli")

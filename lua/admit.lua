@@ -1,43 +1,57 @@
 -- admit.lua: decide one request for one client key and, when asked, pick a provider
 -- key for it, all or nothing. With ARGV[13] = 0 it only picks (POST /v1/select).
 --
+-- Contract (checked against src/limits/scripts/admit.rs by tests/script_contracts.rs):
+-- every key and argument by position and name, then the reply codes.
+--
 -- KEYS (all under the deployment's hash tag, e.g. "{kw}"):
---   1  rpm     hash   1-second bucket -> requests admitted in it; 's' = their sum,
---                     'lo' = the oldest bucket that may exist
---   2  tpm     hash   the same for tokens reserved
---   3  leases  zset   lease token -> expiry (ms)
---   4  ld      hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold"
---   5  bal     hash   rem, cred, ver (live balance, micro-USD), held (the holds of the
---                     leases in flight, micro-USD)
---   6  def     hash   the provider's pool: '_v' -> version, '_t' -> its stamp,
---                     key id -> "max_rpm|max_tpm"
---   7  order   zset   key id -> priority rank * 2^42 + last pick (see pool_sync.lua)
---   A provider key's own keys are named from the same hash tag and its id (so they are in
---   the same slot): {tag}:pk:<id>:rpm and :tpm (windows as above), :cd and :susp (the
---   time its cooldown / suspension ends, ms).
--- ARGV:
---   1  rpm limit        (0 = unlimited)
---   2  tpm limit        (0 = unlimited)
---   3  concurrency limit (0 = unlimited)
---   4  tokens to reserve (>= 0)
---   5  lease token      (unique per request)
---   6  lease ttl ms     (> 0)
---   7  lease meta       ("provider|model|api_format", stored for the report)
---   8  balance tracked  (1 = standalone key with a balance, else 0)
---   9  credited micro-USD, 10 used micro-USD (applied in the database), 11 balance version
---   12 time shift ms    (0 in production; tests move the clock without sleeping)
---   13 client           (1 = decide for the client key, 0 = only pick a provider key)
---   14 pool version     ("" = no provider key wanted)
---   15 hold             (micro-USD this request holds on a tracked balance, >= 0)
+--   1  rpm                hash   1-second bucket -> requests admitted in it; 's' = their
+--                                sum, 'lo' = the oldest bucket that may exist
+--   2  tpm                hash   the same for tokens reserved
+--   3  leases             zset   lease token -> expiry (ms)
+--   4  ld                 hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold"
+--   5  bal                hash   rem, cred, ver (live balance, micro-USD), held (the holds
+--                                of the leases in flight, micro-USD)
+--   6  def                hash   the provider's pool: '_v' -> version, '_t' -> its stamp,
+--                                key id -> "max_rpm|max_tpm"
+--   7  order              zset   key id -> priority rank * 2^42 + last pick (see pool_sync.lua)
+--      A provider key's own keys are named from the same hash tag and its id (so they
+--      are in the same slot): {tag}:pk:<id>:rpm and :tpm (windows as above), :cd and
+--      :susp (the time its cooldown / suspension ends, ms).
+-- ARGV (a limit of 0 means no limit, here and in the pool's definition):
+--   1  rpm_limit          requests per minute (0 = unlimited)
+--   2  tpm_limit          tokens per minute (0 = unlimited)
+--   3  concurrency_limit  requests in flight (0 = unlimited)
+--   4  tokens             tokens to reserve (>= 0)
+--   5  lease_token        unique per request
+--   6  lease_ttl_ms       (> 0)
+--   7  lease_meta         "provider|model|api_format", stored for the report
+--   8  balance_tracked    1 = standalone key with a balance, else 0
+--   9  credited           micro-USD
+--   10 used               micro-USD (applied in the database)
+--   11 balance_version
+--   12 time_shift_ms      added to the clock (0 in production; tests move the clock
+--                         without sleeping)
+--   13 client             1 = decide for the client key, 0 = only pick a provider key
+--   14 pool_version       "" = no provider key wanted
+--   15 hold               micro-USD this request holds on a tracked balance (>= 0)
+--   16 now_ms             0 = the Redis server's TIME (production); else this instant
+--                         (tests pin the clock to compare with the in-process twin)
 -- Returns {code, a, now_ms, req_used, tok_used, req_reset_ms, tok_reset_ms, in_flight, bal_rem, picked}
---   code 0 admitted (a = lease expiry ms)       1 requests window full (a = retry ms)
---        2 tokens window full (a = retry ms)    3 all slots in use (a = retry ms)
---        4 balance exhausted, or smaller than the hold with nothing else held (a = 0)
---        5 balance held by requests in flight (a = retry ms)
---        6 every candidate provider key is cooling down, suspended or full (a = earliest recovery ms)
---        7 the pool in Redis is not the caller's version (a = the stamp of the one in
---          Redis, 0 if none): run pool_sync.lua (or, if that stamp is later than the
---          caller's, reload the pool from the database), then again
+-- CODES:
+--   0  admitted           a = lease expiry ms
+--   1  requests           requests window full; a = retry ms
+--   2  tokens             tokens window full; a = retry ms
+--   3  concurrency        all slots in use; a = retry ms
+--   4  balance_exhausted  balance exhausted, or smaller than the hold with nothing else
+--                         held; a = 0
+--   5  balance_committed  balance held by requests in flight; a = retry ms
+--   6  pool_exhausted     every candidate provider key is cooling down, suspended or
+--                         full; a = earliest recovery ms
+--   7  pool_version       the pool in Redis is not the caller's version; a = the stamp
+--                         of the one in Redis, 0 if none: run pool_sync.lua (or, if that
+--                         stamp is later than the caller's, reload the pool from the
+--                         database), then again
 -- bal_rem is -1 when the balance is not tracked; picked is the chosen key's id, or "".
 --
 -- Provider keys are tried by priority, then least recently picked (never picked first);
@@ -49,7 +63,7 @@
 -- 60-second interval that contains an admitted request lies inside the buckets counted
 -- when it was admitted. The cost is at most one second of extra look-back (under-
 -- admission bounded by 1 s), and memory is at most 63 fields per window.
--- Time is the Redis server's (TIME), never a replica's clock.
+-- Time is the Redis server's (TIME), never a replica's clock (tests alone pin it, ARGV 16).
 
 local rpm_limit = tonumber(ARGV[1])
 local tpm_limit = tonumber(ARGV[2])
@@ -66,7 +80,8 @@ local shift = tonumber(ARGV[12])
 local client = ARGV[13] == '1'
 local pool_version = ARGV[14]
 local hold = tonumber(ARGV[15])
-assert(pool_version and #ARGV == 15 and #KEYS == 7, 'pool')
+local pinned = tonumber(ARGV[16])
+assert(pool_version and #ARGV == 16 and #KEYS == 7, 'pool')
 local SHIFT = 4398046511104 -- 2^42: order scores are priority rank * SHIFT + last pick
 assert(rpm_limit and rpm_limit >= 0, 'rpm limit')
 assert(tpm_limit and tpm_limit >= 0, 'tpm limit')
@@ -81,10 +96,13 @@ local function bounded(x) return math.max(-MAX, math.min(MAX, x)) end
 assert(credited and used and version and math.abs(credited) <= MAX and math.abs(used) <= MAX, 'balance')
 assert(tokens <= MAX, 'tokens')
 assert(hold and hold >= 0 and hold <= MAX, 'hold')
-assert(shift, 'time shift')
+assert(shift and pinned, 'time')
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
+local now = pinned + shift
+if pinned == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
+end
 local b = math.floor(now / 1000)
 local oldest = b - 60
 

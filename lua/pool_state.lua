@@ -1,18 +1,30 @@
 -- pool_state.lua: the live state of provider keys, for the admin API. Reads only.
 --
--- KEYS (under the deployment's hash tag): per provider key (5 each): rpm hash, tpm hash,
---   cd string, susp string (see admit.lua), cause hash (see report.lua)
+-- Contract (checked against src/limits/scripts/pool_state.rs by
+-- tests/script_contracts.rs):
+--
+-- KEYS per provider key (under the deployment's hash tag; 5 each, repeated):
+--   1  rpm            hash    its requests window (see admit.lua)
+--   2  tpm            hash    its tokens window
+--   3  cd             string  when its cooldown ends (ms)
+--   4  susp           string  when its suspension ends (ms)
+--   5  cause          hash    what stopped it (see report.lua)
 -- ARGV:
---   1  time shift ms (0 in production)
+--   1  time_shift_ms  added to the clock (0 in production)
+--   2  now_ms         0 = the Redis server's TIME (production); else this instant
 -- Returns per key (7 each): requests in the window, tokens in the window, cooldown left
 -- (ms), suspension left (ms), the cooldown's cause and the suspension's cause
 -- ("status|at ms|source", or "" when there is none or it is over), and what the
 -- rate-limit headers said last ("kept until ms|...|at ms", or "" when none is kept).
 
 local shift = tonumber(ARGV[1])
-assert(shift and #KEYS % 5 == 0, 'arguments')
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
+local pinned = tonumber(ARGV[2])
+assert(shift and pinned and #ARGV == 2 and #KEYS % 5 == 0, 'arguments')
+local now = pinned + shift
+if pinned == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
+end
 local oldest = math.floor(now / 1000) - 60
 
 local function counted(key)

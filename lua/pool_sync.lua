@@ -3,18 +3,28 @@
 -- Run when admit.lua answers that its pool version is not the one the caller holds
 -- (an admin change, or the first pick from this pool).
 --
+-- Contract (checked against src/limits/scripts/pool_sync.rs by
+-- tests/script_contracts.rs):
+--
 -- KEYS (under the deployment's hash tag):
---   1  def    hash  '_v' -> version, '_t' -> its stamp (when the writer loaded it, ms);
---                   provider key id -> "max_rpm|max_tpm" (0 = unlimited)
---   2  order  zset  provider key id -> priority rank * 2^42 + last pick (ms)
+--   1  def       hash  '_v' -> version, '_t' -> its stamp (when the writer loaded it,
+--                      ms); provider key id -> "max_rpm|max_tpm" (0 = unlimited)
+--   2  order     zset  provider key id -> priority rank * 2^42 + last pick (ms)
 -- ARGV:
---   1  version      2  stamp (> 0)
---   then per provider key (5 each, from ARGV[3]): id, max rpm, max tpm, priority rank
---      (0 = the lowest priority value), index in the caller's list
--- Returns 0 when Redis holds this version (written now or already), or the stamp of
--- the pool Redis holds when that is later than the caller's: then nothing is written,
--- and the caller reloads its pool from the database instead. So a replica holding an
--- outdated pool (it missed an invalidation) never writes it over a newer one.
+--   1  version
+--   2  stamp     (> 0)
+-- ARGV per provider key (5 each, repeated from ARGV[3]):
+--   1  id
+--   2  max_rpm   (0 = unlimited)
+--   3  max_tpm   (0 = unlimited)
+--   4  rank      priority rank (0 = the lowest priority value)
+--   5  index     its index in the caller's list
+-- Returns 0, or the stamp of the pool Redis holds when that is later than the caller's:
+-- CODES:
+--   0  in_sync   Redis holds this version (written now or already)
+-- When the stamp is returned nothing is written, and the caller reloads its pool from
+-- the database instead. So a replica holding an outdated pool (it missed an
+-- invalidation) never writes it over a newer one.
 --
 -- A key never picked scores its index * 2^9 instead of a time (below 2^29 ms, far
 -- below any time; the factor keeps indexes exact at every rank, see below), so ties

@@ -1,22 +1,33 @@
 -- renew.lua: extend a live lease.
 --
+-- Contract (checked against src/limits/scripts/renew.rs by tests/script_contracts.rs):
+--
 -- KEYS (under the deployment's hash tag):
---   1  leases  zset   lease token -> expiry (ms)
---   2  ld      hash   lease token -> reservation data
+--   1  leases         zset   lease token -> expiry (ms)
+--   2  ld             hash   lease token -> reservation data
 -- ARGV:
---   1  lease token    2  lease ttl ms (> 0)    3  time shift ms (0 in production)
--- Returns the new expiry (ms), or -1 when the lease is unknown or already expired
--- (an expired lease has freed its slot; renewing it would take a slot unchecked).
+--   1  lease_token
+--   2  lease_ttl_ms   (> 0)
+--   3  time_shift_ms  added to the clock (0 in production)
+--   4  now_ms         0 = the Redis server's TIME (production); else this instant
+-- Returns the new expiry (ms), or a code:
+-- CODES:
+--   -1 gone           the lease is unknown or already expired (an expired lease has
+--                     freed its slot; renewing it would take a slot unchecked)
 
 local token = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local shift = tonumber(ARGV[3])
+local pinned = tonumber(ARGV[4])
 assert(token and #token > 0, 'lease token')
 assert(ttl and ttl > 0, 'lease ttl')
-assert(shift, 'time shift')
+assert(shift and pinned and #ARGV == 4, 'time')
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
+local now = pinned + shift
+if pinned == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
+end
 
 local expiry = tonumber(redis.call('ZSCORE', KEYS[1], token))
 if not expiry or expiry <= now then return -1 end

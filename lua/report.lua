@@ -1,44 +1,63 @@
 -- report.lua: settle one finished request, exactly once, and queue it for the database.
 --
--- KEYS (all under the deployment's hash tag):
---   1  tpm     hash    the client key's token window (see admit.lua)
---   2  leases  zset    lease token -> expiry (ms)
---   3  ld      hash    lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold"
---   4  bal     hash    live balance and the holds in flight (see admit.lua)
---   5  done    string  when the duplicate guard of this lease id lapses (ms): it was reported
---   6  usage   stream  the accounting queue read by every replica's writer
---   and, when a provider key is named (ARGV[10]):
---   7  pk tpm  hash    the provider key's token window
---   8  pk cd   string  when the provider key's cooldown ends (ms; the key expires then too)
---   9  pk susp string  when its suspension ends (ms)
---   10 pk cause hash   'cd' / 'susp' -> "status|at ms|source": the report behind the
---                      cooldown / suspension ("headers|status|at ms|source" for a
---                      cooldown learned from rate-limit headers); 'lim' -> "kept until
---                      ms|<ARGV 24>|at ms": what the headers said last (the hash expires
---                      with the latest of them)
+-- Contract (checked against src/limits/scripts/report.rs by tests/script_contracts.rs):
+--
+-- KEYS (under the deployment's hash tag; 7-10 only with a provider key, ARGV 10):
+--   1  tpm                  hash    the client key's token window (see admit.lua)
+--   2  leases               zset    lease token -> expiry (ms)
+--   3  ld                   hash    lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold"
+--   4  bal                  hash    live balance and the holds in flight (see admit.lua)
+--   5  done                 string  when the duplicate guard of this lease id lapses (ms):
+--                                   it was reported
+--   6  usage                stream  the accounting queue read by every replica's writer
+--   7  pk_tpm               hash    the provider key's token window
+--   8  pk_cd                string  when the provider key's cooldown ends (ms; the key
+--                                   expires then too)
+--   9  pk_susp              string  when its suspension ends (ms)
+--   10 pk_cause             hash    'cd' / 'susp' -> "status|at ms|source": the report
+--                                   behind the cooldown / suspension ("headers|status|at
+--                                   ms|source" for a cooldown learned from rate-limit
+--                                   headers); 'lim' -> "kept until ms|<ARGV 24>|at ms":
+--                                   what the headers said last (the hash expires with
+--                                   the latest of them)
 -- ARGV:
---   1  lease token ("" = a report without a lease: nothing to settle or deduplicate)
---   2  lease id or record id     3  client key id ("" = none)
---   4  tokens reported (1/0)     5  prompt tokens    6  completion tokens
---   7  cost micro-USD (0..2^53-1) 8  duplicate guard ttl ms (> 0)
---   9  model ("" = the one given at admission)       10 provider key id ("" = none)
---   11 latency ms ("" = unknown)                     12 upstream status ("" = unknown)
---   13 time shift ms (0 in production)
---   14 cooldown ms (> 0 after an upstream 429)      15 suspension ms (> 0 after 401/403)
---   16 source ("lease <lease id>" or "data-token"; kept as the cause, cut to 200 bytes)
---   17 the expiry signed into the lease id (ms; 0 = no lease)
---   18 cached input tokens   19 cache-write tokens   20 reasoning tokens (each within
---      prompt or completion, >= 0; kept on the usage entry)
---   21 where the numbers come from: "reported", "parsed" or "estimated"
---   22 learned cooldown ms (> 0 when the upstream's rate-limit headers said a limit of
---      the provider key is used up, and no error status stopped it; it only lengthens
---      the key's cooldown)
---   23 learned limits ("" = none): "remaining requests|remaining tokens|requests reset
---      ms|tokens reset ms" (each "" when unknown)
---   24 how long to keep the learned limits (ms; > 0 when 23 is given)
--- Returns {1, now_ms} when recorded, {0, now_ms} for a duplicate, {2, now_ms} when the
--- report comes later than the guard ttl after the lease's expiry (nothing changed in
--- either case).
+--   1  lease_token          "" = a report without a lease: nothing to settle or
+--                           deduplicate
+--   2  record_id            the lease id, or the record id without a lease
+--   3  key_id               the client key's id ("" = none)
+--   4  has_tokens           1 = the tokens below were reported, 0 = keep the reservation
+--   5  prompt               prompt tokens
+--   6  completion           completion tokens
+--   7  cost                 micro-USD (0..2^53-1)
+--   8  guard_ttl_ms         how long the duplicate guard outlives the lease (> 0)
+--   9  model                "" = the one given at admission
+--   10 provider_key         the provider key's id ("" = none)
+--   11 latency_ms           "" = unknown
+--   12 status               the upstream status ("" = unknown)
+--   13 time_shift_ms        added to the clock (0 in production)
+--   14 cooldown_ms          > 0 after an upstream 429
+--   15 suspend_ms           > 0 after an upstream 401/403
+--   16 cause_source         "lease <lease id>" or "data-token"; kept as the cause, cut to
+--                           200 bytes
+--   17 lease_expiry         the expiry signed into the lease id (ms; 0 = no lease)
+--   18 cached               cached input tokens (within prompt, >= 0)
+--   19 cache_write          cache-write tokens (within prompt, >= 0)
+--   20 reasoning            reasoning tokens (within completion, >= 0)
+--   21 usage_source         where the numbers come from: "reported", "parsed" or
+--                           "estimated"
+--   22 learned_cooldown_ms  > 0 when the upstream's rate-limit headers said a limit of
+--                           the provider key is used up, and no error status stopped
+--                           it; it only lengthens the key's cooldown
+--   23 learned_limits       "" = none, or "remaining requests|remaining tokens|requests
+--                           reset ms|tokens reset ms" (each "" when unknown)
+--   24 learned_keep_ms      how long to keep the learned limits (> 0 when 23 is given)
+--   25 now_ms               0 = the Redis server's TIME (production); else this instant
+-- Returns {code, now_ms}; nothing changed unless the code is 1.
+-- CODES:
+--   0  duplicate            the lease was reported already
+--   1  recorded
+--   2  too_late             the report comes later than the guard ttl after the lease's
+--                           expiry
 --
 -- The duplicate guard lives until the guard ttl after the lease's latest expiry (the
 -- signed one, or a later one after renewals), and a report is refused after that: so a
@@ -72,22 +91,26 @@ local cached, cache_write, reasoning = tonumber(ARGV[18]), tonumber(ARGV[19]), t
 local source = ARGV[21]
 local learned_cd = tonumber(ARGV[22])
 local lim, lim_keep = ARGV[23] or '', tonumber(ARGV[24])
+local pinned = tonumber(ARGV[25])
 local MAX = 9007199254740991 -- 2^53 - 1
 local function whole(x) return x and x >= 0 and x <= MAX and x == math.floor(x) end
 assert(#lease_id > 0, 'id')
 assert(whole(prompt) and whole(completion), 'tokens')
 assert(whole(cost), 'cost')
 assert(guard_ttl and guard_ttl > 0, 'guard ttl')
-assert(shift and whole(cooldown) and whole(suspend), 'times')
+assert(shift and pinned and whole(cooldown) and whole(suspend), 'times')
 assert(whole(signed_expiry), 'lease expiry')
 assert(whole(cached) and whole(cache_write) and whole(reasoning), 'token classes')
 assert(source == 'reported' or source == 'parsed' or source == 'estimated', 'source')
 assert(whole(learned_cd) and whole(lim_keep) and #lim <= 200, 'learned limits')
 assert(lim == '' or lim_keep > 0, 'learned limits keep')
-assert(#KEYS == (pk == '' and 6 or 10), 'provider key keys')
+assert(#ARGV == 25 and #KEYS == (pk == '' and 6 or 10), 'provider key keys')
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
+local now = pinned + shift
+if pinned == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
+end
 local b = math.floor(now / 1000)
 
 -- A whole number as Redis stores it (Lua's own conversion keeps 14 digits: "1e+15").

@@ -9,8 +9,11 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use keyward::accounting::codec::record_from_entry;
 use keyward::limits::memory::MemoryCounters;
-use keyward::limits::redis::{record_from_entry, RedisCounters};
+use keyward::limits::redis::RedisCounters;
+use keyward::limits::scripts::admit::{AdmitArgs, AdmitKeys};
+use keyward::limits::scripts::{source, KeySpace};
 use keyward::limits::{
     AdmitRequest, BalanceSnapshot, Counters, Decision, Denial, LeaseId, Pick, Report, Reported,
     SelectRequest, Verdict,
@@ -1019,19 +1022,35 @@ async fn scripts_assert_their_inputs() {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let prefix = common::unique_prefix();
-    let keys: Vec<String> = (0..7).map(|i| format!("{{{prefix}}}:k{i}")).collect();
+    let keys = AdmitKeys::new(&KeySpace::new(&prefix), &key(), "p");
     // A negative limit and a missing lease token are refused before anything is written.
-    let result: redis::RedisResult<Vec<i64>> =
-        redis::Script::new(keyward::limits::redis::source::ADMIT)
-            .key(&keys)
-            .arg(&[
-                "-1", "0", "0", "0", "", "1000", "||", "0", "0", "0", "0", "0", "1", "",
-            ])
-            .invoke_async(&mut conn)
-            .await;
-    assert!(result.is_err());
+    let script = redis::Script::new(source::ADMIT);
+    let mut call = script.prepare_invoke();
+    keys.push(&mut call);
+    AdmitArgs {
+        rpm_limit: -1,
+        tpm_limit: 0,
+        concurrency_limit: 0,
+        tokens: 0,
+        lease_token: "",
+        lease_ttl_ms: 1000,
+        lease_meta: "||".into(),
+        balance_tracked: false,
+        credited: 0,
+        used: 0,
+        balance_version: 0,
+        time_shift_ms: 0,
+        client: true,
+        pool_version: "",
+        hold: 0,
+        now_ms: 0,
+    }
+    .push(&mut call);
+    let result: redis::RedisResult<Vec<i64>> = call.invoke_async(&mut conn).await;
+    let error = result.unwrap_err().to_string();
+    assert!(error.contains("rpm limit"), "{error}");
     let written: i64 = redis::cmd("EXISTS")
-        .arg(&keys)
+        .arg(&keys.all()[..])
         .query_async(&mut conn)
         .await
         .unwrap();

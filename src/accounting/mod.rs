@@ -20,6 +20,7 @@
 //! dead-letter table ([`crate::usage::dead_letters`]). The batch is acknowledged only
 //! after every record in it was applied or its dead letter committed.
 
+pub mod codec;
 pub mod embedded;
 pub mod report;
 pub mod stream;

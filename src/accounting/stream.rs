@@ -10,10 +10,10 @@ use redis::AsyncCommands;
 use tokio::sync::watch;
 
 use super::{apply_batch, backoff, BATCH};
+use crate::accounting::codec::record_from_entry;
 use crate::clock::now_ms;
 use crate::db::{Db, StoreError};
 use crate::limits::conn::{Conn, Target};
-use crate::limits::redis::record_from_entry;
 use crate::usage::dead_letters;
 
 /// The one consumer group every replica reads through.

@@ -5,6 +5,11 @@
 //!   (`lua/*.lua`) run with EVALSHA: one round trip, atomic, timed by the Redis server.
 //! - [`memory::MemoryCounters`]: the embedded shape, an in-process twin of the scripts.
 //!
+//! The scripts' positional contracts are typed once, in [`scripts`]. The twin is held
+//! equal to the scripts by `tests/twin_equals_redis.rs` (random sequences run on both at
+//! one pinned clock, every answer compared); a limit below 1 is no limit in both
+//! ([`effective_limit`]).
+//!
 //! Architecture invariants (both implementations; `tests/counters.rs` runs one suite on
 //! both):
 //! - **Exact windows.** An admission at second `b` counts buckets `b-60..=b`; for every
@@ -21,17 +26,19 @@
 //!   cost beyond their holds (one request alone: its actual − hold).
 
 pub mod breaker;
+pub mod clock;
 pub mod conn;
 pub mod memory;
 pub mod redis;
+pub mod scripts;
 pub mod window;
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use crate::pool::cache::Pool;
 use crate::pool::learned::LearnedLimits;
 use crate::pool::LiveState;
+pub use clock::TimeShift;
 
 /// A lease id as clients see it: `<key id>.<32 hex>`. The key id part lets a report find
 /// its key's counters even after the lease expired.
@@ -259,18 +266,11 @@ pub enum CounterError {
     PoolOutdated { newer: i64 },
 }
 
-/// A test hook: milliseconds added to the counters' clock, so tests can move time
-/// forward without sleeping. Always 0 outside tests.
-#[derive(Debug, Clone, Default)]
-pub struct TimeShift(Arc<AtomicI64>);
-
-impl TimeShift {
-    pub fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
-    }
-    pub fn advance(&self, ms: i64) {
-        self.0.fetch_add(ms, Ordering::Relaxed);
-    }
+/// The limit a store enforces: a limit below 1 is no limit (`lua/admit.lua` reads 0 as
+/// none, and input validation refuses anything below 1, so only `None` means it on the
+/// way in). Both stores read every limit through this.
+pub fn effective_limit(limit: Option<i64>) -> Option<i64> {
+    limit.filter(|n| *n > 0)
 }
 
 /// The counter store of this process: one of the two shapes.

@@ -4,206 +4,33 @@
 //! whole check-then-take, which is what makes it atomic. Finished requests go to the
 //! embedded accounting writer through a bounded channel (a full channel makes reports
 //! wait rather than drop anything).
+//!
+//! Client keys' state is in `key_state`, provider keys' in `provider_keys`. This file
+//! holds every operation (over 400 lines): each mirrors one script, and reads best beside
+//! the others it must agree with.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+mod key_state;
+mod provider_keys;
 
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
-use super::window::Window;
+use key_state::{Balance, KeyState, Lease};
+use provider_keys::ProviderKeyStates;
+
 use super::{
-    AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported, SelectRequest,
-    TimeShift, Usage, Verdict,
+    effective_limit, AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported,
+    SelectRequest, TimeShift, Usage, Verdict,
 };
-use crate::clock::now_ms;
 use crate::money::bounded;
-use crate::pool::cache::Pool as CandidatePool;
 use crate::pool::learned::Learned;
 use crate::pool::{Cause, LiveState};
 use crate::usage::UsageRecord;
 
-#[derive(Debug)]
-struct Lease {
-    expires_at: i64,
-    bucket: i64,
-    reserved: i64,
-    provider: String,
-    model: String,
-    api_format: String,
-    /// The provider key picked with it, and the tokens reserved on that key.
-    provider_key: Option<(String, i64)>,
-    /// Micro-USD it holds on the key's tracked balance.
-    hold: i64,
-}
-
-/// One provider key's live state.
-#[derive(Debug, Default)]
-struct PoolKey {
-    requests: Window,
-    tokens: Window,
-    cooldown_until: i64,
-    suspended_until: i64,
-    /// The reports behind them (shown while they last).
-    cooldown_cause: Option<Cause>,
-    suspension_cause: Option<Cause>,
-    /// What the rate-limit headers said last, and until when it is shown.
-    learned: Option<(Learned, i64)>,
-    last_pick: Option<i64>,
-}
-
-/// One provider's keys. A pick holds the provider's map-entry lock throughout.
-#[derive(Debug, Default)]
-struct Pool {
-    keys: HashMap<String, PoolKey>,
-    /// The version of the candidates `order` was built for (see `pool::cache::Pool`).
-    version: String,
-    /// The twin of the Redis `:order` zset: (priority, last pick or -1 if never,
-    /// candidate index), so a pick walks from the front instead of sorting the pool.
-    order: BTreeSet<(i64, i64, usize)>,
-}
-
-impl Pool {
-    /// Picks like `lua/admit.lua`: priority, then least recently picked (never first),
-    /// skipping keys cooling down, suspended or without room. Takes nothing.
-    fn pick(&mut self, candidates: &CandidatePool, tokens: i64, now: i64) -> Pick {
-        if self.version != candidates.version() {
-            // The pool changed (or this is its first pick): rebuild the order, keeping
-            // the pick history of the keys that stay, as `lua/pool_sync.lua` does.
-            self.version = candidates.version().to_string();
-            let keys = &self.keys;
-            self.order = candidates
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    let last = keys.get(&c.id).and_then(|k| k.last_pick);
-                    (c.priority, last.unwrap_or(-1), i)
-                })
-                .collect();
-        }
-        let b = now.div_euclid(1000);
-        let mut earliest: Option<i64> = None;
-        let mut unseen = PoolKey::default();
-        for &(_, _, i) in &self.order {
-            let c = &candidates[i];
-            // A key never picked nor reported has empty windows (nothing is stored for it).
-            let key = self.keys.get_mut(&c.id).unwrap_or(&mut unseen);
-            key.requests.prune(b);
-            key.tokens.prune(b);
-            let mut wait = (key.cooldown_until - now)
-                .max(key.suspended_until - now)
-                .max(0);
-            if let Some(rpm) = c.max_rpm {
-                if key.requests.sum() + 1 > rpm {
-                    wait = wait.max(key.requests.wait_ms(now, 1, rpm));
-                }
-            }
-            if let Some(tpm) = c.max_tpm {
-                if tokens > tpm {
-                    wait = wait.max(61_000);
-                } else if key.tokens.sum() + tokens > tpm {
-                    wait = wait.max(key.tokens.wait_ms(now, tokens, tpm));
-                }
-            }
-            if wait == 0 {
-                return Pick::Picked(i);
-            }
-            earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
-        }
-        Pick::Exhausted {
-            retry_after_ms: earliest.unwrap_or(61_000),
-        }
-    }
-
-    /// Takes the picked key's request and tokens; returns the tokens reserved on it.
-    fn take(&mut self, candidates: &CandidatePool, i: usize, tokens: i64, now: i64) -> i64 {
-        let (c, b) = (&candidates[i], now.div_euclid(1000));
-        let key = self.keys.entry(c.id.clone()).or_default();
-        self.order
-            .remove(&(c.priority, key.last_pick.unwrap_or(-1), i));
-        self.order.insert((c.priority, now, i));
-        key.last_pick = Some(now);
-        if c.max_rpm.is_some() {
-            key.requests.add(b, 1);
-        }
-        let reserved = if c.max_tpm.is_some() { tokens } else { 0 };
-        if reserved > 0 {
-            key.tokens.add(b, reserved);
-        }
-        reserved
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Balance {
-    remaining: i64,
-    credited: i64,
-    version: i64,
-    /// The holds of the leases in flight.
-    held: i64,
-}
-
-#[derive(Debug, Default)]
-struct KeyState {
-    requests: Window,
-    tokens: Window,
-    /// A B-tree, not a hash map: it grows a node at a time, where a hash map would
-    /// rehash every lease at once while the key's shard is locked (a 15–20 ms stall for
-    /// every admission of the key at 60,000 leases, measured by the open-loop bench).
-    leases: BTreeMap<String, Lease>,
-    /// The leases ordered by expiry (the twin of the Redis zset), so expiring them costs
-    /// O(expired · log n), not a scan of every lease.
-    by_expiry: BTreeSet<(i64, String)>,
-    balance: Option<Balance>,
-}
-
-impl KeyState {
-    /// Expired leases free their slot and their hold (as admit.lua's purge).
-    fn expire_leases(&mut self, now: i64) {
-        while self.by_expiry.first().is_some_and(|(at, _)| *at <= now) {
-            if let Some((_, token)) = self.by_expiry.pop_first() {
-                if let Some(lease) = self.leases.remove(&token) {
-                    self.release(lease.hold);
-                }
-            }
-        }
-    }
-
-    fn release(&mut self, hold: i64) {
-        if let Some(balance) = self.balance.as_mut() {
-            balance.held = (balance.held - hold).max(0);
-        }
-    }
-
-    fn earliest_expiry_ms(&self, now: i64) -> i64 {
-        self.by_expiry
-            .first()
-            .map_or(1000, |(at, _)| (at - now).max(1))
-    }
-
-    fn add_lease(&mut self, token: String, lease: Lease) {
-        self.by_expiry.insert((lease.expires_at, token.clone()));
-        self.leases.insert(token, lease);
-    }
-
-    fn remove_lease(&mut self, token: &str) -> Option<Lease> {
-        let lease = self.leases.remove(token)?;
-        self.by_expiry
-            .remove(&(lease.expires_at, token.to_string()));
-        Some(lease)
-    }
-
-    fn is_idle(&self) -> bool {
-        self.requests.is_empty()
-            && self.tokens.is_empty()
-            && self.leases.is_empty()
-            && self.balance.is_none()
-    }
-}
-
 pub struct MemoryCounters {
     keys: DashMap<String, KeyState>,
     /// Provider → its keys' live state.
-    pools: DashMap<String, Pool>,
+    providers: DashMap<String, ProviderKeyStates>,
     /// Provider key id → provider, for reports (which name only the key).
     key_provider: DashMap<String, String>,
     /// Lease id → when its duplicate guard lapses.
@@ -217,7 +44,7 @@ impl MemoryCounters {
     pub fn new(guard_ttl_ms: i64, queue: mpsc::Sender<UsageRecord>) -> Self {
         Self {
             keys: DashMap::new(),
-            pools: DashMap::new(),
+            providers: DashMap::new(),
             key_provider: DashMap::new(),
             reported: DashMap::new(),
             guard_ttl_ms,
@@ -227,7 +54,7 @@ impl MemoryCounters {
     }
 
     fn now(&self) -> i64 {
-        now_ms() + self.shift.get()
+        self.shift.now_ms()
     }
 
     pub fn admit(&self, r: &AdmitRequest<'_>) -> Decision {
@@ -267,7 +94,7 @@ impl MemoryCounters {
                 reason,
                 retry_after_ms: retry,
             },
-            usage: usage(state, now, tracked.map(|b| b.remaining)),
+            usage: usage(state, now, (rpm > 0, tpm > 0), tracked.map(|b| b.remaining)),
             picked: None,
             degraded: None,
         };
@@ -288,7 +115,7 @@ impl MemoryCounters {
                 Some(state.tokens.wait_ms(now, r.tokens, tpm)),
             );
         }
-        if r.concurrency.is_some_and(|c| in_flight >= c) {
+        if effective_limit(r.concurrency).is_some_and(|c| in_flight >= c) {
             return deny(
                 &state,
                 Denial::Concurrency,
@@ -314,13 +141,13 @@ impl MemoryCounters {
         let mut picked = None;
         if let Some(candidates) = r.pool.filter(|c| !c.is_empty()) {
             let provider = candidates[0].provider.clone();
-            let mut pool = self.pools.entry(provider.clone()).or_default();
-            match pool.pick(candidates, r.tokens, now) {
+            let mut keys = self.providers.entry(provider.clone()).or_default();
+            match keys.pick(candidates, r.tokens, now) {
                 Pick::Exhausted { retry_after_ms } => {
                     return deny(&state, Denial::PoolExhausted, Some(retry_after_ms));
                 }
                 Pick::Picked(i) => {
-                    let reserved = pool.take(candidates, i, r.tokens, now);
+                    let reserved = keys.take(candidates, i, r.tokens, now);
                     self.key_provider.insert(candidates[i].id.clone(), provider);
                     picked = Some((i, candidates[i].id.clone(), reserved));
                 }
@@ -358,7 +185,12 @@ impl MemoryCounters {
             verdict: Verdict::Admitted {
                 expires_at_ms: expires_at,
             },
-            usage: usage(&state, now, tracked.map(|b| b.remaining)),
+            usage: usage(
+                &state,
+                now,
+                (rpm > 0, tpm > 0),
+                tracked.map(|b| b.remaining),
+            ),
             picked: picked.map(|(i, _, _)| i),
             degraded: None,
         }
@@ -366,10 +198,10 @@ impl MemoryCounters {
 
     pub fn select(&self, r: &SelectRequest<'_>) -> Pick {
         let now = self.now();
-        let mut pool = self.pools.entry(r.provider.to_string()).or_default();
-        let pick = pool.pick(r.candidates, r.tokens, now);
+        let mut keys = self.providers.entry(r.provider.to_string()).or_default();
+        let pick = keys.pick(r.candidates, r.tokens, now);
         if let Pick::Picked(i) = pick {
-            pool.take(r.candidates, i, r.tokens, now);
+            keys.take(r.candidates, i, r.tokens, now);
             self.key_provider
                 .insert(r.candidates[i].id.clone(), r.provider.to_string());
         }
@@ -380,11 +212,11 @@ impl MemoryCounters {
         let now = self.now();
         let b = now.div_euclid(1000);
         // A lookup, not an entry: listing a provider must not create state for it.
-        let Some(mut pool) = self.pools.get_mut(provider) else {
+        let Some(mut keys) = self.providers.get_mut(provider) else {
             return vec![LiveState::default(); ids.len()];
         };
         ids.iter()
-            .map(|id| match pool.keys.get_mut(id) {
+            .map(|id| match keys.keys.get_mut(id) {
                 None => LiveState::default(),
                 Some(key) => {
                     key.requests.prune(b);
@@ -411,8 +243,8 @@ impl MemoryCounters {
     /// Ends a provider key's cooldown and suspension now (`POST
     /// /admin/provider-keys/{id}/reset`). Its windows and pick time stay.
     pub fn reset_provider_key(&self, provider: &str, id: &str) {
-        if let Some(mut pool) = self.pools.get_mut(provider) {
-            if let Some(key) = pool.keys.get_mut(id) {
+        if let Some(mut keys) = self.providers.get_mut(provider) {
+            if let Some(key) = keys.keys.get_mut(id) {
                 key.cooldown_until = 0;
                 key.suspended_until = 0;
                 key.cooldown_cause = None;
@@ -423,14 +255,14 @@ impl MemoryCounters {
     }
 
     /// Cools down, suspends, or settles the tokens of a provider key after a report.
-    fn pool_report(&self, r: &Report, settle: Option<(i64, i64)>, now: i64) {
+    fn provider_key_report(&self, r: &Report, settle: Option<(i64, i64)>, now: i64) {
         let Some(id) = &r.provider_key_id else { return };
         let known = || self.key_provider.get(id).map(|p| p.clone());
         let Some(provider) = r.provider.clone().or_else(known) else {
             return;
         };
-        let mut pool = self.pools.entry(provider).or_default();
-        let key = pool.keys.entry(id.clone()).or_default();
+        let mut keys = self.providers.entry(provider).or_default();
+        let key = keys.keys.entry(id.clone()).or_default();
         if r.cooldown_ms > 0 {
             key.cooldown_until = now + r.cooldown_ms;
             key.cooldown_cause = Some(Cause::new(r.upstream_status, now, &r.source));
@@ -500,7 +332,7 @@ impl MemoryCounters {
                 }
             }
         }
-        self.pool_report(r, pool_settle, now);
+        self.provider_key_report(r, pool_settle, now);
         let (prompt, completion) = r.tokens.unwrap_or((0, 0));
         let record = UsageRecord {
             id: r.id.clone(),
@@ -534,7 +366,11 @@ impl MemoryCounters {
     pub fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Option<i64> {
         let now = self.now();
         let mut state = self.keys.get_mut(&lease.key_id)?;
-        state.expire_leases(now);
+        // As renew.lua: an expired lease is not renewed, and is left (with its data, for
+        // its report) for the next admission to purge.
+        if state.leases.get(&lease.token)?.expires_at <= now {
+            return None;
+        }
         let mut held = state.remove_lease(&lease.token)?;
         held.expires_at = now + ttl_ms;
         state.add_lease(lease.token.clone(), held);
@@ -560,14 +396,18 @@ impl MemoryCounters {
         let now = self.now();
         let b = now.div_euclid(1000);
         self.keys.retain(|_, state| {
-            state.expire_leases(now);
+            // Expired leases go with the next admission (as admit.lua purges them), or
+            // here once Redis would have expired the whole set.
+            if state.leases_lapse_at <= now {
+                state.expire_leases(now);
+            }
             state.requests.prune(b);
             state.tokens.prune(b);
             !state.is_idle()
         });
         self.reported.retain(|_, lapses| *lapses > now);
-        for mut pool in self.pools.iter_mut() {
-            pool.keys.retain(|_, key| {
+        for mut keys in self.providers.iter_mut() {
+            keys.keys.retain(|_, key| {
                 key.requests.prune(b);
                 key.tokens.prune(b);
                 if key.cooldown_until <= now {
@@ -593,13 +433,16 @@ impl MemoryCounters {
     }
 }
 
-fn usage(state: &KeyState, now: i64, balance: Option<i64>) -> Usage {
+/// The usage a decision reports. A window is read only under a limit (as admit.lua,
+/// which does not read one otherwise): a key whose limit was removed shows none.
+fn usage(state: &KeyState, now: i64, limited: (bool, bool), balance: Option<i64>) -> Usage {
+    let (rpm, tpm) = limited;
     Usage {
         now_ms: now,
-        requests_used: state.requests.sum(),
-        tokens_used: state.tokens.sum(),
-        requests_reset_ms: state.requests.reset_ms(now),
-        tokens_reset_ms: state.tokens.reset_ms(now),
+        requests_used: if rpm { state.requests.sum() } else { 0 },
+        tokens_used: if tpm { state.tokens.sum() } else { 0 },
+        requests_reset_ms: if rpm { state.requests.reset_ms(now) } else { 0 },
+        tokens_reset_ms: if tpm { state.tokens.reset_ms(now) } else { 0 },
         in_flight: state.leases.len() as i64,
         balance_remaining: balance,
     }

@@ -1,0 +1,92 @@
+//! The twin's state of one client key: its windows, its leases (by token and by
+//! expiry) and its live balance.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::limits::window::Window;
+
+#[derive(Debug)]
+pub(super) struct Lease {
+    pub(super) expires_at: i64,
+    pub(super) bucket: i64,
+    pub(super) reserved: i64,
+    pub(super) provider: String,
+    pub(super) model: String,
+    pub(super) api_format: String,
+    /// The provider key picked with it, and the tokens reserved on that key.
+    pub(super) provider_key: Option<(String, i64)>,
+    /// Micro-USD it holds on the key's tracked balance.
+    pub(super) hold: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Balance {
+    pub(super) remaining: i64,
+    pub(super) credited: i64,
+    pub(super) version: i64,
+    /// The holds of the leases in flight.
+    pub(super) held: i64,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct KeyState {
+    pub(super) requests: Window,
+    pub(super) tokens: Window,
+    /// A B-tree, not a hash map: it grows a node at a time, where a hash map would
+    /// rehash every lease at once while the key's shard is locked (a 15–20 ms stall for
+    /// every admission of the key at 60,000 leases, measured by the open-loop bench).
+    pub(super) leases: BTreeMap<String, Lease>,
+    /// The leases ordered by expiry (the twin of the Redis zset), so expiring them costs
+    /// O(expired · log n), not a scan of every lease.
+    pub(super) by_expiry: BTreeSet<(i64, String)>,
+    /// When Redis would let the lease set and its data expire: a second after the
+    /// latest expiry any lease of the key has had (admit.lua and renew.lua extend them to
+    /// that). Until then an expired lease keeps its data for its report, as in Redis.
+    pub(super) leases_lapse_at: i64,
+    pub(super) balance: Option<Balance>,
+}
+
+impl KeyState {
+    /// Expired leases free their slot and their hold (as admit.lua's purge).
+    pub(super) fn expire_leases(&mut self, now: i64) {
+        while self.by_expiry.first().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, token)) = self.by_expiry.pop_first() {
+                if let Some(lease) = self.leases.remove(&token) {
+                    self.release(lease.hold);
+                }
+            }
+        }
+    }
+
+    pub(super) fn release(&mut self, hold: i64) {
+        if let Some(balance) = self.balance.as_mut() {
+            balance.held = (balance.held - hold).max(0);
+        }
+    }
+
+    pub(super) fn earliest_expiry_ms(&self, now: i64) -> i64 {
+        self.by_expiry
+            .first()
+            .map_or(1000, |(at, _)| (at - now).max(1))
+    }
+
+    pub(super) fn add_lease(&mut self, token: String, lease: Lease) {
+        self.leases_lapse_at = self.leases_lapse_at.max(lease.expires_at + 1000);
+        self.by_expiry.insert((lease.expires_at, token.clone()));
+        self.leases.insert(token, lease);
+    }
+
+    pub(super) fn remove_lease(&mut self, token: &str) -> Option<Lease> {
+        let lease = self.leases.remove(token)?;
+        self.by_expiry
+            .remove(&(lease.expires_at, token.to_string()));
+        Some(lease)
+    }
+
+    pub(super) fn is_idle(&self) -> bool {
+        self.requests.is_empty()
+            && self.tokens.is_empty()
+            && self.leases.is_empty()
+            && self.balance.is_none()
+    }
+}

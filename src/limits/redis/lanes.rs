@@ -1,0 +1,74 @@
+//! The hot path's connections: a few multiplexed connections ("lanes") taken from the
+//! pool once and shared by every request, so a decision is one round trip (a checkout
+//! per decision would add deadpool's PING), and concurrent scripts pipeline on one
+//! socket. A lane that fails with a connection error is replaced through the pool.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::limits::conn::{Conn, Pools};
+use crate::limits::CounterError;
+
+/// How many multiplexed connections carry the hot path.
+pub(super) const LANES: usize = 2;
+
+/// Shared multiplexed connections, used round robin.
+/// Shared multiplexed connections, used round robin.
+pub(super) struct Lanes {
+    pub(super) pools: Pools,
+    pub(super) lanes: Vec<Mutex<Option<Conn>>>,
+    pub(super) next: AtomicUsize,
+}
+
+impl Lanes {
+    /// A handle to one lane's connection (a cheap clone of a shared socket).
+    pub(super) async fn get(&self) -> Result<(usize, Conn), CounterError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        if let Some(conn) = self.lanes[i]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Ok((i, conn));
+        }
+        let conn = self.pools.take().await?;
+        *self.lanes[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        Ok((i, conn))
+    }
+
+    /// Forgets a lane whose connection broke; the next use takes a fresh one.
+    fn broken(&self, i: usize, error: &redis::RedisError) {
+        if error.is_io_error()
+            || error.is_connection_dropped()
+            || error.is_unrecoverable_error()
+            || error.is_timeout()
+        {
+            *self.lanes[i].lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// Runs one script on a lane: exactly one round trip (plus a reload after NOSCRIPT).
+    /// `name` labels its metrics.
+    pub(super) async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        name: &str,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, CounterError> {
+        let m = crate::metrics::get();
+        let started = std::time::Instant::now();
+        let result = match self.get().await {
+            Ok((i, mut conn)) => call.invoke_async(&mut conn).await.map_err(|e| {
+                self.broken(i, &e);
+                CounterError::from(e)
+            }),
+            Err(e) => Err(e),
+        };
+        m.script_seconds
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            m.script_errors.with_label_values(&[name]).inc();
+        }
+        result
+    }
+}

@@ -1,0 +1,260 @@
+//! The distributed counter store: one Lua script per operation, EVALSHA through a
+//! deadpool-redis pool.
+//!
+//! Key layout (every key under one hash tag, the deployment prefix `{P}`, so every script
+//! touches one Redis Cluster slot, and admit-with-select can later touch client and pool
+//! keys atomically):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `{P}:k:<key id>:rpm` / `:tpm` | hash | second → requests / tokens (61 buckets at most) |
+//! | `{P}:k:<key id>:leases` | zset | lease token → expiry ms |
+//! | `{P}:k:<key id>:ld` | hash | lease token → reservation data for the report |
+//! | `{P}:k:<key id>:bal` | hash | live balance (no expiry: it is ahead of the database) |
+//! | `{P}:done:<lease id>` | string | duplicate guard of a report |
+//! | `{P}:usage` | stream | the accounting queue |
+//! | `{P}:p:<provider>:def` | hash | the pool's version and each key's limits |
+//! | `{P}:p:<provider>:order` | zset | key id → priority rank · 2^42 + last pick |
+//! | `{P}:pk:<id>:rpm` / `:tpm` | hash | a provider key's windows |
+//! | `{P}:pk:<id>:cd` / `:susp` | string | when its cooldown / suspension ends (ms) |
+//! | `{P}:pk:<id>:cause` | hash | `cd` / `susp` → the report behind them (`status\|at\|source`); `lim` → what the rate-limit headers said last |
+//!
+//! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
+//! `SCRIPT FLUSH`), `redis::Script` sees NOSCRIPT, loads, and retries once.
+//!
+//! Outages (`policy`): a breaker skips Redis for a moment after consecutive connection
+//! failures, and `KEYWARD_ON_BACKEND_ERROR` decides what happens meanwhile: `deny`
+//! answers 503; `allow` admits without counting; `local` decides with an in-process
+//! twin ([`MemoryCounters`]), per replica and so only approximately. In `allow` and
+//! `local`, reports go through the twin's queue straight to the database (applied once
+//! by lease id, like any report); in `deny` they are refused and the caller retries.
+//! The twin is swept periodically; its live balances are forgotten at the start of each
+//! outage (and between outages), so an outage starts from the database's balances.
+//!
+//! Connections (`lanes`): deadpool-redis health-checks every checkout with a PING round
+//! trip, so checking a connection out per decision would cost two round trips. Instead
+//! the hot path runs on a few multiplexed connections ("lanes") taken from the pool once and
+//! shared by every request: one round trip per decision, and concurrent scripts are
+//! pipelined on the same socket. A lane that fails with a connection error is replaced
+//! through the pool (which checks the new one).
+
+mod calls;
+mod lanes;
+mod policy;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lanes::{Lanes, LANES};
+use policy::Degraded;
+
+use super::breaker::Breaker;
+use super::conn::{Conn, Pools, Target};
+use super::memory::MemoryCounters;
+use super::scripts::{KeySpace, Scripts};
+use super::{
+    AdmitRequest, CounterError, Decision, LeaseId, Pick, Report, Reported, SelectRequest,
+    TimeShift, Usage, Verdict,
+};
+use crate::clock::now_ms;
+use crate::config::BackendErrorPolicy;
+use crate::pool::LiveState;
+
+pub struct RedisCounters {
+    target: Target,
+    lanes: Lanes,
+    space: KeySpace,
+    scripts: Scripts,
+    guard_ttl_ms: i64,
+    pub(crate) shift: TimeShift,
+    breaker: Breaker,
+    policy: BackendErrorPolicy,
+    /// The in-process twin used while Redis fails (`allow` and `local`).
+    fallback: Option<Arc<MemoryCounters>>,
+    /// Set by the first degraded answer of an outage, cleared by Redis answering again.
+    in_outage: AtomicBool,
+}
+
+impl RedisCounters {
+    /// Connects, preloads the scripts and makes sure the accounting stream's consumer
+    /// group exists.
+    pub async fn connect(url: &str, prefix: &str, guard_ttl_ms: i64) -> Result<Self, CounterError> {
+        let target = Target::parse(url).ok_or_else(|| {
+            CounterError::Protocol("not a redis:// or redis+cluster:// URL".into())
+        })?;
+        Self::connect_to(target, prefix, guard_ttl_ms).await
+    }
+
+    /// Connects and preloads the scripts; `target` carries the TLS roots.
+    pub async fn connect_to(
+        target: Target,
+        prefix: &str,
+        guard_ttl_ms: i64,
+    ) -> Result<Self, CounterError> {
+        crate::tls::install_provider();
+        let counters = Self {
+            lanes: Lanes {
+                pools: Pools::new(&target, 8)?,
+                lanes: (0..LANES).map(|_| Mutex::new(None)).collect(),
+                next: AtomicUsize::new(0),
+            },
+            target,
+            space: KeySpace::new(prefix),
+            scripts: Scripts::default(),
+            guard_ttl_ms,
+            shift: TimeShift::default(),
+            breaker: Breaker::default(),
+            policy: BackendErrorPolicy::Deny,
+            fallback: None,
+            in_outage: AtomicBool::new(false),
+        };
+        counters.load_scripts().await?;
+        Ok(counters)
+    }
+
+    /// What to do while Redis fails; `fallback` serves `allow` and `local`.
+    pub fn with_failure_policy(
+        mut self,
+        policy: BackendErrorPolicy,
+        fallback: Arc<MemoryCounters>,
+    ) -> Self {
+        self.policy = policy;
+        self.fallback = Some(fallback);
+        self
+    }
+
+    pub async fn admit(&self, r: &AdmitRequest<'_>) -> Result<Decision, CounterError> {
+        self.or_degraded(self.admit_redis(r), |mode, twin| async move {
+            Ok(match mode {
+                Degraded::Local => Decision {
+                    degraded: Some(mode.as_str()),
+                    ..twin.admit(r)
+                },
+                Degraded::Allow => {
+                    let now = now_ms();
+                    Decision {
+                        verdict: Verdict::Admitted {
+                            expires_at_ms: now + r.lease_ttl_ms,
+                        },
+                        usage: Usage {
+                            now_ms: now,
+                            ..Usage::default()
+                        },
+                        // Without counters the pool order is all there is: the first by
+                        // priority.
+                        picked: r.pool.filter(|c| !c.is_empty()).map(|_| 0),
+                        degraded: Some(mode.as_str()),
+                    }
+                }
+            })
+        })
+        .await
+    }
+
+    pub async fn load_scripts(&self) -> Result<(), CounterError> {
+        let mut conn = self.lanes.pools.take().await?;
+        for script in self.scripts.all() {
+            script.prepare_invoke().load_async(&mut conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Where Redis is (for dedicated connections: the stream consumer, pub/sub).
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// A shared connection (one of the hot path's lanes).
+    pub async fn conn(&self) -> Result<Conn, CounterError> {
+        Ok(self.lanes.get().await?.1)
+    }
+
+    /// The Redis key of a client key's `rpm`, `tpm`, `leases`, `ld` or `bal`.
+    pub fn key(&self, key_id: &str, what: &str) -> String {
+        self.space.client(key_id, what)
+    }
+
+    /// The accounting stream.
+    pub fn stream_key(&self) -> String {
+        self.space.usage()
+    }
+
+    pub async fn select(&self, r: &SelectRequest<'_>) -> Result<Pick, CounterError> {
+        self.or_degraded(self.select_redis(r), |mode, twin| async move {
+            Ok(match mode {
+                Degraded::Local => twin.select(r),
+                Degraded::Allow => Pick::Picked(0),
+            })
+        })
+        .await
+    }
+
+    /// The live state of provider keys (no fallback: the admin API reports the error).
+    pub async fn pool_state(&self, ids: &[String]) -> Result<Vec<LiveState>, CounterError> {
+        self.pool_state_redis(ids).await
+    }
+
+    /// Ends a provider key's cooldown and suspension now, here and in the outage twin
+    /// (one DEL of keys under the deployment's hash tag, so one slot).
+    pub async fn reset_provider_key(&self, provider: &str, id: &str) -> Result<(), CounterError> {
+        if let Some(twin) = &self.fallback {
+            twin.reset_provider_key(provider, id);
+        }
+        let mut conn = self.conn().await?;
+        let _: i64 = redis::cmd("DEL")
+            .arg(self.space.provider_key(id, "cd"))
+            .arg(self.space.provider_key(id, "susp"))
+            .arg(self.space.provider_key(id, "cause"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn report(&self, r: &Report) -> Result<Reported, CounterError> {
+        // Either way, straight to the database through the twin's queue (applied once by
+        // lease id).
+        self.or_degraded(self.report_redis(r), |_, twin| async move {
+            twin.report(r).await
+        })
+        .await
+    }
+
+    pub async fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Result<Option<i64>, CounterError> {
+        self.or_degraded(self.renew_redis(lease, ttl_ms), |mode, twin| async move {
+            Ok(match mode {
+                Degraded::Local => twin.renew(lease, ttl_ms),
+                Degraded::Allow => Some(now_ms() + ttl_ms),
+            })
+        })
+        .await
+    }
+
+    /// Sweeps the outage twin (see [`MemoryCounters::sweep`]). Between outages its live
+    /// balances are dropped too: they are stale, and they would keep every key that ever
+    /// had one in memory.
+    pub fn sweep_fallback(&self) {
+        if let Some(twin) = &self.fallback {
+            if !self.in_outage.load(Ordering::Relaxed) {
+                twin.forget_balances();
+            }
+            twin.sweep();
+        }
+    }
+
+    /// Redis answers and holds every script.
+    pub async fn ready(&self) -> Result<(), CounterError> {
+        let mut conn = self.conn().await?;
+        let mut exists = redis::cmd("SCRIPT");
+        exists.arg("EXISTS");
+        for script in self.scripts.all() {
+            exists.arg(script.get_hash());
+        }
+        let loaded: Vec<bool> = exists.query_async(&mut conn).await?;
+        if loaded.iter().all(|l| *l) {
+            Ok(())
+        } else {
+            drop(conn);
+            self.load_scripts().await
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! `lua/admit.lua`: decide one request for one client key and, when asked, pick a
+//! provider key for it (with `client = false`, only pick: `POST /v1/select`).
+
+use super::{int_at, protocol, script_fields, Contract, KeySpace};
+use crate::limits::{CounterError, Usage};
+
+script_fields! {
+    key
+    /// KEYS of `lua/admit.lua`.
+    pub struct AdmitKeys {
+        pub rpm: String,
+        pub tpm: String,
+        pub leases: String,
+        pub ld: String,
+        pub bal: String,
+        pub def: String,
+        pub order: String,
+    }
+}
+
+impl AdmitKeys {
+    /// A client key's counters and a provider's pool (`provider` may be "" when no
+    /// provider key is wanted; its keys are then named but not touched).
+    pub fn new(space: &KeySpace, key_id: &str, provider: &str) -> AdmitKeys {
+        AdmitKeys {
+            rpm: space.client(key_id, "rpm"),
+            tpm: space.client(key_id, "tpm"),
+            leases: space.client(key_id, "leases"),
+            ld: space.client(key_id, "ld"),
+            bal: space.client(key_id, "bal"),
+            def: space.pool(provider, "def"),
+            order: space.pool(provider, "order"),
+        }
+    }
+
+    /// All of them, for cleaning up.
+    pub fn all(&self) -> [&str; 7] {
+        [
+            &self.rpm,
+            &self.tpm,
+            &self.leases,
+            &self.ld,
+            &self.bal,
+            &self.def,
+            &self.order,
+        ]
+    }
+}
+
+script_fields! {
+    arg
+    /// ARGV of `lua/admit.lua` (limits: 0 = unlimited, see [`super::limit_arg`]).
+    pub struct AdmitArgs<'a> {
+        pub rpm_limit: i64,
+        pub tpm_limit: i64,
+        pub concurrency_limit: i64,
+        pub tokens: i64,
+        pub lease_token: &'a str,
+        pub lease_ttl_ms: i64,
+        /// `provider|model|api_format`, each without `|`.
+        pub lease_meta: String,
+        pub balance_tracked: bool,
+        pub credited: i64,
+        pub used: i64,
+        pub balance_version: i64,
+        pub time_shift_ms: i64,
+        /// `false`: only pick a provider key.
+        pub client: bool,
+        /// "" = no provider key wanted.
+        pub pool_version: &'a str,
+        pub hold: i64,
+        /// 0 = the Redis server's `TIME`.
+        pub now_ms: i64,
+    }
+}
+
+/// The outcome codes of `lua/admit.lua`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmitCode {
+    Admitted,
+    Requests,
+    Tokens,
+    Concurrency,
+    BalanceExhausted,
+    BalanceCommitted,
+    PoolExhausted,
+    /// The pool in Redis is another version: sync it (`pool_sync.lua`) and ask again.
+    PoolVersion,
+}
+
+impl AdmitCode {
+    /// Every code with its number and its name in the script's header.
+    pub const CODES: [(AdmitCode, i64, &'static str); 8] = [
+        (AdmitCode::Admitted, 0, "admitted"),
+        (AdmitCode::Requests, 1, "requests"),
+        (AdmitCode::Tokens, 2, "tokens"),
+        (AdmitCode::Concurrency, 3, "concurrency"),
+        (AdmitCode::BalanceExhausted, 4, "balance_exhausted"),
+        (AdmitCode::BalanceCommitted, 5, "balance_committed"),
+        (AdmitCode::PoolExhausted, 6, "pool_exhausted"),
+        (AdmitCode::PoolVersion, 7, "pool_version"),
+    ];
+
+    pub fn from_code(code: i64) -> Option<AdmitCode> {
+        Self::CODES
+            .iter()
+            .find(|(_, n, _)| *n == code)
+            .map(|(c, _, _)| *c)
+    }
+}
+
+/// What `lua/admit.lua` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmitReply {
+    pub code: AdmitCode,
+    /// The lease expiry, a retry time, or the pool's stamp (see the script's CODES).
+    pub a: i64,
+    /// With `balance_remaining` always set (-1 when the balance is not tracked).
+    pub usage: Usage,
+    /// The picked provider key's id, or empty.
+    pub picked: String,
+}
+
+impl AdmitReply {
+    pub fn parse(reply: &[redis::Value]) -> Result<AdmitReply, CounterError> {
+        const NAME: &str = "admit";
+        if reply.len() != 10 {
+            return Err(protocol(NAME, format_args!("{} values", reply.len())));
+        }
+        let int = |i| int_at(NAME, reply, i);
+        let code = int(0)?;
+        Ok(AdmitReply {
+            code: AdmitCode::from_code(code)
+                .ok_or_else(|| protocol(NAME, format_args!("code {code}")))?,
+            a: int(1)?,
+            usage: Usage {
+                now_ms: int(2)?,
+                requests_used: int(3)?,
+                tokens_used: int(4)?,
+                requests_reset_ms: int(5)?,
+                tokens_reset_ms: int(6)?,
+                in_flight: int(7)?,
+                balance_remaining: Some(int(8)?),
+            },
+            picked: redis::from_redis_value_ref::<String>(&reply[9])
+                .map_err(|_| protocol(NAME, "a picked id that is not text"))?,
+        })
+    }
+}
+
+pub const CONTRACT: Contract = Contract {
+    file: "lua/admit.lua",
+    source: super::source::ADMIT,
+    keys: AdmitKeys::NAMES,
+    keys_repeated: &[],
+    argv: AdmitArgs::NAMES,
+    argv_repeated: &[],
+    codes: &[
+        (0, "admitted"),
+        (1, "requests"),
+        (2, "tokens"),
+        (3, "concurrency"),
+        (4, "balance_exhausted"),
+        (5, "balance_committed"),
+        (6, "pool_exhausted"),
+        (7, "pool_version"),
+    ],
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_lists_every_code_of_the_enum() {
+        let from_enum: Vec<(i64, &str)> =
+            AdmitCode::CODES.iter().map(|(_, n, s)| (*n, *s)).collect();
+        assert_eq!(from_enum, CONTRACT.codes);
+    }
+}

@@ -1,0 +1,628 @@
+//! The in-process twin (`limits::memory`) proven to decide as the Lua scripts do, by a
+//! randomized differential test: proptest generates sequences of admissions (client
+//! limits of every kind, 0 included, balances with holds, with or without a provider
+//! key pick), selections, reports (with and without a lease, statuses that cool a
+//! provider key down or suspend it, rate-limit headers, tokens, costs), renewals, admin
+//! changes (balance credits, client limits, the pool, provider key resets), clock
+//! moves (small, across second and window boundaries, past lease expiry and the
+//! duplicate guard) and the twin's housekeeping (`sweep`). Each sequence runs on a fresh
+//! twin, on Redis (127.0.0.1:6379) and on a three-master Redis Cluster of the test's own,
+//! every store's clock pinned to the same instant, each case under its own key prefix.
+//! After every step it compares the answer (decision, denial reason, retry time, usage,
+//! pick, report outcome, renewal) and the provider keys' live state (`pool_state`); at
+//! the end, the records queued for the database. A failure prints the shrunk sequence.
+//!
+//! `KEYWARD_DIFF_CASES` sets how many sequences run (default 200, about 25 s here);
+//! `KEYWARD_DIFF_CASES=5000 cargo test --test twin_equals_redis` for a longer search.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use keyward::accounting::codec::record_from_entry;
+use keyward::limits::memory::MemoryCounters;
+use keyward::limits::redis::RedisCounters;
+use keyward::limits::{
+    AdmitRequest, BalanceSnapshot, Counters, Decision, LeaseId, Pick, Report, Reported,
+    SelectRequest, Verdict,
+};
+use keyward::pool::cache::{Candidate, Pool};
+use keyward::pool::learned::LearnedLimits;
+use keyward::usage::UsageRecord;
+use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use tokio::sync::mpsc;
+
+/// How long a report's duplicate guard outlives its lease (short, so sequences reach
+/// "too late").
+const GUARD_TTL_MS: i64 = 90_000;
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    rpm: Option<i64>,
+    tpm: Option<i64>,
+    concurrency: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ProviderKey {
+    priority: i64,
+    rpm: Option<i64>,
+    tpm: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Status {
+    Ok,
+    /// 429: cool the key down this long.
+    TooMany(i64),
+    /// 401: suspend it this long.
+    Revoked(i64),
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Admit {
+        key: usize,
+        tokens: i64,
+        ttl_ms: i64,
+        hold: i64,
+        select: bool,
+    },
+    Select {
+        tokens: i64,
+    },
+    /// Reports an admitted lease (any, also one reported already), with the provider key
+    /// picked for it.
+    Report {
+        lease: Index,
+        tokens: Option<(i64, i64)>,
+        cost: i64,
+        status: Status,
+    },
+    /// A report without a lease (a data token) naming a provider key.
+    ReportKey {
+        key: Index,
+        status: Status,
+        /// What the upstream's rate-limit headers said: remaining requests and tokens,
+        /// and their reset (ms).
+        learned: Option<(Option<i64>, Option<i64>, i64)>,
+    },
+    Renew {
+        lease: Index,
+        ttl_ms: i64,
+    },
+    /// An admin credit on key 0's balance (a new version).
+    Credit {
+        micros: i64,
+    },
+    /// An admin change of a client key's limits.
+    SetLimits {
+        key: usize,
+        limits: Limits,
+    },
+    /// An admin change of the pool: one key's priority and limits (a new version).
+    SetProviderKey {
+        key: Index,
+        to: ProviderKey,
+    },
+    /// `POST /admin/provider-keys/{id}/reset`.
+    ResetKey {
+        key: Index,
+    },
+    Advance {
+        ms: i64,
+    },
+    Sweep,
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    /// Where in a second the clock starts.
+    phase_ms: i64,
+    keys: [Limits; 2],
+    /// Key 0's credited balance, when it tracks one.
+    balance: Option<i64>,
+    pool: Vec<ProviderKey>,
+    ops: Vec<Op>,
+}
+
+fn limit(max: i64) -> impl Strategy<Value = Option<i64>> {
+    prop_oneof![2 => Just(None), 1 => Just(Some(0)), 5 => (1..=max).prop_map(Some)]
+}
+
+fn status() -> impl Strategy<Value = Status> {
+    prop_oneof![
+        3 => Just(Status::Ok),
+        1 => prop_oneof![Just(2_000i64), Just(45_000)].prop_map(Status::TooMany),
+        1 => prop_oneof![Just(5_000i64), Just(600_000)].prop_map(Status::Revoked),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0..2usize, 0..40i64, prop_oneof![Just(800i64), Just(5_000), Just(70_000)], 0..300i64, any::<bool>())
+            .prop_map(|(key, tokens, ttl_ms, hold, select)| Op::Admit { key, tokens, ttl_ms, hold, select }),
+        2 => (0..40i64).prop_map(|tokens| Op::Select { tokens }),
+        4 => (any::<Index>(), proptest::option::of((0..30i64, 0..30i64)), 0..500i64, status())
+            .prop_map(|(lease, tokens, cost, status)| Op::Report { lease, tokens, cost, status }),
+        2 => (any::<Index>(), status(), proptest::option::of((
+                proptest::option::of(0..3i64),
+                proptest::option::of(0..3i64),
+                prop_oneof![Just(1_500i64), Just(20_000), Just(90_000)],
+            )))
+            .prop_map(|(key, status, learned)| Op::ReportKey { key, status, learned }),
+        1 => (0..2usize, limits()).prop_map(|(key, limits)| Op::SetLimits { key, limits }),
+        1 => (any::<Index>(), provider_key())
+            .prop_map(|(key, to)| Op::SetProviderKey { key, to }),
+        1 => any::<Index>().prop_map(|key| Op::ResetKey { key }),
+        1 => (any::<Index>(), prop_oneof![Just(1_000i64), Just(60_000)])
+            .prop_map(|(lease, ttl_ms)| Op::Renew { lease, ttl_ms }),
+        1 => (0..500i64).prop_map(|micros| Op::Credit { micros }),
+        4 => prop_oneof![
+            Just(1i64), Just(250), Just(999), Just(1_000), Just(4_000), Just(30_000),
+            Just(61_000), Just(100_000)
+        ].prop_map(|ms| Op::Advance { ms }),
+        2 => Just(Op::Sweep),
+    ]
+}
+
+fn limits() -> impl Strategy<Value = Limits> {
+    (limit(4), limit(80), limit(3)).prop_map(|(rpm, tpm, concurrency)| Limits {
+        rpm,
+        tpm,
+        concurrency,
+    })
+}
+
+fn provider_key() -> impl Strategy<Value = ProviderKey> {
+    (0..3i64, limit(3), limit(60)).prop_map(|(priority, rpm, tpm)| ProviderKey {
+        priority,
+        rpm,
+        tpm,
+    })
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        0..1000i64,
+        [limits(), limits()],
+        proptest::option::of(0..1_500i64),
+        proptest::collection::vec(provider_key(), 1..=3),
+        proptest::collection::vec(op(), 1..40),
+    )
+        .prop_map(|(phase_ms, keys, balance, pool, ops)| Case {
+            phase_ms,
+            keys,
+            balance,
+            pool,
+            ops,
+        })
+}
+
+/// One store under test.
+struct Store {
+    name: &'static str,
+    counters: Counters,
+    /// The twin's accounting queue.
+    queue: Option<mpsc::Receiver<UsageRecord>>,
+    /// The shared Redis' URL and this case's prefix, to clean up.
+    redis: Option<(String, String)>,
+}
+
+impl Store {
+    fn twin() -> Store {
+        let (tx, rx) = mpsc::channel(10_000);
+        Store {
+            name: "twin",
+            counters: Counters::Memory(Arc::new(MemoryCounters::new(GUARD_TTL_MS, tx))),
+            queue: Some(rx),
+            redis: None,
+        }
+    }
+
+    async fn redis(name: &'static str, url: &str) -> Store {
+        let prefix = common::unique_prefix();
+        let redis = RedisCounters::connect(url, &prefix, GUARD_TTL_MS)
+            .await
+            .unwrap();
+        Store {
+            name,
+            counters: Counters::Redis(Arc::new(redis)),
+            queue: None,
+            // The private cluster goes with the test: only the shared Redis is cleaned.
+            redis: (name == "redis").then(|| (url.to_string(), prefix)),
+        }
+    }
+
+    /// The records queued for the database, in order, without their ids (random per
+    /// store for reports without a lease).
+    async fn records(&mut self) -> Vec<UsageRecord> {
+        let mut out = Vec::new();
+        if let Some(queue) = &mut self.queue {
+            while let Ok(r) = queue.try_recv() {
+                out.push(r);
+            }
+        }
+        if let Counters::Redis(redis) = &self.counters {
+            let mut conn = redis.conn().await.unwrap();
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(redis.stream_key())
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            out = reply
+                .ids
+                .iter()
+                .map(|e| record_from_entry(&e.map).unwrap())
+                .collect();
+        }
+        out
+    }
+
+    async fn cleanup(self) {
+        if let Some((url, prefix)) = &self.redis {
+            common::delete_prefix(url, prefix).await;
+        }
+    }
+}
+
+/// What one step answered, for comparison.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Skipped,
+    Admit(Decision),
+    Select(Pick),
+    Report(Reported),
+    Renew(Option<i64>),
+    Done,
+}
+
+/// An admitted lease, as the twin saw it (the stores agreed on it, or the run stopped).
+struct Held {
+    lease: LeaseId,
+    expires_at: i64,
+    picked: Option<usize>,
+}
+
+fn report_status(status: Status) -> (Option<i64>, i64, i64) {
+    match status {
+        Status::Ok => (Some(200), 0, 0),
+        Status::TooMany(ms) => (Some(429), ms, 0),
+        Status::Revoked(ms) => (Some(401), 0, ms),
+    }
+}
+
+/// Runs one case on every store; the first difference fails it.
+async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
+    let mut stores = vec![
+        Store::twin(),
+        Store::redis("redis", &common::redis_url()).await,
+        Store::redis("cluster", cluster_url).await,
+    ];
+    let start = 1_800_000_000_000 + case.phase_ms;
+    for s in &stores {
+        s.counters.time_shift().pin(start);
+    }
+    let provider = common::unique_prefix();
+    let candidates: Vec<Candidate> = case
+        .pool
+        .iter()
+        .enumerate()
+        .map(|(i, k)| Candidate {
+            id: uuid::Uuid::new_v4().to_string(),
+            provider: provider.clone(),
+            label: format!("k{i}"),
+            priority: k.priority,
+            max_rpm: k.rpm,
+            max_tpm: k.tpm,
+            value: "sk".into(),
+        })
+        .collect();
+    let ids: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
+    let mut stamp = 1;
+    let mut pool = Pool::stamped(candidates, stamp);
+    let mut limits = case.keys;
+    let key_ids = [
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    ];
+    let mut balance = case.balance.map(|credited| BalanceSnapshot {
+        credited,
+        used: 0,
+        version: 1,
+    });
+    let mut held: Vec<Held> = Vec::new();
+    let mut leases_lapse_at = [0i64; 2];
+
+    let result = async {
+        for (step, op) in case.ops.iter().enumerate() {
+            let mut answers = Vec::new();
+            let world = World {
+                provider: &provider,
+                pool: &pool,
+                key_ids: &key_ids,
+                limits: &limits,
+                balance,
+                held: &held,
+                leases_lapse_at,
+                step,
+            };
+            for s in &stores {
+                answers.push(apply(s, op, &world).await);
+            }
+            let mut states = Vec::new();
+            for s in &stores {
+                states.push(s.counters.pool_state(&provider, &ids).await.unwrap());
+            }
+            compare(&stores, step, op, &answers, "answer")?;
+            compare(&stores, step, op, &states, "provider keys' live state")?;
+            // Only after the stores agreed: the next step's view of the leases.
+            match op {
+                Op::Credit { micros } => {
+                    if let Some(b) = balance.as_mut() {
+                        b.credited += micros;
+                        b.version += 1;
+                    }
+                }
+                Op::SetLimits { key, limits: to } => limits[*key] = *to,
+                Op::SetProviderKey { key, to } => {
+                    let mut candidates = pool.to_vec();
+                    let c = &mut candidates[key.index(ids.len())];
+                    (c.priority, c.max_rpm, c.max_tpm) = (to.priority, to.rpm, to.tpm);
+                    stamp += 1;
+                    pool = Pool::stamped(candidates, stamp);
+                }
+                _ => {}
+            }
+            if let (Op::Renew { lease, .. }, Answer::Renew(Some(expiry))) = (op, &answers[0]) {
+                let h = &held[lease.index(held.len())];
+                let k = usize::from(h.lease.key_id != key_ids[0]);
+                leases_lapse_at[k] = leases_lapse_at[k].max(expiry + 1000);
+            }
+            if let (Op::Admit { key, .. }, Answer::Admit(d)) = (op, &answers[0]) {
+                if let Verdict::Admitted { expires_at_ms } = d.verdict {
+                    leases_lapse_at[*key] = leases_lapse_at[*key].max(expires_at_ms + 1000);
+                    held.push(Held {
+                        lease: pending_lease(&key_ids[*key], step),
+                        expires_at: expires_at_ms,
+                        picked: d.picked,
+                    });
+                }
+            }
+        }
+        let mut records = Vec::new();
+        for s in &mut stores {
+            let mut r = s.records().await;
+            for record in &mut r {
+                if record.key_id.is_none() {
+                    record.id = String::new();
+                }
+            }
+            records.push(r);
+        }
+        compare(
+            &stores,
+            case.ops.len(),
+            &"the end of the sequence",
+            &records,
+            "records queued",
+        )
+    }
+    .await;
+    for s in stores {
+        s.cleanup().await;
+    }
+    result
+}
+
+/// The lease of the admission at `step`: derived from the step, so every store is asked
+/// with the same token.
+fn pending_lease(key_id: &str, step: usize) -> LeaseId {
+    LeaseId {
+        key_id: key_id.to_string(),
+        token: format!("{step:032x}"),
+    }
+}
+
+fn compare<T: std::fmt::Debug + PartialEq>(
+    stores: &[Store],
+    step: usize,
+    op: &dyn std::fmt::Debug,
+    seen: &[T],
+    what: &str,
+) -> Result<(), TestCaseError> {
+    for (s, other) in stores.iter().zip(seen).skip(1) {
+        if *other != seen[0] {
+            return Err(TestCaseError::fail(format!(
+                "step {step} ({op:?}): the {what} differs\n  twin:  {:?}\n  {}: {other:?}",
+                seen[0], s.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What every step needs besides its op.
+struct World<'a> {
+    provider: &'a str,
+    pool: &'a Pool,
+    key_ids: &'a [String; 2],
+    limits: &'a [Limits; 2],
+    balance: Option<BalanceSnapshot>,
+    held: &'a [Held],
+    /// Per client key: when Redis lets its lease set expire (see `Op::Sweep`).
+    leases_lapse_at: [i64; 2],
+    step: usize,
+}
+
+async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
+    let c = &s.counters;
+    match op {
+        Op::Admit {
+            key,
+            tokens,
+            ttl_ms,
+            hold,
+            select,
+        } => {
+            let lease = pending_lease(&w.key_ids[*key], w.step);
+            let limits = w.limits[*key];
+            let request = AdmitRequest {
+                lease: &lease,
+                rpm: limits.rpm,
+                tpm: limits.tpm,
+                concurrency: limits.concurrency,
+                tokens: *tokens,
+                lease_ttl_ms: *ttl_ms,
+                provider: w.provider,
+                model: "m",
+                api_format: "f",
+                balance: w.balance.filter(|_| *key == 0),
+                hold_micros: *hold,
+                pool: select.then_some(w.pool),
+            };
+            Answer::Admit(c.admit(&request).await.unwrap())
+        }
+        Op::Select { tokens } => Answer::Select(
+            c.select(&SelectRequest {
+                provider: w.provider,
+                candidates: w.pool,
+                tokens: *tokens,
+            })
+            .await
+            .unwrap(),
+        ),
+        Op::Report {
+            lease,
+            tokens,
+            cost,
+            status,
+        } => {
+            if w.held.is_empty() {
+                return Answer::Skipped;
+            }
+            let h = &w.held[lease.index(w.held.len())];
+            let (upstream_status, cooldown_ms, suspend_ms) = report_status(*status);
+            let stopped = cooldown_ms > 0 || suspend_ms > 0;
+            let report = Report {
+                lease: Some(h.lease.clone()),
+                id: h.lease.to_string(),
+                lease_expires_at_ms: h.expires_at,
+                tokens: *tokens,
+                token_classes: Default::default(),
+                cost_micros: *cost,
+                usage_source: Default::default(),
+                model: None,
+                provider_key_id: h.picked.map(|i| w.pool[i].id.clone()),
+                // As the data plane: the provider is looked up only to cool or suspend.
+                provider: (stopped && h.picked.is_some()).then(|| w.provider.to_string()),
+                latency_ms: Some(5),
+                upstream_status,
+                cooldown_ms,
+                suspend_ms,
+                source: format!("lease {}", h.lease),
+                learned: None,
+            };
+            Answer::Report(c.report(&report).await.unwrap())
+        }
+        Op::ReportKey {
+            key,
+            status,
+            learned,
+        } => {
+            let id = &w.pool[key.index(w.pool.len())].id;
+            let (upstream_status, cooldown_ms, suspend_ms) = report_status(*status);
+            let report = Report {
+                lease: None,
+                id: uuid::Uuid::new_v4().to_string(),
+                lease_expires_at_ms: 0,
+                tokens: Some((1, 1)),
+                token_classes: Default::default(),
+                cost_micros: 0,
+                usage_source: Default::default(),
+                model: Some("m".into()),
+                provider_key_id: Some(id.clone()),
+                provider: Some(w.provider.to_string()),
+                latency_ms: None,
+                upstream_status,
+                cooldown_ms,
+                suspend_ms,
+                source: "data-token".into(),
+                learned: learned.map(|(requests, tokens, reset)| LearnedLimits {
+                    remaining_requests: requests,
+                    remaining_tokens: tokens,
+                    requests_reset_ms: Some(reset),
+                    tokens_reset_ms: Some(reset),
+                }),
+            };
+            Answer::Report(c.report(&report).await.unwrap())
+        }
+        Op::Renew { lease, ttl_ms } => {
+            if w.held.is_empty() {
+                return Answer::Skipped;
+            }
+            let h = &w.held[lease.index(w.held.len())];
+            Answer::Renew(c.renew(&h.lease, *ttl_ms).await.unwrap())
+        }
+        Op::Credit { .. } | Op::SetLimits { .. } | Op::SetProviderKey { .. } => Answer::Done,
+        Op::ResetKey { key } => {
+            let id = &w.pool[key.index(w.pool.len())].id;
+            c.reset_provider_key(w.provider, id).await.unwrap();
+            Answer::Done
+        }
+        Op::Advance { ms } => {
+            c.time_shift().advance(*ms);
+            Answer::Done
+        }
+        Op::Sweep => {
+            c.sweep();
+            // Redis' own housekeeping is key expiry, on the wall clock, which the test
+            // clock does not move: apply it here, at the test clock. A client key's lease
+            // set and data expire a second after the latest expiry any of its leases had.
+            if let Counters::Redis(redis) = c {
+                let now = c.time_shift().now_ms();
+                for (key_id, lapse) in w.key_ids.iter().zip(w.leases_lapse_at) {
+                    if lapse <= now {
+                        let mut conn = redis.conn().await.unwrap();
+                        let _: i64 = redis::cmd("DEL")
+                            .arg(redis.key(key_id, "leases"))
+                            .arg(redis.key(key_id, "ld"))
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+            Answer::Done
+        }
+    }
+}
+
+#[test]
+fn the_twin_decides_as_the_scripts_do() {
+    let cases = std::env::var("KEYWARD_DIFF_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // One cluster for the whole test; each case has its own prefix in it.
+    let cluster = runtime.block_on(common::PrivateCluster::start());
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&case(), |case| runtime.block_on(run(&case, &cluster.url)));
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
