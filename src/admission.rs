@@ -28,7 +28,7 @@ use crate::limits::{
     Usage, Verdict,
 };
 use crate::names;
-use crate::pool::cache::{Candidate, Pool, PoolCache};
+use crate::pool::cache::{Candidate, Roster, RosterCache};
 use crate::pool::valid_provider;
 use crate::prices::{Price, PriceCache};
 
@@ -146,7 +146,7 @@ pub struct Defaults {
 
 pub struct Admission {
     cache: Arc<KeyCache>,
-    pools: Arc<PoolCache>,
+    rosters: Arc<RosterCache>,
     /// One reload at a time of a pool that Redis holds a newer version of, so the
     /// requests that meet it together load it from the database once.
     pool_reload: tokio::sync::Mutex<()>,
@@ -183,7 +183,7 @@ fn plausible_secret(secret: &str) -> bool {
 impl Admission {
     pub fn new(
         cache: Arc<KeyCache>,
-        pools: Arc<PoolCache>,
+        rosters: Arc<RosterCache>,
         counters: Counters,
         keyring: Arc<Keyring>,
         prices: Arc<PriceCache>,
@@ -191,7 +191,7 @@ impl Admission {
     ) -> Self {
         Self {
             cache,
-            pools,
+            rosters,
             pool_reload: tokio::sync::Mutex::new(()),
             counters,
             keyring,
@@ -232,12 +232,13 @@ impl Admission {
         Ok(price)
     }
 
-    /// The provider of a key in one of the pools this process holds, or `None`; never
-    /// reads the database. A scan of the held pools: only upstream 429/401/403 reports
+    /// The provider of a key in one of the rosters this process holds, or `None`; never
+    /// reads the database. A scan of the held rosters: only upstream 429/401/403 reports
     /// ask.
     pub fn held_provider_of(&self, key_id: &str) -> Option<String> {
-        self.pools.find_held(|pool| {
-            pool.iter()
+        self.rosters.find_held(|roster| {
+            roster
+                .iter()
                 .find(|c| c.id == key_id)
                 .map(|c| c.provider.clone())
         })
@@ -287,7 +288,7 @@ impl Admission {
     }
 
     /// The provider's active keys, in the order selection tries them; never empty.
-    async fn candidates(&self, provider: Option<&str>) -> Result<Arc<Pool>, AdmitError> {
+    async fn candidates(&self, provider: Option<&str>) -> Result<Arc<Roster>, AdmitError> {
         let provider = names::optional("provider", provider)
             .map_err(|e| AdmitError::BadRequest(e.to_string()))?
             .ok_or_else(|| {
@@ -298,7 +299,7 @@ impl Admission {
                 "provider must be 1 to 64 of A-Z, a-z, 0-9, ., _ and -".into(),
             ));
         }
-        let candidates = self.pools.get(provider).await?;
+        let candidates = self.rosters.get(provider).await?;
         if candidates.is_empty() {
             return Err(AdmitError::NoProviderKey(provider.to_string()));
         }
@@ -307,11 +308,11 @@ impl Admission {
 
     /// The provider's active keys when it has any; `None` for no provider, a name that
     /// cannot be a pool's, or a pool without active keys.
-    async fn pool_if_any(&self, provider: Option<&str>) -> Result<Option<Arc<Pool>>, AdmitError> {
+    async fn pool_if_any(&self, provider: Option<&str>) -> Result<Option<Arc<Roster>>, AdmitError> {
         let Some(provider) = provider.filter(|p| valid_provider(p)) else {
             return Ok(None);
         };
-        let candidates = self.pools.get(provider).await?;
+        let candidates = self.rosters.get(provider).await?;
         Ok((!candidates.is_empty()).then_some(candidates))
     }
 
@@ -319,14 +320,14 @@ impl Admission {
     /// `used` (this replica missed an invalidation): held or loaded later than that, and
     /// never empty. Reloaded from the database at most once per such meeting; the
     /// requests that meet it together wait for that one load.
-    async fn newer_pool(&self, used: &Pool, newer: i64) -> Result<Arc<Pool>, AdmitError> {
+    async fn newer_pool(&self, used: &Roster, newer: i64) -> Result<Arc<Roster>, AdmitError> {
         let provider = used.first().map_or("", |c| c.provider.as_str());
         let _one_at_a_time = self.pool_reload.lock().await;
-        let held = self.pools.get(provider).await?;
+        let held = self.rosters.get(provider).await?;
         let fresh = if held.stamp() > newer {
             held
         } else {
-            self.pools.reload(provider).await?
+            self.rosters.reload(provider).await?
         };
         if fresh.is_empty() {
             return Err(AdmitError::NoProviderKey(provider.to_string()));

@@ -19,6 +19,7 @@
 pub mod accounting;
 pub mod admission;
 pub mod app;
+pub mod bus;
 pub mod cache;
 pub mod cli;
 pub mod client_keys;
@@ -37,6 +38,8 @@ pub mod names;
 pub mod pool;
 pub mod prices;
 pub mod probe;
+pub mod provider_keys;
+pub mod reporting;
 pub mod rotation;
 pub mod telemetry;
 pub mod usage;

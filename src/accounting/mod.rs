@@ -21,7 +21,6 @@
 //! after every record in it was applied or its dead letter committed.
 
 pub mod embedded;
-pub mod report;
 pub mod stream;
 
 use std::time::Duration;

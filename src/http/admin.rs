@@ -20,9 +20,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::extract::{optional_bool, IdPath, JsonBody, QueryArgs};
-use crate::app::AppState;
+use super::state::AppState;
 use crate::client_keys::input::{BalanceRequest, CreateKeyRequest, ExpireRequest, PatchKeyRequest};
 use crate::client_keys::store::ListFilter;
 use crate::client_keys::ClientKey;
@@ -83,8 +83,7 @@ pub fn router(state: AppState) -> Router {
 async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(expected) = state.admin_token_digest else {
         return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "ADMIN_DISABLED",
+            ErrorCode::AdminDisabled,
             "the admin API is disabled: set KEYWARD_ADMIN_TOKEN to enable it",
         )
         .into_response();
@@ -93,8 +92,7 @@ async fn require_admin(State(state): State<AppState>, request: Request, next: Ne
         return next.run(request).await;
     }
     let mut response = ApiError::new(
-        StatusCode::UNAUTHORIZED,
-        "UNAUTHORIZED",
+        ErrorCode::Unauthorized,
         "missing or wrong admin token (Authorization: Bearer <KEYWARD_ADMIN_TOKEN>)",
     )
     .into_response();
@@ -288,7 +286,7 @@ async fn add_provider_key(
 ) -> Result<impl IntoResponse, ApiError> {
     let provider = provider_path(provider)?;
     let key = body.validate().map_err(ApiError::bad_request)?;
-    let stored = state.pools.add(&provider, key).await?;
+    let stored = state.provider_keys.add(&provider, key).await?;
     Ok((StatusCode::CREATED, Json(json!(stored.view(None)))))
 }
 
@@ -297,7 +295,7 @@ async fn list_provider_keys(
     provider: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let provider = provider_path(provider)?;
-    let keys = state.pools.list(&provider).await?;
+    let keys = state.provider_keys.list(&provider).await?;
     let views: Vec<_> = keys
         .iter()
         .map(|(k, live)| k.view(Some(live.clone())))
@@ -312,7 +310,7 @@ async fn patch_provider_key(
 ) -> Result<Json<Value>, ApiError> {
     let patch = body.validate().map_err(ApiError::bad_request)?;
     Ok(Json(json!(state
-        .pools
+        .provider_keys
         .update(&id, &patch)
         .await?
         .view(None))))
@@ -322,7 +320,7 @@ async fn delete_provider_key(
     State(state): State<AppState>,
     IdPath(id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
-    let key = state.pools.delete(&id).await?;
+    let key = state.provider_keys.delete(&id).await?;
     Ok(Json(json!({"id": key.id, "deleted": true})))
 }
 
@@ -331,7 +329,7 @@ async fn reset_provider_key(
     State(state): State<AppState>,
     IdPath(id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
-    let (key, live) = state.pools.reset(&id).await?;
+    let (key, live) = state.provider_keys.reset(&id).await?;
     Ok(Json(json!(key.view(Some(live)))))
 }
 
@@ -354,7 +352,7 @@ async fn provider_key_usage(
             .map_err(|_| ApiError::bad_request("limit must be a whole number"))?
             .clamp(1, 60),
     };
-    let windows = state.pools.usage(&id, limit).await?;
+    let windows = state.provider_keys.usage(&id, limit).await?;
     let windows: Vec<Value> = windows
         .iter()
         .map(
@@ -408,7 +406,7 @@ async fn delete_price(
 }
 
 async fn rotate_encryption(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let rotated = crate::rotation::rotate(&state.db, &state.keyring, &state.bus).await?;
+    let rotated = crate::rotation::rotate(&state.db, &state.keyring, &*state.invalidator).await?;
     Ok(Json(json!(rotated)))
 }
 
@@ -460,8 +458,7 @@ async fn replay_dead_letter(
             ))
         }
         Replay::Refused(error) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "REPLAY_REFUSED",
+            ErrorCode::ReplayRefused,
             format!("the database refused the record again; it stays a dead letter: {error}"),
         )),
     }

@@ -16,20 +16,17 @@ use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::extract::{JsonBody, TextPath};
 use super::ratelimit;
-use crate::accounting::report::ReportBody;
+use super::state::AppState;
 use crate::admission::{AdmitBody, AdmitError, Admitted};
-use crate::app::AppState;
 use crate::clock::to_rfc3339;
 use crate::lease::SignedLease;
-use crate::limits::{Report, Reported};
 use crate::money::Usd;
-use crate::pool::PoolError;
-use crate::prices;
-use crate::usage::parse::Usage;
-use crate::usage::upstream::{UpstreamBody, UpstreamError};
+use crate::reporting::body::ReportBody;
+use crate::reporting::upstream::{UpstreamBody, UpstreamError};
+use crate::reporting::{ReportError, Settled};
 use crate::usage::UsageSource;
 
 /// How long `/readyz` waits for a backend before calling it unreachable.
@@ -158,7 +155,7 @@ async fn admit(State(state): State<AppState>, JsonBody(body): JsonBody<AdmitBody
                 _ => None,
             };
             let error = ApiError::from(e);
-            crate::metrics::decision("admit", started, Some((error.code, error.limit)));
+            crate::metrics::decision("admit", started, Some((error.code.as_str(), error.limit)));
             let mut response = error.into_response();
             if let Some((key, usage)) = limits {
                 ratelimit::apply(response.headers_mut(), &key, &usage);
@@ -203,7 +200,7 @@ async fn select(
         }
         Err(e) => {
             let error = ApiError::from(e);
-            crate::metrics::decision("select", started, Some((error.code, error.limit)));
+            crate::metrics::decision("select", started, Some((error.code.as_str(), error.limit)));
             return Err(error);
         }
     };
@@ -307,141 +304,49 @@ fn verified_lease(
 
 /// A report is authorized by its lease (it charges the lease's key, and an upstream
 /// status acts only on the provider key picked for that lease), or, without a lease, by
-/// the data-plane token.
+/// the data-plane token. Settling it is [`crate::reporting`]'s.
 async fn report(
     State(state): State<AppState>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<ReportBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let mut body = report_from_headers(body, &headers);
+    let body = report_from_headers(body, &headers);
     let lease = match body.lease_id.as_deref() {
-        Some(text) => {
-            let lease = verified_lease(&state, text, "report")?;
-            let named = body
-                .provider_key_id
-                .as_deref()
-                .map(|id| uuid::Uuid::try_parse(id).map(|u| u.hyphenated().to_string()));
-            if named.is_some_and(|named| named.ok() != lease.provider_key_id) {
-                return Err(refused(
-                    "report",
-                    "not_the_lease_provider_key",
-                    ApiError::bad_request(
-                        "provider_key_id is not the provider key picked for this lease",
-                    ),
-                ));
-            }
-            body.provider_key_id.clone_from(&lease.provider_key_id);
-            Some(lease)
-        }
+        Some(text) => Some(verified_lease(&state, text, "report")?),
         None => {
             require_data_token(&state, &headers, "report")?;
             None
         }
     };
-    record(&state, body, lease, UsageSource::Reported).await
+    settled(
+        state
+            .reports
+            .settle(body, lease, UsageSource::Reported)
+            .await,
+        "report",
+    )
 }
 
-/// Statuses without usage after which the upstream may still have worked on the request:
-/// nginx's 499 (the client closed the connection before the answer) and 504 (the proxy
-/// gave up waiting while the upstream went on). They are charged the hold, like a
-/// success whose usage could not be read.
-const MAY_HAVE_WORKED: [i64; 2] = [499, 504];
-
-/// Settles a report whose proof was checked: `lease` is the lease it names (and
-/// `body.provider_key_id` that lease's pick), `None` for one with the data-plane token.
-/// `origin` says where its tokens come from (the caller, or keyward's reading of the
-/// upstream's answer).
-///
-/// What the request is charged (the books match what happened):
-/// - an explicit `cost_usd`: that;
-/// - tokens: their cost at the price the lease was admitted at (signed into it), else at
-///   the report's model's price now ([`priced_cost`]);
-/// - no usage and an upstream status that is not 2xx: nothing (the upstream served
-///   nothing), but for [`MAY_HAVE_WORKED`];
-/// - no usage otherwise (a successful answer whose usage could not be read): the lease's
-///   hold, marked `estimated`, never zero.
-async fn record(
-    state: &AppState,
-    body: ReportBody,
-    lease: Option<SignedLease>,
-    origin: UsageSource,
+/// The answer to a settled report, or its refusal (one naming another provider key than
+/// the lease's pick is counted as a refusal for lack of proof).
+fn settled(
+    result: Result<Settled, ReportError>,
+    endpoint: &'static str,
 ) -> Result<Json<Value>, ApiError> {
-    let explicit_cost = body.cost_usd.is_some();
-    let (price, hold) = lease
-        .as_ref()
-        .map_or((None, None), |l| (l.price, Some(l.hold_micros)));
-    let mut report = body
-        .validate(state.pool_policy, lease)
-        .map_err(ApiError::bad_request)?;
-    report.usage_source = origin;
-    // An upstream's refusal spent nothing (but see [`MAY_HAVE_WORKED`]).
-    let failed = report
-        .upstream_status
-        .is_some_and(|s| !(200..300).contains(&s) && !MAY_HAVE_WORKED.contains(&s));
-    match (explicit_cost, report.tokens, price, hold) {
-        (true, _, _, _) => {}
-        (false, Some(_), Some(price), _) => {
-            report.cost_micros = prices::cost_micros(&price, &usage_of(&report))
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        }
-        (false, Some(_), None, _) => report.cost_micros = priced_cost(state, &report).await?,
-        (false, None, _, Some(hold)) if !failed => {
-            report.cost_micros = hold;
-            report.usage_source = UsageSource::Estimated;
-        }
-        (false, None, _, _) => {}
-    }
-    let event = if report.cooldown_ms > 0 {
-        Some("cooldown")
-    } else if report.suspend_ms > 0 {
-        Some("suspension")
-    } else if report.learned_cooldown_ms() > 0 {
-        Some("learned_cooldown")
-    } else {
-        None
-    };
-    if let (true, Some(id)) = (
-        event.is_some() || report.learned.is_some(),
-        &report.provider_key_id,
-    ) {
-        // Only after an upstream 429/401/403, or rate-limit headers to keep.
-        report.provider = provider_of(state, id).await.ok().flatten();
-    }
-    if let crate::limits::Counters::Memory(_) = state.counters {
-        // The in-process queue is only as good as its writer: refuse before anything
-        // changes rather than acknowledge a report that cannot be stored.
-        state.accounting.check()?;
-    }
-    let outcome = state.counters.report(&report).await?;
-    let m = crate::metrics::get();
-    match outcome {
-        Reported::Recorded => {
-            m.reports.with_label_values(&["recorded"]).inc();
-            if let Some(event) = event.filter(|_| report.provider_key_id.is_some()) {
-                let provider = report.provider.as_deref().unwrap_or("unknown");
-                m.provider_key_events
-                    .with_label_values(&[provider, event])
-                    .inc();
-            }
-            Ok(Json(json!({"recorded": true})))
-        }
-        Reported::Duplicate => {
-            m.reports.with_label_values(&["duplicate"]).inc();
-            Ok(Json(json!({"recorded": false, "duplicate": true})))
-        }
-        Reported::TooLate => {
-            m.reports.with_label_values(&["too_late"]).inc();
-            Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "LEASE_REPORT_TOO_LATE",
-                "the lease expired longer ago than KEYWARD_REPORT_DEDUPE_TTL_S: a repeat could no longer be told apart, so nothing was recorded",
-            ))
-        }
+    match result {
+        Ok(Settled::Recorded) => Ok(Json(json!({"recorded": true}))),
+        Ok(Settled::Duplicate) => Ok(Json(json!({"recorded": false, "duplicate": true}))),
+        Err(e @ ReportError::NotTheLeasePick) => Err(refused(
+            endpoint,
+            "not_the_lease_provider_key",
+            ApiError::from(e),
+        )),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// The proxies' report: the upstream's status, headers and an excerpt of its answer
-/// ([`crate::usage::upstream`]). Authorized by the lease in `x-keyward-lease` alone,
+/// ([`crate::reporting::upstream`]). Authorized by the lease in `x-keyward-lease` alone,
 /// checked before the body is read; the report then acts only on that lease's key and
 /// its pick, and settles like `/v1/report` with the tokens keyward read.
 async fn report_upstream(
@@ -464,87 +369,23 @@ async fn report_upstream(
         })?;
     let lease = verified_lease(&state, text, ENDPOINT)?;
     let JsonBody(body) = body?;
-    let (mut report, read) =
-        body.into_report(text, crate::clock::now_ms())
-            .map_err(|e| match e {
-                UpstreamError::Bad(m) => ApiError::bad_request(m),
-                UpstreamError::TooLarge(m) => {
-                    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", m)
-                }
-            })?;
+    let (report, read) = body
+        .into_report(text, crate::clock::now_ms())
+        .map_err(|e| match e {
+            UpstreamError::Bad(m) => ApiError::bad_request(m),
+            UpstreamError::TooLarge(m) => ApiError::new(ErrorCode::PayloadTooLarge, m),
+        })?;
     crate::metrics::get()
         .upstream_usage
         .with_label_values(&[read.label()])
         .inc();
-    report.provider_key_id.clone_from(&lease.provider_key_id);
-    record(&state, report, Some(lease), UsageSource::Parsed).await
-}
-
-/// The provider of a provider key: from the pools this process holds (no database on the
-/// request path), else from the database (a key it never loaded); `None` for a key that
-/// does not exist.
-async fn provider_of(state: &AppState, key_id: &str) -> Result<Option<String>, PoolError> {
-    if let Some(provider) = state.admission.held_provider_of(key_id) {
-        return Ok(Some(provider));
-    }
-    match state.pools.get(key_id).await {
-        Ok(key) => Ok(Some(key.provider)),
-        Err(PoolError::NotFound(_)) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// What a report's tokens cost at its model's price (see [`crate::prices`]), for a report
-/// without `cost_usd`: it needs tokens, a `model`, and the provider key that served the
-/// request (the lease's, or `provider_key_id`), whose provider names the price list. The
-/// provider comes from the pools this process holds, else from the database. Without
-/// any of these, or without a price, the cost is 0, as before prices existed.
-///
-/// A report must settle (release its slot, settle its tokens) while the database is
-/// away, like every other report: prices held in memory are used then (the cache serves
-/// them past their TTL), and a price that cannot be loaded leaves the cost at 0 with a
-/// warning, rather than refusing the report.
-async fn priced_cost(state: &AppState, report: &Report) -> Result<i64, ApiError> {
-    let (Some(_), Some(model), Some(key_id)) = (
-        report.tokens,
-        report.model.as_deref(),
-        report.provider_key_id.as_deref(),
-    ) else {
-        return Ok(0);
-    };
-    let provider = match provider_of(state, key_id).await {
-        Ok(Some(provider)) => provider,
-        Ok(None) => return Ok(0),
-        Err(e) => return Ok(unpriced(&e)),
-    };
-    let price = match state.prices.price_of(&provider, model).await {
-        Ok(Some(price)) => price,
-        Ok(None) => return Ok(0),
-        Err(e) => return Ok(unpriced(&e)),
-    };
-    prices::cost_micros(&price, &usage_of(report)).map_err(|e| ApiError::bad_request(e.to_string()))
-}
-
-/// A report's tokens as the price list counts them.
-fn usage_of(report: &Report) -> Usage {
-    let (input_tokens, output_tokens) = report.tokens.unwrap_or((0, 0));
-    Usage {
-        input_tokens,
-        cached_input_tokens: report.token_classes.cached,
-        cache_write_tokens: report.token_classes.cache_write,
-        output_tokens,
-        reasoning_tokens: report.token_classes.reasoning,
-    }
-}
-
-/// The cost of a report whose price could not be loaded: 0, logged at most once a
-/// second (an outage would otherwise log every report).
-fn unpriced(error: &dyn std::error::Error) -> i64 {
-    static LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
-    if LOG.ready().is_some() {
-        tracing::warn!(error = %error, "cannot load a price for a report's tokens; recorded with cost 0");
-    }
-    0
+    settled(
+        state
+            .reports
+            .settle(report, Some(lease), UsageSource::Parsed)
+            .await,
+        ENDPOINT,
+    )
 }
 
 /// A renewal is authorized by the lease itself; its id does not change.

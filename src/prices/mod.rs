@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{now_ms, to_rfc3339};
 use crate::db::{Db, StoreError};
-use crate::invalidation::Bus;
+use crate::invalidation::Invalidator;
 use crate::money::{format_usd, Usd, MAX_REPORT_MICROS, MICROS_PER_USD};
 use crate::usage::parse::Usage;
 
@@ -286,12 +286,16 @@ pub enum PriceError {
 pub struct Prices {
     db: Db,
     cache: Arc<PriceCache>,
-    bus: Arc<Bus>,
+    invalidator: Invalidator,
 }
 
 impl Prices {
-    pub fn new(db: Db, cache: Arc<PriceCache>, bus: Arc<Bus>) -> Self {
-        Self { db, cache, bus }
+    pub fn new(db: Db, cache: Arc<PriceCache>, invalidator: Invalidator) -> Self {
+        Self {
+            db,
+            cache,
+            invalidator,
+        }
     }
 
     /// Sets a model's price (replacing the whole price); every replica drops its copy.
@@ -302,7 +306,7 @@ impl Prices {
         price: Price,
     ) -> Result<ModelPrice, PriceError> {
         let stored = store::upsert(&self.db, provider, model, &price, now_ms()).await?;
-        self.bus.prices_changed(provider).await;
+        self.invalidator.prices_changed(provider).await;
         tracing::info!(provider, model, "price set");
         Ok(stored)
     }
@@ -318,7 +322,7 @@ impl Prices {
             provider: provider.to_string(),
             model: model.to_string(),
         })?;
-        self.bus.prices_changed(provider).await;
+        self.invalidator.prices_changed(provider).await;
         tracing::info!(provider, model, "price removed");
         Ok(deleted)
     }
@@ -333,7 +337,7 @@ impl Prices {
         let providers: std::collections::BTreeSet<&str> =
             entries.iter().map(|(p, _, _)| p.as_str()).collect();
         for provider in providers {
-            self.bus.prices_changed(provider).await;
+            self.invalidator.prices_changed(provider).await;
         }
         if !entries.is_empty() {
             tracing::info!(

@@ -56,7 +56,7 @@ use serde_json::Value;
 /// The largest token count taken as real; a larger one is treated as unreadable.
 pub const MAX_TOKENS: i64 = 1_000_000_000_000;
 
-/// The API formats keyward infers from a request path (`http::authz::api_format`).
+/// The API formats keyward infers from a request path ([`super::api_format::of_path`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApiFormat {
     OpenAiChat,
@@ -945,7 +945,7 @@ mod tests {
             "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
             "/v1beta/models/text-embedding-004:embedContent",
         ] {
-            let (name, _) = crate::http::authz::api_format(path).unwrap();
+            let (name, _) = crate::usage::api_format::of_path(path).unwrap();
             assert_eq!(ApiFormat::from_name(name).map(ApiFormat::name), Some(name));
         }
         assert_eq!(ApiFormat::from_name("OpenAI_Chat"), None);
