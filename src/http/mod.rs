@@ -11,7 +11,9 @@ pub mod error;
 pub mod error_code;
 pub mod extract;
 pub mod openapi;
+mod proof;
 pub mod ratelimit;
+mod report;
 pub mod scan;
 pub mod state;
 

@@ -2,6 +2,9 @@
 //! rate-limit headers and an excerpt of its answer, turned into the report that
 //! `/v1/report` settles.
 //!
+//! (Over 400 lines: the body's format is documented here in full, and its tests, about
+//! 160 lines, sit beside it; the code is about 230.)
+//!
 //! The shipped Envoy configuration keeps the answer's first bytes (`head`) and a rolling
 //! window of its last bytes (`tail`) while the answer streams through to the client, and
 //! posts them after the last chunk. keyward, not the proxy, reads the usage from them

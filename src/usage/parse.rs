@@ -1,5 +1,10 @@
 //! The usage an upstream reported in its answer, read from an excerpt of the body.
 //!
+//! (Long on purpose: one parser over seven APIs and two framings whose every cut point
+//! must be refused, not guessed; about 600 lines are its tests, one per way an excerpt
+//! can be cut, kept beside the scanner they check. Splitting the scanner from the
+//! per-API readers would spread one invariant over several files.)
+//!
 //! Behind nginx and Envoy keyward never sees the whole answer: the proxy keeps the
 //! body's first bytes (`head`) and its last bytes (`tail`) and hands them over. [`parse`]
 //! finds the usage of every supported API in such an excerpt, JSON or streamed, and
