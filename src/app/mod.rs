@@ -1,7 +1,7 @@
 //! Start-up: turns a [`Config`] into running parts (store, keyring, counters, caches,
 //! services), hands them to [`http`] as its [`AppState`], and runs the listeners and
 //! background jobs until shutdown. Nothing below imports this module: it is the one
-//! place that knows every concrete part ([`store`] opens the database).
+//! place that knows every concrete part (`app::store` opens the database).
 //!
 //! Shutdown order matters for exactly-once accounting: the listeners drain first (so
 //! every report that was answered is queued), then the background jobs are told to stop

@@ -3,7 +3,7 @@
 //! Who may do what (contract guarantee 9): admit and `/authz` need a client key; report
 //! and renew need a lease this deployment issued (verified by its signature, see
 //! [`crate::lease`]); select and reports without a lease need the data-plane token
-//! ([`super::proof`] checks both). Reports and renewals are [`super::report`]'s.
+//! (`http::proof` checks both). Reports and renewals are `http::report`'s.
 
 use std::time::Duration;
 

@@ -103,9 +103,9 @@ impl Reports {
     /// What the request is charged (the books match what happened):
     /// - an explicit `cost_usd`: that;
     /// - tokens: their cost at the price the lease was admitted at (signed into it), else
-    ///   at the report's model's price now ([`Reports::priced_cost`]);
+    ///   at the report's model's price now (`Reports::priced_cost`);
     /// - no usage and an upstream status that is not 2xx: nothing (the upstream served
-    ///   nothing), but for [`MAY_HAVE_WORKED`];
+    ///   nothing), but for `MAY_HAVE_WORKED` (499, 504);
     /// - no usage otherwise (a successful answer whose usage could not be read): the
     ///   lease's hold, marked `estimated`, never zero.
     pub async fn settle(

@@ -3,10 +3,10 @@
 //!
 //! Also the accounting dead letters: usage records the database refused, listed and
 //! replayed here (see `usage::dead_letters`). The routes of client keys are in
-//! [`client_keys`], those of providers (their keys and prices) in [`providers`].
+//! `client_keys`, those of providers (their keys and prices) in `providers`.
 //!
 //! Invariants:
-//! - Every route sits behind [`require_admin`]; with no token configured every call is
+//! - Every route sits behind `require_admin`; with no token configured every call is
 //!   refused (403 `ADMIN_DISABLED`).
 //! - The token is compared as SHA-256 digests in constant time, so neither its content
 //!   nor its length leaks through timing.
