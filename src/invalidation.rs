@@ -29,20 +29,3 @@ pub trait Invalidate: Send + Sync {
 
 /// How services hold the interface; cheap to clone.
 pub type Invalidator = Arc<dyn Invalidate>;
-
-/// Tells nobody: for tools and tests that run a service without caches to keep fresh.
-pub struct Nobody;
-
-impl Invalidate for Nobody {
-    fn key_changed<'a>(&'a self, _: &'a str) -> Done<'a> {
-        Box::pin(async {})
-    }
-
-    fn roster_changed<'a>(&'a self, _: &'a str) -> Done<'a> {
-        Box::pin(async {})
-    }
-
-    fn prices_changed<'a>(&'a self, _: &'a str) -> Done<'a> {
-        Box::pin(async {})
-    }
-}
