@@ -33,7 +33,7 @@ use support::{proxies, Keyward};
 const CONNECTIONS: usize = 4;
 const SSE_CHUNKS: usize = 20;
 const SSE_GAP_MS: u64 = 5;
-/// The bound of each of `head` and `tail` (`src/usage/upstream.rs`).
+/// The bound of each of `head` and `tail` (`src/reporting/upstream.rs`).
 const PART: usize = 64 * 1024;
 /// Prose for the answers' text (a stream sends it a word or two per event, as the APIs do).
 const PROSE: &str = "The quarterly figures show steady growth in every region, with the \

@@ -1,164 +1,31 @@
-//! Telling every replica that a record changed, so none admits or selects with a stale one.
+//! The narrow interface a service is given to say "this record changed", so that no
+//! replica admits or selects with a stale copy of it.
 //!
-//! An admin change calls [`Bus::key_changed`], [`Bus::pool_changed`] or
-//! [`Bus::prices_changed`]: the entry is dropped from this replica's cache at once and,
-//! in the distributed shape, published on `<prefix>:invalidate` as `k:<lookup hash>`,
-//! `p:<provider>` or `r:<provider>` (a provider's prices). Every replica's [`subscribe`]
-//! task applies those messages; a message it does not know (from a newer release)
-//! clears every cache, which is always safe. When the subscription breaks, messages may
-//! have been missed, so every cache is cleared on reconnect; the caches' TTL is the last
-//! safety net.
+//! The services that change records ([`crate::client_keys::ClientKeys`],
+//! [`crate::provider_keys::ProviderKeys`], [`crate::prices::Prices`], the key rotation)
+//! hold an [`Invalidator`] and know nothing about the caches or about Redis. The one
+//! implementation that drops this replica's cache entries and tells the other replicas
+//! is [`crate::bus::Bus`], built at start-up; keeping it out of this module keeps the
+//! services below the caches and the counter store in the import graph.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures_util::StreamExt;
-use tokio::sync::watch;
+/// What an invalidation call returns: it may publish to Redis, so it is awaited.
+pub type Done<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
-use crate::client_keys::cache::KeyCache;
-use crate::limits::redis::RedisCounters;
-use crate::pool::cache::PoolCache;
-use crate::prices::PriceCache;
-
-pub struct Bus {
-    pub keys: Arc<KeyCache>,
-    pub pools: Arc<PoolCache>,
-    /// Prices by provider (`None` only where no price is ever looked up).
-    pub prices: Option<Arc<PriceCache>>,
-    publisher: Option<(Arc<RedisCounters>, String)>,
-}
-
-impl Bus {
-    pub fn new(keys: Arc<KeyCache>, pools: Arc<PoolCache>) -> Self {
-        Self {
-            keys,
-            pools,
-            prices: None,
-            publisher: None,
-        }
-    }
-
-    /// Also invalidates this price cache.
-    pub fn with_prices(mut self, prices: Arc<PriceCache>) -> Self {
-        self.prices = Some(prices);
-        self
-    }
-
-    /// Publishes to the other replicas through Redis.
-    pub fn with_publisher(mut self, redis: Arc<RedisCounters>, channel: String) -> Self {
-        self.publisher = Some((redis, channel));
-        self
-    }
-
-    pub async fn key_changed(&self, hash: &str) {
-        self.keys.invalidate(hash);
-        self.publish(format!("k:{hash}")).await;
-    }
-
-    pub async fn pool_changed(&self, provider: &str) {
-        self.pools.invalidate(provider);
-        self.publish(format!("p:{provider}")).await;
-    }
-
+/// Told about every change a service makes. A failure to tell other replicas is the
+/// implementation's to log: the caches' TTL is the last safety net, so the change
+/// itself never fails because of it.
+pub trait Invalidate: Send + Sync {
+    /// A client key changed (by its lookup hash).
+    fn key_changed<'a>(&'a self, hash: &'a str) -> Done<'a>;
+    /// A provider's roster of keys changed (a key added, edited, deleted, rotated).
+    fn roster_changed<'a>(&'a self, provider: &'a str) -> Done<'a>;
     /// A provider's prices changed.
-    pub async fn prices_changed(&self, provider: &str) {
-        if let Some(prices) = &self.prices {
-            prices.invalidate(provider);
-        }
-        self.publish(format!("r:{provider}")).await;
-    }
-
-    fn apply(&self, message: &str) {
-        match message.split_once(':') {
-            Some(("k", hash)) => self.keys.invalidate(hash),
-            Some(("p", provider)) => self.pools.invalidate(provider),
-            Some(("r", provider)) => {
-                if let Some(prices) = &self.prices {
-                    prices.invalidate(provider);
-                }
-            }
-            _ => self.clear(),
-        }
-    }
-
-    fn clear(&self) {
-        self.keys.clear();
-        self.pools.clear();
-        if let Some(prices) = &self.prices {
-            prices.clear();
-        }
-    }
-
-    async fn publish(&self, message: String) {
-        let Some((redis, channel)) = &self.publisher else {
-            return;
-        };
-        let published: Result<(), String> = async {
-            let mut conn = redis.conn().await.map_err(|e| e.to_string())?;
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(&message)
-                .query_async::<i64>(&mut conn)
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
-        }
-        .await;
-        if let Err(e) = published {
-            // The other replicas still reload when their cache TTL runs out.
-            tracing::warn!(error = %e, "could not publish a cache invalidation");
-        }
-    }
+    fn prices_changed<'a>(&'a self, provider: &'a str) -> Done<'a>;
 }
 
-/// Applies other replicas' invalidations until `stop` is set.
-pub async fn subscribe(
-    client: redis::Client,
-    channel: String,
-    bus: Arc<Bus>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut attempt = 0u32;
-    while !*stop.borrow() {
-        let subscribed = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            redis::RedisResult::Ok(pubsub)
-        };
-        let subscribed = tokio::select! {
-            s = subscribed => s,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let mut messages = match subscribed {
-            Ok(pubsub) => pubsub.into_on_message(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to cache invalidations; retrying");
-                let wait = Duration::from_millis(200 * 2u64.pow(attempt.min(5)));
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                attempt += 1;
-                continue;
-            }
-        };
-        // Anything may have changed while nobody was listening.
-        bus.clear();
-        attempt = 0;
-        loop {
-            tokio::select! {
-                message = messages.next() => match message {
-                    Some(m) => match m.get_payload::<String>() {
-                        Ok(text) => bus.apply(&text),
-                        Err(_) => bus.clear(),
-                    },
-                    None => {
-                        tracing::warn!("cache invalidation subscription lost; resubscribing");
-                        break;
-                    }
-                },
-                _ = stop.wait_for(|s| *s) => return,
-            }
-        }
-    }
-}
+/// How services hold the interface; cheap to clone.
+pub type Invalidator = Arc<dyn Invalidate>;

@@ -287,20 +287,21 @@ pub fn decision(endpoint: &str, started: Instant, denial: Option<(&str, Option<&
     }
 }
 
-/// Records a batch the accounting writer applied (or failed to apply).
-pub fn applied(result: Result<&crate::usage::store::Applied, ()>) {
+/// Records a batch the accounting writer applied: the records it inserted, and those it
+/// found already applied. (Plain counts, so that this module imports no domain type.)
+pub fn applied(inserted: usize, duplicates: usize) {
     let m = get();
-    match result {
-        Ok(a) => {
-            m.accounting_records
-                .with_label_values(&["applied"])
-                .inc_by(a.inserted as u64);
-            m.accounting_records
-                .with_label_values(&["duplicate"])
-                .inc_by(a.duplicates as u64);
-        }
-        Err(()) => m.accounting_failures.inc(),
-    }
+    m.accounting_records
+        .with_label_values(&["applied"])
+        .inc_by(inserted as u64);
+    m.accounting_records
+        .with_label_values(&["duplicate"])
+        .inc_by(duplicates as u64);
+}
+
+/// Records a batch the accounting writer failed to apply.
+pub fn apply_failed() {
+    get().accounting_failures.inc();
 }
 
 /// Records what the accounting queue holds: how many records are not yet applied, and

@@ -16,7 +16,7 @@ use crate::client_keys;
 use crate::clock::now_ms;
 use crate::crypto::Keyring;
 use crate::db::{Db, SecretTable, StoreError};
-use crate::invalidation::Bus;
+use crate::invalidation::Invalidate;
 use crate::pool;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -36,7 +36,11 @@ pub enum RotateError {
     Store(#[from] StoreError),
 }
 
-pub async fn rotate(db: &Db, keyring: &Keyring, bus: &Bus) -> Result<Rotated, RotateError> {
+pub async fn rotate(
+    db: &Db,
+    keyring: &Keyring,
+    invalidator: &dyn Invalidate,
+) -> Result<Rotated, RotateError> {
     let client_secrets = client_keys::store::secrets(db).await?;
     let provider_keys = pool::store::list_all(db).await?;
     // Decide before the first write: a keyring that decrypts nothing changes nothing.
@@ -68,7 +72,7 @@ pub async fn rotate(db: &Db, keyring: &Keyring, bus: &Bus) -> Result<Rotated, Ro
             }
             Err(_) => {
                 client_keys::store::disable(db, &id, now_ms()).await?;
-                bus.key_changed(&hash).await;
+                invalidator.key_changed(&hash).await;
                 tracing::warn!(key_id = %id, "client key secret cannot be decrypted: key disabled");
                 done.failed += 1;
             }
@@ -93,7 +97,7 @@ pub async fn rotate(db: &Db, keyring: &Keyring, bus: &Bus) -> Result<Rotated, Ro
             }
             Err(_) => {
                 pool::store::disable(db, &key.id, now_ms()).await?;
-                bus.pool_changed(&key.provider).await;
+                invalidator.roster_changed(&key.provider).await;
                 tracing::warn!(provider_key_id = %key.id, "provider key cannot be decrypted: key disabled");
                 done.failed += 1;
             }

@@ -59,7 +59,7 @@ fn the_documents_the_route_tables_and_the_routers_agree() {
         paths(DATA_ROUTES)
     );
     assert_eq!(
-        routed_paths(include_str!("../src/http/admin.rs")),
+        routed_paths(include_str!("../src/http/admin/mod.rs")),
         paths(ADMIN_ROUTES)
     );
 }

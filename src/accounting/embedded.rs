@@ -160,13 +160,13 @@ async fn apply_chunk(db: &Db, batch: &mut Vec<UsageRecord>, health: &WriterHealt
     let chunk = batch.len().min(BATCH);
     match apply_batch(db, &batch[..chunk]).await {
         Ok(applied) => {
-            crate::metrics::applied(Ok(&applied));
+            crate::metrics::applied(applied.inserted, applied.duplicates);
             batch.drain(..chunk);
             health.set_failing(false);
             true
         }
         Err(e) => {
-            crate::metrics::applied(Err(()));
+            crate::metrics::apply_failed();
             health.set_failing(true);
             tracing::warn!(error = %e, pending = batch.len(), "accounting: cannot apply usage; retrying");
             false

@@ -22,7 +22,6 @@
 
 pub mod codec;
 pub mod embedded;
-pub mod report;
 pub mod stream;
 
 use std::time::Duration;

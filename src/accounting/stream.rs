@@ -120,7 +120,7 @@ pub async fn run(
         .await;
         match result {
             Ok(applied) => {
-                crate::metrics::applied(Ok(&applied));
+                crate::metrics::applied(applied.inserted, applied.duplicates);
                 attempt = 0;
                 if applied.duplicates > 0 {
                     tracing::debug!(
@@ -141,7 +141,7 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                crate::metrics::applied(Err(()));
+                crate::metrics::apply_failed();
                 tracing::warn!(error = %e, entries = records.len(), "accounting: database unavailable; will retry");
                 pending = true;
                 sleep_or_stop(backoff(attempt), &mut stop).await;

@@ -9,7 +9,7 @@ use super::ClientKey;
 use crate::clock::now_ms;
 use crate::crypto::{self, Keyring};
 use crate::db::{Db, StoreError};
-use crate::invalidation::Bus;
+use crate::invalidation::Invalidator;
 use crate::money::{format_usd, MAX_MICROS, MAX_TOTAL};
 use crate::usage::{self, KeyStats};
 
@@ -40,19 +40,19 @@ pub struct ClientKeys {
     keyring: Arc<Keyring>,
     prefix: String,
     /// Told about every change, so no replica admits with a stale record.
-    bus: Arc<Bus>,
+    invalidator: Invalidator,
     /// Last `created_at` handed out, so keys created in one millisecond still sort
     /// newest-first in the order they were created.
     last_created: Arc<AtomicI64>,
 }
 
 impl ClientKeys {
-    pub fn new(db: Db, keyring: Arc<Keyring>, prefix: String, bus: Arc<Bus>) -> Self {
+    pub fn new(db: Db, keyring: Arc<Keyring>, prefix: String, invalidator: Invalidator) -> Self {
         Self {
             db,
             keyring,
             prefix,
-            bus,
+            invalidator,
             last_created: Arc::new(AtomicI64::new(0)),
         }
     }
@@ -112,7 +112,7 @@ impl ClientKeys {
         let key = store::update(&self.db, id, patch, now_ms())
             .await?
             .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
-        self.bus.key_changed(&key.key_hash).await;
+        self.invalidator.key_changed(&key.key_hash).await;
         tracing::info!(key_id = %id, "client key updated");
         Ok(key)
     }
@@ -121,7 +121,7 @@ impl ClientKeys {
     pub async fn disable(&self, id: &str) -> Result<(), KeyError> {
         let key = self.get(id).await?;
         store::disable(&self.db, id, now_ms()).await?;
-        self.bus.key_changed(&key.key_hash).await;
+        self.invalidator.key_changed(&key.key_hash).await;
         tracing::info!(key_id = %id, "client key disabled");
         Ok(())
     }
@@ -149,7 +149,7 @@ impl ClientKeys {
         if let Some(key) =
             store::adjust_balance(&self.db, id, amount_micros, MAX_MICROS, now_ms()).await?
         {
-            self.bus.key_changed(&key.key_hash).await;
+            self.invalidator.key_changed(&key.key_hash).await;
             tracing::info!(key_id = %id, amount_usd = %format_usd(amount_micros), "balance adjusted");
             return Ok(key);
         }
@@ -186,11 +186,11 @@ impl ClientKeys {
     pub async fn expire(&self, default_delete: bool) -> Result<Expired, KeyError> {
         let expired = store::expire(&self.db, now_ms(), default_delete).await?;
         for (id, hash) in &expired.deleted {
-            self.bus.key_changed(hash).await;
+            self.invalidator.key_changed(hash).await;
             tracing::info!(key_id = %id, "expired client key deleted");
         }
         for (id, hash) in &expired.disabled {
-            self.bus.key_changed(hash).await;
+            self.invalidator.key_changed(hash).await;
             tracing::info!(key_id = %id, "expired client key disabled");
         }
         Ok(expired)

@@ -34,11 +34,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::ratelimit;
 use super::scan::scan;
+use super::state::AppState;
 use crate::admission::{AdmitBody, AdmitError};
-use crate::app::AppState;
+use crate::usage::api_format;
 
 /// The most of a forwarded body that is read for `model` and `max_tokens`.
 pub const MAX_AUTHZ_BODY: usize = 1024 * 1024;
@@ -63,33 +64,6 @@ pub fn client_key(headers: &HeaderMap) -> Option<String> {
         .iter()
         .find_map(|name| header(headers, name))
         .map(str::to_string)
-}
-
-/// The API format of a path, and the provider family it belongs to.
-pub fn api_format(path: &str) -> Option<(&'static str, &'static str)> {
-    let path = path
-        .split('?')
-        .next()
-        .unwrap_or_default()
-        .trim_end_matches('/');
-    let tail = |suffix: &str| path.ends_with(suffix);
-    Some(if tail("/chat/completions") {
-        ("openai_chat", "openai")
-    } else if tail("/responses") {
-        ("openai_responses", "openai")
-    } else if tail("/completions") {
-        ("openai_completions", "openai")
-    } else if tail("/embeddings") {
-        ("openai_embeddings", "openai")
-    } else if tail("/messages") {
-        ("anthropic_messages", "anthropic")
-    } else if tail(":generateContent") || tail(":streamGenerateContent") {
-        ("gemini_generate_content", "gemini")
-    } else if tail(":embedContent") || tail(":batchEmbedContents") {
-        ("gemini_embed_content", "gemini")
-    } else {
-        return None;
-    })
 }
 
 /// Whether a path reaches the upstream as keyward reads it: no `.` or `..` segment, and
@@ -144,7 +118,7 @@ fn admit_body(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody,
         ));
     }
     let scanned = scan(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let format = api_format(path);
+    let format = api_format::of_path(path);
     // Where the path names the model (Gemini), the upstream serves that one: it is the
     // model checked, and a body naming another is refused rather than believed.
     let path_model = model_in_path(path);
@@ -219,8 +193,7 @@ pub async fn authz(
 ) -> Response {
     let Ok(body) = body else {
         return ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
+            ErrorCode::PayloadTooLarge,
             format!("the forwarded body is larger than {MAX_AUTHZ_BODY} bytes"),
         )
         .into_response();
@@ -270,14 +243,14 @@ pub async fn authz(
             response
         }
         Err((error, limits)) => {
-            crate::metrics::decision("authz", started, Some((error.code, error.limit)));
-            let (status, code) = (error.status, error.code);
+            crate::metrics::decision("authz", started, Some((error.code.as_str(), error.limit)));
+            let (status, code) = (error.status(), error.code);
             let mut response = error.into_response();
             if let Some((key, usage)) = limits {
                 ratelimit::apply(response.headers_mut(), &key, &usage);
             }
             set(response.headers_mut(), "x-keyward-status", status.as_str());
-            set(response.headers_mut(), "x-keyward-error", code);
+            set(response.headers_mut(), "x-keyward-error", code.as_str());
             if nginx {
                 let (mut parts, body) = response.into_parts();
                 let bytes = axum::body::to_bytes(body, 64 * 1024)
@@ -301,32 +274,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn formats_and_models_from_paths() {
-        assert_eq!(
-            api_format("/v1/chat/completions"),
-            Some(("openai_chat", "openai"))
-        );
-        assert_eq!(
-            api_format("/openai/v1/chat/completions?x=1"),
-            Some(("openai_chat", "openai"))
-        );
-        assert_eq!(
-            api_format("/v1/responses"),
-            Some(("openai_responses", "openai"))
-        );
-        assert_eq!(
-            api_format("/v1/embeddings"),
-            Some(("openai_embeddings", "openai"))
-        );
-        assert_eq!(
-            api_format("/v1/messages"),
-            Some(("anthropic_messages", "anthropic"))
-        );
+    fn models_and_plain_paths() {
         let gemini = "/v1beta/models/gemini-1.5-pro:generateContent";
-        assert_eq!(
-            api_format(gemini),
-            Some(("gemini_generate_content", "gemini"))
-        );
         assert_eq!(model_in_path(gemini).as_deref(), Some("gemini-1.5-pro"));
         assert!(plain_path(gemini));
         assert!(plain_path("/v1/chat/completions?x=%2F.."));
@@ -340,7 +289,6 @@ mod tests {
         ] {
             assert!(!plain_path(tricky), "{tricky}");
         }
-        assert_eq!(api_format("/health"), None);
     }
 
     #[test]
@@ -416,7 +364,7 @@ mod tests {
         // A body that names its model twice is refused, whatever the headers say.
         let twice = br#"{"model": "gpt-4o-mini", "model": "gpt-4o"}"#;
         let e = admit_body("/v1/chat/completions", &spoofed, twice).unwrap_err();
-        assert_eq!(e.code, "BAD_REQUEST");
+        assert_eq!(e.code, ErrorCode::BadRequest);
     }
 
     #[test]

@@ -2,9 +2,8 @@
 //!
 //! Who may do what (contract guarantee 9): admit and `/authz` need a client key; report
 //! and renew need a lease this deployment issued (verified by its signature, see
-//! [`crate::lease`]); select and reports without a lease need the data-plane token.
-//! Every call refused for lack of proof is counted in
-//! `keyward_data_plane_refusals_total` and logged.
+//! [`crate::lease`]); select and reports without a lease need the data-plane token
+//! (`http::proof` checks both). Reports and renewals are `http::report`'s.
 
 use std::time::Duration;
 
@@ -17,20 +16,13 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::extract::{JsonBody, TextPath};
+use super::extract::JsonBody;
+use super::proof::require_data_token;
 use super::ratelimit;
-use crate::accounting::report::ReportBody;
+use super::state::AppState;
 use crate::admission::{AdmitBody, AdmitError, Admitted};
-use crate::app::AppState;
 use crate::clock::to_rfc3339;
-use crate::lease::SignedLease;
-use crate::limits::{Report, Reported};
 use crate::money::Usd;
-use crate::pool::PoolError;
-use crate::prices;
-use crate::usage::parse::Usage;
-use crate::usage::upstream::{UpstreamBody, UpstreamError};
-use crate::usage::UsageSource;
 
 /// How long `/readyz` waits for a backend before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -39,9 +31,9 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/admit", post(admit))
         .route("/v1/select", post(select))
-        .route("/v1/report", post(report))
-        .route("/v1/report/upstream", post(report_upstream))
-        .route("/v1/leases/{lease_id}/renew", post(renew))
+        .route("/v1/report", post(super::report::report))
+        .route("/v1/report/upstream", post(super::report::report_upstream))
+        .route("/v1/leases/{lease_id}/renew", post(super::report::renew))
         .route("/authz", axum::routing::any(super::authz::authz))
         .route("/authz/{*path}", axum::routing::any(super::authz::authz))
         .layer(axum::extract::DefaultBodyLimit::max(
@@ -158,7 +150,7 @@ async fn admit(State(state): State<AppState>, JsonBody(body): JsonBody<AdmitBody
                 _ => None,
             };
             let error = ApiError::from(e);
-            crate::metrics::decision("admit", started, Some((error.code, error.limit)));
+            crate::metrics::decision("admit", started, Some((error.code.as_str(), error.limit)));
             let mut response = error.into_response();
             if let Some((key, usage)) = limits {
                 ratelimit::apply(response.headers_mut(), &key, &usage);
@@ -203,7 +195,7 @@ async fn select(
         }
         Err(e) => {
             let error = ApiError::from(e);
-            crate::metrics::decision("select", started, Some((error.code, error.limit)));
+            crate::metrics::decision("select", started, Some((error.code.as_str(), error.limit)));
             return Err(error);
         }
     };
@@ -214,357 +206,6 @@ async fn select(
         "priority": key.priority,
         "value": key.value,
     }})))
-}
-
-/// Fields a proxy can only send as headers (nginx `post_action`) fill what the JSON body
-/// leaves out: `x-keyward-lease`, `x-keyward-provider-key-id`, `x-keyward-upstream-status`
-/// (the last of nginx's list), `x-keyward-upstream-retry-after` (seconds) and
-/// `x-keyward-upstream-time` (nginx's seconds, e.g. `0.123`).
-fn report_from_headers(mut body: ReportBody, headers: &axum::http::HeaderMap) -> ReportBody {
-    let get = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.rsplit(',').next().unwrap_or(v).trim().to_string())
-            .filter(|v| !v.is_empty() && v != "-")
-    };
-    body.lease_id = body.lease_id.or_else(|| get("x-keyward-lease"));
-    body.provider_key_id = body
-        .provider_key_id
-        .or_else(|| get("x-keyward-provider-key-id"));
-    body.upstream_status = body
-        .upstream_status
-        .or_else(|| get("x-keyward-upstream-status").and_then(|s| s.parse().ok()));
-    body.retry_after_s = body
-        .retry_after_s
-        .or_else(|| get("x-keyward-upstream-retry-after").and_then(|s| s.parse().ok()));
-    body.latency_ms = body.latency_ms.or_else(|| {
-        get("x-keyward-upstream-time")
-            .and_then(|s| s.parse::<f64>().ok())
-            .map(|secs| (secs * 1000.0).round() as i64)
-    });
-    body
-}
-
-/// Counts a data-plane call refused for lack of proof, or a suspicious one, and logs it:
-/// at most one warning a second, so that callers without a credential cannot flood the
-/// log (the metric counts every one).
-fn refused(endpoint: &'static str, reason: &'static str, error: ApiError) -> ApiError {
-    static LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
-    crate::metrics::get()
-        .data_plane_refusals
-        .with_label_values(&[endpoint, reason])
-        .inc();
-    if let Some(also) = LOG.ready() {
-        tracing::warn!(
-            endpoint,
-            reason,
-            also_refused_unlogged = also,
-            "data-plane call refused"
-        );
-    }
-    error
-}
-
-/// `/v1/select` and reports without a lease need `Authorization: Bearer
-/// <KEYWARD_DATA_TOKEN>`.
-fn require_data_token(
-    state: &AppState,
-    headers: &HeaderMap,
-    endpoint: &'static str,
-) -> Result<(), ApiError> {
-    let Some(expected) = &state.data_token_digest else {
-        return Err(refused(
-            endpoint,
-            "token_not_configured",
-            ApiError::data_token_not_configured(),
-        ));
-    };
-    if super::bearer_matches(headers, expected) {
-        return Ok(());
-    }
-    let reason = match headers.contains_key(axum::http::header::AUTHORIZATION) {
-        true => "wrong_token",
-        false => "no_token",
-    };
-    Err(refused(endpoint, reason, ApiError::data_token_missing()))
-}
-
-/// The lease a lease id proves, or the refusal.
-fn verified_lease(
-    state: &AppState,
-    text: &str,
-    endpoint: &'static str,
-) -> Result<SignedLease, ApiError> {
-    state.admission.verify_lease(text).ok_or_else(|| {
-        refused(
-            endpoint,
-            "lease_not_found",
-            ApiError::lease_not_found("not a lease id this deployment issued"),
-        )
-    })
-}
-
-/// A report is authorized by its lease (it charges the lease's key, and an upstream
-/// status acts only on the provider key picked for that lease), or, without a lease, by
-/// the data-plane token.
-async fn report(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody<ReportBody>,
-) -> Result<Json<Value>, ApiError> {
-    let mut body = report_from_headers(body, &headers);
-    let lease = match body.lease_id.as_deref() {
-        Some(text) => {
-            let lease = verified_lease(&state, text, "report")?;
-            let named = body
-                .provider_key_id
-                .as_deref()
-                .map(|id| uuid::Uuid::try_parse(id).map(|u| u.hyphenated().to_string()));
-            if named.is_some_and(|named| named.ok() != lease.provider_key_id) {
-                return Err(refused(
-                    "report",
-                    "not_the_lease_provider_key",
-                    ApiError::bad_request(
-                        "provider_key_id is not the provider key picked for this lease",
-                    ),
-                ));
-            }
-            body.provider_key_id.clone_from(&lease.provider_key_id);
-            Some(lease)
-        }
-        None => {
-            require_data_token(&state, &headers, "report")?;
-            None
-        }
-    };
-    record(&state, body, lease, UsageSource::Reported).await
-}
-
-/// Statuses without usage after which the upstream may still have worked on the request:
-/// nginx's 499 (the client closed the connection before the answer) and 504 (the proxy
-/// gave up waiting while the upstream went on). They are charged the hold, like a
-/// success whose usage could not be read.
-const MAY_HAVE_WORKED: [i64; 2] = [499, 504];
-
-/// Settles a report whose proof was checked: `lease` is the lease it names (and
-/// `body.provider_key_id` that lease's pick), `None` for one with the data-plane token.
-/// `origin` says where its tokens come from (the caller, or keyward's reading of the
-/// upstream's answer).
-///
-/// What the request is charged (the books match what happened):
-/// - an explicit `cost_usd`: that;
-/// - tokens: their cost at the price the lease was admitted at (signed into it), else at
-///   the report's model's price now ([`priced_cost`]);
-/// - no usage and an upstream status that is not 2xx: nothing (the upstream served
-///   nothing), but for [`MAY_HAVE_WORKED`];
-/// - no usage otherwise (a successful answer whose usage could not be read): the lease's
-///   hold, marked `estimated`, never zero.
-async fn record(
-    state: &AppState,
-    body: ReportBody,
-    lease: Option<SignedLease>,
-    origin: UsageSource,
-) -> Result<Json<Value>, ApiError> {
-    let explicit_cost = body.cost_usd.is_some();
-    let (price, hold) = lease
-        .as_ref()
-        .map_or((None, None), |l| (l.price, Some(l.hold_micros)));
-    let mut report = body
-        .validate(state.pool_policy, lease)
-        .map_err(ApiError::bad_request)?;
-    report.usage_source = origin;
-    // An upstream's refusal spent nothing (but see [`MAY_HAVE_WORKED`]).
-    let failed = report
-        .upstream_status
-        .is_some_and(|s| !(200..300).contains(&s) && !MAY_HAVE_WORKED.contains(&s));
-    match (explicit_cost, report.tokens, price, hold) {
-        (true, _, _, _) => {}
-        (false, Some(_), Some(price), _) => {
-            report.cost_micros = prices::cost_micros(&price, &usage_of(&report))
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        }
-        (false, Some(_), None, _) => report.cost_micros = priced_cost(state, &report).await?,
-        (false, None, _, Some(hold)) if !failed => {
-            report.cost_micros = hold;
-            report.usage_source = UsageSource::Estimated;
-        }
-        (false, None, _, _) => {}
-    }
-    let event = if report.cooldown_ms > 0 {
-        Some("cooldown")
-    } else if report.suspend_ms > 0 {
-        Some("suspension")
-    } else if report.learned_cooldown_ms() > 0 {
-        Some("learned_cooldown")
-    } else {
-        None
-    };
-    if let (true, Some(id)) = (
-        event.is_some() || report.learned.is_some(),
-        &report.provider_key_id,
-    ) {
-        // Only after an upstream 429/401/403, or rate-limit headers to keep.
-        report.provider = provider_of(state, id).await.ok().flatten();
-    }
-    if let crate::limits::Counters::Memory(_) = state.counters {
-        // The in-process queue is only as good as its writer: refuse before anything
-        // changes rather than acknowledge a report that cannot be stored.
-        state.accounting.check()?;
-    }
-    let outcome = state.counters.report(&report).await?;
-    let m = crate::metrics::get();
-    match outcome {
-        Reported::Recorded => {
-            m.reports.with_label_values(&["recorded"]).inc();
-            if let Some(event) = event.filter(|_| report.provider_key_id.is_some()) {
-                let provider = report.provider.as_deref().unwrap_or("unknown");
-                m.provider_key_events
-                    .with_label_values(&[provider, event])
-                    .inc();
-            }
-            Ok(Json(json!({"recorded": true})))
-        }
-        Reported::Duplicate => {
-            m.reports.with_label_values(&["duplicate"]).inc();
-            Ok(Json(json!({"recorded": false, "duplicate": true})))
-        }
-        Reported::TooLate => {
-            m.reports.with_label_values(&["too_late"]).inc();
-            Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "LEASE_REPORT_TOO_LATE",
-                "the lease expired longer ago than KEYWARD_REPORT_DEDUPE_TTL_S: a repeat could no longer be told apart, so nothing was recorded",
-            ))
-        }
-    }
-}
-
-/// The proxies' report: the upstream's status, headers and an excerpt of its answer
-/// ([`crate::usage::upstream`]). Authorized by the lease in `x-keyward-lease` alone,
-/// checked before the body is read; the report then acts only on that lease's key and
-/// its pick, and settles like `/v1/report` with the tokens keyward read.
-async fn report_upstream(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<JsonBody<UpstreamBody>, ApiError>,
-) -> Result<Json<Value>, ApiError> {
-    const ENDPOINT: &str = "report_upstream";
-    let text = headers
-        .get("x-keyward-lease")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| {
-            refused(
-                ENDPOINT,
-                "no_lease",
-                ApiError::bad_request("the x-keyward-lease header is required"),
-            )
-        })?;
-    let lease = verified_lease(&state, text, ENDPOINT)?;
-    let JsonBody(body) = body?;
-    let (mut report, read) =
-        body.into_report(text, crate::clock::now_ms())
-            .map_err(|e| match e {
-                UpstreamError::Bad(m) => ApiError::bad_request(m),
-                UpstreamError::TooLarge(m) => {
-                    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", m)
-                }
-            })?;
-    crate::metrics::get()
-        .upstream_usage
-        .with_label_values(&[read.label()])
-        .inc();
-    report.provider_key_id.clone_from(&lease.provider_key_id);
-    record(&state, report, Some(lease), UsageSource::Parsed).await
-}
-
-/// The provider of a provider key: from the pools this process holds (no database on the
-/// request path), else from the database (a key it never loaded); `None` for a key that
-/// does not exist.
-async fn provider_of(state: &AppState, key_id: &str) -> Result<Option<String>, PoolError> {
-    if let Some(provider) = state.admission.held_provider_of(key_id) {
-        return Ok(Some(provider));
-    }
-    match state.pools.get(key_id).await {
-        Ok(key) => Ok(Some(key.provider)),
-        Err(PoolError::NotFound(_)) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// What a report's tokens cost at its model's price (see [`crate::prices`]), for a report
-/// without `cost_usd`: it needs tokens, a `model`, and the provider key that served the
-/// request (the lease's, or `provider_key_id`), whose provider names the price list. The
-/// provider comes from the pools this process holds, else from the database. Without
-/// any of these, or without a price, the cost is 0, as before prices existed.
-///
-/// A report must settle (release its slot, settle its tokens) while the database is
-/// away, like every other report: prices held in memory are used then (the cache serves
-/// them past their TTL), and a price that cannot be loaded leaves the cost at 0 with a
-/// warning, rather than refusing the report.
-async fn priced_cost(state: &AppState, report: &Report) -> Result<i64, ApiError> {
-    let (Some(_), Some(model), Some(key_id)) = (
-        report.tokens,
-        report.model.as_deref(),
-        report.provider_key_id.as_deref(),
-    ) else {
-        return Ok(0);
-    };
-    let provider = match provider_of(state, key_id).await {
-        Ok(Some(provider)) => provider,
-        Ok(None) => return Ok(0),
-        Err(e) => return Ok(unpriced(&e)),
-    };
-    let price = match state.prices.price_of(&provider, model).await {
-        Ok(Some(price)) => price,
-        Ok(None) => return Ok(0),
-        Err(e) => return Ok(unpriced(&e)),
-    };
-    prices::cost_micros(&price, &usage_of(report)).map_err(|e| ApiError::bad_request(e.to_string()))
-}
-
-/// A report's tokens as the price list counts them.
-fn usage_of(report: &Report) -> Usage {
-    let (input_tokens, output_tokens) = report.tokens.unwrap_or((0, 0));
-    Usage {
-        input_tokens,
-        cached_input_tokens: report.token_classes.cached,
-        cache_write_tokens: report.token_classes.cache_write,
-        output_tokens,
-        reasoning_tokens: report.token_classes.reasoning,
-    }
-}
-
-/// The cost of a report whose price could not be loaded: 0, logged at most once a
-/// second (an outage would otherwise log every report).
-fn unpriced(error: &dyn std::error::Error) -> i64 {
-    static LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
-    if LOG.ready().is_some() {
-        tracing::warn!(error = %error, "cannot load a price for a report's tokens; recorded with cost 0");
-    }
-    0
-}
-
-/// A renewal is authorized by the lease itself; its id does not change.
-async fn renew(
-    State(state): State<AppState>,
-    TextPath(lease_id): TextPath,
-) -> Result<Json<Value>, ApiError> {
-    let lease = verified_lease(&state, &lease_id, "renew")?;
-    match state
-        .counters
-        .renew(&lease.lease, state.admission.lease_ttl_ms())
-        .await?
-    {
-        Some(expires_at) => Ok(Json(
-            json!({"lease_id": lease_id, "lease_expires_at": to_rfc3339(expires_at)}),
-        )),
-        None => Err(ApiError::lease_not_found(
-            "the lease has expired or was already reported",
-        )),
-    }
 }
 
 /// Alive: the process answers. Touches no backend, so a database outage does not get

@@ -4,23 +4,25 @@
 //! `{"error": {"code", "message", "retry_after_ms"?, "limit"?}}`. 4xx messages say what
 //! was wrong with the request and are not logged above debug. 5xx causes are logged here
 //! with their full chain and never sent: the client gets a generic message. No message
-//! carries a secret: domain errors are built from ids and field names only.
+//! carries a secret: domain errors are built from ids and field names only. Every code
+//! is an [`ErrorCode`], whose status it carries: no body is built from a bare string.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+pub use super::error_code::ErrorCode;
 use crate::admission::AdmitError;
 use crate::client_keys::KeyError;
 use crate::db::StoreError;
 use crate::limits::{CounterError, Denial};
-use crate::pool::PoolError;
 use crate::prices::PriceError;
+use crate::provider_keys::ProviderKeyError;
+use crate::reporting::ReportError;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub retry_after_ms: Option<u64>,
     pub limit: Option<&'static str>,
@@ -42,9 +44,8 @@ struct Inner<'a> {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            status,
             code,
             message: message.into(),
             retry_after_ms: None,
@@ -52,25 +53,29 @@ impl ApiError {
         }
     }
 
+    /// The status of the answer: always the code's.
+    pub fn status(&self) -> StatusCode {
+        self.code.status()
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
+        Self::new(ErrorCode::BadRequest, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
+        Self::new(ErrorCode::NotFound, message)
     }
 
     /// A lease id that keyward did not issue, that was altered, or (on renewal) whose
     /// lease is over.
     pub fn lease_not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "LEASE_NOT_FOUND", message)
+        Self::new(ErrorCode::LeaseNotFound, message)
     }
 
     /// A call that needs the data-plane token came without it or with a wrong one.
     pub fn data_token_missing() -> Self {
         Self::new(
-            StatusCode::UNAUTHORIZED,
-            "UNAUTHORIZED",
+            ErrorCode::Unauthorized,
             "missing or wrong data-plane token (Authorization: Bearer <KEYWARD_DATA_TOKEN>)",
         )
     }
@@ -78,8 +83,7 @@ impl ApiError {
     /// A call that needs the data-plane token, while none is configured.
     pub fn data_token_not_configured() -> Self {
         Self::new(
-            StatusCode::FORBIDDEN,
-            "DATA_TOKEN_NOT_CONFIGURED",
+            ErrorCode::DataTokenNotConfigured,
             "this call needs the data-plane token, and KEYWARD_DATA_TOKEN is not set",
         )
     }
@@ -87,18 +91,13 @@ impl ApiError {
     /// A 5xx whose cause is logged here and replaced by a generic message.
     pub fn internal(cause: &dyn std::error::Error) -> Self {
         tracing::error!(error = %ErrorChain(cause), "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL",
-            "internal error",
-        )
+        Self::new(ErrorCode::Internal, "internal error")
     }
 
     pub fn unavailable(cause: &dyn std::error::Error) -> Self {
         tracing::warn!(error = %ErrorChain(cause), "backend unavailable");
         Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "BACKEND_UNAVAILABLE",
+            ErrorCode::BackendUnavailable,
             "the database cannot answer right now; retry later",
         )
     }
@@ -127,14 +126,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Body {
             error: Inner {
-                code: self.code,
+                code: self.code.as_str(),
                 message: &self.message,
                 retry_after_ms: self.retry_after_ms,
                 limit: self.limit,
             },
         };
         let json = serde_json::to_vec(&body).unwrap_or_default();
-        let mut response = (self.status, json).into_response();
+        let mut response = (self.status(), json).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -163,7 +162,7 @@ impl From<crate::rotation::RotateError> for ApiError {
         use crate::rotation::RotateError;
         match e {
             RotateError::KeyringMismatch { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "KEYRING_MISMATCH", e.to_string())
+                ApiError::new(ErrorCode::KeyringMismatch, e.to_string())
             }
             RotateError::Store(inner) => inner.into(),
         }
@@ -178,13 +177,12 @@ impl From<crate::accounting::embedded::WriterFailing> for ApiError {
 
 impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> Self {
-        let unprocessable =
-            |code| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, e.to_string());
+        let with = |code| ApiError::new(code, e.to_string());
         match e {
             KeyError::NotFound(_) => ApiError::not_found(e.to_string()),
-            KeyError::NotStandalone(_) => unprocessable("NOT_STANDALONE"),
-            KeyError::ZeroAmount => unprocessable("ZERO_AMOUNT"),
-            KeyError::BalanceRefused(_) => unprocessable("BALANCE_REFUSED"),
+            KeyError::NotStandalone(_) => with(ErrorCode::NotStandalone),
+            KeyError::ZeroAmount => with(ErrorCode::ZeroAmount),
+            KeyError::BalanceRefused(_) => with(ErrorCode::BalanceRefused),
             KeyError::Invalid(_) => ApiError::bad_request(e.to_string()),
             KeyError::Undecryptable(_) => ApiError::internal(&e),
             KeyError::Store(inner) => inner.into(),
@@ -196,8 +194,7 @@ impl From<CounterError> for ApiError {
     fn from(e: CounterError) -> Self {
         tracing::warn!(error = %ErrorChain(&e), "counter store unavailable");
         ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "BACKEND_UNAVAILABLE",
+            ErrorCode::BackendUnavailable,
             "the counter store cannot answer right now; retry later",
         )
     }
@@ -206,25 +203,21 @@ impl From<CounterError> for ApiError {
 impl From<AdmitError> for ApiError {
     fn from(e: AdmitError) -> Self {
         let message = e.to_string();
-        let status = |status, code| ApiError::new(status, code, message.clone());
+        let status = |code| ApiError::new(code, message.clone());
         let retry = |mut err: ApiError, ms: Option<i64>| {
             err.retry_after_ms = ms.map(|ms| ms.max(1) as u64);
             err
         };
         match e {
-            AdmitError::MissingKey => status(StatusCode::UNAUTHORIZED, "MISSING_KEY"),
-            AdmitError::InvalidKey => status(StatusCode::UNAUTHORIZED, "INVALID_KEY"),
-            AdmitError::KeyDisabled => status(StatusCode::FORBIDDEN, "KEY_DISABLED"),
-            AdmitError::KeyExpired => status(StatusCode::FORBIDDEN, "KEY_EXPIRED"),
-            AdmitError::ProviderNotAllowed(_) => {
-                status(StatusCode::FORBIDDEN, "PROVIDER_NOT_ALLOWED")
-            }
-            AdmitError::ModelNotAllowed(_) => status(StatusCode::FORBIDDEN, "MODEL_NOT_ALLOWED"),
-            AdmitError::ApiFormatNotAllowed(_) => {
-                status(StatusCode::FORBIDDEN, "API_FORMAT_NOT_ALLOWED")
-            }
+            AdmitError::MissingKey => status(ErrorCode::MissingKey),
+            AdmitError::InvalidKey => status(ErrorCode::InvalidKey),
+            AdmitError::KeyDisabled => status(ErrorCode::KeyDisabled),
+            AdmitError::KeyExpired => status(ErrorCode::KeyExpired),
+            AdmitError::ProviderNotAllowed(_) => status(ErrorCode::ProviderNotAllowed),
+            AdmitError::ModelNotAllowed(_) => status(ErrorCode::ModelNotAllowed),
+            AdmitError::ApiFormatNotAllowed(_) => status(ErrorCode::ApiFormatNotAllowed),
             AdmitError::TokensExceedLimit { .. } => {
-                let mut err = status(StatusCode::PAYLOAD_TOO_LARGE, "TOKENS_EXCEED_LIMIT");
+                let mut err = status(ErrorCode::TokensExceedLimit);
                 err.limit = Some("tokens");
                 err
             }
@@ -234,45 +227,52 @@ impl From<AdmitError> for ApiError {
                 ..
             } => {
                 let (code, limit) = match reason {
-                    Denial::Requests => ("RATE_LIMITED", "requests"),
-                    Denial::Tokens => ("RATE_LIMITED", "tokens"),
-                    Denial::Concurrency => ("CONCURRENCY_LIMITED", "concurrency"),
-                    Denial::BalanceCommitted => ("CONCURRENCY_LIMITED", "balance"),
+                    Denial::Requests => (ErrorCode::RateLimited, "requests"),
+                    Denial::Tokens => (ErrorCode::RateLimited, "tokens"),
+                    Denial::Concurrency => (ErrorCode::ConcurrencyLimited, "concurrency"),
+                    Denial::BalanceCommitted => (ErrorCode::ConcurrencyLimited, "balance"),
                     Denial::PoolExhausted => {
-                        return retry(
-                            status(StatusCode::TOO_MANY_REQUESTS, "PROVIDER_KEYS_EXHAUSTED"),
-                            retry_after_ms,
-                        );
+                        return retry(status(ErrorCode::ProviderKeysExhausted), retry_after_ms);
                     }
                     Denial::BalanceExhausted => {
-                        return status(StatusCode::PAYMENT_REQUIRED, "INSUFFICIENT_BALANCE");
+                        return status(ErrorCode::InsufficientBalance);
                     }
                 };
-                let mut err = retry(status(StatusCode::TOO_MANY_REQUESTS, code), retry_after_ms);
+                let mut err = retry(status(code), retry_after_ms);
                 err.limit = Some(limit);
                 err
             }
-            AdmitError::NoProviderKey(_) => {
-                status(StatusCode::SERVICE_UNAVAILABLE, "NO_PROVIDER_KEY")
-            }
-            AdmitError::PriceUnknown(_) => status(StatusCode::FORBIDDEN, "PRICE_UNKNOWN"),
+            AdmitError::NoProviderKey(_) => status(ErrorCode::NoProviderKey),
+            AdmitError::PriceUnknown(_) => status(ErrorCode::PriceUnknown),
             AdmitError::PoolExhausted { retry_after_ms, .. } => retry(
-                status(StatusCode::TOO_MANY_REQUESTS, "PROVIDER_KEYS_EXHAUSTED"),
+                status(ErrorCode::ProviderKeysExhausted),
                 Some(retry_after_ms),
             ),
-            AdmitError::BadRequest(_) => status(StatusCode::BAD_REQUEST, "BAD_REQUEST"),
+            AdmitError::BadRequest(_) => status(ErrorCode::BadRequest),
             AdmitError::Store(inner) => inner.into(),
             AdmitError::Counters(inner) => inner.into(),
         }
     }
 }
 
-impl From<PoolError> for ApiError {
-    fn from(e: PoolError) -> Self {
+impl From<ProviderKeyError> for ApiError {
+    fn from(e: ProviderKeyError) -> Self {
         match e {
-            PoolError::NotFound(_) => ApiError::not_found(e.to_string()),
-            PoolError::Store(inner) => inner.into(),
-            PoolError::Counters(inner) => inner.into(),
+            ProviderKeyError::NotFound(_) => ApiError::not_found(e.to_string()),
+            ProviderKeyError::Store(inner) => inner.into(),
+            ProviderKeyError::Counters(inner) => inner.into(),
+        }
+    }
+}
+
+impl From<ReportError> for ApiError {
+    fn from(e: ReportError) -> Self {
+        match e {
+            ReportError::Invalid(message) => ApiError::bad_request(message),
+            ReportError::NotTheLeasePick => ApiError::bad_request(e.to_string()),
+            ReportError::TooLate => ApiError::new(ErrorCode::LeaseReportTooLate, e.to_string()),
+            ReportError::Counters(inner) => inner.into(),
+            ReportError::Accounting(inner) => inner.into(),
         }
     }
 }
@@ -292,7 +292,7 @@ mod tests {
 
     #[tokio::test]
     async fn body_and_retry_after() {
-        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", "slow down");
+        let mut e = ApiError::new(ErrorCode::RateLimited, "slow down");
         e.retry_after_ms = Some(1001);
         e.limit = Some("requests");
         let response = e.into_response();

@@ -4,10 +4,9 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 
 /// The largest JSON body any endpoint accepts.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -25,8 +24,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             .await
             .map_err(|_| {
                 ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "PAYLOAD_TOO_LARGE",
+                    ErrorCode::PayloadTooLarge,
                     format!("the body is larger than {MAX_BODY_BYTES} bytes"),
                 )
             })?;

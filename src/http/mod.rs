@@ -8,15 +8,18 @@ pub mod admin;
 pub mod authz;
 pub mod data;
 pub mod error;
+pub mod error_code;
 pub mod extract;
 pub mod openapi;
+mod proof;
 pub mod ratelimit;
+mod report;
 pub mod scan;
+pub mod state;
 
 use std::future::Future;
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -24,8 +27,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::app::AppState;
-use error::ApiError;
+use error::{ApiError, ErrorCode};
+pub use state::AppState;
 
 /// The largest total size of a request's headers; larger ones get 431 with the JSON
 /// error body. (hyper itself refuses far larger ones, without a body.)
@@ -57,11 +60,7 @@ async fn limit_headers(
     } else {
         return next.run(request).await;
     };
-    axum::response::IntoResponse::into_response(ApiError::new(
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        "HEADERS_TOO_LARGE",
-        message,
-    ))
+    axum::response::IntoResponse::into_response(ApiError::new(ErrorCode::HeadersTooLarge, message))
 }
 
 /// Whether the request's `Authorization: Bearer …` is the token whose SHA-256 is
@@ -83,8 +82,7 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "METHOD_NOT_ALLOWED",
+        ErrorCode::MethodNotAllowed,
         "method not allowed on this endpoint",
     )
 }

@@ -239,7 +239,7 @@ pub fn data_plane() -> Value {
     );
     report["security"] = json!([{}, {"data": []}]);
     // The proxies' report: the lease in a header, the upstream's answer in the body
-    // (module `usage::upstream` documents the format).
+    // (module `reporting::upstream` documents the format).
     let upstream = object(
         json!({
             "status": {"type": "integer", "minimum": 100, "maximum": 599},

@@ -30,7 +30,7 @@ impl std::fmt::Debug for Candidate {
     }
 }
 
-/// A provider's candidates, with a fingerprint of them (ids, limits, priorities, order)
+/// A provider's roster: its candidates, with a fingerprint of them (ids, limits, priorities, order)
 /// computed once per load: the Redis shape sends it so the admit script can tell whether
 /// Redis holds the same pool (see `lua/pool_sync.lua`).
 ///
@@ -39,20 +39,20 @@ impl std::fmt::Debug for Candidate {
 /// instead of writing its own back (see `admission`), so two replicas holding different
 /// pools (a lost invalidation) cannot rewrite the pool in turn on every request.
 #[derive(Debug)]
-pub struct Pool {
+pub struct Roster {
     keys: Vec<Candidate>,
     version: String,
     stamp: i64,
 }
 
-impl Pool {
-    /// A pool loaded now.
-    pub fn new(keys: Vec<Candidate>) -> Pool {
+impl Roster {
+    /// A roster loaded now.
+    pub fn new(keys: Vec<Candidate>) -> Roster {
         Self::stamped(keys, crate::clock::now_ms())
     }
 
-    /// A pool with the given stamp.
-    pub fn stamped(keys: Vec<Candidate>, stamp: i64) -> Pool {
+    /// A roster with the given stamp.
+    pub fn stamped(keys: Vec<Candidate>, stamp: i64) -> Roster {
         use sha2::{Digest, Sha256};
         let mut hash = Sha256::new();
         // Fixed-width numbers after each id, so no two pools hash the same bytes.
@@ -64,7 +64,7 @@ impl Pool {
             }
         }
         let version = hex::encode(&hash.finalize()[..8]);
-        Pool {
+        Roster {
             keys,
             version,
             stamp,
@@ -79,12 +79,12 @@ impl Pool {
         self.stamp
     }
 
-    /// This pool, stamped later than `stamp` (a copy when it is not already).
-    pub fn stamped_after(self: &Arc<Self>, stamp: i64) -> Arc<Pool> {
+    /// This roster, stamped later than `stamp` (a copy when it is not already).
+    pub fn stamped_after(self: &Arc<Self>, stamp: i64) -> Arc<Roster> {
         if self.stamp > stamp {
             return self.clone();
         }
-        Arc::new(Pool {
+        Arc::new(Roster {
             keys: self.keys.clone(),
             version: self.version.clone(),
             stamp: stamp + 1,
@@ -92,7 +92,11 @@ impl Pool {
     }
 }
 
-impl std::ops::Deref for Pool {
+/// The roster's former name, kept only because `src/limits` (owned by another change
+/// in flight) still imports it; delete it once `limits` says `Roster`.
+pub type Pool = Roster;
+
+impl std::ops::Deref for Roster {
     type Target = [Candidate];
 
     fn deref(&self) -> &[Candidate] {
@@ -100,7 +104,7 @@ impl std::ops::Deref for Pool {
     }
 }
 
-pub struct PoolLoader {
+pub struct RosterLoader {
     db: Db,
     keyring: Arc<Keyring>,
     ttl: Duration,
@@ -108,8 +112,8 @@ pub struct PoolLoader {
     negative_ttl: Duration,
 }
 
-impl Loader for PoolLoader {
-    type Value = Arc<Pool>;
+impl Loader for RosterLoader {
+    type Value = Arc<Roster>;
     const NAME: &'static str = "provider_pools";
 
     async fn load(&self, provider: &str) -> Result<Self::Value, StoreError> {
@@ -133,10 +137,10 @@ impl Loader for PoolLoader {
                 ),
             }
         }
-        Ok(Arc::new(Pool::new(candidates)))
+        Ok(Arc::new(Roster::new(candidates)))
     }
 
-    /// An empty pool is what any unknown provider name loads.
+    /// An empty roster is what any unknown provider name loads.
     fn is_negative(&self, value: &Self::Value) -> bool {
         value.is_empty()
     }
@@ -146,10 +150,10 @@ impl Loader for PoolLoader {
     }
 }
 
-pub type PoolCache = Cache<PoolLoader>;
+pub type RosterCache = Cache<RosterLoader>;
 
-pub fn new(db: Db, keyring: Arc<Keyring>, ttl: Duration, negative_ttl: Duration) -> PoolCache {
-    Cache::new(PoolLoader {
+pub fn new(db: Db, keyring: Arc<Keyring>, ttl: Duration, negative_ttl: Duration) -> RosterCache {
+    Cache::new(RosterLoader {
         db,
         keyring,
         ttl,
@@ -164,9 +168,9 @@ pub fn with_capacity(
     ttl: Duration,
     negative_ttl: Duration,
     capacity: usize,
-) -> PoolCache {
+) -> RosterCache {
     Cache::with_capacity(
-        PoolLoader {
+        RosterLoader {
             db,
             keyring,
             ttl,
@@ -204,12 +208,12 @@ mod tests {
             Duration::from_millis(200),
             100,
         ));
-        // Any name a caller sends loads an empty pool; they never pile up.
+        // Any name a caller sends loads an empty roster; they never pile up.
         for i in 0..1_000 {
             assert!(cache.get(&format!("made-up-{i}")).await.unwrap().is_empty());
             assert!(cache.len() <= 100, "{} entries", cache.len());
         }
-        // An empty pool is not served past its (negative) TTL, even when the key that
+        // An empty roster is not served past its (negative) TTL, even when the key that
         // fills it came without an invalidation.
         assert!(cache.get("late").await.unwrap().is_empty());
         super::store::insert(
@@ -231,7 +235,7 @@ mod tests {
 
     #[test]
     fn the_version_follows_ids_limits_priorities_and_order_only() {
-        let v = |keys: Vec<Candidate>| Pool::new(keys).version().to_string();
+        let v = |keys: Vec<Candidate>| Roster::new(keys).version().to_string();
         let base = v(vec![key("a", 0), key("b", 1)]);
         assert_eq!(base, v(vec![key("a", 0), key("b", 1)]));
         let relabelled = Candidate {

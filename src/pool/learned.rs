@@ -17,7 +17,7 @@
 //! Invariant: everything is bounded before use. A count outside `0..=MAX_LIMIT`, or a
 //! value that does not read, is ignored (as if absent), never a panic; a reset is at
 //! most [`MAX_RESET_MS`] (and a lease's report caps it further, see
-//! `accounting::report::PoolPolicy`).
+//! `reporting::body::ProviderKeyPolicy`).
 
 use std::collections::BTreeMap;
 

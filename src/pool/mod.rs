@@ -2,9 +2,10 @@
 //!
 //! - [`input`]: the admin API's bodies and their validation.
 //! - [`store`]: the SQL.
-//! - [`cache`]: per provider, the active keys with their values decrypted once, in the
+//! - [`cache`]: per provider, its roster: the active keys with their values decrypted once, in the
 //!   order selection tries them.
-//! - [`service`]: the admin operations.
+//! - the admin operations over provider keys live in [`crate::provider_keys`]: they
+//!   read the counter store, which itself takes this module's types.
 //! - [`learned`]: what an upstream's rate-limit headers say about a key.
 //!
 //! Selection itself happens in the counter store, in the same atomic step as a client
@@ -19,15 +20,12 @@
 pub mod cache;
 pub mod input;
 pub mod learned;
-pub mod service;
 pub mod store;
 
 use serde::Serialize;
 
 use crate::clock::to_rfc3339;
 use learned::{Learned, LearnedView};
-
-pub use service::{PoolError, ProviderKeys};
 
 /// A provider key as stored. Holds the ciphertext, so it is never serialized directly.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,5 +1,8 @@
 //! Prices of models, and what a request's tokens cost.
 //!
+//! (Over 400 lines because its unit tests, about 200, sit beside the cost arithmetic
+//! and the price lookup they check; the code itself is under 300.)
+//!
 //! - [`store`]: the SQL (`model_prices`, keyed by provider and model).
 //! - [`cache`]: per provider, all its prices, loaded once and served from memory.
 //! - [`Prices`]: the admin operations, the start-up load of `KEYWARD_PRICES_FILE`, and
@@ -29,20 +32,19 @@
 //! USD) is refused ([`CostError::TooLarge`]), never wrapped or clamped silently.
 
 pub mod cache;
+pub mod service;
 pub mod store;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::clock::{now_ms, to_rfc3339};
-use crate::db::{Db, StoreError};
-use crate::invalidation::Bus;
+use crate::clock::to_rfc3339;
 use crate::money::{format_usd, Usd, MAX_REPORT_MICROS, MICROS_PER_USD};
 use crate::usage::parse::Usage;
 
 pub use cache::PriceCache;
+pub use service::{PriceError, Prices};
 
 /// The highest price accepted: 1,000,000 USD per million tokens, in micro-USD.
 pub const MAX_PRICE_MICROS: i64 = 1_000_000 * MICROS_PER_USD;
@@ -273,84 +275,6 @@ pub fn check_model(model: &str) -> Result<&str, String> {
 }
 
 /// Errors of the price operations.
-#[derive(Debug, thiserror::Error)]
-pub enum PriceError {
-    #[error("no price for model `{model}` of provider `{provider}`")]
-    NotFound { provider: String, model: String },
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// The price operations; cheap to clone.
-#[derive(Clone)]
-pub struct Prices {
-    db: Db,
-    cache: Arc<PriceCache>,
-    bus: Arc<Bus>,
-}
-
-impl Prices {
-    pub fn new(db: Db, cache: Arc<PriceCache>, bus: Arc<Bus>) -> Self {
-        Self { db, cache, bus }
-    }
-
-    /// Sets a model's price (replacing the whole price); every replica drops its copy.
-    pub async fn put(
-        &self,
-        provider: &str,
-        model: &str,
-        price: Price,
-    ) -> Result<ModelPrice, PriceError> {
-        let stored = store::upsert(&self.db, provider, model, &price, now_ms()).await?;
-        self.bus.prices_changed(provider).await;
-        tracing::info!(provider, model, "price set");
-        Ok(stored)
-    }
-
-    /// Every price, by provider then model.
-    pub async fn list(&self) -> Result<Vec<ModelPrice>, PriceError> {
-        Ok(store::list_all(&self.db).await?)
-    }
-
-    pub async fn delete(&self, provider: &str, model: &str) -> Result<ModelPrice, PriceError> {
-        let deleted = store::delete(&self.db, provider, model).await?;
-        let deleted = deleted.ok_or_else(|| PriceError::NotFound {
-            provider: provider.to_string(),
-            model: model.to_string(),
-        })?;
-        self.bus.prices_changed(provider).await;
-        tracing::info!(provider, model, "price removed");
-        Ok(deleted)
-    }
-
-    /// Stores the prices of `KEYWARD_PRICES_FILE` (each replaces what the database held
-    /// for that model; models the file does not name keep their prices).
-    pub async fn load(&self, entries: &[(String, String, Price)]) -> Result<(), PriceError> {
-        let now = now_ms();
-        for (provider, model, price) in entries {
-            store::upsert(&self.db, provider, model, price, now).await?;
-        }
-        let providers: std::collections::BTreeSet<&str> =
-            entries.iter().map(|(p, _, _)| p.as_str()).collect();
-        for provider in providers {
-            self.bus.prices_changed(provider).await;
-        }
-        if !entries.is_empty() {
-            tracing::info!(
-                prices = entries.len(),
-                "prices loaded from KEYWARD_PRICES_FILE"
-            );
-        }
-        Ok(())
-    }
-
-    /// The price a model of `provider` is charged at ([`lookup`]), from the cache.
-    pub async fn price_of(&self, provider: &str, model: &str) -> Result<Option<Price>, StoreError> {
-        let prices = self.cache.get(provider).await?;
-        Ok(lookup(&prices, model).copied())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

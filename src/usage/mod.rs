@@ -6,10 +6,10 @@
 //! transaction, and only when the insert actually added a row; re-applying a batch
 //! changes nothing. This is the database half of exactly-once accounting.
 
+pub mod api_format;
 pub mod dead_letters;
 pub mod parse;
 pub mod store;
-pub mod upstream;
 
 use serde::{Deserialize, Serialize};
 

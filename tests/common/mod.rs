@@ -169,7 +169,7 @@ pub struct TestServer {
     pub admin: String,
     pub client: reqwest::Client,
     pub db: Arc<TestDb>,
-    pub state: keyward::app::AppState,
+    pub state: keyward::http::AppState,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }

@@ -1,12 +1,16 @@
 //! Start-up: turns a [`Config`] into running parts (store, keyring, counters, caches,
-//! services), and runs the listeners and background jobs until shutdown.
+//! services), hands them to [`http`] as its [`AppState`], and runs the listeners and
+//! background jobs until shutdown. Nothing below imports this module: it is the one
+//! place that knows every concrete part (`app::store` opens the database).
 //!
 //! Shutdown order matters for exactly-once accounting: the listeners drain first (so
 //! every report that was answered is queued), then the background jobs are told to stop
-//! (the embedded writer flushes its queue before it returns), then the pools close.
+//! (the embedded writer flushes its queue before it returns), then the database's
+//! connections close.
+
+mod store;
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,59 +19,27 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::accounting::{self, report::PoolPolicy};
+use crate::accounting;
 use crate::admission::Admission;
+use crate::bus::{self, Bus};
 use crate::client_keys::{self, ClientKeys};
-use crate::config::{Config, DATABASE_URL, ENCRYPTION_KEY, REDIS_CA_FILE, REDIS_URL};
-use crate::crypto::{self, Keyring};
-use crate::db::{self, Backend, Db};
-use crate::invalidation::{self, Bus};
+use crate::config::{Config, REDIS_CA_FILE, REDIS_URL};
+use crate::crypto;
+use crate::http::state::Shared;
+use crate::http::AppState;
+use crate::invalidation::Invalidator;
 use crate::limits::conn::Target;
 use crate::limits::memory::MemoryCounters;
 use crate::limits::redis::RedisCounters;
 use crate::limits::Counters;
-use crate::pool::{self, ProviderKeys};
+use crate::pool;
 use crate::prices::{self, Prices};
+use crate::provider_keys::ProviderKeys;
+use crate::reporting::body::ProviderKeyPolicy;
+use crate::reporting::Reports;
 use crate::usage::UsageRecord;
 use crate::{expiry, http, tls};
-
-/// What every request handler can reach. One `Arc`: axum clones the state for every
-/// extractor and middleware of every request, so a clone is one atomic increment rather
-/// than one per field.
-#[derive(Clone)]
-pub struct AppState(Arc<Shared>);
-
-impl std::ops::Deref for AppState {
-    type Target = Shared;
-
-    fn deref(&self) -> &Shared {
-        &self.0
-    }
-}
-
-/// The parts of [`AppState`].
-pub struct Shared {
-    pub db: Db,
-    pub keys: ClientKeys,
-    pub pools: ProviderKeys,
-    /// Model prices (admin API, `KEYWARD_PRICES_FILE`, and pricing of reported tokens).
-    pub prices: Prices,
-    pub admission: Arc<Admission>,
-    pub counters: Counters,
-    pub keyring: Arc<Keyring>,
-    /// Cache invalidation, here and on every other replica.
-    pub bus: Arc<Bus>,
-    /// What upstream 429s and 401/403s do to provider keys.
-    pub pool_policy: PoolPolicy,
-    /// SHA-256 of `KEYWARD_ADMIN_TOKEN`; `None` disables the admin API.
-    pub admin_token_digest: Option<[u8; 32]>,
-    /// SHA-256 of `KEYWARD_DATA_TOKEN`; `None` refuses the calls that need it.
-    pub data_token_digest: Option<[u8; 32]>,
-    /// The expiry pass deletes (rather than disables) keys without a flag of their own.
-    pub expiry_auto_delete: bool,
-    /// Whether the in-process accounting writer can write (reports are refused if not).
-    pub accounting: accounting::embedded::WriterHealth,
-}
+pub use store::{connect_db, key_file_for, open_db};
 
 /// Background work that [`run`] starts beside the listeners.
 enum Accounting {
@@ -86,85 +58,8 @@ pub struct Parts {
     pub state: AppState,
     accounting: Accounting,
     invalidation_channel: String,
-}
-
-/// Where the embedded shape keeps its generated encryption key: beside the SQLite file.
-pub fn key_file_for(sqlite: &std::path::Path) -> PathBuf {
-    let mut name = sqlite.as_os_str().to_owned();
-    name.push(".key");
-    PathBuf::from(name)
-}
-
-async fn keyring(config: &Config, db: &Db) -> anyhow::Result<Keyring> {
-    let current = match (config.encryption_key, config.backend) {
-        (Some(key), _) => key,
-        (None, Backend::Sqlite) => match db::sqlite_path(&config.database_url) {
-            Some(path) => {
-                // A new key beside stored ciphertexts would decrypt none of them.
-                let may_create = !db
-                    .holds_secrets()
-                    .await
-                    .with_context(|| format!("{DATABASE_URL}: reading the database"))?;
-                crypto::load_or_create_key_file(&key_file_for(&path), may_create)?
-            }
-            None => {
-                tracing::warn!("{ENCRYPTION_KEY} is unset and the database is in memory: using a throw-away key");
-                crypto::random_key()
-            }
-        },
-        // Config::from_raw refuses this combination; kept as an error, not a panic.
-        (None, Backend::Postgres) => anyhow::bail!("{ENCRYPTION_KEY} is required with Postgres"),
-    };
-    Ok(Keyring::new(&current, &config.previous_keys))
-}
-
-/// Connects to the durable store; the error is one line naming `KEYWARD_DATABASE_URL`
-/// and the cause, never the URL (it may hold a password).
-pub async fn connect_db(url: &str) -> anyhow::Result<Db> {
-    Db::connect(url).await.map_err(|e| {
-        let cause = redact(&e.to_string(), url);
-        let hint = if tls::is_certificate_error(&cause) {
-            " (the server's certificate must be signed by a CA of the URL's sslrootcert or of the system roots and, with sslmode=verify-full, name the URL's host)"
-        } else {
-            ""
-        };
-        anyhow::anyhow!("{DATABASE_URL}: cannot connect to the database: {cause}{hint}")
-    })
-}
-
-/// Connects to the durable store, checks that it can be written, and applies migrations.
-pub async fn open_db(config: &Config) -> anyhow::Result<Db> {
-    let db = connect_db(&config.database_url).await?;
-    if config.backend == Backend::Sqlite {
-        // A read-only SQLite file answers reads (and `/readyz`) but no write: stop here
-        // instead of starting "ready" and losing every report.
-        db.check_writable().await.map_err(|e| {
-            anyhow::anyhow!("{DATABASE_URL}: the database is read-only (cannot write to it): {e}")
-        })?;
-    }
-    db.migrate().await.map_err(|e| {
-        anyhow::anyhow!(
-            "{DATABASE_URL}: applying database migrations: {}",
-            redact(&e.to_string(), &config.database_url)
-        )
-    })?;
-    Ok(db)
-}
-
-/// `text` with the password of `url` (if any) masked: causes from drivers are shown in
-/// start-up errors, and must not carry it even if a driver quoted the URL.
-fn redact(text: &str, url: &str) -> String {
-    let password = url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.split(['/', '?']).next())
-        .and_then(|authority| authority.rsplit_once('@'))
-        .and_then(|(user_info, _)| user_info.split_once(':'))
-        .map(|(_, password)| password)
-        .filter(|p| !p.is_empty());
-    match password {
-        Some(p) => text.replace(p, "***"),
-        None => text.to_string(),
-    }
+    /// This replica's caches and their pub/sub channel, for the subscription.
+    bus: Arc<Bus>,
 }
 
 /// The distributed counter store: Redis with its failure policy (and the in-process twin
@@ -175,7 +70,7 @@ async fn connect_redis(
     guard_ttl_ms: i64,
 ) -> anyhow::Result<(Arc<RedisCounters>, Accounting)> {
     let unreachable = |e: &dyn std::fmt::Display| {
-        let cause = redact(&e.to_string(), url);
+        let cause = store::redact(&e.to_string(), url);
         let hint = match (tls::is_certificate_error(&cause), &config.redis_ca) {
             (false, _) => String::new(),
             (true, Some(_)) => format!(" (the server's certificate must be signed by a CA of {REDIS_CA_FILE} or of the system roots, and name the host of {REDIS_URL})"),
@@ -216,13 +111,13 @@ async fn connect_redis(
 
 pub async fn build(config: &Config) -> anyhow::Result<Parts> {
     let db = open_db(config).await?;
-    let keyring = Arc::new(keyring(config, &db).await?);
+    let keyring = Arc::new(store::keyring(config, &db).await?);
     let key_cache = Arc::new(client_keys::cache::new(
         db.clone(),
         config.key_cache_ttl,
         config.negative_cache_ttl,
     ));
-    let pool_cache = Arc::new(pool::cache::new(
+    let roster_cache = Arc::new(pool::cache::new(
         db.clone(),
         keyring.clone(),
         config.key_cache_ttl,
@@ -233,7 +128,8 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         config.key_cache_ttl,
         config.negative_cache_ttl,
     ));
-    let mut bus = Bus::new(key_cache.clone(), pool_cache.clone()).with_prices(price_cache.clone());
+    let mut bus =
+        Bus::new(key_cache.clone(), roster_cache.clone()).with_prices(price_cache.clone());
     let guard_ttl_ms = config.report_dedupe_ttl.as_millis() as i64;
     let invalidation_channel = format!("{}:invalidate", config.redis_prefix);
     let (counters, accounting) = match &config.redis_url {
@@ -249,14 +145,15 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         }
     };
     let bus = Arc::new(bus);
-    let prices = Prices::new(db.clone(), price_cache.clone(), bus.clone());
+    let invalidator: Invalidator = bus.clone();
+    let prices = Prices::new(db.clone(), price_cache.clone(), invalidator.clone());
     prices
         .load(&config.prices)
         .await
         .with_context(|| format!("storing the prices of {}", crate::config::PRICES_FILE))?;
     let admission = Admission::new(
         key_cache,
-        pool_cache,
+        roster_cache,
         counters.clone(),
         keyring.clone(),
         price_cache,
@@ -266,25 +163,41 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
             price: config.default_price,
         },
     );
-    let state = AppState(Arc::new(Shared {
-        keys: ClientKeys::new(
-            db.clone(),
-            keyring.clone(),
-            config.key_prefix.clone(),
-            bus.clone(),
-        ),
-        pools: ProviderKeys::new(db.clone(), keyring.clone(), bus.clone(), counters.clone()),
-        prices,
-        db,
-        admission: Arc::new(admission),
-        counters,
-        keyring,
-        bus,
-        pool_policy: PoolPolicy {
+    let admission = Arc::new(admission);
+    let provider_keys = ProviderKeys::new(
+        db.clone(),
+        keyring.clone(),
+        invalidator.clone(),
+        counters.clone(),
+    );
+    let accounting_health = accounting::embedded::WriterHealth::default();
+    let reports = Reports::new(
+        admission.clone(),
+        provider_keys.clone(),
+        prices.clone(),
+        counters.clone(),
+        accounting_health.clone(),
+        ProviderKeyPolicy {
             default_cooldown_ms: config.provider_cooldown.as_millis() as i64,
             lease_cooldown_max_ms: config.provider_cooldown_max.as_millis() as i64,
             suspend_ms: config.provider_suspend.as_millis() as i64,
         },
+    );
+    let state = AppState::new(Shared {
+        keys: ClientKeys::new(
+            db.clone(),
+            keyring.clone(),
+            config.key_prefix.clone(),
+            invalidator.clone(),
+        ),
+        provider_keys,
+        prices,
+        db,
+        admission,
+        reports,
+        counters,
+        keyring,
+        invalidator,
         admin_token_digest: config
             .admin_token
             .as_deref()
@@ -294,12 +207,13 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
             .as_deref()
             .map(|t| crypto::digest(t.as_bytes())),
         expiry_auto_delete: config.expiry_auto_delete,
-        accounting: Default::default(),
-    }));
+        accounting: accounting_health,
+    });
     Ok(Parts {
         state,
         accounting,
         invalidation_channel,
+        bus,
     })
 }
 
@@ -348,10 +262,10 @@ fn spawn_background(
                 state.db.clone(),
                 stop.clone(),
             )));
-            jobs.push(tokio::spawn(invalidation::subscribe(
+            jobs.push(tokio::spawn(bus::subscribe(
                 *pubsub,
                 parts.invalidation_channel,
-                state.bus.clone(),
+                parts.bus.clone(),
                 stop.clone(),
             )));
         }

@@ -1,4 +1,5 @@
-//! The body of `POST /v1/report`, validated into what the counter store settles.
+//! The body of `POST /v1/report`, validated into what the counter store settles, and
+//! what an upstream's answer does to the provider key that served it.
 
 use serde::Deserialize;
 
@@ -6,6 +7,7 @@ use serde::Deserialize;
 /// context or output, and low enough that no key's totals can be filled by lying
 /// reports in any practical time (a key's totals would need ~4.5 million of them).
 pub const MAX_REPORT_TOKENS: i64 = 1_000_000_000;
+
 use crate::lease::SignedLease;
 use crate::limits::{LeaseId, Report, TokenClasses};
 use crate::money::{format_usd, Usd, MAX_REPORT_MICROS};
@@ -49,7 +51,7 @@ pub struct ReportBody {
 
 /// What an upstream answer does to the provider key that served it.
 #[derive(Debug, Clone, Copy)]
-pub struct PoolPolicy {
+pub struct ProviderKeyPolicy {
     /// Cooldown after a 429 that named no `retry_after_s`.
     pub default_cooldown_ms: i64,
     /// Suspension after a 401 or 403.
@@ -74,7 +76,7 @@ impl ReportBody {
     /// verified its signature); `None` for a report without a lease.
     pub fn validate(
         self,
-        policy: PoolPolicy,
+        policy: ProviderKeyPolicy,
         lease: Option<SignedLease>,
     ) -> Result<Report, String> {
         let lease_expires_at_ms = lease.as_ref().map_or(0, |l| l.expires_at_ms);
@@ -187,7 +189,7 @@ impl ReportBody {
 mod tests {
     use super::*;
 
-    const POLICY: PoolPolicy = PoolPolicy {
+    const POLICY: ProviderKeyPolicy = ProviderKeyPolicy {
         default_cooldown_ms: 60_000,
         suspend_ms: 3_600_000,
         lease_cooldown_max_ms: 10_000,

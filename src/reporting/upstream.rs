@@ -2,10 +2,13 @@
 //! rate-limit headers and an excerpt of its answer, turned into the report that
 //! `/v1/report` settles.
 //!
+//! (Over 400 lines: the body's format is documented here in full, and its tests, about
+//! 160 lines, sit beside it; the code is about 230.)
+//!
 //! The shipped Envoy configuration keeps the answer's first bytes (`head`) and a rolling
 //! window of its last bytes (`tail`) while the answer streams through to the client, and
 //! posts them after the last chunk. keyward, not the proxy, reads the usage from them
-//! ([`super::parse`]), so one parser serves every proxy.
+//! ([`crate::usage::parse`]), so one parser serves every proxy.
 //!
 //! The body (JSON; `head` and `tail` base64, so any bytes travel):
 //!
@@ -26,11 +29,11 @@
 //! ```
 //!
 //! Invariants:
-//! - Tokens are reported only when [`super::parse::parse`] found the upstream's final
+//! - Tokens are reported only when [`crate::usage::parse::parse`] found the upstream's final
 //!   usage; otherwise the report carries none and the admission's reservation stays
 //!   (as for a `/v1/report` without tokens). No cost is set here: the settling side
 //!   prices the tokens at the lease's price, or charges the lease's hold for a
-//!   successful answer whose usage it could not read (`src/http/data.rs`).
+//!   successful answer whose usage it could not read ([`super::Reports::settle`]).
 //! - Every field is bounded before anything is decoded or parsed: an oversized body is
 //!   refused whole ([`UpstreamError::TooLarge`]), never truncated.
 
@@ -39,10 +42,10 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use serde::Deserialize;
 
-use super::parse::{self, ApiFormat, Excerpt, Outcome, Usage};
-use crate::accounting::report::ReportBody;
-use crate::accounting::report::MAX_REPORT_TOKENS;
+use super::body::{ReportBody, MAX_REPORT_TOKENS};
 use crate::pool::learned::LearnedLimits;
+use crate::usage::api_format;
+use crate::usage::parse::{self, ApiFormat, Excerpt, Outcome, Usage};
 
 /// The most bytes of `head`, and of `tail`, once decoded.
 pub const MAX_PART_BYTES: usize = 64 * 1024;
@@ -199,8 +202,7 @@ impl UpstreamBody {
                         "path must be at most {MAX_PATH} bytes"
                     )));
                 }
-                crate::http::authz::api_format(path)
-                    .and_then(|(name, _)| ApiFormat::from_name(name))
+                api_format::of_path(path).and_then(|(name, _)| ApiFormat::from_name(name))
             }
             (None, None) => None,
         };

@@ -11,142 +11,34 @@
 //!    trip. A pool that refuses leaves the client's counters as they were.
 //!
 //! Invariant: nothing is counted before step 3, and step 3 counts everything or nothing.
+//!
+//! The types of a request and its answer are in `request`, the small in-process rules
+//! (names, allow-lists, plausible secrets, the hold) in `rules`.
+
+mod request;
+mod rules;
 
 use std::sync::Arc;
-
-use serde::Deserialize;
 
 use crate::client_keys::cache::KeyCache;
 use crate::client_keys::input::MAX_LIMIT;
 use crate::client_keys::ClientKey;
 use crate::clock::now_ms;
 use crate::crypto::{lookup_hash, Keyring};
-use crate::db::StoreError;
 use crate::lease::SignedLease;
 use crate::limits::{
-    AdmitRequest, BalanceSnapshot, CounterError, Counters, Denial, LeaseId, Pick, SelectRequest,
-    Usage, Verdict,
+    AdmitRequest, BalanceSnapshot, CounterError, Counters, LeaseId, Pick, SelectRequest, Verdict,
 };
 use crate::names;
-use crate::pool::cache::{Candidate, Pool, PoolCache};
+use crate::pool::cache::{Candidate, Roster, RosterCache};
 use crate::pool::valid_provider;
 use crate::prices::{Price, PriceCache};
-
-/// The body of `POST /v1/admit`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdmitBody {
-    #[serde(default)]
-    pub key: Option<String>,
-    #[serde(default)]
-    pub provider: Option<String>,
-    #[serde(default)]
-    pub model: Option<String>,
-    #[serde(default)]
-    pub api_format: Option<String>,
-    #[serde(default)]
-    pub estimated_tokens: Option<i64>,
-    #[serde(default)]
-    pub select: bool,
-    /// `/authz` only: pick a provider key when the provider has a pool, and admit
-    /// without one when it has none (contract section 3). `select` is stricter: no
-    /// active key there is `NO_PROVIDER_KEY`.
-    #[serde(skip)]
-    pub select_if_pooled: bool,
-    /// `/authz` only: input tokens estimated from the request body it saw (a quarter of
-    /// its bytes), priced into the balance hold.
-    #[serde(skip)]
-    pub input_estimate: i64,
-    /// `/authz` only: a stream whose answer will not state its usage (an OpenAI stream
-    /// without `stream_options.include_usage`). Charged its hold, so a key with a
-    /// balance must then name a limit.
-    #[serde(skip)]
-    pub usage_unstated: bool,
-}
-
-/// An admitted request.
-#[derive(Debug)]
-pub struct Admitted {
-    pub lease: LeaseId,
-    /// The signed lease id the caller gets (see [`crate::lease`]).
-    pub lease_id: String,
-    pub key: Arc<ClientKey>,
-    pub expires_at_ms: i64,
-    pub usage: Usage,
-    /// The provider key picked in the same step, when one was asked for.
-    pub provider_key: Option<Candidate>,
-    /// Admitted without Redis, by this `KEYWARD_ON_BACKEND_ERROR` mode.
-    pub degraded: Option<&'static str>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum AdmitError {
-    #[error("no client key in the request")]
-    MissingKey,
-    #[error("unknown client key")]
-    InvalidKey,
-    #[error("the client key is disabled")]
-    KeyDisabled,
-    #[error("the client key has expired")]
-    KeyExpired,
-    #[error("provider `{0}` is not allowed for this key")]
-    ProviderNotAllowed(String),
-    #[error("model `{0}` is not allowed for this key")]
-    ModelNotAllowed(String),
-    #[error("API format `{0}` is not allowed for this key")]
-    ApiFormatNotAllowed(String),
-    #[error("the estimate of {estimate} tokens is larger than the key's limit of {limit} tokens per minute")]
-    TokensExceedLimit { estimate: i64, limit: i64 },
-    #[error("{}", limited_message(.reason))]
-    Limited {
-        reason: Denial,
-        retry_after_ms: Option<i64>,
-        key: Arc<ClientKey>,
-        usage: Usage,
-    },
-    #[error("provider `{0}` has no active provider key")]
-    NoProviderKey(String),
-    #[error("{0} has no price: a key with a balance is charged at a model's price, so set one (PUT /admin/prices/<provider>/<model>) or KEYWARD_DEFAULT_PRICE")]
-    PriceUnknown(String),
-    #[error("every key of provider `{provider}` is cooling down, suspended or at its limits")]
-    PoolExhausted {
-        provider: String,
-        retry_after_ms: i64,
-    },
-    #[error("{0}")]
-    BadRequest(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Counters(#[from] CounterError),
-}
-
-fn limited_message(reason: &Denial) -> &'static str {
-    match reason {
-        Denial::Requests => "requests-per-minute limit reached",
-        Denial::Tokens => "tokens-per-minute limit reached",
-        Denial::Concurrency => "all concurrent-request slots of this key are in use",
-        Denial::BalanceExhausted => {
-            "the key's remaining balance is used up, or smaller than this request's hold"
-        }
-        Denial::BalanceCommitted => "the key's remaining balance is held by requests in flight",
-        Denial::PoolExhausted => "every provider key is cooling down, suspended or at its limits",
-    }
-}
-
-/// What an admission assumes where a request does not say.
-#[derive(Debug, Clone, Copy)]
-pub struct Defaults {
-    pub lease_ttl_ms: i64,
-    /// `KEYWARD_DEFAULT_ESTIMATED_TOKENS`: the estimate of a request that names none.
-    pub tokens: i64,
-    /// `KEYWARD_DEFAULT_PRICE`: the price of a model without one.
-    pub price: Option<Price>,
-}
+pub use request::{AdmitBody, AdmitError, Admitted, Defaults};
+use rules::{allows, given, hold, plausible_secret};
 
 pub struct Admission {
     cache: Arc<KeyCache>,
-    pools: Arc<PoolCache>,
+    rosters: Arc<RosterCache>,
     /// One reload at a time of a pool that Redis holds a newer version of, so the
     /// requests that meet it together load it from the database once.
     pool_reload: tokio::sync::Mutex<()>,
@@ -157,33 +49,10 @@ pub struct Admission {
     defaults: Defaults,
 }
 
-/// A name from the request: `None` for "not given" (absent or blank), refused when it
-/// breaks the rule of [`crate::names`].
-fn given<'a>(
-    field: &'static str,
-    value: &'a Option<String>,
-) -> Result<Option<&'a str>, AdmitError> {
-    names::optional(field, value.as_deref()).map_err(|e| AdmitError::BadRequest(e.to_string()))
-}
-
-/// An allow-list admits a value it contains; `None` (no list) admits everything, and a
-/// list admits nothing that was not named.
-fn allows(list: &Option<Vec<String>>, value: Option<&str>) -> bool {
-    match list {
-        None => true,
-        Some(list) => value.is_some_and(|v| list.iter().any(|item| item == v)),
-    }
-}
-
-/// A string that cannot be a key is refused without a lookup.
-fn plausible_secret(secret: &str) -> bool {
-    (8..=512).contains(&secret.len()) && secret.bytes().all(|b| b.is_ascii_graphic())
-}
-
 impl Admission {
     pub fn new(
         cache: Arc<KeyCache>,
-        pools: Arc<PoolCache>,
+        rosters: Arc<RosterCache>,
         counters: Counters,
         keyring: Arc<Keyring>,
         prices: Arc<PriceCache>,
@@ -191,7 +60,7 @@ impl Admission {
     ) -> Self {
         Self {
             cache,
-            pools,
+            rosters,
             pool_reload: tokio::sync::Mutex::new(()),
             counters,
             keyring,
@@ -232,12 +101,13 @@ impl Admission {
         Ok(price)
     }
 
-    /// The provider of a key in one of the pools this process holds, or `None`; never
-    /// reads the database. A scan of the held pools: only upstream 429/401/403 reports
+    /// The provider of a key in one of the rosters this process holds, or `None`; never
+    /// reads the database. A scan of the held rosters: only upstream 429/401/403 reports
     /// ask.
     pub fn held_provider_of(&self, key_id: &str) -> Option<String> {
-        self.pools.find_held(|pool| {
-            pool.iter()
+        self.rosters.find_held(|roster| {
+            roster
+                .iter()
                 .find(|c| c.id == key_id)
                 .map(|c| c.provider.clone())
         })
@@ -287,7 +157,7 @@ impl Admission {
     }
 
     /// The provider's active keys, in the order selection tries them; never empty.
-    async fn candidates(&self, provider: Option<&str>) -> Result<Arc<Pool>, AdmitError> {
+    async fn candidates(&self, provider: Option<&str>) -> Result<Arc<Roster>, AdmitError> {
         let provider = names::optional("provider", provider)
             .map_err(|e| AdmitError::BadRequest(e.to_string()))?
             .ok_or_else(|| {
@@ -298,7 +168,7 @@ impl Admission {
                 "provider must be 1 to 64 of A-Z, a-z, 0-9, ., _ and -".into(),
             ));
         }
-        let candidates = self.pools.get(provider).await?;
+        let candidates = self.rosters.get(provider).await?;
         if candidates.is_empty() {
             return Err(AdmitError::NoProviderKey(provider.to_string()));
         }
@@ -307,11 +177,11 @@ impl Admission {
 
     /// The provider's active keys when it has any; `None` for no provider, a name that
     /// cannot be a pool's, or a pool without active keys.
-    async fn pool_if_any(&self, provider: Option<&str>) -> Result<Option<Arc<Pool>>, AdmitError> {
+    async fn pool_if_any(&self, provider: Option<&str>) -> Result<Option<Arc<Roster>>, AdmitError> {
         let Some(provider) = provider.filter(|p| valid_provider(p)) else {
             return Ok(None);
         };
-        let candidates = self.pools.get(provider).await?;
+        let candidates = self.rosters.get(provider).await?;
         Ok((!candidates.is_empty()).then_some(candidates))
     }
 
@@ -319,14 +189,14 @@ impl Admission {
     /// `used` (this replica missed an invalidation): held or loaded later than that, and
     /// never empty. Reloaded from the database at most once per such meeting; the
     /// requests that meet it together wait for that one load.
-    async fn newer_pool(&self, used: &Pool, newer: i64) -> Result<Arc<Pool>, AdmitError> {
+    async fn newer_pool(&self, used: &Roster, newer: i64) -> Result<Arc<Roster>, AdmitError> {
         let provider = used.first().map_or("", |c| c.provider.as_str());
         let _one_at_a_time = self.pool_reload.lock().await;
-        let held = self.pools.get(provider).await?;
+        let held = self.rosters.get(provider).await?;
         let fresh = if held.stamp() > newer {
             held
         } else {
-            self.pools.reload(provider).await?
+            self.rosters.reload(provider).await?
         };
         if fresh.is_empty() {
             return Err(AdmitError::NoProviderKey(provider.to_string()));
@@ -495,74 +365,5 @@ impl Admission {
                 usage: decision.usage,
             }),
         }
-    }
-}
-
-/// What a request holds on its key's balance until its report, rounded up: the input
-/// tokens estimated from the body `/authz` saw at the input price, and the request's
-/// estimate (`max_tokens`, `estimated_tokens` or the default) at the higher of the
-/// input and output prices, since `estimated_tokens` may count input too. An upstream
-/// never writes more than `max_tokens`, so the hold covers what the request can cost
-/// unless its input was underestimated. An estimate whose cost is beyond what one
-/// request may cost holds that most.
-fn hold(price: &Price, input: i64, estimate: i64) -> i64 {
-    let dearer = Price {
-        output: price.output.max(price.input),
-        ..*price
-    };
-    let usage = crate::usage::parse::Usage {
-        input_tokens: input,
-        output_tokens: estimate,
-        ..Default::default()
-    };
-    crate::prices::cost_micros(&dearer, &usage).unwrap_or(crate::money::MAX_REPORT_MICROS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn holds_price_the_estimate_and_saturate() {
-        let price = Price {
-            input: 2_500_000,
-            output: 10_000_000,
-            cached_input: None,
-            cache_write: None,
-        };
-        // 400 input tokens at 2.5 USD/Mtok + 100 estimated at 10 USD/Mtok = 2,000 micro-USD.
-        assert_eq!(hold(&price, 400, 100), 2_000);
-        assert_eq!(hold(&price, 0, 1), 10);
-        assert_eq!(hold(&price, 0, 0), 0);
-        // The estimate is priced at the dearer of the two prices.
-        let reversed = Price {
-            input: 10_000_000,
-            output: 2_500_000,
-            ..price
-        };
-        assert_eq!(hold(&reversed, 0, 100), 1_000);
-        let dear = Price {
-            output: crate::prices::MAX_PRICE_MICROS,
-            ..price
-        };
-        assert_eq!(hold(&dear, 0, MAX_LIMIT), crate::money::MAX_REPORT_MICROS);
-    }
-
-    #[test]
-    fn allow_lists() {
-        assert!(allows(&None, None));
-        assert!(allows(&None, Some("x")));
-        let list = Some(vec!["gpt-4o".to_string()]);
-        assert!(allows(&list, Some("gpt-4o")));
-        assert!(!allows(&list, Some("gpt-4")));
-        assert!(!allows(&list, None), "a list admits nothing unnamed");
-    }
-
-    #[test]
-    fn implausible_secrets_skip_the_lookup() {
-        assert!(plausible_secret("sk-kw-abcdefgh"));
-        assert!(!plausible_secret("short"));
-        assert!(!plausible_secret("has space inside it"));
-        assert!(!plausible_secret(&"x".repeat(513)));
     }
 }
