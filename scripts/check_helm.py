@@ -478,6 +478,19 @@ def main():
         "the sidecar example's grace",
     )
     refuses({"sidecarExample": {"enabled": True, "proxy": "haproxy"}}, "nginx or envoy", "an unknown proxy")
+    # config cannot override what the chart sets itself, nor hold a secret in plain text.
+    for name in ("KEYWARD_LISTEN", "KEYWARD_ADMIN_LISTEN"):
+        for where, values in (
+            ("standalone", {}),
+            ("sidecar example", {"standalone": {"enabled": False}, "sidecarExample": {"enabled": True}}),
+        ):
+            refuses(
+                {**values, "config": {name: "0.0.0.0:9999"}},
+                f"config.{name}: the chart sets the listen addresses itself",
+                f"{name} in config ({where})",
+            )
+    for name in sorted(SECRETS):
+        refuses({"config": {name: "not-in-values-please"}}, f"config.{name} is a secret", f"{name} in config")
     refuses(
         {"sidecarExample": {"enabled": True, "upstream": "http://api:80"}},
         "it is host:port",
