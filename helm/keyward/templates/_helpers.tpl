@@ -108,6 +108,12 @@ volumeMounts:
   # The embedded shape's SQLite file (and its key file) need a writable place.
   - name: keyward-data
     mountPath: /data
+  {{- if include "keyward.caVolume" $root }}
+  # Private CAs for TLS to Redis and Postgres (caCertificates).
+  - name: keyward-ca
+    mountPath: /etc/keyward/ca
+    readOnly: true
+  {{- end }}
 {{- end -}}
 
 {{/*
@@ -126,6 +132,26 @@ containers otherwise, and add the "keyward.volumes" to the pod's volumes.
 {{- define "keyward.volumes" -}}
 - name: keyward-data
   emptyDir: {}
+{{ include "keyward.caVolume" . }}
+{{- end -}}
+
+{{/*
+The volume of caCertificates (a ConfigMap or a Secret of PEM files), or nothing.
+*/}}
+{{- define "keyward.caVolume" -}}
+{{- $ca := .Values.caCertificates | default dict -}}
+{{- if and $ca.configMap $ca.secret -}}
+{{- fail "caCertificates: set configMap or secret, not both" -}}
+{{- end -}}
+{{- if $ca.configMap -}}
+- name: keyward-ca
+  configMap:
+    name: {{ $ca.configMap }}
+{{- else if $ca.secret -}}
+- name: keyward-ca
+  secret:
+    secretName: {{ $ca.secret }}
+{{- end -}}
 {{- end -}}
 
 {{/*
