@@ -479,6 +479,24 @@ def main():
     )
     refuses({"sidecarExample": {"enabled": True, "proxy": "haproxy"}}, "nginx or envoy", "an unknown proxy")
     refuses(
+        {"caCertificates": {"configMap": "a", "secret": "b"}},
+        "set configMap or secret, not both",
+        "CA certificates from two places",
+    )
+    # config cannot override what the chart sets itself, nor hold a secret in plain text.
+    for name in ("KEYWARD_LISTEN", "KEYWARD_ADMIN_LISTEN"):
+        for where, values in (
+            ("standalone", {}),
+            ("sidecar example", {"standalone": {"enabled": False}, "sidecarExample": {"enabled": True}}),
+        ):
+            refuses(
+                {**values, "config": {name: "0.0.0.0:9999"}},
+                f"config.{name}: the chart sets the listen addresses itself",
+                f"{name} in config ({where})",
+            )
+    for name in sorted(SECRETS):
+        refuses({"config": {name: "not-in-values-please"}}, f"config.{name} is a secret", f"{name} in config")
+    refuses(
         {"sidecarExample": {"enabled": True, "upstream": "http://api:80"}},
         "it is host:port",
         "an upstream with a scheme",
@@ -512,6 +530,12 @@ def main():
                     }
                 ],
             },
+        },
+        "CA certificates from a ConfigMap": {"caCertificates": {"configMap": "keyward-ca"}},
+        "CA certificates from a Secret, persistence, sidecar": {
+            "caCertificates": {"secret": "keyward-ca"},
+            "persistence": {"enabled": True},
+            "sidecarExample": {"enabled": True},
         },
         "native sidecar": {"sidecarExample": {"enabled": True}},
         "legacy sidecar": {"sidecarExample": {"enabled": True}, "sidecar": {"native": False}},
@@ -583,6 +607,19 @@ def main():
                 container, place = found[0]
                 sidecar = "sidecar-example" in path
                 env = check_container(container, f"{name}: {path}", sidecar, data_port, admin_port)
+                # caCertificates: its ConfigMap or Secret read-only at /etc/keyward/ca.
+                ca = values.get("caCertificates", {})
+                mounts = {m["name"]: m for m in container.get("volumeMounts", [])}
+                volumes = {v["name"]: v for v in spec["volumes"]}
+                if bool(ca.get("configMap") or ca.get("secret")) != ("keyward-ca" in mounts):
+                    fail(f"{name}: {path}: the CA volume is mounted = {'keyward-ca' in mounts}")
+                if "keyward-ca" in mounts:
+                    mount, volume = mounts["keyward-ca"], volumes.get("keyward-ca", {})
+                    if mount["mountPath"] != "/etc/keyward/ca" or not mount.get("readOnly"):
+                        fail(f"{name}: {path}: the CA volume is mounted as {mount}")
+                    source = volume.get("configMap", {}).get("name") or volume.get("secret", {}).get("secretName")
+                    if source != (ca.get("configMap") or ca.get("secret")):
+                        fail(f"{name}: {path}: the CA volume is {volume}")
                 grace = int(values.get("config", {}).get("KEYWARD_SHUTDOWN_GRACE_S", 10))
                 if spec["terminationGracePeriodSeconds"] < grace + 5:
                     fail(f"{name}: terminationGracePeriodSeconds is shorter than keyward's shutdown")

@@ -75,6 +75,49 @@ pub fn is_certificate_error(text: &str) -> bool {
     text.to_ascii_lowercase().contains("certificate")
 }
 
+/// What a Postgres URL's TLS leaves open to anyone on the network path between keyward
+/// and the database, as a warning to log at start-up; `None` when the server's
+/// certificate is checked (`verify-ca`, `verify-full`), for a Unix socket or a loopback
+/// host, and for anything that is not a Postgres URL.
+///
+/// Why: sqlx, like libpq, defaults to `sslmode=prefer`, which checks no certificate and
+/// falls back to plaintext when the server (or whoever answers in its place) declines
+/// TLS; `require` checks no certificate either. In both cases a pod on the path can pose
+/// as the server, ask for the password in clear text and get it. The URL's `sslmode` is
+/// the operator's choice (product contract, section 5), so this is said, not refused.
+pub fn postgres_unverified(url: &str) -> Option<String> {
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+    use std::str::FromStr;
+
+    if crate::db::Backend::of_url(url) != Some(crate::db::Backend::Postgres) {
+        return None;
+    }
+    let options = PgConnectOptions::from_str(url).ok()?;
+    let host = options.get_host();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if options.get_socket().is_some() || host.starts_with('/') || loopback {
+        return None;
+    }
+    let why = match options.get_ssl_mode() {
+        PgSslMode::VerifyCa | PgSslMode::VerifyFull => return None,
+        PgSslMode::Disable => "sslmode=disable sends the password and every query in plaintext",
+        PgSslMode::Allow => {
+            "sslmode=allow connects in plaintext first and checks no server certificate"
+        }
+        PgSslMode::Prefer => {
+            "sslmode=prefer (the default when the URL names none) checks no server certificate and falls back to plaintext when TLS is declined"
+        }
+        PgSslMode::Require => "sslmode=require checks no server certificate",
+    };
+    Some(format!(
+        "{why}: anyone on the network path can pose as the database and read its password and data; use sslmode=verify-full (with sslrootcert=<CA file> for a private CA)"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +147,41 @@ mod tests {
             let with_extra = roots_with_system(std::slice::from_ref(first));
             let again = CertificateDer::pem_slice_iter(&with_extra).count();
             assert_eq!(again, back.len() + 1);
+        }
+    }
+
+    #[test]
+    fn a_postgres_url_that_checks_no_certificate_is_warned_about_unless_on_the_loopback() {
+        for (url, said) in [
+            ("postgres://u:pw@db.internal/k", "sslmode=prefer"),
+            (
+                "postgresql://u:pw@db.internal/k?sslmode=prefer",
+                "sslmode=prefer",
+            ),
+            (
+                "postgres://u@10.0.0.5:5432/k?sslmode=require",
+                "sslmode=require",
+            ),
+            ("postgres://u@db.internal/k?sslmode=allow", "sslmode=allow"),
+            ("postgres://u@db.internal/k?sslmode=disable", "plaintext"),
+        ] {
+            let warning = postgres_unverified(url).unwrap_or_default();
+            assert!(warning.contains(said), "{url}: {warning:?}");
+            assert!(warning.contains("verify-full"), "{url}: {warning:?}");
+            // The warning is logged: it must not quote the URL or its password.
+            assert!(!warning.contains("pw") && !warning.contains("db.internal"));
+        }
+        for url in [
+            "postgres://u@db.internal/k?sslmode=verify-full",
+            "postgres://u@db.internal/k?sslmode=verify-ca&sslrootcert=/ca.pem",
+            "postgres://u@127.0.0.1/k",
+            "postgres://u@localhost:5432/k?sslmode=disable",
+            "postgres://u@[::1]/k?sslmode=require",
+            "postgres://u@%2Fvar%2Frun%2Fpostgresql/k",
+            "sqlite://keyward.db",
+            "sqlite::memory:",
+        ] {
+            assert_eq!(postgres_unverified(url), None, "{url}");
         }
     }
 }

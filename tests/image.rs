@@ -5,7 +5,8 @@
 //! runtime would start it from the runtime config `umoci` derived from the image.
 //!
 //! Needs root (`chroot`, and an unpack that keeps the layer's owners) and Debian's
-//! `skopeo` and `umoci`: `scripts/test.sh` installs them and runs as root.
+//! `skopeo` and `umoci`: `scripts/test.sh` installs them and runs as root. The check of
+//! `.dockerignore` (the Docker build's context) needs neither.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -343,4 +344,88 @@ fn the_image_is_valid_oci_and_runs_as_nonroot_from_its_own_root_filesystem() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "SIGTERM must be a clean exit: {status}");
+}
+
+/// Whether a `.dockerignore` pattern matches a path of the build context, as Docker
+/// reads it: from the context's root, `*` within one path segment, `**` over any
+/// number of segments, and a directory's exclusion covering everything under it.
+fn ignored_by(pattern: &str, path: &str) -> bool {
+    fn segment(pattern: &[u8], name: &[u8]) -> bool {
+        match (pattern.first(), name.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => {
+                segment(&pattern[1..], name) || (!name.is_empty() && segment(pattern, &name[1..]))
+            }
+            (Some(p), Some(n)) if p == n => segment(&pattern[1..], &name[1..]),
+            _ => false,
+        }
+    }
+    fn segments(pattern: &[&str], path: &[&str]) -> bool {
+        match (pattern.first(), path.first()) {
+            // A matched directory takes everything under it with it.
+            (None, _) => true,
+            (Some(&"**"), _) => {
+                segments(&pattern[1..], path) || (!path.is_empty() && segments(pattern, &path[1..]))
+            }
+            (Some(p), Some(n)) => {
+                segment(p.as_bytes(), n.as_bytes()) && segments(&pattern[1..], &path[1..])
+            }
+            (Some(_), None) => false,
+        }
+    }
+    let pattern: Vec<&str> = pattern.trim_start_matches('/').split('/').collect();
+    let path: Vec<&str> = path.split('/').collect();
+    segments(&pattern, &path)
+}
+
+/// The Docker build context leaves out what is built or local, wherever it sits: the
+/// SQLite file and its key file (also under a subdirectory, where a local run may have
+/// put them), keys, certificates and `.env` files. Only the binary reaches the final
+/// stage, but the build stage holds the whole context and can be exported (a `mode=max`
+/// build cache, `--target build`).
+#[test]
+fn the_build_context_leaves_out_local_databases_keys_and_env_files() {
+    let ignore =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.dockerignore")).unwrap();
+    let patterns: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert!(
+        patterns.iter().all(|p| !p.starts_with('!')),
+        "an exception would need this test to read patterns in order: {patterns:?}"
+    );
+    let ignored = |path: &str| patterns.iter().any(|p| ignored_by(p, path));
+    for path in [
+        ".git/config",
+        "target/release/keyward",
+        "keyward.db",
+        "keyward.db-wal",
+        "keyward.db.key",
+        "data/keyward.db",
+        "data/keyward.db.key",
+        "examples/local/keyward.db-shm",
+        ".env",
+        "deploy/.env",
+        ".env.production",
+        "deploy/.env.production",
+        "redis-client.key",
+        "certs/server.key",
+        "certs/db-ca.pem",
+    ] {
+        assert!(ignored(path), "{path} would be sent to the Docker build");
+    }
+    for path in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "src/main.rs",
+        "src/tls.rs",
+        "lua/admit.lua",
+        "migrations/postgres/0001_init.sql",
+        "examples/envoy/envoy.yaml",
+        "benches/admit.rs",
+    ] {
+        assert!(!ignored(path), "{path} is needed by the build");
+    }
 }

@@ -43,6 +43,9 @@ pub(super) async fn keyring(config: &Config, db: &Db) -> anyhow::Result<Keyring>
 /// Connects to the durable store; the error is one line naming `KEYWARD_DATABASE_URL`
 /// and the cause, never the URL (it may hold a password).
 pub async fn connect_db(url: &str) -> anyhow::Result<Db> {
+    if let Some(warning) = crate::tls::postgres_unverified(url) {
+        tracing::warn!("{DATABASE_URL}: {warning}");
+    }
     Db::connect(url).await.map_err(|e| {
         let cause = redact(&e.to_string(), url);
         let hint = if crate::tls::is_certificate_error(&cause) {

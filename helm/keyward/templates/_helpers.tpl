@@ -50,6 +50,15 @@ env:
     value: "{{ if $values.adminService.enabled }}0.0.0.0{{ else }}127.0.0.1{{ end }}:{{ $values.ports.admin }}"
   {{- end }}
   {{- range $name, $value := $values.config }}
+  {{- /* A later duplicate of a name wins in Kubernetes: config must not be able to move
+  the listeners off the loopback (the sidecar's, the admin API's) or put a secret into
+  the pod spec in plain text. */}}
+  {{- if has $name (list "KEYWARD_LISTEN" "KEYWARD_ADMIN_LISTEN") }}
+  {{- fail (printf "config.%s: the chart sets the listen addresses itself (a sidecar on the pod's loopback; the admin API on the loopback unless adminService.enabled): use ports.data, ports.admin and adminService.enabled" $name) }}
+  {{- end }}
+  {{- if has $name (list "KEYWARD_ADMIN_TOKEN" "KEYWARD_DATA_TOKEN" "KEYWARD_ENCRYPTION_KEY" "KEYWARD_ENCRYPTION_KEYS_PREVIOUS" "KEYWARD_DATABASE_URL" "KEYWARD_REDIS_URL") }}
+  {{- fail (printf "config.%s is a secret: put it in the Secret named by existingSecret, which the chart reads it from; a value in config would be in the pod spec in plain text" $name) }}
+  {{- end }}
   - name: {{ $name }}
     value: {{ $value | quote }}
   {{- end }}
@@ -99,6 +108,12 @@ volumeMounts:
   # The embedded shape's SQLite file (and its key file) need a writable place.
   - name: keyward-data
     mountPath: /data
+  {{- if include "keyward.caVolume" $root }}
+  # Private CAs for TLS to Redis and Postgres (caCertificates).
+  - name: keyward-ca
+    mountPath: /etc/keyward/ca
+    readOnly: true
+  {{- end }}
 {{- end -}}
 
 {{/*
@@ -117,6 +132,26 @@ containers otherwise, and add the "keyward.volumes" to the pod's volumes.
 {{- define "keyward.volumes" -}}
 - name: keyward-data
   emptyDir: {}
+{{ include "keyward.caVolume" . }}
+{{- end -}}
+
+{{/*
+The volume of caCertificates (a ConfigMap or a Secret of PEM files), or nothing.
+*/}}
+{{- define "keyward.caVolume" -}}
+{{- $ca := .Values.caCertificates | default dict -}}
+{{- if and $ca.configMap $ca.secret -}}
+{{- fail "caCertificates: set configMap or secret, not both" -}}
+{{- end -}}
+{{- if $ca.configMap -}}
+- name: keyward-ca
+  configMap:
+    name: {{ $ca.configMap }}
+{{- else if $ca.secret -}}
+- name: keyward-ca
+  secret:
+    secretName: {{ $ca.secret }}
+{{- end -}}
 {{- end -}}
 
 {{/*
