@@ -1,9 +1,9 @@
 //! The repository's own documentation is kept honest against the code: the API reference
 //! (`docs/api.md`) names exactly the operations of both OpenAPI documents and every error
 //! code with its status; the operations guide (`docs/operations.md`) every metric; the
-//! alert rules (`examples/prometheus/alerts.yaml`) pass `promtool` and use only real
-//! metrics; every test `docs/guarantees.md` cites exists; and no doc links outside the
-//! repository.
+//! alert rules (`examples/prometheus/alerts.yaml`) pass `promtool` and their unit tests
+//! (`alerts_test.yaml`), and use only real metrics; every test `docs/guarantees.md` cites
+//! exists; and no doc links outside the repository.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -256,6 +256,25 @@ fn the_alert_rules_pass_promtool_and_use_only_real_metrics() {
         );
     }
     assert!(used.contains("keyward_redis_circuit_open") && used.contains("keyward_ready"));
+}
+
+/// The alerts fire when they should: `examples/prometheus/alerts_test.yaml` holds
+/// promtool's unit tests (a provider's first suspension, whose series appears at 1 and
+/// which increase() alone cannot see, must fire).
+#[test]
+fn the_alert_rules_pass_their_promtool_unit_tests() {
+    let out = std::process::Command::new("promtool")
+        .arg("test")
+        .arg("rules")
+        .arg(root().join("examples/prometheus/alerts_test.yaml"))
+        .output()
+        .expect("promtool is not installed (scripts/test.sh installs the prometheus package)");
+    assert!(
+        out.status.success(),
+        "promtool test rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The markdown files whose links must stay inside the repository.
