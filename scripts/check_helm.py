@@ -83,7 +83,7 @@ def keyward_containers(doc):
     return spec, found
 
 
-def check_container(c, where, sidecar, data_port, admin_port):
+def check_container(c, where, sidecar, data_port, admin_port, ready="/readyz"):
     sc = c["securityContext"]
     if not (sc["readOnlyRootFilesystem"] and sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"]):
         fail(f"{where}: container security context is too loose: {sc}")
@@ -93,10 +93,10 @@ def check_container(c, where, sidecar, data_port, admin_port):
     if sidecar:
         # The kubelet cannot reach the pod's loopback: the probes run inside the container.
         paths = [p.get("exec", {}).get("command", [None, None, None])[1:] for p in probes]
-        if paths != [["probe", "/healthz"], ["probe", "/readyz"], ["probe", "/healthz"]]:
-            fail(f"{where}: sidecar probes are not `keyward probe /healthz|/readyz`: {probes}")
-    elif [p["httpGet"]["path"] for p in probes] != ["/healthz", "/readyz", "/healthz"]:
-        fail(f"{where}: probes are not on /healthz and /readyz")
+        if paths != [["probe", "/healthz"], ["probe", ready], ["probe", "/healthz"]]:
+            fail(f"{where}: sidecar probes are not `keyward probe /healthz|{ready}`: {probes}")
+    elif [p["httpGet"]["path"] for p in probes] != ["/healthz", ready, "/healthz"]:
+        fail(f"{where}: probes are not on /healthz and {ready}")
     secret_env = [e for e in c["env"] if "valueFrom" in e]
     if not secret_env or any(e["valueFrom"]["secretKeyRef"]["name"] != BASE["existingSecret"] for e in secret_env):
         fail(f"{where}: secrets are not read from existingSecret")
@@ -514,6 +514,12 @@ def main():
             "podDisruptionBudget": {"enabled": False},
         },
         "distributed, one replica": {"distributed": True},
+        "distributed, allow while Redis fails, sidecar": {
+            "distributed": True,
+            "config": {"KEYWARD_ON_BACKEND_ERROR": "allow"},
+            "sidecarExample": {"enabled": True},
+        },
+        "local while Redis fails": {"distributed": True, "config": {"KEYWARD_ON_BACKEND_ERROR": "local"}},
         "persistence": {"persistence": {"enabled": True, "storageClass": "fast"}},
         "own claim": {"persistence": {"enabled": True, "existingClaim": "keyward-data"}},
         "network policy": {"networkPolicy": {"enabled": True}},
@@ -606,7 +612,10 @@ def main():
                     fail(f"{name}: {path} has {len(found)} keyward containers")
                 container, place = found[0]
                 sidecar = "sidecar-example" in path
-                env = check_container(container, f"{name}: {path}", sidecar, data_port, admin_port)
+                # Readiness follows the failure policy: only `deny` leaves the Service.
+                policy = values.get("config", {}).get("KEYWARD_ON_BACKEND_ERROR", "deny")
+                ready = "/readyz" if policy == "deny" else "/healthz"
+                env = check_container(container, f"{name}: {path}", sidecar, data_port, admin_port, ready)
                 # caCertificates: its ConfigMap or Secret read-only at /etc/keyward/ca.
                 ca = values.get("caCertificates", {})
                 mounts = {m["name"]: m for m in container.get("volumeMounts", [])}

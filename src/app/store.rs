@@ -49,7 +49,7 @@ pub async fn connect_db(url: &str) -> anyhow::Result<Db> {
     Db::connect(url).await.map_err(|e| {
         let cause = redact(&e.to_string(), url);
         let hint = if crate::tls::is_certificate_error(&cause) {
-            " (the server's certificate must be signed by a CA of the URL's sslrootcert or of the system roots and, with sslmode=verify-full, name the URL's host)"
+            " (the server's certificate must be signed by a CA of the URL's sslrootcert or of the system roots and, with sslmode=verify-full or verify-ca, name the URL's host)"
         } else {
             ""
         };

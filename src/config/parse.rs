@@ -283,5 +283,26 @@ pub fn database(p: &mut Parser) -> (String, Backend) {
         );
         Backend::Sqlite
     });
+    // The driver's own error for a missing CA file names neither the parameter nor the
+    // file; check it here, where the error can say both (a path is no secret).
+    if backend == Backend::Postgres {
+        if let Some(path) = postgres_root_cert(&url) {
+            if let Err(e) = std::fs::metadata(&path).and_then(|_| std::fs::File::open(&path)) {
+                p.fail(
+                    super::DATABASE_URL,
+                    format!("sslrootcert `{path}` cannot be read: {e}"),
+                );
+            }
+        }
+    }
     (url, backend)
+}
+
+/// The `sslrootcert` parameter of a Postgres URL, percent-decoded.
+fn postgres_root_cert(url: &str) -> Option<String> {
+    let query = url.split_once('?')?.1;
+    serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+        .ok()?
+        .into_iter()
+        .find_map(|(k, v)| (k == "sslrootcert").then_some(v))
 }

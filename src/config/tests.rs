@@ -276,3 +276,22 @@ fn debug_shows_each_setting_by_its_declaration() {
         assert!(debug.contains(s.var), "{} missing from {debug}", s.var);
     }
 }
+
+#[test]
+fn a_postgres_ca_file_that_cannot_be_read_names_the_url_and_the_file() {
+    let key = (
+        "KEYWARD_ENCRYPTION_KEY",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    );
+    let url = "postgres://u@db/k?sslmode=verify-full&sslrootcert=%2Fnowhere%2Fca.pem";
+    let errors = parse(&[(DATABASE_URL, url), key]).unwrap_err();
+    let line = errors[0].to_string();
+    assert!(line.starts_with(DATABASE_URL), "{line}");
+    assert!(line.contains("sslrootcert `/nowhere/ca.pem`"), "{line}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+    let url = format!("postgres://u@db/k?sslrootcert={}", ca.display());
+    assert!(parse(&[(DATABASE_URL, &url), key]).is_ok());
+}

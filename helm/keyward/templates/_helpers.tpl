@@ -75,12 +75,18 @@ ports:
     containerPort: {{ $values.ports.data }}
   - name: admin
     containerPort: {{ $values.ports.admin }}
+{{- /* Readiness: with `deny`, a replica whose Redis (or database) is gone can only refuse,
+so it leaves its Service (/readyz). With `allow` or `local` it still answers, degraded,
+and must stay in: a shared outage would otherwise take every replica (every proxy pod,
+for the sidecar) out at once. */}}
+{{- $policy := (index $values.config "KEYWARD_ON_BACKEND_ERROR") | default "deny" }}
+{{- $ready := ternary "/readyz" "/healthz" (eq $policy "deny") }}
 {{- if .sidecar }}
 livenessProbe:
   exec: { command: ["keyward", "probe", "/healthz"] }
   periodSeconds: 10
 readinessProbe:
-  exec: { command: ["keyward", "probe", "/readyz"] }
+  exec: { command: ["keyward", "probe", "{{ $ready }}"] }
   periodSeconds: 5
   failureThreshold: 2
 startupProbe:
@@ -92,7 +98,7 @@ livenessProbe:
   httpGet: { path: /healthz, port: data }
   periodSeconds: 10
 readinessProbe:
-  httpGet: { path: /readyz, port: data }
+  httpGet: { path: {{ $ready }}, port: data }
   periodSeconds: 5
   failureThreshold: 2
 startupProbe:
