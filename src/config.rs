@@ -224,13 +224,7 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// Variable name → raw text, as read from flags or the environment.
 pub type RawConfig = BTreeMap<&'static str, String>;
 
-/// What to do when Redis or the database cannot answer on the hot path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendErrorPolicy {
-    Deny,
-    Allow,
-    Local,
-}
+pub use crate::limits::BackendErrorPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {

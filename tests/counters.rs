@@ -18,7 +18,7 @@ use keyward::limits::{
     AdmitRequest, BalanceSnapshot, Counters, Decision, Denial, LeaseId, Pick, Report, Reported,
     SelectRequest, Verdict,
 };
-use keyward::pool::cache::{Candidate, Pool};
+use keyward::pool::cache::{Candidate, Roster};
 use keyward::usage::UsageRecord;
 use tokio::sync::{mpsc, Mutex};
 
@@ -284,7 +284,7 @@ async fn a_second_leaves_the_window_with_everything_it_counted(kind: Kind) {
     let s = Store::new(kind).await;
     let k = key();
     let provider = common::unique_prefix();
-    let pool = Pool::new(vec![candidate(&provider, 0, Some(1_000), Some(100_000))]);
+    let pool = Roster::new(vec![candidate(&provider, 0, Some(1_000), Some(100_000))]);
     let admit = |tokens| {
         let (s, k, pool) = (&s, &k, &pool);
         async move {
@@ -1100,7 +1100,7 @@ fn candidate(
 
 /// Picks from these candidates, as the pool cache would hand them over.
 async fn pick(s: &Store, pool: &[Candidate], tokens: i64) -> Pick {
-    let pool = Pool::new(pool.to_vec());
+    let pool = Roster::new(pool.to_vec());
     let request = SelectRequest {
         provider: &pool[0].provider,
         candidates: &pool,
@@ -1314,7 +1314,7 @@ async fn a_pool_refusal_leaves_the_client_untouched(kind: Kind) {
     let s = Store::new(kind).await;
     align(&s, 100).await;
     let provider = common::unique_prefix();
-    let pool = Pool::new(vec![candidate(&provider, 0, Some(1), None)]);
+    let pool = Roster::new(vec![candidate(&provider, 0, Some(1), None)]);
     assert_eq!(picked_id(&s, &pool, 0).await, pool[0].id);
     let k = key();
     let client = |lease| AdmitRequest {
@@ -1364,7 +1364,7 @@ async fn only_one_request_gets_a_keys_last_unit(kind: Kind) {
     align(&s, 100).await;
     for _ in 0..20 {
         let provider = common::unique_prefix();
-        let pool = Arc::new(Pool::new(vec![candidate(&provider, 0, Some(1), None)]));
+        let pool = Arc::new(Roster::new(vec![candidate(&provider, 0, Some(1), None)]));
         let racers: Vec<_> = (0..12)
             .map(|i| {
                 let (s, pool) = (s.clone(), pool.clone());

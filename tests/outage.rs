@@ -234,9 +234,9 @@ async fn local_enforces_limits_in_process_and_recovers() {
 /// came back (spending through Redis in between would otherwise be invisible to it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_later_outage_starts_from_the_database_balance() {
-    use keyward::config::BackendErrorPolicy;
     use keyward::limits::memory::MemoryCounters;
     use keyward::limits::redis::RedisCounters;
+    use keyward::limits::BackendErrorPolicy;
     use keyward::limits::{
         AdmitRequest, BalanceSnapshot, Counters, Decision, Denial, LeaseId, Report, Verdict,
     };

@@ -27,7 +27,7 @@ use keyward::limits::{
     AdmitRequest, BalanceSnapshot, Counters, Decision, LeaseId, Pick, Report, Reported,
     SelectRequest, Verdict,
 };
-use keyward::pool::cache::{Candidate, Pool};
+use keyward::pool::cache::{Candidate, Roster};
 use keyward::pool::learned::LearnedLimits;
 use keyward::usage::UsageRecord;
 use proptest::prelude::*;
@@ -325,7 +325,7 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
         .collect();
     let ids: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
     let mut stamp = 1;
-    let mut pool = Pool::stamped(candidates, stamp);
+    let mut pool = Roster::stamped(candidates, stamp);
     let mut limits = case.keys;
     let key_ids = [
         uuid::Uuid::new_v4().to_string(),
@@ -375,7 +375,7 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
                     let c = &mut candidates[key.index(ids.len())];
                     (c.priority, c.max_rpm, c.max_tpm) = (to.priority, to.rpm, to.tpm);
                     stamp += 1;
-                    pool = Pool::stamped(candidates, stamp);
+                    pool = Roster::stamped(candidates, stamp);
                 }
                 _ => {}
             }
@@ -450,7 +450,7 @@ fn compare<T: std::fmt::Debug + PartialEq>(
 /// What every step needs besides its op.
 struct World<'a> {
     provider: &'a str,
-    pool: &'a Pool,
+    pool: &'a Roster,
     key_ids: &'a [String; 2],
     limits: &'a [Limits; 2],
     balance: Option<BalanceSnapshot>,

@@ -317,9 +317,9 @@ pub async fn run_parts(
         tracing::warn!("{warning}");
     }
     let mode = match config.on_backend_error {
-        crate::config::BackendErrorPolicy::Deny => "deny",
-        crate::config::BackendErrorPolicy::Allow => "allow",
-        crate::config::BackendErrorPolicy::Local => "local",
+        crate::limits::BackendErrorPolicy::Deny => "deny",
+        crate::limits::BackendErrorPolicy::Allow => "allow",
+        crate::limits::BackendErrorPolicy::Local => "local",
     };
     for m in ["deny", "allow", "local"] {
         crate::metrics::get()

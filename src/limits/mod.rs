@@ -35,7 +35,7 @@ pub mod window;
 
 use std::sync::Arc;
 
-use crate::pool::cache::Pool;
+use crate::pool::cache::Roster;
 use crate::pool::learned::LearnedLimits;
 use crate::pool::LiveState;
 pub use clock::TimeShift;
@@ -79,6 +79,18 @@ impl std::fmt::Display for LeaseId {
 }
 
 /// What was known about a balance-tracked key when it was loaded from the database.
+/// What admissions do while Redis cannot answer (`KEYWARD_ON_BACKEND_ERROR`): the
+/// counter store's own policy, which `config` parses into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendErrorPolicy {
+    /// Refuse (503): nothing is admitted that could not be counted.
+    Deny,
+    /// Admit without counting.
+    Allow,
+    /// Count in this replica's in-process twin.
+    Local,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BalanceSnapshot {
     /// Credited micro-USD.
@@ -107,7 +119,7 @@ pub struct AdmitRequest<'a> {
     /// model has no price).
     pub hold_micros: i64,
     /// Pick a provider key in the same step (admit with `"select": true`).
-    pub pool: Option<&'a Pool>,
+    pub pool: Option<&'a Roster>,
 }
 
 /// A provider key pick without a client key (`POST /v1/select`).
@@ -115,7 +127,7 @@ pub struct AdmitRequest<'a> {
 pub struct SelectRequest<'a> {
     pub provider: &'a str,
     /// The provider's active keys, in priority order.
-    pub candidates: &'a Pool,
+    pub candidates: &'a Roster,
     pub tokens: i64,
 }
 
@@ -261,7 +273,7 @@ pub enum CounterError {
     #[error("redis is failing; calls are skipped for a moment")]
     CircuitOpen,
     /// Redis holds a provider pool stamped `newer`, later than the caller's: the caller
-    /// reloads its pool from the database and asks again (see `pool::cache::Pool`).
+    /// reloads its pool from the database and asks again (see `pool::cache::Roster`).
     #[error("redis holds a newer version of the provider pool")]
     PoolOutdated { newer: i64 },
 }

@@ -92,10 +92,6 @@ impl Roster {
     }
 }
 
-/// The roster's former name, kept only because `src/limits` (owned by another change
-/// in flight) still imports it; delete it once `limits` says `Roster`.
-pub type Pool = Roster;
-
 impl std::ops::Deref for Roster {
     type Target = [Candidate];
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::limits::window::Window;
 use crate::limits::{effective_limit, Pick};
-use crate::pool::cache::Pool as CandidatePool;
+use crate::pool::cache::Roster as CandidatePool;
 use crate::pool::learned::Learned;
 use crate::pool::Cause;
 
@@ -29,7 +29,7 @@ pub(super) struct ProviderKeyState {
 #[derive(Debug, Default)]
 pub(super) struct ProviderKeyStates {
     pub(super) keys: HashMap<String, ProviderKeyState>,
-    /// The version of the candidates `order` was built for (see `pool::cache::Pool`).
+    /// The version of the candidates `order` was built for (see `pool::cache::Roster`).
     version: String,
     /// The twin of the Redis `:order` zset: (priority, last pick, rank of the id, candidate
     /// index), so a pick walks from the front instead of sorting the pool. A key never

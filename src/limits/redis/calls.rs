@@ -12,13 +12,13 @@ use crate::limits::{
     AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported, SelectRequest,
     Verdict,
 };
-use crate::pool::cache::{Candidate, Pool};
+use crate::pool::cache::{Candidate, Roster};
 use crate::pool::LiveState;
 
 impl RedisCounters {
     /// Writes the caller's pool into Redis (`lua/pool_sync.lua`), unless Redis holds one
     /// stamped later ([`CounterError::PoolOutdated`]).
-    async fn sync_pool(&self, candidates: &Pool) -> Result<(), CounterError> {
+    async fn sync_pool(&self, candidates: &Roster) -> Result<(), CounterError> {
         let Some(first) = candidates.first() else {
             return Ok(());
         };
@@ -47,7 +47,7 @@ impl RedisCounters {
         &self,
         name: &str,
         call: &redis::ScriptInvocation<'_>,
-        pool: Option<&Pool>,
+        pool: Option<&Roster>,
     ) -> Result<AdmitReply, CounterError> {
         let reply = AdmitReply::parse(&self.lanes.invoke::<Vec<redis::Value>>(name, call).await?)?;
         let (AdmitCode::PoolVersion, Some(pool)) = (reply.code, pool) else {
@@ -265,7 +265,7 @@ impl RedisCounters {
 }
 
 /// The pool version an admit call sends: "" when no provider key is wanted.
-fn pool_version(pool: Option<&Pool>) -> &str {
+fn pool_version(pool: Option<&Roster>) -> &str {
     pool.filter(|p| !p.is_empty()).map_or("", |p| p.version())
 }
 

@@ -57,7 +57,7 @@ use super::{
     TimeShift, Usage, Verdict,
 };
 use crate::clock::now_ms;
-use crate::config::BackendErrorPolicy;
+use crate::limits::BackendErrorPolicy;
 use crate::pool::LiveState;
 
 pub struct RedisCounters {

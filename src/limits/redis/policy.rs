@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::RedisCounters;
-use crate::config::BackendErrorPolicy;
 use crate::limits::memory::MemoryCounters;
+use crate::limits::BackendErrorPolicy;
 use crate::limits::CounterError;
 
 /// How an answer is given without Redis.

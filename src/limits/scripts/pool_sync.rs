@@ -2,7 +2,7 @@
 
 use super::{limit_arg, protocol, script_fields, Contract, KeySpace};
 use crate::limits::CounterError;
-use crate::pool::cache::Pool;
+use crate::pool::cache::Roster;
 
 script_fields! {
     key
@@ -47,7 +47,7 @@ script_fields! {
 
 impl<'a> PoolSyncKey<'a> {
     /// Every candidate of `pool`, ranked by distinct priority.
-    pub fn all(pool: &'a Pool) -> Vec<PoolSyncKey<'a>> {
+    pub fn all(pool: &'a Roster) -> Vec<PoolSyncKey<'a>> {
         let mut priorities: Vec<i64> = pool.iter().map(|c| c.priority).collect();
         priorities.sort_unstable();
         priorities.dedup();
