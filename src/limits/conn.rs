@@ -175,16 +175,18 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// The deadpool pool of either kind: it creates and health-checks connections.
+/// Where the hot path's lanes get their connections from: a deadpool pool of either
+/// kind, which creates and health-checks them (named for what it does, not "pool":
+/// a provider's keys are its roster).
 #[derive(Clone)]
-pub enum Pools {
+pub enum Connector {
     Single(deadpool_redis::Pool),
     Cluster(deadpool::managed::Pool<ClusterManager>),
 }
 
-impl Pools {
+impl Connector {
     /// A pool with short timeouts, so an outage fails fast.
-    pub fn new(target: &Target, size: usize) -> Result<Pools, CounterError> {
+    pub fn new(target: &Target, size: usize) -> Result<Connector, CounterError> {
         let mut pool_config = deadpool_redis::PoolConfig::new(size);
         pool_config.timeouts.wait = Some(Duration::from_secs(1));
         pool_config.timeouts.create = Some(Duration::from_secs(1));
@@ -202,7 +204,7 @@ impl Pools {
                     .config(pool_config)
                     .runtime(runtime)
                     .build()
-                    .map(Pools::Single)
+                    .map(Connector::Single)
                     .map_err(|e| error(&e))
             }
             Nodes::Cluster(nodes) => {
@@ -214,7 +216,7 @@ impl Pools {
                     .config(pool_config)
                     .runtime(runtime)
                     .build()
-                    .map(Pools::Cluster)
+                    .map(Connector::Cluster)
                     .map_err(|e| error(&e))
             }
         }
@@ -223,8 +225,8 @@ impl Pools {
     /// A health-checked connection, taken out of the pool for good.
     pub async fn take(&self) -> Result<Conn, CounterError> {
         Ok(match self {
-            Pools::Single(p) => Conn::Single(deadpool_redis::Connection::take(p.get().await?)),
-            Pools::Cluster(p) => Conn::Cluster(deadpool::managed::Object::take(p.get().await?)),
+            Connector::Single(p) => Conn::Single(deadpool_redis::Connection::take(p.get().await?)),
+            Connector::Cluster(p) => Conn::Cluster(deadpool::managed::Object::take(p.get().await?)),
         })
     }
 }

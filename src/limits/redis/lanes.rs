@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::limits::conn::{Conn, Pools};
+use crate::limits::conn::{Conn, Connector};
 use crate::limits::CounterError;
 
 /// How many multiplexed connections carry the hot path.
@@ -15,7 +15,7 @@ pub(super) const LANES: usize = 2;
 /// Shared multiplexed connections, used round robin.
 /// Shared multiplexed connections, used round robin.
 pub(super) struct Lanes {
-    pub(super) pools: Pools,
+    pub(super) connector: Connector,
     pub(super) lanes: Vec<Mutex<Option<Conn>>>,
     pub(super) next: AtomicUsize,
 }
@@ -31,7 +31,7 @@ impl Lanes {
         {
             return Ok((i, conn));
         }
-        let conn = self.pools.take().await?;
+        let conn = self.connector.take().await?;
         *self.lanes[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
         Ok((i, conn))
     }

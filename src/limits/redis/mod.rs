@@ -49,7 +49,7 @@ use lanes::{Lanes, LANES};
 use policy::Degraded;
 
 use super::breaker::Breaker;
-use super::conn::{Conn, Pools, Target};
+use super::conn::{Conn, Connector, Target};
 use super::memory::MemoryCounters;
 use super::scripts::{KeySpace, Scripts};
 use super::{
@@ -94,7 +94,7 @@ impl RedisCounters {
         crate::tls::install_provider();
         let counters = Self {
             lanes: Lanes {
-                pools: Pools::new(&target, 8)?,
+                connector: Connector::new(&target, 8)?,
                 lanes: (0..LANES).map(|_| Mutex::new(None)).collect(),
                 next: AtomicUsize::new(0),
             },
@@ -152,7 +152,7 @@ impl RedisCounters {
     }
 
     pub async fn load_scripts(&self) -> Result<(), CounterError> {
-        let mut conn = self.lanes.pools.take().await?;
+        let mut conn = self.lanes.connector.take().await?;
         for script in self.scripts.all() {
             script.prepare_invoke().load_async(&mut conn).await?;
         }
