@@ -9,7 +9,6 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use keyward::accounting::codec::record_from_entry;
 use keyward::limits::memory::MemoryCounters;
 use keyward::limits::redis::RedisCounters;
 use keyward::limits::scripts::admit::{AdmitArgs, AdmitKeys};
@@ -141,21 +140,7 @@ impl Store {
                 }
                 out
             }
-            (None, Counters::Redis(redis)) => {
-                let mut conn = redis.conn().await.unwrap();
-                let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                    .arg(redis.stream_key())
-                    .arg("-")
-                    .arg("+")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                reply
-                    .ids
-                    .iter()
-                    .map(|e| record_from_entry(&e.map).unwrap())
-                    .collect()
-            }
+            (None, Counters::Redis(redis)) => common::stream_records(redis).await,
             _ => unreachable!(),
         }
     }

@@ -6,6 +6,8 @@
 //! exists; and no doc links outside the repository.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
@@ -40,19 +42,8 @@ fn operations() -> BTreeSet<(String, String)> {
         keyward::http::openapi::admin(),
     ];
     docs.iter()
-        .flat_map(|doc| {
-            doc["paths"]
-                .as_object()
-                .unwrap()
-                .iter()
-                .flat_map(|(path, ops)| {
-                    ops.as_object()
-                        .unwrap()
-                        .keys()
-                        .map(move |m| (m.to_ascii_uppercase(), path.clone()))
-                })
-                .collect::<Vec<_>>()
-        })
+        .flat_map(common::openapi_operations)
+        .map(|(method, path)| (method.to_ascii_uppercase(), path))
         .collect()
 }
 

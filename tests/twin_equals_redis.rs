@@ -20,7 +20,6 @@ mod common;
 
 use std::sync::Arc;
 
-use keyward::accounting::codec::record_from_entry;
 use keyward::limits::memory::MemoryCounters;
 use keyward::limits::redis::RedisCounters;
 use keyward::limits::{
@@ -247,19 +246,7 @@ impl Store {
             }
         }
         if let Counters::Redis(redis) = &self.counters {
-            let mut conn = redis.conn().await.unwrap();
-            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                .arg(redis.stream_key())
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            out = reply
-                .ids
-                .iter()
-                .map(|e| record_from_entry(&e.map).unwrap())
-                .collect();
+            out = common::stream_records(redis).await;
         }
         out
     }

@@ -768,3 +768,39 @@ impl PrivateCluster {
         self.nodes.len()
     }
 }
+
+/// Every record a Redis counter store has queued on its accounting stream, oldest first
+/// (what the stream consumer would write to the database).
+pub async fn stream_records(
+    redis: &keyward::limits::redis::RedisCounters,
+) -> Vec<keyward::usage::UsageRecord> {
+    let mut conn = redis.conn().await.unwrap();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(redis.stream_key())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    reply
+        .ids
+        .iter()
+        .map(|e| keyward::accounting::codec::record_from_entry(&e.map).unwrap())
+        .collect()
+}
+
+/// `(method, path)` of every operation of an OpenAPI document, the method as the
+/// document spells it (lower case).
+pub fn openapi_operations(doc: &Value) -> std::collections::BTreeSet<(String, String)> {
+    doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(move |m| (m.clone(), path.clone()))
+        })
+        .collect()
+}
