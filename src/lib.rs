@@ -67,6 +67,7 @@ pub mod pool;
 pub mod prices;
 pub mod probe;
 pub mod provider_keys;
+pub mod quota;
 pub mod reporting;
 pub mod rotation;
 pub mod telemetry;

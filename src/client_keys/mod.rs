@@ -41,6 +41,16 @@ pub struct ClientKey {
     pub rate_limit: Option<i64>,
     pub tpm_limit: Option<i64>,
     pub concurrent_limit: Option<i64>,
+    /// The key's quotas beyond its per-minute windows: requests and tokens per UTC day
+    /// and spend limits (its `rate_limit`/`tpm_limit` stay the fields above).
+    pub daily_request_limit: Option<i64>,
+    pub daily_token_limit: Option<i64>,
+    pub spend_limits: crate::quota::SpendLimits,
+    /// Limits of requests for one model (by longest listed prefix) within this key.
+    pub model_limits: crate::quota::ModelLimits,
+    /// The key's spend already applied to the database, per period, when it was loaded
+    /// (seeds a spend counter that the counter store lost). Not stored.
+    pub settled: crate::quota::Settled,
     pub expires_at: Option<i64>,
     pub is_standalone: bool,
     pub balance_micros: Option<i64>,

@@ -14,8 +14,9 @@ macro_rules! columns {
     () => {
         "id, user_id, name, key_hash, key_encrypted, prefix, allowed_providers, \
          allowed_api_formats, allowed_models, rate_limit, tpm_limit, concurrent_limit, \
-         expires_at, is_standalone, balance_micros, balance_used_micros, balance_version, \
-         auto_delete_on_expiry, is_active, total_requests, total_tokens, total_cost_micros, \
+         daily_request_limit, daily_token_limit, spend_limits, model_limits, expires_at, \
+         is_standalone, balance_micros, balance_used_micros, balance_version, auto_delete_on_expiry, \
+         is_active, total_requests, total_tokens, total_cost_micros, \
          created_at, updated_at, last_used_at"
     };
 }
@@ -57,6 +58,18 @@ fn list_column(row: &AnyRow, col: &str) -> Result<Option<Vec<String>>, StoreErro
     .transpose()
 }
 
+/// A JSON column whose NULL is the type's default (no limits).
+fn json_column<T: serde::de::DeserializeOwned + Default>(
+    row: &AnyRow,
+    col: &str,
+) -> Result<T, StoreError> {
+    let text: Option<String> = row.try_get(col)?;
+    text.map_or(Ok(T::default()), |t| {
+        serde_json::from_str(&t)
+            .map_err(|_| StoreError::Corrupt(format!("client_keys.{col} is not valid JSON")))
+    })
+}
+
 fn list_text(list: &Option<Vec<String>>) -> Option<String> {
     list.as_ref()
         .map(|l| serde_json::to_string(l).unwrap_or_else(|_| "[]".into()))
@@ -76,6 +89,11 @@ fn from_row(row: &AnyRow) -> Result<ClientKey, StoreError> {
         rate_limit: row.try_get("rate_limit")?,
         tpm_limit: row.try_get("tpm_limit")?,
         concurrent_limit: row.try_get("concurrent_limit")?,
+        daily_request_limit: row.try_get("daily_request_limit")?,
+        daily_token_limit: row.try_get("daily_token_limit")?,
+        spend_limits: json_column(row, "spend_limits")?,
+        model_limits: json_column(row, "model_limits")?,
+        settled: Default::default(),
         expires_at: row.try_get("expires_at")?,
         is_standalone: get_bool(row, "is_standalone")?,
         balance_micros: row.try_get("balance_micros")?,

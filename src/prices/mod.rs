@@ -158,14 +158,7 @@ impl ModelPrice {
 /// The price `model` gets among one provider's `prices`: its own, else that of the
 /// longest prefix of its id that ends just before a `-` (see the module docs).
 pub fn lookup<'a>(prices: &'a BTreeMap<String, Price>, model: &str) -> Option<&'a Price> {
-    if let Some(price) = prices.get(model) {
-        return Some(price);
-    }
-    model
-        .char_indices()
-        .rev()
-        .filter(|(_, c)| *c == '-')
-        .find_map(|(i, _)| prices.get(&model[..i]))
+    crate::names::longest_prefix(prices, model).map(|(_, price)| price)
 }
 
 /// Why a cost could not be computed.
