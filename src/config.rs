@@ -206,6 +206,20 @@ settings! {
         default: Fallback::Unset,
         help: "JSON file of model prices keyed by `provider/model`, stored at start-up (see \"Prices\"); a file that cannot be read or holds a bad entry stops start-up",
     }
+    WEBHOOK_URL = "KEYWARD_WEBHOOK_URL" {
+        flag: "webhook-url",
+        exposure: Exposure::Url,
+        kind: Kind::HttpUrl,
+        default: Fallback::Instead("unset: spend alerts queue, unsent"),
+        help: "where spend alerts are POSTed, signed (see \"Spend alerts\" in docs/api.md); a URL holding a token belongs in the environment or the `_FILE` twin",
+    }
+    WEBHOOK_SECRET = "KEYWARD_WEBHOOK_SECRET" {
+        flag: "webhook-secret",
+        exposure: Exposure::Secret,
+        kind: Kind::Token,
+        default: Fallback::Unset,
+        help: "key of the alerts' `x-keyward-signature` (HMAC-SHA256); required with `KEYWARD_WEBHOOK_URL`",
+    }
 }
 
 /// The README's Configuration table, rendered from [`SETTINGS`].
@@ -292,6 +306,8 @@ pub struct Config {
     /// The price of a model without one of its own (`KEYWARD_DEFAULT_PRICE`); `None`:
     /// such a model is refused (`PRICE_UNKNOWN`) for a key with a balance.
     pub default_price: Option<crate::prices::Price>,
+    /// Where spend alerts go (`KEYWARD_WEBHOOK_URL` with its secret); `None`: they queue.
+    pub webhook: Option<crate::alerts::Webhook>,
     /// Each setting as `Debug` shows it.
     shown: Vec<(&'static str, Option<String>)>,
 }
@@ -452,6 +468,8 @@ impl Config {
                 .ok()
         });
 
+        let webhook = webhook(&mut p);
+
         if !p.errors.is_empty() {
             return Err(p.errors);
         }
@@ -485,6 +503,7 @@ impl Config {
             provider_suspend,
             prices,
             default_price,
+            webhook,
             shown,
         })
     }
@@ -504,6 +523,27 @@ impl Config {
         }
         out
     }
+}
+
+/// `KEYWARD_WEBHOOK_URL` and its secret: an http(s) URL (never echoed: it may hold a
+/// token), and a secret of at least [`MIN_TOKEN_LEN`] characters whenever a URL is set.
+fn webhook(p: &mut Parser) -> Option<crate::alerts::Webhook> {
+    let secret = p.token(&declared::WEBHOOK_SECRET);
+    let url = p.raw_text(&declared::WEBHOOK_URL)?;
+    if let Err(why) = crate::alerts::send::check_url(&url) {
+        p.fail(WEBHOOK_URL, why);
+        return None;
+    }
+    let Some(secret) = secret else {
+        p.fail(
+            WEBHOOK_SECRET,
+            format!("is required when {WEBHOOK_URL} is set (at least {MIN_TOKEN_LEN} characters, e.g. `openssl rand -hex 24`): receivers check each alert's signature with it"),
+        );
+        return None;
+    };
+    crate::alerts::Webhook::new(&url, &secret)
+        .map_err(|why| p.fail(WEBHOOK_URL, why))
+        .ok()
 }
 
 #[cfg(test)]

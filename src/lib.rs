@@ -46,6 +46,7 @@
 
 pub mod accounting;
 pub mod admission;
+pub mod alerts;
 pub mod app;
 pub mod bus;
 pub mod cache;

@@ -21,6 +21,8 @@
 //! | `keyward_accounting_dead_letters_total` | counter | (records the database refused, set aside in `usage_dead_letters`) |
 //! | `keyward_accounting_queue_depth` | gauge | (records not yet applied: Redis, the consumer group's pending entries plus those not yet delivered; embedded, the channel plus the batch in hand) |
 //! | `keyward_accounting_lag_seconds` | gauge | (age of the oldest record not yet applied; 0 when none; grows while the writer is stuck) |
+//! | `keyward_alerts_pending` | gauge | (spend alerts not yet delivered to the webhook, refreshed every second by each replica) |
+//! | `keyward_alert_deliveries_total` | counter | `result` (delivered: the receiver answered 2xx; failed: no answer or another status, retried later) |
 //! | `keyward_cache_lookups_total` | counter | `cache` (client_keys, provider_pools, model_prices), `result` (hit, stale, miss) |
 //! | `keyward_backend_failure_mode` | gauge | `mode` (deny, allow, local): 1 for the mode in force |
 //! | `keyward_redis_circuit_open` | gauge | 1 while Redis calls are skipped after failures |
@@ -57,6 +59,8 @@ pub struct Metrics {
     pub accounting_dead_letters: IntCounter,
     pub accounting_queue_depth: IntGauge,
     pub accounting_lag_seconds: Gauge,
+    pub alerts_pending: IntGauge,
+    pub alert_deliveries: IntCounterVec,
     pub cache_lookups: IntCounterVec,
     pub backend_failure_mode: IntGaugeVec,
     pub redis_circuit_open: IntGauge,
@@ -116,6 +120,13 @@ fn build() -> Metrics {
     )
     .expect("valid metric");
     r.register(Box::new(accounting_lag_seconds.clone()))
+        .expect("unique metric");
+    let alerts_pending = IntGauge::new(
+        "keyward_alerts_pending",
+        "Spend alerts not yet delivered to the webhook.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(alerts_pending.clone()))
         .expect("unique metric");
     let backend_failure_mode = IntGaugeVec::new(
         Opts::new(
@@ -216,6 +227,12 @@ fn build() -> Metrics {
             "Usage records written to the database.",
             &["result"],
         ),
+        alert_deliveries: counter(
+            &r,
+            "keyward_alert_deliveries_total",
+            "Webhook delivery attempts of spend alerts, by result (delivered, failed).",
+            &["result"],
+        ),
         cache_lookups: counter(
             &r,
             "keyward_cache_lookups_total",
@@ -234,6 +251,7 @@ fn build() -> Metrics {
         accounting_dead_letters,
         accounting_queue_depth,
         accounting_lag_seconds,
+        alerts_pending,
         backend_failure_mode,
         registry: r,
     }

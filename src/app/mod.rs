@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::accounting;
 use crate::admission::Admission;
+use crate::alerts;
 use crate::bus::{self, Bus};
 use crate::client_keys::{self, ClientKeys};
 use crate::config::{Config, REDIS_CA_FILE, REDIS_URL};
@@ -283,6 +284,12 @@ fn spawn_background(
             }
         }));
     }
+    // Every replica delivers spend alerts (claims keep two from sending one at once).
+    jobs.push(tokio::spawn(alerts::run(
+        state.db.clone(),
+        config.webhook.clone(),
+        stop.clone(),
+    )));
     if let Some(every) = config.expiry_interval {
         jobs.push(tokio::spawn(expiry::run(
             state.keys.clone(),

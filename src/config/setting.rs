@@ -64,6 +64,8 @@ pub enum Kind {
     File,
     /// A price as JSON, the body of `PUT /admin/prices`.
     Price,
+    /// An `http://` or `https://` URL.
+    HttpUrl,
 }
 
 /// One setting, declared once in [`SETTINGS`](super::SETTINGS) through `settings!`.
@@ -162,6 +164,7 @@ impl Setting {
             Kind::Bool => "`true` or `false`".into(),
             Kind::File => "a file path".into(),
             Kind::Price => "a JSON price".into(),
+            Kind::HttpUrl => "`http://…` or `https://…`".into(),
         }
     }
 
@@ -196,7 +199,7 @@ impl Setting {
         match self.kind {
             Kind::Addr => "HOST:PORT",
             Kind::Token | Kind::Key => "SECRET",
-            Kind::DatabaseUrl | Kind::RedisUrl => "URL",
+            Kind::DatabaseUrl | Kind::RedisUrl | Kind::HttpUrl => "URL",
             Kind::Keys => "KEYS",
             Kind::Choice(_) => "WORD",
             Kind::Name { .. } => "NAME",

@@ -236,6 +236,7 @@ fn every_declared_setting_is_read_and_refuses_a_bad_value() {
             Kind::Bool => "perhaps",
             Kind::File => "/nonexistent/keyward-settings-test",
             Kind::Price => "{",
+            Kind::HttpUrl => "ftp://hooks.example.com/keyward",
         };
         let Err(errors) = parse(&[(s.var, bad)]) else {
             panic!(
@@ -294,4 +295,32 @@ fn a_postgres_ca_file_that_cannot_be_read_names_the_url_and_the_file() {
     std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
     let url = format!("postgres://u@db/k?sslrootcert={}", ca.display());
     assert!(parse(&[(DATABASE_URL, &url), key]).is_ok());
+}
+
+#[test]
+fn a_webhook_needs_an_http_url_and_a_secret_and_its_url_is_not_echoed() {
+    let url = "https://hooks.example.com/services/T0/B0/tok3n-in-path";
+    let errors = parse(&[(WEBHOOK_URL, url)]).unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].var, WEBHOOK_SECRET);
+    assert!(errors[0].reason.contains(WEBHOOK_URL), "{}", errors[0]);
+
+    let secret = (WEBHOOK_SECRET, "a-webhook-secret-of-32-characters");
+    let errors = parse(&[(WEBHOOK_URL, "ftp://tok3n@hooks.example.com/x"), secret]).unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].var, WEBHOOK_URL);
+    assert!(!errors[0].to_string().contains("tok3n"), "{}", errors[0]);
+
+    let errors = parse(&[(WEBHOOK_URL, url), (WEBHOOK_SECRET, "short")]).unwrap_err();
+    assert_eq!(errors[0].var, WEBHOOK_SECRET);
+
+    let c = parse(&[(WEBHOOK_URL, url), secret]).unwrap();
+    assert!(c.webhook.is_some());
+    let debug = format!("{c:?}");
+    assert!(
+        !debug.contains("tok3n") && !debug.contains("32-characters"),
+        "{debug}"
+    );
+    // A secret alone is fine: alerts queue until a URL is set.
+    assert!(parse(&[secret]).unwrap().webhook.is_none());
 }

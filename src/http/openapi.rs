@@ -47,6 +47,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("post", "/admin/encryption/rotate"),
     ("get", "/admin/accounting/dead-letters"),
     ("post", "/admin/accounting/dead-letters/{id}/replay"),
+    ("get", "/admin/alerts"),
     ("get", "/openapi.json"),
 ];
 
@@ -455,6 +456,27 @@ pub fn admin() -> Value {
         json!({"dead_letters": {"type": "array", "items": dead_letter}, "total": integer()}),
         &["dead_letters", "total"],
     );
+    let alert = answer(
+        json!({
+            "id": s("string"), "payload": obj(), "created_at": s("string"), "pending": s("boolean"),
+            "attempts": integer(), "delivered_at": nullable("string"),
+            "next_attempt_at": nullable("string"), "last_error": nullable("string"),
+        }),
+        &[
+            "id",
+            "payload",
+            "created_at",
+            "pending",
+            "attempts",
+            "delivered_at",
+            "next_attempt_at",
+            "last_error",
+        ],
+    );
+    let alerts = answer(
+        json!({"alerts": {"type": "array", "items": alert}, "next_cursor": nullable("string")}),
+        &["alerts", "next_cursor"],
+    );
     let replayed = answer(
         json!({"id": integer(), "replayed": s("boolean"), "applied": s("boolean")}),
         &["id", "replayed", "applied"],
@@ -499,6 +521,8 @@ pub fn admin() -> Value {
                 "delete": op("Remove a model's price (404 when it has none)", None, "200", price_deleted, price_params()),
             },
             "/admin/encryption/rotate": {"post": op("Re-encrypt every secret with the current key (409 KEYRING_MISMATCH, nothing changed, when it decrypts none)", None, "200", rotated, vec![])},
+            "/admin/alerts": {"get": op("Spend alerts (webhook payload and delivery state), newest first", None, "200", alerts,
+                vec![query("pending", json!({"type": "string", "enum": ["true", "false"]})), query("limit", s("integer")), query("cursor", s("string"))])},
             "/admin/accounting/dead-letters": {"get": op("Usage records the database refused, newest first", None, "200", dead_letters,
                 vec![query("limit", s("integer"))])},
             "/admin/accounting/dead-letters/{id}/replay": {"post": op(

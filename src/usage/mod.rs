@@ -8,6 +8,7 @@
 
 pub mod api_format;
 pub mod dead_letters;
+pub mod ledger;
 pub mod parse;
 pub mod store;
 

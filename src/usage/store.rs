@@ -70,7 +70,8 @@ fn total_tokens(r: &UsageRecord) -> Result<i64, StoreError> {
 }
 
 /// Applies a batch in one transaction: each record is inserted unless its id exists, and
-/// the totals, balance and last use of its key move only for records newly inserted.
+/// the totals, balance and last use of its key, and its quota scopes' ledger rows and
+/// spend alerts ([`super::ledger`]), move only for records newly inserted.
 ///
 /// A total that would pass [`MAX_TOTAL`] is refused ([`StoreError::OutOfRange`]), not
 /// wrapped, nor (in SQLite) turned into a REAL: the accounting writer then sets the
@@ -91,6 +92,7 @@ pub async fn apply_in(
     let mut applied = Applied::default();
     let mut deltas: HashMap<&str, KeyDelta> = HashMap::new();
     let mut provider_deltas: HashMap<&str, KeyDelta> = HashMap::new();
+    let mut inserted: Vec<&UsageRecord> = Vec::new();
     for r in records {
         let total = total_tokens(r)?;
         let done = sqlx::query(
@@ -124,6 +126,7 @@ pub async fn apply_in(
             continue;
         }
         applied.inserted += 1;
+        inserted.push(r);
         if let Some(pk) = r.provider_key_id.as_deref() {
             provider_deltas.entry(pk).or_default().add(r)?;
         }
@@ -176,6 +179,7 @@ pub async fn apply_in(
             )));
         }
     }
+    super::ledger::apply(tx, &inserted, crate::clock::now_ms()).await?;
     Ok(applied)
 }
 

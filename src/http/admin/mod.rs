@@ -3,7 +3,8 @@
 //!
 //! Also the accounting dead letters: usage records the database refused, listed and
 //! replayed here (see `usage::dead_letters`). The routes of client keys are in
-//! `client_keys`, those of providers (their keys and prices) in `providers`.
+//! `client_keys`, those of providers (their keys and prices) in `providers`, the spend
+//! alerts' listing in `alerts`.
 //!
 //! Invariants:
 //! - Every route sits behind `require_admin`; with no token configured every call is
@@ -27,6 +28,7 @@ use super::state::AppState;
 use crate::clock::now_ms;
 use crate::usage::dead_letters::{self, Replay};
 
+mod alerts;
 mod client_keys;
 mod providers;
 
@@ -72,6 +74,7 @@ pub fn router(state: AppState) -> Router {
             "/admin/accounting/dead-letters/{id}/replay",
             post(replay_dead_letter),
         )
+        .route("/admin/alerts", get(alerts::list_alerts))
         .route(
             "/openapi.json",
             get(|| async { Json(super::openapi::admin()) }),
