@@ -211,7 +211,7 @@ settings! {
         exposure: Exposure::Url,
         kind: Kind::HttpUrl,
         default: Fallback::Instead("unset: spend alerts queue, unsent"),
-        help: "where spend alerts are POSTed, signed (see \"Spend alerts\" in docs/api.md); a URL holding a token belongs in the environment or the `_FILE` twin",
+        help: "where spend alerts are POSTed, signed (see \"Spend alerts\" in docs/api.md; unsent alerts wait in the database); a URL holding a token belongs in the environment or the `_FILE` twin",
     }
     WEBHOOK_SECRET = "KEYWARD_WEBHOOK_SECRET" {
         flag: "webhook-secret",

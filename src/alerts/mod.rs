@@ -27,7 +27,7 @@ use rand::Rng;
 use tokio::sync::watch;
 
 use crate::clock::now_ms;
-use crate::db::Db;
+use crate::db::{Db, StoreError};
 use send::Endpoint;
 
 /// Where and how alerts are sent (from `KEYWARD_WEBHOOK_URL` / `KEYWARD_WEBHOOK_SECRET`).
@@ -70,6 +70,8 @@ pub fn retry_after_ms(attempts: i64, jitter: f64) -> i64 {
 pub async fn run(db: Db, webhook: Option<Webhook>, mut stop: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(POLL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A database that fails fails every second: one line a minute says so.
+    let mut logged: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = every.tick() => {}
@@ -77,47 +79,49 @@ pub async fn run(db: Db, webhook: Option<Webhook>, mut stop: watch::Receiver<boo
         }
         let round = async {
             if let Some(hook) = &webhook {
-                deliver_due(&db, hook).await;
+                deliver_due(&db, hook).await?;
             }
-            match store::pending(&db).await {
-                Ok(n) => crate::metrics::get().alerts_pending.set(n),
-                Err(error) => log_failure(&error),
-            }
+            let pending = store::pending(&db).await?;
+            crate::metrics::get().alerts_pending.set(pending);
+            Ok::<(), StoreError>(())
         };
         // A shutdown does not wait for a slow receiver: what was claimed and not settled
         // is claimed again after CLAIM, by this replica or another.
-        tokio::select! {
-            _ = round => {}
+        let result = tokio::select! {
+            result = round => result,
             _ = stop.wait_for(|s| *s) => return,
+        };
+        if let Err(error) = result {
+            let due = match logged {
+                None => true,
+                Some(at) => at.elapsed() >= Duration::from_secs(60),
+            };
+            if due {
+                logged = Some(std::time::Instant::now());
+                tracing::warn!(%error, "alerts: the database could not be read or written; retrying every second");
+            }
         }
     }
 }
 
-fn log_failure(error: &dyn std::fmt::Display) {
-    static LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
-    if let Some(also) = LOG.ready() {
-        tracing::warn!(%error, also_unlogged = also, "alerts: the database could not be read or written; retrying");
-    }
-}
-
-/// Claims the due alerts and sends them, concurrently.
-async fn deliver_due(db: &Db, hook: &Webhook) {
+/// Claims the due alerts and sends them, concurrently; the first database error.
+async fn deliver_due(db: &Db, hook: &Webhook) -> Result<(), StoreError> {
     let now = now_ms();
-    let claimed = match store::claim(db, now, now + CLAIM.as_millis() as i64, BATCH).await {
-        Ok(c) => c,
-        Err(error) => return log_failure(&error),
-    };
+    let claimed = store::claim(db, now, now + CLAIM.as_millis() as i64, BATCH).await?;
     let sends = claimed.into_iter().map(|alert| deliver(db, hook, alert));
-    futures_util::future::join_all(sends).await;
+    futures_util::future::join_all(sends)
+        .await
+        .into_iter()
+        .collect()
 }
 
-async fn deliver(db: &Db, hook: &Webhook, alert: store::Claimed) {
+async fn deliver(db: &Db, hook: &Webhook, alert: store::Claimed) -> Result<(), StoreError> {
     let sent = hook
         .endpoint
         .post(&hook.secret, &alert.id, &alert.payload, now_ms() / 1000)
         .await;
     let metrics = crate::metrics::get();
-    let outcome = match sent {
+    match sent {
         Ok(status) if (200..300).contains(&status) => {
             metrics
                 .alert_deliveries
@@ -139,9 +143,6 @@ async fn deliver(db: &Db, hook: &Webhook, alert: store::Claimed) {
             tracing::warn!(alert = %alert.id, attempts, %error, retry_in_ms = wait, "alerts: a webhook delivery failed");
             store::failed(db, &alert.id, &error, now_ms() + wait).await
         }
-    };
-    if let Err(error) = outcome {
-        log_failure(&error);
     }
 }
 
