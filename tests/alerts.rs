@@ -3,7 +3,7 @@
 //! threshold of a spend limit (key, key × model, user shared by keys) crosses once per
 //! period, whatever repeats; alerts queue without a webhook URL and, once one is set,
 //! are delivered signed to a receiver that fails for a while, each accepted once even
-//! with two replicas sending.
+//! with two replicas sending. (Periods and bounds of the ledger: tests/spend_ledger.rs.)
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use axum::http::{HeaderMap, StatusCode};
 use common::{base_config, eventually, Backend, TestDb, TestServer, DEFAULT_PRICE};
 use hmac::{Hmac, Mac};
+use keyward::alerts::store;
 use keyward::config;
 use keyward::quota::{Scope, ScopeKind};
 use reqwest::Method;
@@ -376,4 +377,66 @@ async fn thresholds_cross_once_and_are_delivered_signed(backend: Backend) {
     two.stop().await;
 }
 
-on_both_backends!(thresholds_cross_once_and_are_delivered_signed);
+/// Two claims at once take different alerts; a claimed alert is not claimed again until
+/// its claim runs out or a failure sets its next attempt.
+async fn claims_never_share_an_alert(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let db = db_connect(&db).await;
+    let now = 1_800_000_000_000_i64;
+    for i in 0..6 {
+        sqlx::query("INSERT INTO alerts (id, payload, created_at, attempts, next_attempt_at) VALUES ($1, '{}', $2, 0, $2)")
+            .bind(format!("{i:064}"))
+            .bind(now - 10)
+            .execute(&db.0)
+            .await
+            .unwrap();
+    }
+    let (a, b) = tokio::join!(
+        store::claim(&db.1, now, now + 60_000, 4),
+        store::claim(&db.1, now, now + 60_000, 4)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let mut ids: Vec<String> = a.iter().chain(&b).map(|c| c.id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 6, "{a:?} {b:?}");
+    assert_eq!(a.len() + b.len(), 6);
+    assert!(store::claim(&db.1, now + 1_000, now + 61_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    store::failed(
+        &db.1,
+        &ids[0],
+        "the receiver answered HTTP 503",
+        now + 2_000,
+    )
+    .await
+    .unwrap();
+    let again = store::claim(&db.1, now + 2_000, now + 62_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (again[0].id.as_str(), again[0].attempts),
+        (ids[0].as_str(), 1)
+    );
+    store::delivered(&db.1, &ids[0], now + 3_000).await.unwrap();
+    assert_eq!(store::pending(&db.1).await.unwrap(), 5);
+    assert!(store::claim(&db.1, now + 100_000, now + 160_000, 10)
+        .await
+        .unwrap()
+        .iter()
+        .all(|c| c.id != ids[0]));
+}
+
+/// A raw pool (for setting up rows) and keyward's `Db` on a migrated database.
+async fn db_connect(db: &TestDb) -> (sqlx::AnyPool, keyward::db::Db) {
+    let kw = db.connect().await;
+    (sqlx::AnyPool::connect(&db.url).await.unwrap(), kw)
+}
+
+on_both_backends!(
+    thresholds_cross_once_and_are_delivered_signed,
+    claims_never_share_an_alert
+);
