@@ -233,10 +233,12 @@ async fn thresholds_cross_once_and_are_delivered_signed(backend: Backend) {
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO users (user_id, limits, created_at, updated_at) VALUES ($1, $2, 0, 0)",
+        "INSERT INTO users (user_id, limits, model_limits, created_at, updated_at) \
+         VALUES ($1, $2, $3, 0, 0)",
     )
     .bind("team-a")
     .bind(r#"{"spend_limits": {"total": {"usd": 20, "alert_at_pct": [50, 100]}}}"#)
+    .bind(r#"{"claude": {"spend_limits": {"week": {"usd": 30, "alert_at_pct": [50]}}}}"#)
     .execute(&pool)
     .await
     .unwrap();
@@ -262,6 +264,13 @@ async fn thresholds_cross_once_and_are_delivered_signed(backend: Backend) {
         ),
         ("user".to_string(), None, "total".to_string(), 50),
         ("user".to_string(), None, "total".to_string(), 100),
+        // 18.5 USD of claude-3 from both keys: 50% of the user's 30 USD a week for claude.
+        (
+            "user".to_string(),
+            Some("claude".to_string()),
+            "week".to_string(),
+            50,
+        ),
     ];
     let queued = eventually(10, || async {
         let list = all_alerts(&s).await;
@@ -315,6 +324,10 @@ async fn thresholds_cross_once_and_are_delivered_signed(backend: Backend) {
             (
                 counter(ScopeKind::User, "team-a", None),
                 "key_id IS NOT NULL",
+            ),
+            (
+                counter(ScopeKind::User, "team-a", Some("claude")),
+                "key_id IS NOT NULL AND model = 'claude-3'",
             ),
         ],
     )
