@@ -150,6 +150,21 @@ async fn each_period_counts_apart_alerts_again_and_never_wraps(backend: Backend)
         ]
     );
 
+    // Limits that cannot be read (written by hand) alert nothing, and stop nothing.
+    let (odd, _) = s.create_key(json!({})).await;
+    let odd = odd["id"].as_str().unwrap();
+    sqlx::query("UPDATE client_keys SET spend_limits = 'not json' WHERE id = $1")
+        .bind(odd)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let applied = keyward::accounting::apply_batch(&s.state.db, &[record("o1", odd, nov1, 9)])
+        .await
+        .unwrap();
+    assert_eq!(applied.inserted, 1);
+    let rows = ledger(&pool, &counter(ScopeKind::Key, odd, None)).await;
+    assert_eq!(rows.get(&("total".to_string(), 0)), Some(&(1, 5, 9)));
+
     // The key's total row one micro-USD short of what a cost of 1 USD needs: refused.
     let total = counter(ScopeKind::Key, key, None);
     sqlx::query("UPDATE quota_usage SET cost_micros = $2 WHERE counter = $1 AND period = 'total'")

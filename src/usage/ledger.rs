@@ -82,13 +82,16 @@ struct Payload<'a> {
     created_at: String,
 }
 
-fn json<T: serde::de::DeserializeOwned + Default>(
-    text: Option<String>,
-    what: &str,
-) -> Result<T, StoreError> {
-    text.map_or(Ok(T::default()), |t| {
-        serde_json::from_str(&t)
-            .map_err(|_| StoreError::Corrupt(format!("{what} is not valid JSON")))
+/// A limits column read for the ledger. Unreadable JSON (written by hand, or by a
+/// release that wrote another shape) counts as no limits: the ledger still counts, no
+/// alert is made, and the batch goes on (an error here would stop every key's
+/// accounting behind one row, as it is not a refusal of the record itself).
+fn json<T: serde::de::DeserializeOwned + Default>(text: Option<String>, what: &str) -> T {
+    text.map_or_else(T::default, |t| {
+        serde_json::from_str(&t).unwrap_or_else(|e| {
+            tracing::warn!(column = what, error = %e, "spend ledger: a limits column is not valid JSON; no alerts from it");
+            T::default()
+        })
     })
 }
 
@@ -104,8 +107,8 @@ async fn key_limits(tx: &mut Tx, key_id: &str) -> Result<KeyLimits, StoreError> 
     };
     Ok(KeyLimits {
         user_id: row.try_get("user_id")?,
-        spend: json(row.try_get("spend_limits")?, "client_keys.spend_limits")?,
-        models: json(row.try_get("model_limits")?, "client_keys.model_limits")?,
+        spend: json(row.try_get("spend_limits")?, "client_keys.spend_limits"),
+        models: json(row.try_get("model_limits")?, "client_keys.model_limits"),
     })
 }
 
@@ -118,8 +121,8 @@ async fn user_row(tx: &mut Tx, user_id: &str) -> Result<Option<UserRow>, StoreEr
         return Ok(None);
     };
     Ok(Some(UserRow {
-        limits: json(Some(row.try_get("limits")?), "users.limits")?,
-        models: json(row.try_get("model_limits")?, "users.model_limits")?,
+        limits: json(Some(row.try_get("limits")?), "users.limits"),
+        models: json(row.try_get("model_limits")?, "users.model_limits"),
     }))
 }
 
