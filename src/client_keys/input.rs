@@ -21,8 +21,9 @@ const MAX_TEXT: usize = crate::names::MAX_NAME_CHARS;
 const MAX_LIST: usize = 1000;
 const MAX_EXPIRE_DAYS: i64 = 36_500;
 
-/// Absent → `None`; `null` → `Some(None)`; a value → `Some(Some(v))`.
-fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+/// Absent → `None`; `null` → `Some(None)`; a value → `Some(Some(v))` (also for the
+/// user bodies of [`crate::users::input`]).
+pub(crate) fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)

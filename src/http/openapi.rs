@@ -5,6 +5,9 @@
 //! table, that the table's paths are the `.route(…)` calls of the router's source (both
 //! directions), and that every operation answers on a live server. Every error answer
 //! is the `Error` schema (the `default` response).
+//!
+//! Longer than 400 lines: one document is one value built in one place; the quota
+//! parts (limit sets, users, quota views) live in `openapi/quotas.rs`.
 
 use serde_json::{json, Value};
 

@@ -6,16 +6,10 @@
 //! each replaced as a whole (`null` or `{}` clears). Unknown fields are refused at
 //! every level (`deny_unknown_fields`, here and in [`crate::quota`]).
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
+use crate::client_keys::input::present;
 use crate::quota::{self, LimitSet, ModelLimits, SpendLimits};
-
-/// Absent → `None`; `null` → `Some(None)`; a value → `Some(Some(v))`.
-fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
-}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -22,7 +22,10 @@ impl From<UserError> for ApiError {
             UserError::NotFound(_) => ApiError::not_found(e.to_string()),
             UserError::Invalid(_) => ApiError::bad_request(e.to_string()),
             // Retrying helps: the same as a database that cannot answer now.
-            UserError::Contended(_) => ApiError::new(ErrorCode::BackendUnavailable, e.to_string()),
+            UserError::Contended(_) => {
+                tracing::warn!(error = %e, "user change gave up after concurrent changes");
+                ApiError::new(ErrorCode::BackendUnavailable, e.to_string())
+            }
             UserError::Store(inner) => inner.into(),
         }
     }
