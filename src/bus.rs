@@ -5,11 +5,11 @@
 //! `prices_changed` or `user_changed`: the entry is dropped from this replica's cache at
 //! once and, in the distributed shape, published on `<prefix>:invalidate` as
 //! `k:<lookup hash>`, `p:<provider>`, `r:<provider>` (a provider's prices) or
-//! `u:<user id>` (a user's limits; the id is everything after the first `:`). Every replica's [`subscribe`]
-//! task applies those messages; a message it does not know (from a newer release)
-//! clears every cache, which is always safe. When the subscription breaks, messages may
-//! have been missed, so every cache is cleared on reconnect; the caches' TTL is the last
-//! safety net.
+//! `u:<user id>` (a user's limits; the id is everything after the first `:`). Every
+//! replica's [`subscribe`] task applies those messages; a message it does not know (from
+//! a newer release) clears every cache, which is always safe. When the subscription
+//! breaks, messages may have been missed, so every cache is cleared on reconnect; the
+//! caches' TTL is the last safety net.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,7 +5,12 @@
 //! field that cannot be changed is refused rather than silently ignored. Absent and
 //! `null` differ where it matters: on create an absent `rate_limit` takes the default
 //! (100) while `null` means unlimited; on patch an absent field is left as it is while
-//! `null` clears it (RFC 7396 merge-patch semantics).
+//! `null` clears it (RFC 7396 merge-patch semantics, at the top level: an allow-list,
+//! `spend_limits` and `model_limits` are each replaced as a whole).
+//!
+//! Quota fields are checked by [`crate::quota`]'s own validation, so keys and users
+//! refuse the same values with the same messages (naming `spend_limits.<period>.usd`,
+//! `model_limits.<model>.<field>`).
 
 use serde::{Deserialize, Deserializer};
 
