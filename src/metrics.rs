@@ -21,7 +21,7 @@
 //! | `keyward_accounting_dead_letters_total` | counter | (records the database refused, set aside in `usage_dead_letters`) |
 //! | `keyward_accounting_queue_depth` | gauge | (records not yet applied: Redis, the consumer group's pending entries plus those not yet delivered; embedded, the channel plus the batch in hand) |
 //! | `keyward_accounting_lag_seconds` | gauge | (age of the oldest record not yet applied; 0 when none; grows while the writer is stuck) |
-//! | `keyward_cache_lookups_total` | counter | `cache` (client_keys, provider_pools, model_prices), `result` (hit, stale, miss) |
+//! | `keyward_cache_lookups_total` | counter | `cache` (client_keys, provider_pools, model_prices, users), `result` (hit, stale, miss) |
 //! | `keyward_backend_failure_mode` | gauge | `mode` (deny, allow, local): 1 for the mode in force |
 //! | `keyward_redis_circuit_open` | gauge | 1 while Redis calls are skipped after failures |
 //! | `keyward_degraded_answers_total` | counter | `mode` (allow, local): answers given without Redis |
