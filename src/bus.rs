@@ -1,14 +1,15 @@
 //! Telling every replica that a record changed, so none admits or selects with a stale one.
 //!
 //! [`Bus`] is the implementation of [`crate::invalidation::Invalidate`] that the services
-//! are given at start-up. An admin change calls `key_changed`, `roster_changed` or
-//! `prices_changed`: the entry is dropped from this replica's cache at once and,
-//! in the distributed shape, published on `<prefix>:invalidate` as `k:<lookup hash>`,
-//! `p:<provider>` or `r:<provider>` (a provider's prices). Every replica's [`subscribe`]
-//! task applies those messages; a message it does not know (from a newer release)
-//! clears every cache, which is always safe. When the subscription breaks, messages may
-//! have been missed, so every cache is cleared on reconnect; the caches' TTL is the last
-//! safety net.
+//! are given at start-up. An admin change calls `key_changed`, `roster_changed`,
+//! `prices_changed` or `user_changed`: the entry is dropped from this replica's cache at
+//! once and, in the distributed shape, published on `<prefix>:invalidate` as
+//! `k:<lookup hash>`, `p:<provider>`, `r:<provider>` (a provider's prices) or
+//! `u:<user id>` (a user's limits; the id is everything after the first `:`). Every
+//! replica's [`subscribe`] task applies those messages; a message it does not know (from
+//! a newer release) clears every cache, which is always safe. When the subscription
+//! breaks, messages may have been missed, so every cache is cleared on reconnect; the
+//! caches' TTL is the last safety net.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,12 +22,15 @@ use crate::invalidation::{Done, Invalidate};
 use crate::limits::redis::RedisCounters;
 use crate::pool::cache::RosterCache;
 use crate::prices::PriceCache;
+use crate::users::cache::UserCache;
 
 pub struct Bus {
     pub keys: Arc<KeyCache>,
     pub rosters: Arc<RosterCache>,
     /// Prices by provider (`None` only where no price is ever looked up).
     pub prices: Option<Arc<PriceCache>>,
+    /// Users' limits by user id (`None` only where no user is ever looked up).
+    pub users: Option<Arc<UserCache>>,
     publisher: Option<(Arc<RedisCounters>, String)>,
 }
 
@@ -36,6 +40,7 @@ impl Bus {
             keys,
             rosters,
             prices: None,
+            users: None,
             publisher: None,
         }
     }
@@ -43,6 +48,12 @@ impl Bus {
     /// Also invalidates this price cache.
     pub fn with_prices(mut self, prices: Arc<PriceCache>) -> Self {
         self.prices = Some(prices);
+        self
+    }
+
+    /// Also invalidates this user cache.
+    pub fn with_users(mut self, users: Arc<UserCache>) -> Self {
+        self.users = Some(users);
         self
     }
 
@@ -61,6 +72,11 @@ impl Bus {
                     prices.invalidate(provider);
                 }
             }
+            Some(("u", user_id)) => {
+                if let Some(users) = &self.users {
+                    users.invalidate(user_id);
+                }
+            }
             _ => self.clear(),
         }
     }
@@ -70,6 +86,9 @@ impl Bus {
         self.rosters.clear();
         if let Some(prices) = &self.prices {
             prices.clear();
+        }
+        if let Some(users) = &self.users {
+            users.clear();
         }
     }
 
@@ -116,6 +135,15 @@ impl Invalidate for Bus {
                 prices.invalidate(provider);
             }
             self.publish(format!("r:{provider}")).await;
+        })
+    }
+
+    fn user_changed<'a>(&'a self, user_id: &'a str) -> Done<'a> {
+        Box::pin(async move {
+            if let Some(users) = &self.users {
+                users.invalidate(user_id);
+            }
+            self.publish(format!("u:{user_id}")).await;
         })
     }
 }

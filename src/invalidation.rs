@@ -2,7 +2,8 @@
 //! replica admits or selects with a stale copy of it.
 //!
 //! The services that change records ([`crate::client_keys::ClientKeys`],
-//! [`crate::provider_keys::ProviderKeys`], [`crate::prices::Prices`], the key rotation)
+//! [`crate::provider_keys::ProviderKeys`], [`crate::prices::Prices`],
+//! [`crate::users::Users`], the key rotation)
 //! hold an [`Invalidator`] and know nothing about the caches or about Redis. The one
 //! implementation that drops this replica's cache entries and tells the other replicas
 //! is [`crate::bus::Bus`], built at start-up; keeping it out of this module keeps the
@@ -25,6 +26,8 @@ pub trait Invalidate: Send + Sync {
     fn roster_changed<'a>(&'a self, provider: &'a str) -> Done<'a>;
     /// A provider's prices changed.
     fn prices_changed<'a>(&'a self, provider: &'a str) -> Done<'a>;
+    /// A user's limits changed (created, replaced, patched or deleted), by user id.
+    fn user_changed<'a>(&'a self, user_id: &'a str) -> Done<'a>;
 }
 
 /// How services hold the interface; cheap to clone.

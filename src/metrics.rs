@@ -23,7 +23,7 @@
 //! | `keyward_accounting_lag_seconds` | gauge | (age of the oldest record not yet applied; 0 when none; grows while the writer is stuck) |
 //! | `keyward_alerts_pending` | gauge | (spend alerts not yet delivered to the webhook, refreshed every second by each replica) |
 //! | `keyward_alert_deliveries_total` | counter | `result` (delivered: the receiver answered 2xx; failed: no answer or another status, retried later) |
-//! | `keyward_cache_lookups_total` | counter | `cache` (client_keys, provider_pools, model_prices), `result` (hit, stale, miss) |
+//! | `keyward_cache_lookups_total` | counter | `cache` (client_keys, provider_pools, model_prices, users), `result` (hit, stale, miss) |
 //! | `keyward_backend_failure_mode` | gauge | `mode` (deny, allow, local): 1 for the mode in force |
 //! | `keyward_redis_circuit_open` | gauge | 1 while Redis calls are skipped after failures |
 //! | `keyward_degraded_answers_total` | counter | `mode` (allow, local): answers given without Redis |

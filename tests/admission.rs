@@ -877,6 +877,10 @@ async fn key_records_are_cached_and_unknown_keys_remembered() {
         is_standalone: false,
         balance_micros: None,
         auto_delete_on_expiry: None,
+        daily_request_limit: None,
+        daily_token_limit: None,
+        spend_limits: Default::default(),
+        model_limits: Default::default(),
     };
     let id = uuid::Uuid::new_v4().to_string();
     let hash = keyward::crypto::lookup_hash(secret);

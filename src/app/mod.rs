@@ -39,6 +39,7 @@ use crate::provider_keys::ProviderKeys;
 use crate::reporting::body::ProviderKeyPolicy;
 use crate::reporting::Reports;
 use crate::usage::UsageRecord;
+use crate::users::{self, Users};
 use crate::{expiry, http, tls};
 pub use store::{connect_db, key_file_for, open_db};
 
@@ -129,8 +130,14 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         config.key_cache_ttl,
         config.negative_cache_ttl,
     ));
-    let mut bus =
-        Bus::new(key_cache.clone(), roster_cache.clone()).with_prices(price_cache.clone());
+    let user_cache = Arc::new(users::cache::new(
+        db.clone(),
+        config.key_cache_ttl,
+        config.negative_cache_ttl,
+    ));
+    let mut bus = Bus::new(key_cache.clone(), roster_cache.clone())
+        .with_prices(price_cache.clone())
+        .with_users(user_cache.clone());
     let guard_ttl_ms = config.report_dedupe_ttl.as_millis() as i64;
     let invalidation_channel = format!("{}:invalidate", config.redis_prefix);
     let (counters, accounting) = match &config.redis_url {
@@ -153,7 +160,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         .await
         .with_context(|| format!("storing the prices of {}", crate::config::PRICES_FILE))?;
     let admission = Admission::new(
-        key_cache,
+        key_cache.clone(),
         roster_cache,
         counters.clone(),
         keyring.clone(),
@@ -191,6 +198,9 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
             config.key_prefix.clone(),
             invalidator.clone(),
         ),
+        key_cache,
+        users: Users::new(db.clone(), invalidator.clone()),
+        user_cache,
         provider_keys,
         prices,
         db,

@@ -3,13 +3,19 @@
 //! the background); an unknown key is remembered as unknown for
 //! `KEYWARD_NEGATIVE_CACHE_TTL_S`, so a flood of the same bad key does not reach the
 //! database.
+//!
+//! A load also fills the key's `settled` spend (its spend limits' current periods, from
+//! `quota_usage`, in one more query only when it has a spend limit), so admission can
+//! seed a spend counter the counter store lost without a database query per admission.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::{store, ClientKey};
 use crate::cache::{Cache, Loader};
+use crate::clock::now_ms;
 use crate::db::{Db, StoreError};
+use crate::quota::ScopeKind;
 
 pub struct KeyLoader {
     db: Db,
@@ -22,7 +28,19 @@ impl Loader for KeyLoader {
     const NAME: &'static str = "client_keys";
 
     async fn load(&self, hash: &str) -> Result<Self::Value, StoreError> {
-        Ok(store::get_by_hash(&self.db, hash).await?.map(Arc::new))
+        let Some(mut key) = store::get_by_hash(&self.db, hash).await? else {
+            return Ok(None);
+        };
+        key.settled = crate::quota_usage::settled(
+            &self.db,
+            ScopeKind::Key,
+            &key.id,
+            &key.spend_limits,
+            &key.model_limits,
+            now_ms(),
+        )
+        .await?;
+        Ok(Some(Arc::new(key)))
     }
 
     /// An unknown key: a key created since must work at once.

@@ -5,12 +5,18 @@
 //! field that cannot be changed is refused rather than silently ignored. Absent and
 //! `null` differ where it matters: on create an absent `rate_limit` takes the default
 //! (100) while `null` means unlimited; on patch an absent field is left as it is while
-//! `null` clears it (RFC 7396 merge-patch semantics).
+//! `null` clears it (RFC 7396 merge-patch semantics, at the top level: an allow-list,
+//! `spend_limits` and `model_limits` are each replaced as a whole).
+//!
+//! Quota fields are checked by [`crate::quota`]'s own validation, so keys and users
+//! refuse the same values with the same messages (naming `spend_limits.<period>.usd`,
+//! `model_limits.<model>.<field>`).
 
 use serde::{Deserialize, Deserializer};
 
 use crate::clock::{parse_instant, DateEdge, MS_PER_DAY};
 use crate::money::Usd;
+use crate::quota::{self, LimitSet, ModelLimits, SpendLimits};
 
 pub const DEFAULT_RATE_LIMIT: i64 = 100;
 pub const DEFAULT_CONCURRENT_LIMIT: i64 = 5;
@@ -20,8 +26,9 @@ const MAX_TEXT: usize = crate::names::MAX_NAME_CHARS;
 const MAX_LIST: usize = 1000;
 const MAX_EXPIRE_DAYS: i64 = 36_500;
 
-/// Absent → `None`; `null` → `Some(None)`; a value → `Some(Some(v))`.
-fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+/// Absent → `None`; `null` → `Some(None)`; a value → `Some(Some(v))` (also for the
+/// user bodies of [`crate::users::input`]).
+pub(crate) fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
@@ -56,6 +63,14 @@ pub struct CreateKeyRequest {
     pub initial_balance_usd: Option<Usd>,
     #[serde(default)]
     pub auto_delete_on_expiry: Option<bool>,
+    #[serde(default)]
+    pub daily_request_limit: Option<i64>,
+    #[serde(default)]
+    pub daily_token_limit: Option<i64>,
+    #[serde(default)]
+    pub spend_limits: Option<SpendLimits>,
+    #[serde(default)]
+    pub model_limits: Option<ModelLimits>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +96,16 @@ pub struct PatchKeyRequest {
     pub expires_at: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     pub auto_delete_on_expiry: Option<Option<bool>>,
+    #[serde(default, deserialize_with = "present")]
+    pub daily_request_limit: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "present")]
+    pub daily_token_limit: Option<Option<i64>>,
+    /// Replaced as a whole (like an allow-list); `null` or `{}` clears every period.
+    #[serde(default, deserialize_with = "present")]
+    pub spend_limits: Option<Option<SpendLimits>>,
+    /// Replaced as a whole; `null` or `{}` clears every model's limits.
+    #[serde(default, deserialize_with = "present")]
+    pub model_limits: Option<Option<ModelLimits>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +136,10 @@ pub struct NewKey {
     pub is_standalone: bool,
     pub balance_micros: Option<i64>,
     pub auto_delete_on_expiry: Option<bool>,
+    pub daily_request_limit: Option<i64>,
+    pub daily_token_limit: Option<i64>,
+    pub spend_limits: SpendLimits,
+    pub model_limits: ModelLimits,
 }
 
 /// A validated change: `None` leaves a field as it is, `Some(x)` sets it to `x`.
@@ -126,6 +155,12 @@ pub struct KeyPatch {
     pub is_active: Option<bool>,
     pub expires_at: Option<Option<i64>>,
     pub auto_delete_on_expiry: Option<Option<bool>>,
+    pub daily_request_limit: Option<Option<i64>>,
+    pub daily_token_limit: Option<Option<i64>>,
+    /// `Some(empty)` clears.
+    pub spend_limits: Option<SpendLimits>,
+    /// `Some(empty)` clears.
+    pub model_limits: Option<ModelLimits>,
 }
 
 /// A name or label: the rule of [`crate::names`], and not blank.
@@ -161,6 +196,24 @@ fn limit(field: &str, value: Option<i64>) -> Result<Option<i64>, String> {
         )),
         other => Ok(other),
     }
+}
+
+/// Spend limits as [`LimitSet::validate`] checks them (the message names
+/// `spend_limits.<period>.…`); absent or `{}` is none.
+fn spend(value: Option<SpendLimits>) -> Result<SpendLimits, String> {
+    let set = LimitSet {
+        spend_limits: value.unwrap_or_default(),
+        ..LimitSet::default()
+    };
+    set.validate("")?;
+    Ok(set.spend_limits)
+}
+
+/// Per-model limits as [`quota::validate_models`] checks them; absent or `{}` is none.
+fn models(value: Option<ModelLimits>) -> Result<ModelLimits, String> {
+    let models = value.unwrap_or_default();
+    quota::validate_models(&models)?;
+    Ok(models)
 }
 
 fn timestamp(field: &str, value: &str) -> Result<i64, String> {
@@ -215,6 +268,10 @@ impl CreateKeyRequest {
             is_standalone,
             balance_micros,
             auto_delete_on_expiry: self.auto_delete_on_expiry,
+            daily_request_limit: limit("daily_request_limit", self.daily_request_limit)?,
+            daily_token_limit: limit("daily_token_limit", self.daily_token_limit)?,
+            spend_limits: spend(self.spend_limits)?,
+            model_limits: models(self.model_limits)?,
         })
     }
 }
@@ -259,6 +316,16 @@ impl PatchKeyRequest {
                 .map(|v| v.map(|at| timestamp("expires_at", &at)).transpose())
                 .transpose()?,
             auto_delete_on_expiry: self.auto_delete_on_expiry,
+            daily_request_limit: self
+                .daily_request_limit
+                .map(|v| limit("daily_request_limit", v))
+                .transpose()?,
+            daily_token_limit: self
+                .daily_token_limit
+                .map(|v| limit("daily_token_limit", v))
+                .transpose()?,
+            spend_limits: self.spend_limits.map(spend).transpose()?,
+            model_limits: self.model_limits.map(models).transpose()?,
         })
     }
 }

@@ -9,6 +9,10 @@
 //! - The secret is stored only as its SHA-256 lookup hash and an `enc:v1:` ciphertext;
 //!   it leaves the process only in the create answer and in `reveal`.
 //! - An empty allow-list is stored as `NULL` and means "all".
+//! - Quotas beyond the per-minute windows (`daily_*_limit`, `spend_limits`,
+//!   `model_limits`, see [`crate::quota`]) are stored as columns (JSON text for the
+//!   sets), `NULL` when none. The cache fills a key's `settled` spend from
+//!   `quota_usage` when it loads the record ([`cache`]).
 //! - Balances are integer micro-USD: `balance_micros` is what was credited (`NULL` =
 //!   no balance limit), `balance_used_micros` what accounting debited; the remaining
 //!   balance shown to people is never below zero.
@@ -93,6 +97,10 @@ impl ClientKey {
             rate_limit: self.rate_limit,
             tpm_limit: self.tpm_limit,
             concurrent_limit: self.concurrent_limit,
+            daily_request_limit: self.daily_request_limit,
+            daily_token_limit: self.daily_token_limit,
+            spend_limits: (!self.spend_limits.is_empty()).then_some(&self.spend_limits),
+            model_limits: (!self.model_limits.is_empty()).then_some(&self.model_limits),
             expires_at: self.expires_at.map(to_rfc3339),
             is_standalone: self.is_standalone,
             balance_usd: self
@@ -127,6 +135,12 @@ pub struct KeyView<'a> {
     pub rate_limit: Option<i64>,
     pub tpm_limit: Option<i64>,
     pub concurrent_limit: Option<i64>,
+    pub daily_request_limit: Option<i64>,
+    pub daily_token_limit: Option<i64>,
+    /// `null` when the key has none (spend in USD).
+    pub spend_limits: Option<&'a crate::quota::SpendLimits>,
+    /// `null` when the key has none.
+    pub model_limits: Option<&'a crate::quota::ModelLimits>,
     pub expires_at: Option<String>,
     pub is_standalone: bool,
     pub balance_usd: Option<Usd>,

@@ -196,6 +196,32 @@ impl ClientKeys {
         Ok(expired)
     }
 
+    /// The key's quota view: its own limits (per-minute windows and quotas) and each
+    /// model entry's, with the database's figures for the current periods.
+    pub async fn quota(
+        &self,
+        id: &str,
+    ) -> Result<(ClientKey, Vec<crate::quota_usage::ScopeView>), KeyError> {
+        let key = self.get(id).await?;
+        let own = crate::quota::LimitSet {
+            rate_limit: key.rate_limit,
+            tpm_limit: key.tpm_limit,
+            daily_request_limit: key.daily_request_limit,
+            daily_token_limit: key.daily_token_limit,
+            spend_limits: key.spend_limits.clone(),
+        };
+        let view = crate::quota_usage::view(
+            &self.db,
+            crate::quota::ScopeKind::Key,
+            &key.id,
+            &own,
+            &key.model_limits,
+            now_ms(),
+        )
+        .await?;
+        Ok((key, view))
+    }
+
     pub async fn stats(
         &self,
         id: &str,

@@ -75,6 +75,19 @@ fn list_text(list: &Option<Vec<String>>) -> Option<String> {
         .map(|l| serde_json::to_string(l).unwrap_or_else(|_| "[]".into()))
 }
 
+/// A limits column: `NULL` when there is none (the column's default reads back as none).
+fn limits_text<T: serde::Serialize>(value: &T, empty: bool) -> Option<String> {
+    (!empty).then(|| serde_json::to_string(value).unwrap_or_else(|_| "{}".into()))
+}
+
+fn spend_text(spend: &crate::quota::SpendLimits) -> Option<String> {
+    limits_text(spend, spend.is_empty())
+}
+
+fn models_text(models: &crate::quota::ModelLimits) -> Option<String> {
+    limits_text(models, models.is_empty())
+}
+
 fn from_row(row: &AnyRow) -> Result<ClientKey, StoreError> {
     Ok(ClientKey {
         id: row.try_get("id")?,
@@ -134,9 +147,9 @@ pub async fn insert(
          allowed_providers, allowed_api_formats, allowed_models, rate_limit, tpm_limit, \
          concurrent_limit, expires_at, is_standalone, balance_micros, balance_used_micros, balance_version, \
          auto_delete_on_expiry, is_active, total_requests, total_tokens, total_cost_micros, \
-         created_at, updated_at) \
+         created_at, updated_at, daily_request_limit, daily_token_limit, spend_limits, model_limits) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 0, 0, $16, TRUE, \
-         0, 0, 0, $17, $17) RETURNING ",
+         0, 0, 0, $17, $17, $18, $19, $20, $21) RETURNING ",
         columns!()
     ))
     .bind(s.id)
@@ -156,6 +169,10 @@ pub async fn insert(
     .bind(key.balance_micros)
     .bind(key.auto_delete_on_expiry)
     .bind(now)
+    .bind(key.daily_request_limit)
+    .bind(key.daily_token_limit)
+    .bind(spend_text(&key.spend_limits))
+    .bind(models_text(&key.model_limits))
     .fetch_one(&db.pool)
     .await?;
     from_row(&row)
@@ -221,7 +238,11 @@ pub async fn update(
          is_active = CASE WHEN $16 THEN $17 ELSE is_active END, \
          expires_at = CASE WHEN $18 THEN $19 ELSE expires_at END, \
          auto_delete_on_expiry = CASE WHEN $20 THEN $21 ELSE auto_delete_on_expiry END, \
-         updated_at = $22 \
+         updated_at = $22, \
+         daily_request_limit = CASE WHEN $23 THEN $24 ELSE daily_request_limit END, \
+         daily_token_limit = CASE WHEN $25 THEN $26 ELSE daily_token_limit END, \
+         spend_limits = CASE WHEN $27 THEN $28 ELSE spend_limits END, \
+         model_limits = CASE WHEN $29 THEN $30 ELSE model_limits END \
          WHERE id = $1 RETURNING ",
         columns!()
     ))
@@ -247,6 +268,14 @@ pub async fn update(
     .bind(p.auto_delete_on_expiry.is_some())
     .bind(p.auto_delete_on_expiry.flatten())
     .bind(now)
+    .bind(p.daily_request_limit.is_some())
+    .bind(p.daily_request_limit.flatten())
+    .bind(p.daily_token_limit.is_some())
+    .bind(p.daily_token_limit.flatten())
+    .bind(p.spend_limits.is_some())
+    .bind(p.spend_limits.as_ref().and_then(spend_text))
+    .bind(p.model_limits.is_some())
+    .bind(p.model_limits.as_ref().and_then(models_text))
     .fetch_optional(&db.pool)
     .await?;
     one(row)

@@ -5,8 +5,13 @@
 //! table, that the table's paths are the `.route(…)` calls of the router's source (both
 //! directions), and that every operation answers on a live server. Every error answer
 //! is the `Error` schema (the `default` response).
+//!
+//! Longer than 400 lines: one document is one value built in one place; the quota
+//! parts (limit sets, users, quota views) live in `openapi/quotas.rs`.
 
 use serde_json::{json, Value};
+
+mod quotas;
 
 /// `(method, path)` of every data-plane operation.
 pub const DATA_ROUTES: &[(&str, &str)] = &[
@@ -35,6 +40,13 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("post", "/admin/keys/{id}/reveal"),
     ("post", "/admin/keys/{id}/balance"),
     ("get", "/admin/keys/{id}/stats"),
+    ("get", "/admin/keys/{id}/quota"),
+    ("get", "/admin/users"),
+    ("put", "/admin/users/{user_id}"),
+    ("patch", "/admin/users/{user_id}"),
+    ("get", "/admin/users/{user_id}"),
+    ("delete", "/admin/users/{user_id}"),
+    ("get", "/admin/users/{user_id}/quota"),
     ("post", "/admin/providers/{provider}/keys"),
     ("get", "/admin/providers/{provider}/keys"),
     ("patch", "/admin/provider-keys/{id}"),
@@ -301,6 +313,13 @@ pub fn admin() -> Value {
         }),
         &[],
     );
+    let with_quotas = |mut schema: Value| {
+        for (name, field) in quotas::key_fields().as_object().into_iter().flatten() {
+            schema["properties"][name] = field.clone();
+        }
+        schema
+    };
+    let create = with_quotas(create);
     let patch = object(
         json!({
             "name": nullable("string"), "allowed_providers": strings(), "allowed_api_formats": strings(),
@@ -310,11 +329,13 @@ pub fn admin() -> Value {
         }),
         &[],
     );
+    let patch = with_quotas(patch);
     let key = json!({"type": "object", "required": ["id", "is_active", "is_standalone"], "properties": {
         "id": s("string"), "user_id": nullable("string"), "name": s("string"), "prefix": s("string"),
         "rate_limit": limit(), "tpm_limit": limit(), "concurrent_limit": limit(), "is_active": s("boolean"),
         "is_standalone": s("boolean"), "balance_usd": nullable("number"), "remaining_balance_usd": nullable("number"),
     }});
+    let key = with_quotas(key);
     let keys = json!({"type": "object", "required": ["keys"], "properties": {"keys": {"type": "array", "items": reference("Key")}}});
     let cause = json!({"type": "object", "nullable": true, "required": ["upstream_status", "at", "source", "from_headers"], "properties": {
         "upstream_status": nullable("integer"), "at": s("string"), "source": s("string"),
@@ -481,9 +502,7 @@ pub fn admin() -> Value {
         json!({"id": integer(), "replayed": s("boolean"), "applied": s("boolean")}),
         &["id", "replayed", "applied"],
     );
-    document(
-        "keyward admin API",
-        json!({
+    let mut paths = json!({
             "/admin/keys": {
                 "post": op("Create a client key (the secret is shown once)", Some(create), "201", created, vec![]),
                 "get": op("A user's keys, newest first", None, "200", keys.clone(),
@@ -530,8 +549,14 @@ pub fn admin() -> Value {
                 None, "200", replayed,
                 vec![json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}})])},
             "/openapi.json": {"get": op("This document", None, "200", obj(), vec![])},
-        }),
-        json!({"Key": key, "ProviderKey": provider_key, "Price": price}),
+    });
+    for (path, item) in quotas::paths().as_object().into_iter().flatten() {
+        paths[path] = item.clone();
+    }
+    document(
+        "keyward admin API",
+        paths,
+        json!({"Key": key, "ProviderKey": provider_key, "Price": price, "User": quotas::user()}),
         true,
     )
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::accounting::embedded::WriterHealth;
 use crate::admission::Admission;
+use crate::client_keys::cache::KeyCache;
 use crate::client_keys::ClientKeys;
 use crate::crypto::Keyring;
 use crate::db::Db;
@@ -13,6 +14,8 @@ use crate::limits::Counters;
 use crate::prices::Prices;
 use crate::provider_keys::ProviderKeys;
 use crate::reporting::Reports;
+use crate::users::cache::UserCache;
+use crate::users::Users;
 
 /// One `Arc`: axum clones the state for every extractor and middleware of every request,
 /// so a clone is one atomic increment rather than one per field.
@@ -37,6 +40,14 @@ impl std::ops::Deref for AppState {
 pub struct Shared {
     pub db: Db,
     pub keys: ClientKeys,
+    /// This replica's client-key records (the one admission reads; for tests and views).
+    pub key_cache: Arc<KeyCache>,
+    /// The admin operations over users' limits.
+    pub users: Users,
+    /// Users' limits as admission reads them: `get(user_id)` →
+    /// `Result<Option<Arc<quota::UserLimits>>, StoreError>`, no query on a hit,
+    /// invalidated on every replica by each change.
+    pub user_cache: Arc<UserCache>,
     /// The admin operations over provider keys.
     pub provider_keys: ProviderKeys,
     /// Model prices (admin API, `KEYWARD_PRICES_FILE`, and pricing of reported tokens).

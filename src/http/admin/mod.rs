@@ -1,10 +1,10 @@
-//! The admin API (`KEYWARD_ADMIN_LISTEN`): client keys, provider keys, model prices and
-//! encryption-key rotation, behind a bearer token.
+//! The admin API (`KEYWARD_ADMIN_LISTEN`): client keys, users' limits, provider keys,
+//! model prices and encryption-key rotation, behind a bearer token.
 //!
 //! Also the accounting dead letters: usage records the database refused, listed and
 //! replayed here (see `usage::dead_letters`). The routes of client keys are in
-//! `client_keys`, those of providers (their keys and prices) in `providers`, the spend
-//! alerts' listing in `alerts`.
+//! `client_keys`, those of users and the quota views in `users`, those of providers
+//! (their keys and prices) in `providers`, the spend alerts' listing in `alerts`.
 //!
 //! Invariants:
 //! - Every route sits behind `require_admin`; with no token configured every call is
@@ -31,6 +31,7 @@ use crate::usage::dead_letters::{self, Replay};
 mod alerts;
 mod client_keys;
 mod providers;
+mod users;
 
 use client_keys::{
     adjust_balance, create_key, delete_key, expire_keys, get_key, key_stats, list_standalone_keys,
@@ -40,6 +41,7 @@ use providers::{
     add_provider_key, delete_price, delete_provider_key, list_prices, list_provider_keys,
     patch_provider_key, provider_key_usage, put_price, reset_provider_key,
 };
+use users::{delete_user, get_user, key_quota, list_users, patch_user, put_user, user_quota};
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -53,6 +55,16 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/keys/{id}/reveal", post(reveal_key))
         .route("/admin/keys/{id}/balance", post(adjust_balance))
         .route("/admin/keys/{id}/stats", get(key_stats))
+        .route("/admin/keys/{id}/quota", get(key_quota))
+        .route("/admin/users", get(list_users))
+        .route(
+            "/admin/users/{user_id}",
+            axum::routing::put(put_user)
+                .patch(patch_user)
+                .get(get_user)
+                .delete(delete_user),
+        )
+        .route("/admin/users/{user_id}/quota", get(user_quota))
         .route(
             "/admin/providers/{provider}/keys",
             post(add_provider_key).get(list_provider_keys),
