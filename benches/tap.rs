@@ -12,7 +12,7 @@
 //!   then Redis shape (127.0.0.1:6379, `KEYWARD_BENCH_REDIS_PORT`).
 //! - **proxy**: time to the first and to the last byte of the answer through Envoy and
 //!   nginx running the shipped files, with and without the tap (see
-//!   [`support::proxies`]), and straight from the stub upstream, for a 4 KiB JSON answer
+//!   [`support::shipped`]), and straight from the stub upstream, for a 4 KiB JSON answer
 //!   and a stream of [`SSE_CHUNKS`] chunks [`SSE_GAP_MS`] apart (usage last). Requests go
 //!   one at a time, round robin over the paths, so a machine whose speed drifts slows
 //!   every path alike.
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
-use support::{proxies, Keyward};
+use support::{shipped, Keyward};
 
 const CONNECTIONS: usize = 4;
 const SSE_CHUNKS: usize = 20;
@@ -502,16 +502,16 @@ async fn proxy_latency() {
     support::create_pool(&k, "openai", 1).await;
 
     let envoy_port = support::free_port();
-    let envoy_tap = proxies::shipped_envoy(envoy_port, k.data, upstream);
+    let envoy_tap = shipped::envoy_file(envoy_port, k.data, upstream);
     let envoy_bare_port = support::free_port();
     let envoy_bare =
-        proxies::envoy_without_tap(&proxies::shipped_envoy(envoy_bare_port, k.data, upstream));
+        shipped::envoy_without_tap(&shipped::envoy_file(envoy_bare_port, k.data, upstream));
     let (nginx_port, nginx_bare_port) = (support::free_port(), support::free_port());
-    let nginx_has_tap = proxies::nginx_has_tap();
+    let nginx_has_tap = shipped::nginx_has_tap();
 
     let mut running = vec![
-        proxies::envoy(&envoy_tap, envoy_port).await,
-        proxies::envoy(&envoy_bare, envoy_bare_port).await,
+        shipped::envoy(&envoy_tap, envoy_port).await,
+        shipped::envoy(&envoy_bare, envoy_bare_port).await,
     ];
     let mut paths = vec![
         ("stub direct".to_string(), upstream),
@@ -519,10 +519,10 @@ async fn proxy_latency() {
         ("Envoy, no tap".to_string(), envoy_bare_port),
     ];
     if nginx_has_tap {
-        running.push(proxies::nginx(nginx_port, k.data, upstream, true).await);
+        running.push(shipped::nginx(nginx_port, k.data, upstream, true).await);
         paths.push(("nginx, tap".to_string(), nginx_port));
     }
-    running.push(proxies::nginx(nginx_bare_port, k.data, upstream, false).await);
+    running.push(shipped::nginx(nginx_bare_port, k.data, upstream, false).await);
     paths.push(("nginx, no tap".to_string(), nginx_bare_port));
     let mut paths: Vec<Target> = paths
         .into_iter()

@@ -131,10 +131,11 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// A pool of connections to the durable store.
+/// The durable store: sqlx's pool of connections, held in `sql` (the project keeps the
+/// word "pool" for the provider-key pool).
 #[derive(Clone, Debug)]
 pub struct Db {
-    pub(crate) pool: AnyPool,
+    pub(crate) sql: AnyPool,
     backend: Backend,
 }
 
@@ -144,7 +145,7 @@ impl Db {
         sqlx::any::install_default_drivers();
         let backend = Backend::of_url(url)
             .ok_or_else(|| anyhow::anyhow!("unsupported database URL scheme"))?;
-        let pool = match backend {
+        let sql = match backend {
             Backend::Postgres => {
                 let options = AnyConnectOptions::from_str(url)?;
                 // One connection first: its error says why (refused, unknown host, bad
@@ -202,7 +203,7 @@ impl Db {
                     .await?
             }
         };
-        Ok(Db { pool, backend })
+        Ok(Db { sql, backend })
     }
 
     pub fn backend(&self) -> Backend {
@@ -216,25 +217,25 @@ impl Db {
             Backend::Postgres => &POSTGRES_MIGRATIONS,
             Backend::Sqlite => &SQLITE_MIGRATIONS,
         };
-        migrator.run(&self.pool).await?;
+        migrator.run(&self.sql).await?;
         Ok(())
     }
 
     /// A cheap round trip, for `/readyz`.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.sql).await?;
         Ok(())
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.sql.close().await;
     }
 
     /// Fails when the database cannot be written (a read-only file or file system):
     /// creates a table in a transaction that is rolled back, so nothing stays behind.
     /// Reads alone would succeed, and keyward would seem ready while every write failed.
     pub async fn check_writable(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.sql.begin().await?;
         sqlx::query("CREATE TABLE keyward_write_check (x INTEGER)")
             .execute(&mut *tx)
             .await?;
@@ -249,7 +250,7 @@ impl Db {
             "SELECT id FROM client_keys WHERE key_encrypted LIKE 'enc:v1:%' \
              UNION ALL SELECT id FROM provider_keys WHERE key_encrypted LIKE 'enc:v1:%' LIMIT 1",
         )
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.sql)
         .await?;
         Ok(found.is_some())
     }
@@ -286,7 +287,7 @@ impl Db {
             .bind(old)
             .bind(new)
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.sql)
             .await?;
         Ok(done.rows_affected() > 0)
     }

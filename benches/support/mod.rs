@@ -1,9 +1,15 @@
 //! What the bench binaries share: starting the release `keyward` binary as its own
 //! process and waiting until it is ready, the keys and pools they create, a minimal
-//! HTTP/1.1 client, and the shipped proxies ([`proxies`]).
+//! HTTP/1.1 client, and, from the tests' support tree (included by path, not copied),
+//! free ports ([`free_port`]) and the shipped proxies ([`shipped`]).
 #![allow(dead_code, clippy::unwrap_used)]
 
-pub mod proxies;
+#[path = "../../tests/common/ports.rs"]
+mod ports;
+#[path = "../../tests/common/shipped.rs"]
+pub mod shipped;
+
+pub use ports::free_port;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -12,14 +18,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub const TOKEN: &str = "bench-admin-token-0123456789";
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A running keyward process, stopped with SIGTERM on drop.
 pub struct Keyward {

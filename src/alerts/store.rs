@@ -67,7 +67,7 @@ pub async fn claim(db: &Db, now: i64, until: i64, limit: i64) -> Result<Vec<Clai
     .bind(now)
     .bind(until)
     .bind(limit)
-    .fetch_all(&db.pool)
+    .fetch_all(&db.sql)
     .await?;
     rows.iter()
         .map(|row| {
@@ -89,7 +89,7 @@ pub async fn delivered(db: &Db, id: &str, now: i64) -> Result<(), StoreError> {
     )
     .bind(id)
     .bind(now)
-    .execute(&db.pool)
+    .execute(&db.sql)
     .await?;
     Ok(())
 }
@@ -103,7 +103,7 @@ pub async fn failed(db: &Db, id: &str, error: &str, next: i64) -> Result<(), Sto
     .bind(id)
     .bind(error)
     .bind(next)
-    .execute(&db.pool)
+    .execute(&db.sql)
     .await?;
     Ok(())
 }
@@ -111,7 +111,7 @@ pub async fn failed(db: &Db, id: &str, error: &str, next: i64) -> Result<(), Sto
 /// Alerts not yet delivered.
 pub async fn pending(db: &Db) -> Result<i64, StoreError> {
     let row = sqlx::query("SELECT COUNT(*) AS n FROM alerts WHERE delivered_at IS NULL")
-        .fetch_one(&db.pool)
+        .fetch_one(&db.sql)
         .await?;
     Ok(row.try_get("n")?)
 }
@@ -139,7 +139,7 @@ pub async fn list(
     .bind(at)
     .bind(id)
     .bind(limit)
-    .fetch_all(&db.pool)
+    .fetch_all(&db.sql)
     .await?;
     rows.iter()
         .map(|row| {

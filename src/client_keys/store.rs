@@ -173,7 +173,7 @@ pub async fn insert(
     .bind(key.daily_token_limit)
     .bind(spend_text(&key.spend_limits))
     .bind(models_text(&key.model_limits))
-    .fetch_one(&db.pool)
+    .fetch_one(&db.sql)
     .await?;
     from_row(&row)
 }
@@ -185,7 +185,7 @@ pub async fn get(db: &Db, id: &str) -> Result<Option<ClientKey>, StoreError> {
         " FROM client_keys WHERE id = $1"
     ))
     .bind(id)
-    .fetch_optional(&db.pool)
+    .fetch_optional(&db.sql)
     .await?;
     one(row)
 }
@@ -197,7 +197,7 @@ pub async fn get_by_hash(db: &Db, key_hash: &str) -> Result<Option<ClientKey>, S
         " FROM client_keys WHERE key_hash = $1"
     ))
     .bind(key_hash)
-    .fetch_optional(&db.pool)
+    .fetch_optional(&db.sql)
     .await?;
     one(row)
 }
@@ -214,7 +214,7 @@ pub async fn list(db: &Db, filter: &ListFilter) -> Result<Vec<ClientKey>, StoreE
     .bind(filter.standalone)
     .bind(filter.user_id.as_deref())
     .bind(filter.active)
-    .fetch_all(&db.pool)
+    .fetch_all(&db.sql)
     .await?;
     rows.iter().map(from_row).collect()
 }
@@ -276,7 +276,7 @@ pub async fn update(
     .bind(p.spend_limits.as_ref().and_then(spend_text))
     .bind(p.model_limits.is_some())
     .bind(p.model_limits.as_ref().and_then(models_text))
-    .fetch_optional(&db.pool)
+    .fetch_optional(&db.sql)
     .await?;
     one(row)
 }
@@ -287,7 +287,7 @@ pub async fn disable(db: &Db, id: &str, now: i64) -> Result<bool, StoreError> {
         sqlx::query("UPDATE client_keys SET is_active = FALSE, updated_at = $2 WHERE id = $1")
             .bind(id)
             .bind(now)
-            .execute(&db.pool)
+            .execute(&db.sql)
             .await?;
     Ok(done.rows_affected() > 0)
 }
@@ -322,7 +322,7 @@ pub async fn adjust_balance(
     .bind(now)
     .bind(max_balance)
     .bind(MAX_TOTAL)
-    .fetch_optional(&db.pool)
+    .fetch_optional(&db.sql)
     .await?;
     one(row)
 }
@@ -330,7 +330,7 @@ pub async fn adjust_balance(
 /// Disables or deletes active keys whose expiry has passed. Each key's
 /// `auto_delete_on_expiry` wins over `default_delete`. Usage rows are not touched.
 pub async fn expire(db: &Db, now: i64, default_delete: bool) -> Result<Expired, StoreError> {
-    let mut tx = db.pool.begin().await?;
+    let mut tx = db.sql.begin().await?;
     let deleted = sqlx::query(
         "DELETE FROM client_keys WHERE is_active = TRUE AND expires_at IS NOT NULL \
          AND expires_at <= $1 AND COALESCE(auto_delete_on_expiry, $2) = TRUE RETURNING id, key_hash",
@@ -361,7 +361,7 @@ pub async fn expire(db: &Db, now: i64, default_delete: bool) -> Result<Expired, 
 /// Every key's `(id, lookup hash, ciphertext)`, for re-encryption.
 pub async fn secrets(db: &Db) -> Result<Vec<(String, String, String)>, StoreError> {
     let rows = sqlx::query("SELECT id, key_hash, key_encrypted FROM client_keys ORDER BY id")
-        .fetch_all(&db.pool)
+        .fetch_all(&db.sql)
         .await?;
     rows.iter()
         .map(|r| {

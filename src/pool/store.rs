@@ -63,7 +63,7 @@ pub async fn insert(
     .bind(max_rpm)
     .bind(max_tpm)
     .bind(now)
-    .fetch_one(&db.pool)
+    .fetch_one(&db.sql)
     .await?;
     from_row(&row)
 }
@@ -75,7 +75,7 @@ pub async fn get(db: &Db, id: &str) -> Result<Option<ProviderKey>, StoreError> {
         " FROM provider_keys WHERE id = $1"
     ))
     .bind(id)
-    .fetch_optional(&db.pool)
+    .fetch_optional(&db.sql)
     .await?;
     row.as_ref().map(from_row).transpose()
 }
@@ -95,7 +95,7 @@ pub async fn list(
     ))
     .bind(provider)
     .bind(active_only)
-    .fetch_all(&db.pool)
+    .fetch_all(&db.sql)
     .await?;
     all(rows)
 }
@@ -107,7 +107,7 @@ pub async fn list_all(db: &Db) -> Result<Vec<ProviderKey>, StoreError> {
         columns!(),
         " FROM provider_keys ORDER BY id"
     ))
-    .fetch_all(&db.pool)
+    .fetch_all(&db.sql)
     .await?)
 }
 
@@ -139,7 +139,7 @@ pub async fn update(
     .bind(p.is_active.is_some())
     .bind(p.is_active)
     .bind(now)
-    .fetch_optional(&db.pool)
+    .fetch_optional(&db.sql)
     .await?;
     row.as_ref().map(from_row).transpose()
 }
@@ -150,7 +150,7 @@ pub async fn delete(db: &Db, id: &str) -> Result<Option<ProviderKey>, StoreError
         columns!()
     ))
     .bind(id)
-    .fetch_optional(&db.pool)
+    .fetch_optional(&db.sql)
     .await?;
     row.as_ref().map(from_row).transpose()
 }
@@ -159,7 +159,7 @@ pub async fn disable(db: &Db, id: &str, now: i64) -> Result<(), StoreError> {
     sqlx::query("UPDATE provider_keys SET is_active = FALSE, updated_at = $2 WHERE id = $1")
         .bind(id)
         .bind(now)
-        .execute(&db.pool)
+        .execute(&db.sql)
         .await?;
     Ok(())
 }
@@ -186,7 +186,7 @@ pub async fn usage_by_minute(
     )
     .bind(id)
     .bind(limit)
-    .fetch_all(&db.pool)
+    .fetch_all(&db.sql)
     .await?;
     rows.iter()
         .map(|r| {

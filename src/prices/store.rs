@@ -58,7 +58,7 @@ pub async fn upsert(
     .bind(price.cached_input)
     .bind(price.cache_write)
     .bind(now)
-    .fetch_one(&db.pool)
+    .fetch_one(&db.sql)
     .await?;
     from_row(&row)
 }
@@ -70,7 +70,7 @@ pub async fn list_all(db: &Db) -> Result<Vec<ModelPrice>, StoreError> {
         columns!(),
         " FROM model_prices ORDER BY provider, model"
     ))
-    .fetch_all(&db.pool)
+    .fetch_all(&db.sql)
     .await?)
 }
 
@@ -82,7 +82,7 @@ pub async fn list(db: &Db, provider: &str) -> Result<Vec<ModelPrice>, StoreError
         " FROM model_prices WHERE provider = $1"
     ))
     .bind(provider)
-    .fetch_all(&db.pool)
+    .fetch_all(&db.sql)
     .await?)
 }
 
@@ -97,7 +97,7 @@ pub async fn delete(
     ))
     .bind(provider)
     .bind(model)
-    .fetch_optional(&db.pool)
+    .fetch_optional(&db.sql)
     .await?;
     row.as_ref().map(from_row).transpose()
 }

@@ -91,7 +91,7 @@ pub async fn put_raw(
     .bind(raw)
     .bind(storable(error, MAX_ERROR_CHARS))
     .bind(now)
-    .fetch_one(&db.pool)
+    .fetch_one(&db.sql)
     .await?;
     Ok(row.try_get::<i64, _>("attempts")? == 1)
 }
@@ -116,7 +116,7 @@ pub async fn list(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, StoreError> {
         "SELECT {COLUMNS} FROM usage_dead_letters ORDER BY id DESC LIMIT $1"
     ))
     .bind(limit)
-    .fetch_all(&db.pool)
+    .fetch_all(&db.sql)
     .await?;
     Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
 }
@@ -124,7 +124,7 @@ pub async fn list(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, StoreError> {
 /// How many dead letters there are.
 pub async fn count(db: &Db) -> Result<i64, StoreError> {
     let row = sqlx::query("SELECT COUNT(*) AS n FROM usage_dead_letters")
-        .fetch_one(&db.pool)
+        .fetch_one(&db.sql)
         .await?;
     Ok(row.try_get("n")?)
 }
@@ -134,7 +134,7 @@ pub async fn get(db: &Db, id: i64) -> Result<Option<DeadLetter>, StoreError> {
         "SELECT {COLUMNS} FROM usage_dead_letters WHERE id = $1"
     ))
     .bind(id)
-    .fetch_optional(&db.pool)
+    .fetch_optional(&db.sql)
     .await?;
     Ok(row.as_ref().map(from_row).transpose()?)
 }
@@ -165,7 +165,7 @@ pub async fn replay(db: &Db, id: i64, now: i64) -> Result<Replay, StoreError> {
         .bind(id)
         .bind(&error)
         .bind(now)
-        .execute(&db.pool)
+        .execute(&db.sql)
         .await?;
         Ok::<_, StoreError>(Replay::Refused(error))
     };
@@ -173,7 +173,7 @@ pub async fn replay(db: &Db, id: i64, now: i64) -> Result<Replay, StoreError> {
         Ok(record) => record,
         Err(e) => return refused(storable(&format!("not a usage record: {e}"), 500)).await,
     };
-    let mut tx = db.pool.begin().await?;
+    let mut tx = db.sql.begin().await?;
     match store::apply_in(&mut tx, std::slice::from_ref(&record)).await {
         Ok(Applied { inserted, .. }) => {
             sqlx::query("DELETE FROM usage_dead_letters WHERE id = $1")

@@ -77,7 +77,7 @@ fn total_tokens(r: &UsageRecord) -> Result<i64, StoreError> {
 /// wrapped, nor (in SQLite) turned into a REAL: the accounting writer then sets the
 /// record aside as a dead letter.
 pub async fn apply(db: &Db, records: &[UsageRecord]) -> Result<Applied, StoreError> {
-    let mut tx = db.pool.begin().await?;
+    let mut tx = db.sql.begin().await?;
     let applied = apply_in(&mut tx, records).await?;
     tx.commit().await?;
     Ok(applied)
@@ -223,7 +223,7 @@ pub async fn stats(db: &Db, key_id: &str, start: i64, end: i64) -> Result<KeySta
     .bind(key_id)
     .bind(start)
     .bind(end)
-    .fetch_one(&db.pool)
+    .fetch_one(&db.sql)
     .await?;
     let days = sqlx::query(&format!(
         "SELECT created_at / $4 AS day, COUNT(*) AS requests, \
@@ -236,7 +236,7 @@ pub async fn stats(db: &Db, key_id: &str, start: i64, end: i64) -> Result<KeySta
     .bind(start)
     .bind(end)
     .bind(MS_PER_DAY)
-    .fetch_all(&db.pool)
+    .fetch_all(&db.sql)
     .await?;
     let daily = days
         .iter()

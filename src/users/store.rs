@@ -46,7 +46,7 @@ fn models_text(models: &ModelLimits) -> Option<String> {
 pub async fn get(db: &Db, user_id: &str) -> Result<Option<User>, StoreError> {
     let row = sqlx::query(&format!("SELECT {COLUMNS} FROM users WHERE user_id = $1"))
         .bind(user_id)
-        .fetch_optional(&db.pool)
+        .fetch_optional(&db.sql)
         .await?;
     row.as_ref().map(from_row).transpose()
 }
@@ -59,7 +59,7 @@ pub async fn list(db: &Db, after: Option<&str>, limit: i64) -> Result<Vec<User>,
     ))
     .bind(after)
     .bind(limit)
-    .fetch_all(&db.pool)
+    .fetch_all(&db.sql)
     .await?;
     rows.iter().map(from_row).collect()
 }
@@ -80,7 +80,7 @@ pub async fn insert(
     .bind(limits_text(limits))
     .bind(models_text(models))
     .bind(now)
-    .fetch_optional(&db.pool)
+    .fetch_optional(&db.sql)
     .await?;
     row.as_ref().map(from_row).transpose()
 }
@@ -106,7 +106,7 @@ pub async fn replace_if(
     .bind(models_text(models))
     .bind(now)
     .bind(version)
-    .fetch_optional(&db.pool)
+    .fetch_optional(&db.sql)
     .await?;
     row.as_ref().map(from_row).transpose()
 }
@@ -115,7 +115,7 @@ pub async fn replace_if(
 pub async fn delete(db: &Db, user_id: &str) -> Result<bool, StoreError> {
     let done = sqlx::query("DELETE FROM users WHERE user_id = $1")
         .bind(user_id)
-        .execute(&db.pool)
+        .execute(&db.sql)
         .await?;
     Ok(done.rows_affected() > 0)
 }

