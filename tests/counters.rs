@@ -174,6 +174,7 @@ fn request(lease: &LeaseId) -> AdmitRequest<'_> {
         balance: None,
         hold_micros: 0,
         pool: None,
+        quotas: &[],
     }
 }
 

@@ -472,6 +472,7 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
                 balance: w.balance.filter(|_| *key == 0),
                 hold_micros: *hold,
                 pool: select.then_some(w.pool),
+                quotas: &[],
             };
             Answer::Admit(c.admit(&request).await.unwrap())
         }

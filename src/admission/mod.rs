@@ -310,6 +310,7 @@ impl Admission {
             balance,
             hold_micros,
             pool: candidates.as_deref(),
+            quotas: &[],
         };
         let mut fresh = None;
         let decision = match (self.counters.admit(&request).await, request.pool) {

@@ -111,6 +111,7 @@ fn limited_message(reason: &Denial) -> &'static str {
         }
         Denial::BalanceCommitted => "the key's remaining balance is held by requests in flight",
         Denial::PoolExhausted => "every provider key is cooling down, suspended or at its limits",
+        Denial::Quota { .. } => "a quota is used up",
     }
 }
 

@@ -237,6 +237,7 @@ impl From<AdmitError> for ApiError {
                     Denial::BalanceExhausted => {
                         return status(ErrorCode::InsufficientBalance);
                     }
+                    Denial::Quota { .. } => (ErrorCode::RateLimited, "requests"),
                 };
                 let mut err = retry(status(code), retry_after_ms);
                 err.limit = Some(limit);

@@ -11,12 +11,14 @@
 
 mod key_state;
 mod provider_keys;
+mod quota;
 
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
 use key_state::{Balance, KeyState, Lease};
 use provider_keys::ProviderKeyStates;
+use quota::QuotaCounters;
 
 use super::{
     effective_limit, AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported,
@@ -33,6 +35,8 @@ pub struct MemoryCounters {
     providers: DashMap<String, ProviderKeyStates>,
     /// Provider key id → provider, for reports (which name only the key).
     key_provider: DashMap<String, String>,
+    /// Every quota counter (shared by keys: a user's), behind one lock.
+    quotas: QuotaCounters,
     /// Lease id → when its duplicate guard lapses.
     reported: DashMap<String, i64>,
     guard_ttl_ms: i64,
@@ -46,6 +50,7 @@ impl MemoryCounters {
             keys: DashMap::new(),
             providers: DashMap::new(),
             key_provider: DashMap::new(),
+            quotas: QuotaCounters::default(),
             reported: DashMap::new(),
             guard_ttl_ms,
             queue,
@@ -61,7 +66,18 @@ impl MemoryCounters {
         let now = self.now();
         let b = now.div_euclid(1000);
         let mut state = self.keys.entry(r.lease.key_id.clone()).or_default();
-        state.expire_leases(now);
+        let released = state.expire_leases(now);
+        // The quota counters, locked after the key (always in this order), only when the
+        // request has entries or an expired lease releases a spend hold.
+        let mut quotas = (!released.is_empty() || !r.quotas.is_empty()).then(|| self.quotas.lock());
+        let mut reads = Vec::new();
+        if let Some(q) = quotas.as_mut() {
+            q.release(&released);
+            reads = q.read(r.quotas, now);
+        }
+        let quota_uses = quotas
+            .as_ref()
+            .map_or_else(Vec::new, |q| q.uses(&reads, now));
         state.requests.prune(b);
         state.tokens.prune(b);
         if let Some(snapshot) = r.balance {
@@ -97,6 +113,7 @@ impl MemoryCounters {
             usage: usage(state, now, (rpm > 0, tpm > 0), tracked.map(|b| b.remaining)),
             picked: None,
             degraded: None,
+            quotas: quota_uses.clone(),
         };
         if tracked.is_some_and(|b| b.remaining <= 0) {
             return deny(&state, Denial::BalanceExhausted, None);
@@ -135,6 +152,13 @@ impl MemoryCounters {
                 return deny(&state, Denial::BalanceExhausted, None);
             }
         }
+        let refusal = quotas
+            .as_ref()
+            .and_then(|q| q.refusal(&reads, r.tokens, r.hold_micros, now));
+        if let Some((index, exhausted, retry)) = refusal {
+            let reason = Denial::Quota { index, exhausted };
+            return deny(&state, reason, (retry > 0).then_some(retry));
+        }
 
         // The client may go ahead; now the provider key, if one is wanted. The provider's
         // lock is taken while the client's is held (always in this order).
@@ -161,6 +185,13 @@ impl MemoryCounters {
         if reserved > 0 {
             state.tokens.add(b, reserved);
         }
+        let corrections = quotas.as_mut().map_or_else(Vec::new, |q| {
+            q.take(&mut reads, r.tokens, r.hold_micros, now)
+        });
+        let quota_uses = quotas
+            .as_ref()
+            .map_or_else(Vec::new, |q| q.uses(&reads, now));
+        drop(quotas);
         let expires_at = now + r.lease_ttl_ms;
         let hold = if tracked.is_some() { r.hold_micros } else { 0 };
         if let Some(balance) = state.balance.as_mut().filter(|_| tracked.is_some()) {
@@ -179,6 +210,7 @@ impl MemoryCounters {
                     .as_ref()
                     .map(|(_, id, reserved)| (id.clone(), *reserved)),
                 hold,
+                quotas: corrections,
             },
         );
         Decision {
@@ -193,6 +225,7 @@ impl MemoryCounters {
             ),
             picked: picked.map(|(i, _, _)| i),
             degraded: None,
+            quotas: quota_uses,
         }
     }
 
@@ -325,6 +358,15 @@ impl MemoryCounters {
                     api_format = Some(held.api_format).filter(|f| !f.is_empty());
                     model = model.or(Some(held.model).filter(|m| !m.is_empty()));
                     state.release(held.hold);
+                    if !held.quotas.is_empty() {
+                        self.quotas.lock().report(
+                            &held.quotas,
+                            held.bucket,
+                            r.tokens,
+                            r.cost_micros,
+                            now,
+                        );
+                    }
                 }
                 if let Some(balance) = state.balance.as_mut() {
                     balance.remaining =
@@ -399,13 +441,16 @@ impl MemoryCounters {
             // Expired leases go with the next admission (as admit.lua purges them), or
             // here once Redis would have expired the whole set.
             if state.leases_lapse_at <= now {
-                state.expire_leases(now);
+                // Redis loses their data with the lease set: their quota corrections
+                // (spend holds) go with it, here as there.
+                let _lost = state.expire_leases(now);
             }
             state.requests.prune(b);
             state.tokens.prune(b);
             !state.is_idle()
         });
         self.reported.retain(|_, lapses| *lapses > now);
+        self.quotas.lock().sweep(now);
         for mut keys in self.providers.iter_mut() {
             keys.keys.retain(|_, key| {
                 key.requests.prune(b);
