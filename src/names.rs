@@ -59,6 +59,25 @@ pub fn optional<'a>(
     }
 }
 
+/// The entry for `model` in a map keyed by model names: its own, else the one of its
+/// longest listed prefix that ends before a `-` (`gpt-4o-2024-08-06` → `gpt-4o`), so a
+/// dated model id follows its family's entry. Prices and per-model limits both look up
+/// this way.
+pub fn longest_prefix<'a, V>(
+    map: &'a std::collections::BTreeMap<String, V>,
+    model: &str,
+) -> Option<(&'a str, &'a V)> {
+    if let Some((k, v)) = map.get_key_value(model) {
+        return Some((k.as_str(), v));
+    }
+    model
+        .char_indices()
+        .rev()
+        .filter(|(_, c)| *c == '-')
+        .find_map(|(i, _)| map.get_key_value(&model[..i]))
+        .map(|(k, v)| (k.as_str(), v))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,23 +131,4 @@ mod tests {
             assert!(e.to_string().starts_with("api_format must be"), "{e}");
         }
     }
-}
-
-/// The entry for `model` in a map keyed by model names: its own, else the one of its
-/// longest listed prefix that ends before a `-` (`gpt-4o-2024-08-06` → `gpt-4o`), so a
-/// dated model id follows its family's entry. Prices and per-model limits both look up
-/// this way.
-pub fn longest_prefix<'a, V>(
-    map: &'a std::collections::BTreeMap<String, V>,
-    model: &str,
-) -> Option<(&'a str, &'a V)> {
-    if let Some((k, v)) = map.get_key_value(model) {
-        return Some((k.as_str(), v));
-    }
-    model
-        .char_indices()
-        .rev()
-        .filter(|(_, c)| *c == '-')
-        .find_map(|(i, _)| map.get_key_value(&model[..i]))
-        .map(|(k, v)| (k.as_str(), v))
 }

@@ -5,8 +5,8 @@
 //!
 //! The header format (see `lua/admit.lua`): a section starts with a line `-- KEYS…:`,
 //! `-- ARGV…:` or `-- CODES:` (`per provider key` or `per quota entry` in the heading:
-//! the group repeated per key or entry); each entry is `--` + 1 to 3 spaces + its number
-//! + spaces + its name; a line indented further continues the entry above; any other
+//! the group repeated per key or entry); each entry is `--`, 1 to 3 spaces, its number,
+//! spaces and its name; a line indented further continues the entry above; any other
 //! comment line ends the section.
 #![allow(clippy::unwrap_used)]
 

@@ -273,6 +273,6 @@ impl Counters {
         });
         self.days.retain(|_, (_, drop_at)| *drop_at > now);
         self.spend
-            .retain(|_, s| s.drop_at.is_none_or(|drop_at| drop_at > now));
+            .retain(|_, s| !matches!(s.drop_at, Some(at) if at <= now));
     }
 }
