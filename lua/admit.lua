@@ -1,5 +1,6 @@
 -- admit.lua: decide one request for one client key and, when asked, pick a provider
 -- key for it, all or nothing. With ARGV[13] = 0 it only picks (POST /v1/select).
+-- (Over 400 lines: one decision is one atomic script, and Redis runs one file.)
 --
 -- Contract (checked against src/limits/scripts/admit.rs by tests/script_contracts.rs):
 -- every key and argument by position and name, then the reply codes.

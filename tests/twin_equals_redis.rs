@@ -15,6 +15,9 @@
 //! pick, report outcome, renewal) and the provider keys' live state (`pool_state`); at
 //! the end, the records queued for the database. A failure prints the shrunk sequence.
 //!
+//! One file over 400 lines: the operations, their generators and the runner are one
+//! model of the stores, read together.
+//!
 //! `KEYWARD_DIFF_CASES` sets how many sequences run (default 200, about 25 s here);
 //! `KEYWARD_DIFF_CASES=5000 cargo test --test twin_equals_redis` for a longer search.
 #![allow(clippy::unwrap_used)]
