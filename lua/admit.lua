@@ -1,5 +1,6 @@
 -- admit.lua: decide one request for one client key and, when asked, pick a provider
 -- key for it, all or nothing. With ARGV[13] = 0 it only picks (POST /v1/select).
+-- (Over 400 lines: one decision is one atomic script, and Redis runs one file.)
 --
 -- Contract (checked against src/limits/scripts/admit.rs by tests/script_contracts.rs):
 -- every key and argument by position and name, then the reply codes.
@@ -9,7 +10,9 @@
 --                                sum, 'lo' = the oldest bucket that may exist
 --   2  tpm                hash   the same for tokens reserved
 --   3  leases             zset   lease token -> expiry (ms)
---   4  ld                 hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold"
+--   4  ld                 hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold|quotas"
+--                                (quotas: "kind,counter,amount;..." what its report or expiry
+--                                corrects: tm/td tokens reserved, s? the spend hold)
 --   5  bal                hash   rem, cred, ver (live balance, micro-USD), held (the holds
 --                                of the leases in flight, micro-USD)
 --   6  def                hash   the provider's pool: '_v' -> version, '_t' -> its stamp,
@@ -18,6 +21,13 @@
 --      A provider key's own keys are named from the same hash tag and its id (so they
 --      are in the same slot): {tag}:pk:<id>:rpm and :tpm (windows as above), :cd and
 --      :susp (the time its cooldown / suspension ends, ms).
+-- KEYS per quota entry (1 each, from KEYS[8]):
+--   1  quota              the entry's base name {tag}:q:<counter id>. Its counters, all
+--                         named inside the script: <base>:rm / :tm (windows as above);
+--                         <base>:rd:<day> / :td:<day> (string: requests / tokens of that
+--                         UTC day, days since 1970-01-01); <base>:s<d|w|m|t>:<start day>
+--                         (hash 'spent', 'held': micro-USD of the period starting that
+--                         day; 0 for a total, which never expires)
 -- ARGV (a limit of 0 means no limit, here and in the pool's definition):
 --   1  rpm_limit          requests per minute (0 = unlimited)
 --   2  tpm_limit          tokens per minute (0 = unlimited)
@@ -34,10 +44,20 @@
 --                         without sleeping)
 --   13 client             1 = decide for the client key, 0 = only pick a provider key
 --   14 pool_version       "" = no provider key wanted
---   15 hold               micro-USD this request holds on a tracked balance (>= 0)
+--   15 hold               micro-USD this request holds on a tracked balance and on
+--                         every spend quota entry (>= 0)
 --   16 now_ms             0 = the Redis server's TIME (production); else this instant
 --                         (tests pin the clock to compare with the in-process twin)
--- Returns {code, a, now_ms, req_used, tok_used, req_reset_ms, tok_reset_ms, in_flight, bal_rem, picked}
+-- ARGV per quota entry (4 each, from ARGV[17]; client = 1 only):
+--   1  kind               rm tm (per minute), rd td (per UTC day), sd sw sm st (spend
+--                         per UTC day, ISO week, calendar month, total)
+--   2  limit              requests, tokens or micro-USD (>= 1)
+--   3  seed_day           spend: the start day of the seed below (-1 = none)
+--   4  seed_micros        what the database had applied in that period: a spend counter
+--                         that is missing starts from it when seed_day is the current
+--                         period's start, else from 0
+-- Returns {code, a, now_ms, req_used, tok_used, req_reset_ms, tok_reset_ms, in_flight, bal_rem, picked,
+--          quota_index, quota_exhausted, then per quota entry: used, reset_ms}
 -- CODES:
 --   0  admitted           a = lease expiry ms
 --   1  requests           requests window full; a = retry ms
@@ -52,7 +72,19 @@
 --                         of the one in Redis, 0 if none: run pool_sync.lua (or, if that
 --                         stamp is later than the caller's, reload the pool from the
 --                         database), then again
+--   8  quota              the quota entry quota_index (1-based) refuses; a = retry ms
+--                         (0 = none: a total spent). quota_exhausted 0 = its spend is
+--                         held by requests in flight (a = 1000), 1 = full
 -- bal_rem is -1 when the balance is not tracked; picked is the chosen key's id, or "".
+-- A quota entry's used is the window's or day's count, or a spend's spent + held; its
+-- reset_ms is the time until the window's oldest second leaves (0 when empty) or until
+-- its period ends (0 for a total).
+--
+-- Quotas (checked after the key's own limits, in their order; all or nothing with
+-- everything else): a spend entry admits while spent < limit and spent + held + hold <=
+-- limit; the hold is added to 'held', and its report moves it to 'spent' as the actual
+-- cost (report.lua); an expired lease's purge releases it. Periods are UTC, computed
+-- from `now` with the integer steps of src/quota.rs (days_from_civil).
 --
 -- Provider keys are tried by priority, then least recently picked (never picked first);
 -- a key is skipped while cooling down, suspended, or without room for this request in
@@ -81,7 +113,8 @@ local client = ARGV[13] == '1'
 local pool_version = ARGV[14]
 local hold = tonumber(ARGV[15])
 local pinned = tonumber(ARGV[16])
-assert(pool_version and #ARGV == 16 and #KEYS == 7, 'pool')
+local nq = #KEYS - 7
+assert(pool_version and nq >= 0 and #ARGV == 16 + 4 * nq, 'pool')
 local SHIFT = 4398046511104 -- 2^42: order scores are priority rank * SHIFT + last pick
 assert(rpm_limit and rpm_limit >= 0, 'rpm limit')
 assert(tpm_limit and tpm_limit >= 0, 'tpm limit')
@@ -97,6 +130,7 @@ assert(credited and used and version and math.abs(credited) <= MAX and math.abs(
 assert(tokens <= MAX, 'tokens')
 assert(hold and hold >= 0 and hold <= MAX, 'hold')
 assert(shift and pinned, 'time')
+assert(client or nq == 0, 'quotas without a client')
 
 local now = pinned + shift
 if pinned == 0 then
@@ -179,15 +213,21 @@ local function reset_in(lo)
   return 0
 end
 
--- The hold of a lease, from its reservation data (its 8th field; 0 in data written by
--- an older release, which has 7).
-local function hold_of(data)
-  local i = 0
-  for part in string.gmatch(data .. '|', '([^|]*)|') do
-    i = i + 1
-    if i == 8 then return tonumber(part) or 0 end
+-- The fields of a lease's reservation data (7 in data written by an older release,
+-- 8 before quotas).
+local function fields(data)
+  local f = {}
+  for part in string.gmatch(data .. '|', '([^|]*)|') do f[#f + 1] = part end
+  return f
+end
+
+-- A lease's quota corrections (its 9th field): {kind, counter key, amount} each.
+local function corrections(list)
+  local out = {}
+  for kind, key, amount in string.gmatch(list or '', '(%a%a),([^,;]+),(%d+)') do
+    out[#out + 1] = {kind, key, tonumber(amount)}
   end
-  return 0
+  return out
 end
 
 local in_flight, released = 0, 0
@@ -201,8 +241,18 @@ if client then
   local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, PURGE_BATCH)
   if #expired > 0 then
     -- Their holds leave the balance's held amount with them.
+    -- So do their spend holds, from the spend counters that still exist.
     for _, data in ipairs(redis.call('HMGET', KEYS[4], unpack(expired))) do
-      if data then released = released + hold_of(data) end
+      if data then
+        local f = fields(data)
+        released = released + (tonumber(f[8] or '0') or 0)
+        for _, c in ipairs(corrections(f[9])) do
+          if string.sub(c[1], 1, 1) == 's' and c[3] > 0 then
+            local h = redis.call('HGET', c[2], 'held')
+            if h then redis.call('HSET', c[2], 'held', int(math.max(0, tonumber(h) - c[3]))) end
+          end
+        end
+      end
     end
     redis.call('ZREM', KEYS[3], unpack(expired))
     redis.call('HDEL', KEYS[4], unpack(expired))
@@ -242,8 +292,98 @@ if client and bal_tracked then
   if held ~= was then redis.call('HSET', KEYS[5], 'held', int(held)) end
 end
 
+-- Quota entries: every counter is read before any check (and nothing is taken unless
+-- all of them and everything else admit).
+local DAY = 86400000
+local MARGIN = 86400000 -- calendar counters outlive their period by this (late reports)
+local today = math.floor(now / DAY)
+local function idiv(x, y) return math.floor(x / y) end
+-- The integer steps of quota::days_from_civil / civil_from_days (H. Hinnant's).
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = idiv(y, 400)
+  local yoe = y - era * 400
+  local doy = idiv(153 * ((m + 9) % 12) + 2, 5) + d - 1
+  local doe = yoe * 365 + idiv(yoe, 4) - idiv(yoe, 100) + doy
+  return era * 146097 + doe - 719468
+end
+local function civil_from_days(z)
+  z = z + 719468
+  local era = idiv(z, 146097)
+  local doe = z - era * 146097
+  local yoe = idiv(doe - idiv(doe, 1460) + idiv(doe, 36524) - idiv(doe, 146096), 365)
+  local doy = doe - (365 * yoe + idiv(yoe, 4) - idiv(yoe, 100))
+  local mp = idiv(5 * doy + 2, 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+-- The first day of the period `p` (d, w, m, t) holding today, and the first day after
+-- it (nil for a total).
+local function period(p)
+  if p == 'd' then return today, today + 1 end
+  if p == 'w' then
+    local first = today - (today + 3) % 7 -- 1970-01-01 was a Thursday
+    return first, first + 7
+  end
+  if p == 'm' then
+    local y, m = civil_from_days(today)
+    local first = days_from_civil(y, m, 1)
+    if m == 12 then y, m = y + 1, 1 else m = m + 1 end
+    return first, days_from_civil(y, m, 1)
+  end
+  return 0, nil
+end
+
+local quotas, q_index, q_exhausted = {}, 0, 0
+for i = 1, nq do
+  local at = 16 + 4 * (i - 1)
+  local q = {kind = ARGV[at + 1], limit = tonumber(ARGV[at + 2])}
+  local seed_day, seed = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
+  assert(q.limit and q.limit >= 1 and q.limit <= MAX, 'quota limit')
+  assert(seed_day and seed and seed >= 0 and seed <= MAX, 'quota seed')
+  local base = KEYS[7 + i]
+  if q.kind == 'rm' or q.kind == 'tm' then
+    q.key = base .. ':' .. q.kind
+    q.window = true
+    q.used, q.lo, q.cur = window(q.key)
+  elseif q.kind == 'rd' or q.kind == 'td' then
+    q.key = base .. ':' .. q.kind .. ':' .. int(today)
+    q.used = tonumber(redis.call('GET', q.key) or '0')
+    assert(q.used, 'quota counter is not a number')
+    q.ends = (today + 1) * DAY
+  else
+    local p = string.match(q.kind, '^s([dwmt])$')
+    assert(p, 'quota kind')
+    local first, after = period(p)
+    q.key = base .. ':' .. q.kind .. ':' .. int(first)
+    local h = redis.call('HMGET', q.key, 'spent', 'held')
+    q.spend = true
+    q.spent, q.held = tonumber(h[1]), tonumber(h[2]) or 0
+    if not q.spent then
+      -- Missing (Redis lost it, or the period just began): the database's figure when
+      -- it is this period's.
+      q.spent = (seed_day == first) and seed or 0
+    end
+    q.used = math.min(MAX, q.spent + q.held)
+    q.ends = after and after * DAY
+  end
+  quotas[i] = q
+end
+
 local function answer(code, a, picked)
-  return {code, a, now, req_used, tok_used, reset_in(req_lo), reset_in(tok_lo), in_flight, rem, picked or ''}
+  local out = {code, a, now, req_used, tok_used, reset_in(req_lo), reset_in(tok_lo), in_flight, rem, picked or '',
+               q_index, q_exhausted}
+  for _, q in ipairs(quotas) do
+    out[#out + 1] = q.used
+    if q.window then
+      out[#out + 1] = reset_in(q.lo)
+    else
+      out[#out + 1] = q.ends and (q.ends - now) or 0
+    end
+  end
+  return out
 end
 
 -- Milliseconds until the first live lease expires (expired ones may still be in the set).
@@ -268,6 +408,28 @@ if client and conc_limit > 0 and in_flight >= conc_limit then return answer(3, e
 if client and bal_tracked and rem - held < hold then
   if held > 0 then return answer(5, earliest_lease_expiry()) end
   return answer(4, 0)
+end
+local function refuse(i, exhausted, a)
+  q_index, q_exhausted = i, exhausted
+  return answer(8, a)
+end
+for i, q in ipairs(quotas) do
+  local k = q.kind
+  if k == 'rm' and q.used + 1 > q.limit then return refuse(i, 1, wait_for(q.key, q.used, 1, q.limit)) end
+  if k == 'tm' and q.used + tokens > q.limit then
+    return refuse(i, 1, wait_for(q.key, q.used, tokens, q.limit))
+  end
+  if (k == 'rd' and q.used + 1 > q.limit) or (k == 'td' and q.used + tokens > q.limit) then
+    return refuse(i, 1, q.ends - now)
+  end
+  if q.spend then
+    -- Spent, or too little left even once the requests in flight report: until the
+    -- period ends (never for a total). Else held by requests in flight: soon.
+    if q.spent >= q.limit or q.spent + hold > q.limit then
+      return refuse(i, 1, q.ends and (q.ends - now) or 0)
+    end
+    if q.spent + q.held + hold > q.limit then return refuse(i, 0, 1000) end
+  end
 end
 
 -- The client may go ahead; now the provider key, if one is wanted: walk the pool in
@@ -337,10 +499,37 @@ if tpm_limit > 0 and tokens > 0 then
   tok_used = tok_used + tokens
   tok_lo = tok_lo or b
 end
+-- The quota entries, and what the report (or the lease's expiry) corrects.
+local corrected = {}
+for _, q in ipairs(quotas) do
+  local k = q.kind
+  if q.window then
+    local add = (k == 'rm') and 1 or tokens
+    if add > 0 then
+      take(q.key, add, q.used, q.lo, q.cur)
+      q.used = q.used + add
+      q.lo = q.lo or b
+    end
+    if k == 'tm' then corrected[#corrected + 1] = 'tm,' .. q.key .. ',' .. int(tokens) end
+  elseif not q.spend then
+    local add = (k == 'rd') and 1 or tokens
+    redis.call('INCRBY', q.key, int(add))
+    redis.call('PEXPIRE', q.key, int(q.ends + MARGIN - now))
+    q.used = q.used + add
+    if k == 'td' then corrected[#corrected + 1] = 'td,' .. q.key .. ',' .. int(tokens) end
+  else
+    q.held = q.held + hold
+    redis.call('HSET', q.key, 'spent', int(q.spent), 'held', int(q.held))
+    if q.ends then redis.call('PEXPIRE', q.key, int(q.ends + MARGIN - now)) end
+    q.used = math.min(MAX, q.spent + q.held)
+    corrected[#corrected + 1] = k .. ',' .. q.key .. ',' .. int(hold)
+  end
+end
+
 local expiry = now + ttl
 redis.call('ZADD', KEYS[3], expiry, token)
--- Reservation data for the report: second, client tokens, provider|model|format, and
--- the picked provider key with its tokens.
+-- Reservation data for the report: second, client tokens, provider|model|format, the
+-- picked provider key with its tokens, the balance hold and the quota corrections.
 local pk_id, pk_tokens = '', 0
 if pick then
   pk_id = pick.id
@@ -348,7 +537,7 @@ if pick then
 end
 redis.call('HSET', KEYS[4], token,
   b .. '|' .. (tpm_limit > 0 and tokens or 0) .. '|' .. meta .. '|' .. pk_id .. '|' .. pk_tokens
-  .. '|' .. int(bal_tracked and hold or 0))
+  .. '|' .. int(bal_tracked and hold or 0) .. '|' .. table.concat(corrected, ';'))
 if bal_tracked and hold > 0 then redis.call('HSET', KEYS[5], 'held', int(held + hold)) end
 -- The newest lease is the last to expire (renewals extend these too).
 if redis.call('PTTL', KEYS[3]) < ttl + 1000 then

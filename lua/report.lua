@@ -5,7 +5,9 @@
 -- KEYS (under the deployment's hash tag; 7-10 only with a provider key, ARGV 10):
 --   1  tpm                  hash    the client key's token window (see admit.lua)
 --   2  leases               zset    lease token -> expiry (ms)
---   3  ld                   hash    lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold"
+--   3  ld                   hash    lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold|quotas"
+--                                   (see admit.lua; the quota counters it names are in
+--                                   the same slot)
 --   4  bal                  hash    live balance and the holds in flight (see admit.lua)
 --   5  done                 string  when the duplicate guard of this lease id lapses (ms):
 --                                   it was reported
@@ -72,9 +74,13 @@
 -- In one step: the slot is released, token reservations (client's and provider key's)
 -- are replaced by the actual count in the second where they were made (if still in the
 -- window, and only when tokens were reported), the balance is debited and the lease's
--- hold released from what the balance holds in flight, the provider key
--- is cooled down or suspended, and the usage entry is appended to the stream. A lease
--- that already expired is still recorded and debited.
+-- hold released from what the balance holds in flight, the lease's quota counters are
+-- corrected (per-minute and per-day tokens by actual - reserved, when tokens were
+-- reported; each spend counter that still exists: held -= hold, spent += cost, in the
+-- period the request was admitted in), the provider key is cooled down or suspended,
+-- and the usage entry is appended to the stream. A lease that already expired is still
+-- recorded and debited (but its quota corrections left with its data, when admit.lua
+-- purged it: its cost then reaches the quotas through the database only).
 
 local token, lease_id, key_id = ARGV[1], ARGV[2], ARGV[3]
 local has_tokens = ARGV[4] == '1'
@@ -127,8 +133,25 @@ local function settle(key, bucket, reserved)
   return {key, bucket, new, math.max(0, sum + new - old)}
 end
 
+-- Reads only: a day counter's correction by actual - reserved ({key, delta}), or nil.
+local function settle_day(key, reserved)
+  if not has_tokens then return nil end
+  local old = tonumber(redis.call('GET', key) or '')
+  if not old then return nil end
+  return {key, math.max(0, old + prompt + completion - reserved) - old}
+end
+
+-- Reads only: a spend counter's new 'spent' and 'held', or nil when it is gone.
+local function settle_spend(key, hold_q)
+  local h = redis.call('HMGET', key, 'spent', 'held')
+  local spent = tonumber(h[1])
+  if not spent then return nil end
+  return {key, math.min(MAX, spent + cost), math.max(0, (tonumber(h[2]) or 0) - hold_q)}
+end
+
 local provider, model, api_format = '', ARGV[9], ''
 local held, settles, bal, lapses, hold = false, {}, nil, nil, 0
+local days, spends = {}, {}
 if token ~= '' then
   local expiry = math.max(signed_expiry, tonumber(redis.call('ZSCORE', KEYS[2], token) or '0'))
   -- The guard holds the time it lapses, on the script clock; "1" is a guard written by
@@ -149,6 +172,16 @@ if token ~= '' then
     settles[#settles + 1] = settle(KEYS[1], bucket, tonumber(f[2]))
     if pk ~= '' and f[6] == pk then settles[#settles + 1] = settle(KEYS[7], bucket, tonumber(f[7])) end
     hold = tonumber(f[8] or '0') or 0
+    for kind, key, amount in string.gmatch(f[9] or '', '(%a%a),([^,;]+),(%d+)') do
+      amount = tonumber(amount)
+      if kind == 'tm' then
+        settles[#settles + 1] = settle(key, bucket, amount)
+      elseif kind == 'td' then
+        days[#days + 1] = settle_day(key, amount)
+      elseif string.sub(kind, 1, 1) == 's' then
+        spends[#spends + 1] = settle_spend(key, amount)
+      end
+    end
   end
   local h = redis.call('HMGET', KEYS[4], 'rem', 'held')
   if h[1] then
@@ -179,6 +212,11 @@ if token ~= '' then
   end
   for _, s in ipairs(settles) do redis.call('HSET', s[1], s[2], int(s[3]), 's', int(s[4])) end
   if bal then redis.call('HSET', KEYS[4], 'rem', int(bal[1]), 'held', int(bal[2])) end
+  -- INCRBY and HSET keep each counter's expiry.
+  for _, d in ipairs(days) do
+    if d[2] ~= 0 then redis.call('INCRBY', d[1], int(d[2])) end
+  end
+  for _, sp in ipairs(spends) do redis.call('HSET', sp[1], 'spent', int(sp[2]), 'held', int(sp[3])) end
 end
 
 if pk ~= '' then

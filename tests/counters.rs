@@ -5,6 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "counters/quotas.rs"]
+mod quotas;
+use quotas::*;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -78,6 +81,12 @@ on_both_stores!(
     a_pool_with_2100_priorities_selects_in_order,
     causes_last_as_long_as_cooldowns_and_reset_clears_both,
     learned_limits_cool_a_used_up_key_and_are_shown_for_a_while,
+    a_user_entry_is_shared_by_its_keys,
+    a_model_entry_counts_its_model_only,
+    a_refusal_by_one_entry_takes_nothing_anywhere,
+    day_and_month_counters_reset_at_utc_boundaries,
+    spend_passes_its_limit_only_by_actual_minus_hold,
+    missing_spend_counters_start_from_their_seed,
 );
 
 struct Store {
@@ -174,6 +183,7 @@ fn request(lease: &LeaseId) -> AdmitRequest<'_> {
         balance: None,
         hold_micros: 0,
         pool: None,
+        quotas: &[],
     }
 }
 

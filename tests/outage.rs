@@ -273,6 +273,7 @@ async fn a_later_outage_starts_from_the_database_balance() {
                 }),
                 hold_micros: 0,
                 pool: None,
+                quotas: &[],
             };
             let decision: Decision = counters.admit(&request).await.unwrap();
             (lease, decision)

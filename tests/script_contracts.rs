@@ -4,9 +4,10 @@
 //! sends a script arguments it does not read where it reads them.
 //!
 //! The header format (see `lua/admit.lua`): a section starts with a line `-- KEYS…:`,
-//! `-- ARGV…:` or `-- CODES:` (`per provider key` in the heading: the group repeated per
-//! key); each entry is `--` + 1 to 3 spaces + its number + spaces + its name; a line
-//! indented further continues the entry above; any other comment line ends the section.
+//! `-- ARGV…:` or `-- CODES:` (`per provider key` or `per quota entry` in the heading:
+//! the group repeated per key or entry); each entry is `--`, 1 to 3 spaces, its number,
+//! spaces and its name; a line indented further continues the entry above; any other
+//! comment line ends the section.
 #![allow(clippy::unwrap_used)]
 
 use keyward::limits::scripts::{Contract, CONTRACTS};
@@ -31,7 +32,7 @@ fn parse(source: &str) -> Header {
         let body = text.trim();
         let heading = |word: &str| indent == 1 && body.starts_with(word) && body.ends_with(':');
         if heading("KEYS") || heading("ARGV") || heading("CODES") {
-            let repeated = body.contains("per provider key");
+            let repeated = body.contains("per provider key") || body.contains("per quota entry");
             section = Some(match (&body[..4], repeated) {
                 ("KEYS", false) => &mut header.keys,
                 ("KEYS", true) => &mut header.keys_repeated,
@@ -135,7 +136,11 @@ fn headers_parse_into_every_entry() {
     let header = parse(CONTRACTS[0].source);
     assert_eq!(header.keys.len(), 7);
     assert_eq!(header.argv.len(), 16);
-    assert_eq!(header.codes.len(), 8);
+    assert_eq!(header.codes.len(), 9);
+    assert_eq!(
+        (header.keys_repeated.len(), header.argv_repeated.len()),
+        (1, 4)
+    );
     let sync = parse(CONTRACTS[4].source);
     assert_eq!((sync.argv.len(), sync.argv_repeated.len()), (2, 5));
 }

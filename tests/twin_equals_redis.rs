@@ -1,16 +1,22 @@
 //! The in-process twin (`limits::memory`) proven to decide as the Lua scripts do, by a
 //! randomized differential test: proptest generates sequences of admissions (client
 //! limits of every kind, 0 included, balances with holds, with or without a provider
-//! key pick), selections, reports (with and without a lease, statuses that cool a
+//! key pick, with random quota entries: per-minute and per-day counts and spend limits
+//! of every period, some seeded, some shared by both keys as a user's are), selections,
+//! reports (with and without a lease, statuses that cool a
 //! provider key down or suspend it, rate-limit headers, tokens, costs), renewals, admin
 //! changes (balance credits, client limits, the pool, provider key resets), clock
 //! moves (small, across second and window boundaries, past lease expiry and the
-//! duplicate guard) and the twin's housekeeping (`sweep`). Each sequence runs on a fresh
+//! duplicate guard, and across UTC day, week, month and year boundaries: cases start just
+//! before one) and the twin's housekeeping (`sweep`). Each sequence runs on a fresh
 //! twin, on Redis (127.0.0.1:6379) and on a three-master Redis Cluster of the test's own,
 //! every store's clock pinned to the same instant, each case under its own key prefix.
 //! After every step it compares the answer (decision, denial reason, retry time, usage,
 //! pick, report outcome, renewal) and the provider keys' live state (`pool_state`); at
 //! the end, the records queued for the database. A failure prints the shrunk sequence.
+//!
+//! One file over 400 lines: the operations, their generators and the runner are one
+//! model of the stores, read together.
 //!
 //! `KEYWARD_DIFF_CASES` sets how many sequences run (default 200, about 25 s here);
 //! `KEYWARD_DIFF_CASES=5000 cargo test --test twin_equals_redis` for a longer search.
@@ -23,16 +29,24 @@ use std::sync::Arc;
 use keyward::limits::memory::MemoryCounters;
 use keyward::limits::redis::RedisCounters;
 use keyward::limits::{
-    AdmitRequest, BalanceSnapshot, Counters, Decision, LeaseId, Pick, Report, Reported,
-    SelectRequest, Verdict,
+    AdmitRequest, BalanceSnapshot, Counters, Decision, LeaseId, Pick, QuotaEntry, QuotaKind,
+    Report, Reported, SelectRequest, Verdict,
 };
 use keyward::pool::cache::{Candidate, Roster};
 use keyward::pool::learned::LearnedLimits;
+use keyward::quota::Period;
 use keyward::usage::UsageRecord;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tokio::sync::mpsc;
+
+/// Quota refusals seen by the twin (full; held by requests in flight), so the test can
+/// tell that its sequences reach them.
+static QUOTA_REFUSALS: [std::sync::atomic::AtomicUsize; 2] = [
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+];
 
 /// How long a report's duplicate guard outlives its lease (short, so sequences reach
 /// "too late").
@@ -117,10 +131,33 @@ enum Op {
     Sweep,
 }
 
+/// A quota entry of the case: counter 0 is shared by both keys (a user's), counter
+/// `1 + k` is key `k`'s own.
+#[derive(Debug, Clone)]
+struct Quota {
+    counter: usize,
+    kind: QuotaKind,
+    limit: i64,
+    /// Spend: a seed of this period (at the case's start) or of another one, micro-USD.
+    seed: Option<(bool, i64)>,
+}
+
+/// Instants a case starts at (plus its phase): before midnight on a Sunday at a month's
+/// end, at February's end, at a year's end, a Sunday mid-month, and an ordinary day.
+const STARTS: [i64; 5] = [
+    1_801_439_940_000,
+    1_803_859_110_000,
+    1_798_761_570_000,
+    1_799_625_590_000,
+    1_800_000_000_000,
+];
+
 #[derive(Debug, Clone)]
 struct Case {
-    /// Where in a second the clock starts.
+    /// Where the clock starts: one of [`STARTS`], and where in a second.
+    start: usize,
     phase_ms: i64,
+    quotas: Vec<Quota>,
     keys: [Limits; 2],
     /// Key 0's credited balance, when it tracks one.
     balance: Option<i64>,
@@ -162,7 +199,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..500i64).prop_map(|micros| Op::Credit { micros }),
         4 => prop_oneof![
             Just(1i64), Just(250), Just(999), Just(1_000), Just(4_000), Just(30_000),
-            Just(61_000), Just(100_000)
+            Just(61_000), Just(100_000), Just(3_600_000), Just(86_400_000),
+            Just(31 * 86_400_000)
         ].prop_map(|ms| Op::Advance { ms }),
         2 => Just(Op::Sweep),
     ]
@@ -184,21 +222,85 @@ fn provider_key() -> impl Strategy<Value = ProviderKey> {
     })
 }
 
+fn quota() -> impl Strategy<Value = Quota> {
+    let kind = prop_oneof![
+        Just(QuotaKind::RequestsPerMinute),
+        Just(QuotaKind::TokensPerMinute),
+        Just(QuotaKind::RequestsPerDay),
+        Just(QuotaKind::TokensPerDay),
+        Just(QuotaKind::Spend(Period::Day)),
+        Just(QuotaKind::Spend(Period::Week)),
+        Just(QuotaKind::Spend(Period::Month)),
+        Just(QuotaKind::Spend(Period::Total)),
+    ];
+    (
+        0..3usize,
+        kind,
+        1..6i64,
+        1..100i64,
+        1..1_500i64,
+        proptest::option::of((any::<bool>(), 0..1_500i64)),
+    )
+        .prop_map(|(counter, kind, requests, tokens, micros, seed)| Quota {
+            counter,
+            kind,
+            limit: match kind {
+                QuotaKind::RequestsPerMinute | QuotaKind::RequestsPerDay => requests,
+                QuotaKind::TokensPerMinute | QuotaKind::TokensPerDay => tokens,
+                QuotaKind::Spend(_) => micros,
+            },
+            seed: seed.filter(|_| matches!(kind, QuotaKind::Spend(_))),
+        })
+}
+
+/// Each key's entries: the shared counter's and its own, `(counter, kind)` distinct.
+fn entries(quotas: &[Quota], start_ms: i64) -> [Vec<QuotaEntry>; 2] {
+    let counter = |i: usize| format!("{i:024x}");
+    let mut seen = std::collections::HashSet::new();
+    let mut out = [Vec::new(), Vec::new()];
+    for q in quotas {
+        if !seen.insert((q.counter, q.kind.code())) {
+            continue;
+        }
+        let seed = q.seed.map(|(current, micros)| {
+            let (start, _) = keyward::limits::quota::period_at(q.kind, start_ms).unwrap();
+            (if current { start } else { start - 1 }, micros)
+        });
+        let entry = QuotaEntry {
+            counter: counter(q.counter),
+            kind: q.kind,
+            limit: q.limit,
+            seed,
+        };
+        for (k, list) in out.iter_mut().enumerate() {
+            if q.counter == 0 || q.counter == 1 + k {
+                list.push(entry.clone());
+            }
+        }
+    }
+    out
+}
+
 fn case() -> impl Strategy<Value = Case> {
     (
-        0..1000i64,
+        (0..STARTS.len(), 0..1000i64),
+        proptest::collection::vec(quota(), 0..6),
         [limits(), limits()],
         proptest::option::of(0..1_500i64),
         proptest::collection::vec(provider_key(), 1..=3),
         proptest::collection::vec(op(), 1..40),
     )
-        .prop_map(|(phase_ms, keys, balance, pool, ops)| Case {
-            phase_ms,
-            keys,
-            balance,
-            pool,
-            ops,
-        })
+        .prop_map(
+            |((start, phase_ms), quotas, keys, balance, pool, ops)| Case {
+                start,
+                phase_ms,
+                quotas,
+                keys,
+                balance,
+                pool,
+                ops,
+            },
+        )
 }
 
 /// One store under test.
@@ -291,7 +393,8 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
         Store::redis("redis", &common::redis_url()).await,
         Store::redis("cluster", cluster_url).await,
     ];
-    let start = 1_800_000_000_000 + case.phase_ms;
+    let start = STARTS[case.start] + case.phase_ms;
+    let quotas = entries(&case.quotas, start);
     for s in &stores {
         s.counters.time_shift().pin(start);
     }
@@ -338,6 +441,7 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
                 held: &held,
                 leases_lapse_at,
                 step,
+                quotas: &quotas,
             };
             for s in &stores {
                 answers.push(apply(s, op, &world).await);
@@ -370,6 +474,18 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
                 let h = &held[lease.index(held.len())];
                 let k = usize::from(h.lease.key_id != key_ids[0]);
                 leases_lapse_at[k] = leases_lapse_at[k].max(expiry + 1000);
+            }
+            if let Answer::Admit(Decision {
+                verdict:
+                    Verdict::Denied {
+                        reason: keyward::limits::Denial::Quota { exhausted, .. },
+                        ..
+                    },
+                ..
+            }) = &answers[0]
+            {
+                QUOTA_REFUSALS[usize::from(!*exhausted)]
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             if let (Op::Admit { key, .. }, Answer::Admit(d)) = (op, &answers[0]) {
                 if let Verdict::Admitted { expires_at_ms } = d.verdict {
@@ -445,6 +561,8 @@ struct World<'a> {
     /// Per client key: when Redis lets its lease set expire (see `Op::Sweep`).
     leases_lapse_at: [i64; 2],
     step: usize,
+    /// Each key's quota entries.
+    quotas: &'a [Vec<QuotaEntry>; 2],
 }
 
 async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
@@ -472,6 +590,7 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
                 balance: w.balance.filter(|_| *key == 0),
                 hold_micros: *hold,
                 pool: select.then_some(w.pool),
+                quotas: &w.quotas[*key],
             };
             Answer::Admit(c.admit(&request).await.unwrap())
         }
@@ -611,5 +730,14 @@ fn the_twin_decides_as_the_scripts_do() {
     let result = runner.run(&case(), |case| runtime.block_on(run(&case, &cluster.url)));
     if let Err(e) = result {
         panic!("{e}");
+    }
+    if cases >= 100 {
+        let seen = QUOTA_REFUSALS
+            .each_ref()
+            .map(|n| n.load(std::sync::atomic::Ordering::Relaxed));
+        assert!(
+            seen.iter().all(|n| *n > 0),
+            "the sequences should reach quota refusals of both kinds (full, held): {seen:?}"
+        );
     }
 }

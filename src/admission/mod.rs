@@ -5,16 +5,21 @@
 //!    query for a key seen before).
 //! 2. Static checks, in process, before Redis is touched: unknown, disabled, expired
 //!    (at once, from `expires_at`), provider/model/API-format allow-lists, an estimate
-//!    larger than the TPM limit itself.
-//! 3. One call to the counter store ([`Counters::admit`]): balance, RPM, TPM, concurrency
-//!    and, with `"select": true`, the provider key, all or nothing, in one Redis round
-//!    trip. A pool that refuses leaves the client's counters as they were.
+//!    larger than the TPM limit itself. The request's quota entries are built
+//!    ([`quotas::build`]: the key's day and spend limits, its model entry, its user's and
+//!    the user's model entry); an estimate above one of their token limits, or a hold
+//!    above one of their spend limits, could never pass and is refused here. A spend
+//!    limit, like a balance, needs a price.
+//! 3. One call to the counter store ([`Counters::admit`]): balance, RPM, TPM, concurrency,
+//!    every quota entry and, with `"select": true`, the provider key, all or nothing, in
+//!    one Redis round trip. A refusal by any leaves every counter as it was.
 //!
 //! Invariant: nothing is counted before step 3, and step 3 counts everything or nothing.
 //!
 //! The types of a request and its answer are in `request`, the small in-process rules
 //! (names, allow-lists, plausible secrets, the hold) in `rules`.
 
+pub mod quotas;
 mod request;
 mod rules;
 
@@ -33,6 +38,8 @@ use crate::names;
 use crate::pool::cache::{Candidate, Roster, RosterCache};
 use crate::pool::valid_provider;
 use crate::prices::{Price, PriceCache};
+use crate::quota::UserLimits;
+use quotas::StaticRefusal;
 pub use request::{AdmitBody, AdmitError, Admitted, Defaults};
 use rules::{allows, given, hold, plausible_secret};
 
@@ -121,6 +128,16 @@ impl Admission {
     /// time, before or after a key rotation); `None` for a forged or altered one.
     pub fn verify_lease(&self, text: &str) -> Option<SignedLease> {
         SignedLease::verify(text, &self.keyring)
+    }
+
+    /// The limits of the key's user (the `users` row of `key.user_id`), when it has one.
+    ///
+    /// TODO(integration): the user cache (helper "admin") plugs in here: look
+    /// `key.user_id` up in it (in process, like the key cache). Until then no user limits
+    /// apply; everything after this call already handles them ([`quotas::build`]).
+    async fn user_limits(&self, key: &ClientKey) -> Result<Option<Arc<UserLimits>>, AdmitError> {
+        let _no_user_cache_yet = &key.user_id;
+        Ok(None)
     }
 
     /// The key a secret names, after the static checks.
@@ -271,6 +288,14 @@ impl Admission {
         if let Some(limit) = key.tpm_limit.filter(|l| estimate > *l) {
             return Err(AdmitError::TokensExceedLimit { estimate, limit });
         }
+        let user = self.user_limits(&key).await?;
+        let quotas = quotas::build(&key, user.as_deref(), model);
+        if let Some(StaticRefusal::Tokens(quota)) = quotas::static_refusal(&quotas, estimate, 0) {
+            return Err(AdmitError::TokensExceedQuota {
+                estimate,
+                quota: Box::new(quota),
+            });
+        }
         let candidates = if body.select {
             Some(self.candidates(provider).await?)
         } else if body.select_if_pooled {
@@ -288,7 +313,9 @@ impl Admission {
             }),
             _ => None,
         };
-        let price = self.price(provider, model, balance.is_some()).await?;
+        let price = self
+            .price(provider, model, balance.is_some() || quotas.has_spend())
+            .await?;
         if balance.is_some() && body.usage_unstated && body.estimated_tokens.is_none() {
             // Its answer is charged its hold, and without a limit the hold is the
             // default estimate's, whatever the answer's length.
@@ -297,6 +324,12 @@ impl Admission {
             ));
         }
         let hold_micros = price.map_or(0, |p| hold(&p, body.input_estimate, estimate));
+        if let Some(StaticRefusal::Spend(quota)) = quotas::static_refusal(&quotas, 0, hold_micros) {
+            return Err(AdmitError::HoldExceedsSpendLimit {
+                hold: hold_micros,
+                quota: Box::new(quota),
+            });
+        }
         let request = AdmitRequest {
             lease: &lease,
             rpm: key.rate_limit,
@@ -310,6 +343,7 @@ impl Admission {
             balance,
             hold_micros,
             pool: candidates.as_deref(),
+            quotas: &quotas.entries,
         };
         let mut fresh = None;
         let decision = match (self.counters.admit(&request).await, request.pool) {
@@ -327,6 +361,7 @@ impl Admission {
             (other, _) => other?,
         };
         let candidates = fresh.or(candidates);
+        let quotas = quotas.with_uses(&decision.quotas);
         let picked = |i: Option<usize>| {
             let key = candidates.as_ref()?.get(i?)?.clone();
             crate::metrics::get()
@@ -353,6 +388,7 @@ impl Admission {
                     usage: decision.usage,
                     provider_key,
                     degraded: decision.degraded,
+                    quotas,
                 })
             }
             Verdict::Denied {
@@ -363,6 +399,7 @@ impl Admission {
                 retry_after_ms,
                 key,
                 usage: decision.usage,
+                quotas: quotas.into(),
             }),
         }
     }

@@ -12,6 +12,8 @@ use crate::limits::{CounterError, Denial, LeaseId, Usage};
 use crate::pool::cache::Candidate;
 use crate::prices::Price;
 
+use super::quotas::{describe, QuotaStatus};
+
 /// The body of `POST /v1/admit`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +59,8 @@ pub struct Admitted {
     pub provider_key: Option<Candidate>,
     /// Admitted without Redis, by this `KEYWARD_ON_BACKEND_ERROR` mode.
     pub degraded: Option<&'static str>,
+    /// The request's quota entries, with their usage after the admission.
+    pub quotas: Vec<QuotaStatus>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,16 +81,26 @@ pub enum AdmitError {
     ApiFormatNotAllowed(String),
     #[error("the estimate of {estimate} tokens is larger than the key's limit of {limit} tokens per minute")]
     TokensExceedLimit { estimate: i64, limit: i64 },
-    #[error("{}", limited_message(.reason))]
+    #[error("the estimate of {estimate} tokens is larger than {}", describe(.quota))]
+    TokensExceedQuota {
+        estimate: i64,
+        quota: Box<QuotaStatus>,
+    },
+    #[error("this request's hold of {hold} micro-USD is larger than {}", describe(.quota))]
+    HoldExceedsSpendLimit { hold: i64, quota: Box<QuotaStatus> },
+    #[error("{}", limited_message(.reason, .quotas))]
     Limited {
         reason: Denial,
         retry_after_ms: Option<i64>,
         key: Arc<ClientKey>,
         usage: Usage,
+        /// The request's quota entries as the refusal saw them (`Denial::Quota`'s index
+        /// points here).
+        quotas: Box<[QuotaStatus]>,
     },
     #[error("provider `{0}` has no active provider key")]
     NoProviderKey(String),
-    #[error("{0} has no price: a key with a balance is charged at a model's price, so set one (PUT /admin/prices/<provider>/<model>) or KEYWARD_DEFAULT_PRICE")]
+    #[error("{0} has no price: a key with a balance or a spend limit is charged at a model's price, so set one (PUT /admin/prices/<provider>/<model>) or KEYWARD_DEFAULT_PRICE")]
     PriceUnknown(String),
     #[error("every key of provider `{provider}` is cooling down, suspended or at its limits")]
     PoolExhausted {
@@ -101,8 +115,21 @@ pub enum AdmitError {
     Counters(#[from] CounterError),
 }
 
-fn limited_message(reason: &Denial) -> &'static str {
-    match reason {
+fn limited_message(reason: &Denial, quotas: &[QuotaStatus]) -> String {
+    if let Denial::Quota { index, exhausted } = reason {
+        let Some(quota) = quotas.get(*index) else {
+            return "a quota is used up".into();
+        };
+        let what = describe(quota);
+        return match (quota.kind, exhausted) {
+            (crate::limits::QuotaKind::Spend(_), false) => {
+                format!("{what} is held by requests in flight")
+            }
+            (crate::limits::QuotaKind::Spend(_), true) => format!("{what} is used up"),
+            _ => format!("{what} is reached"),
+        };
+    }
+    let text = match reason {
         Denial::Requests => "requests-per-minute limit reached",
         Denial::Tokens => "tokens-per-minute limit reached",
         Denial::Concurrency => "all concurrent-request slots of this key are in use",
@@ -111,7 +138,9 @@ fn limited_message(reason: &Denial) -> &'static str {
         }
         Denial::BalanceCommitted => "the key's remaining balance is held by requests in flight",
         Denial::PoolExhausted => "every provider key is cooling down, suspended or at its limits",
-    }
+        Denial::Quota { .. } => "",
+    };
+    text.to_string()
 }
 
 /// What an admission assumes where a request does not say.

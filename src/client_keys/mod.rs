@@ -31,7 +31,7 @@ pub use service::{ClientKeys, KeyError};
 
 /// A client key as stored (minus nothing: this type holds the ciphertext and hash, so it
 /// is never serialized directly; [`KeyView`] is the public shape).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ClientKey {
     pub id: String,
     pub user_id: Option<String>,

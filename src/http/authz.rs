@@ -215,7 +215,9 @@ pub async fn authz(
     let outcome = match admit_body(&original, &headers, &body) {
         Ok(request) => state.admission.admit(&request).await.map_err(|e| {
             let limits = match &e {
-                AdmitError::Limited { key, usage, .. } => Some((key.clone(), *usage)),
+                AdmitError::Limited {
+                    key, usage, quotas, ..
+                } => Some((key.clone(), *usage, quotas.to_vec())),
                 _ => None,
             };
             (ApiError::from(e), limits)
@@ -238,7 +240,7 @@ pub async fn authz(
                 );
                 set(h, "x-keyward-upstream-key", &pk.value);
             }
-            ratelimit::apply(h, &admitted.key, &admitted.usage);
+            ratelimit::apply(h, &admitted.key, &admitted.usage, &admitted.quotas);
             ratelimit::degraded(h, admitted.degraded);
             response
         }
@@ -246,8 +248,8 @@ pub async fn authz(
             crate::metrics::decision("authz", started, Some((error.code.as_str(), error.limit)));
             let (status, code) = (error.status(), error.code);
             let mut response = error.into_response();
-            if let Some((key, usage)) = limits {
-                ratelimit::apply(response.headers_mut(), &key, &usage);
+            if let Some((key, usage, quotas)) = limits {
+                ratelimit::apply(response.headers_mut(), &key, &usage, &quotas);
             }
             set(response.headers_mut(), "x-keyward-status", status.as_str());
             set(response.headers_mut(), "x-keyward-error", code.as_str());

@@ -140,20 +140,27 @@ async fn admit(State(state): State<AppState>, JsonBody(body): JsonBody<AdmitBody
         Ok(admitted) => {
             crate::metrics::decision("admit", started, None);
             let mut response = Json(admitted_body(&admitted)).into_response();
-            ratelimit::apply(response.headers_mut(), &admitted.key, &admitted.usage);
+            ratelimit::apply(
+                response.headers_mut(),
+                &admitted.key,
+                &admitted.usage,
+                &admitted.quotas,
+            );
             ratelimit::degraded(response.headers_mut(), admitted.degraded);
             response
         }
         Err(e) => {
             let limits = match &e {
-                AdmitError::Limited { key, usage, .. } => Some((key.clone(), *usage)),
+                AdmitError::Limited {
+                    key, usage, quotas, ..
+                } => Some((key.clone(), *usage, quotas.to_vec())),
                 _ => None,
             };
             let error = ApiError::from(e);
             crate::metrics::decision("admit", started, Some((error.code.as_str(), error.limit)));
             let mut response = error.into_response();
-            if let Some((key, usage)) = limits {
-                ratelimit::apply(response.headers_mut(), &key, &usage);
+            if let Some((key, usage, quotas)) = limits {
+                ratelimit::apply(response.headers_mut(), &key, &usage, &quotas);
             }
             response
         }

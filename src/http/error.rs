@@ -1,7 +1,8 @@
 //! The one place where errors become HTTP responses.
 //!
 //! Policy: every error a client sees is the contract's body
-//! `{"error": {"code", "message", "retry_after_ms"?, "limit"?}}`. 4xx messages say what
+//! `{"error": {"code", "message", "retry_after_ms"?, "limit"?}}` (a quota's refusal adds
+//! `scope`, `model`, `period` and `reset_at`). 4xx messages say what
 //! was wrong with the request and are not logged above debug. 5xx causes are logged here
 //! with their full chain and never sent: the client gets a generic message. No message
 //! carries a secret: domain errors are built from ids and field names only. Every code
@@ -12,12 +13,14 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 pub use super::error_code::ErrorCode;
+use crate::admission::quotas::QuotaStatus;
 use crate::admission::AdmitError;
 use crate::client_keys::KeyError;
 use crate::db::StoreError;
-use crate::limits::{CounterError, Denial};
+use crate::limits::{CounterError, Denial, QuotaKind};
 use crate::prices::PriceError;
 use crate::provider_keys::ProviderKeyError;
+use crate::quota::ScopeKind;
 use crate::reporting::ReportError;
 
 #[derive(Debug, Clone)]
@@ -26,6 +29,38 @@ pub struct ApiError {
     pub message: String,
     pub retry_after_ms: Option<u64>,
     pub limit: Option<&'static str>,
+    /// A quota's refusal: which one, and when it resets.
+    pub quota: Option<Box<QuotaFields>>,
+}
+
+/// The body fields naming the quota that refused: `scope` (`key` | `user`), `model`
+/// (the listed model entry, for a per-model limit), `period` (`minute` | `day` | `week`
+/// | `month` | `total`) and `reset_at` (RFC 3339; none for a total).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuotaFields {
+    pub scope: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub period: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset_at: Option<String>,
+}
+
+impl QuotaFields {
+    /// `reset_at` is `now_ms` plus the entry's reset time (when it has one).
+    fn of(quota: &QuotaStatus, now_ms: Option<i64>) -> QuotaFields {
+        QuotaFields {
+            scope: match quota.scope {
+                ScopeKind::Key => "key",
+                ScopeKind::User => "user",
+            },
+            model: quota.model.clone(),
+            period: quota.kind.period().map_or("minute", |p| p.as_str()),
+            reset_at: now_ms
+                .filter(|_| quota.used.reset_ms > 0)
+                .map(|now| crate::clock::to_rfc3339(now + quota.used.reset_ms)),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -41,6 +76,8 @@ struct Inner<'a> {
     retry_after_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     limit: Option<&'a str>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    quota: Option<&'a QuotaFields>,
 }
 
 impl ApiError {
@@ -50,6 +87,7 @@ impl ApiError {
             message: message.into(),
             retry_after_ms: None,
             limit: None,
+            quota: None,
         }
     }
 
@@ -130,6 +168,7 @@ impl IntoResponse for ApiError {
                 message: &self.message,
                 retry_after_ms: self.retry_after_ms,
                 limit: self.limit,
+                quota: self.quota.as_deref(),
             },
         };
         let json = serde_json::to_vec(&body).unwrap_or_default();
@@ -221,6 +260,47 @@ impl From<AdmitError> for ApiError {
                 err.limit = Some("tokens");
                 err
             }
+            // Could never pass: no retry, no reset.
+            AdmitError::TokensExceedQuota { quota, .. } => {
+                let mut err = status(ErrorCode::TokensExceedLimit);
+                err.limit = Some("tokens");
+                err.quota = Some(Box::new(QuotaFields::of(&quota, None)));
+                err
+            }
+            AdmitError::HoldExceedsSpendLimit { quota, .. } => {
+                let mut err = status(ErrorCode::BudgetExceeded);
+                err.limit = Some("spend");
+                err.quota = Some(Box::new(QuotaFields::of(&quota, None)));
+                err
+            }
+            AdmitError::Limited {
+                reason: Denial::Quota { index, exhausted },
+                retry_after_ms,
+                usage,
+                quotas,
+                ..
+            } => {
+                let Some(quota) = quotas.get(index) else {
+                    return ApiError::internal(&std::io::Error::other(
+                        "a quota refusal names no entry of the request",
+                    ));
+                };
+                let (code, limit) = match (quota.kind, exhausted) {
+                    (QuotaKind::Spend(_), true) => (ErrorCode::BudgetExceeded, "spend"),
+                    // Like a balance held in flight: a report or an expiry frees it.
+                    (QuotaKind::Spend(_), false) => {
+                        let mut err = retry(status(ErrorCode::ConcurrencyLimited), Some(1_000));
+                        err.limit = Some("spend");
+                        return err;
+                    }
+                    (kind, _) if kind.counts_requests() => (ErrorCode::RateLimited, "requests"),
+                    _ => (ErrorCode::RateLimited, "tokens"),
+                };
+                let mut err = retry(status(code), retry_after_ms);
+                err.limit = Some(limit);
+                err.quota = Some(Box::new(QuotaFields::of(quota, Some(usage.now_ms))));
+                err
+            }
             AdmitError::Limited {
                 reason,
                 retry_after_ms,
@@ -237,6 +317,8 @@ impl From<AdmitError> for ApiError {
                     Denial::BalanceExhausted => {
                         return status(ErrorCode::InsufficientBalance);
                     }
+                    // Matched above; kept total without a panic path.
+                    Denial::Quota { .. } => (ErrorCode::RateLimited, "requests"),
                 };
                 let mut err = retry(status(code), retry_after_ms);
                 err.limit = Some(limit);

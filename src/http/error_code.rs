@@ -40,6 +40,7 @@ error_codes! {
     InvalidKey = "INVALID_KEY", UNAUTHORIZED;
     Unauthorized = "UNAUTHORIZED", UNAUTHORIZED;
     InsufficientBalance = "INSUFFICIENT_BALANCE", PAYMENT_REQUIRED;
+    BudgetExceeded = "BUDGET_EXCEEDED", PAYMENT_REQUIRED;
     KeyDisabled = "KEY_DISABLED", FORBIDDEN;
     KeyExpired = "KEY_EXPIRED", FORBIDDEN;
     ProviderNotAllowed = "PROVIDER_NOT_ALLOWED", FORBIDDEN;

@@ -140,6 +140,11 @@ fn error_schema() -> Value {
                 "message": s("string"),
                 "retry_after_ms": s("integer"),
                 "limit": s("string"),
+                // A quota's refusal (see `http::error::QuotaFields`).
+                "scope": s("string"),
+                "model": s("string"),
+                "period": s("string"),
+                "reset_at": s("string"),
             },
         }},
     })

@@ -3,11 +3,18 @@
 //! duration like `1m2s` or `250ms`) and the IETF draft's structured `RateLimit-Policy` /
 //! `RateLimit` fields for requests (`"requests";q=<limit>;w=60` and
 //! `"requests";r=<remaining>;t=<seconds>`).
+//!
+//! With quotas, a request counts against several request (and token) limits: the key's
+//! own window and each quota entry's (per minute or per UTC day, of the key, its model
+//! entry, its user, the user's model entry). The headers show the most constraining one:
+//! the least remaining (the key's own on a tie), with its reset, and `w` its window in
+//! seconds (60 or 86400).
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::admission::quotas::QuotaStatus;
 use crate::client_keys::ClientKey;
-use crate::limits::Usage;
+use crate::limits::{QuotaKind, Usage};
 
 /// Go-style duration text, as OpenAI sends it: `0s`, `250ms`, `1.5s`, `1m2s`.
 pub fn duration_text(ms: i64) -> String {
@@ -37,9 +44,66 @@ pub fn degraded(headers: &mut HeaderMap, mode: Option<&'static str>) {
     }
 }
 
-pub fn apply(headers: &mut HeaderMap, key: &ClientKey, usage: &Usage) {
-    if let Some(limit) = key.rate_limit {
-        let remaining = (limit - usage.requests_used).max(0);
+/// One request or token limit as the headers show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shown {
+    limit: i64,
+    remaining: i64,
+    reset_ms: i64,
+    window_s: i64,
+}
+
+/// The limit with the least remaining among the key's own (`own`: limit, used, reset)
+/// and the quota entries of `kinds` (first wins a tie).
+fn tightest(
+    own: Option<(i64, i64, i64)>,
+    quotas: &[QuotaStatus],
+    kinds: [QuotaKind; 2],
+) -> Option<Shown> {
+    let own = own.map(|(limit, used, reset_ms)| Shown {
+        limit,
+        remaining: (limit - used).max(0),
+        reset_ms,
+        window_s: 60,
+    });
+    let entries = quotas
+        .iter()
+        .filter(|q| kinds.contains(&q.kind))
+        .map(|q| Shown {
+            limit: q.limit,
+            remaining: (q.limit - q.used.used).max(0),
+            reset_ms: q.used.reset_ms,
+            window_s: if q.kind.per_minute() { 60 } else { 86_400 },
+        });
+    own.into_iter().chain(entries).reduce(|best, s| {
+        if s.remaining < best.remaining {
+            s
+        } else {
+            best
+        }
+    })
+}
+
+pub fn apply(headers: &mut HeaderMap, key: &ClientKey, usage: &Usage, quotas: &[QuotaStatus]) {
+    let requests = tightest(
+        key.rate_limit
+            .map(|l| (l, usage.requests_used, usage.requests_reset_ms)),
+        quotas,
+        [QuotaKind::RequestsPerMinute, QuotaKind::RequestsPerDay],
+    );
+    let tokens = tightest(
+        key.tpm_limit
+            .map(|l| (l, usage.tokens_used, usage.tokens_reset_ms)),
+        quotas,
+        [QuotaKind::TokensPerMinute, QuotaKind::TokensPerDay],
+    );
+    if let Some(Shown {
+        limit,
+        remaining,
+        reset_ms,
+        window_s,
+    }) = requests
+    {
         set(headers, "x-ratelimit-limit-requests", limit.to_string());
         set(
             headers,
@@ -49,31 +113,31 @@ pub fn apply(headers: &mut HeaderMap, key: &ClientKey, usage: &Usage) {
         set(
             headers,
             "x-ratelimit-reset-requests",
-            duration_text(usage.requests_reset_ms),
+            duration_text(reset_ms),
         );
         set(
             headers,
             "ratelimit-policy",
-            format!("\"requests\";q={limit};w=60"),
+            format!("\"requests\";q={limit};w={window_s}"),
         );
-        let reset_s = (usage.requests_reset_ms.max(0) + 999) / 1000;
+        let reset_s = (reset_ms.max(0) + 999) / 1000;
         set(
             headers,
             "ratelimit",
             format!("\"requests\";r={remaining};t={reset_s}"),
         );
     }
-    if let Some(limit) = key.tpm_limit {
-        set(headers, "x-ratelimit-limit-tokens", limit.to_string());
+    if let Some(shown) = tokens {
+        set(headers, "x-ratelimit-limit-tokens", shown.limit.to_string());
         set(
             headers,
             "x-ratelimit-remaining-tokens",
-            (limit - usage.tokens_used).max(0).to_string(),
+            shown.remaining.to_string(),
         );
         set(
             headers,
             "x-ratelimit-reset-tokens",
-            duration_text(usage.tokens_reset_ms),
+            duration_text(shown.reset_ms),
         );
     }
 }
@@ -81,6 +145,51 @@ pub fn apply(headers: &mut HeaderMap, key: &ClientKey, usage: &Usage) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tightest_limit_is_shown() {
+        use crate::limits::QuotaUse;
+        use crate::quota::ScopeKind;
+        let key = ClientKey {
+            rate_limit: Some(100),
+            ..ClientKey::default()
+        };
+        let usage = Usage {
+            requests_used: 10,
+            requests_reset_ms: 30_000,
+            ..Usage::default()
+        };
+        let day = QuotaStatus {
+            scope: ScopeKind::User,
+            model: None,
+            kind: QuotaKind::RequestsPerDay,
+            limit: 50,
+            used: QuotaUse {
+                used: 45,
+                reset_ms: 3_600_000,
+            },
+        };
+        let mut headers = HeaderMap::new();
+        apply(&mut headers, &key, &usage, std::slice::from_ref(&day));
+        assert_eq!(headers["x-ratelimit-remaining-requests"], "5");
+        assert_eq!(headers["x-ratelimit-limit-requests"], "50");
+        assert_eq!(headers["ratelimit-policy"], "\"requests\";q=50;w=86400");
+        assert_eq!(headers["ratelimit"], "\"requests\";r=5;t=3600");
+        assert!(headers.get("x-ratelimit-limit-tokens").is_none());
+        // With more room left than the key's own window, the key's is shown.
+        let roomy = QuotaStatus {
+            limit: 1_000,
+            used: QuotaUse {
+                used: 0,
+                reset_ms: 0,
+            },
+            ..day
+        };
+        let mut headers = HeaderMap::new();
+        apply(&mut headers, &key, &usage, &[roomy]);
+        assert_eq!(headers["x-ratelimit-remaining-requests"], "90");
+        assert_eq!(headers["ratelimit-policy"], "\"requests\";q=100;w=60");
+    }
 
     #[test]
     fn durations() {

@@ -24,11 +24,17 @@
 //!   minus the holds in flight covers its own hold, and its report replaces the hold by
 //!   the real cost. So the balance goes below zero only by what the requests in flight
 //!   cost beyond their holds (one request alone: its actual − hold).
+//! - **Quotas** ([`quota`]): every entry of a request is checked before anything is
+//!   taken (all or nothing with the key's own limits and the pool). A spend counter
+//!   admits while `spent + held + hold <= limit` (and `spent < limit`); its report
+//!   replaces the hold by the cost, an expired lease releases it, so spend passes a
+//!   limit only by what requests in flight cost beyond their holds.
 
 pub mod breaker;
 pub mod clock;
 pub mod conn;
 pub mod memory;
+pub mod quota;
 pub mod redis;
 pub mod scripts;
 pub mod window;
@@ -39,6 +45,7 @@ use crate::pool::cache::Roster;
 use crate::pool::learned::LearnedLimits;
 use crate::pool::LiveState;
 pub use clock::TimeShift;
+pub use quota::{QuotaEntry, QuotaKind, QuotaUse};
 
 /// A lease id as clients see it: `<key id>.<32 hex>`. The key id part lets a report find
 /// its key's counters even after the lease expired.
@@ -120,6 +127,9 @@ pub struct AdmitRequest<'a> {
     pub hold_micros: i64,
     /// Pick a provider key in the same step (admit with `"select": true`).
     pub pool: Option<&'a Roster>,
+    /// The request's quota entries (its key's, its user's, and their model entries'),
+    /// checked and counted in the same step; `(counter, kind)` distinct.
+    pub quotas: &'a [QuotaEntry],
 }
 
 /// A provider key pick without a client key (`POST /v1/select`).
@@ -150,6 +160,12 @@ pub enum Denial {
     BalanceCommitted,
     /// Every provider key is cooling down, suspended or at its limits.
     PoolExhausted,
+    /// The quota entry at `index` refuses. `exhausted` = false only for a spend limit
+    /// whose room is held by requests in flight (it frees when they report or expire).
+    Quota {
+        index: usize,
+        exhausted: bool,
+    },
 }
 
 /// The windows and slots as the decision saw them (after it, when admitted).
@@ -185,6 +201,8 @@ pub struct Decision {
     pub picked: Option<usize>,
     /// Decided without Redis, by this `KEYWARD_ON_BACKEND_ERROR` mode.
     pub degraded: Option<&'static str>,
+    /// One per quota entry of the request, in its order.
+    pub quotas: Vec<QuotaUse>,
 }
 
 /// The parts of a request's tokens that are priced or shown apart; each is counted

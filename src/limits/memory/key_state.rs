@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::quota::Correction;
 use crate::limits::window::Window;
 
 #[derive(Debug)]
@@ -17,6 +18,9 @@ pub(super) struct Lease {
     pub(super) provider_key: Option<(String, i64)>,
     /// Micro-USD it holds on the key's tracked balance.
     pub(super) hold: i64,
+    /// What its report corrects in the quota counters (its spend holds also leave them
+    /// when it expires).
+    pub(super) quotas: Vec<Correction>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -47,15 +51,19 @@ pub(super) struct KeyState {
 }
 
 impl KeyState {
-    /// Expired leases free their slot and their hold (as admit.lua's purge).
-    pub(super) fn expire_leases(&mut self, now: i64) {
+    /// Expired leases free their slot and their hold (as admit.lua's purge); returns
+    /// their quota corrections, whose spend holds the caller releases.
+    pub(super) fn expire_leases(&mut self, now: i64) -> Vec<Correction> {
+        let mut released = Vec::new();
         while self.by_expiry.first().is_some_and(|(at, _)| *at <= now) {
             if let Some((_, token)) = self.by_expiry.pop_first() {
                 if let Some(lease) = self.leases.remove(&token) {
                     self.release(lease.hold);
+                    released.extend(lease.quotas);
                 }
             }
         }
+        released
     }
 
     pub(super) fn release(&mut self, hold: i64) {

@@ -5,18 +5,22 @@
 //! embedded accounting writer through a bounded channel (a full channel makes reports
 //! wait rather than drop anything).
 //!
-//! Client keys' state is in `key_state`, provider keys' in `provider_keys`. This file
-//! holds every operation (over 400 lines): each mirrors one script, and reads best beside
-//! the others it must agree with.
+//! Client keys' state is in `key_state`, provider keys' in `provider_keys`, quota
+//! counters in `quota`; the listings and the sweep in `housekeeping`. This file holds
+//! every decision (admit, select, report, renew): each mirrors one script, and reads best
+//! beside the others it must agree with.
 
+mod housekeeping;
 mod key_state;
 mod provider_keys;
+mod quota;
 
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
 use key_state::{Balance, KeyState, Lease};
 use provider_keys::ProviderKeyStates;
+use quota::QuotaCounters;
 
 use super::{
     effective_limit, AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported,
@@ -24,7 +28,7 @@ use super::{
 };
 use crate::money::bounded;
 use crate::pool::learned::Learned;
-use crate::pool::{Cause, LiveState};
+use crate::pool::Cause;
 use crate::usage::UsageRecord;
 
 pub struct MemoryCounters {
@@ -33,6 +37,8 @@ pub struct MemoryCounters {
     providers: DashMap<String, ProviderKeyStates>,
     /// Provider key id → provider, for reports (which name only the key).
     key_provider: DashMap<String, String>,
+    /// Every quota counter (shared by keys: a user's), behind one lock.
+    quotas: QuotaCounters,
     /// Lease id → when its duplicate guard lapses.
     reported: DashMap<String, i64>,
     guard_ttl_ms: i64,
@@ -46,6 +52,7 @@ impl MemoryCounters {
             keys: DashMap::new(),
             providers: DashMap::new(),
             key_provider: DashMap::new(),
+            quotas: QuotaCounters::default(),
             reported: DashMap::new(),
             guard_ttl_ms,
             queue,
@@ -61,7 +68,18 @@ impl MemoryCounters {
         let now = self.now();
         let b = now.div_euclid(1000);
         let mut state = self.keys.entry(r.lease.key_id.clone()).or_default();
-        state.expire_leases(now);
+        let released = state.expire_leases(now);
+        // The quota counters, locked after the key (always in this order), only when the
+        // request has entries or an expired lease releases a spend hold.
+        let mut quotas = (!released.is_empty() || !r.quotas.is_empty()).then(|| self.quotas.lock());
+        let mut reads = Vec::new();
+        if let Some(q) = quotas.as_mut() {
+            q.release(&released);
+            reads = q.read(r.quotas, now);
+        }
+        let quota_uses = quotas
+            .as_ref()
+            .map_or_else(Vec::new, |q| q.uses(&reads, now));
         state.requests.prune(b);
         state.tokens.prune(b);
         if let Some(snapshot) = r.balance {
@@ -97,6 +115,7 @@ impl MemoryCounters {
             usage: usage(state, now, (rpm > 0, tpm > 0), tracked.map(|b| b.remaining)),
             picked: None,
             degraded: None,
+            quotas: quota_uses.clone(),
         };
         if tracked.is_some_and(|b| b.remaining <= 0) {
             return deny(&state, Denial::BalanceExhausted, None);
@@ -135,6 +154,13 @@ impl MemoryCounters {
                 return deny(&state, Denial::BalanceExhausted, None);
             }
         }
+        let refusal = quotas
+            .as_ref()
+            .and_then(|q| q.refusal(&reads, r.tokens, r.hold_micros, now));
+        if let Some((index, exhausted, retry)) = refusal {
+            let reason = Denial::Quota { index, exhausted };
+            return deny(&state, reason, (retry > 0).then_some(retry));
+        }
 
         // The client may go ahead; now the provider key, if one is wanted. The provider's
         // lock is taken while the client's is held (always in this order).
@@ -161,6 +187,13 @@ impl MemoryCounters {
         if reserved > 0 {
             state.tokens.add(b, reserved);
         }
+        let corrections = quotas.as_mut().map_or_else(Vec::new, |q| {
+            q.take(&mut reads, r.tokens, r.hold_micros, now)
+        });
+        let quota_uses = quotas
+            .as_ref()
+            .map_or_else(Vec::new, |q| q.uses(&reads, now));
+        drop(quotas);
         let expires_at = now + r.lease_ttl_ms;
         let hold = if tracked.is_some() { r.hold_micros } else { 0 };
         if let Some(balance) = state.balance.as_mut().filter(|_| tracked.is_some()) {
@@ -179,6 +212,7 @@ impl MemoryCounters {
                     .as_ref()
                     .map(|(_, id, reserved)| (id.clone(), *reserved)),
                 hold,
+                quotas: corrections,
             },
         );
         Decision {
@@ -193,6 +227,7 @@ impl MemoryCounters {
             ),
             picked: picked.map(|(i, _, _)| i),
             degraded: None,
+            quotas: quota_uses,
         }
     }
 
@@ -206,52 +241,6 @@ impl MemoryCounters {
                 .insert(r.candidates[i].id.clone(), r.provider.to_string());
         }
         pick
-    }
-
-    pub fn pool_state(&self, provider: &str, ids: &[String]) -> Vec<LiveState> {
-        let now = self.now();
-        let b = now.div_euclid(1000);
-        // A lookup, not an entry: listing a provider must not create state for it.
-        let Some(mut keys) = self.providers.get_mut(provider) else {
-            return vec![LiveState::default(); ids.len()];
-        };
-        ids.iter()
-            .map(|id| match keys.keys.get_mut(id) {
-                None => LiveState::default(),
-                Some(key) => {
-                    key.requests.prune(b);
-                    key.tokens.prune(b);
-                    let cooling = key.cooldown_until > now;
-                    let suspended = key.suspended_until > now;
-                    LiveState {
-                        requests_last_60s: key.requests.sum(),
-                        tokens_last_60s: key.tokens.sum(),
-                        cooldown_remaining_ms: (key.cooldown_until - now).max(0),
-                        suspended_remaining_ms: (key.suspended_until - now).max(0),
-                        cooldown_cause: key.cooldown_cause.clone().filter(|_| cooling),
-                        suspension_cause: key.suspension_cause.clone().filter(|_| suspended),
-                        learned: key
-                            .learned
-                            .filter(|(_, until)| *until > now)
-                            .map(|(l, _)| l),
-                    }
-                }
-            })
-            .collect()
-    }
-
-    /// Ends a provider key's cooldown and suspension now (`POST
-    /// /admin/provider-keys/{id}/reset`). Its windows and pick time stay.
-    pub fn reset_provider_key(&self, provider: &str, id: &str) {
-        if let Some(mut keys) = self.providers.get_mut(provider) {
-            if let Some(key) = keys.keys.get_mut(id) {
-                key.cooldown_until = 0;
-                key.suspended_until = 0;
-                key.cooldown_cause = None;
-                key.suspension_cause = None;
-                key.learned = None;
-            }
-        }
     }
 
     /// Cools down, suspends, or settles the tokens of a provider key after a report.
@@ -325,6 +314,15 @@ impl MemoryCounters {
                     api_format = Some(held.api_format).filter(|f| !f.is_empty());
                     model = model.or(Some(held.model).filter(|m| !m.is_empty()));
                     state.release(held.hold);
+                    if !held.quotas.is_empty() {
+                        self.quotas.lock().report(
+                            &held.quotas,
+                            held.bucket,
+                            r.tokens,
+                            r.cost_micros,
+                            now,
+                        );
+                    }
                 }
                 if let Some(balance) = state.balance.as_mut() {
                     balance.remaining =
@@ -375,61 +373,6 @@ impl MemoryCounters {
         held.expires_at = now + ttl_ms;
         state.add_lease(lease.token.clone(), held);
         Some(now + ttl_ms)
-    }
-
-    /// Forgets every live balance; each key's next admission starts again from its
-    /// database snapshot. For the Redis shape's outage twin only: in the embedded shape
-    /// the live balance is ahead of the database.
-    pub fn forget_balances(&self) {
-        for mut state in self.keys.iter_mut() {
-            state.balance = None;
-        }
-    }
-
-    /// How many client keys have state here (for tests and diagnostics).
-    pub fn held_keys(&self) -> usize {
-        self.keys.len()
-    }
-
-    /// Drops idle keys and lapsed duplicate guards; run periodically.
-    pub fn sweep(&self) {
-        let now = self.now();
-        let b = now.div_euclid(1000);
-        self.keys.retain(|_, state| {
-            // Expired leases go with the next admission (as admit.lua purges them), or
-            // here once Redis would have expired the whole set.
-            if state.leases_lapse_at <= now {
-                state.expire_leases(now);
-            }
-            state.requests.prune(b);
-            state.tokens.prune(b);
-            !state.is_idle()
-        });
-        self.reported.retain(|_, lapses| *lapses > now);
-        for mut keys in self.providers.iter_mut() {
-            keys.keys.retain(|_, key| {
-                key.requests.prune(b);
-                key.tokens.prune(b);
-                if key.cooldown_until <= now {
-                    key.cooldown_cause = None;
-                }
-                if key.suspended_until <= now {
-                    key.suspension_cause = None;
-                }
-                if key.learned.is_some_and(|(_, until)| until <= now) {
-                    key.learned = None;
-                }
-                // Keep the pick time (least-recently-used order must survive quiet
-                // periods), and a cooldown or suspension until it ends: a key reported
-                // revoked but never picked here has nothing else to keep it by.
-                key.last_pick.is_some()
-                    || !key.requests.is_empty()
-                    || !key.tokens.is_empty()
-                    || key.cooldown_until > now
-                    || key.suspended_until > now
-                    || key.learned.is_some()
-            });
-        }
     }
 }
 

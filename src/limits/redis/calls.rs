@@ -2,7 +2,9 @@
 //! `limits::scripts` (one round trip; two when the pool in Redis needs a sync).
 
 use super::RedisCounters;
-use crate::limits::scripts::admit::{AdmitArgs, AdmitCode, AdmitKeys, AdmitReply};
+use crate::limits::scripts::admit::{
+    push_quota_args, push_quota_keys, AdmitArgs, AdmitCode, AdmitKeys, AdmitReply,
+};
 use crate::limits::scripts::limit_arg;
 use crate::limits::scripts::pool_state::{PoolStateArgs, PoolStateKeys};
 use crate::limits::scripts::pool_sync::{PoolSyncArgs, PoolSyncKey, PoolSyncKeys, PoolSyncReply};
@@ -84,6 +86,7 @@ impl RedisCounters {
         let clock = self.shift.script_clock();
         let mut call = self.scripts.admit.prepare_invoke();
         AdmitKeys::new(&self.space, id, provider).push(&mut call);
+        push_quota_keys(&self.space, r.quotas, &mut call);
         AdmitArgs {
             rpm_limit: limit_arg(r.rpm),
             tpm_limit: limit_arg(r.tpm),
@@ -104,12 +107,22 @@ impl RedisCounters {
             now_ms: clock.pinned_ms,
         }
         .push(&mut call);
+        push_quota_args(r.quotas, &mut call);
         let AdmitReply {
             code,
             a,
             mut usage,
             picked,
+            quota,
+            quotas,
         } = self.invoke_admit("admit", &call, r.pool).await?;
+        if quotas.len() != r.quotas.len() {
+            return Err(CounterError::Protocol(format!(
+                "admit answered {} quota entries for {}",
+                quotas.len(),
+                r.quotas.len()
+            )));
+        }
         usage.balance_remaining = usage.balance_remaining.filter(|_| r.balance.is_some());
         let denied = |reason, retry: Option<i64>| Verdict::Denied {
             reason,
@@ -123,6 +136,12 @@ impl RedisCounters {
             AdmitCode::BalanceExhausted => denied(Denial::BalanceExhausted, None),
             AdmitCode::BalanceCommitted => denied(Denial::BalanceCommitted, Some(a)),
             AdmitCode::PoolExhausted => denied(Denial::PoolExhausted, Some(a)),
+            AdmitCode::Quota => {
+                let (index, exhausted) = quota.ok_or_else(|| {
+                    CounterError::Protocol("admit refused by a quota without naming it".into())
+                })?;
+                denied(Denial::Quota { index, exhausted }, (a > 0).then_some(a))
+            }
             AdmitCode::PoolVersion => {
                 return Err(CounterError::Protocol(
                     "admit asked for a pool sync without a pool".into(),
@@ -136,6 +155,7 @@ impl RedisCounters {
                 .iter()
                 .position(|c| !picked.is_empty() && c.id == picked),
             degraded: None,
+            quotas,
         })
     }
 

@@ -17,6 +17,9 @@
 //! | `{P}:p:<provider>:order` | zset | key id → priority rank · 2^42 + last pick |
 //! | `{P}:pk:<id>:rpm` / `:tpm` | hash | a provider key's windows |
 //! | `{P}:pk:<id>:cd` / `:susp` | string | when its cooldown / suspension ends (ms) |
+//! | `{P}:q:<counter>:rm` / `:tm` | hash | a quota scope's per-minute windows |
+//! | `{P}:q:<counter>:rd:<day>` / `:td:<day>` | string | its requests / tokens of a UTC day (expire a day after it) |
+//! | `{P}:q:<counter>:s<d\|w\|m\|t>:<start day>` | hash | `spent`, `held` micro-USD of a spend period (a total never expires) |
 //! | `{P}:pk:<id>:cause` | hash | `cd` / `susp` → the report behind them (`status\|at\|source`); `lim` → what the rate-limit headers said last |
 //!
 //! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
@@ -144,6 +147,7 @@ impl RedisCounters {
                         // priority.
                         picked: r.pool.filter(|c| !c.is_empty()).map(|_| 0),
                         degraded: Some(mode.as_str()),
+                        quotas: vec![super::QuotaUse::default(); r.quotas.len()],
                     }
                 }
             })

@@ -2,7 +2,7 @@
 //! provider key for it (with `client = false`, only pick: `POST /v1/select`).
 
 use super::{int_at, protocol, script_fields, Contract, KeySpace};
-use crate::limits::{CounterError, Usage};
+use crate::limits::{CounterError, QuotaEntry, QuotaUse, Usage};
 
 script_fields! {
     key
@@ -48,6 +48,68 @@ impl AdmitKeys {
 }
 
 script_fields! {
+    key
+    /// The KEYS of `lua/admit.lua` repeated per quota entry (from KEYS 8).
+    pub struct AdmitQuotaKey {
+        /// `{tag}:q:<counter id>`: the script names the entry's counters from it.
+        pub quota: String,
+    }
+}
+
+script_fields! {
+    arg
+    /// The ARGV of `lua/admit.lua` repeated per quota entry (from ARGV 17).
+    pub struct AdmitQuotaArgs {
+        /// `rm tm rd td sd sw sm st` ([`crate::limits::QuotaKind::code`]).
+        pub kind: &'static str,
+        pub limit: i64,
+        /// The seed's start day, -1 = none.
+        pub seed_day: i64,
+        pub seed_micros: i64,
+    }
+}
+
+impl AdmitQuotaKey {
+    pub fn new(space: &KeySpace, entry: &QuotaEntry) -> AdmitQuotaKey {
+        AdmitQuotaKey {
+            quota: space.quota(&entry.counter),
+        }
+    }
+}
+
+impl AdmitQuotaArgs {
+    pub fn new(entry: &QuotaEntry) -> AdmitQuotaArgs {
+        let (seed_day, seed_micros) = entry.seed.unwrap_or((-1, 0));
+        AdmitQuotaArgs {
+            kind: entry.kind.code(),
+            limit: entry.limit,
+            seed_day,
+            // Within what the script's doubles hold exactly.
+            seed_micros: seed_micros.clamp(0, crate::money::MAX_TOTAL),
+        }
+    }
+}
+
+/// Adds a request's quota entries' KEYS to an admit call (after [`AdmitKeys`]). Keys
+/// and arguments are sent apart, so [`push_quota_args`] may follow [`AdmitArgs`].
+pub fn push_quota_keys(
+    space: &KeySpace,
+    quotas: &[QuotaEntry],
+    call: &mut redis::ScriptInvocation<'_>,
+) {
+    for entry in quotas {
+        AdmitQuotaKey::new(space, entry).push(call);
+    }
+}
+
+/// Adds a request's quota entries' ARGV to an admit call (after [`AdmitArgs`]).
+pub fn push_quota_args(quotas: &[QuotaEntry], call: &mut redis::ScriptInvocation<'_>) {
+    for entry in quotas {
+        AdmitQuotaArgs::new(entry).push(call);
+    }
+}
+
+script_fields! {
     arg
     /// ARGV of `lua/admit.lua` (limits: 0 = unlimited, see [`super::limit_arg`]).
     pub struct AdmitArgs<'a> {
@@ -86,11 +148,13 @@ pub enum AdmitCode {
     PoolExhausted,
     /// The pool in Redis is another version: sync it (`pool_sync.lua`) and ask again.
     PoolVersion,
+    /// A quota entry refuses (`quota_index`, `quota_exhausted`).
+    Quota,
 }
 
 impl AdmitCode {
     /// Every code with its number and its name in the script's header.
-    pub const CODES: [(AdmitCode, i64, &'static str); 8] = [
+    pub const CODES: [(AdmitCode, i64, &'static str); 9] = [
         (AdmitCode::Admitted, 0, "admitted"),
         (AdmitCode::Requests, 1, "requests"),
         (AdmitCode::Tokens, 2, "tokens"),
@@ -99,6 +163,7 @@ impl AdmitCode {
         (AdmitCode::BalanceCommitted, 5, "balance_committed"),
         (AdmitCode::PoolExhausted, 6, "pool_exhausted"),
         (AdmitCode::PoolVersion, 7, "pool_version"),
+        (AdmitCode::Quota, 8, "quota"),
     ];
 
     pub fn from_code(code: i64) -> Option<AdmitCode> {
@@ -119,16 +184,36 @@ pub struct AdmitReply {
     pub usage: Usage,
     /// The picked provider key's id, or empty.
     pub picked: String,
+    /// The refusing quota entry's index (0-based) and whether it is full (else its spend
+    /// is held by requests in flight), with [`AdmitCode::Quota`].
+    pub quota: Option<(usize, bool)>,
+    /// One per quota entry sent.
+    pub quotas: Vec<QuotaUse>,
 }
 
 impl AdmitReply {
     pub fn parse(reply: &[redis::Value]) -> Result<AdmitReply, CounterError> {
         const NAME: &str = "admit";
-        if reply.len() != 10 {
+        if reply.len() < 12 || reply.len() % 2 != 0 {
             return Err(protocol(NAME, format_args!("{} values", reply.len())));
         }
         let int = |i| int_at(NAME, reply, i);
         let code = int(0)?;
+        let index = int(10)?;
+        let quotas = (12..reply.len())
+            .step_by(2)
+            .map(|i| {
+                Ok(QuotaUse {
+                    used: int(i)?,
+                    reset_ms: int(i + 1)?,
+                })
+            })
+            .collect::<Result<Vec<_>, CounterError>>()?;
+        let quota = match usize::try_from(index) {
+            Ok(0) => None,
+            Ok(i) if i <= quotas.len() => Some((i - 1, int(11)? != 0)),
+            _ => return Err(protocol(NAME, format_args!("quota index {index}"))),
+        };
         Ok(AdmitReply {
             code: AdmitCode::from_code(code)
                 .ok_or_else(|| protocol(NAME, format_args!("code {code}")))?,
@@ -144,6 +229,8 @@ impl AdmitReply {
             },
             picked: redis::from_redis_value_ref::<String>(&reply[9])
                 .map_err(|_| protocol(NAME, "a picked id that is not text"))?,
+            quota,
+            quotas,
         })
     }
 }
@@ -152,9 +239,9 @@ pub const CONTRACT: Contract = Contract {
     file: "lua/admit.lua",
     source: super::source::ADMIT,
     keys: AdmitKeys::NAMES,
-    keys_repeated: &[],
+    keys_repeated: AdmitQuotaKey::NAMES,
     argv: AdmitArgs::NAMES,
-    argv_repeated: &[],
+    argv_repeated: AdmitQuotaArgs::NAMES,
     codes: &[
         (0, "admitted"),
         (1, "requests"),
@@ -164,6 +251,7 @@ pub const CONTRACT: Contract = Contract {
         (5, "balance_committed"),
         (6, "pool_exhausted"),
         (7, "pool_version"),
+        (8, "quota"),
     ],
 };
 

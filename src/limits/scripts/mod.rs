@@ -72,7 +72,8 @@ pub mod source {
 }
 
 /// What one script promises, for the header check: its file, its KEYS and ARGV by name
-/// (`*_repeated`: the group repeated per provider key after them), and its reply codes.
+/// (`*_repeated`: the group repeated after them, per provider key or per quota entry),
+/// and its reply codes.
 #[derive(Debug, Clone, Copy)]
 pub struct Contract {
     pub file: &'static str,
@@ -142,6 +143,12 @@ impl KeySpace {
     /// A provider pool's `def` or `order`.
     pub fn pool(&self, provider: &str, what: &str) -> String {
         format!("{}:p:{provider}:{what}", self.tag)
+    }
+
+    /// A quota scope's counters' base name (`counter` is a
+    /// [`crate::quota::Scope::counter_id`]): the scripts add `:rm`, `:td:<day>`, ….
+    pub fn quota(&self, counter: &str) -> String {
+        format!("{}:q:{counter}", self.tag)
     }
 
     /// A report's duplicate guard.
