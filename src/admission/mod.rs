@@ -39,6 +39,7 @@ use crate::pool::cache::{Candidate, Roster, RosterCache};
 use crate::pool::valid_provider;
 use crate::prices::{Price, PriceCache};
 use crate::quota::UserLimits;
+use crate::users::cache::UserCache;
 use quotas::StaticRefusal;
 pub use request::{AdmitBody, AdmitError, Admitted, Defaults};
 use rules::{allows, given, hold, plausible_secret};
@@ -53,6 +54,8 @@ pub struct Admission {
     /// Signs the lease ids this process issues and verifies the ones it is shown.
     keyring: Arc<Keyring>,
     prices: Arc<PriceCache>,
+    /// The limits shared by the keys of one `user_id`, in process like the keys.
+    users: Arc<UserCache>,
     defaults: Defaults,
 }
 
@@ -63,6 +66,7 @@ impl Admission {
         counters: Counters,
         keyring: Arc<Keyring>,
         prices: Arc<PriceCache>,
+        users: Arc<UserCache>,
         defaults: Defaults,
     ) -> Self {
         Self {
@@ -72,6 +76,7 @@ impl Admission {
             counters,
             keyring,
             prices,
+            users,
             defaults,
         }
     }
@@ -130,14 +135,14 @@ impl Admission {
         SignedLease::verify(text, &self.keyring)
     }
 
-    /// The limits of the key's user (the `users` row of `key.user_id`), when it has one.
-    ///
-    /// TODO(integration): the user cache (helper "admin") plugs in here: look
-    /// `key.user_id` up in it (in process, like the key cache). Until then no user limits
-    /// apply; everything after this call already handles them ([`quotas::build`]).
+    /// The limits of the key's user (the `users` row of `key.user_id`), when it has one:
+    /// from the in-process user cache (no database query on a hit; a user without a row
+    /// is remembered as such).
     async fn user_limits(&self, key: &ClientKey) -> Result<Option<Arc<UserLimits>>, AdmitError> {
-        let _no_user_cache_yet = &key.user_id;
-        Ok(None)
+        match key.user_id.as_deref() {
+            Some(user_id) => Ok(self.users.get(user_id).await?),
+            None => Ok(None),
+        }
     }
 
     /// The key a secret names, after the static checks.

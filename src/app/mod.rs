@@ -165,6 +165,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Parts> {
         counters.clone(),
         keyring.clone(),
         price_cache,
+        user_cache.clone(),
         crate::admission::Defaults {
             lease_ttl_ms: config.lease_ttl.as_millis() as i64,
             tokens: config.default_estimated_tokens,
