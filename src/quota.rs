@@ -317,13 +317,15 @@ impl Scope {
     }
 }
 
-/// Whether `pct` percent of `limit` lies in `(before, after]`: a threshold crossed by
-/// a spend going from `before` to `after` (micro-USD). Rounds the threshold up, so an
-/// alert at 80% of 1 micro-USD needs the whole micro-USD.
-pub fn crossed(limit_micros: i64, pct: u16, before: i64, after: i64) -> bool {
-    let at = (i128::from(limit_micros) * i128::from(pct)).div_euclid(100)
-        + i128::from((i128::from(limit_micros) * i128::from(pct)) % 100 != 0);
-    i128::from(before) < at && at <= i128::from(after)
+/// Whether a spend of `spend` micro-USD has reached `pct` percent of `limit`. The
+/// threshold is rounded up, so 80% of 1 micro-USD needs the whole micro-USD. Alerts are
+/// raised whenever a period's spend has reached a threshold (not only when one record
+/// crosses it), so a threshold added or lowered below the spend alerts too; each alert's
+/// id makes it once per period and limit.
+pub fn reached(limit_micros: i64, pct: u16, spend: i64) -> bool {
+    let scaled = i128::from(limit_micros) * i128::from(pct);
+    let at = scaled.div_euclid(100) + i128::from(scaled % 100 != 0);
+    i128::from(spend) >= at
 }
 
 #[cfg(test)]
@@ -417,14 +419,13 @@ mod tests {
     }
 
     #[test]
-    fn thresholds_cross_once() {
-        assert!(crossed(100, 80, 79, 80));
-        assert!(!crossed(100, 80, 80, 90));
-        assert!(crossed(100, 80, 0, 1000));
-        assert!(!crossed(100, 80, 0, 79));
+    fn thresholds_are_reached_at_their_rounded_up_share() {
+        assert!(reached(100, 80, 80));
+        assert!(reached(100, 80, 1000));
+        assert!(!reached(100, 80, 79));
         // 80% of 1 micro-USD rounds up to the whole micro-USD.
-        assert!(!crossed(1, 80, 0, 0));
-        assert!(crossed(1, 80, 0, 1));
+        assert!(!reached(1, 80, 0));
+        assert!(reached(1, 80, 1));
     }
 
     #[test]

@@ -191,4 +191,74 @@ async fn each_period_counts_apart_alerts_again_and_never_wraps(backend: Backend)
     s.stop().await;
 }
 
-on_both_backends!(each_period_counts_apart_alerts_again_and_never_wraps);
+/// Alerts follow the limit as it is when a record is applied: a threshold added below
+/// what the period already spent alerts with the next record; a limit raised mid-period
+/// alerts again at its own thresholds; a repeat of either alerts nothing more.
+async fn changed_limits_alert_at_their_own_thresholds(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let (key, _) = s.create_key(json!({})).await;
+    let key = key["id"].as_str().unwrap();
+    let pool = sqlx::AnyPool::connect(&s.db.url).await.unwrap();
+    let limits = |json: &'static str| {
+        let pool = pool.clone();
+        let key = key.to_string();
+        async move {
+            sqlx::query("UPDATE client_keys SET spend_limits = $2 WHERE id = $1")
+                .bind(key)
+                .bind(json)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    let day = keyward::quota::days_from_civil(2026, 11, 30);
+    let apply = |id: &'static str, micros: i64| {
+        let db = s.state.db.clone();
+        let r = record(id, key, day, micros);
+        async move { keyward::accounting::apply_batch(&db, &[r]).await.unwrap() }
+    };
+    let alerts = || async {
+        let list = s.admin(Method::GET, "/admin/alerts?limit=1000", None).await;
+        let mut seen: Vec<(String, i64)> = list.body["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let p = &a["payload"];
+                let limit = (p["limit_usd"].as_f64().unwrap() * 1e6).round() as i64;
+                (format!("{}%", p["threshold_pct"]), limit)
+            })
+            .collect();
+        seen.sort();
+        seen
+    };
+
+    // 0.6 USD spent without thresholds: nothing. Then 50% is added: the next record
+    // (of 1 micro-USD) alerts it.
+    limits(r#"{"month": {"usd": 1}}"#).await;
+    apply("a1", 600_000).await;
+    assert_eq!(alerts().await, []);
+    limits(r#"{"month": {"usd": 1, "alert_at_pct": [50]}}"#).await;
+    apply("a2", 1).await;
+    assert_eq!(alerts().await, [("50%".to_string(), 1_000_000)]);
+    apply("a3", 1).await;
+    assert_eq!(alerts().await, [("50%".to_string(), 1_000_000)], "once per period and limit");
+
+    // Raised to 2 USD: its 50% (1 USD) alerts when the spend reaches it, once.
+    limits(r#"{"month": {"usd": 2, "alert_at_pct": [50]}}"#).await;
+    apply("a4", 300_000).await;
+    assert_eq!(alerts().await.len(), 1, "0.9 USD is below 50% of 2 USD");
+    apply("a5", 100_000).await;
+    apply("a6", 100_000).await;
+    assert_eq!(
+        alerts().await,
+        [("50%".to_string(), 1_000_000), ("50%".to_string(), 2_000_000)]
+    );
+    pool.close().await;
+    s.stop().await;
+}
+
+on_both_backends!(
+    each_period_counts_apart_alerts_again_and_never_wraps,
+    changed_limits_alert_at_their_own_thresholds,
+);

@@ -16,10 +16,12 @@
 //!   so two replicas' transactions lock shared rows in the same order (no deadlock).
 //! - A row never passes [`MAX_TOTAL`]: a batch that would take one past it is refused
 //!   ([`StoreError::OutOfRange`]), which the accounting writer turns into dead letters.
-//! - Each alert threshold of a spend limit is crossed at most once per period: the
-//!   alert's id is derived from (counter, period, start day, percent) and inserted with
-//!   `ON CONFLICT DO NOTHING`. The crossing is judged on the row's cost before and after
-//!   this batch (the upsert returns the new figure under its row lock).
+//! - Each alert threshold of a spend limit alerts at most once per period and limit: the
+//!   alert's id is derived from (counter, period, start day, limit, percent) and
+//!   inserted with `ON CONFLICT DO NOTHING`. It is raised by the first batch after which
+//!   the row's cost (returned by the upsert under its row lock) has reached the
+//!   threshold, so a limit lowered, or a threshold added, below what was already spent
+//!   alerts with the next record, and a raised limit alerts again at its own thresholds.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -238,12 +240,11 @@ pub(super) async fn apply(
         let Some(limit) = &d.limit else {
             continue;
         };
-        let before = after - d.cost;
         for pct in &limit.alert_at_pct {
-            if !quota::crossed(limit.usd.micros(), *pct, before, after) {
+            if !quota::reached(limit.usd.micros(), *pct, after) {
                 continue;
             }
-            let id = alert_id(counter, *period, *start_day, *pct);
+            let id = alert_id(counter, *period, *start_day, limit.usd.micros(), *pct);
             let payload = Payload {
                 id: &id,
                 kind: "spend.threshold",
@@ -313,9 +314,9 @@ async fn upsert(
 
 /// The alert's id: hex SHA-256 of `counter|period|start_day|pct`, the same on every
 /// replica, so a threshold alerts once per period whoever applies the record.
-pub fn alert_id(counter: &str, period: Period, start_day: i64, pct: u16) -> String {
+pub fn alert_id(counter: &str, period: Period, start_day: i64, limit_micros: i64, pct: u16) -> String {
     use sha2::{Digest, Sha256};
-    let text = format!("{counter}|{}|{start_day}|{pct}", period.as_str());
+    let text = format!("{counter}|{}|{start_day}|{limit_micros}|{pct}", period.as_str());
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
@@ -325,13 +326,14 @@ mod tests {
 
     #[test]
     fn alert_ids_differ_by_each_part() {
-        let base = alert_id("c", Period::Month, 20_400, 80);
+        let base = alert_id("c", Period::Month, 20_400, 5, 80);
         assert_eq!(base.len(), 64);
         for other in [
-            alert_id("d", Period::Month, 20_400, 80),
-            alert_id("c", Period::Week, 20_400, 80),
-            alert_id("c", Period::Month, 20_401, 80),
-            alert_id("c", Period::Month, 20_400, 100),
+            alert_id("d", Period::Month, 20_400, 5, 80),
+            alert_id("c", Period::Week, 20_400, 5, 80),
+            alert_id("c", Period::Month, 20_401, 5, 80),
+            alert_id("c", Period::Month, 20_400, 6, 80),
+            alert_id("c", Period::Month, 20_400, 5, 100),
         ] {
             assert_ne!(base, other);
         }
