@@ -352,6 +352,8 @@ pub async fn run_parts(
         admin = %admin.local_addr()?,
         database = ?config.backend,
         counters = if config.redis_url.is_some() { "redis" } else { "in-process" },
+        // Not the URL: its path may hold a receiver's token.
+        alerts = if config.webhook.is_some() { "webhook" } else { "queued, no webhook" },
         "keyward serving"
     );
     let served = http::serve(state.clone(), data, admin, config.shutdown_grace, shutdown).await;
