@@ -227,7 +227,8 @@ async fn the_path_model_is_the_checked_model(b: Backend) {
 /// An OpenAI chat or completions stream states its usage only when asked
 /// (`stream_options.include_usage`). A prepaid key's stream that asks neither for that
 /// nor names a limit (`max_tokens`, ...) would be charged the default estimate's hold
-/// whatever its length: it is refused before anything is taken. With either, or on a
+/// whatever its length: it is refused before anything is taken, and so is such a stream
+/// under a spend limit. With either, or on a
 /// key without a balance, or an API whose streams always state their usage, it goes
 /// ahead.
 async fn a_prepaid_stream_must_state_its_usage_or_its_limit(b: Backend) {
@@ -250,9 +251,18 @@ async fn a_prepaid_stream_must_state_its_usage_or_its_limit(b: Backend) {
     let (_, postpaid) = s
         .create_key(json!({"rate_limit": null, "concurrent_limit": null}))
         .await;
+    // A spend limit is charged like a balance: the same rule.
+    let (_, budgeted) = s
+        .create_key(json!({"rate_limit": null, "concurrent_limit": null,
+                           "spend_limits": {"day": {"usd": 1}}}))
+        .await;
     let unstated = r#"{"model": "gpt-4o", "stream": true, "messages": []}"#;
-    for path in ["/v1/chat/completions", "/v1/completions"] {
-        let a = authz(&s, path, &prepaid, &[], unstated).await;
+    for (path, secret) in [
+        ("/v1/chat/completions", &prepaid),
+        ("/v1/completions", &prepaid),
+        ("/v1/chat/completions", &budgeted),
+    ] {
+        let a = authz(&s, path, secret, &[], unstated).await;
         assert_eq!(
             (a.status, error_code(&a).as_str()),
             (400, "BAD_REQUEST"),

@@ -321,12 +321,21 @@ impl Admission {
         let price = self
             .price(provider, model, balance.is_some() || quotas.has_spend())
             .await?;
-        if balance.is_some() && body.usage_unstated && body.estimated_tokens.is_none() {
+        if (balance.is_some() || quotas.has_spend())
+            && body.usage_unstated
+            && body.estimated_tokens.is_none()
+        {
             // Its answer is charged its hold, and without a limit the hold is the
-            // default estimate's, whatever the answer's length.
-            return Err(AdmitError::BadRequest(
-                "a prepaid key's stream must state its usage or its limit: set stream_options.include_usage to true, or max_tokens".into(),
-            ));
+            // default estimate's, whatever the answer's length: a balance or a spend
+            // limit would then be charged less than the upstream really cost.
+            let whose = if balance.is_some() {
+                "a prepaid key's"
+            } else {
+                "a stream under a spend limit: its"
+            };
+            return Err(AdmitError::BadRequest(format!(
+                "{whose} stream must state its usage or its limit: set stream_options.include_usage to true, or max_tokens"
+            )));
         }
         let hold_micros = price.map_or(0, |p| hold(&p, body.input_estimate, estimate));
         if let Some(StaticRefusal::Spend(quota)) = quotas::static_refusal(&quotas, 0, hold_micros) {

@@ -86,7 +86,7 @@ pub enum AdmitError {
         estimate: i64,
         quota: Box<QuotaStatus>,
     },
-    #[error("this request's hold of {hold} micro-USD is larger than {}", describe(.quota))]
+    #[error("this request's hold of {} USD is larger than {}", crate::money::format_usd(*.hold), describe(.quota))]
     HoldExceedsSpendLimit { hold: i64, quota: Box<QuotaStatus> },
     #[error("{}", limited_message(.reason, .quotas))]
     Limited {
@@ -125,7 +125,9 @@ fn limited_message(reason: &Denial, quotas: &[QuotaStatus]) -> String {
             (crate::limits::QuotaKind::Spend(_), false) => {
                 format!("{what} is held by requests in flight")
             }
-            (crate::limits::QuotaKind::Spend(_), true) => format!("{what} is used up"),
+            (crate::limits::QuotaKind::Spend(_), true) => {
+                format!("{what} is used up, or has less room left than this request's hold")
+            }
             _ => format!("{what} is reached"),
         };
     }

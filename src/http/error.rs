@@ -291,6 +291,7 @@ impl From<AdmitError> for ApiError {
                     (QuotaKind::Spend(_), false) => {
                         let mut err = retry(status(ErrorCode::ConcurrencyLimited), Some(1_000));
                         err.limit = Some("spend");
+                        err.quota = Some(Box::new(QuotaFields::of(quota, Some(usage.now_ms))));
                         return err;
                     }
                     (kind, _) if kind.counts_requests() => (ErrorCode::RateLimited, "requests"),
