@@ -1,4 +1,4 @@
--- renew.lua: extend a live lease.
+-- renew.lua: extend a live lease, and its spend holds with it.
 --
 -- Contract (checked against src/limits/scripts/renew.rs by tests/script_contracts.rs):
 --
