@@ -11,7 +11,7 @@
 --   2  tpm                hash   the same for tokens reserved
 --   3  leases             zset   lease token -> expiry (ms)
 --   4  ld                 hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold|quotas"
---                                (quotas: "kind,counter,amount;..." what its report or expiry
+--                                (quotas: "kind,counter,amount;..." what its report
 --                                corrects: tm/td tokens reserved, s? the spend hold)
 --   5  bal                hash   rem, cred, ver (live balance, micro-USD), held (the holds
 --                                of the leases in flight, micro-USD)
@@ -27,7 +27,9 @@
 --                         <base>:rd:<day> / :td:<day> (string: requests / tokens of that
 --                         UTC day, days since 1970-01-01); <base>:s<d|w|m|t>:<start day>
 --                         (hash 'spent', 'held': micro-USD of the period starting that
---                         day; 0 for a total, which never expires)
+--                         day; 0 for a total, which never expires) and its holds
+--                         <that name>:hx (zset "<lease token>:<hold>" -> the lease's
+--                         expiry, ms: 'held' is the sum of its members' holds)
 -- ARGV (a limit of 0 means no limit, here and in the pool's definition):
 --   1  rpm_limit          requests per minute (0 = unlimited)
 --   2  tpm_limit          tokens per minute (0 = unlimited)
@@ -82,9 +84,15 @@
 --
 -- Quotas (checked after the key's own limits, in their order; all or nothing with
 -- everything else): a spend entry admits while spent < limit and spent + held + hold <=
--- limit; the hold is added to 'held', and its report moves it to 'spent' as the actual
--- cost (report.lua); an expired lease's purge releases it. Periods are UTC, computed
--- from `now` with the integer steps of src/quota.rs (days_from_civil).
+-- limit; the hold is added to 'held' and listed in the counter's :hx with its lease's
+-- expiry (renew.lua extends it), and its report moves it to 'spent' as the actual cost
+-- (report.lua). A hold leaves 'held' once, by whichever comes first: its report, the
+-- purge of its expired lease here (when its key admits again), or the purge of the
+-- counter's expired holds, which every decision reading the counter runs first (at most
+-- PURGE_BATCH at a time): so a request never reported stops holding at its lease's
+-- expiry even if its key never admits again. A counter that is missing has no holds (its
+-- :hx is deleted with it), and one that holds with an empty :hx holds nothing. Periods
+-- are UTC, computed from `now` with the integer steps of src/quota.rs (days_from_civil).
 --
 -- Provider keys are tried by priority, then least recently picked (never picked first);
 -- a key is skipped while cooling down, suspended, or without room for this request in
@@ -230,26 +238,53 @@ local function corrections(list)
   return out
 end
 
+-- At most this many expired leases of the key, and expired holds of each spend counter,
+-- leave per decision. A backlog (a busy key without a concurrency limit, idle for longer
+-- than its lease TTL, can have tens of thousands expire together) leaves over several
+-- decisions instead of holding Redis for milliseconds in one.
+local PURGE_BATCH = 100
+
+-- A spend hold as its counter's :hx lists it.
+local function hold_member(lease_token, amount) return lease_token .. ':' .. int(amount) end
+
+-- Releases one lease's hold from a spend counter, if it is still listed there (its
+-- report or the counter's purge may have released it already: never twice).
+local function release_hold(key, member, amount)
+  if redis.call('ZREM', key .. ':hx', member) == 0 then return end
+  local h = redis.call('HGET', key, 'held')
+  if h then redis.call('HSET', key, 'held', int(math.max(0, tonumber(h) - amount))) end
+end
+
+-- The spend counter `key` (read: 'held' = held) without its expired holds: removes up
+-- to PURGE_BATCH of them from :hx and their amounts from 'held'; returns the new held.
+local function expire_holds(key, held)
+  local hx = key .. ':hx'
+  local was = held
+  local gone = redis.call('ZRANGEBYSCORE', hx, '-inf', int(now), 'LIMIT', 0, PURGE_BATCH)
+  for _, m in ipairs(gone) do held = held - (tonumber(string.match(m, ':(%d+)$')) or 0) end
+  if #gone > 0 then redis.call('ZREM', hx, unpack(gone)) end
+  held = math.max(0, held)
+  -- Nothing listed holds nothing (heals a 'held' that lost its members).
+  if held > 0 and redis.call('ZCARD', hx) == 0 then held = 0 end
+  if held ~= was then redis.call('HSET', key, 'held', int(held)) end
+  return held
+end
+
 local in_flight, released = 0, 0
 if client then
   -- Expired leases free their slot (and their reservation data), at most PURGE_BATCH per
-  -- decision. A backlog (a busy key without a concurrency limit, idle for longer than
-  -- its lease TTL, can have tens of thousands expire together) leaves over several
-  -- decisions instead of holding Redis for milliseconds in one; meanwhile only live
-  -- leases are counted (and renew.lua refuses expired ones).
-  local PURGE_BATCH = 100
+  -- decision; meanwhile only live leases are counted (and renew.lua refuses expired ones).
   local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, PURGE_BATCH)
   if #expired > 0 then
-    -- Their holds leave the balance's held amount with them.
-    -- So do their spend holds, from the spend counters that still exist.
-    for _, data in ipairs(redis.call('HMGET', KEYS[4], unpack(expired))) do
+    -- Their holds leave the balance's held amount with them, and their spend holds the
+    -- spend counters that still list them.
+    for i, data in ipairs(redis.call('HMGET', KEYS[4], unpack(expired))) do
       if data then
         local f = fields(data)
         released = released + (tonumber(f[8] or '0') or 0)
         for _, c in ipairs(corrections(f[9])) do
           if string.sub(c[1], 1, 1) == 's' and c[3] > 0 then
-            local h = redis.call('HGET', c[2], 'held')
-            if h then redis.call('HSET', c[2], 'held', int(math.max(0, tonumber(h) - c[3]))) end
+            release_hold(c[2], hold_member(expired[i], c[3]), c[3])
           end
         end
       end
@@ -360,11 +395,14 @@ for i = 1, nq do
     q.key = base .. ':' .. q.kind .. ':' .. int(first)
     local h = redis.call('HMGET', q.key, 'spent', 'held')
     q.spend = true
-    q.spent, q.held = tonumber(h[1]), tonumber(h[2]) or 0
-    if not q.spent then
+    q.spent = tonumber(h[1])
+    if q.spent then
+      q.held = expire_holds(q.key, tonumber(h[2]) or 0)
+    else
       -- Missing (Redis lost it, or the period just began): the database's figure when
-      -- it is this period's.
-      q.spent = (seed_day == first) and seed or 0
+      -- it is this period's, and no holds (any listed without their counter go).
+      q.spent, q.held = (seed_day == first) and seed or 0, 0
+      redis.call('DEL', q.key .. ':hx')
     end
     q.used = math.min(MAX, q.spent + q.held)
     q.ends = after and after * DAY
@@ -500,6 +538,7 @@ if tpm_limit > 0 and tokens > 0 then
   tok_lo = tok_lo or b
 end
 -- The quota entries, and what the report (or the lease's expiry) corrects.
+local expiry = now + ttl
 local corrected = {}
 for _, q in ipairs(quotas) do
   local k = q.kind
@@ -520,13 +559,17 @@ for _, q in ipairs(quotas) do
   else
     q.held = q.held + hold
     redis.call('HSET', q.key, 'spent', int(q.spent), 'held', int(q.held))
-    if q.ends then redis.call('PEXPIRE', q.key, int(q.ends + MARGIN - now)) end
+    if hold > 0 then redis.call('ZADD', q.key .. ':hx', int(expiry), hold_member(token, hold)) end
+    if q.ends then
+      -- The holds expire with their counter (the same instant).
+      redis.call('PEXPIRE', q.key, int(q.ends + MARGIN - now))
+      if hold > 0 then redis.call('PEXPIRE', q.key .. ':hx', int(q.ends + MARGIN - now)) end
+    end
     q.used = math.min(MAX, q.spent + q.held)
     corrected[#corrected + 1] = k .. ',' .. q.key .. ',' .. int(hold)
   end
 end
 
-local expiry = now + ttl
 redis.call('ZADD', KEYS[3], expiry, token)
 -- Reservation data for the report: second, client tokens, provider|model|format, the
 -- picked provider key with its tokens, the balance hold and the quota corrections.

@@ -1,10 +1,12 @@
--- renew.lua: extend a live lease.
+-- renew.lua: extend a live lease, and its spend holds with it.
 --
 -- Contract (checked against src/limits/scripts/renew.rs by tests/script_contracts.rs):
 --
 -- KEYS (under the deployment's hash tag):
 --   1  leases         zset   lease token -> expiry (ms)
---   2  ld             hash   lease token -> reservation data
+--   2  ld             hash   lease token -> reservation data; its 9th field lists the
+--                            quota counters the lease holds spend on (see admit.lua),
+--                            whose holds (<counter>:hx) take the new expiry too
 -- ARGV:
 --   1  lease_token
 --   2  lease_ttl_ms   (> 0)
@@ -33,6 +35,18 @@ local expiry = tonumber(redis.call('ZSCORE', KEYS[1], token))
 if not expiry or expiry <= now then return -1 end
 local new_expiry = now + ttl
 redis.call('ZADD', KEYS[1], 'XX', new_expiry, token)
+-- The lease's spend holds expire with it (XX: a hold its counter no longer lists, the
+-- counter being gone, stays gone).
+local data = redis.call('HGET', KEYS[2], token)
+if data then
+  local f = {}
+  for part in string.gmatch(data .. '|', '([^|]*)|') do f[#f + 1] = part end
+  for kind, key, amount in string.gmatch(f[9] or '', '(%a%a),([^,;]+),(%d+)') do
+    if string.sub(kind, 1, 1) == 's' and tonumber(amount) > 0 then
+      redis.call('ZADD', key .. ':hx', 'XX', string.format('%.0f', new_expiry), token .. ':' .. amount)
+    end
+  end
+end
 if redis.call('PTTL', KEYS[1]) < ttl + 1000 then
   redis.call('PEXPIRE', KEYS[1], ttl + 1000)
   redis.call('PEXPIRE', KEYS[2], ttl + 1000)

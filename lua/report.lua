@@ -76,11 +76,15 @@
 -- window, and only when tokens were reported), the balance is debited and the lease's
 -- hold released from what the balance holds in flight, the lease's quota counters are
 -- corrected (per-minute and per-day tokens by actual - reserved, when tokens were
--- reported; each spend counter that still exists: held -= hold, spent += cost, in the
--- period the request was admitted in), the provider key is cooled down or suspended,
--- and the usage entry is appended to the stream. A lease that already expired is still
--- recorded and debited (but its quota corrections left with its data, when admit.lua
--- purged it: its cost then reaches the quotas through the database only).
+-- reported; each spend counter that still exists, in the period the request was
+-- admitted in: spent += cost, and held -= hold only if the counter's :hx still lists
+-- the hold, which then leaves it), the provider key is cooled down or suspended, and
+-- the usage entry is appended to the stream. A hold leaves 'held' once: a report after
+-- its lease expired and a purge released the hold (admit.lua's, of the counter or of
+-- the key's leases) releases nothing, but still adds its cost to 'spent' when the
+-- lease's data is still there. A lease that already expired is still recorded and
+-- debited (but its quota corrections left with its data, when admit.lua purged the
+-- lease: its cost then reaches the quotas through the database only).
 
 local token, lease_id, key_id = ARGV[1], ARGV[2], ARGV[3]
 local has_tokens = ARGV[4] == '1'
@@ -141,12 +145,23 @@ local function settle_day(key, reserved)
   return {key, math.max(0, old + prompt + completion - reserved) - old}
 end
 
--- Reads only: a spend counter's new 'spent' and 'held', or nil when it is gone.
+-- Reads only: a spend counter's new 'spent' and 'held', and the lease's hold to remove
+-- from its :hx (false when not listed: released already, or none), or nil when the
+-- counter is gone.
 local function settle_spend(key, hold_q)
   local h = redis.call('HMGET', key, 'spent', 'held')
   local spent = tonumber(h[1])
   if not spent then return nil end
-  return {key, math.min(MAX, spent + cost), math.max(0, (tonumber(h[2]) or 0) - hold_q)}
+  local held, member = tonumber(h[2]) or 0, false
+  if hold_q > 0 then
+    member = token .. ':' .. int(hold_q)
+    if redis.call('ZSCORE', key .. ':hx', member) then
+      held = math.max(0, held - hold_q)
+    else
+      member = false
+    end
+  end
+  return {key, math.min(MAX, spent + cost), held, member}
 end
 
 local provider, model, api_format = '', ARGV[9], ''
@@ -216,7 +231,10 @@ if token ~= '' then
   for _, d in ipairs(days) do
     if d[2] ~= 0 then redis.call('INCRBY', d[1], int(d[2])) end
   end
-  for _, sp in ipairs(spends) do redis.call('HSET', sp[1], 'spent', int(sp[2]), 'held', int(sp[3])) end
+  for _, sp in ipairs(spends) do
+    redis.call('HSET', sp[1], 'spent', int(sp[2]), 'held', int(sp[3]))
+    if sp[4] then redis.call('ZREM', sp[1] .. ':hx', sp[4]) end
+  end
 end
 
 if pk ~= '' then

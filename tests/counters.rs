@@ -5,8 +5,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "counters/holds.rs"]
+mod holds;
 #[path = "counters/quotas.rs"]
 mod quotas;
+use holds::*;
 use quotas::*;
 
 use std::sync::atomic::Ordering;
@@ -87,6 +90,8 @@ on_both_stores!(
     day_and_month_counters_reset_at_utc_boundaries,
     spend_passes_its_limit_only_by_actual_minus_hold,
     missing_spend_counters_start_from_their_seed,
+    a_hold_of_a_key_that_never_admits_again_leaves_at_its_lease_expiry,
+    a_renewed_lease_keeps_its_hold_until_its_new_expiry,
 );
 
 struct Store {

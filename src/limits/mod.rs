@@ -27,8 +27,11 @@
 //! - **Quotas** ([`quota`]): every entry of a request is checked before anything is
 //!   taken (all or nothing with the key's own limits and the pool). A spend counter
 //!   admits while `spent + held + hold <= limit` (and `spent < limit`); its report
-//!   replaces the hold by the cost, an expired lease releases it, so spend passes a
-//!   limit only by what requests in flight cost beyond their holds.
+//!   replaces the hold by the cost. The counter lists each hold with its lease's expiry,
+//!   and drops the expired ones before each decision that reads it, so `held` is the
+//!   sum of the holds of live leases not yet reported, even when a lease's key never
+//!   admits again; each hold leaves once. Spend passes a limit only by what requests in
+//!   flight cost beyond their holds.
 
 pub mod breaker;
 pub mod clock;

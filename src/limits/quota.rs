@@ -9,7 +9,12 @@
 //! - requests / tokens per UTC day: one counter per day, which the next day does not
 //!   read (so it resets at 00:00 UTC); tokens are reserved, then corrected at report;
 //! - spend per period: `spent` and `held` micro-USD per period start; a request holds its
-//!   hold until its report (`held -= hold`, `spent += cost`) or its lease's expiry.
+//!   hold until its report (`held -= hold`, `spent += cost`) or its lease's expiry
+//!   (renewals extend it). Each counter lists its holds with their lease's expiry and
+//!   drops the expired ones (at most 100 per decision) before any decision reads it, so
+//!   an unreported request stops holding when its lease expires, whichever key admits
+//!   next; a hold leaves `held` once (its report, the purge of its key's expired leases
+//!   or the counter's own purge, whichever comes first).
 //!
 //! Periods are computed from the store's clock (`lua/admit.lua` with the same integer
 //! steps as [`crate::quota::days_from_civil`]).

@@ -10,7 +10,7 @@ use super::{admitted, denial, key, report, request, Kind, Store};
 const DAY: i64 = 86_400_000;
 
 /// A quota entry on a fresh counter.
-fn entry(kind: QuotaKind, limit: i64) -> QuotaEntry {
+pub(super) fn entry(kind: QuotaKind, limit: i64) -> QuotaEntry {
     let scope = Scope {
         kind: ScopeKind::User,
         id: uuid::Uuid::new_v4().to_string(),
@@ -24,14 +24,14 @@ fn entry(kind: QuotaKind, limit: i64) -> QuotaEntry {
     }
 }
 
-fn with<'a>(lease: &'a LeaseId, quotas: &'a [QuotaEntry]) -> AdmitRequest<'a> {
+pub(super) fn with<'a>(lease: &'a LeaseId, quotas: &'a [QuotaEntry]) -> AdmitRequest<'a> {
     AdmitRequest {
         quotas,
         ..request(lease)
     }
 }
 
-fn used(d: &Decision) -> Vec<i64> {
+pub(super) fn used(d: &Decision) -> Vec<i64> {
     d.quotas.iter().map(|q| q.used).collect()
 }
 

@@ -74,8 +74,9 @@ impl MemoryCounters {
             // Expired leases go with the next admission (as admit.lua purges them), or
             // here once Redis would have expired the whole set.
             if state.leases_lapse_at <= now {
-                // Redis loses their data with the lease set: their quota corrections
-                // (spend holds) go with it, here as there.
+                // Redis loses their data with the lease set: their quota corrections go
+                // with it, here as there (their spend holds stay listed in their
+                // counters, which drop them when they next read them).
                 let _lost = state.expire_leases(now);
             }
             state.requests.prune(b);

@@ -19,7 +19,7 @@ pub(super) struct Lease {
     /// Micro-USD it holds on the key's tracked balance.
     pub(super) hold: i64,
     /// What its report corrects in the quota counters (its spend holds also leave them
-    /// when it expires).
+    /// when it expires: with its purge here, or by their counters' own purge).
     pub(super) quotas: Vec<Correction>,
 }
 
@@ -52,14 +52,17 @@ pub(super) struct KeyState {
 
 impl KeyState {
     /// Expired leases free their slot and their hold (as admit.lua's purge); returns
-    /// their quota corrections, whose spend holds the caller releases.
-    pub(super) fn expire_leases(&mut self, now: i64) -> Vec<Correction> {
+    /// each one's token with its quota corrections (when it has any), whose spend holds
+    /// the caller releases.
+    pub(super) fn expire_leases(&mut self, now: i64) -> Vec<(String, Vec<Correction>)> {
         let mut released = Vec::new();
         while self.by_expiry.first().is_some_and(|(at, _)| *at <= now) {
             if let Some((_, token)) = self.by_expiry.pop_first() {
                 if let Some(lease) = self.leases.remove(&token) {
                     self.release(lease.hold);
-                    released.extend(lease.quotas);
+                    if !lease.quotas.is_empty() {
+                        released.push((token, lease.quotas));
+                    }
                 }
             }
         }

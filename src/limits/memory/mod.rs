@@ -187,14 +187,14 @@ impl MemoryCounters {
         if reserved > 0 {
             state.tokens.add(b, reserved);
         }
-        let corrections = quotas.as_mut().map_or_else(Vec::new, |q| {
-            q.take(&mut reads, r.tokens, r.hold_micros, now)
-        });
+        let expires_at = now + r.lease_ttl_ms;
+        let corrections = quotas
+            .as_mut()
+            .map_or_else(Vec::new, |q| q.take(&mut reads, r, now, expires_at));
         let quota_uses = quotas
             .as_ref()
             .map_or_else(Vec::new, |q| q.uses(&reads, now));
         drop(quotas);
-        let expires_at = now + r.lease_ttl_ms;
         let hold = if tracked.is_some() { r.hold_micros } else { 0 };
         if let Some(balance) = state.balance.as_mut().filter(|_| tracked.is_some()) {
             balance.held = balance.held.saturating_add(hold);
@@ -316,6 +316,7 @@ impl MemoryCounters {
                     state.release(held.hold);
                     if !held.quotas.is_empty() {
                         self.quotas.lock().report(
+                            &lease.token,
                             &held.quotas,
                             held.bucket,
                             r.tokens,
@@ -371,6 +372,12 @@ impl MemoryCounters {
         }
         let mut held = state.remove_lease(&lease.token)?;
         held.expires_at = now + ttl_ms;
+        if !held.quotas.is_empty() {
+            // Its spend holds expire with it (renew.lua); the quota lock after the key's.
+            self.quotas
+                .lock()
+                .renew(&lease.token, &held.quotas, held.expires_at);
+        }
         state.add_lease(lease.token.clone(), held);
         Some(now + ttl_ms)
     }

@@ -7,13 +7,24 @@
 //! twin entries are locked apart: all quota counters sit behind one mutex, taken after a
 //! key's entry lock (never the other way round), so a decision reads, checks and takes
 //! every entry atomically.
+//!
+//! A spend counter lists its holds as `lua/admit.lua`'s `:hx` does (member
+//! `<lease token>:<hold>` → the lease's expiry), so a hold leaves `held` once, by its
+//! report, its lease's purge or the counter's own purge of expired holds, whichever
+//! comes first, and in the same order as in Redis (a batch of at most
+//! [`PURGE_BATCH`] by expiry, then member).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::limits::quota::{period_at, QuotaEntry, QuotaKind, QuotaUse, PERIOD_MARGIN_MS};
 use crate::limits::window::Window;
+use crate::limits::AdmitRequest;
 use crate::money::MAX_TOTAL;
+
+/// At most this many expired holds leave one spend counter per decision (admit.lua's
+/// `PURGE_BATCH`, as for a key's expired leases).
+pub(super) const PURGE_BATCH: usize = 100;
 
 /// What a lease's report (or, for a spend hold, its expiry) corrects in one counter.
 #[derive(Debug, Clone)]
@@ -24,12 +35,83 @@ pub(super) struct Correction {
     pub(super) amount: i64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Spend {
     spent: i64,
+    /// The sum of the holds listed in `holds`.
     held: i64,
+    holds: Holds,
     /// When Redis would let it expire (a period's end plus the margin); never for a total.
     drop_at: Option<i64>,
+}
+
+/// A spend counter's holds in flight: the twin of its `:hx` zset.
+#[derive(Debug, Default)]
+struct Holds {
+    /// Member (`<lease token>:<hold>`) → its lease's expiry.
+    expiry: HashMap<String, i64>,
+    /// The same, in the zset's order (score, then member).
+    ordered: BTreeSet<(i64, String)>,
+}
+
+impl Holds {
+    /// ZADD (XX: only a member already listed).
+    fn set(&mut self, member: String, at: i64, only_existing: bool) {
+        match self.expiry.get(&member) {
+            Some(old) => {
+                self.ordered.remove(&(*old, member.clone()));
+            }
+            None if only_existing => return,
+            None => {}
+        }
+        self.expiry.insert(member.clone(), at);
+        self.ordered.insert((at, member));
+    }
+
+    /// ZREM: whether it was listed.
+    fn remove(&mut self, member: &str) -> bool {
+        match self.expiry.remove(member) {
+            Some(at) => self.ordered.remove(&(at, member.to_string())),
+            None => false,
+        }
+    }
+}
+
+/// A spend hold as its counter lists it.
+fn member(token: &str, amount: i64) -> String {
+    format!("{token}:{amount}")
+}
+
+impl Spend {
+    /// Releases a lease's hold if it is still listed (never twice).
+    fn release(&mut self, token: &str, amount: i64) {
+        if amount > 0 && self.holds.remove(&member(token, amount)) {
+            self.held = (self.held - amount).max(0);
+        }
+    }
+
+    /// Drops up to [`PURGE_BATCH`] expired holds (admit.lua's `expire_holds`).
+    fn expire_holds(&mut self, now: i64) {
+        for _ in 0..PURGE_BATCH {
+            let Some((at, m)) = self.holds.ordered.first().cloned() else {
+                break;
+            };
+            if at > now {
+                break;
+            }
+            self.holds.remove(&m);
+            let amount = m
+                .rsplit_once(':')
+                .and_then(|(_, a)| a.parse::<i64>().ok())
+                .unwrap_or(0);
+            self.held -= amount;
+        }
+        self.held = self.held.max(0);
+        // Nothing listed holds nothing.
+        if self.holds.expiry.is_empty() {
+            self.held = 0;
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -65,19 +147,31 @@ impl QuotaCounters {
 }
 
 impl Counters {
-    /// An expired lease's spend holds leave the counters that still exist (admit.lua's
-    /// purge).
-    pub(super) fn release(&mut self, corrections: &[Correction]) {
-        for c in corrections {
-            if let (QuotaKind::Spend(_), Some(s)) = (c.kind, self.spend.get_mut(&c.key)) {
-                if c.amount > 0 {
-                    s.held = (s.held - c.amount).max(0);
+    /// Expired leases' spend holds leave the counters that still list them (admit.lua's
+    /// purge of a key's leases): `(lease token, its corrections)` each.
+    pub(super) fn release(&mut self, leases: &[(String, Vec<Correction>)]) {
+        for (token, corrections) in leases {
+            for c in corrections {
+                if let (QuotaKind::Spend(_), Some(s)) = (c.kind, self.spend.get_mut(&c.key)) {
+                    s.release(token, c.amount);
                 }
             }
         }
     }
 
-    /// Reads every entry (pruning windows, as admit.lua's reads do).
+    /// A renewed lease's spend holds take its new expiry (renew.lua).
+    pub(super) fn renew(&mut self, token: &str, corrections: &[Correction], expiry: i64) {
+        for c in corrections {
+            if let (QuotaKind::Spend(_), Some(s)) = (c.kind, self.spend.get_mut(&c.key)) {
+                if c.amount > 0 {
+                    s.holds.set(member(token, c.amount), expiry, true);
+                }
+            }
+        }
+    }
+
+    /// Reads every entry (pruning windows and dropping spend counters' expired holds, as
+    /// admit.lua's reads do).
     pub(super) fn read(&mut self, entries: &[QuotaEntry], now: i64) -> Vec<Read> {
         let b = now.div_euclid(1000);
         entries
@@ -104,8 +198,11 @@ impl Counters {
                         read.key = format!("{}:{}:{start}", e.counter, e.kind.code());
                         read.ends = (reset > 0).then_some(now + reset);
                         if let QuotaKind::Spend(_) = e.kind {
-                            (read.spent, read.held) = match self.spend.get(&read.key) {
-                                Some(s) => (s.spent, s.held),
+                            (read.spent, read.held) = match self.spend.get_mut(&read.key) {
+                                Some(s) => {
+                                    s.expire_holds(now);
+                                    (s.spent, s.held)
+                                }
                                 // Missing: the database's figure when it is this period's.
                                 None => match e.seed {
                                     Some((day, micros)) if day == start => {
@@ -173,14 +270,17 @@ impl Counters {
         })
     }
 
-    /// Takes the request from every entry; returns what its report corrects.
+    /// Takes the request from every entry (its spend holds listed until `expiry`, its
+    /// lease's); returns what its report corrects.
     pub(super) fn take(
         &mut self,
         reads: &mut [Read],
-        tokens: i64,
-        hold: i64,
+        request: &AdmitRequest<'_>,
         now: i64,
+        expiry: i64,
     ) -> Vec<Correction> {
+        let (tokens, hold) = (request.tokens, request.hold_micros);
+        let token = &request.lease.token;
         let b = now.div_euclid(1000);
         let mut corrections = Vec::new();
         for r in reads.iter_mut() {
@@ -211,14 +311,12 @@ impl Counters {
                 }
                 QuotaKind::Spend(_) => {
                     r.held += hold;
-                    self.spend.insert(
-                        r.key.clone(),
-                        Spend {
-                            spent: r.spent,
-                            held: r.held,
-                            drop_at: r.ends.map(|e| e + PERIOD_MARGIN_MS),
-                        },
-                    );
+                    let s = self.spend.entry(r.key.clone()).or_default();
+                    (s.spent, s.held) = (r.spent, r.held);
+                    s.drop_at = r.ends.map(|e| e + PERIOD_MARGIN_MS);
+                    if hold > 0 {
+                        s.holds.set(member(token, hold), expiry, false);
+                    }
                     r.used = r.spent.saturating_add(r.held).min(MAX_TOTAL);
                     corrections.push(correct(hold));
                 }
@@ -228,10 +326,11 @@ impl Counters {
     }
 
     /// A report's corrections (report.lua): tokens by actual − reserved when known, in
-    /// the second / day they were reserved in; each spend counter that still exists
-    /// releases the hold and adds the cost.
+    /// the second / day they were reserved in; each spend counter that still exists adds
+    /// the cost, and releases the hold if it still lists it.
     pub(super) fn report(
         &mut self,
+        token: &str,
         corrections: &[Correction],
         bucket: i64,
         tokens: Option<(i64, i64)>,
@@ -255,7 +354,7 @@ impl Counters {
                 (QuotaKind::Spend(_), _) => {
                     if let Some(s) = self.spend.get_mut(&c.key) {
                         s.spent = s.spent.saturating_add(cost).min(MAX_TOTAL);
-                        s.held = (s.held - c.amount).max(0);
+                        s.release(token, c.amount);
                     }
                 }
                 _ => {}

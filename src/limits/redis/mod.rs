@@ -20,6 +20,7 @@
 //! | `{P}:q:<counter>:rm` / `:tm` | hash | a quota scope's per-minute windows |
 //! | `{P}:q:<counter>:rd:<day>` / `:td:<day>` | string | its requests / tokens of a UTC day (expire a day after it) |
 //! | `{P}:q:<counter>:s<d\|w\|m\|t>:<start day>` | hash | `spent`, `held` micro-USD of a spend period (a total never expires) |
+//! | `{P}:q:<counter>:s<d\|w\|m\|t>:<start day>:hx` | zset | that period's holds in flight: `<lease token>:<hold>` → the lease's expiry ms (`held` is their sum; expires with the hash) |
 //! | `{P}:pk:<id>:cause` | hash | `cd` / `susp` → the report behind them (`status\|at\|source`); `lim` → what the rate-limit headers said last |
 //!
 //! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,

@@ -1,4 +1,5 @@
-//! `lua/renew.lua`: extend a live lease.
+//! `lua/renew.lua`: extend a live lease, and the spend holds its data lists (their
+//! counters are named in the lease's data, under the same hash tag, not in KEYS).
 
 use super::{protocol, script_fields, Contract, KeySpace};
 use crate::limits::CounterError;
