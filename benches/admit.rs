@@ -21,7 +21,11 @@
 //! the machine: compare ratios, not absolute numbers. The key has RPM and TPM limits
 //! too high to be reached, so every window is read and written on every decision.
 //!
-//! Under `cargo test` (no `--bench` argument) it does nothing.
+//! - Scopes (`scopes.rs`, also alone with `KEYWARD_BENCH_ONLY=scopes`): the cost of 1,
+//!   3 and 6 limits on a request, in keyward's CPU and in Redis's.
+//!
+//! Under `cargo test` (no `--bench` argument) it does nothing. (Over 400 lines: each
+//! generator sits beside the runs that use it; the scope runs have their own file.)
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -29,9 +33,13 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use keyward::limits::scripts::admit::{AdmitArgs, AdmitKeys};
+use keyward::limits::scripts::admit::{AdmitArgs, AdmitKeys, AdmitQuotaArgs, AdmitQuotaKey};
 use keyward::limits::scripts::{source, KeySpace};
+use keyward::limits::QuotaEntry;
 use support::Keyward;
+
+#[path = "admit/scopes.rs"]
+mod scopes;
 
 const CONCURRENCY: usize = 32;
 const SECONDS: u64 = 8;
@@ -110,12 +118,16 @@ struct Run {
 /// Closed loop: every connection sends as fast as answers come back, rotating over
 /// the keys (connection `w` starts at key `w`).
 async fn saturate(port: u16, secrets: &[String], select: bool, seconds: u64) -> Run {
-    let requests: std::sync::Arc<Vec<Vec<u8>>> = std::sync::Arc::new(
-        secrets
-            .iter()
-            .map(|s| admit_request(port, s, select))
-            .collect(),
-    );
+    let requests = secrets
+        .iter()
+        .map(|s| admit_request(port, s, select))
+        .collect();
+    saturate_with(port, requests, seconds).await
+}
+
+/// [`saturate`] with ready-made requests (connection `w` starts at request `w`).
+async fn saturate_with(port: u16, requests: Vec<Vec<u8>>, seconds: u64) -> Run {
+    let requests = std::sync::Arc::new(requests);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let workers: Vec<_> = (0..CONCURRENCY)
         .map(|w| {
@@ -411,6 +423,14 @@ fn admit_call<'a>(
 
 /// EVALSHA of the admission script straight from redis-benchmark, same concurrency.
 fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
+    // About as many calls as keyward would make in `seconds` at this rate.
+    redis_benchmark_admit(url_port, &[], 80_000 * seconds)
+}
+
+/// `requests` EVALSHA calls of `lua/admit.lua` from redis-benchmark at [`CONCURRENCY`]
+/// clients, with the bench key's keys and arguments and `quotas` after them (each
+/// request's spend entries hold [`scopes::HOLD`] then); calls per second.
+fn redis_benchmark_admit(url_port: u16, quotas: &[QuotaEntry], requests: u64) -> Option<f64> {
     let script = source::ADMIT;
     let sha = {
         let out = Command::new("redis-cli")
@@ -420,9 +440,10 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
         String::from_utf8(out.stdout).ok()?.trim().to_string()
     };
     let prefix = format!("bench-ceiling-{}", std::process::id());
-    let keys = script_keys(&prefix);
-    // About as many calls as keyward would make in `seconds` at this rate.
-    let requests = (80_000 * seconds).to_string();
+    let mut keys = script_keys(&prefix);
+    let space = KeySpace::new(&prefix);
+    keys.extend(quotas.iter().map(|q| AdmitQuotaKey::new(&space, q).quota));
+    let requests = requests.to_string();
     let mut args: Vec<String> = vec![
         "-p".into(),
         url_port.to_string(),
@@ -439,13 +460,18 @@ fn evalsha_ceiling(url_port: u16, seconds: u64) -> Option<f64> {
     ];
     args.extend(keys.iter().cloned());
     // redis-benchmark replaces `__rand_int__` by a random number on every call.
-    args.extend(admit_args("__rand_int__").to_strings());
+    let mut admit = admit_args("__rand_int__");
+    if !quotas.is_empty() {
+        admit.hold = scopes::HOLD;
+    }
+    args.extend(admit.to_strings());
+    for q in quotas {
+        args.extend(AdmitQuotaArgs::new(q).to_strings());
+    }
     let out = Command::new("redis-benchmark").args(&args).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let _ = Command::new("redis-cli")
-        .args(["-p", &url_port.to_string(), "DEL"])
-        .args(&keys)
-        .output();
+    // The script names the quota counters itself: drop everything under the prefix.
+    support::drop_redis_keys(url_port, &prefix);
     // CSV: "test","rps",...
     text.lines()
         .filter_map(|l| l.split(',').nth(1))
@@ -539,6 +565,10 @@ async fn main() {
         .unwrap_or(6379);
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
     let prefix = format!("kw-bench-{}", std::process::id());
+    if scopes::only() {
+        scopes::run(redis_port).await;
+        return;
+    }
     println!(
         "keyward admit benchmark: {CONCURRENCY} connections, {SECONDS} s per run, 2 shared cores\n"
     );
@@ -581,4 +611,6 @@ async fn main() {
         "embedded / redis shape:   {:.0}%",
         100.0 * emb_sat.rate / red_sat.rate
     );
+    println!();
+    scopes::run(redis_port).await;
 }

@@ -175,32 +175,14 @@ impl Report {
     }
 }
 
-/// keyward's user + system CPU time so far, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces): state is the first, utime
-    // the 12th, stime the 13th.
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
-fn clock_ticks_per_s() -> u64 {
-    let out = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
 /// keyward's CPU ticks once it has been idle (no tick) for 300 ms, at most 5 s: its
 /// writer settles reports after answering them.
 async fn ticks_when_quiet(pid: u32) -> u64 {
-    let mut last = cpu_ticks(pid);
+    let mut last = support::cpu_ticks(pid);
     let mut still = 0;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = cpu_ticks(pid);
+        let now = support::cpu_ticks(pid);
         still = if now == last { still + 1 } else { 0 };
         last = now;
         if still == 3 {
@@ -316,7 +298,7 @@ async fn reports(k: &Keyward, leases: Vec<String>, report: &std::sync::Arc<Repor
     latencies_us.sort_unstable();
     Measured {
         request_bytes,
-        cpu_us: (after - before) as f64 * 1e6 / clock_ticks_per_s() as f64 / n as f64,
+        cpu_us: (after - before) as f64 * 1e6 / support::clock_ticks_per_s() as f64 / n as f64,
         rate: n as f64 / elapsed.as_secs_f64(),
         latencies_us,
         errors,
@@ -624,7 +606,7 @@ async fn main() {
         let n = setting("KEYWARD_BENCH_REPORTS", 5_000);
         println!(
             "keyward report CPU: {n} reports per kind over {CONNECTIONS} connections, CPU from /proc (clock ticks of 1/{} s)\n",
-            clock_ticks_per_s()
+            support::clock_ticks_per_s()
         );
         println!("| shape    | report                                 | req KiB | reports/s | p50 ms | p99 ms | CPU µs/rep | × plain | usage read | errors |");
         println!("|----------|----------------------------------------|--------:|----------:|-------:|-------:|-----------:|--------:|-----------:|-------:|");

@@ -1,7 +1,8 @@
 //! What the bench binaries share: starting the release `keyward` binary as its own
 //! process and waiting until it is ready, the keys and pools they create, a minimal
-//! HTTP/1.1 client, and, from the tests' support tree (included by path, not copied),
-//! free ports ([`free_port`]) and the shipped proxies ([`shipped`]).
+//! HTTP/1.1 client, a process's CPU time from `/proc`, and, from the tests' support
+//! tree (included by path, not copied), free ports ([`free_port`]) and the shipped
+//! proxies ([`shipped`]).
 #![allow(dead_code, clippy::unwrap_used)]
 
 #[path = "../../tests/common/ports.rs"]
@@ -205,6 +206,22 @@ pub fn percentile(sorted_us: &[u64], p: f64) -> f64 {
     }
     let i = ((sorted_us.len() as f64 * p).ceil() as usize).clamp(1, sorted_us.len()) - 1;
     sorted_us[i] as f64 / 1000.0
+}
+
+/// A process's user + system CPU time so far, in clock ticks (see [`clock_ticks_per_s`]).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): state is the first, utime
+    // the 12th, stime the 13th.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// `CLK_TCK`: the clock ticks of [`cpu_ticks`] in a second (100 on Linux, usually).
+pub fn clock_ticks_per_s() -> u64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
 /// Deletes the Redis keys a bench's keyward wrote under `prefix`.
