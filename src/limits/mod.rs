@@ -36,6 +36,7 @@
 pub mod breaker;
 pub mod clock;
 pub mod conn;
+pub mod live;
 pub mod memory;
 pub mod quota;
 pub mod redis;
@@ -48,6 +49,7 @@ use crate::pool::cache::Roster;
 use crate::pool::learned::LearnedLimits;
 use crate::pool::LiveState;
 pub use clock::TimeShift;
+pub use live::{LiveCounter, LiveFigure, LiveFigures};
 pub use quota::{QuotaEntry, QuotaKind, QuotaUse};
 
 /// A lease id as clients see it: `<key id>.<32 hex>`. The key id part lets a report find
