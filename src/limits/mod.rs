@@ -32,6 +32,9 @@
 //!   sum of the holds of live leases not yet reported, even when a lease's key never
 //!   admits again; each hold leaves once. Spend passes a limit only by what requests in
 //!   flight cost beyond their holds.
+//!
+//! [`live`] reads the quota counters and a key's windows for the admin quota views
+//! (`Counters::read_quotas`), changing nothing.
 
 pub mod breaker;
 pub mod clock;
