@@ -102,3 +102,60 @@ pub const CONTRACT: Contract = Contract {
     argv_repeated: QuotaReadEntryArgs::NAMES,
     codes: &[],
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::QuotaKind;
+    use crate::quota::Period;
+
+    #[test]
+    fn entries_are_named_and_replies_read_as_the_script_writes_them() {
+        let space = KeySpace::new("kw");
+        let window = LiveCounter::KeyWindow {
+            key_id: "k1".into(),
+            tokens: true,
+        };
+        let spend = LiveCounter::Quota {
+            counter: "c".into(),
+            kind: QuotaKind::Spend(Period::Month),
+            seed: Some((20_000, i64::MAX)),
+        };
+        assert_eq!(QuotaReadKey::new(&space, &window).counter, "{kw}:k:k1:tpm");
+        assert_eq!(QuotaReadKey::new(&space, &spend).counter, "{kw}:q:c");
+        assert_eq!(QuotaReadEntryArgs::new(&window).kind, "kw");
+        let args = QuotaReadEntryArgs::new(&spend);
+        assert_eq!(
+            (args.kind, args.seed_day, args.seed_micros),
+            ("sm", 20_000, crate::money::MAX_TOTAL)
+        );
+        let int = redis::Value::Int;
+        let reply = [
+            int(1_000),
+            int(3),
+            int(0),
+            int(41_000),
+            int(5),
+            int(2),
+            int(9),
+        ];
+        let read = parse(&reply, 2).unwrap_or_default();
+        assert_eq!(read.now_ms, 1_000);
+        assert_eq!(
+            read.figures,
+            [
+                LiveFigure {
+                    used: 3,
+                    held: 0,
+                    reset_ms: 41_000
+                },
+                LiveFigure {
+                    used: 5,
+                    held: 2,
+                    reset_ms: 9
+                }
+            ]
+        );
+        assert!(parse(&reply, 3).is_err(), "a reply of the wrong length");
+    }
+}
