@@ -69,6 +69,7 @@ pub mod prices;
 pub mod probe;
 pub mod provider_keys;
 pub mod quota;
+pub mod quota_live;
 pub mod quota_usage;
 pub mod reporting;
 pub mod rotation;

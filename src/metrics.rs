@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | `keyward_decisions_total` | counter | `endpoint` (admit, select, authz), `outcome` (allowed, denied), `reason` (none or the error code, with the limit for RATE_LIMITED) |
 //! | `keyward_decision_duration_seconds` | histogram | `endpoint` |
-//! | `keyward_redis_script_duration_seconds` | histogram | `script` (admit, select, report, renew, pool_state) |
+//! | `keyward_redis_script_duration_seconds` | histogram | `script` (admit, select, report, renew, pool_state, pool_sync, quota_read) |
 //! | `keyward_redis_script_errors_total` | counter | `script` |
 //! | `keyward_provider_selections_total` | counter | `provider` |
 //! | `keyward_provider_key_events_total` | counter | `provider`, `event` (cooldown, suspension, learned_cooldown: the upstream's rate-limit headers said a limit is used up) |

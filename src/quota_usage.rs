@@ -155,9 +155,16 @@ pub struct LimitView {
     pub period_start: Option<String>,
     /// When the current period ends; `null` for minute windows and totals.
     pub reset_at: Option<String>,
-    /// Filled from the counter store (used, held, its reset) by admission's engine;
-    /// `null` until then.
+    /// The counter store's figures now (`quota_live::fill`): `used`, `held` (spend),
+    /// `remaining`, `reset_at`; `null` when the store cannot answer.
     pub live: Option<serde_json::Value>,
+    /// The limit in its unit (requests, tokens or micro-USD), for `live`.
+    #[serde(skip)]
+    pub limit_units: i64,
+    /// Spend: the current period's start day and the database's micro-USD for it, what
+    /// admission would seed a missing counter with.
+    #[serde(skip)]
+    pub seed: Option<(i64, i64)>,
 }
 
 /// One scope of the quota view: the key or user itself, or one of its model entries.
@@ -189,6 +196,8 @@ fn count_view(kind: &'static str, period: Period, limit: i64, used: Option<Used>
         period_start: None,
         reset_at: None,
         live: None,
+        limit_units: limit,
+        seed: None,
     }
 }
 
@@ -221,6 +230,8 @@ fn limit_views(
                 period_start: None,
                 reset_at: None,
                 live: None,
+                limit_units: limit,
+                seed: None,
             });
         }
     }
@@ -249,6 +260,8 @@ fn limit_views(
             period_start: start,
             reset_at: reset,
             live: None,
+            limit_units: spend.usd.micros(),
+            seed: Some((period.start_day(today), micros)),
         });
     }
     out

@@ -143,4 +143,15 @@ fn headers_parse_into_every_entry() {
     );
     let sync = parse(CONTRACTS[4].source);
     assert_eq!((sync.argv.len(), sync.argv_repeated.len()), (2, 5));
+    let read = parse(CONTRACTS[5].source);
+    assert_eq!(CONTRACTS[5].file, "lua/quota_read.lua");
+    assert_eq!(
+        (
+            read.keys.len(),
+            read.keys_repeated.len(),
+            read.argv.len(),
+            read.argv_repeated.len()
+        ),
+        (0, 1, 2, 3)
+    );
 }

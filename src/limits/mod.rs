@@ -32,10 +32,14 @@
 //!   sum of the holds of live leases not yet reported, even when a lease's key never
 //!   admits again; each hold leaves once. Spend passes a limit only by what requests in
 //!   flight cost beyond their holds.
+//!
+//! [`live`] reads the quota counters and a key's windows for the admin quota views
+//! (`Counters::read_quotas`), changing nothing.
 
 pub mod breaker;
 pub mod clock;
 pub mod conn;
+pub mod live;
 pub mod memory;
 pub mod quota;
 pub mod redis;
@@ -48,6 +52,7 @@ use crate::pool::cache::Roster;
 use crate::pool::learned::LearnedLimits;
 use crate::pool::LiveState;
 pub use clock::TimeShift;
+pub use live::{LiveCounter, LiveFigure, LiveFigures};
 pub use quota::{QuotaEntry, QuotaKind, QuotaUse};
 
 /// A lease id as clients see it: `<key id>.<32 hex>`. The key id part lets a report find

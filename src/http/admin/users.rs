@@ -130,7 +130,8 @@ pub(super) async fn user_quota(
     path: TextPath,
 ) -> Result<Json<Value>, ApiError> {
     let id = user_id(path)?;
-    let (user, scopes) = state.users.quota(&id).await?;
+    let (user, mut scopes) = state.users.quota(&id).await?;
+    crate::quota_live::fill(&state.counters, None, &mut scopes).await;
     Ok(quota_json("user_id", &user.user_id, None, scopes))
 }
 
@@ -138,7 +139,8 @@ pub(super) async fn key_quota(
     State(state): State<AppState>,
     IdPath(id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
-    let (key, scopes) = state.keys.quota(&id).await?;
+    let (key, mut scopes) = state.keys.quota(&id).await?;
+    crate::quota_live::fill(&state.counters, Some(&key.id), &mut scopes).await;
     Ok(quota_json(
         "key_id",
         &key.id,

@@ -65,6 +65,22 @@ pub(super) fn user() -> Value {
     answer(props, &["user_id", "created_at", "updated_at"])
 }
 
+/// A limit's figures in the counter store (`quota_live`): counts as integers, spend in
+/// USD; `null` when the store did not answer.
+fn live() -> Value {
+    let mut live = answer(
+        json!({
+            "used": s("number"),
+            "held": s("number"),
+            "remaining": s("number"),
+            "reset_at": {"type": "string", "nullable": true},
+        }),
+        &["used", "remaining", "reset_at"],
+    );
+    live["nullable"] = json!(true);
+    live
+}
+
 /// The answer of both quota views; `owner` is `key_id` or `user_id`.
 fn quota_view(owner: &str) -> Value {
     let nullable_string = || json!({"type": "string", "nullable": true});
@@ -76,7 +92,7 @@ fn quota_view(owner: &str) -> Value {
             "alert_at_pct": {"type": "array", "items": s("integer")},
             "settled": {"type": "number", "nullable": true},
             "period_start": nullable_string(), "reset_at": nullable_string(),
-            "live": {"type": "object", "nullable": true},
+            "live": live(),
         }),
         &[
             "kind",

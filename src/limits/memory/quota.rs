@@ -14,6 +14,8 @@
 //! comes first, and in the same order as in Redis (a batch of at most
 //! [`PURGE_BATCH`] by expiry, then member).
 
+mod read;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 

@@ -45,6 +45,7 @@
 mod calls;
 mod lanes;
 mod policy;
+mod quota_read;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -12,6 +12,7 @@
 pub mod admit;
 pub mod pool_state;
 pub mod pool_sync;
+pub mod quota_read;
 pub mod renew;
 pub mod report;
 
@@ -69,6 +70,7 @@ pub mod source {
     pub const RENEW: &str = include_str!("../../../lua/renew.lua");
     pub const POOL_STATE: &str = include_str!("../../../lua/pool_state.lua");
     pub const POOL_SYNC: &str = include_str!("../../../lua/pool_sync.lua");
+    pub const QUOTA_READ: &str = include_str!("../../../lua/quota_read.lua");
 }
 
 /// What one script promises, for the header check: its file, its KEYS and ARGV by name
@@ -86,12 +88,13 @@ pub struct Contract {
 }
 
 /// Every script's contract.
-pub const CONTRACTS: [Contract; 5] = [
+pub const CONTRACTS: [Contract; 6] = [
     admit::CONTRACT,
     report::CONTRACT,
     renew::CONTRACT,
     pool_state::CONTRACT,
     pool_sync::CONTRACT,
+    quota_read::CONTRACT,
 ];
 
 /// The script clock: what every script takes as its last two time arguments. In
@@ -169,6 +172,7 @@ pub struct Scripts {
     pub renew: Script,
     pub pool_state: Script,
     pub pool_sync: Script,
+    pub quota_read: Script,
 }
 
 impl Default for Scripts {
@@ -179,18 +183,20 @@ impl Default for Scripts {
             renew: Script::new(source::RENEW),
             pool_state: Script::new(source::POOL_STATE),
             pool_sync: Script::new(source::POOL_SYNC),
+            quota_read: Script::new(source::QUOTA_READ),
         }
     }
 }
 
 impl Scripts {
-    pub fn all(&self) -> [&Script; 5] {
+    pub fn all(&self) -> [&Script; 6] {
         [
             &self.admit,
             &self.report,
             &self.renew,
             &self.pool_state,
             &self.pool_sync,
+            &self.quota_read,
         ]
     }
 }
