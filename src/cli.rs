@@ -274,7 +274,7 @@ mod tests {
             .iter()
             .filter(|s| s.exposure == Exposure::Secret)
             .collect();
-        assert_eq!(secrets.len(), 4);
+        assert_eq!(secrets.len(), 5);
         for s in &secrets {
             // Parsed only to be refused, naming the variable to use instead.
             let flag = format!("--{}", s.flag);
