@@ -241,7 +241,12 @@ async fn key_month_spend_is_never_passed(shape: Shape) {
 
 async fn user_day_spend_is_never_passed_across_three_keys(shape: Shape) {
     let c = priced(shape).await;
-    put_user(&c, "team-d", json!({"spend_limits": {"day": {"usd": 0.02}}})).await;
+    put_user(
+        &c,
+        "team-d",
+        json!({"spend_limits": {"day": {"usd": 0.02}}}),
+    )
+    .await;
     let secrets = keys(&c, 3, open_key(json!({"user_id": "team-d"}))).await;
     spend_is_never_passed(c.clone(), secrets, "user", "day").await;
     Arc::into_inner(c).unwrap().stop().await;

@@ -242,7 +242,11 @@ async fn changed_limits_alert_at_their_own_thresholds(backend: Backend) {
     apply("a2", 1).await;
     assert_eq!(alerts().await, [("50%".to_string(), 1_000_000)]);
     apply("a3", 1).await;
-    assert_eq!(alerts().await, [("50%".to_string(), 1_000_000)], "once per period and limit");
+    assert_eq!(
+        alerts().await,
+        [("50%".to_string(), 1_000_000)],
+        "once per period and limit"
+    );
 
     // Raised to 2 USD: its 50% (1 USD) alerts when the spend reaches it, once.
     limits(r#"{"month": {"usd": 2, "alert_at_pct": [50]}}"#).await;
@@ -252,7 +256,10 @@ async fn changed_limits_alert_at_their_own_thresholds(backend: Backend) {
     apply("a6", 100_000).await;
     assert_eq!(
         alerts().await,
-        [("50%".to_string(), 1_000_000), ("50%".to_string(), 2_000_000)]
+        [
+            ("50%".to_string(), 1_000_000),
+            ("50%".to_string(), 2_000_000)
+        ]
     );
     pool.close().await;
     s.stop().await;

@@ -638,6 +638,7 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
                 suspend_ms,
                 source: format!("lease {}", h.lease),
                 learned: None,
+                spend_now: Vec::new(),
             };
             Answer::Report(c.report(&report).await.unwrap())
         }
@@ -670,6 +671,7 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
                     requests_reset_ms: Some(reset),
                     tokens_reset_ms: Some(reset),
                 }),
+                spend_now: Vec::new(),
             };
             Answer::Report(c.report(&report).await.unwrap())
         }

@@ -95,9 +95,12 @@ pub struct QuotaEntry {
     pub kind: QuotaKind,
     /// Requests, tokens or micro-USD; at least 1.
     pub limit: i64,
-    /// Spend only: what the database had applied for the period starting on this day
-    /// `(start day, micro-USD)`. A spend counter the store does not hold starts from it
-    /// when it is the current period's, else from 0.
+    /// Day counts and spend: what the database had applied in the period starting on
+    /// this day `(start day, requests | tokens | micro-USD)`. When it is the current
+    /// period's, the counter (a day's count, a spend's `spent`) is taken as the larger of
+    /// itself and the seed (a missing one as 0): a counter the store lost, or one that
+    /// drifted below the database (a limit removed then set again, a late report, a
+    /// lost write), is raised to what the database had when the record was loaded.
     pub seed: Option<(i64, i64)>,
 }
 

@@ -314,9 +314,18 @@ async fn upsert(
 
 /// The alert's id: hex SHA-256 of `counter|period|start_day|pct`, the same on every
 /// replica, so a threshold alerts once per period whoever applies the record.
-pub fn alert_id(counter: &str, period: Period, start_day: i64, limit_micros: i64, pct: u16) -> String {
+pub fn alert_id(
+    counter: &str,
+    period: Period,
+    start_day: i64,
+    limit_micros: i64,
+    pct: u16,
+) -> String {
     use sha2::{Digest, Sha256};
-    let text = format!("{counter}|{}|{start_day}|{limit_micros}|{pct}", period.as_str());
+    let text = format!(
+        "{counter}|{}|{start_day}|{limit_micros}|{pct}",
+        period.as_str()
+    );
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
