@@ -5,9 +5,10 @@
 //!
 //! A report names its key by id; the key cache is by lookup hash. Each key this process
 //! checked at admission leaves its id → hash here, so the record comes from the same
-//! caches as admission's (no database query on a hit). A key this process never checked
-//! gets none (then the database's figure reaches its counters through the seeds, at the
-//! next load of its record: see `quota::Settled`).
+//! caches as admission's (no database query on a hit); a key this process never checked
+//! costs one query for its hash, once. When a record cannot be loaded the report goes on
+//! without entries (its cost then reaches the counters through the seeds, at the next
+//! load of the record: see `quota::Settled`).
 
 use dashmap::DashMap;
 
@@ -30,12 +31,21 @@ pub(super) fn remember(hashes: &DashMap<String, String>, key_id: &str, hash: Str
 impl Admission {
     /// The spend entries a request of `key_id` for `model` counts under now
     /// ([`quotas::spend_now`], from the key's record and its user's limits in the
-    /// caches). Empty for a key this process never checked, one that is gone, or when a
-    /// cache cannot load (a report must settle while the database is away: its cost
-    /// then reaches the counters through the seeds).
+    /// caches). Empty for a key that is gone, or when a record cannot be loaded (a
+    /// report must settle while the database is away: its cost then reaches the
+    /// counters through the seeds).
     pub async fn spend_now(&self, key_id: &str, model: Option<&str>) -> Vec<QuotaEntry> {
-        let Some(hash) = self.hashes.get(key_id).map(|h| h.clone()) else {
-            return Vec::new();
+        let hash = match self.hashes.get(key_id).map(|h| h.clone()) {
+            Some(hash) => hash,
+            // A key this replica never checked: its hash from the database, once.
+            None => match self.cache.loader().hash_of(key_id).await {
+                Ok(Some(hash)) => {
+                    remember(&self.hashes, key_id, hash.clone());
+                    hash
+                }
+                Ok(None) => return Vec::new(),
+                Err(e) => return unloaded(&e),
+            },
         };
         let key = match self.cache.get(&hash).await {
             Ok(Some(key)) if key.id == key_id => key,

@@ -24,6 +24,15 @@ pub struct KeyLoader {
     negative_ttl: Duration,
 }
 
+impl KeyLoader {
+    /// The lookup hash of the key with this id (one query), `None` for no such key: how a
+    /// report, which names its key by id, finds the key's cache entry on a replica that
+    /// never admitted it.
+    pub async fn hash_of(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(store::get(&self.db, id).await?.map(|k| k.key_hash))
+    }
+}
+
 impl Loader for KeyLoader {
     type Value = Option<Arc<ClientKey>>;
     const NAME: &'static str = "client_keys";
