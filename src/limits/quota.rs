@@ -14,7 +14,13 @@
 //!   drops the expired ones (at most 100 per decision) before any decision reads it, so
 //!   an unreported request stops holding when its lease expires, whichever key admits
 //!   next; a hold leaves `held` once (its report, the purge of its key's expired leases
-//!   or the counter's own purge, whichever comes first).
+//!   or the counter's own purge, whichever comes first). A report whose lease's data is
+//!   gone adds its cost to the spend counters of now it carries
+//!   ([`crate::limits::Report::spend_now`]), once.
+//!
+//! Day and spend counters never read below their entry's seed of the current period
+//! (`max(counter, seed)`), so one the store lost or one that drifted below the database
+//! heals at the next admission.
 //!
 //! Periods are computed from the store's clock (`lua/admit.lua` with the same integer
 //! steps as [`crate::quota::days_from_civil`]).
