@@ -54,10 +54,12 @@
 --   1  kind               rm tm (per minute), rd td (per UTC day), sd sw sm st (spend
 --                         per UTC day, ISO week, calendar month, total)
 --   2  limit              requests, tokens or micro-USD (>= 1)
---   3  seed_day           spend: the start day of the seed below (-1 = none)
---   4  seed_micros        what the database had applied in that period: a spend counter
---                         that is missing starts from it when seed_day is the current
---                         period's start, else from 0
+--   3  seed_day           rd td and spend: the start day of the seed below (-1 = none)
+--   4  seed               what the database had applied in that period (requests, tokens
+--                         or micro-USD): when seed_day is the current period's start, the
+--                         counter (a day's count, a spend's 'spent') takes the larger of
+--                         itself and the seed (0 when missing), so a counter the store
+--                         lost or one that drifted below the database heals
 -- Returns {code, a, now_ms, req_used, tok_used, req_reset_ms, tok_reset_ms, in_flight, bal_rem, picked,
 --          quota_index, quota_exhausted, then per quota entry: used, reset_ms}
 -- CODES:
@@ -387,6 +389,8 @@ for i = 1, nq do
     q.key = base .. ':' .. q.kind .. ':' .. int(today)
     q.used = tonumber(redis.call('GET', q.key) or '0')
     assert(q.used, 'quota counter is not a number')
+    -- Never below what the database had settled today (written only if admitted).
+    if seed_day == today then q.used = math.max(q.used, seed) end
     q.ends = (today + 1) * DAY
   else
     local p = string.match(q.kind, '^s([dwmt])$')
@@ -399,11 +403,14 @@ for i = 1, nq do
     if q.spent then
       q.held = expire_holds(q.key, tonumber(h[2]) or 0)
     else
-      -- Missing (Redis lost it, or the period just began): the database's figure when
-      -- it is this period's, and no holds (any listed without their counter go).
-      q.spent, q.held = (seed_day == first) and seed or 0, 0
+      -- Missing (Redis lost it, or the period just began): no holds (any listed without
+      -- their counter go).
+      q.spent, q.held = 0, 0
       redis.call('DEL', q.key .. ':hx')
     end
+    -- Never below what the database had settled in this period (written only if
+    -- admitted).
+    if seed_day == first then q.spent = math.max(q.spent, seed) end
     q.used = math.min(MAX, q.spent + q.held)
     q.ends = after and after * DAY
   end
@@ -552,7 +559,7 @@ for _, q in ipairs(quotas) do
     if k == 'tm' then corrected[#corrected + 1] = 'tm,' .. q.key .. ',' .. int(tokens) end
   elseif not q.spend then
     local add = (k == 'rd') and 1 or tokens
-    redis.call('INCRBY', q.key, int(add))
+    redis.call('SET', q.key, int(q.used + add)) -- q.used may be the seed
     redis.call('PEXPIRE', q.key, int(q.ends + MARGIN - now))
     q.used = q.used + add
     if k == 'td' then corrected[#corrected + 1] = 'td,' .. q.key .. ',' .. int(tokens) end

@@ -14,10 +14,10 @@
 --   2  now_ms         0 = the Redis server's TIME (production); else this instant
 -- ARGV per quota entry (3 each, from ARGV[3]):
 --   1  kind           rm tm rd td sd sw sm st (see admit.lua), or kw (a key's own window)
---   2  seed_day       spend: the start day of the seed below (-1 = none)
---   3  seed_micros    a spend counter that is missing reads as this when seed_day is the
---                     current period's start (what the next admission would start from),
---                     else as 0
+--   2  seed_day       day counts and spend: the start day of the seed below (-1 = none)
+--   3  seed_micros    the database's figure (a count, or micro-USD): when seed_day is the
+--                     current period's start, a counter reads as the larger of itself
+--                     (0 when missing) and this, as the next admission would take it
 -- Returns {now_ms, then per entry: used, held, reset_ms}: used is the requests or tokens
 -- in the window (seconds b-60..b), the UTC day's count, or a spend period's 'spent';
 -- held is the sum of the spend holds listed in its :hx whose lease expires after now (0
@@ -105,6 +105,7 @@ for i = 1, #KEYS do
     used, reset = window(base .. ':' .. kind)
   elseif kind == 'rd' or kind == 'td' then
     used = tonumber(redis.call('GET', base .. ':' .. kind .. ':' .. string.format('%.0f', today)) or '0') or 0
+    if seed_day == today then used = math.max(used, seed) end
     reset = (today + 1) * DAY - now
   else
     local p = string.match(kind or '', '^s([dwmt])$')
@@ -114,6 +115,7 @@ for i = 1, #KEYS do
     local spent = tonumber(redis.call('HGET', key, 'spent') or '')
     if spent then
       used = spent
+      if seed_day == first then used = math.max(used, seed) end
       -- The live holds only: an expired one still listed is no longer held (the next
       -- decision reading the counter drops it).
       local live = redis.call('ZRANGEBYSCORE', key .. ':hx', '(' .. string.format('%.0f', now), '+inf')

@@ -22,6 +22,10 @@
 --                                   headers); 'lim' -> "kept until ms|<ARGV 24>|at ms":
 --                                   what the headers said last (the hash expires with
 --                                   the latest of them)
+-- KEYS per quota entry (1 each, after KEYS 6, or 10 with a provider key):
+--   1  quota                the base name {tag}:q:<counter id> of a spend entry the
+--                           request counts under now (see admit.lua): used only when the
+--                           lease's data is gone
 -- ARGV:
 --   1  lease_token          "" = a report without a lease: nothing to settle or
 --                           deduplicate
@@ -54,6 +58,9 @@
 --                           reset ms|tokens reset ms" (each "" when unknown)
 --   24 learned_keep_ms      how long to keep the learned limits (> 0 when 23 is given)
 --   25 now_ms               0 = the Redis server's TIME (production); else this instant
+-- ARGV per quota entry (1 each, from ARGV[26]):
+--   1  kind                 sd sw sm st (spend per UTC day, ISO week, calendar month,
+--                           total)
 -- Returns {code, now_ms}; nothing changed unless the code is 1.
 -- CODES:
 --   0  duplicate            the lease was reported already
@@ -83,8 +90,12 @@
 -- its lease expired and a purge released the hold (admit.lua's, of the counter or of
 -- the key's leases) releases nothing, but still adds its cost to 'spent' when the
 -- lease's data is still there. A lease that already expired is still recorded and
--- debited (but its quota corrections left with its data, when admit.lua purged the
--- lease: its cost then reaches the quotas through the database only).
+-- debited. When its data is gone (admit.lua purged the lease after its expiry, or Redis
+-- lost it), its quota corrections left with it: its cost is then added to 'spent' of
+-- the current period of each spend entry given (the ones the request counts under now),
+-- where that counter exists; the duplicate guard makes this happen once. (Day token
+-- counters are not corrected then: the next admission raises them to the database's
+-- figure when the key's record reloads.)
 
 local token, lease_id, key_id = ARGV[1], ARGV[2], ARGV[3]
 local has_tokens = ARGV[4] == '1'
@@ -114,7 +125,14 @@ assert(whole(cached) and whole(cache_write) and whole(reasoning), 'token classes
 assert(source == 'reported' or source == 'parsed' or source == 'estimated', 'source')
 assert(whole(learned_cd) and whole(lim_keep) and #lim <= 200, 'learned limits')
 assert(lim == '' or lim_keep > 0, 'learned limits keep')
-assert(#ARGV == 25 and #KEYS == (pk == '' and 6 or 10), 'provider key keys')
+local nk = (pk == '' and 6 or 10)
+local nq = #ARGV - 25
+assert(nq >= 0 and #KEYS == nk + nq, 'provider key and quota keys')
+local late_kinds = {}
+for i = 1, nq do
+  late_kinds[i] = string.match(ARGV[25 + i], '^s([dwmt])$')
+  assert(late_kinds[i], 'quota kind')
+end
 
 local now = pinned + shift
 if pinned == 0 then
@@ -125,6 +143,26 @@ local b = math.floor(now / 1000)
 
 -- A whole number as Redis stores it (Lua's own conversion keeps 14 digits: "1e+15").
 local function int(x) return string.format('%.0f', x) end
+
+-- The first day of the period `p` (d, w, m, t) holding now: admit.lua's steps (those of
+-- src/quota.rs's days_from_civil / civil_from_days).
+local DAY = 86400000
+local function period_start(p)
+  local today = math.floor(now / DAY)
+  local function idiv(x, y) return math.floor(x / y) end
+  if p == 'd' then return today end
+  if p == 'w' then return today - (today + 3) % 7 end -- 1970-01-01 was a Thursday
+  if p == 't' then return 0 end
+  -- The month's first day: civil_from_days's day of the (March-based) year and month,
+  -- less the days since that month began (days_from_civil's doy of day 1).
+  local z = today + 719468
+  local era = idiv(z, 146097)
+  local doe = z - era * 146097
+  local yoe = idiv(doe - idiv(doe, 1460) + idiv(doe, 36524) - idiv(doe, 146096), 365)
+  local doy = doe - (365 * yoe + idiv(yoe, 4) - idiv(yoe, 100))
+  local mp = idiv(5 * doy + 2, 153)
+  return today - doy + idiv(153 * mp + 2, 5)
+end
 
 -- Reads only: what settling `reserved` tokens taken at second `bucket` writes (the
 -- bucket's and the sum's new values), or nil when there is nothing to settle.
@@ -166,7 +204,7 @@ end
 
 local provider, model, api_format = '', ARGV[9], ''
 local held, settles, bal, lapses, hold = false, {}, nil, nil, 0
-local days, spends = {}, {}
+local days, spends, late = {}, {}, {}
 if token ~= '' then
   local expiry = math.max(signed_expiry, tonumber(redis.call('ZSCORE', KEYS[2], token) or '0'))
   -- The guard holds the time it lapses, on the script clock; "1" is a guard written by
@@ -196,6 +234,13 @@ if token ~= '' then
       elseif string.sub(kind, 1, 1) == 's' then
         spends[#spends + 1] = settle_spend(key, amount)
       end
+    end
+  else
+    -- Its data is gone: the cost counts in the spend counters of now that exist.
+    for i = 1, nq do
+      local key = KEYS[nk + i] .. ':s' .. late_kinds[i] .. ':' .. int(period_start(late_kinds[i]))
+      local spent = tonumber(redis.call('HGET', key, 'spent') or '')
+      if spent then late[#late + 1] = {key, math.min(MAX, spent + cost)} end
     end
   end
   local h = redis.call('HMGET', KEYS[4], 'rem', 'held')
@@ -235,6 +280,7 @@ if token ~= '' then
     redis.call('HSET', sp[1], 'spent', int(sp[2]), 'held', int(sp[3]))
     if sp[4] then redis.call('ZREM', sp[1] .. ':hx', sp[4]) end
   end
+  for _, l in ipairs(late) do redis.call('HSET', l[1], 'spent', int(l[2])) end
 end
 
 if pk ~= '' then

@@ -68,6 +68,11 @@ impl<L: Loader> Cache<L> {
         }
     }
 
+    /// What loads the values (for a loader's own look-ups beside the cache).
+    pub fn loader(&self) -> &L {
+        &self.loader
+    }
+
     /// How many entries are held (stale and negative ones included).
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -256,17 +256,28 @@ pub fn validate_models(models: &ModelLimits) -> Result<(), String> {
     Ok(())
 }
 
-/// What a scope had spent, as applied to the database, when its record was loaded:
-/// `(model entry or None for the whole scope, period)` → `(start day of that period,
-/// micro-USD)`. A spend counter that the counter store does not hold (Redis restarted,
-/// or the period began) starts from this when its start day is the current one, else
-/// from zero.
+/// What a scope had used, as applied to the database, when its record was loaded:
+/// `(model entry or None for the whole scope, period)` → that period's [`Seed`]. Only
+/// the periods the scope has a day count or spend limit for are held. At admission a
+/// day or spend counter takes the larger of itself and its seed when the seed's start
+/// day is the current period's (so a counter the store lost, or one that drifted below
+/// the database, is never lower than what was settled when the record was loaded).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Settled(pub BTreeMap<(Option<String>, Period), (i64, i64)>);
+pub struct Settled(pub BTreeMap<(Option<String>, Period), Seed>);
+
+/// One period's figures from `quota_usage`: requests, tokens and micro-USD applied in the
+/// period starting on `start_day` (zeros without a row).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seed {
+    pub start_day: i64,
+    pub requests: i64,
+    pub tokens: i64,
+    pub cost_micros: i64,
+}
 
 impl Settled {
-    /// The seed for one counter: `(start day, micro-USD)`, when known.
-    pub fn get(&self, model: Option<&str>, period: Period) -> Option<(i64, i64)> {
+    /// The seed for one scope's period, when known.
+    pub fn get(&self, model: Option<&str>, period: Period) -> Option<Seed> {
         self.0.get(&(model.map(str::to_string), period)).copied()
     }
 }

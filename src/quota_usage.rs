@@ -3,10 +3,11 @@
 //! `usage::store`, which owns every write to it).
 //!
 //! Two readers, each one query:
-//! - [`settled`]: the spend of a key or user (and of its listed models) in every spend
-//!   period it has a limit for, filled into [`Settled`] when the key or user cache loads
-//!   a record, so admission can seed a spend counter the counter store lost without a
-//!   database query of its own.
+//! - [`settled`]: the requests, tokens and spend of a key or user (and of its listed
+//!   models) in every period it has a day count or spend limit for, filled into
+//!   [`Settled`] when the key or user cache loads a record, so admission can raise a day
+//!   or spend counter the counter store lost (or that drifted below the database) to it
+//!   without a database query of its own.
 //! - [`view`]: the admin API's quota view (`GET /admin/keys/{id}/quota`,
 //!   `GET /admin/users/{user_id}/quota`): every limit of every scope with the database's
 //!   figure for the current period and when that period ends.
@@ -22,7 +23,7 @@ use sqlx::Row;
 use crate::clock::{to_rfc3339, MS_PER_DAY};
 use crate::db::{Db, StoreError};
 use crate::money::Usd;
-use crate::quota::{LimitSet, ModelLimits, Period, Scope, ScopeKind, Settled, SpendLimits};
+use crate::quota::{LimitSet, ModelLimits, Period, Scope, ScopeKind, Seed, Settled};
 
 /// One scope's figures for one period, as applied to the database.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -79,41 +80,51 @@ pub async fn current(
     Ok(out)
 }
 
-/// The scope of `kind`/`id` and one scope per model entry, with the spend limits of
-/// each.
-fn spend_scopes<'a>(
+/// The periods a limit set has a day count or spend limit for (what its seeds cover).
+fn seeded_periods(set: &LimitSet) -> Vec<Period> {
+    let mut periods: Vec<Period> = set.spend_limits.iter().map(|(p, _)| p).collect();
+    let counts = set.daily_request_limit.is_some() || set.daily_token_limit.is_some();
+    if counts && !periods.contains(&Period::Day) {
+        periods.push(Period::Day);
+    }
+    periods
+}
+
+/// The scope of `kind`/`id` and one scope per model entry, with the periods each seeds.
+fn seeded_scopes(
     kind: ScopeKind,
     id: &str,
-    spend: &'a SpendLimits,
-    models: &'a ModelLimits,
-) -> Vec<(Scope, &'a SpendLimits)> {
+    own: &LimitSet,
+    models: &ModelLimits,
+) -> Vec<(Scope, Vec<Period>)> {
     let scope = |model: Option<&String>| Scope {
         kind,
         id: id.to_string(),
         model: model.cloned(),
     };
-    std::iter::once((scope(None), spend))
+    std::iter::once((scope(None), seeded_periods(own)))
         .chain(
             models
                 .iter()
-                .map(|(m, set)| (scope(Some(m)), &set.spend_limits)),
+                .map(|(m, set)| (scope(Some(m)), seeded_periods(set))),
         )
-        .filter(|(_, spend)| !spend.is_empty())
+        .filter(|(_, periods)| !periods.is_empty())
         .collect()
 }
 
-/// The spend seeds of a key or user at `now_ms`: for every spend limit it (or one of its
-/// model entries) sets, the current period's start day and the micro-USD the database
-/// holds for it (0 without a row). No query when no spend limit is set.
+/// The seeds of a key or user at `now_ms`: for every day count limit and spend limit it
+/// (or one of its model entries) sets, the current period's start day and what the
+/// database holds for it (zeros without a row). `own` is its own limit set (its minute
+/// limits are not read). No query when it sets none of these.
 pub async fn settled(
     db: &Db,
     kind: ScopeKind,
     id: &str,
-    spend: &SpendLimits,
+    own: &LimitSet,
     models: &ModelLimits,
     now_ms: i64,
 ) -> Result<Settled, StoreError> {
-    let scopes = spend_scopes(kind, id, spend, models);
+    let scopes = seeded_scopes(kind, id, own, models);
     if scopes.is_empty() {
         return Ok(Settled::default());
     }
@@ -121,15 +132,19 @@ pub async fn settled(
     let counters: Vec<String> = scopes.iter().map(|(s, _)| s.counter_id()).collect();
     let rows = current(db, &counters, today).await?;
     let mut settled = Settled::default();
-    for ((scope, spend), counter) in scopes.iter().zip(&counters) {
-        for (period, _) in spend.iter() {
-            let micros = rows
-                .get(&(counter.clone(), period))
-                .map_or(0, |u| u.cost_micros);
-            settled.0.insert(
-                (scope.model.clone(), period),
-                (period.start_day(today), micros),
-            );
+    for ((scope, periods), counter) in scopes.iter().zip(&counters) {
+        for period in periods {
+            let used = rows
+                .get(&(counter.clone(), *period))
+                .copied()
+                .unwrap_or_default();
+            let seed = Seed {
+                start_day: period.start_day(today),
+                requests: used.requests,
+                tokens: used.tokens,
+                cost_micros: used.cost_micros,
+            };
+            settled.0.insert((scope.model.clone(), *period), seed);
         }
     }
     Ok(settled)
@@ -162,7 +177,7 @@ pub struct LimitView {
     #[serde(skip)]
     pub limit_units: i64,
     /// Spend: the current period's start day and the database's micro-USD for it, what
-    /// admission would seed a missing counter with.
+    /// admission would seed a counter with (day counts and spend).
     #[serde(skip)]
     pub seed: Option<(i64, i64)>,
 }
@@ -241,10 +256,14 @@ fn limit_views(
     ] {
         if let Some(limit) = value {
             let (start, reset) = bounds(Period::Day);
+            let view = count_view(kind, Period::Day, limit, used(Period::Day));
+            // As admission seeds a day counter: it never reads below the database.
+            let seed = view.settled.as_i64().map(|n| (today, n));
             out.push(LimitView {
                 period_start: start,
                 reset_at: reset,
-                ..count_view(kind, Period::Day, limit, used(Period::Day))
+                seed,
+                ..view
             });
         }
     }

@@ -590,15 +590,24 @@ async fn quota_views_and_cache_seeds_read_this_periods_usage(b: Backend) {
         .unwrap()
         .unwrap();
     assert_eq!(
-        cached.settled.get(None, Period::Day),
+        cached
+            .settled
+            .get(None, Period::Day)
+            .map(|s| (s.start_day, s.cost_micros)),
         Some((today, 1_250_000))
     );
     assert_eq!(
-        cached.settled.get(None, Period::Month),
+        cached
+            .settled
+            .get(None, Period::Month)
+            .map(|s| (s.start_day, s.cost_micros)),
         Some((Period::Month.start_day(today), 3_000_000))
     );
     assert_eq!(
-        cached.settled.get(None, Period::Total),
+        cached
+            .settled
+            .get(None, Period::Total)
+            .map(|s| (s.start_day, s.cost_micros)),
         Some((0, 4_000_000))
     );
     assert_eq!(
@@ -607,7 +616,10 @@ async fn quota_views_and_cache_seeds_read_this_periods_usage(b: Backend) {
         "no week limit"
     );
     assert_eq!(
-        cached.settled.get(Some("gpt-4o"), Period::Week),
+        cached
+            .settled
+            .get(Some("gpt-4o"), Period::Week)
+            .map(|s| (s.start_day, s.cost_micros)),
         Some((Period::Week.start_day(today), 500_000))
     );
 
@@ -633,8 +645,14 @@ async fn quota_views_and_cache_seeds_read_this_periods_usage(b: Backend) {
     assert_eq!(limit_of(u, "requests", "day")["settled"], 4);
     let cached = s.state.user_cache.get("dave").await.unwrap().unwrap();
     assert_eq!(
-        cached.settled.get(None, Period::Day),
-        Some((today, 1_000_000))
+        cached.settled.get(None, Period::Day).map(|s| (
+            s.start_day,
+            s.requests,
+            s.tokens,
+            s.cost_micros
+        )),
+        Some((today, 4, 40, 1_000_000)),
+        "day count seeds too"
     );
     for missing in [
         "/admin/users/nobody/quota",

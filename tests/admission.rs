@@ -747,6 +747,7 @@ async fn entries_held_by_a_dead_replica_are_claimed_and_applied() {
             upstream_status: None,
             token_classes: Default::default(),
             usage_source: Default::default(),
+            spend_now: Vec::new(),
         };
         counters.report(&report).await.unwrap();
     }

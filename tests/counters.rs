@@ -9,8 +9,11 @@ mod common;
 mod holds;
 #[path = "counters/quotas.rs"]
 mod quotas;
+#[path = "counters/seeds.rs"]
+mod seeds;
 use holds::*;
 use quotas::*;
+use seeds::*;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -89,7 +92,9 @@ on_both_stores!(
     a_refusal_by_one_entry_takes_nothing_anywhere,
     day_and_month_counters_reset_at_utc_boundaries,
     spend_passes_its_limit_only_by_actual_minus_hold,
-    missing_spend_counters_start_from_their_seed,
+    spend_counters_never_read_below_their_seed,
+    a_day_quota_survives_a_lost_counter,
+    a_late_report_reaches_the_spend_counters_of_now,
     a_hold_of_a_key_that_never_admits_again_leaves_at_its_lease_expiry,
     a_renewed_lease_keeps_its_hold_until_its_new_expiry,
 );
@@ -237,6 +242,7 @@ fn report(lease: &LeaseId, tokens: Option<(i64, i64)>, cost: i64) -> Report {
         lease_expires_at_ms: 0,
         token_classes: Default::default(),
         usage_source: Default::default(),
+        spend_now: Vec::new(),
     }
 }
 
@@ -1135,6 +1141,7 @@ fn pool_report(id: &str, cooldown_ms: i64, suspend_ms: i64) -> Report {
         lease_expires_at_ms: 0,
         token_classes: Default::default(),
         usage_source: Default::default(),
+        spend_now: Vec::new(),
     }
 }
 

@@ -299,6 +299,7 @@ async fn a_later_outage_starts_from_the_database_balance() {
                 lease_expires_at_ms: 0,
                 token_classes: Default::default(),
                 usage_source: Default::default(),
+                spend_now: Vec::new(),
             };
             counters.report(&report).await.unwrap();
         }

@@ -66,6 +66,7 @@ impl Stores {
             lease_expires_at_ms: 0,
             token_classes: Default::default(),
             usage_source: Default::default(),
+            spend_now: Vec::new(),
         };
         for s in self.both() {
             s.report(&r).await.unwrap();

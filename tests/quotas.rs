@@ -2,7 +2,8 @@
 //! key × model requests-per-minute limit, a key's monthly spend limit, each refusing with
 //! its code and the fields naming it, and all or nothing across a key's entries. The
 //! key's quota columns are written straight into the database here (the admin API for
-//! them is tested with it).
+//! them is tested with it). Also the attacker review's late report: a report accepted
+//! after its lease was purged still reaches the spend counter.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -17,6 +18,7 @@ on_both_shapes!(
     a_key_model_rpm_refuses_that_model_only,
     a_keys_monthly_spend_limit_refuses_with_budget_exceeded,
     a_quota_refusal_takes_nothing_from_the_others,
+    a_report_after_its_lease_was_purged_still_counts_against_the_spend_limit,
 );
 
 /// A key without per-minute limits, then its quota columns set in the database (before
@@ -232,6 +234,48 @@ async fn a_quota_refusal_takes_nothing_from_the_others(shape: Shape) {
             &error(&a)["period"]
         ),
         (&json!("requests"), &json!("key"), &json!("day"))
+    );
+    c.stop().await;
+}
+
+/// The attacker review's repro: a report accepted after its lease was purged (the key
+/// admitted again after the lease expired) charged the database only, so admission kept
+/// admitting past the spend limit. Reported to another replica than the admitting one.
+async fn a_report_after_its_lease_was_purged_still_counts_against_the_spend_limit(shape: Shape) {
+    let c = Cluster::start(shape, |raw| {
+        raw.insert(keyward::config::LEASE_TTL_S, "1".into());
+    })
+    .await;
+    let put = c.servers[0]
+        .admin(
+            Method::PUT,
+            "/admin/prices/openai/gpt-4o",
+            Some(json!({"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10})),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    // 10,000 micro-USD a day; each request holds 1,000 (100 tokens at 10 USD/Mtok).
+    let secret = key_with(&c, &[("spend_limits", json!({"day": {"usd": 0.01}}))]).await;
+    let admit =
+        json!({"key": secret, "provider": "openai", "model": "gpt-4o", "estimated_tokens": 100});
+    let late = c.servers[0].admit(admit.clone()).await;
+    assert_eq!(late.status, 200, "{}", late.body);
+    tokio::time::sleep(std::time::Duration::from_millis(1_300)).await;
+    // The key admits again: its expired lease is purged, with its data and its hold.
+    let next = c.servers[0].admit(admit.clone()).await;
+    assert_eq!(next.status, 200, "{}", next.body);
+    let r = json!({"lease_id": late.body["lease_id"], "cost_usd": 0.0095, "upstream_status": 200});
+    let reported = c.any(1).data_post("/v1/report", r.clone()).await;
+    assert_eq!(reported.body["recorded"], true, "{}", reported.body);
+    let again = c.any(1).data_post("/v1/report", r).await;
+    assert_eq!(again.body["duplicate"], true, "{}", again.body);
+    // 9,500 spent: another hold of 1,000 would pass 10,000.
+    let refused = c.servers[0].admit(admit.clone()).await;
+    assert_eq!(
+        (refused.status, error_code(&refused).as_str()),
+        (402, "BUDGET_EXCEEDED"),
+        "{}",
+        refused.body
     );
     c.stop().await;
 }

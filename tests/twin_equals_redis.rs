@@ -141,7 +141,8 @@ struct Quota {
     counter: usize,
     kind: QuotaKind,
     limit: i64,
-    /// Spend: a seed of this period (at the case's start) or of another one, micro-USD.
+    /// Day counts and spend: a seed of this period (at the case's start) or of another
+    /// one (requests, tokens or micro-USD).
     seed: Option<(bool, i64)>,
 }
 
@@ -254,7 +255,13 @@ fn quota() -> impl Strategy<Value = Quota> {
                 QuotaKind::TokensPerMinute | QuotaKind::TokensPerDay => tokens,
                 QuotaKind::Spend(_) => micros,
             },
-            seed: seed.filter(|_| matches!(kind, QuotaKind::Spend(_))),
+            // Day counts and spend are seeded (applied to existing counters too).
+            seed: seed.and_then(|(current, value)| match kind {
+                QuotaKind::RequestsPerDay => Some((current, value % 8)),
+                QuotaKind::TokensPerDay => Some((current, value % 150)),
+                QuotaKind::Spend(_) => Some((current, value)),
+                _ => None,
+            }),
         })
 }
 
@@ -638,6 +645,14 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
                 suspend_ms,
                 source: format!("lease {}", h.lease),
                 learned: None,
+                // Its key's entries (non-spend ones are skipped): used when its lease's
+                // data is gone.
+                spend_now: w
+                    .key_ids
+                    .iter()
+                    .position(|id| *id == h.lease.key_id)
+                    .map(|k| w.quotas[k].clone())
+                    .unwrap_or_default(),
             };
             Answer::Report(c.report(&report).await.unwrap())
         }
@@ -670,6 +685,7 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
                     requests_reset_ms: Some(reset),
                     tokens_reset_ms: Some(reset),
                 }),
+                spend_now: Vec::new(),
             };
             Answer::Report(c.report(&report).await.unwrap())
         }
@@ -775,6 +791,26 @@ fn regressions() -> Vec<Case> {
                 status: Status::Ok,
             },
             admit(0, 800, 0),
+        ]),
+        // A lease purged by its key's next admission, then reported late: its cost
+        // reaches the spend counter of now (once), and the next admission sees it.
+        with(vec![
+            admit(0, 800, 10),
+            Op::Advance { ms: 999 },
+            admit(0, 800, 10),
+            Op::Report {
+                lease: index_of(0, 2),
+                tokens: None,
+                cost: 300,
+                status: Status::Ok,
+            },
+            Op::Report {
+                lease: index_of(0, 2),
+                tokens: None,
+                cost: 300,
+                status: Status::Ok,
+            },
+            admit(1, 800, 10),
         ]),
         // A renewed lease's hold outlives its first expiry.
         with(vec![

@@ -22,6 +22,7 @@
 pub mod quotas;
 mod request;
 mod rules;
+mod spend_now;
 
 use std::sync::Arc;
 
@@ -57,6 +58,9 @@ pub struct Admission {
     /// The limits shared by the keys of one `user_id`, in process like the keys.
     users: Arc<UserCache>,
     defaults: Defaults,
+    /// Key id → lookup hash of the keys this process checked, so a report (which names
+    /// the key by id) finds its record in the key cache (see `spend_now`).
+    hashes: dashmap::DashMap<String, String>,
 }
 
 impl Admission {
@@ -78,6 +82,7 @@ impl Admission {
             prices,
             users,
             defaults,
+            hashes: dashmap::DashMap::new(),
         }
     }
 
@@ -154,11 +159,9 @@ impl Admission {
         if !plausible_secret(secret) {
             return Err(AdmitError::InvalidKey);
         }
-        let key = self
-            .cache
-            .get(&lookup_hash(secret))
-            .await?
-            .ok_or(AdmitError::InvalidKey)?;
+        let hash = lookup_hash(secret);
+        let key = self.cache.get(&hash).await?.ok_or(AdmitError::InvalidKey)?;
+        spend_now::remember(&self.hashes, &key.id, hash);
         if !key.is_active {
             return Err(AdmitError::KeyDisabled);
         }

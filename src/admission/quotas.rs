@@ -6,11 +6,12 @@
 //! per-minute limits stay the key's own windows), the key × its model entry, the user,
 //! the user × its model entry. A model entry is the listed name that
 //! [`crate::names::longest_prefix`] finds for the request's model; a request without a
-//! model has none. Spend entries are seeded from the record's settled figures.
+//! model has none. Day count and spend entries are seeded from the records' settled
+//! figures (the counter store raises a counter of the current period to its seed).
 
 use crate::client_keys::ClientKey;
 use crate::limits::{effective_limit, QuotaEntry, QuotaKind, QuotaUse};
-use crate::quota::{LimitSet, ModelLimits, Scope, ScopeKind, Settled, UserLimits};
+use crate::quota::{LimitSet, ModelLimits, Period, Scope, ScopeKind, Settled, UserLimits};
 
 /// Where an entry comes from, and what the answer shows of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,10 +71,20 @@ impl Quotas {
             push(QuotaKind::RequestsPerMinute, set.rate_limit, None);
             push(QuotaKind::TokensPerMinute, set.tpm_limit, None);
         }
-        push(QuotaKind::RequestsPerDay, set.daily_request_limit, None);
-        push(QuotaKind::TokensPerDay, set.daily_token_limit, None);
+        let seed = |period| settled.get(scope.model.as_deref(), period);
+        let day = seed(Period::Day);
+        push(
+            QuotaKind::RequestsPerDay,
+            set.daily_request_limit,
+            day.map(|s| (s.start_day, s.requests)),
+        );
+        push(
+            QuotaKind::TokensPerDay,
+            set.daily_token_limit,
+            day.map(|s| (s.start_day, s.tokens)),
+        );
         for (period, spend) in set.spend_limits.iter() {
-            let seed = settled.get(scope.model.as_deref(), period);
+            let seed = seed(period).map(|s| (s.start_day, s.cost_micros));
             push(QuotaKind::Spend(period), Some(spend.usd.micros()), seed);
         }
     }
@@ -103,14 +114,8 @@ impl Quotas {
 /// limits (the `users` row of `key.user_id`), when it has one.
 pub fn build(key: &ClientKey, user: Option<&UserLimits>, model: Option<&str>) -> Quotas {
     let mut quotas = Quotas::default();
-    let own = LimitSet {
-        // The key's per-minute limits are its own windows (admit.lua KEYS 1-2).
-        rate_limit: None,
-        tpm_limit: None,
-        daily_request_limit: key.daily_request_limit,
-        daily_token_limit: key.daily_token_limit,
-        spend_limits: key.spend_limits.clone(),
-    };
+    // The key's per-minute limits are its own windows (admit.lua KEYS 1-2).
+    let own = key.own_quotas();
     let key_scope = Scope {
         kind: ScopeKind::Key,
         id: key.id.clone(),
@@ -140,6 +145,21 @@ pub fn build(key: &ClientKey, user: Option<&UserLimits>, model: Option<&str>) ->
         );
     }
     quotas
+}
+
+/// The spend entries a report of a request by `key` for `model` is counted under now
+/// (its lease's own list left with its data when the lease was purged: a late report
+/// then adds its cost to these, see `lua/report.lua`). Limits and seeds are not used.
+pub fn spend_now(
+    key: &ClientKey,
+    user: Option<&UserLimits>,
+    model: Option<&str>,
+) -> Vec<QuotaEntry> {
+    build(key, user, model)
+        .entries
+        .into_iter()
+        .filter(|e| matches!(e.kind, QuotaKind::Spend(_)))
+        .collect()
 }
 
 /// What could never pass, refused before the counter store: an estimate above a

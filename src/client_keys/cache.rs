@@ -4,9 +4,10 @@
 //! `KEYWARD_NEGATIVE_CACHE_TTL_S`, so a flood of the same bad key does not reach the
 //! database.
 //!
-//! A load also fills the key's `settled` spend (its spend limits' current periods, from
-//! `quota_usage`, in one more query only when it has a spend limit), so admission can
-//! seed a spend counter the counter store lost without a database query per admission.
+//! A load also fills the key's `settled` figures (the current periods of its day count and
+//! spend limits, from `quota_usage`, in one more query only when it has such a limit), so
+//! admission can raise a day or spend counter to what the database had settled without a
+//! database query per admission.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,15 @@ pub struct KeyLoader {
     negative_ttl: Duration,
 }
 
+impl KeyLoader {
+    /// The lookup hash of the key with this id (one query), `None` for no such key: how a
+    /// report, which names its key by id, finds the key's cache entry on a replica that
+    /// never admitted it.
+    pub async fn hash_of(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(store::get(&self.db, id).await?.map(|k| k.key_hash))
+    }
+}
+
 impl Loader for KeyLoader {
     type Value = Option<Arc<ClientKey>>;
     const NAME: &'static str = "client_keys";
@@ -35,7 +45,7 @@ impl Loader for KeyLoader {
             &self.db,
             ScopeKind::Key,
             &key.id,
-            &key.spend_limits,
+            &key.own_quotas(),
             &key.model_limits,
             now_ms(),
         )

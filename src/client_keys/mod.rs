@@ -52,8 +52,9 @@ pub struct ClientKey {
     pub spend_limits: crate::quota::SpendLimits,
     /// Limits of requests for one model (by longest listed prefix) within this key.
     pub model_limits: crate::quota::ModelLimits,
-    /// The key's spend already applied to the database, per period, when it was loaded
-    /// (seeds a spend counter that the counter store lost). Not stored.
+    /// The key's requests, tokens and spend already applied to the database, per period
+    /// of its day count and spend limits, when it was loaded (the seeds its day and spend
+    /// counters are raised to at admission). Not stored.
     pub settled: crate::quota::Settled,
     pub expires_at: Option<i64>,
     pub is_standalone: bool,
@@ -72,6 +73,18 @@ pub struct ClientKey {
 }
 
 impl ClientKey {
+    /// The key's own quotas as a limit set: its day counts and spend limits (its
+    /// per-minute limits are its own windows, not quota entries, so they stay `None`).
+    pub fn own_quotas(&self) -> crate::quota::LimitSet {
+        crate::quota::LimitSet {
+            rate_limit: None,
+            tpm_limit: None,
+            daily_request_limit: self.daily_request_limit,
+            daily_token_limit: self.daily_token_limit,
+            spend_limits: self.spend_limits.clone(),
+        }
+    }
+
     /// What is left to spend, for standalone keys with a balance; never below zero.
     pub fn remaining_micros(&self) -> Option<i64> {
         if !self.is_standalone {

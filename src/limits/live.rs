@@ -2,7 +2,7 @@
 //! store holds now for a scope's limits, read without changing anything.
 //!
 //! A read names each counter as admission does ([`LiveCounter::Quota`]: a scope's counter
-//! id and a [`QuotaKind`], with the spend seed admission would pass), or a client key's
+//! id and a [`QuotaKind`], with the seed admission would pass), or a client key's
 //! own minute window ([`LiveCounter::KeyWindow`], which admission checks as `rpm`/`tpm`,
 //! not as a quota entry). Redis answers with `lua/quota_read.lua`, the twin from its
 //! state; both skip what a decision would drop first (a second that left a window, a
@@ -16,7 +16,7 @@ pub enum LiveCounter {
     /// A client key's own requests (`tokens` = false) or tokens per minute window.
     KeyWindow { key_id: String, tokens: bool },
     /// A quota entry's counter: the scope's counter id
-    /// ([`crate::quota::Scope::counter_id`]) and what it counts. `seed` (spend only) is
+    /// ([`crate::quota::Scope::counter_id`]) and what it counts. `seed` (day counts and spend) is
     /// what a missing counter reads as when its start day is the current period's (as
     /// [`super::QuotaEntry::seed`]).
     Quota {

@@ -261,6 +261,11 @@ pub struct Report {
     /// already capped like a cooldown): kept for the listing, and a used-up limit cools
     /// the key down ([`Report::learned_cooldown_ms`]).
     pub learned: Option<LearnedLimits>,
+    /// The spend entries the request counts under now (admission's
+    /// `quotas::spend_now`; limits and seeds unused). Used only when the lease's data is
+    /// gone (purged after its expiry, or lost): its cost is then added to `spent` of
+    /// each of these counters' current period that exists, once (the duplicate guard).
+    pub spend_now: Vec<QuotaEntry>,
 }
 
 impl Report {

@@ -14,7 +14,13 @@
 //!   drops the expired ones (at most 100 per decision) before any decision reads it, so
 //!   an unreported request stops holding when its lease expires, whichever key admits
 //!   next; a hold leaves `held` once (its report, the purge of its key's expired leases
-//!   or the counter's own purge, whichever comes first).
+//!   or the counter's own purge, whichever comes first). A report whose lease's data is
+//!   gone adds its cost to the spend counters of now it carries
+//!   ([`crate::limits::Report::spend_now`]), once.
+//!
+//! Day and spend counters never read below their entry's seed of the current period
+//! (`max(counter, seed)`), so one the store lost or one that drifted below the database
+//! heals at the next admission.
 //!
 //! Periods are computed from the store's clock (`lua/admit.lua` with the same integer
 //! steps as [`crate::quota::days_from_civil`]).
@@ -95,9 +101,12 @@ pub struct QuotaEntry {
     pub kind: QuotaKind,
     /// Requests, tokens or micro-USD; at least 1.
     pub limit: i64,
-    /// Spend only: what the database had applied for the period starting on this day
-    /// `(start day, micro-USD)`. A spend counter the store does not hold starts from it
-    /// when it is the current period's, else from 0.
+    /// Day counts and spend: what the database had applied in the period starting on
+    /// this day `(start day, requests | tokens | micro-USD)`. When it is the current
+    /// period's, the counter (a day's count, a spend's `spent`) is taken as the larger of
+    /// itself and the seed (a missing one as 0): a counter the store lost, or one that
+    /// drifted below the database (a limit removed then set again, a late report, a
+    /// lost write), is raised to what the database had when the record was loaded.
     pub seed: Option<(i64, i64)>,
 }
 

@@ -181,6 +181,7 @@ impl ReportBody {
             source,
             // A learned reset is a cooldown like any other: capped alike.
             learned: self.learned.map(|l| l.capped(cap)),
+            spend_now: Vec::new(),
         })
     }
 }

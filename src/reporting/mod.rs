@@ -13,6 +13,9 @@
 //! 4. the counter store settles the lease and queues the usage record for accounting in
 //!    one atomic step ([`Counters::report`]); the embedded shape refuses first when its
 //!    accounting writer cannot write, so nothing is acknowledged that cannot be stored.
+//!    The report carries the spend entries its key counts under now
+//!    ([`Admission::spend_now`]): when the lease's data is gone (a report accepted after
+//!    its lease was purged), its cost is added to those counters instead of the lease's.
 //!
 //! - [`body`]: `POST /v1/report`'s body and its validation.
 //! - [`upstream`]: the proxies' report (`POST /v1/report/upstream`), read into the same
@@ -169,6 +172,13 @@ impl Reports {
             // The in-process queue is only as good as its writer: refuse before anything
             // changes rather than acknowledge a report that cannot be stored.
             self.accounting.check()?;
+        }
+        if let Some(lease) = &report.lease {
+            // Used only if the lease's data is gone (a late report): see `Report::spend_now`.
+            report.spend_now = self
+                .admission
+                .spend_now(&lease.key_id, report.model.as_deref())
+                .await;
         }
         let outcome = self.counters.report(&report).await?;
         let m = crate::metrics::get();

@@ -1,8 +1,8 @@
 //! Users' limits cached in process, by user id, as admission reads them: a
-//! [`UserLimits`] with the settled spend of its current periods (one `quota_usage` query
-//! at load, only when it has a spend limit). A user without a record is remembered as
-//! such for `KEYWARD_NEGATIVE_CACHE_TTL_S`, so the keys of users without limits (most)
-//! cost no query per admission; one with a record is served for
+//! [`UserLimits`] with the settled figures of its current periods (one `quota_usage`
+//! query at load, only when it has a day count or spend limit). A user without a record
+//! is remembered as such for `KEYWARD_NEGATIVE_CACHE_TTL_S`, so the keys of users
+//! without limits (most) cost no query per admission; one with a record is served for
 //! `KEYWARD_KEY_CACHE_TTL_S` and reloaded in the background. Every change drops the
 //! entry on every replica (`bus`, message `u:<user id>`).
 
@@ -33,7 +33,7 @@ impl Loader for UserLoader {
             &self.db,
             ScopeKind::User,
             &user.user_id,
-            &user.limits.spend_limits,
+            &user.limits,
             &user.model_limits,
             now_ms(),
         )

@@ -7,7 +7,7 @@ use keyward::quota::{Period, Scope, ScopeKind};
 
 use super::{admitted, denial, key, report, request, Kind, Store};
 
-const DAY: i64 = 86_400_000;
+pub(super) const DAY: i64 = 86_400_000;
 
 /// A quota entry on a fresh counter.
 pub(super) fn entry(kind: QuotaKind, limit: i64) -> QuotaEntry {
@@ -36,7 +36,7 @@ pub(super) fn used(d: &Decision) -> Vec<i64> {
 }
 
 /// The store's clock now (an admission of a key of its own reads it).
-async fn now(s: &Store) -> i64 {
+pub(super) async fn now(s: &Store) -> i64 {
     s.admit(&request(&LeaseId::new(&key()))).await.usage.now_ms
 }
 
@@ -286,60 +286,5 @@ pub(super) async fn spend_passes_its_limit_only_by_actual_minus_hold(kind: Kind)
         "a total never resets"
     );
     assert_eq!(used(&d), [1_400], "limit + (700 − 300), and no more");
-    s.cleanup().await;
-}
-
-/// A spend counter the store does not hold starts from its seed when the seed is the
-/// current period's, else from zero; once it exists, seeds are ignored.
-pub(super) async fn missing_spend_counters_start_from_their_seed(kind: Kind) {
-    let s = Store::new(kind).await;
-    let k = key();
-    let t = now(&s).await;
-    let this_month = Period::Month.start_day(t.div_euclid(DAY));
-    let seeded = |seed| {
-        let mut e = entry(QuotaKind::Spend(Period::Month), 1_000);
-        e.seed = Some(seed);
-        e
-    };
-    let current = [seeded((this_month, 900))];
-    let lease = LeaseId::new(&k);
-    let d = s
-        .admit(&AdmitRequest {
-            hold_micros: 200,
-            ..with(&lease, &current)
-        })
-        .await;
-    assert_eq!(
-        denial(&d).0,
-        Denial::Quota {
-            index: 0,
-            exhausted: true
-        }
-    );
-    assert_eq!(used(&d), [900]);
-    // Last month's figure is not this month's.
-    let stale = [seeded((this_month - 1, 900))];
-    let d = s
-        .admit(&AdmitRequest {
-            hold_micros: 200,
-            ..with(&lease, &stale)
-        })
-        .await;
-    assert!(admitted(&d), "{d:?}");
-    assert_eq!(used(&d), [200]);
-    // The counter exists now: the current seed no longer applies.
-    let again = LeaseId::new(&k);
-    let counter = QuotaEntry {
-        counter: stale[0].counter.clone(),
-        ..current[0].clone()
-    };
-    let d = s
-        .admit(&AdmitRequest {
-            hold_micros: 200,
-            ..with(&again, std::slice::from_ref(&counter))
-        })
-        .await;
-    assert!(admitted(&d), "{d:?}");
-    assert_eq!(used(&d), [400]);
     s.cleanup().await;
 }

@@ -1,6 +1,6 @@
 use super::*;
 use crate::money::Usd;
-use crate::quota::{Period, SpendLimit, SpendLimits};
+use crate::quota::{Period, Seed, SpendLimit, SpendLimits};
 
 fn spend(usd: i64) -> Option<SpendLimit> {
     Some(SpendLimit {
@@ -22,11 +22,18 @@ fn key() -> ClientKey {
             ..LimitSet::default()
         },
     );
+    let seed = |start_day, requests, cost_micros| Seed {
+        start_day,
+        requests,
+        tokens: 10 * requests,
+        cost_micros,
+    };
     let mut settled = Settled::default();
-    settled.0.insert((None, Period::Month), (20_400, 7));
+    settled.0.insert((None, Period::Month), seed(20_400, 0, 7));
+    settled.0.insert((None, Period::Day), seed(20_422, 3, 0));
     settled
         .0
-        .insert((Some("gpt-4o".into()), Period::Day), (20_422, 9));
+        .insert((Some("gpt-4o".into()), Period::Day), seed(20_422, 4, 9));
     ClientKey {
         id: "k1".into(),
         user_id: Some("u1".into()),
@@ -89,7 +96,7 @@ fn entries_come_from_every_scope_in_order() {
     assert_eq!(
         summary(&q),
         [
-            (ScopeKind::Key, None, "rd", 1_000, None),
+            (ScopeKind::Key, None, "rd", 1_000, Some((20_422, 3))),
             (ScopeKind::Key, None, "sm", 50_000_000, Some((20_400, 7))),
             (ScopeKind::Key, Some("gpt-4o"), "rm", 5, None),
             (
@@ -102,8 +109,9 @@ fn entries_come_from_every_scope_in_order() {
             (ScopeKind::User, None, "rm", 60, None),
             (ScopeKind::User, None, "st", 500_000_000, None),
         ],
-        "the key's rate_limit is its own window, a limit of 0 is none, and the dated \
-         model uses its listed prefix (the user lists none for it)"
+        "the key's rate_limit is its own window, a limit of 0 is none, the dated \
+         model uses its listed prefix (the user lists none for it), day counts are \
+         seeded with the day's requests and spend with the period's cost"
     );
     assert!(q.has_spend());
     // Counters are per scope: the key's and its model entry's differ, and one user's
@@ -160,4 +168,14 @@ fn static_refusals_are_the_ones_that_could_never_pass() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_report_is_counted_under_the_spend_entries_of_now() {
+    let spends: Vec<_> = spend_now(&key(), Some(&user()), Some("gpt-4o"))
+        .into_iter()
+        .map(|e| e.kind.code())
+        .collect();
+    assert_eq!(spends, ["sm", "sd", "st"]);
+    assert_eq!(spend_now(&key(), None, None).len(), 1, "no model, no user");
 }

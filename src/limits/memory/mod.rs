@@ -297,8 +297,10 @@ impl MemoryCounters {
                 }
                 *guard = now.max(expiry).saturating_add(self.guard_ttl_ms);
             }
+            let mut found = false;
             if let Some(mut state) = self.keys.get_mut(&lease.key_id) {
                 if let Some(held) = state.remove_lease(&lease.token) {
+                    found = true;
                     if let Some((prompt, completion)) = r.tokens {
                         state.tokens.prune(now.div_euclid(1000));
                         state
@@ -329,6 +331,10 @@ impl MemoryCounters {
                     balance.remaining =
                         bounded(i128::from(balance.remaining) - i128::from(r.cost_micros));
                 }
+            }
+            if !found && !r.spend_now.is_empty() {
+                // Its data is gone (purged after its expiry): report.lua's late spend.
+                self.quotas.lock().late(&r.spend_now, r.cost_micros, now);
             }
         }
         self.provider_key_report(r, pool_settle, now);

@@ -199,23 +199,25 @@ impl Counters {
                     Some((start, reset)) => {
                         read.key = format!("{}:{}:{start}", e.counter, e.kind.code());
                         read.ends = (reset > 0).then_some(now + reset);
+                        // Never below the database's figure when it is this period's
+                        // (admit.lua's max; written only if admitted).
+                        let seed = match e.seed {
+                            Some((day, value)) if day == start => value.clamp(0, MAX_TOTAL),
+                            _ => 0,
+                        };
                         if let QuotaKind::Spend(_) = e.kind {
                             (read.spent, read.held) = match self.spend.get_mut(&read.key) {
                                 Some(s) => {
                                     s.expire_holds(now);
                                     (s.spent, s.held)
                                 }
-                                // Missing: the database's figure when it is this period's.
-                                None => match e.seed {
-                                    Some((day, micros)) if day == start => {
-                                        (micros.clamp(0, MAX_TOTAL), 0)
-                                    }
-                                    _ => (0, 0),
-                                },
+                                None => (0, 0),
                             };
+                            read.spent = read.spent.max(seed);
                             read.used = read.spent.saturating_add(read.held).min(MAX_TOTAL);
                         } else {
                             read.used = self.days.get(&read.key).map_or(0, |(v, _)| *v);
+                            read.used = read.used.max(seed);
                         }
                     }
                 }
@@ -304,9 +306,9 @@ impl Counters {
                 }
                 QuotaKind::RequestsPerDay | QuotaKind::TokensPerDay => {
                     let drop_at = r.ends.unwrap_or(now) + PERIOD_MARGIN_MS;
-                    let day = self.days.entry(r.key.clone()).or_insert((0, drop_at));
-                    *day = (day.0 + add, drop_at);
-                    r.used = day.0;
+                    // `r.used` may be the seed (admit.lua's SET).
+                    r.used += add;
+                    self.days.insert(r.key.clone(), (r.used, drop_at));
                     if r.kind == QuotaKind::TokensPerDay {
                         corrections.push(correct(tokens));
                     }
@@ -360,6 +362,20 @@ impl Counters {
                     }
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// A report whose lease's data is gone (report.lua): its cost is added to `spent` of
+    /// the current period of each spend entry given, where that counter exists.
+    pub(super) fn late(&mut self, entries: &[QuotaEntry], cost: i64, now: i64) {
+        for e in entries {
+            let (QuotaKind::Spend(_), Some((start, _))) = (e.kind, period_at(e.kind, now)) else {
+                continue;
+            };
+            let key = format!("{}:{}:{start}", e.counter, e.kind.code());
+            if let Some(s) = self.spend.get_mut(&key) {
+                s.spent = s.spent.saturating_add(cost).min(MAX_TOTAL);
             }
         }
     }

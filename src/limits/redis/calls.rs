@@ -9,7 +9,9 @@ use crate::limits::scripts::limit_arg;
 use crate::limits::scripts::pool_state::{PoolStateArgs, PoolStateKeys};
 use crate::limits::scripts::pool_sync::{PoolSyncArgs, PoolSyncKey, PoolSyncKeys, PoolSyncReply};
 use crate::limits::scripts::renew::{RenewArgs, RenewKeys, RenewReply};
-use crate::limits::scripts::report::{ReportArgs, ReportCode, ReportKeys, ReportProviderKeys};
+use crate::limits::scripts::report::{
+    spend_entries, ReportArgs, ReportCode, ReportKeys, ReportProviderKeys,
+};
 use crate::limits::{
     AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported, SelectRequest,
     Verdict,
@@ -212,6 +214,10 @@ impl RedisCounters {
         if let Some(pk) = &r.provider_key_id {
             ReportProviderKeys::new(&self.space, pk).push(&mut call);
         }
+        let spends = spend_entries(&self.space, &r.spend_now);
+        for (key, _) in &spends {
+            key.push(&mut call);
+        }
         ReportArgs {
             lease_token: token,
             record_id: &r.id,
@@ -240,6 +246,9 @@ impl RedisCounters {
             now_ms: clock.pinned_ms,
         }
         .push(&mut call);
+        for (_, args) in &spends {
+            args.push(&mut call);
+        }
         let reply: Vec<redis::Value> = self.lanes.invoke("report", &call).await?;
         Ok(ReportCode::parse(&reply)?.into())
     }

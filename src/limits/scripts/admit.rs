@@ -65,7 +65,8 @@ script_fields! {
         pub limit: i64,
         /// The seed's start day, -1 = none.
         pub seed_day: i64,
-        pub seed_micros: i64,
+        /// Requests, tokens or micro-USD the database had applied in that period.
+        pub seed: i64,
     }
 }
 
@@ -79,13 +80,13 @@ impl AdmitQuotaKey {
 
 impl AdmitQuotaArgs {
     pub fn new(entry: &QuotaEntry) -> AdmitQuotaArgs {
-        let (seed_day, seed_micros) = entry.seed.unwrap_or((-1, 0));
+        let (seed_day, seed) = entry.seed.unwrap_or((-1, 0));
         AdmitQuotaArgs {
             kind: entry.kind.code(),
             limit: entry.limit,
             seed_day,
             // Within what the script's doubles hold exactly.
-            seed_micros: seed_micros.clamp(0, crate::money::MAX_TOTAL),
+            seed: seed.clamp(0, crate::money::MAX_TOTAL),
         }
     }
 }

@@ -31,7 +31,7 @@ script_fields! {
     pub struct QuotaReadEntryArgs {
         /// [`crate::limits::QuotaKind::code`], or `kw` for a key's own window.
         pub kind: &'static str,
-        /// Spend: the seed's start day, -1 = none.
+        /// Day counts and spend: the seed's start day, -1 = none.
         pub seed_day: i64,
         pub seed_micros: i64,
     }

@@ -2,7 +2,7 @@
 //! database.
 
 use super::{int_at, protocol, script_fields, Contract, KeySpace};
-use crate::limits::{CounterError, Reported};
+use crate::limits::{CounterError, QuotaEntry, QuotaKind, Reported};
 
 script_fields! {
     key
@@ -26,6 +26,47 @@ script_fields! {
         pub pk_susp: String,
         pub pk_cause: String,
     }
+}
+
+script_fields! {
+    key
+    /// The KEYS of `lua/report.lua` repeated per spend entry of now (after KEYS 6, or 10
+    /// with a provider key).
+    pub struct ReportQuotaKey {
+        /// `{tag}:q:<counter id>`.
+        pub quota: String,
+    }
+}
+
+script_fields! {
+    arg
+    /// The ARGV of `lua/report.lua` repeated per spend entry of now (from ARGV 26).
+    pub struct ReportQuotaArgs {
+        /// `sd sw sm st` ([`crate::limits::QuotaKind::code`]).
+        pub kind: &'static str,
+    }
+}
+
+/// The spend entries of [`crate::limits::Report::spend_now`] (others are skipped), as
+/// their KEYS and ARGV: pushed after the provider key's KEYS and after [`ReportArgs`].
+pub fn spend_entries(
+    space: &KeySpace,
+    entries: &[QuotaEntry],
+) -> Vec<(ReportQuotaKey, ReportQuotaArgs)> {
+    entries
+        .iter()
+        .filter(|e| matches!(e.kind, QuotaKind::Spend(_)))
+        .map(|e| {
+            (
+                ReportQuotaKey {
+                    quota: space.quota(&e.counter),
+                },
+                ReportQuotaArgs {
+                    kind: e.kind.code(),
+                },
+            )
+        })
+        .collect()
 }
 
 impl ReportKeys {
@@ -148,9 +189,9 @@ pub const CONTRACT: Contract = Contract {
     file: "lua/report.lua",
     source: super::source::REPORT,
     keys: &KEYS,
-    keys_repeated: &[],
+    keys_repeated: ReportQuotaKey::NAMES,
     argv: ReportArgs::NAMES,
-    argv_repeated: &[],
+    argv_repeated: ReportQuotaArgs::NAMES,
     codes: &[(0, "duplicate"), (1, "recorded"), (2, "too_late")],
 };
 

@@ -37,6 +37,12 @@ impl Counters {
             return window(self.windows.get(&format!("{counter}:{}", kind.code())), now);
         };
         let key = format!("{counter}:{}:{start}", kind.code());
+        // As the next admission takes it: never below the database's figure of the
+        // current period.
+        let seeded = match seed {
+            Some((day, n)) if day == start => n.clamp(0, MAX_TOTAL),
+            _ => 0,
+        };
         let (used, held) = match kind {
             QuotaKind::Spend(_) => match self.spend.get(&key) {
                 Some(s) => {
@@ -53,14 +59,11 @@ impl Counters {
                                 .unwrap_or(0)
                         })
                         .fold(0i64, i64::saturating_add);
-                    (s.spent, live)
+                    (s.spent.max(seeded), live)
                 }
-                None => match seed {
-                    Some((day, micros)) if day == start => (micros.clamp(0, MAX_TOTAL), 0),
-                    _ => (0, 0),
-                },
+                None => (seeded, 0),
             },
-            _ => (self.days.get(&key).map_or(0, |(v, _)| *v), 0),
+            _ => (self.days.get(&key).map_or(0, |(v, _)| *v).max(seeded), 0),
         };
         LiveFigure {
             used,

@@ -1,0 +1,70 @@
+//! The spend entries a report is counted under now: what `lua/report.lua` (and the
+//! twin) add a late report's cost to when its lease's data is gone (the lease was purged
+//! after its expiry, or the store lost it), so a report accepted late still reaches the
+//! spend counters that admission checks (issue 15, found by an attacker review).
+//!
+//! A report names its key by id; the key cache is by lookup hash. Each key this process
+//! checked at admission leaves its id → hash here, so the record comes from the same
+//! caches as admission's (no database query on a hit); a key this process never checked
+//! costs one query for its hash, once. When a record cannot be loaded the report goes on
+//! without entries (its cost then reaches the counters through the seeds, at the next
+//! load of the record: see `quota::Settled`).
+
+use dashmap::DashMap;
+
+use super::{quotas, Admission};
+use crate::limits::QuotaEntry;
+
+/// Beyond this many remembered keys the map starts over (it refills as keys admit).
+const MAX_REMEMBERED: usize = 100_000;
+
+pub(super) fn remember(hashes: &DashMap<String, String>, key_id: &str, hash: String) {
+    if hashes.get(key_id).is_some_and(|h| *h == hash) {
+        return;
+    }
+    if hashes.len() >= MAX_REMEMBERED {
+        hashes.clear();
+    }
+    hashes.insert(key_id.to_string(), hash);
+}
+
+impl Admission {
+    /// The spend entries a request of `key_id` for `model` counts under now
+    /// ([`quotas::spend_now`], from the key's record and its user's limits in the
+    /// caches). Empty for a key that is gone, or when a record cannot be loaded (a
+    /// report must settle while the database is away: its cost then reaches the
+    /// counters through the seeds).
+    pub async fn spend_now(&self, key_id: &str, model: Option<&str>) -> Vec<QuotaEntry> {
+        let hash = match self.hashes.get(key_id).map(|h| h.clone()) {
+            Some(hash) => hash,
+            // A key this replica never checked: its hash from the database, once.
+            None => match self.cache.loader().hash_of(key_id).await {
+                Ok(Some(hash)) => {
+                    remember(&self.hashes, key_id, hash.clone());
+                    hash
+                }
+                Ok(None) => return Vec::new(),
+                Err(e) => return unloaded(&e),
+            },
+        };
+        let key = match self.cache.get(&hash).await {
+            Ok(Some(key)) if key.id == key_id => key,
+            Ok(_) => return Vec::new(),
+            Err(e) => return unloaded(&e),
+        };
+        let user = match self.user_limits(&key).await {
+            Ok(user) => user,
+            Err(e) => return unloaded(&e),
+        };
+        quotas::spend_now(&key, user.as_deref(), model)
+    }
+}
+
+/// No entries when a record cannot be loaded, logged at most once a second.
+fn unloaded(error: &dyn std::error::Error) -> Vec<QuotaEntry> {
+    static LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+    if LOG.ready().is_some() {
+        tracing::warn!(error = %error, "cannot load a key's record for a report's spend counters; its cost reaches them through the database");
+    }
+    Vec::new()
+}
