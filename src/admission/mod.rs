@@ -18,6 +18,9 @@
 //!
 //! The types of a request and its answer are in `request`, the small in-process rules
 //! (names, allow-lists, plausible secrets, the hold) in `rules`.
+//!
+//! (Somewhat over 400 lines: the admit path is kept in one file, in the order it runs,
+//! so a reader follows one request from top to bottom.)
 
 pub mod quotas;
 mod request;

@@ -18,6 +18,8 @@
 //!
 //! Nested values are skipped without recursion (a depth counter), so deep nesting costs
 //! nothing but time linear in the body.
+//!
+//! (Over 400 lines: about 270 are its tests, one per way a cut-short body can end.)
 
 /// What [`scan`] found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -35,6 +35,9 @@
 //!
 //! [`live`] reads the quota counters and a key's windows for the admin quota views
 //! (`Counters::read_quotas`), changing nothing.
+//!
+//! (Somewhat over 400 lines: the store's whole vocabulary (requests, decisions, reports)
+//! is declared here once, for both implementations.)
 
 pub mod breaker;
 pub mod clock;

@@ -9,6 +9,9 @@
 //! counters in `quota`; the listings and the sweep in `housekeeping`. This file holds
 //! every decision (admit, select, report, renew): each mirrors one script, and reads best
 //! beside the others it must agree with.
+//!
+//! (About 400 lines: the decision is one function that mirrors `lua/admit.lua` step by
+//! step; splitting it would hide the correspondence.)
 
 mod housekeeping;
 mod key_state;
