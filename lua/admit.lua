@@ -405,7 +405,7 @@ for i = 1, nq do
     else
       -- Missing (Redis lost it, or the period just began): no holds (any listed without
       -- their counter go).
-      q.spent, q.held = 0, 0
+      q.spent, q.held, q.created = 0, 0, true
       redis.call('DEL', q.key .. ':hx')
     end
     -- Never below what the database had settled in this period (written only if
@@ -559,18 +559,22 @@ for _, q in ipairs(quotas) do
     if k == 'tm' then corrected[#corrected + 1] = 'tm,' .. q.key .. ',' .. int(tokens) end
   elseif not q.spend then
     local add = (k == 'rd') and 1 or tokens
-    redis.call('SET', q.key, int(q.used + add)) -- q.used may be the seed
-    redis.call('PEXPIRE', q.key, int(q.ends + MARGIN - now))
+    -- q.used may be the seed; one SET writes the count and its expiry.
+    redis.call('SET', q.key, int(q.used + add), 'PX', int(q.ends + MARGIN - now))
     q.used = q.used + add
     if k == 'td' then corrected[#corrected + 1] = 'td,' .. q.key .. ',' .. int(tokens) end
   else
+    local first_hold = q.held == 0
     q.held = q.held + hold
     redis.call('HSET', q.key, 'spent', int(q.spent), 'held', int(q.held))
     if hold > 0 then redis.call('ZADD', q.key .. ':hx', int(expiry), hold_member(token, hold)) end
     if q.ends then
-      -- The holds expire with their counter (the same instant).
-      redis.call('PEXPIRE', q.key, int(q.ends + MARGIN - now))
-      if hold > 0 then redis.call('PEXPIRE', q.key .. ':hx', int(q.ends + MARGIN - now)) end
+      -- The counter and its holds expire at one instant, fixed by the period: set when
+      -- each is created (the counter here when it was missing; the holds' set when it
+      -- held none, since an empty set does not exist), not on every decision.
+      local at = int(q.ends + MARGIN - now)
+      if q.created then redis.call('PEXPIRE', q.key, at) end
+      if hold > 0 and first_hold then redis.call('PEXPIRE', q.key .. ':hx', at) end
     end
     q.used = math.min(MAX, q.spent + q.held)
     corrected[#corrected + 1] = k .. ',' .. q.key .. ',' .. int(hold)
