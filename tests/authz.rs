@@ -313,5 +313,42 @@ async fn a_prepaid_stream_must_state_its_usage_or_its_limit(b: Backend) {
     )
     .await;
     assert_eq!(a.status, 400, "{}", a.body);
+    // A header's estimate binds no upstream: it does not state a limit (found by an
+    // attacker review).
+    let a = authz(
+        &s,
+        "/v1/chat/completions",
+        &budgeted,
+        &[("x-keyward-estimated-tokens", "1")],
+        unstated,
+    )
+    .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    // A long prompt the proxy cut short before `stream` (64 KiB) may be a stream: under
+    // a balance or a spend limit it must state its limit before the cut; the same body
+    // whole, not streaming, goes ahead, and so does the cut one on a key without either.
+    let prompt = "x".repeat(70_000);
+    let whole = format!(
+        r#"{{"model": "gpt-4o", "messages": [{{"role": "user", "content": "{prompt}"}}], "stream": true}}"#
+    );
+    let cut = whole[..65_536].to_string();
+    for secret in [&prepaid, &budgeted] {
+        let a = authz(&s, "/v1/chat/completions", secret, &[], cut.clone()).await;
+        assert_eq!(a.status, 400, "{}", a.body);
+    }
+    let a = authz(&s, "/v1/chat/completions", &postpaid, &[], cut).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let stated = format!(
+        r#"{{"model": "gpt-4o", "max_tokens": 100, "messages": [{{"role": "user", "content": "{prompt}"}}], "stream": true}}"#
+    );
+    let a = authz(
+        &s,
+        "/v1/chat/completions",
+        &budgeted,
+        &[],
+        stated[..65_536].to_string(),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
     s.stop().await;
 }

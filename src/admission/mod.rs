@@ -327,10 +327,7 @@ impl Admission {
         let price = self
             .price(provider, model, balance.is_some() || quotas.has_spend())
             .await?;
-        if (balance.is_some() || quotas.has_spend())
-            && body.usage_unstated
-            && body.estimated_tokens.is_none()
-        {
+        if (balance.is_some() || quotas.has_spend()) && body.usage_unstated {
             // Its answer is charged its hold, and without a limit the hold is the
             // default estimate's, whatever the answer's length: a balance or a spend
             // limit would then be charged less than the upstream really cost.
@@ -340,7 +337,7 @@ impl Admission {
                 "a stream under a spend limit: its"
             };
             return Err(AdmitError::BadRequest(format!(
-                "{whose} stream must state its usage or its limit: set stream_options.include_usage to true, or max_tokens"
+                "{whose} stream must state its usage or its limit: set stream_options.include_usage to true, or max_tokens (in the first 64 KiB of the body: a proxy passes no more, so put them, and stream, before the messages of a long prompt)"
             )));
         }
         let hold_micros = price.map_or(0, |p| hold(&p, body.input_estimate, estimate));

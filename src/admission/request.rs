@@ -40,8 +40,9 @@ pub struct AdmitBody {
     #[serde(skip)]
     pub input_estimate: i64,
     /// `/authz` only: a stream whose answer will not state its usage (an OpenAI stream
-    /// without `stream_options.include_usage`). Charged its hold, so a key with a
-    /// balance must then name a limit.
+    /// without `stream_options.include_usage`, or a body cut short before `stream`) and
+    /// whose body states no output limit. Charged its hold, so it is refused under a
+    /// balance or a spend limit.
     #[serde(skip)]
     pub usage_unstated: bool,
 }

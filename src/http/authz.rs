@@ -140,6 +140,13 @@ fn admit_body(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody,
             .transpose()?,
     };
     let select = select_header(headers)?;
+    // OpenAI chat and completions streams state their usage only when asked, and the
+    // body states no output limit the upstream would keep to (a header's estimate binds
+    // nobody). A body the proxy cut short before `stream` may be a stream all the same.
+    let usage_unstated = matches!(format, Some(("openai_chat" | "openai_completions", _)))
+        && (scanned.stream == Some(true) || (!scanned.complete && scanned.stream.is_none()))
+        && scanned.include_usage != Some(true)
+        && scanned.estimate().is_none();
     Ok(AdmitBody {
         key: client_key(headers),
         provider: header(headers, "x-keyward-provider")
@@ -155,10 +162,7 @@ fn admit_body(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody,
         // About four bytes of JSON per input token: enough for a hold that prices the
         // prompt too (a body cut short by the proxy holds for what was seen).
         input_estimate: body.len().div_ceil(4) as i64,
-        // OpenAI chat and completions streams state their usage only when asked.
-        usage_unstated: matches!(format, Some(("openai_chat" | "openai_completions", _)))
-            && scanned.stream == Some(true)
-            && scanned.include_usage != Some(true),
+        usage_unstated,
     })
 }
 
