@@ -508,14 +508,19 @@ async fn quota_views_and_cache_seeds_read_this_periods_usage(b: Backend) {
     )
     .await;
     usage_row(&db, &own, Period::Total, 0, (9, 90, 4_000_000)).await;
+    // A model entry reads the usage records (finding D), not its `quota_usage` rows: a
+    // row that disagrees is ignored, and a dated model counts under its listed prefix.
     usage_row(
         &db,
         &model,
         Period::Week,
         Period::Week.start_day(today),
-        (1, 10, 500_000),
+        (9, 90, 9_000_000),
     )
     .await;
+    sqlx::query("INSERT INTO usage_records (id, key_id, model, prompt_tokens, completion_tokens, cost_micros, created_at) VALUES ($1, $2, $3, 4, 6, 500000, $4)")
+        .bind(format!("seed-{id}")).bind(&id).bind("gpt-4o-2024-08-06").bind(now_ms())
+        .execute(&db).await.unwrap();
 
     let v = s
         .admin(Method::GET, &format!("/admin/keys/{id}/quota"), None)

@@ -2,7 +2,12 @@
 //! from the `quota_usage` table that the accounting writer maintains (module
 //! `usage::store`, which owns every write to it).
 //!
-//! Two readers, each one query:
+//! A model entry's figures come from `usage_records` instead ([`records`]): the writer
+//! adds to its rows only while it is listed, so they can miss spend made while it was
+//! not (finding D). Scopes without a model read `quota_usage`, which is always written.
+//!
+//! Two readers, each one query on `quota_usage` plus one on `usage_records` when a model
+//! entry sets a day count or spend limit:
 //! - [`settled`]: the requests, tokens and spend of a key or user (and of its listed
 //!   models) in every period it has a day count or spend limit for, filled into
 //!   [`Settled`] when the key or user cache loads a record, so admission can raise a day
@@ -24,6 +29,8 @@ use crate::clock::{to_rfc3339, MS_PER_DAY};
 use crate::db::{Db, StoreError};
 use crate::money::Usd;
 use crate::quota::{LimitSet, ModelLimits, Period, Scope, ScopeKind, Seed, Settled};
+
+mod records;
 
 /// One scope's figures for one period, as applied to the database.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -112,6 +119,41 @@ fn seeded_scopes(
         .collect()
 }
 
+/// The database's figures of a key or user for the current periods: its own scope's
+/// from `quota_usage` (only when `own` seeds a period), its model entries' from
+/// `usage_records` (only for the periods some entry seeds), so [`settled`] and [`view`]
+/// read the same source.
+async fn rows_of(
+    db: &Db,
+    kind: ScopeKind,
+    id: &str,
+    own: &LimitSet,
+    models: &ModelLimits,
+    today: i64,
+) -> Result<BTreeMap<(String, Period), Used>, StoreError> {
+    let mut rows = if seeded_periods(own).is_empty() {
+        BTreeMap::new()
+    } else {
+        let counter = Scope {
+            kind,
+            id: id.to_string(),
+            model: None,
+        }
+        .counter_id();
+        current(db, &[counter], today).await?
+    };
+    let mut periods: Vec<Period> = Vec::new();
+    for set in models.values() {
+        for p in seeded_periods(set) {
+            if !periods.contains(&p) {
+                periods.push(p);
+            }
+        }
+    }
+    rows.extend(records::model_entries(db, kind, id, models, &periods, today).await?);
+    Ok(rows)
+}
+
 /// The seeds of a key or user at `now_ms`: for every day count limit and spend limit it
 /// (or one of its model entries) sets, the current period's start day and what the
 /// database holds for it (zeros without a row). `own` is its own limit set (its minute
@@ -130,7 +172,7 @@ pub async fn settled(
     }
     let today = now_ms.div_euclid(MS_PER_DAY);
     let counters: Vec<String> = scopes.iter().map(|(s, _)| s.counter_id()).collect();
-    let rows = current(db, &counters, today).await?;
+    let rows = rows_of(db, kind, id, own, models, today).await?;
     let mut settled = Settled::default();
     for ((scope, periods), counter) in scopes.iter().zip(&counters) {
         for period in periods {
@@ -287,7 +329,7 @@ fn limit_views(
 }
 
 /// The quota view of a key or user: `own` is its own limit set (for a key, its
-/// `rate_limit`/`tpm_limit` and quotas), `models` its model entries. One query.
+/// `rate_limit`/`tpm_limit` and quotas), `models` its model entries. At most two queries (as [`settled`]).
 pub async fn view(
     db: &Db,
     kind: ScopeKind,
@@ -309,7 +351,7 @@ pub async fn view(
         })
         .collect();
     let counters: Vec<String> = scopes.iter().map(|(s, _)| s.counter_id()).collect();
-    let rows = current(db, &counters, today).await?;
+    let rows = rows_of(db, kind, id, own, models, today).await?;
     Ok(scopes
         .into_iter()
         .zip(counters)
