@@ -5,7 +5,8 @@
 //! database.
 //!
 //! A load also fills the key's `settled` figures (the current periods of its day count and
-//! spend limits, from `quota_usage`, in one more query only when it has such a limit), so
+//! spend limits, through `quota_usage::settled`: its own from `quota_usage`, its model
+//! entries' from `usage_records`, queried only when it has such a limit), so
 //! admission can raise a day or spend counter to what the database had settled without a
 //! database query per admission.
 

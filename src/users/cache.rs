@@ -1,6 +1,6 @@
 //! Users' limits cached in process, by user id, as admission reads them: a
-//! [`UserLimits`] with the settled figures of its current periods (one `quota_usage`
-//! query at load, only when it has a day count or spend limit). A user without a record
+//! [`UserLimits`] with the settled figures of its current periods (`quota_usage::settled`
+//! at load, only when it has a day count or spend limit). A user without a record
 //! is remembered as such for `KEYWARD_NEGATIVE_CACHE_TTL_S`, so the keys of users
 //! without limits (most) cost no query per admission; one with a record is served for
 //! `KEYWARD_KEY_CACHE_TTL_S` and reloaded in the background. Every change drops the
