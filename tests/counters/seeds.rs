@@ -145,3 +145,42 @@ pub(super) async fn a_late_report_reaches_the_spend_counters_of_now(kind: Kind) 
     assert_eq!(used(&d), [100], "{d:?}");
     s.cleanup().await;
 }
+
+/// A late report of a lease its key's next admission purged settles with the lease's own
+/// data (kept until its duplicate guard lapses): its cost reaches the spend counters it
+/// was admitted under, model entries included, even when the report names no model (its
+/// spend of now lists only the key's entry), and only once.
+pub(super) async fn a_purged_leases_late_report_counts_on_its_own_entries(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    let key_entry = entry(QuotaKind::Spend(Period::Day), 1_000);
+    let model_entry = entry(QuotaKind::Spend(Period::Day), 1_000);
+    let both = [key_entry.clone(), model_entry.clone()];
+    let key_only = [key_entry.clone()];
+    let short = |lease, quotas| AdmitRequest {
+        hold_micros: 100,
+        lease_ttl_ms: 2_000,
+        ..with(lease, quotas)
+    };
+    let late = LeaseId::new(&k);
+    assert!(admitted(&s.admit(&short(&late, &both)).await));
+    s.advance(2_300);
+    // A request without a model purges the expired lease (and its holds).
+    let next = LeaseId::new(&k);
+    let d = s.admit(&short(&next, &key_only)).await;
+    assert_eq!(used(&d), [100], "only the new hold: {d:?}");
+    let late_report = Report {
+        spend_now: key_only.to_vec(),
+        ..report(&late, None, 600)
+    };
+    s.counters.report(&late_report).await.unwrap();
+    s.counters.report(&late_report).await.unwrap();
+    let third = LeaseId::new(&k);
+    let d = s.admit(&short(&third, &both)).await;
+    assert_eq!(
+        used(&d),
+        [800, 700],
+        "key: 600 spent + two holds; model entry: 600 spent + one hold: {d:?}"
+    );
+    s.cleanup().await;
+}
