@@ -21,7 +21,11 @@
 --   8  lx                 hash   lease token -> its data as in ld, for a lease this script
 --                                purged after its expiry (its slot and holds released):
 --                                kept for its late report (report.lua), the hash living
---                                until the latest duplicate guard of its leases lapses
+--                                until the latest duplicate guard of its leases lapses;
+--                                beside it <lx>:e (zset token -> when its guard lapses,
+--                                ms), by which entries whose guard lapsed leave (at most
+--                                PURGE_BATCH per decision), so it never grows past the
+--                                leases that expired within a guard ttl
 --      A provider key's own keys are named from the same hash tag and its id (so they
 --      are in the same slot): {tag}:pk:<id>:rpm and :tpm (windows as above), :cd and
 --      :susp (the time its cooldown / suspension ends, ms).
@@ -298,6 +302,7 @@ if client then
     for i, data in ipairs(redis.call('HMGET', KEYS[4], unpack(expired))) do
       if data then
         redis.call('HSET', KEYS[8], expired[i], data)
+        redis.call('ZADD', KEYS[8] .. ':e', int(expiries[i] + guard_ttl), expired[i])
         lx_until = math.max(lx_until, expiries[i] + guard_ttl)
         local f = fields(data)
         released = released + (tonumber(f[8] or '0') or 0)
@@ -314,8 +319,17 @@ if client then
     -- that very instant is still in time).
     if lx_until > 0 then
       local keep = lx_until - now + 1
-      if redis.call('PTTL', KEYS[8]) < keep then redis.call('PEXPIRE', KEYS[8], int(keep)) end
+      for _, k in ipairs({KEYS[8], KEYS[8] .. ':e'}) do
+        if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, int(keep)) end
+      end
     end
+  end
+  -- Purged leases whose guard lapsed (no report can come now) leave lx. A lease's guard
+  -- lapsing at this very instant still admits its report: only earlier ones leave.
+  local lapsed = redis.call('ZRANGEBYSCORE', KEYS[8] .. ':e', '-inf', '(' .. int(now), 'LIMIT', 0, PURGE_BATCH)
+  if #lapsed > 0 then
+    redis.call('HDEL', KEYS[8], unpack(lapsed))
+    redis.call('ZREM', KEYS[8] .. ':e', unpack(lapsed))
   end
   if #expired == PURGE_BATCH then
     in_flight = redis.call('ZCOUNT', KEYS[3], '(' .. int(now), '+inf')

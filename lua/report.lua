@@ -14,7 +14,8 @@
 --   6  usage                stream  the accounting queue read by every replica's writer
 --   7  lx                   hash    lease token -> the data of a lease admit.lua purged
 --                                   after its expiry (as in ld; its slot and holds were
---                                   released then): read when ld has it no more
+--                                   released then): read when ld has it no more (and
+--                                   removed, with its entry in <lx>:e)
 --   8  pk_tpm               hash    the provider key's token window
 --   9  pk_cd                string  when the provider key's cooldown ends (ms; the key
 --                                   expires then too)
@@ -277,6 +278,7 @@ if token ~= '' then
   redis.call('SET', KEYS[5], int(lapses), 'PX', int(lapses - now))
   if purged then
     redis.call('HDEL', KEYS[7], token)
+    redis.call('ZREM', KEYS[7] .. ':e', token)
   elseif held then
     redis.call('HDEL', KEYS[3], token)
     redis.call('ZREM', KEYS[2], token)

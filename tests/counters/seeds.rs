@@ -4,7 +4,7 @@
 //! database), and a report accepted after its lease was purged still adds its cost to
 //! the spend counters of now, once.
 
-use keyward::limits::{AdmitRequest, Denial, LeaseId, QuotaEntry, QuotaKind, Report};
+use keyward::limits::{AdmitRequest, Denial, LeaseId, QuotaEntry, QuotaKind, Report, Reported};
 use keyward::quota::Period;
 
 use super::quotas::{entry, now, used, with, DAY};
@@ -182,5 +182,34 @@ pub(super) async fn a_purged_leases_late_report_counts_on_its_own_entries(kind: 
         [800, 700],
         "key: 600 spent + two holds; model entry: 600 spent + one hold: {d:?}"
     );
+    // After its guard lapsed, a purged lease's late report is refused as ever (and its
+    // data has left: a key's purged leases never outlive their guard).
+    let stale = LeaseId::new(&k);
+    let d = s.admit(&short(&stale, &key_only)).await;
+    let keyward::limits::Verdict::Admitted { expires_at_ms } = d.verdict else {
+        panic!("{d:?}")
+    };
+    s.advance(2_000 + 600_000 + 1);
+    let purger = LeaseId::new(&k);
+    assert!(admitted(&s.admit(&short(&purger, &key_only)).await));
+    let r = Report {
+        lease_expires_at_ms: expires_at_ms,
+        ..report(&stale, None, 600)
+    };
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::TooLate);
+    if let Some((url, prefix)) = &s.redis {
+        let mut conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let lx = keyward::limits::scripts::KeySpace::new(prefix).client(&k, "lx");
+        let kept: i64 = redis::cmd("HLEN")
+            .arg(&lx)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(kept, 0, "the purged leases' data left with their guard");
+    }
     s.cleanup().await;
 }

@@ -80,6 +80,7 @@ impl MemoryCounters {
                 let _lost = state.expire_leases(now, None);
             }
             state.drop_lapsed_purged(now);
+            state.forget_lapsed_purged(now, self.guard_ttl_ms);
             state.requests.prune(b);
             state.tokens.prune(b);
             !state.is_idle()

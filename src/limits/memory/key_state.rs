@@ -104,6 +104,17 @@ impl KeyState {
         }
     }
 
+    /// Purged leases whose guard lapsed before `now` leave (admit.lua drops them from
+    /// `lx` by `<lx>:e`, a batch per decision; no report can reach them, so the twin
+    /// drops them at its sweep).
+    pub(super) fn forget_lapsed_purged(&mut self, now: i64, guard_ttl_ms: i64) {
+        self.purged
+            .retain(|_, lease| lease.expires_at.saturating_add(guard_ttl_ms) >= now);
+        if self.purged.is_empty() {
+            self.purged_lapse_at = 0;
+        }
+    }
+
     /// A purged lease's data, taken for its late report (report.lua's `lx`).
     pub(super) fn take_purged(&mut self, token: &str, now: i64) -> Option<Lease> {
         self.drop_lapsed_purged(now);
