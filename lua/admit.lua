@@ -24,7 +24,7 @@
 --                                until the latest duplicate guard of its leases lapses;
 --                                beside it <lx>:e (zset token -> when its guard lapses,
 --                                ms), by which entries whose guard lapsed leave (at most
---                                PURGE_BATCH per decision), so it never grows past the
+--                                PURGE_BATCH per decision that purges), so it never grows past the
 --                                leases that expired within a guard ttl
 --      A provider key's own keys are named from the same hash tag and its id (so they
 --      are in the same slot): {tag}:pk:<id>:rpm and :tpm (windows as above), :cd and
@@ -323,13 +323,15 @@ if client then
         if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, int(keep)) end
       end
     end
-  end
-  -- Purged leases whose guard lapsed (no report can come now) leave lx. A lease's guard
-  -- lapsing at this very instant still admits its report: only earlier ones leave.
-  local lapsed = redis.call('ZRANGEBYSCORE', KEYS[8] .. ':e', '-inf', '(' .. int(now), 'LIMIT', 0, PURGE_BATCH)
-  if #lapsed > 0 then
-    redis.call('HDEL', KEYS[8], unpack(lapsed))
-    redis.call('ZREM', KEYS[8] .. ':e', unpack(lapsed))
+    -- Purged leases whose guard lapsed (no report can come now) leave lx, as many as
+    -- may have come in (a lease's guard lapsing at this very instant still admits its
+    -- report: only earlier ones leave). Only here: without purges, lx's expiry is not
+    -- extended and it lapses whole, so a decision without one pays nothing for it.
+    local lapsed = redis.call('ZRANGEBYSCORE', KEYS[8] .. ':e', '-inf', '(' .. int(now), 'LIMIT', 0, PURGE_BATCH)
+    if #lapsed > 0 then
+      redis.call('HDEL', KEYS[8], unpack(lapsed))
+      redis.call('ZREM', KEYS[8] .. ':e', unpack(lapsed))
+    end
   end
   if #expired == PURGE_BATCH then
     in_flight = redis.call('ZCOUNT', KEYS[3], '(' .. int(now), '+inf')

@@ -94,10 +94,13 @@
 -- its lease expired and a purge released the hold (admit.lua's, of the counter or of
 -- the key's leases) releases nothing, but still adds its cost to 'spent' when the
 -- lease's data is still there. A lease that already expired is still recorded and
--- debited. When its data is gone (admit.lua purged the lease after its expiry, or Redis
--- lost it), its quota corrections left with it: its cost is then added to 'spent' of
--- the current period of each spend entry given (the ones the request counts under now),
--- where that counter exists; the duplicate guard makes this happen once. (Day token
+-- debited. A lease admit.lua purged after its expiry left its data in lx (KEYS 7) until
+-- its guard lapses: its report settles with it as with ld (its own spend counters and
+-- model entries, in the period it was admitted in; tm/td corrected), except what the
+-- purge released (the slot, the balance hold, the spend holds). Only when its data is in
+-- neither (Redis lost it) is its cost added to 'spent' of the current period of each
+-- spend entry given (the ones the request counts under now), where that counter exists;
+-- the duplicate guard makes this happen once. (Day token
 -- counters are not corrected then: the next admission raises them to the database's
 -- figure when the key's record reloads.)
 
