@@ -406,6 +406,7 @@ fn admit_args(token: &str) -> AdmitArgs<'_> {
         pool_version: "",
         hold: 0,
         now_ms: 0,
+        guard_ttl_ms: 60_000,
     }
 }
 

@@ -18,10 +18,18 @@
 --   6  def                hash   the provider's pool: '_v' -> version, '_t' -> its stamp,
 --                                key id -> "max_rpm|max_tpm"
 --   7  order              zset   key id -> priority rank * 2^42 + last pick (see pool_sync.lua)
+--   8  lx                 hash   lease token -> its data as in ld, for a lease this script
+--                                purged after its expiry (its slot and holds released):
+--                                kept for its late report (report.lua), the hash living
+--                                until the latest duplicate guard of its leases lapses;
+--                                beside it <lx>:e (zset token -> when its guard lapses,
+--                                ms), by which entries whose guard lapsed leave (at most
+--                                PURGE_BATCH per decision that purges), so it never grows past the
+--                                leases that expired within a guard ttl
 --      A provider key's own keys are named from the same hash tag and its id (so they
 --      are in the same slot): {tag}:pk:<id>:rpm and :tpm (windows as above), :cd and
 --      :susp (the time its cooldown / suspension ends, ms).
--- KEYS per quota entry (1 each, from KEYS[8]):
+-- KEYS per quota entry (1 each, from KEYS[9]):
 --   1  quota              the entry's base name {tag}:q:<counter id>. Its counters, all
 --                         named inside the script: <base>:rm / :tm (windows as above);
 --                         <base>:rd:<day> / :td:<day> (string: requests / tokens of that
@@ -50,7 +58,9 @@
 --                         every spend quota entry (>= 0)
 --   16 now_ms             0 = the Redis server's TIME (production); else this instant
 --                         (tests pin the clock to compare with the in-process twin)
--- ARGV per quota entry (4 each, from ARGV[17]; client = 1 only):
+--   17 guard_ttl_ms       how long a lease's report duplicate guard outlives its expiry
+--                         (> 0): a purged lease's data stays in lx that long
+-- ARGV per quota entry (4 each, from ARGV[18]; client = 1 only):
 --   1  kind               rm tm (per minute), rd td (per UTC day), sd sw sm st (spend
 --                         per UTC day, ISO week, calendar month, total)
 --   2  limit              requests, tokens or micro-USD (>= 1)
@@ -123,8 +133,9 @@ local client = ARGV[13] == '1'
 local pool_version = ARGV[14]
 local hold = tonumber(ARGV[15])
 local pinned = tonumber(ARGV[16])
-local nq = #KEYS - 7
-assert(pool_version and nq >= 0 and #ARGV == 16 + 4 * nq, 'pool')
+local guard_ttl = tonumber(ARGV[17])
+local nq = #KEYS - 8
+assert(pool_version and nq >= 0 and #ARGV == 17 + 4 * nq, 'pool')
 local SHIFT = 4398046511104 -- 2^42: order scores are priority rank * SHIFT + last pick
 assert(rpm_limit and rpm_limit >= 0, 'rpm limit')
 assert(tpm_limit and tpm_limit >= 0, 'tpm limit')
@@ -140,6 +151,7 @@ assert(credited and used and version and math.abs(credited) <= MAX and math.abs(
 assert(tokens <= MAX, 'tokens')
 assert(hold and hold >= 0 and hold <= MAX, 'hold')
 assert(shift and pinned, 'time')
+assert(guard_ttl and guard_ttl > 0 and guard_ttl <= MAX, 'guard ttl')
 assert(client or nq == 0, 'quotas without a client')
 
 local now = pinned + shift
@@ -276,12 +288,22 @@ local in_flight, released = 0, 0
 if client then
   -- Expired leases free their slot (and their reservation data), at most PURGE_BATCH per
   -- decision; meanwhile only live leases are counted (and renew.lua refuses expired ones).
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, PURGE_BATCH)
+  local scored = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'WITHSCORES', 'LIMIT', 0, PURGE_BATCH)
+  local expired, expiries = {}, {}
+  for i = 1, #scored, 2 do
+    expired[#expired + 1] = scored[i]
+    expiries[#expiries + 1] = tonumber(scored[i + 1])
+  end
   if #expired > 0 then
     -- Their holds leave the balance's held amount with them, and their spend holds the
-    -- spend counters that still list them.
+    -- spend counters that still list them. Their data moves to lx until their duplicate
+    -- guard lapses, so a late report still settles its own spend counters and model.
+    local lx_until = 0
     for i, data in ipairs(redis.call('HMGET', KEYS[4], unpack(expired))) do
       if data then
+        redis.call('HSET', KEYS[8], expired[i], data)
+        redis.call('ZADD', KEYS[8] .. ':e', int(expiries[i] + guard_ttl), expired[i])
+        lx_until = math.max(lx_until, expiries[i] + guard_ttl)
         local f = fields(data)
         released = released + (tonumber(f[8] or '0') or 0)
         for _, c in ipairs(corrections(f[9])) do
@@ -293,6 +315,23 @@ if client then
     end
     redis.call('ZREM', KEYS[3], unpack(expired))
     redis.call('HDEL', KEYS[4], unpack(expired))
+    -- The hash lives until the latest guard of its leases lapses (+1 ms: a report at
+    -- that very instant is still in time).
+    if lx_until > 0 then
+      local keep = lx_until - now + 1
+      for _, k in ipairs({KEYS[8], KEYS[8] .. ':e'}) do
+        if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, int(keep)) end
+      end
+    end
+    -- Purged leases whose guard lapsed (no report can come now) leave lx, as many as
+    -- may have come in (a lease's guard lapsing at this very instant still admits its
+    -- report: only earlier ones leave). Only here: without purges, lx's expiry is not
+    -- extended and it lapses whole, so a decision without one pays nothing for it.
+    local lapsed = redis.call('ZRANGEBYSCORE', KEYS[8] .. ':e', '-inf', '(' .. int(now), 'LIMIT', 0, PURGE_BATCH)
+    if #lapsed > 0 then
+      redis.call('HDEL', KEYS[8], unpack(lapsed))
+      redis.call('ZREM', KEYS[8] .. ':e', unpack(lapsed))
+    end
   end
   if #expired == PURGE_BATCH then
     in_flight = redis.call('ZCOUNT', KEYS[3], '(' .. int(now), '+inf')
@@ -375,12 +414,12 @@ end
 
 local quotas, q_index, q_exhausted = {}, 0, 0
 for i = 1, nq do
-  local at = 16 + 4 * (i - 1)
+  local at = 17 + 4 * (i - 1)
   local q = {kind = ARGV[at + 1], limit = tonumber(ARGV[at + 2])}
   local seed_day, seed = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
   assert(q.limit and q.limit >= 1 and q.limit <= MAX, 'quota limit')
   assert(seed_day and seed and seed >= 0 and seed <= MAX, 'quota seed')
-  local base = KEYS[7 + i]
+  local base = KEYS[8 + i]
   if q.kind == 'rm' or q.kind == 'tm' then
     q.key = base .. ':' .. q.kind
     q.window = true

@@ -2,7 +2,7 @@
 --
 -- Contract (checked against src/limits/scripts/report.rs by tests/script_contracts.rs):
 --
--- KEYS (under the deployment's hash tag; 7-10 only with a provider key, ARGV 10):
+-- KEYS (under the deployment's hash tag; 8-11 only with a provider key, ARGV 10):
 --   1  tpm                  hash    the client key's token window (see admit.lua)
 --   2  leases               zset    lease token -> expiry (ms)
 --   3  ld                   hash    lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold|quotas"
@@ -12,20 +12,24 @@
 --   5  done                 string  when the duplicate guard of this lease id lapses (ms):
 --                                   it was reported
 --   6  usage                stream  the accounting queue read by every replica's writer
---   7  pk_tpm               hash    the provider key's token window
---   8  pk_cd                string  when the provider key's cooldown ends (ms; the key
+--   7  lx                   hash    lease token -> the data of a lease admit.lua purged
+--                                   after its expiry (as in ld; its slot and holds were
+--                                   released then): read when ld has it no more (and
+--                                   removed, with its entry in <lx>:e)
+--   8  pk_tpm               hash    the provider key's token window
+--   9  pk_cd                string  when the provider key's cooldown ends (ms; the key
 --                                   expires then too)
---   9  pk_susp              string  when its suspension ends (ms)
---   10 pk_cause             hash    'cd' / 'susp' -> "status|at ms|source": the report
+--   10 pk_susp              string  when its suspension ends (ms)
+--   11 pk_cause             hash    'cd' / 'susp' -> "status|at ms|source": the report
 --                                   behind the cooldown / suspension ("headers|status|at
 --                                   ms|source" for a cooldown learned from rate-limit
 --                                   headers); 'lim' -> "kept until ms|<ARGV 24>|at ms":
 --                                   what the headers said last (the hash expires with
 --                                   the latest of them)
--- KEYS per quota entry (1 each, after KEYS 6, or 10 with a provider key):
+-- KEYS per quota entry (1 each, after KEYS 7, or 11 with a provider key):
 --   1  quota                the base name {tag}:q:<counter id> of a spend entry the
 --                           request counts under now (see admit.lua): used only when the
---                           lease's data is gone
+--                           lease's data is in neither ld nor lx (Redis lost it)
 -- ARGV:
 --   1  lease_token          "" = a report without a lease: nothing to settle or
 --                           deduplicate
@@ -90,10 +94,13 @@
 -- its lease expired and a purge released the hold (admit.lua's, of the counter or of
 -- the key's leases) releases nothing, but still adds its cost to 'spent' when the
 -- lease's data is still there. A lease that already expired is still recorded and
--- debited. When its data is gone (admit.lua purged the lease after its expiry, or Redis
--- lost it), its quota corrections left with it: its cost is then added to 'spent' of
--- the current period of each spend entry given (the ones the request counts under now),
--- where that counter exists; the duplicate guard makes this happen once. (Day token
+-- debited. A lease admit.lua purged after its expiry left its data in lx (KEYS 7) until
+-- its guard lapses: its report settles with it as with ld (its own spend counters and
+-- model entries, in the period it was admitted in; tm/td corrected), except what the
+-- purge released (the slot, the balance hold, the spend holds). Only when its data is in
+-- neither (Redis lost it) is its cost added to 'spent' of the current period of each
+-- spend entry given (the ones the request counts under now), where that counter exists;
+-- the duplicate guard makes this happen once. (Day token
 -- counters are not corrected then: the next admission raises them to the database's
 -- figure when the key's record reloads.)
 
@@ -125,7 +132,7 @@ assert(whole(cached) and whole(cache_write) and whole(reasoning), 'token classes
 assert(source == 'reported' or source == 'parsed' or source == 'estimated', 'source')
 assert(whole(learned_cd) and whole(lim_keep) and #lim <= 200, 'learned limits')
 assert(lim == '' or lim_keep > 0, 'learned limits keep')
-local nk = (pk == '' and 6 or 10)
+local nk = (pk == '' and 7 or 11)
 local nq = #ARGV - 25
 assert(nq >= 0 and #KEYS == nk + nq, 'provider key and quota keys')
 local late_kinds = {}
@@ -203,7 +210,7 @@ local function settle_spend(key, hold_q)
 end
 
 local provider, model, api_format = '', ARGV[9], ''
-local held, settles, bal, lapses, hold = false, {}, nil, nil, 0
+local held, purged, settles, bal, lapses, hold = false, false, {}, nil, nil, 0
 local days, spends, late = {}, {}, {}
 if token ~= '' then
   local expiry = math.max(signed_expiry, tonumber(redis.call('ZSCORE', KEYS[2], token) or '0'))
@@ -214,6 +221,11 @@ if token ~= '' then
   if signed_expiry > 0 and now > expiry + guard_ttl then return {2, now} end
   lapses = math.max(now, expiry) + guard_ttl
   local data = redis.call('HGET', KEYS[3], token)
+  if not data then
+    -- Purged after its expiry (admit.lua): its slot and holds are released already.
+    data = redis.call('HGET', KEYS[7], token)
+    purged = data and true or false
+  end
   if data then
     held = true
     local f = {}
@@ -223,8 +235,8 @@ if token ~= '' then
     if model == '' then model = f[4] or '' end
     redis.call('ZSCORE', KEYS[2], token) -- only to fail here, not later, on a wrong type
     settles[#settles + 1] = settle(KEYS[1], bucket, tonumber(f[2]))
-    if pk ~= '' and f[6] == pk then settles[#settles + 1] = settle(KEYS[7], bucket, tonumber(f[7])) end
-    hold = tonumber(f[8] or '0') or 0
+    if pk ~= '' and f[6] == pk then settles[#settles + 1] = settle(KEYS[8], bucket, tonumber(f[7])) end
+    if not purged then hold = tonumber(f[8] or '0') or 0 end
     for kind, key, amount in string.gmatch(f[9] or '', '(%a%a),([^,;]+),(%d+)') do
       amount = tonumber(amount)
       if kind == 'tm' then
@@ -236,7 +248,8 @@ if token ~= '' then
       end
     end
   else
-    -- Its data is gone: the cost counts in the spend counters of now that exist.
+    -- Its data is lost (Redis lost it): the cost counts in the spend counters of now
+    -- that exist.
     for i = 1, nq do
       local key = KEYS[nk + i] .. ':s' .. late_kinds[i] .. ':' .. int(period_start(late_kinds[i]))
       local spent = tonumber(redis.call('HGET', key, 'spent') or '')
@@ -255,7 +268,7 @@ end
 -- A learned cooldown only lengthens the current one, read here (before any write).
 local learned_until = nil
 if pk ~= '' and learned_cd > 0 then
-  local current = tonumber(redis.call('GET', KEYS[8]) or '0') or 0
+  local current = tonumber(redis.call('GET', KEYS[9]) or '0') or 0
   if now + learned_cd > current then learned_until = now + learned_cd end
 end
 -- The queue must take the entry: a key of another type would fail the XADD below.
@@ -266,7 +279,10 @@ assert(kind == 'none' or kind == 'stream', 'usage stream')
 -- Nothing can fail from here on: write.
 if token ~= '' then
   redis.call('SET', KEYS[5], int(lapses), 'PX', int(lapses - now))
-  if held then
+  if purged then
+    redis.call('HDEL', KEYS[7], token)
+    redis.call('ZREM', KEYS[7] .. ':e', token)
+  elseif held then
     redis.call('HDEL', KEYS[3], token)
     redis.call('ZREM', KEYS[2], token)
   end
@@ -286,24 +302,24 @@ end
 if pk ~= '' then
     -- The end is a time on the script clock, compared with `now` by admit.lua; the
   -- expiry only tidies up.
-  if cooldown > 0 then redis.call('SET', KEYS[8], now + cooldown, 'PX', cooldown) end
-  if suspend > 0 then redis.call('SET', KEYS[9], now + suspend, 'PX', suspend) end
-  if learned_until then redis.call('SET', KEYS[8], int(learned_until), 'PX', learned_cd) end
+  if cooldown > 0 then redis.call('SET', KEYS[9], now + cooldown, 'PX', cooldown) end
+  if suspend > 0 then redis.call('SET', KEYS[10], now + suspend, 'PX', suspend) end
+  if learned_until then redis.call('SET', KEYS[9], int(learned_until), 'PX', learned_cd) end
   -- How long the cause hash must live for what is written now.
   local keep = 0
   if cooldown > 0 or suspend > 0 or learned_until then
     -- Who stopped the key, shown by pool_state.lua while the cooldown / suspension lasts.
     local cause = ARGV[12] .. '|' .. string.format('%.0f', now) .. '|' .. string.sub(ARGV[16] or '', 1, 200)
-    if cooldown > 0 then redis.call('HSET', KEYS[10], 'cd', cause) end
-    if suspend > 0 then redis.call('HSET', KEYS[10], 'susp', cause) end
-    if learned_until then redis.call('HSET', KEYS[10], 'cd', 'headers|' .. cause) end
+    if cooldown > 0 then redis.call('HSET', KEYS[11], 'cd', cause) end
+    if suspend > 0 then redis.call('HSET', KEYS[11], 'susp', cause) end
+    if learned_until then redis.call('HSET', KEYS[11], 'cd', 'headers|' .. cause) end
     keep = math.max(cooldown, suspend, learned_until and learned_cd or 0)
   end
   if lim ~= '' then
-    redis.call('HSET', KEYS[10], 'lim', int(now + lim_keep) .. '|' .. lim .. '|' .. int(now))
+    redis.call('HSET', KEYS[11], 'lim', int(now + lim_keep) .. '|' .. lim .. '|' .. int(now))
     keep = math.max(keep, lim_keep)
   end
-  if keep > 0 then redis.call('PEXPIRE', KEYS[10], math.max(keep, redis.call('PTTL', KEYS[10]))) end
+  if keep > 0 then redis.call('PEXPIRE', KEYS[11], math.max(keep, redis.call('PTTL', KEYS[11]))) end
 end
 
 redis.call('XADD', KEYS[6], '*',

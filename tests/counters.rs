@@ -95,6 +95,7 @@ on_both_stores!(
     spend_counters_never_read_below_their_seed,
     a_day_quota_survives_a_lost_counter,
     a_late_report_reaches_the_spend_counters_of_now,
+    a_purged_leases_late_report_counts_on_its_own_entries,
     a_hold_of_a_key_that_never_admits_again_leaves_at_its_lease_expiry,
     a_renewed_lease_keeps_its_hold_until_its_new_expiry,
 );
@@ -1050,6 +1051,7 @@ async fn scripts_assert_their_inputs() {
         pool_version: "",
         hold: 0,
         now_ms: 0,
+        guard_ttl_ms: 60_000,
     }
     .push(&mut call);
     let result: redis::RedisResult<Vec<i64>> = call.invoke_async(&mut conn).await;

@@ -3,7 +3,8 @@
 //! its code and the fields naming it, and all or nothing across a key's entries. The
 //! key's quota columns are written straight into the database here (the admin API for
 //! them is tested with it). Also the attacker review's late report: a report accepted
-//! after its lease was purged still reaches the spend counter.
+//! after its lease was purged still reaches the spend counter, and (the second review's
+//! finding B) the model entries of its own admission even when it names no model.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -19,6 +20,7 @@ on_both_shapes!(
     a_keys_monthly_spend_limit_refuses_with_budget_exceeded,
     a_quota_refusal_takes_nothing_from_the_others,
     a_report_after_its_lease_was_purged_still_counts_against_the_spend_limit,
+    a_late_report_naming_no_model_counts_on_the_leases_model_entry,
 );
 
 /// A key without per-minute limits, then its quota columns set in the database (before
@@ -277,5 +279,62 @@ async fn a_report_after_its_lease_was_purged_still_counts_against_the_spend_limi
         "{}",
         refused.body
     );
+    c.stop().await;
+}
+
+/// The second attacker review's finding B: a late report naming no model (of a lease
+/// purged by its key's next admission) reached no model entry, so a per-model spend limit
+/// never saw late reports. Now it settles with the purged lease's own data. Reported to
+/// another replica than the admitting one; fails without the purged data (model entry 0).
+async fn a_late_report_naming_no_model_counts_on_the_leases_model_entry(shape: Shape) {
+    let c = Cluster::start(shape, |raw| {
+        raw.insert(keyward::config::LEASE_TTL_S, "1".into());
+    })
+    .await;
+    let put = c.servers[0]
+        .admin(
+            Method::PUT,
+            "/admin/prices/openai/gpt-4o",
+            Some(json!({"input_per_mtok_usd": 2.5, "output_per_mtok_usd": 10})),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    // The key: 1 USD a day; its gpt-4o entry: 10,000 micro-USD a day. Each request holds
+    // 1,000 (100 tokens at 10 USD/Mtok).
+    let secret = key_with(
+        &c,
+        &[
+            ("spend_limits", json!({"day": {"usd": 1}})),
+            (
+                "model_limits",
+                json!({"gpt-4o": {"spend_limits": {"day": {"usd": 0.01}}}}),
+            ),
+        ],
+    )
+    .await;
+    let admit =
+        json!({"key": secret, "provider": "openai", "model": "gpt-4o", "estimated_tokens": 100});
+    for _ in 0..3 {
+        let late = c.servers[0].admit(admit.clone()).await;
+        assert_eq!(late.status, 200, "{}", late.body);
+        tokio::time::sleep(std::time::Duration::from_millis(1_300)).await;
+        // The key admits again: the expired lease is purged (its slot and holds released).
+        let next = c.servers[0].admit(admit.clone()).await;
+        assert_eq!(next.status, 200, "{}", next.body);
+        let r = json!({"lease_id": late.body["lease_id"], "cost_usd": 0.0035,
+                       "upstream_status": 200});
+        let reported = c.any(1).data_post("/v1/report", r).await;
+        assert_eq!(reported.body["recorded"], true, "{}", reported.body);
+    }
+    // 10,500 spent on the gpt-4o entry: its day is used up (the key's 1 USD is not).
+    let refused = c.servers[0].admit(admit.clone()).await;
+    assert_eq!(
+        (refused.status, error_code(&refused).as_str()),
+        (402, "BUDGET_EXCEEDED"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(error(&refused)["model"], "gpt-4o", "{}", refused.body);
+    assert_eq!(error(&refused)["scope"], "key", "{}", refused.body);
     c.stop().await;
 }

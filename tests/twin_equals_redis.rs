@@ -97,6 +97,9 @@ enum Op {
         tokens: Option<(i64, i64)>,
         cost: i64,
         status: Status,
+        /// false: the report carries no spend entries of now (`/v1/report/upstream`, or
+        /// a report naming no model, for a key whose entries are all per model).
+        spend_now: bool,
     },
     /// A report without a lease (a data token) naming a provider key.
     ReportKey {
@@ -186,8 +189,8 @@ fn op() -> impl Strategy<Value = Op> {
         8 => (0..2usize, 0..40i64, prop_oneof![Just(800i64), Just(5_000), Just(70_000)], 0..300i64, any::<bool>())
             .prop_map(|(key, tokens, ttl_ms, hold, select)| Op::Admit { key, tokens, ttl_ms, hold, select }),
         2 => (0..40i64).prop_map(|tokens| Op::Select { tokens }),
-        4 => (any::<Index>(), proptest::option::of((0..30i64, 0..30i64)), 0..500i64, status())
-            .prop_map(|(lease, tokens, cost, status)| Op::Report { lease, tokens, cost, status }),
+        4 => (any::<Index>(), proptest::option::of((0..30i64, 0..30i64)), 0..500i64, status(), any::<bool>())
+            .prop_map(|(lease, tokens, cost, status, spend_now)| Op::Report { lease, tokens, cost, status, spend_now }),
         2 => (any::<Index>(), status(), proptest::option::of((
                 proptest::option::of(0..3i64),
                 proptest::option::of(0..3i64),
@@ -620,6 +623,7 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
             tokens,
             cost,
             status,
+            spend_now,
         } => {
             if w.held.is_empty() {
                 return Answer::Skipped;
@@ -651,6 +655,7 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
                     .key_ids
                     .iter()
                     .position(|id| *id == h.lease.key_id)
+                    .filter(|_| *spend_now)
                     .map(|k| w.quotas[k].clone())
                     .unwrap_or_default(),
             };
@@ -789,11 +794,14 @@ fn regressions() -> Vec<Case> {
                 tokens: None,
                 cost: 0,
                 status: Status::Ok,
+                spend_now: true,
             },
             admit(0, 800, 0),
         ]),
-        // A lease purged by its key's next admission, then reported late: its cost
-        // reaches the spend counter of now (once), and the next admission sees it.
+        // A lease purged by its key's next admission, then reported late, once carrying
+        // no spend entries of now (a report naming no model): its cost reaches its own
+        // spend counter through its purged data (lx), once, and the next admission sees
+        // it.
         with(vec![
             admit(0, 800, 10),
             Op::Advance { ms: 999 },
@@ -803,12 +811,14 @@ fn regressions() -> Vec<Case> {
                 tokens: None,
                 cost: 300,
                 status: Status::Ok,
+                spend_now: false,
             },
             Op::Report {
                 lease: index_of(0, 2),
                 tokens: None,
                 cost: 300,
                 status: Status::Ok,
+                spend_now: true,
             },
             admit(1, 800, 10),
         ]),

@@ -1,7 +1,8 @@
 //! The spend entries a report is counted under now: what `lua/report.lua` (and the
-//! twin) add a late report's cost to when its lease's data is gone (the lease was purged
-//! after its expiry, or the store lost it), so a report accepted late still reaches the
-//! spend counters that admission checks (issue 15, found by an attacker review).
+//! twin) add a late report's cost to when its lease's data is gone (the store lost it: a
+//! lease purged after its expiry keeps its data in `lx` until its guard lapses, and
+//! settles with that), so a report accepted late still reaches the spend counters that
+//! admission checks (issue 15, found by an attacker review).
 //!
 //! A report names its key by id; the key cache is by lookup hash. Each key this process
 //! checked at admission leaves its id → hash here, so the record comes from the same

@@ -266,7 +266,8 @@ pub struct Report {
     pub learned: Option<LearnedLimits>,
     /// The spend entries the request counts under now (admission's
     /// `quotas::spend_now`; limits and seeds unused). Used only when the lease's data is
-    /// gone (purged after its expiry, or lost): its cost is then added to `spent` of
+    /// gone (lost: a purged lease's data is kept until its guard lapses, and a late
+    /// report settles with that, model entries included): its cost is then added to `spent` of
     /// each of these counters' current period that exists, once (the duplicate guard).
     pub spend_now: Vec<QuotaEntry>,
 }

@@ -4,7 +4,7 @@
 //! database), and a report accepted after its lease was purged still adds its cost to
 //! the spend counters of now, once.
 
-use keyward::limits::{AdmitRequest, Denial, LeaseId, QuotaEntry, QuotaKind, Report};
+use keyward::limits::{AdmitRequest, Denial, LeaseId, QuotaEntry, QuotaKind, Report, Reported};
 use keyward::quota::Period;
 
 use super::quotas::{entry, now, used, with, DAY};
@@ -143,5 +143,73 @@ pub(super) async fn a_late_report_reaches_the_spend_counters_of_now(kind: Kind) 
     let unknown = [unknown];
     let d = s.admit(&short(&fourth, &unknown)).await;
     assert_eq!(used(&d), [100], "{d:?}");
+    s.cleanup().await;
+}
+
+/// A late report of a lease its key's next admission purged settles with the lease's own
+/// data (kept until its duplicate guard lapses): its cost reaches the spend counters it
+/// was admitted under, model entries included, even when the report names no model (its
+/// spend of now lists only the key's entry), and only once.
+pub(super) async fn a_purged_leases_late_report_counts_on_its_own_entries(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    let key_entry = entry(QuotaKind::Spend(Period::Day), 1_000);
+    let model_entry = entry(QuotaKind::Spend(Period::Day), 1_000);
+    let both = [key_entry.clone(), model_entry.clone()];
+    let key_only = [key_entry.clone()];
+    let short = |lease, quotas| AdmitRequest {
+        hold_micros: 100,
+        lease_ttl_ms: 2_000,
+        ..with(lease, quotas)
+    };
+    let late = LeaseId::new(&k);
+    assert!(admitted(&s.admit(&short(&late, &both)).await));
+    s.advance(2_300);
+    // A request without a model purges the expired lease (and its holds).
+    let next = LeaseId::new(&k);
+    let d = s.admit(&short(&next, &key_only)).await;
+    assert_eq!(used(&d), [100], "only the new hold: {d:?}");
+    let late_report = Report {
+        spend_now: key_only.to_vec(),
+        ..report(&late, None, 600)
+    };
+    s.counters.report(&late_report).await.unwrap();
+    s.counters.report(&late_report).await.unwrap();
+    let third = LeaseId::new(&k);
+    let d = s.admit(&short(&third, &both)).await;
+    assert_eq!(
+        used(&d),
+        [800, 700],
+        "key: 600 spent + two holds; model entry: 600 spent + one hold: {d:?}"
+    );
+    // After its guard lapsed, a purged lease's late report is refused as ever (and its
+    // data has left: a key's purged leases never outlive their guard).
+    let stale = LeaseId::new(&k);
+    let d = s.admit(&short(&stale, &key_only)).await;
+    let keyward::limits::Verdict::Admitted { expires_at_ms } = d.verdict else {
+        panic!("{d:?}")
+    };
+    s.advance(2_000 + 600_000 + 1);
+    let purger = LeaseId::new(&k);
+    assert!(admitted(&s.admit(&short(&purger, &key_only)).await));
+    let r = Report {
+        lease_expires_at_ms: expires_at_ms,
+        ..report(&stale, None, 600)
+    };
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::TooLate);
+    if let Some((url, prefix)) = &s.redis {
+        let mut conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let lx = keyward::limits::scripts::KeySpace::new(prefix).client(&k, "lx");
+        let kept: i64 = redis::cmd("HLEN")
+            .arg(&lx)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(kept, 0, "the purged leases' data left with their guard");
+    }
     s.cleanup().await;
 }

@@ -77,8 +77,10 @@ impl MemoryCounters {
                 // Redis loses their data with the lease set: their quota corrections go
                 // with it, here as there (their spend holds stay listed in their
                 // counters, which drop them when they next read them).
-                let _lost = state.expire_leases(now);
+                let _lost = state.expire_leases(now, None);
             }
+            state.drop_lapsed_purged(now);
+            state.forget_lapsed_purged(now, self.guard_ttl_ms);
             state.requests.prune(b);
             state.tokens.prune(b);
             !state.is_idle()

@@ -47,26 +47,83 @@ pub(super) struct KeyState {
     /// latest expiry any lease of the key has had (admit.lua and renew.lua extend them to
     /// that). Until then an expired lease keeps its data for its report, as in Redis.
     pub(super) leases_lapse_at: i64,
+    /// Leases an admission purged after their expiry (admit.lua's `lx`): their data,
+    /// slot and holds released, kept for a late report until their guard lapses.
+    pub(super) purged: BTreeMap<String, Lease>,
+    /// When Redis would let `lx` expire: a millisecond after the latest guard lapse of
+    /// the leases moved there since it last emptied.
+    pub(super) purged_lapse_at: i64,
     pub(super) balance: Option<Balance>,
 }
 
 impl KeyState {
     /// Expired leases free their slot and their hold (as admit.lua's purge); returns
     /// each one's token with its quota corrections (when it has any), whose spend holds
-    /// the caller releases.
-    pub(super) fn expire_leases(&mut self, now: i64) -> Vec<(String, Vec<Correction>)> {
+    /// the caller releases. With `guard_ttl_ms` (an admission's purge) their data moves
+    /// to `purged` until their duplicate guard lapses; without (Redis let the whole lease
+    /// set expire) it is lost.
+    pub(super) fn expire_leases(
+        &mut self,
+        now: i64,
+        guard_ttl_ms: Option<i64>,
+    ) -> Vec<(String, Vec<Correction>)> {
         let mut released = Vec::new();
         while self.by_expiry.first().is_some_and(|(at, _)| *at <= now) {
             if let Some((_, token)) = self.by_expiry.pop_first() {
                 if let Some(lease) = self.leases.remove(&token) {
                     self.release(lease.hold);
                     if !lease.quotas.is_empty() {
-                        released.push((token, lease.quotas));
+                        released.push((token.clone(), lease.quotas.clone()));
+                    }
+                    if let Some(guard) = guard_ttl_ms {
+                        self.keep_purged(token, lease, now, guard);
                     }
                 }
             }
         }
         released
+    }
+
+    /// As admit.lua: `lx` takes the lease and lives until its guard lapses (a hash that
+    /// expired starts again).
+    fn keep_purged(&mut self, token: String, lease: Lease, now: i64, guard_ttl_ms: i64) {
+        self.drop_lapsed_purged(now);
+        let lapse = lease
+            .expires_at
+            .saturating_add(guard_ttl_ms)
+            .saturating_add(1);
+        self.purged_lapse_at = self.purged_lapse_at.max(lapse);
+        self.purged.insert(token, lease);
+    }
+
+    /// Forgets `purged` once Redis would have let `lx` expire.
+    pub(super) fn drop_lapsed_purged(&mut self, now: i64) {
+        if self.purged_lapse_at <= now {
+            self.purged.clear();
+            self.purged_lapse_at = 0;
+        }
+    }
+
+    /// Purged leases whose guard lapsed before `now` leave (admit.lua drops them from
+    /// `lx` by `<lx>:e`, a batch per decision; no report can reach them, so the twin
+    /// drops them at its sweep).
+    pub(super) fn forget_lapsed_purged(&mut self, now: i64, guard_ttl_ms: i64) {
+        self.purged
+            .retain(|_, lease| lease.expires_at.saturating_add(guard_ttl_ms) >= now);
+        if self.purged.is_empty() {
+            self.purged_lapse_at = 0;
+        }
+    }
+
+    /// A purged lease's data, taken for its late report (report.lua's `lx`).
+    pub(super) fn take_purged(&mut self, token: &str, now: i64) -> Option<Lease> {
+        self.drop_lapsed_purged(now);
+        let lease = self.purged.remove(token)?;
+        if self.purged.is_empty() {
+            // Its last field gone, Redis deletes the hash with its expiry.
+            self.purged_lapse_at = 0;
+        }
+        Some(lease)
     }
 
     pub(super) fn release(&mut self, hold: i64) {
@@ -98,6 +155,7 @@ impl KeyState {
         self.requests.is_empty()
             && self.tokens.is_empty()
             && self.leases.is_empty()
+            && self.purged.is_empty()
             && self.balance.is_none()
     }
 }

@@ -71,7 +71,7 @@ impl MemoryCounters {
         let now = self.now();
         let b = now.div_euclid(1000);
         let mut state = self.keys.entry(r.lease.key_id.clone()).or_default();
-        let released = state.expire_leases(now);
+        let released = state.expire_leases(now, Some(self.guard_ttl_ms));
         // The quota counters, locked after the key (always in this order), only when the
         // request has entries or an expired lease releases a spend hold.
         let mut quotas = (!released.is_empty() || !r.quotas.is_empty()).then(|| self.quotas.lock());
@@ -302,7 +302,11 @@ impl MemoryCounters {
             }
             let mut found = false;
             if let Some(mut state) = self.keys.get_mut(&lease.key_id) {
-                if let Some(held) = state.remove_lease(&lease.token) {
+                // Its data is live, or (purged after its expiry by an admission, its slot
+                // and holds released then) kept in `purged`, as report.lua reads ld, then lx.
+                let live = state.remove_lease(&lease.token);
+                let purged = live.is_none();
+                if let Some(held) = live.or_else(|| state.take_purged(&lease.token, now)) {
                     found = true;
                     if let Some((prompt, completion)) = r.tokens {
                         state.tokens.prune(now.div_euclid(1000));
@@ -318,7 +322,9 @@ impl MemoryCounters {
                     provider = Some(held.provider).filter(|p| !p.is_empty());
                     api_format = Some(held.api_format).filter(|f| !f.is_empty());
                     model = model.or(Some(held.model).filter(|m| !m.is_empty()));
-                    state.release(held.hold);
+                    if !purged {
+                        state.release(held.hold);
+                    }
                     if !held.quotas.is_empty() {
                         self.quotas.lock().report(
                             &lease.token,
@@ -336,7 +342,7 @@ impl MemoryCounters {
                 }
             }
             if !found && !r.spend_now.is_empty() {
-                // Its data is gone (purged after its expiry): report.lua's late spend.
+                // Its data is lost (Redis lost it): report.lua's late spend of now.
                 self.quotas.lock().late(&r.spend_now, r.cost_micros, now);
             }
         }

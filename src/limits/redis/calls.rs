@@ -107,6 +107,7 @@ impl RedisCounters {
             pool_version: pool_version(r.pool),
             hold: r.hold_micros,
             now_ms: clock.pinned_ms,
+            guard_ttl_ms: self.guard_ttl_ms,
         }
         .push(&mut call);
         push_quota_args(r.quotas, &mut call);
@@ -183,6 +184,7 @@ impl RedisCounters {
             pool_version: pool_version(Some(r.candidates)),
             hold: 0,
             now_ms: clock.pinned_ms,
+            guard_ttl_ms: self.guard_ttl_ms,
         }
         .push(&mut call);
         let reply = self

@@ -15,6 +15,8 @@ script_fields! {
         pub bal: String,
         pub def: String,
         pub order: String,
+        /// The data of leases purged after their expiry, kept for their late reports.
+        pub lx: String,
     }
 }
 
@@ -30,11 +32,12 @@ impl AdmitKeys {
             bal: space.client(key_id, "bal"),
             def: space.pool(provider, "def"),
             order: space.pool(provider, "order"),
+            lx: space.client(key_id, "lx"),
         }
     }
 
     /// All of them, for cleaning up.
-    pub fn all(&self) -> [&str; 7] {
+    pub fn all(&self) -> [&str; 8] {
         [
             &self.rpm,
             &self.tpm,
@@ -43,13 +46,14 @@ impl AdmitKeys {
             &self.bal,
             &self.def,
             &self.order,
+            &self.lx,
         ]
     }
 }
 
 script_fields! {
     key
-    /// The KEYS of `lua/admit.lua` repeated per quota entry (from KEYS 8).
+    /// The KEYS of `lua/admit.lua` repeated per quota entry (from KEYS 9).
     pub struct AdmitQuotaKey {
         /// `{tag}:q:<counter id>`: the script names the entry's counters from it.
         pub quota: String,
@@ -58,7 +62,7 @@ script_fields! {
 
 script_fields! {
     arg
-    /// The ARGV of `lua/admit.lua` repeated per quota entry (from ARGV 17).
+    /// The ARGV of `lua/admit.lua` repeated per quota entry (from ARGV 18).
     pub struct AdmitQuotaArgs {
         /// `rm tm rd td sd sw sm st` ([`crate::limits::QuotaKind::code`]).
         pub kind: &'static str,
@@ -134,6 +138,9 @@ script_fields! {
         pub hold: i64,
         /// 0 = the Redis server's `TIME`.
         pub now_ms: i64,
+        /// How long a report's duplicate guard outlives its lease (> 0): a purged
+        /// lease's data is kept that long for its late report.
+        pub guard_ttl_ms: i64,
     }
 }
 

@@ -6,7 +6,7 @@ use crate::limits::{CounterError, QuotaEntry, QuotaKind, Reported};
 
 script_fields! {
     key
-    /// KEYS 1-6 of `lua/report.lua`.
+    /// KEYS 1-7 of `lua/report.lua`.
     pub struct ReportKeys {
         pub tpm: String,
         pub leases: String,
@@ -14,12 +14,14 @@ script_fields! {
         pub bal: String,
         pub done: String,
         pub usage: String,
+        /// The data of leases admit.lua purged after their expiry.
+        pub lx: String,
     }
 }
 
 script_fields! {
     key
-    /// KEYS 7-10 of `lua/report.lua`, given only when a provider key is named.
+    /// KEYS 8-11 of `lua/report.lua`, given only when a provider key is named.
     pub struct ReportProviderKeys {
         pub pk_tpm: String,
         pub pk_cd: String,
@@ -30,7 +32,7 @@ script_fields! {
 
 script_fields! {
     key
-    /// The KEYS of `lua/report.lua` repeated per spend entry of now (after KEYS 6, or 10
+    /// The KEYS of `lua/report.lua` repeated per spend entry of now (after KEYS 7, or 11
     /// with a provider key).
     pub struct ReportQuotaKey {
         /// `{tag}:q:<counter id>`.
@@ -80,6 +82,7 @@ impl ReportKeys {
             bal: space.client(key_id, "bal"),
             done: space.done(record_id),
             usage: space.usage(),
+            lx: space.client(key_id, "lx"),
         }
     }
 }
@@ -170,16 +173,16 @@ impl From<ReportCode> for Reported {
     }
 }
 
-/// All ten KEYS' names (the provider key's four follow the six).
-const KEYS: [&str; 10] = {
-    let mut all = [""; 10];
+/// All eleven KEYS' names (the provider key's four follow the seven).
+const KEYS: [&str; 11] = {
+    let mut all = [""; 11];
     let mut i = 0;
-    while i < 6 {
+    while i < 7 {
         all[i] = ReportKeys::NAMES[i];
         i += 1;
     }
-    while i < 10 {
-        all[i] = ReportProviderKeys::NAMES[i - 6];
+    while i < 11 {
+        all[i] = ReportProviderKeys::NAMES[i - 7];
         i += 1;
     }
     all
