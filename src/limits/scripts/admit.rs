@@ -23,16 +23,27 @@ script_fields! {
 impl AdmitKeys {
     /// A client key's counters and a provider's pool (`provider` may be "" when no
     /// provider key is wanted; its keys are then named but not touched).
-    pub fn new(space: &KeySpace, key_id: &str, provider: &str) -> AdmitKeys {
+    pub fn new(space: &KeySpace, shard: u16, key_id: &str, provider: &str) -> AdmitKeys {
         AdmitKeys {
-            rpm: space.client(key_id, "rpm"),
-            tpm: space.client(key_id, "tpm"),
-            leases: space.client(key_id, "leases"),
-            ld: space.client(key_id, "ld"),
-            bal: space.client(key_id, "bal"),
+            rpm: space.client(shard, key_id, "rpm"),
+            tpm: space.client(shard, key_id, "tpm"),
+            leases: space.client(shard, key_id, "leases"),
+            ld: space.client(shard, key_id, "ld"),
+            bal: space.client(shard, key_id, "bal"),
             def: space.pool(provider, "def"),
             order: space.pool(provider, "order"),
-            lx: space.client(key_id, "lx"),
+            lx: space.client(shard, key_id, "lx"),
+        }
+    }
+
+    /// A client key's counters alone (a call without a pool version, which does not
+    /// touch KEYS 6 and 7): those two are named on the same shard, so the call touches one
+    /// slot.
+    pub fn client_only(space: &KeySpace, shard: u16, key_id: &str) -> AdmitKeys {
+        AdmitKeys {
+            def: space.client(shard, key_id, "no-def"),
+            order: space.client(shard, key_id, "no-order"),
+            ..AdmitKeys::new(space, shard, key_id, "")
         }
     }
 
@@ -75,9 +86,9 @@ script_fields! {
 }
 
 impl AdmitQuotaKey {
-    pub fn new(space: &KeySpace, entry: &QuotaEntry) -> AdmitQuotaKey {
+    pub fn new(space: &KeySpace, shard: u16, entry: &QuotaEntry) -> AdmitQuotaKey {
         AdmitQuotaKey {
-            quota: space.quota(&entry.counter),
+            quota: space.quota(shard, &entry.counter),
         }
     }
 }
@@ -99,11 +110,12 @@ impl AdmitQuotaArgs {
 /// and arguments are sent apart, so [`push_quota_args`] may follow [`AdmitArgs`].
 pub fn push_quota_keys(
     space: &KeySpace,
+    shard: u16,
     quotas: &[QuotaEntry],
     call: &mut redis::ScriptInvocation<'_>,
 ) {
     for entry in quotas {
-        AdmitQuotaKey::new(space, entry).push(call);
+        AdmitQuotaKey::new(space, shard, entry).push(call);
     }
 }
 

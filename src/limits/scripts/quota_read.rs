@@ -38,13 +38,13 @@ script_fields! {
 }
 
 impl QuotaReadKey {
-    pub fn new(space: &KeySpace, counter: &LiveCounter) -> QuotaReadKey {
+    pub fn new(space: &KeySpace, shard: u16, counter: &LiveCounter) -> QuotaReadKey {
         QuotaReadKey {
             counter: match counter {
                 LiveCounter::KeyWindow { key_id, tokens } => {
-                    space.client(key_id, if *tokens { "tpm" } else { "rpm" })
+                    space.client(shard, key_id, if *tokens { "tpm" } else { "rpm" })
                 }
-                LiveCounter::Quota { counter, .. } => space.quota(counter),
+                LiveCounter::Quota { counter, .. } => space.quota(shard, counter),
             },
         }
     }
@@ -111,7 +111,8 @@ mod tests {
 
     #[test]
     fn entries_are_named_and_replies_read_as_the_script_writes_them() {
-        let space = KeySpace::new("kw");
+        let space = KeySpace::new("kw", 1);
+        let tag = space.tag(0).to_string();
         let window = LiveCounter::KeyWindow {
             key_id: "k1".into(),
             tokens: true,
@@ -121,8 +122,14 @@ mod tests {
             kind: QuotaKind::Spend(Period::Month),
             seed: Some((20_000, i64::MAX)),
         };
-        assert_eq!(QuotaReadKey::new(&space, &window).counter, "{kw}:k:k1:tpm");
-        assert_eq!(QuotaReadKey::new(&space, &spend).counter, "{kw}:q:c");
+        assert_eq!(
+            QuotaReadKey::new(&space, 0, &window).counter,
+            format!("{tag}:k:k1:tpm")
+        );
+        assert_eq!(
+            QuotaReadKey::new(&space, 0, &spend).counter,
+            format!("{tag}:q:c")
+        );
         assert_eq!(QuotaReadEntryArgs::new(&window).kind, "kw");
         let args = QuotaReadEntryArgs::new(&spend);
         assert_eq!(
