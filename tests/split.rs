@@ -2,6 +2,9 @@
 //! spread evenly over the masters, each pool on its own slot, and an admission with
 //! selection as two atomic steps on two masters that give back what one side took when
 //! the other refuses or fails (`limits::redis::split`).
+//!
+//! (Over 400 lines: each test drives a private three-master cluster through the typed
+//! script contracts, which take many lines per call; they share its helpers here.)
 #![allow(clippy::unwrap_used)]
 
 mod common;
