@@ -554,3 +554,88 @@ async fn a_pool_master_dropping_connections_leaks_nothing_on_the_clients_master(
         "pool counts {held}, admitted {admitted_n}"
     );
 }
+
+/// A replica started with another shard count than the one Redis records refuses, naming
+/// the setting; the same count starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_shard_count_than_redis_holds_refuses_to_start() {
+    let url = common::redis_url();
+    let prefix = common::unique_prefix();
+    let connect = |shards| {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        async move {
+            RedisCounters::connect(&url, &prefix, 600_000)
+                .await
+                .unwrap()
+                .with_shards(shards)
+        }
+    };
+    connect(16).await.check_layout().await.unwrap();
+    connect(16).await.check_layout().await.unwrap();
+    let refused = connect(8).await.check_layout().await.unwrap_err();
+    assert!(
+        refused.to_string().contains("KEYWARD_REDIS_SHARDS"),
+        "{refused}"
+    );
+    common::delete_prefix(&url, &prefix).await;
+}
+
+/// Records queued by the one-tag layout before (in `{<prefix>}:usage`) are applied by the
+/// new writers, which read it beside the shards' streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_tag_layouts_stream_is_drained() {
+    use common::{Cluster, Shape};
+    let c = Cluster::start_n(Shape::Distributed, 1, |raw| {
+        // The writer looks for the legacy stream again at each claim round.
+        raw.insert(keyward::config::ACCOUNTING_CLAIM_IDLE_S, "1".into());
+    })
+    .await;
+    let keyward::limits::Counters::Redis(redis) = &c.servers[0].state.counters else {
+        panic!("distributed shape without Redis");
+    };
+    let legacy = redis.stream_keys().last().unwrap().clone();
+    assert_eq!(legacy, format!("{}:usage", redis.space().legacy_tag()));
+    let mut conn = redis.conn().await.unwrap();
+    keyward::accounting::stream::ensure_group(&mut conn, &legacy)
+        .await
+        .unwrap();
+    let id = format!("legacy-{}", uuid::Uuid::new_v4().simple());
+    let mut add = redis::cmd("XADD");
+    add.arg(&legacy).arg("*");
+    for (name, value) in [
+        ("id", id.as_str()),
+        ("key", ""),
+        ("provider", "openai"),
+        ("model", "gpt-4o"),
+        ("fmt", ""),
+        ("pk", ""),
+        ("pt", "100"),
+        ("ct", "40"),
+        ("cost", "7"),
+        ("lat", ""),
+        ("st", "200"),
+        ("ts", "1700000000000"),
+    ] {
+        add.arg(name).arg(value);
+    }
+    let _: String = add.query_async(&mut conn).await.unwrap();
+    sqlx::any::install_default_drivers();
+    let db = sqlx::AnyPool::connect(&c.db.url).await.unwrap();
+    let stored = common::eventually(30, || async {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_records WHERE id = $1")
+            .bind(&id)
+            .fetch_one(&db)
+            .await
+            .ok()?;
+        (n == 1).then_some(n)
+    })
+    .await;
+    assert_eq!(stored, 1);
+    let left: i64 = redis::cmd("XLEN")
+        .arg(&legacy)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "applied entries leave the stream");
+    c.stop().await;
+}

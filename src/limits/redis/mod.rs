@@ -184,6 +184,9 @@ impl RedisCounters {
             Ok(match mode {
                 Degraded::Local => Decision {
                     degraded: Some(mode.as_str()),
+                    // The twin's pick took nothing in Redis: its report settles nothing
+                    // there.
+                    taken: None,
                     ..twin.admit(r)
                 },
                 Degraded::Allow => {
