@@ -355,8 +355,8 @@ impl Store {
         }
     }
 
-    /// The records queued for the database, in order, without their ids (random per
-    /// store for reports without a lease).
+    /// The records queued for the database, without their ids (random per store for
+    /// reports without a lease).
     async fn records(&mut self) -> Vec<UsageRecord> {
         let mut out = Vec::new();
         if let Some(queue) = &mut self.queue {
@@ -527,6 +527,10 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
                     record.id = String::new();
                 }
             }
+            // In time order; within one instant in any order: Redis queues them on their
+            // shards' streams, whose entries of one millisecond have no order between
+            // them (the accounting applies each once, in any order).
+            r.sort_by_cached_key(|record| (record.created_at, format!("{record:?}")));
             records.push(r);
         }
         compare(
