@@ -639,3 +639,42 @@ async fn the_one_tag_layouts_stream_is_drained() {
     assert_eq!(left, 0, "applied entries leave the stream");
     c.stop().await;
 }
+
+/// A replica whose pool is older than the one in Redis is told so by the pick (it
+/// reloads and asks again, under a new lease id): what its client's side took meanwhile
+/// is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outdated_pool_gives_the_clients_units_back() {
+    let cluster = PrivateCluster::start().await;
+    let redis = RedisCounters::connect(&cluster.url, &common::unique_prefix(), 600_000)
+        .await
+        .unwrap();
+    let k = key();
+    let provider = provider_apart_from(&cluster, &redis, &k).await;
+    let newer = pool_of(&provider, 10);
+    let older = Roster::stamped(
+        vec![Candidate {
+            max_rpm: Some(5),
+            ..newer[0].clone()
+        }],
+        newer.stamp() - 1_000,
+    );
+    let select = SelectRequest {
+        provider: &provider,
+        candidates: &newer,
+        tokens: 0,
+    };
+    assert_eq!(redis.select(&select).await.unwrap(), Pick::Picked(0));
+    let lease = LeaseId::new(&k);
+    let outdated = redis.admit(&request(&lease, 5, Some(&older))).await;
+    assert!(
+        matches!(
+            outdated,
+            Err(keyward::limits::CounterError::PoolOutdated { .. })
+        ),
+        "{outdated:?}"
+    );
+    redis.settled().await;
+    assert_eq!(window_sum(&redis, &redis.key(&k, "rpm")).await, 0);
+    assert_eq!(leases_held(&redis, &k).await, 0);
+}
