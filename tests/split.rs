@@ -166,6 +166,7 @@ async fn a_thousand_keys_spread_their_admissions_over_every_master() {
     let after = evalsha_calls(&cluster).await;
     let calls: Vec<i64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     let total: i64 = calls.iter().sum();
+    eprintln!("EVALSHA calls per master: {calls:?}");
     assert!(total >= 1_000, "{calls:?}");
     for c in &calls {
         let share = *c as f64 / total as f64;
