@@ -3,9 +3,11 @@
 //! A [`Probe`] is started before a run and finished after it: the process's CPU time
 //! (`/proc/<pid>/stat`, user + system) and, on every Redis node given, `CONFIG RESETSTAT`
 //! before and `INFO commandstats` / `INFO cpu` after, divided by the decisions of the run.
-//! `INFO commandstats` counts the time Redis spent executing commands (the script calls
-//! and all commands), `INFO cpu` the whole server's CPU (parsing, replies, the event loop
-//! too). RESETSTAT clears the statistics of the server for all its clients and changes no
+//! `INFO commandstats` counts the time Redis spent executing the script calls, `INFO cpu`
+//! the whole server's CPU (every command, parsing, replies, the event loop too).
+//! (commandstats also counts each command a script calls under that command's name, so
+//! a sum over all its lines would count the scripts' work twice: the whole server's
+//! figure is `INFO cpu`'s.) RESETSTAT clears the statistics of the server for all its clients and changes no
 //! data: the bench runs on a Redis of its own unless `KEYWARD_BENCH_REDIS_PORT` names one.
 
 use std::process::Command;
@@ -38,10 +40,10 @@ pub fn redis_cpu_s(port: u16) -> f64 {
         .sum()
 }
 
-/// Since the last RESETSTAT: (script calls, their µs, µs of every command).
-pub fn command_stats(port: u16) -> (u64, u64, u64) {
+/// Since the last RESETSTAT: (script calls, their µs).
+pub fn command_stats(port: u16) -> (u64, u64) {
     let info = redis_cli(port, &["INFO", "commandstats"]);
-    let (mut calls, mut script_us, mut all_us) = (0, 0, 0);
+    let (mut calls, mut script_us) = (0, 0);
     for line in info.lines() {
         let Some((name, stats)) = line
             .strip_prefix("cmdstat_")
@@ -56,13 +58,12 @@ pub fn command_stats(port: u16) -> (u64, u64, u64) {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0)
         };
-        all_us += field("usec");
         if SCRIPT_COMMANDS.contains(&name) {
             calls += field("calls");
             script_us += field("usec");
         }
     }
-    (calls, script_us, all_us)
+    (calls, script_us)
 }
 
 /// Starts measuring a run of the process `pid` (if any) against the Redis nodes `redis`.
@@ -84,9 +85,8 @@ pub struct Cost {
 pub struct RedisCost {
     /// `INFO cpu` of all nodes.
     pub cpu_us: f64,
-    /// `INFO commandstats`: script calls' time, every command's time.
+    /// `INFO commandstats`: script calls' time.
     pub scripts_us: f64,
-    pub all_us: f64,
     /// µs of one script call, and script calls per decision.
     pub us_per_call: f64,
     pub calls_per_decision: f64,
@@ -116,15 +116,12 @@ impl Probe {
         });
         let redis = (!self.redis.is_empty()).then(|| {
             let cpu: f64 = self.redis.iter().map(|&p| redis_cpu_s(p)).sum();
-            let stats: Vec<(u64, u64, u64)> =
-                self.redis.iter().map(|&p| command_stats(p)).collect();
+            let stats: Vec<(u64, u64)> = self.redis.iter().map(|&p| command_stats(p)).collect();
             let calls: u64 = stats.iter().map(|s| s.0).sum();
             let script_us: u64 = stats.iter().map(|s| s.1).sum();
-            let all_us: u64 = stats.iter().map(|s| s.2).sum();
             RedisCost {
                 cpu_us: (cpu - self.redis_cpu_s) * 1e6 / n,
                 scripts_us: script_us as f64 / n,
-                all_us: all_us as f64 / n,
                 us_per_call: script_us as f64 / calls.max(1) as f64,
                 calls_per_decision: calls as f64 / n,
                 calls_per_node: stats.iter().map(|s| s.0).collect(),
@@ -172,8 +169,8 @@ impl Summary {
 
     pub fn print(&self) {
         println!("\n## Summary\n");
-        println!("| run | decisions/s | p99 ms | sidecar CPU µs/dec | Redis CPU µs/dec | Redis scripts µs/dec | Redis all cmds µs/dec | Redis µs/script call | script calls/dec |");
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| run | decisions/s | p99 ms | sidecar CPU µs/dec | Redis CPU µs/dec | Redis scripts µs/dec | Redis µs/script call | script calls/dec |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
         let f = |v: Option<f64>, digits: usize| {
             v.filter(|v| v.is_finite())
                 .map_or("-".to_string(), |v| format!("{v:.digits$}"))
@@ -181,14 +178,13 @@ impl Summary {
         for r in &self.rows {
             let redis = r.cost.redis.as_ref();
             println!(
-                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {} |",
                 r.name,
                 r.rate,
                 f(r.p99_ms, 3),
                 f(r.cost.sidecar_us, 1),
                 f(redis.map(|c| c.cpu_us), 1),
                 f(redis.map(|c| c.scripts_us), 1),
-                f(redis.map(|c| c.all_us), 1),
                 f(redis.map(|c| c.us_per_call), 1),
                 f(redis.map(|c| c.calls_per_decision), 2),
             );
