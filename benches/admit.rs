@@ -528,12 +528,9 @@ async fn open_loops(
 fn add(summary: &mut Summary, name: &str, run: &Run, probe: Probe) {
     let cost = probe.finish(run.latencies_us.len());
     row(name, run);
-    summary.add(
-        name,
-        run.rate,
-        Some(support::percentile(&run.latencies_us, 0.99)),
-        cost,
-    );
+    let lag = (!run.lag_us.is_empty()).then(|| support::percentile(&run.lag_us, 0.99));
+    let p99 = support::percentile(&run.latencies_us, 0.99);
+    summary.add(name, run.rate, (Some(p99), lag), cost);
 }
 
 /// A saturation run measured by a [`Probe`] on keyward and `redis`.
@@ -615,14 +612,25 @@ async fn floors(redis_url: &str, redis_port: u16, summary: &mut Summary) {
     }
     for arrivals in [Arrivals::Even, Arrivals::Poisson] {
         let suffix = format!("{} {OPEN_LOOP_RPS}/s", arrivals.name());
-        let p99 = |name: String| summary.get(&name).and_then(|r| r.p99_ms);
-        let (Some(k), Some(floor)) = (
+        let p99 = |name: String| {
+            let r = summary.get(&name)?;
+            Some((r.p99_ms?, r.lag_p99_ms.unwrap_or(0.0)))
+        };
+        let (Some((k, k_lag)), Some((floor, floor_lag))) = (
             p99(format!("redis, 1 key, {suffix}")),
             p99(format!("bare HTTP+EVALSHA, {suffix}")),
         ) else {
             continue;
         };
-        let verdict = if k - floor <= 0.3 { "met" } else { "not met" };
+        // A pacer more than a millisecond late at p99 did not offer the load asked for:
+        // the machine was too busy, and the difference says nothing about keyward.
+        let verdict = if k_lag.max(floor_lag) > 1.0 {
+            format!("not measured: the pacer's p99 lag was {k_lag:.1} / {floor_lag:.1} ms, the machine could not keep the schedule")
+        } else if k - floor <= 0.3 {
+            "met".to_string()
+        } else {
+            "not met".to_string()
+        };
         summary.line(format!(
             "p99 over its floor, {suffix}: keyward {k:.3} ms - bare HTTP+EVALSHA {floor:.3} ms = **{:.3} ms** (target <= 0.3 ms: {verdict})",
             k - floor

@@ -1,26 +1,25 @@
--- reference.lua: the minimal script a Redis rate limiter could run per decision, measured
--- beside keyward's scripts by `cargo bench --bench admit` (the yardstick of issue 16: what
--- one decision costs Redis at least). Not part of the product: no Rust counterpart.
---
--- One counter, an exact sliding window of 60 one-second buckets, in the bucket style of
--- lua/admit.lua's window(): one hash per counter with a field per second with traffic,
--- 's' (the sum of those fields) and 'lo' (the oldest second that has a field). A decision
--- is one HMGET, one HSET and, on a second's first take, one PEXPIRE; about once a second
--- the seconds that left the window are removed.
+-- reference.lua: the minimal decision a bench compares lua/admit.lua with. One counter,
+-- an exact sliding window of one minute in admit.lua's bucket style, nothing else: no
+-- lease, no second limit, no quota. Not used by keyward; benches only.
 --
 -- KEYS:
---   1  window   hash   1-second bucket -> units taken in it; 's' = their sum, 'lo' = the
---                      oldest bucket that may exist
+--   1  window  hash   1-second bucket -> requests admitted in it; 's' = their sum, 'lo' =
+--                     the oldest bucket that may exist (as admit.lua's windows)
 -- ARGV:
---   1  limit    units per 60 s (> 0)
---   2  amount   units this decision takes (>= 0)
--- Reply: {1, sum after the take} when taken; {0, sum} when the window is full (nothing
--- taken).
+--   1  limit   requests per minute (>= 1)
+-- Returns {code, a}
+-- CODES:
+--   0  admitted  a = requests counted in the window now
+--   1  requests  the window is full; a = 0 (no retry time: the reference does not
+--                compute one)
+--
+-- The window counts buckets b-60..b at second b, like admit.lua. The common path is three
+-- calls: TIME, one HMGET (sum, 'lo', this second), one HSET; plus a PEXPIRE on a second's
+-- first take, and about once a second the removal of the seconds that left.
 
+local limit = tonumber(ARGV[1])
+assert(limit and limit >= 1, 'limit')
 local key = KEYS[1]
-local limit, amount = tonumber(ARGV[1]), tonumber(ARGV[2])
-assert(key and limit and limit > 0 and amount and amount >= 0, 'reference.lua: bad arguments')
-
 local t = redis.call('TIME')
 local b = tonumber(t[1])
 local oldest = b - 60
@@ -44,12 +43,11 @@ if lo and lo < oldest then
     if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
   end
 end
-
-if sum + amount > limit then return {0, sum} end
+if sum + 1 > limit then return {1, 0} end
 if lo then
-  redis.call('HSET', key, b, cur + amount, 's', sum + amount, 'lo', lo)
+  redis.call('HSET', key, b, cur + 1, 's', sum + 1, 'lo', lo)
 else
-  redis.call('HSET', key, b, cur + amount, 's', sum + amount, 'lo', b)
+  redis.call('HSET', key, b, cur + 1, 's', sum + 1, 'lo', b)
 end
 if cur == 0 then redis.call('PEXPIRE', key, 62000) end
-return {1, sum + amount}
+return {0, sum + 1}

@@ -59,12 +59,8 @@ pub async fn run(summary: &mut Summary) {
             shares.join(" / "),
             100.0 * busiest
         ));
-        summary.add(
-            name,
-            run.rate,
-            Some(support::percentile(&run.latencies_us, 0.99)),
-            cost,
-        );
+        let p99 = support::percentile(&run.latencies_us, 0.99);
+        summary.add(name, run.rate, (Some(p99), None), cost);
     }
     drop(k);
 }

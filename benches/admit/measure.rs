@@ -136,6 +136,8 @@ pub struct Row {
     pub name: String,
     pub rate: f64,
     pub p99_ms: Option<f64>,
+    /// Open loops: the p99 of how late sends left against the schedule.
+    pub lag_p99_ms: Option<f64>,
     pub cost: Cost,
 }
 
@@ -147,11 +149,18 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn add(&mut self, name: impl Into<String>, rate: f64, p99_ms: Option<f64>, cost: Cost) {
+    pub fn add(
+        &mut self,
+        name: impl Into<String>,
+        rate: f64,
+        (p99_ms, lag_p99_ms): (Option<f64>, Option<f64>),
+        cost: Cost,
+    ) {
         self.rows.push(Row {
             name: name.into(),
             rate,
             p99_ms,
+            lag_p99_ms,
             cost,
         });
     }
@@ -169,8 +178,8 @@ impl Summary {
 
     pub fn print(&self) {
         println!("\n## Summary\n");
-        println!("| run | decisions/s | p99 ms | sidecar CPU µs/dec | Redis CPU µs/dec | Redis scripts µs/dec | Redis µs/script call | script calls/dec |");
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| run | decisions/s | p99 ms | lag p99 ms | sidecar CPU µs/dec | Redis CPU µs/dec | Redis scripts µs/dec | Redis µs/script call | script calls/dec |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         let f = |v: Option<f64>, digits: usize| {
             v.filter(|v| v.is_finite())
                 .map_or("-".to_string(), |v| format!("{v:.digits$}"))
@@ -178,10 +187,11 @@ impl Summary {
         for r in &self.rows {
             let redis = r.cost.redis.as_ref();
             println!(
-                "| {} | {:.0} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
                 r.name,
                 r.rate,
                 f(r.p99_ms, 3),
+                f(r.lag_p99_ms, 3),
                 f(r.cost.sidecar_us, 1),
                 f(redis.map(|c| c.cpu_us), 1),
                 f(redis.map(|c| c.scripts_us), 1),
