@@ -18,11 +18,10 @@
 //! RESETSTAT clears the server's statistics for every client of that Redis; it changes
 //! no data and no behaviour, so sharing a Redis only blurs the numbers.
 
-use std::process::Command;
-
 use keyward::limits::{QuotaEntry, QuotaKind};
 use keyward::quota::Period;
 
+use crate::measure::{redis_cli, redis_cpu_s};
 use crate::support::{self, Keyward};
 use crate::{saturate_with, start, Run, CONCURRENCY, SECONDS};
 
@@ -332,28 +331,6 @@ pub async fn run(redis_port: u16) {
     summary("redis", &redis);
     println!();
     script_ceiling(redis_port);
-}
-
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Redis's user + system CPU so far, in seconds (`INFO cpu`: the whole server).
-fn redis_cpu_s(port: u16) -> f64 {
-    let info = redis_cli(port, &["INFO", "cpu"]);
-    ["used_cpu_user:", "used_cpu_sys:"]
-        .iter()
-        .filter_map(|field| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
-        .sum()
 }
 
 /// `cmdstat_evalsha` since the last RESETSTAT: calls and µs per call.

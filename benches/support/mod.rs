@@ -1,14 +1,19 @@
 //! What the bench binaries share: starting the release `keyward` binary as its own
 //! process and waiting until it is ready, the keys and pools they create, a minimal
 //! HTTP/1.1 client, a process's CPU time from `/proc`, and, from the tests' support
-//! tree (included by path, not copied), free ports ([`free_port`]) and the shipped
-//! proxies ([`shipped`]).
+//! tree (included by path, not copied), free ports ([`free_port`]), the shipped
+//! proxies ([`shipped`]) and private Redis servers and Clusters ([`private_redis`]).
 #![allow(dead_code, clippy::unwrap_used)]
 
 #[path = "../../tests/common/ports.rs"]
 mod ports;
 #[path = "../../tests/common/shipped.rs"]
 pub mod shipped;
+// `private_redis` polls with the tests' `eventually`.
+#[path = "../../tests/common/helpers.rs"]
+mod helpers;
+#[path = "../../tests/common/redis.rs"]
+pub mod private_redis;
 
 pub use ports::free_port;
 

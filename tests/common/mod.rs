@@ -13,8 +13,9 @@
 //! - [`helpers`]: polling until a condition holds, an OpenAPI document's operations.
 //!
 //! Everything is re-exported here, so a test says `use common::TestServer`. The benches
-//! include [`ports`] and [`shipped`] by path (`benches/support/mod.rs`): those two files
-//! depend on nothing else in this tree.
+//! include [`ports`], [`shipped`], [`helpers`] and [`redis`] by path
+//! (`benches/support/mod.rs`): those files depend on nothing else in this tree but each
+//! other (`redis` uses `helpers` and `ports`).
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod chaos;

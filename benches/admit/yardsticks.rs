@@ -1,0 +1,307 @@
+//! What keyward is measured against, beside it in the same run (issue 16):
+//!
+//! - **scripts**: `redis-benchmark` at the same concurrency running EVALSHA of
+//!   `lua/admit.lua` (the ceiling: keyward's arguments, a fresh lease token per call) and
+//!   of `benches/reference.lua` (a one-counter exact sliding window: the least a Redis
+//!   rate limiter's decision can cost Redis); Redis's time per call from `INFO
+//!   commandstats`, its CPU from `INFO cpu`.
+//! - **bare hyper**: this bench binary run again as `<bench> bare-hyper <port>`, a hyper
+//!   HTTP/1.1 server that reads each request's body and answers a fixed small JSON, and
+//!   nothing else: its CPU per request (its own process, `/proc`) under the same
+//!   saturation as keyward's is the floor of any sidecar on this HTTP stack.
+//! - **Limitador** (`LIMITADOR_BIN`, a `limitador-server` binary): its in-memory and
+//!   Redis modes under the same saturation, `POST /check_and_report` with one limit of
+//!   one counter (too high to be reached), its CPU per decision and Redis's.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::measure::{Cost, Probe, RedisCost, Summary};
+use crate::support;
+use crate::{saturate_with, CONCURRENCY, SECONDS};
+
+/// The reference script's source (KEYS: the window; ARGV: the limit; its header).
+const REFERENCE: &str = include_str!("../reference.lua");
+
+/// redis-benchmark calls for each script (about 5 to 10 s on this machine).
+const SCRIPT_CALLS: u64 = 150_000;
+
+/// The ceiling and the reference script, one after the other at [`CONCURRENCY`] clients.
+pub fn scripts(redis_port: u16, summary: &mut Summary) {
+    let probe = Probe::start(None, &[redis_port]);
+    match crate::redis_benchmark_admit(redis_port, &[], SCRIPT_CALLS) {
+        Some(rate) => {
+            let cost = probe.finish(SCRIPT_CALLS as usize);
+            print_script("admit.lua (redis-benchmark)", rate, &cost);
+            summary.add("admit.lua via redis-benchmark", rate, (None, None), cost);
+        }
+        None => {
+            summary.line("scripts: redis-benchmark not available");
+            return;
+        }
+    }
+    let probe = Probe::start(None, &[redis_port]);
+    if let Some(rate) = reference_benchmark(redis_port, SCRIPT_CALLS) {
+        let cost = probe.finish(SCRIPT_CALLS as usize);
+        print_script("reference.lua (redis-benchmark)", rate, &cost);
+        summary.add(
+            "reference.lua via redis-benchmark",
+            rate,
+            (None, None),
+            cost,
+        );
+    }
+}
+
+fn print_script(name: &str, rate: f64, cost: &Cost) {
+    let r = cost.redis.clone().unwrap_or_default();
+    println!(
+        "{name}, {CONCURRENCY} clients: {rate:.0} calls/s, Redis {:.1} µs/call (commandstats), {:.1} µs CPU/call (INFO cpu)",
+        r.us_per_call, r.cpu_us
+    );
+}
+
+/// `requests` EVALSHA calls of `benches/reference.lua` on one counter whose limit is too
+/// high to be reached; calls per second.
+fn reference_benchmark(redis_port: u16, requests: u64) -> Option<f64> {
+    let port = redis_port.to_string();
+    let out = Command::new("redis-cli")
+        .args(["-p", &port, "SCRIPT", "LOAD", REFERENCE])
+        .output()
+        .ok()?;
+    let sha = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    let key = format!("{{bench-reference-{}}}:w", std::process::id());
+    let out = Command::new("redis-benchmark")
+        .args(["-p", &port, "-c", &CONCURRENCY.to_string()])
+        .args(["-n", &requests.to_string(), "--csv", "EVALSHA", &sha, "1"])
+        .args([key.as_str(), "1000000000000"])
+        .output()
+        .ok()?;
+    let _ = Command::new("redis-cli")
+        .args(["-p", &port, "DEL", &key])
+        .output();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter_map(|l| l.split(',').nth(1))
+        .filter_map(|v| v.trim_matches('"').parse::<f64>().ok())
+        .next()
+}
+
+/// A child process killed on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until `port` answers `request` with a 200 (at most 20 s).
+async fn ready(port: u16, request: &[u8]) -> bool {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            let mut conn = support::Conn::open(port).await;
+            return conn.call(request).await == 200;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Saturates `port` with `request` for [`SECONDS`] and measures the process `pid` and
+/// the Redis nodes `redis`; prints the running row, adds the summary row.
+async fn saturate_measured(
+    name: &str,
+    port: u16,
+    request: &[u8],
+    pid: u32,
+    redis: &[u16],
+    summary: &mut Summary,
+) -> Cost {
+    saturate_with(port, vec![request.to_vec(); CONCURRENCY], 1).await; // warm-up
+    let probe = Probe::start(Some(pid), redis);
+    let run = saturate_with(port, vec![request.to_vec(); CONCURRENCY], SECONDS).await;
+    let cost = probe.finish(run.latencies_us.len());
+    crate::row(name, &run);
+    let p99 = support::percentile(&run.latencies_us, 0.99);
+    summary.add(name, run.rate, (Some(p99), None), cost.clone());
+    cost
+}
+
+/// The bare hyper server as its own process, saturated like keyward.
+pub async fn bare_hyper(summary: &mut Summary) {
+    let port = support::free_port();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["bare-hyper", &port.to_string()])
+        .stdout(Stdio::null());
+    if let Ok(threads) = std::env::var("KEYWARD_BENCH_SERVER_THREADS") {
+        cmd.env("TOKIO_WORKER_THREADS", threads);
+    }
+    let child = Process(cmd.spawn().unwrap());
+    let request = crate::admit_request(port, "-", false);
+    if !ready(port, &request).await {
+        summary.line("bare hyper: did not start");
+        return;
+    }
+    saturate_measured(
+        "bare hyper, saturation",
+        port,
+        &request,
+        child.0.id(),
+        &[],
+        summary,
+    )
+    .await;
+}
+
+/// `<bench> bare-hyper <port>`: a hyper server that reads each body and answers
+/// `{"allowed":true}`, on a runtime with Tokio's default workers (one per core, as
+/// keyward's).
+pub fn serve_bare_hyper(port: u16) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let service = hyper::service::service_fn(answer);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+}
+
+async fn answer(
+    request: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<String>, hyper::Error> {
+    use hyper::body::Body;
+    let mut body = request.into_body();
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        frame?;
+    }
+    Ok(hyper::Response::builder()
+        .header("content-type", "application/json")
+        .body(r#"{"allowed":true}"#.to_string())
+        .unwrap())
+}
+
+/// Limitador's two modes, when `LIMITADOR_BIN` names its server; one line otherwise.
+pub async fn limitador(redis_port: u16, summary: &mut Summary) {
+    let Ok(binary) = std::env::var("LIMITADOR_BIN") else {
+        summary.line("Limitador: skipped (set LIMITADOR_BIN to a limitador-server binary)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let limits = dir.path().join("limits.yaml");
+    // One limit of one counter, too high to be reached (the bench key's RPM window).
+    std::fs::write(
+        &limits,
+        "---\n- namespace: bench\n  max_value: 1000000000000\n  seconds: 60\n  conditions: []\n  variables: []\n",
+    )
+    .unwrap();
+    let url = format!("redis://127.0.0.1:{redis_port}");
+    for (mode, storage) in [
+        ("memory", vec!["memory"]),
+        ("redis", vec!["redis", url.as_str()]),
+    ] {
+        let (http, rls) = (support::free_port(), support::free_port());
+        let child = Command::new(&binary)
+            .args(["--http-ip", "127.0.0.1", "--http-port", &http.to_string()])
+            .args(["--rls-ip", "127.0.0.1", "--rls-port", &rls.to_string()])
+            .arg(&limits)
+            .args(&storage)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let Ok(child) = child else {
+            summary.line(format!("Limitador: {binary} did not run"));
+            return;
+        };
+        let child = Process(child);
+        let body = r#"{"namespace":"bench","values":{"key":"bench"},"delta":1}"#;
+        let request = format!(
+            "POST /check_and_report HTTP/1.1\r\nhost: 127.0.0.1:{http}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes();
+        if !ready(http, &request).await {
+            summary.line(format!(
+                "Limitador {mode}: did not answer 200 to check_and_report"
+            ));
+            continue;
+        }
+        let redis: &[u16] = if mode == "redis" { &[redis_port] } else { &[] };
+        let name = format!("Limitador {mode}, 1 counter, saturation");
+        saturate_measured(&name, http, &request, child.0.id(), redis, summary).await;
+    }
+}
+
+/// keyward's Redis cost per decision against the reference script's per call, and
+/// keyward's CPU against the bare hyper server's.
+pub fn ratios(summary: &mut Summary) {
+    let redis_of = |name: &str| -> Option<RedisCost> { summary.get(name)?.cost.redis.clone() };
+    let mut lines = Vec::new();
+    if let Some(reference) = redis_of("reference.lua via redis-benchmark") {
+        for name in ["redis, 1 key, saturation", "redis, 1 key, open loop 5000/s"] {
+            if let Some(k) = redis_of(name) {
+                lines.push(format!(
+                    "keyward Redis per decision ({name}) / reference.lua per call: script time {:.1} / {:.1} µs = **{:.2}x**; Redis CPU {:.1} / {:.1} µs = {:.2}x",
+                    k.scripts_us, reference.us_per_call, k.scripts_us / reference.us_per_call,
+                    k.cpu_us, reference.cpu_us, k.cpu_us / reference.cpu_us,
+                ));
+            }
+        }
+    }
+    let hyper = summary
+        .get("bare hyper, saturation")
+        .and_then(|r| r.cost.sidecar_us);
+    if let Some(hyper) = hyper {
+        for name in ["embedded, 1 key, saturation", "redis, 1 key, saturation"] {
+            if let Some(k) = summary.get(name).and_then(|r| r.cost.sidecar_us) {
+                lines.push(format!(
+                    "keyward sidecar CPU µs/decision ({name}) / bare hyper µs/request: {k:.1} / {hyper:.1} = **{:.2}x**",
+                    k / hyper
+                ));
+            }
+        }
+    }
+    let rate = |name: &str| summary.get(name).map(|r| r.rate);
+    if let (Some(k), Some(c)) = (
+        rate("redis, 1 key, saturation"),
+        rate("admit.lua via redis-benchmark"),
+    ) {
+        lines.push(format!(
+            "redis shape / EVALSHA ceiling (admit.lua): {k:.0} / {c:.0} = {:.0}%",
+            100.0 * k / c
+        ));
+    }
+    if let (Some(e), Some(r)) = (
+        rate("embedded, 1 key, saturation"),
+        rate("redis, 1 key, saturation"),
+    ) {
+        lines.push(format!(
+            "embedded / redis shape: {e:.0} / {r:.0} = {:.0}%",
+            100.0 * e / r
+        ));
+    }
+    for l in lines {
+        summary.line(l);
+    }
+}
