@@ -71,7 +71,7 @@ impl LeaseId {
         // 128 bits from the thread-local CSPRNG: no system call per admission.
         LeaseId {
             key_id: key_id.to_string(),
-            token: format!("{:032x}", rand::random::<u128>()),
+            token: hex128(rand::random::<u128>()),
         }
     }
 
@@ -88,6 +88,17 @@ impl LeaseId {
             token: token.to_string(),
         })
     }
+}
+
+/// `n` as 32 lowercase hex digits (what `format!("{n:032x}")` gives, without the
+/// formatting machinery: one per admission).
+fn hex128(n: u128) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let text: Vec<u8> = (0..32)
+        .rev()
+        .map(|i| DIGITS[((n >> (4 * i)) & 0xf) as usize])
+        .collect();
+    String::from_utf8(text).unwrap_or_default()
 }
 
 impl std::fmt::Display for LeaseId {
@@ -408,6 +419,13 @@ impl Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lease_tokens_are_32_lowercase_hex_digits() {
+        for n in [0, 1, 0xabc, u128::MAX, u128::MAX / 3] {
+            assert_eq!(hex128(n), format!("{n:032x}"));
+        }
+    }
 
     #[test]
     fn lease_ids_round_trip_and_reject_garbage() {
