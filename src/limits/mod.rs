@@ -342,7 +342,9 @@ impl Counters {
     pub async fn admit(&self, request: &AdmitRequest<'_>) -> Result<Decision, CounterError> {
         match self {
             Counters::Memory(m) => Ok(m.admit(request)),
-            Counters::Redis(r) => r.admit(request).await,
+            // Boxed: the Redis call's future is most of an admission's, and unboxed it
+            // made every future around it as large, copied whole at each move.
+            Counters::Redis(r) => Box::pin(r.admit(request)).await,
         }
     }
 

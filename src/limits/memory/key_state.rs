@@ -4,7 +4,9 @@
 //! Leases are keyed by their token as a number ([`Token`]), not as its text: every
 //! admission inserts one lease and purges another, in maps of as many leases as a key
 //! has in flight, and comparing and copying 128-bit numbers costs a fraction of heap
-//! strings (a third of the embedded shape's CPU per decision went to these maps).
+//! strings (a third of the embedded shape's CPU per decision went to these maps). The
+//! leases themselves are boxed: an insert shifts a node's values, and a pointer shifts
+//! for a twentieth of a lease's bytes; moving a lease to `purged` moves the pointer.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -67,7 +69,7 @@ pub(super) struct KeyState {
     /// A B-tree, not a hash map: it grows a node at a time, where a hash map would
     /// rehash every lease at once while the key's shard is locked (a 15–20 ms stall for
     /// every admission of the key at 60,000 leases, measured by the open-loop bench).
-    pub(super) leases: BTreeMap<Token, Lease>,
+    pub(super) leases: BTreeMap<Token, Box<Lease>>,
     /// The leases ordered by expiry (the twin of the Redis zset), so expiring them costs
     /// O(expired · log n), not a scan of every lease.
     pub(super) by_expiry: BTreeSet<(i64, Token)>,
@@ -77,7 +79,7 @@ pub(super) struct KeyState {
     pub(super) leases_lapse_at: i64,
     /// Leases an admission purged after their expiry (admit.lua's `lx`): their data,
     /// slot and holds released, kept for a late report until their guard lapses.
-    pub(super) purged: BTreeMap<Token, Lease>,
+    pub(super) purged: BTreeMap<Token, Box<Lease>>,
     /// When Redis would let `lx` expire: a millisecond after the latest guard lapse of
     /// the leases moved there since it last emptied.
     pub(super) purged_lapse_at: i64,
@@ -114,7 +116,7 @@ impl KeyState {
 
     /// As admit.lua: `lx` takes the lease and lives until its guard lapses (a hash that
     /// expired starts again).
-    fn keep_purged(&mut self, token: Token, lease: Lease, now: i64, guard_ttl_ms: i64) {
+    fn keep_purged(&mut self, token: Token, lease: Box<Lease>, now: i64, guard_ttl_ms: i64) {
         self.drop_lapsed_purged(now);
         let lapse = lease
             .expires_at
@@ -144,7 +146,7 @@ impl KeyState {
     }
 
     /// A purged lease's data, taken for its late report (report.lua's `lx`).
-    pub(super) fn take_purged(&mut self, token: Token, now: i64) -> Option<Lease> {
+    pub(super) fn take_purged(&mut self, token: Token, now: i64) -> Option<Box<Lease>> {
         self.drop_lapsed_purged(now);
         let lease = self.purged.remove(&token)?;
         if self.purged.is_empty() {
@@ -166,13 +168,13 @@ impl KeyState {
             .map_or(1000, |(at, _)| (at - now).max(1))
     }
 
-    pub(super) fn add_lease(&mut self, token: Token, lease: Lease) {
+    pub(super) fn add_lease(&mut self, token: Token, lease: Box<Lease>) {
         self.leases_lapse_at = self.leases_lapse_at.max(lease.expires_at + 1000);
         self.by_expiry.insert((lease.expires_at, token));
         self.leases.insert(token, lease);
     }
 
-    pub(super) fn remove_lease(&mut self, token: Token) -> Option<Lease> {
+    pub(super) fn remove_lease(&mut self, token: Token) -> Option<Box<Lease>> {
         let lease = self.leases.remove(&token)?;
         self.by_expiry.remove(&(lease.expires_at, token));
         Some(lease)

@@ -208,7 +208,7 @@ impl MemoryCounters {
         }
         state.add_lease(
             token(&r.lease.token),
-            Lease {
+            Box::new(Lease {
                 expires_at,
                 bucket: b,
                 reserved,
@@ -220,7 +220,7 @@ impl MemoryCounters {
                     .map(|(_, id, reserved)| (id.clone(), *reserved)),
                 hold,
                 quotas: corrections,
-            },
+            }),
         );
         Decision {
             verdict: Verdict::Admitted {
