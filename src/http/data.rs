@@ -34,11 +34,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/report", post(super::report::report))
         .route("/v1/report/upstream", post(super::report::report_upstream))
         .route("/v1/leases/{lease_id}/renew", post(super::report::renew))
-        .route("/authz", axum::routing::any(super::authz::authz))
-        .route("/authz/{*path}", axum::routing::any(super::authz::authz))
-        .layer(axum::extract::DefaultBodyLimit::max(
-            super::authz::MAX_AUTHZ_BODY,
-        ))
+        // The body limit on the `/authz` routes only: their `Bytes` extractor reads it
+        // (`JsonBody` has its own), and as a layer on every route it added an extension
+        // (a map allocated per request) to each admission.
+        .route("/authz", authz_route())
+        .route("/authz/{*path}", authz_route())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -49,6 +49,12 @@ pub fn router(state: AppState) -> Router {
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
         .with_state(state)
+}
+
+fn authz_route() -> axum::routing::MethodRouter<AppState> {
+    axum::routing::any(super::authz::authz).layer(axum::extract::DefaultBodyLimit::max(
+        super::authz::MAX_AUTHZ_BODY,
+    ))
 }
 
 /// The body of an admission (contract section 3), serialized straight from borrowed
