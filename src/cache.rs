@@ -83,18 +83,18 @@ impl<L: Loader> Cache<L> {
     }
 
     pub async fn get(self: &Arc<Self>, key: &str) -> Result<L::Value, StoreError> {
-        let lookups = &crate::metrics::get().cache_lookups;
+        let lookup = |result| crate::metrics::cache_lookup(L::NAME, result);
         if let Some(entry) = self.entries.get(key) {
             if Instant::now() < entry.expires {
-                lookups.with_label_values(&[L::NAME, "hit"]).inc();
+                lookup("hit");
                 return Ok(entry.value.clone());
             }
             if self.loader.is_negative(&entry.value) {
                 drop(entry);
-                lookups.with_label_values(&[L::NAME, "miss"]).inc();
+                lookup("miss");
                 return self.load(key).await;
             }
-            lookups.with_label_values(&[L::NAME, "stale"]).inc();
+            lookup("stale");
             // Stale: serve it, and let one background task reload it.
             if !entry.refreshing.swap(true, Ordering::AcqRel) {
                 let (cache, key, flag) = (self.clone(), key.to_string(), entry.refreshing.clone());
@@ -107,7 +107,7 @@ impl<L: Loader> Cache<L> {
             }
             return Ok(entry.value.clone());
         }
-        lookups.with_label_values(&[L::NAME, "miss"]).inc();
+        lookup("miss");
         self.load(key).await
     }
 

@@ -62,19 +62,21 @@ pub struct SignedLease {
     pub price: Option<Price>,
 }
 
-fn encode_price(price: Option<&Price>) -> String {
-    price.map_or_else(
-        || "-".to_string(),
-        |p| {
-            format!(
+fn encode_price(out: &mut String, price: Option<&Price>) {
+    use std::fmt::Write;
+    match price {
+        None => out.push('-'),
+        Some(p) => {
+            let _ = write!(
+                out,
                 "{}-{}-{}-{}",
                 p.input,
                 p.output,
                 p.cached_input(),
                 p.cache_write()
-            )
-        },
-    )
+            );
+        }
+    }
 }
 
 /// The amounts this code writes: digits only, no sign, no leading zero, within
@@ -117,22 +119,30 @@ fn decode_taken(text: &str) -> Option<PickTaken> {
 impl SignedLease {
     /// The lease id handed to the caller.
     pub fn encode(&self, keyring: &Keyring) -> String {
-        let mut body = format!(
-            "{}.{}.{}.{}.{}",
-            self.lease,
-            self.provider_key_id.as_deref().unwrap_or("-"),
-            self.expires_at_ms,
-            self.hold_micros,
-            encode_price(self.price.as_ref())
-        );
+        use std::fmt::Write;
+        // One buffer for the whole text, the MAC appended in place (this runs on every
+        // admission: no intermediate strings).
+        let mut text = String::with_capacity(MAX_LEN);
+        text.push_str(&self.lease.key_id);
+        text.push('.');
+        text.push_str(&self.lease.token);
+        text.push('.');
+        text.push_str(self.provider_key_id.as_deref().unwrap_or("-"));
+        let _ = write!(text, ".{}.{}.", self.expires_at_ms, self.hold_micros);
+        encode_price(&mut text, self.price.as_ref());
         if let Some(shard) = self.lease.shard {
-            body.push_str(&format!(".{shard}"));
+            let _ = write!(text, ".{shard}");
             if let Some(t) = self.lease.taken {
-                body.push_str(&format!(".{}-{}", t.second, t.tokens));
+                let _ = write!(text, ".{}-{}", t.second, t.tokens);
             }
         }
-        let mac = hex::encode(keyring.sign_lease(&body));
-        format!("{body}.{mac}")
+        let mac = keyring.sign_lease(&text);
+        let mut hex = [0u8; 2 * LEASE_MAC_LEN];
+        if hex::encode_to_slice(mac, &mut hex).is_ok() {
+            text.push('.');
+            text.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+        }
+        text
     }
 
     /// The lease a text names, if keyring's keys signed exactly that text.

@@ -49,11 +49,13 @@ impl Quotas {
     }
 
     fn add(&mut self, scope: Scope, set: &LimitSet, settled: &Settled, with_minute: bool) {
-        let counter = scope.counter_id();
+        // Named (a SHA-256) only when the scope has a limit: most keys have none, and
+        // this runs on every admission.
+        let mut counter: Option<String> = None;
         let mut push = |kind: QuotaKind, limit: Option<i64>, seed: Option<(i64, i64)>| {
             if let Some(limit) = effective_limit(limit) {
                 self.entries.push(QuotaEntry {
-                    counter: counter.clone(),
+                    counter: counter.get_or_insert_with(|| scope.counter_id()).clone(),
                     kind,
                     limit,
                     seed,

@@ -34,11 +34,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/report", post(super::report::report))
         .route("/v1/report/upstream", post(super::report::report_upstream))
         .route("/v1/leases/{lease_id}/renew", post(super::report::renew))
-        .route("/authz", axum::routing::any(super::authz::authz))
-        .route("/authz/{*path}", axum::routing::any(super::authz::authz))
-        .layer(axum::extract::DefaultBodyLimit::max(
-            super::authz::MAX_AUTHZ_BODY,
-        ))
+        // The body limit on the `/authz` routes only: their `Bytes` extractor reads it
+        // (`JsonBody` has its own), and as a layer on every route it added an extension
+        // (a map allocated per request) to each admission.
+        .route("/authz", authz_route())
+        .route("/authz/{*path}", authz_route())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -51,12 +51,18 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+fn authz_route() -> axum::routing::MethodRouter<AppState> {
+    axum::routing::any(super::authz::authz).layer(axum::extract::DefaultBodyLimit::max(
+        super::authz::MAX_AUTHZ_BODY,
+    ))
+}
+
 /// The body of an admission (contract section 3), serialized straight from borrowed
 /// fields: this is the hottest response, so no intermediate `serde_json::Value`.
 #[derive(Serialize)]
 struct AdmittedBody<'a> {
     allowed: bool,
-    lease_id: String,
+    lease_id: &'a str,
     lease_expires_at: String,
     key_id: &'a str,
     provider_key: Option<PickedKey<'a>>,
@@ -103,7 +109,7 @@ fn admitted_body(a: &Admitted) -> AdmittedBody<'_> {
     };
     AdmittedBody {
         allowed: true,
-        lease_id: a.lease_id.clone(),
+        lease_id: &a.lease_id,
         lease_expires_at: to_rfc3339(a.expires_at_ms),
         key_id: &key.id,
         provider_key: a.provider_key.as_ref().map(|k| PickedKey {
@@ -123,6 +129,24 @@ fn admitted_body(a: &Admitted) -> AdmittedBody<'_> {
     }
 }
 
+/// The 200 answer of an admission: what `Json(body).into_response()` answers, written
+/// into one buffer of its usual size (axum's starts at 128 bytes and grows twice).
+fn admitted_response(body: &AdmittedBody<'_>) -> Response {
+    let mut buf = Vec::with_capacity(768);
+    match serde_json::to_writer(&mut buf, body) {
+        Ok(()) => {
+            let mut response = Response::new(axum::body::Body::from(buf));
+            response.headers_mut().insert(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        // As `Json` does: a body that cannot be serialized is a 500 (never for this one).
+        Err(_) => Json(body).into_response(),
+    }
+}
+
 /// Prometheus text format (see [`crate::metrics`]).
 async fn metrics() -> impl IntoResponse {
     (
@@ -139,7 +163,7 @@ async fn admit(State(state): State<AppState>, JsonBody(body): JsonBody<AdmitBody
     match state.admission.admit(&body).await {
         Ok(admitted) => {
             crate::metrics::decision("admit", started, None);
-            let mut response = Json(admitted_body(&admitted)).into_response();
+            let mut response = admitted_response(&admitted_body(&admitted));
             ratelimit::apply(
                 response.headers_mut(),
                 &admitted.key,

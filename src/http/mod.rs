@@ -21,6 +21,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use axum::Router;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
@@ -38,17 +39,14 @@ pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 pub const MAX_HEADERS: usize = 100;
 
 /// How many headers hyper parses before it refuses a request itself, with a bare 431
-/// and no body. Well above [`MAX_HEADERS`], so that [`limit_headers`] is the one that
+/// and no body. Well above [`MAX_HEADERS`], so that [`refuse_headers`] is the one that
 /// answers in the contract's terms; hyper's own default is exactly 100.
 const HYPER_MAX_HEADERS: usize = 1000;
 
-/// Refuses requests whose headers are too many or too large, in the contract's error
-/// format.
-async fn limit_headers(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let headers = request.headers();
+/// The contract's answer to a request whose headers are too many or too large; `None`
+/// for any other request. Checked in [`serve_one`] before the router sees the request
+/// (an axum middleware did this before: it boxed every request's future once more).
+fn refuse_headers(headers: &axum::http::HeaderMap) -> Option<axum::response::Response> {
     let size: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
@@ -58,9 +56,12 @@ async fn limit_headers(
     } else if size > MAX_HEADER_BYTES {
         format!("the request headers are larger than {MAX_HEADER_BYTES} bytes")
     } else {
-        return next.run(request).await;
+        return None;
     };
-    axum::response::IntoResponse::into_response(ApiError::new(ErrorCode::HeadersTooLarge, message))
+    Some(axum::response::IntoResponse::into_response(ApiError::new(
+        ErrorCode::HeadersTooLarge,
+        message,
+    )))
 }
 
 /// Whether the request's `Authorization: Bearer …` is the token whose SHA-256 is
@@ -96,7 +97,8 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 /// connection finish its request in flight and returns when all are closed.
 ///
 /// A hand-written accept loop rather than `axum::serve`, which offers no way to set
-/// hyper's header limit (see [`HYPER_MAX_HEADERS`]).
+/// hyper's header limit (see [`HYPER_MAX_HEADERS`]); it refuses too many or too large
+/// headers ([`refuse_headers`]) before routing.
 async fn serve_one(
     listener: TcpListener,
     router: Router,
@@ -120,7 +122,14 @@ async fn serve_one(
         };
         // Answers are small and latency matters: no Nagle delay on any connection.
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let router = TowerToHyperService::new(router.clone());
+        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            use futures_util::future::{ready, Either};
+            match refuse_headers(request.headers()) {
+                Some(refusal) => Either::Left(ready(Ok(refusal))),
+                None => Either::Right(hyper::service::Service::call(&router, request)),
+            }
+        });
         let (stop, close_rx) = (stop.clone(), close_rx.clone());
         tokio::spawn(async move {
             let mut builder = http1::Builder::new();
@@ -158,8 +167,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let data_router = data::router(state.clone()).layer(axum::middleware::from_fn(limit_headers));
-    let admin_router = admin::router(state.clone()).layer(axum::middleware::from_fn(limit_headers));
+    let data_router = data::router(state.clone());
+    let admin_router = admin::router(state.clone());
     let data_server = serve_one(data, data_router, stop_rx.clone());
     let admin_server = serve_one(admin, admin_router, stop_rx.clone());
     let mut servers = tokio::spawn(async move { tokio::try_join!(data_server, admin_server) });

@@ -93,7 +93,9 @@ impl LeaseId {
         // 128 bits from the thread-local CSPRNG: no system call per admission.
         LeaseId {
             key_id: key_id.to_string(),
-            token: format!("{:032x}", rand::random::<u128>()),
+            // Big-endian bytes in hex: what `format!("{:032x}")` spells, without the
+            // formatting machinery.
+            token: hex::encode(rand::random::<u128>().to_be_bytes()),
             shard: None,
             taken: None,
         }
@@ -393,7 +395,9 @@ impl Counters {
     pub async fn admit(&self, request: &AdmitRequest<'_>) -> Result<Decision, CounterError> {
         match self {
             Counters::Memory(m) => Ok(m.admit(request)),
-            Counters::Redis(r) => r.admit(request).await,
+            // Boxed: the Redis call's future is most of an admission's, and unboxed it
+            // made every future around it as large, copied whole at each move.
+            Counters::Redis(r) => Box::pin(r.admit(request)).await,
         }
     }
 
@@ -478,6 +482,13 @@ impl Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lease_tokens_are_32_lowercase_hex_digits() {
+        for n in [0, 0xabc, u128::MAX / 3] {
+            assert_eq!(hex::encode(u128::to_be_bytes(n)), format!("{n:032x}"));
+        }
+    }
 
     #[test]
     fn lease_ids_round_trip_and_reject_garbage() {

@@ -21,7 +21,7 @@ mod quota;
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
-use key_state::{Balance, KeyState, Lease};
+use key_state::{token, Balance, KeyState, Lease};
 use provider_keys::ProviderKeyStates;
 use quota::QuotaCounters;
 
@@ -70,7 +70,11 @@ impl MemoryCounters {
     pub fn admit(&self, r: &AdmitRequest<'_>) -> Decision {
         let now = self.now();
         let b = now.div_euclid(1000);
-        let mut state = self.keys.entry(r.lease.key_id.clone()).or_default();
+        // A key seen before needs no copy of its id (`entry` takes an owned one).
+        let mut state = match self.keys.get_mut(r.lease.key_id.as_str()) {
+            Some(state) => state,
+            None => self.keys.entry(r.lease.key_id.clone()).or_default(),
+        };
         let released = state.expire_leases(now, Some(self.guard_ttl_ms));
         // The quota counters, locked after the key (always in this order), only when the
         // request has entries or an expired lease releases a spend hold.
@@ -204,8 +208,8 @@ impl MemoryCounters {
             balance.held = balance.held.saturating_add(hold);
         }
         state.add_lease(
-            r.lease.token.clone(),
-            Lease {
+            token(&r.lease.token),
+            Box::new(Lease {
                 expires_at,
                 bucket: b,
                 reserved,
@@ -217,7 +221,7 @@ impl MemoryCounters {
                     .map(|(_, id, reserved)| (id.clone(), *reserved)),
                 hold,
                 quotas: corrections,
-            },
+            }),
         );
         Decision {
             verdict: Verdict::Admitted {
@@ -292,7 +296,7 @@ impl MemoryCounters {
             let live_expiry = self
                 .keys
                 .get(&lease.key_id)
-                .and_then(|s| s.leases.get(&lease.token).map(|l| l.expires_at))
+                .and_then(|s| s.leases.get(&token(&lease.token)).map(|l| l.expires_at))
                 .unwrap_or(0);
             let expiry = live_expiry.max(r.lease_expires_at_ms);
             {
@@ -309,9 +313,9 @@ impl MemoryCounters {
             if let Some(mut state) = self.keys.get_mut(&lease.key_id) {
                 // Its data is live, or (purged after its expiry by an admission, its slot
                 // and holds released then) kept in `purged`, as report.lua reads ld, then lx.
-                let live = state.remove_lease(&lease.token);
+                let live = state.remove_lease(token(&lease.token));
                 let purged = live.is_none();
-                if let Some(held) = live.or_else(|| state.take_purged(&lease.token, now)) {
+                if let Some(held) = live.or_else(|| state.take_purged(token(&lease.token), now)) {
                     found = true;
                     if let Some((prompt, completion)) = r.tokens {
                         state.tokens.prune(now.div_euclid(1000));
@@ -387,10 +391,10 @@ impl MemoryCounters {
         let mut state = self.keys.get_mut(&lease.key_id)?;
         // As renew.lua: an expired lease is not renewed, and is left (with its data, for
         // its report) for the next admission to purge.
-        if state.leases.get(&lease.token)?.expires_at <= now {
+        if state.leases.get(&token(&lease.token))?.expires_at <= now {
             return None;
         }
-        let mut held = state.remove_lease(&lease.token)?;
+        let mut held = state.remove_lease(token(&lease.token))?;
         held.expires_at = now + ttl_ms;
         if !held.quotas.is_empty() {
             // Its spend holds expire with it (renew.lua); the quota lock after the key's.
@@ -398,7 +402,7 @@ impl MemoryCounters {
                 .lock()
                 .renew(&lease.token, &held.quotas, held.expires_at);
         }
-        state.add_lease(lease.token.clone(), held);
+        state.add_lease(token(&lease.token), held);
         Some(now + ttl_ms)
     }
 }

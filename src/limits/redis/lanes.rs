@@ -63,9 +63,7 @@ impl Lanes {
             }),
             Err(e) => Err(e),
         };
-        m.script_seconds
-            .with_label_values(&[name])
-            .observe(started.elapsed().as_secs_f64());
+        crate::metrics::script_duration(name, started.elapsed().as_secs_f64());
         if result.is_err() {
             m.script_errors.with_label_values(&[name]).inc();
         }
