@@ -85,7 +85,10 @@ impl RedisCounters {
         .push(&mut call);
         push_quota_args(r.quotas, &mut call);
         match r.pool.filter(|p| !p.is_empty()) {
-            Some(pool) => self.admit_with_pick(r, shard, pool, &call).await,
+            // Boxed, as the lane's connect below: the two calls at once are a large
+            // future, and inline they made every admission's future as large (14 KB,
+            // copied whole at each move, with selection or not).
+            Some(pool) => Box::pin(self.admit_with_pick(r, shard, pool, &call)).await,
             None => {
                 let reply = self.invoke_client(&call).await?;
                 client_decision(r, reply)

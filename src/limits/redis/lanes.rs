@@ -13,7 +13,6 @@ use crate::limits::CounterError;
 pub(super) const LANES: usize = 2;
 
 /// Shared multiplexed connections, used round robin.
-/// Shared multiplexed connections, used round robin.
 pub(super) struct Lanes {
     pub(super) connector: Connector,
     pub(super) lanes: Vec<Mutex<Option<Conn>>>,
@@ -31,7 +30,9 @@ impl Lanes {
         {
             return Ok((i, conn));
         }
-        let conn = self.connector.take().await?;
+        // Boxed: the pool's checkout is a large future, needed only when a lane is
+        // (re)opened; inline it would be part of every call's future.
+        let conn = Box::pin(self.connector.take()).await?;
         *self.lanes[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
         Ok((i, conn))
     }
