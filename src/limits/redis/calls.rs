@@ -6,6 +6,7 @@ use super::RedisCounters;
 use crate::limits::scripts::admit::{
     push_quota_args, push_quota_keys, AdmitArgs, AdmitCode, AdmitKeys, AdmitReply,
 };
+use crate::limits::scripts::call::Call;
 use crate::limits::scripts::limit_arg;
 use crate::limits::scripts::pick::PickCode;
 use crate::limits::scripts::pool_report::{self, PoolReportArgs, PoolReportKeys};
@@ -50,16 +51,18 @@ impl RedisCounters {
             used: 0,
             version: 0,
         });
-        let meta = format!(
-            "{}|{}|{}",
-            sanitize(r.provider),
-            sanitize(r.model),
-            sanitize(r.api_format)
-        );
+        let parts = [r.provider, r.model, r.api_format].map(sanitize);
+        let mut meta = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                meta.push('|');
+            }
+            meta.push_str(part);
+        }
         let clock = self.shift.script_clock();
         // The client's part only (no pool version): every key on the tenant's shard. The
         // pool's part, when one is wanted, is `lua/pick.lua` on the pool's tag (`split`).
-        let mut call = self.scripts.admit.prepare_invoke();
+        let mut call = Call::new(&self.scripts.admit);
         AdmitKeys::client_only(&self.space, shard, &r.lease.key_id).push(&mut call);
         push_quota_keys(&self.space, shard, r.quotas, &mut call);
         AdmitArgs {
@@ -97,14 +100,8 @@ impl RedisCounters {
     }
 
     /// Runs the client's admit call and checks its answer.
-    pub(super) async fn invoke_client(
-        &self,
-        call: &redis::ScriptInvocation<'_>,
-    ) -> Result<AdmitReply, CounterError> {
-        let reply = self
-            .lanes
-            .invoke::<Vec<redis::Value>>("admit", call)
-            .await?;
+    pub(super) async fn invoke_client(&self, call: &Call<'_>) -> Result<AdmitReply, CounterError> {
+        let reply = self.lanes.call::<Vec<redis::Value>>("admit", call).await?;
         let reply = AdmitReply::parse(&reply)?;
         if reply.code == AdmitCode::PoolVersion {
             return Err(CounterError::Protocol(

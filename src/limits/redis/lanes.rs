@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::limits::conn::{Conn, Connector};
+use crate::limits::scripts::call::Call;
 use crate::limits::CounterError;
 
 /// How many multiplexed connections carry the hot path.
@@ -55,18 +56,60 @@ impl Lanes {
         name: &str,
         call: &redis::ScriptInvocation<'_>,
     ) -> Result<T, CounterError> {
-        let m = crate::metrics::get();
-        let started = std::time::Instant::now();
-        let result = match self.get().await {
-            Ok((i, mut conn)) => call.invoke_async(&mut conn).await.map_err(|e| {
+        self.measured(name, async {
+            let (i, mut conn) = self.get().await?;
+            call.invoke_async(&mut conn).await.map_err(|e| {
                 self.broken(i, &e);
                 CounterError::from(e)
-            }),
-            Err(e) => Err(e),
-        };
+            })
+        })
+        .await
+    }
+
+    /// [`Lanes::invoke`] for a [`Call`]: its EVALSHA written at once, the script loaded
+    /// and the call sent again after a NOSCRIPT (as `redis::ScriptInvocation` does).
+    pub(super) async fn call<T: redis::FromRedisValue>(
+        &self,
+        name: &str,
+        call: &Call<'_>,
+    ) -> Result<T, CounterError> {
+        self.measured(name, async {
+            let (i, mut conn) = self.get().await?;
+            let cmd = call.evalsha();
+            let result = match cmd.query_async(&mut conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    Box::pin(async {
+                        call.script().prepare_invoke().load_async(&mut conn).await?;
+                        cmd.query_async(&mut conn).await
+                    })
+                    .await
+                }
+                other => other,
+            };
+            result.map_err(|e| {
+                self.broken(i, &e);
+                CounterError::from(e)
+            })
+        })
+        .await
+    }
+
+    /// Runs `call`, recording its duration and its failure under `name`.
+    async fn measured<T>(
+        &self,
+        name: &str,
+        call: impl std::future::Future<Output = Result<T, CounterError>>,
+    ) -> Result<T, CounterError> {
+        let started = std::time::Instant::now();
+        let result = call.await;
         crate::metrics::script_duration(name, started.elapsed().as_secs_f64());
         if result.is_err() {
-            m.script_errors.with_label_values(&[name]).inc();
+            crate::metrics::get()
+                .script_errors
+                .with_label_values(&[name])
+                .inc();
         }
         result
     }

@@ -100,7 +100,7 @@ impl RedisCounters {
         r: &AdmitRequest<'_>,
         shard: u16,
         pool: &Roster,
-        call: &redis::ScriptInvocation<'_>,
+        call: &crate::limits::scripts::call::Call<'_>,
     ) -> Result<Decision, CounterError> {
         let (client, pick) = tokio::join!(self.invoke_client(call), self.pick_once(pool, r.tokens));
         let provider = pool.first().map_or("", |c| c.provider.as_str());

@@ -112,7 +112,7 @@ pub fn push_quota_keys(
     space: &KeySpace,
     shard: u16,
     quotas: &[QuotaEntry],
-    call: &mut redis::ScriptInvocation<'_>,
+    call: &mut impl super::call::ScriptArgs,
 ) {
     for entry in quotas {
         AdmitQuotaKey::new(space, shard, entry).push(call);
@@ -120,7 +120,7 @@ pub fn push_quota_keys(
 }
 
 /// Adds a request's quota entries' ARGV to an admit call (after [`AdmitArgs`]).
-pub fn push_quota_args(quotas: &[QuotaEntry], call: &mut redis::ScriptInvocation<'_>) {
+pub fn push_quota_args(quotas: &[QuotaEntry], call: &mut impl super::call::ScriptArgs) {
     for entry in quotas {
         AdmitQuotaArgs::new(entry).push(call);
     }

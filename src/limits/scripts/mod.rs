@@ -10,6 +10,7 @@
 //! checks it against these lists and the reply enums' codes, so neither side can drift.
 
 pub mod admit;
+pub mod call;
 pub mod pick;
 pub mod pool_report;
 pub mod pool_state;
@@ -25,7 +26,7 @@ use super::{CounterError, LeaseId, Tenant};
 
 /// Declares a script's KEYS or ARGV struct: the fields in the script's order, named as in
 /// its header. Generates `NAMES` (those names, in order) and `push` (adds the values to a
-/// `redis::ScriptInvocation` in that order, as keys or as arguments).
+/// [`call::ScriptArgs`] in that order, as keys or as arguments).
 macro_rules! script_fields {
     (
         $kind:ident
@@ -45,7 +46,7 @@ macro_rules! script_fields {
             pub const NAMES: &'static [&'static str] = &[$(stringify!($field)),*];
 
             /// Adds every field to `call`, in the script's order.
-            pub fn push(&self, call: &mut ::redis::ScriptInvocation<'_>) {
+            pub fn push(&self, call: &mut impl $crate::limits::scripts::call::ScriptArgs) {
                 $( call.$kind(&self.$field); )*
             }
 
@@ -217,7 +218,11 @@ impl KeySpace {
 
     /// A client key's `rpm`, `tpm`, `leases`, `ld`, `lx` or `bal`, on `shard`.
     pub fn client(&self, shard: u16, key_id: &str, what: &str) -> String {
-        format!("{}:k:{key_id}:{what}", self.tag(shard))
+        // Exact capacity (`format!` grows its buffer): several per admission.
+        let tag = self.tag(shard);
+        let mut name = String::with_capacity(tag.len() + key_id.len() + what.len() + 4);
+        name.extend([tag, ":k:", key_id, ":", what]);
+        name
     }
 
     /// A provider pool's hash tag `{<prefix>:p:<provider>}`.
