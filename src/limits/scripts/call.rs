@@ -95,7 +95,7 @@ mod tests {
         let script = Script::new("return 1");
         let mut call = Call::new(&script);
         call.key("k1");
-        call.key(["k2", "k3"]);
+        call.key(vec!["k2", "k3"]);
         call.arg(42_i64);
         call.arg("");
         call.arg(&b"x"[..]);
