@@ -6,19 +6,23 @@
 -- every key and argument by position and name, then the reply codes.
 --
 -- KEYS (all under the deployment's hash tag, e.g. "{kw}"):
---   1  rpm                hash   1-second bucket -> requests admitted in it; 's' = their
---                                sum, 'lo' = the oldest bucket that may exist
---   2  tpm                hash   the same for tokens reserved
---   3  leases             zset   lease token -> expiry (ms)
---   4  ld                 hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold|quotas"
---                                (quotas: "kind,counter,amount;..." what its report
---                                corrects: tm/td tokens reserved, s? the spend hold)
---   5  bal                hash   rem, cred, ver (live balance, micro-USD), held (the holds
+--   1  rpm                hash   the key's two windows: 1-second bucket -> requests
+--                                admitted in it, 's' = their sum, 'lo' = the oldest bucket
+--                                that may exist; and the same for tokens reserved with
+--                                the prefix 't' ('t<bucket>', 'ts', 'tlo')
+--   2  leases             zset   lease token -> expiry (ms)
+--   3  ld                 hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold|quotas"
+--                                (reserved: the client's tokens in the separate token
+--                                window of older releases, 0 here; quotas: "kind,counter,
+--                                amount;..." what its report corrects: kt the client's
+--                                tokens reserved in rpm's 't' window, tm/td tokens
+--                                reserved, s? the spend hold)
+--   4  bal                hash   rem, cred, ver (live balance, micro-USD), held (the holds
 --                                of the leases in flight, micro-USD)
---   6  def                hash   the provider's pool: '_v' -> version, '_t' -> its stamp,
+--   5  def                hash   the provider's pool: '_v' -> version, '_t' -> its stamp,
 --                                key id -> "max_rpm|max_tpm"
---   7  order              zset   key id -> priority rank * 2^42 + last pick (see pool_sync.lua)
---   8  lx                 hash   lease token -> its data as in ld, for a lease this script
+--   6  order              zset   key id -> priority rank * 2^42 + last pick (see pool_sync.lua)
+--   7  lx                 hash   lease token -> its data as in ld, for a lease this script
 --                                purged after its expiry (its slot and holds released):
 --                                kept for its late report (report.lua), the hash living
 --                                until the latest duplicate guard of its leases lapses;
@@ -27,9 +31,10 @@
 --                                PURGE_BATCH per decision that purges), so it never grows past the
 --                                leases that expired within a guard ttl
 --      A provider key's own keys are named from the same hash tag and its id (so they
---      are in the same slot): {tag}:pk:<id>:rpm and :tpm (windows as above), :cd and
+--      are in the same slot): {tag}:pk:<id>:rpm and :tpm (a window each, as above without
+--      a prefix), :cd and
 --      :susp (the time its cooldown / suspension ends, ms).
--- KEYS per quota entry (1 each, from KEYS[9]):
+-- KEYS per quota entry (1 each, from KEYS[8]):
 --   1  quota              the entry's base name {tag}:q:<counter id>. Its counters, all
 --                         named inside the script: <base>:rm / :tm (windows as above);
 --                         <base>:rd:<day> / :td:<day> (string: requests / tokens of that
@@ -134,7 +139,10 @@ local pool_version = ARGV[14]
 local hold = tonumber(ARGV[15])
 local pinned = tonumber(ARGV[16])
 local guard_ttl = tonumber(ARGV[17])
-local nq = #KEYS - 8
+-- The keys by name (see the contract above); quota entries' keys follow them.
+local WIN, LEASES, LD, BAL, DEF, ORDER, LX = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local QK = 7
+local nq = #KEYS - QK
 assert(pool_version and nq >= 0 and #ARGV == 17 + 4 * nq, 'pool')
 local SHIFT = 4398046511104 -- 2^42: order scores are priority rank * SHIFT + last pick
 assert(rpm_limit and rpm_limit >= 0, 'rpm limit')
@@ -166,60 +174,93 @@ local oldest = b - 60
 -- which HINCRBY (report.lua) would then refuse.
 local function int(x) return string.format('%.0f', x) end
 
--- A window hash holds one field per second with traffic, plus 's' (the sum of those
--- fields) and 'lo' (the oldest second that has a field). Reading it is one HMGET of the
--- sum, 'lo' and the current second's count, plus the removal of the seconds that left
--- the window since the last decision (about once a second); taking from it is one HSET.
--- Returns the sum, 'lo' (nil when empty) and the current second's count.
-local function window(key)
-  local h = redis.call('HMGET', key, 's', 'lo', b)
-  local sum, lo, cur = tonumber(h[1]) or 0, tonumber(h[2]), tonumber(h[3]) or 0
+-- A window holds one field per second with traffic, plus 's' (the sum of those fields)
+-- and 'lo' (the oldest second that has a field), all named with the window's prefix
+-- `p`: '' for requests, 't' for tokens ('t<second>', 'ts', 'tlo'), so a client key's
+-- two windows share one hash (KEYS[1]) and cost one read and one write together; a
+-- quota entry's window has a hash of its own (prefix ''). Reading a window is part of
+-- one HMGET of the sum, 'lo' and the current second's count, plus the removal of the
+-- seconds that left the window since the last decision (about once a second); taking
+-- is part of one HSET.
+-- The fields read() asks for: the window's sum, 'lo' and current second.
+local function names(p) return p .. 's', p .. 'lo', p .. b end
+
+-- From what HMGET answered at `at` (names(p) there), returns the window's sum, 'lo'
+-- (nil when empty) and the current second's count, after removing the seconds that
+-- left it.
+local function settle_window(key, p, h, at)
+  local sum, lo, cur = tonumber(h[at]) or 0, tonumber(h[at + 1]), tonumber(h[at + 2]) or 0
   if not lo then return 0, nil, 0 end
   if lo >= oldest then return sum, lo, cur end
+  local gone = {}
   if lo < oldest - 60 then
     -- Every field is older than the window (they span at most 61 seconds from 'lo').
-    redis.call('DEL', key)
+    for s = lo, lo + 60 do gone[#gone + 1] = p .. s end
+    gone[#gone + 1] = p .. 's'
+    gone[#gone + 1] = p .. 'lo'
+    redis.call('HDEL', key, unpack(gone))
     return 0, nil, 0
   end
-  local gone = {}
   while lo < oldest do
-    local v = redis.call('HGET', key, lo)
+    local v = redis.call('HGET', key, p .. lo)
     if v then
       sum = sum - tonumber(v)
-      gone[#gone + 1] = lo
+      gone[#gone + 1] = p .. lo
     end
     lo = lo + 1
   end
   -- Move 'lo' on to the oldest second that has a field, for the reset time.
-  while lo <= b and redis.call('HEXISTS', key, lo) == 0 do lo = lo + 1 end
-  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  while lo <= b and redis.call('HEXISTS', key, p .. lo) == 0 do lo = lo + 1 end
   if lo > b then
-    redis.call('DEL', key)
+    gone[#gone + 1] = p .. 's'
+    gone[#gone + 1] = p .. 'lo'
+    redis.call('HDEL', key, unpack(gone))
     return 0, nil, 0
   end
-  redis.call('HSET', key, 's', int(sum), 'lo', lo)
+  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  redis.call('HSET', key, p .. 's', int(sum), p .. 'lo', lo)
   return sum, lo, cur
 end
 
--- Adds `amount` to the current second of a window just read by window(). The key lives
--- 62 s from its current second's first take, which outlasts that second's 61 s in the
--- window; later seconds extend it on their own first take.
-local function take(key, amount, sum, lo, cur)
-  if lo then
-    redis.call('HSET', key, b, int(cur + amount), 's', int(sum + amount))
-  else
-    redis.call('HSET', key, b, int(cur + amount), 's', int(sum + amount), 'lo', b)
-  end
-  if cur == 0 then redis.call('PEXPIRE', key, 62000) end
+-- A quota entry's window (its own hash).
+local function window(key)
+  return settle_window(key, '', redis.call('HMGET', key, names('')), 1)
 end
 
--- Milliseconds until `sum + add <= limit`, as old buckets leave the window. Denials
--- only, so reading every bucket here is fine.
-local function wait_for(key, sum, add, limit)
+-- The fields that add `amount` to the current second of window `p` just read (sum,
+-- lo, cur), appended to `out` (the HSET's arguments).
+local function take_fields(out, p, amount, sum, lo, cur)
+  out[#out + 1] = p .. b
+  out[#out + 1] = int(cur + amount)
+  out[#out + 1] = p .. 's'
+  out[#out + 1] = int(sum + amount)
+  if not lo then
+    out[#out + 1] = p .. 'lo'
+    out[#out + 1] = b
+  end
+end
+
+-- Writes what take_fields() gathered. The hash lives 62 s from a second's first take,
+-- which outlasts that second's 61 s in the window; later seconds extend it on their own
+-- first take (`first`).
+local function take(key, fields, first)
+  redis.call('HSET', key, unpack(fields))
+  if first then redis.call('PEXPIRE', key, 62000) end
+end
+
+-- Milliseconds until `sum + add <= limit` in window `p`, as old buckets leave it.
+-- Denials only, so reading every bucket here is fine.
+local function wait_for(key, p, sum, add, limit)
   local all = redis.call('HGETALL', key)
   local buckets = {}
   for i = 1, #all, 2 do
-    local f = tonumber(all[i])
+    local name = all[i]
+    local f = nil
+    if p == '' then
+      f = tonumber(name)
+    elseif string.sub(name, 1, #p) == p then
+      f = tonumber(string.sub(name, #p + 1))
+    end
     if f then buckets[f] = tonumber(all[i + 1]) end
   end
   for k = 1, 61 do
@@ -271,24 +312,52 @@ end
 
 -- The spend counter `key` (read: 'held' = held) without its expired holds: removes up
 -- to PURGE_BATCH of them from :hx and their amounts from 'held'; returns the new held.
+-- One call when none expired (the common case): the earliest hold tells both whether
+-- any expired and whether :hx lists any at all.
 local function expire_holds(key, held)
   local hx = key .. ':hx'
   local was = held
-  local gone = redis.call('ZRANGEBYSCORE', hx, '-inf', int(now), 'LIMIT', 0, PURGE_BATCH)
-  for _, m in ipairs(gone) do held = held - (tonumber(string.match(m, ':(%d+)$')) or 0) end
-  if #gone > 0 then redis.call('ZREM', hx, unpack(gone)) end
-  held = math.max(0, held)
-  -- Nothing listed holds nothing (heals a 'held' that lost its members).
-  if held > 0 and redis.call('ZCARD', hx) == 0 then held = 0 end
+  local first = redis.call('ZRANGE', hx, 0, 0, 'WITHSCORES')
+  if first[2] and tonumber(first[2]) <= now then
+    local gone = redis.call('ZRANGEBYSCORE', hx, '-inf', int(now), 'LIMIT', 0, PURGE_BATCH)
+    for _, m in ipairs(gone) do held = held - (tonumber(string.match(m, ':(%d+)$')) or 0) end
+    if #gone > 0 then redis.call('ZREM', hx, unpack(gone)) end
+    held = math.max(0, held)
+    -- Nothing listed holds nothing (heals a 'held' that lost its members).
+    if held > 0 and redis.call('ZCARD', hx) == 0 then held = 0 end
+  elseif not first[2] then
+    held = 0 -- nothing listed holds nothing
+  end
   if held ~= was then redis.call('HSET', key, 'held', int(held)) end
   return held
 end
 
+local req_used, req_lo, req_cur, tok_used, tok_lo, tok_cur = 0, nil, 0, 0, nil, 0
+-- The client key's two windows, in one read.
+if client and (rpm_limit > 0 or tpm_limit > 0) then
+  local h = redis.call('HMGET', WIN, 's', 'lo', b, 'ts', 'tlo', 't' .. b)
+  if rpm_limit > 0 then req_used, req_lo, req_cur = settle_window(WIN, '', h, 1) end
+  if tpm_limit > 0 then tok_used, tok_lo, tok_cur = settle_window(WIN, 't', h, 4) end
+end
+-- The first decision of this second on the key (no request taken in this second yet;
+-- every decision when the key has neither window to tell): it purges expired leases and
+-- extends the lease keys' expiry, which then covers every lease admitted in the second.
+local new_second = (rpm_limit > 0 and req_cur == 0) or (rpm_limit == 0 and (tpm_limit == 0 or tok_cur == 0))
+
 local in_flight, released = 0, 0
 if client then
   -- Expired leases free their slot (and their reservation data), at most PURGE_BATCH per
-  -- decision; meanwhile only live leases are counted (and renew.lua refuses expired ones).
-  local scored = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'WITHSCORES', 'LIMIT', 0, PURGE_BATCH)
+  -- purge; meanwhile only live leases are counted (and renew.lua refuses expired ones).
+  -- A key whose balance is tracked purges on every decision (an expired lease's hold
+  -- must leave 'held' at once); any other key on the first decision of each second
+  -- (new_second), which bounds its set as well and saves a call on the others: an
+  -- expired lease not yet purged counts nowhere (in_flight counts live leases), its
+  -- spend holds leave their counters by the counters' own purge, and its report settles
+  -- it from ld as it would from lx.
+  local scored = {}
+  if bal_tracked or new_second then
+    scored = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'WITHSCORES', 'LIMIT', 0, PURGE_BATCH)
+  end
   local expired, expiries = {}, {}
   for i = 1, #scored, 2 do
     expired[#expired + 1] = scored[i]
@@ -299,10 +368,10 @@ if client then
     -- spend counters that still list them. Their data moves to lx until their duplicate
     -- guard lapses, so a late report still settles its own spend counters and model.
     local lx_until = 0
-    for i, data in ipairs(redis.call('HMGET', KEYS[4], unpack(expired))) do
+    for i, data in ipairs(redis.call('HMGET', LD, unpack(expired))) do
       if data then
-        redis.call('HSET', KEYS[8], expired[i], data)
-        redis.call('ZADD', KEYS[8] .. ':e', int(expiries[i] + guard_ttl), expired[i])
+        redis.call('HSET', LX, expired[i], data)
+        redis.call('ZADD', LX .. ':e', int(expiries[i] + guard_ttl), expired[i])
         lx_until = math.max(lx_until, expiries[i] + guard_ttl)
         local f = fields(data)
         released = released + (tonumber(f[8] or '0') or 0)
@@ -313,13 +382,13 @@ if client then
         end
       end
     end
-    redis.call('ZREM', KEYS[3], unpack(expired))
-    redis.call('HDEL', KEYS[4], unpack(expired))
+    redis.call('ZREM', LEASES, unpack(expired))
+    redis.call('HDEL', LD, unpack(expired))
     -- The hash lives until the latest guard of its leases lapses (+1 ms: a report at
     -- that very instant is still in time).
     if lx_until > 0 then
       local keep = lx_until - now + 1
-      for _, k in ipairs({KEYS[8], KEYS[8] .. ':e'}) do
+      for _, k in ipairs({LX, LX .. ':e'}) do
         if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, int(keep)) end
       end
     end
@@ -327,36 +396,33 @@ if client then
     -- may have come in (a lease's guard lapsing at this very instant still admits its
     -- report: only earlier ones leave). Only here: without purges, lx's expiry is not
     -- extended and it lapses whole, so a decision without one pays nothing for it.
-    local lapsed = redis.call('ZRANGEBYSCORE', KEYS[8] .. ':e', '-inf', '(' .. int(now), 'LIMIT', 0, PURGE_BATCH)
+    local lapsed = redis.call('ZRANGEBYSCORE', LX .. ':e', '-inf', '(' .. int(now), 'LIMIT', 0, PURGE_BATCH)
     if #lapsed > 0 then
-      redis.call('HDEL', KEYS[8], unpack(lapsed))
-      redis.call('ZREM', KEYS[8] .. ':e', unpack(lapsed))
+      redis.call('HDEL', LX, unpack(lapsed))
+      redis.call('ZREM', LX .. ':e', unpack(lapsed))
     end
   end
-  if #expired == PURGE_BATCH then
-    in_flight = redis.call('ZCOUNT', KEYS[3], '(' .. int(now), '+inf')
+  if #expired == PURGE_BATCH or not (bal_tracked or new_second) then
+    in_flight = redis.call('ZCOUNT', LEASES, '(' .. int(now), '+inf')
   else
-    in_flight = redis.call('ZCARD', KEYS[3])
+    in_flight = redis.call('ZCARD', LEASES)
   end
 end
 
-local req_used, req_lo, req_cur, tok_used, tok_lo, tok_cur = 0, nil, 0, 0, nil, 0
-if client and rpm_limit > 0 then req_used, req_lo, req_cur = window(KEYS[1]) end
-if client and tpm_limit > 0 then tok_used, tok_lo, tok_cur = window(KEYS[2]) end
 
 local rem, held = -1, 0
 if client and bal_tracked then
-  local h = redis.call('HMGET', KEYS[5], 'rem', 'cred', 'ver', 'held')
+  local h = redis.call('HMGET', BAL, 'rem', 'cred', 'ver', 'held')
   if not h[1] then
     rem = bounded(credited - used)
-    redis.call('HSET', KEYS[5], 'rem', int(rem), 'cred', int(credited), 'ver', int(version))
+    redis.call('HSET', BAL, 'rem', int(rem), 'cred', int(credited), 'ver', int(version))
   else
     rem = tonumber(h[1])
     assert(rem, 'live balance is not a number')
     -- An admin credit or debit the counters have not seen yet: apply its delta once.
     if tonumber(h[3]) < version then
       rem = bounded(rem + (credited - (tonumber(h[2]) or 0)))
-      redis.call('HSET', KEYS[5], 'rem', int(rem), 'cred', int(credited), 'ver', int(version))
+      redis.call('HSET', BAL, 'rem', int(rem), 'cred', int(credited), 'ver', int(version))
     end
     held = tonumber(h[4]) or 0
   end
@@ -365,7 +431,7 @@ if client and bal_tracked then
   local was = held
   held = math.max(0, held - released)
   if in_flight == 0 then held = 0 end
-  if held ~= was then redis.call('HSET', KEYS[5], 'held', int(held)) end
+  if held ~= was then redis.call('HSET', BAL, 'held', int(held)) end
 end
 
 -- Quota entries: every counter is read before any check (and nothing is taken unless
@@ -419,7 +485,7 @@ for i = 1, nq do
   local seed_day, seed = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
   assert(q.limit and q.limit >= 1 and q.limit <= MAX, 'quota limit')
   assert(seed_day and seed and seed >= 0 and seed <= MAX, 'quota seed')
-  local base = KEYS[8 + i]
+  local base = KEYS[QK + i]
   if q.kind == 'rm' or q.kind == 'tm' then
     q.key = base .. ':' .. q.kind
     q.window = true
@@ -472,17 +538,17 @@ end
 
 -- Milliseconds until the first live lease expires (expired ones may still be in the set).
 local function earliest_lease_expiry()
-  local first = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local first = redis.call('ZRANGEBYSCORE', LEASES, '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
   if first[2] then return math.max(tonumber(first[2]) - now, 1) end
   return 1000
 end
 
 if client and bal_tracked and rem <= 0 then return answer(4, 0) end
 if client and rpm_limit > 0 and req_used + 1 > rpm_limit then
-  return answer(1, wait_for(KEYS[1], req_used, 1, rpm_limit))
+  return answer(1, wait_for(WIN, '', req_used, 1, rpm_limit))
 end
 if client and tpm_limit > 0 and tok_used + tokens > tpm_limit then
-  return answer(2, wait_for(KEYS[2], tok_used, tokens, tpm_limit))
+  return answer(2, wait_for(WIN, 't', tok_used, tokens, tpm_limit))
 end
 if client and conc_limit > 0 and in_flight >= conc_limit then return answer(3, earliest_lease_expiry()) end
 -- Each request in flight holds its estimated cost; a request goes ahead only while the
@@ -499,9 +565,9 @@ local function refuse(i, exhausted, a)
 end
 for i, q in ipairs(quotas) do
   local k = q.kind
-  if k == 'rm' and q.used + 1 > q.limit then return refuse(i, 1, wait_for(q.key, q.used, 1, q.limit)) end
+  if k == 'rm' and q.used + 1 > q.limit then return refuse(i, 1, wait_for(q.key, '', q.used, 1, q.limit)) end
   if k == 'tm' and q.used + tokens > q.limit then
-    return refuse(i, 1, wait_for(q.key, q.used, tokens, q.limit))
+    return refuse(i, 1, wait_for(q.key, '', q.used, tokens, q.limit))
   end
   if (k == 'rd' and q.used + 1 > q.limit) or (k == 'td' and q.used + tokens > q.limit) then
     return refuse(i, 1, q.ends - now)
@@ -521,18 +587,18 @@ end
 -- cooling down, not suspended, and has room. Usually that is the first one looked at.
 local pick = nil
 if pool_version ~= '' then
-  if redis.call('HGET', KEYS[6], '_v') ~= pool_version then
-    return answer(7, tonumber(redis.call('HGET', KEYS[6], '_t') or '0') or 0)
+  if redis.call('HGET', DEF, '_v') ~= pool_version then
+    return answer(7, tonumber(redis.call('HGET', DEF, '_t') or '0') or 0)
   end
-  local tag = string.match(KEYS[6], '^(%b{})')
+  local tag = string.match(DEF, '^(%b{})')
   local earliest = nil
   local start = 0
   while not pick do
-    local batch = redis.call('ZRANGE', KEYS[7], start, start + 9, 'WITHSCORES')
+    local batch = redis.call('ZRANGE', ORDER, start, start + 9, 'WITHSCORES')
     if #batch == 0 then break end
     for i = 1, #batch, 2 do
       local id = batch[i]
-      local limits = redis.call('HGET', KEYS[6], id) or '0|0'
+      local limits = redis.call('HGET', DEF, id) or '0|0'
       local rpm, tpm = string.match(limits, '^(%d+)|(%d+)$')
       local base = tag .. ':pk:' .. id .. ':'
       local c = {id = id, rpm = tonumber(rpm) or 0, tpm = tonumber(tpm) or 0,
@@ -542,14 +608,14 @@ if pool_version ~= '' then
       local wait = math.max(0, cooling - now, suspended - now)
       if c.rpm > 0 then
         c.rsum, c.rlo, c.rcur = window(c.krpm)
-        if c.rsum + 1 > c.rpm then wait = math.max(wait, wait_for(c.krpm, c.rsum, 1, c.rpm)) end
+        if c.rsum + 1 > c.rpm then wait = math.max(wait, wait_for(c.krpm, '', c.rsum, 1, c.rpm)) end
       end
       if c.tpm > 0 then
         c.tsum, c.tlo, c.tcur = window(c.ktpm)
         if tokens > c.tpm then
           wait = math.max(wait, 61000) -- this key can never take the request
         elseif c.tsum + tokens > c.tpm then
-          wait = math.max(wait, wait_for(c.ktpm, c.tsum, tokens, c.tpm))
+          wait = math.max(wait, wait_for(c.ktpm, '', c.tsum, tokens, c.tpm))
         end
       end
       if wait == 0 then
@@ -565,33 +631,50 @@ end
 
 -- Admitted: take everything at once.
 if pick then
-  if pick.rpm > 0 then take(pick.krpm, 1, pick.rsum, pick.rlo, pick.rcur) end
-  if pick.tpm > 0 and tokens > 0 then take(pick.ktpm, tokens, pick.tsum, pick.tlo, pick.tcur) end
-  redis.call('ZADD', KEYS[7], pick.rank * SHIFT + now, pick.id)
-  redis.call('PEXPIRE', KEYS[6], 86400000)
-  redis.call('PEXPIRE', KEYS[7], 86400000)
+  if pick.rpm > 0 then
+    local f = {}
+    take_fields(f, '', 1, pick.rsum, pick.rlo, pick.rcur)
+    take(pick.krpm, f, pick.rcur == 0)
+  end
+  if pick.tpm > 0 and tokens > 0 then
+    local f = {}
+    take_fields(f, '', tokens, pick.tsum, pick.tlo, pick.tcur)
+    take(pick.ktpm, f, pick.tcur == 0)
+  end
+  redis.call('ZADD', ORDER, pick.rank * SHIFT + now, pick.id)
+  redis.call('PEXPIRE', DEF, 86400000)
+  redis.call('PEXPIRE', ORDER, 86400000)
 end
 local picked = pick and pick.id or ''
 if not client then return answer(0, 0, picked) end
+-- The quota entries, and what the report (or the lease's expiry) corrects: first the
+-- client's tokens, taken in the 't' window of KEYS[1] ('kt').
+local expiry = now + ttl
+local corrected = {}
+local taken, first = {}, false
 if rpm_limit > 0 then
-  take(KEYS[1], 1, req_used, req_lo, req_cur)
+  take_fields(taken, '', 1, req_used, req_lo, req_cur)
+  first = req_cur == 0
   req_used = req_used + 1
   req_lo = req_lo or b
 end
 if tpm_limit > 0 and tokens > 0 then
-  take(KEYS[2], tokens, tok_used, tok_lo, tok_cur)
+  take_fields(taken, 't', tokens, tok_used, tok_lo, tok_cur)
+  first = first or tok_cur == 0
   tok_used = tok_used + tokens
   tok_lo = tok_lo or b
 end
--- The quota entries, and what the report (or the lease's expiry) corrects.
-local expiry = now + ttl
-local corrected = {}
+-- (With 0 tokens too: the report adds what was used to the second's count if it has one.)
+if tpm_limit > 0 then corrected[1] = 'kt,' .. WIN .. ',' .. int(tokens) end
+if #taken > 0 then take(WIN, taken, first) end
 for _, q in ipairs(quotas) do
   local k = q.kind
   if q.window then
     local add = (k == 'rm') and 1 or tokens
     if add > 0 then
-      take(q.key, add, q.used, q.lo, q.cur)
+      local f = {}
+      take_fields(f, '', add, q.used, q.lo, q.cur)
+      take(q.key, f, q.cur == 0)
       q.used = q.used + add
       q.lo = q.lo or b
     end
@@ -620,22 +703,29 @@ for _, q in ipairs(quotas) do
   end
 end
 
-redis.call('ZADD', KEYS[3], expiry, token)
--- Reservation data for the report: second, client tokens, provider|model|format, the
--- picked provider key with its tokens, the balance hold and the quota corrections.
+redis.call('ZADD', LEASES, expiry, token)
+-- Reservation data for the report: second, client tokens in KEYS[2] (0: they are in
+-- KEYS[1], listed with the corrections), provider|model|format, the picked provider key
+-- with its tokens, the balance hold and the quota corrections.
 local pk_id, pk_tokens = '', 0
 if pick then
   pk_id = pick.id
   if pick.tpm > 0 then pk_tokens = tokens end
 end
-redis.call('HSET', KEYS[4], token,
-  b .. '|' .. (tpm_limit > 0 and tokens or 0) .. '|' .. meta .. '|' .. pk_id .. '|' .. pk_tokens
+redis.call('HSET', LD, token,
+  b .. '|0|' .. meta .. '|' .. pk_id .. '|' .. pk_tokens
   .. '|' .. int(bal_tracked and hold or 0) .. '|' .. table.concat(corrected, ';'))
-if bal_tracked and hold > 0 then redis.call('HSET', KEYS[5], 'held', int(held + hold)) end
--- The newest lease is the last to expire (renewals extend these too).
-if redis.call('PTTL', KEYS[3]) < ttl + 1000 then
-  redis.call('PEXPIRE', KEYS[3], ttl + 1000)
-  redis.call('PEXPIRE', KEYS[4], ttl + 1000)
+if bal_tracked and hold > 0 then redis.call('HSET', BAL, 'held', int(held + hold)) end
+-- The lease keys outlive their newest lease by 1 s or more (renewals extend them too):
+-- set to ttl + 2000 when no lease was live (nothing later to keep, so never shortened),
+-- else raised to it (GT) on the second's first decision only, which covers every lease
+-- admitted within the second (the lease TTL is one setting of the deployment).
+if in_flight == 0 then
+  redis.call('PEXPIRE', LEASES, ttl + 2000)
+  redis.call('PEXPIRE', LD, ttl + 2000)
+elseif new_second then
+  redis.call('PEXPIRE', LEASES, ttl + 2000, 'GT')
+  redis.call('PEXPIRE', LD, ttl + 2000, 'GT')
 end
 in_flight = in_flight + 1
 return answer(0, expiry, picked)

@@ -3,7 +3,11 @@
 -- Contract (checked against src/limits/scripts/report.rs by tests/script_contracts.rs):
 --
 -- KEYS (under the deployment's hash tag; 8-11 only with a provider key, ARGV 10):
---   1  tpm                  hash    the client key's token window (see admit.lua)
+--   1  tpm                  hash    the client key's token window of the release before:
+--                                   the tokens of a lease it admitted (ld's 2nd field);
+--                                   a lease admit.lua admits now names the key's rpm hash
+--                                   with its tokens instead ('kt' in ld's quotas, settled
+--                                   in its 't' window)
 --   2  leases               zset    lease token -> expiry (ms)
 --   3  ld                   hash    lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold|quotas"
 --                                   (see admit.lua; the quota counters it names are in
@@ -172,14 +176,17 @@ local function period_start(p)
 end
 
 -- Reads only: what settling `reserved` tokens taken at second `bucket` writes (the
--- bucket's and the sum's new values), or nil when there is nothing to settle.
-local function settle(key, bucket, reserved)
+-- bucket's and the sum's new values), or nil when there is nothing to settle. `p` is
+-- the window's field prefix in its hash ('' or nil: a window of its own; 't': the client
+-- key's tokens, beside its requests, see admit.lua).
+local function settle(key, bucket, reserved, p)
   if not (has_tokens and reserved and bucket and bucket >= b - 60) then return nil end
-  local h = redis.call('HMGET', key, bucket, 's')
+  p = p or ''
+  local h = redis.call('HMGET', key, p .. bucket, p .. 's')
   local old, sum = tonumber(h[1]), tonumber(h[2]) or 0
   if not old then return nil end
   local new = math.max(0, old + prompt + completion - reserved)
-  return {key, bucket, new, math.max(0, sum + new - old)}
+  return {key, p .. bucket, new, p .. 's', math.max(0, sum + new - old)}
 end
 
 -- Reads only: a day counter's correction by actual - reserved ({key, delta}), or nil.
@@ -239,7 +246,9 @@ if token ~= '' then
     if not purged then hold = tonumber(f[8] or '0') or 0 end
     for kind, key, amount in string.gmatch(f[9] or '', '(%a%a),([^,;]+),(%d+)') do
       amount = tonumber(amount)
-      if kind == 'tm' then
+      if kind == 'kt' then
+        settles[#settles + 1] = settle(key, bucket, amount, 't')
+      elseif kind == 'tm' then
         settles[#settles + 1] = settle(key, bucket, amount)
       elseif kind == 'td' then
         days[#days + 1] = settle_day(key, amount)
@@ -286,7 +295,7 @@ if token ~= '' then
     redis.call('HDEL', KEYS[3], token)
     redis.call('ZREM', KEYS[2], token)
   end
-  for _, s in ipairs(settles) do redis.call('HSET', s[1], s[2], int(s[3]), 's', int(s[4])) end
+  for _, s in ipairs(settles) do redis.call('HSET', s[1], s[2], int(s[3]), s[4], int(s[5])) end
   if bal then redis.call('HSET', KEYS[4], 'rem', int(bal[1]), 'held', int(bal[2])) end
   -- INCRBY and HSET keep each counter's expiry.
   for _, d in ipairs(days) do

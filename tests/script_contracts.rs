@@ -134,7 +134,7 @@ fn the_check_fails_on_a_header_that_drifted() {
 #[test]
 fn headers_parse_into_every_entry() {
     let header = parse(CONTRACTS[0].source);
-    assert_eq!(header.keys.len(), 8);
+    assert_eq!(header.keys.len(), 7);
     assert_eq!(header.argv.len(), 17);
     assert_eq!(header.codes.len(), 9);
     assert_eq!(

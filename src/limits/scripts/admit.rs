@@ -8,8 +8,8 @@ script_fields! {
     key
     /// KEYS of `lua/admit.lua`.
     pub struct AdmitKeys {
+        /// Both windows of the key: requests, and tokens under the field prefix `t`.
         pub rpm: String,
-        pub tpm: String,
         pub leases: String,
         pub ld: String,
         pub bal: String,
@@ -26,7 +26,6 @@ impl AdmitKeys {
     pub fn new(space: &KeySpace, key_id: &str, provider: &str) -> AdmitKeys {
         AdmitKeys {
             rpm: space.client(key_id, "rpm"),
-            tpm: space.client(key_id, "tpm"),
             leases: space.client(key_id, "leases"),
             ld: space.client(key_id, "ld"),
             bal: space.client(key_id, "bal"),
@@ -37,10 +36,9 @@ impl AdmitKeys {
     }
 
     /// All of them, for cleaning up.
-    pub fn all(&self) -> [&str; 8] {
+    pub fn all(&self) -> [&str; 7] {
         [
             &self.rpm,
-            &self.tpm,
             &self.leases,
             &self.ld,
             &self.bal,
@@ -53,7 +51,7 @@ impl AdmitKeys {
 
 script_fields! {
     key
-    /// The KEYS of `lua/admit.lua` repeated per quota entry (from KEYS 9).
+    /// The KEYS of `lua/admit.lua` repeated per quota entry (from KEYS 8).
     pub struct AdmitQuotaKey {
         /// `{tag}:q:<counter id>`: the script names the entry's counters from it.
         pub quota: String,
