@@ -130,9 +130,6 @@ local token = ARGV[5]
 local ttl = tonumber(ARGV[6])
 local meta = ARGV[7]
 local bal_tracked = ARGV[8] == '1'
-local credited = tonumber(ARGV[9])
-local used = tonumber(ARGV[10])
-local version = tonumber(ARGV[11])
 local shift = tonumber(ARGV[12])
 local client = ARGV[13] == '1'
 local pool_version = ARGV[14]
@@ -154,8 +151,6 @@ assert(ttl and ttl > 0, 'lease ttl')
 -- Every amount stays within +-MAX (2^53 - 1), where a Lua double is exact; the live
 -- balance is held within it (the caller bounds credited and used the same way).
 local MAX = 9007199254740991
-local function bounded(x) return math.max(-MAX, math.min(MAX, x)) end
-assert(credited and used and version and math.abs(credited) <= MAX and math.abs(used) <= MAX, 'balance')
 assert(tokens <= MAX, 'tokens')
 assert(hold and hold >= 0 and hold <= MAX, 'hold')
 assert(shift and pinned, 'time')
@@ -276,23 +271,6 @@ local function reset_in(lo)
   return 0
 end
 
--- The fields of a lease's reservation data (7 in data written by an older release,
--- 8 before quotas).
-local function fields(data)
-  local f = {}
-  for part in string.gmatch(data .. '|', '([^|]*)|') do f[#f + 1] = part end
-  return f
-end
-
--- A lease's quota corrections (its 9th field): {kind, counter key, amount} each.
-local function corrections(list)
-  local out = {}
-  for kind, key, amount in string.gmatch(list or '', '(%a%a),([^,;]+),(%d+)') do
-    out[#out + 1] = {kind, key, tonumber(amount)}
-  end
-  return out
-end
-
 -- At most this many expired leases of the key, and expired holds of each spend counter,
 -- leave per decision. A backlog (a busy key without a concurrency limit, idle for longer
 -- than its lease TTL, can have tens of thousands expire together) leaves over several
@@ -301,14 +279,6 @@ local PURGE_BATCH = 100
 
 -- A spend hold as its counter's :hx lists it.
 local function hold_member(lease_token, amount) return lease_token .. ':' .. int(amount) end
-
--- Releases one lease's hold from a spend counter, if it is still listed there (its
--- report or the counter's purge may have released it already: never twice).
-local function release_hold(key, member, amount)
-  if redis.call('ZREM', key .. ':hx', member) == 0 then return end
-  local h = redis.call('HGET', key, 'held')
-  if h then redis.call('HSET', key, 'held', int(math.max(0, tonumber(h) - amount))) end
-end
 
 -- The spend counter `key` (read: 'held' = held) without its expired holds: removes up
 -- to PURGE_BATCH of them from :hx and their amounts from 'held'; returns the new held.
@@ -364,6 +334,31 @@ if client then
     expiries[#expiries + 1] = tonumber(scored[i + 1])
   end
   if #expired > 0 then
+    -- (Defined here: only a decision that purges makes these.)
+    -- The fields of a lease's reservation data (7 in data written by an older release,
+    -- 8 before quotas).
+    local function fields(data)
+      local f = {}
+      for part in string.gmatch(data .. '|', '([^|]*)|') do f[#f + 1] = part end
+      return f
+    end
+
+    -- A lease's quota corrections (its 9th field): {kind, counter key, amount} each.
+    local function corrections(list)
+      local out = {}
+      for kind, key, amount in string.gmatch(list or '', '(%a%a),([^,;]+),(%d+)') do
+        out[#out + 1] = {kind, key, tonumber(amount)}
+      end
+      return out
+    end
+
+    -- Releases one lease's hold from a spend counter, if it is still listed there (its
+    -- report or the counter's purge may have released it already: never twice).
+    local function release_hold(key, member, amount)
+      if redis.call('ZREM', key .. ':hx', member) == 0 then return end
+      local h = redis.call('HGET', key, 'held')
+      if h then redis.call('HSET', key, 'held', int(math.max(0, tonumber(h) - amount))) end
+    end
     -- Their holds leave the balance's held amount with them, and their spend holds the
     -- spend counters that still list them. Their data moves to lx until their duplicate
     -- guard lapses, so a late report still settles its own spend counters and model.
@@ -412,6 +407,10 @@ end
 
 local rem, held = -1, 0
 if client and bal_tracked then
+  -- (Read only here: a key without a balance pays nothing for them.)
+  local credited, used, version = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+  assert(credited and used and version and math.abs(credited) <= MAX and math.abs(used) <= MAX, 'balance')
+  local function bounded(x) return math.max(-MAX, math.min(MAX, x)) end
   local h = redis.call('HMGET', BAL, 'rem', 'cred', 'ver', 'held')
   if not h[1] then
     rem = bounded(credited - used)
@@ -439,28 +438,6 @@ end
 local DAY = 86400000
 local MARGIN = 86400000 -- calendar counters outlive their period by this (late reports)
 local today = math.floor(now / DAY)
-local function idiv(x, y) return math.floor(x / y) end
--- The integer steps of quota::days_from_civil / civil_from_days (H. Hinnant's).
-local function days_from_civil(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = idiv(y, 400)
-  local yoe = y - era * 400
-  local doy = idiv(153 * ((m + 9) % 12) + 2, 5) + d - 1
-  local doe = yoe * 365 + idiv(yoe, 4) - idiv(yoe, 100) + doy
-  return era * 146097 + doe - 719468
-end
-local function civil_from_days(z)
-  z = z + 719468
-  local era = idiv(z, 146097)
-  local doe = z - era * 146097
-  local yoe = idiv(doe - idiv(doe, 1460) + idiv(doe, 36524) - idiv(doe, 146096), 365)
-  local doy = doe - (365 * yoe + idiv(yoe, 4) - idiv(yoe, 100))
-  local mp = idiv(5 * doy + 2, 153)
-  local m = mp < 10 and mp + 3 or mp - 9
-  local y = yoe + era * 400
-  if m <= 2 then y = y + 1 end
-  return y, m
-end
 -- The first day of the period `p` (d, w, m, t) holding today, and the first day after
 -- it (nil for a total).
 local function period(p)
@@ -470,7 +447,26 @@ local function period(p)
     return first, first + 7
   end
   if p == 'm' then
-    local y, m = civil_from_days(today)
+    -- The integer steps of quota::days_from_civil / civil_from_days (H. Hinnant's),
+    -- defined only for a month.
+    local function idiv(x, y) return math.floor(x / y) end
+    local function days_from_civil(y, m, d)
+      if m <= 2 then y = y - 1 end
+      local era = idiv(y, 400)
+      local yoe = y - era * 400
+      local doy = idiv(153 * ((m + 9) % 12) + 2, 5) + d - 1
+      local doe = yoe * 365 + idiv(yoe, 4) - idiv(yoe, 100) + doy
+      return era * 146097 + doe - 719468
+    end
+    local z = today + 719468
+    local era = idiv(z, 146097)
+    local doe = z - era * 146097
+    local yoe = idiv(doe - idiv(doe, 1460) + idiv(doe, 36524) - idiv(doe, 146096), 365)
+    local doy = doe - (365 * yoe + idiv(yoe, 4) - idiv(yoe, 100))
+    local mp = idiv(5 * doy + 2, 153)
+    local m = mp < 10 and mp + 3 or mp - 9
+    local y = yoe + era * 400
+    if m <= 2 then y = y + 1 end
     local first = days_from_civil(y, m, 1)
     if m == 12 then y, m = y + 1, 1 else m = m + 1 end
     return first, days_from_civil(y, m, 1)
@@ -506,7 +502,9 @@ for i = 1, nq do
     q.spend = true
     q.spent = tonumber(h[1])
     if q.spent then
-      q.held = expire_holds(q.key, tonumber(h[2]) or 0)
+      -- Nothing held, nothing to expire (its holds sum to 'held').
+      q.held = tonumber(h[2]) or 0
+      if q.held > 0 then q.held = expire_holds(q.key, q.held) end
     else
       -- Missing (Redis lost it, or the period just began): no holds (any listed without
       -- their counter go).
@@ -717,15 +715,13 @@ redis.call('HSET', LD, token,
   .. '|' .. int(bal_tracked and hold or 0) .. '|' .. table.concat(corrected, ';'))
 if bal_tracked and hold > 0 then redis.call('HSET', BAL, 'held', int(held + hold)) end
 -- The lease keys outlive their newest lease by 1 s or more (renewals extend them too):
--- set to ttl + 2000 when no lease was live (nothing later to keep, so never shortened),
--- else raised to it (GT) on the second's first decision only, which covers every lease
--- admitted within the second (the lease TTL is one setting of the deployment).
-if in_flight == 0 then
-  redis.call('PEXPIRE', LEASES, ttl + 2000)
-  redis.call('PEXPIRE', LD, ttl + 2000)
-elseif new_second then
-  redis.call('PEXPIRE', LEASES, ttl + 2000, 'GT')
-  redis.call('PEXPIRE', LD, ttl + 2000, 'GT')
+-- set to ttl + 3000 when no lease was live (the set may just have been made; nothing
+-- later to keep, so never shortened), else on the second's first decision only, when
+-- below ttl + 2000: so every lease admitted within the second (at most 1 s later, with
+-- the same TTL, one setting of the deployment) is covered. No PTTL on the others.
+if in_flight == 0 or (new_second and redis.call('PTTL', LEASES) < ttl + 2000) then
+  redis.call('PEXPIRE', LEASES, ttl + 3000)
+  redis.call('PEXPIRE', LD, ttl + 3000)
 end
 in_flight = in_flight + 1
 return answer(0, expiry, picked)
