@@ -203,7 +203,7 @@ async fn main() {
     drop(Arc::into_inner(c));
     let _ = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("redis-cli -u {redis} --scan --pattern '{{{prefix}}}*' | xargs -r redis-cli -u {redis} DEL > /dev/null"))
+        .arg(format!("redis-cli -u {redis} --scan --pattern '{{{prefix}*' | xargs -r redis-cli -u {redis} DEL > /dev/null"))
         .status();
     admin_db
         .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())

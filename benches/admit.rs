@@ -383,7 +383,7 @@ async fn collect(workers: Vec<Worker>, seconds: u64) -> Run {
 /// The keys `lua/admit.lua` is called with, for the bench key under a prefix of the
 /// caller's (no pool).
 fn script_keys(prefix: &str) -> Vec<String> {
-    let keys = AdmitKeys::new(&KeySpace::new(prefix), "bench", "");
+    let keys = AdmitKeys::new(&KeySpace::new(prefix, 1), 0, "bench");
     keys.all().map(String::from).to_vec()
 }
 
@@ -402,8 +402,6 @@ fn admit_args(token: &str) -> AdmitArgs<'_> {
         used: 0,
         balance_version: 0,
         time_shift_ms: 0,
-        client: true,
-        pool_version: "",
         hold: 0,
         now_ms: 0,
         guard_ttl_ms: 60_000,
@@ -417,7 +415,7 @@ fn admit_call<'a>(
     token: String,
 ) -> redis::ScriptInvocation<'a> {
     let mut call = script.prepare_invoke();
-    AdmitKeys::new(&KeySpace::new(prefix), "bench", "").push(&mut call);
+    AdmitKeys::new(&KeySpace::new(prefix, 1), 0, "bench").push(&mut call);
     admit_args(&token).push(&mut call);
     call
 }
@@ -442,8 +440,12 @@ fn redis_benchmark_admit(url_port: u16, quotas: &[QuotaEntry], requests: u64) ->
     };
     let prefix = format!("bench-ceiling-{}", std::process::id());
     let mut keys = script_keys(&prefix);
-    let space = KeySpace::new(&prefix);
-    keys.extend(quotas.iter().map(|q| AdmitQuotaKey::new(&space, q).quota));
+    let space = KeySpace::new(&prefix, 1);
+    keys.extend(
+        quotas
+            .iter()
+            .map(|q| AdmitQuotaKey::new(&space, 0, q).quota),
+    );
     let requests = requests.to_string();
     let mut args: Vec<String> = vec![
         "-p".into(),

@@ -1,6 +1,7 @@
--- admit.lua: decide one request for one client key and, when asked, pick a provider
--- key for it, all or nothing. With ARGV[13] = 0 it only picks (POST /v1/select).
--- (Over 400 lines: one decision is one atomic script, and Redis runs one file.)
+-- admit.lua: decide one request for one client key, all or nothing: its windows,
+-- concurrency, balance and quota entries. (A provider key is picked by pick.lua, on the
+-- pool's own tag.) (Over 400 lines: one decision is one atomic script, and Redis runs
+-- one file.)
 --
 -- Contract (checked against src/limits/scripts/admit.rs by tests/script_contracts.rs):
 -- every key and argument by position and name, then the reply codes.
@@ -19,10 +20,7 @@
 --                                reserved, s? the spend hold)
 --   4  bal                hash   rem, cred, ver (live balance, micro-USD), held (the holds
 --                                of the leases in flight, micro-USD)
---   5  def                hash   the provider's pool: '_v' -> version, '_t' -> its stamp,
---                                key id -> "max_rpm|max_tpm"
---   6  order              zset   key id -> priority rank * 2^42 + last pick (see pool_sync.lua)
---   7  lx                 hash   lease token -> its data as in ld, for a lease this script
+--   5  lx                 hash   lease token -> its data as in ld, for a lease this script
 --                                purged after its expiry (its slot and holds released):
 --                                kept for its late report (report.lua), the hash living
 --                                until the latest duplicate guard of its leases lapses;
@@ -30,11 +28,7 @@
 --                                ms), by which entries whose guard lapsed leave (at most
 --                                PURGE_BATCH per decision that purges), so it never grows past the
 --                                leases that expired within a guard ttl
---      A provider key's own keys are named from the same hash tag and its id (so they
---      are in the same slot): {tag}:pk:<id>:rpm and :tpm (a window each, as above without
---      a prefix), :cd and
---      :susp (the time its cooldown / suspension ends, ms).
--- KEYS per quota entry (1 each, from KEYS[8]):
+-- KEYS per quota entry (1 each, from KEYS[6]):
 --   1  quota              the entry's base name {tag}:q:<counter id>. Its counters, all
 --                         named inside the script: <base>:rm / :tm (windows as above);
 --                         <base>:rd:<day> / :td:<day> (string: requests / tokens of that
@@ -43,7 +37,7 @@
 --                         day; 0 for a total, which never expires) and its holds
 --                         <that name>:hx (zset "<lease token>:<hold>" -> the lease's
 --                         expiry, ms: 'held' is the sum of its members' holds)
--- ARGV (a limit of 0 means no limit, here and in the pool's definition):
+-- ARGV (a limit of 0 means no limit):
 --   1  rpm_limit          requests per minute (0 = unlimited)
 --   2  tpm_limit          tokens per minute (0 = unlimited)
 --   3  concurrency_limit  requests in flight (0 = unlimited)
@@ -57,15 +51,13 @@
 --   11 balance_version
 --   12 time_shift_ms      added to the clock (0 in production; tests move the clock
 --                         without sleeping)
---   13 client             1 = decide for the client key, 0 = only pick a provider key
---   14 pool_version       "" = no provider key wanted
---   15 hold               micro-USD this request holds on a tracked balance and on
+--   13 hold               micro-USD this request holds on a tracked balance and on
 --                         every spend quota entry (>= 0)
---   16 now_ms             0 = the Redis server's TIME (production); else this instant
+--   14 now_ms             0 = the Redis server's TIME (production); else this instant
 --                         (tests pin the clock to compare with the in-process twin)
---   17 guard_ttl_ms       how long a lease's report duplicate guard outlives its expiry
+--   15 guard_ttl_ms       how long a lease's report duplicate guard outlives its expiry
 --                         (> 0): a purged lease's data stays in lx that long
--- ARGV per quota entry (4 each, from ARGV[18]; client = 1 only):
+-- ARGV per quota entry (4 each, from ARGV[16]):
 --   1  kind               rm tm (per minute), rd td (per UTC day), sd sw sm st (spend
 --                         per UTC day, ISO week, calendar month, total)
 --   2  limit              requests, tokens or micro-USD (>= 1)
@@ -75,7 +67,7 @@
 --                         counter (a day's count, a spend's 'spent') takes the larger of
 --                         itself and the seed (0 when missing), so a counter the store
 --                         lost or one that drifted below the database heals
--- Returns {code, a, now_ms, req_used, tok_used, req_reset_ms, tok_reset_ms, in_flight, bal_rem, picked,
+-- Returns {code, a, now_ms, req_used, tok_used, req_reset_ms, tok_reset_ms, in_flight, bal_rem,
 --          quota_index, quota_exhausted, then per quota entry: used, reset_ms}
 -- CODES:
 --   0  admitted           a = lease expiry ms
@@ -85,16 +77,11 @@
 --   4  balance_exhausted  balance exhausted, or smaller than the hold with nothing else
 --                         held; a = 0
 --   5  balance_committed  balance held by requests in flight; a = retry ms
---   6  pool_exhausted     every candidate provider key is cooling down, suspended or
---                         full; a = earliest recovery ms
---   7  pool_version       the pool in Redis is not the caller's version; a = the stamp
---                         of the one in Redis, 0 if none: run pool_sync.lua (or, if that
---                         stamp is later than the caller's, reload the pool from the
---                         database), then again
 --   8  quota              the quota entry quota_index (1-based) refuses; a = retry ms
 --                         (0 = none: a total spent). quota_exhausted 0 = its spend is
 --                         held by requests in flight (a = 1000), 1 = full
--- bal_rem is -1 when the balance is not tracked; picked is the chosen key's id, or "".
+--                         (codes 6 and 7 were the pool's, now pick.lua's)
+-- bal_rem is -1 when the balance is not tracked.
 -- A quota entry's used is the window's or day's count, or a spend's spent + held; its
 -- reset_ms is the time until the window's oldest second leaves (0 when empty) or until
 -- its period ends (0 for a total).
@@ -111,16 +98,11 @@
 -- :hx is deleted with it), and one that holds with an empty :hx holds nothing. Periods
 -- are UTC, computed from `now` with the integer steps of src/quota.rs (days_from_civil).
 --
--- Provider keys are tried by priority, then least recently picked (never picked first);
--- a key is skipped while cooling down, suspended, or without room for this request in
--- its RPM/TPM windows. The picked key's request and tokens are taken, and its pick time
--- recorded, in the same step as the client's.
---
 -- Windows are exact: an admission at second b counts buckets b-60..b (61 buckets), so any
 -- 60-second interval that contains an admitted request lies inside the buckets counted
 -- when it was admitted. The cost is at most one second of extra look-back (under-
 -- admission bounded by 1 s), and memory is at most 63 fields per window.
--- Time is the Redis server's (TIME), never a replica's clock (tests alone pin it, ARGV 16).
+-- Time is the Redis server's (TIME), never a replica's clock (tests alone pin it, ARGV 14).
 
 local rpm_limit = tonumber(ARGV[1])
 local tpm_limit = tonumber(ARGV[2])
@@ -131,17 +113,14 @@ local ttl = tonumber(ARGV[6])
 local meta = ARGV[7]
 local bal_tracked = ARGV[8] == '1'
 local shift = tonumber(ARGV[12])
-local client = ARGV[13] == '1'
-local pool_version = ARGV[14]
-local hold = tonumber(ARGV[15])
-local pinned = tonumber(ARGV[16])
-local guard_ttl = tonumber(ARGV[17])
+local hold = tonumber(ARGV[13])
+local pinned = tonumber(ARGV[14])
+local guard_ttl = tonumber(ARGV[15])
 -- The keys by name (see the contract above); quota entries' keys follow them.
-local WIN, LEASES, LD, BAL, DEF, ORDER, LX = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local QK = 7
+local WIN, LEASES, LD, BAL, LX = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local QK = 5
 local nq = #KEYS - QK
-assert(pool_version and nq >= 0 and #ARGV == 17 + 4 * nq, 'pool')
-local SHIFT = 4398046511104 -- 2^42: order scores are priority rank * SHIFT + last pick
+assert(nq >= 0 and #ARGV == 15 + 4 * nq, 'arguments')
 assert(rpm_limit and rpm_limit >= 0, 'rpm limit')
 assert(tpm_limit and tpm_limit >= 0, 'tpm limit')
 assert(conc_limit and conc_limit >= 0, 'concurrency limit')
@@ -155,7 +134,6 @@ assert(tokens <= MAX, 'tokens')
 assert(hold and hold >= 0 and hold <= MAX, 'hold')
 assert(shift and pinned, 'time')
 assert(guard_ttl and guard_ttl > 0 and guard_ttl <= MAX, 'guard ttl')
-assert(client or nq == 0, 'quotas without a client')
 
 local now = pinned + shift
 if pinned == 0 then
@@ -304,7 +282,7 @@ end
 
 local req_used, req_lo, req_cur, tok_used, tok_lo, tok_cur = 0, nil, 0, 0, nil, 0
 -- The client key's two windows, in one read.
-if client and (rpm_limit > 0 or tpm_limit > 0) then
+if rpm_limit > 0 or tpm_limit > 0 then
   local h = redis.call('HMGET', WIN, 's', 'lo', b, 'ts', 'tlo', 't' .. b)
   if rpm_limit > 0 then req_used, req_lo, req_cur = settle_window(WIN, '', h, 1) end
   if tpm_limit > 0 then tok_used, tok_lo, tok_cur = settle_window(WIN, 't', h, 4) end
@@ -315,7 +293,7 @@ end
 local new_second = (rpm_limit > 0 and req_cur == 0) or (rpm_limit == 0 and (tpm_limit == 0 or tok_cur == 0))
 
 local in_flight, released = 0, 0
-if client then
+do
   -- Expired leases free their slot (and their reservation data), at most PURGE_BATCH per
   -- purge; meanwhile only live leases are counted (and renew.lua refuses expired ones).
   -- A key whose balance is tracked purges on every decision (an expired lease's hold
@@ -406,7 +384,7 @@ end
 
 
 local rem, held = -1, 0
-if client and bal_tracked then
+if bal_tracked then
   -- (Read only here: a key without a balance pays nothing for them.)
   local credited, used, version = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
   assert(credited and used and version and math.abs(credited) <= MAX and math.abs(used) <= MAX, 'balance')
@@ -476,7 +454,7 @@ end
 
 local quotas, q_index, q_exhausted = {}, 0, 0
 for i = 1, nq do
-  local at = 17 + 4 * (i - 1)
+  local at = 15 + 4 * (i - 1)
   local q = {kind = ARGV[at + 1], limit = tonumber(ARGV[at + 2])}
   local seed_day, seed = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
   assert(q.limit and q.limit >= 1 and q.limit <= MAX, 'quota limit')
@@ -520,8 +498,8 @@ for i = 1, nq do
   quotas[i] = q
 end
 
-local function answer(code, a, picked)
-  local out = {code, a, now, req_used, tok_used, reset_in(req_lo), reset_in(tok_lo), in_flight, rem, picked or '',
+local function answer(code, a)
+  local out = {code, a, now, req_used, tok_used, reset_in(req_lo), reset_in(tok_lo), in_flight, rem,
                q_index, q_exhausted}
   for _, q in ipairs(quotas) do
     out[#out + 1] = q.used
@@ -541,19 +519,19 @@ local function earliest_lease_expiry()
   return 1000
 end
 
-if client and bal_tracked and rem <= 0 then return answer(4, 0) end
-if client and rpm_limit > 0 and req_used + 1 > rpm_limit then
+if bal_tracked and rem <= 0 then return answer(4, 0) end
+if rpm_limit > 0 and req_used + 1 > rpm_limit then
   return answer(1, wait_for(WIN, '', req_used, 1, rpm_limit))
 end
-if client and tpm_limit > 0 and tok_used + tokens > tpm_limit then
+if tpm_limit > 0 and tok_used + tokens > tpm_limit then
   return answer(2, wait_for(WIN, 't', tok_used, tokens, tpm_limit))
 end
-if client and conc_limit > 0 and in_flight >= conc_limit then return answer(3, earliest_lease_expiry()) end
+if conc_limit > 0 and in_flight >= conc_limit then return answer(3, earliest_lease_expiry()) end
 -- Each request in flight holds its estimated cost; a request goes ahead only while the
 -- balance less what is held covers its own hold. Its report replaces the hold by the real
 -- cost, so the balance goes below zero only by what the requests in flight cost beyond
 -- their holds (one request alone: its actual - hold).
-if client and bal_tracked and rem - held < hold then
+if bal_tracked and rem - held < hold then
   if held > 0 then return answer(5, earliest_lease_expiry()) end
   return answer(4, 0)
 end
@@ -580,73 +558,9 @@ for i, q in ipairs(quotas) do
   end
 end
 
--- The client may go ahead; now the provider key, if one is wanted: walk the pool in
--- order (priority, then least recently picked) and take the first key that is not
--- cooling down, not suspended, and has room. Usually that is the first one looked at.
-local pick = nil
-if pool_version ~= '' then
-  if redis.call('HGET', DEF, '_v') ~= pool_version then
-    return answer(7, tonumber(redis.call('HGET', DEF, '_t') or '0') or 0)
-  end
-  local tag = string.match(DEF, '^(%b{})')
-  local earliest = nil
-  local start = 0
-  while not pick do
-    local batch = redis.call('ZRANGE', ORDER, start, start + 9, 'WITHSCORES')
-    if #batch == 0 then break end
-    for i = 1, #batch, 2 do
-      local id = batch[i]
-      local limits = redis.call('HGET', DEF, id) or '0|0'
-      local rpm, tpm = string.match(limits, '^(%d+)|(%d+)$')
-      local base = tag .. ':pk:' .. id .. ':'
-      local c = {id = id, rpm = tonumber(rpm) or 0, tpm = tonumber(tpm) or 0,
-                 rank = math.floor(tonumber(batch[i + 1]) / SHIFT), krpm = base .. 'rpm', ktpm = base .. 'tpm'}
-      local cooling = tonumber(redis.call('GET', base .. 'cd') or '0')
-      local suspended = tonumber(redis.call('GET', base .. 'susp') or '0')
-      local wait = math.max(0, cooling - now, suspended - now)
-      if c.rpm > 0 then
-        c.rsum, c.rlo, c.rcur = window(c.krpm)
-        if c.rsum + 1 > c.rpm then wait = math.max(wait, wait_for(c.krpm, '', c.rsum, 1, c.rpm)) end
-      end
-      if c.tpm > 0 then
-        c.tsum, c.tlo, c.tcur = window(c.ktpm)
-        if tokens > c.tpm then
-          wait = math.max(wait, 61000) -- this key can never take the request
-        elseif c.tsum + tokens > c.tpm then
-          wait = math.max(wait, wait_for(c.ktpm, '', c.tsum, tokens, c.tpm))
-        end
-      end
-      if wait == 0 then
-        pick = c
-        break
-      end
-      if earliest == nil or wait < earliest then earliest = wait end
-    end
-    start = start + 10
-  end
-  if not pick then return answer(6, earliest or 61000) end
-end
-
--- Admitted: take everything at once.
-if pick then
-  if pick.rpm > 0 then
-    local f = {}
-    take_fields(f, '', 1, pick.rsum, pick.rlo, pick.rcur)
-    take(pick.krpm, f, pick.rcur == 0)
-  end
-  if pick.tpm > 0 and tokens > 0 then
-    local f = {}
-    take_fields(f, '', tokens, pick.tsum, pick.tlo, pick.tcur)
-    take(pick.ktpm, f, pick.tcur == 0)
-  end
-  redis.call('ZADD', ORDER, pick.rank * SHIFT + now, pick.id)
-  redis.call('PEXPIRE', DEF, 86400000)
-  redis.call('PEXPIRE', ORDER, 86400000)
-end
-local picked = pick and pick.id or ''
-if not client then return answer(0, 0, picked) end
--- The quota entries, and what the report (or the lease's expiry) corrects: first the
--- client's tokens, taken in the 't' window of KEYS[1] ('kt').
+-- Admitted: take everything at once. The quota entries, and what the report (or the
+-- lease's expiry) corrects: first the client's tokens, taken in the 't' window of
+-- KEYS[1] ('kt').
 local expiry = now + ttl
 local corrected = {}
 local taken, first = {}, false
@@ -702,17 +616,12 @@ for _, q in ipairs(quotas) do
 end
 
 redis.call('ZADD', LEASES, expiry, token)
--- Reservation data for the report: second, client tokens in KEYS[2] (0: they are in
--- KEYS[1], listed with the corrections), provider|model|format, the picked provider key
--- with its tokens, the balance hold and the quota corrections.
-local pk_id, pk_tokens = '', 0
-if pick then
-  pk_id = pick.id
-  if pick.tpm > 0 then pk_tokens = tokens end
-end
+-- Reservation data for the report: second, client tokens in the release before's token
+-- window (0: they are in rpm's 't' window, listed with the corrections as 'kt'),
+-- provider|model|format, the picked provider key with its tokens (none: pick.lua's, the
+-- signed lease carries its pick), the balance hold and the quota corrections.
 redis.call('HSET', LD, token,
-  b .. '|0|' .. meta .. '|' .. pk_id .. '|' .. pk_tokens
-  .. '|' .. int(bal_tracked and hold or 0) .. '|' .. table.concat(corrected, ';'))
+  b .. '|0|' .. meta .. '||0|' .. int(bal_tracked and hold or 0) .. '|' .. table.concat(corrected, ';'))
 if bal_tracked and hold > 0 then redis.call('HSET', BAL, 'held', int(held + hold)) end
 -- The lease keys outlive their newest lease by 1 s or more (renewals extend them too):
 -- set to ttl + 3000 when no lease was live (the set may just have been made; nothing
@@ -724,4 +633,4 @@ if in_flight == 0 or (new_second and redis.call('PTTL', LEASES) < ttl + 2000) th
   redis.call('PEXPIRE', LD, ttl + 3000)
 end
 in_flight = in_flight + 1
-return answer(0, expiry, picked)
+return answer(0, expiry)

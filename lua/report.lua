@@ -1,8 +1,11 @@
--- report.lua: settle one finished request, exactly once, and queue it for the database.
+-- report.lua: settle one finished request, exactly once, and queue it for the database
+-- (the client's part, on the lease's tenant shard; the provider key's part is
+-- pool_report.lua, on the pool's tag). In cancel mode (ARGV 20) it gives back an
+-- admission whose pick was refused instead.
 --
 -- Contract (checked against src/limits/scripts/report.rs by tests/script_contracts.rs):
 --
--- KEYS (under the deployment's hash tag; 8-11 only with a provider key, ARGV 10):
+-- KEYS (under the lease's tenant shard's hash tag):
 --   1  tpm                  hash    the client key's token window of the release before:
 --                                   the tokens of a lease it admitted (ld's 2nd field);
 --                                   a lease admit.lua admits now names the key's rpm hash
@@ -20,20 +23,12 @@
 --                                   after its expiry (as in ld; its slot and holds were
 --                                   released then): read when ld has it no more (and
 --                                   removed, with its entry in <lx>:e)
---   8  pk_tpm               hash    the provider key's token window
---   9  pk_cd                string  when the provider key's cooldown ends (ms; the key
---                                   expires then too)
---   10 pk_susp              string  when its suspension ends (ms)
---   11 pk_cause             hash    'cd' / 'susp' -> "status|at ms|source": the report
---                                   behind the cooldown / suspension ("headers|status|at
---                                   ms|source" for a cooldown learned from rate-limit
---                                   headers); 'lim' -> "kept until ms|<ARGV 24>|at ms":
---                                   what the headers said last (the hash expires with
---                                   the latest of them)
--- KEYS per quota entry (1 each, after KEYS 7, or 11 with a provider key):
+--   8  rpm                  hash    the client key's request window (cancel mode only)
+-- KEYS per quota entry (1 each, after KEYS 8):
 --   1  quota                the base name {tag}:q:<counter id> of a spend entry the
 --                           request counts under now (see admit.lua): used only when the
---                           lease's data is in neither ld nor lx (Redis lost it)
+--                           lease's data is in neither ld nor lx (Redis lost it); in
+--                           cancel mode, of each rm and rd entry of the admission
 -- ARGV:
 --   1  lease_token          "" = a report without a lease: nothing to settle or
 --                           deduplicate
@@ -45,31 +40,27 @@
 --   7  cost                 micro-USD (0..2^53-1)
 --   8  guard_ttl_ms         how long the duplicate guard outlives the lease (> 0)
 --   9  model                "" = the one given at admission
---   10 provider_key         the provider key's id ("" = none)
+--   10 provider_key         the provider key's id ("" = none), recorded
 --   11 latency_ms           "" = unknown
 --   12 status               the upstream status ("" = unknown)
 --   13 time_shift_ms        added to the clock (0 in production)
---   14 cooldown_ms          > 0 after an upstream 429
---   15 suspend_ms           > 0 after an upstream 401/403
---   16 cause_source         "lease <lease id>" or "data-token"; kept as the cause, cut to
---                           200 bytes
---   17 lease_expiry         the expiry signed into the lease id (ms; 0 = no lease)
---   18 cached               cached input tokens (within prompt, >= 0)
---   19 cache_write          cache-write tokens (within prompt, >= 0)
---   20 reasoning            reasoning tokens (within completion, >= 0)
---   21 usage_source         where the numbers come from: "reported", "parsed" or
+--   14 lease_expiry         the expiry signed into the lease id (ms; 0 = no lease)
+--   15 cached               cached input tokens (within prompt, >= 0)
+--   16 cache_write          cache-write tokens (within prompt, >= 0)
+--   17 reasoning            reasoning tokens (within completion, >= 0)
+--   18 usage_source         where the numbers come from: "reported", "parsed" or
 --                           "estimated"
---   22 learned_cooldown_ms  > 0 when the upstream's rate-limit headers said a limit of
---                           the provider key is used up, and no error status stopped
---                           it; it only lengthens the key's cooldown
---   23 learned_limits       "" = none, or "remaining requests|remaining tokens|requests
---                           reset ms|tokens reset ms" (each "" when unknown)
---   24 learned_keep_ms      how long to keep the learned limits (> 0 when 23 is given)
---   25 now_ms               0 = the Redis server's TIME (production); else this instant
--- ARGV per quota entry (1 each, from ARGV[26]):
+--   19 now_ms               0 = the Redis server's TIME (production); else this instant
+--   20 cancel               1 = give the admission back (its pick was refused): settle
+--                           the lease with no tokens and no cost, take its request out
+--                           of the key's and its rm entries' windows and its rd days,
+--                           and queue no record; 0 = a report
+--   21 requests             cancel mode: 1 = the key's rpm window took the request (it
+--                           has an RPM limit), 0 = it did not
+-- ARGV per quota entry (1 each, from ARGV[22]):
 --   1  kind                 sd sw sm st (spend per UTC day, ISO week, calendar month,
---                           total)
--- Returns {code, now_ms}; nothing changed unless the code is 1.
+--                           total); rm rd in cancel mode
+-- Returns {code, now_ms}; nothing changed unless the code is 1 (a cancel answers 1 too).
 -- CODES:
 --   0  duplicate            the lease was reported already
 --   1  recorded
@@ -107,6 +98,13 @@
 -- the duplicate guard makes this happen once. (Day token
 -- counters are not corrected then: the next admission raises them to the database's
 -- figure when the key's record reloads.)
+--
+-- A cancel is a report of nothing that also gives back the request: the lease's token
+-- reservations leave their buckets (a bucket left empty goes, as if never taken), and
+-- so do its request in the key's rpm window and in each rm window and rd day of the
+-- admission's quota entries (named by the caller; the lease's data names only what a
+-- report corrects). It sets the duplicate guard like a report, so it happens once and a
+-- later report of the lease is a duplicate.
 
 local token, lease_id, key_id = ARGV[1], ARGV[2], ARGV[3]
 local has_tokens = ARGV[4] == '1'
@@ -116,32 +114,34 @@ local cost = tonumber(ARGV[7])
 local guard_ttl = tonumber(ARGV[8])
 local pk = ARGV[10]
 local shift = tonumber(ARGV[13])
-local cooldown = tonumber(ARGV[14])
-local suspend = tonumber(ARGV[15])
-local signed_expiry = tonumber(ARGV[17])
-local cached, cache_write, reasoning = tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20])
-local source = ARGV[21]
-local learned_cd = tonumber(ARGV[22])
-local lim, lim_keep = ARGV[23] or '', tonumber(ARGV[24])
-local pinned = tonumber(ARGV[25])
+local signed_expiry = tonumber(ARGV[14])
+local cached, cache_write, reasoning = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
+local source = ARGV[18]
+local pinned = tonumber(ARGV[19])
+local cancel = ARGV[20] == '1'
+local took_request = ARGV[21] == '1'
 local MAX = 9007199254740991 -- 2^53 - 1
 local function whole(x) return x and x >= 0 and x <= MAX and x == math.floor(x) end
 assert(#lease_id > 0, 'id')
 assert(whole(prompt) and whole(completion), 'tokens')
 assert(whole(cost), 'cost')
 assert(guard_ttl and guard_ttl > 0, 'guard ttl')
-assert(shift and pinned and whole(cooldown) and whole(suspend), 'times')
+assert(shift and pinned, 'times')
 assert(whole(signed_expiry), 'lease expiry')
 assert(whole(cached) and whole(cache_write) and whole(reasoning), 'token classes')
 assert(source == 'reported' or source == 'parsed' or source == 'estimated', 'source')
-assert(whole(learned_cd) and whole(lim_keep) and #lim <= 200, 'learned limits')
-assert(lim == '' or lim_keep > 0, 'learned limits keep')
-local nk = (pk == '' and 7 or 11)
-local nq = #ARGV - 25
-assert(nq >= 0 and #KEYS == nk + nq, 'provider key and quota keys')
+assert(ARGV[20] == '0' or ARGV[20] == '1', 'cancel')
+assert(not cancel or (has_tokens and prompt == 0 and completion == 0 and cost == 0), 'cancel')
+local nk = 8
+local nq = #ARGV - 21
+assert(nq >= 0 and #KEYS == nk + nq, 'quota keys')
 local late_kinds = {}
 for i = 1, nq do
-  late_kinds[i] = string.match(ARGV[25 + i], '^s([dwmt])$')
+  if cancel then
+    late_kinds[i] = string.match(ARGV[21 + i], '^r([md])$')
+  else
+    late_kinds[i] = string.match(ARGV[21 + i], '^s([dwmt])$')
+  end
   assert(late_kinds[i], 'quota kind')
 end
 
@@ -189,6 +189,27 @@ local function settle(key, bucket, reserved, p)
   return {key, p .. bucket, new, p .. 's', math.max(0, sum + new - old)}
 end
 
+-- Reads only (cancel mode): what taking `amount` back out of `key`'s bucket `bucket`
+-- of the window with field prefix `p` (as settle()) writes: {key, bucket field, new
+-- value or false (the bucket goes), sum field, sum, lo field, lo (false: the window's
+-- fields go)}, or nil when the window counts it no more.
+local function untake(key, bucket, amount, p)
+  if not (bucket and amount and amount > 0 and bucket >= b - 60) then return nil end
+  p = p or ''
+  local h = redis.call('HMGET', key, p .. bucket, p .. 's', p .. 'lo')
+  local cur, sum, lo = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3])
+  if not cur then return nil end
+  local new = math.max(0, cur - amount)
+  sum = math.max(0, sum - (cur - new))
+  if new > 0 then return {key, p .. bucket, new, p .. 's', sum, p .. 'lo', lo or true} end
+  if lo == bucket then
+    lo = bucket + 1
+    while lo <= b and redis.call('HEXISTS', key, p .. lo) == 0 do lo = lo + 1 end
+    if lo > b then lo = false end
+  end
+  return {key, p .. bucket, false, p .. 's', sum, p .. 'lo', lo}
+end
+
 -- Reads only: a day counter's correction by actual - reserved ({key, delta}), or nil.
 local function settle_day(key, reserved)
   if not has_tokens then return nil end
@@ -218,7 +239,7 @@ end
 
 local provider, model, api_format = '', ARGV[9], ''
 local held, purged, settles, bal, lapses, hold = false, false, {}, nil, nil, 0
-local days, spends, late = {}, {}, {}
+local days, spends, late, untakes = {}, {}, {}, {}
 if token ~= '' then
   local expiry = math.max(signed_expiry, tonumber(redis.call('ZSCORE', KEYS[2], token) or '0'))
   -- The guard holds the time it lapses, on the script clock; "1" is a guard written by
@@ -241,13 +262,28 @@ if token ~= '' then
     provider, api_format = f[3] or '', f[5] or ''
     if model == '' then model = f[4] or '' end
     redis.call('ZSCORE', KEYS[2], token) -- only to fail here, not later, on a wrong type
-    settles[#settles + 1] = settle(KEYS[1], bucket, tonumber(f[2]))
-    if pk ~= '' and f[6] == pk then settles[#settles + 1] = settle(KEYS[8], bucket, tonumber(f[7])) end
+    if cancel then
+      untakes[#untakes + 1] = untake(KEYS[1], bucket, tonumber(f[2]))
+      if took_request then untakes[#untakes + 1] = untake(KEYS[8], bucket, 1) end
+      for i = 1, nq do
+        if late_kinds[i] == 'm' then
+          untakes[#untakes + 1] = untake(KEYS[nk + i] .. ':rm', bucket, 1)
+        else
+          days[#days + 1] = settle_day(KEYS[nk + i] .. ':rd:' .. int(math.floor(bucket * 1000 / DAY)), 1)
+        end
+      end
+    else
+      settles[#settles + 1] = settle(KEYS[1], bucket, tonumber(f[2]))
+    end
     if not purged then hold = tonumber(f[8] or '0') or 0 end
     for kind, key, amount in string.gmatch(f[9] or '', '(%a%a),([^,;]+),(%d+)') do
       amount = tonumber(amount)
-      if kind == 'kt' then
+      if kind == 'kt' and cancel then
+        untakes[#untakes + 1] = untake(key, bucket, amount, 't')
+      elseif kind == 'kt' then
         settles[#settles + 1] = settle(key, bucket, amount, 't')
+      elseif kind == 'tm' and cancel then
+        untakes[#untakes + 1] = untake(key, bucket, amount)
       elseif kind == 'tm' then
         settles[#settles + 1] = settle(key, bucket, amount)
       elseif kind == 'td' then
@@ -256,7 +292,7 @@ if token ~= '' then
         spends[#spends + 1] = settle_spend(key, amount)
       end
     end
-  else
+  elseif not cancel then
     -- Its data is lost (Redis lost it): the cost counts in the spend counters of now
     -- that exist.
     for i = 1, nq do
@@ -274,12 +310,6 @@ if token ~= '' then
     bal = {math.max(-MAX, math.min(MAX, rem - cost)), math.max(0, (tonumber(h[2]) or 0) - hold)}
   end
 end
--- A learned cooldown only lengthens the current one, read here (before any write).
-local learned_until = nil
-if pk ~= '' and learned_cd > 0 then
-  local current = tonumber(redis.call('GET', KEYS[9]) or '0') or 0
-  if now + learned_cd > current then learned_until = now + learned_cd end
-end
 -- The queue must take the entry: a key of another type would fail the XADD below.
 local kind = redis.call('TYPE', KEYS[6])
 kind = type(kind) == 'table' and kind.ok or kind
@@ -296,6 +326,18 @@ if token ~= '' then
     redis.call('ZREM', KEYS[2], token)
   end
   for _, s in ipairs(settles) do redis.call('HSET', s[1], s[2], int(s[3]), s[4], int(s[5])) end
+  -- A window whose last bucket goes loses its fields (the hash goes with its last field;
+  -- the client key's hash keeps its other window).
+  for _, u in ipairs(untakes) do
+    if not u[7] then
+      redis.call('HDEL', u[1], u[2], u[4], u[6])
+    elseif u[3] then
+      redis.call('HSET', u[1], u[2], int(u[3]), u[4], int(u[5]))
+    else
+      redis.call('HDEL', u[1], u[2])
+      redis.call('HSET', u[1], u[4], int(u[5]), u[6], u[7])
+    end
+  end
   if bal then redis.call('HSET', KEYS[4], 'rem', int(bal[1]), 'held', int(bal[2])) end
   -- INCRBY and HSET keep each counter's expiry.
   for _, d in ipairs(days) do
@@ -308,29 +350,7 @@ if token ~= '' then
   for _, l in ipairs(late) do redis.call('HSET', l[1], 'spent', int(l[2])) end
 end
 
-if pk ~= '' then
-    -- The end is a time on the script clock, compared with `now` by admit.lua; the
-  -- expiry only tidies up.
-  if cooldown > 0 then redis.call('SET', KEYS[9], now + cooldown, 'PX', cooldown) end
-  if suspend > 0 then redis.call('SET', KEYS[10], now + suspend, 'PX', suspend) end
-  if learned_until then redis.call('SET', KEYS[9], int(learned_until), 'PX', learned_cd) end
-  -- How long the cause hash must live for what is written now.
-  local keep = 0
-  if cooldown > 0 or suspend > 0 or learned_until then
-    -- Who stopped the key, shown by pool_state.lua while the cooldown / suspension lasts.
-    local cause = ARGV[12] .. '|' .. string.format('%.0f', now) .. '|' .. string.sub(ARGV[16] or '', 1, 200)
-    if cooldown > 0 then redis.call('HSET', KEYS[11], 'cd', cause) end
-    if suspend > 0 then redis.call('HSET', KEYS[11], 'susp', cause) end
-    if learned_until then redis.call('HSET', KEYS[11], 'cd', 'headers|' .. cause) end
-    keep = math.max(cooldown, suspend, learned_until and learned_cd or 0)
-  end
-  if lim ~= '' then
-    redis.call('HSET', KEYS[11], 'lim', int(now + lim_keep) .. '|' .. lim .. '|' .. int(now))
-    keep = math.max(keep, lim_keep)
-  end
-  if keep > 0 then redis.call('PEXPIRE', KEYS[11], math.max(keep, redis.call('PTTL', KEYS[11]))) end
-end
-
+if cancel then return {1, now} end
 redis.call('XADD', KEYS[6], '*',
   'id', lease_id, 'key', key_id, 'provider', provider, 'model', model, 'fmt', api_format,
   'pk', pk, 'pt', int(prompt), 'ct', int(completion), 'cost', int(cost),

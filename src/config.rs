@@ -152,6 +152,12 @@ settings! {
         default: Fallback::Value("kw"),
         help: "Redis key prefix and hash tag (`{kw}:…`); deployments sharing a Redis need different prefixes",
     }
+    REDIS_SHARDS = "KEYWARD_REDIS_SHARDS" {
+        flag: "redis-shards",
+        kind: Kind::Whole { min: 1, max: 1024, unit: "shards" },
+        default: Fallback::Value("16"),
+        help: "tenant shards (hash tags) a deployment's counters spread over a Redis Cluster's masters; the same value on every replica; changing it re-homes counters",
+    }
     KEY_CACHE_TTL_S = "KEYWARD_KEY_CACHE_TTL_S" {
         flag: "key-cache-ttl-s",
         kind: Kind::Whole { min: 1, max: 86_400, unit: "seconds" },
@@ -285,8 +291,10 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Tokens reserved when a request names no estimate.
     pub default_estimated_tokens: i64,
-    /// The Redis hash tag of this deployment: every key is under `{prefix}`.
+    /// The Redis key prefix of this deployment (its hash tags start with it).
     pub redis_prefix: String,
+    /// How many tenant shards (hash tags) the counters spread over.
+    pub redis_shards: u16,
     pub key_cache_ttl: Duration,
     pub negative_cache_ttl: Duration,
     /// How long a reported lease id is remembered as reported.
@@ -420,6 +428,7 @@ impl Config {
         let lease_ttl = p.seconds(&declared::LEASE_TTL_S);
         let default_estimated_tokens = p.whole(&declared::DEFAULT_ESTIMATED_TOKENS) as i64;
         let redis_prefix = p.name(&declared::REDIS_PREFIX);
+        let redis_shards = p.whole(&declared::REDIS_SHARDS) as u16;
         let key_cache_ttl = p.seconds(&declared::KEY_CACHE_TTL_S);
         let negative_cache_ttl = p.seconds(&declared::NEGATIVE_CACHE_TTL_S);
         let report_dedupe_ttl = p.seconds(&declared::REPORT_DEDUPE_TTL_S);
@@ -494,6 +503,7 @@ impl Config {
             lease_ttl,
             default_estimated_tokens,
             redis_prefix,
+            redis_shards,
             key_cache_ttl,
             negative_cache_ttl,
             report_dedupe_ttl,

@@ -8,8 +8,15 @@
 //! ```text
 //! <client key id>.<32 hex: lease token>.<provider key id, or ->.<expiry, Unix ms>
 //!     .<hold, micro-USD>.<price: input-output-cached input-cache write, micro-USD per
-//!      million tokens, or ->.<32 hex: MAC>
+//!      million tokens, or ->[.<tenant shard>[.<pick second>-<pick tokens>]].<32 hex: MAC>
 //! ```
+//!
+//! The tenant shard (the Redis shape only: `KeySpace`) is where the admission counted
+//! the request, so its report, renewal or release goes there even if the key's user
+//! changed since. Lease ids without it (the release before, or the embedded shape) use
+//! the key's current shard. With a pick, the second whose bucket took the provider key's
+//! units and the tokens reserved there follow (`limits::PickTaken`): the pick is its own
+//! step in Redis, and its report settles them from these.
 //!
 //! The hold and the price are the admission's: a report charges the tokens it names at
 //! the price the request was admitted at, and an answer whose usage cannot be read its
@@ -31,12 +38,13 @@
 //! - The expiry is the one the admission set; a renewal does not change the lease id.
 
 use crate::crypto::{Keyring, LEASE_MAC_LEN};
-use crate::limits::LeaseId;
+use crate::limits::{LeaseId, PickTaken};
 use crate::prices::Price;
 
-/// Longer texts are refused before any parsing or MAC (a real one is at most 230
-/// characters: 153 without hold and price, 13 digits for each amount).
-const MAX_LEN: usize = 256;
+/// Longer texts are refused before any parsing or MAC (a real one is at most 272
+/// characters: 153 without hold and price, 13 digits for each amount, 5 for the shard,
+/// 37 for the pick).
+const MAX_LEN: usize = 288;
 
 /// A lease id whose signature verified, or that this process just issued.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,10 +105,19 @@ fn decode_price(text: &str) -> Option<Option<Price>> {
     parts.next().is_none().then_some(Some(price))
 }
 
+/// `<second>-<tokens>`: where a pick took its units.
+fn decode_taken(text: &str) -> Option<PickTaken> {
+    let (second, tokens) = text.split_once('-')?;
+    Some(PickTaken {
+        second: amount(second, i64::MAX)?,
+        tokens: amount(tokens, crate::money::MAX_TOTAL)?,
+    })
+}
+
 impl SignedLease {
     /// The lease id handed to the caller.
     pub fn encode(&self, keyring: &Keyring) -> String {
-        let body = format!(
+        let mut body = format!(
             "{}.{}.{}.{}.{}",
             self.lease,
             self.provider_key_id.as_deref().unwrap_or("-"),
@@ -108,6 +125,12 @@ impl SignedLease {
             self.hold_micros,
             encode_price(self.price.as_ref())
         );
+        if let Some(shard) = self.lease.shard {
+            body.push_str(&format!(".{shard}"));
+            if let Some(t) = self.lease.taken {
+                body.push_str(&format!(".{}-{}", t.second, t.tokens));
+            }
+        }
         let mac = hex::encode(keyring.sign_lease(&body));
         format!("{body}.{mac}")
     }
@@ -130,15 +153,31 @@ impl SignedLease {
         }
         // Only texts this code wrote verify; parsing stays strict anyway.
         let parts: Vec<&str> = body.split('.').collect();
-        let (hold_micros, price) = match parts[..] {
-            [_, _, _, _] => (0, None),
+        let max_shard = i64::from(crate::limits::scripts::MAX_SHARDS) - 1;
+        let (hold_micros, price, shard, taken) = match parts[..] {
+            [_, _, _, _] => (0, None, None, None),
             [_, _, _, _, hold, price] => (
                 amount(hold, crate::money::MAX_REPORT_MICROS)?,
                 decode_price(price)?,
+                None,
+                None,
+            ),
+            [_, _, _, _, hold, price, shard] => (
+                amount(hold, crate::money::MAX_REPORT_MICROS)?,
+                decode_price(price)?,
+                Some(amount(shard, max_shard)? as u16),
+                None,
+            ),
+            [_, _, _, _, hold, price, shard, taken] => (
+                amount(hold, crate::money::MAX_REPORT_MICROS)?,
+                decode_price(price)?,
+                Some(amount(shard, max_shard)? as u16),
+                Some(decode_taken(taken)?),
             ),
             _ => return None,
         };
-        let lease = LeaseId::parse(&format!("{}.{}", parts[0], parts[1]))?;
+        let mut lease = LeaseId::parse(&format!("{}.{}", parts[0], parts[1]))?.on_shard(shard);
+        lease.taken = taken;
         let provider_key_id = match parts[2] {
             "-" => None,
             id => Some(uuid::Uuid::try_parse(id).ok()?.hyphenated().to_string()),
@@ -189,7 +228,24 @@ mod tests {
     fn issued_leases_verify_on_any_holder_of_the_keyring() {
         let ring = Keyring::new(&[1; 32], &[]);
         let replica = Keyring::new(&[1; 32], &[]);
-        for l in [lease(None), lease(Some(PK)), priced(None), priced(Some(PK))] {
+        let sharded = |l: SignedLease, shard| SignedLease {
+            lease: l.lease.clone().on_shard(Some(shard)),
+            ..l
+        };
+        let mut picked = sharded(priced(Some(PK)), 1023);
+        picked.lease.taken = Some(PickTaken {
+            second: 1_790_000_000,
+            tokens: crate::money::MAX_TOTAL,
+        });
+        for l in [
+            lease(None),
+            lease(Some(PK)),
+            priced(None),
+            priced(Some(PK)),
+            sharded(priced(Some(PK)), 1023),
+            sharded(lease(None), 0),
+            picked,
+        ] {
             let text = l.encode(&ring);
             assert!(text.len() <= MAX_LEN, "{}", text.len());
             assert_eq!(SignedLease::verify(&text, &replica), Some(l));
@@ -199,7 +255,9 @@ mod tests {
     #[test]
     fn forged_and_altered_leases_do_not_verify() {
         let ring = Keyring::new(&[1; 32], &[]);
-        let text = priced(Some(PK)).encode(&ring);
+        let mut l = priced(Some(PK));
+        l.lease.shard = Some(7);
+        let text = l.encode(&ring);
         // Every single-character change, anywhere.
         for i in 0..text.len() {
             let mut bytes = text.clone().into_bytes();
@@ -257,6 +315,25 @@ mod tests {
             let body = format!("{}.-.{}.{hold}.{price}", l.lease, l.expires_at_ms);
             let text = format!("{body}.{}", hex::encode(ring.sign_lease(&body)));
             assert_eq!(SignedLease::verify(&text, &ring), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn shards_verify_only_in_range_and_canonical() {
+        let ring = Keyring::new(&[1; 32], &[]);
+        let l = lease(None);
+        for (shard, ok) in [
+            ("0", true),
+            ("1023", true),
+            ("1024", false),
+            ("07", false),
+            ("-", false),
+            ("", false),
+        ] {
+            let body = format!("{}.-.{}.0.-.{shard}", l.lease, l.expires_at_ms);
+            let text = format!("{body}.{}", hex::encode(ring.sign_lease(&body)));
+            let got = SignedLease::verify(&text, &ring).map(|v| v.lease.shard);
+            assert_eq!(got.is_some(), ok, "{text}");
         }
     }
 

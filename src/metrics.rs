@@ -12,6 +12,7 @@
 //! | `keyward_redis_script_duration_seconds` | histogram | `script` (admit, select, report, renew, pool_state, pool_sync, quota_read) |
 //! | `keyward_redis_script_errors_total` | counter | `script` |
 //! | `keyward_provider_selections_total` | counter | `provider` |
+//! | `keyward_compensations_total` | counter | `side` (client: a cancel, pick: an unpick), `outcome` (returned, duplicate, failed): units one side of an admission with selection took and gave back because the other side refused or failed |
 //! | `keyward_provider_key_events_total` | counter | `provider`, `event` (cooldown, suspension, learned_cooldown: the upstream's rate-limit headers said a limit is used up) |
 //! | `keyward_reports_total` | counter | `result` (recorded, duplicate, too_late) |
 //! | `keyward_upstream_usage_total` | counter | `outcome` (parsed, not_found, compressed, unknown_format, out_of_range): what `/v1/report/upstream` read from the upstream's answer |
@@ -50,6 +51,7 @@ pub struct Metrics {
     pub script_seconds: HistogramVec,
     pub script_errors: IntCounterVec,
     pub provider_selections: IntCounterVec,
+    pub compensations: IntCounterVec,
     pub provider_key_events: IntCounterVec,
     pub reports: IntCounterVec,
     pub upstream_usage: IntCounterVec,
@@ -196,6 +198,12 @@ fn build() -> Metrics {
             "keyward_redis_script_errors_total",
             "Redis script calls that failed.",
             &["script"],
+        ),
+        compensations: counter(
+            &r,
+            "keyward_compensations_total",
+            "Units an admission's one side took and gave back because the other side refused or failed.",
+            &["side", "outcome"],
         ),
         provider_selections: counter(
             &r,

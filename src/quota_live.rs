@@ -15,7 +15,7 @@
 use serde_json::{json, Value};
 
 use crate::clock::to_rfc3339;
-use crate::limits::{Counters, LiveCounter, LiveFigure, QuotaKind};
+use crate::limits::{Counters, LiveCounter, LiveFigure, QuotaKind, Tenant};
 use crate::money::Usd;
 use crate::quota::{Period, ScopeKind};
 use crate::quota_usage::{LimitView, ScopeView};
@@ -70,9 +70,14 @@ fn live_json(limit: &LimitView, figure: LiveFigure, now_ms: i64) -> Value {
     }
 }
 
-/// Fills `live` for every limit of `scopes` with one read of the counter store; leaves
-/// it `null` (and logs why) when the store cannot answer.
-pub async fn fill(counters: &Counters, key_id: Option<&str>, scopes: &mut [ScopeView]) {
+/// Fills `live` for every limit of `scopes` (all `tenant`'s) with one read of the
+/// counter store; leaves it `null` (and logs why) when the store cannot answer.
+pub async fn fill(
+    counters: &Counters,
+    tenant: Tenant<'_>,
+    key_id: Option<&str>,
+    scopes: &mut [ScopeView],
+) {
     let mut wanted = Vec::new();
     let mut at = Vec::new();
     for (s, scope) in scopes.iter().enumerate() {
@@ -86,7 +91,7 @@ pub async fn fill(counters: &Counters, key_id: Option<&str>, scopes: &mut [Scope
     if wanted.is_empty() {
         return;
     }
-    let read = match counters.read_quotas(&wanted).await {
+    let read = match counters.read_quotas(tenant, &wanted).await {
         Ok(read) => read,
         Err(e) => {
             // The view still answers with the database's figures.

@@ -759,7 +759,7 @@ async fn entries_held_by_a_dead_replica_are_claimed_and_applied() {
         .arg("COUNT")
         .arg(100)
         .arg("STREAMS")
-        .arg(counters.stream_key())
+        .arg(counters.stream_key_for(&id))
         .arg(">")
         .query_async(&mut conn)
         .await
@@ -777,7 +777,7 @@ async fn entries_held_by_a_dead_replica_are_claimed_and_applied() {
     .await;
     assert_eq!((stats.tokens, stats.cost_micros), (100, 140));
     let pending: redis::Value = redis::cmd("XPENDING")
-        .arg(counters.stream_key())
+        .arg(counters.stream_key_for(&id))
         .arg(keyward::accounting::stream::GROUP)
         .query_async(&mut conn)
         .await

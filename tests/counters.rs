@@ -165,12 +165,22 @@ impl Store {
         }
     }
 
+    /// A lease of a key of the suite's user: on the user's shard, as admission places the
+    /// keys of one user (they share its quota counters).
+    fn user_lease(&self, key: &str) -> LeaseId {
+        let user = keyward::limits::Tenant::User("suite-user");
+        LeaseId::new(key).on_shard(self.counters.shard_of(user))
+    }
+
     fn advance(&self, ms: i64) {
         self.counters.time_shift().advance(ms);
     }
 
     async fn admit(&self, r: &AdmitRequest<'_>) -> Decision {
-        self.counters.admit(r).await.unwrap()
+        let decision = self.counters.admit(r).await.unwrap();
+        // What one side of a refused admission took is given back before the next step.
+        self.counters.settled().await;
+        decision
     }
 
     async fn cleanup(self) {
@@ -988,7 +998,7 @@ async fn live_balances_never_wrap_and_no_report_is_lost(kind: Kind) {
         assert!(admitted(&s.admit(&with(&f, 1_000_000, 0, 0)).await));
         let client = redis::Client::open(url.as_str()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let bal = format!("{{{prefix}}}:k:{k}:bal");
+        let bal = common::redis::client_key(&prefix, &k, "bal");
         let _: () = redis::cmd("HSET")
             .arg(&bal)
             .arg("rem")
@@ -1029,7 +1039,7 @@ async fn scripts_assert_their_inputs() {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let prefix = common::unique_prefix();
-    let keys = AdmitKeys::new(&KeySpace::new(&prefix), &key(), "p");
+    let keys = AdmitKeys::new(&KeySpace::new(&prefix, 1), 0, &key());
     // A negative limit and a missing lease token are refused before anything is written.
     let script = redis::Script::new(source::ADMIT);
     let mut call = script.prepare_invoke();
@@ -1047,8 +1057,6 @@ async fn scripts_assert_their_inputs() {
         used: 0,
         balance_version: 0,
         time_shift_ms: 0,
-        client: true,
-        pool_version: "",
         hold: 0,
         now_ms: 0,
         guard_ttl_ms: 60_000,
@@ -1167,7 +1175,11 @@ async fn selection_goes_by_priority_then_least_recently_picked(kind: Kind) {
     // The lower priority only when every key of the higher one is unusable.
     for c in &pool[..3] {
         s.counters
-            .report(&pool_report(&c.id, 10_000, 0))
+            .report(&Report {
+                // The data plane names the provider (its pool's keys are under its tag).
+                provider: Some(provider.clone()),
+                ..pool_report(&c.id, 10_000, 0)
+            })
             .await
             .unwrap();
     }
@@ -1285,11 +1297,17 @@ async fn cooling_and_suspended_keys_are_skipped_until_they_recover(kind: Kind) {
     picked_id(&s, &pool, 0).await;
     picked_id(&s, &pool, 0).await;
     s.counters
-        .report(&pool_report(&pool[0].id, 30_000, 0))
+        .report(&Report {
+            provider: Some(provider.clone()),
+            ..pool_report(&pool[0].id, 30_000, 0)
+        })
         .await
         .unwrap();
     s.counters
-        .report(&pool_report(&pool[1].id, 0, 600_000))
+        .report(&Report {
+            provider: Some(provider.clone()),
+            ..pool_report(&pool[1].id, 0, 600_000)
+        })
         .await
         .unwrap();
     match pick(&s, &pool, 0).await {

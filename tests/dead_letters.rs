@@ -243,7 +243,7 @@ async fn a_malformed_stream_entry_is_kept_not_dropped() {
     };
     let mut conn = redis.conn().await.unwrap();
     let _: String = redis::cmd("XADD")
-        .arg(redis.stream_key())
+        .arg(redis.stream_keys()[0].clone())
         .arg("*")
         .arg("id")
         .arg("no-timestamp")
@@ -377,7 +377,7 @@ async fn stream_entries_carry_token_classes_and_bad_ones_are_set_aside() {
     let mut conn = redis.conn().await.unwrap();
     let entry = |id: &str, extra: &[(&str, &str)]| {
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(redis.stream_key()).arg("*");
+        cmd.arg(redis.stream_keys()[0].clone()).arg("*");
         for (name, value) in [
             ("id", id),
             ("key", ""),

@@ -803,7 +803,7 @@ async fn replicas_with_different_pools_do_not_rewrite_it_in_turn() {
 
     let redis = redis::Client::open(common::redis_url()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let def = format!("{{{prefix}}}:p:openai:def");
+    let def = format!("{{{prefix}:p:openai}}:def");
     let mut versions = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for i in 0..20 {

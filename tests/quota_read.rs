@@ -16,7 +16,7 @@ use keyward::limits::memory::MemoryCounters;
 use keyward::limits::redis::RedisCounters;
 use keyward::limits::{
     AdmitRequest, Counters, LeaseId, LiveCounter, LiveFigure, QuotaEntry, QuotaKind, Report,
-    Verdict,
+    Tenant, Verdict,
 };
 use keyward::quota::{days_from_civil, Period, Scope, ScopeKind};
 use tokio::sync::mpsc;
@@ -83,7 +83,7 @@ impl Stores {
         let client = redis::Client::open(self.url.as_str()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let mut keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{{{}}}*", self.prefix))
+            .arg(format!("{{{}:*", self.prefix))
             .query_async(&mut conn)
             .await
             .unwrap();
@@ -101,10 +101,12 @@ impl Stores {
     }
 
     /// Reads on both stores (Redis left unchanged), asserts them equal; returns the twin's.
-    async fn read(&self, counters: &[LiveCounter]) -> Vec<LiveFigure> {
+    /// (`key`: the tenant, a key without a user, whose shard holds them.)
+    async fn read(&self, key: &str, counters: &[LiveCounter]) -> Vec<LiveFigure> {
         let before = self.snapshot().await;
-        let twin = self.twin.read_quotas(counters).await.unwrap();
-        let redis = self.redis.read_quotas(counters).await.unwrap();
+        let tenant = Tenant::Key(key);
+        let twin = self.twin.read_quotas(tenant, counters).await.unwrap();
+        let redis = self.redis.read_quotas(tenant, counters).await.unwrap();
         assert_eq!(self.snapshot().await, before, "a read changed Redis");
         assert_eq!(twin, redis, "twin and Redis read differently");
         twin.figures
@@ -189,7 +191,7 @@ async fn same_reads(url: &str) {
     });
     // Order: key rpm, key tpm, rm, tm, rd, td, sd, sw, sm, st, the untouched one.
 
-    let f = stores.read(&reads).await;
+    let f = stores.read(&key, &reads).await;
     let fresh = [0, 0, 0, 0, 0, 0, 0, 0, 5_000, 7_000, 42];
     assert_eq!(f.iter().map(|f| f.used).collect::<Vec<_>>(), fresh);
     assert_eq!(f[4].reset_ms, 90_000, "until midnight");
@@ -222,7 +224,7 @@ async fn same_reads(url: &str) {
     admit(&first, 100, 300, 30_000).await;
     stores.advance(20_000);
     admit(&second, 50, 200, 300_000).await;
-    let f = stores.read(&reads).await;
+    let f = stores.read(&key, &reads).await;
     assert_eq!(
         used_held(&f),
         [
@@ -246,7 +248,7 @@ async fn same_reads(url: &str) {
 
     // The second reports 60 tokens for 150 micro-USD: its hold leaves, its cost stays.
     stores.report(&second, (40, 20), 150).await;
-    let f = stores.read(&reads).await;
+    let f = stores.read(&key, &reads).await;
     assert_eq!(
         used_held(&f)[1..10],
         [
@@ -265,7 +267,7 @@ async fn same_reads(url: &str) {
     // The first lease expires: its holds no longer count, though no decision purged
     // them (the read leaves them listed: the snapshot check).
     stores.advance(15_000);
-    let f = stores.read(&reads).await;
+    let f = stores.read(&key, &reads).await;
     assert_eq!(
         used_held(&f)[6..10],
         [(150, 0), (150, 0), (5_150, 0), (7_150, 0)]
@@ -273,13 +275,13 @@ async fn same_reads(url: &str) {
 
     // 65 s after the first request its second has left the windows; the second's stays.
     stores.advance(30_000);
-    let f = stores.read(&reads).await;
+    let f = stores.read(&key, &reads).await;
     assert_eq!(used_held(&f)[..4], [(1, 0), (60, 0), (1, 0), (60, 0)]);
     assert_eq!(f[0].reset_ms, 16_000);
 
     // Past midnight: a new day and month (the week goes on), the windows empty.
     stores.advance(30_000);
-    let f = stores.read(&reads).await;
+    let f = stores.read(&key, &reads).await;
     assert_eq!(
         used_held(&f),
         [

@@ -506,7 +506,11 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
                 if let Verdict::Admitted { expires_at_ms } = d.verdict {
                     leases_lapse_at[*key] = leases_lapse_at[*key].max(expires_at_ms + 1000);
                     held.push(Held {
-                        lease: pending_lease(&key_ids[*key], step),
+                        // Where the pick took its units, as the signed lease carries it.
+                        lease: LeaseId {
+                            taken: d.taken,
+                            ..pending_lease(&key_ids[*key], step)
+                        },
                         expires_at: expires_at_ms,
                         picked: d.picked,
                     });
@@ -544,6 +548,8 @@ fn pending_lease(key_id: &str, step: usize) -> LeaseId {
     LeaseId {
         key_id: key_id.to_string(),
         token: format!("{step:032x}"),
+        shard: None,
+        taken: None,
     }
 }
 
@@ -607,7 +613,10 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
                 pool: select.then_some(w.pool),
                 quotas: &w.quotas[*key],
             };
-            Answer::Admit(c.admit(&request).await.unwrap())
+            let decision = c.admit(&request).await.unwrap();
+            // What one side gave back lands before the next step.
+            c.settled().await;
+            Answer::Admit(decision)
         }
         Op::Select { tokens } => Answer::Select(
             c.select(&SelectRequest {
@@ -630,7 +639,6 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
             }
             let h = &w.held[lease.index(w.held.len())];
             let (upstream_status, cooldown_ms, suspend_ms) = report_status(*status);
-            let stopped = cooldown_ms > 0 || suspend_ms > 0;
             let report = Report {
                 lease: Some(h.lease.clone()),
                 id: h.lease.to_string(),
@@ -641,8 +649,9 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
                 usage_source: Default::default(),
                 model: None,
                 provider_key_id: h.picked.map(|i| w.pool[i].id.clone()),
-                // As the data plane: the provider is looked up only to cool or suspend.
-                provider: (stopped && h.picked.is_some()).then(|| w.provider.to_string()),
+                // As the data plane: the provider of a picked key is looked up (its pool's
+                // keys are under its tag).
+                provider: h.picked.map(|_| w.provider.to_string()),
                 latency_ms: Some(5),
                 upstream_status,
                 cooldown_ms,

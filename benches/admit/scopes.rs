@@ -316,7 +316,7 @@ pub async fn run(redis_port: u16) {
     // month spend, key × model RPM (more if a run crossed midnight UTC).
     let counters = redis_cli(
         redis_port,
-        &["--scan", "--pattern", &format!("{{{prefix}}}:q:*")],
+        &["--scan", "--pattern", &format!("{{{prefix}*:q:*")],
     );
     let counters = counters.lines().count();
     assert!(

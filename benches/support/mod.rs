@@ -229,7 +229,7 @@ pub fn drop_redis_keys(redis_port: u16, prefix: &str) {
     let _ = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "redis-cli -p {redis_port} --scan --pattern '{{{prefix}}}*' | xargs -r redis-cli -p {redis_port} DEL > /dev/null"
+            "redis-cli -p {redis_port} --scan --pattern '{{{prefix}*' | xargs -r redis-cli -p {redis_port} DEL > /dev/null"
         ))
         .status();
 }

@@ -36,7 +36,8 @@ use crate::clock::now_ms;
 use crate::crypto::{lookup_hash, Keyring};
 use crate::lease::SignedLease;
 use crate::limits::{
-    AdmitRequest, BalanceSnapshot, CounterError, Counters, LeaseId, Pick, SelectRequest, Verdict,
+    AdmitRequest, BalanceSnapshot, CounterError, Counters, LeaseId, Pick, SelectRequest, Tenant,
+    Verdict,
 };
 use crate::names;
 use crate::pool::cache::{Candidate, Roster, RosterCache};
@@ -315,7 +316,11 @@ impl Admission {
             None
         };
 
-        let lease = LeaseId::new(&key.id);
+        // On its tenant's shard (its user's, else its own), carried in the signed lease.
+        let shard = self
+            .counters
+            .shard_of(Tenant::of(&key.id, key.user_id.as_deref()));
+        let lease = LeaseId::new(&key.id).on_shard(shard);
         let balance = match (key.is_standalone, key.balance_micros) {
             (true, Some(credited)) => Some(BalanceSnapshot {
                 credited,
@@ -391,7 +396,11 @@ impl Admission {
             Verdict::Admitted { expires_at_ms } => {
                 let provider_key = picked(decision.picked);
                 let signed = SignedLease {
-                    lease,
+                    // Where the pick took its units, for the report (the Redis shape).
+                    lease: LeaseId {
+                        taken: decision.taken.filter(|_| provider_key.is_some()),
+                        ..lease
+                    },
                     provider_key_id: provider_key.as_ref().map(|k| k.id.clone()),
                     expires_at_ms,
                     hold_micros,

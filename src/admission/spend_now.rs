@@ -14,7 +14,8 @@
 use dashmap::DashMap;
 
 use super::{quotas, Admission};
-use crate::limits::QuotaEntry;
+use crate::client_keys::ClientKey;
+use crate::limits::{LeaseId, QuotaEntry, Tenant};
 
 /// Beyond this many remembered keys the map starts over (it refills as keys admit).
 const MAX_REMEMBERED: usize = 100_000;
@@ -36,28 +37,52 @@ impl Admission {
     /// report must settle while the database is away: its cost then reaches the
     /// counters through the seeds).
     pub async fn spend_now(&self, key_id: &str, model: Option<&str>) -> Vec<QuotaEntry> {
-        let hash = match self.hashes.get(key_id).map(|h| h.clone()) {
-            Some(hash) => hash,
-            // A key this replica never checked: its hash from the database, once.
-            None => match self.cache.loader().hash_of(key_id).await {
-                Ok(Some(hash)) => {
-                    remember(&self.hashes, key_id, hash.clone());
-                    hash
-                }
-                Ok(None) => return Vec::new(),
-                Err(e) => return unloaded(&e),
-            },
-        };
-        let key = match self.cache.get(&hash).await {
-            Ok(Some(key)) if key.id == key_id => key,
-            Ok(_) => return Vec::new(),
-            Err(e) => return unloaded(&e),
+        let key = match self.key_by_id(key_id).await {
+            Ok(Some(key)) => key,
+            Ok(None) => return Vec::new(),
+            Err(e) => return unloaded(&*e),
         };
         let user = match self.user_limits(&key).await {
             Ok(user) => user,
             Err(e) => return unloaded(&e),
         };
         quotas::spend_now(&key, user.as_deref(), model)
+    }
+}
+
+impl Admission {
+    /// A key's record by id, from the caches (see the module's doc).
+    async fn key_by_id(
+        &self,
+        key_id: &str,
+    ) -> Result<Option<std::sync::Arc<ClientKey>>, Box<dyn std::error::Error + Send + Sync>> {
+        let hash = match self.hashes.get(key_id).map(|h| h.clone()) {
+            Some(hash) => hash,
+            // A key this replica never checked: its hash from the database, once.
+            None => match self.cache.loader().hash_of(key_id).await? {
+                Some(hash) => {
+                    remember(&self.hashes, key_id, hash.clone());
+                    hash
+                }
+                None => return Ok(None),
+            },
+        };
+        Ok(self.cache.get(&hash).await?.filter(|key| key.id == key_id))
+    }
+
+    /// `lease` on its tenant shard: the one it carries, else (a lease of the release
+    /// before) its key's current tenant's (the key's own when it cannot be loaded).
+    pub async fn on_its_shard(&self, lease: LeaseId) -> LeaseId {
+        if lease.shard.is_some() || self.counters.shard_of(Tenant::Key("")).is_none() {
+            return lease;
+        }
+        let shard = match self.key_by_id(&lease.key_id).await {
+            Ok(Some(key)) => self
+                .counters
+                .shard_of(Tenant::of(&key.id, key.user_id.as_deref())),
+            _ => None,
+        };
+        lease.on_shard(shard)
     }
 }
 

@@ -32,7 +32,7 @@ use crate::invalidation::Invalidator;
 use crate::limits::conn::Target;
 use crate::limits::memory::MemoryCounters;
 use crate::limits::redis::RedisCounters;
-use crate::limits::Counters;
+use crate::limits::{CounterError, Counters};
 use crate::pool;
 use crate::prices::{self, Prices};
 use crate::provider_keys::ProviderKeys;
@@ -50,7 +50,8 @@ enum Accounting {
         target: Target,
         /// For the invalidation subscription.
         pubsub: Box<redis::Client>,
-        stream: String,
+        /// Every shard's stream, then the one-tag layout's.
+        streams: Vec<String>,
         /// Reports taken by the in-process twin while Redis fails (`allow`, `local`).
         fallback: mpsc::Receiver<UsageRecord>,
     },
@@ -94,18 +95,26 @@ async fn connect_redis(
     let redis = RedisCounters::connect_to(target, &config.redis_prefix, guard_ttl_ms)
         .await
         .map_err(|e| unreachable(&e))?
+        .with_shards(config.redis_shards)
         .with_failure_policy(config.on_backend_error, twin);
-    let stream = redis.stream_key();
+    redis.check_layout().await.map_err(|e| match e {
+        CounterError::Layout(why) => anyhow::anyhow!(why),
+        e => unreachable(&e),
+    })?;
+    let streams = redis.stream_keys();
     let mut conn = redis.conn().await.map_err(|e| unreachable(&e))?;
-    accounting::stream::ensure_group(&mut conn, &stream)
-        .await
-        .map_err(|e| unreachable(&e))?;
+    // Not the legacy stream (the last): it is only drained if it exists.
+    for stream in &streams[..streams.len() - 1] {
+        accounting::stream::ensure_group(&mut conn, stream)
+            .await
+            .map_err(|e| unreachable(&e))?;
+    }
     let target = redis.target().clone();
     let pubsub = Box::new(target.pubsub_client().map_err(|e| unreachable(&e))?);
     let accounting = Accounting::Stream {
         target,
         pubsub,
-        stream,
+        streams,
         fallback,
     };
     Ok((Arc::new(redis), accounting))
@@ -257,7 +266,7 @@ fn spawn_background(
         Accounting::Stream {
             target,
             pubsub,
-            stream,
+            streams,
             fallback,
         } => {
             jobs.push(tokio::spawn(accounting::embedded::run(
@@ -268,7 +277,7 @@ fn spawn_background(
             )));
             jobs.push(tokio::spawn(accounting::stream::run(
                 target,
-                stream,
+                streams,
                 consumer_name(),
                 config.accounting_claim_idle,
                 state.db.clone(),

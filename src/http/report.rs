@@ -139,9 +139,10 @@ pub(super) async fn renew(
     TextPath(lease_id): TextPath,
 ) -> Result<Json<Value>, ApiError> {
     let lease = verified_lease(&state, &lease_id, "renew")?;
+    let lease = state.admission.on_its_shard(lease.lease).await;
     match state
         .counters
-        .renew(&lease.lease, state.admission.lease_ttl_ms())
+        .renew(&lease, state.admission.lease_ttl_ms())
         .await?
     {
         Some(expires_at) => Ok(Json(

@@ -8,7 +8,7 @@
 //! state; both skip what a decision would drop first (a second that left a window, a
 //! hold whose lease expired) without dropping it, so a read never moves a counter.
 
-use super::{CounterError, Counters, QuotaKind};
+use super::{CounterError, Counters, QuotaKind, Tenant};
 
 /// One counter to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,12 +47,17 @@ pub struct LiveFigures {
 }
 
 impl Counters {
-    /// The live figures of `counters`, changing nothing. In the Redis shape an outage is
-    /// an error (the caller shows no live figures; the outage twin's are not Redis's).
-    pub async fn read_quotas(&self, counters: &[LiveCounter]) -> Result<LiveFigures, CounterError> {
+    /// The live figures of `counters`, all of one tenant (a key's and its user's, or a
+    /// user's: one shard), changing nothing. In the Redis shape an outage is an error
+    /// (the caller shows no live figures; the outage twin's are not Redis's).
+    pub async fn read_quotas(
+        &self,
+        tenant: Tenant<'_>,
+        counters: &[LiveCounter],
+    ) -> Result<LiveFigures, CounterError> {
         match self {
             Counters::Memory(m) => Ok(m.read_quotas(counters)),
-            Counters::Redis(r) => r.read_quotas(counters).await,
+            Counters::Redis(r) => r.read_quotas(tenant, counters).await,
         }
     }
 }

@@ -64,6 +64,25 @@ pub use quota::{QuotaEntry, QuotaKind, QuotaUse};
 pub struct LeaseId {
     pub key_id: String,
     pub token: String,
+    /// The tenant shard its admission used (the Redis shape; see
+    /// [`scripts::KeySpace`]), carried by the signed lease so its report, renewal or
+    /// release goes there even if the key's user changed since. `None`: a lease of the
+    /// release before, or one the embedded store issued: its key's current shard. Not
+    /// part of its identity (`Display`).
+    pub shard: Option<u16>,
+    /// What its admission's pick took (from [`Decision::taken`], carried by the signed
+    /// lease), for its report to settle in Redis; not part of its identity.
+    pub taken: Option<PickTaken>,
+}
+
+/// Where an admission's pick took its provider key's units: the second whose bucket took
+/// them and the tokens reserved there (0 when the key has no TPM limit). In Redis the
+/// pick is its own step on the pool's slot (`lua/pick.lua`), so the lease carries this
+/// to its report (`lua/pool_report.lua`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PickTaken {
+    pub second: i64,
+    pub tokens: i64,
 }
 
 impl LeaseId {
@@ -72,7 +91,14 @@ impl LeaseId {
         LeaseId {
             key_id: key_id.to_string(),
             token: format!("{:032x}", rand::random::<u128>()),
+            shard: None,
+            taken: None,
         }
+    }
+
+    /// The same lease on `shard`.
+    pub fn on_shard(self, shard: Option<u16>) -> LeaseId {
+        LeaseId { shard, ..self }
     }
 
     /// Parses `<uuid>.<32 lowercase hex>`; `None` for anything else.
@@ -86,6 +112,8 @@ impl LeaseId {
         valid_token.then(|| LeaseId {
             key_id: key.hyphenated().to_string(),
             token: token.to_string(),
+            shard: None,
+            taken: None,
         })
     }
 }
@@ -96,7 +124,22 @@ impl std::fmt::Display for LeaseId {
     }
 }
 
-/// What was known about a balance-tracked key when it was loaded from the database.
+/// Whose counters a request uses (and so which Redis shard holds them): its key's user
+/// when the key has one, else the key itself. Every key of a user shares the user's
+/// quota counters, so they share its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tenant<'a> {
+    User(&'a str),
+    Key(&'a str),
+}
+
+impl<'a> Tenant<'a> {
+    /// A key's tenant: its user's, else its own.
+    pub fn of(key_id: &'a str, user_id: Option<&'a str>) -> Tenant<'a> {
+        user_id.map_or(Tenant::Key(key_id), Tenant::User)
+    }
+}
+
 /// What admissions do while Redis cannot answer (`KEYWARD_ON_BACKEND_ERROR`): the
 /// counter store's own policy, which `config` parses into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +152,7 @@ pub enum BackendErrorPolicy {
     Local,
 }
 
+/// What was known about a balance-tracked key when it was loaded from the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BalanceSnapshot {
     /// Credited micro-USD.
@@ -210,6 +254,9 @@ pub struct Decision {
     pub usage: Usage,
     /// The candidate picked, when a pool was asked.
     pub picked: Option<usize>,
+    /// What the pick took, with `picked` (both stores say; Redis needs it back in the
+    /// report: [`LeaseId::taken`]).
+    pub taken: Option<PickTaken>,
     /// Decided without Redis, by this `KEYWARD_ON_BACKEND_ERROR` mode.
     pub degraded: Option<&'static str>,
     /// One per quota entry of the request, in its order.
@@ -311,6 +358,9 @@ pub enum CounterError {
     /// reloads its pool from the database and asks again (see `pool::cache::Roster`).
     #[error("redis holds a newer version of the provider pool")]
     PoolOutdated { newer: i64 },
+    /// Redis holds counters laid out for another shard count.
+    #[error("{0}")]
+    Layout(String),
 }
 
 /// The limit a store enforces: a limit below 1 is no limit (`lua/admit.lua` reads 0 as
@@ -328,6 +378,15 @@ pub enum Counters {
 }
 
 impl Counters {
+    /// The shard a tenant's counters live on (`None` in the embedded shape, which has
+    /// none): what an admission's lease carries.
+    pub fn shard_of(&self, tenant: Tenant<'_>) -> Option<u16> {
+        match self {
+            Counters::Memory(_) => None,
+            Counters::Redis(r) => Some(r.shard_of(tenant)),
+        }
+    }
+
     pub async fn admit(&self, request: &AdmitRequest<'_>) -> Result<Decision, CounterError> {
         match self {
             Counters::Memory(m) => Ok(m.admit(request)),
@@ -357,7 +416,7 @@ impl Counters {
     ) -> Result<Vec<LiveState>, CounterError> {
         match self {
             Counters::Memory(m) => Ok(m.pool_state(provider, ids)),
-            Counters::Redis(r) => r.pool_state(ids).await,
+            Counters::Redis(r) => r.pool_state(provider, ids).await,
         }
     }
 
@@ -377,6 +436,14 @@ impl Counters {
         match self {
             Counters::Memory(m) => Ok(m.renew(lease, ttl_ms)),
             Counters::Redis(r) => r.renew(lease, ttl_ms).await,
+        }
+    }
+
+    /// Waits until what one side of a refused admission took has been given back (the
+    /// Redis shape runs that in the background; the twin decides in one step).
+    pub async fn settled(&self) {
+        if let Counters::Redis(r) = self {
+            r.settled().await;
         }
     }
 

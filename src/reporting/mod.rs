@@ -161,17 +161,18 @@ impl Reports {
         } else {
             None
         };
-        if let (true, Some(id)) = (
-            event.is_some() || report.learned.is_some(),
-            &report.provider_key_id,
-        ) {
-            // Only after an upstream 429/401/403, or rate-limit headers to keep.
+        if let Some(id) = &report.provider_key_id {
+            // The pool's keys are under its provider's hash tag (the rosters in memory
+            // know it; a key this process never loaded costs one query).
             report.provider = self.provider_of(id).await.ok().flatten();
         }
         if let Counters::Memory(_) = self.counters {
             // The in-process queue is only as good as its writer: refuse before anything
             // changes rather than acknowledge a report that cannot be stored.
             self.accounting.check()?;
+        }
+        if let Some(lease) = report.lease.take() {
+            report.lease = Some(self.admission.on_its_shard(lease).await);
         }
         if let Some(lease) = &report.lease {
             // Used only if the lease's data is gone (a late report): see `Report::spend_now`.

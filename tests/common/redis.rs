@@ -18,12 +18,23 @@ pub fn unique_prefix() -> String {
     format!("kwt-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
+/// Where a key without a user keeps its `what` (`rpm`, `tpm`, `leases`, …) under
+/// `prefix`, with the default shard count.
+pub fn client_key(prefix: &str, key_id: &str, what: &str) -> String {
+    use keyward::limits::scripts::{KeySpace, DEFAULT_SHARDS};
+    let space = KeySpace::new(prefix, DEFAULT_SHARDS);
+    let shard = space.shard_of(keyward::limits::Tenant::Key(key_id));
+    space.client(shard, key_id, what)
+}
+
 /// Removes every key under this test's prefix (its own keys only; nothing shared).
 pub async fn delete_prefix(url: &str, prefix: &str) {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{{{prefix}}}*"))
+        // Its tenant shards' tags `{<prefix>:<i>.<j>}`, its pools' `{<prefix>:p:…}` and
+        // its own `{<prefix>}`.
+        .arg(format!("{{{prefix}*"))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -226,15 +237,24 @@ pub async fn stream_records(
     redis: &keyward::limits::redis::RedisCounters,
 ) -> Vec<keyward::usage::UsageRecord> {
     let mut conn = redis.conn().await.unwrap();
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(redis.stream_key())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    reply
-        .ids
+    let mut entries = Vec::new();
+    for stream in redis.stream_keys() {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        entries.extend(reply.ids);
+    }
+    // Oldest first across the shards' streams (entry ids begin with their time).
+    let order = |id: &str| -> (u64, u64) {
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+    };
+    entries.sort_by_key(|e| order(&e.id));
+    entries
         .iter()
         .map(|e| keyward::accounting::codec::record_from_entry(&e.map).unwrap())
         .collect()

@@ -30,10 +30,10 @@ pub(super) async fn a_hold_of_a_key_that_never_admits_again_leaves_at_its_lease_
     let s = Store::new(kind).await;
     let (gone, other) = (key(), key());
     let user = [entry(QuotaKind::Spend(Period::Total), 1_000)];
-    let stuck = LeaseId::new(&gone);
+    let stuck = s.user_lease(&gone);
     let d = s.admit(&holding(&stuck, &user, 1_000)).await;
     assert!(admitted(&d), "{d:?}");
-    let waiting = LeaseId::new(&other);
+    let waiting = s.user_lease(&other);
     let d = s.admit(&holding(&waiting, &user, 1)).await;
     assert_eq!(denial(&d), (HELD_IN_FLIGHT, Some(1_000)));
     assert_eq!(used(&d), [1_000]);
@@ -48,7 +48,7 @@ pub(super) async fn a_hold_of_a_key_that_never_admits_again_leaves_at_its_lease_
     // (that would release the other key's hold in its place).
     let late = s.counters.report(&report(&stuck, None, 300)).await.unwrap();
     assert_eq!(late, keyward::limits::Reported::Recorded);
-    let next = LeaseId::new(&other);
+    let next = s.user_lease(&other);
     let d = s.admit(&holding(&next, &user, 1)).await;
     assert_eq!(denial(&d), (HELD_IN_FLIGHT, Some(1_000)));
     assert_eq!(used(&d), [1_300], "spent 300 + the other key's 1,000 held");
@@ -72,14 +72,14 @@ pub(super) async fn a_renewed_lease_keeps_its_hold_until_its_new_expiry(kind: Ki
     let s = Store::new(kind).await;
     let (renewing, other) = (key(), key());
     let user = [entry(QuotaKind::Spend(Period::Total), 1_000)];
-    let lease = LeaseId::new(&renewing);
+    let lease = s.user_lease(&renewing);
     assert!(admitted(&s.admit(&holding(&lease, &user, 800)).await));
     s.advance(5_000);
     let renewed = s.counters.renew(&lease, 60_000).await.unwrap();
     assert!(renewed.is_some());
     // Past its first expiry, within the renewed one: still held.
     s.advance(10_000);
-    let probe = LeaseId::new(&other);
+    let probe = s.user_lease(&other);
     let d = s.admit(&holding(&probe, &user, 300)).await;
     assert_eq!(denial(&d), (HELD_IN_FLIGHT, Some(1_000)));
     assert_eq!(used(&d), [800]);

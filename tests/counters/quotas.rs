@@ -46,10 +46,10 @@ pub(super) async fn a_user_entry_is_shared_by_its_keys(kind: Kind) {
     let (k1, k2) = (key(), key());
     let user = [entry(QuotaKind::RequestsPerMinute, 3)];
     for k in [&k1, &k2, &k1] {
-        let lease = LeaseId::new(k);
+        let lease = s.user_lease(k);
         assert!(admitted(&s.admit(&with(&lease, &user)).await));
     }
-    let lease = LeaseId::new(&k2);
+    let lease = s.user_lease(&k2);
     let d = s.admit(&with(&lease, &user)).await;
     assert_eq!(
         denial(&d).0,

@@ -203,7 +203,12 @@ pub(super) async fn a_purged_leases_late_report_counts_on_its_own_entries(kind: 
             .get_multiplexed_async_connection()
             .await
             .unwrap();
-        let lx = keyward::limits::scripts::KeySpace::new(prefix).client(&k, "lx");
+        let space = keyward::limits::scripts::KeySpace::new(
+            prefix,
+            keyward::limits::scripts::DEFAULT_SHARDS,
+        );
+        let shard = space.shard_of(keyward::limits::Tenant::Key(&k));
+        let lx = space.client(shard, &k, "lx");
         let kept: i64 = redis::cmd("HLEN")
             .arg(&lx)
             .query_async(&mut conn)

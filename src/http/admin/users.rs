@@ -12,6 +12,7 @@ use crate::clock::{now_ms, to_rfc3339};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::extract::{IdPath, JsonBody, QueryArgs, TextPath};
 use crate::http::state::AppState;
+use crate::limits::Tenant;
 use crate::quota_usage::ScopeView;
 use crate::users::input::{PatchUserRequest, PutUserRequest};
 use crate::users::{self, User, UserError};
@@ -131,7 +132,13 @@ pub(super) async fn user_quota(
 ) -> Result<Json<Value>, ApiError> {
     let id = user_id(path)?;
     let (user, mut scopes) = state.users.quota(&id).await?;
-    crate::quota_live::fill(&state.counters, None, &mut scopes).await;
+    crate::quota_live::fill(
+        &state.counters,
+        Tenant::User(&user.user_id),
+        None,
+        &mut scopes,
+    )
+    .await;
     Ok(quota_json("user_id", &user.user_id, None, scopes))
 }
 
@@ -140,7 +147,8 @@ pub(super) async fn key_quota(
     IdPath(id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
     let (key, mut scopes) = state.keys.quota(&id).await?;
-    crate::quota_live::fill(&state.counters, Some(&key.id), &mut scopes).await;
+    let tenant = Tenant::of(&key.id, key.user_id.as_deref());
+    crate::quota_live::fill(&state.counters, tenant, Some(&key.id), &mut scopes).await;
     Ok(quota_json(
         "key_id",
         &key.id,

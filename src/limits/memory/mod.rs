@@ -26,8 +26,8 @@ use provider_keys::ProviderKeyStates;
 use quota::QuotaCounters;
 
 use super::{
-    effective_limit, AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported,
-    SelectRequest, TimeShift, Usage, Verdict,
+    effective_limit, AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, PickTaken,
+    Report, Reported, SelectRequest, TimeShift, Usage, Verdict,
 };
 use crate::money::bounded;
 use crate::pool::learned::Learned;
@@ -117,6 +117,7 @@ impl MemoryCounters {
             },
             usage: usage(state, now, (rpm > 0, tpm > 0), tracked.map(|b| b.remaining)),
             picked: None,
+            taken: None,
             degraded: None,
             quotas: quota_uses.clone(),
         };
@@ -228,6 +229,10 @@ impl MemoryCounters {
                 (rpm > 0, tpm > 0),
                 tracked.map(|b| b.remaining),
             ),
+            taken: picked.as_ref().map(|(_, _, reserved)| PickTaken {
+                second: b,
+                tokens: *reserved,
+            }),
             picked: picked.map(|(i, _, _)| i),
             degraded: None,
             quotas: quota_uses,

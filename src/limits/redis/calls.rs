@@ -1,28 +1,29 @@
 //! Each operation as its script call, built from the typed contracts in
-//! `limits::scripts` (one round trip; two when the pool in Redis needs a sync).
+//! `limits::scripts` (one round trip; two when the pool in Redis needs a sync). An
+//! admission with selection is two scripts at once, on two slots: `split`.
 
 use super::RedisCounters;
 use crate::limits::scripts::admit::{
     push_quota_args, push_quota_keys, AdmitArgs, AdmitCode, AdmitKeys, AdmitReply,
 };
 use crate::limits::scripts::limit_arg;
+use crate::limits::scripts::pick::PickCode;
+use crate::limits::scripts::pool_report::{self, PoolReportArgs, PoolReportKeys};
 use crate::limits::scripts::pool_state::{PoolStateArgs, PoolStateKeys};
 use crate::limits::scripts::pool_sync::{PoolSyncArgs, PoolSyncKey, PoolSyncKeys, PoolSyncReply};
 use crate::limits::scripts::renew::{RenewArgs, RenewKeys, RenewReply};
-use crate::limits::scripts::report::{
-    spend_entries, ReportArgs, ReportCode, ReportKeys, ReportProviderKeys,
-};
+use crate::limits::scripts::report::{spend_entries, ReportArgs, ReportCode, ReportKeys};
 use crate::limits::{
     AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported, SelectRequest,
     Verdict,
 };
-use crate::pool::cache::{Candidate, Roster};
+use crate::pool::cache::Roster;
 use crate::pool::LiveState;
 
 impl RedisCounters {
     /// Writes the caller's pool into Redis (`lua/pool_sync.lua`), unless Redis holds one
     /// stamped later ([`CounterError::PoolOutdated`]).
-    async fn sync_pool(&self, candidates: &Roster) -> Result<(), CounterError> {
+    pub(super) async fn sync_pool(&self, candidates: &Roster) -> Result<(), CounterError> {
         let Some(first) = candidates.first() else {
             return Ok(());
         };
@@ -42,36 +43,8 @@ impl RedisCounters {
         }
     }
 
-    /// Runs an admit-script call. When Redis holds another version of the pool (an admin
-    /// change, or its first use), syncs the pool and runs the call once more: the one
-    /// case where a decision takes more than one round trip. When the pool in Redis is
-    /// stamped later than the caller's, nothing is written: the caller's pool is
-    /// outdated ([`CounterError::PoolOutdated`]), and it reloads it.
-    async fn invoke_admit(
-        &self,
-        name: &str,
-        call: &redis::ScriptInvocation<'_>,
-        pool: Option<&Roster>,
-    ) -> Result<AdmitReply, CounterError> {
-        let reply = AdmitReply::parse(&self.lanes.invoke::<Vec<redis::Value>>(name, call).await?)?;
-        let (AdmitCode::PoolVersion, Some(pool)) = (reply.code, pool) else {
-            return Ok(reply);
-        };
-        if reply.a > pool.stamp() {
-            return Err(CounterError::PoolOutdated { newer: reply.a });
-        }
-        self.sync_pool(pool).await?;
-        let reply = AdmitReply::parse(&self.lanes.invoke::<Vec<redis::Value>>(name, call).await?)?;
-        if reply.code == AdmitCode::PoolVersion {
-            return Err(CounterError::Protocol(
-                "the pool changed again during its sync".into(),
-            ));
-        }
-        Ok(reply)
-    }
-
     pub(super) async fn admit_redis(&self, r: &AdmitRequest<'_>) -> Result<Decision, CounterError> {
-        let id = &r.lease.key_id;
+        let shard = self.space.shard_of_lease(r.lease);
         let balance = r.balance.unwrap_or(crate::limits::BalanceSnapshot {
             credited: 0,
             used: 0,
@@ -83,12 +56,12 @@ impl RedisCounters {
             sanitize(r.model),
             sanitize(r.api_format)
         );
-        let candidates: &[Candidate] = r.pool.map_or(&[], |p| p);
-        let provider = candidates.first().map_or("", |c| c.provider.as_str());
         let clock = self.shift.script_clock();
+        // The client's part only (no pool version): every key on the tenant's shard. The
+        // pool's part, when one is wanted, is `lua/pick.lua` on the pool's tag (`split`).
         let mut call = self.scripts.admit.prepare_invoke();
-        AdmitKeys::new(&self.space, id, provider).push(&mut call);
-        push_quota_keys(&self.space, r.quotas, &mut call);
+        AdmitKeys::new(&self.space, shard, &r.lease.key_id).push(&mut call);
+        push_quota_keys(&self.space, shard, r.quotas, &mut call);
         AdmitArgs {
             rpm_limit: limit_arg(r.rpm),
             tpm_limit: limit_arg(r.tpm),
@@ -103,101 +76,44 @@ impl RedisCounters {
             used: crate::money::bounded(balance.used.into()),
             balance_version: balance.version,
             time_shift_ms: clock.shift_ms,
-            client: true,
-            pool_version: pool_version(r.pool),
             hold: r.hold_micros,
             now_ms: clock.pinned_ms,
             guard_ttl_ms: self.guard_ttl_ms,
         }
         .push(&mut call);
         push_quota_args(r.quotas, &mut call);
-        let AdmitReply {
-            code,
-            a,
-            mut usage,
-            picked,
-            quota,
-            quotas,
-        } = self.invoke_admit("admit", &call, r.pool).await?;
-        if quotas.len() != r.quotas.len() {
-            return Err(CounterError::Protocol(format!(
-                "admit answered {} quota entries for {}",
-                quotas.len(),
-                r.quotas.len()
-            )));
+        match r.pool.filter(|p| !p.is_empty()) {
+            Some(pool) => self.admit_with_pick(r, shard, pool, &call).await,
+            None => {
+                let reply = self.invoke_client(&call).await?;
+                client_decision(r, reply)
+            }
         }
-        usage.balance_remaining = usage.balance_remaining.filter(|_| r.balance.is_some());
-        let denied = |reason, retry: Option<i64>| Verdict::Denied {
-            reason,
-            retry_after_ms: retry,
-        };
-        let verdict = match code {
-            AdmitCode::Admitted => Verdict::Admitted { expires_at_ms: a },
-            AdmitCode::Requests => denied(Denial::Requests, Some(a)),
-            AdmitCode::Tokens => denied(Denial::Tokens, Some(a)),
-            AdmitCode::Concurrency => denied(Denial::Concurrency, Some(a)),
-            AdmitCode::BalanceExhausted => denied(Denial::BalanceExhausted, None),
-            AdmitCode::BalanceCommitted => denied(Denial::BalanceCommitted, Some(a)),
-            AdmitCode::PoolExhausted => denied(Denial::PoolExhausted, Some(a)),
-            AdmitCode::Quota => {
-                let (index, exhausted) = quota.ok_or_else(|| {
-                    CounterError::Protocol("admit refused by a quota without naming it".into())
-                })?;
-                denied(Denial::Quota { index, exhausted }, (a > 0).then_some(a))
-            }
-            AdmitCode::PoolVersion => {
-                return Err(CounterError::Protocol(
-                    "admit asked for a pool sync without a pool".into(),
-                ))
-            }
-        };
-        Ok(Decision {
-            verdict,
-            usage,
-            picked: candidates
-                .iter()
-                .position(|c| !picked.is_empty() && c.id == picked),
-            degraded: None,
-            quotas,
-        })
+    }
+
+    /// Runs the client's admit call and checks its answer.
+    pub(super) async fn invoke_client(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<AdmitReply, CounterError> {
+        let reply = self
+            .lanes
+            .invoke::<Vec<redis::Value>>("admit", call)
+            .await?;
+        AdmitReply::parse(&reply)
     }
 
     pub(super) async fn select_redis(&self, r: &SelectRequest<'_>) -> Result<Pick, CounterError> {
-        // The admit script with the client part switched off (its client keys untouched).
-        let clock = self.shift.script_clock();
-        let mut call = self.scripts.admit.prepare_invoke();
-        AdmitKeys::new(&self.space, "-", r.provider).push(&mut call);
-        AdmitArgs {
-            rpm_limit: 0,
-            tpm_limit: 0,
-            concurrency_limit: 0,
-            tokens: r.tokens,
-            lease_token: "-",
-            lease_ttl_ms: 1,
-            lease_meta: "||".into(),
-            balance_tracked: false,
-            credited: 0,
-            used: 0,
-            balance_version: 0,
-            time_shift_ms: clock.shift_ms,
-            client: false,
-            pool_version: pool_version(Some(r.candidates)),
-            hold: 0,
-            now_ms: clock.pinned_ms,
-            guard_ttl_ms: self.guard_ttl_ms,
-        }
-        .push(&mut call);
-        let reply = self
-            .invoke_admit("select", &call, Some(r.candidates))
-            .await?;
+        // The pool's part alone.
+        let reply = self.pick(r.candidates, r.tokens).await?;
         let picked = r.candidates.iter().position(|c| c.id == reply.picked);
         match (reply.code, picked) {
-            (AdmitCode::Admitted, Some(i)) => Ok(Pick::Picked(i)),
-            (AdmitCode::PoolExhausted, _) => Ok(Pick::Exhausted {
+            (PickCode::Picked, Some(i)) => Ok(Pick::Picked(i)),
+            (PickCode::PoolExhausted, _) => Ok(Pick::Exhausted {
                 retry_after_ms: reply.a,
             }),
             (code, _) => Err(CounterError::Protocol(format!(
-                "select returned {code:?} (picked {:?})",
+                "pick returned {code:?} (picked {:?})",
                 reply.picked
             ))),
         }
@@ -208,15 +124,17 @@ impl RedisCounters {
             .lease
             .as_ref()
             .map_or(("", ""), |l| (l.token.as_str(), l.key_id.as_str()));
+        // A report without a lease records only: any shard takes it, spread by its id.
+        let shard = r.lease.as_ref().map_or_else(
+            || self.space.shard_of(crate::limits::Tenant::Key(&r.id)),
+            |l| self.space.shard_of_lease(l),
+        );
         let (prompt, completion) = r.tokens.unwrap_or((0, 0));
         let text = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
         let clock = self.shift.script_clock();
         let mut call = self.scripts.report.prepare_invoke();
-        ReportKeys::new(&self.space, key_id, &r.id).push(&mut call);
-        if let Some(pk) = &r.provider_key_id {
-            ReportProviderKeys::new(&self.space, pk).push(&mut call);
-        }
-        let spends = spend_entries(&self.space, &r.spend_now);
+        ReportKeys::new(&self.space, shard, key_id, &r.id).push(&mut call);
+        let spends = spend_entries(&self.space, shard, &r.spend_now);
         for (key, _) in &spends {
             key.push(&mut call);
         }
@@ -234,25 +152,74 @@ impl RedisCounters {
             latency_ms: text(r.latency_ms),
             status: text(r.upstream_status),
             time_shift_ms: clock.shift_ms,
-            cooldown_ms: r.cooldown_ms,
-            suspend_ms: r.suspend_ms,
-            cause_source: crate::pool::bounded_source(&r.source),
             lease_expiry: r.lease_expires_at_ms,
             cached: r.token_classes.cached,
             cache_write: r.token_classes.cache_write,
             reasoning: r.token_classes.reasoning,
             usage_source: r.usage_source.as_str(),
-            learned_cooldown_ms: r.learned_cooldown_ms(),
-            learned_limits: r.learned.map(|l| l.encode()).unwrap_or_default(),
-            learned_keep_ms: r.learned.map_or(0, |l| l.keep_ms()),
             now_ms: clock.pinned_ms,
+            cancel: false,
+            requests: false,
         }
         .push(&mut call);
         for (_, args) in &spends {
             args.push(&mut call);
         }
         let reply: Vec<redis::Value> = self.lanes.invoke("report", &call).await?;
-        Ok(ReportCode::parse(&reply)?.into())
+        let reported: Reported = ReportCode::parse(&reply)?.into();
+        if reported == Reported::Recorded {
+            self.pool_report(r).await;
+        }
+        Ok(reported)
+    }
+
+    /// A recorded report's provider-key part (`lua/pool_report.lua`, on the pool's tag):
+    /// settles the pick's tokens, cools the key down or suspends it, keeps its learned
+    /// limits. The report is recorded already (a retry would be a duplicate), so a
+    /// failure here is logged, not answered: the pick's reservation then passes with its
+    /// window (a minute), and a cooldown is lost.
+    async fn pool_report(&self, r: &Report) {
+        let (Some(pk), Some(provider)) = (&r.provider_key_id, &r.provider) else {
+            return;
+        };
+        let taken = r.lease.as_ref().and_then(|l| l.taken);
+        let learned_cooldown_ms = r.learned_cooldown_ms();
+        let nothing = taken.is_none()
+            && r.cooldown_ms == 0
+            && r.suspend_ms == 0
+            && learned_cooldown_ms == 0
+            && r.learned.is_none();
+        if nothing {
+            return;
+        }
+        let (prompt, completion) = r.tokens.unwrap_or((0, 0));
+        let clock = self.shift.script_clock();
+        let mut call = self.scripts.pool_report.prepare_invoke();
+        PoolReportKeys::new(&self.space, provider, pk).push(&mut call);
+        PoolReportArgs {
+            second: taken.map_or(-1, |t| t.second),
+            reserved: taken.map_or(0, |t| t.tokens),
+            has_tokens: r.tokens.is_some(),
+            used: prompt.saturating_add(completion),
+            status: r.upstream_status.map(|n| n.to_string()).unwrap_or_default(),
+            cooldown_ms: r.cooldown_ms,
+            suspend_ms: r.suspend_ms,
+            cause_source: crate::pool::bounded_source(&r.source),
+            learned_cooldown_ms,
+            learned_keep_ms: r.learned.map_or(0, |l| l.keep_ms()),
+            learned_limits: r.learned.map(|l| l.encode()).unwrap_or_default(),
+            time_shift_ms: clock.shift_ms,
+            now_ms: clock.pinned_ms,
+        }
+        .push(&mut call);
+        let result = self
+            .lanes
+            .invoke::<Vec<redis::Value>>("pool_report", &call)
+            .await
+            .and_then(|reply| pool_report::parse(&reply));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, provider_key = %pk, "report recorded, but its provider key's part failed: its reserved tokens pass with the window");
+        }
     }
 
     pub(super) async fn renew_redis(
@@ -262,7 +229,8 @@ impl RedisCounters {
     ) -> Result<Option<i64>, CounterError> {
         let clock = self.shift.script_clock();
         let mut call = self.scripts.renew.prepare_invoke();
-        RenewKeys::new(&self.space, &lease.key_id).push(&mut call);
+        RenewKeys::new(&self.space, self.space.shard_of_lease(lease), &lease.key_id)
+            .push(&mut call);
         RenewArgs {
             lease_token: &lease.token,
             lease_ttl_ms: ttl_ms,
@@ -275,6 +243,7 @@ impl RedisCounters {
 
     pub(super) async fn pool_state_redis(
         &self,
+        provider: &str,
         ids: &[String],
     ) -> Result<Vec<LiveState>, CounterError> {
         if ids.is_empty() {
@@ -282,7 +251,7 @@ impl RedisCounters {
         }
         let mut call = self.scripts.pool_state.prepare_invoke();
         for id in ids {
-            PoolStateKeys::new(&self.space, id).push(&mut call);
+            PoolStateKeys::new(&self.space, provider, id).push(&mut call);
         }
         let clock = self.shift.script_clock();
         PoolStateArgs {
@@ -295,11 +264,6 @@ impl RedisCounters {
     }
 }
 
-/// The pool version an admit call sends: "" when no provider key is wanted.
-fn pool_version(pool: Option<&Roster>) -> &str {
-    pool.filter(|p| !p.is_empty()).map_or("", |p| p.version())
-}
-
 /// The lease meta is `|`-separated inside the script: keep separators out of its fields.
 fn sanitize(field: &str) -> std::borrow::Cow<'_, str> {
     if field.contains('|') {
@@ -307,4 +271,53 @@ fn sanitize(field: &str) -> std::borrow::Cow<'_, str> {
     } else {
         field.into()
     }
+}
+
+/// The decision of the client's part alone (admitted without a pick, or refused).
+pub(super) fn client_decision(
+    r: &AdmitRequest<'_>,
+    reply: AdmitReply,
+) -> Result<Decision, CounterError> {
+    let AdmitReply {
+        code,
+        a,
+        mut usage,
+        quota,
+        quotas,
+        ..
+    } = reply;
+    if quotas.len() != r.quotas.len() {
+        return Err(CounterError::Protocol(format!(
+            "admit answered {} quota entries for {}",
+            quotas.len(),
+            r.quotas.len()
+        )));
+    }
+    usage.balance_remaining = usage.balance_remaining.filter(|_| r.balance.is_some());
+    let denied = |reason, retry: Option<i64>| Verdict::Denied {
+        reason,
+        retry_after_ms: retry,
+    };
+    let verdict = match code {
+        AdmitCode::Admitted => Verdict::Admitted { expires_at_ms: a },
+        AdmitCode::Requests => denied(Denial::Requests, Some(a)),
+        AdmitCode::Tokens => denied(Denial::Tokens, Some(a)),
+        AdmitCode::Concurrency => denied(Denial::Concurrency, Some(a)),
+        AdmitCode::BalanceExhausted => denied(Denial::BalanceExhausted, None),
+        AdmitCode::BalanceCommitted => denied(Denial::BalanceCommitted, Some(a)),
+        AdmitCode::Quota => {
+            let (index, exhausted) = quota.ok_or_else(|| {
+                CounterError::Protocol("admit refused by a quota without naming it".into())
+            })?;
+            denied(Denial::Quota { index, exhausted }, (a > 0).then_some(a))
+        }
+    };
+    Ok(Decision {
+        verdict,
+        usage,
+        picked: None,
+        taken: None,
+        degraded: None,
+        quotas,
+    })
 }

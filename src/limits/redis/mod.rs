@@ -7,7 +7,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `{P}:k:<key id>:rpm` / `:tpm` | hash | second → requests / tokens (61 buckets at most) |
+//! | `{P}:k:<key id>:rpm` | hash | both windows: second → requests, `t<second>` → tokens (61 buckets each at most; `:tpm` held the tokens before) |
 //! | `{P}:k:<key id>:leases` | zset | lease token → expiry ms |
 //! | `{P}:k:<key id>:ld` | hash | lease token → reservation data for the report |
 //! | `{P}:k:<key id>:bal` | hash | live balance (no expiry: it is ahead of the database) |
@@ -46,6 +46,7 @@ mod calls;
 mod lanes;
 mod policy;
 mod quota_read;
+mod split;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,9 +57,9 @@ use policy::Degraded;
 use super::breaker::Breaker;
 use super::conn::{Conn, Connector, Target};
 use super::memory::MemoryCounters;
-use super::scripts::{KeySpace, Scripts};
+use super::scripts::{KeySpace, Scripts, DEFAULT_SHARDS};
 use super::{
-    AdmitRequest, CounterError, Decision, LeaseId, Pick, Report, Reported, SelectRequest,
+    AdmitRequest, CounterError, Decision, LeaseId, Pick, Report, Reported, SelectRequest, Tenant,
     TimeShift, Usage, Verdict,
 };
 use crate::clock::now_ms;
@@ -67,9 +68,11 @@ use crate::pool::LiveState;
 
 pub struct RedisCounters {
     target: Target,
-    lanes: Lanes,
+    lanes: Arc<Lanes>,
     space: KeySpace,
-    scripts: Scripts,
+    scripts: Arc<Scripts>,
+    /// Compensations (`split`) still running.
+    pending: Arc<tokio::sync::watch::Sender<usize>>,
     guard_ttl_ms: i64,
     pub(crate) shift: TimeShift,
     breaker: Breaker,
@@ -98,14 +101,15 @@ impl RedisCounters {
     ) -> Result<Self, CounterError> {
         crate::tls::install_provider();
         let counters = Self {
-            lanes: Lanes {
+            lanes: Arc::new(Lanes {
                 connector: Connector::new(&target, 8)?,
                 lanes: (0..LANES).map(|_| Mutex::new(None)).collect(),
                 next: AtomicUsize::new(0),
-            },
+            }),
             target,
-            space: KeySpace::new(prefix),
-            scripts: Scripts::default(),
+            space: KeySpace::new(prefix, DEFAULT_SHARDS),
+            scripts: Arc::new(Scripts::default()),
+            pending: Arc::new(tokio::sync::watch::channel(0).0),
             guard_ttl_ms,
             shift: TimeShift::default(),
             breaker: Breaker::default(),
@@ -115,6 +119,49 @@ impl RedisCounters {
         };
         counters.load_scripts().await?;
         Ok(counters)
+    }
+
+    /// Spreads the tenants over `shards` hash tags (`KEYWARD_REDIS_SHARDS`; the default
+    /// is [`DEFAULT_SHARDS`]).
+    pub fn with_shards(mut self, shards: u16) -> Self {
+        self.space = KeySpace::new(self.space.prefix(), shards);
+        self
+    }
+
+    /// Records the shard count in Redis (`{prefix}:layout` = `shards=S`, SET NX) and
+    /// refuses (an error naming `KEYWARD_REDIS_SHARDS`) when Redis holds another: replicas
+    /// with different counts would count one tenant in two places.
+    pub async fn check_layout(&self) -> Result<(), CounterError> {
+        let want = format!("shards={}", self.space.shard_count());
+        let mut conn = self.conn().await?;
+        let _: Option<String> = redis::cmd("SET")
+            .arg(self.space.layout())
+            .arg(&want)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await?;
+        let held: Option<String> = redis::cmd("GET")
+            .arg(self.space.layout())
+            .query_async(&mut conn)
+            .await?;
+        match held {
+            Some(held) if held != want => Err(CounterError::Layout(format!(
+                "KEYWARD_REDIS_SHARDS is {} but Redis holds counters laid out with {held} under {} (set the same value on every replica, or delete that key to re-home the counters)",
+                self.space.shard_count(),
+                self.space.layout()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The shard a tenant's counters live on.
+    pub fn shard_of(&self, tenant: Tenant<'_>) -> u16 {
+        self.space.shard_of(tenant)
+    }
+
+    /// The names of this deployment's keys.
+    pub fn space(&self) -> &KeySpace {
+        &self.space
     }
 
     /// What to do while Redis fails; `fallback` serves `allow` and `local`.
@@ -148,6 +195,7 @@ impl RedisCounters {
                         // Without counters the pool order is all there is: the first by
                         // priority.
                         picked: r.pool.filter(|c| !c.is_empty()).map(|_| 0),
+                        taken: None,
                         degraded: Some(mode.as_str()),
                         quotas: vec![super::QuotaUse::default(); r.quotas.len()],
                     }
@@ -175,14 +223,22 @@ impl RedisCounters {
         Ok(self.lanes.get().await?.1)
     }
 
-    /// The Redis key of a client key's `rpm`, `tpm`, `leases`, `ld` or `bal`.
+    /// The Redis key of a client key's `rpm`, `tpm`, `leases`, `ld` or `bal`, for a key
+    /// without a user (its own shard).
     pub fn key(&self, key_id: &str, what: &str) -> String {
-        self.space.client(key_id, what)
+        let shard = self.space.shard_of(Tenant::Key(key_id));
+        self.space.client(shard, key_id, what)
     }
 
-    /// The accounting stream.
-    pub fn stream_key(&self) -> String {
-        self.space.usage()
+    /// The accounting stream a report of a key without a user goes to (its shard's).
+    pub fn stream_key_for(&self, key_id: &str) -> String {
+        self.space.usage(self.space.shard_of(Tenant::Key(key_id)))
+    }
+
+    /// The accounting streams: every shard's, then the one-tag layout's (read until it
+    /// is drained).
+    pub fn stream_keys(&self) -> Vec<String> {
+        self.space.usage_streams()
     }
 
     pub async fn select(&self, r: &SelectRequest<'_>) -> Result<Pick, CounterError> {
@@ -196,21 +252,25 @@ impl RedisCounters {
     }
 
     /// The live state of provider keys (no fallback: the admin API reports the error).
-    pub async fn pool_state(&self, ids: &[String]) -> Result<Vec<LiveState>, CounterError> {
-        self.pool_state_redis(ids).await
+    pub async fn pool_state(
+        &self,
+        provider: &str,
+        ids: &[String],
+    ) -> Result<Vec<LiveState>, CounterError> {
+        self.pool_state_redis(provider, ids).await
     }
 
     /// Ends a provider key's cooldown and suspension now, here and in the outage twin
-    /// (one DEL of keys under the deployment's hash tag, so one slot).
+    /// (one DEL of keys under the pool's hash tag, so one slot).
     pub async fn reset_provider_key(&self, provider: &str, id: &str) -> Result<(), CounterError> {
         if let Some(twin) = &self.fallback {
             twin.reset_provider_key(provider, id);
         }
         let mut conn = self.conn().await?;
         let _: i64 = redis::cmd("DEL")
-            .arg(self.space.provider_key(id, "cd"))
-            .arg(self.space.provider_key(id, "susp"))
-            .arg(self.space.provider_key(id, "cause"))
+            .arg(self.space.provider_key(provider, id, "cd"))
+            .arg(self.space.provider_key(provider, id, "susp"))
+            .arg(self.space.provider_key(provider, id, "cause"))
             .query_async(&mut conn)
             .await?;
         Ok(())

@@ -43,7 +43,8 @@ fn is_outage(e: &CounterError) -> bool {
         CounterError::Pool(_) | CounterError::CircuitOpen => true,
         CounterError::Protocol(_)
         | CounterError::QueueClosed
-        | CounterError::PoolOutdated { .. } => false,
+        | CounterError::PoolOutdated { .. }
+        | CounterError::Layout(_) => false,
     }
 }
 

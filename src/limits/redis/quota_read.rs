@@ -4,22 +4,29 @@
 use super::RedisCounters;
 use crate::limits::live::{LiveCounter, LiveFigures};
 use crate::limits::scripts::quota_read::{parse, QuotaReadArgs, QuotaReadEntryArgs, QuotaReadKey};
-use crate::limits::CounterError;
+use crate::limits::{CounterError, Tenant};
 
 impl RedisCounters {
     /// Reads `counters` (no fallback to the outage twin: its figures are not Redis's;
     /// while the breaker is open this fails at once).
-    pub async fn read_quotas(&self, counters: &[LiveCounter]) -> Result<LiveFigures, CounterError> {
-        self.guarded(self.read_quotas_redis(counters)).await
+    /// `tenant`'s shard holds them all.
+    pub async fn read_quotas(
+        &self,
+        tenant: Tenant<'_>,
+        counters: &[LiveCounter],
+    ) -> Result<LiveFigures, CounterError> {
+        self.guarded(self.read_quotas_redis(self.space.shard_of(tenant), counters))
+            .await
     }
 
     async fn read_quotas_redis(
         &self,
+        shard: u16,
         counters: &[LiveCounter],
     ) -> Result<LiveFigures, CounterError> {
         let mut call = self.scripts.quota_read.prepare_invoke();
         for counter in counters {
-            QuotaReadKey::new(&self.space, counter).push(&mut call);
+            QuotaReadKey::new(&self.space, shard, counter).push(&mut call);
         }
         let clock = self.shift.script_clock();
         QuotaReadArgs {

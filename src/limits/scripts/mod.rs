@@ -10,15 +10,18 @@
 //! checks it against these lists and the reply enums' codes, so neither side can drift.
 
 pub mod admit;
+pub mod pick;
+pub mod pool_report;
 pub mod pool_state;
 pub mod pool_sync;
 pub mod quota_read;
 pub mod renew;
 pub mod report;
+pub mod unpick;
 
 use redis::Script;
 
-use super::CounterError;
+use super::{CounterError, LeaseId, Tenant};
 
 /// Declares a script's KEYS or ARGV struct: the fields in the script's order, named as in
 /// its header. Generates `NAMES` (those names, in order) and `push` (adds the values to a
@@ -71,6 +74,9 @@ pub mod source {
     pub const POOL_STATE: &str = include_str!("../../../lua/pool_state.lua");
     pub const POOL_SYNC: &str = include_str!("../../../lua/pool_sync.lua");
     pub const QUOTA_READ: &str = include_str!("../../../lua/quota_read.lua");
+    pub const PICK: &str = include_str!("../../../lua/pick.lua");
+    pub const UNPICK: &str = include_str!("../../../lua/unpick.lua");
+    pub const POOL_REPORT: &str = include_str!("../../../lua/pool_report.lua");
 }
 
 /// What one script promises, for the header check: its file, its KEYS and ARGV by name
@@ -88,13 +94,16 @@ pub struct Contract {
 }
 
 /// Every script's contract.
-pub const CONTRACTS: [Contract; 6] = [
+pub const CONTRACTS: [Contract; 9] = [
     admit::CONTRACT,
     report::CONTRACT,
     renew::CONTRACT,
     pool_state::CONTRACT,
     pool_sync::CONTRACT,
     quota_read::CONTRACT,
+    pick::CONTRACT,
+    unpick::CONTRACT,
+    pool_report::CONTRACT,
 ];
 
 /// The script clock: what every script takes as its last two time arguments. In
@@ -114,55 +123,166 @@ pub fn limit_arg(limit: Option<i64>) -> i64 {
     super::effective_limit(limit).unwrap_or(0)
 }
 
-/// The names of a deployment's keys, all under one hash tag `{prefix}` (one Redis
-/// Cluster slot; see `limits::redis` for the layout).
+/// The shards a deployment's tenants spread over by default (`KEYWARD_REDIS_SHARDS`).
+pub const DEFAULT_SHARDS: u16 = 16;
+/// The most shards a deployment may have (a tag per shard, searched at start-up).
+pub const MAX_SHARDS: u16 = 1024;
+/// Redis Cluster's slot count.
+const SLOTS: u32 = 16_384;
+
+/// The names of a deployment's keys. A tenant's keys (a client key's windows, leases,
+/// balance, its quota counters and its user's, duplicate guards, the accounting stream
+/// its reports feed) live under its shard's hash tag `{<prefix>:<i>.<j>}`; a provider's
+/// pool under `{<prefix>:p:<provider>}`; the deployment's own marks (`layout`, the
+/// stream of the one-tag release before) under `{<prefix>}`. Each script touches one
+/// tag, so one Redis Cluster slot (see `limits::redis` for the layout).
+///
+/// Shard `i`'s tag is chosen so that its slot lies in the `i`-th of `S` equal slot
+/// ranges: masters that split the slots evenly (what `redis-cli --cluster create` does)
+/// then hold the same number of shards, so tenants spread evenly over them.
 #[derive(Debug, Clone)]
 pub struct KeySpace {
-    tag: String,
+    prefix: String,
+    legacy: String,
+    /// Shard i's hash tag, braces included.
+    shards: Vec<String>,
 }
 
 impl KeySpace {
-    pub fn new(prefix: &str) -> KeySpace {
+    /// The names under `prefix` with `shards` tenant shards (clamped to
+    /// `1..=MAX_SHARDS`); the tags are searched here, once.
+    pub fn new(prefix: &str, shards: u16) -> KeySpace {
+        let count = shards.clamp(1, MAX_SHARDS) as u32;
+        let shards = (0..count)
+            .map(|i| {
+                let (lo, hi) = (i * SLOTS / count, (i + 1) * SLOTS / count);
+                // About count tries per shard on average: a few thousand CRCs at most.
+                let j = (0u32..)
+                    .find(|j| (lo..hi).contains(&slot(&format!("{prefix}:{i}.{j}"))))
+                    .unwrap_or_default();
+                format!("{{{prefix}:{i}.{j}}}")
+            })
+            .collect();
         KeySpace {
-            tag: format!("{{{prefix}}}"),
+            prefix: prefix.to_string(),
+            legacy: format!("{{{prefix}}}"),
+            shards,
         }
     }
 
-    /// The hash tag, braces included.
-    pub fn tag(&self) -> &str {
-        &self.tag
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
-    /// A client key's `rpm`, `tpm`, `leases`, `ld` or `bal`.
-    pub fn client(&self, key_id: &str, what: &str) -> String {
-        format!("{}:k:{key_id}:{what}", self.tag)
+    /// How many tenant shards.
+    pub fn shard_count(&self) -> u16 {
+        self.shards.len() as u16
     }
 
-    /// A provider key's `rpm`, `tpm`, `cd`, `susp` or `cause`.
-    pub fn provider_key(&self, id: &str, what: &str) -> String {
-        format!("{}:pk:{id}:{what}", self.tag)
+    /// The shard of a tenant: FNV-1a 64 of `u:<user>` / `k:<key id>`, mod the count
+    /// (stable across replicas and releases, for the same count).
+    pub fn shard_of(&self, tenant: Tenant<'_>) -> u16 {
+        let hash = match tenant {
+            Tenant::User(id) => fnv1a(&[b"u:", id.as_bytes()]),
+            Tenant::Key(id) => fnv1a(&[b"k:", id.as_bytes()]),
+        };
+        (hash % self.shards.len() as u64) as u16
     }
 
-    /// A provider pool's `def` or `order`.
+    /// The shard a lease's counters are on: the one it carries, else (a lease of the
+    /// release before, or a caller that does not know the user) its key's own.
+    pub fn shard_of_lease(&self, lease: &LeaseId) -> u16 {
+        lease
+            .shard
+            .filter(|s| *s < self.shard_count())
+            .unwrap_or_else(|| self.shard_of(Tenant::Key(&lease.key_id)))
+    }
+
+    /// Shard `shard`'s hash tag, braces included (a shard out of range is the last).
+    pub fn tag(&self, shard: u16) -> &str {
+        let last = self.shards.len() - 1;
+        &self.shards[(shard as usize).min(last)]
+    }
+
+    /// The deployment's own tag `{prefix}` (the one-tag layout of the release before).
+    pub fn legacy_tag(&self) -> &str {
+        &self.legacy
+    }
+
+    /// Where the shard count is recorded: `{prefix}:layout` = `shards=S`.
+    pub fn layout(&self) -> String {
+        format!("{}:layout", self.legacy)
+    }
+
+    /// A client key's `rpm`, `tpm`, `leases`, `ld`, `lx` or `bal`, on `shard`.
+    pub fn client(&self, shard: u16, key_id: &str, what: &str) -> String {
+        format!("{}:k:{key_id}:{what}", self.tag(shard))
+    }
+
+    /// A provider pool's hash tag `{<prefix>:p:<provider>}`.
+    pub fn pool_tag(&self, provider: &str) -> String {
+        format!("{{{}:p:{provider}}}", self.prefix)
+    }
+
+    /// A provider key's `rpm`, `tpm`, `cd`, `susp` or `cause`, under its pool's tag.
+    pub fn provider_key(&self, provider: &str, id: &str, what: &str) -> String {
+        format!("{}:pk:{id}:{what}", self.pool_tag(provider))
+    }
+
+    /// A provider pool's `def` or `order`, under its own tag.
     pub fn pool(&self, provider: &str, what: &str) -> String {
-        format!("{}:p:{provider}:{what}", self.tag)
+        format!("{}:{what}", self.pool_tag(provider))
     }
 
-    /// A quota scope's counters' base name (`counter` is a
+    /// A quota scope's counters' base name on `shard` (`counter` is a
     /// [`crate::quota::Scope::counter_id`]): the scripts add `:rm`, `:td:<day>`, ….
-    pub fn quota(&self, counter: &str) -> String {
-        format!("{}:q:{counter}", self.tag)
+    pub fn quota(&self, shard: u16, counter: &str) -> String {
+        format!("{}:q:{counter}", self.tag(shard))
     }
 
-    /// A report's duplicate guard.
-    pub fn done(&self, record_id: &str) -> String {
-        format!("{}:done:{record_id}", self.tag)
+    /// A report's duplicate guard, on its lease's shard.
+    pub fn done(&self, shard: u16, record_id: &str) -> String {
+        format!("{}:done:{record_id}", self.tag(shard))
     }
 
-    /// The accounting stream.
-    pub fn usage(&self) -> String {
-        format!("{}:usage", self.tag)
+    /// A shard's accounting stream.
+    pub fn usage(&self, shard: u16) -> String {
+        format!("{}:usage", self.tag(shard))
     }
+
+    /// Every shard's accounting stream, then the one-tag layout's (drained on upgrade).
+    pub fn usage_streams(&self) -> Vec<String> {
+        let mut all: Vec<String> = (0..self.shard_count()).map(|s| self.usage(s)).collect();
+        all.push(format!("{}:usage", self.legacy));
+        all
+    }
+}
+
+/// The Redis Cluster slot of a hash tag's inside (CRC16-XMODEM mod 16384).
+pub fn slot(tag: &str) -> u32 {
+    let mut crc: u16 = 0;
+    for byte in tag.bytes() {
+        crc ^= (byte as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc as u32 % SLOTS
+}
+
+/// FNV-1a 64 of the concatenated parts.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in parts.iter().flat_map(|p| p.iter()) {
+        hash ^= *byte as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
 }
 
 /// Every script keyward runs, loaded once.
@@ -173,6 +293,9 @@ pub struct Scripts {
     pub pool_state: Script,
     pub pool_sync: Script,
     pub quota_read: Script,
+    pub pick: Script,
+    pub unpick: Script,
+    pub pool_report: Script,
 }
 
 impl Default for Scripts {
@@ -184,12 +307,15 @@ impl Default for Scripts {
             pool_state: Script::new(source::POOL_STATE),
             pool_sync: Script::new(source::POOL_SYNC),
             quota_read: Script::new(source::QUOTA_READ),
+            pick: Script::new(source::PICK),
+            unpick: Script::new(source::UNPICK),
+            pool_report: Script::new(source::POOL_REPORT),
         }
     }
 }
 
 impl Scripts {
-    pub fn all(&self) -> [&Script; 6] {
+    pub fn all(&self) -> [&Script; 9] {
         [
             &self.admit,
             &self.report,
@@ -197,6 +323,9 @@ impl Scripts {
             &self.pool_state,
             &self.pool_sync,
             &self.quota_read,
+            &self.pick,
+            &self.unpick,
+            &self.pool_report,
         ]
     }
 }
@@ -213,4 +342,53 @@ fn int_at(script: &str, reply: &[redis::Value], i: usize) -> Result<i64, Counter
         .ok_or_else(|| protocol(script, format_args!("{} values", reply.len())))?;
     redis::from_redis_value_ref::<i64>(value)
         .map_err(|_| protocol(script, format_args!("a non-integer at {}", i + 1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_redis_clusters() {
+        // `CLUSTER KEYSLOT` of a real server (and the Redis Cluster spec's example).
+        assert_eq!(slot("123456789"), 12_739);
+        assert_eq!(slot("foo"), 12_182);
+        assert_eq!(slot("bar"), 5_061);
+        assert_eq!(slot("kw"), 6_560);
+        assert_eq!(slot(""), 0);
+    }
+
+    #[test]
+    fn shard_tags_lie_in_equal_slot_ranges() {
+        for count in [1u16, 3, 16, 1024] {
+            let space = KeySpace::new("kw", count);
+            assert_eq!(space.shard_count(), count);
+            for i in 0..count {
+                let tag = space.tag(i);
+                let inside = &tag[1..tag.len() - 1];
+                let s = slot(inside);
+                let n = count as u32;
+                assert!((i as u32 * SLOTS / n..(i as u32 + 1) * SLOTS / n).contains(&s));
+                assert!(inside.starts_with(&format!("kw:{i}.")), "{tag}");
+            }
+        }
+    }
+
+    #[test]
+    fn tenants_hash_stably_and_spread() {
+        let space = KeySpace::new("kw", 16);
+        // FNV-1a 64 of "a" (the published test vector) and of the tenant texts.
+        assert_eq!(fnv1a(&[b"a"]), 0xaf63_dc4c_8601_ec8c);
+        let user = space.shard_of(Tenant::User("u1"));
+        assert_eq!(user, (fnv1a(&[b"u:u1"]) % 16) as u16);
+        assert_eq!(
+            space.shard_of(Tenant::Key("k1")),
+            (fnv1a(&[b"k:k1"]) % 16) as u16
+        );
+        let mut seen = [0; 16];
+        for i in 0..1600 {
+            seen[space.shard_of(Tenant::Key(&format!("key-{i}"))) as usize] += 1;
+        }
+        assert!(seen.iter().all(|n| (50..150).contains(n)), "{seen:?}");
+    }
 }

@@ -18,13 +18,13 @@ script_fields! {
 }
 
 impl PoolStateKeys {
-    pub fn new(space: &KeySpace, id: &str) -> PoolStateKeys {
+    pub fn new(space: &KeySpace, provider: &str, id: &str) -> PoolStateKeys {
         PoolStateKeys {
-            rpm: space.provider_key(id, "rpm"),
-            tpm: space.provider_key(id, "tpm"),
-            cd: space.provider_key(id, "cd"),
-            susp: space.provider_key(id, "susp"),
-            cause: space.provider_key(id, "cause"),
+            rpm: space.provider_key(provider, id, "rpm"),
+            tpm: space.provider_key(provider, id, "tpm"),
+            cd: space.provider_key(provider, id, "cd"),
+            susp: space.provider_key(provider, id, "susp"),
+            cause: space.provider_key(provider, id, "cause"),
         }
     }
 }

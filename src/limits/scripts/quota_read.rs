@@ -39,11 +39,11 @@ script_fields! {
 }
 
 impl QuotaReadKey {
-    pub fn new(space: &KeySpace, counter: &LiveCounter) -> QuotaReadKey {
+    pub fn new(space: &KeySpace, shard: u16, counter: &LiveCounter) -> QuotaReadKey {
         QuotaReadKey {
             counter: match counter {
-                LiveCounter::KeyWindow { key_id, .. } => space.client(key_id, "rpm"),
-                LiveCounter::Quota { counter, .. } => space.quota(counter),
+                LiveCounter::KeyWindow { key_id, .. } => space.client(shard, key_id, "rpm"),
+                LiveCounter::Quota { counter, .. } => space.quota(shard, counter),
             },
         }
     }
@@ -110,7 +110,8 @@ mod tests {
 
     #[test]
     fn entries_are_named_and_replies_read_as_the_script_writes_them() {
-        let space = KeySpace::new("kw");
+        let space = KeySpace::new("kw", 1);
+        let tag = space.tag(0).to_string();
         let window = LiveCounter::KeyWindow {
             key_id: "k1".into(),
             tokens: true,
@@ -120,8 +121,14 @@ mod tests {
             kind: QuotaKind::Spend(Period::Month),
             seed: Some((20_000, i64::MAX)),
         };
-        assert_eq!(QuotaReadKey::new(&space, &window).counter, "{kw}:k:k1:rpm");
-        assert_eq!(QuotaReadKey::new(&space, &spend).counter, "{kw}:q:c");
+        assert_eq!(
+            QuotaReadKey::new(&space, 0, &window).counter,
+            format!("{tag}:k:k1:rpm")
+        );
+        assert_eq!(
+            QuotaReadKey::new(&space, 0, &spend).counter,
+            format!("{tag}:q:c")
+        );
         assert_eq!(QuotaReadEntryArgs::new(&window).kind, "kt");
         let args = QuotaReadEntryArgs::new(&spend);
         assert_eq!(

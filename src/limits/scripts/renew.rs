@@ -14,10 +14,10 @@ script_fields! {
 }
 
 impl RenewKeys {
-    pub fn new(space: &KeySpace, key_id: &str) -> RenewKeys {
+    pub fn new(space: &KeySpace, shard: u16, key_id: &str) -> RenewKeys {
         RenewKeys {
-            leases: space.client(key_id, "leases"),
-            ld: space.client(key_id, "ld"),
+            leases: space.client(shard, key_id, "leases"),
+            ld: space.client(shard, key_id, "ld"),
         }
     }
 }

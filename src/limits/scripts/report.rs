@@ -1,12 +1,13 @@
 //! `lua/report.lua`: settle one finished request, exactly once, and queue it for the
-//! database.
+//! database (the client's part, on the lease's tenant shard); or, in cancel mode, give
+//! back an admission whose pick was refused.
 
 use super::{int_at, protocol, script_fields, Contract, KeySpace};
 use crate::limits::{CounterError, QuotaEntry, QuotaKind, Reported};
 
 script_fields! {
     key
-    /// KEYS 1-7 of `lua/report.lua`.
+    /// KEYS of `lua/report.lua`.
     pub struct ReportKeys {
         pub tpm: String,
         pub leases: String,
@@ -16,24 +17,15 @@ script_fields! {
         pub usage: String,
         /// The data of leases admit.lua purged after their expiry.
         pub lx: String,
+        /// The key's request window (cancel mode only).
+        pub rpm: String,
     }
 }
 
 script_fields! {
     key
-    /// KEYS 8-11 of `lua/report.lua`, given only when a provider key is named.
-    pub struct ReportProviderKeys {
-        pub pk_tpm: String,
-        pub pk_cd: String,
-        pub pk_susp: String,
-        pub pk_cause: String,
-    }
-}
-
-script_fields! {
-    key
-    /// The KEYS of `lua/report.lua` repeated per spend entry of now (after KEYS 7, or 11
-    /// with a provider key).
+    /// The KEYS of `lua/report.lua` repeated per spend entry of now (in cancel mode, per
+    /// rm and rd entry of the admission), after KEYS 8.
     pub struct ReportQuotaKey {
         /// `{tag}:q:<counter id>`.
         pub quota: String,
@@ -42,17 +34,18 @@ script_fields! {
 
 script_fields! {
     arg
-    /// The ARGV of `lua/report.lua` repeated per spend entry of now (from ARGV 26).
+    /// The ARGV of `lua/report.lua` repeated per spend entry of now (from ARGV 22).
     pub struct ReportQuotaArgs {
-        /// `sd sw sm st` ([`crate::limits::QuotaKind::code`]).
+        /// `sd sw sm st`, or `rm rd` in cancel mode ([`crate::limits::QuotaKind::code`]).
         pub kind: &'static str,
     }
 }
 
 /// The spend entries of [`crate::limits::Report::spend_now`] (others are skipped), as
-/// their KEYS and ARGV: pushed after the provider key's KEYS and after [`ReportArgs`].
+/// their KEYS and ARGV: pushed after [`ReportKeys`] and after [`ReportArgs`].
 pub fn spend_entries(
     space: &KeySpace,
+    shard: u16,
     entries: &[QuotaEntry],
 ) -> Vec<(ReportQuotaKey, ReportQuotaArgs)> {
     entries
@@ -61,7 +54,35 @@ pub fn spend_entries(
         .map(|e| {
             (
                 ReportQuotaKey {
-                    quota: space.quota(&e.counter),
+                    quota: space.quota(shard, &e.counter),
+                },
+                ReportQuotaArgs {
+                    kind: e.kind.code(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// The request entries (`rm`, `rd`) of an admission's quota entries, as a cancel's KEYS
+/// and ARGV.
+pub fn request_entries(
+    space: &KeySpace,
+    shard: u16,
+    entries: &[QuotaEntry],
+) -> Vec<(ReportQuotaKey, ReportQuotaArgs)> {
+    entries
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                QuotaKind::RequestsPerMinute | QuotaKind::RequestsPerDay
+            )
+        })
+        .map(|e| {
+            (
+                ReportQuotaKey {
+                    quota: space.quota(shard, &e.counter),
                 },
                 ReportQuotaArgs {
                     kind: e.kind.code(),
@@ -72,28 +93,18 @@ pub fn spend_entries(
 }
 
 impl ReportKeys {
-    /// A client key's counters (`key_id` "" when the report has no lease) and the record's
-    /// duplicate guard.
-    pub fn new(space: &KeySpace, key_id: &str, record_id: &str) -> ReportKeys {
+    /// A client key's counters on `shard` (`key_id` "" when the report has no lease), the
+    /// record's duplicate guard and the shard's accounting stream.
+    pub fn new(space: &KeySpace, shard: u16, key_id: &str, record_id: &str) -> ReportKeys {
         ReportKeys {
-            tpm: space.client(key_id, "tpm"),
-            leases: space.client(key_id, "leases"),
-            ld: space.client(key_id, "ld"),
-            bal: space.client(key_id, "bal"),
-            done: space.done(record_id),
-            usage: space.usage(),
-            lx: space.client(key_id, "lx"),
-        }
-    }
-}
-
-impl ReportProviderKeys {
-    pub fn new(space: &KeySpace, id: &str) -> ReportProviderKeys {
-        ReportProviderKeys {
-            pk_tpm: space.provider_key(id, "tpm"),
-            pk_cd: space.provider_key(id, "cd"),
-            pk_susp: space.provider_key(id, "susp"),
-            pk_cause: space.provider_key(id, "cause"),
+            tpm: space.client(shard, key_id, "tpm"),
+            leases: space.client(shard, key_id, "leases"),
+            ld: space.client(shard, key_id, "ld"),
+            bal: space.client(shard, key_id, "bal"),
+            done: space.done(shard, record_id),
+            usage: space.usage(shard),
+            lx: space.client(shard, key_id, "lx"),
+            rpm: space.client(shard, key_id, "rpm"),
         }
     }
 }
@@ -113,26 +124,24 @@ script_fields! {
         pub guard_ttl_ms: i64,
         /// "" = the one given at admission.
         pub model: &'a str,
-        /// "" = none (then [`ReportProviderKeys`] are not given).
+        /// "" = none (recorded; `lua/pool_report.lua` settles it).
         pub provider_key: &'a str,
         /// "" = unknown.
         pub latency_ms: String,
         /// "" = unknown.
         pub status: String,
         pub time_shift_ms: i64,
-        pub cooldown_ms: i64,
-        pub suspend_ms: i64,
-        pub cause_source: &'a str,
         pub lease_expiry: i64,
         pub cached: i64,
         pub cache_write: i64,
         pub reasoning: i64,
         pub usage_source: &'static str,
-        pub learned_cooldown_ms: i64,
-        pub learned_limits: String,
-        pub learned_keep_ms: i64,
         /// 0 = the Redis server's `TIME`.
         pub now_ms: i64,
+        /// Give the admission back instead (its pick was refused).
+        pub cancel: bool,
+        /// Cancel mode: the key's rpm window took the request.
+        pub requests: bool,
     }
 }
 
@@ -173,25 +182,10 @@ impl From<ReportCode> for Reported {
     }
 }
 
-/// All eleven KEYS' names (the provider key's four follow the seven).
-const KEYS: [&str; 11] = {
-    let mut all = [""; 11];
-    let mut i = 0;
-    while i < 7 {
-        all[i] = ReportKeys::NAMES[i];
-        i += 1;
-    }
-    while i < 11 {
-        all[i] = ReportProviderKeys::NAMES[i - 7];
-        i += 1;
-    }
-    all
-};
-
 pub const CONTRACT: Contract = Contract {
     file: "lua/report.lua",
     source: super::source::REPORT,
-    keys: &KEYS,
+    keys: ReportKeys::NAMES,
     keys_repeated: ReportQuotaKey::NAMES,
     argv: ReportArgs::NAMES,
     argv_repeated: ReportQuotaArgs::NAMES,

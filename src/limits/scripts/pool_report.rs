@@ -1,0 +1,69 @@
+//! `lua/pool_report.lua`: a report's provider-key part, on the pool's hash tag (settle
+//! the pick's reserved tokens; cooldown, suspension, learned limits and their cause).
+
+use super::{int_at, protocol, script_fields, Contract, KeySpace};
+use crate::limits::CounterError;
+
+script_fields! {
+    key
+    /// KEYS of `lua/pool_report.lua`.
+    pub struct PoolReportKeys {
+        pub pk_tpm: String,
+        pub pk_cd: String,
+        pub pk_susp: String,
+        pub pk_cause: String,
+    }
+}
+
+impl PoolReportKeys {
+    pub fn new(space: &KeySpace, provider: &str, id: &str) -> PoolReportKeys {
+        PoolReportKeys {
+            pk_tpm: space.provider_key(provider, id, "tpm"),
+            pk_cd: space.provider_key(provider, id, "cd"),
+            pk_susp: space.provider_key(provider, id, "susp"),
+            pk_cause: space.provider_key(provider, id, "cause"),
+        }
+    }
+}
+
+script_fields! {
+    arg
+    /// ARGV of `lua/pool_report.lua`.
+    pub struct PoolReportArgs<'a> {
+        /// -1 = nothing to settle.
+        pub second: i64,
+        pub reserved: i64,
+        pub has_tokens: bool,
+        /// Prompt + completion tokens.
+        pub used: i64,
+        /// "" = unknown.
+        pub status: String,
+        pub cooldown_ms: i64,
+        pub suspend_ms: i64,
+        pub cause_source: &'a str,
+        pub learned_cooldown_ms: i64,
+        pub learned_keep_ms: i64,
+        pub learned_limits: String,
+        pub time_shift_ms: i64,
+        /// 0 = the Redis server's `TIME`.
+        pub now_ms: i64,
+    }
+}
+
+/// Checks `lua/pool_report.lua`'s answer.
+pub fn parse(reply: &[redis::Value]) -> Result<(), CounterError> {
+    match int_at("pool_report", reply, 0)? {
+        1 => Ok(()),
+        code => Err(protocol("pool_report", format_args!("code {code}"))),
+    }
+}
+
+pub const CONTRACT: Contract = Contract {
+    file: "lua/pool_report.lua",
+    source: super::source::POOL_REPORT,
+    keys: PoolReportKeys::NAMES,
+    keys_repeated: &[],
+    argv: PoolReportArgs::NAMES,
+    argv_repeated: &[],
+    codes: &[(1, "settled")],
+};
