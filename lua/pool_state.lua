@@ -3,7 +3,7 @@
 -- Contract (checked against src/limits/scripts/pool_state.rs by
 -- tests/script_contracts.rs):
 --
--- KEYS per provider key (under the deployment's hash tag; 5 each, repeated):
+-- KEYS per provider key (under the pool's hash tag; 5 each, repeated):
 --   1  rpm            hash    its requests window (see admit.lua)
 --   2  tpm            hash    its tokens window
 --   3  cd             string  when its cooldown ends (ms)

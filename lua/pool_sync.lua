@@ -1,12 +1,12 @@
 -- pool_sync.lua: (re)write a provider pool's definition and pick order in Redis.
 --
--- Run when admit.lua answers that its pool version is not the one the caller holds
+-- Run when pick.lua answers that its pool version is not the one the caller holds
 -- (an admin change, or the first pick from this pool).
 --
 -- Contract (checked against src/limits/scripts/pool_sync.rs by
 -- tests/script_contracts.rs):
 --
--- KEYS (under the deployment's hash tag):
+-- KEYS (under the pool's hash tag):
 --   1  def       hash  '_v' -> version, '_t' -> its stamp (when the writer loaded it,
 --                      ms); provider key id -> "max_rpm|max_tpm" (0 = unlimited)
 --   2  order     zset  provider key id -> priority rank * 2^42 + last pick (ms)

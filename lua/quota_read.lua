@@ -5,7 +5,7 @@
 -- Contract (checked against src/limits/scripts/quota_read.rs by
 -- tests/script_contracts.rs):
 --
--- KEYS per quota entry (1 each, repeated; all under the deployment's hash tag):
+-- KEYS per quota entry (1 each, repeated; all under one tenant shard's hash tag):
 --   1  counter        kinds rm..st: the entry's base name {tag}:q:<counter id>, as
 --                     admit.lua takes it (the counters are named from it the same way);
 --                     kinds kw, kt: a client key's own windows' hash ({tag}:k:<id>:rpm,

@@ -2,7 +2,7 @@
 --
 -- Contract (checked against src/limits/scripts/renew.rs by tests/script_contracts.rs):
 --
--- KEYS (under the deployment's hash tag):
+-- KEYS (under the lease's tenant shard's hash tag):
 --   1  leases         zset   lease token -> expiry (ms)
 --   2  ld             hash   lease token -> reservation data; its 9th field lists the
 --                            quota counters the lease holds spend on (see admit.lua),

@@ -150,7 +150,7 @@ settings! {
         flag: "redis-prefix",
         kind: Kind::Name { max: 64, punct: "-_:." },
         default: Fallback::Value("kw"),
-        help: "Redis key prefix and hash tag (`{kw}:…`); deployments sharing a Redis need different prefixes",
+        help: "Redis key prefix: every hash tag starts with it (`{kw:…}`); deployments sharing a Redis need different prefixes",
     }
     REDIS_SHARDS = "KEYWARD_REDIS_SHARDS" {
         flag: "redis-shards",

@@ -998,7 +998,7 @@ async fn live_balances_never_wrap_and_no_report_is_lost(kind: Kind) {
         assert!(admitted(&s.admit(&with(&f, 1_000_000, 0, 0)).await));
         let client = redis::Client::open(url.as_str()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let bal = common::redis::client_key(&prefix, &k, "bal");
+        let bal = common::redis::client_key(prefix, &k, "bal");
         let _: () = redis::cmd("HSET")
             .arg(&bal)
             .arg("rem")

@@ -529,7 +529,7 @@ async fn keyward_runs_on_a_tls_postgres_and_a_tls_redis() {
 
     // The counters are in the TLS Redis, and the invalidation subscription is there too.
     let checker = tls_client(&redis.url, &pki.ca());
-    let rpm = common::redis::client_key(&prefix, &id, "rpm");
+    let rpm = common::redis::client_key(&prefix, id, "rpm");
     let exists: i64 = query(&checker, redis::cmd("EXISTS").arg(&rpm))
         .await
         .unwrap();
@@ -592,7 +592,7 @@ async fn keyward_runs_on_a_tls_redis_cluster() {
     );
 
     // The counter is on one of the nodes (the one owning its tenant shard's slot).
-    let rpm = common::redis::client_key(&prefix, &id, "rpm");
+    let rpm = common::redis::client_key(&prefix, id, "rpm");
     let mut found = 0;
     for node in &cluster.nodes {
         let client = tls_client(&node.url, &pki.ca());

@@ -31,6 +31,8 @@ use std::sync::Arc;
 
 use keyward::limits::memory::MemoryCounters;
 use keyward::limits::redis::RedisCounters;
+use keyward::limits::scripts::{KeySpace, DEFAULT_SHARDS};
+use keyward::limits::Tenant;
 use keyward::limits::{
     AdmitRequest, BalanceSnapshot, Counters, Decision, LeaseId, Pick, QuotaEntry, QuotaKind,
     Report, Reported, SelectRequest, Verdict,
@@ -353,8 +355,8 @@ impl Store {
         }
     }
 
-    /// The records queued for the database, in order, without their ids (random per
-    /// store for reports without a lease).
+    /// The records queued for the database, without their ids (random per store for
+    /// reports without a lease).
     async fn records(&mut self) -> Vec<UsageRecord> {
         let mut out = Vec::new();
         if let Some(queue) = &mut self.queue {
@@ -525,6 +527,10 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
                     record.id = String::new();
                 }
             }
+            // In time order; within one instant in any order: Redis queues them on their
+            // shards' streams, whose entries of one millisecond have no order between
+            // them (the accounting applies each once, in any order).
+            r.sort_by_cached_key(|record| (record.created_at, format!("{record:?}")));
             records.push(r);
         }
         compare(
@@ -548,9 +554,15 @@ fn pending_lease(key_id: &str, step: usize) -> LeaseId {
     LeaseId {
         key_id: key_id.to_string(),
         token: format!("{step:032x}"),
-        shard: None,
+        shard: Some(case_shard()),
         taken: None,
     }
+}
+
+/// Every key of a case is one user's (they may share its quota entries): on its shard,
+/// as admission places them (the shard's number does not depend on the prefix).
+fn case_shard() -> u16 {
+    KeySpace::new("any", DEFAULT_SHARDS).shard_of(Tenant::User("case-user"))
 }
 
 fn compare<T: std::fmt::Debug + PartialEq>(
@@ -731,8 +743,8 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
                     if lapse <= now {
                         let mut conn = redis.conn().await.unwrap();
                         let _: i64 = redis::cmd("DEL")
-                            .arg(redis.key(key_id, "leases"))
-                            .arg(redis.key(key_id, "ld"))
+                            .arg(redis.space().client(case_shard(), key_id, "leases"))
+                            .arg(redis.space().client(case_shard(), key_id, "ld"))
                             .query_async(&mut conn)
                             .await
                             .unwrap();

@@ -369,20 +369,27 @@ impl Admission {
         };
         let mut fresh = None;
         let decision = match (self.counters.admit(&request).await, request.pool) {
-            // Refused before anything was taken: once more with the newer pool.
+            // Refused with nothing kept (in Redis, what the client's side took is given
+            // back under the first lease id, which is then spent): once more with the
+            // newer pool, under a new lease id.
             (Err(CounterError::PoolOutdated { newer }), Some(used)) => {
                 let pool = self.newer_pool(used, newer).await?;
+                let again = LeaseId::new(&key.id).on_shard(shard);
                 let retried = AdmitRequest {
+                    lease: &again,
                     pool: Some(&pool),
                     ..request.clone()
                 };
                 let decision = self.counters.admit(&retried).await?;
-                fresh = Some(pool);
+                fresh = Some((pool, again));
                 decision
             }
             (other, _) => other?,
         };
-        let candidates = fresh.or(candidates);
+        let (candidates, lease) = match fresh {
+            Some((pool, again)) => (Some(pool), again),
+            None => (candidates, lease),
+        };
         let quotas = quotas.with_uses(&decision.quotas);
         let picked = |i: Option<usize>| {
             let key = candidates.as_ref()?.get(i?)?.clone();

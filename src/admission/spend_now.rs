@@ -15,7 +15,7 @@ use dashmap::DashMap;
 
 use super::{quotas, Admission};
 use crate::client_keys::ClientKey;
-use crate::limits::{LeaseId, QuotaEntry, Tenant};
+use crate::limits::{Counters, LeaseId, QuotaEntry, Tenant};
 
 /// Beyond this many remembered keys the map starts over (it refills as keys admit).
 const MAX_REMEMBERED: usize = 100_000;
@@ -73,7 +73,7 @@ impl Admission {
     /// `lease` on its tenant shard: the one it carries, else (a lease of the release
     /// before) its key's current tenant's (the key's own when it cannot be loaded).
     pub async fn on_its_shard(&self, lease: LeaseId) -> LeaseId {
-        if lease.shard.is_some() || self.counters.shard_of(Tenant::Key("")).is_none() {
+        if lease.shard.is_some() || matches!(self.counters, Counters::Memory(_)) {
             return lease;
         }
         let shard = match self.key_by_id(&lease.key_id).await {

@@ -15,7 +15,10 @@
 //! - **Exact windows.** An admission at second `b` counts buckets `b-60..=b`; for every
 //!   60-second interval the admitted amount never exceeds the limit. Under-admission is
 //!   bounded by one second of extra look-back. At most 61 buckets per window.
-//! - **All or nothing.** A denied admission changes no counter, slot or balance.
+//! - **All or nothing.** A denied admission changes no counter, slot or balance. (In
+//!   Redis, with a pick, the client and the pool are two atomic steps on two slots: a
+//!   refusal by one side holds the other side's unit only until its compensation lands,
+//!   see `redis::split`; nothing is ever over-admitted.)
 //! - **Leases.** Every admission holds a lease until report, or until it expires.
 //! - **Reports once.** A lease id is settled at most once (within the duplicate-guard
 //!   time); the durable record of it is queued in the same step.
@@ -36,7 +39,7 @@
 //! [`live`] reads the quota counters and a key's windows for the admin quota views
 //! (`Counters::read_quotas`), changing nothing.
 //!
-//! (Somewhat over 400 lines: the store's whole vocabulary (requests, decisions, reports)
+//! (Near 500 lines: the store's whole vocabulary (requests, decisions, reports)
 //! is declared here once, for both implementations.)
 
 pub mod breaker;
@@ -293,10 +296,10 @@ pub struct Report {
     pub usage_source: crate::usage::UsageSource,
     pub model: Option<String>,
     pub provider_key_id: Option<String>,
-    /// That key's provider, when the caller looked it up (only after an upstream
-    /// 429/401/403, or with rate-limit headers to keep). The in-process twin needs it
-    /// for a key it has not picked since it started; Redis finds the key by its id
-    /// alone.
+    /// That key's provider, looked up by the caller whenever it names a key: the pool's
+    /// keys are under its provider's hash tag in Redis (without it the provider key's
+    /// part of the report is skipped there), and the in-process twin needs it for a key
+    /// it has not picked since it started.
     pub provider: Option<String>,
     pub latency_ms: Option<i64>,
     pub upstream_status: Option<i64>,

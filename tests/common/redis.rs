@@ -121,6 +121,8 @@ impl Drop for PrivateRedis {
 /// free ports, joined with redis-cli --cluster create), killed on drop.
 pub struct PrivateCluster {
     pub url: String,
+    /// Its masters' ports.
+    pub ports: Vec<u16>,
     nodes: Vec<PrivateRedisNode>,
 }
 
@@ -222,12 +224,43 @@ impl PrivateCluster {
         }
         PrivateCluster {
             url: format!("redis+cluster://{}", addresses.join(",")),
+            ports,
             nodes,
         }
     }
 
     pub fn node_count(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// A plain connection to the master on `port`.
+    pub async fn node(port: u16) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        client.get_multiplexed_async_connection().await.unwrap()
+    }
+
+    /// The port of the master that owns `slot` (from `CLUSTER SLOTS`).
+    pub async fn owner_of(&self, slot: u32) -> u16 {
+        let mut conn = Self::node(self.ports[0]).await;
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for range in ranges {
+            let redis::Value::Array(parts) = range else {
+                continue;
+            };
+            let int = |v: &redis::Value| redis::from_redis_value_ref::<i64>(v).unwrap();
+            let (lo, hi) = (int(&parts[0]), int(&parts[1]));
+            if (lo..=hi).contains(&i64::from(slot)) {
+                let redis::Value::Array(master) = &parts[2] else {
+                    panic!("CLUSTER SLOTS without a master");
+                };
+                return int(&master[1]) as u16;
+            }
+        }
+        panic!("no master owns slot {slot}");
     }
 }
 

@@ -1,27 +1,31 @@
 //! The distributed counter store: one Lua script per operation, EVALSHA through a
 //! deadpool-redis pool.
 //!
-//! Key layout (every key under one hash tag, the deployment prefix `{P}`, so every script
-//! touches one Redis Cluster slot, and admit-with-select can later touch client and pool
-//! keys atomically):
+//! Key layout (`scripts::KeySpace`): a tenant's keys (a key's user, else the key) under
+//! its shard's hash tag `{S}` = `{P:<i>.<j>}`, a provider's pool under `{Q}` =
+//! `{P:p:<provider>}`, the deployment's own under `{P}`. Every script touches one tag, so
+//! one Redis Cluster slot; an admission with a pick runs two scripts at once (`split`).
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `{P}:k:<key id>:rpm` | hash | both windows: second → requests, `t<second>` → tokens (61 buckets each at most; `:tpm` held the tokens before) |
-//! | `{P}:k:<key id>:leases` | zset | lease token → expiry ms |
-//! | `{P}:k:<key id>:ld` | hash | lease token → reservation data for the report |
-//! | `{P}:k:<key id>:bal` | hash | live balance (no expiry: it is ahead of the database) |
-//! | `{P}:done:<lease id>` | string | duplicate guard of a report |
-//! | `{P}:usage` | stream | the accounting queue |
-//! | `{P}:p:<provider>:def` | hash | the pool's version and each key's limits |
-//! | `{P}:p:<provider>:order` | zset | key id → priority rank · 2^42 + last pick |
-//! | `{P}:pk:<id>:rpm` / `:tpm` | hash | a provider key's windows |
-//! | `{P}:pk:<id>:cd` / `:susp` | string | when its cooldown / suspension ends (ms) |
-//! | `{P}:q:<counter>:rm` / `:tm` | hash | a quota scope's per-minute windows |
-//! | `{P}:q:<counter>:rd:<day>` / `:td:<day>` | string | its requests / tokens of a UTC day (expire a day after it) |
-//! | `{P}:q:<counter>:s<d\|w\|m\|t>:<start day>` | hash | `spent`, `held` micro-USD of a spend period (a total never expires) |
-//! | `{P}:q:<counter>:s<d\|w\|m\|t>:<start day>:hx` | zset | that period's holds in flight: `<lease token>:<hold>` → the lease's expiry ms (`held` is their sum; expires with the hash) |
-//! | `{P}:pk:<id>:cause` | hash | `cd` / `susp` → the report behind them (`status\|at\|source`); `lim` → what the rate-limit headers said last |
+//! | `{S}:k:<key id>:rpm` | hash | both windows: second → requests, `t<second>` → tokens (61 buckets each at most) |
+//! | `{S}:k:<key id>:leases` | zset | lease token → expiry ms |
+//! | `{S}:k:<key id>:ld` / `:lx` | hash | lease token → reservation data for the report (`lx`: of purged leases) |
+//! | `{S}:k:<key id>:bal` | hash | live balance (no expiry: it is ahead of the database) |
+//! | `{S}:done:<lease id>` | string | duplicate guard of a report (or of a cancel) |
+//! | `{S}:usage` | stream | the shard's accounting queue |
+//! | `{S}:q:<counter>:rm` / `:tm` | hash | a quota scope's per-minute windows |
+//! | `{S}:q:<counter>:rd:<day>` / `:td:<day>` | string | its requests / tokens of a UTC day (expire a day after it) |
+//! | `{S}:q:<counter>:s<d\|w\|m\|t>:<start day>` | hash | `spent`, `held` micro-USD of a spend period (a total never expires) |
+//! | `{S}:q:<counter>:s<d\|w\|m\|t>:<start day>:hx` | zset | that period's holds in flight: `<lease token>:<hold>` → the lease's expiry ms (`held` is their sum; expires with the hash) |
+//! | `{Q}:def` | hash | the pool's version and each key's limits |
+//! | `{Q}:order` | zset | key id → priority rank · 2^42 + last pick |
+//! | `{Q}:pk:<id>:rpm` / `:tpm` | hash | a provider key's windows |
+//! | `{Q}:pk:<id>:cd` / `:susp` | string | when its cooldown / suspension ends (ms) |
+//! | `{Q}:pk:<id>:cause` | hash | `cd` / `susp` → the report behind them (`status\|at\|source`); `lim` → what the rate-limit headers said last |
+//! | `{Q}:unpick:<lease token>` | string | a given-back pick's guard (2 minutes) |
+//! | `{P}:layout` | string | `shards=S`, written once; a replica with another count refuses to start |
+//! | `{P}:usage` | stream | the one-tag layout's queue of the release before (drained) |
 //!
 //! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
 //! `SCRIPT FLUSH`), `redis::Script` sees NOSCRIPT, loads, and retries once.
@@ -180,6 +184,9 @@ impl RedisCounters {
             Ok(match mode {
                 Degraded::Local => Decision {
                     degraded: Some(mode.as_str()),
+                    // The twin's pick took nothing in Redis: its report settles nothing
+                    // there.
+                    taken: None,
                     ..twin.admit(r)
                 },
                 Degraded::Allow => {
