@@ -34,7 +34,8 @@
 --                         <base>:rd:<day> / :td:<day> (string: requests / tokens of that
 --                         UTC day, days since 1970-01-01); <base>:s<d|w|m|t>:<start day>
 --                         (hash 'spent', 'held': micro-USD of the period starting that
---                         day; 0 for a total, which never expires) and its holds
+--                         day; 0 for a total, which never expires; 'nx': no hold
+--                         expires before it, ms, 0 = none held) and its holds
 --                         <that name>:hx (zset "<lease token>:<hold>" -> the lease's
 --                         expiry, ms: 'held' is the sum of its members' holds)
 -- ARGV (a limit of 0 means no limit):
@@ -95,7 +96,8 @@
 -- counter's expired holds, which every decision reading the counter runs first (at most
 -- PURGE_BATCH at a time): so a request never reported stops holding at its lease's
 -- expiry even if its key never admits again. A counter that is missing has no holds (its
--- :hx is deleted with it), and one that holds with an empty :hx holds nothing. Periods
+-- :hx is deleted with it), and one that holds with an empty :hx holds nothing (seen once
+-- its 'nx' passed: within a lease TTL). Periods
 -- are UTC, computed from `now` with the integer steps of src/quota.rs (days_from_civil).
 --
 -- Windows are exact: an admission at second b counts buckets b-60..b (61 buckets), so any
@@ -259,25 +261,24 @@ local PURGE_BATCH = 100
 local function hold_member(lease_token, amount) return lease_token .. ':' .. int(amount) end
 
 -- The spend counter `key` (read: 'held' = held) without its expired holds: removes up
--- to PURGE_BATCH of them from :hx and their amounts from 'held'; returns the new held.
--- One call when none expired (the common case): the earliest hold tells both whether
--- any expired and whether :hx lists any at all.
+-- to PURGE_BATCH of them from :hx and their amounts from 'held'. Returns the new held
+-- and the earliest expiry still listed (0: none), both written to the counter ('held',
+-- 'nx'). Called only when 'nx' has passed (or is missing): no hold expires before it.
 local function expire_holds(key, held)
   local hx = key .. ':hx'
-  local was = held
   local first = redis.call('ZRANGE', hx, 0, 0, 'WITHSCORES')
   if first[2] and tonumber(first[2]) <= now then
     local gone = redis.call('ZRANGEBYSCORE', hx, '-inf', int(now), 'LIMIT', 0, PURGE_BATCH)
     for _, m in ipairs(gone) do held = held - (tonumber(string.match(m, ':(%d+)$')) or 0) end
     if #gone > 0 then redis.call('ZREM', hx, unpack(gone)) end
     held = math.max(0, held)
-    -- Nothing listed holds nothing (heals a 'held' that lost its members).
-    if held > 0 and redis.call('ZCARD', hx) == 0 then held = 0 end
-  elseif not first[2] then
-    held = 0 -- nothing listed holds nothing
+    first = redis.call('ZRANGE', hx, 0, 0, 'WITHSCORES')
   end
-  if held ~= was then redis.call('HSET', key, 'held', int(held)) end
-  return held
+  -- Nothing listed holds nothing (heals a 'held' that lost its members).
+  if not first[2] then held = 0 end
+  local nx = tonumber(first[2]) or 0
+  redis.call('HSET', key, 'held', int(held), 'nx', int(nx))
+  return held, nx
 end
 
 local req_used, req_lo, req_cur, tok_used, tok_lo, tok_cur = 0, nil, 0, 0, nil, 0
@@ -476,13 +477,16 @@ for i = 1, nq do
     assert(p, 'quota kind')
     local first, after = period(p)
     q.key = base .. ':' .. q.kind .. ':' .. int(first)
-    local h = redis.call('HMGET', q.key, 'spent', 'held')
+    local h = redis.call('HMGET', q.key, 'spent', 'held', 'nx')
     q.spend = true
     q.spent = tonumber(h[1])
     if q.spent then
-      -- Nothing held, nothing to expire (its holds sum to 'held').
-      q.held = tonumber(h[2]) or 0
-      if q.held > 0 then q.held = expire_holds(q.key, q.held) end
+      -- Nothing held, nothing to expire (its holds sum to 'held'); and none expires
+      -- before 'nx' (at or before the earliest hold's expiry: renewals only delay
+      -- holds, and releases only remove them), so the holds are read only once it
+      -- passed.
+      q.held, q.nx = tonumber(h[2]) or 0, tonumber(h[3])
+      if q.held > 0 and not (q.nx and q.nx > now) then q.held, q.nx = expire_holds(q.key, q.held) end
     else
       -- Missing (Redis lost it, or the period just began): no holds (any listed without
       -- their counter go).
@@ -599,8 +603,10 @@ for _, q in ipairs(quotas) do
     if k == 'td' then corrected[#corrected + 1] = 'td,' .. q.key .. ',' .. int(tokens) end
   else
     local first_hold = q.held == 0
+    local nx = (not first_hold and q.nx) or 0
+    if hold > 0 and (nx == 0 or expiry < nx) then nx = expiry end
     q.held = q.held + hold
-    redis.call('HSET', q.key, 'spent', int(q.spent), 'held', int(q.held))
+    redis.call('HSET', q.key, 'spent', int(q.spent), 'held', int(q.held), 'nx', int(nx))
     if hold > 0 then redis.call('ZADD', q.key .. ':hx', int(expiry), hold_member(token, hold)) end
     if q.ends then
       -- The counter and its holds expire at one instant, fixed by the period: set when
