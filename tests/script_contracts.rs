@@ -118,7 +118,9 @@ fn the_check_fails_on_a_header_that_drifted() {
         .replacen("--   1  rpm_limit", "--   1  tpm_limit", 1)
         .replacen("--   2  tpm_limit", "--   2  rpm_limit", 1);
     let dropped = admit.source.replacen("--   14 now_ms", "--   ", 1);
-    let renamed = admit.source.replacen("--   8  quota", "--   8  quota_old", 1);
+    let renamed = admit
+        .source
+        .replacen("--   8  quota", "--   8  quota_old", 1);
     for source in [swapped, dropped, renamed] {
         let leaked: &'static str = Box::leak(source.into_boxed_str());
         let drifted = Contract {
