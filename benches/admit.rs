@@ -400,7 +400,7 @@ async fn collect(workers: Vec<Worker>, seconds: u64) -> Run {
 /// The keys `lua/admit.lua` is called with, for the bench key under a prefix of the
 /// caller's (no pool).
 fn script_keys(prefix: &str) -> Vec<String> {
-    let keys = AdmitKeys::new(&KeySpace::new(prefix, 1), 0, "bench", "");
+    let keys = AdmitKeys::new(&KeySpace::new(prefix, 1), 0, "bench");
     keys.all().map(String::from).to_vec()
 }
 
@@ -419,8 +419,6 @@ fn admit_args(token: &str) -> AdmitArgs<'_> {
         used: 0,
         balance_version: 0,
         time_shift_ms: 0,
-        client: true,
-        pool_version: "",
         hold: 0,
         now_ms: 0,
         guard_ttl_ms: 60_000,
@@ -434,7 +432,7 @@ fn admit_call<'a>(
     token: String,
 ) -> redis::ScriptInvocation<'a> {
     let mut call = script.prepare_invoke();
-    AdmitKeys::new(&KeySpace::new(prefix, 1), 0, "bench", "").push(&mut call);
+    AdmitKeys::new(&KeySpace::new(prefix, 1), 0, "bench").push(&mut call);
     admit_args(&token).push(&mut call);
     call
 }

@@ -1039,7 +1039,7 @@ async fn scripts_assert_their_inputs() {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let prefix = common::unique_prefix();
-    let keys = AdmitKeys::new(&KeySpace::new(&prefix, 1), 0, &key(), "p");
+    let keys = AdmitKeys::new(&KeySpace::new(&prefix, 1), 0, &key());
     // A negative limit and a missing lease token are refused before anything is written.
     let script = redis::Script::new(source::ADMIT);
     let mut call = script.prepare_invoke();
@@ -1057,8 +1057,6 @@ async fn scripts_assert_their_inputs() {
         used: 0,
         balance_version: 0,
         time_shift_ms: 0,
-        client: true,
-        pool_version: "",
         hold: 0,
         now_ms: 0,
         guard_ttl_ms: 60_000,
