@@ -98,6 +98,7 @@ on_both_stores!(
     a_purged_leases_late_report_counts_on_its_own_entries,
     a_hold_of_a_key_that_never_admits_again_leaves_at_its_lease_expiry,
     a_renewed_lease_keeps_its_hold_until_its_new_expiry,
+    a_renewal_that_shortens_a_lease_releases_its_hold_earlier,
 );
 
 struct Store {
