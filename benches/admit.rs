@@ -22,6 +22,11 @@
 //!   CPU per request, Limitador's two modes when `LIMITADOR_BIN` is set.
 //! - Cluster (`cluster.rs`): a three-master Redis Cluster of its own, 1,000 keys, each
 //!   master's share of the script calls.
+//! - Lifecycle (`lifecycle.rs`): admit then `/v1/report` of the lease, with and without
+//!   selection, the cost per request and per script; then the fleet model (`fleet.rs`):
+//!   requests/s per master and masters needed for 10k/50k/200k requests/s.
+//! - Hot (`hot.rs`): on the cluster, all load on one key, and one pool under 1,000 keys:
+//!   the busiest master's share, CPU and decisions/s, one tag's ceiling.
 //! - Scopes (`scopes.rs`): the cost of 1, 3 and 6 limits on a request, in keyward's CPU
 //!   and in Redis's.
 //!
@@ -49,6 +54,12 @@ use support::Keyward;
 
 #[path = "admit/cluster.rs"]
 mod cluster;
+#[path = "admit/fleet.rs"]
+mod fleet;
+#[path = "admit/hot.rs"]
+mod hot;
+#[path = "admit/lifecycle.rs"]
+mod lifecycle;
 #[path = "admit/measure.rs"]
 mod measure;
 #[path = "admit/scopes.rs"]
@@ -400,7 +411,7 @@ async fn collect(workers: Vec<Worker>, seconds: u64) -> Run {
 /// The keys `lua/admit.lua` is called with, for the bench key under a prefix of the
 /// caller's (no pool).
 fn script_keys(prefix: &str) -> Vec<String> {
-    let keys = AdmitKeys::new(&KeySpace::new(prefix, 1), 0, "bench", "");
+    let keys = AdmitKeys::new(&KeySpace::new(prefix, 1), 0, "bench");
     keys.all().map(String::from).to_vec()
 }
 
@@ -419,8 +430,6 @@ fn admit_args(token: &str) -> AdmitArgs<'_> {
         used: 0,
         balance_version: 0,
         time_shift_ms: 0,
-        client: true,
-        pool_version: "",
         hold: 0,
         now_ms: 0,
         guard_ttl_ms: 60_000,
@@ -434,7 +443,7 @@ fn admit_call<'a>(
     token: String,
 ) -> redis::ScriptInvocation<'a> {
     let mut call = script.prepare_invoke();
-    AdmitKeys::new(&KeySpace::new(prefix, 1), 0, "bench", "").push(&mut call);
+    AdmitKeys::new(&KeySpace::new(prefix, 1), 0, "bench").push(&mut call);
     admit_args(&token).push(&mut call);
     call
 }
@@ -662,8 +671,9 @@ fn row(name: &str, run: &Run) {
 /// `embedded`, `redis` (each shape's runs, with their open loops; `redis` also runs the
 /// floors), `floor` (only the Redis shape's open loops and the floors: keyward's p99
 /// over its floor), `scripts` (admit.lua and reference.lua from redis-benchmark),
-/// `hyper` (the embedded shape beside a bare hyper server), `limitador`, `cluster`,
-/// `scopes`. Alone, `open`, `redis-open`, `scopes` and `scopes-script` keep their meaning.
+/// `hyper` (the embedded shape beside a bare hyper server), `limitador`, `lifecycle`
+/// (admit+report, per script, and the fleet model), `cluster`, `hot` (one key, one pool
+/// on the cluster), `scopes`. Alone, `open`, `redis-open`, `scopes` and `scopes-script` keep their meaning.
 fn part(name: &str) -> bool {
     std::env::var("KEYWARD_BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p.trim() == name))
 }
@@ -763,8 +773,19 @@ async fn bench() {
     if part("limitador") {
         yardsticks::limitador(redis_port, &mut summary).await;
     }
+    if part("lifecycle") {
+        let prefix = format!("{prefix}-lifecycle");
+        let k = start(Some((&redis_url, &prefix))).await;
+        lifecycle::run(&k, redis_port, &mut summary).await;
+        drop(k);
+        support::drop_redis_keys(redis_port, &prefix);
+        fleet::model(&mut summary);
+    }
     if part("cluster") {
         cluster::run(&mut summary).await;
+    }
+    if part("hot") {
+        hot::run(&mut summary).await;
     }
     if part("scopes") {
         println!();

@@ -1,24 +1,26 @@
--- admit.lua: decide one request for one client key and, when asked, pick a provider
--- key for it, all or nothing. With ARGV[13] = 0 it only picks (POST /v1/select).
--- (Over 400 lines: one decision is one atomic script, and Redis runs one file.)
+-- admit.lua: decide one request for one client key, all or nothing: its windows,
+-- concurrency, balance and quota entries. (A provider key is picked by pick.lua, on the
+-- pool's own tag.) (Over 400 lines: one decision is one atomic script, and Redis runs
+-- one file.)
 --
 -- Contract (checked against src/limits/scripts/admit.rs by tests/script_contracts.rs):
 -- every key and argument by position and name, then the reply codes.
 --
 -- KEYS (all under the deployment's hash tag, e.g. "{kw}"):
---   1  rpm                hash   1-second bucket -> requests admitted in it; 's' = their
---                                sum, 'lo' = the oldest bucket that may exist
---   2  tpm                hash   the same for tokens reserved
---   3  leases             zset   lease token -> expiry (ms)
---   4  ld                 hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold|quotas"
---                                (quotas: "kind,counter,amount;..." what its report
---                                corrects: tm/td tokens reserved, s? the spend hold)
---   5  bal                hash   rem, cred, ver (live balance, micro-USD), held (the holds
+--   1  rpm                hash   the key's two windows: 1-second bucket -> requests
+--                                admitted in it, 's' = their sum, 'lo' = the oldest bucket
+--                                that may exist; and the same for tokens reserved with
+--                                the prefix 't' ('t<bucket>', 'ts', 'tlo')
+--   2  leases             zset   lease token -> expiry (ms)
+--   3  ld                 hash   lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold|quotas"
+--                                (reserved: the client's tokens in the separate token
+--                                window of older releases, 0 here; quotas: "kind,counter,
+--                                amount;..." what its report corrects: kt the client's
+--                                tokens reserved in rpm's 't' window, tm/td tokens
+--                                reserved, s? the spend hold)
+--   4  bal                hash   rem, cred, ver (live balance, micro-USD), held (the holds
 --                                of the leases in flight, micro-USD)
---   6  def                hash   the provider's pool: '_v' -> version, '_t' -> its stamp,
---                                key id -> "max_rpm|max_tpm"
---   7  order              zset   key id -> priority rank * 2^42 + last pick (see pool_sync.lua)
---   8  lx                 hash   lease token -> its data as in ld, for a lease this script
+--   5  lx                 hash   lease token -> its data as in ld, for a lease this script
 --                                purged after its expiry (its slot and holds released):
 --                                kept for its late report (report.lua), the hash living
 --                                until the latest duplicate guard of its leases lapses;
@@ -26,19 +28,17 @@
 --                                ms), by which entries whose guard lapsed leave (at most
 --                                PURGE_BATCH per decision that purges), so it never grows past the
 --                                leases that expired within a guard ttl
---      A provider key's own keys are named from the same hash tag and its id (so they
---      are in the same slot): {tag}:pk:<id>:rpm and :tpm (windows as above), :cd and
---      :susp (the time its cooldown / suspension ends, ms).
--- KEYS per quota entry (1 each, from KEYS[9]):
+-- KEYS per quota entry (1 each, from KEYS[6]):
 --   1  quota              the entry's base name {tag}:q:<counter id>. Its counters, all
 --                         named inside the script: <base>:rm / :tm (windows as above);
 --                         <base>:rd:<day> / :td:<day> (string: requests / tokens of that
 --                         UTC day, days since 1970-01-01); <base>:s<d|w|m|t>:<start day>
 --                         (hash 'spent', 'held': micro-USD of the period starting that
---                         day; 0 for a total, which never expires) and its holds
+--                         day; 0 for a total, which never expires; 'nx': no hold
+--                         expires before it, ms, 0 = none held) and its holds
 --                         <that name>:hx (zset "<lease token>:<hold>" -> the lease's
 --                         expiry, ms: 'held' is the sum of its members' holds)
--- ARGV (a limit of 0 means no limit, here and in the pool's definition):
+-- ARGV (a limit of 0 means no limit):
 --   1  rpm_limit          requests per minute (0 = unlimited)
 --   2  tpm_limit          tokens per minute (0 = unlimited)
 --   3  concurrency_limit  requests in flight (0 = unlimited)
@@ -52,15 +52,13 @@
 --   11 balance_version
 --   12 time_shift_ms      added to the clock (0 in production; tests move the clock
 --                         without sleeping)
---   13 client             1 = decide for the client key, 0 = only pick a provider key
---   14 pool_version       "" = no provider key wanted
---   15 hold               micro-USD this request holds on a tracked balance and on
+--   13 hold               micro-USD this request holds on a tracked balance and on
 --                         every spend quota entry (>= 0)
---   16 now_ms             0 = the Redis server's TIME (production); else this instant
+--   14 now_ms             0 = the Redis server's TIME (production); else this instant
 --                         (tests pin the clock to compare with the in-process twin)
---   17 guard_ttl_ms       how long a lease's report duplicate guard outlives its expiry
+--   15 guard_ttl_ms       how long a lease's report duplicate guard outlives its expiry
 --                         (> 0): a purged lease's data stays in lx that long
--- ARGV per quota entry (4 each, from ARGV[18]; client = 1 only):
+-- ARGV per quota entry (4 each, from ARGV[16]):
 --   1  kind               rm tm (per minute), rd td (per UTC day), sd sw sm st (spend
 --                         per UTC day, ISO week, calendar month, total)
 --   2  limit              requests, tokens or micro-USD (>= 1)
@@ -70,7 +68,7 @@
 --                         counter (a day's count, a spend's 'spent') takes the larger of
 --                         itself and the seed (0 when missing), so a counter the store
 --                         lost or one that drifted below the database heals
--- Returns {code, a, now_ms, req_used, tok_used, req_reset_ms, tok_reset_ms, in_flight, bal_rem, picked,
+-- Returns {code, a, now_ms, req_used, tok_used, req_reset_ms, tok_reset_ms, in_flight, bal_rem,
 --          quota_index, quota_exhausted, then per quota entry: used, reset_ms}
 -- CODES:
 --   0  admitted           a = lease expiry ms
@@ -80,16 +78,11 @@
 --   4  balance_exhausted  balance exhausted, or smaller than the hold with nothing else
 --                         held; a = 0
 --   5  balance_committed  balance held by requests in flight; a = retry ms
---   6  pool_exhausted     every candidate provider key is cooling down, suspended or
---                         full; a = earliest recovery ms
---   7  pool_version       the pool in Redis is not the caller's version; a = the stamp
---                         of the one in Redis, 0 if none: run pool_sync.lua (or, if that
---                         stamp is later than the caller's, reload the pool from the
---                         database), then again
 --   8  quota              the quota entry quota_index (1-based) refuses; a = retry ms
 --                         (0 = none: a total spent). quota_exhausted 0 = its spend is
 --                         held by requests in flight (a = 1000), 1 = full
--- bal_rem is -1 when the balance is not tracked; picked is the chosen key's id, or "".
+--                         (codes 6 and 7 were the pool's, now pick.lua's)
+-- bal_rem is -1 when the balance is not tracked.
 -- A quota entry's used is the window's or day's count, or a spend's spent + held; its
 -- reset_ms is the time until the window's oldest second leaves (0 when empty) or until
 -- its period ends (0 for a total).
@@ -103,19 +96,15 @@
 -- counter's expired holds, which every decision reading the counter runs first (at most
 -- PURGE_BATCH at a time): so a request never reported stops holding at its lease's
 -- expiry even if its key never admits again. A counter that is missing has no holds (its
--- :hx is deleted with it), and one that holds with an empty :hx holds nothing. Periods
+-- :hx is deleted with it), and one that holds with an empty :hx holds nothing (seen once
+-- its 'nx' passed: within a lease TTL). Periods
 -- are UTC, computed from `now` with the integer steps of src/quota.rs (days_from_civil).
---
--- Provider keys are tried by priority, then least recently picked (never picked first);
--- a key is skipped while cooling down, suspended, or without room for this request in
--- its RPM/TPM windows. The picked key's request and tokens are taken, and its pick time
--- recorded, in the same step as the client's.
 --
 -- Windows are exact: an admission at second b counts buckets b-60..b (61 buckets), so any
 -- 60-second interval that contains an admitted request lies inside the buckets counted
 -- when it was admitted. The cost is at most one second of extra look-back (under-
 -- admission bounded by 1 s), and memory is at most 63 fields per window.
--- Time is the Redis server's (TIME), never a replica's clock (tests alone pin it, ARGV 16).
+-- Time is the Redis server's (TIME), never a replica's clock (tests alone pin it, ARGV 14).
 
 local rpm_limit = tonumber(ARGV[1])
 local tpm_limit = tonumber(ARGV[2])
@@ -125,18 +114,15 @@ local token = ARGV[5]
 local ttl = tonumber(ARGV[6])
 local meta = ARGV[7]
 local bal_tracked = ARGV[8] == '1'
-local credited = tonumber(ARGV[9])
-local used = tonumber(ARGV[10])
-local version = tonumber(ARGV[11])
 local shift = tonumber(ARGV[12])
-local client = ARGV[13] == '1'
-local pool_version = ARGV[14]
-local hold = tonumber(ARGV[15])
-local pinned = tonumber(ARGV[16])
-local guard_ttl = tonumber(ARGV[17])
-local nq = #KEYS - 8
-assert(pool_version and nq >= 0 and #ARGV == 17 + 4 * nq, 'pool')
-local SHIFT = 4398046511104 -- 2^42: order scores are priority rank * SHIFT + last pick
+local hold = tonumber(ARGV[13])
+local pinned = tonumber(ARGV[14])
+local guard_ttl = tonumber(ARGV[15])
+-- The keys by name (see the contract above); quota entries' keys follow them.
+local WIN, LEASES, LD, BAL, LX = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local QK = 5
+local nq = #KEYS - QK
+assert(nq >= 0 and #ARGV == 15 + 4 * nq, 'arguments')
 assert(rpm_limit and rpm_limit >= 0, 'rpm limit')
 assert(tpm_limit and tpm_limit >= 0, 'tpm limit')
 assert(conc_limit and conc_limit >= 0, 'concurrency limit')
@@ -146,13 +132,10 @@ assert(ttl and ttl > 0, 'lease ttl')
 -- Every amount stays within +-MAX (2^53 - 1), where a Lua double is exact; the live
 -- balance is held within it (the caller bounds credited and used the same way).
 local MAX = 9007199254740991
-local function bounded(x) return math.max(-MAX, math.min(MAX, x)) end
-assert(credited and used and version and math.abs(credited) <= MAX and math.abs(used) <= MAX, 'balance')
 assert(tokens <= MAX, 'tokens')
 assert(hold and hold >= 0 and hold <= MAX, 'hold')
 assert(shift and pinned, 'time')
 assert(guard_ttl and guard_ttl > 0 and guard_ttl <= MAX, 'guard ttl')
-assert(client or nq == 0, 'quotas without a client')
 
 local now = pinned + shift
 if pinned == 0 then
@@ -163,63 +146,100 @@ local b = math.floor(now / 1000)
 local oldest = b - 60
 
 -- A whole number as Redis stores it: Lua's own conversion keeps 14 digits ("1e+14"),
--- which HINCRBY (report.lua) would then refuse.
-local function int(x) return string.format('%.0f', x) end
+-- which HINCRBY (report.lua) would then refuse. '%d' formats it as an integer (Lua
+-- 5.1 casts to a 64-bit long; every amount here is whole and within 2^53), much
+-- cheaper than a double's '%.0f' or '%.17g' (what Redis applies to a number argument),
+-- so every number sent to Redis goes through here. And the current second's text once.
+local function int(x) return string.format('%d', x) end
+local bs = int(b)
 
--- A window hash holds one field per second with traffic, plus 's' (the sum of those
--- fields) and 'lo' (the oldest second that has a field). Reading it is one HMGET of the
--- sum, 'lo' and the current second's count, plus the removal of the seconds that left
--- the window since the last decision (about once a second); taking from it is one HSET.
--- Returns the sum, 'lo' (nil when empty) and the current second's count.
-local function window(key)
-  local h = redis.call('HMGET', key, 's', 'lo', b)
-  local sum, lo, cur = tonumber(h[1]) or 0, tonumber(h[2]), tonumber(h[3]) or 0
+-- A window holds one field per second with traffic, plus 's' (the sum of those fields)
+-- and 'lo' (the oldest second that has a field), all named with the window's prefix
+-- `p`: '' for requests, 't' for tokens ('t<second>', 'ts', 'tlo'), so a client key's
+-- two windows share one hash (KEYS[1]) and cost one read and one write together; a
+-- quota entry's window has a hash of its own (prefix ''). Reading a window is part of
+-- one HMGET of the sum, 'lo' and the current second's count, plus the removal of the
+-- seconds that left the window since the last decision (about once a second); taking
+-- is part of one HSET.
+-- The fields read() asks for: the window's sum, 'lo' and current second.
+local function names(p) return p .. 's', p .. 'lo', p .. bs end
+
+-- From what HMGET answered at `at` (names(p) there), returns the window's sum, 'lo'
+-- (nil when empty) and the current second's count, after removing the seconds that
+-- left it.
+local function settle_window(key, p, h, at)
+  local sum, lo, cur = tonumber(h[at]) or 0, tonumber(h[at + 1]), tonumber(h[at + 2]) or 0
   if not lo then return 0, nil, 0 end
   if lo >= oldest then return sum, lo, cur end
+  local gone = {}
   if lo < oldest - 60 then
     -- Every field is older than the window (they span at most 61 seconds from 'lo').
-    redis.call('DEL', key)
+    for s = lo, lo + 60 do gone[#gone + 1] = p .. s end
+    gone[#gone + 1] = p .. 's'
+    gone[#gone + 1] = p .. 'lo'
+    redis.call('HDEL', key, unpack(gone))
     return 0, nil, 0
   end
-  local gone = {}
   while lo < oldest do
-    local v = redis.call('HGET', key, lo)
+    local v = redis.call('HGET', key, p .. lo)
     if v then
       sum = sum - tonumber(v)
-      gone[#gone + 1] = lo
+      gone[#gone + 1] = p .. lo
     end
     lo = lo + 1
   end
   -- Move 'lo' on to the oldest second that has a field, for the reset time.
-  while lo <= b and redis.call('HEXISTS', key, lo) == 0 do lo = lo + 1 end
-  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  while lo <= b and redis.call('HEXISTS', key, p .. lo) == 0 do lo = lo + 1 end
   if lo > b then
-    redis.call('DEL', key)
+    gone[#gone + 1] = p .. 's'
+    gone[#gone + 1] = p .. 'lo'
+    redis.call('HDEL', key, unpack(gone))
     return 0, nil, 0
   end
-  redis.call('HSET', key, 's', int(sum), 'lo', lo)
+  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  redis.call('HSET', key, p .. 's', int(sum), p .. 'lo', lo)
   return sum, lo, cur
 end
 
--- Adds `amount` to the current second of a window just read by window(). The key lives
--- 62 s from its current second's first take, which outlasts that second's 61 s in the
--- window; later seconds extend it on their own first take.
-local function take(key, amount, sum, lo, cur)
-  if lo then
-    redis.call('HSET', key, b, int(cur + amount), 's', int(sum + amount))
-  else
-    redis.call('HSET', key, b, int(cur + amount), 's', int(sum + amount), 'lo', b)
-  end
-  if cur == 0 then redis.call('PEXPIRE', key, 62000) end
+-- A quota entry's window (its own hash).
+local function window(key)
+  return settle_window(key, '', redis.call('HMGET', key, names('')), 1)
 end
 
--- Milliseconds until `sum + add <= limit`, as old buckets leave the window. Denials
--- only, so reading every bucket here is fine.
-local function wait_for(key, sum, add, limit)
+-- The fields that add `amount` to the current second of window `p` just read (sum,
+-- lo, cur), appended to `out` (the HSET's arguments).
+local function take_fields(out, p, amount, sum, lo, cur)
+  out[#out + 1] = p .. bs
+  out[#out + 1] = int(cur + amount)
+  out[#out + 1] = p .. 's'
+  out[#out + 1] = int(sum + amount)
+  if not lo then
+    out[#out + 1] = p .. 'lo'
+    out[#out + 1] = bs
+  end
+end
+
+-- Writes what take_fields() gathered. The hash lives 62 s from a second's first take,
+-- which outlasts that second's 61 s in the window; later seconds extend it on their own
+-- first take (`first`).
+local function take(key, fields, first)
+  redis.call('HSET', key, unpack(fields))
+  if first then redis.call('PEXPIRE', key, 62000) end
+end
+
+-- Milliseconds until `sum + add <= limit` in window `p`, as old buckets leave it.
+-- Denials only, so reading every bucket here is fine.
+local function wait_for(key, p, sum, add, limit)
   local all = redis.call('HGETALL', key)
   local buckets = {}
   for i = 1, #all, 2 do
-    local f = tonumber(all[i])
+    local name = all[i]
+    local f = nil
+    if p == '' then
+      f = tonumber(name)
+    elseif string.sub(name, 1, #p) == p then
+      f = tonumber(string.sub(name, #p + 1))
+    end
     if f then buckets[f] = tonumber(all[i + 1]) end
   end
   for k = 1, 61 do
@@ -235,23 +255,6 @@ local function reset_in(lo)
   return 0
 end
 
--- The fields of a lease's reservation data (7 in data written by an older release,
--- 8 before quotas).
-local function fields(data)
-  local f = {}
-  for part in string.gmatch(data .. '|', '([^|]*)|') do f[#f + 1] = part end
-  return f
-end
-
--- A lease's quota corrections (its 9th field): {kind, counter key, amount} each.
-local function corrections(list)
-  local out = {}
-  for kind, key, amount in string.gmatch(list or '', '(%a%a),([^,;]+),(%d+)') do
-    out[#out + 1] = {kind, key, tonumber(amount)}
-  end
-  return out
-end
-
 -- At most this many expired leases of the key, and expired holds of each spend counter,
 -- leave per decision. A backlog (a busy key without a concurrency limit, idle for longer
 -- than its lease TTL, can have tens of thousands expire together) leaves over several
@@ -261,48 +264,92 @@ local PURGE_BATCH = 100
 -- A spend hold as its counter's :hx lists it.
 local function hold_member(lease_token, amount) return lease_token .. ':' .. int(amount) end
 
--- Releases one lease's hold from a spend counter, if it is still listed there (its
--- report or the counter's purge may have released it already: never twice).
-local function release_hold(key, member, amount)
-  if redis.call('ZREM', key .. ':hx', member) == 0 then return end
-  local h = redis.call('HGET', key, 'held')
-  if h then redis.call('HSET', key, 'held', int(math.max(0, tonumber(h) - amount))) end
-end
-
 -- The spend counter `key` (read: 'held' = held) without its expired holds: removes up
--- to PURGE_BATCH of them from :hx and their amounts from 'held'; returns the new held.
+-- to PURGE_BATCH of them from :hx and their amounts from 'held'. Returns the new held
+-- and the earliest expiry still listed (0: none), both written to the counter ('held',
+-- 'nx'). Called only when 'nx' has passed (or is missing): no hold expires before it.
 local function expire_holds(key, held)
   local hx = key .. ':hx'
-  local was = held
-  local gone = redis.call('ZRANGEBYSCORE', hx, '-inf', int(now), 'LIMIT', 0, PURGE_BATCH)
-  for _, m in ipairs(gone) do held = held - (tonumber(string.match(m, ':(%d+)$')) or 0) end
-  if #gone > 0 then redis.call('ZREM', hx, unpack(gone)) end
-  held = math.max(0, held)
+  local first = redis.call('ZRANGE', hx, 0, 0, 'WITHSCORES')
+  if first[2] and tonumber(first[2]) <= now then
+    local gone = redis.call('ZRANGEBYSCORE', hx, '-inf', int(now), 'LIMIT', 0, PURGE_BATCH)
+    for _, m in ipairs(gone) do held = held - (tonumber(string.match(m, ':(%d+)$')) or 0) end
+    if #gone > 0 then redis.call('ZREM', hx, unpack(gone)) end
+    held = math.max(0, held)
+    first = redis.call('ZRANGE', hx, 0, 0, 'WITHSCORES')
+  end
   -- Nothing listed holds nothing (heals a 'held' that lost its members).
-  if held > 0 and redis.call('ZCARD', hx) == 0 then held = 0 end
-  if held ~= was then redis.call('HSET', key, 'held', int(held)) end
-  return held
+  if not first[2] then held = 0 end
+  local nx = tonumber(first[2]) or 0
+  redis.call('HSET', key, 'held', int(held), 'nx', int(nx))
+  return held, nx
 end
 
+local req_used, req_lo, req_cur, tok_used, tok_lo, tok_cur = 0, nil, 0, 0, nil, 0
+-- The client key's two windows, in one read.
+if rpm_limit > 0 or tpm_limit > 0 then
+  local h = redis.call('HMGET', WIN, 's', 'lo', bs, 'ts', 'tlo', 't' .. bs)
+  if rpm_limit > 0 then req_used, req_lo, req_cur = settle_window(WIN, '', h, 1) end
+  if tpm_limit > 0 then tok_used, tok_lo, tok_cur = settle_window(WIN, 't', h, 4) end
+end
+-- The first decision of this second on the key (no request taken in this second yet;
+-- every decision when the key has neither window to tell): it purges expired leases and
+-- extends the lease keys' expiry, which then covers every lease admitted in the second.
+local new_second = (rpm_limit > 0 and req_cur == 0) or (rpm_limit == 0 and (tpm_limit == 0 or tok_cur == 0))
+
 local in_flight, released = 0, 0
-if client then
+do
   -- Expired leases free their slot (and their reservation data), at most PURGE_BATCH per
-  -- decision; meanwhile only live leases are counted (and renew.lua refuses expired ones).
-  local scored = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'WITHSCORES', 'LIMIT', 0, PURGE_BATCH)
+  -- purge; meanwhile only live leases are counted (and renew.lua refuses expired ones).
+  -- A key whose balance is tracked purges on every decision (an expired lease's hold
+  -- must leave 'held' at once); any other key on the first decision of each second
+  -- (new_second), which bounds its set as well and saves a call on the others: an
+  -- expired lease not yet purged counts nowhere (in_flight counts live leases), its
+  -- spend holds leave their counters by the counters' own purge, and its report settles
+  -- it from ld as it would from lx.
+  local scored = {}
+  if bal_tracked or new_second then
+    scored = redis.call('ZRANGEBYSCORE', LEASES, '-inf', int(now), 'WITHSCORES', 'LIMIT', 0, PURGE_BATCH)
+  end
   local expired, expiries = {}, {}
   for i = 1, #scored, 2 do
     expired[#expired + 1] = scored[i]
     expiries[#expiries + 1] = tonumber(scored[i + 1])
   end
   if #expired > 0 then
+    -- (Defined here: only a decision that purges makes these.)
+    -- The fields of a lease's reservation data (7 in data written by an older release,
+    -- 8 before quotas).
+    local function fields(data)
+      local f = {}
+      for part in string.gmatch(data .. '|', '([^|]*)|') do f[#f + 1] = part end
+      return f
+    end
+
+    -- A lease's quota corrections (its 9th field): {kind, counter key, amount} each.
+    local function corrections(list)
+      local out = {}
+      for kind, key, amount in string.gmatch(list or '', '(%a%a),([^,;]+),(%d+)') do
+        out[#out + 1] = {kind, key, tonumber(amount)}
+      end
+      return out
+    end
+
+    -- Releases one lease's hold from a spend counter, if it is still listed there (its
+    -- report or the counter's purge may have released it already: never twice).
+    local function release_hold(key, member, amount)
+      if redis.call('ZREM', key .. ':hx', member) == 0 then return end
+      local h = redis.call('HGET', key, 'held')
+      if h then redis.call('HSET', key, 'held', int(math.max(0, tonumber(h) - amount))) end
+    end
     -- Their holds leave the balance's held amount with them, and their spend holds the
     -- spend counters that still list them. Their data moves to lx until their duplicate
     -- guard lapses, so a late report still settles its own spend counters and model.
     local lx_until = 0
-    for i, data in ipairs(redis.call('HMGET', KEYS[4], unpack(expired))) do
+    for i, data in ipairs(redis.call('HMGET', LD, unpack(expired))) do
       if data then
-        redis.call('HSET', KEYS[8], expired[i], data)
-        redis.call('ZADD', KEYS[8] .. ':e', int(expiries[i] + guard_ttl), expired[i])
+        redis.call('HSET', LX, expired[i], data)
+        redis.call('ZADD', LX .. ':e', int(expiries[i] + guard_ttl), expired[i])
         lx_until = math.max(lx_until, expiries[i] + guard_ttl)
         local f = fields(data)
         released = released + (tonumber(f[8] or '0') or 0)
@@ -313,13 +360,13 @@ if client then
         end
       end
     end
-    redis.call('ZREM', KEYS[3], unpack(expired))
-    redis.call('HDEL', KEYS[4], unpack(expired))
+    redis.call('ZREM', LEASES, unpack(expired))
+    redis.call('HDEL', LD, unpack(expired))
     -- The hash lives until the latest guard of its leases lapses (+1 ms: a report at
     -- that very instant is still in time).
     if lx_until > 0 then
       local keep = lx_until - now + 1
-      for _, k in ipairs({KEYS[8], KEYS[8] .. ':e'}) do
+      for _, k in ipairs({LX, LX .. ':e'}) do
         if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, int(keep)) end
       end
     end
@@ -327,36 +374,37 @@ if client then
     -- may have come in (a lease's guard lapsing at this very instant still admits its
     -- report: only earlier ones leave). Only here: without purges, lx's expiry is not
     -- extended and it lapses whole, so a decision without one pays nothing for it.
-    local lapsed = redis.call('ZRANGEBYSCORE', KEYS[8] .. ':e', '-inf', '(' .. int(now), 'LIMIT', 0, PURGE_BATCH)
+    local lapsed = redis.call('ZRANGEBYSCORE', LX .. ':e', '-inf', '(' .. int(now), 'LIMIT', 0, PURGE_BATCH)
     if #lapsed > 0 then
-      redis.call('HDEL', KEYS[8], unpack(lapsed))
-      redis.call('ZREM', KEYS[8] .. ':e', unpack(lapsed))
+      redis.call('HDEL', LX, unpack(lapsed))
+      redis.call('ZREM', LX .. ':e', unpack(lapsed))
     end
   end
-  if #expired == PURGE_BATCH then
-    in_flight = redis.call('ZCOUNT', KEYS[3], '(' .. int(now), '+inf')
+  if #expired == PURGE_BATCH or not (bal_tracked or new_second) then
+    in_flight = redis.call('ZCOUNT', LEASES, '(' .. int(now), '+inf')
   else
-    in_flight = redis.call('ZCARD', KEYS[3])
+    in_flight = redis.call('ZCARD', LEASES)
   end
 end
 
-local req_used, req_lo, req_cur, tok_used, tok_lo, tok_cur = 0, nil, 0, 0, nil, 0
-if client and rpm_limit > 0 then req_used, req_lo, req_cur = window(KEYS[1]) end
-if client and tpm_limit > 0 then tok_used, tok_lo, tok_cur = window(KEYS[2]) end
 
 local rem, held = -1, 0
-if client and bal_tracked then
-  local h = redis.call('HMGET', KEYS[5], 'rem', 'cred', 'ver', 'held')
+if bal_tracked then
+  -- (Read only here: a key without a balance pays nothing for them.)
+  local credited, used, version = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+  assert(credited and used and version and math.abs(credited) <= MAX and math.abs(used) <= MAX, 'balance')
+  local function bounded(x) return math.max(-MAX, math.min(MAX, x)) end
+  local h = redis.call('HMGET', BAL, 'rem', 'cred', 'ver', 'held')
   if not h[1] then
     rem = bounded(credited - used)
-    redis.call('HSET', KEYS[5], 'rem', int(rem), 'cred', int(credited), 'ver', int(version))
+    redis.call('HSET', BAL, 'rem', int(rem), 'cred', int(credited), 'ver', int(version))
   else
     rem = tonumber(h[1])
     assert(rem, 'live balance is not a number')
     -- An admin credit or debit the counters have not seen yet: apply its delta once.
     if tonumber(h[3]) < version then
       rem = bounded(rem + (credited - (tonumber(h[2]) or 0)))
-      redis.call('HSET', KEYS[5], 'rem', int(rem), 'cred', int(credited), 'ver', int(version))
+      redis.call('HSET', BAL, 'rem', int(rem), 'cred', int(credited), 'ver', int(version))
     end
     held = tonumber(h[4]) or 0
   end
@@ -365,7 +413,7 @@ if client and bal_tracked then
   local was = held
   held = math.max(0, held - released)
   if in_flight == 0 then held = 0 end
-  if held ~= was then redis.call('HSET', KEYS[5], 'held', int(held)) end
+  if held ~= was then redis.call('HSET', BAL, 'held', int(held)) end
 end
 
 -- Quota entries: every counter is read before any check (and nothing is taken unless
@@ -373,28 +421,6 @@ end
 local DAY = 86400000
 local MARGIN = 86400000 -- calendar counters outlive their period by this (late reports)
 local today = math.floor(now / DAY)
-local function idiv(x, y) return math.floor(x / y) end
--- The integer steps of quota::days_from_civil / civil_from_days (H. Hinnant's).
-local function days_from_civil(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = idiv(y, 400)
-  local yoe = y - era * 400
-  local doy = idiv(153 * ((m + 9) % 12) + 2, 5) + d - 1
-  local doe = yoe * 365 + idiv(yoe, 4) - idiv(yoe, 100) + doy
-  return era * 146097 + doe - 719468
-end
-local function civil_from_days(z)
-  z = z + 719468
-  local era = idiv(z, 146097)
-  local doe = z - era * 146097
-  local yoe = idiv(doe - idiv(doe, 1460) + idiv(doe, 36524) - idiv(doe, 146096), 365)
-  local doy = doe - (365 * yoe + idiv(yoe, 4) - idiv(yoe, 100))
-  local mp = idiv(5 * doy + 2, 153)
-  local m = mp < 10 and mp + 3 or mp - 9
-  local y = yoe + era * 400
-  if m <= 2 then y = y + 1 end
-  return y, m
-end
 -- The first day of the period `p` (d, w, m, t) holding today, and the first day after
 -- it (nil for a total).
 local function period(p)
@@ -404,7 +430,26 @@ local function period(p)
     return first, first + 7
   end
   if p == 'm' then
-    local y, m = civil_from_days(today)
+    -- The integer steps of quota::days_from_civil / civil_from_days (H. Hinnant's),
+    -- defined only for a month.
+    local function idiv(x, y) return math.floor(x / y) end
+    local function days_from_civil(y, m, d)
+      if m <= 2 then y = y - 1 end
+      local era = idiv(y, 400)
+      local yoe = y - era * 400
+      local doy = idiv(153 * ((m + 9) % 12) + 2, 5) + d - 1
+      local doe = yoe * 365 + idiv(yoe, 4) - idiv(yoe, 100) + doy
+      return era * 146097 + doe - 719468
+    end
+    local z = today + 719468
+    local era = idiv(z, 146097)
+    local doe = z - era * 146097
+    local yoe = idiv(doe - idiv(doe, 1460) + idiv(doe, 36524) - idiv(doe, 146096), 365)
+    local doy = doe - (365 * yoe + idiv(yoe, 4) - idiv(yoe, 100))
+    local mp = idiv(5 * doy + 2, 153)
+    local m = mp < 10 and mp + 3 or mp - 9
+    local y = yoe + era * 400
+    if m <= 2 then y = y + 1 end
     local first = days_from_civil(y, m, 1)
     if m == 12 then y, m = y + 1, 1 else m = m + 1 end
     return first, days_from_civil(y, m, 1)
@@ -414,12 +459,12 @@ end
 
 local quotas, q_index, q_exhausted = {}, 0, 0
 for i = 1, nq do
-  local at = 17 + 4 * (i - 1)
+  local at = 15 + 4 * (i - 1)
   local q = {kind = ARGV[at + 1], limit = tonumber(ARGV[at + 2])}
   local seed_day, seed = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
   assert(q.limit and q.limit >= 1 and q.limit <= MAX, 'quota limit')
   assert(seed_day and seed and seed >= 0 and seed <= MAX, 'quota seed')
-  local base = KEYS[8 + i]
+  local base = KEYS[QK + i]
   if q.kind == 'rm' or q.kind == 'tm' then
     q.key = base .. ':' .. q.kind
     q.window = true
@@ -436,11 +481,16 @@ for i = 1, nq do
     assert(p, 'quota kind')
     local first, after = period(p)
     q.key = base .. ':' .. q.kind .. ':' .. int(first)
-    local h = redis.call('HMGET', q.key, 'spent', 'held')
+    local h = redis.call('HMGET', q.key, 'spent', 'held', 'nx')
     q.spend = true
     q.spent = tonumber(h[1])
     if q.spent then
-      q.held = expire_holds(q.key, tonumber(h[2]) or 0)
+      -- Nothing held, nothing to expire (its holds sum to 'held'); and none expires
+      -- before 'nx' (at or before the earliest hold's expiry: renewals only delay
+      -- holds, and releases only remove them), so the holds are read only once it
+      -- passed.
+      q.held, q.nx = tonumber(h[2]) or 0, tonumber(h[3])
+      if q.held > 0 and not (q.nx and q.nx > now) then q.held, q.nx = expire_holds(q.key, q.held) end
     else
       -- Missing (Redis lost it, or the period just began): no holds (any listed without
       -- their counter go).
@@ -456,8 +506,8 @@ for i = 1, nq do
   quotas[i] = q
 end
 
-local function answer(code, a, picked)
-  local out = {code, a, now, req_used, tok_used, reset_in(req_lo), reset_in(tok_lo), in_flight, rem, picked or '',
+local function answer(code, a)
+  local out = {code, a, now, req_used, tok_used, reset_in(req_lo), reset_in(tok_lo), in_flight, rem,
                q_index, q_exhausted}
   for _, q in ipairs(quotas) do
     out[#out + 1] = q.used
@@ -472,24 +522,24 @@ end
 
 -- Milliseconds until the first live lease expires (expired ones may still be in the set).
 local function earliest_lease_expiry()
-  local first = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local first = redis.call('ZRANGEBYSCORE', LEASES, '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
   if first[2] then return math.max(tonumber(first[2]) - now, 1) end
   return 1000
 end
 
-if client and bal_tracked and rem <= 0 then return answer(4, 0) end
-if client and rpm_limit > 0 and req_used + 1 > rpm_limit then
-  return answer(1, wait_for(KEYS[1], req_used, 1, rpm_limit))
+if bal_tracked and rem <= 0 then return answer(4, 0) end
+if rpm_limit > 0 and req_used + 1 > rpm_limit then
+  return answer(1, wait_for(WIN, '', req_used, 1, rpm_limit))
 end
-if client and tpm_limit > 0 and tok_used + tokens > tpm_limit then
-  return answer(2, wait_for(KEYS[2], tok_used, tokens, tpm_limit))
+if tpm_limit > 0 and tok_used + tokens > tpm_limit then
+  return answer(2, wait_for(WIN, 't', tok_used, tokens, tpm_limit))
 end
-if client and conc_limit > 0 and in_flight >= conc_limit then return answer(3, earliest_lease_expiry()) end
+if conc_limit > 0 and in_flight >= conc_limit then return answer(3, earliest_lease_expiry()) end
 -- Each request in flight holds its estimated cost; a request goes ahead only while the
 -- balance less what is held covers its own hold. Its report replaces the hold by the real
 -- cost, so the balance goes below zero only by what the requests in flight cost beyond
 -- their holds (one request alone: its actual - hold).
-if client and bal_tracked and rem - held < hold then
+if bal_tracked and rem - held < hold then
   if held > 0 then return answer(5, earliest_lease_expiry()) end
   return answer(4, 0)
 end
@@ -499,9 +549,9 @@ local function refuse(i, exhausted, a)
 end
 for i, q in ipairs(quotas) do
   local k = q.kind
-  if k == 'rm' and q.used + 1 > q.limit then return refuse(i, 1, wait_for(q.key, q.used, 1, q.limit)) end
+  if k == 'rm' and q.used + 1 > q.limit then return refuse(i, 1, wait_for(q.key, '', q.used, 1, q.limit)) end
   if k == 'tm' and q.used + tokens > q.limit then
-    return refuse(i, 1, wait_for(q.key, q.used, tokens, q.limit))
+    return refuse(i, 1, wait_for(q.key, '', q.used, tokens, q.limit))
   end
   if (k == 'rd' and q.used + 1 > q.limit) or (k == 'td' and q.used + tokens > q.limit) then
     return refuse(i, 1, q.ends - now)
@@ -516,82 +566,35 @@ for i, q in ipairs(quotas) do
   end
 end
 
--- The client may go ahead; now the provider key, if one is wanted: walk the pool in
--- order (priority, then least recently picked) and take the first key that is not
--- cooling down, not suspended, and has room. Usually that is the first one looked at.
-local pick = nil
-if pool_version ~= '' then
-  if redis.call('HGET', KEYS[6], '_v') ~= pool_version then
-    return answer(7, tonumber(redis.call('HGET', KEYS[6], '_t') or '0') or 0)
-  end
-  local tag = string.match(KEYS[6], '^(%b{})')
-  local earliest = nil
-  local start = 0
-  while not pick do
-    local batch = redis.call('ZRANGE', KEYS[7], start, start + 9, 'WITHSCORES')
-    if #batch == 0 then break end
-    for i = 1, #batch, 2 do
-      local id = batch[i]
-      local limits = redis.call('HGET', KEYS[6], id) or '0|0'
-      local rpm, tpm = string.match(limits, '^(%d+)|(%d+)$')
-      local base = tag .. ':pk:' .. id .. ':'
-      local c = {id = id, rpm = tonumber(rpm) or 0, tpm = tonumber(tpm) or 0,
-                 rank = math.floor(tonumber(batch[i + 1]) / SHIFT), krpm = base .. 'rpm', ktpm = base .. 'tpm'}
-      local cooling = tonumber(redis.call('GET', base .. 'cd') or '0')
-      local suspended = tonumber(redis.call('GET', base .. 'susp') or '0')
-      local wait = math.max(0, cooling - now, suspended - now)
-      if c.rpm > 0 then
-        c.rsum, c.rlo, c.rcur = window(c.krpm)
-        if c.rsum + 1 > c.rpm then wait = math.max(wait, wait_for(c.krpm, c.rsum, 1, c.rpm)) end
-      end
-      if c.tpm > 0 then
-        c.tsum, c.tlo, c.tcur = window(c.ktpm)
-        if tokens > c.tpm then
-          wait = math.max(wait, 61000) -- this key can never take the request
-        elseif c.tsum + tokens > c.tpm then
-          wait = math.max(wait, wait_for(c.ktpm, c.tsum, tokens, c.tpm))
-        end
-      end
-      if wait == 0 then
-        pick = c
-        break
-      end
-      if earliest == nil or wait < earliest then earliest = wait end
-    end
-    start = start + 10
-  end
-  if not pick then return answer(6, earliest or 61000) end
-end
-
--- Admitted: take everything at once.
-if pick then
-  if pick.rpm > 0 then take(pick.krpm, 1, pick.rsum, pick.rlo, pick.rcur) end
-  if pick.tpm > 0 and tokens > 0 then take(pick.ktpm, tokens, pick.tsum, pick.tlo, pick.tcur) end
-  redis.call('ZADD', KEYS[7], pick.rank * SHIFT + now, pick.id)
-  redis.call('PEXPIRE', KEYS[6], 86400000)
-  redis.call('PEXPIRE', KEYS[7], 86400000)
-end
-local picked = pick and pick.id or ''
-if not client then return answer(0, 0, picked) end
+-- Admitted: take everything at once. The quota entries, and what the report (or the
+-- lease's expiry) corrects: first the client's tokens, taken in the 't' window of
+-- KEYS[1] ('kt').
+local expiry = now + ttl
+local corrected = {}
+local taken, first = {}, false
 if rpm_limit > 0 then
-  take(KEYS[1], 1, req_used, req_lo, req_cur)
+  take_fields(taken, '', 1, req_used, req_lo, req_cur)
+  first = req_cur == 0
   req_used = req_used + 1
   req_lo = req_lo or b
 end
 if tpm_limit > 0 and tokens > 0 then
-  take(KEYS[2], tokens, tok_used, tok_lo, tok_cur)
+  take_fields(taken, 't', tokens, tok_used, tok_lo, tok_cur)
+  first = first or tok_cur == 0
   tok_used = tok_used + tokens
   tok_lo = tok_lo or b
 end
--- The quota entries, and what the report (or the lease's expiry) corrects.
-local expiry = now + ttl
-local corrected = {}
+-- (With 0 tokens too: the report adds what was used to the second's count if it has one.)
+if tpm_limit > 0 then corrected[1] = 'kt,' .. WIN .. ',' .. int(tokens) end
+if #taken > 0 then take(WIN, taken, first) end
 for _, q in ipairs(quotas) do
   local k = q.kind
   if q.window then
     local add = (k == 'rm') and 1 or tokens
     if add > 0 then
-      take(q.key, add, q.used, q.lo, q.cur)
+      local f = {}
+      take_fields(f, '', add, q.used, q.lo, q.cur)
+      take(q.key, f, q.cur == 0)
       q.used = q.used + add
       q.lo = q.lo or b
     end
@@ -604,8 +607,10 @@ for _, q in ipairs(quotas) do
     if k == 'td' then corrected[#corrected + 1] = 'td,' .. q.key .. ',' .. int(tokens) end
   else
     local first_hold = q.held == 0
+    local nx = (not first_hold and q.nx) or 0
+    if hold > 0 and (nx == 0 or expiry < nx) then nx = expiry end
     q.held = q.held + hold
-    redis.call('HSET', q.key, 'spent', int(q.spent), 'held', int(q.held))
+    redis.call('HSET', q.key, 'spent', int(q.spent), 'held', int(q.held), 'nx', int(nx))
     if hold > 0 then redis.call('ZADD', q.key .. ':hx', int(expiry), hold_member(token, hold)) end
     if q.ends then
       -- The counter and its holds expire at one instant, fixed by the period: set when
@@ -620,22 +625,22 @@ for _, q in ipairs(quotas) do
   end
 end
 
-redis.call('ZADD', KEYS[3], expiry, token)
--- Reservation data for the report: second, client tokens, provider|model|format, the
--- picked provider key with its tokens, the balance hold and the quota corrections.
-local pk_id, pk_tokens = '', 0
-if pick then
-  pk_id = pick.id
-  if pick.tpm > 0 then pk_tokens = tokens end
-end
-redis.call('HSET', KEYS[4], token,
-  b .. '|' .. (tpm_limit > 0 and tokens or 0) .. '|' .. meta .. '|' .. pk_id .. '|' .. pk_tokens
-  .. '|' .. int(bal_tracked and hold or 0) .. '|' .. table.concat(corrected, ';'))
-if bal_tracked and hold > 0 then redis.call('HSET', KEYS[5], 'held', int(held + hold)) end
--- The newest lease is the last to expire (renewals extend these too).
-if redis.call('PTTL', KEYS[3]) < ttl + 1000 then
-  redis.call('PEXPIRE', KEYS[3], ttl + 1000)
-  redis.call('PEXPIRE', KEYS[4], ttl + 1000)
+redis.call('ZADD', LEASES, int(expiry), token)
+-- Reservation data for the report: second, client tokens in the release before's token
+-- window (0: they are in rpm's 't' window, listed with the corrections as 'kt'),
+-- provider|model|format, the picked provider key with its tokens (none: pick.lua's, the
+-- signed lease carries its pick), the balance hold and the quota corrections.
+redis.call('HSET', LD, token,
+  bs .. '|0|' .. meta .. '||0|' .. int(bal_tracked and hold or 0) .. '|' .. table.concat(corrected, ';'))
+if bal_tracked and hold > 0 then redis.call('HSET', BAL, 'held', int(held + hold)) end
+-- The lease keys outlive their newest lease by 1 s or more (renewals extend them too):
+-- set to ttl + 3000 when no lease was live (the set may just have been made; nothing
+-- later to keep, so never shortened), else on the second's first decision only, when
+-- below ttl + 2000: so every lease admitted within the second (at most 1 s later, with
+-- the same TTL, one setting of the deployment) is covered. No PTTL on the others.
+if in_flight == 0 or (new_second and redis.call('PTTL', LEASES) < ttl + 2000) then
+  redis.call('PEXPIRE', LEASES, ttl + 3000)
+  redis.call('PEXPIRE', LD, ttl + 3000)
 end
 in_flight = in_flight + 1
-return answer(0, expiry, picked)
+return answer(0, expiry)

@@ -8,12 +8,14 @@
 -- KEYS per quota entry (1 each, repeated; all under one tenant shard's hash tag):
 --   1  counter        kinds rm..st: the entry's base name {tag}:q:<counter id>, as
 --                     admit.lua takes it (the counters are named from it the same way);
---                     kind kw: a client key's own window itself ({tag}:k:<id>:rpm|tpm)
+--                     kinds kw, kt: a client key's own windows' hash ({tag}:k:<id>:rpm,
+--                     see admit.lua)
 -- ARGV:
 --   1  time_shift_ms  added to the clock (0 in production)
 --   2  now_ms         0 = the Redis server's TIME (production); else this instant
 -- ARGV per quota entry (3 each, from ARGV[3]):
---   1  kind           rm tm rd td sd sw sm st (see admit.lua), or kw (a key's own window)
+--   1  kind           rm tm rd td sd sw sm st (see admit.lua), or a key's own window:
+--                     kw its requests, kt its tokens (the fields prefixed 't')
 --   2  seed_day       day counts and spend: the start day of the seed below (-1 = none)
 --   3  seed_micros    the database's figure (a count, or micro-USD): when seed_day is the
 --                     current period's start, a counter reads as the larger of itself
@@ -78,11 +80,17 @@ end
 
 -- A window's sum over the seconds still in it, and the time until its oldest such
 -- second leaves (0 when none): what admit.lua's window() would find, without pruning.
-local function window(key)
+-- `p` is the prefix of its fields ('' or 't', see admit.lua).
+local function window(key, p)
   local all = redis.call('HGETALL', key)
   local sum, lo = 0, nil
   for i = 1, #all, 2 do
-    local f = tonumber(all[i]) -- 's' and 'lo' are not seconds
+    local f = nil -- 's', 'lo' and the other window's fields are not its seconds
+    if p == '' then
+      f = tonumber(all[i])
+    elseif string.sub(all[i], 1, 1) == p then
+      f = tonumber(string.sub(all[i], 2))
+    end
     if f and f >= oldest then
       sum = sum + tonumber(all[i + 1])
       if not lo or f < lo then lo = f end
@@ -100,9 +108,11 @@ for i = 1, #KEYS do
   local base = KEYS[i]
   local used, held, reset = 0, 0, 0
   if kind == 'kw' then
-    used, reset = window(base)
+    used, reset = window(base, '')
+  elseif kind == 'kt' then
+    used, reset = window(base, 't')
   elseif kind == 'rm' or kind == 'tm' then
-    used, reset = window(base .. ':' .. kind)
+    used, reset = window(base .. ':' .. kind, '')
   elseif kind == 'rd' or kind == 'td' then
     used = tonumber(redis.call('GET', base .. ':' .. kind .. ':' .. string.format('%.0f', today)) or '0') or 0
     if seed_day == today then used = math.max(used, seed) end

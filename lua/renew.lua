@@ -6,7 +6,8 @@
 --   1  leases         zset   lease token -> expiry (ms)
 --   2  ld             hash   lease token -> reservation data; its 9th field lists the
 --                            quota counters the lease holds spend on (see admit.lua),
---                            whose holds (<counter>:hx) take the new expiry too
+--                            whose holds (<counter>:hx) take the new expiry too (and
+--                            the counter's 'nx' the new expiry when that is earlier)
 -- ARGV:
 --   1  lease_token
 --   2  lease_ttl_ms   (> 0)
@@ -43,7 +44,13 @@ if data then
   for part in string.gmatch(data .. '|', '([^|]*)|') do f[#f + 1] = part end
   for kind, key, amount in string.gmatch(f[9] or '', '(%a%a),([^,;]+),(%d+)') do
     if string.sub(kind, 1, 1) == 's' and tonumber(amount) > 0 then
-      redis.call('ZADD', key .. ':hx', 'XX', string.format('%.0f', new_expiry), token .. ':' .. amount)
+      local at = string.format('%d', new_expiry)
+      if redis.call('ZADD', key .. ':hx', 'XX', 'CH', at, token .. ':' .. amount) == 1 then
+        -- A renewal may shorten the hold: the counter's 'nx' (no hold expires before
+        -- it, see admit.lua) must not stay later than the new expiry.
+        local nx = tonumber(redis.call('HGET', key, 'nx'))
+        if nx and new_expiry < nx then redis.call('HSET', key, 'nx', at) end
+      end
     end
   end
 end

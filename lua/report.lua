@@ -6,7 +6,11 @@
 -- Contract (checked against src/limits/scripts/report.rs by tests/script_contracts.rs):
 --
 -- KEYS (under the lease's tenant shard's hash tag):
---   1  tpm                  hash    the client key's token window (see admit.lua)
+--   1  tpm                  hash    the client key's token window of the release before:
+--                                   the tokens of a lease it admitted (ld's 2nd field);
+--                                   a lease admit.lua admits now names the key's rpm hash
+--                                   with its tokens instead ('kt' in ld's quotas, settled
+--                                   in its 't' window)
 --   2  leases               zset    lease token -> expiry (ms)
 --   3  ld                   hash    lease token -> "bucket|reserved|provider|model|api_format|pk id|pk reserved|hold|quotas"
 --                                   (see admit.lua; the quota counters it names are in
@@ -172,33 +176,38 @@ local function period_start(p)
 end
 
 -- Reads only: what settling `reserved` tokens taken at second `bucket` writes (the
--- bucket's and the sum's new values), or nil when there is nothing to settle.
-local function settle(key, bucket, reserved)
+-- bucket's and the sum's new values), or nil when there is nothing to settle. `p` is
+-- the window's field prefix in its hash ('' or nil: a window of its own; 't': the client
+-- key's tokens, beside its requests, see admit.lua).
+local function settle(key, bucket, reserved, p)
   if not (has_tokens and reserved and bucket and bucket >= b - 60) then return nil end
-  local h = redis.call('HMGET', key, bucket, 's')
+  p = p or ''
+  local h = redis.call('HMGET', key, p .. bucket, p .. 's')
   local old, sum = tonumber(h[1]), tonumber(h[2]) or 0
   if not old then return nil end
   local new = math.max(0, old + prompt + completion - reserved)
-  return {key, bucket, new, math.max(0, sum + new - old)}
+  return {key, p .. bucket, new, p .. 's', math.max(0, sum + new - old)}
 end
 
 -- Reads only (cancel mode): what taking `amount` back out of `key`'s bucket `bucket`
--- writes: {key, bucket, new value or false (the bucket goes), sum, lo (false: the key
--- goes)}, or nil when the window counts it no more.
-local function untake(key, bucket, amount)
+-- of the window with field prefix `p` (as settle()) writes: {key, bucket field, new
+-- value or false (the bucket goes), sum field, sum, lo field, lo (false: the window's
+-- fields go)}, or nil when the window counts it no more.
+local function untake(key, bucket, amount, p)
   if not (bucket and amount and amount > 0 and bucket >= b - 60) then return nil end
-  local h = redis.call('HMGET', key, bucket, 's', 'lo')
+  p = p or ''
+  local h = redis.call('HMGET', key, p .. bucket, p .. 's', p .. 'lo')
   local cur, sum, lo = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3])
   if not cur then return nil end
   local new = math.max(0, cur - amount)
   sum = math.max(0, sum - (cur - new))
-  if new > 0 then return {key, bucket, new, sum, lo or true} end
+  if new > 0 then return {key, p .. bucket, new, p .. 's', sum, p .. 'lo', lo or true} end
   if lo == bucket then
     lo = bucket + 1
-    while lo <= b and redis.call('HEXISTS', key, lo) == 0 do lo = lo + 1 end
+    while lo <= b and redis.call('HEXISTS', key, p .. lo) == 0 do lo = lo + 1 end
     if lo > b then lo = false end
   end
-  return {key, bucket, false, sum, lo}
+  return {key, p .. bucket, false, p .. 's', sum, p .. 'lo', lo}
 end
 
 -- Reads only: a day counter's correction by actual - reserved ({key, delta}), or nil.
@@ -269,7 +278,11 @@ if token ~= '' then
     if not purged then hold = tonumber(f[8] or '0') or 0 end
     for kind, key, amount in string.gmatch(f[9] or '', '(%a%a),([^,;]+),(%d+)') do
       amount = tonumber(amount)
-      if kind == 'tm' and cancel then
+      if kind == 'kt' and cancel then
+        untakes[#untakes + 1] = untake(key, bucket, amount, 't')
+      elseif kind == 'kt' then
+        settles[#settles + 1] = settle(key, bucket, amount, 't')
+      elseif kind == 'tm' and cancel then
         untakes[#untakes + 1] = untake(key, bucket, amount)
       elseif kind == 'tm' then
         settles[#settles + 1] = settle(key, bucket, amount)
@@ -312,15 +325,17 @@ if token ~= '' then
     redis.call('HDEL', KEYS[3], token)
     redis.call('ZREM', KEYS[2], token)
   end
-  for _, s in ipairs(settles) do redis.call('HSET', s[1], s[2], int(s[3]), 's', int(s[4])) end
+  for _, s in ipairs(settles) do redis.call('HSET', s[1], s[2], int(s[3]), s[4], int(s[5])) end
+  -- A window whose last bucket goes loses its fields (the hash goes with its last field;
+  -- the client key's hash keeps its other window).
   for _, u in ipairs(untakes) do
-    if not u[5] then
-      redis.call('DEL', u[1])
+    if not u[7] then
+      redis.call('HDEL', u[1], u[2], u[4], u[6])
     elseif u[3] then
-      redis.call('HSET', u[1], u[2], int(u[3]), 's', int(u[4]))
+      redis.call('HSET', u[1], u[2], int(u[3]), u[4], int(u[5]))
     else
       redis.call('HDEL', u[1], u[2])
-      redis.call('HSET', u[1], 's', int(u[4]), 'lo', u[5])
+      redis.call('HSET', u[1], u[4], int(u[5]), u[6], u[7])
     end
   end
   if bal then redis.call('HSET', KEYS[4], 'rem', int(bal[1]), 'held', int(bal[2])) end

@@ -98,6 +98,7 @@ on_both_stores!(
     a_purged_leases_late_report_counts_on_its_own_entries,
     a_hold_of_a_key_that_never_admits_again_leaves_at_its_lease_expiry,
     a_renewed_lease_keeps_its_hold_until_its_new_expiry,
+    a_renewal_that_shortens_a_lease_releases_its_hold_earlier,
 );
 
 struct Store {
@@ -1039,7 +1040,7 @@ async fn scripts_assert_their_inputs() {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let prefix = common::unique_prefix();
-    let keys = AdmitKeys::new(&KeySpace::new(&prefix, 1), 0, &key(), "p");
+    let keys = AdmitKeys::new(&KeySpace::new(&prefix, 1), 0, &key());
     // A negative limit and a missing lease token are refused before anything is written.
     let script = redis::Script::new(source::ADMIT);
     let mut call = script.prepare_invoke();
@@ -1057,8 +1058,6 @@ async fn scripts_assert_their_inputs() {
         used: 0,
         balance_version: 0,
         time_shift_ms: 0,
-        client: true,
-        pool_version: "",
         hold: 0,
         now_ms: 0,
         guard_ttl_ms: 60_000,

@@ -117,10 +117,10 @@ fn the_check_fails_on_a_header_that_drifted() {
         .source
         .replacen("--   1  rpm_limit", "--   1  tpm_limit", 1)
         .replacen("--   2  tpm_limit", "--   2  rpm_limit", 1);
-    let dropped = admit.source.replacen("--   16 now_ms", "--   ", 1);
+    let dropped = admit.source.replacen("--   14 now_ms", "--   ", 1);
     let renamed = admit
         .source
-        .replacen("--   7  pool_version", "--   7  pool_old", 1);
+        .replacen("--   8  quota", "--   8  quota_old", 1);
     for source in [swapped, dropped, renamed] {
         let leaked: &'static str = Box::leak(source.into_boxed_str());
         let drifted = Contract {
@@ -134,9 +134,9 @@ fn the_check_fails_on_a_header_that_drifted() {
 #[test]
 fn headers_parse_into_every_entry() {
     let header = parse(CONTRACTS[0].source);
-    assert_eq!(header.keys.len(), 8);
-    assert_eq!(header.argv.len(), 17);
-    assert_eq!(header.codes.len(), 9);
+    assert_eq!(header.keys.len(), 5);
+    assert_eq!(header.argv.len(), 15);
+    assert_eq!(header.codes.len(), 7);
     assert_eq!(
         (header.keys_repeated.len(), header.argv_repeated.len()),
         (1, 4)

@@ -10,22 +10,24 @@ use crate::measure::{Probe, Summary};
 use crate::support::{self, private_redis::PrivateCluster};
 use crate::{create_keys, pool_size, row, saturate, start, warm, SECONDS};
 
-fn cluster_keys() -> usize {
+pub fn cluster_keys() -> usize {
     std::env::var("KEYWARD_BENCH_CLUSTER_KEYS")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(1_000)
 }
 
-pub async fn run(summary: &mut Summary) {
-    let cluster = PrivateCluster::start().await;
-    // "redis+cluster://127.0.0.1:p1,127.0.0.1:p2,...": the nodes' ports.
-    let ports: Vec<u16> = cluster
-        .url
-        .trim_start_matches("redis+cluster://")
+/// The nodes' ports in "redis+cluster://127.0.0.1:p1,127.0.0.1:p2,...".
+pub fn node_ports(url: &str) -> Vec<u16> {
+    url.trim_start_matches("redis+cluster://")
         .split(',')
         .filter_map(|a| a.rsplit(':').next()?.parse().ok())
-        .collect();
+        .collect()
+}
+
+pub async fn run(summary: &mut Summary) {
+    let cluster = PrivateCluster::start().await;
+    let ports = node_ports(&cluster.url);
     let prefix = format!("kw-bench-cluster-{}", std::process::id());
     let k = start(Some((&cluster.url, &prefix))).await;
     let n = cluster_keys();

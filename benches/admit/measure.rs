@@ -71,7 +71,8 @@ pub struct Probe {
     pid: Option<u32>,
     ticks: u64,
     redis: Vec<u16>,
-    redis_cpu_s: f64,
+    /// Each node's `INFO cpu` seconds at the start.
+    redis_cpu_s: Vec<f64>,
 }
 
 /// What a run cost, per decision (µs).
@@ -92,6 +93,8 @@ pub struct RedisCost {
     pub calls_per_decision: f64,
     /// Script calls on each node (in the order given).
     pub calls_per_node: Vec<u64>,
+    /// `INFO cpu` seconds each node spent during the run (in the order given).
+    pub cpu_s_per_node: Vec<f64>,
 }
 
 impl Probe {
@@ -103,7 +106,7 @@ impl Probe {
             pid,
             ticks: pid.map_or(0, support::cpu_ticks),
             redis: redis.to_vec(),
-            redis_cpu_s: redis.iter().map(|&p| redis_cpu_s(p)).sum(),
+            redis_cpu_s: redis.iter().map(|&p| redis_cpu_s(p)).collect(),
         }
     }
 
@@ -115,16 +118,20 @@ impl Probe {
             ticks as f64 * 1e6 / support::clock_ticks_per_s() as f64 / n
         });
         let redis = (!self.redis.is_empty()).then(|| {
-            let cpu: f64 = self.redis.iter().map(|&p| redis_cpu_s(p)).sum();
+            let cpu_s_per_node: Vec<f64> = (self.redis.iter().zip(&self.redis_cpu_s))
+                .map(|(&p, start)| redis_cpu_s(p) - start)
+                .collect();
+            let cpu: f64 = cpu_s_per_node.iter().sum();
             let stats: Vec<(u64, u64)> = self.redis.iter().map(|&p| command_stats(p)).collect();
             let calls: u64 = stats.iter().map(|s| s.0).sum();
             let script_us: u64 = stats.iter().map(|s| s.1).sum();
             RedisCost {
-                cpu_us: (cpu - self.redis_cpu_s) * 1e6 / n,
+                cpu_us: cpu * 1e6 / n,
                 scripts_us: script_us as f64 / n,
                 us_per_call: script_us as f64 / calls.max(1) as f64,
                 calls_per_decision: calls as f64 / n,
                 calls_per_node: stats.iter().map(|s| s.0).collect(),
+                cpu_s_per_node,
             }
         });
         Cost { sidecar_us, redis }

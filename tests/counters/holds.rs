@@ -66,6 +66,25 @@ pub(super) async fn a_hold_of_a_key_that_never_admits_again_leaves_at_its_lease_
     s.cleanup().await;
 }
 
+/// A renewal may shorten a lease: its spend hold then leaves at the new, earlier expiry
+/// (the counter's note of its earliest hold expiry follows it down).
+pub(super) async fn a_renewal_that_shortens_a_lease_releases_its_hold_earlier(kind: Kind) {
+    let s = Store::new(kind).await;
+    let (renewing, other) = (key(), key());
+    let user = [entry(QuotaKind::Spend(Period::Day), 1_000)];
+    let lease = s.user_lease(&renewing);
+    assert!(admitted(&s.admit(&holding(&lease, &user, 800)).await));
+    let renewed = s.counters.renew(&lease, 1_000).await.unwrap();
+    assert!(renewed.is_some());
+    // Past the shortened expiry, long before the first one (10 s): released.
+    s.advance(1_001);
+    let probe = s.user_lease(&other);
+    let d = s.admit(&holding(&probe, &user, 300)).await;
+    assert!(admitted(&d), "the shortened hold still counts: {d:?}");
+    assert_eq!(used(&d), [300]);
+    s.cleanup().await;
+}
+
 /// A renewed lease keeps its spend hold until its new expiry, then releases it, whoever
 /// admits next.
 pub(super) async fn a_renewed_lease_keeps_its_hold_until_its_new_expiry(kind: Kind) {

@@ -289,7 +289,15 @@ impl MemoryCounters {
     pub async fn report(&self, r: &Report) -> Result<Reported, CounterError> {
         let now = self.now();
         let (mut provider, mut model, mut api_format) = (None, r.model.clone(), None);
-        let mut pool_settle = None;
+        // As pool_report.lua: the pick's tokens are settled from what the signed lease
+        // says it took, whether or not the lease's data is still here (a late report
+        // after a purge and a sweep settles them too).
+        let mut pool_settle = r
+            .lease
+            .as_ref()
+            .and_then(|l| l.taken)
+            .filter(|_| r.provider_key_id.is_some())
+            .map(|t| (t.second, t.tokens));
         if let Some(lease) = &r.lease {
             // As report.lua: the lease's latest expiry (renewals move it past the signed
             // one) bounds when it may be reported, and its guard outlives that bound.
@@ -323,7 +331,8 @@ impl MemoryCounters {
                             .tokens
                             .settle(held.bucket, prompt + completion - held.reserved);
                     }
-                    if let Some((pk, reserved)) = &held.provider_key {
+                    // A lease of the release before carries no pick: its data says.
+                    if let (None, Some((pk, reserved))) = (lease.taken, &held.provider_key) {
                         if r.provider_key_id.as_deref() == Some(pk.as_str()) {
                             pool_settle = Some((held.bucket, *reserved));
                         }

@@ -63,7 +63,7 @@ impl RedisCounters {
         // The client's part only (no pool version): every key on the tenant's shard. The
         // pool's part, when one is wanted, is `lua/pick.lua` on the pool's tag (`split`).
         let mut call = Call::new(&self.scripts.admit);
-        AdmitKeys::client_only(&self.space, shard, &r.lease.key_id).push(&mut call);
+        AdmitKeys::new(&self.space, shard, &r.lease.key_id).push(&mut call);
         push_quota_keys(&self.space, shard, r.quotas, &mut call);
         AdmitArgs {
             rpm_limit: limit_arg(r.rpm),
@@ -79,8 +79,6 @@ impl RedisCounters {
             used: crate::money::bounded(balance.used.into()),
             balance_version: balance.version,
             time_shift_ms: clock.shift_ms,
-            client: true,
-            pool_version: "",
             hold: r.hold_micros,
             now_ms: clock.pinned_ms,
             guard_ttl_ms: self.guard_ttl_ms,
@@ -102,13 +100,7 @@ impl RedisCounters {
     /// Runs the client's admit call and checks its answer.
     pub(super) async fn invoke_client(&self, call: &Call<'_>) -> Result<AdmitReply, CounterError> {
         let reply = self.lanes.call::<Vec<redis::Value>>("admit", call).await?;
-        let reply = AdmitReply::parse(&reply)?;
-        if reply.code == AdmitCode::PoolVersion {
-            return Err(CounterError::Protocol(
-                "admit asked for a pool sync without a pool".into(),
-            ));
-        }
-        Ok(reply)
+        AdmitReply::parse(&reply)
     }
 
     pub(super) async fn select_redis(&self, r: &SelectRequest<'_>) -> Result<Pick, CounterError> {
@@ -313,17 +305,11 @@ pub(super) fn client_decision(
         AdmitCode::Concurrency => denied(Denial::Concurrency, Some(a)),
         AdmitCode::BalanceExhausted => denied(Denial::BalanceExhausted, None),
         AdmitCode::BalanceCommitted => denied(Denial::BalanceCommitted, Some(a)),
-        AdmitCode::PoolExhausted => denied(Denial::PoolExhausted, Some(a)),
         AdmitCode::Quota => {
             let (index, exhausted) = quota.ok_or_else(|| {
                 CounterError::Protocol("admit refused by a quota without naming it".into())
             })?;
             denied(Denial::Quota { index, exhausted }, (a > 0).then_some(a))
-        }
-        AdmitCode::PoolVersion => {
-            return Err(CounterError::Protocol(
-                "admit asked for a pool sync without a pool".into(),
-            ))
         }
     };
     Ok(Decision {

@@ -8,7 +8,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `{S}:k:<key id>:rpm` / `:tpm` | hash | second → requests / tokens (61 buckets at most) |
+//! | `{S}:k:<key id>:rpm` | hash | both windows: second → requests, `t<second>` → tokens (61 buckets each at most) |
 //! | `{S}:k:<key id>:leases` | zset | lease token → expiry ms |
 //! | `{S}:k:<key id>:ld` / `:lx` | hash | lease token → reservation data for the report (`lx`: of purged leases) |
 //! | `{S}:k:<key id>:bal` | hash | live balance (no expiry: it is ahead of the database) |

@@ -1,5 +1,5 @@
-//! `lua/admit.lua`: decide one request for one client key and, when asked, pick a
-//! provider key for it (with `client = false`, only pick: `POST /v1/select`).
+//! `lua/admit.lua`: decide one request for one client key (its windows, concurrency,
+//! balance and quota entries). A provider key is picked by `lua/pick.lua`.
 
 use super::{int_at, protocol, script_fields, Contract, KeySpace};
 use crate::limits::{CounterError, QuotaEntry, QuotaUse, Usage};
@@ -8,63 +8,37 @@ script_fields! {
     key
     /// KEYS of `lua/admit.lua`.
     pub struct AdmitKeys {
+        /// Both windows of the key: requests, and tokens under the field prefix `t`.
         pub rpm: String,
-        pub tpm: String,
         pub leases: String,
         pub ld: String,
         pub bal: String,
-        pub def: String,
-        pub order: String,
         /// The data of leases purged after their expiry, kept for their late reports.
         pub lx: String,
     }
 }
 
 impl AdmitKeys {
-    /// A client key's counters and a provider's pool (`provider` may be "" when no
-    /// provider key is wanted; its keys are then named but not touched).
-    pub fn new(space: &KeySpace, shard: u16, key_id: &str, provider: &str) -> AdmitKeys {
+    /// A client key's counters, all on its tenant's `shard`.
+    pub fn new(space: &KeySpace, shard: u16, key_id: &str) -> AdmitKeys {
         AdmitKeys {
             rpm: space.client(shard, key_id, "rpm"),
-            tpm: space.client(shard, key_id, "tpm"),
             leases: space.client(shard, key_id, "leases"),
             ld: space.client(shard, key_id, "ld"),
             bal: space.client(shard, key_id, "bal"),
-            def: space.pool(provider, "def"),
-            order: space.pool(provider, "order"),
             lx: space.client(shard, key_id, "lx"),
         }
     }
 
-    /// A client key's counters alone (a call without a pool version, which does not
-    /// touch KEYS 6 and 7): those two are named on the same shard, so the call touches one
-    /// slot.
-    pub fn client_only(space: &KeySpace, shard: u16, key_id: &str) -> AdmitKeys {
-        AdmitKeys {
-            def: space.client(shard, key_id, "no-def"),
-            order: space.client(shard, key_id, "no-order"),
-            ..AdmitKeys::new(space, shard, key_id, "")
-        }
-    }
-
     /// All of them, for cleaning up.
-    pub fn all(&self) -> [&str; 8] {
-        [
-            &self.rpm,
-            &self.tpm,
-            &self.leases,
-            &self.ld,
-            &self.bal,
-            &self.def,
-            &self.order,
-            &self.lx,
-        ]
+    pub fn all(&self) -> [&str; 5] {
+        [&self.rpm, &self.leases, &self.ld, &self.bal, &self.lx]
     }
 }
 
 script_fields! {
     key
-    /// The KEYS of `lua/admit.lua` repeated per quota entry (from KEYS 9).
+    /// The KEYS of `lua/admit.lua` repeated per quota entry (from KEYS 6).
     pub struct AdmitQuotaKey {
         /// `{tag}:q:<counter id>`: the script names the entry's counters from it.
         pub quota: String,
@@ -73,7 +47,7 @@ script_fields! {
 
 script_fields! {
     arg
-    /// The ARGV of `lua/admit.lua` repeated per quota entry (from ARGV 18).
+    /// The ARGV of `lua/admit.lua` repeated per quota entry (from ARGV 16).
     pub struct AdmitQuotaArgs {
         /// `rm tm rd td sd sw sm st` ([`crate::limits::QuotaKind::code`]).
         pub kind: &'static str,
@@ -143,10 +117,6 @@ script_fields! {
         pub used: i64,
         pub balance_version: i64,
         pub time_shift_ms: i64,
-        /// `false`: only pick a provider key.
-        pub client: bool,
-        /// "" = no provider key wanted.
-        pub pool_version: &'a str,
         pub hold: i64,
         /// 0 = the Redis server's `TIME`.
         pub now_ms: i64,
@@ -165,24 +135,20 @@ pub enum AdmitCode {
     Concurrency,
     BalanceExhausted,
     BalanceCommitted,
-    PoolExhausted,
-    /// The pool in Redis is another version: sync it (`pool_sync.lua`) and ask again.
-    PoolVersion,
     /// A quota entry refuses (`quota_index`, `quota_exhausted`).
     Quota,
 }
 
 impl AdmitCode {
     /// Every code with its number and its name in the script's header.
-    pub const CODES: [(AdmitCode, i64, &'static str); 9] = [
+    /// (6 and 7 were the pool's, now `lua/pick.lua`'s.)
+    pub const CODES: [(AdmitCode, i64, &'static str); 7] = [
         (AdmitCode::Admitted, 0, "admitted"),
         (AdmitCode::Requests, 1, "requests"),
         (AdmitCode::Tokens, 2, "tokens"),
         (AdmitCode::Concurrency, 3, "concurrency"),
         (AdmitCode::BalanceExhausted, 4, "balance_exhausted"),
         (AdmitCode::BalanceCommitted, 5, "balance_committed"),
-        (AdmitCode::PoolExhausted, 6, "pool_exhausted"),
-        (AdmitCode::PoolVersion, 7, "pool_version"),
         (AdmitCode::Quota, 8, "quota"),
     ];
 
@@ -198,12 +164,10 @@ impl AdmitCode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdmitReply {
     pub code: AdmitCode,
-    /// The lease expiry, a retry time, or the pool's stamp (see the script's CODES).
+    /// The lease expiry or a retry time (see the script's CODES).
     pub a: i64,
     /// With `balance_remaining` always set (-1 when the balance is not tracked).
     pub usage: Usage,
-    /// The picked provider key's id, or empty.
-    pub picked: String,
     /// The refusing quota entry's index (0-based) and whether it is full (else its spend
     /// is held by requests in flight), with [`AdmitCode::Quota`].
     pub quota: Option<(usize, bool)>,
@@ -214,13 +178,13 @@ pub struct AdmitReply {
 impl AdmitReply {
     pub fn parse(reply: &[redis::Value]) -> Result<AdmitReply, CounterError> {
         const NAME: &str = "admit";
-        if reply.len() < 12 || reply.len() % 2 != 0 {
+        if reply.len() < 11 || (reply.len() - 11) % 2 != 0 {
             return Err(protocol(NAME, format_args!("{} values", reply.len())));
         }
         let int = |i| int_at(NAME, reply, i);
         let code = int(0)?;
-        let index = int(10)?;
-        let quotas = (12..reply.len())
+        let index = int(9)?;
+        let quotas = (11..reply.len())
             .step_by(2)
             .map(|i| {
                 Ok(QuotaUse {
@@ -231,7 +195,7 @@ impl AdmitReply {
             .collect::<Result<Vec<_>, CounterError>>()?;
         let quota = match usize::try_from(index) {
             Ok(0) => None,
-            Ok(i) if i <= quotas.len() => Some((i - 1, int(11)? != 0)),
+            Ok(i) if i <= quotas.len() => Some((i - 1, int(10)? != 0)),
             _ => return Err(protocol(NAME, format_args!("quota index {index}"))),
         };
         Ok(AdmitReply {
@@ -247,8 +211,6 @@ impl AdmitReply {
                 in_flight: int(7)?,
                 balance_remaining: Some(int(8)?),
             },
-            picked: redis::from_redis_value_ref::<String>(&reply[9])
-                .map_err(|_| protocol(NAME, "a picked id that is not text"))?,
             quota,
             quotas,
         })
@@ -269,8 +231,6 @@ pub const CONTRACT: Contract = Contract {
         (3, "concurrency"),
         (4, "balance_exhausted"),
         (5, "balance_committed"),
-        (6, "pool_exhausted"),
-        (7, "pool_version"),
         (8, "quota"),
     ],
 };

@@ -29,7 +29,8 @@ script_fields! {
     arg
     /// The ARGV of `lua/quota_read.lua` repeated per counter (from ARGV 3).
     pub struct QuotaReadEntryArgs {
-        /// [`crate::limits::QuotaKind::code`], or `kw` for a key's own window.
+        /// [`crate::limits::QuotaKind::code`], or a key's own window: `kw` its
+        /// requests, `kt` its tokens (both in its `rpm` hash).
         pub kind: &'static str,
         /// Day counts and spend: the seed's start day, -1 = none.
         pub seed_day: i64,
@@ -41,9 +42,7 @@ impl QuotaReadKey {
     pub fn new(space: &KeySpace, shard: u16, counter: &LiveCounter) -> QuotaReadKey {
         QuotaReadKey {
             counter: match counter {
-                LiveCounter::KeyWindow { key_id, tokens } => {
-                    space.client(shard, key_id, if *tokens { "tpm" } else { "rpm" })
-                }
+                LiveCounter::KeyWindow { key_id, .. } => space.client(shard, key_id, "rpm"),
                 LiveCounter::Quota { counter, .. } => space.quota(shard, counter),
             },
         }
@@ -53,8 +52,8 @@ impl QuotaReadKey {
 impl QuotaReadEntryArgs {
     pub fn new(counter: &LiveCounter) -> QuotaReadEntryArgs {
         match counter {
-            LiveCounter::KeyWindow { .. } => QuotaReadEntryArgs {
-                kind: "kw",
+            LiveCounter::KeyWindow { tokens, .. } => QuotaReadEntryArgs {
+                kind: if *tokens { "kt" } else { "kw" },
                 seed_day: -1,
                 seed_micros: 0,
             },
@@ -124,13 +123,13 @@ mod tests {
         };
         assert_eq!(
             QuotaReadKey::new(&space, 0, &window).counter,
-            format!("{tag}:k:k1:tpm")
+            format!("{tag}:k:k1:rpm")
         );
         assert_eq!(
             QuotaReadKey::new(&space, 0, &spend).counter,
             format!("{tag}:q:c")
         );
-        assert_eq!(QuotaReadEntryArgs::new(&window).kind, "kw");
+        assert_eq!(QuotaReadEntryArgs::new(&window).kind, "kt");
         let args = QuotaReadEntryArgs::new(&spend);
         assert_eq!(
             (args.kind, args.seed_day, args.seed_micros),
