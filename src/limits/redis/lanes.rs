@@ -10,10 +10,8 @@ use crate::limits::conn::{Conn, Connector};
 use crate::limits::scripts::call::Call;
 use crate::limits::CounterError;
 
-/// How many multiplexed connections carry the hot path. One: its driver writes every
-/// script queued meanwhile in one syscall, and two halved that batching for about 5%
-/// more CPU per admission under load (BENCHMARKS.md, "The Redis shape's admit CPU").
-pub(super) const LANES: usize = 1;
+/// How many multiplexed connections carry the hot path.
+pub(super) const LANES: usize = 2;
 
 /// Shared multiplexed connections, used round robin.
 pub(super) struct Lanes {
