@@ -119,6 +119,8 @@ if head[1] ~= pool_version then
 end
 local renewed = tonumber(head[3] or '')
 local tag = string.match(KEYS[1], '^(%b{})')
+-- A first batch of 2: the first candidate is usually the one picked, and ZRANGE's reply
+-- (a score's text per member) cost more than any other call; then 16 at a time.
 local pick, earliest, start, size = nil, nil, 0, 2
 while not pick do
   local batch = redis.call('ZRANGE', KEYS[2], start, start + size - 1, 'WITHSCORES')
