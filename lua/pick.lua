@@ -126,7 +126,7 @@ while not pick do
   local batch = redis.call('ZRANGE', KEYS[2], start, start + size - 1, 'WITHSCORES')
   if #batch == 0 then break end
   -- The batch's limits in one call (the first candidate is usually the one picked, and
-  -- an HMGET of ten fields costs Redis about what an HGET of one does).
+  -- an HMGET of sixteen fields costs Redis about what an HGET of one does).
   local ids = {}
   for i = 1, #batch, 2 do ids[#ids + 1] = batch[i] end
   local defs = redis.call('HMGET', KEYS[1], unpack(ids))
