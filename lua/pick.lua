@@ -10,7 +10,8 @@
 --
 -- KEYS (under the pool's hash tag):
 --   1  def                hash   the provider's pool: '_v' -> version, '_t' -> its stamp,
---                                key id -> "max_rpm|max_tpm" (see pool_sync.lua)
+--                                key id -> "max_rpm|max_tpm" (see pool_sync.lua); '_x' ->
+--                                when a pick last renewed def's and order's expiry (ms)
 --   2  order              zset   key id -> priority rank * 2^42 + last pick
 --      A provider key's own keys are named from the same hash tag and its id (so they
 --      are in the same slot): {tag}:pk:<id>:rpm and :tpm (windows as in admit.lua), :cd
@@ -55,11 +56,14 @@ end
 local b = math.floor(now / 1000)
 local oldest = b - 60
 
-local function int(x) return string.format('%.0f', x) end
+-- '%d', not '%.0f': float formatting was the largest Lua cost (as in admit.lua).
+local function int(x) return string.format('%d', x) end
+local bs = int(b)
+local RENEW = 3600000 -- def and order live a day from a pick; renewed at most once an hour
 
 -- A window: admit.lua's (one field per second, 's' their sum, 'lo' the oldest second).
 local function window(key)
-  local h = redis.call('HMGET', key, 's', 'lo', b)
+  local h = redis.call('HMGET', key, 's', 'lo', bs)
   local sum, lo, cur = tonumber(h[1]) or 0, tonumber(h[2]), tonumber(h[3]) or 0
   if not lo then return 0, nil, 0 end
   if lo >= oldest then return sum, lo, cur end
@@ -88,9 +92,9 @@ end
 
 local function take(key, amount, sum, lo, cur)
   if lo then
-    redis.call('HSET', key, b, int(cur + amount), 's', int(sum + amount))
+    redis.call('HSET', key, bs, int(cur + amount), 's', int(sum + amount))
   else
-    redis.call('HSET', key, b, int(cur + amount), 's', int(sum + amount), 'lo', b)
+    redis.call('HSET', key, bs, int(cur + amount), 's', int(sum + amount), 'lo', bs)
   end
   if cur == 0 then redis.call('PEXPIRE', key, 62000) end
 end
@@ -109,23 +113,33 @@ local function wait_for(key, sum, add, limit)
   return 61000
 end
 
-if redis.call('HGET', KEYS[1], '_v') ~= pool_version then
-  return {2, tonumber(redis.call('HGET', KEYS[1], '_t') or '0') or 0, now, '', 0, 0, 0, '', ''}
+local head = redis.call('HMGET', KEYS[1], '_v', '_t', '_x')
+if head[1] ~= pool_version then
+  return {2, tonumber(head[2] or '0') or 0, now, '', 0, 0, 0, '', ''}
 end
+local renewed = tonumber(head[3] or '')
 local tag = string.match(KEYS[1], '^(%b{})')
-local pick, earliest, start = nil, nil, 0
+-- A first batch of 2: the first candidate is usually the one picked, and ZRANGE's reply
+-- (a score's text per member) cost more than any other call; then 16 at a time.
+local pick, earliest, start, size = nil, nil, 0, 2
 while not pick do
-  local batch = redis.call('ZRANGE', KEYS[2], start, start + 9, 'WITHSCORES')
+  local batch = redis.call('ZRANGE', KEYS[2], start, start + size - 1, 'WITHSCORES')
   if #batch == 0 then break end
+  -- The batch's limits in one call (the first candidate is usually the one picked, and
+  -- an HMGET of sixteen fields costs Redis about what an HGET of one does).
+  local ids = {}
+  for i = 1, #batch, 2 do ids[#ids + 1] = batch[i] end
+  local defs = redis.call('HMGET', KEYS[1], unpack(ids))
   for i = 1, #batch, 2 do
     local id = batch[i]
-    local limits = redis.call('HGET', KEYS[1], id) or '0|0'
+    local limits = defs[(i + 1) / 2] or '0|0'
     local rpm, tpm = string.match(limits, '^(%d+)|(%d+)$')
     local base = tag .. ':pk:' .. id .. ':'
     local c = {id = id, rpm = tonumber(rpm) or 0, tpm = tonumber(tpm) or 0, score = batch[i + 1],
                rank = math.floor(tonumber(batch[i + 1]) / SHIFT), krpm = base .. 'rpm', ktpm = base .. 'tpm'}
-    local cooling = tonumber(redis.call('GET', base .. 'cd') or '0')
-    local suspended = tonumber(redis.call('GET', base .. 'susp') or '0')
+    local held = redis.call('MGET', base .. 'cd', base .. 'susp')
+    local cooling = tonumber(held[1] or '0')
+    local suspended = tonumber(held[2] or '0')
     local wait = math.max(0, cooling - now, suspended - now)
     if c.rpm > 0 then
       c.rsum, c.rlo, c.rcur = window(c.krpm)
@@ -145,7 +159,7 @@ while not pick do
     end
     if earliest == nil or wait < earliest then earliest = wait end
   end
-  start = start + 10
+  start, size = start + size, 16
 end
 if not pick then return {1, earliest or 61000, now, '', 0, 0, 0, '', ''} end
 
@@ -160,6 +174,12 @@ if pick.tpm > 0 then
 end
 local score = int(pick.rank * SHIFT + now)
 redis.call('ZADD', KEYS[2], score, pick.id)
-redis.call('PEXPIRE', KEYS[1], 86400000)
-redis.call('PEXPIRE', KEYS[2], 86400000)
-return {0, 0, now, pick.id, b, requests, taken, pick.score, redis.call('ZSCORE', KEYS[2], pick.id)}
+-- The pool stays while it is picked from; renewing its expiry on every pick cost two
+-- calls, once an hour (or on a clock that went back) costs one HSET more.
+if not renewed or now - renewed >= RENEW or now < renewed then
+  redis.call('HSET', KEYS[1], '_x', int(now))
+  redis.call('PEXPIRE', KEYS[1], 86400000)
+  redis.call('PEXPIRE', KEYS[2], 86400000)
+end
+-- The score as written ('%d'), not ZSCORE's text of it: unpick.lua compares them as numbers.
+return {0, 0, now, pick.id, b, requests, taken, pick.score, score}

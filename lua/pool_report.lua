@@ -65,7 +65,7 @@ if pinned == 0 then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
 end
 local b = math.floor(now / 1000)
-local function int(x) return string.format('%.0f', x) end
+local function int(x) return string.format('%d', x) end
 
 if has_tokens and second >= b - 60 then
   local h = redis.call('HMGET', KEYS[1], second, 's')

@@ -45,7 +45,7 @@ if pinned == 0 then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
 end
 local b = math.floor(now / 1000)
-local function int(x) return string.format('%.0f', x) end
+local function int(x) return string.format('%d', x) end
 
 if not redis.call('SET', KEYS[4], '1', 'NX', 'PX', 120000) then return {0, now} end
 
@@ -75,7 +75,7 @@ end
 
 untake(KEYS[2], requests)
 untake(KEYS[3], tokens)
-if score ~= '' and previous ~= '' and redis.call('ZSCORE', KEYS[1], picked) == score then
+if score ~= '' and previous ~= '' and tonumber(redis.call('ZSCORE', KEYS[1], picked) or '') == tonumber(score) then
   redis.call('ZADD', KEYS[1], 'XX', previous, picked)
 end
 return {1, now}

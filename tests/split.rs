@@ -404,6 +404,33 @@ async fn compensations_give_back_once() {
     }
     assert_eq!(gave, [true, false]);
     assert_eq!(window_sum(&redis, &pk_rpm).await, 2);
+    // The last pick given back puts its key's pick time back: pick.lua answers the score
+    // as it wrote it ('%d'), unpick.lua compares it with ZSCORE's text as a number.
+    let p = &picks[1];
+    let mut call = unpick_script.prepare_invoke();
+    let token = LeaseId::new(&key()).token;
+    UnpickKeys::new(space, &provider, &p.picked, &token).push(&mut call);
+    UnpickArgs {
+        picked: &p.picked,
+        second: p.taken.second,
+        requests: p.requests,
+        tokens: p.taken.tokens,
+        previous: &p.previous,
+        score: &p.score,
+        time_shift_ms: 0,
+        now_ms: 0,
+    }
+    .push(&mut call);
+    let reply: Vec<redis::Value> = call.invoke_async(&mut conn).await.unwrap();
+    assert!(unpick::parse(&reply).unwrap());
+    let order: Option<f64> = redis::cmd("ZSCORE")
+        .arg(space.pool(&provider, "order"))
+        .arg(&p.picked)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(order, Some(p.previous.parse::<f64>().unwrap()));
+    assert_eq!(window_sum(&redis, &pk_rpm).await, 1);
 
     // Two admissions of a key with a per-minute quota entry, then the first cancelled
     // twice: one admission still counts, in the key's window and in the entry's.
