@@ -1,5 +1,5 @@
 //! `cargo bench --bench admit`: how fast `/v1/admit` decides and what a decision costs,
-//! in both shapes, beside the yardsticks of issue 16, in one run ending with one summary
+//! in both shapes, beside its yardsticks, in one run ending with one summary
 //! table (markdown) and its ratios.
 //!
 //! - Saturation: `CONCURRENCY` keep-alive connections send admits back to back for
@@ -16,7 +16,7 @@
 //!   instant (so a stall anywhere counts), and beside them the p99 lag of sends behind
 //!   the schedule. Beside keyward's Redis shape, two floors on the same schedule: a bare
 //!   axum server that makes the same EVALSHA per request, and EVALSHA straight to Redis;
-//!   keyward's p99 minus the bare server's is printed against issue 16's 0.3 ms.
+//!   keyward's p99 minus the bare server's is printed against a 0.3 ms target.
 //! - Yardsticks (`yardsticks.rs`): redis-benchmark running `lua/admit.lua` (the ceiling)
 //!   and `benches/reference.lua` (a one-counter sliding window), a bare hyper server's
 //!   CPU per request, Limitador's two modes when `LIMITADOR_BIN` is set.
@@ -605,7 +605,7 @@ async fn runs(shape: &str, k: &Keyward, redis: &[u16], summary: &mut Summary) ->
 }
 
 /// The floors of the open loop beside keyward's Redis shape (already run), and keyward's
-/// p99 over the bare HTTP+EVALSHA floor's (issue 16: at most 0.3 ms).
+/// p99 over the bare HTTP+EVALSHA floor's (target: at most 0.3 ms).
 async fn floors(redis_url: &str, redis_port: u16, summary: &mut Summary) {
     let redis = [redis_port];
     open_loops(

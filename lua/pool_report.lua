@@ -19,6 +19,10 @@
 --                                   headers); 'lim' -> "kept until ms|<ARGV 11>|at ms":
 --                                   what the headers said last (the hash expires with
 --                                   the latest of them)
+--   5  guard                string  {tag}:prep:<lease token>: set (for 2 minutes) by the
+--                                   first run of a lease's report (ARGV 14); a repeat
+--                                   (a cluster client re-sends a script whose reply a
+--                                   dropped connection lost) then changes nothing
 -- ARGV:
 --   1  second               the second whose bucket took the pick's tokens (pick.lua's
 --                           answer, carried by the lease); -1 = nothing to settle
@@ -38,8 +42,10 @@
 --                           reset ms|tokens reset ms" (each "" when unknown)
 --   12 time_shift_ms        added to the clock (0 in production)
 --   13 now_ms               0 = the Redis server's TIME (production); else this instant
+--   14 guarded              1 = a lease's report: run once (KEYS 5); 0 = without a lease
 -- Returns {code, now_ms}.
 -- CODES:
+--   0  duplicate            this lease's provider-key part ran already: nothing changed
 --   1  settled
 --
 -- The reservation is replaced by the actual count in the second where it was made (if
@@ -66,6 +72,10 @@ if pinned == 0 then
 end
 local b = math.floor(now / 1000)
 local function int(x) return string.format('%d', x) end
+
+if ARGV[14] == '1' and not redis.call('SET', KEYS[5], '1', 'NX', 'PX', 120000) then
+  return {0, now}
+end
 
 if has_tokens and second >= b - 60 then
   local h = redis.call('HMGET', KEYS[1], second, 's')

@@ -1,4 +1,4 @@
-//! Quotas in the admin API (issue 15), on SQLite and on a real Postgres: a key's quota
+//! Quotas in the admin API, on SQLite and on a real Postgres: a key's quota
 //! fields (create, patch, view, clear), users' limits (CRUD, paging), the quota views
 //! over `quota_usage`, the caches' settled seeds, bad input refused with nothing
 //! changed, and changes reaching a second replica's caches.

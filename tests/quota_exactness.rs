@@ -1,4 +1,4 @@
-//! Quotas under concurrency (issue 15), every scope × every limit kind: for the key, the
+//! Quotas under concurrency, every scope × every limit kind: for the key, the
 //! key's model entry, the user (three keys) and the user's model entry, each with
 //! requests and tokens per minute, requests and tokens per UTC day, and a spend limit,
 //! 200 requests at once spread over three replicas sharing Redis and Postgres admit

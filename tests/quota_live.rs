@@ -1,4 +1,4 @@
-//! The live figures of the admin quota views (issue 15), on both shapes: a request
+//! The live figures of the admin quota views, on both shapes: a request
 //! admitted and not yet reported shows in `live` (its request, its tokens, its spend
 //! hold) while the database's `settled` is still 0; after its report `live.held` is 0
 //! and `live.used` and `settled` are its cost. The key's own per-minute windows, its

@@ -1,4 +1,4 @@
-//! Quotas on the data plane (issue 15), on both shapes: a key's daily request limit, a
+//! Quotas on the data plane, on both shapes: a key's daily request limit, a
 //! key × model requests-per-minute limit, a key's monthly spend limit, each refusing with
 //! its code and the fields naming it, and all or nothing across a key's entries. The
 //! key's quota columns are written straight into the database here (the admin API for

@@ -1,4 +1,4 @@
-//! A deployment spread over a Redis Cluster (issue 16): tenants on shards whose slots
+//! A deployment spread over a Redis Cluster: tenants on shards whose slots
 //! spread evenly over the masters, each pool on its own slot, and an admission with
 //! selection as two atomic steps on two masters that give back what one side took when
 //! the other refuses or fails (`limits::redis::split`).
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use common::PrivateCluster;
 use keyward::limits::redis::RedisCounters;
 use keyward::limits::scripts::pick::{PickArgs, PickKeys, PickReply};
+use keyward::limits::scripts::pool_report::{PoolReportArgs, PoolReportKeys};
 use keyward::limits::scripts::report::{request_entries, ReportArgs, ReportKeys};
 use keyward::limits::scripts::unpick::{self, UnpickArgs, UnpickKeys};
 use keyward::limits::scripts::{self, source, KeySpace};
@@ -378,6 +379,10 @@ async fn compensations_give_back_once() {
         .push(&mut call);
         let reply: Vec<redis::Value> = call.invoke_async(&mut conn).await.unwrap();
         picks.push(PickReply::parse(&reply).unwrap());
+        // Picks in one millisecond write the same pick time, and then unpick.lua cannot
+        // tell whether a later pick moved it (it then puts back the earlier time: a key
+        // looks less recently picked by a millisecond, nothing else).
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     }
     let pk_rpm = space.provider_key(&provider, &pool[0].id, "rpm");
     assert_eq!(window_sum(&redis, &pk_rpm).await, 3);
@@ -705,4 +710,58 @@ async fn an_outdated_pool_gives_the_clients_units_back() {
     redis.settled().await;
     assert_eq!(window_sum(&redis, &redis.key(&k, "rpm")).await, 0);
     assert_eq!(leases_held(&redis, &k).await, 0);
+}
+
+/// A lease's provider-key part of its report runs once: a repeat (a cluster client
+/// re-sends a script whose reply a dropped connection lost) settles nothing again.
+#[tokio::test]
+async fn a_repeated_pool_report_settles_once() {
+    let cluster = PrivateCluster::start().await;
+    let redis = RedisCounters::connect(&cluster.url, &common::unique_prefix(), 600_000)
+        .await
+        .unwrap();
+    let space: &KeySpace = redis.space();
+    let mut conn = redis.conn().await.unwrap();
+    let (provider, pk) = (common::unique_prefix(), key());
+    let pk_tpm = space.provider_key(&provider, &pk, "tpm");
+    let time: Vec<String> = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let second: i64 = time[0].parse().unwrap();
+    // The pick reserved 1,000 tokens in this second; the upstream used 100.
+    let _: () = redis::cmd("HSET")
+        .arg(&pk_tpm)
+        .arg(second)
+        .arg(1_000)
+        .arg("s")
+        .arg(1_000)
+        .arg("lo")
+        .arg(second)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let script = redis::Script::new(source::POOL_REPORT);
+    let token = LeaseId::new(&key()).token;
+    for _ in 0..2 {
+        let mut call = script.prepare_invoke();
+        PoolReportKeys::new(space, &provider, &pk, &token).push(&mut call);
+        PoolReportArgs {
+            second,
+            reserved: 1_000,
+            has_tokens: true,
+            used: 100,
+            status: "200".into(),
+            cooldown_ms: 0,
+            suspend_ms: 0,
+            cause_source: "lease x",
+            learned_cooldown_ms: 0,
+            learned_keep_ms: 0,
+            learned_limits: String::new(),
+            time_shift_ms: 0,
+            now_ms: 0,
+            guarded: true,
+        }
+        .push(&mut call);
+        let reply: Vec<redis::Value> = call.invoke_async(&mut conn).await.unwrap();
+        keyward::limits::scripts::pool_report::parse(&reply).unwrap();
+        assert_eq!(window_sum(&redis, &pk_tpm).await, 100, "settled once");
+    }
 }

@@ -1,4 +1,4 @@
-//! The cost of a scope (issue 15): saturation admits for keys with 1, 3 and 6 limits,
+//! The cost of a scope: saturation admits for keys with 1, 3 and 6 limits,
 //! in both shapes, and the script's own cost with 0 and 5 quota entries.
 //!
 //! - 1 limit: the key's own RPM (today's single-scope admit, no quota entry);

@@ -1,4 +1,4 @@
-//! What keyward is measured against, beside it in the same run (issue 16):
+//! What keyward is measured against, beside it in the same run:
 //!
 //! - **scripts**: `redis-benchmark` at the same concurrency running EVALSHA of
 //!   `lua/admit.lua` (the ceiling: keyward's arguments, a fresh lease token per call) and

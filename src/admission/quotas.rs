@@ -1,4 +1,4 @@
-//! The quota entries of one request (issue 15), built in process from its key record and
+//! The quota entries of one request, built in process from its key record and
 //! its user's limits, and the static refusals they allow before the counter store.
 //!
 //! Scopes, in this order (the order of the entries, so of the refusal that wins when

@@ -2,7 +2,7 @@
 //! twin) add a late report's cost to when its lease's data is gone (the store lost it: a
 //! lease purged after its expiry keeps its data in `lx` until its guard lapses, and
 //! settles with that), so a report accepted late still reaches the spend counters that
-//! admission checks (issue 15, found by an attacker review).
+//! admission checks (found by an attacker review).
 //!
 //! A report names its key by id; the key cache is by lookup hash. Each key this process
 //! checked at admission leaves its id → hash here, so the record comes from the same

@@ -360,7 +360,15 @@ pub async fn run_parts(
         data = %data.local_addr()?,
         admin = %admin.local_addr()?,
         database = ?config.backend,
-        counters = if config.redis_url.is_some() { "redis" } else { "in-process" },
+        counters = match config.redis_url.as_deref() {
+            Some(url) if url.starts_with("redis+cluster") || url.starts_with("rediss+cluster") => {
+                "redis cluster"
+            }
+            Some(_) => "redis",
+            None => "in-process",
+        },
+        // Where the counters live: a tenant's shard among this many hash tags.
+        shards = ?config.redis_url.as_ref().map(|_| config.redis_shards),
         // Not the URL: its path may hold a receiver's token.
         alerts = if config.webhook.is_some() { "webhook" } else { "queued, no webhook" },
         "keyward serving"

@@ -1,4 +1,4 @@
-//! Live figures of quota counters, for the admin quota views (issue 15): what the counter
+//! Live figures of quota counters, for the admin quota views: what the counter
 //! store holds now for a scope's limits, read without changing anything.
 //!
 //! A read names each counter as admission does ([`LiveCounter::Quota`]: a scope's counter

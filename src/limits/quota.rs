@@ -1,5 +1,5 @@
 //! Quota entries: what the counter store is asked to count for one request beyond the
-//! key's own windows, concurrency and balance (issue 15; `quota` is the vocabulary,
+//! key's own windows, concurrency and balance (`quota` is the vocabulary,
 //! `admission` builds the entries).
 //!
 //! Each entry names a counter (a [`crate::quota::Scope::counter_id`]), what it counts and

@@ -195,7 +195,8 @@ impl RedisCounters {
         let (prompt, completion) = r.tokens.unwrap_or((0, 0));
         let clock = self.shift.script_clock();
         let mut call = self.scripts.pool_report.prepare_invoke();
-        PoolReportKeys::new(&self.space, provider, pk).push(&mut call);
+        let lease_token = r.lease.as_ref().map_or("", |l| l.token.as_str());
+        PoolReportKeys::new(&self.space, provider, pk, lease_token).push(&mut call);
         PoolReportArgs {
             second: taken.map_or(-1, |t| t.second),
             reserved: taken.map_or(0, |t| t.tokens),
@@ -210,6 +211,7 @@ impl RedisCounters {
             learned_limits: r.learned.map(|l| l.encode()).unwrap_or_default(),
             time_shift_ms: clock.shift_ms,
             now_ms: clock.pinned_ms,
+            guarded: !lease_token.is_empty(),
         }
         .push(&mut call);
         let result = self

@@ -12,16 +12,21 @@ script_fields! {
         pub pk_cd: String,
         pub pk_susp: String,
         pub pk_cause: String,
+        /// `{pool tag}:prep:<lease token>` (`{pool tag}:prep:` without a lease: unused).
+        pub guard: String,
     }
 }
 
 impl PoolReportKeys {
-    pub fn new(space: &KeySpace, provider: &str, id: &str) -> PoolReportKeys {
+    /// The keys of provider key `id`'s part of a report of `lease_token` ("" = a report
+    /// without a lease).
+    pub fn new(space: &KeySpace, provider: &str, id: &str, lease_token: &str) -> PoolReportKeys {
         PoolReportKeys {
             pk_tpm: space.provider_key(provider, id, "tpm"),
             pk_cd: space.provider_key(provider, id, "cd"),
             pk_susp: space.provider_key(provider, id, "susp"),
             pk_cause: space.provider_key(provider, id, "cause"),
+            guard: space.pool(provider, &format!("prep:{lease_token}")),
         }
     }
 }
@@ -47,13 +52,16 @@ script_fields! {
         pub time_shift_ms: i64,
         /// 0 = the Redis server's `TIME`.
         pub now_ms: i64,
+        /// The lease's report is run once: a repeat (a cluster client re-sending after a
+        /// dropped connection) changes nothing. False for a report without a lease.
+        pub guarded: bool,
     }
 }
 
 /// Checks `lua/pool_report.lua`'s answer.
 pub fn parse(reply: &[redis::Value]) -> Result<(), CounterError> {
     match int_at("pool_report", reply, 0)? {
-        1 => Ok(()),
+        0 | 1 => Ok(()),
         code => Err(protocol("pool_report", format_args!("code {code}"))),
     }
 }
@@ -65,5 +73,5 @@ pub const CONTRACT: Contract = Contract {
     keys_repeated: &[],
     argv: PoolReportArgs::NAMES,
     argv_repeated: &[],
-    codes: &[(1, "settled")],
+    codes: &[(0, "duplicate"), (1, "settled")],
 };
