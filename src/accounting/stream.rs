@@ -291,8 +291,7 @@ async fn measure(conn: &mut Conn, stream: &str) -> redis::RedisResult<(i64, Opti
         other => other?,
     };
     let Some(group) = info.groups.iter().find(|g| g.name == GROUP) else {
-        // A stream without the group (made anew by a report after a data loss): every
-        // entry waits, until the writer creates the group again.
+        // No group (the stream made anew after a data loss): every entry waits.
         let len: i64 = conn.xlen(stream).await?;
         let first: StreamRangeReply = conn.xrange_count(stream, "-", "+", 1).await?;
         return Ok((len, first.ids.first().and_then(|e| entry_ms(&e.id))));

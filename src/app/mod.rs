@@ -292,7 +292,7 @@ fn spawn_background(
         }
     }
     if let Counters::Redis(redis) = &state.counters {
-        jobs.push(tokio::spawn(guard_layout(redis.clone(), stop.clone())));
+        jobs.push(tokio::spawn(redis.clone().guard_layout(stop.clone())));
     }
     {
         // The in-process counters: the embedded store, or the Redis shape's outage twin.
@@ -322,31 +322,6 @@ fn spawn_background(
         )));
     }
     (state, jobs)
-}
-
-/// How often a running replica re-asserts its shard count in Redis.
-const LAYOUT_EVERY: Duration = Duration::from_secs(5);
-
-/// Re-asserts `{prefix}:layout` every [`LAYOUT_EVERY`]: the key goes with Redis's data,
-/// and a replica started after that with another `KEYWARD_REDIS_SHARDS` would otherwise
-/// start fine and count each tenant in a second place. On a mismatch, an error line each
-/// time and `/readyz` not ready (`check_layout` sets the flag), until it matches again.
-async fn guard_layout(redis: Arc<RedisCounters>, mut stop: watch::Receiver<bool>) {
-    let mut every = tokio::time::interval(LAYOUT_EVERY);
-    loop {
-        tokio::select! {
-            _ = every.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        match redis.check_layout().await {
-            Ok(()) => {}
-            Err(CounterError::Layout(why)) => {
-                tracing::error!("{why}; this replica reports not ready until it matches");
-            }
-            // Redis unreachable: the readiness check and the counters say so.
-            Err(e) => tracing::debug!(error = %e, "checking the shard layout failed"),
-        }
-    }
 }
 
 /// Runs keyward on the given listeners until `shutdown` completes.

@@ -70,6 +70,9 @@ use crate::clock::now_ms;
 use crate::limits::BackendErrorPolicy;
 use crate::pool::LiveState;
 
+/// How often a running replica re-asserts its shard count in Redis.
+const LAYOUT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct RedisCounters {
     target: Target,
     lanes: Arc<Lanes>,
@@ -161,6 +164,29 @@ impl RedisCounters {
                 self.space.layout()
             ))),
             _ => Ok(()),
+        }
+    }
+
+    /// Re-asserts `{prefix}:layout` every [`LAYOUT_EVERY`] (a job `app` runs): the key goes
+    /// with Redis's data, and a replica started after that with another
+    /// `KEYWARD_REDIS_SHARDS` would otherwise start fine and count each tenant in a second
+    /// place. On a mismatch, an error line each time and `/readyz` not ready
+    /// (`check_layout` sets the flag), until it matches again.
+    pub async fn guard_layout(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut every = tokio::time::interval(LAYOUT_EVERY);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match self.check_layout().await {
+                Ok(()) => {}
+                Err(CounterError::Layout(why)) => {
+                    tracing::error!("{why}; this replica reports not ready until it matches");
+                }
+                // Redis unreachable: the readiness check and the counters say so.
+                Err(e) => tracing::debug!(error = %e, "checking the shard layout failed"),
+            }
         }
     }
 
