@@ -36,6 +36,16 @@ pub async fn ensure_group(conn: &mut Conn, stream: &str) -> redis::RedisResult<(
     }
 }
 
+/// Creates a shard stream's lost group again, from its first entry (see [`run`]).
+async fn regroup(conn: &mut Conn, stream: &str) -> redis::RedisResult<()> {
+    ensure_group(conn, stream).await?;
+    tracing::error!(
+        stream,
+        "accounting: a usage stream had lost its consumer group (did Redis lose its data?); created it again"
+    );
+    Ok(())
+}
+
 /// Reads, applies and acknowledges until `stop` is set, from every stream of `streams`
 /// (each tenant shard's, then the one-tag layout's of the release before, read until it
 /// is drained). Entries another consumer has held for `claim_idle` (it died, or its
@@ -61,8 +71,11 @@ pub async fn run(
     // Start with this consumer's own unacknowledged entries (a restart under the same
     // name, or a batch that failed), then read new ones.
     let mut pending = vec![true; streams.len()];
-    // A stream without the group (the legacy one after it was never created, or
-    // removed) is skipped until the next claim round looks again.
+    // The legacy stream (the last) without the group (never created, or removed) is
+    // skipped until the next claim round looks again. A shard's stream never is: without
+    // its group (Redis lost its data, and report.lua's XADD made the stream anew) the
+    // group is created again ([`regroup`]), or its records would wait forever, unseen.
+    let legacy = streams.len().saturating_sub(1);
     let mut absent = vec![false; streams.len()];
     let mut idle = IDLE_MIN;
     let mut last_claim = Instant::now() - claim_every;
@@ -97,7 +110,13 @@ pub async fn run(
                         );
                         pending[i] = true;
                     }
-                    Err(e) if no_group(&e) => absent[i] = true,
+                    // Only the legacy stream may be missing; a shard's is made again.
+                    Err(e) if no_group(&e) && i == legacy => absent[i] = true,
+                    Err(e) if no_group(&e) => {
+                        if let Err(e) = regroup(c, stream).await {
+                            tracing::warn!(error = %e, "accounting: creating the consumer group failed");
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "accounting: claiming abandoned entries failed")
                     }
@@ -116,7 +135,14 @@ pub async fn run(
             if absent[i] {
                 continue;
             }
-            let entries = match read(c, stream, &consumer, pending[i]).await {
+            let mut got = read(c, stream, &consumer, pending[i]).await;
+            if i != legacy && matches!(&got, Err(e) if no_group(e)) {
+                got = match regroup(c, stream).await {
+                    Ok(()) => read(c, stream, &consumer, pending[i]).await,
+                    Err(e) => Err(e),
+                };
+            }
+            let entries = match got {
                 Ok(entries) => entries,
                 Err(e) if no_group(&e) => {
                     absent[i] = true;
@@ -254,13 +280,21 @@ async fn set_aside_malformed(db: &Db, entry: &StreamId) -> Result<(), StoreError
 /// those not yet delivered; the lag is the age of the oldest of them. Measured from Redis
 /// on every pass, also while applying fails, so a stall shows.
 async fn measure(conn: &mut Conn, stream: &str) -> redis::RedisResult<(i64, Option<i64>)> {
-    let info: StreamInfoGroupsReply = redis::cmd("XINFO")
+    let info: redis::RedisResult<StreamInfoGroupsReply> = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)
         .query_async(conn)
-        .await?;
+        .await;
+    let info = match info {
+        // No stream (Redis lost its data, and no report came since): nothing waits.
+        Err(e) if no_group(&e) => return Ok((0, None)),
+        other => other?,
+    };
     let Some(group) = info.groups.iter().find(|g| g.name == GROUP) else {
-        return Ok((0, None));
+        // No group (the stream made anew after a data loss): every entry waits.
+        let len: i64 = conn.xlen(stream).await?;
+        let first: StreamRangeReply = conn.xrange_count(stream, "-", "+", 1).await?;
+        return Ok((len, first.ids.first().and_then(|e| entry_ms(&e.id))));
     };
     let pending = group.pending as i64;
     let undelivered = match group.lag {

@@ -291,6 +291,9 @@ fn spawn_background(
             )));
         }
     }
+    if let Counters::Redis(redis) = &state.counters {
+        jobs.push(tokio::spawn(redis.clone().guard_layout(stop.clone())));
+    }
     {
         // The in-process counters: the embedded store, or the Redis shape's outage twin.
         let (counters, mut stop) = (state.counters.clone(), stop.clone());

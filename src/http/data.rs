@@ -269,8 +269,12 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     if state.accounting.failing() {
         checks["accounting"] = json!("cannot_write");
     }
-    if matches!(state.counters, crate::limits::Counters::Redis(_)) {
+    if let crate::limits::Counters::Redis(redis) = &state.counters {
         checks["redis"] = json!(check("redis", counters));
+        // Another replica's shard count is recorded in Redis: out of the rotation.
+        if redis.layout_mismatch() {
+            checks["redis"] = json!("layout_mismatch");
+        }
     }
     let gauge = &crate::metrics::get().ready;
     gauge

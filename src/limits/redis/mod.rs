@@ -24,7 +24,7 @@
 //! | `{Q}:pk:<id>:cd` / `:susp` | string | when its cooldown / suspension ends (ms) |
 //! | `{Q}:pk:<id>:cause` | hash | `cd` / `susp` → the report behind them (`status\|at\|source`); `lim` → what the rate-limit headers said last |
 //! | `{Q}:unpick:<lease token>` | string | a given-back pick's guard (2 minutes) |
-//! | `{P}:layout` | string | `shards=S`, written once; a replica with another count refuses to start |
+//! | `{P}:layout` | string | `shards=S`, re-asserted (SET NX) every few seconds; another count refuses a start, or makes a running replica not ready |
 //! | `{P}:usage` | stream | the one-tag layout's queue of the release before (drained) |
 //!
 //! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
@@ -70,6 +70,9 @@ use crate::clock::now_ms;
 use crate::limits::BackendErrorPolicy;
 use crate::pool::LiveState;
 
+/// How often a running replica re-asserts its shard count in Redis.
+const LAYOUT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct RedisCounters {
     target: Target,
     lanes: Arc<Lanes>,
@@ -85,6 +88,8 @@ pub struct RedisCounters {
     fallback: Option<Arc<MemoryCounters>>,
     /// Set by the first degraded answer of an outage, cleared by Redis answering again.
     in_outage: AtomicBool,
+    /// Redis holds another shard count than this replica's (see [`Self::check_layout`]).
+    layout_mismatch: AtomicBool,
 }
 
 impl RedisCounters {
@@ -120,6 +125,7 @@ impl RedisCounters {
             policy: BackendErrorPolicy::Deny,
             fallback: None,
             in_outage: AtomicBool::new(false),
+            layout_mismatch: AtomicBool::new(false),
         };
         counters.load_scripts().await?;
         Ok(counters)
@@ -134,7 +140,8 @@ impl RedisCounters {
 
     /// Records the shard count in Redis (`{prefix}:layout` = `shards=S`, SET NX) and
     /// refuses (an error naming `KEYWARD_REDIS_SHARDS`) when Redis holds another: replicas
-    /// with different counts would count one tenant in two places.
+    /// with different counts would count one tenant in two places. Run at start-up and
+    /// then every few seconds (the key goes with Redis's data; `app` re-asserts it).
     pub async fn check_layout(&self) -> Result<(), CounterError> {
         let want = format!("shards={}", self.space.shard_count());
         let mut conn = self.conn().await?;
@@ -148,14 +155,45 @@ impl RedisCounters {
             .arg(self.space.layout())
             .query_async(&mut conn)
             .await?;
+        let mismatch = held.as_ref().is_some_and(|held| *held != want);
+        self.layout_mismatch.store(mismatch, Ordering::Relaxed);
         match held {
             Some(held) if held != want => Err(CounterError::Layout(format!(
-                "KEYWARD_REDIS_SHARDS is {} but Redis holds counters laid out with {held} under {} (set the same value on every replica, or delete that key to re-home the counters)",
+                "KEYWARD_REDIS_SHARDS is {} but Redis holds counters laid out with {held} under {} (set the same value on every replica; to change the count, see \"Spreading over a Redis Cluster\" in docs/operations.md: drain the accounting queue, stop every replica, then delete that key)",
                 self.space.shard_count(),
                 self.space.layout()
             ))),
             _ => Ok(()),
         }
+    }
+
+    /// Re-asserts `{prefix}:layout` every [`LAYOUT_EVERY`] (a job `app` runs): the key goes
+    /// with Redis's data, and a replica started after that with another
+    /// `KEYWARD_REDIS_SHARDS` would otherwise start fine and count each tenant in a second
+    /// place. On a mismatch, an error line each time and `/readyz` not ready
+    /// (`check_layout` sets the flag), until it matches again.
+    pub async fn guard_layout(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut every = tokio::time::interval(LAYOUT_EVERY);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match self.check_layout().await {
+                Ok(()) => {}
+                Err(CounterError::Layout(why)) => {
+                    tracing::error!("{why}; this replica reports not ready until it matches");
+                }
+                // Redis unreachable: the readiness check and the counters say so.
+                Err(e) => tracing::debug!(error = %e, "checking the shard layout failed"),
+            }
+        }
+    }
+
+    /// The last [`check_layout`](Self::check_layout) found another shard count in Redis
+    /// (`/readyz` answers not ready until it matches again).
+    pub fn layout_mismatch(&self) -> bool {
+        self.layout_mismatch.load(Ordering::Relaxed)
     }
 
     /// The shard a tenant's counters live on.
