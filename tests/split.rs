@@ -339,6 +339,32 @@ async fn a_refusal_by_one_side_gives_the_other_sides_units_back() {
     assert_eq!(window_sum(&redis, &pk_rpm).await, 0);
 }
 
+/// Runs `lua/unpick.lua` once for pick `p` of lease `token`: whether it gave anything back.
+async fn unpick_once(
+    conn: &mut keyward::limits::conn::Conn,
+    space: &KeySpace,
+    provider: &str,
+    p: &PickReply,
+    token: &str,
+) -> bool {
+    let script = redis::Script::new(source::UNPICK);
+    let mut call = script.prepare_invoke();
+    UnpickKeys::new(space, provider, &p.picked, token).push(&mut call);
+    UnpickArgs {
+        picked: &p.picked,
+        second: p.taken.second,
+        requests: p.requests,
+        tokens: p.taken.tokens,
+        previous: &p.previous,
+        score: &p.score,
+        time_shift_ms: 0,
+        now_ms: 0,
+    }
+    .push(&mut call);
+    let reply: Vec<redis::Value> = call.invoke_async(conn).await.unwrap();
+    unpick::parse(&reply).unwrap()
+}
+
 /// The compensating scripts themselves, run twice: the second run gives nothing back (it
 /// would give back another admission's units).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,48 +412,18 @@ async fn compensations_give_back_once() {
     }
     let pk_rpm = space.provider_key(&provider, &pool[0].id, "rpm");
     assert_eq!(window_sum(&redis, &pk_rpm).await, 3);
-    let unpick_script = redis::Script::new(source::UNPICK);
     let token = LeaseId::new(&key()).token;
     let mut gave = Vec::new();
     for _ in 0..2 {
-        let p = &picks[0];
-        let mut call = unpick_script.prepare_invoke();
-        UnpickKeys::new(space, &provider, &p.picked, &token).push(&mut call);
-        UnpickArgs {
-            picked: &p.picked,
-            second: p.taken.second,
-            requests: p.requests,
-            tokens: p.taken.tokens,
-            previous: &p.previous,
-            score: &p.score,
-            time_shift_ms: 0,
-            now_ms: 0,
-        }
-        .push(&mut call);
-        let reply: Vec<redis::Value> = call.invoke_async(&mut conn).await.unwrap();
-        gave.push(unpick::parse(&reply).unwrap());
+        gave.push(unpick_once(&mut conn, space, &provider, &picks[0], &token).await);
     }
     assert_eq!(gave, [true, false]);
     assert_eq!(window_sum(&redis, &pk_rpm).await, 2);
     // The last pick given back puts its key's pick time back: pick.lua answers the score
     // as it wrote it ('%d'), unpick.lua compares it with ZSCORE's text as a number.
     let p = &picks[1];
-    let mut call = unpick_script.prepare_invoke();
     let token = LeaseId::new(&key()).token;
-    UnpickKeys::new(space, &provider, &p.picked, &token).push(&mut call);
-    UnpickArgs {
-        picked: &p.picked,
-        second: p.taken.second,
-        requests: p.requests,
-        tokens: p.taken.tokens,
-        previous: &p.previous,
-        score: &p.score,
-        time_shift_ms: 0,
-        now_ms: 0,
-    }
-    .push(&mut call);
-    let reply: Vec<redis::Value> = call.invoke_async(&mut conn).await.unwrap();
-    assert!(unpick::parse(&reply).unwrap());
+    assert!(unpick_once(&mut conn, space, &provider, p, &token).await);
     let order: Option<f64> = redis::cmd("ZSCORE")
         .arg(space.pool(&provider, "order"))
         .arg(&p.picked)
