@@ -58,7 +58,7 @@ pub async fn refresh(
                 .0
                 .iter()
                 .position(|o| o == s)
-                .is_none_or(|i| others.1[i])
+                .map_or(true, |i| others.1[i])
         })
         .collect();
     *others = (now, pending);
