@@ -4,7 +4,8 @@
 //! - Distributed shape ([`stream`]): the report script appends to a Redis stream in the
 //!   same atomic step that settles the lease. Every replica reads it through one consumer
 //!   group, applies a batch, then acknowledges and deletes it. Entries of a replica that
-//!   died are claimed by the others after `KEYWARD_ACCOUNTING_CLAIM_IDLE_S`.
+//!   died are claimed by the others after `KEYWARD_ACCOUNTING_CLAIM_IDLE_S`. The streams
+//!   of every shard layout ever started are listed in a [`registry`] and read until drained.
 //! - Embedded shape ([`embedded`]): a bounded channel and a batched writer; on shutdown
 //!   the writer drains the channel before it returns.
 //!
@@ -22,6 +23,7 @@
 
 pub mod codec;
 pub mod embedded;
+pub mod registry;
 pub mod stream;
 
 use std::time::Duration;

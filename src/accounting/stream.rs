@@ -1,5 +1,7 @@
 //! The distributed shape's accounting writer: a consumer of the Redis usage streams
-//! (one per tenant shard, and the one-tag layout's of the release before).
+//! (one per tenant shard, the one-tag layout's of the release before, and those of other
+//! shard counts found in the [`super::registry`]). Just over 400 lines: the loop and the
+//! Redis commands it sends read best together.
 
 use std::time::{Duration, Instant};
 
@@ -48,7 +50,8 @@ async fn regroup(conn: &mut Conn, stream: &str) -> redis::RedisResult<()> {
 
 /// Reads, applies and acknowledges until `stop` is set, from every stream of `streams`
 /// (each tenant shard's, then the one-tag layout's of the release before, read until it
-/// is drained). Entries another consumer has held for `claim_idle` (it died, or its
+/// is drained, then those of other shard counts listed in `registry`, looked up again at
+/// each claim round and read until drained). Entries another consumer has held for `claim_idle` (it died, or its
 /// database is down) are claimed and applied here.
 ///
 /// Polling, not blocking: in a Redis Cluster the shards' streams live on different
@@ -60,7 +63,8 @@ async fn regroup(conn: &mut Conn, stream: &str) -> redis::RedisResult<()> {
 /// (17 / 0.5 s = 34 with the default 16 shards).
 pub async fn run(
     target: Target,
-    streams: Vec<String>,
+    mut streams: Vec<String>,
+    registry: String,
     consumer: String,
     claim_idle: Duration,
     db: Db,
@@ -76,6 +80,8 @@ pub async fn run(
     // its group (Redis lost its data, and report.lua's XADD made the stream anew) the
     // group is created again ([`regroup`]), or its records would wait forever, unseen.
     let legacy = streams.len().saturating_sub(1);
+    // Streams of another layout (from the registry) follow the current ones.
+    let current = streams.len();
     let mut absent = vec![false; streams.len()];
     let mut idle = IDLE_MIN;
     let mut last_claim = Instant::now() - claim_every;
@@ -99,7 +105,13 @@ pub async fn run(
         };
         if last_claim.elapsed() >= claim_every {
             last_claim = Instant::now();
-            absent.iter_mut().for_each(|a| *a = false);
+            let others = &mut (streams.split_off(current), pending.split_off(current));
+            if let Err(e) = super::registry::refresh(c, &registry, &streams, others).await {
+                tracing::warn!(error = %e, "accounting: reading the stream registry failed");
+            }
+            streams.append(&mut others.0);
+            pending.append(&mut others.1);
+            absent = vec![false; streams.len()];
             for (i, stream) in streams.iter().enumerate() {
                 match claim(c, stream, &consumer, claim_idle).await {
                     Ok(0) => {}

@@ -52,6 +52,8 @@ enum Accounting {
         pubsub: Box<redis::Client>,
         /// Every shard's stream, then the one-tag layout's.
         streams: Vec<String>,
+        /// The registry of every layout's streams (`{prefix}:streams`), read by the writer.
+        registry: String,
         /// Reports taken by the in-process twin while Redis fails (`allow`, `local`).
         fallback: mpsc::Receiver<UsageRecord>,
     },
@@ -109,12 +111,18 @@ async fn connect_redis(
             .await
             .map_err(|e| unreachable(&e))?;
     }
+    // Listed so the writers read them even after the shard count changes.
+    let registry = redis.stream_registry();
+    accounting::registry::register(&mut conn, &registry, &streams[..streams.len() - 1])
+        .await
+        .map_err(|e| unreachable(&e))?;
     let target = redis.target().clone();
     let pubsub = Box::new(target.pubsub_client().map_err(|e| unreachable(&e))?);
     let accounting = Accounting::Stream {
         target,
         pubsub,
         streams,
+        registry,
         fallback,
     };
     Ok((Arc::new(redis), accounting))
@@ -267,6 +275,7 @@ fn spawn_background(
             target,
             pubsub,
             streams,
+            registry,
             fallback,
         } => {
             jobs.push(tokio::spawn(accounting::embedded::run(
@@ -278,6 +287,7 @@ fn spawn_background(
             jobs.push(tokio::spawn(accounting::stream::run(
                 target,
                 streams,
+                registry,
                 consumer_name(),
                 config.accounting_claim_idle,
                 state.db.clone(),

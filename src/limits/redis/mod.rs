@@ -26,6 +26,7 @@
 //! | `{Q}:unpick:<lease token>` | string | a given-back pick's guard (2 minutes) |
 //! | `{P}:layout` | string | `shards=S`, re-asserted (SET NX) every few seconds; another count refuses a start, or makes a running replica not ready |
 //! | `{P}:usage` | stream | the one-tag layout's queue of the release before (drained) |
+//! | `{P}:streams` | set | every shard layout's stream names, added at start-up; a drained one of another layout is removed |
 //!
 //! Scripts are preloaded at start (`SCRIPT LOAD`); when Redis has lost them (restart,
 //! `SCRIPT FLUSH`), `redis::Script` sees NOSCRIPT, loads, and retries once.
@@ -159,7 +160,7 @@ impl RedisCounters {
         self.layout_mismatch.store(mismatch, Ordering::Relaxed);
         match held {
             Some(held) if held != want => Err(CounterError::Layout(format!(
-                "KEYWARD_REDIS_SHARDS is {} but Redis holds counters laid out with {held} under {} (set the same value on every replica; to change the count, see \"Spreading over a Redis Cluster\" in docs/operations.md: drain the accounting queue, stop every replica, then delete that key)",
+                "KEYWARD_REDIS_SHARDS is {} but Redis holds counters laid out with {held} under {} (set the same value on every replica; to change the count, see \"Spreading over a Redis Cluster\" in docs/operations.md: stop every replica, then delete that key)",
                 self.space.shard_count(),
                 self.space.layout()
             ))),
@@ -284,6 +285,12 @@ impl RedisCounters {
     /// is drained).
     pub fn stream_keys(&self) -> Vec<String> {
         self.space.usage_streams()
+    }
+
+    /// The registry of every layout's shard streams (`accounting::registry`):
+    /// `{prefix}:streams`, a set under the prefix's own tag.
+    pub fn stream_registry(&self) -> String {
+        format!("{}:streams", self.space.legacy_tag())
     }
 
     pub async fn select(&self, r: &SelectRequest<'_>) -> Result<Pick, CounterError> {

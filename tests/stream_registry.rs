@@ -1,0 +1,104 @@
+//! Changing the shard count strands no usage record: records queued in the streams of
+//! the layout before are applied by replicas started with another count, which find
+//! those streams in the registry `{<prefix>}:streams`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{
+    base_config, delete_prefix, eventually, redis_url, unique_prefix, Backend, TestDb, TestServer,
+};
+use keyward::config;
+use keyward::limits::Counters;
+
+/// Appends a well-formed usage record `id` to `stream`.
+async fn queue_record(conn: &mut keyward::limits::conn::Conn, stream: &str, id: &str) {
+    let mut add = redis::cmd("XADD");
+    add.arg(stream).arg("*");
+    for (name, value) in [
+        ("id", id),
+        ("key", ""),
+        ("provider", "openai"),
+        ("model", "gpt-4o"),
+        ("fmt", ""),
+        ("pk", ""),
+        ("pt", "100"),
+        ("ct", "40"),
+        ("cost", "7"),
+        ("lat", ""),
+        ("st", "200"),
+        ("ts", "1700000000000"),
+    ] {
+        add.arg(name).arg(value);
+    }
+    let _: String = add.query_async(conn).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_the_shard_layout_before_reach_the_database() {
+    let db = std::sync::Arc::new(TestDb::new(Backend::Postgres).await);
+    let prefix = unique_prefix();
+    let raw = |shards: &str| {
+        let mut raw = base_config(&db);
+        raw.insert(config::REDIS_URL, redis_url());
+        raw.insert(config::REDIS_PREFIX, prefix.clone());
+        raw.insert(config::REDIS_SHARDS, shards.into());
+        // The writer looks at the registry again at each claim round.
+        raw.insert(config::ACCOUNTING_CLAIM_IDLE_S, "1".into());
+        raw
+    };
+    let four = TestServer::start_on(db.clone(), raw("4")).await;
+    let Counters::Redis(redis) = &four.state.counters else {
+        panic!("distributed shape without Redis");
+    };
+    let redis = redis.clone();
+    let old = redis.stream_keys()[1].clone();
+    four.stop().await;
+    // Queued while no replica runs (as a report whose database write had not happened
+    // yet when the replicas were stopped).
+    let mut conn = redis.conn().await.unwrap();
+    let id = format!("old-layout-{}", uuid::Uuid::new_v4().simple());
+    queue_record(&mut conn, &old, &id).await;
+    let layout = format!("{}:layout", redis.space().legacy_tag());
+    let _: i64 = redis::cmd("DEL")
+        .arg(&layout)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let eight = TestServer::start_on(db.clone(), raw("8")).await;
+    let Counters::Redis(new) = &eight.state.counters else {
+        panic!("distributed shape without Redis");
+    };
+    assert!(
+        !new.stream_keys().contains(&old),
+        "{old} is in the new layout"
+    );
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    let stored = eventually(30, || async {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_records WHERE id = $1")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+        (n == 1).then_some(n)
+    })
+    .await;
+    assert_eq!(stored, 1);
+    // Drained, the old layout's stream leaves the registry (so the set does not grow).
+    let registry = new.stream_registry();
+    let left = eventually(30, || async {
+        let mut conn = redis.conn().await.ok()?;
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&registry)
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        (!members.contains(&old)).then_some(members.len())
+    })
+    .await;
+    assert_eq!(left, 8, "the current layout's streams stay registered");
+    eight.stop().await;
+    delete_prefix(&redis_url(), &prefix).await;
+}
