@@ -175,6 +175,19 @@ async fn a_thousand_keys_spread_their_admissions_over_every_master() {
     }
 }
 
+/// Three replicas of one deployment (one prefix) on `cluster`.
+async fn three_replicas(cluster: &PrivateCluster) -> Vec<Arc<RedisCounters>> {
+    let prefix = common::unique_prefix();
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let r = RedisCounters::connect(&cluster.url, &prefix, 600_000)
+            .await
+            .unwrap();
+        replicas.push(Arc::new(r));
+    }
+    replicas
+}
+
 /// `rounds` admissions with selection of one key, from three replicas at once: how many
 /// were admitted, and what each side counts afterwards.
 async fn burst(
@@ -219,14 +232,7 @@ async fn burst(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admit_with_select_is_exact_across_three_replicas_on_two_masters() {
     let cluster = PrivateCluster::start().await;
-    let prefix = common::unique_prefix();
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let r = RedisCounters::connect(&cluster.url, &prefix, 600_000)
-            .await
-            .unwrap();
-        replicas.push(Arc::new(r));
-    }
+    let replicas = three_replicas(&cluster).await;
     let r0 = replicas[0].clone();
     // The client's limit below the pool's, then the pool's below the client's.
     for (client_rpm, pool_rpm) in [(40, 90), (90, 40)] {
@@ -516,14 +522,7 @@ async fn compensations_give_back_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pool_master_dropping_connections_leaks_nothing_on_the_clients_master() {
     let cluster = PrivateCluster::start().await;
-    let prefix = common::unique_prefix();
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let r = RedisCounters::connect(&cluster.url, &prefix, 600_000)
-            .await
-            .unwrap();
-        replicas.push(Arc::new(r));
-    }
+    let replicas = three_replicas(&cluster).await;
     let r0 = replicas[0].clone();
     let k = key();
     let provider = provider_apart_from(&cluster, &r0, &k).await;
@@ -629,25 +628,7 @@ async fn the_one_tag_layouts_stream_is_drained() {
         .await
         .unwrap();
     let id = format!("legacy-{}", uuid::Uuid::new_v4().simple());
-    let mut add = redis::cmd("XADD");
-    add.arg(&legacy).arg("*");
-    for (name, value) in [
-        ("id", id.as_str()),
-        ("key", ""),
-        ("provider", "openai"),
-        ("model", "gpt-4o"),
-        ("fmt", ""),
-        ("pk", ""),
-        ("pt", "100"),
-        ("ct", "40"),
-        ("cost", "7"),
-        ("lat", ""),
-        ("st", "200"),
-        ("ts", "1700000000000"),
-    ] {
-        add.arg(name).arg(value);
-    }
-    let _: String = add.query_async(&mut conn).await.unwrap();
+    common::queue_usage_record(&mut conn, &legacy, &id).await;
     sqlx::any::install_default_drivers();
     let db = sqlx::AnyPool::connect(&c.db.url).await.unwrap();
     let stored = common::eventually(30, || async {

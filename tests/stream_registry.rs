@@ -11,29 +11,6 @@ use common::{
 use keyward::config;
 use keyward::limits::Counters;
 
-/// Appends a well-formed usage record `id` to `stream`.
-async fn queue_record(conn: &mut keyward::limits::conn::Conn, stream: &str, id: &str) {
-    let mut add = redis::cmd("XADD");
-    add.arg(stream).arg("*");
-    for (name, value) in [
-        ("id", id),
-        ("key", ""),
-        ("provider", "openai"),
-        ("model", "gpt-4o"),
-        ("fmt", ""),
-        ("pk", ""),
-        ("pt", "100"),
-        ("ct", "40"),
-        ("cost", "7"),
-        ("lat", ""),
-        ("st", "200"),
-        ("ts", "1700000000000"),
-    ] {
-        add.arg(name).arg(value);
-    }
-    let _: String = add.query_async(conn).await.unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_of_the_shard_layout_before_reach_the_database() {
     let db = std::sync::Arc::new(TestDb::new(Backend::Postgres).await);
@@ -58,7 +35,7 @@ async fn records_of_the_shard_layout_before_reach_the_database() {
     // yet when the replicas were stopped).
     let mut conn = redis.conn().await.unwrap();
     let id = format!("old-layout-{}", uuid::Uuid::new_v4().simple());
-    queue_record(&mut conn, &old, &id).await;
+    common::queue_usage_record(&mut conn, &old, &id).await;
     let layout = format!("{}:layout", redis.space().legacy_tag());
     let _: i64 = redis::cmd("DEL")
         .arg(&layout)

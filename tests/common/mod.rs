@@ -29,7 +29,8 @@ pub mod shipped;
 // Each test binary uses some of these: the rest would warn as unused in it.
 #[allow(unused_imports)]
 pub use self::redis::{
-    delete_prefix, redis_url, stream_records, unique_prefix, PrivateCluster, PrivateRedis,
+    delete_prefix, queue_usage_record, redis_url, stream_records, unique_prefix, PrivateCluster,
+    PrivateRedis,
 };
 #[allow(unused_imports)]
 pub use chaos::{reroute, PgProxy};

@@ -292,3 +292,31 @@ pub async fn stream_records(
         .map(|e| keyward::accounting::codec::record_from_entry(&e.map).unwrap())
         .collect()
 }
+
+/// Queues one well-formed usage record `id` on `stream`, as report.lua writes it (100
+/// prompt and 40 completion tokens of gpt-4o at openai, 7 micro-USD).
+pub async fn queue_usage_record(
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
+    stream: &str,
+    id: &str,
+) {
+    let mut add = redis::cmd("XADD");
+    add.arg(stream).arg("*");
+    for (name, value) in [
+        ("id", id),
+        ("key", ""),
+        ("provider", "openai"),
+        ("model", "gpt-4o"),
+        ("fmt", ""),
+        ("pk", ""),
+        ("pt", "100"),
+        ("ct", "40"),
+        ("cost", "7"),
+        ("lat", ""),
+        ("st", "200"),
+        ("ts", "1700000000000"),
+    ] {
+        add.arg(name).arg(value);
+    }
+    let _: String = add.query_async(conn).await.unwrap();
+}
