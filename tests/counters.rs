@@ -66,6 +66,7 @@ on_both_stores!(
     a_second_leaves_the_window_with_everything_it_counted,
     retry_after_is_the_time_until_capacity_frees,
     tokens_are_reserved_then_settled,
+    a_lease_admitted_without_a_token_limit_settles_no_tokens,
     denied_requests_consume_nothing,
     leases_expire_free_their_slot_and_renew,
     expired_leases_leave_the_store_in_bounded_batches,
@@ -446,6 +447,43 @@ async fn tokens_are_reserved_then_settled(kind: Kind) {
         })
         .await
     ));
+    s.cleanup().await;
+}
+
+/// A lease admitted while its key had no TPM limit reserved nothing in the token window:
+/// its report adds nothing there either, even when a limit set since then has the
+/// second's bucket counting other requests' tokens (the twin once settled it anyway).
+async fn a_lease_admitted_without_a_token_limit_settles_no_tokens(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    align(&s, 100).await;
+    let unlimited = LeaseId::new(&k);
+    assert!(admitted(&s.admit(&request(&unlimited)).await));
+    // The limit arrives within the same second; another request reserves 10 tokens.
+    let limited = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            tpm: Some(1_000),
+            tokens: 10,
+            ..request(&limited)
+        })
+        .await;
+    assert_eq!(d.usage.tokens_used, 10);
+    assert_eq!(
+        s.counters
+            .report(&report(&unlimited, Some((300, 200)), 0))
+            .await
+            .unwrap(),
+        Reported::Recorded
+    );
+    let probe = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            tpm: Some(1_000),
+            ..request(&probe)
+        })
+        .await;
+    assert_eq!(d.usage.tokens_used, 10, "{d:?}");
     s.cleanup().await;
 }
 

@@ -40,7 +40,9 @@ pub(super) fn token_text(token: Token) -> String {
 pub(super) struct Lease {
     pub(super) expires_at: i64,
     pub(super) bucket: i64,
-    pub(super) reserved: i64,
+    /// The tokens it reserved in the key's token window; `None` when the key had no TPM
+    /// limit then (as admit.lua lists no `kt` correction): its report settles nothing there.
+    pub(super) reserved: Option<i64>,
     pub(super) provider: String,
     pub(super) model: String,
     pub(super) api_format: String,

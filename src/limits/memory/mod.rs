@@ -191,9 +191,9 @@ impl MemoryCounters {
         if rpm > 0 {
             state.requests.add(b, 1);
         }
-        let reserved = if tpm > 0 { r.tokens } else { 0 };
-        if reserved > 0 {
-            state.tokens.add(b, reserved);
+        let reserved = (tpm > 0).then_some(r.tokens);
+        if let Some(tokens) = reserved.filter(|t| *t > 0) {
+            state.tokens.add(b, tokens);
         }
         let expires_at = now + r.lease_ttl_ms;
         let corrections = quotas
@@ -325,11 +325,12 @@ impl MemoryCounters {
                 let purged = live.is_none();
                 if let Some(held) = live.or_else(|| state.take_purged(token(&lease.token), now)) {
                     found = true;
-                    if let Some((prompt, completion)) = r.tokens {
+                    if let (Some((prompt, completion)), Some(reserved)) = (r.tokens, held.reserved)
+                    {
                         state.tokens.prune(now.div_euclid(1000));
                         state
                             .tokens
-                            .settle(held.bucket, prompt + completion - held.reserved);
+                            .settle(held.bucket, prompt + completion - reserved);
                     }
                     // A lease of the release before carries no pick: its data says.
                     if let (None, Some((pk, reserved))) = (lease.taken, &held.provider_key) {
