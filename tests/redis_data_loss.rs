@@ -7,50 +7,18 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
-
 use common::{eventually, Cluster, Shape};
 use keyward::limits::Counters;
 use reqwest::Method;
 use serde_json::json;
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-/// The log lines of this binary so far.
-fn logs() -> &'static Captured {
-    static LOGS: OnceLock<Captured> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let captured = Captured::default();
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("keyward=info"))
-            .with_writer(captured.clone())
-            .with_ansi(false)
-            .init();
-        captured
-    })
-}
-
 fn logged(needle: &str) -> bool {
-    String::from_utf8_lossy(&logs().0.lock().unwrap()).contains(needle)
+    logs().text().contains(needle)
+}
+
+/// The binary's log lines (keyward's, from INFO).
+fn logs() -> &'static common::logs::Captured {
+    common::captured_logs("keyward=info")
 }
 
 /// Guarantees 5/6 after a data loss: the report after a shard's stream was lost (DEL

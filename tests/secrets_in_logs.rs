@@ -5,41 +5,13 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use common::{Backend, TestServer, ENCRYPTION_KEY, TOKEN};
 use reqwest::Method;
 use serde_json::json;
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_any_log_line() {
-    let captured = Captured::default();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("trace"))
-        .with_writer(captured.clone())
-        .with_ansi(false)
-        .init();
+    let captured = common::captured_logs("trace");
 
     let mut secrets = vec![TOKEN.to_string(), ENCRYPTION_KEY.to_string()];
     for backend in [Backend::Sqlite, Backend::Postgres] {
@@ -123,7 +95,7 @@ async fn no_secret_in_any_log_line() {
         secrets.push(secret);
     }
 
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     assert!(
         text.contains("client key created"),
         "the capture saw nothing"

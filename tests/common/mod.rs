@@ -10,7 +10,8 @@
 //! - [`ports`]: free ports for child processes (shared with the benches);
 //! - [`shipped`]: the shipped nginx and Envoy files, run as shipped (shared with the
 //!   benches);
-//! - [`helpers`]: polling until a condition holds, an OpenAPI document's operations.
+//! - [`helpers`]: polling until a condition holds, an OpenAPI document's operations;
+//! - [`logs`]: the binary's log lines, captured for a test to search.
 //!
 //! Everything is re-exported here, so a test says `use common::TestServer`. The benches
 //! include [`ports`], [`shipped`], [`helpers`] and [`redis`] by path
@@ -21,6 +22,7 @@
 pub mod chaos;
 pub mod db;
 pub mod helpers;
+pub mod logs;
 pub mod ports;
 pub mod redis;
 pub mod server;
@@ -38,6 +40,8 @@ pub use chaos::{reroute, PgProxy};
 pub use db::{postgres_base_url, Backend, TestDb};
 #[allow(unused_imports)]
 pub use helpers::{eventually, openapi_operations};
+#[allow(unused_imports)]
+pub use logs::captured_logs;
 #[allow(unused_imports)]
 pub use ports::{free_cluster_port, free_port};
 #[allow(unused_imports)]
