@@ -16,8 +16,8 @@
 --                                   (see admit.lua; the quota counters it names are in
 --                                   the same slot)
 --   4  bal                  hash    live balance and the holds in flight (see admit.lua)
---   5  done                 string  when the duplicate guard of this lease id lapses (ms):
---                                   it was reported
+--   5  done                 string  when the duplicate guard of this lease id (or named
+--                                   report, see ARGV 2) lapses (ms): it was reported
 --   6  usage                stream  the accounting queue read by every replica's writer
 --   7  lx                   hash    lease token -> the data of a lease admit.lua purged
 --                                   after its expiry (as in ld; its slot and holds were
@@ -32,7 +32,10 @@
 -- ARGV:
 --   1  lease_token          "" = a report without a lease: nothing to settle or
 --                           deduplicate
---   2  record_id            the lease id, or the record id without a lease
+--   2  record_id            the lease id, or the record id without a lease: a fresh
+--                           one, or 'report:<name>' when its caller named it, which is
+--                           then guarded by KEYS 5 for the guard ttl from now (a repeat
+--                           answers duplicate)
 --   3  key_id               the client key's id ("" = none)
 --   4  has_tokens           1 = the tokens below were reported, 0 = keep the reservation
 --   5  prompt               prompt tokens
@@ -119,6 +122,9 @@ local cached, cache_write, reasoning = tonumber(ARGV[15]), tonumber(ARGV[16]), t
 local source = ARGV[18]
 local pinned = tonumber(ARGV[19])
 local cancel = ARGV[20] == '1'
+-- A report without a lease whose record id its caller named ('report:<name>'): guarded
+-- by KEYS 5 as a lease's report is, for the guard ttl from now.
+local named = token == '' and string.sub(lease_id, 1, 7) == 'report:'
 local took_request = ARGV[21] == '1'
 local MAX = 9007199254740991 -- 2^53 - 1
 local function whole(x) return x and x >= 0 and x <= MAX and x == math.floor(x) end
@@ -309,6 +315,9 @@ if token ~= '' then
     -- when admit.lua removed it).
     bal = {math.max(-MAX, math.min(MAX, rem - cost)), math.max(0, (tonumber(h[2]) or 0) - hold)}
   end
+elseif named then
+  -- A report without a lease that its caller named: its repeats are duplicates.
+  if tonumber(redis.call('GET', KEYS[5]) or '0') > now then return {0, now} end
 end
 -- The queue must take the entry: a key of another type would fail the XADD below.
 local kind = redis.call('TYPE', KEYS[6])
@@ -316,6 +325,7 @@ kind = type(kind) == 'table' and kind.ok or kind
 assert(kind == 'none' or kind == 'stream', 'usage stream')
 
 -- Nothing can fail from here on: write.
+if named then redis.call('SET', KEYS[5], int(now + guard_ttl), 'PX', int(guard_ttl)) end
 if token ~= '' then
   redis.call('SET', KEYS[5], int(lapses), 'PX', int(lapses - now))
   if purged then

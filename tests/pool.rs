@@ -21,6 +21,7 @@ on_both_shapes!(
     provider_usage_reaches_the_admin_api_through_the_queue,
     bad_provider_input_is_refused,
     cooldowns_show_their_cause_and_reset_clears_them,
+    a_named_report_without_a_lease_counts_once,
 );
 
 async fn add(s: &TestServer, provider: &str, body: Value) -> Value {
@@ -827,4 +828,67 @@ async fn replicas_with_different_pools_do_not_rewrite_it_in_turn() {
     );
     c.stop().await;
     common::delete_prefix(&common::redis_url(), &prefix).await;
+}
+
+/// Guarantee 6 for reports without a lease: a gateway that names its report
+/// (`report_id`) may retry it on any replica; one is recorded, the repeats answer
+/// `duplicate` and count nothing. A name is bounded and goes only without a lease.
+async fn a_named_report_without_a_lease_counts_once(shape: Shape) {
+    let c = Cluster::start(shape, |_| {}).await;
+    let s = &c.servers[0];
+    let key = add(s, "openai", json!({"label": "k", "value": "sk-k-000000"})).await;
+    let id = key["id"].as_str().unwrap();
+    let report = |name: &str| {
+        json!({"report_id": name, "provider_key_id": id, "prompt_tokens": 7,
+               "completion_tokens": 3, "cost_usd": 0.01})
+    };
+    let answers = futures_util::future::join_all((0..3).map(|i| {
+        c.any(i)
+            .data_post_token("/v1/report", report("gw-1:req-42"))
+    }))
+    .await;
+    let mut bodies: Vec<String> = answers.iter().map(|a| a.body.to_string()).collect();
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        [
+            r#"{"duplicate":true,"recorded":false}"#,
+            r#"{"duplicate":true,"recorded":false}"#,
+            r#"{"recorded":true}"#
+        ]
+    );
+    // Another name is another report.
+    let other = c
+        .any(1)
+        .data_post_token("/v1/report", report("gw-1:req-43"))
+        .await;
+    assert_eq!(other.body, json!({"recorded": true}));
+    let totals = eventually(15, || async {
+        let keys = list(s, "openai").await;
+        (keys[0]["total_requests"] == 2).then(|| keys[0].clone())
+    })
+    .await;
+    assert_eq!(totals["total_tokens"], 20);
+
+    // Bad names, and a name beside a lease: 400, nothing recorded.
+    let (_, secret) = s.create_key(json!({"concurrent_limit": null})).await;
+    let lease = s.admit(json!({"key": secret})).await.body["lease_id"].clone();
+    for body in [
+        report(""),
+        report(&"x".repeat(129)),
+        report("with space"),
+        report("caf\u{e9}"),
+        json!({"report_id": "r-1", "lease_id": lease}),
+        json!({"report_id": 7}),
+    ] {
+        let a = s.data_post_token("/v1/report", body.clone()).await;
+        assert_eq!(
+            (a.status, error_code(&a).as_str()),
+            (400, "BAD_REQUEST"),
+            "{body}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(list(s, "openai").await[0]["total_requests"], 2);
+    c.stop().await;
 }

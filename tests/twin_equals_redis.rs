@@ -109,9 +109,11 @@ enum Op {
         /// a report naming no model, for a key whose entries are all per model).
         spend_now: bool,
     },
-    /// A report without a lease (a data token) naming a provider key.
+    /// A report without a lease (a data token) naming a provider key; some named
+    /// (`report_id`: one of three names, so repeats come), the rest not.
     ReportKey {
         key: Index,
+        name: Option<u8>,
         status: Status,
         /// What the upstream's rate-limit headers said: remaining requests and tokens,
         /// and their reset (ms).
@@ -199,12 +201,12 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..40i64).prop_map(|tokens| Op::Select { tokens }),
         4 => (any::<Index>(), proptest::option::of((0..30i64, 0..30i64)), 0..500i64, status(), any::<bool>())
             .prop_map(|(lease, tokens, cost, status, spend_now)| Op::Report { lease, tokens, cost, status, spend_now }),
-        2 => (any::<Index>(), status(), proptest::option::of((
+        2 => (any::<Index>(), proptest::option::of(0..3u8), status(), proptest::option::of((
                 proptest::option::of(0..3i64),
                 proptest::option::of(0..3i64),
                 prop_oneof![Just(20_000i64), Just(30_000), Just(90_000)],
             )))
-            .prop_map(|(key, status, learned)| Op::ReportKey { key, status, learned }),
+            .prop_map(|(key, name, status, learned)| Op::ReportKey { key, name, status, learned }),
         1 => (0..2usize, limits()).prop_map(|(key, limits)| Op::SetLimits { key, limits }),
         1 => (any::<Index>(), provider_key())
             .prop_map(|(key, to)| Op::SetProviderKey { key, to }),
@@ -690,6 +692,7 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
         }
         Op::ReportKey {
             key,
+            name,
             status,
             learned,
         } => {
@@ -697,7 +700,10 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
             let (upstream_status, cooldown_ms, suspend_ms) = report_status(*status);
             let report = Report {
                 lease: None,
-                id: uuid::Uuid::new_v4().to_string(),
+                id: name.map_or_else(
+                    || uuid::Uuid::new_v4().to_string(),
+                    |n| format!("{}{}-{n}", keyward::limits::NAMED_REPORT, w.key_ids[0]),
+                ),
                 lease_expires_at_ms: 0,
                 tokens: Some((1, 1)),
                 token_classes: Default::default(),

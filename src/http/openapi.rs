@@ -207,7 +207,7 @@ pub fn data_plane() -> Value {
     );
     let report = object(
         json!({
-            "lease_id": nullable("string"), "provider_key_id": nullable("string"), "model": nullable("string"),
+            "lease_id": nullable("string"), "report_id": nullable("string"), "provider_key_id": nullable("string"), "model": nullable("string"),
             "prompt_tokens": {"type": "integer", "nullable": true}, "completion_tokens": {"type": "integer", "nullable": true},
             "cached_tokens": {"type": "integer", "nullable": true}, "cache_write_tokens": {"type": "integer", "nullable": true},
             "reasoning_tokens": {"type": "integer", "nullable": true},

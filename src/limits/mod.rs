@@ -277,13 +277,20 @@ pub struct TokenClasses {
     pub reasoning: i64,
 }
 
+/// The prefix of a report's id that its caller named (`report_id`, without a lease): the
+/// stores guard such a report against repeats as they guard a lease's, for the
+/// duplicate-guard time (`lua/report.lua`); the database keeps one record per id after
+/// that. A report without a lease and without a name gets a fresh id, and no guard.
+pub const NAMED_REPORT: &str = "report:";
+
 /// One finished request to settle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     /// The lease to settle; `None` for a report that only records (and may cool down
     /// a provider key).
     pub lease: Option<LeaseId>,
-    /// The usage record's id: the lease id, or a fresh id without a lease.
+    /// The usage record's id: the lease id; without a lease, [`NAMED_REPORT`] and the
+    /// caller's name for it, or a fresh id.
     pub id: String,
     /// The expiry signed into the lease id (0 without a lease). A report is accepted
     /// until the duplicate-guard time after the lease's expiry (this one, or a later one

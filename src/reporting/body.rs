@@ -9,7 +9,7 @@ use serde::Deserialize;
 pub const MAX_REPORT_TOKENS: i64 = 1_000_000_000;
 
 use crate::lease::SignedLease;
-use crate::limits::{LeaseId, Report, TokenClasses};
+use crate::limits::{Report, TokenClasses};
 use crate::money::{format_usd, Usd, MAX_REPORT_MICROS};
 use crate::pool::learned::LearnedLimits;
 
@@ -18,6 +18,10 @@ use crate::pool::learned::LearnedLimits;
 pub struct ReportBody {
     #[serde(default)]
     pub lease_id: Option<String>,
+    /// A report without a lease named by its caller: a repeat of the name is answered
+    /// as a duplicate and records nothing (a lease's report is named by its lease).
+    #[serde(default)]
+    pub report_id: Option<String>,
     #[serde(default)]
     pub provider_key_id: Option<String>,
     #[serde(default)]
@@ -47,6 +51,29 @@ pub struct ReportBody {
     /// `/v1/report` body cannot state it).
     #[serde(skip)]
     pub learned: Option<LearnedLimits>,
+}
+
+/// The longest `report_id`.
+pub const MAX_REPORT_ID: usize = 128;
+
+/// The record id of a report without a lease: `report:<report_id>` when its caller named
+/// it (the counters then guard it like a lease's report; the prefix keeps it apart from
+/// lease ids, `<key id>.<token>`), else a fresh UUID.
+fn lease_less_id(report_id: Option<String>) -> Result<String, String> {
+    let Some(name) = report_id else {
+        return Ok(uuid::Uuid::new_v4().to_string());
+    };
+    let valid = !name.is_empty()
+        && name.len() <= MAX_REPORT_ID
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    if !valid {
+        return Err(format!(
+            "report_id must be 1 to {MAX_REPORT_ID} characters of A-Z, a-z, 0-9, '-', '_', '.' and ':'"
+        ));
+    }
+    Ok(format!("{}{name}", crate::limits::NAMED_REPORT))
 }
 
 /// What an upstream answer does to the provider key that served it.
@@ -81,6 +108,13 @@ impl ReportBody {
     ) -> Result<Report, String> {
         let lease_expires_at_ms = lease.as_ref().map_or(0, |l| l.expires_at_ms);
         let lease = lease.map(|l| l.lease);
+        let id = match &lease {
+            Some(_) if self.report_id.is_some() => {
+                return Err("report_id names a report without a lease_id: a lease's report is named by its lease".into())
+            }
+            Some(l) => l.to_string(),
+            None => lease_less_id(self.report_id)?,
+        };
         let provider_key_id = match self.provider_key_id {
             None => None,
             Some(id) => Some(
@@ -163,9 +197,7 @@ impl ReportBody {
             .map_or_else(|| "data-token".to_string(), |l| format!("lease {l}"));
         Ok(Report {
             lease_expires_at_ms,
-            id: lease
-                .as_ref()
-                .map_or_else(|| uuid::Uuid::new_v4().to_string(), LeaseId::to_string),
+            id,
             lease,
             tokens,
             token_classes,
@@ -189,6 +221,7 @@ impl ReportBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::LeaseId;
 
     const POLICY: ProviderKeyPolicy = ProviderKeyPolicy {
         default_cooldown_ms: 60_000,

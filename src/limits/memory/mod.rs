@@ -298,6 +298,14 @@ impl MemoryCounters {
             .and_then(|l| l.taken)
             .filter(|_| r.provider_key_id.is_some())
             .map(|t| (t.second, t.tokens));
+        if r.lease.is_none() && r.id.starts_with(super::NAMED_REPORT) {
+            // As report.lua: a named report without a lease is guarded by its name.
+            let mut guard = self.reported.entry(r.id.clone()).or_insert(i64::MIN);
+            if *guard > now {
+                return Ok(Reported::Duplicate);
+            }
+            *guard = now.saturating_add(self.guard_ttl_ms);
+        }
         if let Some(lease) = &r.lease {
             // As report.lua: the lease's latest expiry (renewals move it past the signed
             // one) bounds when it may be reported, and its guard outlives that bound.
