@@ -265,7 +265,43 @@ fn build() -> Metrics {
     }
 }
 
-static METRICS: LazyLock<Metrics> = LazyLock::new(build);
+/// The series of a fixed label set, made at start-up so a dashboard or an alert sees them
+/// at 0 before their first event (a labelled series is otherwise absent until then, and
+/// `rate()` or `> 0` over an absent series says nothing).
+fn known_series(m: &Metrics) {
+    let each = |c: &IntCounterVec, sets: &[&[&str]]| {
+        for labels in sets {
+            c.with_label_values(labels);
+        }
+    };
+    each(&m.reports, &[&["recorded"], &["duplicate"], &["too_late"]]);
+    let mut compensations = Vec::new();
+    for side in ["client", "pick"] {
+        for outcome in ["returned", "duplicate", "failed"] {
+            compensations.push([side, outcome]);
+        }
+    }
+    let compensations: Vec<&[&str]> = compensations.iter().map(|l| &l[..]).collect();
+    each(&m.compensations, &compensations);
+    each(
+        &m.upstream_usage,
+        &[
+            &["parsed"],
+            &["not_found"],
+            &["compressed"],
+            &["unknown_format"],
+            &["out_of_range"],
+        ],
+    );
+    each(&m.accounting_records, &[&["applied"], &["duplicate"]]);
+    each(&m.alert_deliveries, &[&["delivered"], &["failed"]]);
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let m = build();
+    known_series(&m);
+    m
+});
 
 pub fn get() -> &'static Metrics {
     &METRICS

@@ -79,6 +79,13 @@ async fn a_live_scrape_passes_promtool_and_names_no_key() {
         "keyward_ready{check=\"redis\"} 1",
         "keyward_ready{check=\"accounting\"} 1",
         "keyward_build_info{version=",
+        // Series of a fixed label set exist before their first event, at 0.
+        "keyward_reports_total{result=\"too_late\"} 0",
+        "keyward_compensations_total{outcome=\"failed\",side=\"client\"} 0",
+        "keyward_compensations_total{outcome=\"returned\",side=\"pick\"} 0",
+        "keyward_upstream_usage_total{outcome=\"compressed\"} 0",
+        "keyward_accounting_records_total{result=\"duplicate\"} 0",
+        "keyward_alert_deliveries_total{result=\"failed\"} 0",
     ] {
                 // This is the only test in its binary, so the process-wide counters are its own.
         let found = match series.split_once(' ') {
