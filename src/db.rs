@@ -254,6 +254,23 @@ impl Db {
         .await?;
         Ok(found.is_some())
     }
+
+    /// The `per_table` most recently created ciphertexts of each table holding secrets:
+    /// what start-up tries its keyring on.
+    pub async fn recent_secrets(&self, per_table: i64) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for table in ["client_keys", "provider_keys"] {
+            let rows: Vec<(String,)> = sqlx::query_as(&format!(
+                "SELECT key_encrypted FROM {table} WHERE key_encrypted LIKE 'enc:v1:%' \
+                 ORDER BY created_at DESC LIMIT $1"
+            ))
+            .bind(per_table)
+            .fetch_all(&self.sql)
+            .await?;
+            out.extend(rows.into_iter().map(|(c,)| c));
+        }
+        Ok(out)
+    }
 }
 
 /// A table holding an encrypted secret in a `key_encrypted` column.

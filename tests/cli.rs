@@ -432,7 +432,8 @@ fn failed_start(dir: &std::path::Path, env: &[(&str, &str)]) -> String {
 }
 
 #[tokio::test]
-async fn the_key_file_is_never_replaced_beside_stored_secrets_nor_used_when_others_can_read_it() {
+async fn the_key_file_is_never_replaced_beside_stored_secrets_nor_used_when_others_can_read_it_nor_another_key(
+) {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
@@ -478,6 +479,18 @@ async fn the_key_file_is_never_replaced_beside_stored_secrets_nor_used_when_othe
         "{err}"
     );
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Another key than the one the secrets were written with: refused, naming it.
+    let err = failed_start(
+        dir.path(),
+        &[(
+            "KEYWARD_ENCRYPTION_KEY",
+            "ZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmY=",
+        )],
+    );
+    assert!(
+        err.starts_with("keyward: KEYWARD_ENCRYPTION_KEY: decrypts none of the stored secrets"),
+        "{err}"
+    );
     let again = serve_embedded(dir.path());
     wait_ready(&client, again.data).await;
     // The exec probe of the Helm sidecar finds it from KEYWARD_LISTEN.

@@ -1,5 +1,6 @@
-//! Start-up safety in-process: a keyring that decrypts nothing cannot rotate anything
-//! away, and the embedded writer's health decides whether reports are acknowledged.
+//! Start-up safety in-process: a keyring that decrypts none of the stored secrets stops
+//! start-up and, in a replica that started before they were stored, cannot rotate
+//! anything away; and the embedded writer's health decides whether reports are acknowledged.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -23,6 +24,9 @@ async fn rotation_with_a_keyring_that_decrypts_nothing_is_refused_and_changes_no
         raw.insert(config::ENCRYPTION_KEY, key.to_string());
         raw
     };
+    // A replica with the wrong key (a mistyped variable) that started before anything
+    // was stored: start-up had nothing to try its key on.
+    let wrong = TestServer::start_on(db.clone(), with_key(WRONG)).await;
     let first = TestServer::start_on(db.clone(), with_key(RIGHT)).await;
     let (client_key, secret) = first.create_key(json!({})).await;
     let added = first
@@ -35,14 +39,24 @@ async fn rotation_with_a_keyring_that_decrypts_nothing_is_refused_and_changes_no
     assert_eq!(added.status, 201, "{}", added.body);
     first.stop().await;
 
-    // Restarted with the wrong key (a lost key file replaced, a mistyped variable).
-    let wrong = TestServer::start_on(db.clone(), with_key(WRONG)).await;
+    // Its rotation would re-encrypt nothing it can read: refused.
     let r = wrong
         .admin(Method::POST, "/admin/encryption/rotate", None)
         .await;
     assert_eq!(r.status, 409, "{}", r.body);
     assert_eq!(error_code(&r), "KEYRING_MISMATCH");
     wrong.stop().await;
+    // A replica started with the wrong key now (a lost key file replaced, a mistyped
+    // variable) stops at start-up, naming the variable.
+    let refused = keyward::app::build(&config::Config::from_raw(&with_key(WRONG)).unwrap())
+        .await
+        .err()
+        .expect("started with a key that decrypts none of the stored secrets")
+        .to_string();
+    assert!(
+        refused.starts_with("KEYWARD_ENCRYPTION_KEY: decrypts none of the stored secrets"),
+        "{refused}"
+    );
 
     // With the right key again, every key is active and its secret readable.
     let right = TestServer::start_on(db.clone(), with_key(RIGHT)).await;

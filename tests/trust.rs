@@ -275,11 +275,12 @@ async fn leases_survive_a_key_rotation_on_every_replica() {
         TestServer::start_on(db.clone(), raw)
     };
     let before = server(OLD, None).await;
+    // Started before any secret was stored (after, start-up would refuse its key).
+    let stranger = server(NEW, None).await;
     let (_, secret) = before.create_key(json!({})).await;
     let admitted = before.admit(json!({"key": secret})).await;
     let lease = admitted.body["lease_id"].as_str().unwrap().to_string();
 
-    let stranger = server(NEW, None).await;
     let answer = stranger
         .data_post(&format!("/v1/leases/{lease}/renew"), json!({}))
         .await;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::config::{Config, DATABASE_URL, ENCRYPTION_KEY};
+use crate::config::{Config, DATABASE_URL, ENCRYPTION_KEY, ENCRYPTION_KEYS_PREVIOUS};
 use crate::crypto::{self, Keyring};
 use crate::db::{self, Backend, Db};
 
@@ -37,7 +37,22 @@ pub(super) async fn keyring(config: &Config, db: &Db) -> anyhow::Result<Keyring>
         // Config::from_raw refuses this combination; kept as an error, not a panic.
         (None, Backend::Postgres) => anyhow::bail!("{ENCRYPTION_KEY} is required with Postgres"),
     };
-    Ok(Keyring::new(&current, &config.previous_keys))
+    let keyring = Keyring::new(&current, &config.previous_keys);
+    // A replica given another key than the one the database was written with would
+    // start "ready" and then fail every selection and lease check of the others: stop
+    // here. (Some stored secrets under an older key are normal while a rotation runs;
+    // none at all decrypting is not.)
+    let recent = db
+        .recent_secrets(10)
+        .await
+        .with_context(|| format!("{DATABASE_URL}: reading the database"))?;
+    if !recent.is_empty() && recent.iter().all(|c| keyring.decrypt(c).is_err()) {
+        anyhow::bail!(
+            "{ENCRYPTION_KEY}: decrypts none of the stored secrets (tried the {} most recent): the database was written with another key (set that key, or list it in {ENCRYPTION_KEYS_PREVIOUS})",
+            recent.len()
+        );
+    }
+    Ok(keyring)
 }
 
 /// Connects to the durable store; the error is one line naming `KEYWARD_DATABASE_URL`
