@@ -128,6 +128,12 @@ settings! {
         default: Fallback::Value("false"),
         help: "expiry deletes (rather than disables) keys without their own `auto_delete_on_expiry`",
     }
+    THREADS = "KEYWARD_THREADS" {
+        flag: "threads",
+        kind: Kind::Whole { min: 0, max: 1024, unit: "threads" },
+        default: Fallback::Value("1"),
+        help: "threads that serve requests and run the background jobs: 1 = one thread (the least CPU per decision: no hand-offs between threads, a replica uses at most one core); 0 = one per core; more for a replica that must use several cores",
+    }
     SHUTDOWN_GRACE_S = "KEYWARD_SHUTDOWN_GRACE_S" {
         flag: "shutdown-grace-s",
         kind: Kind::Whole { min: 0, max: 3_600, unit: "seconds" },
@@ -286,6 +292,9 @@ pub struct Config {
     /// `None` turns the periodic expiry job off.
     pub expiry_interval: Option<Duration>,
     pub expiry_auto_delete: bool,
+    /// `KEYWARD_THREADS`: 1 = a one-thread runtime, 0 = one worker per core, else so
+    /// many workers ([`Config::runtime`]).
+    pub threads: usize,
     pub shutdown_grace: Duration,
     /// How long an unreported, unrenewed lease holds its slot.
     pub lease_ttl: Duration,
@@ -330,6 +339,29 @@ impl std::fmt::Debug for Config {
             map.entry(var, &shown.as_deref().unwrap_or("unset"));
         }
         map.finish()
+    }
+}
+
+impl Config {
+    /// The async runtime `KEYWARD_THREADS` asks for. One thread by default: a decision
+    /// is mostly socket reads and writes, and between workers every hand-off (request
+    /// task to the redis-rs driver task and back) can be a wake-up of another thread;
+    /// on one thread they stay in the scheduler, and the driver writes the commands of
+    /// every ready request in one write: 22% less CPU per admission in the Redis shape
+    /// (BENCHMARKS.md, "One thread").
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = match self.threads {
+            1 => tokio::runtime::Builder::new_current_thread(),
+            n => {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                // 0: tokio's default, one per core (or `TOKIO_WORKER_THREADS`).
+                if n > 1 {
+                    builder.worker_threads(n);
+                }
+                builder
+            }
+        };
+        builder.enable_all().build()
     }
 }
 
@@ -424,6 +456,7 @@ impl Config {
 
         let expiry_secs = p.whole(&declared::EXPIRY_INTERVAL_S);
         let expiry_auto_delete = p.boolean(&declared::EXPIRY_AUTO_DELETE);
+        let threads = p.whole(&declared::THREADS) as usize;
         let shutdown_grace = p.seconds(&declared::SHUTDOWN_GRACE_S);
         let lease_ttl = p.seconds(&declared::LEASE_TTL_S);
         let default_estimated_tokens = p.whole(&declared::DEFAULT_ESTIMATED_TOKENS) as i64;
@@ -499,6 +532,7 @@ impl Config {
             key_prefix,
             expiry_interval: (expiry_secs > 0).then(|| Duration::from_secs(expiry_secs)),
             expiry_auto_delete,
+            threads,
             shutdown_grace,
             lease_ttl,
             default_estimated_tokens,

@@ -15,16 +15,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("keyward: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = match cli.command {
         Command::Serve(args) => {
             let config = match args.raw().and_then(|raw| Config::from_raw(&raw)) {
@@ -32,6 +22,11 @@ fn main() -> ExitCode {
                 Err(errors) => return config_errors(errors),
             };
             telemetry::init(config.log_format);
+            // Built from the configuration: `KEYWARD_THREADS` picks its kind.
+            let runtime = match config.runtime() {
+                Ok(rt) => rt,
+                Err(e) => return no_runtime(&e),
+            };
             runtime.block_on(app::serve(config))
         }
         Command::Migrate(args) => {
@@ -43,6 +38,14 @@ fn main() -> ExitCode {
                 Err(errors) => return config_errors(errors),
             };
             telemetry::init(LogFormat::Text);
+            // One short job: one thread.
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return no_runtime(&e),
+            };
             runtime.block_on(async {
                 let db = app::connect_db(&url).await?;
                 db.migrate().await?;
@@ -80,4 +83,9 @@ fn config_errors(errors: Vec<ConfigError>) -> ExitCode {
         eprintln!("keyward: {e}");
     }
     ExitCode::from(2)
+}
+
+fn no_runtime(e: &std::io::Error) -> ExitCode {
+    eprintln!("keyward: cannot start the async runtime: {e}");
+    ExitCode::FAILURE
 }

@@ -261,6 +261,37 @@ async fn embedded_default_serves_keeps_its_key_file_and_stops_on_sigterm() {
     assert!(terminate(second).success());
 }
 
+/// How many of a process's threads are Tokio workers (named so by the runtime).
+fn tokio_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("tokio-rt-worker") || name.starts_with("tokio-runtime-w"))
+        .count()
+}
+
+#[tokio::test]
+async fn keyward_threads_sets_the_runtime_one_thread_by_default() {
+    let client = reqwest::Client::new();
+    for (threads, workers) in [(None, 0), (Some("2"), 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let env: Vec<(&str, &str)> = threads
+            .map(|t| ("KEYWARD_THREADS", t))
+            .into_iter()
+            .collect();
+        let running = serve_embedded_with(dir.path(), &env, Stdio::null());
+        wait_ready(&client, running.data).await;
+        // One thread: the main thread runs everything, no worker threads.
+        assert_eq!(
+            tokio_workers(running.child.id()),
+            workers,
+            "KEYWARD_THREADS={threads:?}"
+        );
+        create_key(&client, running.admin).await;
+        assert!(terminate(running).success());
+    }
+}
+
 #[tokio::test]
 async fn json_logs_are_one_object_per_line_with_a_line_per_decision() {
     let dir = tempfile::tempdir().unwrap();

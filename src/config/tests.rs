@@ -324,3 +324,20 @@ fn a_webhook_needs_an_http_url_and_a_secret_and_its_url_is_not_echoed() {
     // A secret alone is fine: alerts queue until a URL is set.
     assert!(parse(&[secret]).unwrap().webhook.is_none());
 }
+
+#[test]
+fn threads_pick_the_runtime() {
+    use tokio::runtime::RuntimeFlavor;
+    let one = parse(&[]).unwrap().runtime().unwrap();
+    assert_eq!(one.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
+    let three = parse(&[(THREADS, "3")]).unwrap().runtime().unwrap();
+    assert_eq!(three.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+    assert_eq!(three.metrics().num_workers(), 3);
+    let per_core = parse(&[(THREADS, "0")]).unwrap().runtime().unwrap();
+    assert_eq!(
+        per_core.handle().runtime_flavor(),
+        RuntimeFlavor::MultiThread
+    );
+    let errors = parse(&[(THREADS, "1025")]).unwrap_err();
+    assert_eq!(errors[0].var, THREADS);
+}
