@@ -77,7 +77,7 @@ const OPEN_LOOP_RPS: u64 = 5_000;
 async fn start(redis: Option<(&str, &str)>) -> Keyward {
     let mut env = vec![("KEYWARD_LEASE_TTL_S", "5".to_string())];
     if let Ok(threads) = std::env::var("KEYWARD_BENCH_SERVER_THREADS") {
-        env.push(("TOKIO_WORKER_THREADS", threads));
+        env.push(("KEYWARD_THREADS", threads));
     }
     if let Some((url, prefix)) = redis {
         env.push(("KEYWARD_REDIS_URL", url.to_string()));

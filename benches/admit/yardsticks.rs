@@ -139,7 +139,7 @@ pub async fn bare_hyper(summary: &mut Summary) {
     cmd.args(["bare-hyper", &port.to_string()])
         .stdout(Stdio::null());
     if let Ok(threads) = std::env::var("KEYWARD_BENCH_SERVER_THREADS") {
-        cmd.env("TOKIO_WORKER_THREADS", threads);
+        cmd.env("KEYWARD_THREADS", threads);
     }
     let child = Process(cmd.spawn().unwrap());
     let request = crate::admit_request(port, "-", false);
@@ -159,12 +159,16 @@ pub async fn bare_hyper(summary: &mut Summary) {
 }
 
 /// `<bench> bare-hyper <port>`: a hyper server that reads each body and answers
-/// `{"allowed":true}`, on a runtime with Tokio's default workers (one per core, as
-/// keyward's).
+/// `{"allowed":true}`, on the runtime `KEYWARD_THREADS` gives keyward (one thread
+/// unless set), so that it differs from keyward by the work only.
 pub fn serve_bare_hyper(port: u16) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let raw = std::env::var("KEYWARD_THREADS")
+        .map(|t| ("KEYWARD_THREADS", t))
+        .into_iter()
+        .collect();
+    let runtime = keyward::config::Config::from_raw(&raw)
+        .unwrap()
+        .runtime()
         .unwrap();
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
