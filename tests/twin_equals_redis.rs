@@ -53,6 +53,15 @@ static QUOTA_REFUSALS: [std::sync::atomic::AtomicUsize; 2] = [
     std::sync::atomic::AtomicUsize::new(0),
 ];
 
+/// Light admissions (no lease record: a key without a concurrency limit, a balance or
+/// a quota entry its report corrects), and reports and renewals of their leases,
+/// answered by the twin: the sequences must reach each.
+static LIGHT: [std::sync::atomic::AtomicUsize; 3] = [
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+];
+
 /// How long a report's duplicate guard outlives its lease (short, so sequences reach
 /// "too late").
 const GUARD_TTL_MS: i64 = 90_000;
@@ -301,7 +310,9 @@ fn entries(quotas: &[Quota], start_ms: i64) -> [Vec<QuotaEntry>; 2] {
 fn case() -> impl Strategy<Value = Case> {
     (
         (0..STARTS.len(), 0..1000i64),
-        proptest::collection::vec(quota(), 0..6),
+        // No entries a quarter of the time: keys without a concurrency limit then admit
+        // light (no lease record) more often.
+        prop_oneof![1 => Just(Vec::new()), 3 => proptest::collection::vec(quota(), 0..6)],
         [limits(), limits()],
         proptest::option::of(0..1_500i64),
         proptest::collection::vec(provider_key(), 1..=3),
@@ -504,13 +515,34 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
                 QUOTA_REFUSALS[usize::from(!*exhausted)]
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+            let light_seen = |i: usize| LIGHT[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match (op, &answers[0]) {
+                (Op::Report { lease, .. }, Answer::Report(_))
+                | (Op::Renew { lease, .. }, Answer::Renew(_))
+                    if held[lease.index(held.len())].lease.light.is_some() =>
+                {
+                    light_seen(if matches!(op, Op::Report { .. }) {
+                        1
+                    } else {
+                        2
+                    });
+                }
+                _ => {}
+            }
             if let (Op::Admit { key, .. }, Answer::Admit(d)) = (op, &answers[0]) {
                 if let Verdict::Admitted { expires_at_ms } = d.verdict {
-                    leases_lapse_at[*key] = leases_lapse_at[*key].max(expires_at_ms + 1000);
+                    if d.light.is_some() {
+                        // No lease record: the lease set's expiry is not extended.
+                        light_seen(0);
+                    } else {
+                        leases_lapse_at[*key] = leases_lapse_at[*key].max(expires_at_ms + 1000);
+                    }
                     held.push(Held {
-                        // Where the pick took its units, as the signed lease carries it.
+                        // Where the pick took its units, and a light admission's data, as
+                        // the signed lease carries them.
                         lease: LeaseId {
                             taken: d.taken,
+                            light: d.light.clone(),
                             ..pending_lease(&key_ids[*key], step)
                         },
                         expires_at: expires_at_ms,
@@ -556,6 +588,7 @@ fn pending_lease(key_id: &str, step: usize) -> LeaseId {
         token: format!("{step:032x}"),
         shard: Some(case_shard()),
         taken: None,
+        light: None,
     }
 }
 
@@ -890,6 +923,13 @@ fn the_twin_decides_as_the_scripts_do() {
         assert!(
             seen.iter().all(|n| *n > 0),
             "the sequences should reach quota refusals of both kinds (full, held): {seen:?}"
+        );
+        let light = LIGHT
+            .each_ref()
+            .map(|n| n.load(std::sync::atomic::Ordering::Relaxed));
+        assert!(
+            light.iter().all(|n| *n > 0),
+            "the sequences should reach light admissions, their reports and renewals: {light:?}"
         );
     }
 }

@@ -244,6 +244,7 @@ impl RedisCounters {
                         taken: None,
                         degraded: Some(mode.as_str()),
                         quotas: vec![super::QuotaUse::default(); r.quotas.len()],
+                        light: None,
                     }
                 }
             })
