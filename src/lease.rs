@@ -48,6 +48,8 @@
 //!   (`<key id>.<token>`), which one admission fixes, so a lease has one identity
 //!   whatever key signed it.
 //! - The expiry is the one the admission set; a renewal does not change the lease id.
+//!
+//! (Over 400 lines: about half are its tests, one per way a text may fail to verify.)
 
 use crate::crypto::{Keyring, LEASE_MAC_LEN};
 use crate::limits::{LeaseId, LightLease, PickTaken, LIGHT_META_MAX};

@@ -599,10 +599,12 @@ async fn expired_leases_leave_the_store_in_bounded_batches(kind: Kind) {
     let k = key();
     // Leases the store records: a key with a concurrency limit (too high to refuse)
     // counts them (a light admission records none).
-    let counted = |lease| AdmitRequest {
-        concurrency: Some(1_000),
-        ..request(lease)
-    };
+    fn counted(lease: &LeaseId) -> AdmitRequest<'_> {
+        AdmitRequest {
+            concurrency: Some(1_000),
+            ..request(lease)
+        }
+    }
     let short = |lease| AdmitRequest {
         lease_ttl_ms: 1_000,
         ..counted(lease)

@@ -392,7 +392,8 @@ impl Store {
 #[derive(Debug, PartialEq)]
 enum Answer {
     Skipped,
-    Admit(Decision),
+    /// Boxed: a decision is the largest answer by far.
+    Admit(Box<Decision>),
     Select(Pick),
     Report(Reported),
     Renew(Option<i64>),
@@ -503,17 +504,15 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
                 let k = usize::from(h.lease.key_id != key_ids[0]);
                 leases_lapse_at[k] = leases_lapse_at[k].max(expiry + 1000);
             }
-            if let Answer::Admit(Decision {
-                verdict:
-                    Verdict::Denied {
-                        reason: keyward::limits::Denial::Quota { exhausted, .. },
-                        ..
-                    },
-                ..
-            }) = &answers[0]
-            {
-                QUOTA_REFUSALS[usize::from(!*exhausted)]
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Answer::Admit(d) = &answers[0] {
+                if let Verdict::Denied {
+                    reason: keyward::limits::Denial::Quota { exhausted, .. },
+                    ..
+                } = &d.verdict
+                {
+                    QUOTA_REFUSALS[usize::from(!*exhausted)]
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             let light_seen = |i: usize| LIGHT[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match (op, &answers[0]) {
@@ -661,7 +660,7 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
             let decision = c.admit(&request).await.unwrap();
             // What one side gave back lands before the next step.
             c.settled().await;
-            Answer::Admit(decision)
+            Answer::Admit(Box::new(decision))
         }
         Op::Select { tokens } => Answer::Select(
             c.select(&SelectRequest {

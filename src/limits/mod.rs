@@ -44,8 +44,8 @@
 //! [`live`] reads the quota counters and a key's windows for the admin quota views
 //! (`Counters::read_quotas`), changing nothing.
 //!
-//! (Near 500 lines: the store's whole vocabulary (requests, decisions, reports)
-//! is declared here once, for both implementations.)
+//! (Near 600 lines: the store's whole vocabulary (requests, decisions, reports, light
+//! leases) is declared here once, for both implementations.)
 
 pub mod breaker;
 pub mod clock;

@@ -10,8 +10,9 @@
 //! every decision (admit, select, report, renew): each mirrors one script, and reads best
 //! beside the others it must agree with.
 //!
-//! (About 400 lines: the decision is one function that mirrors `lua/admit.lua` step by
-//! step; splitting it would hide the correspondence.)
+//! (About 500 lines: the decision is one function that mirrors `lua/admit.lua` step by
+//! step, and report and renewal mirror theirs with their light-lease paths; splitting
+//! them would hide the correspondence.)
 
 mod housekeeping;
 mod key_state;

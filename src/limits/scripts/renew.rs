@@ -1,5 +1,6 @@
 //! `lua/renew.lua`: extend a live lease, and the spend holds its data lists (their
-//! counters are named in the lease's data, under the same hash tag, not in KEYS).
+//! counters are named in the lease's data, under the same hash tag, not in KEYS); a
+//! light lease (no record) joins the lease set unless reported or expired.
 
 use super::{protocol, script_fields, Contract, KeySpace};
 use crate::limits::CounterError;
