@@ -381,13 +381,23 @@ mod tests {
         let mut l = priced(Some(PK));
         l.lease.shard = Some(7);
         let text = l.encode(&ring);
+        // A light one too: its tokens and names are signed like the rest.
+        let mut light = l.clone();
+        light.lease.light = Some(LightLease {
+            second: 1_790_000_000,
+            kt: Some(100),
+            meta: "openai|gpt-4o|chat".into(),
+            expires_at_ms: l.expires_at_ms,
+        });
         // Every single-character change, anywhere.
-        for i in 0..text.len() {
-            let mut bytes = text.clone().into_bytes();
-            bytes[i] = if bytes[i] == b'0' { b'1' } else { b'0' };
-            let altered = String::from_utf8(bytes).unwrap_or_default();
-            if altered != text {
-                assert_eq!(SignedLease::verify(&altered, &ring), None, "{altered}");
+        for text in [text.clone(), light.encode(&ring)] {
+            for i in 0..text.len() {
+                let mut bytes = text.clone().into_bytes();
+                bytes[i] = if bytes[i] == b'0' { b'1' } else { b'0' };
+                let altered = String::from_utf8(bytes).unwrap_or_default();
+                if altered != text {
+                    assert_eq!(SignedLease::verify(&altered, &ring), None, "{altered}");
+                }
             }
         }
         // The same MAC in upper case: one spelling per lease.

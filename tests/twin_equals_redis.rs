@@ -3,7 +3,9 @@
 //! limits of every kind, 0 included, balances with holds, with or without a provider
 //! key pick, with random quota entries: per-minute and per-day counts and spend limits
 //! of every period, some seeded, some shared by both keys as a user's are: a spend hold
-//! of one key can then leave by the other's admissions, before its late report), selections,
+//! of one key can then leave by the other's admissions, before its late report; a key
+//! without a concurrency limit, a balance or a corrected entry admits light, without a
+//! lease record, its lease then carrying its report's data), selections,
 //! reports (with and without a lease, statuses that cool a
 //! provider key down or suspend it, rate-limit headers, tokens, costs), renewals, admin
 //! changes (balance credits, client limits, the pool, provider key resets), clock
