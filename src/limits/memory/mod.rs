@@ -463,7 +463,7 @@ impl MemoryCounters {
     pub fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Option<i64> {
         let now = self.now();
         if let Some(light) = &lease.light {
-            return self.renew_light(lease, light, now + ttl_ms);
+            return self.renew_light(lease, light, now, ttl_ms);
         }
         let mut state = self.keys.get_mut(&lease.key_id)?;
         // As renew.lua: an expired lease is not renewed, and is left (with its data, for
@@ -485,8 +485,14 @@ impl MemoryCounters {
 
     /// As renew.lua for a light lease: live until the later of its signed expiry and a
     /// renewal's, unless reported; renewed, it joins the key's leases.
-    fn renew_light(&self, lease: &LeaseId, light: &LightLease, expiry: i64) -> Option<i64> {
-        let now = self.now();
+    fn renew_light(
+        &self,
+        lease: &LeaseId,
+        light: &LightLease,
+        now: i64,
+        ttl_ms: i64,
+    ) -> Option<i64> {
+        let expiry = now + ttl_ms;
         let id = lease.to_string();
         if self.reported.get(&id).is_some_and(|lapses| *lapses > now) {
             return None;
