@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use keyward::limits::scripts::admit::{AdmitArgs, AdmitKeys, AdmitQuotaArgs, AdmitQuotaKey};
 use keyward::limits::scripts::{source, KeySpace};
-use keyward::limits::QuotaEntry;
+use keyward::limits::{QuotaEntry, QuotaKind};
 use support::Keyward;
 
 #[path = "admit/cluster.rs"]
@@ -415,7 +415,8 @@ fn script_keys(prefix: &str) -> Vec<String> {
     keys.all().map(String::from).to_vec()
 }
 
-/// The arguments of one admission like the bench key's (no pool), with lease `token`.
+/// The arguments of one admission like the bench key's (no pool), with lease `token`:
+/// light, as keyward admits a key without a concurrency limit, balance or quota.
 fn admit_args(token: &str) -> AdmitArgs<'_> {
     AdmitArgs {
         rpm_limit: 1_000_000_000_000,
@@ -433,6 +434,7 @@ fn admit_args(token: &str) -> AdmitArgs<'_> {
         hold: 0,
         now_ms: 0,
         guard_ttl_ms: 60_000,
+        light: true,
     }
 }
 
@@ -489,6 +491,13 @@ fn redis_benchmark_admit(url_port: u16, quotas: &[QuotaEntry], requests: u64) ->
     if !quotas.is_empty() {
         admit.hold = scopes::HOLD;
     }
+    // Light only when no entry is one a report corrects (as `AdmitRequest::light_meta`).
+    admit.light = quotas.iter().all(|q| {
+        matches!(
+            q.kind,
+            QuotaKind::RequestsPerMinute | QuotaKind::RequestsPerDay
+        )
+    });
     args.extend(admit.to_strings());
     for q in quotas {
         args.extend(AdmitQuotaArgs::new(q).to_strings());

@@ -58,7 +58,15 @@
 --                         (tests pin the clock to compare with the in-process twin)
 --   15 guard_ttl_ms       how long a lease's report duplicate guard outlives its expiry
 --                         (> 0): a purged lease's data stays in lx that long
--- ARGV per quota entry (4 each, from ARGV[16]):
+--   16 light              1 = write no lease record: the key has no concurrency limit
+--                         (0 above), no tracked balance (0 above) and only rm/rd quota
+--                         entries (nothing its report corrects but the key's own 't'
+--                         window), so nothing counts or releases its lease; the signed
+--                         lease carries its second, its tokens reserved in 't' and
+--                         lease_meta to its report (report.lua's ARGV 22). Its lease
+--                         set, ld and lx are neither read nor written (in_flight is 0);
+--                         else 0
+-- ARGV per quota entry (4 each, from ARGV[17]):
 --   1  kind               rm tm (per minute), rd td (per UTC day), sd sw sm st (spend
 --                         per UTC day, ISO week, calendar month, total)
 --   2  limit              requests, tokens or micro-USD (>= 1)
@@ -82,7 +90,7 @@
 --                         (0 = none: a total spent). quota_exhausted 0 = its spend is
 --                         held by requests in flight (a = 1000), 1 = full
 --                         (codes 6 and 7 were the pool's, now pick.lua's)
--- bal_rem is -1 when the balance is not tracked.
+-- bal_rem is -1 when the balance is not tracked; in_flight is 0 for a light admission.
 -- A quota entry's used is the window's or day's count, or a spend's spent + held; its
 -- reset_ms is the time until the window's oldest second leaves (0 when empty) or until
 -- its period ends (0 for a total).
@@ -118,11 +126,12 @@ local shift = tonumber(ARGV[12])
 local hold = tonumber(ARGV[13])
 local pinned = tonumber(ARGV[14])
 local guard_ttl = tonumber(ARGV[15])
+local light = ARGV[16] == '1'
 -- The keys by name (see the contract above); quota entries' keys follow them.
 local WIN, LEASES, LD, BAL, LX = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local QK = 5
 local nq = #KEYS - QK
-assert(nq >= 0 and #ARGV == 15 + 4 * nq, 'arguments')
+assert(nq >= 0 and #ARGV == 16 + 4 * nq, 'arguments')
 assert(rpm_limit and rpm_limit >= 0, 'rpm limit')
 assert(tpm_limit and tpm_limit >= 0, 'tpm limit')
 assert(conc_limit and conc_limit >= 0, 'concurrency limit')
@@ -136,6 +145,7 @@ assert(tokens <= MAX, 'tokens')
 assert(hold and hold >= 0 and hold <= MAX, 'hold')
 assert(shift and pinned, 'time')
 assert(guard_ttl and guard_ttl > 0 and guard_ttl <= MAX, 'guard ttl')
+assert(ARGV[16] == '0' or (light and conc_limit == 0 and not bal_tracked), 'light')
 
 local now = pinned + shift
 if pinned == 0 then
@@ -298,7 +308,11 @@ end
 local new_second = (rpm_limit > 0 and req_cur == 0) or (rpm_limit == 0 and (tpm_limit == 0 or tok_cur == 0))
 
 local in_flight, released = 0, 0
-do
+-- A light admission (ARGV 16) neither counts nor purges the key's leases: nothing
+-- needs them (no concurrency limit, no balance hold), and its lease set, if any (leases
+-- of other admissions of the key, renewed light ones), expires on its own or is purged
+-- by the next decision that reads it.
+if not light then
   -- Expired leases free their slot (and their reservation data), at most PURGE_BATCH per
   -- purge; meanwhile only live leases are counted (and renew.lua refuses expired ones).
   -- A key whose balance is tracked purges on every decision (an expired lease's hold
@@ -459,8 +473,9 @@ end
 
 local quotas, q_index, q_exhausted = {}, 0, 0
 for i = 1, nq do
-  local at = 15 + 4 * (i - 1)
+  local at = 16 + 4 * (i - 1)
   local q = {kind = ARGV[at + 1], limit = tonumber(ARGV[at + 2])}
+  assert(not light or q.kind == 'rm' or q.kind == 'rd', 'light quota')
   local seed_day, seed = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
   assert(q.limit and q.limit >= 1 and q.limit <= MAX, 'quota limit')
   assert(seed_day and seed and seed >= 0 and seed <= MAX, 'quota seed')
@@ -584,8 +599,9 @@ if tpm_limit > 0 and tokens > 0 then
   tok_used = tok_used + tokens
   tok_lo = tok_lo or b
 end
--- (With 0 tokens too: the report adds what was used to the second's count if it has one.)
-if tpm_limit > 0 then corrected[1] = 'kt,' .. WIN .. ',' .. int(tokens) end
+-- (With 0 tokens too: the report adds what was used to the second's count if it has one.
+-- A light lease carries it in the signed lease instead.)
+if tpm_limit > 0 and not light then corrected[1] = 'kt,' .. WIN .. ',' .. int(tokens) end
 if #taken > 0 then take(WIN, taken, first) end
 for _, q in ipairs(quotas) do
   local k = q.kind
@@ -625,6 +641,9 @@ for _, q in ipairs(quotas) do
   end
 end
 
+-- A light admission is done: no lease record (its signed lease carries its report's
+-- data), in_flight stays 0.
+if light then return answer(0, expiry) end
 redis.call('ZADD', LEASES, int(expiry), token)
 -- Reservation data for the report: second, client tokens in the release before's token
 -- window (0: they are in rpm's 't' window, listed with the corrections as 'kt'),

@@ -8,23 +8,35 @@
 --                            quota counters the lease holds spend on (see admit.lua),
 --                            whose holds (<counter>:hx) take the new expiry too (and
 --                            the counter's 'nx' the new expiry when that is earlier)
+--   3  done           string the lease's report duplicate guard (report.lua's KEYS 5),
+--                            read for a light lease only
 -- ARGV:
 --   1  lease_token
 --   2  lease_ttl_ms   (> 0)
 --   3  time_shift_ms  added to the clock (0 in production)
 --   4  now_ms         0 = the Redis server's TIME (production); else this instant
+--   5  light_expiry   0 = a lease with a record (in the lease set until its report or
+--                     purge); else a light lease's signed expiry (ms; admit.lua's ARGV
+--                     16 wrote no record): it is live until the later of that and its
+--                     expiry in the lease set (a renewal's), unless reported (its
+--                     guard is set); renewed, it joins the lease set with its new
+--                     expiry, so a later renewal, its report (which removes it) and
+--                     admit.lua's purge treat it as any lease
 -- Returns the new expiry (ms), or a code:
 -- CODES:
---   -1 gone           the lease is unknown or already expired (an expired lease has
---                     freed its slot; renewing it would take a slot unchecked)
+--   -1 gone           the lease is unknown, reported or already expired (an expired
+--                     lease has freed its slot; renewing it would take a slot unchecked)
 
 local token = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local shift = tonumber(ARGV[3])
 local pinned = tonumber(ARGV[4])
+local light_expiry = tonumber(ARGV[5])
 assert(token and #token > 0, 'lease token')
 assert(ttl and ttl > 0, 'lease ttl')
-assert(shift and pinned and #ARGV == 4, 'time')
+assert(shift and pinned and #ARGV == 5, 'time')
+assert(light_expiry and light_expiry >= 0, 'light expiry')
+local light = light_expiry > 0
 
 local now = pinned + shift
 if pinned == 0 then
@@ -33,12 +45,23 @@ if pinned == 0 then
 end
 
 local expiry = tonumber(redis.call('ZSCORE', KEYS[1], token))
+if light then
+  -- Not in the set unless renewed before; its guard tells a reported one (as
+  -- report.lua: "1" is an older release's guard, live until its own expiry).
+  local guard = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if guard == 1 or guard > now then return -1 end
+  expiry = math.max(expiry or 0, light_expiry)
+end
 if not expiry or expiry <= now then return -1 end
 local new_expiry = now + ttl
-redis.call('ZADD', KEYS[1], 'XX', new_expiry, token)
+if light then
+  redis.call('ZADD', KEYS[1], new_expiry, token)
+else
+  redis.call('ZADD', KEYS[1], 'XX', new_expiry, token)
+end
 -- The lease's spend holds expire with it (XX: a hold its counter no longer lists, the
--- counter being gone, stays gone).
-local data = redis.call('HGET', KEYS[2], token)
+-- counter being gone, stays gone). A light lease has none.
+local data = not light and redis.call('HGET', KEYS[2], token)
 if data then
   local f = {}
   for part in string.gmatch(data .. '|', '([^|]*)|') do f[#f + 1] = part end

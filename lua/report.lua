@@ -23,7 +23,8 @@
 --                                   after its expiry (as in ld; its slot and holds were
 --                                   released then): read when ld has it no more (and
 --                                   removed, with its entry in <lx>:e)
---   8  rpm                  hash    the client key's request window (cancel mode only)
+--   8  rpm                  hash    the client key's windows: its request window (cancel
+--                                   mode), and a light lease's tokens ('t', ARGV 22)
 -- KEYS per quota entry (1 each, after KEYS 8):
 --   1  quota                the base name {tag}:q:<counter id> of a spend entry the
 --                           request counts under now (see admit.lua): used only when the
@@ -60,7 +61,15 @@
 --                           and queue no record; 0 = a report
 --   21 requests             cancel mode: 1 = the key's rpm window took the request (it
 --                           has an RPM limit), 0 = it did not
--- ARGV per quota entry (1 each, from ARGV[22]):
+--   22 light                "" = the lease's data is in ld (or lx); else a light lease's
+--                           (admit.lua's ARGV 16: no record was written), from its signed
+--                           lease: "<second>|<kt>|provider|model|api_format", kt the
+--                           client tokens reserved in the rpm hash's 't' window at that
+--                           second ("" = none: no TPM limit). It settles as ld data
+--                           "<second>|0|provider|model|api_format||0|0|kt,<rpm>,<kt>" would
+--                           (never the lost-data path); a renewal may have put it in the
+--                           lease set (renew.lua), whence it leaves as any lease
+-- ARGV per quota entry (1 each, from ARGV[23]):
 --   1  kind                 sd sw sm st (spend per UTC day, ISO week, calendar month,
 --                           total); rm rd in cancel mode
 -- Returns {code, now_ms}; nothing changed unless the code is 1 (a cancel answers 1 too).
@@ -126,6 +135,7 @@ local cancel = ARGV[20] == '1'
 -- by KEYS 5 as a lease's report is, for the guard ttl from now.
 local named = token == '' and string.sub(lease_id, 1, 7) == 'report:'
 local took_request = ARGV[21] == '1'
+local light = ARGV[22]
 local MAX = 9007199254740991 -- 2^53 - 1
 local function whole(x) return x and x >= 0 and x <= MAX and x == math.floor(x) end
 assert(#lease_id > 0, 'id')
@@ -139,14 +149,14 @@ assert(source == 'reported' or source == 'parsed' or source == 'estimated', 'sou
 assert(ARGV[20] == '0' or ARGV[20] == '1', 'cancel')
 assert(not cancel or (has_tokens and prompt == 0 and completion == 0 and cost == 0), 'cancel')
 local nk = 8
-local nq = #ARGV - 21
+local nq = #ARGV - 22
 assert(nq >= 0 and #KEYS == nk + nq, 'quota keys')
 local late_kinds = {}
 for i = 1, nq do
   if cancel then
-    late_kinds[i] = string.match(ARGV[21 + i], '^r([md])$')
+    late_kinds[i] = string.match(ARGV[22 + i], '^r([md])$')
   else
-    late_kinds[i] = string.match(ARGV[21 + i], '^s([dwmt])$')
+    late_kinds[i] = string.match(ARGV[22 + i], '^s([dwmt])$')
   end
   assert(late_kinds[i], 'quota kind')
 end
@@ -254,7 +264,15 @@ if token ~= '' then
   if guard == 1 or guard > now then return {0, now} end
   if signed_expiry > 0 and now > expiry + guard_ttl then return {2, now} end
   lapses = math.max(now, expiry) + guard_ttl
-  local data = redis.call('HGET', KEYS[3], token)
+  local data
+  if light ~= '' then
+    -- A light lease: its data as ld would hold it (its tokens named in the rpm hash).
+    local second, kt, meta = string.match(light, '^(%d+)|(%d*)|(.*)$')
+    assert(second and token ~= '', 'light lease')
+    data = second .. '|0|' .. meta .. '||0|0|' .. (kt ~= '' and ('kt,' .. KEYS[8] .. ',' .. kt) or '')
+  else
+    data = redis.call('HGET', KEYS[3], token)
+  end
   if not data then
     -- Purged after its expiry (admit.lua): its slot and holds are released already.
     data = redis.call('HGET', KEYS[7], token)
@@ -332,7 +350,7 @@ if token ~= '' then
     redis.call('HDEL', KEYS[7], token)
     redis.call('ZREM', KEYS[7] .. ':e', token)
   elseif held then
-    redis.call('HDEL', KEYS[3], token)
+    if light == '' then redis.call('HDEL', KEYS[3], token) end
     redis.call('ZREM', KEYS[2], token)
   end
   for _, s in ipairs(settles) do redis.call('HSET', s[1], s[2], int(s[3]), s[4], int(s[5])) end

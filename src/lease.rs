@@ -11,6 +11,18 @@
 //!      million tokens, or ->[.<tenant shard>[.<pick second>-<pick tokens>]].<32 hex: MAC>
 //! ```
 //!
+//! or, for a light admission (no lease record in the store, `limits::LightLease`):
+//!
+//! ```text
+//! <... price>.<tenant shard, or ->.<pick second>-<pick tokens, or ->
+//!     .<second>-<client tokens reserved, or n>-<hex of provider|model|api_format>.<MAC>
+//! ```
+//!
+//! A light lease carries what its report settles, since nothing in the store does: the
+//! second of its admission, the tokens its key's token window took then (`n`: the key
+//! had no TPM limit) and its names, hex-encoded so they hold no `.` (at most
+//! [`LIGHT_META_MAX`] bytes, so at most twice that in hex: longer names keep a record).
+//!
 //! The tenant shard (the Redis shape only: `KeySpace`) is where the admission counted
 //! the request, so its report, renewal or release goes there even if the key's user
 //! changed since. Lease ids without it (the release before, or the embedded shape) use
@@ -36,15 +48,18 @@
 //!   (`<key id>.<token>`), which one admission fixes, so a lease has one identity
 //!   whatever key signed it.
 //! - The expiry is the one the admission set; a renewal does not change the lease id.
+//!
+//! (Over 400 lines: about half are its tests, one per way a text may fail to verify.)
 
 use crate::crypto::{Keyring, LEASE_MAC_LEN};
-use crate::limits::{LeaseId, PickTaken};
+use crate::limits::{LeaseId, LightLease, PickTaken, LIGHT_META_MAX};
 use crate::prices::Price;
 
 /// Longer texts are refused before any parsing or MAC (a real one is at most 272
-/// characters: 153 without hold and price, 13 digits for each amount, 5 for the shard,
-/// 37 for the pick).
-const MAX_LEN: usize = 288;
+/// characters, 153 without hold and price, 13 digits for each amount, 5 for the shard,
+/// 37 for the pick; a light one adds at most 230: 38 for its second and tokens, twice
+/// [`LIGHT_META_MAX`] for its names).
+const MAX_LEN: usize = 512;
 
 /// A lease id whose signature verified, or that this process just issued.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +131,45 @@ fn decode_taken(text: &str) -> Option<PickTaken> {
     })
 }
 
+/// `<second>-<tokens, or n>-<hex names>`: a light lease's data (its expiry is the
+/// lease's own).
+fn encode_light(out: &mut String, light: &LightLease) {
+    use std::fmt::Write;
+    let _ = write!(out, ".{}-", light.second);
+    match light.kt {
+        Some(kt) => {
+            let _ = write!(out, "{kt}-");
+        }
+        None => out.push_str("n-"),
+    }
+    out.push_str(&hex::encode(light.meta.as_bytes()));
+}
+
+fn decode_light(text: &str, expires_at_ms: i64) -> Option<LightLease> {
+    let mut parts = text.splitn(3, '-');
+    let second = amount(parts.next()?, i64::MAX)?;
+    let kt = match parts.next()? {
+        "n" => None,
+        kt => Some(amount(kt, crate::money::MAX_TOTAL)?),
+    };
+    let names = parts.next()?;
+    // Exactly the lowercase hex this code writes, within the bound, of three names.
+    if names.len() > 2 * LIGHT_META_MAX
+        || !names
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return None;
+    }
+    let meta = String::from_utf8(hex::decode(names).ok()?).ok()?;
+    (meta.split('|').count() == 3).then_some(LightLease {
+        second,
+        kt,
+        meta,
+        expires_at_ms,
+    })
+}
+
 impl SignedLease {
     /// The lease id handed to the caller.
     pub fn encode(&self, keyring: &Keyring) -> String {
@@ -130,7 +184,23 @@ impl SignedLease {
         text.push_str(self.provider_key_id.as_deref().unwrap_or("-"));
         let _ = write!(text, ".{}.{}.", self.expires_at_ms, self.hold_micros);
         encode_price(&mut text, self.price.as_ref());
-        if let Some(shard) = self.lease.shard {
+        if let Some(light) = &self.lease.light {
+            // Every field, placeholders for the shard and the pick when absent (the
+            // embedded shape has no shard, and its report settles the pick from here).
+            match self.lease.shard {
+                Some(shard) => {
+                    let _ = write!(text, ".{shard}");
+                }
+                None => text.push_str(".-"),
+            }
+            match self.lease.taken {
+                Some(t) => {
+                    let _ = write!(text, ".{}-{}", t.second, t.tokens);
+                }
+                None => text.push_str(".-"),
+            }
+            encode_light(&mut text, light);
+        } else if let Some(shard) = self.lease.shard {
             let _ = write!(text, ".{shard}");
             if let Some(t) = self.lease.taken {
                 let _ = write!(text, ".{}-{}", t.second, t.tokens);
@@ -164,8 +234,25 @@ impl SignedLease {
         // Only texts this code wrote verify; parsing stays strict anyway.
         let parts: Vec<&str> = body.split('.').collect();
         let max_shard = i64::from(crate::limits::scripts::MAX_SHARDS) - 1;
+        let expires_at_ms: i64 = parts.get(3)?.parse().ok()?;
+        let mut light = None;
         let (hold_micros, price, shard, taken) = match parts[..] {
             [_, _, _, _] => (0, None, None, None),
+            [_, _, _, _, hold, price, shard, taken, data] => {
+                light = Some(decode_light(data, expires_at_ms)?);
+                (
+                    amount(hold, crate::money::MAX_REPORT_MICROS)?,
+                    decode_price(price)?,
+                    match shard {
+                        "-" => None,
+                        shard => Some(amount(shard, max_shard)? as u16),
+                    },
+                    match taken {
+                        "-" => None,
+                        taken => Some(decode_taken(taken)?),
+                    },
+                )
+            }
             [_, _, _, _, hold, price] => (
                 amount(hold, crate::money::MAX_REPORT_MICROS)?,
                 decode_price(price)?,
@@ -188,6 +275,7 @@ impl SignedLease {
         };
         let mut lease = LeaseId::parse(&format!("{}.{}", parts[0], parts[1]))?.on_shard(shard);
         lease.taken = taken;
+        lease.light = light;
         let provider_key_id = match parts[2] {
             "-" => None,
             id => Some(uuid::Uuid::try_parse(id).ok()?.hyphenated().to_string()),
@@ -195,7 +283,7 @@ impl SignedLease {
         Some(SignedLease {
             lease,
             provider_key_id,
-            expires_at_ms: parts[3].parse().ok()?,
+            expires_at_ms,
             hold_micros,
             price,
         })
@@ -247,6 +335,23 @@ mod tests {
             second: 1_790_000_000,
             tokens: crate::money::MAX_TOTAL,
         });
+        let light = |l: SignedLease, kt, meta: &str| SignedLease {
+            lease: LeaseId {
+                light: Some(LightLease {
+                    second: i64::MAX,
+                    kt,
+                    meta: meta.to_string(),
+                    expires_at_ms: l.expires_at_ms,
+                }),
+                ..l.lease.clone()
+            },
+            ..l
+        };
+        // The longest: every field at its bound, names of LIGHT_META_MAX bytes.
+        let longest_names = format!("{}|{}|", "p".repeat(LIGHT_META_MAX - 4), "é");
+        assert_eq!(longest_names.len(), LIGHT_META_MAX);
+        let mut embedded_pick = priced(Some(PK));
+        embedded_pick.lease.taken = picked.lease.taken;
         for l in [
             lease(None),
             lease(Some(PK)),
@@ -254,7 +359,15 @@ mod tests {
             priced(Some(PK)),
             sharded(priced(Some(PK)), 1023),
             sharded(lease(None), 0),
-            picked,
+            picked.clone(),
+            light(
+                picked.clone(),
+                Some(crate::money::MAX_TOTAL),
+                &longest_names,
+            ),
+            light(lease(None), None, "openai|gpt-4.1|openai.chat"),
+            light(embedded_pick, Some(0), "||"),
+            light(sharded(lease(None), 3), None, "a|b.c|d"),
         ] {
             let text = l.encode(&ring);
             assert!(text.len() <= MAX_LEN, "{}", text.len());
@@ -268,13 +381,23 @@ mod tests {
         let mut l = priced(Some(PK));
         l.lease.shard = Some(7);
         let text = l.encode(&ring);
+        // A light one too: its tokens and names are signed like the rest.
+        let mut light = l.clone();
+        light.lease.light = Some(LightLease {
+            second: 1_790_000_000,
+            kt: Some(100),
+            meta: "openai|gpt-4o|chat".into(),
+            expires_at_ms: l.expires_at_ms,
+        });
         // Every single-character change, anywhere.
-        for i in 0..text.len() {
-            let mut bytes = text.clone().into_bytes();
-            bytes[i] = if bytes[i] == b'0' { b'1' } else { b'0' };
-            let altered = String::from_utf8(bytes).unwrap_or_default();
-            if altered != text {
-                assert_eq!(SignedLease::verify(&altered, &ring), None, "{altered}");
+        for text in [text.clone(), light.encode(&ring)] {
+            for i in 0..text.len() {
+                let mut bytes = text.clone().into_bytes();
+                bytes[i] = if bytes[i] == b'0' { b'1' } else { b'0' };
+                let altered = String::from_utf8(bytes).unwrap_or_default();
+                if altered != text {
+                    assert_eq!(SignedLease::verify(&altered, &ring), None, "{altered}");
+                }
             }
         }
         // The same MAC in upper case: one spelling per lease.
@@ -325,6 +448,39 @@ mod tests {
             let body = format!("{}.-.{}.{hold}.{price}", l.lease, l.expires_at_ms);
             let text = format!("{body}.{}", hex::encode(ring.sign_lease(&body)));
             assert_eq!(SignedLease::verify(&text, &ring), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn light_data_verifies_only_as_this_code_writes_it() {
+        let ring = Keyring::new(&[1; 32], &[]);
+        let l = lease(None);
+        let names = hex::encode("a|b|c");
+        for (light, ok) in [
+            (format!("5-7-{names}"), true),
+            (format!("5-n-{names}"), true),
+            (format!("5--{names}"), false),
+            (format!("05-7-{names}"), false),
+            (format!("5-7-{}", names.to_uppercase()), false),
+            (format!("5-7-{}", hex::encode("a|b")), false),
+            (format!("5-7-{}", hex::encode("a|b|c|d")), false),
+            (format!("5-7-{}", hex::encode([0xff, b'|', b'|'])), false),
+            (
+                format!("5-7-{}", hex::encode(format!("{}||", "x".repeat(95)))),
+                false,
+            ),
+            ("5-7".to_string(), false),
+        ] {
+            let body = format!("{}.-.{}.0.-.-.-.{light}", l.lease, l.expires_at_ms);
+            let text = format!("{body}.{}", hex::encode(ring.sign_lease(&body)));
+            let got = SignedLease::verify(&text, &ring);
+            assert_eq!(got.is_some(), ok, "{text}");
+            if let Some(got) = got {
+                assert_eq!(
+                    got.lease.light.map(|x| x.expires_at_ms),
+                    Some(l.expires_at_ms)
+                );
+            }
         }
     }
 

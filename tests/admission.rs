@@ -25,6 +25,7 @@ on_both_shapes!(
     admin_changes_reach_every_instance_at_once,
     a_small_balance_is_never_overspent_by_more_than_one_request,
     bad_data_plane_input_is_refused,
+    a_light_lease_renews_settles_and_reports_once,
 );
 
 async fn key(c: &Cluster, body: Value) -> (String, String) {
@@ -925,4 +926,65 @@ async fn key_records_are_cached_and_unknown_keys_remembered() {
     .await;
     assert_eq!(limit, "9");
     s.stop().await;
+}
+
+/// A key without a concurrency limit, balance or token or spend quota admits "light" (no
+/// lease record in the store; the signed lease id carries its report's data): over HTTP,
+/// on any instance, its renewals keep it live past its signed expiry, its report settles
+/// its tokens in the window once (a repeat is a duplicate), and a reported lease is no
+/// longer renewed.
+async fn a_light_lease_renews_settles_and_reports_once(shape: Shape) {
+    let c = Cluster::start(shape, |raw| {
+        raw.insert(config::LEASE_TTL_S, "1".into());
+    })
+    .await;
+    let (id, secret) = key(
+        &c,
+        json!({"rate_limit": 10, "tpm_limit": 1000, "concurrent_limit": null}),
+    )
+    .await;
+    let body = json!({"key": secret, "estimated_tokens": 100, "provider": "openai",
+                      "model": "gpt-4o", "api_format": "openai.chat"});
+    let a = c.any(0).admit(body.clone()).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let lease = a.body["lease_id"].as_str().unwrap().to_string();
+    // Light: the id carries the second, the tokens and the names (after shard and pick).
+    assert_eq!(lease.split('.').count(), 10, "{lease}");
+    for i in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let r = c
+            .any(i)
+            .data_post(&format!("/v1/leases/{lease}/renew"), json!({}))
+            .await;
+        assert_eq!(r.status, 200, "renewal {i}: {}", r.body);
+    }
+    let report = json!({"lease_id": lease, "prompt_tokens": 10, "completion_tokens": 5});
+    let answers: Vec<_> = (0..3)
+        .map(|i| c.any(i).data_post("/v1/report", report.clone()))
+        .collect();
+    let answers = futures_util::future::join_all(answers).await;
+    let recorded = answers
+        .iter()
+        .filter(|r| r.body == json!({"recorded": true}))
+        .count();
+    let bodies: Vec<&Value> = answers.iter().map(|r| &r.body).collect();
+    assert_eq!(recorded, 1, "{bodies:?}");
+    let r = c
+        .any(1)
+        .data_post(&format!("/v1/leases/{lease}/renew"), json!({}))
+        .await;
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (404, "LEASE_NOT_FOUND")
+    );
+    // Its 100 reserved tokens became the 15 reported.
+    let next = c.any(2).admit(body.clone()).await;
+    assert_eq!(next.status, 200);
+    assert_eq!(
+        header(&next, "x-ratelimit-remaining-tokens").as_deref(),
+        Some("885")
+    );
+    let stats = usage_applied(&c, &id, 1).await;
+    assert_eq!(stats["total_tokens"], 15);
+    c.stop().await;
 }

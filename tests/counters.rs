@@ -23,8 +23,8 @@ use keyward::limits::redis::RedisCounters;
 use keyward::limits::scripts::admit::{AdmitArgs, AdmitKeys};
 use keyward::limits::scripts::{source, KeySpace};
 use keyward::limits::{
-    AdmitRequest, BalanceSnapshot, Counters, Decision, Denial, LeaseId, Pick, Report, Reported,
-    SelectRequest, Verdict,
+    AdmitRequest, BalanceSnapshot, CounterError, Counters, Decision, Denial, LeaseId, LightLease,
+    Pick, Report, Reported, SelectRequest, Verdict,
 };
 use keyward::pool::cache::{Candidate, Roster};
 use keyward::usage::UsageRecord;
@@ -100,6 +100,9 @@ on_both_stores!(
     a_hold_of_a_key_that_never_admits_again_leaves_at_its_lease_expiry,
     a_renewed_lease_keeps_its_hold_until_its_new_expiry,
     a_renewal_that_shortens_a_lease_releases_its_hold_earlier,
+    a_light_admission_writes_no_lease_record_and_its_report_settles_its_tokens,
+    a_renewed_light_lease_is_reported_on_time_and_once,
+    a_light_admissions_pool_refusal_gives_back_request_and_tokens,
 );
 
 struct Store {
@@ -180,15 +183,47 @@ impl Store {
 
     async fn admit(&self, r: &AdmitRequest<'_>) -> Decision {
         let decision = self.counters.admit(r).await.unwrap();
+        if let Some(light) = &decision.light {
+            // What the signed lease carries (see `signed`).
+            LIGHT
+                .lock()
+                .unwrap()
+                .get_or_insert_with(Default::default)
+                .insert(r.lease.to_string(), light.clone());
+        }
         // What one side of a refused admission took is given back before the next step.
         self.counters.settled().await;
         decision
+    }
+
+    /// Renews `lease` as the signed lease names it.
+    async fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Result<Option<i64>, CounterError> {
+        self.counters.renew(&signed(lease), ttl_ms).await
     }
 
     async fn cleanup(self) {
         if let Some((url, prefix)) = self.redis {
             common::delete_prefix(&url, &prefix).await;
         }
+    }
+}
+
+/// Light admissions' data by lease (what their signed leases carry), kept by
+/// [`Store::admit`].
+static LIGHT: std::sync::Mutex<Option<std::collections::HashMap<String, LightLease>>> =
+    std::sync::Mutex::new(None);
+
+/// `lease` as its signed lease names it: with a light admission's data
+/// ([`LeaseId::light`]), as admission signs it.
+fn signed(lease: &LeaseId) -> LeaseId {
+    let light = LIGHT
+        .lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|m| m.get(&lease.to_string()).cloned());
+    LeaseId {
+        light: light.or_else(|| lease.light.clone()),
+        ..lease.clone()
     }
 }
 
@@ -239,7 +274,7 @@ async fn align(store: &Store, frac: i64) -> i64 {
 
 fn report(lease: &LeaseId, tokens: Option<(i64, i64)>, cost: i64) -> Report {
     Report {
-        lease: Some(lease.clone()),
+        lease: Some(signed(lease)),
         id: lease.to_string(),
         tokens,
         cost_micros: cost,
@@ -568,7 +603,7 @@ async fn leases_expire_free_their_slot_and_renew(kind: Kind) {
     assert_eq!(reason, Denial::Concurrency);
     assert!((9_000..=10_000).contains(&retry.unwrap()), "{retry:?}");
     s.advance(5_000);
-    let renewed = s.counters.renew(&a, 10_000).await.unwrap();
+    let renewed = s.renew(&a, 10_000).await.unwrap();
     assert!(renewed.is_some());
     // b expires (never reported, never renewed); a, renewed, still holds its slot.
     s.advance(5_500);
@@ -581,30 +616,36 @@ async fn leases_expire_free_their_slot_and_renew(kind: Kind) {
     // a, renewed at 5 s for 10 s, is the first live lease to expire: at 15 s, 4.5 s on.
     assert!((4_000..=4_500).contains(&retry.unwrap()), "{retry:?}");
     assert_eq!(
-        s.counters.renew(&b, 10_000).await.unwrap(),
+        s.renew(&b, 10_000).await.unwrap(),
         None,
         "an expired lease cannot be renewed"
     );
-    assert_eq!(
-        s.counters.renew(&LeaseId::new(&k), 10_000).await.unwrap(),
-        None
-    );
+    assert_eq!(s.renew(&LeaseId::new(&k), 10_000).await.unwrap(), None);
     // A reported lease frees its slot at once and cannot be renewed.
     s.counters.report(&report(&a, None, 0)).await.unwrap();
-    assert_eq!(s.counters.renew(&a, 10_000).await.unwrap(), None);
+    assert_eq!(s.renew(&a, 10_000).await.unwrap(), None);
     assert!(admitted(&s.admit(&slots(&e)).await));
     s.cleanup().await;
 }
 
-/// Expired leases do not stay in Redis: each decision on the key removes up to 100 of
+/// Expired leases do not stay in Redis: each decision on the key that counts them (not a
+/// light one, which records none) removes up to 100 of
 /// them with their reservation data (bounded memory per key, and bounded work per
 /// decision when many expire together). In both stores they stop counting at once.
 async fn expired_leases_leave_the_store_in_bounded_batches(kind: Kind) {
     let s = Store::new(kind).await;
     let k = key();
+    // Leases the store records: a key with a concurrency limit (too high to refuse)
+    // counts them (a light admission records none).
+    fn counted(lease: &LeaseId) -> AdmitRequest<'_> {
+        AdmitRequest {
+            concurrency: Some(1_000),
+            ..request(lease)
+        }
+    }
     let short = |lease| AdmitRequest {
         lease_ttl_ms: 1_000,
-        ..request(lease)
+        ..counted(lease)
     };
     let leases: Vec<LeaseId> = (0..250).map(|_| LeaseId::new(&k)).collect();
     for lease in &leases {
@@ -631,7 +672,7 @@ async fn expired_leases_leave_the_store_in_bounded_batches(kind: Kind) {
     let redis = matches!(kind, Kind::Redis | Kind::Cluster);
     assert_eq!(stored().await, redis.then_some(250));
     s.advance(1_500);
-    let d = s.admit(&request(&LeaseId::new(&k))).await;
+    let d = s.admit(&counted(&LeaseId::new(&k))).await;
     assert_eq!(d.usage.in_flight, 1, "only the new lease is live");
     assert_eq!(stored().await, redis.then_some(150 + 1));
     // A refusal removes a batch too. A concurrency refusal waits for the live lease
@@ -640,18 +681,18 @@ async fn expired_leases_leave_the_store_in_bounded_batches(kind: Kind) {
     let d = s
         .admit(&AdmitRequest {
             concurrency: Some(1),
-            ..request(&one_slot)
+            ..counted(&one_slot)
         })
         .await;
     let (reason, retry) = denial(&d);
     assert_eq!((reason, d.usage.in_flight), (Denial::Concurrency, 1));
     assert!(retry.unwrap() > 290_000, "{retry:?}");
     assert_eq!(stored().await, redis.then_some(50 + 1));
-    let d = s.admit(&request(&LeaseId::new(&k))).await;
+    let d = s.admit(&counted(&LeaseId::new(&k))).await;
     assert_eq!(d.usage.in_flight, 2);
     assert_eq!(stored().await, redis.then_some(2));
     // None of the removed leases can be renewed; their reports still count (once).
-    assert_eq!(s.counters.renew(&leases[0], 10_000).await.unwrap(), None);
+    assert_eq!(s.renew(&leases[0], 10_000).await.unwrap(), None);
     assert_eq!(
         s.counters
             .report(&report(&leases[0], None, 0))
@@ -724,7 +765,7 @@ async fn a_lease_is_reported_once_however_late_the_repeat(kind: Kind) {
         panic!("{d:?}")
     };
     s.advance(500);
-    let renewed = s.counters.renew(&lease, 1_000).await.unwrap().unwrap();
+    let renewed = s.renew(&lease, 1_000).await.unwrap().unwrap();
     assert!(renewed > expires_at_ms);
     s.advance(600); // past the signed expiry, before the renewed one
     let r = Report {
@@ -1099,11 +1140,37 @@ async fn scripts_assert_their_inputs() {
         hold: 0,
         now_ms: 0,
         guard_ttl_ms: 60_000,
+        light: false,
     }
     .push(&mut call);
     let result: redis::RedisResult<Vec<i64>> = call.invoke_async(&mut conn).await;
     let error = result.unwrap_err().to_string();
     assert!(error.contains("rpm limit"), "{error}");
+    // A light admission (no lease record) of a key whose leases count is refused too.
+    let mut call = script.prepare_invoke();
+    keys.push(&mut call);
+    AdmitArgs {
+        rpm_limit: 0,
+        tpm_limit: 0,
+        concurrency_limit: 1,
+        tokens: 0,
+        lease_token: "t",
+        lease_ttl_ms: 1000,
+        lease_meta: "||".into(),
+        balance_tracked: false,
+        credited: 0,
+        used: 0,
+        balance_version: 0,
+        time_shift_ms: 0,
+        hold: 0,
+        now_ms: 0,
+        guard_ttl_ms: 60_000,
+        light: true,
+    }
+    .push(&mut call);
+    let result: redis::RedisResult<Vec<i64>> = call.invoke_async(&mut conn).await;
+    let error = result.unwrap_err().to_string();
+    assert!(error.contains("light"), "{error}");
     let written: i64 = redis::cmd("EXISTS")
         .arg(&keys.all()[..])
         .query_async(&mut conn)
@@ -1120,8 +1187,13 @@ async fn lost_scripts_are_reloaded() {
         .await
         .unwrap();
     let k = key();
+    // Counted leases (a concurrency limit), so the answer tells both admissions apart.
+    let counted = |lease| AdmitRequest {
+        concurrency: Some(10),
+        ..request(lease)
+    };
     let lease = LeaseId::new(&k);
-    assert!(admitted(&counters.admit(&request(&lease)).await.unwrap()));
+    assert!(admitted(&counters.admit(&counted(&lease)).await.unwrap()));
     let client = redis::Client::open(private.url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("SCRIPT")
@@ -1130,7 +1202,7 @@ async fn lost_scripts_are_reloaded() {
         .await
         .unwrap();
     let lease = LeaseId::new(&k);
-    let d = counters.admit(&request(&lease)).await.unwrap();
+    let d = counters.admit(&counted(&lease)).await.unwrap();
     assert!(admitted(&d), "NOSCRIPT was not handled");
     assert_eq!(d.usage.in_flight, 2);
     counters.ready().await.unwrap();
@@ -1661,5 +1733,216 @@ async fn learned_limits_cool_a_used_up_key_and_are_shown_for_a_while(kind: Kind)
         .unwrap();
     let live = s.counters.pool_state(&provider, &ids).await.unwrap();
     assert_eq!((live[0].cooldown_remaining_ms, live[0].learned), (0, None));
+    s.cleanup().await;
+}
+
+/// Whether Redis holds the lease set or the lease data of `key_id` (a key without a user);
+/// `None` for the twin.
+async fn lease_keys_exist(s: &Store, key_id: &str) -> Option<(bool, bool)> {
+    let Counters::Redis(redis) = &s.counters else {
+        return None;
+    };
+    let mut conn = redis.conn().await.unwrap();
+    let (leases, ld): (bool, bool) = redis::pipe()
+        .cmd("EXISTS")
+        .arg(redis.key(key_id, "leases"))
+        .cmd("EXISTS")
+        .arg(redis.key(key_id, "ld"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    Some((leases, ld))
+}
+
+/// A key without a concurrency limit, a balance or a quota entry its report corrects
+/// admits "light": no lease record (neither the lease set nor its data exist after it),
+/// no lease counted; its signed lease carries its second, its tokens and its names, and
+/// its report settles the tokens in the window and records the names all the same. A key
+/// with a concurrency limit still records and counts its leases.
+async fn a_light_admission_writes_no_lease_record_and_its_report_settles_its_tokens(kind: Kind) {
+    let s = Store::new(kind).await;
+    let redis = !matches!(kind, Kind::Memory);
+    let k = key();
+    let light = |lease| AdmitRequest {
+        rpm: Some(100),
+        tpm: Some(1_000),
+        tokens: 100,
+        ..request(lease)
+    };
+    let a = LeaseId::new(&k);
+    let d = s.admit(&light(&a)).await;
+    assert!(admitted(&d), "{d:?}");
+    let carried = d.light.clone().expect("a light admission");
+    assert_eq!(carried.second, d.usage.now_ms.div_euclid(1000));
+    assert_eq!(carried.kt, Some(100));
+    assert_eq!(carried.meta, "openai|gpt-4o|openai_chat");
+    assert_eq!((d.usage.tokens_used, d.usage.in_flight), (100, 0));
+    assert_eq!(
+        lease_keys_exist(&s, &k).await,
+        redis.then_some((false, false))
+    );
+    // Reported with 30 + 10 tokens: the window holds 40 of the 100 reserved.
+    assert_eq!(
+        s.counters
+            .report(&report(&a, Some((30, 10)), 5))
+            .await
+            .unwrap(),
+        Reported::Recorded
+    );
+    assert_eq!(
+        s.counters
+            .report(&report(&a, Some((30, 10)), 5))
+            .await
+            .unwrap(),
+        Reported::Duplicate
+    );
+    let b = LeaseId::new(&k);
+    let d = s.admit(&light(&b)).await;
+    assert_eq!((d.usage.requests_used, d.usage.tokens_used), (2, 140));
+    let queued = s.queued().await;
+    let rec = queued.iter().find(|r| r.id == a.to_string()).unwrap();
+    assert_eq!(
+        (
+            rec.provider.as_deref(),
+            rec.model.as_deref(),
+            rec.api_format.as_deref()
+        ),
+        (Some("openai"), Some("gpt-4o"), Some("openai_chat"))
+    );
+    assert_eq!(
+        (rec.prompt_tokens, rec.completion_tokens, rec.cost_micros),
+        (30, 10, 5)
+    );
+    // Names too long to carry keep a record.
+    let long = "m".repeat(120);
+    let c = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            model: &long,
+            ..light(&c)
+        })
+        .await;
+    assert!(admitted(&d) && d.light.is_none(), "{d:?}");
+    assert_eq!(d.usage.in_flight, 1);
+    assert_eq!(
+        lease_keys_exist(&s, &k).await,
+        redis.then_some((true, true))
+    );
+    // A key with a concurrency limit records and counts every lease.
+    let k2 = key();
+    let counted = |lease| AdmitRequest {
+        concurrency: Some(2),
+        ..light(lease)
+    };
+    let (x, y, z) = (LeaseId::new(&k2), LeaseId::new(&k2), LeaseId::new(&k2));
+    let d = s.admit(&counted(&x)).await;
+    assert!(admitted(&d) && d.light.is_none(), "{d:?}");
+    assert_eq!(
+        lease_keys_exist(&s, &k2).await,
+        redis.then_some((true, true))
+    );
+    assert_eq!(s.admit(&counted(&y)).await.usage.in_flight, 2);
+    assert_eq!(denial(&s.admit(&counted(&z)).await).0, Denial::Concurrency);
+    s.cleanup().await;
+}
+
+/// A light lease is in no lease set, yet its renewal works: a report after its signed
+/// expiry plus the guard time, but within that of its renewed expiry, is on time; a
+/// repeat is a duplicate, and a reported or expired light lease is not renewed.
+async fn a_renewed_light_lease_is_reported_on_time_and_once(kind: Kind) {
+    const GUARD_MS: i64 = 600_000; // the suite's duplicate-guard time
+    let s = Store::new(kind).await;
+    let k = key();
+    let short = |lease| AdmitRequest {
+        lease_ttl_ms: 1_000,
+        ..request(lease)
+    };
+    let (a, b) = (LeaseId::new(&k), LeaseId::new(&k));
+    let d = s.admit(&short(&a)).await;
+    let Verdict::Admitted { expires_at_ms } = d.verdict else {
+        panic!("{d:?}")
+    };
+    assert!(d.light.is_some());
+    assert!(s.admit(&short(&b)).await.light.is_some());
+    s.advance(500);
+    let renewed = s.renew(&a, 10_000).await.unwrap().unwrap();
+    assert!(renewed > expires_at_ms + 9_000, "{renewed} {expires_at_ms}");
+    s.advance(1_000);
+    // b expired: its renewal is refused; a, renewed, renews again.
+    assert_eq!(s.renew(&b, 10_000).await.unwrap(), None);
+    let renewed = s.renew(&a, 10_000).await.unwrap().unwrap();
+    // Past the signed expiry and its guard, within the guard after the renewed expiry.
+    s.advance(GUARD_MS + 1_000);
+    let r = Report {
+        lease_expires_at_ms: expires_at_ms,
+        ..report(&a, Some((1, 1)), 10)
+    };
+    assert!(s.counters.time_shift().now_ms() > expires_at_ms + GUARD_MS);
+    assert!(s.counters.time_shift().now_ms() <= renewed + GUARD_MS);
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Recorded);
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Duplicate);
+    // b, never renewed, is too late by now.
+    let late = Report {
+        lease_expires_at_ms: expires_at_ms,
+        ..report(&b, None, 10)
+    };
+    assert_eq!(s.counters.report(&late).await.unwrap(), Reported::TooLate);
+    // A reported light lease is not renewed.
+    let c = LeaseId::new(&k);
+    assert!(s.admit(&short(&c)).await.light.is_some());
+    s.counters.report(&report(&c, None, 0)).await.unwrap();
+    assert_eq!(s.renew(&c, 10_000).await.unwrap(), None);
+    let queued = s.queued().await;
+    assert_eq!(queued.iter().filter(|q| q.id == a.to_string()).count(), 1);
+    s.cleanup().await;
+}
+
+/// A light admission refused by the pool takes nothing: in Redis its client part (two
+/// scripts at once, see `limits::redis::split`) is cancelled with the data its lease
+/// would carry, giving back its request and tokens.
+async fn a_light_admissions_pool_refusal_gives_back_request_and_tokens(kind: Kind) {
+    let s = Store::new(kind).await;
+    align(&s, 100).await;
+    let provider = common::unique_prefix();
+    let pool = Roster::new(vec![candidate(&provider, 0, Some(1), None)]);
+    assert_eq!(picked_id(&s, &pool, 0).await, pool[0].id);
+    let k = key();
+    let client = |lease| AdmitRequest {
+        rpm: Some(10),
+        tpm: Some(1_000),
+        tokens: 100,
+        pool: Some(&pool),
+        ..request(lease)
+    };
+    let refused = [LeaseId::new(&k), LeaseId::new(&k)];
+    for lease in &refused {
+        let d = s.admit(&client(lease)).await;
+        assert_eq!(denial(&d).0, Denial::PoolExhausted);
+        assert_eq!(d.light, None);
+        assert_eq!(
+            (
+                d.usage.requests_used,
+                d.usage.tokens_used,
+                d.usage.in_flight
+            ),
+            (0, 0, 0)
+        );
+    }
+    let lease = LeaseId::new(&k);
+    let d = s
+        .admit(&AdmitRequest {
+            pool: None,
+            ..client(&lease)
+        })
+        .await;
+    assert!(admitted(&d) && d.light.is_some(), "{d:?}");
+    assert_eq!(
+        (
+            d.usage.requests_used,
+            d.usage.tokens_used,
+            d.usage.in_flight
+        ),
+        (1, 100, 0)
+    );
     s.cleanup().await;
 }

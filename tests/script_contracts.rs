@@ -135,7 +135,7 @@ fn the_check_fails_on_a_header_that_drifted() {
 fn headers_parse_into_every_entry() {
     let header = parse(CONTRACTS[0].source);
     assert_eq!(header.keys.len(), 5);
-    assert_eq!(header.argv.len(), 15);
+    assert_eq!(header.argv.len(), 16);
     assert_eq!(header.codes.len(), 7);
     assert_eq!(
         (header.keys_repeated.len(), header.argv_repeated.len()),

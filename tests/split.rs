@@ -29,7 +29,9 @@ fn request<'a>(lease: &'a LeaseId, rpm: i64, pool: Option<&'a Roster>) -> AdmitR
         lease,
         rpm: Some(rpm),
         tpm: None,
-        concurrency: None,
+        // Counted leases (a limit never reached): the tests read the lease set to see
+        // that every cancel ran (a light admission would record none).
+        concurrency: Some(1_000_000),
         tokens: 10,
         lease_ttl_ms: 300_000,
         provider: "openai",
@@ -454,18 +456,21 @@ async fn compensations_give_back_once() {
         let d = redis
             .admit(&AdmitRequest {
                 quotas: &quotas,
+                // Light (no lease record): its cancel takes its data from the lease.
+                concurrency: None,
                 ..request(&lease, 10, None)
             })
             .await
             .unwrap();
+        assert!(d.light.is_some(), "{d:?}");
         let Verdict::Admitted { expires_at_ms } = d.verdict else {
             panic!("{d:?}")
         };
-        leases.push((lease, expires_at_ms));
+        leases.push((lease, expires_at_ms, d.light));
     }
     let shard = space.shard_of(Tenant::Key(&k));
     let report_script = redis::Script::new(source::REPORT);
-    let (lease, expiry) = &leases[0];
+    let (lease, expiry, light) = &leases[0];
     let mut codes = Vec::new();
     for _ in 0..2 {
         let mut call = report_script.prepare_invoke();
@@ -497,6 +502,7 @@ async fn compensations_give_back_once() {
             now_ms: 0,
             cancel: true,
             requests: true,
+            light: scripts::report::light_arg(light.as_ref()),
         }
         .push(&mut call);
         for (_, args) in &entries {
@@ -510,7 +516,11 @@ async fn compensations_give_back_once() {
     assert_eq!(window_sum(&redis, &redis.key(&k, "rpm")).await, 1);
     let rm = format!("{}:rm", space.quota(shard, &quotas[0].counter));
     assert_eq!(window_sum(&redis, &rm).await, 1);
-    assert_eq!(leases_held(&redis, &k).await, 1);
+    assert_eq!(
+        leases_held(&redis, &k).await,
+        0,
+        "light admissions record no lease"
+    );
     // A cancel queues no usage record.
     assert!(common::stream_records(&redis).await.is_empty());
 }

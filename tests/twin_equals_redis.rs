@@ -3,7 +3,9 @@
 //! limits of every kind, 0 included, balances with holds, with or without a provider
 //! key pick, with random quota entries: per-minute and per-day counts and spend limits
 //! of every period, some seeded, some shared by both keys as a user's are: a spend hold
-//! of one key can then leave by the other's admissions, before its late report), selections,
+//! of one key can then leave by the other's admissions, before its late report; a key
+//! without a concurrency limit, a balance or a corrected entry admits light, without a
+//! lease record, its lease then carrying its report's data), selections,
 //! reports (with and without a lease, statuses that cool a
 //! provider key down or suspend it, rate-limit headers, tokens, costs), renewals, admin
 //! changes (balance credits, client limits, the pool, provider key resets), clock
@@ -55,6 +57,15 @@ use tokio::sync::mpsc;
 /// Quota refusals seen by the twin (full; held by requests in flight), so the test can
 /// tell that its sequences reach them.
 static QUOTA_REFUSALS: [std::sync::atomic::AtomicUsize; 2] = [
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+];
+
+/// Light admissions (no lease record: a key without a concurrency limit, a balance or
+/// a quota entry its report corrects), and reports and renewals of their leases,
+/// answered by the twin: the sequences must reach each.
+static LIGHT: [std::sync::atomic::AtomicUsize; 3] = [
+    std::sync::atomic::AtomicUsize::new(0),
     std::sync::atomic::AtomicUsize::new(0),
     std::sync::atomic::AtomicUsize::new(0),
 ];
@@ -309,7 +320,9 @@ fn entries(quotas: &[Quota], start_ms: i64) -> [Vec<QuotaEntry>; 2] {
 fn case() -> impl Strategy<Value = Case> {
     (
         (0..STARTS.len(), 0..1000i64),
-        proptest::collection::vec(quota(), 0..6),
+        // No entries a quarter of the time: keys without a concurrency limit then admit
+        // light (no lease record) more often.
+        prop_oneof![1 => Just(Vec::new()), 3 => proptest::collection::vec(quota(), 0..6)],
         [limits(), limits()],
         proptest::option::of(0..1_500i64),
         proptest::collection::vec(provider_key(), 1..=3),
@@ -389,7 +402,8 @@ impl Store {
 #[derive(Debug, PartialEq)]
 enum Answer {
     Skipped,
-    Admit(Decision),
+    /// Boxed: a decision is the largest answer by far.
+    Admit(Box<Decision>),
     Select(Pick),
     Report(Reported),
     Renew(Option<i64>),
@@ -500,25 +514,44 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
                 let k = usize::from(h.lease.key_id != key_ids[0]);
                 leases_lapse_at[k] = leases_lapse_at[k].max(expiry + 1000);
             }
-            if let Answer::Admit(Decision {
-                verdict:
-                    Verdict::Denied {
-                        reason: keyward::limits::Denial::Quota { exhausted, .. },
-                        ..
-                    },
-                ..
-            }) = &answers[0]
-            {
-                QUOTA_REFUSALS[usize::from(!*exhausted)]
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Answer::Admit(d) = &answers[0] {
+                if let Verdict::Denied {
+                    reason: keyward::limits::Denial::Quota { exhausted, .. },
+                    ..
+                } = &d.verdict
+                {
+                    QUOTA_REFUSALS[usize::from(!*exhausted)]
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let light_seen = |i: usize| LIGHT[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match (op, &answers[0]) {
+                (Op::Report { lease, .. }, Answer::Report(_))
+                | (Op::Renew { lease, .. }, Answer::Renew(_))
+                    if held[lease.index(held.len())].lease.light.is_some() =>
+                {
+                    light_seen(if matches!(op, Op::Report { .. }) {
+                        1
+                    } else {
+                        2
+                    });
+                }
+                _ => {}
             }
             if let (Op::Admit { key, .. }, Answer::Admit(d)) = (op, &answers[0]) {
                 if let Verdict::Admitted { expires_at_ms } = d.verdict {
-                    leases_lapse_at[*key] = leases_lapse_at[*key].max(expires_at_ms + 1000);
+                    if d.light.is_some() {
+                        // No lease record: the lease set's expiry is not extended.
+                        light_seen(0);
+                    } else {
+                        leases_lapse_at[*key] = leases_lapse_at[*key].max(expires_at_ms + 1000);
+                    }
                     held.push(Held {
-                        // Where the pick took its units, as the signed lease carries it.
+                        // Where the pick took its units, and a light admission's data, as
+                        // the signed lease carries them.
                         lease: LeaseId {
                             taken: d.taken,
+                            light: d.light.clone(),
                             ..pending_lease(&key_ids[*key], step)
                         },
                         expires_at: expires_at_ms,
@@ -564,6 +597,7 @@ fn pending_lease(key_id: &str, step: usize) -> LeaseId {
         token: format!("{step:032x}"),
         shard: Some(case_shard()),
         taken: None,
+        light: None,
     }
 }
 
@@ -636,7 +670,7 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
             let decision = c.admit(&request).await.unwrap();
             // What one side gave back lands before the next step.
             c.settled().await;
-            Answer::Admit(decision)
+            Answer::Admit(Box::new(decision))
         }
         Op::Select { tokens } => Answer::Select(
             c.select(&SelectRequest {
@@ -902,6 +936,13 @@ fn the_twin_decides_as_the_scripts_do() {
         assert!(
             seen.iter().all(|n| *n > 0),
             "the sequences should reach quota refusals of both kinds (full, held): {seen:?}"
+        );
+        let light = LIGHT
+            .each_ref()
+            .map(|n| n.load(std::sync::atomic::Ordering::Relaxed));
+        assert!(
+            light.iter().all(|n| *n > 0),
+            "the sequences should reach light admissions, their reports and renewals: {light:?}"
         );
     }
 }

@@ -406,6 +406,8 @@ impl Admission {
                     // Where the pick took its units, for the report (the Redis shape).
                     lease: LeaseId {
                         taken: decision.taken.filter(|_| provider_key.is_some()),
+                        // What a light admission's report settles (no record of it).
+                        light: decision.light.clone(),
                         ..lease
                     },
                     provider_key_id: provider_key.as_ref().map(|k| k.id.clone()),

@@ -19,7 +19,12 @@
 //!   Redis, with a pick, the client and the pool are two atomic steps on two slots: a
 //!   refusal by one side holds the other side's unit only until its compensation lands,
 //!   see `redis::split`; nothing is ever over-admitted.)
-//! - **Leases.** Every admission holds a lease until report, or until it expires.
+//! - **Leases.** Every admission holds a lease until report, or until it expires. The
+//!   store records it (counted for concurrency, holding its balance and spend holds)
+//!   unless nothing needs that: a "light" admission ([`AdmitRequest::light_meta`]) writes
+//!   no lease record, its signed lease carries what its report settles
+//!   ([`LightLease`]), and it is reported, cancelled and renewed exactly once all the
+//!   same (its report's duplicate guard; a renewal records it then).
 //! - **Reports once.** A lease id is settled at most once (within the duplicate-guard
 //!   time); the durable record of it is queued in the same step.
 //! - **Balance holds.** Each in-flight request of a balance-tracked key holds its
@@ -39,8 +44,8 @@
 //! [`live`] reads the quota counters and a key's windows for the admin quota views
 //! (`Counters::read_quotas`), changing nothing.
 //!
-//! (Near 500 lines: the store's whole vocabulary (requests, decisions, reports)
-//! is declared here once, for both implementations.)
+//! (Near 600 lines: the store's whole vocabulary (requests, decisions, reports, light
+//! leases) is declared here once, for both implementations.)
 
 pub mod breaker;
 pub mod clock;
@@ -76,6 +81,45 @@ pub struct LeaseId {
     /// What its admission's pick took (from [`Decision::taken`], carried by the signed
     /// lease), for its report to settle in Redis; not part of its identity.
     pub taken: Option<PickTaken>,
+    /// Set when its admission wrote no lease record ([`LightLease`]): what its report
+    /// and renewal need, carried by the signed lease; not part of its identity.
+    pub light: Option<LightLease>,
+}
+
+/// What the report of an admission that wrote no lease record needs (a "light" lease:
+/// see [`AdmitRequest::light_meta`]), carried by its signed lease instead of a record in
+/// the store: the second whose buckets took it, the client tokens reserved in that
+/// second of the key's token window (`None`: the key had no TPM limit, nothing to
+/// settle), `provider|model|api_format` as the store records them ([`lease_meta`]), and
+/// the admission's expiry (the signed one: a renewal adds the lease to the lease set
+/// with its new expiry, see `lua/renew.lua`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LightLease {
+    pub second: i64,
+    pub kt: Option<i64>,
+    pub meta: String,
+    pub expires_at_ms: i64,
+}
+
+/// The longest `provider|model|api_format` a light lease carries (bytes): longer names
+/// keep their record in the store, so a lease id stays short.
+pub const LIGHT_META_MAX: usize = 96;
+
+/// `provider|model|api_format` as the stores record it for a report: `|` inside a name
+/// becomes `/` (the fields are `|`-separated in the scripts).
+pub fn lease_meta(provider: &str, model: &str, api_format: &str) -> String {
+    let mut meta = String::with_capacity(provider.len() + model.len() + api_format.len() + 2);
+    for (i, part) in [provider, model, api_format].iter().enumerate() {
+        if i > 0 {
+            meta.push('|');
+        }
+        if part.contains('|') {
+            meta.push_str(&part.replace('|', "/"));
+        } else {
+            meta.push_str(part);
+        }
+    }
+    meta
 }
 
 /// Where an admission's pick took its provider key's units: the second whose bucket took
@@ -98,6 +142,7 @@ impl LeaseId {
             token: hex::encode(rand::random::<u128>().to_be_bytes()),
             shard: None,
             taken: None,
+            light: None,
         }
     }
 
@@ -119,6 +164,7 @@ impl LeaseId {
             token: token.to_string(),
             shard: None,
             taken: None,
+            light: None,
         })
     }
 }
@@ -192,6 +238,28 @@ pub struct AdmitRequest<'a> {
     pub quotas: &'a [QuotaEntry],
 }
 
+impl AdmitRequest<'_> {
+    /// `Some(meta)` ([`lease_meta`]) when this admission needs no lease record in the
+    /// store: its key has no concurrency limit (nothing counts its leases) and no tracked
+    /// balance (no hold to release), none of its quota entries is one its report
+    /// corrects (tokens per minute or day, spend), and its names fit [`LIGHT_META_MAX`].
+    /// Its report then needs only what [`LightLease`] holds, which its signed lease
+    /// carries. Both stores decide by this.
+    pub fn light_meta(&self) -> Option<String> {
+        let plain = effective_limit(self.concurrency).is_none()
+            && self.balance.is_none()
+            && self.quotas.iter().all(|q| {
+                matches!(
+                    q.kind,
+                    QuotaKind::RequestsPerMinute | QuotaKind::RequestsPerDay
+                )
+            });
+        let fits =
+            self.provider.len() + self.model.len() + self.api_format.len() + 2 <= LIGHT_META_MAX;
+        (plain && fits).then(|| lease_meta(self.provider, self.model, self.api_format))
+    }
+}
+
 /// A provider key pick without a client key (`POST /v1/select`).
 #[derive(Debug, Clone)]
 pub struct SelectRequest<'a> {
@@ -237,6 +305,8 @@ pub struct Usage {
     /// Until the oldest counted request (token) leaves the window; 0 when empty.
     pub requests_reset_ms: i64,
     pub tokens_reset_ms: i64,
+    /// Leases in flight; 0 for a light admission ([`AdmitRequest::light_meta`]:
+    /// without a concurrency limit nothing counts them, and the API shows none).
     pub in_flight: i64,
     /// Live remaining balance in micro-USD, for balance-tracked keys.
     pub balance_remaining: Option<i64>,
@@ -266,6 +336,9 @@ pub struct Decision {
     pub degraded: Option<&'static str>,
     /// One per quota entry of the request, in its order.
     pub quotas: Vec<QuotaUse>,
+    /// Admitted without a lease record ([`AdmitRequest::light_meta`]): what the signed
+    /// lease must carry for its report ([`LeaseId::light`]).
+    pub light: Option<LightLease>,
 }
 
 /// The parts of a request's tokens that are priced or shown apart; each is counted

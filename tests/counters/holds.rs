@@ -74,7 +74,7 @@ pub(super) async fn a_renewal_that_shortens_a_lease_releases_its_hold_earlier(ki
     let user = [entry(QuotaKind::Spend(Period::Day), 1_000)];
     let lease = s.user_lease(&renewing);
     assert!(admitted(&s.admit(&holding(&lease, &user, 800)).await));
-    let renewed = s.counters.renew(&lease, 1_000).await.unwrap();
+    let renewed = s.renew(&lease, 1_000).await.unwrap();
     assert!(renewed.is_some());
     // Past the shortened expiry, long before the first one (10 s): released.
     s.advance(1_001);
@@ -94,7 +94,7 @@ pub(super) async fn a_renewed_lease_keeps_its_hold_until_its_new_expiry(kind: Ki
     let lease = s.user_lease(&renewing);
     assert!(admitted(&s.admit(&holding(&lease, &user, 800)).await));
     s.advance(5_000);
-    let renewed = s.counters.renew(&lease, 60_000).await.unwrap();
+    let renewed = s.renew(&lease, 60_000).await.unwrap();
     assert!(renewed.is_some());
     // Past its first expiry, within the renewed one: still held.
     s.advance(10_000);

@@ -53,6 +53,28 @@ pub(super) struct Lease {
     /// What its report corrects in the quota counters (its spend holds also leave them
     /// when it expires: with its purge here, or by their counters' own purge).
     pub(super) quotas: Vec<Correction>,
+    /// A light lease recorded by its renewal (renew.lua puts it in the lease set, with
+    /// no data in ld): its report settles from its signed lease, and its purge keeps
+    /// nothing for it.
+    pub(super) light: bool,
+}
+
+impl Lease {
+    /// A renewed light lease as the lease set holds it: its expiry, nothing else.
+    pub(super) fn light(light: &crate::limits::LightLease) -> Lease {
+        Lease {
+            expires_at: light.expires_at_ms,
+            bucket: light.second,
+            reserved: 0,
+            provider: String::new(),
+            model: String::new(),
+            api_format: String::new(),
+            provider_key: None,
+            hold: 0,
+            quotas: Vec::new(),
+            light: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +125,10 @@ impl KeyState {
         while self.by_expiry.first().is_some_and(|(at, _)| *at <= now) {
             if let Some((_, token)) = self.by_expiry.pop_first() {
                 if let Some(lease) = self.leases.remove(&token) {
+                    if lease.light {
+                        // No data in ld: admit.lua's purge moves nothing to lx.
+                        continue;
+                    }
                     self.release(lease.hold);
                     if !lease.quotas.is_empty() {
                         released.push((token_text(token), lease.quotas.clone()));

@@ -10,8 +10,9 @@
 //! every decision (admit, select, report, renew): each mirrors one script, and reads best
 //! beside the others it must agree with.
 //!
-//! (About 400 lines: the decision is one function that mirrors `lua/admit.lua` step by
-//! step; splitting it would hide the correspondence.)
+//! (About 500 lines: the decision is one function that mirrors `lua/admit.lua` step by
+//! step, and report and renewal mirror theirs with their light-lease paths; splitting
+//! them would hide the correspondence.)
 
 mod housekeeping;
 mod key_state;
@@ -26,8 +27,8 @@ use provider_keys::ProviderKeyStates;
 use quota::QuotaCounters;
 
 use super::{
-    effective_limit, AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, PickTaken,
-    Report, Reported, SelectRequest, TimeShift, Usage, Verdict,
+    effective_limit, AdmitRequest, CounterError, Decision, Denial, LeaseId, LightLease, Pick,
+    PickTaken, Report, Reported, SelectRequest, TimeShift, Usage, Verdict,
 };
 use crate::money::bounded;
 use crate::pool::learned::Learned;
@@ -75,7 +76,14 @@ impl MemoryCounters {
             Some(state) => state,
             None => self.keys.entry(r.lease.key_id.clone()).or_default(),
         };
-        let released = state.expire_leases(now, Some(self.guard_ttl_ms));
+        // A light admission (no lease record) neither purges nor counts the key's
+        // leases, as admit.lua.
+        let light = r.light_meta();
+        let released = if light.is_none() {
+            state.expire_leases(now, Some(self.guard_ttl_ms))
+        } else {
+            Vec::new()
+        };
         // The quota counters, locked after the key (always in this order), only when the
         // request has entries or an expired lease releases a spend hold.
         let mut quotas = (!released.is_empty() || !r.quotas.is_empty()).then(|| self.quotas.lock());
@@ -106,7 +114,11 @@ impl MemoryCounters {
                 balance.version = snapshot.version;
             }
         }
-        let in_flight = state.leases.len() as i64;
+        let in_flight = if light.is_none() {
+            state.leases.len() as i64
+        } else {
+            0
+        };
         if let Some(balance) = state.balance.as_mut().filter(|_| in_flight == 0) {
             // Nothing in flight holds nothing (as admit.lua).
             balance.held = 0;
@@ -119,11 +131,18 @@ impl MemoryCounters {
                 reason,
                 retry_after_ms: retry,
             },
-            usage: usage(state, now, (rpm > 0, tpm > 0), tracked.map(|b| b.remaining)),
+            usage: usage(
+                state,
+                now,
+                (rpm > 0, tpm > 0),
+                tracked.map(|b| b.remaining),
+                in_flight,
+            ),
             picked: None,
             taken: None,
             degraded: None,
             quotas: quota_uses.clone(),
+            light: None,
         };
         if tracked.is_some_and(|b| b.remaining <= 0) {
             return deny(&state, Denial::BalanceExhausted, None);
@@ -207,6 +226,28 @@ impl MemoryCounters {
         if let Some(balance) = state.balance.as_mut().filter(|_| tracked.is_some()) {
             balance.held = balance.held.saturating_add(hold);
         }
+        if let Some(meta) = light {
+            // No lease record: its signed lease carries what its report settles.
+            return Decision {
+                verdict: Verdict::Admitted {
+                    expires_at_ms: expires_at,
+                },
+                usage: usage(&state, now, (rpm > 0, tpm > 0), None, 0),
+                taken: picked.as_ref().map(|(_, _, reserved)| PickTaken {
+                    second: b,
+                    tokens: *reserved,
+                }),
+                picked: picked.map(|(i, _, _)| i),
+                degraded: None,
+                quotas: quota_uses,
+                light: Some(LightLease {
+                    second: b,
+                    kt: (tpm > 0).then_some(r.tokens),
+                    meta,
+                    expires_at_ms: expires_at,
+                }),
+            };
+        }
         state.add_lease(
             token(&r.lease.token),
             Box::new(Lease {
@@ -221,8 +262,10 @@ impl MemoryCounters {
                     .map(|(_, id, reserved)| (id.clone(), *reserved)),
                 hold,
                 quotas: corrections,
+                light: false,
             }),
         );
+        let in_flight = state.leases.len() as i64;
         Decision {
             verdict: Verdict::Admitted {
                 expires_at_ms: expires_at,
@@ -232,6 +275,7 @@ impl MemoryCounters {
                 now,
                 (rpm > 0, tpm > 0),
                 tracked.map(|b| b.remaining),
+                in_flight,
             ),
             taken: picked.as_ref().map(|(_, _, reserved)| PickTaken {
                 second: b,
@@ -240,6 +284,7 @@ impl MemoryCounters {
             picked: picked.map(|(i, _, _)| i),
             degraded: None,
             quotas: quota_uses,
+            light: None,
         }
     }
 
@@ -326,12 +371,32 @@ impl MemoryCounters {
                 *guard = now.max(expiry).saturating_add(self.guard_ttl_ms);
             }
             let mut found = false;
+            if let Some(light) = &lease.light {
+                // As report.lua: a light lease's data is its signed lease's (never lost).
+                found = true;
+                let mut names = light
+                    .meta
+                    .split('|')
+                    .map(|n| Some(n.to_string()).filter(|n| !n.is_empty()));
+                provider = names.next().flatten();
+                let named = names.next().flatten();
+                api_format = names.next().flatten();
+                model = model.or(named);
+            }
             if let Some(mut state) = self.keys.get_mut(&lease.key_id) {
                 // Its data is live, or (purged after its expiry by an admission, its slot
                 // and holds released then) kept in `purged`, as report.lua reads ld, then lx.
                 let live = state.remove_lease(token(&lease.token));
                 let purged = live.is_none();
-                if let Some(held) = live.or_else(|| state.take_purged(token(&lease.token), now)) {
+                if let Some(light) = &lease.light {
+                    // Recorded by a renewal, it left the lease set above.
+                    if let (Some(kt), Some((prompt, completion))) = (light.kt, r.tokens) {
+                        state.tokens.prune(now.div_euclid(1000));
+                        state.tokens.settle(light.second, prompt + completion - kt);
+                    }
+                } else if let Some(held) =
+                    live.or_else(|| state.take_purged(token(&lease.token), now))
+                {
                     found = true;
                     if let (Some((prompt, completion)), Some(reserved)) = (r.tokens, held.reserved)
                     {
@@ -406,6 +471,9 @@ impl MemoryCounters {
 
     pub fn renew(&self, lease: &LeaseId, ttl_ms: i64) -> Option<i64> {
         let now = self.now();
+        if let Some(light) = &lease.light {
+            return self.renew_light(lease, light, now, ttl_ms);
+        }
         let mut state = self.keys.get_mut(&lease.key_id)?;
         // As renew.lua: an expired lease is not renewed, and is left (with its data, for
         // its report) for the next admission to purge.
@@ -423,11 +491,45 @@ impl MemoryCounters {
         state.add_lease(token(&lease.token), held);
         Some(now + ttl_ms)
     }
+
+    /// As renew.lua for a light lease: live until the later of its signed expiry and a
+    /// renewal's, unless reported; renewed, it joins the key's leases.
+    fn renew_light(
+        &self,
+        lease: &LeaseId,
+        light: &LightLease,
+        now: i64,
+        ttl_ms: i64,
+    ) -> Option<i64> {
+        let expiry = now + ttl_ms;
+        let id = lease.to_string();
+        if self.reported.get(&id).is_some_and(|lapses| *lapses > now) {
+            return None;
+        }
+        let mut state = self.keys.entry(lease.key_id.clone()).or_default();
+        let t = token(&lease.token);
+        let recorded = state.leases.get(&t).map_or(0, |l| l.expires_at);
+        if recorded.max(light.expires_at_ms) <= now {
+            return None;
+        }
+        let mut held = state
+            .remove_lease(t)
+            .unwrap_or_else(|| Box::new(Lease::light(light)));
+        held.expires_at = expiry;
+        state.add_lease(t, held);
+        Some(expiry)
+    }
 }
 
 /// The usage a decision reports. A window is read only under a limit (as admit.lua,
 /// which does not read one otherwise): a key whose limit was removed shows none.
-fn usage(state: &KeyState, now: i64, limited: (bool, bool), balance: Option<i64>) -> Usage {
+fn usage(
+    state: &KeyState,
+    now: i64,
+    limited: (bool, bool),
+    balance: Option<i64>,
+    in_flight: i64,
+) -> Usage {
     let (rpm, tpm) = limited;
     Usage {
         now_ms: now,
@@ -435,7 +537,7 @@ fn usage(state: &KeyState, now: i64, limited: (bool, bool), balance: Option<i64>
         tokens_used: if tpm { state.tokens.sum() } else { 0 },
         requests_reset_ms: if rpm { state.requests.reset_ms(now) } else { 0 },
         tokens_reset_ms: if tpm { state.tokens.reset_ms(now) } else { 0 },
-        in_flight: state.leases.len() as i64,
+        in_flight,
         balance_remaining: balance,
     }
 }

@@ -13,10 +13,12 @@ use crate::limits::scripts::pool_report::{self, PoolReportArgs, PoolReportKeys};
 use crate::limits::scripts::pool_state::{PoolStateArgs, PoolStateKeys};
 use crate::limits::scripts::pool_sync::{PoolSyncArgs, PoolSyncKey, PoolSyncKeys, PoolSyncReply};
 use crate::limits::scripts::renew::{RenewArgs, RenewKeys, RenewReply};
-use crate::limits::scripts::report::{spend_entries, ReportArgs, ReportCode, ReportKeys};
+use crate::limits::scripts::report::{
+    light_arg, spend_entries, ReportArgs, ReportCode, ReportKeys,
+};
 use crate::limits::{
-    AdmitRequest, CounterError, Decision, Denial, LeaseId, Pick, Report, Reported, SelectRequest,
-    Verdict,
+    AdmitRequest, CounterError, Decision, Denial, LeaseId, LightLease, Pick, Report, Reported,
+    SelectRequest, Verdict,
 };
 use crate::pool::cache::Roster;
 use crate::pool::LiveState;
@@ -51,14 +53,12 @@ impl RedisCounters {
             used: 0,
             version: 0,
         });
-        let parts = [r.provider, r.model, r.api_format].map(sanitize);
-        let mut meta = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
-        for (i, part) in parts.iter().enumerate() {
-            if i > 0 {
-                meta.push('|');
-            }
-            meta.push_str(part);
-        }
+        // Light (no lease record, see `AdmitRequest::light_meta`) or not: both stores
+        // decide alike.
+        let light = r.light_meta();
+        let light_arg = light.is_some();
+        let meta =
+            light.unwrap_or_else(|| crate::limits::lease_meta(r.provider, r.model, r.api_format));
         let clock = self.shift.script_clock();
         // The client's part only (no pool version): every key on the tenant's shard. The
         // pool's part, when one is wanted, is `lua/pick.lua` on the pool's tag (`split`).
@@ -82,6 +82,7 @@ impl RedisCounters {
             hold: r.hold_micros,
             now_ms: clock.pinned_ms,
             guard_ttl_ms: self.guard_ttl_ms,
+            light: light_arg,
         }
         .push(&mut call);
         push_quota_args(r.quotas, &mut call);
@@ -160,6 +161,7 @@ impl RedisCounters {
             now_ms: clock.pinned_ms,
             cancel: false,
             requests: false,
+            light: light_arg(r.lease.as_ref().and_then(|l| l.light.as_ref())),
         }
         .push(&mut call);
         for (_, args) in &spends {
@@ -231,13 +233,13 @@ impl RedisCounters {
     ) -> Result<Option<i64>, CounterError> {
         let clock = self.shift.script_clock();
         let mut call = self.scripts.renew.prepare_invoke();
-        RenewKeys::new(&self.space, self.space.shard_of_lease(lease), &lease.key_id)
-            .push(&mut call);
+        RenewKeys::new(&self.space, self.space.shard_of_lease(lease), lease).push(&mut call);
         RenewArgs {
             lease_token: &lease.token,
             lease_ttl_ms: ttl_ms,
             time_shift_ms: clock.shift_ms,
             now_ms: clock.pinned_ms,
+            light_expiry: lease.light.as_ref().map_or(0, |l| l.expires_at_ms.max(1)),
         }
         .push(&mut call);
         Ok(RenewReply::parse(self.lanes.invoke("renew", &call).await?)?.expiry())
@@ -266,13 +268,24 @@ impl RedisCounters {
     }
 }
 
-/// The lease meta is `|`-separated inside the script: keep separators out of its fields.
-fn sanitize(field: &str) -> std::borrow::Cow<'_, str> {
-    if field.contains('|') {
-        field.replace('|', "/").into()
-    } else {
-        field.into()
+/// What a light admission's lease carries for its report (`None` when it is not light
+/// or was refused): the second of the script's clock, and the tokens its 't' window took
+/// (it takes them, 0 too, only under a TPM limit).
+pub(super) fn light_of(
+    r: &AdmitRequest<'_>,
+    code: AdmitCode,
+    expiry: i64,
+    now_ms: i64,
+) -> Option<LightLease> {
+    if code != AdmitCode::Admitted {
+        return None;
     }
+    r.light_meta().map(|meta| LightLease {
+        second: now_ms.div_euclid(1000),
+        kt: crate::limits::effective_limit(r.tpm).map(|_| r.tokens),
+        meta,
+        expires_at_ms: expiry,
+    })
 }
 
 /// The decision of the client's part alone (admitted without a pick, or refused).
@@ -300,6 +313,7 @@ pub(super) fn client_decision(
         reason,
         retry_after_ms: retry,
     };
+    let light = light_of(r, code, a, usage.now_ms);
     let verdict = match code {
         AdmitCode::Admitted => Verdict::Admitted { expires_at_ms: a },
         AdmitCode::Requests => denied(Denial::Requests, Some(a)),
@@ -321,5 +335,6 @@ pub(super) fn client_decision(
         taken: None,
         degraded: None,
         quotas,
+        light,
     })
 }

@@ -9,8 +9,8 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `{S}:k:<key id>:rpm` | hash | both windows: second → requests, `t<second>` → tokens (61 buckets each at most) |
-//! | `{S}:k:<key id>:leases` | zset | lease token → expiry ms |
-//! | `{S}:k:<key id>:ld` / `:lx` | hash | lease token → reservation data for the report (`lx`: of purged leases) |
+//! | `{S}:k:<key id>:leases` | zset | lease token → expiry ms (a light admission's lease only once renewed) |
+//! | `{S}:k:<key id>:ld` / `:lx` | hash | lease token → reservation data for the report (`lx`: of purged leases; none for a light lease, whose signed id carries it) |
 //! | `{S}:k:<key id>:bal` | hash | live balance (no expiry: it is ahead of the database) |
 //! | `{S}:done:<lease id>` | string | duplicate guard of a report (or of a cancel) |
 //! | `{S}:usage` | stream | the shard's accounting queue |
@@ -244,6 +244,7 @@ impl RedisCounters {
                         taken: None,
                         degraded: Some(mode.as_str()),
                         quotas: vec![super::QuotaUse::default(); r.quotas.len()],
+                        light: None,
                     }
                 }
             })

@@ -19,7 +19,7 @@ use super::lanes::Lanes;
 use super::RedisCounters;
 use crate::limits::scripts::admit::{AdmitCode, AdmitReply};
 use crate::limits::scripts::pick::{PickArgs, PickCode, PickKeys, PickReply};
-use crate::limits::scripts::report::{request_entries, ReportArgs, ReportKeys};
+use crate::limits::scripts::report::{light_arg, request_entries, ReportArgs, ReportKeys};
 use crate::limits::scripts::unpick::{self, UnpickArgs, UnpickKeys};
 use crate::limits::scripts::{ScriptClock, Scripts};
 use crate::limits::{
@@ -41,6 +41,8 @@ enum GiveBack {
         requests: bool,
         /// The admission's rm and rd entries: (base name, kind).
         quotas: Vec<(String, &'static str)>,
+        /// A light admission's data (report.lua's ARGV `light`), else "".
+        light: String,
     },
 }
 
@@ -167,6 +169,7 @@ impl RedisCounters {
                 self.give_back(self.cancel_of(r, shard, &client));
                 let mut decision = super::calls::client_decision(r, client)?;
                 before_take(r, &mut decision);
+                decision.light = None;
                 decision.verdict = Verdict::Denied {
                     reason: Denial::PoolExhausted,
                     retry_after_ms: Some(pick.a),
@@ -197,6 +200,9 @@ impl RedisCounters {
                 .into_iter()
                 .map(|(k, a)| (k.quota, a.kind))
                 .collect(),
+            light: light_arg(
+                super::calls::light_of(r, client.code, client.a, client.usage.now_ms).as_ref(),
+            ),
         }
     }
 
@@ -271,6 +277,7 @@ async fn run(
             expiry,
             requests,
             quotas,
+            light,
         } => {
             let mut call = scripts.report.prepare_invoke();
             keys.push(&mut call);
@@ -299,6 +306,7 @@ async fn run(
                 now_ms: clock.pinned_ms,
                 cancel: true,
                 requests: *requests,
+                light: light.clone(),
             }
             .push(&mut call);
             for (_, kind) in quotas {
@@ -328,7 +336,10 @@ fn before_take(r: &AdmitRequest<'_>, d: &mut Decision) {
             u.tokens_reset_ms = 0;
         }
     }
-    u.in_flight -= 1;
+    // (A light admission counted no lease: in_flight is 0 either way.)
+    if d.light.is_none() {
+        u.in_flight -= 1;
+    }
     for (entry, q) in r.quotas.iter().zip(d.quotas.iter_mut()) {
         match entry.kind {
             QuotaKind::RequestsPerMinute => {

@@ -47,7 +47,7 @@ script_fields! {
 
 script_fields! {
     arg
-    /// The ARGV of `lua/admit.lua` repeated per quota entry (from ARGV 16).
+    /// The ARGV of `lua/admit.lua` repeated per quota entry (from ARGV 17).
     pub struct AdmitQuotaArgs {
         /// `rm tm rd td sd sw sm st` ([`crate::limits::QuotaKind::code`]).
         pub kind: &'static str,
@@ -123,6 +123,10 @@ script_fields! {
         /// How long a report's duplicate guard outlives its lease (> 0): a purged
         /// lease's data is kept that long for its late report.
         pub guard_ttl_ms: i64,
+        /// Write no lease record ([`crate::limits::AdmitRequest::light_meta`]): the
+        /// key has no concurrency limit, no tracked balance and no quota entry its
+        /// report corrects; the signed lease carries what its report needs.
+        pub light: bool,
     }
 }
 

@@ -1,5 +1,6 @@
 //! `lua/renew.lua`: extend a live lease, and the spend holds its data lists (their
-//! counters are named in the lease's data, under the same hash tag, not in KEYS).
+//! counters are named in the lease's data, under the same hash tag, not in KEYS); a
+//! light lease (no record) joins the lease set unless reported or expired.
 
 use super::{protocol, script_fields, Contract, KeySpace};
 use crate::limits::CounterError;
@@ -10,14 +11,18 @@ script_fields! {
     pub struct RenewKeys {
         pub leases: String,
         pub ld: String,
+        /// The lease's report duplicate guard (read for a light lease only).
+        pub done: String,
     }
 }
 
 impl RenewKeys {
-    pub fn new(space: &KeySpace, shard: u16, key_id: &str) -> RenewKeys {
+    /// The counters of `lease`'s key on `shard`, and its duplicate guard.
+    pub fn new(space: &KeySpace, shard: u16, lease: &crate::limits::LeaseId) -> RenewKeys {
         RenewKeys {
-            leases: space.client(shard, key_id, "leases"),
-            ld: space.client(shard, key_id, "ld"),
+            leases: space.client(shard, &lease.key_id, "leases"),
+            ld: space.client(shard, &lease.key_id, "ld"),
+            done: space.done(shard, &lease.to_string()),
         }
     }
 }
@@ -31,6 +36,8 @@ script_fields! {
         pub time_shift_ms: i64,
         /// 0 = the Redis server's `TIME`.
         pub now_ms: i64,
+        /// A light lease's signed expiry; 0 = a lease with a record.
+        pub light_expiry: i64,
     }
 }
 
@@ -39,7 +46,7 @@ script_fields! {
 pub enum RenewReply {
     /// The new expiry (ms).
     Renewed(i64),
-    /// Code -1: the lease is unknown or already expired.
+    /// Code -1: the lease is unknown, reported or already expired.
     Gone,
 }
 

@@ -17,7 +17,7 @@ script_fields! {
         pub usage: String,
         /// The data of leases admit.lua purged after their expiry.
         pub lx: String,
-        /// The key's request window (cancel mode only).
+        /// The key's windows: requests (cancel mode), and a light lease's tokens.
         pub rpm: String,
     }
 }
@@ -34,7 +34,7 @@ script_fields! {
 
 script_fields! {
     arg
-    /// The ARGV of `lua/report.lua` repeated per spend entry of now (from ARGV 22).
+    /// The ARGV of `lua/report.lua` repeated per spend entry of now (from ARGV 23).
     pub struct ReportQuotaArgs {
         /// `sd sw sm st`, or `rm rd` in cancel mode ([`crate::limits::QuotaKind::code`]).
         pub kind: &'static str,
@@ -142,7 +142,18 @@ script_fields! {
         pub cancel: bool,
         /// Cancel mode: the key's rpm window took the request.
         pub requests: bool,
+        /// A light lease's data ([`light_arg`]), "" for a lease with a record.
+        pub light: String,
     }
+}
+
+/// ARGV `light` of `lua/report.lua`: `<second>|<kt>|provider|model|api_format` for a
+/// light lease (kt "" when its key had no TPM limit), "" otherwise.
+pub fn light_arg(light: Option<&crate::limits::LightLease>) -> String {
+    light.map_or_else(String::new, |l| {
+        let kt = l.kt.map(|n| n.to_string()).unwrap_or_default();
+        format!("{}|{kt}|{}", l.second, l.meta)
+    })
 }
 
 /// The outcome codes of `lua/report.lua` (the reply is `{code, now_ms}`).
