@@ -65,7 +65,7 @@ impl Lease {
         Lease {
             expires_at: light.expires_at_ms,
             bucket: light.second,
-            reserved: 0,
+            reserved: None,
             provider: String::new(),
             model: String::new(),
             api_format: String::new(),
