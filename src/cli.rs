@@ -212,11 +212,51 @@ impl<S: Selection> FromArgMatches for SettingFlags<S> {
     }
 }
 
+/// The environment's variables named like keyward's (`KEYWARD_…`) that are none of its
+/// settings nor their `_FILE` twins, nor the test suite's and benches' own
+/// (`KEYWARD_TEST_…`, `KEYWARD_BENCH_…`, `KEYWARD_DIFF_CASES`, `KEYWARD_BIN`): most likely
+/// misspelt, and ignored, so `serve` warns about each.
+pub fn unknown_variables(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let known = |name: &str| {
+        SETTINGS
+            .iter()
+            .any(|s| s.var == name || s.file_twin() == Some(name))
+            || ["KEYWARD_TEST_", "KEYWARD_BENCH_"]
+                .iter()
+                .any(|p| name.starts_with(p))
+            || ["KEYWARD_DIFF_CASES", "KEYWARD_BIN"].contains(&name)
+    };
+    let mut unknown: Vec<String> = names
+        .into_iter()
+        .filter(|n| n.starts_with("KEYWARD_") && !known(n))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    #[test]
+    fn misspelt_variables_are_told_apart_from_settings() {
+        let names = [
+            "KEYWARD_RATE_LIMT",
+            "KEYWARD_REDIS_URL",
+            "KEYWARD_REDIS_URL_FILE",
+            "KEYWARD_TEST_REDIS_URL",
+            "KEYWARD_BENCH_ONLY",
+            "PATH",
+            "KEYWARD_LISTEN_ADDR",
+        ]
+        .map(String::from);
+        assert_eq!(
+            unknown_variables(names),
+            ["KEYWARD_LISTEN_ADDR", "KEYWARD_RATE_LIMT"]
+        );
+    }
 
     /// Every `serve` flag (and so its environment twin) must reach the configuration: a
     /// flag missing from `raw()` would be accepted and silently ignored.

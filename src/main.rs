@@ -17,11 +17,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => {
-            let config = match args.raw().and_then(|raw| Config::from_raw(&raw)) {
+            let raw = match args.raw() {
+                Ok(raw) => raw,
+                Err(errors) => return config_errors(errors),
+            };
+            let config = match Config::from_raw(&raw) {
                 Ok(config) => config,
                 Err(errors) => return config_errors(errors),
             };
             telemetry::init(config.log_format);
+            warn_ignored(&raw);
             // Built from the configuration: `KEYWARD_THREADS` picks its kind.
             let runtime = match config.runtime() {
                 Ok(rt) => rt,
@@ -74,6 +79,25 @@ fn main() -> ExitCode {
             eprintln!("keyward: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Settings that would be ignored, each a warning naming its variable: variables named
+/// like keyward's that are none of its settings (misspelt), and shards without Redis.
+fn warn_ignored(raw: &config::RawConfig) {
+    for variable in keyward::cli::unknown_variables(
+        std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()),
+    ) {
+        tracing::warn!(variable, "not a keyward setting (misspelt?): ignored");
+    }
+    // The URL or its `_FILE` twin.
+    let redis = raw.keys().any(|k| k.starts_with(config::REDIS_URL));
+    if raw.contains_key(config::REDIS_SHARDS) && !redis {
+        tracing::warn!(
+            variable = config::REDIS_SHARDS,
+            "only the Redis shape has shards ({} is unset): ignored",
+            config::REDIS_URL
+        );
     }
 }
 

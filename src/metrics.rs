@@ -295,7 +295,25 @@ fn known_series(m: &Metrics) {
     );
     each(&m.accounting_records, &[&["applied"], &["duplicate"]]);
     each(&m.alert_deliveries, &[&["delivered"], &["failed"]]);
+    each(&m.degraded_answers, &[&["allow"], &["local"]]);
+    for script in SCRIPT_NAMES {
+        m.script_errors.with_label_values(&[script]);
+    }
 }
+
+/// Every script's label (`keyward_redis_script_errors_total`, its duration histogram).
+const SCRIPT_NAMES: [&str; 10] = [
+    "admit",
+    "pick",
+    "report",
+    "pool_report",
+    "renew",
+    "pool_state",
+    "pool_sync",
+    "quota_read",
+    "unpick",
+    "cancel",
+];
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let m = build();

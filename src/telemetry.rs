@@ -1,5 +1,6 @@
 //! Logging: `tracing` to stdout, as text or one JSON object per line
-//! (`KEYWARD_LOG_FORMAT`), filtered by `RUST_LOG` (default `info`).
+//! (`KEYWARD_LOG_FORMAT`), filtered by `RUST_LOG` (default `info`, PostgreSQL's notices
+//! at `warn`); colours only when stdout is a terminal.
 //!
 //! Invariant: no code logs a secret. Records carry ids and prefixes, never key values,
 //! tokens, database URLs or request bodies.
@@ -10,9 +11,18 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// The filter without `RUST_LOG`: INFO, but not PostgreSQL's notices, which sqlx logs at
+/// INFO (every start after the first said `relation "_sqlx_migrations" already exists`).
+const DEFAULT_FILTER: &str = "info,sqlx::postgres::notice=warn";
+
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    use std::io::IsTerminal;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    // Colours only for a terminal: a file or a log collector gets plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

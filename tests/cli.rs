@@ -783,3 +783,37 @@ fn serve_help_shows_each_flag_with_its_variable_and_default_from_the_declaration
     // The secrets have no flag, and their flags are refused (secrets_given_as_flags_are_refused).
     assert!(!help.contains("--admin-token"), "{help}");
 }
+
+/// Start-up tells what it will ignore: a misspelt `KEYWARD_…` variable, shards without
+/// Redis; and a log written to a file is plain text (no colour codes), its start-up line
+/// readable (`shards=none`, not a debug rendering).
+#[tokio::test]
+async fn ignored_settings_are_warned_about_and_a_log_file_is_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("keyward.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let client = reqwest::Client::new();
+    let running = serve_embedded_with(
+        dir.path(),
+        &[("KEYWARD_RATE_LIMT", "5"), ("KEYWARD_REDIS_SHARDS", "4")],
+        Stdio::from(log),
+    );
+    wait_ready(&client, running.data).await;
+    assert!(terminate(running).success());
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in a log file:\n{text}"
+    );
+    let line = |needle: &str| text.lines().find(|l| l.contains(needle));
+    let misspelt = line("KEYWARD_RATE_LIMT").expect("no warning for a misspelt variable");
+    assert!(
+        misspelt.contains("WARN") && misspelt.contains("not a keyward setting"),
+        "{misspelt}"
+    );
+    let shards =
+        line("only the Redis shape has shards").expect("no warning for shards without Redis");
+    assert!(shards.contains("KEYWARD_REDIS_SHARDS"), "{shards}");
+    let serving = line("keyward serving").unwrap();
+    assert!(serving.contains("shards=none"), "{serving}");
+}

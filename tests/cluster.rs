@@ -74,3 +74,27 @@ async fn three_instances_on_a_cluster_admit_exactly_account_once_and_invalidate(
         s.stop().await;
     }
 }
+
+/// A cluster node given as a standalone `redis://` URL: start-up stops with one line that
+/// names the variable and says to use `redis+cluster://` (the node answered MOVED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_given_as_a_standalone_url_is_refused_with_the_way_out() {
+    let cluster = PrivateCluster::start().await;
+    let db = Arc::new(TestDb::new(common::Backend::Sqlite).await);
+    let mut raw = common::base_config(&db);
+    raw.insert(
+        config::REDIS_URL,
+        format!("redis://127.0.0.1:{}", cluster.ports[0]),
+    );
+    raw.insert(config::REDIS_PREFIX, common::unique_prefix());
+    let refused = keyward::app::build(&config::Config::from_raw(&raw).unwrap())
+        .await
+        .err()
+        .expect("a cluster node taken for a standalone Redis")
+        .to_string();
+    // (Its shards' tags spread over every master: some slot is always another node's.)
+    assert!(
+        refused.starts_with("KEYWARD_REDIS_URL: ") && refused.contains("redis+cluster://"),
+        "{refused}"
+    );
+}

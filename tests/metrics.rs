@@ -86,6 +86,8 @@ async fn a_live_scrape_passes_promtool_and_names_no_key() {
         "keyward_upstream_usage_total{outcome=\"compressed\"} 0",
         "keyward_accounting_records_total{result=\"duplicate\"} 0",
         "keyward_alert_deliveries_total{result=\"failed\"} 0",
+        "keyward_degraded_answers_total{mode=\"local\"} 0",
+        "keyward_redis_script_errors_total{script=\"unpick\"} 0",
     ] {
                 // This is the only test in its binary, so the process-wide counters are its own.
         let found = match series.split_once(' ') {

@@ -77,6 +77,10 @@ async fn connect_redis(
     let unreachable = |e: &dyn std::fmt::Display| {
         let cause = store::redact(&e.to_string(), url);
         let hint = match (tls::is_certificate_error(&cause), &config.redis_ca) {
+            // A node of a cluster answers a standalone client's commands with MOVED.
+            (false, _) if cause.contains("Moved") || cause.contains("MOVED") => format!(
+                " (the node is part of a Redis Cluster: give {REDIS_URL} as redis+cluster://host:port,host:port,…)"
+            ),
             (false, _) => String::new(),
             (true, Some(_)) => format!(" (the server's certificate must be signed by a CA of {REDIS_CA_FILE} or of the system roots, and name the host of {REDIS_URL})"),
             (true, None) => format!(" (the server's certificate must be signed by a CA of the system roots, or of a file named by {REDIS_CA_FILE}, and name the host of {REDIS_URL})"),
@@ -381,7 +385,10 @@ pub async fn run_parts(
             None => "in-process",
         },
         // Where the counters live: a tenant's shard among this many hash tags.
-        shards = ?config.redis_url.as_ref().map(|_| config.redis_shards),
+        shards = %config
+            .redis_url
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |_| config.redis_shards.to_string()),
         // Not the URL: its path may hold a receiver's token.
         alerts = if config.webhook.is_some() { "webhook" } else { "queued, no webhook" },
         "keyward serving"

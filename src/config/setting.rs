@@ -36,7 +36,7 @@ pub enum Fallback {
 /// and README show the range from the same place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// A socket address, `host:port`.
+    /// A socket address, `IP:port` (a host name is refused: nothing to resolve at bind).
     Addr,
     /// A bearer token of at least [`super::MIN_TOKEN_LEN`] printable characters.
     Token,
@@ -143,7 +143,7 @@ impl Setting {
     /// The accepted values, in Markdown.
     pub fn accepts(&self) -> String {
         match self.kind {
-            Kind::Addr => "`host:port`".into(),
+            Kind::Addr => "`IP:port` (an address, not a host name)".into(),
             Kind::Token => format!(
                 "at least {} printable characters without spaces",
                 super::MIN_TOKEN_LEN
