@@ -161,7 +161,7 @@ impl Setting {
             }
             Kind::Name { max, punct } => format!("at most {max} {}", name_charset(punct)),
             Kind::Whole { min, max, unit } => format!("{min} to {max} {unit}"),
-            Kind::Bool => "`true` or `false`".into(),
+            Kind::Bool => "`true` or `false` (also `1`/`0`, `yes`/`no`)".into(),
             Kind::File => "a file path".into(),
             Kind::Price => "a JSON price".into(),
             Kind::HttpUrl => "`http://…` or `https://…`".into(),
