@@ -8,15 +8,18 @@
 //! ```text
 //! <client key id>.<32 hex: lease token>.<provider key id, or ->.<expiry, Unix ms>
 //!     .<hold, micro-USD>.<price: input-output-cached input-cache write, micro-USD per
-//!      million tokens, or ->[.<tenant shard>[.<pick second>-<pick tokens>]].<32 hex: MAC>
+//!      million tokens, or ->[.<tenant shard>[.<pick second>-<pick tokens>[-<provider>]]]
+//!     .<32 hex: MAC>
 //! ```
 //!
 //! The tenant shard (the Redis shape only: `KeySpace`) is where the admission counted
 //! the request, so its report, renewal or release goes there even if the key's user
 //! changed since. Lease ids without it (the release before, or the embedded shape) use
 //! the key's current shard. With a pick, the second whose bucket took the provider key's
-//! units and the tokens reserved there follow (`limits::PickTaken`): the pick is its own
-//! step in Redis, and its report settles them from these.
+//! units and the tokens reserved there follow (`limits::PickTaken`), then the provider
+//! whose pool it picked from: the pick is its own step in Redis, and its report settles
+//! them under that pool's tag, found without a lookup on any replica. (Lease ids of the
+//! release before, without the provider, still verify.)
 //!
 //! The hold and the price are the admission's: a report charges the tokens it names at
 //! the price the request was admitted at, and an answer whose usage cannot be read its
@@ -41,10 +44,10 @@ use crate::crypto::{Keyring, LEASE_MAC_LEN};
 use crate::limits::{LeaseId, PickTaken};
 use crate::prices::Price;
 
-/// Longer texts are refused before any parsing or MAC (a real one is at most 272
+/// Longer texts are refused before any parsing or MAC (a real one is at most 337
 /// characters: 153 without hold and price, 13 digits for each amount, 5 for the shard,
-/// 37 for the pick).
-const MAX_LEN: usize = 288;
+/// 37 for the pick, 65 for its provider).
+const MAX_LEN: usize = 353;
 
 /// A lease id whose signature verified, or that this process just issued.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,13 +110,21 @@ fn decode_price(text: &str) -> Option<Option<Price>> {
     parts.next().is_none().then_some(Some(price))
 }
 
-/// `<second>-<tokens>`: where a pick took its units.
-fn decode_taken(text: &str) -> Option<PickTaken> {
-    let (second, tokens) = text.split_once('-')?;
-    Some(PickTaken {
+/// `<second>-<tokens>[-<provider>]`: where a pick took its units, and from whose pool.
+fn decode_taken(text: &str) -> Option<(PickTaken, Option<String>)> {
+    let (second, rest) = text.split_once('-')?;
+    let (tokens, pool) = match rest.split_once('-') {
+        Some((tokens, pool)) => (tokens, Some(pool)),
+        None => (rest, None),
+    };
+    let taken = PickTaken {
         second: amount(second, i64::MAX)?,
         tokens: amount(tokens, crate::money::MAX_TOTAL)?,
-    })
+    };
+    match pool {
+        Some(p) if !crate::pool::valid_provider(p) => None,
+        pool => Some((taken, pool.map(str::to_string))),
+    }
 }
 
 impl SignedLease {
@@ -134,6 +145,10 @@ impl SignedLease {
             let _ = write!(text, ".{shard}");
             if let Some(t) = self.lease.taken {
                 let _ = write!(text, ".{}-{}", t.second, t.tokens);
+                if let Some(pool) = &self.lease.pool {
+                    text.push('-');
+                    text.push_str(pool);
+                }
             }
         }
         let mac = keyring.sign_lease(&text);
@@ -161,8 +176,9 @@ impl SignedLease {
         if !keyring.verify_lease(body, &mac) {
             return None;
         }
-        // Only texts this code wrote verify; parsing stays strict anyway.
-        let parts: Vec<&str> = body.split('.').collect();
+        // Only texts this code wrote verify; parsing stays strict anyway. The pick's
+        // provider, last, may hold dots: the 8th part is the rest.
+        let parts: Vec<&str> = body.splitn(8, '.').collect();
         let max_shard = i64::from(crate::limits::scripts::MAX_SHARDS) - 1;
         let (hold_micros, price, shard, taken) = match parts[..] {
             [_, _, _, _] => (0, None, None, None),
@@ -187,7 +203,7 @@ impl SignedLease {
             _ => return None,
         };
         let mut lease = LeaseId::parse(&format!("{}.{}", parts[0], parts[1]))?.on_shard(shard);
-        lease.taken = taken;
+        (lease.taken, lease.pool) = taken.map_or((None, None), |(t, pool)| (Some(t), pool));
         let provider_key_id = match parts[2] {
             "-" => None,
             id => Some(uuid::Uuid::try_parse(id).ok()?.hyphenated().to_string()),
@@ -247,7 +263,11 @@ mod tests {
             second: 1_790_000_000,
             tokens: crate::money::MAX_TOTAL,
         });
+        // The longest provider name, with the dots and dashes it may hold.
+        let mut pooled = picked.clone();
+        pooled.lease.pool = Some(format!("a.b-c_{}", "x".repeat(58)));
         for l in [
+            pooled,
             lease(None),
             lease(Some(PK)),
             priced(None),
@@ -325,6 +345,24 @@ mod tests {
             let body = format!("{}.-.{}.{hold}.{price}", l.lease, l.expires_at_ms);
             let text = format!("{body}.{}", hex::encode(ring.sign_lease(&body)));
             assert_eq!(SignedLease::verify(&text, &ring), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_picks_provider_verifies_only_as_a_provider_name() {
+        let ring = Keyring::new(&[1; 32], &[]);
+        let l = lease(Some(PK));
+        for (pool, ok) in [
+            ("openai", true),
+            ("eu.openai-2", true),
+            ("", false),
+            ("bad name", false),
+            ("a/b", false),
+        ] {
+            let body = format!("{}.{PK}.{}.0.-.3.17-5-{pool}", l.lease, l.expires_at_ms);
+            let text = format!("{body}.{}", hex::encode(ring.sign_lease(&body)));
+            let got = SignedLease::verify(&text, &ring).map(|v| v.lease.pool);
+            assert_eq!(got, ok.then(|| Some(pool.to_string())), "{text}");
         }
     }
 

@@ -556,6 +556,7 @@ fn pending_lease(key_id: &str, step: usize) -> LeaseId {
         token: format!("{step:032x}"),
         shard: Some(case_shard()),
         taken: None,
+        pool: None,
     }
 }
 

@@ -406,6 +406,11 @@ impl Admission {
                     // Where the pick took its units, for the report (the Redis shape).
                     lease: LeaseId {
                         taken: decision.taken.filter(|_| provider_key.is_some()),
+                        // Its pool's tag, for the report (no lookup of the key's provider).
+                        pool: provider_key
+                            .as_ref()
+                            .filter(|_| decision.taken.is_some())
+                            .map(|k| k.provider.clone()),
                         ..lease
                     },
                     provider_key_id: provider_key.as_ref().map(|k| k.id.clone()),

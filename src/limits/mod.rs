@@ -76,6 +76,10 @@ pub struct LeaseId {
     /// What its admission's pick took (from [`Decision::taken`], carried by the signed
     /// lease), for its report to settle in Redis; not part of its identity.
     pub taken: Option<PickTaken>,
+    /// The provider whose pool the pick took from (carried with `taken`): its report
+    /// finds the pool's tag without a lookup. `None` for a lease without a pick, or one
+    /// of the release before.
+    pub pool: Option<String>,
 }
 
 /// Where an admission's pick took its provider key's units: the second whose bucket took
@@ -98,6 +102,7 @@ impl LeaseId {
             token: hex::encode(rand::random::<u128>().to_be_bytes()),
             shard: None,
             taken: None,
+            pool: None,
         }
     }
 
@@ -119,6 +124,7 @@ impl LeaseId {
             token: token.to_string(),
             shard: None,
             taken: None,
+            pool: None,
         })
     }
 }
