@@ -93,35 +93,19 @@ pub async fn apply_in(
     let mut deltas: HashMap<&str, KeyDelta> = HashMap::new();
     let mut provider_deltas: HashMap<&str, KeyDelta> = HashMap::new();
     let mut inserted: Vec<&UsageRecord> = Vec::new();
-    for r in records {
-        let total = total_tokens(r)?;
-        let done = sqlx::query(
-            "INSERT INTO usage_records (id, key_id, provider, model, api_format, provider_key_id, \
-             prompt_tokens, completion_tokens, total_tokens, cost_micros, latency_ms, upstream_status, \
-             created_at, cached_tokens, cache_write_tokens, reasoning_tokens, source) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&r.id)
-        .bind(r.key_id.as_deref())
-        .bind(r.provider.as_deref())
-        .bind(r.model.as_deref())
-        .bind(r.api_format.as_deref())
-        .bind(r.provider_key_id.as_deref())
-        .bind(r.prompt_tokens)
-        .bind(r.completion_tokens)
-        .bind(total)
-        .bind(r.cost_micros)
-        .bind(r.latency_ms)
-        .bind(r.upstream_status)
-        .bind(r.created_at)
-        .bind(r.cached_tokens)
-        .bind(r.cache_write_tokens)
-        .bind(r.reasoning_tokens)
-        .bind(r.source.as_str())
-        .execute(&mut **tx)
-        .await?;
-        if done.rows_affected() == 0 {
+    let totals = records
+        .iter()
+        .map(total_tokens)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut new = Vec::with_capacity(records.len());
+    for (chunk, totals) in records
+        .chunks(RECORDS_PER_INSERT)
+        .zip(totals.chunks(RECORDS_PER_INSERT))
+    {
+        new.extend(insert_new(tx, chunk, totals).await?);
+    }
+    for (r, new) in records.iter().zip(new) {
+        if !new {
             applied.duplicates += 1;
             continue;
         }
@@ -181,6 +165,66 @@ pub async fn apply_in(
     }
     super::ledger::apply(tx, &inserted, crate::clock::now_ms()).await?;
     Ok(applied)
+}
+
+/// Records per `INSERT` of [`insert_new`]: 17 parameters each, well within what one
+/// statement may bind (SQLite 32,766, Postgres 65,535).
+const RECORDS_PER_INSERT: usize = 200;
+
+/// The usage columns, in the order [`insert_new`] binds them.
+const RECORD_COLUMNS: usize = 17;
+
+/// Inserts `records` (with their `totals`) in one statement, each unless its id exists;
+/// says which were inserted. One statement per chunk, not one per record: the writer's
+/// database round trips (and their CPU) per batch, not per record. A record repeated in
+/// the chunk is inserted once, as its first occurrence.
+async fn insert_new(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    records: &[UsageRecord],
+    totals: &[i64],
+) -> Result<Vec<bool>, StoreError> {
+    use std::fmt::Write;
+    let mut sql = String::with_capacity(300 + records.len() * 120);
+    sql.push_str(
+        "INSERT INTO usage_records (id, key_id, provider, model, api_format, provider_key_id, \
+         prompt_tokens, completion_tokens, total_tokens, cost_micros, latency_ms, upstream_status, \
+         created_at, cached_tokens, cache_write_tokens, reasoning_tokens, source) VALUES ",
+    );
+    for i in 0..records.len() {
+        sql.push_str(if i == 0 { "(" } else { ", (" });
+        for c in 1..=RECORD_COLUMNS {
+            let sep = if c == 1 { "" } else { ", " };
+            let _ = write!(sql, "{sep}${}", i * RECORD_COLUMNS + c);
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (id) DO NOTHING RETURNING id");
+    let mut query = sqlx::query(&sql);
+    for (r, total) in records.iter().zip(totals) {
+        query = query
+            .bind(&r.id)
+            .bind(r.key_id.as_deref())
+            .bind(r.provider.as_deref())
+            .bind(r.model.as_deref())
+            .bind(r.api_format.as_deref())
+            .bind(r.provider_key_id.as_deref())
+            .bind(r.prompt_tokens)
+            .bind(r.completion_tokens)
+            .bind(*total)
+            .bind(r.cost_micros)
+            .bind(r.latency_ms)
+            .bind(r.upstream_status)
+            .bind(r.created_at)
+            .bind(r.cached_tokens)
+            .bind(r.cache_write_tokens)
+            .bind(r.reasoning_tokens)
+            .bind(r.source.as_str());
+    }
+    let mut new = std::collections::HashSet::new();
+    for row in query.fetch_all(&mut **tx).await? {
+        new.insert(row.try_get::<String, _>("id")?);
+    }
+    Ok(records.iter().map(|r| new.remove(r.id.as_str())).collect())
 }
 
 /// Whether `sql` (a `SELECT … WHERE id = $1`) finds a row.
