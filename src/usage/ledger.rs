@@ -14,8 +14,8 @@
 //! Invariants:
 //! - One upsert per row a batch touches, in a fixed order (counter, period, start day),
 //!   so two replicas' transactions lock shared rows in the same order (no deadlock); the
-//!   upserts of a batch go in one statement (per 500 rows), which takes its rows in
-//!   that order, as do the batch's key and user reads (one statement each).
+//!   upserts of a batch go in a few multi-row statements (`store::chunked`), which take
+//!   their rows in that order; so do the batch's key and user reads.
 //! - A row never passes [`MAX_TOTAL`]: a batch that would take one past it is refused
 //!   ([`StoreError::OutOfRange`]), which the accounting writer turns into dead letters.
 //! - Each alert threshold of a spend limit alerts at most once per period and limit: the
@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 use sqlx::Row;
 
+use super::store::{chunked, is_sqlite, values};
 use super::UsageRecord;
 use crate::clock::{to_rfc3339, MS_PER_DAY};
 use crate::db::StoreError;
@@ -99,31 +100,18 @@ fn json<T: serde::de::DeserializeOwned + Default>(text: Option<String>, what: &s
     })
 }
 
-/// Ids per `IN (…)` list of one statement.
-const IDS_PER_SELECT: usize = 500;
-
-/// `$first, $first+1, …` for `n` parameters.
-fn placeholders(first: usize, n: usize) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(n * 6);
-    for i in 0..n {
-        let sep = if i == 0 { "" } else { ", " };
-        let _ = write!(out, "{sep}${}", first + i);
-    }
-    out
-}
-
-/// The limits of these keys, one statement per [`IDS_PER_SELECT`]; a key deleted
+/// The limits of these keys, in one statement per chunk ([`chunked`]); a key deleted
 /// meanwhile is missing (its own rows still count; its user is unknown).
 async fn key_limits<'a>(
     tx: &mut Tx,
     ids: &[&'a str],
 ) -> Result<HashMap<&'a str, KeyLimits>, StoreError> {
     let mut out = HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(IDS_PER_SELECT) {
+    let sqlite = is_sqlite(tx);
+    for chunk in chunked(ids) {
         let sql = format!(
-            "SELECT id, user_id, spend_limits, model_limits FROM client_keys WHERE id IN ({})",
-            placeholders(1, chunk.len())
+            "SELECT id, user_id, spend_limits, model_limits FROM client_keys WHERE id IN {}",
+            values(1, chunk.len(), sqlite)
         );
         let mut query = sqlx::query(&sql);
         for id in chunk {
@@ -145,18 +133,19 @@ async fn key_limits<'a>(
     Ok(out)
 }
 
-/// The rows of these users, one statement per [`IDS_PER_SELECT`]; a user without a row
-/// is `None`.
+/// The rows of these users, in one statement per chunk ([`chunked`]); a user without a
+/// row is `None`.
 async fn user_rows(
     tx: &mut Tx,
     ids: &[String],
 ) -> Result<HashMap<String, Option<UserRow>>, StoreError> {
     let mut out: HashMap<String, Option<UserRow>> =
         ids.iter().map(|id| (id.clone(), None)).collect();
-    for chunk in ids.chunks(IDS_PER_SELECT) {
+    let sqlite = is_sqlite(tx);
+    for chunk in chunked(ids) {
         let sql = format!(
-            "SELECT user_id, limits, model_limits FROM users WHERE user_id IN ({})",
-            placeholders(1, chunk.len())
+            "SELECT user_id, limits, model_limits FROM users WHERE user_id IN {}",
+            values(1, chunk.len(), sqlite)
         );
         let mut query = sqlx::query(&sql);
         for id in chunk {
@@ -279,7 +268,7 @@ pub(super) async fn apply(
 
     let mut afters = HashMap::with_capacity(rows.len());
     let all: Vec<_> = rows.iter().collect();
-    for chunk in all.chunks(ROWS_PER_UPSERT) {
+    for chunk in chunked(&all) {
         upsert(tx, chunk, now, &mut afters).await?;
     }
     for ((counter, period, start_day), d) in &rows {
@@ -321,9 +310,6 @@ pub(super) async fn apply(
     Ok(())
 }
 
-/// Rows per statement of [`upsert`]: 7 parameters each.
-const ROWS_PER_UPSERT: usize = 500;
-
 /// Adds these rows' shares in one statement (in the rows' order, so every transaction
 /// locks shared rows in the same order) and puts each row's cost after into `afters`,
 /// keyed by (counter, period, start day); refuses (never wraps) past [`MAX_TOTAL`].
@@ -333,18 +319,9 @@ async fn upsert<'a>(
     now: i64,
     afters: &mut HashMap<(&'a str, &'static str, i64), i64>,
 ) -> Result<(), StoreError> {
-    use std::fmt::Write;
-    let mut sql = String::with_capacity(600 + rows.len() * 48);
-    sql.push_str(
-        "INSERT INTO quota_usage (counter, period, start_day, requests, tokens, cost_micros, updated_at) VALUES ",
-    );
-    for i in 0..rows.len() {
-        let sep = if i == 0 { "" } else { ", " };
-        let _ = write!(sql, "{sep}({})", placeholders(i * 7 + 1, 7));
-    }
-    let _ = write!(
-        sql,
-        " ON CONFLICT (counter, period, start_day) DO UPDATE SET \
+    let sql = format!(
+        "INSERT INTO quota_usage (counter, period, start_day, requests, tokens, cost_micros, updated_at) \
+         VALUES {} ON CONFLICT (counter, period, start_day) DO UPDATE SET \
          requests = quota_usage.requests + excluded.requests, \
          tokens = quota_usage.tokens + excluded.tokens, \
          cost_micros = quota_usage.cost_micros + excluded.cost_micros, \
@@ -352,7 +329,8 @@ async fn upsert<'a>(
          WHERE quota_usage.requests <= {MAX_TOTAL} - excluded.requests \
          AND quota_usage.tokens <= {MAX_TOTAL} - excluded.tokens \
          AND quota_usage.cost_micros <= {MAX_TOTAL} - excluded.cost_micros \
-         RETURNING counter, period, start_day, cost_micros"
+         RETURNING counter, period, start_day, cost_micros",
+        values(rows.len(), 7, is_sqlite(tx))
     );
     let mut query = sqlx::query(&sql);
     for ((counter, period, start_day), d) in rows {
