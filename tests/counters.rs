@@ -1433,6 +1433,27 @@ async fn a_leases_provider_key_part_runs_once_and_never_too_late(kind: Kind) {
         "a report refused as too late cools nothing down"
     );
 
+    // A lease whose pick took nothing there (admitted while Redis failed): its report's
+    // provider key part has nothing to do but still runs once, so a repeat saying more
+    // (a 429 this time) changes nothing either.
+    let (lease, expiry) = admitted_with_pick(&s, &pool, &k).await;
+    let untaken = LeaseId {
+        taken: None,
+        ..lease
+    };
+    let quiet = Report {
+        upstream_status: Some(200),
+        cooldown_ms: 0,
+        ..a_429(&(untaken.clone(), expiry))
+    };
+    assert_eq!(s.counters.report(&quiet).await.unwrap(), Reported::Recorded);
+    let r = a_429(&(untaken, expiry));
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Duplicate);
+    assert!(
+        !cooling(&s, &pool).await,
+        "a repeat saying more changes nothing"
+    );
+
     // Renewed past its signed expiry and reported later than the guard ttl after it.
     let third = admitted_with_pick(&s, &pool, &k).await;
     assert!(s

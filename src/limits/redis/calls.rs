@@ -215,7 +215,9 @@ impl RedisCounters {
             && r.suspend_ms == 0
             && learned_cooldown_ms == 0
             && r.learned.is_none();
-        if nothing {
+        // A lease's report runs even with nothing to do, to set the guard: a repeat of it
+        // saying more (a 429 this time) must change nothing either.
+        if nothing && r.lease.is_none() {
             return None;
         }
         let (prompt, completion) = r.tokens.unwrap_or((0, 0));
