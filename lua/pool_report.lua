@@ -2,8 +2,21 @@
 -- picked key's reserved tokens, and cool it down, suspend it, or keep what its
 -- rate-limit headers said.
 --
--- Run after report.lua (the client's part, on the lease's tenant shard) answered
--- "recorded", so once per lease; and for a report without a lease that names a key.
+-- Sent together with report.lua (the client's part, on the lease's tenant shard), so a
+-- report is one round trip of latency; and alone for a report without a lease that
+-- names a key. Neither waits for the other's answer: this script decides alone, by its
+-- own guard (KEYS 5) and the lease's signed expiry, that a lease's provider-key part
+-- runs at most once, whatever report.lua answers:
+--   - a repeat of the report (report.lua: duplicate) finds the guard, which lives until
+--     the guard ttl after the lease's signed expiry (ARGV 15, 16), and changes nothing;
+--   - a report later than the guard ttl after the signed expiry is refused (code 2:
+--     nothing changed), as report.lua refuses it (too_late) unless a renewal moved the
+--     lease's expiry: report.lua then records it, and its provider-key part is dropped
+--     (the pick's reservation stays until its second leaves the window, which with the
+--     default ttl it did long before; a cooldown or suspension it reports is lost);
+--   - when report.lua fails (the caller retries) this part may have run already: the
+--     retry's is then a duplicate. The upstream's answer did happen, so the cooldown it
+--     caused and the tokens it used are kept even if the report is never retried.
 --
 -- Contract (checked against src/limits/scripts/pool_report.rs by
 -- tests/script_contracts.rs):
@@ -19,10 +32,12 @@
 --                                   headers); 'lim' -> "kept until ms|<ARGV 11>|at ms":
 --                                   what the headers said last (the hash expires with
 --                                   the latest of them)
---   5  guard                string  {tag}:prep:<lease token>: set (for 2 minutes) by the
---                                   first run of a lease's report (ARGV 14); a repeat
---                                   (a cluster client re-sends a script whose reply a
---                                   dropped connection lost) then changes nothing
+--   5  guard                string  {tag}:prep:<lease token>: set by the first run of a
+--                                   lease's report (ARGV 14) to when it lapses (ms): the
+--                                   guard ttl after the later of now and the lease's
+--                                   signed expiry; a repeat (the caller's, or a cluster
+--                                   client re-sending a script whose reply a dropped
+--                                   connection lost) then changes nothing
 -- ARGV:
 --   1  second               the second whose bucket took the pick's tokens (pick.lua's
 --                           answer, carried by the lease); -1 = nothing to settle
@@ -43,10 +58,15 @@
 --   12 time_shift_ms        added to the clock (0 in production)
 --   13 now_ms               0 = the Redis server's TIME (production); else this instant
 --   14 guarded              1 = a lease's report: run once (KEYS 5); 0 = without a lease
--- Returns {code, now_ms}.
+--   15 guard_ttl_ms         how long the guard outlives the lease's signed expiry (> 0;
+--                           report.lua's ARGV 8)
+--   16 lease_expiry         the expiry signed into the lease id (ms; 0 = no lease)
+-- Returns {code, now_ms}; nothing changed unless the code is 1.
 -- CODES:
 --   0  duplicate            this lease's provider-key part ran already: nothing changed
 --   1  settled
+--   2  too_late             a lease's report later than the guard ttl after its signed
+--                           expiry: nothing changed
 --
 -- The reservation is replaced by the actual count in the second where it was made (if
 -- still in the window, and only when tokens were reported), as report.lua does for the
@@ -64,6 +84,8 @@ assert(second and whole(reserved) and whole(used), 'tokens')
 assert(shift and pinned and whole(cooldown) and whole(suspend), 'times')
 assert(whole(learned_cd) and whole(lim_keep) and #lim <= 200, 'learned limits')
 assert(lim == '' or lim_keep > 0, 'learned limits keep')
+local guarded, guard_ttl, expiry = ARGV[14] == '1', tonumber(ARGV[15]), tonumber(ARGV[16])
+assert(whole(guard_ttl) and guard_ttl > 0 and whole(expiry), 'guard')
 
 local now = pinned + shift
 if pinned == 0 then
@@ -73,8 +95,15 @@ end
 local b = math.floor(now / 1000)
 local function int(x) return string.format('%d', x) end
 
-if ARGV[14] == '1' and not redis.call('SET', KEYS[5], '1', 'NX', 'PX', 120000) then
-  return {0, now}
+if guarded then
+  -- The guard holds the time it lapses, on the script clock (as report.lua's); "1" is a
+  -- guard of the release before, live until its own expiry (2 minutes).
+  local g = redis.call('GET', KEYS[5])
+  if g == '1' or (tonumber(g) or 0) > now then return {0, now} end
+  if expiry > 0 and now > expiry + guard_ttl then return {2, now} end
+  -- Past its lapse a repeat is too late (above), so the guard never needs to outlive it.
+  local lapses = math.max(now, expiry) + guard_ttl
+  redis.call('SET', KEYS[5], int(lapses), 'PX', int(lapses - now))
 end
 
 if has_tokens and second >= b - 60 then

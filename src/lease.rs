@@ -8,7 +8,8 @@
 //! ```text
 //! <client key id>.<32 hex: lease token>.<provider key id, or ->.<expiry, Unix ms>
 //!     .<hold, micro-USD>.<price: input-output-cached input-cache write, micro-USD per
-//!      million tokens, or ->[.<tenant shard>[.<pick second>-<pick tokens>]].<32 hex: MAC>
+//!      million tokens, or ->[.<tenant shard>[.<pick second>-<pick tokens>[-<hex of the
+//!      pick's provider>]]].<32 hex: MAC>
 //! ```
 //!
 //! or, for a light admission (no lease record in the store, `limits::LightLease`):
@@ -27,8 +28,11 @@
 //! the request, so its report, renewal or release goes there even if the key's user
 //! changed since. Lease ids without it (the release before, or the embedded shape) use
 //! the key's current shard. With a pick, the second whose bucket took the provider key's
-//! units and the tokens reserved there follow (`limits::PickTaken`): the pick is its own
-//! step in Redis, and its report settles them from these.
+//! units and the tokens reserved there follow (`limits::PickTaken`), then the provider
+//! whose pool it picked from (hex-encoded: a provider name may hold dots; a light lease's
+//! names carry it already): the pick is its own step in Redis, and its report settles
+//! them under that pool's tag, found without a lookup on any replica. (Lease ids of the
+//! release before, without the provider, still verify.)
 //!
 //! The hold and the price are the admission's: a report charges the tokens it names at
 //! the price the request was admitted at, and an answer whose usage cannot be read its
@@ -55,10 +59,11 @@ use crate::crypto::{Keyring, LEASE_MAC_LEN};
 use crate::limits::{LeaseId, LightLease, PickTaken, LIGHT_META_MAX};
 use crate::prices::Price;
 
-/// Longer texts are refused before any parsing or MAC (a real one is at most 272
+/// Longer texts are refused before any parsing or MAC (a real one is at most 401
 /// characters, 153 without hold and price, 13 digits for each amount, 5 for the shard,
-/// 37 for the pick; a light one adds at most 230: 38 for its second and tokens, twice
-/// [`LIGHT_META_MAX`] for its names).
+/// 37 for the pick, 129 for its provider in hex; a light one, whose names hold the
+/// provider, at most 502: 272 and 38 for its second and tokens, twice [`LIGHT_META_MAX`]
+/// for its names).
 const MAX_LEN: usize = 512;
 
 /// A lease id whose signature verified, or that this process just issued.
@@ -122,13 +127,29 @@ fn decode_price(text: &str) -> Option<Option<Price>> {
     parts.next().is_none().then_some(Some(price))
 }
 
-/// `<second>-<tokens>`: where a pick took its units.
-fn decode_taken(text: &str) -> Option<PickTaken> {
-    let (second, tokens) = text.split_once('-')?;
-    Some(PickTaken {
-        second: amount(second, i64::MAX)?,
-        tokens: amount(tokens, crate::money::MAX_TOTAL)?,
-    })
+/// `<second>-<tokens>[-<hex provider>]`: where a pick took its units, and from whose
+/// pool.
+fn decode_taken(text: &str) -> Option<(PickTaken, Option<String>)> {
+    let mut parts = text.splitn(3, '-');
+    let taken = PickTaken {
+        second: amount(parts.next()?, i64::MAX)?,
+        tokens: amount(parts.next()?, crate::money::MAX_TOTAL)?,
+    };
+    let pool = match parts.next() {
+        None => None,
+        // Exactly the lowercase hex this code writes, of a provider name.
+        Some(hex) => {
+            if hex.len() > 128 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return None;
+            }
+            let name = String::from_utf8(hex::decode(hex).ok()?).ok()?;
+            if !crate::pool::valid_provider(&name) {
+                return None;
+            }
+            Some(name)
+        }
+    };
+    Some((taken, pool))
 }
 
 /// `<second>-<tokens, or n>-<hex names>`: a light lease's data (its expiry is the
@@ -204,6 +225,10 @@ impl SignedLease {
             let _ = write!(text, ".{shard}");
             if let Some(t) = self.lease.taken {
                 let _ = write!(text, ".{}-{}", t.second, t.tokens);
+                if let Some(pool) = &self.lease.pool {
+                    text.push('-');
+                    text.push_str(&hex::encode(pool.as_bytes()));
+                }
             }
         }
         let mac = keyring.sign_lease(&text);
@@ -249,7 +274,11 @@ impl SignedLease {
                     },
                     match taken {
                         "-" => None,
-                        taken => Some(decode_taken(taken)?),
+                        // Its provider is in its names, not here.
+                        taken => match decode_taken(taken)? {
+                            (taken, None) => Some((taken, None)),
+                            (_, Some(_)) => return None,
+                        },
                     },
                 )
             }
@@ -274,7 +303,16 @@ impl SignedLease {
             _ => return None,
         };
         let mut lease = LeaseId::parse(&format!("{}.{}", parts[0], parts[1]))?.on_shard(shard);
-        lease.taken = taken;
+        (lease.taken, lease.pool) = taken.map_or((None, None), |(t, pool)| (Some(t), pool));
+        if let (Some(_), Some(light)) = (lease.taken, &light) {
+            // A light lease's pick is from the pool of the provider its names start with.
+            lease.pool = light
+                .meta
+                .split('|')
+                .next()
+                .filter(|p| crate::pool::valid_provider(p))
+                .map(str::to_string);
+        }
         lease.light = light;
         let provider_key_id = match parts[2] {
             "-" => None,
@@ -352,7 +390,15 @@ mod tests {
         assert_eq!(longest_names.len(), LIGHT_META_MAX);
         let mut embedded_pick = priced(Some(PK));
         embedded_pick.lease.taken = picked.lease.taken;
+        // The longest provider name, with the dots and dashes it may hold.
+        let mut pooled = picked.clone();
+        pooled.lease.pool = Some(format!("a.b-c_{}", "x".repeat(58)));
+        // A light lease's pick: its pool is the provider its names start with.
+        let mut light_pooled = light(picked.clone(), Some(3), "eu.openai-2|gpt-4o|openai");
+        light_pooled.lease.pool = Some("eu.openai-2".into());
         for l in [
+            pooled,
+            light_pooled,
             lease(None),
             lease(Some(PK)),
             priced(None),
@@ -448,6 +494,28 @@ mod tests {
             let body = format!("{}.-.{}.{hold}.{price}", l.lease, l.expires_at_ms);
             let text = format!("{body}.{}", hex::encode(ring.sign_lease(&body)));
             assert_eq!(SignedLease::verify(&text, &ring), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_picks_provider_verifies_only_as_a_provider_name_in_lowercase_hex() {
+        let ring = Keyring::new(&[1; 32], &[]);
+        let l = lease(Some(PK));
+        let hex = |p: &str| hex::encode(p.as_bytes());
+        for (pool, ok) in [
+            (hex("openai"), Some("openai")),
+            (hex("eu.openai-2"), Some("eu.openai-2")),
+            (String::new(), None),
+            (hex("bad name"), None),
+            (hex("a/b"), None),
+            (hex(&"x".repeat(65)), None),
+            (hex("openai").to_uppercase(), None),
+            ("openai".to_string(), None),
+        ] {
+            let body = format!("{}.{PK}.{}.0.-.3.17-5-{pool}", l.lease, l.expires_at_ms);
+            let text = format!("{body}.{}", hex::encode(ring.sign_lease(&body)));
+            let got = SignedLease::verify(&text, &ring).map(|v| v.lease.pool);
+            assert_eq!(got, ok.map(|p| Some(p.to_string())), "{text}");
         }
     }
 

@@ -609,6 +609,25 @@ async fn usage_batches_apply_exactly_once(b: Backend) {
         .body;
     assert_eq!(stats["total_requests"], 3);
 
+    // A batch larger than one statement's rows, with a record repeated inside a chunk
+    // and across chunks, and one applied before: each counts once.
+    let (other, _) = s.create_key(json!({})).await;
+    let other = other["id"].as_str().unwrap();
+    let mut large: Vec<_> = (0..450)
+        .map(|i| record(&format!("large-{i}"), other, DAY1 + i, 1))
+        .collect();
+    large.insert(3, large[2].clone());
+    large.push(large[10].clone());
+    large.push(batch[0].clone());
+    let applied = usage_store::apply(&db, &large).await.unwrap();
+    assert_eq!((applied.inserted, applied.duplicates), (450, 3));
+    let k = s
+        .admin(Method::GET, &format!("/admin/keys/{other}"), None)
+        .await
+        .body;
+    assert_eq!(k["total_requests"], 450);
+    assert_eq!(k["total_cost_usd"], 0.00045);
+
     // Spending past the balance (one in-flight request's worth) never shows as negative.
     usage_store::apply(&db, &[record("lease-4", id, DAY1 + 30, 4_000_000)])
         .await

@@ -87,6 +87,7 @@ on_both_stores!(
     a_sweep_keeps_a_suspension_of_a_key_never_picked,
     a_pool_with_2100_priorities_selects_in_order,
     causes_last_as_long_as_cooldowns_and_reset_clears_both,
+    a_leases_provider_key_part_runs_once_and_never_too_late,
     learned_limits_cool_a_used_up_key_and_are_shown_for_a_while,
     a_user_entry_is_shared_by_its_keys,
     a_model_entry_counts_its_model_only,
@@ -1495,6 +1496,119 @@ async fn a_pool_refusal_leaves_the_client_untouched(kind: Kind) {
         (1, 100, 1)
     );
     s.cleanup().await;
+}
+
+/// A lease's provider-key part (in Redis `lua/pool_report.lua`, sent beside report.lua
+/// without waiting for its answer) runs once, however late the repeat, and not at all for
+/// a report refused as too late; a lease renewed past its signed expiry and reported
+/// later than the guard ttl after it is recorded without it.
+async fn a_leases_provider_key_part_runs_once_and_never_too_late(kind: Kind) {
+    let s = Store::new(kind).await;
+    let provider = common::unique_prefix();
+    let pool = Roster::new(vec![candidate(&provider, 0, None, None)]);
+    let k = key();
+    let a_429 = |(lease, expiry): &(LeaseId, i64)| Report {
+        provider_key_id: Some(pool[0].id.clone()),
+        provider: Some(provider.clone()),
+        upstream_status: Some(429),
+        cooldown_ms: 30_000,
+        lease_expires_at_ms: *expiry,
+        ..report(lease, None, 0)
+    };
+
+    let first = admitted_with_pick(&s, &pool, &k).await;
+    let r = a_429(&first);
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Recorded);
+    assert!(cooling(&s, &pool).await, "the 429 cools the key down");
+    s.counters
+        .reset_provider_key(&provider, &pool[0].id)
+        .await
+        .unwrap();
+    // Longer than a cluster client's resend window (the guard's 2 minutes before): the
+    // repeat is a duplicate on both sides.
+    s.advance(180_000);
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Duplicate);
+    assert!(
+        !cooling(&s, &pool).await,
+        "a repeat cools nothing down again"
+    );
+
+    // Too late: refused on both sides.
+    let second = admitted_with_pick(&s, &pool, &k).await;
+    s.advance(300_000 + 600_000 + 1);
+    let r = a_429(&second);
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::TooLate);
+    assert!(
+        !cooling(&s, &pool).await,
+        "a report refused as too late cools nothing down"
+    );
+
+    // A lease whose pick took nothing there (admitted while Redis failed): its report's
+    // provider key part has nothing to do but still runs once, so a repeat saying more
+    // (a 429 this time) changes nothing either.
+    let (lease, expiry) = admitted_with_pick(&s, &pool, &k).await;
+    let untaken = LeaseId {
+        taken: None,
+        ..lease
+    };
+    let quiet = Report {
+        upstream_status: Some(200),
+        cooldown_ms: 0,
+        ..a_429(&(untaken.clone(), expiry))
+    };
+    assert_eq!(s.counters.report(&quiet).await.unwrap(), Reported::Recorded);
+    let r = a_429(&(untaken, expiry));
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Duplicate);
+    assert!(
+        !cooling(&s, &pool).await,
+        "a repeat saying more changes nothing"
+    );
+
+    // Renewed past its signed expiry and reported later than the guard ttl after it.
+    let third = admitted_with_pick(&s, &pool, &k).await;
+    assert!(s
+        .counters
+        .renew(&third.0, 1_500_000)
+        .await
+        .unwrap()
+        .is_some());
+    s.advance(300_000 + 600_000 + 1);
+    let r = a_429(&third);
+    assert_eq!(s.counters.report(&r).await.unwrap(), Reported::Recorded);
+    assert!(
+        !cooling(&s, &pool).await,
+        "its provider key's part is dropped"
+    );
+    s.cleanup().await;
+}
+
+/// An admission of key `k` with a pick from `pool`: the lease as its signed id carries it
+/// (the pick's units and pool), and its expiry.
+async fn admitted_with_pick(s: &Store, pool: &Roster, k: &str) -> (LeaseId, i64) {
+    let lease = LeaseId::new(k);
+    let d = s
+        .admit(&AdmitRequest {
+            pool: Some(pool),
+            ..request(&lease)
+        })
+        .await;
+    let Verdict::Admitted { expires_at_ms } = d.verdict else {
+        panic!("{d:?}")
+    };
+    assert_eq!(d.picked, Some(0), "{d:?}");
+    // As the signed lease carries them: the pick, its pool, a light admission's data.
+    let lease = LeaseId {
+        taken: d.taken,
+        pool: d.taken.map(|_| pool[0].provider.clone()),
+        light: d.light.clone(),
+        ..lease
+    };
+    (lease, expires_at_ms)
+}
+
+/// Whether the pool's one key is cooling down (or suspended) now.
+async fn cooling(s: &Store, pool: &[Candidate]) -> bool {
+    matches!(pick(s, pool, 0).await, Pick::Exhausted { .. })
 }
 
 async fn only_one_request_gets_a_keys_last_unit(kind: Kind) {

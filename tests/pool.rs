@@ -335,6 +335,54 @@ async fn an_upstream_429_needs_no_database() {
     s.stop().await;
 }
 
+/// A lease's report needs no database either, on a replica that never loaded the pool:
+/// the lease carries its pick's provider (the pool's tag), so the 429 cools the key down
+/// with the database unreachable (a lookup of the key's provider would fail, and the
+/// provider key's part of the report would be skipped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leases_429_needs_no_database_on_a_replica_without_the_pool() {
+    let base = common::TestDb::new(common::Backend::Postgres).await;
+    let (target, _) = common::reroute(&base.url, "unused");
+    let proxy = common::PgProxy::start(target).await;
+    let (_, proxied_url) = common::reroute(&base.url, &format!("127.0.0.1:{}", proxy.port));
+    let db = Arc::new(base);
+    let mut raw = common::base_config(&db);
+    raw.insert(config::DATABASE_URL, proxied_url);
+    raw.insert(config::REDIS_URL, common::redis_url());
+    raw.insert(config::REDIS_PREFIX, common::unique_prefix());
+    let admitting = TestServer::start_on(db.clone(), raw.clone()).await;
+    let reporting = TestServer::start_on(db.clone(), raw).await;
+    let provider = format!("p{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    add(
+        &admitting,
+        &provider,
+        json!({"label": "a", "value": "sk-a-000000"}),
+    )
+    .await;
+    let (_, secret) = admitting
+        .create_key(json!({"rate_limit": null, "concurrent_limit": null}))
+        .await;
+    let a = admitting
+        .admit(json!({"key": secret, "provider": provider, "select": true}))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let lease = a.body["lease_id"].as_str().unwrap();
+
+    proxy.set_up(false);
+    let r = reporting
+        .data_post(
+            "/v1/report",
+            json!({"lease_id": lease, "upstream_status": 429, "retry_after_s": 30}),
+        )
+        .await;
+    assert_eq!(r.body["recorded"], true, "{}", r.body);
+    let s = select(&admitting, &provider).await;
+    assert_ne!(s.status, 200, "the pool's one key cools down: {}", s.body);
+    proxy.set_up(true);
+    reporting.stop().await;
+    admitting.stop().await;
+}
+
 async fn exactly_one_instance_gets_a_keys_last_unit_every_round(shape: Shape) {
     let c = Arc::new(Cluster::start(shape, |_| {}).await);
     for round in 0..15 {

@@ -745,6 +745,8 @@ async fn a_repeated_pool_report_settles_once() {
             time_shift_ms: 0,
             now_ms: 0,
             guarded: true,
+            guard_ttl_ms: 600_000,
+            lease_expiry: second * 1000 + 300_000,
         }
         .push(&mut call);
         let reply: Vec<redis::Value> = call.invoke_async(&mut conn).await.unwrap();

@@ -598,6 +598,7 @@ fn pending_lease(key_id: &str, step: usize) -> LeaseId {
         shard: Some(case_shard()),
         taken: None,
         light: None,
+        pool: None,
     }
 }
 

@@ -408,6 +408,11 @@ impl Admission {
                         taken: decision.taken.filter(|_| provider_key.is_some()),
                         // What a light admission's report settles (no record of it).
                         light: decision.light.clone(),
+                        // Its pool's tag, for the report (no lookup of the key's provider).
+                        pool: provider_key
+                            .as_ref()
+                            .filter(|_| decision.taken.is_some())
+                            .map(|k| k.provider.clone()),
                         ..lease
                     },
                     provider_key_id: provider_key.as_ref().map(|k| k.id.clone()),

@@ -81,6 +81,10 @@ pub struct LeaseId {
     /// What its admission's pick took (from [`Decision::taken`], carried by the signed
     /// lease), for its report to settle in Redis; not part of its identity.
     pub taken: Option<PickTaken>,
+    /// The provider whose pool the pick took from (carried with `taken`): its report
+    /// finds the pool's tag without a lookup. `None` for a lease without a pick, or one
+    /// of the release before.
+    pub pool: Option<String>,
     /// Set when its admission wrote no lease record ([`LightLease`]): what its report
     /// and renewal need, carried by the signed lease; not part of its identity.
     pub light: Option<LightLease>,
@@ -143,6 +147,7 @@ impl LeaseId {
             shard: None,
             taken: None,
             light: None,
+            pool: None,
         }
     }
 
@@ -165,6 +170,7 @@ impl LeaseId {
             shard: None,
             taken: None,
             light: None,
+            pool: None,
         })
     }
 }

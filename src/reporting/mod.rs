@@ -131,10 +131,20 @@ impl Reports {
         let (price, hold) = lease
             .as_ref()
             .map_or((None, None), |l| (l.price, Some(l.hold_micros)));
+        // The pick's provider, signed into the lease: no lookup.
+        let carried = lease.as_ref().and_then(|l| l.lease.pool.clone());
         let mut report = body
             .validate(self.policy, lease)
             .map_err(ReportError::Invalid)?;
         report.usage_source = origin;
+        // The provider key's provider: the pool's keys are under its hash tag, and it
+        // names the price list. Looked up only when the lease does not carry it (a
+        // report without a lease, or a lease of the release before).
+        let provider = match (carried, report.provider_key_id.as_deref()) {
+            (Some(provider), _) => Ok(Some(provider)),
+            (None, Some(id)) => self.provider_of(id).await,
+            (None, None) => Ok(None),
+        };
         // An upstream's refusal spent nothing (but see [`MAY_HAVE_WORKED`]).
         let failed = report
             .upstream_status
@@ -145,7 +155,9 @@ impl Reports {
                 report.cost_micros = prices::cost_micros(&price, &usage_of(&report))
                     .map_err(|e| ReportError::Invalid(e.to_string()))?;
             }
-            (false, Some(_), None, _) => report.cost_micros = self.priced_cost(&report).await?,
+            (false, Some(_), None, _) => {
+                report.cost_micros = self.priced_cost(&report, &provider).await?;
+            }
             (false, None, _, Some(hold)) if !failed => {
                 report.cost_micros = hold;
                 report.usage_source = UsageSource::Estimated;
@@ -161,11 +173,7 @@ impl Reports {
         } else {
             None
         };
-        if let Some(id) = &report.provider_key_id {
-            // The pool's keys are under its provider's hash tag (the rosters in memory
-            // know it; a key this process never loaded costs one query).
-            report.provider = self.provider_of(id).await.ok().flatten();
-        }
+        report.provider = provider.ok().flatten();
         if let Counters::Memory(_) = self.counters {
             // The in-process queue is only as good as its writer: refuse before anything
             // changes rather than acknowledge a report that cannot be stored.
@@ -205,9 +213,9 @@ impl Reports {
         }
     }
 
-    /// The provider of a provider key: from the rosters this process holds (no database
-    /// on the request path), else from the database (a key it never loaded); `None` for
-    /// a key that does not exist.
+    /// The provider of a provider key the lease does not carry: from the rosters this
+    /// process holds, else from the database (a key it never loaded); `None` for a key
+    /// that does not exist.
     async fn provider_of(&self, key_id: &str) -> Result<Option<String>, ProviderKeyError> {
         if let Some(provider) = self.admission.held_provider_of(key_id) {
             return Ok(Some(provider));
@@ -221,29 +229,28 @@ impl Reports {
 
     /// What a report's tokens cost at its model's price (see [`crate::prices`]), for a
     /// report without `cost_usd`: it needs tokens, a `model`, and the provider key that
-    /// served the request (the lease's, or `provider_key_id`), whose provider names the
-    /// price list. The provider comes from the rosters this process holds, else from the
-    /// database. Without any of these, or without a price, the cost is 0, as before
-    /// prices existed.
+    /// served the request (the lease's, or `provider_key_id`), whose provider (`provider`,
+    /// found by the caller) names the price list. Without any of these, or without a
+    /// price, the cost is 0, as before prices existed.
     ///
     /// A report must settle (release its slot, settle its tokens) while the database is
     /// away, like every other report: prices held in memory are used then (the cache
     /// serves them past their TTL), and a price that cannot be loaded leaves the cost at
     /// 0 with a warning, rather than refusing the report.
-    async fn priced_cost(&self, report: &Report) -> Result<i64, ReportError> {
-        let (Some(_), Some(model), Some(key_id)) = (
-            report.tokens,
-            report.model.as_deref(),
-            report.provider_key_id.as_deref(),
-        ) else {
+    async fn priced_cost(
+        &self,
+        report: &Report,
+        provider: &Result<Option<String>, ProviderKeyError>,
+    ) -> Result<i64, ReportError> {
+        let (Some(_), Some(model)) = (report.tokens, report.model.as_deref()) else {
             return Ok(0);
         };
-        let provider = match self.provider_of(key_id).await {
+        let provider = match provider {
             Ok(Some(provider)) => provider,
             Ok(None) => return Ok(0),
-            Err(e) => return Ok(unpriced(&e)),
+            Err(e) => return Ok(unpriced(e)),
         };
-        let price = match self.prices.price_of(&provider, model).await {
+        let price = match self.prices.price_of(provider, model).await {
             Ok(Some(price)) => price,
             Ok(None) => return Ok(0),
             Err(e) => return Ok(unpriced(&e)),

@@ -13,7 +13,9 @@
 //!
 //! Invariants:
 //! - One upsert per row a batch touches, in a fixed order (counter, period, start day),
-//!   so two replicas' transactions lock shared rows in the same order (no deadlock).
+//!   so two replicas' transactions lock shared rows in the same order (no deadlock); the
+//!   upserts of a batch go in a few multi-row statements (`store::chunked`), which take
+//!   their rows in that order; so do the batch's key and user reads.
 //! - A row never passes [`MAX_TOTAL`]: a batch that would take one past it is refused
 //!   ([`StoreError::OutOfRange`]), which the accounting writer turns into dead letters.
 //! - Each alert threshold of a spend limit alerts at most once per period and limit: the
@@ -28,6 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 use sqlx::Row;
 
+use super::store::{chunked, is_sqlite, values};
 use super::UsageRecord;
 use crate::clock::{to_rfc3339, MS_PER_DAY};
 use crate::db::StoreError;
@@ -97,35 +100,67 @@ fn json<T: serde::de::DeserializeOwned + Default>(text: Option<String>, what: &s
     })
 }
 
-async fn key_limits(tx: &mut Tx, key_id: &str) -> Result<KeyLimits, StoreError> {
-    let row =
-        sqlx::query("SELECT user_id, spend_limits, model_limits FROM client_keys WHERE id = $1")
-            .bind(key_id)
-            .fetch_optional(&mut **tx)
-            .await?;
-    // A key deleted meanwhile: its own rows still count; its user is unknown.
-    let Some(row) = row else {
-        return Ok(KeyLimits::default());
-    };
-    Ok(KeyLimits {
-        user_id: row.try_get("user_id")?,
-        spend: json(row.try_get("spend_limits")?, "client_keys.spend_limits"),
-        models: json(row.try_get("model_limits")?, "client_keys.model_limits"),
-    })
+/// The limits of these keys, in one statement per chunk ([`chunked`]); a key deleted
+/// meanwhile is missing (its own rows still count; its user is unknown).
+async fn key_limits<'a>(
+    tx: &mut Tx,
+    ids: &[&'a str],
+) -> Result<HashMap<&'a str, KeyLimits>, StoreError> {
+    let mut out = HashMap::with_capacity(ids.len());
+    let sqlite = is_sqlite(tx);
+    for chunk in chunked(ids) {
+        let sql = format!(
+            "SELECT id, user_id, spend_limits, model_limits FROM client_keys WHERE id IN {}",
+            values(1, chunk.len(), sqlite)
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            let id: String = row.try_get("id")?;
+            let Some(id) = chunk.iter().find(|k| **k == id) else {
+                continue;
+            };
+            let limits = KeyLimits {
+                user_id: row.try_get("user_id")?,
+                spend: json(row.try_get("spend_limits")?, "client_keys.spend_limits"),
+                models: json(row.try_get("model_limits")?, "client_keys.model_limits"),
+            };
+            out.insert(*id, limits);
+        }
+    }
+    Ok(out)
 }
 
-async fn user_row(tx: &mut Tx, user_id: &str) -> Result<Option<UserRow>, StoreError> {
-    let row = sqlx::query("SELECT limits, model_limits FROM users WHERE user_id = $1")
-        .bind(user_id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    Ok(Some(UserRow {
-        limits: json(Some(row.try_get("limits")?), "users.limits"),
-        models: json(row.try_get("model_limits")?, "users.model_limits"),
-    }))
+/// The rows of these users, in one statement per chunk ([`chunked`]); a user without a
+/// row is `None`.
+async fn user_rows(
+    tx: &mut Tx,
+    ids: &[String],
+) -> Result<HashMap<String, Option<UserRow>>, StoreError> {
+    let mut out: HashMap<String, Option<UserRow>> =
+        ids.iter().map(|id| (id.clone(), None)).collect();
+    let sqlite = is_sqlite(tx);
+    for chunk in chunked(ids) {
+        let sql = format!(
+            "SELECT user_id, limits, model_limits FROM users WHERE user_id IN {}",
+            values(1, chunk.len(), sqlite)
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(id.as_str());
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            let id: String = row.try_get("user_id")?;
+            let found = UserRow {
+                limits: json(Some(row.try_get("limits")?), "users.limits"),
+                models: json(row.try_get("model_limits")?, "users.model_limits"),
+            };
+            out.insert(id, Some(found));
+        }
+    }
+    Ok(out)
 }
 
 /// The model entry `model` falls under in `models` (its longest listed prefix), and
@@ -145,23 +180,19 @@ pub(super) async fn apply(
     records: &[&UsageRecord],
     now: i64,
 ) -> Result<(), StoreError> {
-    let mut keys: HashMap<&str, KeyLimits> = HashMap::new();
-    let mut users: HashMap<String, Option<UserRow>> = HashMap::new();
-    for r in records {
-        let Some(key_id) = r.key_id.as_deref() else {
-            continue;
-        };
-        if !keys.contains_key(key_id) {
-            let limits = key_limits(tx, key_id).await?;
-            if let Some(user) = &limits.user_id {
-                if !users.contains_key(user) {
-                    let found = user_row(tx, user).await?;
-                    users.insert(user.clone(), found);
-                }
-            }
-            keys.insert(key_id, limits);
-        }
+    // The batch's keys and users in one statement each (a key deleted meanwhile counts
+    // its own rows only: no limits, no user).
+    let mut ids: Vec<&str> = records.iter().filter_map(|r| r.key_id.as_deref()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut keys = key_limits(tx, &ids).await?;
+    for id in ids {
+        keys.entry(id).or_default();
     }
+    let mut user_ids: Vec<String> = keys.values().filter_map(|k| k.user_id.clone()).collect();
+    user_ids.sort_unstable();
+    user_ids.dedup();
+    let users = user_rows(tx, &user_ids).await?;
 
     let mut rows: BTreeMap<(String, Period, i64), RowDelta> = BTreeMap::new();
     let none = quota::SpendLimits::default();
@@ -235,11 +266,20 @@ pub(super) async fn apply(
         }
     }
 
+    let mut afters = HashMap::with_capacity(rows.len());
+    let all: Vec<_> = rows.iter().collect();
+    for chunk in chunked(&all) {
+        upsert(tx, chunk, now, &mut afters).await?;
+    }
     for ((counter, period, start_day), d) in &rows {
-        let after = upsert(tx, counter, *period, *start_day, d, now).await?;
         let Some(limit) = &d.limit else {
             continue;
         };
+        let key = (counter.as_str(), period.as_str(), *start_day);
+        let after = afters
+            .get(&key)
+            .copied()
+            .ok_or_else(|| beyond(counter, *period, *start_day))?;
         for pct in &limit.alert_at_pct {
             if !quota::reached(limit.usd.micros(), *pct, after) {
                 continue;
@@ -270,46 +310,69 @@ pub(super) async fn apply(
     Ok(())
 }
 
-/// Adds a row's share and returns its cost after; refuses (never wraps) past
-/// [`MAX_TOTAL`].
-async fn upsert(
+/// Adds these rows' shares in one statement (in the rows' order, so every transaction
+/// locks shared rows in the same order) and puts each row's cost after into `afters`,
+/// keyed by (counter, period, start day); refuses (never wraps) past [`MAX_TOTAL`].
+async fn upsert<'a>(
     tx: &mut Tx,
-    counter: &str,
-    period: Period,
-    start_day: i64,
-    d: &RowDelta,
+    rows: &[(&'a (String, Period, i64), &RowDelta)],
     now: i64,
-) -> Result<i64, StoreError> {
-    let row = sqlx::query(
+    afters: &mut HashMap<(&'a str, &'static str, i64), i64>,
+) -> Result<(), StoreError> {
+    let sql = format!(
         "INSERT INTO quota_usage (counter, period, start_day, requests, tokens, cost_micros, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) \
-         ON CONFLICT (counter, period, start_day) DO UPDATE SET \
+         VALUES {} ON CONFLICT (counter, period, start_day) DO UPDATE SET \
          requests = quota_usage.requests + excluded.requests, \
          tokens = quota_usage.tokens + excluded.tokens, \
          cost_micros = quota_usage.cost_micros + excluded.cost_micros, \
          updated_at = excluded.updated_at \
-         WHERE quota_usage.requests <= $8 - excluded.requests \
-         AND quota_usage.tokens <= $8 - excluded.tokens \
-         AND quota_usage.cost_micros <= $8 - excluded.cost_micros \
-         RETURNING cost_micros",
-    )
-    .bind(counter)
-    .bind(period.as_str())
-    .bind(start_day)
-    .bind(d.requests)
-    .bind(d.tokens)
-    .bind(d.cost)
-    .bind(now)
-    .bind(MAX_TOTAL)
-    .fetch_optional(&mut **tx)
-    .await?;
-    match row {
-        Some(row) => Ok(row.try_get("cost_micros")?),
-        None => Err(StoreError::OutOfRange(format!(
-            "quota counter {counter} ({}, day {start_day}): its totals would pass {MAX_TOTAL}",
-            period.as_str()
-        ))),
+         WHERE quota_usage.requests <= {MAX_TOTAL} - excluded.requests \
+         AND quota_usage.tokens <= {MAX_TOTAL} - excluded.tokens \
+         AND quota_usage.cost_micros <= {MAX_TOTAL} - excluded.cost_micros \
+         RETURNING counter, period, start_day, cost_micros",
+        values(rows.len(), 7, is_sqlite(tx))
+    );
+    let mut query = sqlx::query(&sql);
+    for ((counter, period, start_day), d) in rows {
+        query = query
+            .bind(counter.as_str())
+            .bind(period.as_str())
+            .bind(*start_day)
+            .bind(d.requests)
+            .bind(d.tokens)
+            .bind(d.cost)
+            .bind(now);
     }
+    let mut returned: HashMap<(String, String, i64), i64> = HashMap::with_capacity(rows.len());
+    for row in query.fetch_all(&mut **tx).await? {
+        returned.insert(
+            (
+                row.try_get("counter")?,
+                row.try_get("period")?,
+                row.try_get("start_day")?,
+            ),
+            row.try_get("cost_micros")?,
+        );
+    }
+    for ((counter, period, start_day), _) in rows {
+        let key = (counter.clone(), period.as_str().to_string(), *start_day);
+        match returned.get(&key) {
+            Some(after) => {
+                afters.insert((counter.as_str(), period.as_str(), *start_day), *after);
+            }
+            // The guard refused it: a total would pass the maximum.
+            None => return Err(beyond(counter, *period, *start_day)),
+        }
+    }
+    Ok(())
+}
+
+/// A ledger row's refusal: a total would pass [`MAX_TOTAL`].
+fn beyond(counter: &str, period: Period, start_day: i64) -> StoreError {
+    StoreError::OutOfRange(format!(
+        "quota counter {counter} ({}, day {start_day}): its totals would pass {MAX_TOTAL}",
+        period.as_str()
+    ))
 }
 
 /// The alert's id: hex SHA-256 of `counter|period|start_day|limit|pct`, the same on

@@ -438,7 +438,14 @@ impl MemoryCounters {
                 self.quotas.lock().late(&r.spend_now, r.cost_micros, now);
             }
         }
-        self.provider_key_report(r, pool_settle, now);
+        // As pool_report.lua, which runs beside report.lua and so cannot see a renewal:
+        // later than the guard ttl after the signed expiry, the provider key's part is
+        // dropped (only a renewed lease is still recorded then).
+        let pool_late = r.lease_expires_at_ms > 0
+            && now > r.lease_expires_at_ms.saturating_add(self.guard_ttl_ms);
+        if !pool_late {
+            self.provider_key_report(r, pool_settle, now);
+        }
         let (prompt, completion) = r.tokens.unwrap_or((0, 0));
         let record = UsageRecord {
             id: r.id.clone(),

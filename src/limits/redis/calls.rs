@@ -1,6 +1,7 @@
 //! Each operation as its script call, built from the typed contracts in
 //! `limits::scripts` (one round trip; two when the pool in Redis needs a sync). An
-//! admission with selection is two scripts at once, on two slots: `split`.
+//! admission with selection is two scripts at once, on two slots: `split`; so is a
+//! report naming a provider key (`report_redis`).
 
 use super::RedisCounters;
 use crate::limits::scripts::admit::{
@@ -9,7 +10,7 @@ use crate::limits::scripts::admit::{
 use crate::limits::scripts::call::Call;
 use crate::limits::scripts::limit_arg;
 use crate::limits::scripts::pick::PickCode;
-use crate::limits::scripts::pool_report::{self, PoolReportArgs, PoolReportKeys};
+use crate::limits::scripts::pool_report::{self, PoolReportArgs, PoolReportCode, PoolReportKeys};
 use crate::limits::scripts::pool_state::{PoolStateArgs, PoolStateKeys};
 use crate::limits::scripts::pool_sync::{PoolSyncArgs, PoolSyncKey, PoolSyncKeys, PoolSyncReply};
 use crate::limits::scripts::renew::{RenewArgs, RenewKeys, RenewReply};
@@ -120,6 +121,11 @@ impl RedisCounters {
         }
     }
 
+    /// A report: the client's part (`lua/report.lua`, on the lease's tenant shard) and,
+    /// when it names a provider key, that key's part (`lua/pool_report.lua`, on the
+    /// pool's tag) at once, so one round trip of latency. The pool's part keeps its own
+    /// once-per-lease guard and refuses what report.lua refuses as too late, so it needs
+    /// not wait for the client's answer (the orders are in the script's contract).
     pub(super) async fn report_redis(&self, r: &Report) -> Result<Reported, CounterError> {
         let (token, key_id) = r
             .lease
@@ -133,7 +139,7 @@ impl RedisCounters {
         let (prompt, completion) = r.tokens.unwrap_or((0, 0));
         let text = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
         let clock = self.shift.script_clock();
-        let mut call = self.scripts.report.prepare_invoke();
+        let mut call = Call::new(&self.scripts.report);
         ReportKeys::new(&self.space, shard, key_id, &r.id).push(&mut call);
         let spends = spend_entries(&self.space, shard, &r.spend_now);
         for (key, _) in &spends {
@@ -167,22 +173,42 @@ impl RedisCounters {
         for (_, args) in &spends {
             args.push(&mut call);
         }
-        let reply: Vec<redis::Value> = self.lanes.invoke("report", &call).await?;
-        let reported: Reported = ReportCode::parse(&reply)?.into();
-        if reported == Reported::Recorded {
-            self.pool_report(r).await;
-        }
+        let client = async {
+            let reply: Vec<redis::Value> = self.lanes.call("report", &call).await?;
+            Ok::<_, CounterError>(ReportCode::parse(&reply)?.into())
+        };
+        let reported = match self.pool_report_call(r) {
+            Some(pool) => {
+                let (reported, pooled) =
+                    tokio::join!(client, self.lanes.call("pool_report", &pool));
+                let pk = r.provider_key_id.as_deref().unwrap_or_default();
+                match pooled.and_then(|reply: Vec<redis::Value>| pool_report::parse(&reply)) {
+                    Ok(PoolReportCode::Settled | PoolReportCode::Duplicate) => {}
+                    Ok(PoolReportCode::TooLate) => {
+                        if matches!(reported, Ok(Reported::Recorded)) {
+                            tracing::info!(provider_key = %pk, "report of a lease renewed past the duplicate guard after its signed expiry: recorded, but its provider key's part is dropped");
+                        }
+                    }
+                    // Not answered: the client's part decides the answer (a failure there
+                    // is retried by the caller, and then this part runs once more, once).
+                    Err(e) => {
+                        tracing::warn!(error = %e, provider_key = %pk, "a report's provider key part failed: its reserved tokens pass with the window, and a cooldown it asked for is lost");
+                    }
+                }
+                reported
+            }
+            None => client.await,
+        }?;
         Ok(reported)
     }
 
-    /// A recorded report's provider-key part (`lua/pool_report.lua`, on the pool's tag):
-    /// settles the pick's tokens, cools the key down or suspends it, keeps its learned
-    /// limits. The report is recorded already (a retry would be a duplicate), so a
-    /// failure here is logged, not answered: the pick's reservation then passes with its
-    /// window (a minute), and a cooldown is lost.
-    async fn pool_report(&self, r: &Report) {
+    /// A report's provider-key part (`lua/pool_report.lua`, on the pool's tag), when it
+    /// has one: it settles the pick's tokens, cools the key down or suspends it, keeps
+    /// its learned limits. `None` when there is nothing to do there, or the key's
+    /// provider is unknown (its pool's tag with it).
+    fn pool_report_call(&self, r: &Report) -> Option<Call<'_>> {
         let (Some(pk), Some(provider)) = (&r.provider_key_id, &r.provider) else {
-            return;
+            return None;
         };
         let taken = r.lease.as_ref().and_then(|l| l.taken);
         let learned_cooldown_ms = r.learned_cooldown_ms();
@@ -191,12 +217,14 @@ impl RedisCounters {
             && r.suspend_ms == 0
             && learned_cooldown_ms == 0
             && r.learned.is_none();
-        if nothing {
-            return;
+        // A lease's report runs even with nothing to do, to set the guard: a repeat of it
+        // saying more (a 429 this time) must change nothing either.
+        if nothing && r.lease.is_none() {
+            return None;
         }
         let (prompt, completion) = r.tokens.unwrap_or((0, 0));
         let clock = self.shift.script_clock();
-        let mut call = self.scripts.pool_report.prepare_invoke();
+        let mut call = Call::new(&self.scripts.pool_report);
         let lease_token = r.lease.as_ref().map_or("", |l| l.token.as_str());
         PoolReportKeys::new(&self.space, provider, pk, lease_token).push(&mut call);
         PoolReportArgs {
@@ -214,16 +242,11 @@ impl RedisCounters {
             time_shift_ms: clock.shift_ms,
             now_ms: clock.pinned_ms,
             guarded: !lease_token.is_empty(),
+            guard_ttl_ms: self.guard_ttl_ms,
+            lease_expiry: r.lease_expires_at_ms,
         }
         .push(&mut call);
-        let result = self
-            .lanes
-            .invoke::<Vec<redis::Value>>("pool_report", &call)
-            .await
-            .and_then(|reply| pool_report::parse(&reply));
-        if let Err(e) = result {
-            tracing::warn!(error = %e, provider_key = %pk, "report recorded, but its provider key's part failed: its reserved tokens pass with the window");
-        }
+        Some(call)
     }
 
     pub(super) async fn renew_redis(

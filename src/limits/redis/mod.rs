@@ -4,7 +4,8 @@
 //! Key layout (`scripts::KeySpace`): a tenant's keys (a key's user, else the key) under
 //! its shard's hash tag `{S}` = `{P:<i>.<j>}`, a provider's pool under `{Q}` =
 //! `{P:p:<provider>}`, the deployment's own under `{P}`. Every script touches one tag, so
-//! one Redis Cluster slot; an admission with a pick runs two scripts at once (`split`).
+//! one Redis Cluster slot; an admission with a pick runs two scripts at once (`split`),
+//! and so does a report naming a provider key (`calls`).
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -24,6 +25,7 @@
 //! | `{Q}:pk:<id>:cd` / `:susp` | string | when its cooldown / suspension ends (ms) |
 //! | `{Q}:pk:<id>:cause` | hash | `cd` / `susp` → the report behind them (`status\|at\|source`); `lim` → what the rate-limit headers said last |
 //! | `{Q}:unpick:<lease token>` | string | a given-back pick's guard (2 minutes) |
+//! | `{Q}:prep:<lease token>` | string | a lease's report's provider-key part ran (`lua/pool_report.lua`; until the duplicate-guard time after the lease's signed expiry) |
 //! | `{P}:layout` | string | `shards=S`, re-asserted (SET NX) every few seconds; another count refuses a start, or makes a running replica not ready |
 //! | `{P}:usage` | stream | the one-tag layout's queue of the release before (drained) |
 //! | `{P}:streams` | set | every shard layout's stream names, added at start-up; a drained one of another layout is removed |

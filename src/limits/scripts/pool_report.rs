@@ -52,16 +52,33 @@ script_fields! {
         pub time_shift_ms: i64,
         /// 0 = the Redis server's `TIME`.
         pub now_ms: i64,
-        /// The lease's report is run once: a repeat (a cluster client re-sending after a
-        /// dropped connection) changes nothing. False for a report without a lease.
+        /// The lease's report is run once: a repeat (the caller's, or a cluster client
+        /// re-sending after a dropped connection) changes nothing. False for a report
+        /// without a lease.
         pub guarded: bool,
+        /// How long the guard outlives the lease's signed expiry (> 0): report.lua's.
+        pub guard_ttl_ms: i64,
+        /// The expiry signed into the lease id (0 = no lease).
+        pub lease_expiry: i64,
     }
 }
 
+/// The outcome codes of `lua/pool_report.lua` (the reply is `{code, now_ms}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolReportCode {
+    /// This lease's provider-key part ran already: nothing changed.
+    Duplicate,
+    Settled,
+    /// Later than the guard ttl after the lease's signed expiry: nothing changed.
+    TooLate,
+}
+
 /// Checks `lua/pool_report.lua`'s answer.
-pub fn parse(reply: &[redis::Value]) -> Result<(), CounterError> {
+pub fn parse(reply: &[redis::Value]) -> Result<PoolReportCode, CounterError> {
     match int_at("pool_report", reply, 0)? {
-        0 | 1 => Ok(()),
+        0 => Ok(PoolReportCode::Duplicate),
+        1 => Ok(PoolReportCode::Settled),
+        2 => Ok(PoolReportCode::TooLate),
         code => Err(protocol("pool_report", format_args!("code {code}"))),
     }
 }
@@ -73,5 +90,5 @@ pub const CONTRACT: Contract = Contract {
     keys_repeated: &[],
     argv: PoolReportArgs::NAMES,
     argv_repeated: &[],
-    codes: &[(0, "duplicate"), (1, "settled")],
+    codes: &[(0, "duplicate"), (1, "settled"), (2, "too_late")],
 };
