@@ -329,7 +329,7 @@ pub fn get() -> &'static Metrics {
 const ENDPOINTS: [&str; 3] = ["admit", "select", "authz"];
 const CACHES: [&str; 4] = ["client_keys", "provider_pools", "model_prices", "users"];
 const CACHE_RESULTS: [&str; 3] = ["hit", "stale", "miss"];
-const SCRIPTS: [&str; 2] = ["admit", "report"];
+const SCRIPTS: [&str; 3] = ["admit", "admit_window", "report"];
 
 /// Handles of those series, looked up once: `with_label_values` hashes its labels and
 /// takes the vector's lock on every call, a cost each decision paid several times.

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use keyward::limits::memory::MemoryCounters;
 use keyward::limits::redis::RedisCounters;
 use keyward::limits::scripts::admit::{AdmitArgs, AdmitKeys};
+use keyward::limits::scripts::admit_window::{AdmitWindowArgs, AdmitWindowKeys};
 use keyward::limits::scripts::{source, KeySpace};
 use keyward::limits::{
     AdmitRequest, BalanceSnapshot, CounterError, Counters, Decision, Denial, LeaseId, LightLease,
@@ -104,6 +105,7 @@ on_both_stores!(
     a_light_admission_writes_no_lease_record_and_its_report_settles_its_tokens,
     a_renewed_light_lease_is_reported_on_time_and_once,
     a_light_admissions_pool_refusal_gives_back_request_and_tokens,
+    a_key_gaining_a_concurrency_limit_keeps_its_window_counts_exact,
 );
 
 struct Store {
@@ -1172,6 +1174,25 @@ async fn scripts_assert_their_inputs() {
     let result: redis::RedisResult<Vec<i64>> = call.invoke_async(&mut conn).await;
     let error = result.unwrap_err().to_string();
     assert!(error.contains("light"), "{error}");
+    // The window script refuses negative tokens, before it writes anything either.
+    let script = redis::Script::new(source::ADMIT_WINDOW);
+    let mut call = script.prepare_invoke();
+    AdmitWindowKeys {
+        rpm: keys.rpm.clone(),
+    }
+    .push(&mut call);
+    AdmitWindowArgs {
+        rpm_limit: 10,
+        tpm_limit: 100,
+        tokens: -1,
+        lease_ttl_ms: 1000,
+        time_shift_ms: 0,
+        now_ms: 0,
+    }
+    .push(&mut call);
+    let result: redis::RedisResult<Vec<i64>> = call.invoke_async(&mut conn).await;
+    let error = result.unwrap_err().to_string();
+    assert!(error.contains("arguments"), "{error}");
     let written: i64 = redis::cmd("EXISTS")
         .arg(&keys.all()[..])
         .query_async(&mut conn)
@@ -2058,5 +2079,96 @@ async fn a_light_admissions_pool_refusal_gives_back_request_and_tokens(kind: Kin
         ),
         (1, 100, 0)
     );
+    s.cleanup().await;
+}
+
+/// How many calls of `lua/admit_window.lua` this process made so far (its duration's
+/// count; other tests add theirs, so only a lower bound of a test's own).
+fn window_calls() -> u64 {
+    keyward::metrics::get()
+        .script_seconds
+        .with_label_values(&["admit_window"])
+        .get_sample_count()
+}
+
+/// A light key whose windows are its only limits is decided by `lua/admit_window.lua`,
+/// the same key with a concurrency limit by `lua/admit.lua`: both read and write the same
+/// window fields, so a key that gains the limit mid-window (and loses it again) keeps its
+/// counts exact, each script's reports settle in the other's counts, and every second
+/// leaves the window on time whichever script settles it.
+async fn a_key_gaining_a_concurrency_limit_keeps_its_window_counts_exact(kind: Kind) {
+    let s = Store::new(kind).await;
+    let k = key();
+    fn windows(lease: &LeaseId) -> AdmitRequest<'_> {
+        AdmitRequest {
+            rpm: Some(6),
+            tpm: Some(1_000),
+            tokens: 100,
+            ..request(lease)
+        }
+    }
+    fn counted(lease: &LeaseId) -> AdmitRequest<'_> {
+        AdmitRequest {
+            concurrency: Some(10),
+            ..windows(lease)
+        }
+    }
+    let used = |d: &Decision| (d.usage.requests_used, d.usage.tokens_used);
+    let b = align(&s, 100).await;
+    let before = window_calls();
+    // Second b: two light admissions.
+    let a1 = LeaseId::new(&k);
+    let d = s.admit(&windows(&a1)).await;
+    assert!(admitted(&d) && d.light.is_some(), "{d:?}");
+    assert_eq!(used(&d), (1, 100));
+    let d = s.admit(&windows(&LeaseId::new(&k))).await;
+    assert_eq!(used(&d), (2, 200));
+    // Second b+1: the key gained a concurrency limit; its lease is recorded and counted.
+    s.advance(1_000);
+    let c1 = LeaseId::new(&k);
+    let d = s.admit(&counted(&c1)).await;
+    assert!(admitted(&d) && d.light.is_none(), "{d:?}");
+    assert_eq!((used(&d), d.usage.in_flight), ((3, 300), 1));
+    // 30 of its 100 tokens used: bucket b+1 keeps 30.
+    let reported = s.counters.report(&report(&c1, Some((20, 10)), 0)).await;
+    assert_eq!(reported.unwrap(), Reported::Recorded);
+    // Second b+2: light again, then counted, then light.
+    s.advance(1_000);
+    let d = s.admit(&windows(&LeaseId::new(&k))).await;
+    assert_eq!(used(&d), (4, 330));
+    // 50 of a1's 100: bucket b keeps 150.
+    let reported = s.counters.report(&report(&a1, Some((50, 0)), 0)).await;
+    assert_eq!(reported.unwrap(), Reported::Recorded);
+    assert_eq!(used(&s.admit(&counted(&LeaseId::new(&k))).await), (5, 380));
+    assert_eq!(used(&s.admit(&windows(&LeaseId::new(&k))).await), (6, 480));
+    // Full: room again when second b leaves, at b+61.
+    let d = s.admit(&windows(&LeaseId::new(&k))).await;
+    let (reason, retry) = denial(&d);
+    assert_eq!(reason, Denial::Requests);
+    assert_eq!(retry, Some((b + 61) * 1000 - d.usage.now_ms));
+    assert_eq!(used(&d), (6, 480));
+    let d = s.admit(&counted(&LeaseId::new(&k))).await;
+    let wait = (b + 61) * 1000 - d.usage.now_ms;
+    assert_eq!(
+        (denial(&d), used(&d)),
+        ((Denial::Requests, Some(wait)), (6, 480))
+    );
+    // At b+61 the light script settles second b away (2 requests, 150 tokens) ...
+    s.advance(wait);
+    let d = s.admit(&windows(&LeaseId::new(&k))).await;
+    assert_eq!(d.usage.now_ms.div_euclid(1000), b + 61);
+    assert_eq!(used(&d), (5, 430));
+    assert_eq!(used(&s.admit(&counted(&LeaseId::new(&k))).await), (6, 530));
+    // ... and at b+62 admit.lua settles second b+1 away (1 request, 30 tokens).
+    s.advance(1_000);
+    let d = s.admit(&counted(&LeaseId::new(&k))).await;
+    assert_eq!(used(&d), (6, 600));
+    assert_eq!(d.usage.requests_reset_ms, (b + 63) * 1000 - d.usage.now_ms);
+    let d = s.admit(&windows(&LeaseId::new(&k))).await;
+    assert_eq!(denial(&d).0, Denial::Requests);
+    if !matches!(kind, Kind::Memory) {
+        // Seven light decisions here took the window script.
+        assert!(window_calls() - before >= 7, "{}", window_calls() - before);
+    }
     s.cleanup().await;
 }

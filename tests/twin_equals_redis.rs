@@ -5,7 +5,8 @@
 //! of every period, some seeded, some shared by both keys as a user's are: a spend hold
 //! of one key can then leave by the other's admissions, before its late report; a key
 //! without a concurrency limit, a balance or a corrected entry admits light, without a
-//! lease record, its lease then carrying its report's data), selections,
+//! lease record, its lease then carrying its report's data; one without a quota entry
+//! by `lua/admit_window.lua`, whose calls the test counts), selections,
 //! reports (with and without a lease, statuses that cool a
 //! provider key down or suspend it, rate-limit headers, tokens, costs), renewals, admin
 //! changes (balance credits, client limits, the pool, provider key resets), clock
@@ -944,6 +945,16 @@ fn the_twin_decides_as_the_scripts_do() {
         assert!(
             light.iter().all(|n| *n > 0),
             "the sequences should reach light admissions, their reports and renewals: {light:?}"
+        );
+        // A light key without quota entries is decided by lua/admit_window.lua (its
+        // calls are timed under their own label; this binary has one test).
+        let window = keyward::metrics::get()
+            .script_seconds
+            .with_label_values(&["admit_window"])
+            .get_sample_count();
+        assert!(
+            window > 0,
+            "some admissions should take lua/admit_window.lua"
         );
     }
 }

@@ -7,6 +7,7 @@ use super::RedisCounters;
 use crate::limits::scripts::admit::{
     push_quota_args, push_quota_keys, AdmitArgs, AdmitCode, AdmitKeys, AdmitReply,
 };
+use crate::limits::scripts::admit_window::{AdmitWindowArgs, AdmitWindowKeys};
 use crate::limits::scripts::call::Call;
 use crate::limits::scripts::limit_arg;
 use crate::limits::scripts::pick::PickCode;
@@ -49,44 +50,61 @@ impl RedisCounters {
 
     pub(super) async fn admit_redis(&self, r: &AdmitRequest<'_>) -> Result<Decision, CounterError> {
         let shard = self.space.shard_of_lease(r.lease);
-        let balance = r.balance.unwrap_or(crate::limits::BalanceSnapshot {
-            credited: 0,
-            used: 0,
-            version: 0,
-        });
-        // Light (no lease record, see `AdmitRequest::light_meta`) or not: both stores
-        // decide alike.
-        let light = r.light_meta();
-        let light_arg = light.is_some();
-        let meta =
-            light.unwrap_or_else(|| crate::limits::lease_meta(r.provider, r.model, r.api_format));
         let clock = self.shift.script_clock();
-        // The client's part only (no pool version): every key on the tenant's shard. The
-        // pool's part, when one is wanted, is `lua/pick.lua` on the pool's tag (`split`).
-        let mut call = Call::new(&self.scripts.admit);
-        AdmitKeys::new(&self.space, shard, &r.lease.key_id).push(&mut call);
-        push_quota_keys(&self.space, shard, r.quotas, &mut call);
-        AdmitArgs {
-            rpm_limit: limit_arg(r.rpm),
-            tpm_limit: limit_arg(r.tpm),
-            concurrency_limit: limit_arg(r.concurrency),
-            tokens: r.tokens,
-            lease_token: &r.lease.token,
-            lease_ttl_ms: r.lease_ttl_ms,
-            lease_meta: meta,
-            balance_tracked: r.balance.is_some(),
-            // Bounded like the twin's live balance: the script's doubles stay exact.
-            credited: crate::money::bounded(balance.credited.into()),
-            used: crate::money::bounded(balance.used.into()),
-            balance_version: balance.version,
-            time_shift_ms: clock.shift_ms,
-            hold: r.hold_micros,
-            now_ms: clock.pinned_ms,
-            guard_ttl_ms: self.guard_ttl_ms,
-            light: light_arg,
+        // Light (no lease record, see `AdmitRequest::light_meta`) or not: both stores
+        // decide alike. A light key whose windows are its only limits (the common key)
+        // takes `lua/admit_window.lua`: six arguments, no quota or lease code.
+        let light = r.light_meta();
+        let mut call;
+        if light.is_some() && r.quotas.is_empty() {
+            call = Call::new(&self.scripts.admit_window);
+            AdmitWindowKeys::new(&self.space, shard, &r.lease.key_id).push(&mut call);
+            AdmitWindowArgs {
+                rpm_limit: limit_arg(r.rpm),
+                tpm_limit: limit_arg(r.tpm),
+                tokens: r.tokens,
+                lease_ttl_ms: r.lease_ttl_ms,
+                time_shift_ms: clock.shift_ms,
+                now_ms: clock.pinned_ms,
+            }
+            .push(&mut call);
+        } else {
+            let light_arg = light.is_some();
+            let balance = r.balance.unwrap_or(crate::limits::BalanceSnapshot {
+                credited: 0,
+                used: 0,
+                version: 0,
+            });
+            let meta = light
+                .unwrap_or_else(|| crate::limits::lease_meta(r.provider, r.model, r.api_format));
+            // The client's part only (no pool version): every key on the tenant's shard.
+            // The pool's part, when one is wanted, is `lua/pick.lua` on the pool's tag
+            // (`split`).
+            call = Call::new(&self.scripts.admit);
+            AdmitKeys::new(&self.space, shard, &r.lease.key_id).push(&mut call);
+            push_quota_keys(&self.space, shard, r.quotas, &mut call);
+            AdmitArgs {
+                rpm_limit: limit_arg(r.rpm),
+                tpm_limit: limit_arg(r.tpm),
+                concurrency_limit: limit_arg(r.concurrency),
+                tokens: r.tokens,
+                lease_token: &r.lease.token,
+                lease_ttl_ms: r.lease_ttl_ms,
+                lease_meta: meta,
+                balance_tracked: r.balance.is_some(),
+                // Bounded like the twin's live balance: the script's doubles stay exact.
+                credited: crate::money::bounded(balance.credited.into()),
+                used: crate::money::bounded(balance.used.into()),
+                balance_version: balance.version,
+                time_shift_ms: clock.shift_ms,
+                hold: r.hold_micros,
+                now_ms: clock.pinned_ms,
+                guard_ttl_ms: self.guard_ttl_ms,
+                light: light_arg,
+            }
+            .push(&mut call);
+            push_quota_args(r.quotas, &mut call);
         }
-        .push(&mut call);
-        push_quota_args(r.quotas, &mut call);
         match r.pool.filter(|p| !p.is_empty()) {
             // Boxed, as the lane's connect below: the two calls at once are a large
             // future, and inline they made every admission's future as large (14 KB,
@@ -99,9 +117,15 @@ impl RedisCounters {
         }
     }
 
-    /// Runs the client's admit call and checks its answer.
+    /// Runs the client's admit call (`lua/admit.lua` or `lua/admit_window.lua`, each
+    /// measured under its own name) and checks its answer.
     pub(super) async fn invoke_client(&self, call: &Call<'_>) -> Result<AdmitReply, CounterError> {
-        let reply = self.lanes.call::<Vec<redis::Value>>("admit", call).await?;
+        let name = if std::ptr::eq(call.script(), &self.scripts.admit_window) {
+            "admit_window"
+        } else {
+            "admit"
+        };
+        let reply = self.lanes.call::<Vec<redis::Value>>(name, call).await?;
         AdmitReply::parse(&reply)
     }
 

@@ -1,7 +1,7 @@
-//! An admission with selection on two slots: the client's part (`lua/admit.lua`, on the
-//! tenant's shard) and the pool's (`lua/pick.lua`, on the pool's tag) run at once, so
-//! the decision stays one round trip of latency while the two usually live on two
-//! masters.
+//! An admission with selection on two slots: the client's part (`lua/admit.lua` or
+//! `lua/admit_window.lua`, on the tenant's shard) and the pool's (`lua/pick.lua`, on the
+//! pool's tag) run at once, so the decision stays one round trip of latency while the
+//! two usually live on two masters.
 //!
 //! Each part is atomic on its own; together they are not. When one side takes and the
 //! other refuses (or fails), the side that took is given back by a compensating call

@@ -10,6 +10,7 @@
 //! checks it against these lists and the reply enums' codes, so neither side can drift.
 
 pub mod admit;
+pub mod admit_window;
 pub mod call;
 pub mod pick;
 pub mod pool_report;
@@ -70,6 +71,7 @@ pub(crate) use script_fields;
 /// The Lua sources, compiled into the binary.
 pub mod source {
     pub const ADMIT: &str = include_str!("../../../lua/admit.lua");
+    pub const ADMIT_WINDOW: &str = include_str!("../../../lua/admit_window.lua");
     pub const REPORT: &str = include_str!("../../../lua/report.lua");
     pub const RENEW: &str = include_str!("../../../lua/renew.lua");
     pub const POOL_STATE: &str = include_str!("../../../lua/pool_state.lua");
@@ -95,7 +97,7 @@ pub struct Contract {
 }
 
 /// Every script's contract.
-pub const CONTRACTS: [Contract; 9] = [
+pub const CONTRACTS: [Contract; 10] = [
     admit::CONTRACT,
     report::CONTRACT,
     renew::CONTRACT,
@@ -105,6 +107,7 @@ pub const CONTRACTS: [Contract; 9] = [
     pick::CONTRACT,
     unpick::CONTRACT,
     pool_report::CONTRACT,
+    admit_window::CONTRACT,
 ];
 
 /// The script clock: what every script takes as its last two time arguments. In
@@ -293,6 +296,7 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 /// Every script keyward runs, loaded once.
 pub struct Scripts {
     pub admit: Script,
+    pub admit_window: Script,
     pub report: Script,
     pub renew: Script,
     pub pool_state: Script,
@@ -307,6 +311,7 @@ impl Default for Scripts {
     fn default() -> Self {
         Self {
             admit: Script::new(source::ADMIT),
+            admit_window: Script::new(source::ADMIT_WINDOW),
             report: Script::new(source::REPORT),
             renew: Script::new(source::RENEW),
             pool_state: Script::new(source::POOL_STATE),
@@ -320,9 +325,10 @@ impl Default for Scripts {
 }
 
 impl Scripts {
-    pub fn all(&self) -> [&Script; 9] {
+    pub fn all(&self) -> [&Script; 10] {
         [
             &self.admit,
+            &self.admit_window,
             &self.report,
             &self.renew,
             &self.pool_state,
