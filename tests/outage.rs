@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{error_code, eventually, PrivateRedis, TestDb, TestServer};
+use common::{error_code, eventually, PrivateCluster, PrivateRedis, TestDb, TestServer};
 use keyward::config;
 use serde_json::json;
 
@@ -348,4 +348,157 @@ async fn a_later_outage_starts_from_the_database_balance() {
     assert!(twin.held_keys() > 0);
     counters.sweep();
     assert_eq!(twin.held_keys(), 0, "the outage twin was not swept");
+}
+
+/// The slot of a Redis key's hash tag.
+fn slot_of(name: &str) -> u32 {
+    let open = name.find('{').unwrap();
+    let close = name[open..].find('}').unwrap() + open;
+    keyward::limits::scripts::slot(&name[open + 1..close])
+}
+
+/// A replica on `cluster` under `deny`.
+async fn on_cluster(cluster: &PrivateCluster) -> TestServer {
+    let db = Arc::new(TestDb::new(common::Backend::Sqlite).await);
+    let mut raw = common::base_config(&db);
+    raw.insert(config::REDIS_URL, cluster.url.clone());
+    raw.insert(config::ON_BACKEND_ERROR, "deny".to_string());
+    TestServer::start_on(db, raw).await
+}
+
+/// A key's secret whose shard's master is (`on`) or is not (`!on`) the one on `port`.
+async fn key_near(s: &TestServer, cluster: &PrivateCluster, port: u16, on: bool) -> String {
+    let keyward::limits::Counters::Redis(redis) = &s.state.counters else {
+        panic!("not the Redis shape");
+    };
+    loop {
+        // No concurrency limit: the test's admissions hold their leases.
+        let (key, secret) = s.create_key(json!({"concurrent_limit": null})).await;
+        let id = key["id"].as_str().unwrap();
+        let master = cluster.owner_of(slot_of(&redis.key(id, "rpm"))).await;
+        if (master == port) == on {
+            return secret;
+        }
+    }
+}
+
+/// One admission, which must answer within 3 s: (status, error code).
+async fn admit_bounded(s: &TestServer, secret: &str) -> (u16, String) {
+    let a = tokio::time::timeout(Duration::from_secs(3), s.admit(json!({"key": secret})))
+        .await
+        .expect("an admission hung: a cluster that cannot answer was waited for");
+    let code = if a.status == 200 {
+        String::new()
+    } else {
+        error_code(&a)
+    };
+    (a.status, code)
+}
+
+/// A master of a cluster killed (`KILL`) or paused (`STOP`): its tenants are refused
+/// with 503 fast, the other masters' tenants are admitted, `/readyz` says 503; once it
+/// is back, everything recovers.
+async fn a_master_fails(signal: &str) {
+    let mut cluster = PrivateCluster::start().await;
+    let s = on_cluster(&cluster).await;
+    let victim = cluster.ports[0];
+    let doomed = key_near(&s, &cluster, victim, true).await;
+    let healthy = key_near(&s, &cluster, victim, false).await;
+    assert_eq!(admit_bounded(&s, &doomed).await.0, 200);
+    assert_eq!(admit_bounded(&s, &healthy).await.0, 200);
+    assert_eq!(ready(&s).await, 200);
+
+    cluster.signal(victim, signal);
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let t = Instant::now();
+        assert_eq!(
+            admit_bounded(&s, &doomed).await,
+            (503, "BACKEND_UNAVAILABLE".to_string())
+        );
+        slowest = slowest.max(t.elapsed());
+    }
+    eprintln!("{signal}: slowest refusal {slowest:?}");
+    // The breaker may have opened on the doomed key's failures; once its window has
+    // passed, the healthy masters' tenants are admitted.
+    eventually(5, || async {
+        (admit_bounded(&s, &healthy).await.0 == 200).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    assert_eq!(ready(&s).await, 503, "/readyz must say a master is gone");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    if signal == "STOP" {
+        cluster.signal(victim, "CONT");
+    } else {
+        cluster.restart(victim).await;
+    }
+    eventually(20, || async {
+        (admit_bounded(&s, &doomed).await.0 == 200).then_some(())
+    })
+    .await;
+    eventually(10, || async { (ready(&s).await == 200).then_some(()) }).await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_cluster_master_refuses_its_tenants_fast_and_recovers() {
+    a_master_fails("KILL").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_cluster_master_refuses_its_tenants_fast_and_recovers() {
+    a_master_fails("STOP").await;
+}
+
+/// Once the cluster has marked a dead master failed, every master answers `CLUSTERDOWN`
+/// (Redis's default `cluster-require-full-coverage yes`): the healthy masters' tenants
+/// are refused with 503 fast too (before, their admissions hung, retried without end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_down_refuses_every_tenant_fast_and_recovers() {
+    let mut cluster = PrivateCluster::start().await;
+    // The failure is detected after 1 s instead of 15.
+    for port in &cluster.ports {
+        let mut conn = PrivateCluster::node(*port).await;
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("cluster-node-timeout")
+            .arg("1000")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let s = on_cluster(&cluster).await;
+    let victim = cluster.ports[0];
+    let healthy = key_near(&s, &cluster, victim, false).await;
+    assert_eq!(admit_bounded(&s, &healthy).await.0, 200);
+
+    cluster.signal(victim, "KILL");
+    let survivor = cluster.ports[1];
+    eventually(30, || async {
+        let mut conn = PrivateCluster::node(survivor).await;
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        info.contains("cluster_state:fail").then_some(())
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            admit_bounded(&s, &healthy).await,
+            (503, "BACKEND_UNAVAILABLE".to_string())
+        );
+    }
+    assert_eq!(ready(&s).await, 503);
+
+    cluster.restart(victim).await;
+    eventually(20, || async {
+        (admit_bounded(&s, &healthy).await.0 == 200).then_some(())
+    })
+    .await;
+    eventually(10, || async { (ready(&s).await == 200).then_some(()) }).await;
+    s.stop().await;
 }

@@ -79,3 +79,72 @@ async fn records_of_the_shard_layout_before_reach_the_database() {
     eight.stop().await;
     delete_prefix(&redis_url(), &prefix).await;
 }
+
+/// The members of the registry `key`.
+async fn registered(redis: &keyward::limits::redis::RedisCounters, key: &str) -> Vec<String> {
+    let mut conn = redis.conn().await.unwrap();
+    redis::cmd("SMEMBERS")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Two layouts running at once (the layout key was lost, and a replica started with
+/// another count): neither's writers remove the other's idle streams from the registry,
+/// so a record queued in one of them, whose replicas then die, is applied by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_layouts_at_once_keep_each_others_streams_registered() {
+    let db = std::sync::Arc::new(TestDb::new(Backend::Postgres).await);
+    let prefix = unique_prefix();
+    let raw = |shards: &str| {
+        let mut raw = base_config(&db);
+        raw.insert(config::REDIS_URL, redis_url());
+        raw.insert(config::REDIS_PREFIX, prefix.clone());
+        raw.insert(config::REDIS_SHARDS, shards.into());
+        // Claim rounds (and registry lookups) every second.
+        raw.insert(config::ACCOUNTING_CLAIM_IDLE_S, "1".into());
+        raw
+    };
+    let four = TestServer::start_on(db.clone(), raw("4")).await;
+    let Counters::Redis(redis) = &four.state.counters else {
+        panic!("distributed shape without Redis");
+    };
+    let redis = redis.clone();
+    let old = redis.stream_keys()[1].clone();
+    let registry = redis.stream_registry();
+    let mut conn = redis.conn().await.unwrap();
+    let layout = format!("{}:layout", redis.space().legacy_tag());
+    let _: i64 = redis::cmd("DEL")
+        .arg(&layout)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let eight = TestServer::start_on(db.clone(), raw("8")).await;
+    // Several claim rounds of both layouts' writers, every stream idle.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let members = registered(&redis, &registry).await;
+    assert_eq!(
+        members.len(),
+        12,
+        "both layouts' streams stay registered while both run: {members:?}"
+    );
+
+    // The four-shard replica dies with a record queued but not yet applied.
+    four.stop().await;
+    let id = format!("met-{}", uuid::Uuid::new_v4().simple());
+    common::queue_usage_record(&mut conn, &old, &id).await;
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    eventually(30, || async {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_records WHERE id = $1")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+        (n == 1).then_some(())
+    })
+    .await;
+    eight.stop().await;
+    delete_prefix(&redis_url(), &prefix).await;
+}

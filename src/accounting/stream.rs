@@ -48,6 +48,11 @@ async fn regroup(conn: &mut Conn, stream: &str) -> redis::RedisResult<()> {
     Ok(())
 }
 
+/// How often a writer claims abandoned entries and registers its streams again.
+pub fn claim_every(claim_idle: Duration) -> Duration {
+    claim_idle.min(Duration::from_secs(10))
+}
+
 /// Reads, applies and acknowledges until `stop` is set, from every stream of `streams`
 /// (each tenant shard's, then the one-tag layout's of the release before, read until it
 /// is drained, then those of other shard counts listed in `registry`, looked up again at
@@ -70,7 +75,7 @@ pub async fn run(
     db: Db,
     mut stop: watch::Receiver<bool>,
 ) {
-    let claim_every = claim_idle.min(Duration::from_secs(10));
+    let claim_every = claim_every(claim_idle);
     let mut attempt = 0;
     // Start with this consumer's own unacknowledged entries (a restart under the same
     // name, or a batch that failed), then read new ones.
@@ -106,6 +111,13 @@ pub async fn run(
         if last_claim.elapsed() >= claim_every {
             last_claim = Instant::now();
             let others = &mut (streams.split_off(current), pending.split_off(current));
+            // This layout's streams, registered again: the promise that keeps them
+            // listed while this replica may queue records in them.
+            if let Err(e) =
+                super::registry::register(c, &registry, &streams[..legacy], claim_every).await
+            {
+                tracing::warn!(error = %e, "accounting: registering the usage streams failed");
+            }
             if let Err(e) = super::registry::refresh(c, &registry, &streams, others).await {
                 tracing::warn!(error = %e, "accounting: reading the stream registry failed");
             }

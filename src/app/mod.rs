@@ -117,9 +117,14 @@ async fn connect_redis(
     }
     // Listed so the writers read them even after the shard count changes.
     let registry = redis.stream_registry();
-    accounting::registry::register(&mut conn, &registry, &streams[..streams.len() - 1])
-        .await
-        .map_err(|e| unreachable(&e))?;
+    accounting::registry::register(
+        &mut conn,
+        &registry,
+        &streams[..streams.len() - 1],
+        accounting::stream::claim_every(config.accounting_claim_idle),
+    )
+    .await
+    .map_err(|e| unreachable(&e))?;
     let target = redis.target().clone();
     let pubsub = Box::new(target.pubsub_client().map_err(|e| unreachable(&e))?);
     let accounting = Accounting::Stream {

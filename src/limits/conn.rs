@@ -21,6 +21,15 @@ use redis::{Cmd, Pipeline, RedisFuture, TlsCertificates, Value};
 
 use super::CounterError;
 
+/// How long one call waits for Redis's answer: the redis crate's default for a standalone
+/// connection, set explicitly for the cluster's (which has none by default).
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long opening a connection to one node may take (the redis crate's default).
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+/// Retries of a cluster request (MOVED, ASK, TRYAGAIN, a reconnection), all within
+/// [`RESPONSE_TIMEOUT`].
+const CLUSTER_RETRIES: u32 = 3;
+
 /// The node URLs of `KEYWARD_REDIS_URL`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Nodes {
@@ -106,14 +115,89 @@ impl Target {
         self.client(&self.node_urls()[0])
     }
 
+    /// A cluster client with the standalone connection's bounds: without a response
+    /// timeout the redis crate waits for a dead or paused master indefinitely (retrying
+    /// with backoff), so every call to its slots would hang instead of failing over to
+    /// the failure policy. The response timeout also bounds a whole request, retries and
+    /// redirections included.
     fn cluster_builder(&self, nodes: &[String]) -> ClusterClientBuilder {
-        let builder = ClusterClientBuilder::new(nodes.to_vec());
+        let builder = ClusterClientBuilder::new(nodes.to_vec())
+            .response_timeout(RESPONSE_TIMEOUT)
+            .connection_timeout(CONNECTION_TIMEOUT)
+            .retries(CLUSTER_RETRIES);
         match &self.certs {
             Some(certs) if nodes.iter().all(|n| n.starts_with("rediss://")) => {
                 builder.certs(certs.clone())
             }
             _ => builder,
         }
+    }
+
+    /// On a cluster, whether every master that owns slots answers and sees the cluster
+    /// whole (`cluster_state:ok`), each asked on a connection of its own within
+    /// [`RESPONSE_TIMEOUT`]. The cluster connection alone cannot tell: it sends a
+    /// command meant for every master only to those it is connected to, so a dead
+    /// master is skipped. `conn` reads the slot map. A standalone Redis: `Ok`.
+    pub async fn masters_answer(&self, conn: &mut Conn) -> Result<(), CounterError> {
+        let Nodes::Cluster(nodes) = &self.nodes else {
+            return Ok(());
+        };
+        let slots: Vec<Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+        let mut masters: Vec<(String, i64)> = slots
+            .iter()
+            .filter_map(|range| match range {
+                Value::Array(parts) => match parts.get(2) {
+                    Some(Value::Array(master)) => Some((
+                        redis::from_redis_value_ref::<String>(master.first()?).ok()?,
+                        redis::from_redis_value_ref::<i64>(master.get(1)?).ok()?,
+                    )),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        masters.sort();
+        masters.dedup();
+        if masters.is_empty() {
+            return Err(CounterError::Protocol("the cluster has no slots".into()));
+        }
+        // The nodes' scheme and credentials, with each master's address.
+        let first = &nodes[0];
+        let (scheme, rest) = first.split_once("://").unwrap_or(("redis", first));
+        let auth = rest.rsplit_once('@').map_or("", |(auth, _)| auth);
+        let auth = if auth.is_empty() {
+            String::new()
+        } else {
+            format!("{auth}@")
+        };
+        let checks = masters.iter().map(|(host, port)| {
+            let url = format!("{scheme}://{auth}{host}:{port}");
+            async move {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECTION_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT));
+                let mut node = self
+                    .client(&url)?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut node)
+                    .await?;
+                if info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                    Ok(())
+                } else {
+                    Err(CounterError::Protocol(format!(
+                        "the cluster master {host}:{port} reports the cluster down"
+                    )))
+                }
+            }
+        });
+        futures_util::future::join_all(checks)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>, CounterError>>()
+            .map(drop)
     }
 
     /// A connection of its own with a long response timeout, for blocking reads.

@@ -128,7 +128,7 @@ pub struct PrivateCluster {
 
 struct PrivateRedisNode {
     child: std::process::Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for PrivateRedisNode {
@@ -138,6 +138,26 @@ impl Drop for PrivateRedisNode {
     }
 }
 
+/// A cluster node's command line.
+fn cluster_node_args(port: u16) -> Vec<String> {
+    [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Starts one cluster-enabled redis-server, on another port when the one picked was
 /// taken meanwhile by another test's server (redis-server then exits).
 async fn start_cluster_node() -> (u16, PrivateRedisNode) {
@@ -145,20 +165,7 @@ async fn start_cluster_node() -> (u16, PrivateRedisNode) {
         let port = free_cluster_port();
         let dir = tempfile::tempdir().unwrap();
         let mut child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(cluster_node_args(port))
             .current_dir(dir.path())
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -177,7 +184,7 @@ async fn start_cluster_node() -> (u16, PrivateRedisNode) {
                     .ok()
             };
             if pong.await.is_some() {
-                return (port, PrivateRedisNode { child, _dir: dir });
+                return (port, PrivateRedisNode { child, dir });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -226,6 +233,50 @@ impl PrivateCluster {
             url: format!("redis+cluster://{}", addresses.join(",")),
             ports,
             nodes,
+        }
+    }
+
+    fn node_at(&mut self, port: u16) -> &mut PrivateRedisNode {
+        let i = self.ports.iter().position(|p| *p == port).unwrap();
+        &mut self.nodes[i]
+    }
+
+    /// Sends `signal` (`KILL`, `STOP`, `CONT`) to the master on `port`.
+    pub fn signal(&mut self, port: u16, signal: &str) {
+        let pid = self.node_at(port).child.id().to_string();
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal} {pid}");
+        if signal == "KILL" {
+            let _ = self.node_at(port).child.wait();
+        }
+    }
+
+    /// Starts the master on `port` again after [`PrivateCluster::signal`] `KILL`, from
+    /// its own directory (its `nodes.conf`: it rejoins with its slots), and waits until
+    /// every master sees the cluster whole.
+    pub async fn restart(&mut self, port: u16) {
+        let node = self.node_at(port);
+        node.child = std::process::Command::new("redis-server")
+            .args(cluster_node_args(port))
+            .current_dir(node.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for port in self.ports.clone() {
+            eventually(30, || async {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                info.contains("cluster_state:ok").then_some(())
+            })
+            .await;
         }
     }
 

@@ -38,12 +38,17 @@ impl Lanes {
         Ok((i, conn))
     }
 
-    /// Forgets a lane whose connection broke; the next use takes a fresh one.
-    fn broken(&self, i: usize, error: &redis::RedisError) {
-        if error.is_io_error()
-            || error.is_connection_dropped()
-            || error.is_unrecoverable_error()
-            || error.is_timeout()
+    /// Forgets a lane whose connection broke; the next use takes a fresh one. A cluster
+    /// connection is kept: it reconnects to each node by itself (from the initial nodes
+    /// when need be), and one dead or paused master's errors must not make every request
+    /// open a whole new cluster connection (discovery and a handshake with every master,
+    /// the paused one's included, which would slow the healthy masters' tenants too).
+    fn broken(&self, i: usize, conn: &Conn, error: &redis::RedisError) {
+        if matches!(conn, Conn::Single(_))
+            && (error.is_io_error()
+                || error.is_connection_dropped()
+                || error.is_unrecoverable_error()
+                || error.is_timeout())
         {
             *self.lanes[i].lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
@@ -59,7 +64,7 @@ impl Lanes {
         self.measured(name, async {
             let (i, mut conn) = self.get().await?;
             call.invoke_async(&mut conn).await.map_err(|e| {
-                self.broken(i, &e);
+                self.broken(i, &conn, &e);
                 CounterError::from(e)
             })
         })
@@ -89,7 +94,7 @@ impl Lanes {
                 other => other,
             };
             result.map_err(|e| {
-                self.broken(i, &e);
+                self.broken(i, &conn, &e);
                 CounterError::from(e)
             })
         })

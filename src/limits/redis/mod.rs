@@ -362,7 +362,7 @@ impl RedisCounters {
         }
     }
 
-    /// Redis answers and holds every script.
+    /// Redis answers and holds every script; on a cluster, every master answers.
     pub async fn ready(&self) -> Result<(), CounterError> {
         let mut conn = self.conn().await?;
         let mut exists = redis::cmd("SCRIPT");
@@ -371,6 +371,7 @@ impl RedisCounters {
             exists.arg(script.get_hash());
         }
         let loaded: Vec<bool> = exists.query_async(&mut conn).await?;
+        self.target.masters_answer(&mut conn).await?;
         if loaded.iter().all(|l| *l) {
             Ok(())
         } else {

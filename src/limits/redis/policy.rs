@@ -31,14 +31,27 @@ impl Degraded {
     }
 }
 
-/// An error that means "Redis cannot answer", as opposed to a bug.
+/// An error that means "Redis cannot answer", as opposed to a bug. On a cluster that
+/// includes a node's "the cluster is down / this slot has no master" answers and the
+/// client finding no connection for a slot (its master dead).
 fn is_outage(e: &CounterError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
     match e {
         CounterError::Redis(e) => {
             e.is_io_error()
                 || e.is_timeout()
                 || e.is_connection_dropped()
                 || e.is_connection_refusal()
+                || matches!(
+                    e.kind(),
+                    ErrorKind::ClusterConnectionNotFound
+                        | ErrorKind::Server(
+                            ServerErrorKind::ClusterDown
+                                | ServerErrorKind::TryAgain
+                                | ServerErrorKind::MasterDown
+                                | ServerErrorKind::BusyLoading
+                        )
+                )
         }
         CounterError::Pool(_) | CounterError::CircuitOpen => true,
         CounterError::Protocol(_)
