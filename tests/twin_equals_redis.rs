@@ -891,6 +891,46 @@ fn regressions() -> Vec<Case> {
             },
             admit(1, 800, 10),
         ]),
+        // A per-minute quota second settled to 0 by a report, then a pool refusal in the
+        // same second: the answer's window counts nothing and shows no reset in both
+        // stores (the Redis shape answers from its figures before the take it gave back).
+        Case {
+            quotas: vec![Quota {
+                counter: 0,
+                kind: QuotaKind::TokensPerMinute,
+                limit: 26,
+                seed: None,
+            }],
+            // Too small for the second admission's 11 tokens: the pool refuses it.
+            pool: vec![ProviderKey {
+                priority: 0,
+                rpm: None,
+                tpm: Some(5),
+            }],
+            ..with(vec![
+                Op::Admit {
+                    key: 1,
+                    tokens: 1,
+                    ttl_ms: 20_000,
+                    hold: 0,
+                    select: false,
+                },
+                Op::Report {
+                    lease: index_of(0, 1),
+                    tokens: Some((0, 0)),
+                    cost: 0,
+                    status: Status::Ok,
+                    spend_now: false,
+                },
+                Op::Admit {
+                    key: 1,
+                    tokens: 11,
+                    ttl_ms: 20_000,
+                    hold: 0,
+                    select: true,
+                },
+            ])
+        },
         // A renewed lease's hold outlives its first expiry.
         with(vec![
             admit(0, 800, 5),

@@ -356,6 +356,29 @@ pub struct TokenClasses {
     pub reasoning: i64,
 }
 
+/// A pool refusal's answer (the client's side took nothing, or gave it back): a
+/// per-minute window that counts nothing shows no reset, whether or not a second of it
+/// holds a zero (a report settled it to 0). The Redis shape answers from the figures
+/// before its take and cannot tell the two apart; both stores answer this way.
+pub fn pool_refusal_resets(r: &AdmitRequest<'_>, d: &mut Decision) {
+    let u = &mut d.usage;
+    if u.requests_used == 0 {
+        u.requests_reset_ms = 0;
+    }
+    if u.tokens_used == 0 {
+        u.tokens_reset_ms = 0;
+    }
+    for (entry, q) in r.quotas.iter().zip(d.quotas.iter_mut()) {
+        let window = matches!(
+            entry.kind,
+            QuotaKind::RequestsPerMinute | QuotaKind::TokensPerMinute
+        );
+        if window && q.used == 0 {
+            q.reset_ms = 0;
+        }
+    }
+}
+
 /// The prefix of a report's id that its caller named (`report_id`, without a lease): the
 /// stores guard such a report against repeats as they guard a lease's, for the
 /// duplicate-guard time (`lua/report.lua`); the database keeps one record per id after

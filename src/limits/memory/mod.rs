@@ -197,7 +197,9 @@ impl MemoryCounters {
             let mut keys = self.providers.entry(provider.clone()).or_default();
             match keys.pick(candidates, r.tokens, now) {
                 Pick::Exhausted { retry_after_ms } => {
-                    return deny(&state, Denial::PoolExhausted, Some(retry_after_ms));
+                    let mut d = deny(&state, Denial::PoolExhausted, Some(retry_after_ms));
+                    super::pool_refusal_resets(r, &mut d);
+                    return d;
                 }
                 Pick::Picked(i) => {
                     let reserved = keys.take(candidates, i, r.tokens, now);

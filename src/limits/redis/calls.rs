@@ -202,6 +202,21 @@ impl RedisCounters {
             Ok::<_, CounterError>(ReportCode::parse(&reply)?.into())
         };
         let reported = match self.pool_report_call(r) {
+            // Without a lease the pool's part has no guard of its own: it follows a
+            // recorded report only (a named report's repeat must cool nothing down again).
+            Some(pool) if r.lease.is_none() => {
+                let reported = client.await?;
+                if reported == Reported::Recorded {
+                    let pooled = self.lanes.call("pool_report", &pool).await;
+                    if let Err(e) =
+                        pooled.and_then(|reply: Vec<redis::Value>| pool_report::parse(&reply))
+                    {
+                        let pk = r.provider_key_id.as_deref().unwrap_or_default();
+                        tracing::warn!(error = %e, provider_key = %pk, "a report's provider key part failed: a cooldown it asked for is lost");
+                    }
+                }
+                Ok(reported)
+            }
             Some(pool) => {
                 let (reported, pooled) =
                     tokio::join!(client, self.lanes.call("pool_report", &pool));

@@ -321,20 +321,15 @@ async fn run(
 
 /// The figures of an admitted client decision as they were before its take, for an
 /// answer that refuses it after all (the pool was exhausted): what the one-step decision
-/// (and the in-process twin) answers then.
+/// (and the in-process twin) answers then (its windows' resets as
+/// [`crate::limits::pool_refusal_resets`] gives them).
 fn before_take(r: &AdmitRequest<'_>, d: &mut Decision) {
     let u = &mut d.usage;
     if effective_limit(r.rpm).is_some() {
         u.requests_used -= 1;
-        if u.requests_used == 0 {
-            u.requests_reset_ms = 0;
-        }
     }
     if effective_limit(r.tpm).is_some() && r.tokens > 0 {
         u.tokens_used -= r.tokens;
-        if u.tokens_used == 0 {
-            u.tokens_reset_ms = 0;
-        }
     }
     // (A light admission counted no lease: in_flight is 0 either way.)
     if d.light.is_none() {
@@ -342,22 +337,12 @@ fn before_take(r: &AdmitRequest<'_>, d: &mut Decision) {
     }
     for (entry, q) in r.quotas.iter().zip(d.quotas.iter_mut()) {
         match entry.kind {
-            QuotaKind::RequestsPerMinute => {
-                q.used -= 1;
-                if q.used == 0 {
-                    q.reset_ms = 0;
-                }
-            }
-            QuotaKind::TokensPerMinute if r.tokens > 0 => {
-                q.used -= r.tokens;
-                if q.used == 0 {
-                    q.reset_ms = 0;
-                }
-            }
-            QuotaKind::TokensPerMinute => {}
+            QuotaKind::RequestsPerMinute => q.used -= 1,
+            QuotaKind::TokensPerMinute => q.used -= r.tokens,
             QuotaKind::RequestsPerDay => q.used -= 1,
             QuotaKind::TokensPerDay => q.used -= r.tokens,
             QuotaKind::Spend(_) => q.used -= r.hold_micros,
         }
     }
+    crate::limits::pool_refusal_resets(r, d);
 }
