@@ -43,7 +43,8 @@
 --   6  completion           completion tokens
 --   7  cost                 micro-USD (0..2^53-1)
 --   8  guard_ttl_ms         how long the duplicate guard outlives the lease (> 0)
---   9  model                "" = the one given at admission
+--   9  model                recorded when the lease's data names none (or without a
+--                           lease); a lease admitted for a model records that one
 --   10 provider_key         the provider key's id ("" = none), recorded
 --   11 latency_ms           "" = unknown
 --   12 status               the upstream status ("" = unknown)
@@ -284,7 +285,10 @@ if token ~= '' then
     for part in string.gmatch(data .. '|', '([^|]*)|') do f[#f + 1] = part end
     local bucket = tonumber(f[1])
     provider, api_format = f[3] or '', f[5] or ''
-    if model == '' then model = f[4] or '' end
+    -- The model the lease was admitted for (its allow-list and per-model limits were
+    -- checked against it) is the one recorded: the report's names it only when the
+    -- admission named none.
+    if (f[4] or '') ~= '' then model = f[4] end
     redis.call('ZSCORE', KEYS[2], token) -- only to fail here, not later, on a wrong type
     if cancel then
       untakes[#untakes + 1] = untake(KEYS[1], bucket, tonumber(f[2]))

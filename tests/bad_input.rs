@@ -449,3 +449,47 @@ async fn bodies_that_are_not_json_text_are_refused(b: Backend) {
     assert_eq!(s.admin(Method::GET, "/admin/keys", None).await.status, 200);
     s.stop().await;
 }
+
+/// Anyone on the pod network reaches the data plane: a connection whose headers never
+/// finish is closed, and a request whose body never finishes is answered 408
+/// `REQUEST_TIMEOUT`, each within its bound (10 s), while other clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_headers_and_bodies_do_not_hold_a_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start(Backend::Sqlite).await;
+    let addr = s.data.trim_start_matches("http://").to_string();
+    let started = std::time::Instant::now();
+    let mut headers_only = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    headers_only
+        .write_all(b"POST /v1/admit HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut body_short = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    body_short
+        .write_all(b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"key\":")
+        .await
+        .unwrap();
+    // Meanwhile the others are served.
+    let a = s.admit(json!({"key": "sk-kw-unknown-000000000000"})).await;
+    assert_eq!(a.status, 401);
+    let read_all = |mut stream: tokio::net::TcpStream| async move {
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(15),
+            stream.read_to_end(&mut out),
+        )
+        .await;
+        (read.is_ok(), String::from_utf8_lossy(&out).into_owned())
+    };
+    let (closed, said) = read_all(headers_only).await;
+    assert!(closed, "a connection with unfinished headers stayed open");
+    assert!(!said.contains("200"), "{said}");
+    let (closed, said) = read_all(body_short).await;
+    assert!(closed, "a connection with an unfinished body stayed open");
+    assert!(
+        said.starts_with("HTTP/1.1 408") && said.contains("REQUEST_TIMEOUT"),
+        "{said}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(14));
+    s.stop().await;
+}

@@ -735,7 +735,9 @@ async fn reports_count_once_even_after_the_lease_expired(kind: Kind) {
         (rec.prompt_tokens, rec.completion_tokens, rec.cost_micros),
         (7, 3, 1_234)
     );
-    assert_eq!(rec.model.as_deref(), Some("gpt-4o-mini"));
+    // The model it was admitted for, not the report's: a report cannot move usage out
+    // of the model whose allow-list and limits admitted it.
+    assert_eq!(rec.model.as_deref(), Some("gpt-4o"));
     assert_eq!((rec.latency_ms, rec.upstream_status), (Some(10), Some(200)));
     // A live lease's report takes provider, model and format from the admission.
     let live = LeaseId::new(&k);

@@ -117,6 +117,11 @@ fn admit_body(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody,
             "the path has a dot segment or an encoded separator: the upstream could route it elsewhere than it reads",
         ));
     }
+    // No key, no decision to make: answered before the body is scanned (up to 1 MiB of
+    // it), which a caller without a key must not be able to make keyward do.
+    if client_key(headers).is_none() {
+        return Err(crate::admission::AdmitError::MissingKey.into());
+    }
     let scanned = scan(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let format = api_format::of_path(path);
     // Where the path names the model (Gemini), the upstream serves that one: it is the
@@ -324,8 +329,10 @@ mod tests {
         );
     }
 
+    /// `pairs`, beside a client key (without one nothing else is read).
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("sk-kw-test"));
         for (name, value) in pairs {
             h.insert(
                 HeaderName::from_static(name),
@@ -375,8 +382,11 @@ mod tests {
 
     #[test]
     fn selection_is_the_default() {
-        let a = admit_body("/v1/chat/completions", &HeaderMap::new(), b"").unwrap();
+        let a = admit_body("/v1/chat/completions", &headers(&[]), b"").unwrap();
         assert_eq!((a.select, a.select_if_pooled), (false, true));
+        // Without a key: refused before the body is read.
+        let e = admit_body("/v1/chat/completions", &HeaderMap::new(), b"{").unwrap_err();
+        assert_eq!(e.code, ErrorCode::MissingKey);
         let a = admit_body(
             "/v1/messages",
             &headers(&[("x-keyward-select", "true")]),

@@ -55,6 +55,7 @@ error_codes! {
     LeaseReportTooLate = "LEASE_REPORT_TOO_LATE", CONFLICT;
     KeyringMismatch = "KEYRING_MISMATCH", CONFLICT;
     ReplayRefused = "REPLAY_REFUSED", CONFLICT;
+    RequestTimeout = "REQUEST_TIMEOUT", REQUEST_TIMEOUT;
     PayloadTooLarge = "PAYLOAD_TOO_LARGE", PAYLOAD_TOO_LARGE;
     TokensExceedLimit = "TOKENS_EXCEED_LIMIT", PAYLOAD_TOO_LARGE;
     NotStandalone = "NOT_STANDALONE", UNPROCESSABLE_ENTITY;

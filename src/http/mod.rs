@@ -88,6 +88,36 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// What one listener allows a client: how long a request may take to arrive (headers,
+/// then body) and be answered, and how many connections it serves at once. Anyone on the
+/// pod network reaches the data plane: without these, connections that never finish
+/// their headers or body hold a file descriptor and a buffer each, forever.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Headers must arrive within this of the connection opening or of the previous
+    /// answer (hyper's header read timeout: an idle keep-alive connection closes then).
+    pub headers: Duration,
+    /// The whole request, body included, arrives and is answered within this: else 408.
+    pub request: Duration,
+    /// Connections served at once; the next waits in the listen queue until one closes.
+    pub connections: usize,
+}
+
+impl Bounds {
+    /// The data plane: answers take milliseconds; a proxy keeps a pool of connections.
+    pub const DATA: Bounds = Bounds {
+        headers: Duration::from_secs(10),
+        request: Duration::from_secs(10),
+        connections: 4096,
+    };
+    /// The admin API: listings and rotations may take longer; few clients.
+    pub const ADMIN: Bounds = Bounds {
+        headers: Duration::from_secs(10),
+        request: Duration::from_secs(60),
+        connections: 1024,
+    };
+}
+
 /// Resolves once `stop` is set (or its sender is gone).
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
@@ -103,17 +133,30 @@ async fn serve_one(
     listener: TcpListener,
     router: Router,
     stop: watch::Receiver<bool>,
+    bounds: Bounds,
 ) -> std::io::Result<()> {
+    static ACCEPT_FAILED: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
     // Every connection task holds a receiver; `closed()` resolves when the last is gone.
     let (all_closed, close_rx) = watch::channel(());
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(bounds.connections));
     loop {
+        // A slot first: at the bound, the next connection waits in the listen queue.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = stopped(stop.clone()) => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 // Out of file descriptors and the like: wait instead of spinning, as
-                // axum does.
+                // axum does (and log it once a second at most).
                 Err(e) => {
-                    tracing::warn!(error = %e, "accepting a connection failed");
+                    if let Some(skipped) = ACCEPT_FAILED.ready() {
+                        tracing::warn!(error = %e, skipped, "accepting a connection failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -127,15 +170,33 @@ async fn serve_one(
             use futures_util::future::{ready, Either};
             match refuse_headers(request.headers()) {
                 Some(refusal) => Either::Left(ready(Ok(refusal))),
-                None => Either::Right(hyper::service::Service::call(&router, request)),
+                None => {
+                    let answer = hyper::service::Service::call(&router, request);
+                    Either::Right(async move {
+                        match tokio::time::timeout(bounds.request, answer).await {
+                            Ok(answered) => answered,
+                            Err(_) => Ok(axum::response::IntoResponse::into_response(
+                                ApiError::new(
+                                    ErrorCode::RequestTimeout,
+                                    format!(
+                                        "the request took longer than {} s to arrive and be answered",
+                                        bounds.request.as_secs()
+                                    ),
+                                ),
+                            )),
+                        }
+                    })
+                }
             }
         });
         let (stop, close_rx) = (stop.clone(), close_rx.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let mut builder = http1::Builder::new();
             builder
                 .max_headers(HYPER_MAX_HEADERS)
-                .header_read_timeout(None);
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(bounds.headers);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             let mut conn = std::pin::pin!(conn);
             let mut stop = std::pin::pin!(stopped(stop));
@@ -169,8 +230,8 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let data_router = data::router(state.clone());
     let admin_router = admin::router(state.clone());
-    let data_server = serve_one(data, data_router, stop_rx.clone());
-    let admin_server = serve_one(admin, admin_router, stop_rx.clone());
+    let data_server = serve_one(data, data_router, stop_rx.clone(), Bounds::DATA);
+    let admin_server = serve_one(admin, admin_router, stop_rx.clone(), Bounds::ADMIN);
     let mut servers = tokio::spawn(async move { tokio::try_join!(data_server, admin_server) });
 
     tokio::select! {

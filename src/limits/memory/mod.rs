@@ -383,7 +383,9 @@ impl MemoryCounters {
                 provider = names.next().flatten();
                 let named = names.next().flatten();
                 api_format = names.next().flatten();
-                model = model.or(named);
+                // As report.lua: the admitted model is recorded (the report's only
+                // when the admission named none).
+                model = named.or(model);
             }
             if let Some(mut state) = self.keys.get_mut(&lease.key_id) {
                 // Its data is live, or (purged after its expiry by an admission, its slot
@@ -415,7 +417,7 @@ impl MemoryCounters {
                     }
                     provider = Some(held.provider).filter(|p| !p.is_empty());
                     api_format = Some(held.api_format).filter(|f| !f.is_empty());
-                    model = model.or(Some(held.model).filter(|m| !m.is_empty()));
+                    model = Some(held.model).filter(|m| !m.is_empty()).or(model);
                     if !purged {
                         state.release(held.hold);
                     }
