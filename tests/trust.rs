@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 on_both_shapes!(
     without_the_data_token_no_secret_leaves_and_no_key_cools,
     forged_and_altered_leases_charge_and_cool_nothing,
+    a_disabled_keys_leases_are_not_renewed,
 );
 
 /// A provider of the test's own, so process-wide metrics and pools are the test's alone.
@@ -397,4 +398,52 @@ async fn a_lease_suspends_its_key_for_at_most_the_configured_maximum() {
     let remaining = states[0].1["suspended_remaining_ms"].as_i64().unwrap();
     assert!((110_000..=120_000).contains(&remaining), "{states:?}");
     s.stop().await;
+}
+
+/// Someone whose key was disabled (or deleted) cannot keep its leases alive to report on
+/// later: renewals of its leases answer 404 on every replica; the report of a request
+/// that did run is still recorded.
+async fn a_disabled_keys_leases_are_not_renewed(shape: Shape) {
+    let c = Cluster::start(shape, |_| {}).await;
+    let s = &c.servers[0];
+    let (key, secret) = s.create_key(json!({"concurrent_limit": 2})).await;
+    let id = key["id"].as_str().unwrap();
+    let leases: Vec<String> =
+        futures_util::future::join_all((0..2).map(|_| s.admit(json!({"key": secret}))))
+            .await
+            .iter()
+            .map(|a| a.body["lease_id"].as_str().unwrap().to_string())
+            .collect();
+    assert_eq!(renew(c.any(0), &leases[0]).await.status, 200);
+    let patched = s
+        .admin(
+            Method::PATCH,
+            &format!("/admin/keys/{id}"),
+            Some(json!({"is_active": false})),
+        )
+        .await;
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    for i in 0..c.servers.len() {
+        let r = renew(c.any(i), &leases[0]).await;
+        assert_eq!(
+            (r.status, error_code(&r).as_str()),
+            (404, "LEASE_NOT_FOUND"),
+            "{}",
+            r.body
+        );
+    }
+    let reported = c
+        .any(1)
+        .data_post(
+            "/v1/report",
+            json!({"lease_id": leases[1], "prompt_tokens": 3}),
+        )
+        .await;
+    assert_eq!(reported.body, json!({"recorded": true}));
+    c.stop().await;
+}
+
+async fn renew(s: &TestServer, lease: &str) -> common::Answer {
+    s.data_post(&format!("/v1/leases/{lease}/renew"), json!({}))
+        .await
 }

@@ -9,7 +9,8 @@
 //! caches as admission's (no database query on a hit); a key this process never checked
 //! costs one query for its hash, once. When a record cannot be loaded the report goes on
 //! without entries (its cost then reaches the counters through the seeds, at the next
-//! load of the record: see `quota::Settled`).
+//! load of the record: see `quota::Settled`). The same record tells whether a lease's key
+//! may still renew it (`may_renew`).
 
 use dashmap::DashMap;
 
@@ -68,6 +69,18 @@ impl Admission {
             },
         };
         Ok(self.cache.get(&hash).await?.filter(|key| key.id == key_id))
+    }
+
+    /// Whether a lease of `key_id` may be renewed: not when its key was disabled, has
+    /// expired or is gone (someone whose key was revoked must not keep leases alive to
+    /// report on later). When the record cannot be loaded (the database is away) the
+    /// renewal goes on: a lease must not lapse for that.
+    pub async fn may_renew(&self, key_id: &str) -> bool {
+        match self.key_by_id(key_id).await {
+            Ok(Some(key)) => key.is_active && !key.is_expired_at(crate::clock::now_ms()),
+            Ok(None) => false,
+            Err(_) => true,
+        }
     }
 
     /// `lease` on its tenant shard: the one it carries, else (a lease of the release

@@ -139,6 +139,11 @@ pub(super) async fn renew(
     TextPath(lease_id): TextPath,
 ) -> Result<Json<Value>, ApiError> {
     let lease = verified_lease(&state, &lease_id, "renew")?;
+    if !state.admission.may_renew(&lease.lease.key_id).await {
+        return Err(ApiError::lease_not_found(
+            "the lease's key is disabled, expired or deleted: its leases are not renewed",
+        ));
+    }
     let lease = state.admission.on_its_shard(lease.lease).await;
     match state
         .counters
