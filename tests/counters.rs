@@ -1127,14 +1127,13 @@ async fn scripts_assert_their_inputs() {
     let keys = AdmitKeys::new(&KeySpace::new(&prefix, 1), 0, &key());
     // A negative limit and a missing lease token are refused before anything is written.
     let script = redis::Script::new(source::ADMIT);
-    let mut call = script.prepare_invoke();
-    keys.push(&mut call);
-    AdmitArgs {
-        rpm_limit: -1,
+    // Valid arguments but for the ones a case names.
+    let args = |rpm_limit, concurrency_limit, lease_token, light| AdmitArgs {
+        rpm_limit,
         tpm_limit: 0,
-        concurrency_limit: 0,
+        concurrency_limit,
         tokens: 0,
-        lease_token: "",
+        lease_token,
         lease_ttl_ms: 1000,
         lease_meta: "||".into(),
         balance_tracked: false,
@@ -1145,34 +1144,18 @@ async fn scripts_assert_their_inputs() {
         hold: 0,
         now_ms: 0,
         guard_ttl_ms: 60_000,
-        light: false,
-    }
-    .push(&mut call);
+        light,
+    };
+    let mut call = script.prepare_invoke();
+    keys.push(&mut call);
+    args(-1, 0, "", false).push(&mut call);
     let result: redis::RedisResult<Vec<i64>> = call.invoke_async(&mut conn).await;
     let error = result.unwrap_err().to_string();
     assert!(error.contains("rpm limit"), "{error}");
     // A light admission (no lease record) of a key whose leases count is refused too.
     let mut call = script.prepare_invoke();
     keys.push(&mut call);
-    AdmitArgs {
-        rpm_limit: 0,
-        tpm_limit: 0,
-        concurrency_limit: 1,
-        tokens: 0,
-        lease_token: "t",
-        lease_ttl_ms: 1000,
-        lease_meta: "||".into(),
-        balance_tracked: false,
-        credited: 0,
-        used: 0,
-        balance_version: 0,
-        time_shift_ms: 0,
-        hold: 0,
-        now_ms: 0,
-        guard_ttl_ms: 60_000,
-        light: true,
-    }
-    .push(&mut call);
+    args(0, 1, "t", true).push(&mut call);
     let result: redis::RedisResult<Vec<i64>> = call.invoke_async(&mut conn).await;
     let error = result.unwrap_err().to_string();
     assert!(error.contains("light"), "{error}");
