@@ -48,6 +48,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keyward::limits::scripts::admit::{AdmitArgs, AdmitKeys, AdmitQuotaArgs, AdmitQuotaKey};
+use keyward::limits::scripts::admit_window::AdmitWindowArgs;
 use keyward::limits::scripts::{source, KeySpace};
 use keyward::limits::{QuotaEntry, QuotaKind};
 use support::Keyward;
@@ -454,14 +455,6 @@ fn admit_call<'a>(
 /// clients, with the bench key's keys and arguments and `quotas` after them (each
 /// request's spend entries hold [`scopes::HOLD`] then); calls per second.
 fn redis_benchmark_admit(url_port: u16, quotas: &[QuotaEntry], requests: u64) -> Option<f64> {
-    let script = source::ADMIT;
-    let sha = {
-        let out = Command::new("redis-cli")
-            .args(["-p", &url_port.to_string(), "SCRIPT", "LOAD", script])
-            .output()
-            .ok()?;
-        String::from_utf8(out.stdout).ok()?.trim().to_string()
-    };
     let prefix = format!("bench-ceiling-{}", std::process::id());
     let mut keys = script_keys(&prefix);
     let space = KeySpace::new(&prefix, 1);
@@ -470,22 +463,6 @@ fn redis_benchmark_admit(url_port: u16, quotas: &[QuotaEntry], requests: u64) ->
             .iter()
             .map(|q| AdmitQuotaKey::new(&space, 0, q).quota),
     );
-    let requests = requests.to_string();
-    let mut args: Vec<String> = vec![
-        "-p".into(),
-        url_port.to_string(),
-        "-c".into(),
-        CONCURRENCY.to_string(),
-        "-n".into(),
-        requests,
-        "-r".into(),
-        "1000000000000".into(),
-        "--csv".into(),
-        "EVALSHA".into(),
-        sha,
-        keys.len().to_string(),
-    ];
-    args.extend(keys.iter().cloned());
     // redis-benchmark replaces `__rand_int__` by a random number on every call.
     let mut admit = admit_args("__rand_int__");
     if !quotas.is_empty() {
@@ -498,14 +475,75 @@ fn redis_benchmark_admit(url_port: u16, quotas: &[QuotaEntry], requests: u64) ->
             QuotaKind::RequestsPerMinute | QuotaKind::RequestsPerDay
         )
     });
-    args.extend(admit.to_strings());
+    let mut args = admit.to_strings();
     for q in quotas {
         args.extend(AdmitQuotaArgs::new(q).to_strings());
     }
-    let out = Command::new("redis-benchmark").args(&args).output().ok()?;
+    redis_benchmark_evalsha(url_port, source::ADMIT, &keys, &args, &prefix, requests)
+}
+
+/// `lua/admit_window.lua` as keyward calls it for the bench key (light, no quota entry):
+/// its calls per second from `redis-benchmark`.
+fn redis_benchmark_window(url_port: u16, requests: u64) -> Option<f64> {
+    let prefix = format!("bench-window-{}", std::process::id());
+    let keys = [AdmitKeys::new(&KeySpace::new(&prefix, 1), 0, "bench").rpm];
+    let admit = admit_args("-");
+    let args = AdmitWindowArgs {
+        rpm_limit: admit.rpm_limit,
+        tpm_limit: admit.tpm_limit,
+        tokens: admit.tokens,
+        lease_ttl_ms: admit.lease_ttl_ms,
+        time_shift_ms: 0,
+        now_ms: 0,
+    }
+    .to_strings();
+    redis_benchmark_evalsha(
+        url_port,
+        source::ADMIT_WINDOW,
+        &keys,
+        &args,
+        &prefix,
+        requests,
+    )
+}
+
+/// `requests` EVALSHA calls of `script` from `redis-benchmark` (CONCURRENCY clients), with
+/// `keys` and `args`; then every key under `prefix` is dropped. Its calls per second.
+fn redis_benchmark_evalsha(
+    url_port: u16,
+    script: &str,
+    keys: &[String],
+    args: &[String],
+    prefix: &str,
+    requests: u64,
+) -> Option<f64> {
+    let sha = {
+        let out = Command::new("redis-cli")
+            .args(["-p", &url_port.to_string(), "SCRIPT", "LOAD", script])
+            .output()
+            .ok()?;
+        String::from_utf8(out.stdout).ok()?.trim().to_string()
+    };
+    let mut line: Vec<String> = vec![
+        "-p".into(),
+        url_port.to_string(),
+        "-c".into(),
+        CONCURRENCY.to_string(),
+        "-n".into(),
+        requests.to_string(),
+        "-r".into(),
+        "1000000000000".into(),
+        "--csv".into(),
+        "EVALSHA".into(),
+        sha,
+        keys.len().to_string(),
+    ];
+    line.extend(keys.iter().cloned());
+    line.extend(args.iter().cloned());
+    let out = Command::new("redis-benchmark").args(&line).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    // The script names the quota counters itself: drop everything under the prefix.
-    support::drop_redis_keys(url_port, &prefix);
+    // The script names some counters itself: drop everything under the prefix.
+    support::drop_redis_keys(url_port, prefix);
     // CSV: "test","rps",...
     text.lines()
         .filter_map(|l| l.split(',').nth(1))

@@ -41,6 +41,17 @@ pub fn scripts(redis_port: u16, summary: &mut Summary) {
         }
     }
     let probe = Probe::start(None, &[redis_port]);
+    if let Some(rate) = crate::redis_benchmark_window(redis_port, SCRIPT_CALLS) {
+        let cost = probe.finish(SCRIPT_CALLS as usize);
+        print_script("admit_window.lua (redis-benchmark)", rate, &cost);
+        summary.add(
+            "admit_window.lua via redis-benchmark",
+            rate,
+            (None, None),
+            cost,
+        );
+    }
+    let probe = Probe::start(None, &[redis_port]);
     if let Some(rate) = reference_benchmark(redis_port, SCRIPT_CALLS) {
         let cost = probe.finish(SCRIPT_CALLS as usize);
         print_script("reference.lua (redis-benchmark)", rate, &cost);
@@ -263,7 +274,12 @@ pub fn ratios(summary: &mut Summary) {
     let redis_of = |name: &str| -> Option<RedisCost> { summary.get(name)?.cost.redis.clone() };
     let mut lines = Vec::new();
     if let Some(reference) = redis_of("reference.lua via redis-benchmark") {
-        for name in ["redis, 1 key, saturation", "redis, 1 key, open loop 5000/s"] {
+        for name in [
+            "redis, 1 key, saturation",
+            "redis, 1 key, open loop 5000/s",
+            "admit.lua via redis-benchmark",
+            "admit_window.lua via redis-benchmark",
+        ] {
             if let Some(k) = redis_of(name) {
                 lines.push(format!(
                     "keyward Redis per decision ({name}) / reference.lua per call: script time {:.1} / {:.1} µs = **{:.2}x**; Redis CPU {:.1} / {:.1} µs = {:.2}x",
