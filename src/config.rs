@@ -162,7 +162,7 @@ settings! {
         flag: "redis-shards",
         kind: Kind::Whole { min: 1, max: 1024, unit: "shards" },
         default: Fallback::Value("16"),
-        help: "tenant shards (hash tags) a deployment's counters spread over a Redis Cluster's masters; the same value on every replica; changing it re-homes counters",
+        help: "tenant shards (hash tags) a deployment's counters spread over a Redis Cluster's masters; the same value on every replica (a replica with another value than the one Redis holds in `{<prefix>}:layout` refuses to start, or goes unready; the first replica to write that key wins, see \"Spreading over a Redis Cluster\" in docs/operations.md); changing it re-homes counters",
     }
     KEY_CACHE_TTL_S = "KEYWARD_KEY_CACHE_TTL_S" {
         flag: "key-cache-ttl-s",
