@@ -102,7 +102,9 @@ local function call(address, method, path, headers, body, timeouts)
     parts[1], err = sock:receive(tonumber(got["content-length"]))
     if not parts[1] then sock:close() return nil, err end
   end
-  if got["connection"] == "close" then sock:close() else sock:setkeepalive(60000, 32) end
+  -- Idle in the pool at most 5 s: keyward closes a connection idle for 10 s, and a
+  -- request sent on one it is closing would fail.
+  if got["connection"] == "close" then sock:close() else sock:setkeepalive(5000, 32) end
   return { status = status, headers = got, body = table.concat(parts) }
 end
 
