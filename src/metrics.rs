@@ -275,14 +275,11 @@ fn known_series(m: &Metrics) {
         }
     };
     each(&m.reports, &[&["recorded"], &["duplicate"], &["too_late"]]);
-    let mut compensations = Vec::new();
     for side in ["client", "pick"] {
         for outcome in ["returned", "duplicate", "failed"] {
-            compensations.push([side, outcome]);
+            m.compensations.with_label_values(&[side, outcome]);
         }
     }
-    let compensations: Vec<&[&str]> = compensations.iter().map(|l| &l[..]).collect();
-    each(&m.compensations, &compensations);
     each(
         &m.upstream_usage,
         &[
@@ -302,8 +299,9 @@ fn known_series(m: &Metrics) {
 }
 
 /// Every script's label (`keyward_redis_script_errors_total`, its duration histogram).
-const SCRIPT_NAMES: [&str; 10] = [
+const SCRIPT_NAMES: [&str; 11] = [
     "admit",
+    "admit_window",
     "pick",
     "report",
     "pool_report",

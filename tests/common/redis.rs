@@ -216,19 +216,7 @@ impl PrivateCluster {
             "{}",
             String::from_utf8_lossy(&created.stdout)
         );
-        for port in &ports {
-            eventually(30, || async {
-                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
-                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                let info: String = redis::cmd("CLUSTER")
-                    .arg("INFO")
-                    .query_async(&mut conn)
-                    .await
-                    .ok()?;
-                info.contains("cluster_state:ok").then_some(())
-            })
-            .await;
-        }
+        whole(&ports).await;
         PrivateCluster {
             url: format!("redis+cluster://{}", addresses.join(",")),
             ports,
@@ -265,19 +253,7 @@ impl PrivateCluster {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        for port in self.ports.clone() {
-            eventually(30, || async {
-                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
-                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                let info: String = redis::cmd("CLUSTER")
-                    .arg("INFO")
-                    .query_async(&mut conn)
-                    .await
-                    .ok()?;
-                info.contains("cluster_state:ok").then_some(())
-            })
-            .await;
-        }
+        whole(&self.ports).await;
     }
 
     pub fn node_count(&self) -> usize {
@@ -342,6 +318,23 @@ pub async fn stream_records(
         .iter()
         .map(|e| keyward::accounting::codec::record_from_entry(&e.map).unwrap())
         .collect()
+}
+
+/// Waits until every node on `ports` sees the cluster whole (`cluster_state:ok`).
+async fn whole(ports: &[u16]) {
+    for port in ports {
+        eventually(30, || async {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            info.contains("cluster_state:ok").then_some(())
+        })
+        .await;
+    }
 }
 
 /// Queues one well-formed usage record `id` on `stream`, as report.lua writes it (100
