@@ -9,11 +9,20 @@
 //! replica's [`subscribe`] task applies those messages; a message it does not know (from
 //! a newer release) clears every cache, which is always safe. When the subscription
 //! breaks, messages may have been missed, so every cache is cleared on reconnect; the
-//! caches' TTL is the last safety net.
+//! caches' TTL is the last safety net. A replica starts serving once it listens (or after
+//! [`LISTEN_WAIT`]), so that clear does not empty caches it has already filled.
+//!
+//! A replica hears its own messages too. It has dropped the entry already, so the first
+//! arrival of each message it published is skipped ([`Bus::heard`]): otherwise the echo
+//! would drop the entry a request reloaded in the meantime, and the next request would
+//! load it again (or fail, with the database down). Skipping the first arrival is safe
+//! whichever replica's copy it is: every later arrival of the same message is applied,
+//! and this replica's own copy is among them or before them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
@@ -32,7 +41,12 @@ pub struct Bus {
     /// Users' limits by user id (`None` only where no user is ever looked up).
     pub users: Option<Arc<UserCache>>,
     publisher: Option<(Arc<RedisCounters>, String)>,
+    /// Messages published here whose echo has not been heard yet, with their count.
+    echoes: DashMap<String, u32>,
 }
+
+/// How long start-up waits for the invalidation subscription before serving anyway.
+pub const LISTEN_WAIT: Duration = Duration::from_secs(2);
 
 impl Bus {
     pub fn new(keys: Arc<KeyCache>, rosters: Arc<RosterCache>) -> Self {
@@ -42,6 +56,7 @@ impl Bus {
             prices: None,
             users: None,
             publisher: None,
+            echoes: DashMap::new(),
         }
     }
 
@@ -63,6 +78,20 @@ impl Bus {
         self
     }
 
+    /// A message heard on the channel: applied, unless it is the first arrival of one
+    /// this replica published (see the module's doc).
+    fn heard(&self, message: &str) {
+        if let Some(mut n) = self.echoes.get_mut(message) {
+            *n -= 1;
+            if *n == 0 {
+                drop(n);
+                self.echoes.remove_if(message, |_, n| *n == 0);
+            }
+            return;
+        }
+        self.apply(message);
+    }
+
     fn apply(&self, message: &str) {
         match message.split_once(':') {
             Some(("k", hash)) => self.keys.invalidate(hash),
@@ -82,6 +111,8 @@ impl Bus {
     }
 
     fn clear(&self) {
+        // Echoes that were in flight may be lost with the subscription.
+        self.echoes.clear();
         self.keys.clear();
         self.rosters.clear();
         if let Some(prices) = &self.prices {
@@ -96,6 +127,8 @@ impl Bus {
         let Some((redis, channel)) = &self.publisher else {
             return;
         };
+        // Counted before the PUBLISH: its echo may be heard before its reply.
+        *self.echoes.entry(message.clone()).or_insert(0) += 1;
         let published: Result<(), String> = async {
             let mut conn = redis.conn().await.map_err(|e| e.to_string())?;
             redis::cmd("PUBLISH")
@@ -108,6 +141,11 @@ impl Bus {
         }
         .await;
         if let Err(e) = published {
+            // No echo will come: an arrival of another replica's must not be skipped.
+            if let Some(mut n) = self.echoes.get_mut(&message) {
+                *n = n.saturating_sub(1);
+            }
+            self.echoes.remove_if(&message, |_, n| *n == 0);
             // The other replicas still reload when their cache TTL runs out.
             tracing::warn!(error = %e, "could not publish a cache invalidation");
         }
@@ -148,13 +186,16 @@ impl Invalidate for Bus {
     }
 }
 
-/// Applies other replicas' invalidations until `stop` is set.
+/// Applies other replicas' invalidations until `stop` is set; `listening` is told when
+/// the first subscription is up.
 pub async fn subscribe(
     client: redis::Client,
     channel: String,
     bus: Arc<Bus>,
     mut stop: watch::Receiver<bool>,
+    listening: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut listening = Some(listening);
     let mut attempt = 0u32;
     while !*stop.borrow() {
         let subscribed = async {
@@ -182,11 +223,14 @@ pub async fn subscribe(
         // Anything may have changed while nobody was listening.
         bus.clear();
         attempt = 0;
+        if let Some(listening) = listening.take() {
+            let _ = listening.send(());
+        }
         loop {
             tokio::select! {
                 message = messages.next() => match message {
                     Some(m) => match m.get_payload::<String>() {
-                        Ok(text) => bus.apply(&text),
+                        Ok(text) => bus.heard(&text),
                         Err(_) => bus.clear(),
                     },
                     None => {
@@ -197,5 +241,40 @@ pub async fn subscribe(
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Keyring;
+    use crate::db::Db;
+
+    /// The first arrival of a message this replica published is its echo: skipped, so
+    /// an entry reloaded after the change stays; the next arrival is applied.
+    #[tokio::test]
+    async fn the_echo_of_an_own_message_is_skipped_once() {
+        let db = Db::connect("sqlite::memory:").await.unwrap();
+        db.migrate().await.unwrap();
+        let keyring = Arc::new(Keyring::new(&[7; 32], &[]));
+        let keys = Arc::new(crate::client_keys::cache::new(
+            db.clone(),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        ));
+        let rosters = Arc::new(crate::pool::cache::new(
+            db,
+            keyring,
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        ));
+        let bus = Bus::new(keys, rosters.clone());
+        rosters.get("openai").await.unwrap();
+        bus.echoes.insert("p:openai".into(), 1);
+        bus.heard("p:openai");
+        assert_eq!(rosters.len(), 1, "the echo dropped the reloaded pool");
+        assert!(bus.echoes.is_empty());
+        bus.heard("p:openai");
+        assert_eq!(rosters.len(), 0, "another replica's message is applied");
     }
 }

@@ -335,6 +335,32 @@ async fn an_upstream_429_needs_no_database() {
     s.stop().await;
 }
 
+/// A replica serves only once it hears invalidations: its subscription's first clear of
+/// every cache (messages may have been missed before it) then finds nothing to clear,
+/// and a pool it loaded while starting is not dropped under a request that needs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_serves_once_it_hears_invalidations() {
+    let db = Arc::new(common::TestDb::new(common::Backend::Postgres).await);
+    let mut raw = common::base_config(&db);
+    let prefix = common::unique_prefix();
+    raw.insert(config::REDIS_URL, common::redis_url());
+    raw.insert(config::REDIS_PREFIX, prefix.clone());
+    let s = TestServer::start_on(db.clone(), raw).await;
+    let mut conn = redis::Client::open(common::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (_, listeners): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(format!("{prefix}:invalidate"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(listeners, 1, "serving before listening");
+    s.stop().await;
+}
+
 /// A lease's report needs no database either, on a replica that never loaded the pool:
 /// the lease carries its pick's provider (the pool's tag), so the 429 cools the key down
 /// with the database unreachable (a lookup of the key's provider would fail, and the

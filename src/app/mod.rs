@@ -264,13 +264,20 @@ fn consumer_name() -> String {
     format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
+/// Starts the background jobs; the receiver, when given, hears when the invalidation
+/// subscription is up.
 fn spawn_background(
     parts: Parts,
     config: &Config,
     stop: &watch::Receiver<bool>,
-) -> (AppState, Vec<JoinHandle<()>>) {
+) -> (
+    AppState,
+    Vec<JoinHandle<()>>,
+    Option<tokio::sync::oneshot::Receiver<()>>,
+) {
     let state = parts.state;
     let mut jobs = Vec::new();
+    let mut listening = None;
     match parts.accounting {
         Accounting::Embedded(queue) => {
             jobs.push(tokio::spawn(accounting::embedded::run(
@@ -302,11 +309,14 @@ fn spawn_background(
                 state.db.clone(),
                 stop.clone(),
             )));
+            let (heard, told) = tokio::sync::oneshot::channel();
+            listening = Some(told);
             jobs.push(tokio::spawn(bus::subscribe(
                 *pubsub,
                 parts.invalidation_channel,
                 parts.bus.clone(),
                 stop.clone(),
+                heard,
             )));
         }
     }
@@ -340,7 +350,7 @@ fn spawn_background(
             stop.clone(),
         )));
     }
-    (state, jobs)
+    (state, jobs, listening)
 }
 
 /// Runs keyward on the given listeners until `shutdown` completes.
@@ -377,7 +387,19 @@ pub async fn run_parts(
             .set(i64::from(m == mode));
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (state, jobs) = spawn_background(parts, &config, &stop_rx);
+    let (state, jobs, listening) = spawn_background(parts, &config, &stop_rx);
+    // Serve once this replica hears invalidations: the subscription's first clear then
+    // finds the caches still empty (see `bus`). Redis down: serve anyway, later.
+    if let Some(listening) = listening {
+        if tokio::time::timeout(bus::LISTEN_WAIT, listening)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "serving before the cache invalidation subscription is up; the caches are cleared once it is"
+            );
+        }
+    }
     tracing::info!(
         data = %data.local_addr()?,
         admin = %admin.local_addr()?,
