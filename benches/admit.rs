@@ -48,7 +48,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keyward::limits::scripts::admit::{AdmitArgs, AdmitKeys, AdmitQuotaArgs, AdmitQuotaKey};
-use keyward::limits::scripts::admit_window::AdmitWindowArgs;
+use keyward::limits::scripts::admit_window::{AdmitWindowArgs, AdmitWindowKeys};
 use keyward::limits::scripts::{source, KeySpace};
 use keyward::limits::{QuotaEntry, QuotaKind};
 use support::Keyward;
@@ -479,15 +479,33 @@ fn redis_benchmark_admit(url_port: u16, quotas: &[QuotaEntry], requests: u64) ->
     for q in quotas {
         args.extend(AdmitQuotaArgs::new(q).to_strings());
     }
-    redis_benchmark_evalsha(url_port, source::ADMIT, &keys, &args, &prefix, requests)
+    redis_benchmark_evalsha(
+        url_port,
+        source::ADMIT,
+        (&keys, &args),
+        &prefix,
+        requests,
+        RANDOM_TOKENS,
+    )
 }
 
+/// `-r` of redis-benchmark for a fresh lease token per call (`__rand_int__`).
+const RANDOM_TOKENS: u64 = 1_000_000_000_000;
+
+/// The concurrency limit of the window script's bench with a slot: its calls' lease
+/// tokens are `SLOT_LIMIT - 1` values (`__rand_int__` under `-r`), so the lease set holds
+/// that many live leases, as a key with that many requests in flight whose reports free
+/// their slots: every call counts them and adds one (here: moves one's expiry), and none
+/// is refused.
+const SLOT_LIMIT: i64 = 5;
+
 /// `lua/admit_window.lua` as keyward calls it for the bench key (light, no quota entry):
-/// its calls per second from `redis-benchmark`.
-fn redis_benchmark_window(url_port: u16, requests: u64) -> Option<f64> {
+/// its calls per second from `redis-benchmark`. With `slot`, under a concurrency limit
+/// ([`SLOT_LIMIT`]).
+fn redis_benchmark_window(url_port: u16, requests: u64, slot: bool) -> Option<f64> {
     let prefix = format!("bench-window-{}", std::process::id());
-    let keys = [AdmitKeys::new(&KeySpace::new(&prefix, 1), 0, "bench").rpm];
-    let admit = admit_args("-");
+    let keys = AdmitWindowKeys::new(&KeySpace::new(&prefix, 1), 0, "bench");
+    let admit = admit_args("__rand_int__");
     let args = AdmitWindowArgs {
         rpm_limit: admit.rpm_limit,
         tpm_limit: admit.tpm_limit,
@@ -495,27 +513,33 @@ fn redis_benchmark_window(url_port: u16, requests: u64) -> Option<f64> {
         lease_ttl_ms: admit.lease_ttl_ms,
         time_shift_ms: 0,
         now_ms: 0,
-    }
-    .to_strings();
+        concurrency_limit: if slot { SLOT_LIMIT } else { 0 },
+        lease_token: admit.lease_token,
+    };
     redis_benchmark_evalsha(
         url_port,
         source::ADMIT_WINDOW,
-        &keys,
-        &args,
+        (&keys.to_strings(), &args.to_strings()),
         &prefix,
         requests,
+        if slot {
+            SLOT_LIMIT as u64 - 1
+        } else {
+            RANDOM_TOKENS
+        },
     )
 }
 
 /// `requests` EVALSHA calls of `script` from `redis-benchmark` (CONCURRENCY clients), with
-/// `keys` and `args`; then every key under `prefix` is dropped. Its calls per second.
+/// its keys and arguments (`__rand_int__` in them: a number below `random`); then every
+/// key under `prefix` is dropped. Its calls per second.
 fn redis_benchmark_evalsha(
     url_port: u16,
     script: &str,
-    keys: &[String],
-    args: &[String],
+    (keys, args): (&[String], &[String]),
     prefix: &str,
     requests: u64,
+    random: u64,
 ) -> Option<f64> {
     let sha = {
         let out = Command::new("redis-cli")
@@ -532,7 +556,7 @@ fn redis_benchmark_evalsha(
         "-n".into(),
         requests.to_string(),
         "-r".into(),
-        "1000000000000".into(),
+        random.to_string(),
         "--csv".into(),
         "EVALSHA".into(),
         sha,

@@ -58,14 +58,16 @@
 --                         (tests pin the clock to compare with the in-process twin)
 --   15 guard_ttl_ms       how long a lease's report duplicate guard outlives its expiry
 --                         (> 0): a purged lease's data stays in lx that long
---   16 light              1 = write no lease record: the key has no concurrency limit
---                         (0 above), no tracked balance (0 above) and only rm/rd quota
---                         entries (nothing its report corrects but the key's own 't'
---                         window), so nothing counts or releases its lease; the signed
---                         lease carries its second, its tokens reserved in 't' and
---                         lease_meta to its report (report.lua's ARGV 22). Its lease
---                         set, ld and lx are neither read nor written (in_flight is 0);
---                         else 0
+--   16 light              1 = write no lease record: the key has no tracked balance (0
+--                         above) and only rm/rd quota entries (nothing its report
+--                         corrects but the key's own 't' window), so nothing releases
+--                         anything for its lease; the signed lease carries its second,
+--                         its tokens reserved in 't' and lease_meta to its report
+--                         (report.lua's ARGV 22). Without a concurrency limit (0 above)
+--                         its lease set, ld and lx are neither read nor written
+--                         (in_flight is 0); with one, its lease takes a slot as any
+--                         (purge, count, and a member of the lease set) but no record
+--                         in ld, as lua/admit_window.lua's; else 0
 -- ARGV per quota entry (4 each, from ARGV[17]):
 --   1  kind               rm tm (per minute), rd td (per UTC day), sd sw sm st (spend
 --                         per UTC day, ISO week, calendar month, total)
@@ -90,7 +92,8 @@
 --                         (0 = none: a total spent). quota_exhausted 0 = its spend is
 --                         held by requests in flight (a = 1000), 1 = full
 --                         (codes 6 and 7 were the pool's, now pick.lua's)
--- bal_rem is -1 when the balance is not tracked; in_flight is 0 for a light admission.
+-- bal_rem is -1 when the balance is not tracked; in_flight is 0 for a light admission
+-- without a concurrency limit.
 -- A quota entry's used is the window's or day's count, or a spend's spent + held; its
 -- reset_ms is the time until the window's oldest second leaves (0 when empty) or until
 -- its period ends (0 for a total).
@@ -145,7 +148,7 @@ assert(tokens <= MAX, 'tokens')
 assert(hold and hold >= 0 and hold <= MAX, 'hold')
 assert(shift and pinned, 'time')
 assert(guard_ttl and guard_ttl > 0 and guard_ttl <= MAX, 'guard ttl')
-assert(ARGV[16] == '0' or (light and conc_limit == 0 and not bal_tracked), 'light')
+assert(ARGV[16] == '0' or (light and not bal_tracked), 'light')
 
 local now = pinned + shift
 if pinned == 0 then
@@ -308,11 +311,11 @@ end
 local new_second = (rpm_limit > 0 and req_cur == 0) or (rpm_limit == 0 and (tpm_limit == 0 or tok_cur == 0))
 
 local in_flight, released = 0, 0
--- A light admission (ARGV 16) neither counts nor purges the key's leases: nothing
--- needs them (no concurrency limit, no balance hold), and its lease set, if any (leases
+-- A light admission (ARGV 16) without a concurrency limit neither counts nor purges the
+-- key's leases: nothing needs them (no balance hold), and its lease set, if any (leases
 -- of other admissions of the key, renewed light ones), expires on its own or is purged
 -- by the next decision that reads it.
-if not light then
+if not light or conc_limit > 0 then
   -- Expired leases free their slot (and their reservation data), at most PURGE_BATCH per
   -- purge; meanwhile only live leases are counted (and renew.lua refuses expired ones).
   -- A key whose balance is tracked purges on every decision (an expired lease's hold
@@ -641,25 +644,33 @@ for _, q in ipairs(quotas) do
   end
 end
 
--- A light admission is done: no lease record (its signed lease carries its report's
--- data), in_flight stays 0.
-if light then return answer(0, expiry) end
+-- A light admission without a concurrency limit is done: no lease (its signed lease
+-- carries its report's data), in_flight stays 0. With one, its slot is a member of the
+-- lease set without a record.
+if light and conc_limit == 0 then return answer(0, expiry) end
 redis.call('ZADD', LEASES, int(expiry), token)
--- Reservation data for the report: second, client tokens in the release before's token
--- window (0: they are in rpm's 't' window, listed with the corrections as 'kt'),
--- provider|model|format, the picked provider key with its tokens (none: pick.lua's, the
--- signed lease carries its pick), the balance hold and the quota corrections.
-redis.call('HSET', LD, token,
-  bs .. '|0|' .. meta .. '||0|' .. int(bal_tracked and hold or 0) .. '|' .. table.concat(corrected, ';'))
-if bal_tracked and hold > 0 then redis.call('HSET', BAL, 'held', int(held + hold)) end
+if not light then
+  -- Reservation data for the report: second, client tokens in the release before's
+  -- token window (0: they are in rpm's 't' window, listed with the corrections as 'kt'),
+  -- provider|model|format, the picked provider key with its tokens (none: pick.lua's,
+  -- the signed lease carries its pick), the balance hold and the quota corrections.
+  redis.call('HSET', LD, token,
+    bs .. '|0|' .. meta .. '||0|' .. int(bal_tracked and hold or 0) .. '|' .. table.concat(corrected, ';'))
+  if bal_tracked and hold > 0 then redis.call('HSET', BAL, 'held', int(held + hold)) end
+end
 -- The lease keys outlive their newest lease by 1 s or more (renewals extend them too):
 -- set to ttl + 3000 when no lease was live (the set may just have been made; nothing
 -- later to keep, so never shortened), else on the second's first decision only, when
 -- below ttl + 2000: so every lease admitted within the second (at most 1 s later, with
--- the same TTL, one setting of the deployment) is covered. No PTTL on the others.
+-- the same TTL, one setting of the deployment) is covered. On the others, only ld's PTTL
+-- (below).
 if in_flight == 0 or (new_second and redis.call('PTTL', LEASES) < ttl + 2000) then
   redis.call('PEXPIRE', LEASES, ttl + 3000)
   redis.call('PEXPIRE', LD, ttl + 3000)
+elseif not light and redis.call('PTTL', LD) == -1 then
+  -- ld was made just now by this record while leases without one (light ones) kept the
+  -- set live: it takes the set's expiry, never less (a record outlives its lease).
+  redis.call('PEXPIRE', LD, math.max(redis.call('PTTL', LEASES), ttl + 3000))
 end
 in_flight = in_flight + 1
 return answer(0, expiry)

@@ -1,8 +1,9 @@
--- admit_window.lua: decide one light admission of a client key whose only limits are its
--- windows (RPM and/or TPM): no concurrency limit, no tracked balance, no quota entry, so
--- no lease record (its signed lease carries what its report settles). The common key's
--- path, kept apart from lua/admit.lua so it reads six arguments and defines no function:
--- its cost is the reference's (benches/reference.lua) plus the second window.
+-- admit_window.lua: decide one light admission of a client key whose limits are its
+-- windows (RPM and/or TPM) and/or a concurrency limit: no tracked balance, no quota entry,
+-- so no lease record (its signed lease carries what its report settles). The common key's
+-- path, kept apart from lua/admit.lua so it reads eight arguments and defines no
+-- function: its cost is the reference's (benches/reference.lua) plus the second window,
+-- plus, under a concurrency limit, a count and an add in the lease set.
 --
 -- Contract (checked against src/limits/scripts/admit_window.rs by tests/script_contracts.rs):
 -- every key and argument by position and name, then the reply codes.
@@ -13,6 +14,11 @@
 --                                prefix 't'): the two scripts read and write the same
 --                                fields, so a key that gains or loses a limit keeps its
 --                                counts
+--   2  leases             zset   lease token -> expiry (ms), lua/admit.lua's KEYS 2: read
+--                                and written only under a concurrency limit
+--   3  ld                 hash   lua/admit.lua's KEYS 3 (lease records): never written
+--                                here; read by the purge, and its expiry kept with the
+--                                lease set's (under a concurrency limit only)
 -- ARGV (a limit of 0 means no limit):
 --   1  rpm_limit          requests per minute (0 = unlimited)
 --   2  tpm_limit          tokens per minute (0 = unlimited)
@@ -20,13 +26,17 @@
 --   4  lease_ttl_ms       (> 0): the answer's lease expiry is now + this
 --   5  time_shift_ms      added to the clock (0 in production)
 --   6  now_ms             0 = the Redis server's TIME (production); else this instant
+--   7  concurrency_limit  requests in flight (0 = unlimited: the lease set is not read)
+--   8  lease_token        unique per request; its slot's member in the lease set (read
+--                         only under a concurrency limit)
 -- Returns lua/admit.lua's reply without quota entries: {code, a, now_ms, req_used,
---          tok_used, req_reset_ms, tok_reset_ms, in_flight (0), bal_rem (-1),
---          quota_index (0), quota_exhausted (0)}
+--          tok_used, req_reset_ms, tok_reset_ms, in_flight (0 without a concurrency
+--          limit), bal_rem (-1), quota_index (0), quota_exhausted (0)}
 -- CODES:
 --   0  admitted           a = lease expiry ms
 --   1  requests           requests window full; a = retry ms
 --   2  tokens             tokens window full; a = retry ms
+--   3  concurrency        all slots in use; a = retry ms
 --
 -- Same windows, settling, expiry and retry times as lua/admit.lua (see its header): an
 -- admission at second b counts buckets b-60..b; the hash lives 62 s from a second's first
@@ -34,6 +44,25 @@
 -- second's first take, and about once a second the removal of the seconds that left.
 -- The parts used only then, or on a denial, are written inline in their branch: a Lua
 -- function is a closure made on every call.
+--
+-- The slot (a concurrency limit): the lease is a member of the key's lease set with its
+-- expiry and nothing else (no record in ld), exactly as lua/admit.lua's leases, so both
+-- scripts count every lease of the key whichever admitted it: live leases (expiry
+-- after now) are counted (ZCOUNT), the lease is added (ZADD), and the set's and ld's
+-- expiry follow lua/admit.lua's rule (set to ttl + 3000 when no lease was live, else
+-- raised to it on a second's first decision when below ttl + 2000). Its report
+-- (lua/report.lua's light path) removes it from the set, once (its duplicate guard);
+-- its renewal (lua/renew.lua's light path) moves its expiry. Two calls more on the
+-- common path (ZCOUNT, ZADD).
+-- The purge: on a second's first decision (as lua/admit.lua's for a key without a
+-- balance), up to 100 expired members leave the set, those without a record in ld:
+-- this script's leases, and renewed light ones. Nothing else holds anything for them
+-- (no balance or spend hold, no record to keep in lx for a late report: it carries its
+-- data), so removing the member is all lua/admit.lua's purge would do. A lease with a
+-- record (lua/admit.lua admitted it: the key's limits changed, or its names were too
+-- long for a light lease) stays for lua/admit.lua's purge, which moves its record to lx
+-- and releases its holds, or for its report, which settles it from ld (its holds then
+-- leave once, never twice); it counts nowhere meanwhile, and ld lives as long as the set.
 
 local rpm_limit = tonumber(ARGV[1])
 local tpm_limit = tonumber(ARGV[2])
@@ -41,10 +70,11 @@ local tokens = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
 local shift = tonumber(ARGV[5])
 local pinned = tonumber(ARGV[6])
+local conc_limit = tonumber(ARGV[7])
 -- One assert for all: every amount within 2^53 - 1, where a Lua double is exact.
-assert(#KEYS == 1 and #ARGV == 6 and rpm_limit and rpm_limit >= 0 and tpm_limit and tpm_limit >= 0
-  and tokens and tokens >= 0 and tokens <= 9007199254740991 and ttl and ttl > 0 and shift and pinned,
-  'arguments')
+assert(#KEYS == 3 and #ARGV == 8 and rpm_limit and rpm_limit >= 0 and tpm_limit and tpm_limit >= 0
+  and tokens and tokens >= 0 and tokens <= 9007199254740991 and ttl and ttl > 0 and shift and pinned
+  and conc_limit and conc_limit >= 0 and (conc_limit == 0 or #ARGV[8] > 0), 'arguments')
 local WIN = KEYS[1]
 local fmt = string.format
 
@@ -110,6 +140,27 @@ if (req_lo and req_lo < oldest) or (tok_lo and tok_lo < oldest) then
   end
 end
 
+-- The slot: live leases counted before any check (every answer says how many), after
+-- the purge on a second's first decision (lua/admit.lua's new_second: nothing taken in
+-- the key's windows this second yet, or every decision when it has no window).
+local in_flight, LEASES, nows, new_second = 0, nil, nil, false
+if conc_limit > 0 then
+  LEASES, nows = KEYS[2], fmt('%d', now)
+  new_second = (rpm_limit > 0 and req_cur == 0) or (rpm_limit == 0 and (tpm_limit == 0 or tok_cur == 0))
+  if new_second then
+    local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', nows, 'LIMIT', 0, 100)
+    if #expired > 0 then
+      -- Only members without a record (see the header); a missing field reads false.
+      local gone = {}
+      for i, data in ipairs(redis.call('HMGET', KEYS[3], unpack(expired))) do
+        if not data then gone[#gone + 1] = expired[i] end
+      end
+      if #gone > 0 then redis.call('ZREM', LEASES, unpack(gone)) end
+    end
+  end
+  in_flight = redis.call('ZCOUNT', LEASES, '(' .. nows, '+inf')
+end
+
 -- Milliseconds until the oldest counted bucket leaves a window (0 when empty).
 local req_reset, tok_reset = 0, 0
 if req_lo then req_reset = (req_lo + 61) * 1000 - now end
@@ -144,7 +195,14 @@ if code > 0 then
       break
     end
   end
-  return {code, wait, now, req_used, tok_used, req_reset, tok_reset, 0, -1, 0, 0}
+  return {code, wait, now, req_used, tok_used, req_reset, tok_reset, in_flight, -1, 0, 0}
+end
+if conc_limit > 0 and in_flight >= conc_limit then
+  -- Until the first live lease expires (lua/admit.lua's earliest_lease_expiry; one is
+  -- live, since in_flight >= 1).
+  local first = redis.call('ZRANGEBYSCORE', LEASES, '(' .. nows, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  return {3, math.max(tonumber(first[2]) - now, 1), now, req_used, tok_used, req_reset, tok_reset,
+          in_flight, -1, 0, 0}
 end
 
 -- Admitted: both takes in one HSET; the hash lives 62 s from a second's first take
@@ -174,4 +232,14 @@ if #taken > 0 then
   redis.call('HSET', WIN, unpack(taken))
   if first then redis.call('PEXPIRE', WIN, 62000) end
 end
-return {0, now + ttl, now, req_used, tok_used, req_reset, tok_reset, 0, -1, 0, 0}
+if conc_limit > 0 then
+  redis.call('ZADD', LEASES, fmt('%d', now + ttl), ARGV[8])
+  -- lua/admit.lua's rule for the lease keys' expiry (see its end), ld's kept with the
+  -- set's: a record lua/admit.lua wrote lives as long as its member.
+  if in_flight == 0 or (new_second and redis.call('PTTL', LEASES) < ttl + 2000) then
+    redis.call('PEXPIRE', LEASES, ttl + 3000)
+    redis.call('PEXPIRE', KEYS[3], ttl + 3000)
+  end
+  in_flight = in_flight + 1
+end
+return {0, now + ttl, now, req_used, tok_used, req_reset, tok_reset, in_flight, -1, 0, 0}

@@ -19,9 +19,10 @@
 --                     purge); else a light lease's signed expiry (ms; admit.lua's ARGV
 --                     16 wrote no record): it is live until the later of that and its
 --                     expiry in the lease set (a renewal's), unless reported (its
---                     guard is set); renewed, it joins the lease set with its new
---                     expiry, so a later renewal, its report (which removes it) and
---                     admit.lua's purge treat it as any lease
+--                     guard is set); renewed, it is in the lease set with its new
+--                     expiry (under a concurrency limit it is there from its
+--                     admission: ZADD moves it), so a later renewal, its report (which
+--                     removes it) and the purges treat it as any lease
 -- Returns the new expiry (ms), or a code:
 -- CODES:
 --   -1 gone           the lease is unknown, reported or already expired (an expired

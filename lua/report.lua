@@ -68,8 +68,9 @@
 --                           client tokens reserved in the rpm hash's 't' window at that
 --                           second ("" = none: no TPM limit). It settles as ld data
 --                           "<second>|0|provider|model|api_format||0|0|kt,<rpm>,<kt>" would
---                           (never the lost-data path); a renewal may have put it in the
---                           lease set (renew.lua), whence it leaves as any lease
+--                           (never the lost-data path); under a concurrency limit its
+--                           admission put it in the lease set (its slot), else a renewal
+--                           may have (renew.lua): it leaves the set as any lease, once
 -- ARGV per quota entry (1 each, from ARGV[23]):
 --   1  kind                 sd sw sm st (spend per UTC day, ISO week, calendar month,
 --                           total); rm rd in cancel mode

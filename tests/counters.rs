@@ -105,7 +105,8 @@ on_both_stores!(
     a_light_admission_writes_no_lease_record_and_its_report_settles_its_tokens,
     a_renewed_light_lease_is_reported_on_time_and_once,
     a_light_admissions_pool_refusal_gives_back_request_and_tokens,
-    a_key_gaining_a_concurrency_limit_keeps_its_window_counts_exact,
+    a_light_lease_holds_its_slot_until_reported_or_expired,
+    a_key_switching_between_the_admit_scripts_keeps_its_window_counts_exact,
 );
 
 struct Store {
@@ -631,15 +632,15 @@ async fn leases_expire_free_their_slot_and_renew(kind: Kind) {
     s.cleanup().await;
 }
 
-/// Expired leases do not stay in Redis: each decision on the key that counts them (not a
-/// light one, which records none) removes up to 100 of
-/// them with their reservation data (bounded memory per key, and bounded work per
-/// decision when many expire together). In both stores they stop counting at once.
+/// Expired leases do not stay in Redis: each decision on the key that counts them (under
+/// a concurrency limit) removes up to 100 of them with their reservation data, if any
+/// (bounded memory per key, and bounded work per decision when many expire together). In
+/// both stores they stop counting at once.
 async fn expired_leases_leave_the_store_in_bounded_batches(kind: Kind) {
     let s = Store::new(kind).await;
     let k = key();
-    // Leases the store records: a key with a concurrency limit (too high to refuse)
-    // counts them (a light admission records none).
+    // Leases the store counts: a key with a concurrency limit (too high to refuse), its
+    // light leases members of the lease set without a record.
     fn counted(lease: &LeaseId) -> AdmitRequest<'_> {
         AdmitRequest {
             concurrency: Some(1_000),
@@ -816,15 +817,20 @@ async fn a_lease_is_reported_once_however_late_the_repeat(kind: Kind) {
 async fn concurrent_admissions_never_exceed_any_limit(kind: Kind) {
     let s = Arc::new(Store::new(kind).await);
     align(&s, 100).await;
-    for (rpm, tpm, conc, tokens, expected) in [
-        (Some(50), None, None, 0, 50),
-        (None, Some(5_000), None, 100, 50),
-        (None, None, Some(5), 0, 5),
+    // `mixed`: every other request's names are too long for a light lease, so it keeps a
+    // record (`lua/admit.lua` in Redis) while the others take `lua/admit_window.lua`:
+    // both count the same slots.
+    let long = "m".repeat(120);
+    for (rpm, tpm, conc, tokens, expected, mixed) in [
+        (Some(50), None, None, 0, 50, false),
+        (None, Some(5_000), None, 100, 50, false),
+        (None, None, Some(5), 0, 5, false),
+        (Some(1_000), None, Some(5), 0, 5, true),
     ] {
         let k = key();
         let tasks: Vec<_> = (0..200)
-            .map(|_| {
-                let (s, k) = (s.clone(), k.clone());
+            .map(|i| {
+                let (s, k, long) = (s.clone(), k.clone(), long.clone());
                 tokio::spawn(async move {
                     let lease = LeaseId::new(&k);
                     let r = AdmitRequest {
@@ -832,6 +838,7 @@ async fn concurrent_admissions_never_exceed_any_limit(kind: Kind) {
                         tpm,
                         concurrency: conc,
                         tokens,
+                        model: if mixed && i % 2 == 1 { &long } else { "gpt-4o" },
                         ..request(&lease)
                     };
                     admitted(&s.admit(&r).await)
@@ -844,7 +851,7 @@ async fn concurrent_admissions_never_exceed_any_limit(kind: Kind) {
         }
         assert_eq!(
             admitted_count, expected,
-            "rpm {rpm:?} tpm {tpm:?} concurrency {conc:?}"
+            "rpm {rpm:?} tpm {tpm:?} concurrency {conc:?} mixed {mixed}"
         );
     }
     Arc::into_inner(s).unwrap().cleanup().await;
@@ -1128,15 +1135,15 @@ async fn scripts_assert_their_inputs() {
     // A negative limit and a missing lease token are refused before anything is written.
     let script = redis::Script::new(source::ADMIT);
     // Valid arguments but for the ones a case names.
-    let args = |rpm_limit, concurrency_limit, lease_token, light| AdmitArgs {
+    let args = |rpm_limit, balance_tracked, lease_token, light| AdmitArgs {
         rpm_limit,
         tpm_limit: 0,
-        concurrency_limit,
+        concurrency_limit: 1,
         tokens: 0,
         lease_token,
         lease_ttl_ms: 1000,
         lease_meta: "||".into(),
-        balance_tracked: false,
+        balance_tracked,
         credited: 0,
         used: 0,
         balance_version: 0,
@@ -1148,36 +1155,44 @@ async fn scripts_assert_their_inputs() {
     };
     let mut call = script.prepare_invoke();
     keys.push(&mut call);
-    args(-1, 0, "", false).push(&mut call);
+    args(-1, false, "", false).push(&mut call);
     let result: redis::RedisResult<Vec<i64>> = call.invoke_async(&mut conn).await;
     let error = result.unwrap_err().to_string();
     assert!(error.contains("rpm limit"), "{error}");
-    // A light admission (no lease record) of a key whose leases count is refused too.
+    // A light admission (no lease record) of a key whose leases hold a balance is refused
+    // too.
     let mut call = script.prepare_invoke();
     keys.push(&mut call);
-    args(0, 1, "t", true).push(&mut call);
+    args(0, true, "t", true).push(&mut call);
     let result: redis::RedisResult<Vec<i64>> = call.invoke_async(&mut conn).await;
     let error = result.unwrap_err().to_string();
     assert!(error.contains("light"), "{error}");
-    // The window script refuses negative tokens, before it writes anything either.
+    // The window script refuses negative tokens, and a slot without a lease token, before
+    // it writes anything either.
     let script = redis::Script::new(source::ADMIT_WINDOW);
-    let mut call = script.prepare_invoke();
-    AdmitWindowKeys {
-        rpm: keys.rpm.clone(),
+    for (tokens, lease_token) in [(-1, "t"), (0, "")] {
+        let mut call = script.prepare_invoke();
+        AdmitWindowKeys {
+            rpm: keys.rpm.clone(),
+            leases: keys.leases.clone(),
+            ld: keys.ld.clone(),
+        }
+        .push(&mut call);
+        AdmitWindowArgs {
+            rpm_limit: 10,
+            tpm_limit: 100,
+            tokens,
+            lease_ttl_ms: 1000,
+            time_shift_ms: 0,
+            now_ms: 0,
+            concurrency_limit: 1,
+            lease_token,
+        }
+        .push(&mut call);
+        let result: redis::RedisResult<Vec<i64>> = call.invoke_async(&mut conn).await;
+        let error = result.unwrap_err().to_string();
+        assert!(error.contains("arguments"), "{error}");
     }
-    .push(&mut call);
-    AdmitWindowArgs {
-        rpm_limit: 10,
-        tpm_limit: 100,
-        tokens: -1,
-        lease_ttl_ms: 1000,
-        time_shift_ms: 0,
-        now_ms: 0,
-    }
-    .push(&mut call);
-    let result: redis::RedisResult<Vec<i64>> = call.invoke_async(&mut conn).await;
-    let error = result.unwrap_err().to_string();
-    assert!(error.contains("arguments"), "{error}");
     let written: i64 = redis::cmd("EXISTS")
         .arg(&keys.all()[..])
         .query_async(&mut conn)
@@ -1874,11 +1889,168 @@ async fn lease_keys_exist(s: &Store, key_id: &str) -> Option<(bool, bool)> {
     Some((leases, ld))
 }
 
-/// A key without a concurrency limit, a balance or a quota entry its report corrects
-/// admits "light": no lease record (neither the lease set nor its data exist after it),
-/// no lease counted; its signed lease carries its second, its tokens and its names, and
-/// its report settles the tokens in the window and records the names all the same. A key
-/// with a concurrency limit still records and counts its leases.
+/// Whether Redis holds `lease` (of a key without a user) in its key's lease set, and its
+/// record in `ld`; `None` for the twin.
+async fn lease_stored(s: &Store, lease: &LeaseId) -> Option<(bool, bool)> {
+    let Counters::Redis(redis) = &s.counters else {
+        return None;
+    };
+    let mut conn = redis.conn().await.unwrap();
+    let (member, record): (Option<f64>, bool) = redis::pipe()
+        .cmd("ZSCORE")
+        .arg(redis.key(&lease.key_id, "leases"))
+        .arg(&lease.token)
+        .cmd("HEXISTS")
+        .arg(redis.key(&lease.key_id, "ld"))
+        .arg(&lease.token)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    Some((member.is_some(), record))
+}
+
+/// A key with a concurrency limit but no balance or corrected quota entry admits light
+/// with a slot (`lua/admit_window.lua` in Redis): its lease is a member of the lease set
+/// without a record, counted as any. A report frees the slot once (its repeat frees
+/// nothing), an unreported lease frees it at its expiry, a renewal keeps it past its
+/// signed expiry. Admissions that keep a record (`lua/admit.lua`) count the same slots;
+/// one that expired unreported is left by the window script's purge for its report
+/// (which settles it from its record) or for admit.lua's purge (which moves its record to
+/// `lx`, whence its late report settles it).
+async fn a_light_lease_holds_its_slot_until_reported_or_expired(kind: Kind) {
+    let s = Store::new(kind).await;
+    let redis = !matches!(kind, Kind::Memory);
+    let k = key();
+    fn slots(lease: &LeaseId) -> AdmitRequest<'_> {
+        AdmitRequest {
+            rpm: Some(100),
+            tpm: Some(100_000),
+            concurrency: Some(2),
+            tokens: 100,
+            lease_ttl_ms: 10_000,
+            ..request(lease)
+        }
+    }
+    // Names too long for a light lease to carry: the admission keeps a record.
+    const LONG: &str = "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm";
+    fn recorded(lease: &LeaseId) -> AdmitRequest<'_> {
+        AdmitRequest {
+            model: LONG,
+            ..slots(lease)
+        }
+    }
+    align(&s, 100).await;
+    let before = window_calls();
+    let (a, b, c) = (LeaseId::new(&k), LeaseId::new(&k), LeaseId::new(&k));
+    for (lease, n) in [(&a, 1), (&b, 2)] {
+        let d = s.admit(&slots(lease)).await;
+        assert!(admitted(&d) && d.light.is_some(), "{d:?}");
+        assert_eq!(d.usage.in_flight, n);
+        assert_eq!(
+            lease_stored(&s, lease).await,
+            redis.then_some((true, false))
+        );
+    }
+    let d = s.admit(&slots(&c)).await;
+    let (reason, retry) = denial(&d);
+    assert_eq!((reason, d.usage.in_flight), (Denial::Concurrency, 2));
+    assert!((9_000..=10_000).contains(&retry.unwrap()), "{retry:?}");
+    // A report frees its slot, once: its repeat frees nothing.
+    for expected in [Reported::Recorded, Reported::Duplicate] {
+        let reported = s.counters.report(&report(&a, Some((10, 10)), 0)).await;
+        assert_eq!(reported.unwrap(), expected);
+    }
+    assert_eq!(lease_stored(&s, &a).await, redis.then_some((false, false)));
+    let d = s.admit(&slots(&c)).await;
+    assert!(admitted(&d), "{d:?}");
+    assert_eq!(d.usage.in_flight, 2);
+    let d = s.admit(&slots(&LeaseId::new(&k))).await;
+    assert_eq!(denial(&d).0, Denial::Concurrency);
+    // A renewal keeps c past its signed expiry; b, unreported, frees its slot at its
+    // expiry, and leaves the lease set with the next second's first decision.
+    s.advance(5_000);
+    assert!(s.renew(&c, 10_000).await.unwrap().is_some());
+    s.advance(5_500);
+    assert_eq!(s.renew(&b, 10_000).await.unwrap(), None, "expired");
+    let e = LeaseId::new(&k);
+    let d = s.admit(&slots(&e)).await;
+    assert!(admitted(&d), "{d:?}");
+    assert_eq!(d.usage.in_flight, 2);
+    assert_eq!(lease_stored(&s, &b).await, redis.then_some((false, false)));
+    let (reason, retry) = denial(&s.admit(&slots(&LeaseId::new(&k))).await);
+    assert_eq!(reason, Denial::Concurrency);
+    // c, renewed at 5.1 s for 10 s, is the first live lease to expire: 4.5 s on.
+    assert!((4_000..=4_500).contains(&retry.unwrap()), "{retry:?}");
+    // An admission with a record counts the light leases, and they count it.
+    let d = s.admit(&recorded(&LeaseId::new(&k))).await;
+    assert_eq!((denial(&d).0, d.usage.in_flight), (Denial::Concurrency, 2));
+    s.counters.report(&report(&e, None, 0)).await.unwrap();
+    let r = LeaseId::new(&k);
+    let d = s.admit(&recorded(&r)).await;
+    assert!(admitted(&d) && d.light.is_none(), "{d:?}");
+    assert_eq!(d.usage.in_flight, 2);
+    assert_eq!(lease_stored(&s, &r).await, redis.then_some((true, true)));
+    if let Counters::Redis(redis) = &s.counters {
+        // The first record, while light leases keep the set live: ld expires with it.
+        let mut conn = redis.conn().await.unwrap();
+        let ttl: (i64, i64) = redis::pipe()
+            .cmd("PTTL")
+            .arg(redis.key(&k, "ld"))
+            .cmd("PTTL")
+            .arg(redis.key(&k, "leases"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl.0 >= ttl.1 && ttl.1 > 0, "{ttl:?}");
+    }
+    let d = s.admit(&slots(&LeaseId::new(&k))).await;
+    assert_eq!((denial(&d).0, d.usage.in_flight), (Denial::Concurrency, 2));
+    // Both expire unreported. The window script's purge removes c, not r: its record
+    // waits for its report or admit.lua's purge, counted nowhere meanwhile.
+    s.advance(20_000);
+    let g = LeaseId::new(&k);
+    let d = s.admit(&slots(&g)).await;
+    assert!(admitted(&d), "{d:?}");
+    assert_eq!(d.usage.in_flight, 1);
+    assert_eq!(lease_stored(&s, &c).await, redis.then_some((false, false)));
+    assert_eq!(lease_stored(&s, &r).await, redis.then_some((true, true)));
+    // Its late report settles it from its record (the model it was admitted for).
+    let reported = s.counters.report(&report(&r, Some((1, 1)), 7)).await;
+    assert_eq!(reported.unwrap(), Reported::Recorded);
+    assert_eq!(lease_stored(&s, &r).await, redis.then_some((false, false)));
+    // Another one left so is purged by admit.lua's first decision of a second (its
+    // record moves to lx), and its late report settles from there.
+    let r2 = LeaseId::new(&k);
+    assert!(admitted(&s.admit(&recorded(&r2)).await));
+    s.advance(20_000);
+    let d = s.admit(&slots(&LeaseId::new(&k))).await;
+    assert_eq!(d.usage.in_flight, 1);
+    assert_eq!(lease_stored(&s, &g).await, redis.then_some((false, false)));
+    assert_eq!(lease_stored(&s, &r2).await, redis.then_some((true, true)));
+    s.advance(1_000);
+    let d = s.admit(&recorded(&LeaseId::new(&k))).await;
+    assert_eq!(d.usage.in_flight, 2);
+    assert_eq!(lease_stored(&s, &r2).await, redis.then_some((false, false)));
+    let reported = s.counters.report(&report(&r2, None, 0)).await;
+    assert_eq!(reported.unwrap(), Reported::Recorded);
+    let queued = s.queued().await;
+    for lease in [&r, &r2] {
+        let rec = queued.iter().find(|q| q.id == lease.to_string()).unwrap();
+        assert_eq!(rec.model.as_deref(), Some(LONG));
+    }
+    if redis {
+        // The light decisions took the window script.
+        assert!(window_calls() - before >= 10, "{}", window_calls() - before);
+    }
+    s.cleanup().await;
+}
+
+/// A key without a balance or a quota entry its report corrects admits "light": no lease
+/// record (without a concurrency limit neither the lease set nor its data exist after
+/// it, and no lease is counted); its signed lease carries its second, its tokens and its
+/// names, and its report settles the tokens in the window and records the names all the
+/// same. A key with a concurrency limit counts its light leases in the lease set, still
+/// with no data in `ld`.
 async fn a_light_admission_writes_no_lease_record_and_its_report_settles_its_tokens(kind: Kind) {
     let s = Store::new(kind).await;
     let redis = !matches!(kind, Kind::Memory);
@@ -1948,7 +2120,7 @@ async fn a_light_admission_writes_no_lease_record_and_its_report_settles_its_tok
         lease_keys_exist(&s, &k).await,
         redis.then_some((true, true))
     );
-    // A key with a concurrency limit records and counts every lease.
+    // A key with a concurrency limit counts every lease; a light one has no record.
     let k2 = key();
     let counted = |lease| AdmitRequest {
         concurrency: Some(2),
@@ -1956,10 +2128,11 @@ async fn a_light_admission_writes_no_lease_record_and_its_report_settles_its_tok
     };
     let (x, y, z) = (LeaseId::new(&k2), LeaseId::new(&k2), LeaseId::new(&k2));
     let d = s.admit(&counted(&x)).await;
-    assert!(admitted(&d) && d.light.is_none(), "{d:?}");
+    assert!(admitted(&d) && d.light.is_some(), "{d:?}");
+    assert_eq!(d.usage.in_flight, 1);
     assert_eq!(
         lease_keys_exist(&s, &k2).await,
-        redis.then_some((true, true))
+        redis.then_some((true, false))
     );
     assert_eq!(s.admit(&counted(&y)).await.usage.in_flight, 2);
     assert_eq!(denial(&s.admit(&counted(&z)).await).0, Denial::Concurrency);
@@ -2076,12 +2249,13 @@ fn window_calls() -> u64 {
         .get_sample_count()
 }
 
-/// A light key whose windows are its only limits is decided by `lua/admit_window.lua`,
-/// the same key with a concurrency limit by `lua/admit.lua`: both read and write the same
-/// window fields, so a key that gains the limit mid-window (and loses it again) keeps its
-/// counts exact, each script's reports settle in the other's counts, and every second
-/// leaves the window on time whichever script settles it.
-async fn a_key_gaining_a_concurrency_limit_keeps_its_window_counts_exact(kind: Kind) {
+/// A light key without quota entries is decided by `lua/admit_window.lua`, the same key's
+/// admission that keeps a record (here: names too long for its lease to carry) by
+/// `lua/admit.lua`: both read and write the same window fields, so a key whose
+/// admissions switch scripts mid-window (and back) keeps its counts exact, each script's
+/// reports settle in the other's counts, and every second leaves the window on time
+/// whichever script settles it.
+async fn a_key_switching_between_the_admit_scripts_keeps_its_window_counts_exact(kind: Kind) {
     let s = Store::new(kind).await;
     let k = key();
     fn windows(lease: &LeaseId) -> AdmitRequest<'_> {
@@ -2092,9 +2266,11 @@ async fn a_key_gaining_a_concurrency_limit_keeps_its_window_counts_exact(kind: K
             ..request(lease)
         }
     }
+    const LONG: &str = "a-model-name-longer-than-a-light-lease-carries-so-its-admission-keeps-a-record-in-the-store";
     fn counted(lease: &LeaseId) -> AdmitRequest<'_> {
         AdmitRequest {
             concurrency: Some(10),
+            model: LONG,
             ..windows(lease)
         }
     }
@@ -2108,7 +2284,7 @@ async fn a_key_gaining_a_concurrency_limit_keeps_its_window_counts_exact(kind: K
     assert_eq!(used(&d), (1, 100));
     let d = s.admit(&windows(&LeaseId::new(&k))).await;
     assert_eq!(used(&d), (2, 200));
-    // Second b+1: the key gained a concurrency limit; its lease is recorded and counted.
+    // Second b+1: an admission with a record (admit.lua), counted.
     s.advance(1_000);
     let c1 = LeaseId::new(&k);
     let d = s.admit(&counted(&c1)).await;

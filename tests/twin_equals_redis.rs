@@ -4,9 +4,11 @@
 //! key pick, with random quota entries: per-minute and per-day counts and spend limits
 //! of every period, some seeded, some shared by both keys as a user's are: a spend hold
 //! of one key can then leave by the other's admissions, before its late report; a key
-//! without a concurrency limit, a balance or a corrected entry admits light, without a
-//! lease record, its lease then carrying its report's data; one without a quota entry
-//! by `lua/admit_window.lua`, whose calls the test counts), selections,
+//! without a balance or a corrected entry admits light, without a lease record, its
+//! lease then carrying its report's data (under a concurrency limit a member of the
+//! lease set all the same); one without a quota entry by `lua/admit_window.lua`, whose
+//! calls the test counts; some admissions name a model too long for a light lease, so a
+//! key's leases mix both kinds), selections,
 //! reports (with and without a lease, statuses that cool a
 //! provider key down or suspend it, rate-limit headers, tokens, costs), renewals, admin
 //! changes (balance credits, client limits, the pool, provider key resets), clock
@@ -62,14 +64,19 @@ static QUOTA_REFUSALS: [std::sync::atomic::AtomicUsize; 2] = [
     std::sync::atomic::AtomicUsize::new(0),
 ];
 
-/// Light admissions (no lease record: a key without a concurrency limit, a balance or
-/// a quota entry its report corrects), and reports and renewals of their leases,
-/// answered by the twin: the sequences must reach each.
-static LIGHT: [std::sync::atomic::AtomicUsize; 3] = [
+/// Light admissions (no lease record: a key without a balance or a quota entry its
+/// report corrects), reports and renewals of their leases, and light admissions that
+/// took a slot (under a concurrency limit), answered by the twin: the sequences must
+/// reach each.
+static LIGHT: [std::sync::atomic::AtomicUsize; 4] = [
+    std::sync::atomic::AtomicUsize::new(0),
     std::sync::atomic::AtomicUsize::new(0),
     std::sync::atomic::AtomicUsize::new(0),
     std::sync::atomic::AtomicUsize::new(0),
 ];
+
+/// A model name too long for a light lease to carry: its admission keeps a record.
+const LONG_MODEL: &str = "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm";
 
 /// How long a report's duplicate guard outlives its lease (short, so sequences reach
 /// "too late").
@@ -106,6 +113,8 @@ enum Op {
         ttl_ms: i64,
         hold: i64,
         select: bool,
+        /// Names [`LONG_MODEL`]: never light.
+        long: bool,
     },
     Select {
         tokens: i64,
@@ -208,8 +217,8 @@ fn status() -> impl Strategy<Value = Status> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        8 => (0..2usize, 0..40i64, prop_oneof![Just(20_000i64), Just(45_000), Just(70_000)], 0..300i64, any::<bool>())
-            .prop_map(|(key, tokens, ttl_ms, hold, select)| Op::Admit { key, tokens, ttl_ms, hold, select }),
+        8 => (0..2usize, 0..40i64, prop_oneof![Just(20_000i64), Just(45_000), Just(70_000)], 0..300i64, any::<bool>(), prop_oneof![7 => Just(false), 1 => Just(true)])
+            .prop_map(|(key, tokens, ttl_ms, hold, select, long)| Op::Admit { key, tokens, ttl_ms, hold, select, long }),
         2 => (0..40i64).prop_map(|tokens| Op::Select { tokens }),
         4 => (any::<Index>(), proptest::option::of((0..30i64, 0..30i64)), 0..500i64, status(), any::<bool>())
             .prop_map(|(lease, tokens, cost, status, spend_now)| Op::Report { lease, tokens, cost, status, spend_now }),
@@ -542,9 +551,14 @@ async fn run(case: &Case, cluster_url: &str) -> Result<(), TestCaseError> {
             if let (Op::Admit { key, .. }, Answer::Admit(d)) = (op, &answers[0]) {
                 if let Verdict::Admitted { expires_at_ms } = d.verdict {
                     if d.light.is_some() {
-                        // No lease record: the lease set's expiry is not extended.
                         light_seen(0);
-                    } else {
+                    }
+                    // Without a slot (a light admission without a concurrency limit) the
+                    // lease set's expiry is not extended.
+                    if d.light.is_none() || d.usage.in_flight > 0 {
+                        if d.light.is_some() {
+                            light_seen(3);
+                        }
                         leases_lapse_at[*key] = leases_lapse_at[*key].max(expires_at_ms + 1000);
                     }
                     held.push(Held {
@@ -651,6 +665,7 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
             ttl_ms,
             hold,
             select,
+            long,
         } => {
             let lease = pending_lease(&w.key_ids[*key], w.step);
             let limits = w.limits[*key];
@@ -662,7 +677,7 @@ async fn apply(s: &Store, op: &Op, w: &World<'_>) -> Answer {
                 tokens: *tokens,
                 lease_ttl_ms: *ttl_ms,
                 provider: w.provider,
-                model: "m",
+                model: if *long { LONG_MODEL } else { "m" },
                 api_format: "f",
                 balance: w.balance.filter(|_| *key == 0),
                 hold_micros: *hold,
@@ -831,6 +846,7 @@ fn regressions() -> Vec<Case> {
         ttl_ms,
         hold,
         select: false,
+        long: false,
     };
     let with = |ops| Case {
         start: 0,
@@ -914,6 +930,7 @@ fn regressions() -> Vec<Case> {
                     ttl_ms: 20_000,
                     hold: 0,
                     select: false,
+                    long: false,
                 },
                 Op::Report {
                     lease: index_of(0, 1),
@@ -928,6 +945,7 @@ fn regressions() -> Vec<Case> {
                     ttl_ms: 20_000,
                     hold: 0,
                     select: true,
+                    long: false,
                 },
             ])
         },
@@ -984,7 +1002,7 @@ fn the_twin_decides_as_the_scripts_do() {
             .map(|n| n.load(std::sync::atomic::Ordering::Relaxed));
         assert!(
             light.iter().all(|n| *n > 0),
-            "the sequences should reach light admissions, their reports and renewals: {light:?}"
+            "the sequences should reach light admissions, their reports and renewals, and light admissions with a slot: {light:?}"
         );
         // A light key without quota entries is decided by lua/admit_window.lua (its
         // calls are timed under their own label; this binary has one test).

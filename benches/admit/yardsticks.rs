@@ -1,8 +1,9 @@
 //! What keyward is measured against, beside it in the same run:
 //!
 //! - **scripts**: `redis-benchmark` at the same concurrency running EVALSHA of
-//!   `lua/admit.lua` (the ceiling: keyward's arguments, a fresh lease token per call) and
-//!   of `benches/reference.lua` (a one-counter exact sliding window: the least a Redis
+//!   `lua/admit.lua` (the ceiling: keyward's arguments, a fresh lease token per call), of
+//!   `lua/admit_window.lua` (the common key's: its windows alone, then with a
+//!   concurrency limit's slot) and of `benches/reference.lua` (a one-counter exact sliding window: the least a Redis
 //!   rate limiter's decision can cost Redis); Redis's time per call from `INFO
 //!   commandstats`, its CPU from `INFO cpu`.
 //! - **bare hyper**: this bench binary run again as `<bench> bare-hyper <port>`, a hyper
@@ -40,16 +41,16 @@ pub fn scripts(redis_port: u16, summary: &mut Summary) {
             return;
         }
     }
-    let probe = Probe::start(None, &[redis_port]);
-    if let Some(rate) = crate::redis_benchmark_window(redis_port, SCRIPT_CALLS) {
-        let cost = probe.finish(SCRIPT_CALLS as usize);
-        print_script("admit_window.lua (redis-benchmark)", rate, &cost);
-        summary.add(
-            "admit_window.lua via redis-benchmark",
-            rate,
-            (None, None),
-            cost,
-        );
+    for (slot, name) in [
+        (false, "admit_window.lua via redis-benchmark"),
+        (true, "admit_window.lua with a slot via redis-benchmark"),
+    ] {
+        let probe = Probe::start(None, &[redis_port]);
+        if let Some(rate) = crate::redis_benchmark_window(redis_port, SCRIPT_CALLS, slot) {
+            let cost = probe.finish(SCRIPT_CALLS as usize);
+            print_script(name, rate, &cost);
+            summary.add(name, rate, (None, None), cost);
+        }
     }
     let probe = Probe::start(None, &[redis_port]);
     if let Some(rate) = reference_benchmark(redis_port, SCRIPT_CALLS) {
@@ -279,6 +280,7 @@ pub fn ratios(summary: &mut Summary) {
             "redis, 1 key, open loop 5000/s",
             "admit.lua via redis-benchmark",
             "admit_window.lua via redis-benchmark",
+            "admit_window.lua with a slot via redis-benchmark",
         ] {
             if let Some(k) = redis_of(name) {
                 lines.push(format!(

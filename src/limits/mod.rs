@@ -24,7 +24,9 @@
 //!   unless nothing needs that: a "light" admission ([`AdmitRequest::light_meta`]) writes
 //!   no lease record, its signed lease carries what its report settles
 //!   ([`LightLease`]), and it is reported, cancelled and renewed exactly once all the
-//!   same (its report's duplicate guard; a renewal records it then).
+//!   same (its report's duplicate guard). Under a concurrency limit it still takes a
+//!   slot (counted, freed by its report or expiry, as any lease's); without one, a
+//!   renewal gives it one.
 //! - **Reports once.** A lease id is settled at most once (within the duplicate-guard
 //!   time); the durable record of it is queued in the same step.
 //! - **Balance holds.** Each in-flight request of a balance-tracked key holds its
@@ -95,8 +97,9 @@ pub struct LeaseId {
 /// the store: the second whose buckets took it, the client tokens reserved in that
 /// second of the key's token window (`None`: the key had no TPM limit, nothing to
 /// settle), `provider|model|api_format` as the store records them ([`lease_meta`]), and
-/// the admission's expiry (the signed one: a renewal adds the lease to the lease set
-/// with its new expiry, see `lua/renew.lua`).
+/// the admission's expiry (the signed one: a renewal puts the lease in the lease set
+/// with its new expiry, see `lua/renew.lua`; under a concurrency limit it is there from
+/// its admission).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LightLease {
     pub second: i64,
@@ -246,14 +249,14 @@ pub struct AdmitRequest<'a> {
 
 impl AdmitRequest<'_> {
     /// `Some(meta)` ([`lease_meta`]) when this admission needs no lease record in the
-    /// store: its key has no concurrency limit (nothing counts its leases) and no tracked
-    /// balance (no hold to release), none of its quota entries is one its report
-    /// corrects (tokens per minute or day, spend), and its names fit [`LIGHT_META_MAX`].
-    /// Its report then needs only what [`LightLease`] holds, which its signed lease
-    /// carries. Both stores decide by this.
+    /// store: its key has no tracked balance (no hold to release), none of its quota
+    /// entries is one its report corrects (tokens per minute or day, spend), and its
+    /// names fit [`LIGHT_META_MAX`]. Its report then needs only what [`LightLease`]
+    /// holds, which its signed lease carries. A concurrency limit still counts its lease:
+    /// a slot in the key's lease set, with nothing else (released by its report, or by
+    /// its expiry). Both stores decide by this.
     pub fn light_meta(&self) -> Option<String> {
-        let plain = effective_limit(self.concurrency).is_none()
-            && self.balance.is_none()
+        let plain = self.balance.is_none()
             && self.quotas.iter().all(|q| {
                 matches!(
                     q.kind,
@@ -311,8 +314,8 @@ pub struct Usage {
     /// Until the oldest counted request (token) leaves the window; 0 when empty.
     pub requests_reset_ms: i64,
     pub tokens_reset_ms: i64,
-    /// Leases in flight; 0 for a light admission ([`AdmitRequest::light_meta`]:
-    /// without a concurrency limit nothing counts them, and the API shows none).
+    /// Leases in flight; 0 for a light admission ([`AdmitRequest::light_meta`]) of a key
+    /// without a concurrency limit (nothing counts them, and the API shows none).
     pub in_flight: i64,
     /// Live remaining balance in micro-USD, for balance-tracked keys.
     pub balance_remaining: Option<i64>,

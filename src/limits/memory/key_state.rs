@@ -53,14 +53,14 @@ pub(super) struct Lease {
     /// What its report corrects in the quota counters (its spend holds also leave them
     /// when it expires: with its purge here, or by their counters' own purge).
     pub(super) quotas: Vec<Correction>,
-    /// A light lease recorded by its renewal (renew.lua puts it in the lease set, with
-    /// no data in ld): its report settles from its signed lease, and its purge keeps
-    /// nothing for it.
+    /// A light lease in the lease set with no data in ld (admitted under a concurrency
+    /// limit, or renewed: renew.lua puts it there): its report settles from its signed
+    /// lease, and its purge keeps nothing for it.
     pub(super) light: bool,
 }
 
 impl Lease {
-    /// A renewed light lease as the lease set holds it: its expiry, nothing else.
+    /// A light lease as the lease set holds it: its expiry, nothing else.
     pub(super) fn light(light: &crate::limits::LightLease) -> Lease {
         Lease {
             expires_at: light.expires_at_ms,
@@ -142,6 +142,28 @@ impl KeyState {
         released
     }
 
+    /// Expired light leases leave (admit_window.lua's purge: the members without a
+    /// record); the others stay, counted nowhere, for admit.lua's purge or their report.
+    pub(super) fn expire_light_leases(&mut self, now: i64) {
+        let expired: Vec<(i64, Token)> = self
+            .by_expiry
+            .range(..=(now, Token::MAX))
+            .filter(|(_, token)| self.leases.get(token).is_some_and(|l| l.light))
+            .copied()
+            .collect();
+        for (at, token) in expired {
+            self.by_expiry.remove(&(at, token));
+            self.leases.remove(&token);
+        }
+    }
+
+    /// The live leases (expiring after `now`): every lease after admit.lua's purge;
+    /// after admit_window.lua's, expired ones with a record may remain.
+    pub(super) fn live_leases(&self, now: i64) -> i64 {
+        let expired = self.by_expiry.range(..=(now, Token::MAX)).count();
+        (self.leases.len() - expired) as i64
+    }
+
     /// As admit.lua: `lx` takes the lease and lives until its guard lapses (a hash that
     /// expired starts again).
     fn keep_purged(&mut self, token: Token, lease: Box<Lease>, now: i64, guard_ttl_ms: i64) {
@@ -190,9 +212,12 @@ impl KeyState {
         }
     }
 
+    /// Until the first live lease expires (1000 when none is live), as admit.lua's
+    /// earliest_lease_expiry.
     pub(super) fn earliest_expiry_ms(&self, now: i64) -> i64 {
         self.by_expiry
-            .first()
+            .range((now.saturating_add(1), 0)..)
+            .next()
             .map_or(1000, |(at, _)| (at - now).max(1))
     }
 

@@ -77,11 +77,18 @@ impl MemoryCounters {
             None => self.keys.entry(r.lease.key_id.clone()).or_default(),
         };
         // A light admission (no lease record) neither purges nor counts the key's
-        // leases, as admit.lua.
+        // leases without a concurrency limit, as admit.lua and admit_window.lua. With one
+        // it takes a slot: admit.lua (quota entries) purges every expired lease,
+        // admit_window.lua only those without a record (the others wait for admit.lua's
+        // purge or their report, counted nowhere meanwhile).
         let light = r.light_meta();
-        let released = if light.is_none() {
+        let slot = light.is_none() || effective_limit(r.concurrency).is_some();
+        let released = if light.is_none() || (slot && !r.quotas.is_empty()) {
             state.expire_leases(now, Some(self.guard_ttl_ms))
         } else {
+            if slot {
+                state.expire_light_leases(now);
+            }
             Vec::new()
         };
         // The quota counters, locked after the key (always in this order), only when the
@@ -114,13 +121,14 @@ impl MemoryCounters {
                 balance.version = snapshot.version;
             }
         }
-        let in_flight = if light.is_none() {
-            state.leases.len() as i64
-        } else {
-            0
-        };
-        if let Some(balance) = state.balance.as_mut().filter(|_| in_flight == 0) {
-            // Nothing in flight holds nothing (as admit.lua).
+        let in_flight = if slot { state.live_leases(now) } else { 0 };
+        if let Some(balance) = state
+            .balance
+            .as_mut()
+            .filter(|_| in_flight == 0 && r.balance.is_some())
+        {
+            // Nothing in flight holds nothing (as admit.lua, which reads the balance only
+            // while it is tracked).
             balance.held = 0;
         }
         let tracked = r.balance.and(state.balance);
@@ -229,12 +237,24 @@ impl MemoryCounters {
             balance.held = balance.held.saturating_add(hold);
         }
         if let Some(meta) = light {
-            // No lease record: its signed lease carries what its report settles.
+            // No lease record: its signed lease carries what its report settles; under a
+            // concurrency limit its slot is in the key's leases.
+            let light = LightLease {
+                second: b,
+                kt: (tpm > 0).then_some(r.tokens),
+                meta,
+                expires_at_ms: expires_at,
+            };
+            let mut in_flight = in_flight;
+            if slot {
+                state.add_lease(token(&r.lease.token), Box::new(Lease::light(&light)));
+                in_flight += 1;
+            }
             return Decision {
                 verdict: Verdict::Admitted {
                     expires_at_ms: expires_at,
                 },
-                usage: usage(&state, now, (rpm > 0, tpm > 0), None, 0),
+                usage: usage(&state, now, (rpm > 0, tpm > 0), None, in_flight),
                 taken: picked.as_ref().map(|(_, _, reserved)| PickTaken {
                     second: b,
                     tokens: *reserved,
@@ -242,12 +262,7 @@ impl MemoryCounters {
                 picked: picked.map(|(i, _, _)| i),
                 degraded: None,
                 quotas: quota_uses,
-                light: Some(LightLease {
-                    second: b,
-                    kt: (tpm > 0).then_some(r.tokens),
-                    meta,
-                    expires_at_ms: expires_at,
-                }),
+                light: Some(light),
             };
         }
         state.add_lease(
@@ -267,7 +282,6 @@ impl MemoryCounters {
                 light: false,
             }),
         );
-        let in_flight = state.leases.len() as i64;
         Decision {
             verdict: Verdict::Admitted {
                 expires_at_ms: expires_at,
@@ -277,7 +291,7 @@ impl MemoryCounters {
                 now,
                 (rpm > 0, tpm > 0),
                 tracked.map(|b| b.remaining),
-                in_flight,
+                in_flight + 1,
             ),
             taken: picked.as_ref().map(|(_, _, reserved)| PickTaken {
                 second: b,

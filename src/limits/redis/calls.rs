@@ -52,8 +52,9 @@ impl RedisCounters {
         let shard = self.space.shard_of_lease(r.lease);
         let clock = self.shift.script_clock();
         // Light (no lease record, see `AdmitRequest::light_meta`) or not: both stores
-        // decide alike. A light key whose windows are its only limits (the common key)
-        // takes `lua/admit_window.lua`: six arguments, no quota or lease code.
+        // decide alike. A light key without quota entries (the common key: windows and a
+        // concurrency limit) takes `lua/admit_window.lua`: eight arguments, no quota,
+        // balance or lease record code.
         let light = r.light_meta();
         let mut call;
         if light.is_some() && r.quotas.is_empty() {
@@ -66,6 +67,8 @@ impl RedisCounters {
                 lease_ttl_ms: r.lease_ttl_ms,
                 time_shift_ms: clock.shift_ms,
                 now_ms: clock.pinned_ms,
+                concurrency_limit: limit_arg(r.concurrency),
+                lease_token: &r.lease.token,
             }
             .push(&mut call);
         } else {

@@ -10,7 +10,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `{S}:k:<key id>:rpm` | hash | both windows: second → requests, `t<second>` → tokens (61 buckets each at most) |
-//! | `{S}:k:<key id>:leases` | zset | lease token → expiry ms (a light admission's lease only once renewed) |
+//! | `{S}:k:<key id>:leases` | zset | lease token → expiry ms (a light admission's lease under a concurrency limit, else once renewed) |
 //! | `{S}:k:<key id>:ld` / `:lx` | hash | lease token → reservation data for the report (`lx`: of purged leases; none for a light lease, whose signed id carries it) |
 //! | `{S}:k:<key id>:bal` | hash | live balance (no expiry: it is ahead of the database) |
 //! | `{S}:done:<lease id>` | string | duplicate guard of a report (or of a cancel) |

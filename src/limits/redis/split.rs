@@ -331,8 +331,8 @@ fn before_take(r: &AdmitRequest<'_>, d: &mut Decision) {
     if effective_limit(r.tpm).is_some() && r.tokens > 0 {
         u.tokens_used -= r.tokens;
     }
-    // (A light admission counted no lease: in_flight is 0 either way.)
-    if d.light.is_none() {
+    // (A light admission without a concurrency limit took no slot: in_flight is 0.)
+    if d.light.is_none() || effective_limit(r.concurrency).is_some() {
         u.in_flight -= 1;
     }
     for (entry, q) in r.quotas.iter().zip(d.quotas.iter_mut()) {

@@ -1,7 +1,8 @@
-//! `lua/admit_window.lua`: the light admission of a key whose only limits are its windows
-//! (RPM and/or TPM; no concurrency limit, balance or quota entry). It answers
-//! [`super::admit::AdmitReply`] without quota entries, so the rest of the path is
-//! `lua/admit.lua`'s.
+//! `lua/admit_window.lua`: the light admission of a key whose limits are its windows
+//! (RPM and/or TPM) and its concurrency limit (no tracked balance, no quota entry): under
+//! a concurrency limit its lease takes a slot in the key's lease set, without a record.
+//! It answers [`super::admit::AdmitReply`] without quota entries, so the rest of the path
+//! is `lua/admit.lua`'s.
 
 use super::{script_fields, Contract, KeySpace};
 
@@ -12,6 +13,12 @@ script_fields! {
         /// Both windows of the key, the same hash (and fields) as
         /// [`super::admit::AdmitKeys::rpm`].
         pub rpm: String,
+        /// [`super::admit::AdmitKeys::leases`]: the slots (read under a concurrency
+        /// limit only).
+        pub leases: String,
+        /// [`super::admit::AdmitKeys::ld`]: never written; its records keep their members
+        /// from this script's purge, and it lives as long as the lease set.
+        pub ld: String,
     }
 }
 
@@ -20,6 +27,8 @@ impl AdmitWindowKeys {
     pub fn new(space: &KeySpace, shard: u16, key_id: &str) -> AdmitWindowKeys {
         AdmitWindowKeys {
             rpm: space.client(shard, key_id, "rpm"),
+            leases: space.client(shard, key_id, "leases"),
+            ld: space.client(shard, key_id, "ld"),
         }
     }
 }
@@ -27,7 +36,7 @@ impl AdmitWindowKeys {
 script_fields! {
     arg
     /// ARGV of `lua/admit_window.lua` (limits: 0 = unlimited, see [`super::limit_arg`]).
-    pub struct AdmitWindowArgs {
+    pub struct AdmitWindowArgs<'a> {
         pub rpm_limit: i64,
         pub tpm_limit: i64,
         pub tokens: i64,
@@ -35,6 +44,10 @@ script_fields! {
         pub time_shift_ms: i64,
         /// 0 = the Redis server's `TIME`.
         pub now_ms: i64,
+        /// 0 = none: the lease set is not read.
+        pub concurrency_limit: i64,
+        /// The lease's member in the lease set (under a concurrency limit).
+        pub lease_token: &'a str,
     }
 }
 
@@ -45,7 +58,12 @@ pub const CONTRACT: Contract = Contract {
     keys_repeated: &[],
     argv: AdmitWindowArgs::NAMES,
     argv_repeated: &[],
-    codes: &[(0, "admitted"), (1, "requests"), (2, "tokens")],
+    codes: &[
+        (0, "admitted"),
+        (1, "requests"),
+        (2, "tokens"),
+        (3, "concurrency"),
+    ],
 };
 
 #[cfg(test)]

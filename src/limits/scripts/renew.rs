@@ -1,6 +1,7 @@
 //! `lua/renew.lua`: extend a live lease, and the spend holds its data lists (their
 //! counters are named in the lease's data, under the same hash tag, not in KEYS); a
-//! light lease (no record) joins the lease set unless reported or expired.
+//! light lease (no record) is put in the lease set (or moved there, under a concurrency
+//! limit) unless reported or expired.
 
 use super::{protocol, script_fields, Contract, KeySpace};
 use crate::limits::CounterError;
