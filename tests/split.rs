@@ -575,12 +575,32 @@ async fn a_pool_master_dropping_connections_leaks_nothing_on_the_clients_master(
     let killed = killer.await.unwrap();
     assert!(killed > 0, "the pool's master dropped no connection");
     eprintln!("admitted {admitted_n}, failed {failed}, connections killed {killed}");
-    // The client's side: exactly the admitted ones (every cancel ran).
+    // The client's side: every admitted request holds its slot and its unit in the
+    // window (every cancel ran), and a failed admission holds them only when its own
+    // script's answer was lost: the cluster client replaces its connections when one
+    // master drops them, and a script in flight to the client's master then times out
+    // after it ran, so nothing says what to give back. That is rare (a failed cancel
+    // would leave units for most of the failed admissions) and bounded: the slot until
+    // its lease expires, the unit until its second leaves the window.
     for r in &replicas {
         r.settled().await;
     }
-    assert_eq!(window_sum(&r0, &r0.key(&k, "rpm")).await, admitted_n as i64);
-    assert_eq!(leases_held(&r0, &k).await, admitted_n as i64);
+    let rpm = r0.key(&k, "rpm");
+    let slots = leases_held(&r0, &k).await - admitted_n as i64;
+    let units = window_sum(&r0, &rpm).await - admitted_n as i64;
+    eprintln!("held beyond the admitted: {slots} slots, {units} window units");
+    for held in [slots, units] {
+        assert!(
+            (0..=failed as i64 / 2).contains(&held),
+            "held {slots} slots and {units} units beyond the admitted, failed {failed}"
+        );
+    }
+    r0.time_shift().advance(301_000); // past the leases' expiry (300 s) and the window
+    let again = LeaseId::new(&k);
+    let d = r0.admit(&request(&again, 1, None)).await.unwrap();
+    assert!(admitted(&d));
+    assert_eq!(d.usage.in_flight, 1, "a slot outlived its lease");
+    assert_eq!(window_sum(&r0, &rpm).await, 1, "a unit outlived its second");
     // The pool's side (the probe's pick aside): at least the admitted ones. A pick whose
     // answer was lost with its connection (or that the cluster client sent again on a
     // new one) holds its unit until its second leaves the window.

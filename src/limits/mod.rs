@@ -586,7 +586,7 @@ impl Counters {
     pub fn time_shift(&self) -> &TimeShift {
         match self {
             Counters::Memory(m) => &m.shift,
-            Counters::Redis(r) => &r.shift,
+            Counters::Redis(r) => r.time_shift(),
         }
     }
 }

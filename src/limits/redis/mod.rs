@@ -96,6 +96,11 @@ pub struct RedisCounters {
 }
 
 impl RedisCounters {
+    /// The scripts' clock (tests move it; see [`TimeShift`]).
+    pub fn time_shift(&self) -> &TimeShift {
+        &self.shift
+    }
+
     /// Connects, preloads the scripts and makes sure the accounting stream's consumer
     /// group exists.
     pub async fn connect(url: &str, prefix: &str, guard_ttl_ms: i64) -> Result<Self, CounterError> {
