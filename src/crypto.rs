@@ -224,7 +224,29 @@ pub fn display_prefix(key: &str, prefix: &str) -> String {
 
 /// Lowercase hex SHA-256, the lookup hash under which a client key is stored.
 pub fn lookup_hash(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
+    hex_string(&Sha256::digest(secret.as_bytes()))
+}
+
+/// Appends the lowercase hex of `bytes` to `out`, as `hex::encode` spells it. Written
+/// through a stack buffer: `hex::encode` collects its text a character at a time into a
+/// string that grows several times, and an admission hex-encodes its secret's digest,
+/// its lease token and its lease's names.
+pub fn hex_push(out: &mut String, bytes: &[u8]) {
+    let mut buf = [0u8; 128];
+    out.reserve(2 * bytes.len());
+    for chunk in bytes.chunks(buf.len() / 2) {
+        let hex = &mut buf[..2 * chunk.len()];
+        if hex::encode_to_slice(chunk, hex).is_ok() {
+            out.push_str(std::str::from_utf8(hex).unwrap_or_default());
+        }
+    }
+}
+
+/// The lowercase hex of `bytes` ([`hex_push`]).
+pub fn hex_string(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(2 * bytes.len());
+    hex_push(&mut out, bytes);
+    out
 }
 
 /// SHA-256 digest, for constant-time comparison of equal-length values.
@@ -285,6 +307,14 @@ mod tests {
         assert_eq!(a.len(), 6 + RANDOM_CHARS);
         assert!(a[6..].chars().all(|c| c.is_ascii_alphanumeric()));
         assert_eq!(display_prefix(&a, "sk-kw-"), a[..12]);
+    }
+
+    #[test]
+    fn hex_is_the_hex_crates() {
+        for n in [0, 1, 63, 64, 65, 200] {
+            let bytes: Vec<u8> = (0..n).map(|i| (i * 37 % 256) as u8).collect();
+            assert_eq!(hex_string(&bytes), hex::encode(&bytes));
+        }
     }
 
     #[test]

@@ -55,7 +55,7 @@
 //!
 //! (Over 400 lines: about half are its tests, one per way a text may fail to verify.)
 
-use crate::crypto::{Keyring, LEASE_MAC_LEN};
+use crate::crypto::{hex_push, Keyring, LEASE_MAC_LEN};
 use crate::limits::{LeaseId, LightLease, PickTaken, LIGHT_META_MAX};
 use crate::prices::Price;
 
@@ -163,7 +163,7 @@ fn encode_light(out: &mut String, light: &LightLease) {
         }
         None => out.push_str("n-"),
     }
-    out.push_str(&hex::encode(light.meta.as_bytes()));
+    hex_push(out, light.meta.as_bytes());
 }
 
 fn decode_light(text: &str, expires_at_ms: i64) -> Option<LightLease> {
@@ -227,16 +227,13 @@ impl SignedLease {
                 let _ = write!(text, ".{}-{}", t.second, t.tokens);
                 if let Some(pool) = &self.lease.pool {
                     text.push('-');
-                    text.push_str(&hex::encode(pool.as_bytes()));
+                    hex_push(&mut text, pool.as_bytes());
                 }
             }
         }
         let mac = keyring.sign_lease(&text);
-        let mut hex = [0u8; 2 * LEASE_MAC_LEN];
-        if hex::encode_to_slice(mac, &mut hex).is_ok() {
-            text.push('.');
-            text.push_str(std::str::from_utf8(&hex).unwrap_or_default());
-        }
+        text.push('.');
+        hex_push(&mut text, &mac);
         text
     }
 

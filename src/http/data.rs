@@ -136,6 +136,9 @@ fn admitted_response(body: &AdmittedBody<'_>) -> Response {
     match serde_json::to_writer(&mut buf, body) {
         Ok(()) => {
             let mut response = Response::new(axum::body::Body::from(buf));
+            // Room for the rate-limit headers too (`ratelimit::apply`): the map is then
+            // allocated once, not grown and rehashed when they arrive.
+            *response.headers_mut() = axum::http::HeaderMap::with_capacity(12);
             response.headers_mut().insert(
                 axum::http::header::CONTENT_TYPE,
                 axum::http::HeaderValue::from_static("application/json"),

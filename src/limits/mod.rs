@@ -146,7 +146,7 @@ impl LeaseId {
             key_id: key_id.to_string(),
             // Big-endian bytes in hex: what `format!("{:032x}")` spells, without the
             // formatting machinery.
-            token: hex::encode(rand::random::<u128>().to_be_bytes()),
+            token: crate::crypto::hex_string(&rand::random::<u128>().to_be_bytes()),
             shard: None,
             taken: None,
             light: None,
