@@ -17,9 +17,14 @@
 //!   the schedule. Beside keyward's Redis shape, two floors on the same schedule: a bare
 //!   axum server that makes the same EVALSHA per request, and EVALSHA straight to Redis;
 //!   keyward's p99 minus the bare server's is printed against a 0.3 ms target.
-//! - Yardsticks (`yardsticks.rs`): redis-benchmark running `lua/admit.lua` (the ceiling)
-//!   and `benches/reference.lua` (a one-counter sliding window), a bare hyper server's
-//!   CPU per request, Limitador's two modes when `LIMITADOR_BIN` is set.
+//! - Yardsticks (`yardsticks.rs`): redis-benchmark running `lua/admit.lua` (the ceiling),
+//!   `lua/admit_window.lua` and `benches/reference.lua` (a one-counter sliding window),
+//!   then the Redis cost ladder (`ladder.rs`, `benches/ladder/`: admit_window.lua's
+//!   common path one `redis.call` at a time); a bare hyper server's CPU per request;
+//!   Limitador's two modes when `LIMITADOR_BIN` is set (`limitador.rs`;
+//!   `LIMITADOR_BIN=$(scripts/limitador.sh)`: the `limitador` library 0.14 behind a
+//!   minimal HTTP server, `benches/limitador/`), with keyward's Redis CPU per decision
+//!   over Limitador's per check and the embedded shape against its in-memory mode.
 //! - Cluster (`cluster.rs`): a three-master Redis Cluster of its own, 1,000 keys, each
 //!   master's share of the script calls.
 //! - Lifecycle (`lifecycle.rs`): admit then `/v1/report` of the lease, with and without
@@ -59,8 +64,12 @@ mod cluster;
 mod fleet;
 #[path = "admit/hot.rs"]
 mod hot;
+#[path = "admit/ladder.rs"]
+mod ladder;
 #[path = "admit/lifecycle.rs"]
 mod lifecycle;
+#[path = "admit/limitador.rs"]
+mod limitador;
 #[path = "admit/measure.rs"]
 mod measure;
 #[path = "admit/scopes.rs"]
@@ -499,27 +508,34 @@ const RANDOM_TOKENS: u64 = 1_000_000_000_000;
 /// is refused.
 const SLOT_LIMIT: i64 = 5;
 
-/// `lua/admit_window.lua` as keyward calls it for the bench key (light, no quota entry):
-/// its calls per second from `redis-benchmark`. With `slot`, under a concurrency limit
-/// ([`SLOT_LIMIT`]).
-fn redis_benchmark_window(url_port: u16, requests: u64, slot: bool) -> Option<f64> {
-    let prefix = format!("bench-window-{}", std::process::id());
-    let keys = AdmitWindowKeys::new(&KeySpace::new(&prefix, 1), 0, "bench");
-    let admit = admit_args("__rand_int__");
-    let args = AdmitWindowArgs {
+/// `lua/admit_window.lua`'s arguments as keyward passes them for the bench key, under a
+/// concurrency limit `concurrency` (0: none) with lease token `token`.
+fn window_args(concurrency: i64, token: &str) -> Vec<String> {
+    let admit = admit_args(token);
+    AdmitWindowArgs {
         rpm_limit: admit.rpm_limit,
         tpm_limit: admit.tpm_limit,
         tokens: admit.tokens,
         lease_ttl_ms: admit.lease_ttl_ms,
         time_shift_ms: 0,
         now_ms: 0,
-        concurrency_limit: if slot { SLOT_LIMIT } else { 0 },
+        concurrency_limit: concurrency,
         lease_token: admit.lease_token,
-    };
+    }
+    .to_strings()
+}
+
+/// `lua/admit_window.lua` as keyward calls it for the bench key (light, no quota entry):
+/// its calls per second from `redis-benchmark`. With `slot`, under a concurrency limit
+/// ([`SLOT_LIMIT`]).
+fn redis_benchmark_window(url_port: u16, requests: u64, slot: bool) -> Option<f64> {
+    let prefix = format!("bench-window-{}", std::process::id());
+    let keys = AdmitWindowKeys::new(&KeySpace::new(&prefix, 1), 0, "bench");
+    let args = window_args(if slot { SLOT_LIMIT } else { 0 }, "__rand_int__");
     redis_benchmark_evalsha(
         url_port,
         source::ADMIT_WINDOW,
-        (&keys.to_strings(), &args.to_strings()),
+        (&keys.to_strings(), &args),
         &prefix,
         requests,
         if slot {
@@ -741,7 +757,8 @@ fn row(name: &str, run: &Run) {
 /// `KEYWARD_BENCH_ONLY`: a comma-separated list of the parts to run (unset: all of them):
 /// `embedded`, `redis` (each shape's runs, with their open loops; `redis` also runs the
 /// floors), `floor` (only the Redis shape's open loops and the floors: keyward's p99
-/// over its floor), `scripts` (admit.lua and reference.lua from redis-benchmark),
+/// over its floor), `scripts` (admit.lua, admit_window.lua, reference.lua and the cost
+/// ladder from redis-benchmark),
 /// `hyper` (the embedded shape beside a bare hyper server), `limitador`, `lifecycle`
 /// (admit+report, per script, and the fleet model), `cluster`, `hot` (one key, one pool
 /// on the cluster), `scopes`. Alone, `open`, `redis-open`, `scopes` and `scopes-script` keep their meaning.
@@ -842,7 +859,7 @@ async fn bench() {
         yardsticks::bare_hyper(&mut summary).await;
     }
     if part("limitador") {
-        yardsticks::limitador(redis_port, &mut summary).await;
+        limitador::run(redis_port, &mut summary).await;
     }
     if part("lifecycle") {
         let prefix = format!("{prefix}-lifecycle");

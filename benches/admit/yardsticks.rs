@@ -5,14 +5,12 @@
 //!   `lua/admit_window.lua` (the common key's: its windows alone, then with a
 //!   concurrency limit's slot) and of `benches/reference.lua` (a one-counter exact sliding window: the least a Redis
 //!   rate limiter's decision can cost Redis); Redis's time per call from `INFO
-//!   commandstats`, its CPU from `INFO cpu`.
+//!   commandstats`, its CPU from `INFO cpu`. Then the Redis cost ladder (`ladder.rs`).
 //! - **bare hyper**: this bench binary run again as `<bench> bare-hyper <port>`, a hyper
 //!   HTTP/1.1 server that reads each request's body and answers a fixed small JSON, and
 //!   nothing else: its CPU per request (its own process, `/proc`) under the same
 //!   saturation as keyward's is the floor of any sidecar on this HTTP stack.
-//! - **Limitador** (`LIMITADOR_BIN`, a `limitador-server` binary): its in-memory and
-//!   Redis modes under the same saturation, `POST /check_and_report` with one limit of
-//!   one counter (too high to be reached), its CPU per decision and Redis's.
+//! - **Limitador** (`limitador.rs`, when `LIMITADOR_BIN` is set).
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -25,7 +23,7 @@ use crate::{saturate_with, CONCURRENCY, SECONDS};
 const REFERENCE: &str = include_str!("../reference.lua");
 
 /// redis-benchmark calls for each script (about 5 to 10 s on this machine).
-const SCRIPT_CALLS: u64 = 150_000;
+pub const SCRIPT_CALLS: u64 = 150_000;
 
 /// The ceiling and the reference script, one after the other at [`CONCURRENCY`] clients.
 pub fn scripts(redis_port: u16, summary: &mut Summary) {
@@ -63,6 +61,7 @@ pub fn scripts(redis_port: u16, summary: &mut Summary) {
             cost,
         );
     }
+    crate::ladder::run(redis_port, summary);
 }
 
 fn print_script(name: &str, rate: f64, cost: &Cost) {
@@ -100,7 +99,7 @@ fn reference_benchmark(redis_port: u16, requests: u64) -> Option<f64> {
 }
 
 /// A child process killed on drop.
-struct Process(Child);
+pub struct Process(pub Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -110,7 +109,7 @@ impl Drop for Process {
 }
 
 /// Waits until `port` answers `request` with a 200 (at most 20 s).
-async fn ready(port: u16, request: &[u8]) -> bool {
+pub async fn ready(port: u16, request: &[u8]) -> bool {
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -126,7 +125,7 @@ async fn ready(port: u16, request: &[u8]) -> bool {
 
 /// Saturates `port` with `request` for [`SECONDS`] and measures the process `pid` and
 /// the Redis nodes `redis`; prints the running row, adds the summary row.
-async fn saturate_measured(
+pub async fn saturate_measured(
     name: &str,
     port: u16,
     request: &[u8],
@@ -218,59 +217,8 @@ async fn answer(
         .unwrap())
 }
 
-/// Limitador's two modes, when `LIMITADOR_BIN` names its server; one line otherwise.
-pub async fn limitador(redis_port: u16, summary: &mut Summary) {
-    let Ok(binary) = std::env::var("LIMITADOR_BIN") else {
-        summary.line("Limitador: skipped (set LIMITADOR_BIN to a limitador-server binary)");
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let limits = dir.path().join("limits.yaml");
-    // One limit of one counter, too high to be reached (the bench key's RPM window).
-    std::fs::write(
-        &limits,
-        "---\n- namespace: bench\n  max_value: 1000000000000\n  seconds: 60\n  conditions: []\n  variables: []\n",
-    )
-    .unwrap();
-    let url = format!("redis://127.0.0.1:{redis_port}");
-    for (mode, storage) in [
-        ("memory", vec!["memory"]),
-        ("redis", vec!["redis", url.as_str()]),
-    ] {
-        let (http, rls) = (support::free_port(), support::free_port());
-        let child = Command::new(&binary)
-            .args(["--http-ip", "127.0.0.1", "--http-port", &http.to_string()])
-            .args(["--rls-ip", "127.0.0.1", "--rls-port", &rls.to_string()])
-            .arg(&limits)
-            .args(&storage)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let Ok(child) = child else {
-            summary.line(format!("Limitador: {binary} did not run"));
-            return;
-        };
-        let child = Process(child);
-        let body = r#"{"namespace":"bench","values":{"key":"bench"},"delta":1}"#;
-        let request = format!(
-            "POST /check_and_report HTTP/1.1\r\nhost: 127.0.0.1:{http}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes();
-        if !ready(http, &request).await {
-            summary.line(format!(
-                "Limitador {mode}: did not answer 200 to check_and_report"
-            ));
-            continue;
-        }
-        let redis: &[u16] = if mode == "redis" { &[redis_port] } else { &[] };
-        let name = format!("Limitador {mode}, 1 counter, saturation");
-        saturate_measured(&name, http, &request, child.0.id(), redis, summary).await;
-    }
-}
-
-/// keyward's Redis cost per decision against the reference script's per call, and
-/// keyward's CPU against the bare hyper server's.
+/// keyward's Redis cost per decision against the reference script's per call,
+/// keyward's CPU against the bare hyper server's, and keyward against Limitador.
 pub fn ratios(summary: &mut Summary) {
     let redis_of = |name: &str| -> Option<RedisCost> { summary.get(name)?.cost.redis.clone() };
     let mut lines = Vec::new();
@@ -323,6 +271,7 @@ pub fn ratios(summary: &mut Summary) {
             100.0 * e / r
         ));
     }
+    crate::limitador::ratios(summary, &mut lines);
     for l in lines {
         summary.line(l);
     }

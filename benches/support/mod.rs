@@ -231,10 +231,25 @@ pub fn clock_ticks_per_s() -> u64 {
 
 /// Deletes the Redis keys a bench's keyward wrote under `prefix`.
 pub fn drop_redis_keys(redis_port: u16, prefix: &str) {
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "redis-cli -p {redis_port} --scan --pattern '{{{prefix}*' | xargs -r redis-cli -p {redis_port} DEL > /dev/null"
-        ))
-        .status();
+    drop_redis_pattern(redis_port, &format!("{{{prefix}*"));
+}
+
+/// Deletes the Redis keys matching the glob `pattern`, 500 at a time. Each name goes to
+/// `DEL` as one argument, so names with quotes or commas (Limitador's JSON) go too.
+pub fn drop_redis_pattern(redis_port: u16, pattern: &str) {
+    let port = redis_port.to_string();
+    let Ok(out) = Command::new("redis-cli")
+        .args(["-p", &port, "--scan", "--pattern", pattern])
+        .output()
+    else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let keys: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    for chunk in keys.chunks(500) {
+        let _ = Command::new("redis-cli")
+            .args(["-p", &port, "DEL"])
+            .args(chunk)
+            .output();
+    }
 }
