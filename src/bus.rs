@@ -17,10 +17,12 @@
 //! would drop the entry a request reloaded in the meantime, and the next request would
 //! load it again (or fail, with the database down). Skipping the first arrival is safe
 //! whichever replica's copy it is: every later arrival of the same message is applied,
-//! and this replica's own copy is among them or before them.
+//! and this replica's own copy is among them or before them. An echo is awaited
+//! [`ECHO_WAIT`] at most: one lost (a cluster's PUBLISH is best effort) must not make
+//! the replica skip another replica's message much later, a key's revocation say.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use futures_util::StreamExt;
@@ -41,9 +43,14 @@ pub struct Bus {
     /// Users' limits by user id (`None` only where no user is ever looked up).
     pub users: Option<Arc<UserCache>>,
     publisher: Option<(Arc<RedisCounters>, String)>,
-    /// Messages published here whose echo has not been heard yet, with their count.
-    echoes: DashMap<String, u32>,
+    /// Messages published here whose echo has not been heard yet: their count, and when
+    /// the last of them was published.
+    echoes: DashMap<String, (u32, Instant)>,
 }
+
+/// How long an echo is awaited: one heard later is applied like any message (a drop too
+/// many, which is harmless), and one that never comes stops being awaited.
+pub const ECHO_WAIT: Duration = Duration::from_secs(2);
 
 /// How long start-up waits for the invalidation subscription before serving anyway.
 pub const LISTEN_WAIT: Duration = Duration::from_secs(2);
@@ -81,13 +88,18 @@ impl Bus {
     /// A message heard on the channel: applied, unless it is the first arrival of one
     /// this replica published (see the module's doc).
     fn heard(&self, message: &str) {
-        if let Some(mut n) = self.echoes.get_mut(message) {
-            *n -= 1;
-            if *n == 0 {
-                drop(n);
-                self.echoes.remove_if(message, |_, n| *n == 0);
+        if let Some(mut echo) = self.echoes.get_mut(message) {
+            let (n, published) = &mut *echo;
+            if published.elapsed() < ECHO_WAIT {
+                *n -= 1;
+                if *n == 0 {
+                    drop(echo);
+                    self.echoes.remove_if(message, |_, (n, _)| *n == 0);
+                }
+                return;
             }
-            return;
+            drop(echo);
+            self.echoes.remove(message);
         }
         self.apply(message);
     }
@@ -128,7 +140,14 @@ impl Bus {
             return;
         };
         // Counted before the PUBLISH: its echo may be heard before its reply.
-        *self.echoes.entry(message.clone()).or_insert(0) += 1;
+        {
+            let mut echo = self
+                .echoes
+                .entry(message.clone())
+                .or_insert((0, Instant::now()));
+            echo.0 += 1;
+            echo.1 = Instant::now();
+        }
         let published: Result<(), String> = async {
             let mut conn = redis.conn().await.map_err(|e| e.to_string())?;
             redis::cmd("PUBLISH")
@@ -142,10 +161,10 @@ impl Bus {
         .await;
         if let Err(e) = published {
             // No echo will come: an arrival of another replica's must not be skipped.
-            if let Some(mut n) = self.echoes.get_mut(&message) {
-                *n = n.saturating_sub(1);
+            if let Some(mut echo) = self.echoes.get_mut(&message) {
+                echo.0 = echo.0.saturating_sub(1);
             }
-            self.echoes.remove_if(&message, |_, n| *n == 0);
+            self.echoes.remove_if(&message, |_, (n, _)| *n == 0);
             // The other replicas still reload when their cache TTL runs out.
             tracing::warn!(error = %e, "could not publish a cache invalidation");
         }
@@ -270,11 +289,19 @@ mod tests {
         ));
         let bus = Bus::new(keys, rosters.clone());
         rosters.get("openai").await.unwrap();
-        bus.echoes.insert("p:openai".into(), 1);
+        bus.echoes.insert("p:openai".into(), (1, Instant::now()));
         bus.heard("p:openai");
         assert_eq!(rosters.len(), 1, "the echo dropped the reloaded pool");
         assert!(bus.echoes.is_empty());
         bus.heard("p:openai");
         assert_eq!(rosters.len(), 0, "another replica's message is applied");
+
+        // An echo awaited longer than ECHO_WAIT (lost) skips nothing.
+        rosters.get("openai").await.unwrap();
+        let long_ago = Instant::now().checked_sub(ECHO_WAIT * 2).unwrap();
+        bus.echoes.insert("p:openai".into(), (1, long_ago));
+        bus.heard("p:openai");
+        assert_eq!(rosters.len(), 0, "a lost echo swallowed a message");
+        assert!(bus.echoes.is_empty());
     }
 }
