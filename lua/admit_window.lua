@@ -63,6 +63,11 @@
 -- long for a light lease) stays for lua/admit.lua's purge, which moves its record to lx
 -- and releases its holds, or for its report, which settles it from ld (its holds then
 -- leave once, never twice); it counts nowhere meanwhile, and ld lives as long as the set.
+-- A known limit: while 100 such leases lie expired at the front of the set, this purge
+-- removes nothing (it reads the 100 oldest), so a key whose every admission comes here
+-- keeps its expired light leases too until lua/admit.lua purges the key or those leases
+-- are reported: its set grows by its unreported leases meanwhile (counting stays exact:
+-- only live leases count).
 
 local rpm_limit = tonumber(ARGV[1])
 local tpm_limit = tonumber(ARGV[2])
