@@ -108,6 +108,12 @@ async fn static_checks_refuse_before_anything_is_counted(shape: Shape) {
             "the key is echoed"
         );
     }
+    // A request naming no provider is told so, not shown a made-up name.
+    let a = s.admit(with("provider", Value::Null)).await;
+    assert_eq!(
+        a.body["error"]["message"],
+        "the request names no provider, and this key allows only listed ones"
+    );
     // Nothing above was counted: the first real admission sees an empty window.
     let a = s.admit(ok.clone()).await;
     assert_eq!(a.status, 200, "{}", a.body);
@@ -134,8 +140,20 @@ async fn static_checks_refuse_before_anything_is_counted(shape: Shape) {
         let a = s.admit(ok.clone()).await;
         assert_eq!((a.status, error_code(&a).as_str()), (403, "KEY_EXPIRED"));
     }
+    // Still so once disabled, as the expiry job disables an expired key.
     c.servers[0]
-        .admin(Method::PATCH, &path, Some(json!({"expires_at": null})))
+        .admin(Method::PATCH, &path, Some(json!({"is_active": false})))
+        .await;
+    for s in &c.servers {
+        let a = s.admit(ok.clone()).await;
+        assert_eq!((a.status, error_code(&a).as_str()), (403, "KEY_EXPIRED"));
+    }
+    c.servers[0]
+        .admin(
+            Method::PATCH,
+            &path,
+            Some(json!({"expires_at": null, "is_active": true})),
+        )
         .await;
     c.servers[0].admin(Method::DELETE, &path, None).await;
     for s in &c.servers {

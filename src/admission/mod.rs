@@ -166,11 +166,13 @@ impl Admission {
         let hash = lookup_hash(secret);
         let key = self.cache.get(&hash).await?.ok_or(AdmitError::InvalidKey)?;
         spend_now::remember(&self.hashes, &key.id, hash);
-        if !key.is_active {
-            return Err(AdmitError::KeyDisabled);
-        }
+        // Expiry first: the expiry job disables an expired key later, and its answer
+        // stays KEY_EXPIRED then.
         if key.is_expired_at(now_ms()) {
             return Err(AdmitError::KeyExpired);
+        }
+        if !key.is_active {
+            return Err(AdmitError::KeyDisabled);
         }
         Ok(key)
     }
@@ -284,17 +286,17 @@ impl Admission {
         let key = self.check_key(body.key.as_deref()).await?;
         if !allows(&key.allowed_providers, provider) {
             return Err(AdmitError::ProviderNotAllowed(
-                provider.unwrap_or("(none)").to_string(),
+                provider.unwrap_or_default().to_string(),
             ));
         }
         if !allows(&key.allowed_models, model) {
             return Err(AdmitError::ModelNotAllowed(
-                model.unwrap_or("(none)").to_string(),
+                model.unwrap_or_default().to_string(),
             ));
         }
         if !allows(&key.allowed_api_formats, api_format) {
             return Err(AdmitError::ApiFormatNotAllowed(
-                api_format.unwrap_or("(none)").to_string(),
+                api_format.unwrap_or_default().to_string(),
             ));
         }
         if let Some(limit) = key.tpm_limit.filter(|l| estimate > *l) {

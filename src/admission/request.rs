@@ -74,11 +74,12 @@ pub enum AdmitError {
     KeyDisabled,
     #[error("the client key has expired")]
     KeyExpired,
-    #[error("provider `{0}` is not allowed for this key")]
+    /// The name refused ("" when the request names none).
+    #[error("{}", not_allowed("provider", .0))]
     ProviderNotAllowed(String),
-    #[error("model `{0}` is not allowed for this key")]
+    #[error("{}", not_allowed("model", .0))]
     ModelNotAllowed(String),
-    #[error("API format `{0}` is not allowed for this key")]
+    #[error("{}", not_allowed("API format", .0))]
     ApiFormatNotAllowed(String),
     #[error("the estimate of {estimate} tokens is larger than the key's limit of {limit} tokens per minute")]
     TokensExceedLimit { estimate: i64, limit: i64 },
@@ -154,4 +155,13 @@ pub struct Defaults {
     pub tokens: i64,
     /// `KEYWARD_DEFAULT_PRICE`: the price of a model without one.
     pub price: Option<Price>,
+}
+
+/// An allow-list's refusal of `name` ("" when the request names no `what`).
+fn not_allowed(what: &str, name: &str) -> String {
+    if name.is_empty() {
+        format!("the request names no {what}, and this key allows only listed ones")
+    } else {
+        format!("{what} `{name}` is not allowed for this key")
+    }
 }

@@ -459,11 +459,21 @@ pub enum Reported {
     TooLate,
 }
 
+/// A pool's error as an operator reads it: the connection's own error, without the
+/// pool's wording around it.
+fn pool_error(e: &deadpool_redis::PoolError) -> String {
+    match e {
+        deadpool_redis::PoolError::Backend(e) => format!("redis: {e}"),
+        deadpool_redis::PoolError::Timeout(_) => "redis: timed out waiting for a connection".into(),
+        other => format!("redis: {other}"),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CounterError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
-    #[error("redis pool: {0}")]
+    #[error("{}", pool_error(.0))]
     Pool(#[from] deadpool_redis::PoolError),
     #[error("unexpected answer from a script: {0}")]
     Protocol(String),
