@@ -493,3 +493,48 @@ async fn unfinished_headers_and_bodies_do_not_hold_a_connection() {
     assert!(started.elapsed() < std::time::Duration::from_secs(14));
     s.stop().await;
 }
+
+/// A client that pipelines requests for a large answer (`/openapi.json`) and never reads
+/// the answers does not hold its connection: once writing has made no progress for the
+/// request bound (10 s), the connection closes, before every answer was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_answers_does_not_hold_a_connection() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const REQUESTS: usize = 1000;
+    let s = TestServer::start(Backend::Sqlite).await;
+    let addr = s.data.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // About 7 KB each: far more than the kernel's buffers on both sides hold.
+    let request = "GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(REQUESTS);
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    // Meanwhile the others are served.
+    let a = s.admit(json!({"key": "sk-kw-unknown-000000000000"})).await;
+    assert_eq!(a.status, 401);
+    // Read nothing for the bound and a margin; then the connection must be closed: what
+    // keyward sent before it gave up arrives, then the end (or a reset), at once.
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = vec![0; 64 * 1024];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let answers = String::from_utf8_lossy(&out)
+        .matches("HTTP/1.1 200")
+        .count();
+    assert!(
+        read.is_ok(),
+        "the connection stayed open ({answers} answers read, {:?} after the requests)",
+        started.elapsed()
+    );
+    assert!(answers < REQUESTS, "every answer was sent: {answers}");
+    assert!(started.elapsed() < Duration::from_secs(18));
+    s.stop().await;
+}

@@ -15,6 +15,7 @@ mod proof;
 pub mod ratelimit;
 mod report;
 pub mod scan;
+mod stall;
 pub mod state;
 
 use std::future::Future;
@@ -91,13 +92,16 @@ async fn method_not_allowed() -> ApiError {
 /// What one listener allows a client: how long a request may take to arrive (headers,
 /// then body) and be answered, and how many connections it serves at once. Anyone on the
 /// pod network reaches the data plane: without these, connections that never finish
-/// their headers or body hold a file descriptor and a buffer each, forever.
+/// their headers or body, or never read their answers, hold a file descriptor and a
+/// buffer each, forever.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
     /// Headers must arrive within this of the connection opening or of the previous
     /// answer (hyper's header read timeout: an idle keep-alive connection closes then).
     pub headers: Duration,
     /// The whole request, body included, arrives and is answered within this: else 408.
+    /// Writing the answer may also wait this long without progress (a client that does
+    /// not read it): then the connection closes (`stall::Stall`).
     pub request: Duration,
     /// Connections served at once; the next waits in the listen queue until one closes.
     pub connections: usize,
@@ -197,7 +201,10 @@ async fn serve_one(
                 .max_headers(HYPER_MAX_HEADERS)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(bounds.headers);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = builder.serve_connection(
+                TokioIo::new(stall::Stall::new(stream, bounds.request)),
+                service,
+            );
             let mut conn = std::pin::pin!(conn);
             let mut stop = std::pin::pin!(stopped(stop));
             let mut stopping = false;
