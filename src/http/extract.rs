@@ -75,7 +75,7 @@ impl UnreadBody {
     }
 }
 
-/// Reads `body` whole, taking each frame's size from `budget` as it arrives.
+/// Reads `body` whole, taking what each frame adds to it from `budget` as it arrives.
 async fn read(body: Body, limit: usize, budget: &Semaphore) -> Result<HeldBytes<'_>, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -87,6 +87,8 @@ async fn read(body: Body, limit: usize, budget: &Semaphore) -> Result<HeldBytes<
         return Err(too_large());
     }
     let mut held: Option<SemaphorePermit<'_>> = None;
+    // What `held` counts: the first frame's length, then the capacity of the copy.
+    let mut counted = 0;
     let mut first = Bytes::new();
     // Only a body in several frames is copied (most arrive in one).
     let mut more: Option<Vec<u8>> = None;
@@ -98,23 +100,42 @@ async fn read(body: Body, limit: usize, budget: &Semaphore) -> Result<HeldBytes<
         if frame.is_empty() {
             continue;
         }
-        let total = first.len() + more.as_ref().map_or(0, Vec::len);
-        if total + frame.len() > limit {
+        let len = more.as_ref().map_or(first.len(), Vec::len) + frame.len();
+        if len > limit {
             return Err(too_large());
         }
-        let permit = u32::try_from(frame.len())
-            .ok()
-            .and_then(|n| budget.try_acquire_many(n).ok())
-            .ok_or_else(busy)?;
-        match &mut held {
-            Some(held) => held.merge(permit),
-            None => held = Some(permit),
+        // The copy grows by doubling, up to the limit, and counts its whole capacity.
+        let capacity = match &more {
+            Some(copy) if copy.capacity() >= len => copy.capacity(),
+            Some(copy) => (2 * copy.capacity()).max(len).min(limit),
+            None if first.is_empty() => len,
+            None => (2 * len).min(limit),
+        };
+        if capacity > counted {
+            let permit = u32::try_from(capacity - counted)
+                .ok()
+                .and_then(|n| budget.try_acquire_many(n).ok())
+                .ok_or_else(busy)?;
+            match &mut held {
+                Some(held) => held.merge(permit),
+                None => held = Some(permit),
+            }
+            counted = capacity;
         }
-        if first.is_empty() {
-            first = frame;
-        } else {
-            more.get_or_insert_with(|| first.to_vec())
-                .extend_from_slice(&frame);
+        match &mut more {
+            Some(copy) => {
+                copy.reserve_exact(capacity - copy.len());
+                copy.extend_from_slice(&frame);
+            }
+            None if first.is_empty() => first = frame,
+            // The first frame is copied and let go: it may share an allocation larger
+            // than itself (the connection's read buffer), which is not held then.
+            None => {
+                let mut copy = Vec::with_capacity(capacity);
+                copy.extend_from_slice(&std::mem::take(&mut first));
+                copy.extend_from_slice(&frame);
+                more = Some(copy);
+            }
         }
     }
     Ok(HeldBytes {
@@ -222,9 +243,12 @@ mod tests {
         let read_ = read(body(&[b"{\"a\":", b"", b"1}"]), 10, &budget).await;
         let bytes = read_.unwrap_or_else(|e| panic!("{}", e.message));
         assert_eq!(&*bytes, b"{\"a\":1}");
-        assert_eq!(budget.available_permits(), 93);
+        // The copy of a body in several frames counts its capacity (twice the first two).
+        assert_eq!(budget.available_permits(), 90);
         drop(bytes);
         assert_eq!(budget.available_permits(), 100);
+        let whole = read(body(&[b"1234", b"567", b"890"]), 10, &budget).await;
+        assert_eq!(whole.ok().map(|b| b.to_vec()), Some(b"1234567890".to_vec()));
         let too_large = read(body(&[b"123456", b"78901"]), 10, &budget).await;
         assert_eq!(
             too_large.err().map(|e| e.code),
