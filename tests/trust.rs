@@ -447,3 +447,96 @@ async fn renew(s: &TestServer, lease: &str) -> common::Answer {
     s.data_post(&format!("/v1/leases/{lease}/renew"), json!({}))
         .await
 }
+
+/// A request announcing a body and sending none: what it was answered, up to `code` (or
+/// until the connection closes), and how long that took to come.
+async fn announced_but_unsent(
+    s: &TestServer,
+    head: &str,
+    code: &str,
+) -> (String, std::time::Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = s.data.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    stream
+        .write_all(format!("{head}Host: x\r\nContent-Type: application/json\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut said = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !said.windows(code.len()).any(|w| w == code.as_bytes()) {
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(15), stream.read(&mut buf)).await;
+        match read {
+            Ok(Ok(n)) if n > 0 => said.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    (
+        String::from_utf8_lossy(&said).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// No body is read, nor held, before the proof the headers carry: `/v1/select` without
+/// the data-plane token, `/authz` without a client key and `/v1/report/upstream` without
+/// a lease it issued are refused as soon as their headers arrive, though they announce a
+/// body and send none (else the answer would wait for the 10 s request bound). A body
+/// announced over its endpoint's bound is refused at once too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_body_is_read_before_its_proof() {
+    let s = TestServer::start(common::Backend::Sqlite).await;
+    let length = "Content-Length: 1000000\r\n";
+    let mut failures = Vec::new();
+    for (head, status, code) in [
+        (
+            format!("POST /v1/select HTTP/1.1\r\n{length}"),
+            401,
+            "UNAUTHORIZED",
+        ),
+        (
+            format!("POST /v1/select HTTP/1.1\r\nAuthorization: Bearer wrong\r\n{length}"),
+            401,
+            "UNAUTHORIZED",
+        ),
+        (
+            format!("POST /authz/v1/chat/completions HTTP/1.1\r\n{length}"),
+            401,
+            "MISSING_KEY",
+        ),
+        (
+            format!("POST /authz HTTP/1.1\r\nX-Original-URI: /v1/messages\r\n{length}"),
+            401,
+            "MISSING_KEY",
+        ),
+        (
+            format!("POST /v1/report/upstream HTTP/1.1\r\n{length}"),
+            400,
+            "BAD_REQUEST",
+        ),
+        (
+            format!("POST /v1/report/upstream HTTP/1.1\r\nx-keyward-lease: forged\r\n{length}"),
+            404,
+            "LEASE_NOT_FOUND",
+        ),
+        (
+            "POST /v1/admit HTTP/1.1\r\nContent-Length: 300000\r\n".to_string(),
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+    ] {
+        let (said, took) = announced_but_unsent(&s, &head, code).await;
+        let first = head.lines().next().unwrap_or_default();
+        let answered = said.lines().next().unwrap_or_default();
+        if !said.starts_with(&format!("HTTP/1.1 {status}")) || !said.contains(code) {
+            failures.push(format!(
+                "{first}: {answered} after {took:?}, not {status} {code}"
+            ));
+        } else if took >= std::time::Duration::from_secs(2) {
+            failures.push(format!("{first}: answered after {took:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    s.stop().await;
+}

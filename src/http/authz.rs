@@ -28,13 +28,13 @@
 //! also sent in `x-keyward-error-body`, because `auth_request` drops the body. (The
 //! shipped nginx Lua calls `/authz` itself and passes the plain answer on.)
 
-use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::error::{ApiError, ErrorCode};
+use super::error::ApiError;
+use super::extract::UnreadBody;
 use super::ratelimit;
 use super::scan::scan;
 use super::state::AppState;
@@ -108,20 +108,28 @@ fn select_header(headers: &HeaderMap) -> Result<Option<bool>, ApiError> {
     }
 }
 
-/// The admission an authz request stands for. The body says what the upstream will
-/// act on, so it comes first: the `x-keyward-*` headers only fill what it leaves out
-/// (a proxy that forwards no body, or a body cut before the field).
-fn admit_body(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody, ApiError> {
+/// What is refused from the headers alone, before any of the body is read (up to
+/// 1 MiB of it, which a caller without a key must not be able to make keyward hold): a
+/// path the upstream could route elsewhere, and a request without a client key. The
+/// key, when there is one.
+fn before_the_body(path: &str, headers: &HeaderMap) -> Result<String, ApiError> {
     if !plain_path(path) {
         return Err(ApiError::bad_request(
             "the path has a dot segment or an encoded separator: the upstream could route it elsewhere than it reads",
         ));
     }
-    // No key, no decision to make: answered before the body is scanned (up to 1 MiB of
-    // it), which a caller without a key must not be able to make keyward do.
-    if client_key(headers).is_none() {
-        return Err(crate::admission::AdmitError::MissingKey.into());
-    }
+    client_key(headers).ok_or_else(|| AdmitError::MissingKey.into())
+}
+
+/// The admission an authz request with client key `key` stands for. The body says what
+/// the upstream will act on, so it comes first: the `x-keyward-*` headers only fill what
+/// it leaves out (a proxy that forwards no body, or a body cut before the field).
+fn admit_body(
+    path: &str,
+    headers: &HeaderMap,
+    key: String,
+    body: &[u8],
+) -> Result<AdmitBody, ApiError> {
     let scanned = scan(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let format = api_format::of_path(path);
     // Where the path names the model (Gemini), the upstream serves that one: it is the
@@ -153,7 +161,7 @@ fn admit_body(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody,
         && scanned.include_usage != Some(true)
         && scanned.estimate().is_none();
     Ok(AdmitBody {
-        key: client_key(headers),
+        key: Some(key),
         provider: header(headers, "x-keyward-provider")
             .map(str::to_string)
             .or_else(|| format.map(|(_, provider)| provider.to_string())),
@@ -194,19 +202,24 @@ fn header_safe_json(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// The admission a request stands for: what the headers alone refuse first, then the
+/// body, read only then (the bytes are given back once it is scanned).
+async fn admission(
+    path: &str,
+    headers: &HeaderMap,
+    body: UnreadBody,
+) -> Result<AdmitBody, ApiError> {
+    let key = before_the_body(path, headers)?;
+    let body = body.bytes(MAX_AUTHZ_BODY).await?;
+    admit_body(path, headers, key, &body)
+}
+
 pub async fn authz(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: UnreadBody,
 ) -> Response {
-    let Ok(body) = body else {
-        return ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("the forwarded body is larger than {MAX_AUTHZ_BODY} bytes"),
-        )
-        .into_response();
-    };
     let started = std::time::Instant::now();
     let nginx = header(&headers, "x-keyward-mode").is_some_and(|m| m.eq_ignore_ascii_case("nginx"));
     let original = match header(&headers, "x-original-uri") {
@@ -221,7 +234,7 @@ pub async fn authz(
             }
         },
     };
-    let outcome = match admit_body(&original, &headers, &body) {
+    let outcome = match admission(&original, &headers, body).await {
         Ok(request) => state.admission.admit(&request).await.map_err(|e| {
             let limits = match &e {
                 AdmitError::Limited {
@@ -283,6 +296,7 @@ pub async fn authz(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::error::ErrorCode;
 
     #[test]
     fn models_and_plain_paths() {
@@ -329,6 +343,12 @@ mod tests {
         );
     }
 
+    /// What the handler reads from the headers and the body, as it reads them.
+    fn admit(path: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdmitBody, ApiError> {
+        let key = before_the_body(path, headers)?;
+        admit_body(path, headers, key, body)
+    }
+
     /// `pairs`, beside a client key (without one nothing else is read).
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -349,22 +369,22 @@ mod tests {
             ("x-keyward-estimated-tokens", "1"),
         ]);
         let body = br#"{"model": "gpt-4o-mini", "max_tokens": 4000}"#;
-        let a = admit_body("/v1/chat/completions", &spoofed, body).unwrap();
+        let a = admit("/v1/chat/completions", &spoofed, body).unwrap();
         assert_eq!(a.model.as_deref(), Some("gpt-4o-mini"));
         assert_eq!(a.estimated_tokens, Some(4000));
         // The headers fill what the body leaves out.
-        let a = admit_body("/v1/chat/completions", &spoofed, b"").unwrap();
+        let a = admit("/v1/chat/completions", &spoofed, b"").unwrap();
         assert_eq!(
             (a.model.as_deref(), a.estimated_tokens),
             (Some("gpt-4o"), Some(1))
         );
-        let a = admit_body("/v1/chat/completions", &spoofed, br#"{"messages": []"#).unwrap();
+        let a = admit("/v1/chat/completions", &spoofed, br#"{"messages": []"#).unwrap();
         assert_eq!(
             (a.model.as_deref(), a.estimated_tokens),
             (Some("gpt-4o"), Some(1))
         );
         // Gemini names its model in the path, which the upstream acts on.
-        let a = admit_body(
+        let a = admit(
             "/v1beta/models/gemini-1.5-pro:generateContent",
             &spoofed,
             br#"{"generationConfig": {"maxOutputTokens": 77}}"#,
@@ -376,32 +396,32 @@ mod tests {
         );
         // A body that names its model twice is refused, whatever the headers say.
         let twice = br#"{"model": "gpt-4o-mini", "model": "gpt-4o"}"#;
-        let e = admit_body("/v1/chat/completions", &spoofed, twice).unwrap_err();
+        let e = admit("/v1/chat/completions", &spoofed, twice).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
     }
 
     #[test]
     fn selection_is_the_default() {
-        let a = admit_body("/v1/chat/completions", &headers(&[]), b"").unwrap();
+        let a = admit("/v1/chat/completions", &headers(&[]), b"").unwrap();
         assert_eq!((a.select, a.select_if_pooled), (false, true));
         // Without a key: refused before the body is read.
-        let e = admit_body("/v1/chat/completions", &HeaderMap::new(), b"{").unwrap_err();
+        let e = admit("/v1/chat/completions", &HeaderMap::new(), b"{").unwrap_err();
         assert_eq!(e.code, ErrorCode::MissingKey);
-        let a = admit_body(
+        let a = admit(
             "/v1/messages",
             &headers(&[("x-keyward-select", "true")]),
             b"",
         )
         .unwrap();
         assert_eq!((a.select, a.select_if_pooled), (true, false));
-        let a = admit_body(
+        let a = admit(
             "/v1/messages",
             &headers(&[("x-keyward-select", "false")]),
             b"",
         )
         .unwrap();
         assert_eq!((a.select, a.select_if_pooled), (false, false));
-        let e = admit_body(
+        let e = admit(
             "/v1/messages",
             &headers(&[("x-keyward-select", "maybe")]),
             b"",

@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::extract::JsonBody;
+use super::extract::{JsonBody, UnreadBody};
 use super::proof::require_data_token;
 use super::ratelimit;
 use super::state::AppState;
@@ -34,11 +34,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/report", post(super::report::report))
         .route("/v1/report/upstream", post(super::report::report_upstream))
         .route("/v1/leases/{lease_id}/renew", post(super::report::renew))
-        // The body limit on the `/authz` routes only: their `Bytes` extractor reads it
-        // (`JsonBody` has its own), and as a layer on every route it added an extension
-        // (a map allocated per request) to each admission.
-        .route("/authz", authz_route())
-        .route("/authz/{*path}", authz_route())
+        .route("/authz", axum::routing::any(super::authz::authz))
+        .route("/authz/{*path}", axum::routing::any(super::authz::authz))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -49,12 +46,6 @@ pub fn router(state: AppState) -> Router {
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
         .with_state(state)
-}
-
-fn authz_route() -> axum::routing::MethodRouter<AppState> {
-    axum::routing::any(super::authz::authz).layer(axum::extract::DefaultBodyLimit::max(
-        super::authz::MAX_AUTHZ_BODY,
-    ))
 }
 
 /// The body of an admission (contract section 3), serialized straight from borrowed
@@ -207,11 +198,12 @@ struct SelectBody {
 async fn select(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<JsonBody<SelectBody>, ApiError>,
+    body: UnreadBody,
 ) -> Result<Json<Value>, ApiError> {
-    // The token first: a caller without it learns nothing, not even about its body.
+    // The token first: a caller without it learns nothing, not even about its body, and
+    // makes keyward hold none of it.
     require_data_token(&state, &headers, "select")?;
-    let JsonBody(body) = body?;
+    let body: SelectBody = body.json().await?;
     let provider = body
         .provider
         .as_deref()

@@ -68,6 +68,7 @@ error_codes! {
     Internal = "INTERNAL", INTERNAL_SERVER_ERROR;
     NoProviderKey = "NO_PROVIDER_KEY", SERVICE_UNAVAILABLE;
     BackendUnavailable = "BACKEND_UNAVAILABLE", SERVICE_UNAVAILABLE;
+    Busy = "BUSY", SERVICE_UNAVAILABLE;
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -8,7 +8,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ErrorCode};
-use super::extract::{JsonBody, TextPath};
+use super::extract::{JsonBody, TextPath, UnreadBody};
 use super::proof::{refused, require_data_token, verified_lease};
 use super::state::AppState;
 use crate::clock::to_rfc3339;
@@ -49,7 +49,9 @@ fn report_from_headers(mut body: ReportBody, headers: &axum::http::HeaderMap) ->
 
 /// A report is authorized by its lease (it charges the lease's key, and an upstream
 /// status acts only on the provider key picked for that lease), or, without a lease, by
-/// the data-plane token. Settling it is [`crate::reporting`]'s.
+/// the data-plane token. The lease may be in the body, so the body is read first: what
+/// that lets a caller make keyward hold is bounded by
+/// [`super::extract::MAX_BODIES_HELD`]. Settling it is [`crate::reporting`]'s.
 pub(super) async fn report(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -97,7 +99,7 @@ fn settled(
 pub(super) async fn report_upstream(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<JsonBody<UpstreamBody>, ApiError>,
+    body: UnreadBody,
 ) -> Result<Json<Value>, ApiError> {
     const ENDPOINT: &str = "report_upstream";
     let text = headers
@@ -113,7 +115,7 @@ pub(super) async fn report_upstream(
             )
         })?;
     let lease = verified_lease(&state, text, ENDPOINT)?;
-    let JsonBody(body) = body?;
+    let body: UpstreamBody = body.json().await?;
     let (report, read) = body
         .into_report(text, crate::clock::now_ms())
         .map_err(|e| match e {
