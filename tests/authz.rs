@@ -14,6 +14,7 @@ on_both_backends!(
     a_provider_key_is_picked_by_default,
     the_path_model_is_the_checked_model,
     a_prepaid_stream_must_state_its_usage_or_its_limit,
+    a_body_hides_no_model_that_an_upstream_reads,
 );
 
 async fn authz(
@@ -350,5 +351,44 @@ async fn a_prepaid_stream_must_state_its_usage_or_its_limit(b: Backend) {
     )
     .await;
     assert_eq!(a.status, 200, "{}", a.body);
+    s.stop().await;
+}
+
+/// What lenient upstream parsers read, keyward reads too or refuses: a model after a
+/// byte order mark or a lone surrogate counts under its per-model limit, and a model or
+/// a token limit an upstream may read differently is refused (400).
+async fn a_body_hides_no_model_that_an_upstream_reads(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (_, secret) = s
+        .create_key(json!({"rate_limit": null, "model_limits": {"gpt-4o": {"rate_limit": 1}}}))
+        .await;
+    let path = "/v1/chat/completions";
+    let a = authz(&s, path, &secret, &[], "\u{FEFF}{\"model\": \"gpt-4o\"}").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // The model's one request a minute is spent: each disguise is seen and refused.
+    for body in [
+        "\u{FEFF}{\"model\": \"gpt-4o\"}",
+        r#"{"x\udc00": 1, "model": "gpt-4o"}"#,
+    ] {
+        let a = authz(&s, path, &secret, &[], body).await;
+        assert_eq!(
+            (a.status, error_code(&a).as_str()),
+            (429, "RATE_LIMITED"),
+            "{body}"
+        );
+    }
+    for body in [
+        r#"{"Model": "gpt-4o"}"#,
+        r#"{"model": "gpt-4o-mini", "MODEL": "gpt-4o"}"#,
+        r#"{"model": "gpt-4o-mini", "max_tokens": "4096"}"#,
+        r#"{"model": "gpt-4o-mini", "max_tokens": 1e5}"#,
+    ] {
+        let a = authz(&s, path, &secret, &[], body).await;
+        assert_eq!(
+            (a.status, error_code(&a).as_str()),
+            (400, "BAD_REQUEST"),
+            "{body}"
+        );
+    }
     s.stop().await;
 }

@@ -14,7 +14,12 @@
 //! once it is complete: a string needs its closing quote and a number the character
 //! after it, so a cut in the middle of `"max_tokens": 4096` does not read as `40`.
 //! A checked field named twice is an error: parsers disagree on which one wins, and
-//! keyward must check the one the upstream uses.
+//! keyward must check the one the upstream uses. So is one named in another case only
+//! (`Model`: Go's decoder matches names so) and a count that is not a whole number
+//! (`1e5`, `"4096"`: an upstream may read a number keyward did not count). Where lenient
+//! parsers read on, the scan reads on too: past a leading byte order mark, and past an
+//! escaped lone surrogate or bytes that are not UTF-8 (U+FFFD), so no field after them
+//! is hidden from keyward alone.
 //!
 //! Nested values are skipped without recursion (a depth counter), so deep nesting costs
 //! nothing but time linear in the body.
@@ -75,6 +80,12 @@ impl Scanned {
 pub enum ScanError {
     #[error("the body names `{0}` more than once")]
     Duplicate(&'static str),
+    /// A key that differs from a checked field's name in case only: some upstreams' JSON
+    /// decoders (Go's) match field names so, and would read it as that field.
+    #[error("the body names `{0}` in another case")]
+    CaseVariant(&'static str),
+    #[error("`{0}` must be a whole number")]
+    NotWhole(&'static str),
 }
 
 /// Why reading stopped early: the bytes ran out, or they are not JSON.
@@ -146,7 +157,12 @@ impl Cursor<'_> {
             out.extend_from_slice(&rest[..i]);
             self.at += i + 1;
             match rest[i] {
-                b'"' => return String::from_utf8(out).map_err(|_| Stop),
+                // Bytes that are not UTF-8 decode as U+FFFD (as lenient parsers do): the
+                // scan goes on, and such a key is no checked field's.
+                b'"' => {
+                    return Ok(String::from_utf8(out)
+                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+                }
                 b'\\' => {}
                 _ => return Err(Stop), // a raw control character: not JSON
             }
@@ -174,22 +190,26 @@ impl Cursor<'_> {
         Ok(value)
     }
 
-    /// After `\u`: one code point, joining a surrogate pair.
+    /// After `\u`: one code point, joining a surrogate pair. A surrogate that is not
+    /// half of a pair is U+FFFD, as lenient parsers (Python's, JavaScript's) keep going
+    /// past it: stopping there would hide the fields after it from keyward alone.
     fn unicode_escape(&mut self) -> Step<char> {
         let first = self.hex4()?;
-        let code = if (0xD800..0xDC00).contains(&first) {
-            if self.next()? != b'\\' || self.next()? != b'u' {
-                return Err(Stop);
+        if (0xD800..0xDC00).contains(&first) {
+            let next = self.bytes.get(self.at..self.at + 2).ok_or(Stop)?;
+            if next == b"\\u" {
+                let before = self.at;
+                self.at += 2;
+                let second = self.hex4()?;
+                if (0xDC00..0xE000).contains(&second) {
+                    let code = 0x10000 + ((first - 0xD800) << 10) + (second - 0xDC00);
+                    return char::from_u32(code).ok_or(Stop);
+                }
+                self.at = before;
             }
-            let second = self.hex4()?;
-            if !(0xDC00..0xE000).contains(&second) {
-                return Err(Stop);
-            }
-            0x10000 + ((first - 0xD800) << 10) + (second - 0xDC00)
-        } else {
-            first
-        };
-        char::from_u32(code).ok_or(Stop)
+            return Ok('\u{FFFD}');
+        }
+        Ok(char::from_u32(first).unwrap_or('\u{FFFD}'))
     }
 
     /// The bytes of a number or literal, once the character after it has arrived.
@@ -231,26 +251,43 @@ impl Cursor<'_> {
         }
     }
 
-    /// A whole number; `None` for another value (a fraction, a string, `null`).
-    /// Numbers too large for `i64` saturate, so they are refused as too large rather
-    /// than ignored.
-    fn whole_number(&mut self) -> Step<Option<i64>> {
-        match self.skip_ws()? {
-            b'-' | b'0'..=b'9' => {}
-            _ => return self.skip_value().map(|_| None),
+    /// A whole number, `None` for `null`; another value (a fraction, an exponent, a
+    /// string) is refused as `name`'s: an upstream may read it as a number keyward did
+    /// not count. Numbers too large for `i64` saturate, so they are refused as too large
+    /// rather than ignored.
+    fn whole_number(&mut self, name: &'static str) -> Result<Step<Option<i64>>, ScanError> {
+        match self.skip_ws() {
+            Ok(b'-' | b'0'..=b'9') => {}
+            Ok(b'n') => {
+                return Ok(self.atom().and_then(|a| match a {
+                    b"null" => Ok(None),
+                    _ => Err(Stop),
+                }))
+            }
+            Ok(_) => {
+                // Refused once the value is whole (a cut inside it is a cut).
+                return match self.skip_value() {
+                    Ok(()) => Err(ScanError::NotWhole(name)),
+                    Err(stop) => Ok(Err(stop)),
+                };
+            }
+            Err(stop) => return Ok(Err(stop)),
         }
-        let atom = self.atom()?;
+        let atom = match self.atom() {
+            Ok(atom) => atom,
+            Err(stop) => return Ok(Err(stop)),
+        };
         let (negative, digits) = match atom.split_first() {
             Some((b'-', digits)) => (true, digits),
             _ => (false, atom),
         };
         if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-            return Ok(None);
+            return Err(ScanError::NotWhole(name));
         }
         let magnitude = digits.iter().fold(0i64, |n, d| {
             n.saturating_mul(10).saturating_add(i64::from(d - b'0'))
         });
-        Ok(Some(if negative { -magnitude } else { magnitude }))
+        Ok(Ok(Some(if negative { -magnitude } else { magnitude })))
     }
 
     fn boolean(&mut self) -> Step<Option<bool>> {
@@ -351,8 +388,34 @@ fn once<T>(
     Ok(value.map(|v| *slot = v))
 }
 
+/// The top-level fields the scan reads.
+const TOP_LEVEL: &[&str] = &[
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "stream",
+    "n",
+    "best_of",
+    "stream_options",
+    "generationConfig",
+];
+
+/// Refuses `key` when it is one of `names` in another case only (`Model`, `MAX_TOKENS`).
+fn case_variant(key: &str, names: &[&'static str]) -> Result<(), ScanError> {
+    match names
+        .iter()
+        .find(|name| key.len() == name.len() && key != **name && key.eq_ignore_ascii_case(name))
+    {
+        Some(name) => Err(ScanError::CaseVariant(name)),
+        None => Ok(()),
+    }
+}
+
 /// Reads what it can of a JSON object body; see the module documentation.
 pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
+    // A byte order mark some parsers skip (Python's): so does the scan.
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let mut cursor = Cursor { bytes: body, at: 0 };
     if cursor.expect(b'{').is_err() {
         return Ok(Scanned::default());
@@ -361,52 +424,72 @@ pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
     let mut seen = [false; 12];
     let mut out = Scanned::default();
     let closed = cursor.members(|c, key| {
+        case_variant(key, TOP_LEVEL)?;
         let [model, max, completion, output, stream, config, gemini, n, best_of, candidates, options, usage] =
             &mut seen;
         match key {
             "model" => once(&mut out.model, model, "model", c.model()),
-            "max_tokens" => once(&mut out.max_tokens, max, "max_tokens", c.whole_number()),
+            "max_tokens" => once(
+                &mut out.max_tokens,
+                max,
+                "max_tokens",
+                c.whole_number("max_tokens")?,
+            ),
             "max_completion_tokens" => once(
                 &mut out.max_completion_tokens,
                 completion,
                 "max_completion_tokens",
-                c.whole_number(),
+                c.whole_number("max_completion_tokens")?,
             ),
             "max_output_tokens" => once(
                 &mut out.max_output_tokens,
                 output,
                 "max_output_tokens",
-                c.whole_number(),
+                c.whole_number("max_output_tokens")?,
             ),
             "stream" => once(&mut out.stream, stream, "stream", c.boolean()),
-            "n" => once(&mut out.n, n, "n", c.whole_number()),
-            "best_of" => once(&mut out.best_of, best_of, "best_of", c.whole_number()),
-            "stream_options" => nested(c, options, "stream_options", |c, key| match key {
-                "include_usage" => once(
-                    &mut out.include_usage,
-                    usage,
-                    "stream_options.include_usage",
-                    c.boolean(),
-                ),
-                _ => Ok(c.skip_value()),
+            "n" => once(
+                &mut out.n,
+                n,
+                "n",
+                c.whole_number("n")?,
+            ),
+            "best_of" => once(
+                &mut out.best_of,
+                best_of,
+                "best_of",
+                c.whole_number("best_of")?,
+            ),
+            "stream_options" => nested(c, options, "stream_options", |c, key| {
+                case_variant(key, &["include_usage"])?;
+                match key {
+                    "include_usage" => once(
+                        &mut out.include_usage,
+                        usage,
+                        "stream_options.include_usage",
+                        c.boolean(),
+                    ),
+                    _ => Ok(c.skip_value()),
+                }
             }),
-            "generationConfig" => {
-                nested(c, config, "generationConfig", |c, key| match key {
+            "generationConfig" => nested(c, config, "generationConfig", |c, key| {
+                case_variant(key, &["maxOutputTokens", "candidateCount"])?;
+                match key {
                     "maxOutputTokens" => once(
                         &mut out.gemini_max_output_tokens,
                         gemini,
                         "generationConfig.maxOutputTokens",
-                        c.whole_number(),
+                        c.whole_number("generationConfig.maxOutputTokens")?,
                     ),
                     "candidateCount" => once(
                         &mut out.candidate_count,
                         candidates,
                         "generationConfig.candidateCount",
-                        c.whole_number(),
+                        c.whole_number("generationConfig.candidateCount")?,
                     ),
                     _ => Ok(c.skip_value()),
-                })
-            }
+                }
+            }),
             _ => Ok(c.skip_value()),
         }
     })?;
@@ -490,10 +573,19 @@ mod tests {
         for body in [
             r#"{"max_tokens": 10, "n": 0}"#,
             r#"{"max_tokens": 10, "n": -3}"#,
+        ] {
+            assert_eq!(ok(body).estimate(), Some(10), "{body}");
+        }
+        // A count an upstream may read as a number keyward did not count is refused.
+        for body in [
             r#"{"max_tokens": 10, "n": "4"}"#,
             r#"{"max_tokens": 10, "n": 1.5}"#,
         ] {
-            assert_eq!(ok(body).estimate(), Some(10), "{body}");
+            assert_eq!(
+                scan(body.as_bytes()),
+                Err(ScanError::NotWhole("n")),
+                "{body}"
+            );
         }
         let s = ok(r#"{"max_tokens": 4611686018427387904, "n": 4}"#);
         assert_eq!(s.estimate(), Some(i64::MAX));
@@ -547,9 +639,34 @@ mod tests {
             Some("nul\0here"),
             "decoded; names::check refuses it"
         );
-        // A lone surrogate is not a character: reading stops there.
+        // A lone surrogate is U+FFFD, as lenient parsers read past it: the fields after
+        // it are seen (stopping there hid a model from keyward alone).
         let s = ok(r#"{"max_tokens": 2, "model": "\ud800x"}"#);
-        assert_eq!((s.model, s.max_tokens, s.complete), (None, Some(2), false));
+        assert_eq!(
+            (s.model.as_deref(), s.max_tokens, s.complete),
+            (Some("\u{FFFD}x"), Some(2), true)
+        );
+        let s = ok(r#"{"x\udc00": 1, "model": "gpt-4o"}"#);
+        assert_eq!(s.model.as_deref(), Some("gpt-4o"));
+        // A byte order mark is skipped, as Python's parser skips it.
+        let s = ok("\u{FEFF}{\"model\": \"gpt-4o\"}");
+        assert_eq!(s.model.as_deref(), Some("gpt-4o"));
+        // A checked field's name in another case is refused: Go's decoder reads it so.
+        for (body, name) in [
+            (r#"{"Model": "gpt-4o"}"#, "model"),
+            (r#"{"model": "a", "MODEL": "b"}"#, "model"),
+            (r#"{"MAX_TOKENS": 5}"#, "max_tokens"),
+            (
+                r#"{"generationConfig": {"maxoutputtokens": 5}}"#,
+                "maxOutputTokens",
+            ),
+        ] {
+            assert_eq!(
+                scan(body.as_bytes()),
+                Err(ScanError::CaseVariant(name)),
+                "{body}"
+            );
+        }
     }
 
     #[test]
@@ -609,11 +726,23 @@ mod tests {
 
     #[test]
     fn numbers_arrays_and_other_types() {
-        let s = ok(r#"{"max_tokens": 1.5, "stream": "yes", "model": 4}"#);
-        assert_eq!((s.max_tokens, s.stream, s.model), (None, None, None));
+        let s = ok(r#"{"stream": "yes", "model": 4}"#);
+        assert_eq!((s.stream, s.model), (None, None));
         assert!(s.complete);
         assert_eq!(ok(r#"{"max_tokens": -3}"#).max_tokens, Some(-3));
-        assert_eq!(ok(r#"{"max_tokens": 1e3}"#).max_tokens, None);
+        // A token limit that is not a whole number is refused, not ignored.
+        for body in [
+            r#"{"max_tokens": 1.5}"#,
+            r#"{"max_tokens": 1e3}"#,
+            r#"{"max_tokens": "4096"}"#,
+            r#"{"max_tokens": [3]}"#,
+        ] {
+            assert_eq!(
+                scan(body.as_bytes()),
+                Err(ScanError::NotWhole("max_tokens")),
+                "{body}"
+            );
+        }
         assert_eq!(
             ok(r#"{"max_tokens": 99999999999999999999999}"#).max_tokens,
             Some(i64::MAX)
@@ -622,7 +751,7 @@ mod tests {
             ok(r#"{"max_tokens": null, "model": null}"#).max_tokens,
             None
         );
-        let s = ok(r#"{"generationConfig": [1, 2], "max_tokens": [3], "model": ["m"]}"#);
+        let s = ok(r#"{"generationConfig": [1, 2], "model": ["m"]}"#);
         assert_eq!((s.estimate(), s.model, s.complete), (None, None, true));
         // Not an object at all: nothing.
         for body in [
