@@ -381,7 +381,9 @@ async fn a_body_hides_no_model_that_an_upstream_reads(b: Backend) {
         r#"{"Model": "gpt-4o"}"#,
         r#"{"model": "gpt-4o-mini", "MODEL": "gpt-4o"}"#,
         r#"{"model": "gpt-4o-mini", "max_tokens": "4096"}"#,
-        r#"{"model": "gpt-4o-mini", "max_tokens": 1e5}"#,
+        r#"{"model": "gpt-4o-mini", "max_tokens": 1.5}"#,
+        r#"{"model": "gpt-4o-mini", "stream": 1}"#,
+        r#"{"model": "gpt-4o-mini", "max_token\u017f": 5}"#,
     ] {
         let a = authz(&s, path, &secret, &[], body).await;
         assert_eq!(

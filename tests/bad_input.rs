@@ -21,11 +21,11 @@ on_both_backends!(
 const DATA_TOKEN: &str = "test-data-token-0123456789";
 
 /// Names no endpoint may accept: a NUL (Postgres refuses it in a usage record, after the
-/// request was admitted), 250 KB, and control characters.
+/// request was admitted), 5 KB (within every body bound), and control characters.
 fn bad_names() -> Vec<(&'static str, String)> {
     vec![
         ("NUL", "gpt-4o\u{0}".to_string()),
-        ("250 KB", "m".repeat(250_000)),
+        ("5 KB", "m".repeat(5_000)),
         ("newline", "gpt-4o\nmini".to_string()),
         ("bell", "\u{7}".to_string()),
         ("C1 control", "g\u{85}pt".to_string()),
@@ -408,13 +408,19 @@ async fn bodies_that_are_not_json_text_are_refused(b: Backend) {
     assert_eq!((a.status, error_code(&a).as_str()), (400, "BAD_REQUEST"));
     // An oversized body is refused before it is parsed.
     let huge = format!("{{\"name\": \"{}\"}}", "x".repeat(300 * 1024));
-    let a = s
-        .admin_raw(Method::POST, "/admin/keys", Some(huge), Some(TOKEN))
+    let sent = s
+        .client
+        .post(format!("{}/admin/keys", s.admin))
+        .bearer_auth(TOKEN)
+        .body(huge)
+        .send()
         .await;
-    assert_eq!(
-        (a.status, error_code(&a).as_str()),
-        (413, "PAYLOAD_TOO_LARGE")
-    );
+    match sent {
+        Ok(response) => assert_eq!(response.status().as_u16(), 413),
+        // Its Content-Length is refused at once, and the connection closed: the client
+        // may fail to send the rest before it reads the 413.
+        Err(e) => assert!(e.is_request(), "{e}"),
+    }
     // A name far longer than allowed but under the size limit.
     let long = format!("{{\"name\": \"{}\"}}", "x".repeat(1000));
     expect_400(&s, Method::POST, "/admin/keys", &long).await;

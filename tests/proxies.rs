@@ -331,8 +331,10 @@ async fn shared_scenario(
         (left > 0).then_some(left)
     })
     .await;
+    // 30 s from the report, read a moment later; a millisecond over (30,001, seen once
+    // in CI) is the rounding of the two clocks' milliseconds, not a longer cooldown.
     assert!(
-        (25_000..=30_000).contains(&cooldown),
+        (25_000..=30_010).contains(&cooldown),
         "retry-after 30 s: {cooldown}"
     );
     let exhausted = call(port, "/v1/chat/completions", &[("authorization", &other)]).await;

@@ -202,14 +202,17 @@ fn header_safe_json(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// The admission a request stands for: what the headers alone refuse first, then the
-/// body, read only then (the bytes are given back once it is scanned).
+/// The admission a request stands for: what the headers alone refuse first (the key
+/// looked up too: no body is read for a key that does not exist or cannot be used),
+/// then the body, read only then (the bytes are given back once it is scanned).
 async fn admission(
+    state: &AppState,
     path: &str,
     headers: &HeaderMap,
     body: UnreadBody,
 ) -> Result<AdmitBody, ApiError> {
     let key = before_the_body(path, headers)?;
+    state.admission.check_key(Some(&key)).await?;
     let body = body.bytes(MAX_AUTHZ_BODY).await?;
     admit_body(path, headers, key, &body)
 }
@@ -234,7 +237,7 @@ pub async fn authz(
             }
         },
     };
-    let outcome = match admission(&original, &headers, body).await {
+    let outcome = match admission(&state, &original, &headers, body).await {
         Ok(request) => state.admission.admit(&request).await.map_err(|e| {
             let limits = match &e {
                 AdmitError::Limited {

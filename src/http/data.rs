@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::extract::{JsonBody, UnreadBody};
+use super::extract::{DataBody, UnreadBody};
 use super::proof::require_data_token;
 use super::ratelimit;
 use super::state::AppState;
@@ -152,7 +152,7 @@ async fn metrics() -> impl IntoResponse {
     )
 }
 
-async fn admit(State(state): State<AppState>, JsonBody(body): JsonBody<AdmitBody>) -> Response {
+async fn admit(State(state): State<AppState>, DataBody(body): DataBody<AdmitBody>) -> Response {
     let started = std::time::Instant::now();
     match state.admission.admit(&body).await {
         Ok(admitted) => {

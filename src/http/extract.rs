@@ -14,6 +14,13 @@ use super::error::{ApiError, ErrorCode};
 /// The largest JSON body any endpoint accepts.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
+/// The largest body of `/v1/admit` and `/v1/report`, whose proof (a client key, a lease)
+/// is inside the body, so anyone can make keyward read it: their fields are a few names
+/// and numbers (a name is at most 200 characters, a lease id 512), and at this bound
+/// every data-plane connection at once holds half of [`MAX_BODIES_HELD`], so such bodies
+/// alone never spend it.
+pub const MAX_DATA_BODY_BYTES: usize = 8 * 1024;
+
 /// The most bytes of request bodies the process holds at once, over every request and
 /// both listeners. Each frame of a body takes its size from this budget as it arrives and
 /// gives it back when the body is dropped or parsed; a frame that finds it spent gets 503
@@ -58,7 +65,12 @@ impl UnreadBody {
     /// Anything but an object is refused: serde's derive would otherwise accept an array
     /// as a struct in positional form. The bytes are given back once parsed.
     pub async fn json<T: DeserializeOwned>(self) -> Result<T, ApiError> {
-        let bytes = self.bytes(MAX_BODY_BYTES).await?;
+        self.json_within(MAX_BODY_BYTES).await
+    }
+
+    /// [`UnreadBody::json`] with a smaller bound than [`MAX_BODY_BYTES`].
+    pub async fn json_within<T: DeserializeOwned>(self, limit: usize) -> Result<T, ApiError> {
+        let bytes = self.bytes(limit).await?;
         let text: &[u8] = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
             None => b"{}",
             Some(b'{') => &bytes,
@@ -166,6 +178,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
         UnreadBody(req.into_body()).json().await.map(JsonBody)
+    }
+}
+
+/// A JSON object body of at most [`MAX_DATA_BODY_BYTES`], read before the handler runs:
+/// `/v1/admit` and `/v1/report`, whose proof is in the body.
+pub struct DataBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for DataBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        UnreadBody(req.into_body())
+            .json_within(MAX_DATA_BODY_BYTES)
+            .await
+            .map(DataBody)
     }
 }
 

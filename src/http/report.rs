@@ -8,7 +8,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ErrorCode};
-use super::extract::{JsonBody, TextPath, UnreadBody};
+use super::extract::{DataBody, TextPath, UnreadBody};
 use super::proof::{refused, require_data_token, verified_lease};
 use super::state::AppState;
 use crate::clock::to_rfc3339;
@@ -55,7 +55,7 @@ fn report_from_headers(mut body: ReportBody, headers: &axum::http::HeaderMap) ->
 pub(super) async fn report(
     State(state): State<AppState>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<ReportBody>,
+    DataBody(body): DataBody<ReportBody>,
 ) -> Result<Json<Value>, ApiError> {
     let body = report_from_headers(body, &headers);
     let lease = match body.lease_id.as_deref() {

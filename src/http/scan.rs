@@ -86,6 +86,12 @@ pub enum ScanError {
     CaseVariant(&'static str),
     #[error("`{0}` must be a whole number")]
     NotWhole(&'static str),
+    #[error("`{0}` must be true or false")]
+    NotBoolean(&'static str),
+    /// UTF-16 or UTF-32 (a NUL byte among the first four, or their byte order mark):
+    /// some parsers read it, the scan does not.
+    #[error("the body is not UTF-8")]
+    NotUtf8,
 }
 
 /// Why reading stopped early: the bytes ran out, or they are not JSON.
@@ -282,7 +288,15 @@ impl Cursor<'_> {
             _ => (false, atom),
         };
         if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-            return Err(ScanError::NotWhole(name));
+            // `10.0` or `1e3`: a whole number written as a decimal, as a float-minded
+            // client sends it and a lenient upstream reads it (saturating, as below).
+            return match std::str::from_utf8(atom)
+                .ok()
+                .and_then(|t| t.parse::<f64>().ok())
+            {
+                Some(x) if x.is_finite() && x.fract() == 0.0 => Ok(Ok(Some(x as i64))),
+                _ => Err(ScanError::NotWhole(name)),
+            };
         }
         let magnitude = digits.iter().fold(0i64, |n, d| {
             n.saturating_mul(10).saturating_add(i64::from(d - b'0'))
@@ -290,14 +304,22 @@ impl Cursor<'_> {
         Ok(Ok(Some(if negative { -magnitude } else { magnitude })))
     }
 
-    fn boolean(&mut self) -> Step<Option<bool>> {
-        match self.skip_ws()? {
-            b't' | b'f' => Ok(match self.atom()? {
-                b"true" => Some(true),
-                b"false" => Some(false),
-                _ => None,
+    /// `true` or `false`, `None` for `null`; another value is refused as `name`'s: a
+    /// lenient upstream may read `1` or `"true"` as true.
+    fn boolean(&mut self, name: &'static str) -> Result<Step<Option<bool>>, ScanError> {
+        match self.skip_ws() {
+            Ok(b't' | b'f' | b'n') => Ok(match self.atom() {
+                Ok(b"true") => Ok(Some(true)),
+                Ok(b"false") => Ok(Some(false)),
+                Ok(b"null") => Ok(None),
+                Ok(_) => return Err(ScanError::NotBoolean(name)),
+                Err(stop) => Err(stop),
             }),
-            _ => self.skip_value().map(|_| None),
+            Ok(_) => match self.skip_value() {
+                Ok(()) => Err(ScanError::NotBoolean(name)),
+                Err(stop) => Ok(Err(stop)),
+            },
+            Err(stop) => Ok(Err(stop)),
         }
     }
 
@@ -399,14 +421,21 @@ const TOP_LEVEL: &[&str] = &[
     "best_of",
     "stream_options",
     "generationConfig",
+    "generation_config",
 ];
 
-/// Refuses `key` when it is one of `names` in another case only (`Model`, `MAX_TOKENS`).
+/// Refuses `key` when it is one of `names` in another case only (`Model`, `MAX_TOKENS`),
+/// case folded as Go's decoder folds it: `ſ` (U+017F) is an `s`, `K` (U+212A) a `k`.
 fn case_variant(key: &str, names: &[&'static str]) -> Result<(), ScanError> {
-    match names
-        .iter()
-        .find(|name| key.len() == name.len() && key != **name && key.eq_ignore_ascii_case(name))
-    {
+    let folded = |c: char| match c {
+        '\u{17F}' => 's',
+        '\u{212A}' => 'k',
+        c => c.to_ascii_lowercase(),
+    };
+    let same = |name: &str| {
+        key.chars().count() == name.len() && key.chars().map(folded).eq(name.chars().map(folded))
+    };
+    match names.iter().find(|name| key != **name && same(name)) {
         Some(name) => Err(ScanError::CaseVariant(name)),
         None => Ok(()),
     }
@@ -416,6 +445,12 @@ fn case_variant(key: &str, names: &[&'static str]) -> Result<(), ScanError> {
 pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
     // A byte order mark some parsers skip (Python's): so does the scan.
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    if body.iter().take(4).any(|&b| b == 0)
+        || body.starts_with(b"\xFE\xFF")
+        || body.starts_with(b"\xFF\xFE")
+    {
+        return Err(ScanError::NotUtf8);
+    }
     let mut cursor = Cursor { bytes: body, at: 0 };
     if cursor.expect(b'{').is_err() {
         return Ok(Scanned::default());
@@ -447,7 +482,7 @@ pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
                 "max_output_tokens",
                 c.whole_number("max_output_tokens")?,
             ),
-            "stream" => once(&mut out.stream, stream, "stream", c.boolean()),
+            "stream" => once(&mut out.stream, stream, "stream", c.boolean("stream")?),
             "n" => once(
                 &mut out.n,
                 n,
@@ -467,21 +502,26 @@ pub fn scan(body: &[u8]) -> Result<Scanned, ScanError> {
                         &mut out.include_usage,
                         usage,
                         "stream_options.include_usage",
-                        c.boolean(),
+                        c.boolean("stream_options.include_usage")?,
                     ),
                     _ => Ok(c.skip_value()),
                 }
             }),
-            "generationConfig" => nested(c, config, "generationConfig", |c, key| {
-                case_variant(key, &["maxOutputTokens", "candidateCount"])?;
+            // Gemini's API also takes its protobuf fields' own names (snake_case): either
+            // spelling is the same field, and both at once are a duplicate.
+            "generationConfig" | "generation_config" => nested(c, config, "generationConfig", |c, key| {
+                case_variant(
+                    key,
+                    &["maxOutputTokens", "candidateCount", "max_output_tokens", "candidate_count"],
+                )?;
                 match key {
-                    "maxOutputTokens" => once(
+                    "maxOutputTokens" | "max_output_tokens" => once(
                         &mut out.gemini_max_output_tokens,
                         gemini,
                         "generationConfig.maxOutputTokens",
                         c.whole_number("generationConfig.maxOutputTokens")?,
                     ),
-                    "candidateCount" => once(
+                    "candidateCount" | "candidate_count" => once(
                         &mut out.candidate_count,
                         candidates,
                         "generationConfig.candidateCount",
@@ -726,14 +766,46 @@ mod tests {
 
     #[test]
     fn numbers_arrays_and_other_types() {
-        let s = ok(r#"{"stream": "yes", "model": 4}"#);
+        let s = ok(r#"{"stream": null, "model": 4}"#);
         assert_eq!((s.stream, s.model), (None, None));
         assert!(s.complete);
+        // A flag a lenient upstream may read as true is refused, not taken as unset.
+        for body in [
+            r#"{"stream": "yes"}"#,
+            r#"{"stream": 1}"#,
+            r#"{"stream": "true"}"#,
+        ] {
+            assert_eq!(
+                scan(body.as_bytes()),
+                Err(ScanError::NotBoolean("stream")),
+                "{body}"
+            );
+        }
+        // A whole number written as a decimal is that number.
+        assert_eq!(ok(r#"{"max_tokens": 10.0}"#).max_tokens, Some(10));
+        assert_eq!(ok(r#"{"max_tokens": 1e3}"#).max_tokens, Some(1000));
+        // Gemini's snake_case spelling is the same field; both at once are a duplicate.
+        let s = ok(r#"{"generation_config": {"max_output_tokens": 100, "candidate_count": 2}}"#);
+        assert_eq!(s.estimate(), Some(200));
+        let s = ok(r#"{"generationConfig": {"max_output_tokens": 100}}"#);
+        assert_eq!(s.estimate(), Some(100));
+        assert!(scan(br#"{"generationConfig": {}, "generation_config": {}}"#).is_err());
+        // UTF-16 or UTF-32, which some parsers read and the scan does not: refused.
+        let utf16: Vec<u8> = r#"{"max_tokens": 5}"#.bytes().flat_map(|b| [b, 0]).collect();
+        assert_eq!(scan(&utf16), Err(ScanError::NotUtf8));
+        assert_eq!(scan(b"\xFF\xFE{\x00"), Err(ScanError::NotUtf8));
+        // Go's decoder folds `\u{17F}` to `s` and `\u{212A}` to `k`.
+        for body in ["{\"max_token\u{17F}\": 5}", "{\"max_to\u{212A}ens\": 5}"] {
+            assert_eq!(
+                scan(body.as_bytes()),
+                Err(ScanError::CaseVariant("max_tokens")),
+                "{body}"
+            );
+        }
         assert_eq!(ok(r#"{"max_tokens": -3}"#).max_tokens, Some(-3));
         // A token limit that is not a whole number is refused, not ignored.
         for body in [
             r#"{"max_tokens": 1.5}"#,
-            r#"{"max_tokens": 1e3}"#,
             r#"{"max_tokens": "4096"}"#,
             r#"{"max_tokens": [3]}"#,
         ] {
