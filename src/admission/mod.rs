@@ -277,13 +277,27 @@ impl Admission {
     }
 
     pub async fn admit(&self, body: &AdmitBody) -> Result<Admitted, AdmitError> {
+        self.admit_as(None, body).await
+    }
+
+    /// [`Admission::admit`], for the key its caller already has from
+    /// [`Admission::check_key`] (`/authz` looks it up before it reads the body), so the
+    /// secret is hashed and looked up once; `None` looks up `body.key`.
+    pub async fn admit_as(
+        &self,
+        key: Option<Arc<ClientKey>>,
+        body: &AdmitBody,
+    ) -> Result<Admitted, AdmitError> {
         let (provider, model, api_format) = (
             given("provider", &body.provider)?,
             given("model", &body.model)?,
             given("api_format", &body.api_format)?,
         );
         let estimate = self.estimate(body.estimated_tokens)?;
-        let key = self.check_key(body.key.as_deref()).await?;
+        let key = match key {
+            Some(key) => key,
+            None => self.check_key(body.key.as_deref()).await?,
+        };
         if !allows(&key.allowed_providers, provider) {
             return Err(AdmitError::ProviderNotAllowed(
                 provider.unwrap_or_default().to_string(),

@@ -28,6 +28,8 @@
 //! also sent in `x-keyward-error-body`, because `auth_request` drops the body. (The
 //! shipped nginx Lua calls `/authz` itself and passes the plain answer on.)
 
+use std::sync::Arc;
+
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -39,6 +41,7 @@ use super::ratelimit;
 use super::scan::scan;
 use super::state::AppState;
 use crate::admission::{AdmitBody, AdmitError};
+use crate::client_keys::ClientKey;
 use crate::usage::api_format;
 
 /// The most of a forwarded body that is read for `model` and `max_tokens`.
@@ -202,19 +205,20 @@ fn header_safe_json(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// The admission a request stands for: what the headers alone refuse first (the key
-/// looked up too: no body is read for a key that does not exist or cannot be used),
-/// then the body, read only then (the bytes are given back once it is scanned).
+/// The admission a request stands for, with its key: what the headers alone refuse
+/// first (the key looked up too: no body is read for a key that does not exist or
+/// cannot be used), then the body, read only then (the bytes are given back once it is
+/// scanned).
 async fn admission(
     state: &AppState,
     path: &str,
     headers: &HeaderMap,
     body: UnreadBody,
-) -> Result<AdmitBody, ApiError> {
-    let key = before_the_body(path, headers)?;
-    state.admission.check_key(Some(&key)).await?;
+) -> Result<(Arc<ClientKey>, AdmitBody), ApiError> {
+    let secret = before_the_body(path, headers)?;
+    let key = state.admission.check_key(Some(&secret)).await?;
     let body = body.bytes(MAX_AUTHZ_BODY).await?;
-    admit_body(path, headers, key, &body)
+    Ok((key, admit_body(path, headers, secret, &body)?))
 }
 
 pub async fn authz(
@@ -238,15 +242,19 @@ pub async fn authz(
         },
     };
     let outcome = match admission(&state, &original, &headers, body).await {
-        Ok(request) => state.admission.admit(&request).await.map_err(|e| {
-            let limits = match &e {
-                AdmitError::Limited {
-                    key, usage, quotas, ..
-                } => Some((key.clone(), *usage, quotas.to_vec())),
-                _ => None,
-            };
-            (ApiError::from(e), limits)
-        }),
+        Ok((key, request)) => state
+            .admission
+            .admit_as(Some(key), &request)
+            .await
+            .map_err(|e| {
+                let limits = match &e {
+                    AdmitError::Limited {
+                        key, usage, quotas, ..
+                    } => Some((key.clone(), *usage, quotas.to_vec())),
+                    _ => None,
+                };
+                (ApiError::from(e), limits)
+            }),
         Err(e) => Err((e, None)),
     };
     match outcome {

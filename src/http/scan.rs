@@ -432,9 +432,9 @@ fn case_variant(key: &str, names: &[&'static str]) -> Result<(), ScanError> {
         '\u{212A}' => 'k',
         c => c.to_ascii_lowercase(),
     };
-    let same = |name: &str| {
-        key.chars().count() == name.len() && key.chars().map(folded).eq(name.chars().map(folded))
-    };
+    let chars = key.chars().count();
+    let same =
+        |name: &str| chars == name.len() && key.chars().map(folded).eq(name.chars().map(folded));
     match names.iter().find(|name| key != **name && same(name)) {
         Some(name) => Err(ScanError::CaseVariant(name)),
         None => Ok(()),
