@@ -476,16 +476,7 @@ async fn a_cluster_down_refuses_every_tenant_fast_and_recovers() {
 
     cluster.signal(victim, "KILL");
     let survivor = cluster.ports[1];
-    eventually(30, || async {
-        let mut conn = PrivateCluster::node(survivor).await;
-        let info: String = redis::cmd("CLUSTER")
-            .arg("INFO")
-            .query_async(&mut conn)
-            .await
-            .ok()?;
-        info.contains("cluster_state:fail").then_some(())
-    })
-    .await;
+    PrivateCluster::until_state(&[survivor], "fail").await;
     for _ in 0..3 {
         assert_eq!(
             admit_bounded(&s, &healthy).await,

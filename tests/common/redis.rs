@@ -216,7 +216,7 @@ impl PrivateCluster {
             "{}",
             String::from_utf8_lossy(&created.stdout)
         );
-        whole(&ports).await;
+        PrivateCluster::until_state(&ports, "ok").await;
         PrivateCluster {
             url: format!("redis+cluster://{}", addresses.join(",")),
             ports,
@@ -253,7 +253,26 @@ impl PrivateCluster {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        whole(&self.ports).await;
+        PrivateCluster::until_state(&self.ports, "ok").await;
+    }
+
+    /// Waits until every node on `ports` reports `cluster_state:<state>` (`ok`: the
+    /// cluster is whole; `fail`: it saw a master go).
+    pub async fn until_state(ports: &[u16], state: &str) {
+        let want = format!("cluster_state:{state}");
+        for port in ports {
+            eventually(30, || async {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                info.contains(&want).then_some(())
+            })
+            .await;
+        }
     }
 
     pub fn node_count(&self) -> usize {
@@ -318,23 +337,6 @@ pub async fn stream_records(
         .iter()
         .map(|e| keyward::accounting::codec::record_from_entry(&e.map).unwrap())
         .collect()
-}
-
-/// Waits until every node on `ports` sees the cluster whole (`cluster_state:ok`).
-async fn whole(ports: &[u16]) {
-    for port in ports {
-        eventually(30, || async {
-            let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
-            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-            let info: String = redis::cmd("CLUSTER")
-                .arg("INFO")
-                .query_async(&mut conn)
-                .await
-                .ok()?;
-            info.contains("cluster_state:ok").then_some(())
-        })
-        .await;
-    }
 }
 
 /// Queues one well-formed usage record `id` on `stream`, as report.lua writes it (100
