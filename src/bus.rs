@@ -149,13 +149,17 @@ impl Bus {
             echo.1 = Instant::now();
         }
         let published: Result<(), String> = async {
-            let mut conn = redis.conn().await.map_err(|e| e.to_string())?;
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(&message)
-                .query_async::<i64>(&mut conn)
+            let message = &message;
+            redis
+                .on_lane(|mut conn| async move {
+                    redis::cmd("PUBLISH")
+                        .arg(channel)
+                        .arg(message)
+                        .query_async::<i64>(&mut conn)
+                        .await?;
+                    Ok(())
+                })
                 .await
-                .map(drop)
                 .map_err(|e| e.to_string())
         }
         .await;

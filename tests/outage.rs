@@ -114,6 +114,33 @@ where
     seen
 }
 
+/// Every lane's socket dies with a Redis restart. A readiness check that lands on one
+/// must open a fresh connection rather than report Redis down: on the old code, the
+/// first checks after Redis came back answered 503 until admissions happened to hit and
+/// replace each dead socket (and `outage`'s readiness assertion failed now and then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_back_as_soon_as_redis_is() {
+    let (mut redis, s) = start("deny").await;
+    let (_, secret) = s.create_key(json!({})).await;
+    // Enough admissions to open every lane.
+    for _ in 0..4 {
+        assert_eq!(s.admit(json!({"key": secret})).await.status, 200);
+    }
+    redis.stop();
+    redis.restart().await;
+    for _ in 0..4 {
+        let r = s
+            .client
+            .get(format!("{}/readyz", s.data))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        assert_eq!(status, 200, "{}", r.text().await.unwrap());
+    }
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_refuses_with_503_fast_and_recovers() {
     let seen = outage(

@@ -38,20 +38,22 @@ impl Lanes {
         Ok((i, conn))
     }
 
-    /// Forgets a lane whose connection broke; the next use takes a fresh one. A cluster
-    /// connection is kept: it reconnects to each node by itself (from the initial nodes
-    /// when need be), and one dead or paused master's errors must not make every request
-    /// open a whole new cluster connection (discovery and a handshake with every master,
-    /// the paused one's included, which would slow the healthy masters' tenants too).
-    fn broken(&self, i: usize, conn: &Conn, error: &redis::RedisError) {
-        if matches!(conn, Conn::Single(_))
+    /// Forgets a lane whose connection broke (and says so); the next use takes a fresh
+    /// one. A cluster connection is kept: it reconnects to each node by itself (from
+    /// the initial nodes when need be), and one dead or paused master's errors must not
+    /// make every request open a whole new cluster connection (discovery and a handshake
+    /// with every master, the paused one's included, which would slow the healthy
+    /// masters' tenants too).
+    pub(super) fn broken(&self, i: usize, conn: &Conn, error: &redis::RedisError) -> bool {
+        let dead = matches!(conn, Conn::Single(_))
             && (error.is_io_error()
                 || error.is_connection_dropped()
                 || error.is_unrecoverable_error()
-                || error.is_timeout())
-        {
+                || error.is_timeout());
+        if dead {
             *self.lanes[i].lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
+        dead
     }
 
     /// Runs one script on a lane: exactly one round trip (plus a reload after NOSCRIPT).

@@ -152,16 +152,20 @@ impl RedisCounters {
     /// then every few seconds (the key goes with Redis's data; `app` re-asserts it).
     pub async fn check_layout(&self) -> Result<(), CounterError> {
         let want = format!("shards={}", self.space.shard_count());
-        let mut conn = self.conn().await?;
-        let _: Option<String> = redis::cmd("SET")
-            .arg(self.space.layout())
-            .arg(&want)
-            .arg("NX")
-            .query_async(&mut conn)
-            .await?;
-        let held: Option<String> = redis::cmd("GET")
-            .arg(self.space.layout())
-            .query_async(&mut conn)
+        let wanted = &want;
+        let held: Option<String> = self
+            .on_lane(|mut conn| async move {
+                let _: Option<String> = redis::cmd("SET")
+                    .arg(self.space.layout())
+                    .arg(wanted)
+                    .arg("NX")
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(redis::cmd("GET")
+                    .arg(self.space.layout())
+                    .query_async(&mut conn)
+                    .await?)
+            })
             .await?;
         let mismatch = held.as_ref().is_some_and(|held| *held != want);
         self.layout_mismatch.store(mismatch, Ordering::Relaxed);
@@ -272,9 +276,34 @@ impl RedisCounters {
         &self.target
     }
 
-    /// A shared connection (one of the hot path's lanes).
+    /// A shared connection (one of the hot path's lanes), for start-up and tests: a
+    /// failure on it is not seen by its lane, so anything that runs again and again
+    /// goes through [`on_lane`](Self::on_lane).
     pub async fn conn(&self) -> Result<Conn, CounterError> {
         Ok(self.lanes.get().await?.1)
+    }
+
+    /// Runs `f` on one of the hot path's lanes, for the commands that are not the hot
+    /// path's scripts (the readiness check, the layout guard, a publish). A lane's socket
+    /// dies with a Redis restart and stays dead until something says so: a connection
+    /// that broke is forgotten and `f` runs again on the next lane, opened fresh if need
+    /// be, so a socket that died before Redis came back never reads as Redis being down.
+    /// `f` must be safe to run twice (these commands are).
+    pub async fn on_lane<T, F, Fut>(&self, f: F) -> Result<T, CounterError>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: std::future::Future<Output = Result<T, CounterError>>,
+    {
+        let mut tries = LANES + 1;
+        loop {
+            let (i, conn) = self.lanes.get().await?;
+            let result = f(conn.clone()).await;
+            tries -= 1;
+            match &result {
+                Err(CounterError::Redis(e)) if self.lanes.broken(i, &conn, e) && tries > 0 => {}
+                _ => return result,
+            }
+        }
     }
 
     /// The Redis key of a client key's `rpm`, `tpm`, `leases`, `ld` or `bal`, for a key
@@ -326,14 +355,16 @@ impl RedisCounters {
         if let Some(twin) = &self.fallback {
             twin.reset_provider_key(provider, id);
         }
-        let mut conn = self.conn().await?;
-        let _: i64 = redis::cmd("DEL")
-            .arg(self.space.provider_key(provider, id, "cd"))
-            .arg(self.space.provider_key(provider, id, "susp"))
-            .arg(self.space.provider_key(provider, id, "cause"))
-            .query_async(&mut conn)
-            .await?;
-        Ok(())
+        self.on_lane(|mut conn| async move {
+            let _: i64 = redis::cmd("DEL")
+                .arg(self.space.provider_key(provider, id, "cd"))
+                .arg(self.space.provider_key(provider, id, "susp"))
+                .arg(self.space.provider_key(provider, id, "cause"))
+                .query_async(&mut conn)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn report(&self, r: &Report) -> Result<Reported, CounterError> {
@@ -369,18 +400,22 @@ impl RedisCounters {
 
     /// Redis answers and holds every script; on a cluster, every master answers.
     pub async fn ready(&self) -> Result<(), CounterError> {
-        let mut conn = self.conn().await?;
         let mut exists = redis::cmd("SCRIPT");
         exists.arg("EXISTS");
         for script in self.scripts.all() {
             exists.arg(script.get_hash());
         }
-        let loaded: Vec<bool> = exists.query_async(&mut conn).await?;
-        self.target.masters_answer(&mut conn).await?;
+        let exists = &exists;
+        let loaded: Vec<bool> = self
+            .on_lane(|mut conn| async move {
+                let loaded = exists.query_async(&mut conn).await?;
+                self.target.masters_answer(&mut conn).await?;
+                Ok(loaded)
+            })
+            .await?;
         if loaded.iter().all(|l| *l) {
             Ok(())
         } else {
-            drop(conn);
             self.load_scripts().await
         }
     }
