@@ -377,6 +377,121 @@ async fn a_later_outage_starts_from_the_database_balance() {
     assert_eq!(twin.held_keys(), 0, "the outage twin was not swept");
 }
 
+/// A light lease the outage twin admitted reserved nothing in Redis: its report, once
+/// Redis is back, must not take its reservation out of Redis's token window. On the old
+/// code the report subtracted the 500 tokens it never took there from the second's
+/// bucket (which held another admission's 100), and the window admitted 950 more
+/// tokens under a limit of 1,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_admitted_in_an_outage_takes_nothing_back_from_redis() {
+    use keyward::limits::memory::MemoryCounters;
+    use keyward::limits::redis::RedisCounters;
+    use keyward::limits::BackendErrorPolicy;
+    use keyward::limits::{AdmitRequest, Counters, Denial, LeaseId, Report, Verdict};
+
+    let mut redis = PrivateRedis::start().await;
+    let (tx, _queue) = tokio::sync::mpsc::channel(1_000);
+    let twin = Arc::new(MemoryCounters::new(600_000, tx));
+    let counters = Counters::Redis(Arc::new(
+        RedisCounters::connect(&redis.url, &common::unique_prefix(), 600_000)
+            .await
+            .unwrap()
+            .with_failure_policy(BackendErrorPolicy::Local, twin.clone()),
+    ));
+    // One second for Redis's scripts and the twin alike.
+    let at = keyward::clock::now_ms() / 1000 * 1000 + 500;
+    counters.time_shift().pin(at);
+    Counters::Memory(twin.clone()).time_shift().pin(at);
+    let key = uuid::Uuid::new_v4().to_string();
+    let admit = |tokens: i64| {
+        let counters = counters.clone();
+        let lease = LeaseId::new(&key);
+        async move {
+            let request = AdmitRequest {
+                lease: &lease,
+                rpm: None,
+                tpm: Some(1_000),
+                concurrency: None,
+                tokens,
+                lease_ttl_ms: 60_000,
+                provider: "openai",
+                model: "gpt-4o",
+                api_format: "openai_chat",
+                balance: None,
+                hold_micros: 0,
+                pool: None,
+                quotas: &[],
+            };
+            let d = counters.admit(&request).await.unwrap();
+            // The lease as the admission signs it: its light part carries its report.
+            (
+                LeaseId {
+                    light: d.light.clone(),
+                    ..lease
+                },
+                d,
+            )
+        }
+    };
+
+    let (_, d) = admit(100).await;
+    assert!(
+        d.degraded.is_none() && matches!(d.verdict, Verdict::Admitted { .. }),
+        "{d:?}"
+    );
+    // Redis goes away with its data saved, so it comes back holding that 100.
+    let mut conn = redis::Client::open(redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: Result<(), _> = redis::cmd("SHUTDOWN")
+        .arg("SAVE")
+        .query_async(&mut conn)
+        .await;
+    redis.stop();
+    let (lease, d) = admit(500).await;
+    assert_eq!(d.degraded, Some("local"), "{d:?}");
+    redis.restart().await;
+    let report = Report {
+        id: lease.to_string(),
+        lease: Some(lease),
+        tokens: Some((10, 0)),
+        cost_micros: 0,
+        model: None,
+        provider_key_id: None,
+        provider: None,
+        latency_ms: None,
+        upstream_status: Some(200),
+        cooldown_ms: 0,
+        suspend_ms: 0,
+        source: "data-token".into(),
+        learned: None,
+        lease_expires_at_ms: 0,
+        token_classes: Default::default(),
+        usage_source: Default::default(),
+        spend_now: Vec::new(),
+    };
+    // Until Redis answers again (a lane's first call after the restart falls back).
+    eventually(10, || async {
+        admit(0).await.1.degraded.is_none().then_some(())
+    })
+    .await;
+    counters.report(&report).await.unwrap();
+    let (_, d) = admit(950).await;
+    assert!(d.degraded.is_none(), "{d:?}");
+    assert!(
+        matches!(
+            d.verdict,
+            Verdict::Denied {
+                reason: Denial::Tokens,
+                ..
+            }
+        ),
+        "Redis's window lost tokens it held: {d:?}"
+    );
+}
+
 /// The slot of a Redis key's hash tag.
 fn slot_of(name: &str) -> u32 {
     let open = name.find('{').unwrap();

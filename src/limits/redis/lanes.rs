@@ -39,21 +39,29 @@ impl Lanes {
     }
 
     /// Forgets a lane whose connection broke (and says so); the next use takes a fresh
-    /// one. A cluster connection is kept: it reconnects to each node by itself (from
-    /// the initial nodes when need be), and one dead or paused master's errors must not
-    /// make every request open a whole new cluster connection (discovery and a handshake
-    /// with every master, the paused one's included, which would slow the healthy
-    /// masters' tenants too).
+    /// one. A socket that died (the server restarted or went away) tells that every
+    /// lane's did, as they all go to the same server: all are forgotten at once, so one
+    /// call fails for it rather than one per lane. A cluster connection is kept: it
+    /// reconnects to each node by itself (from the initial nodes when need be), and one
+    /// dead or paused master's errors must not make every request open a whole new
+    /// cluster connection (discovery and a handshake with every master, the paused
+    /// one's included, which would slow the healthy masters' tenants too).
     pub(super) fn broken(&self, i: usize, conn: &Conn, error: &redis::RedisError) -> bool {
-        let dead = matches!(conn, Conn::Single(_))
-            && (error.is_io_error()
-                || error.is_connection_dropped()
-                || error.is_unrecoverable_error()
-                || error.is_timeout());
-        if dead {
-            *self.lanes[i].lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if !matches!(conn, Conn::Single(_)) {
+            return false;
         }
-        dead
+        let forget = |lane: &Mutex<Option<Conn>>| {
+            *lane.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        };
+        // A timeout is an I/O error too, but of one call on a live socket.
+        if error.is_connection_dropped() && !error.is_timeout() {
+            self.lanes.iter().for_each(forget);
+        } else if error.is_io_error() || error.is_unrecoverable_error() {
+            forget(&self.lanes[i]);
+        } else {
+            return false;
+        }
+        true
     }
 
     /// Runs one script on a lane: exactly one round trip (plus a reload after NOSCRIPT).

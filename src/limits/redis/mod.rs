@@ -232,13 +232,23 @@ impl RedisCounters {
     pub async fn admit(&self, r: &AdmitRequest<'_>) -> Result<Decision, CounterError> {
         self.or_degraded(self.admit_redis(r), |mode, twin| async move {
             Ok(match mode {
-                Degraded::Local => Decision {
-                    degraded: Some(mode.as_str()),
-                    // The twin's pick took nothing in Redis: its report settles nothing
-                    // there.
-                    taken: None,
-                    ..twin.admit(r)
-                },
+                Degraded::Local => {
+                    let decision = twin.admit(r);
+                    Decision {
+                        degraded: Some(mode.as_str()),
+                        // The twin's pick took nothing in Redis: its report settles
+                        // nothing there.
+                        taken: None,
+                        // Nor did its tokens: its report may reach Redis once it is
+                        // back, and must not take them out of Redis's window (the twin
+                        // then keeps the reservation, not the real count, until its
+                        // second leaves).
+                        light: decision
+                            .light
+                            .map(|light| crate::limits::LightLease { kt: None, ..light }),
+                        ..decision
+                    }
+                }
                 Degraded::Allow => {
                     let now = now_ms();
                     Decision {
