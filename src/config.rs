@@ -50,6 +50,13 @@ settings! {
         default: Fallback::Value("127.0.0.1:8081"),
         help: "admin API address",
     }
+    MAX_CONNECTIONS_PER_PEER = "KEYWARD_MAX_CONNECTIONS_PER_PEER" {
+        flag: "max-connections-per-peer",
+        // At most the data plane's connections for remote peers (`http::Bounds::DATA`).
+        kind: Kind::Whole { min: 1, max: 4096, unit: "connections" },
+        default: Fallback::Value("1024"),
+        help: "connections the data plane serves at once from one remote IP address, of its 4096 for remote peers (loopback peers have 1024 more of their own and no cap); one more is closed at once, unanswered (`keyward_connections_refused_total`); 4096 = no cap of its own",
+    }
     ADMIN_TOKEN = "KEYWARD_ADMIN_TOKEN" {
         flag: "admin-token",
         exposure: Exposure::Secret,
@@ -296,6 +303,8 @@ pub struct Config {
     /// many workers ([`Config::runtime`]).
     pub threads: usize,
     pub shutdown_grace: Duration,
+    /// At most this many of the data plane's connections from one remote IP address.
+    pub max_connections_per_peer: usize,
     /// How long an unreported, unrenewed lease holds its slot.
     pub lease_ttl: Duration,
     /// Tokens reserved when a request names no estimate.
@@ -458,6 +467,7 @@ impl Config {
         let expiry_auto_delete = p.boolean(&declared::EXPIRY_AUTO_DELETE);
         let threads = p.whole(&declared::THREADS) as usize;
         let shutdown_grace = p.seconds(&declared::SHUTDOWN_GRACE_S);
+        let max_connections_per_peer = p.whole(&declared::MAX_CONNECTIONS_PER_PEER) as usize;
         let lease_ttl = p.seconds(&declared::LEASE_TTL_S);
         let default_estimated_tokens = p.whole(&declared::DEFAULT_ESTIMATED_TOKENS) as i64;
         let redis_prefix = p.name(&declared::REDIS_PREFIX);
@@ -534,6 +544,7 @@ impl Config {
             expiry_auto_delete,
             threads,
             shutdown_grace,
+            max_connections_per_peer,
             lease_ttl,
             default_estimated_tokens,
             redis_prefix,

@@ -17,6 +17,7 @@
 //! | `keyward_reports_total` | counter | `result` (recorded, duplicate, too_late) |
 //! | `keyward_upstream_usage_total` | counter | `outcome` (parsed, not_found, compressed, unknown_format, out_of_range): what `/v1/report/upstream` read from the upstream's answer |
 //! | `keyward_data_plane_refusals_total` | counter | `endpoint` (select, report, report_upstream, renew), `reason` (no_token, wrong_token, token_not_configured, lease_not_found, not_the_lease_provider_key, no_lease): calls refused for lack of proof, and suspicious ones |
+//! | `keyward_connections_refused_total` | counter | `listener` (data, admin), `reason` (peer_cap, remote_cap): connections closed unanswered at once, over their peer's cap or the listener's connections for remote peers |
 //! | `keyward_accounting_records_total` | counter | `result` (applied, duplicate) |
 //! | `keyward_accounting_failures_total` | counter | |
 //! | `keyward_accounting_dead_letters_total` | counter | (records the database refused, set aside in `usage_dead_letters`) |
@@ -56,6 +57,7 @@ pub struct Metrics {
     pub reports: IntCounterVec,
     pub upstream_usage: IntCounterVec,
     pub data_plane_refusals: IntCounterVec,
+    pub connections_refused: IntCounterVec,
     pub accounting_records: IntCounterVec,
     pub accounting_failures: IntCounter,
     pub accounting_dead_letters: IntCounter,
@@ -175,6 +177,12 @@ fn build() -> Metrics {
             "Data-plane calls refused for lack of proof (data token or lease), or suspicious.",
             &["endpoint", "reason"],
         ),
+        connections_refused: counter(
+            &r,
+            "keyward_connections_refused_total",
+            "Connections closed unanswered at once: their peer held KEYWARD_MAX_CONNECTIONS_PER_PEER (peer_cap), or every connection for remote peers was in use (remote_cap).",
+            &["listener", "reason"],
+        ),
         decisions: counter(
             &r,
             "keyward_decisions_total",
@@ -293,6 +301,14 @@ fn known_series(m: &Metrics) {
     each(&m.accounting_records, &[&["applied"], &["duplicate"]]);
     each(&m.alert_deliveries, &[&["delivered"], &["failed"]]);
     each(&m.degraded_answers, &[&["allow"], &["local"]]);
+    each(
+        &m.connections_refused,
+        &[
+            &["data", "peer_cap"],
+            &["data", "remote_cap"],
+            &["admin", "remote_cap"],
+        ],
+    );
     for script in SCRIPT_NAMES {
         m.script_errors.with_label_values(&[script]);
     }

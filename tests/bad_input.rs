@@ -5,6 +5,9 @@
 
 mod common;
 
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
 use common::{error_code, Backend, TestServer, TOKEN};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -542,5 +545,177 @@ async fn a_client_that_never_reads_its_answers_does_not_hold_a_connection() {
     );
     assert!(answers < REQUESTS, "every answer was sent: {answers}");
     assert!(started.elapsed() < Duration::from_secs(18));
+    s.stop().await;
+}
+
+/// A connection to `to` from `from`, this machine's own non-loopback address: to a
+/// listener on `0.0.0.0`, a remote peer's.
+async fn connect_from(from: IpAddr, to: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// What keyward sends back to `request` on `stream`, and whether it then closed the
+/// connection (within 3 s).
+async fn until_closed(mut stream: tokio::net::TcpStream, request: &[u8]) -> (bool, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A connection closed at once may refuse the write itself.
+    if stream.write_all(request).await.is_err() {
+        return (true, String::new());
+    }
+    let mut out = Vec::new();
+    let read = async {
+        let mut chunk = [0; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let closed = tokio::time::timeout(Duration::from_secs(3), read)
+        .await
+        .is_ok();
+    (closed, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The value of one series in a scrape (0 when absent).
+fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// keyward with its data plane on `0.0.0.0` and `KEYWARD_MAX_CONNECTIONS_PER_PEER` at
+/// `per_peer`; with this machine's own address and the data plane's address from it.
+async fn open_to_the_network(per_peer: usize) -> (TestServer, IpAddr, SocketAddr) {
+    let own = common::own_address();
+    let db = std::sync::Arc::new(common::TestDb::new(Backend::Sqlite).await);
+    let mut raw = common::base_config(&db);
+    raw.insert(
+        keyward::config::MAX_CONNECTIONS_PER_PEER,
+        per_peer.to_string(),
+    );
+    let s = TestServer::start_listening(db, raw, "0.0.0.0:0").await;
+    let port = s.data.rsplit(':').next().unwrap().parse().unwrap();
+    (s, own, SocketAddr::new(own, port))
+}
+
+/// A loopback client (the proxy beside keyward, the probe) is answered at once on new
+/// connections (the server's own client may hold one open from before): `/readyz` and an
+/// admission, each within 2 s.
+async fn loopback_is_served(s: &TestServer, secret: &str) {
+    let wait = Duration::from_secs(2);
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+    let ready = tokio::time::timeout(wait, fresh().get(format!("{}/readyz", s.data)).send())
+        .await
+        .expect("loopback /readyz waited behind a remote peer's connections")
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let admit = fresh()
+        .post(format!("{}/v1/admit", s.data))
+        .json(&json!({"key": secret}))
+        .send();
+    let a = tokio::time::timeout(wait, admit)
+        .await
+        .expect("a loopback admission waited behind a remote peer's connections")
+        .unwrap();
+    assert_eq!(a.status(), 200);
+}
+
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// One remote peer holds at most `KEYWARD_MAX_CONNECTIONS_PER_PEER` of the data plane's
+/// connections, here 8 that never finish their headers: its next one is closed at once,
+/// unanswered, and counted, while loopback clients are answered at once; once one of its
+/// connections closes, the peer is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_holds_at_most_its_share_of_the_data_planes_connections() {
+    use tokio::io::AsyncWriteExt;
+    let (s, own, remote) = open_to_the_network(8).await;
+    let (_, secret) = s.create_key(json!({})).await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut stream = connect_from(own, remote).await;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    // Accepted after the 8 (the listen queue is first in, first out), so refused.
+    let (closed, said) = until_closed(connect_from(own, remote).await, HEALTHZ).await;
+    assert!(
+        closed && said.is_empty(),
+        "the peer's 9th connection was not closed unanswered: {said:?}"
+    );
+    loopback_is_served(&s, &secret).await;
+    let series = "keyward_connections_refused_total{listener=\"data\",reason=\"peer_cap\"}";
+    assert!(sample(&s.metrics().await, series) >= 1.0);
+
+    // One of its connections closes: the peer has room again.
+    drop(held.pop());
+    let from_the_peer = reqwest::Client::builder()
+        .local_address(own)
+        .build()
+        .unwrap();
+    common::eventually(5, || async {
+        let answer = from_the_peer
+            .get(format!("http://{remote}/healthz"))
+            .send()
+            .await;
+        answer.ok().filter(|a| a.status() == 200).map(|_| ())
+    })
+    .await;
+    drop(held);
+    s.stop().await;
+}
+
+/// Remote peers cannot take the connections loopback peers have of their own: with all
+/// the data plane's connections for remote peers held by one peer (its cap raised to
+/// all of them), the next remote connection is closed at once and counted, and loopback
+/// clients are still answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_peer_filling_the_data_plane_leaves_loopback_served() {
+    let remote_total = keyward::http::Bounds::DATA.remote;
+    // Both ends of each connection are in this process.
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let open_files: usize = limits
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Max open files")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    assert!(
+        open_files > 2 * remote_total + 2000,
+        "this test holds {} sockets: raise the open-file limit (ulimit -n, now {open_files})",
+        2 * remote_total
+    );
+    let (s, own, remote) = open_to_the_network(remote_total).await;
+    let (_, secret) = s.create_key(json!({})).await;
+    let mut held = Vec::with_capacity(remote_total);
+    for _ in 0..remote_total {
+        held.push(connect_from(own, remote).await);
+    }
+    loopback_is_served(&s, &secret).await;
+    let (closed, said) = until_closed(connect_from(own, remote).await, HEALTHZ).await;
+    assert!(
+        closed && said.is_empty(),
+        "a remote connection over the data plane's cap was not closed unanswered: {said:?}"
+    );
+    let series = "keyward_connections_refused_total{listener=\"data\",reason=\"remote_cap\"}";
+    assert!(sample(&s.metrics().await, series) >= 1.0);
+    drop(held);
     s.stop().await;
 }

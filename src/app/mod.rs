@@ -420,7 +420,15 @@ pub async fn run_parts(
         alerts = if config.webhook.is_some() { "webhook" } else { "queued, no webhook" },
         "keyward serving"
     );
-    let served = http::serve(state.clone(), data, admin, config.shutdown_grace, shutdown).await;
+    let served = http::serve(
+        state.clone(),
+        data,
+        admin,
+        config.shutdown_grace,
+        config.max_connections_per_peer,
+        shutdown,
+    )
+    .await;
     let _ = stop_tx.send(true);
     for job in jobs {
         let _ = job.await;

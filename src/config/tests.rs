@@ -341,3 +341,17 @@ fn threads_pick_the_runtime() {
     let errors = parse(&[(THREADS, "1025")]).unwrap_err();
     assert_eq!(errors[0].var, THREADS);
 }
+
+#[test]
+fn connections_per_peer_are_1_to_the_data_planes_4096_with_the_variable_named() {
+    assert_eq!(parse(&[]).unwrap().max_connections_per_peer, 1024);
+    let eight = parse(&[(MAX_CONNECTIONS_PER_PEER, "8")]).unwrap();
+    assert_eq!(eight.max_connections_per_peer, 8);
+    for bad in ["0", "4097", "many"] {
+        let errors = parse(&[(MAX_CONNECTIONS_PER_PEER, bad)]).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            format!("KEYWARD_MAX_CONNECTIONS_PER_PEER: `{bad}` is not a whole number of connections from 1 to 4096")
+        );
+    }
+}

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod authz;
+mod conns;
 pub mod data;
 pub mod error;
 pub mod error_code;
@@ -103,22 +104,34 @@ pub struct Bounds {
     /// Writing the answer may also wait this long without progress (a client that does
     /// not read it): then the connection closes (`stall::Stall`).
     pub request: Duration,
-    /// Connections served at once; the next waits in the listen queue until one closes.
-    pub connections: usize,
+    /// Connections from remote peers served at once; one more is closed at once,
+    /// unanswered (see `conns`).
+    pub remote: usize,
+    /// Connections beyond `remote` that only loopback peers (the proxy beside keyward,
+    /// the probes, `kubectl port-forward`) may hold: remote peers cannot take them.
+    /// Loopback peers may hold any of the `remote + loopback`; with all of them in use,
+    /// the next connection waits in the listen queue until one closes.
+    pub loopback: usize,
 }
 
 impl Bounds {
     /// The data plane: answers take milliseconds; a proxy keeps a pool of connections.
+    /// One remote peer holds at most `KEYWARD_MAX_CONNECTIONS_PER_PEER` of `remote`.
     pub const DATA: Bounds = Bounds {
         headers: Duration::from_secs(10),
         request: Duration::from_secs(10),
-        connections: 4096,
+        remote: 4096,
+        loopback: 1024,
     };
-    /// The admin API: listings and rotations may take longer; few clients.
+    /// The admin API: listings and rotations may take longer; few clients, and no cap
+    /// per peer: it is reached from the network only when exposed on purpose, by the
+    /// holders of its token, and a peer that fills it reaches neither the data plane nor
+    /// the operator on loopback (`kubectl port-forward`).
     pub const ADMIN: Bounds = Bounds {
         headers: Duration::from_secs(10),
         request: Duration::from_secs(60),
-        connections: 1024,
+        remote: 1024,
+        loopback: 64,
     };
 }
 
@@ -133,28 +146,40 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 /// A hand-written accept loop rather than `axum::serve`, which offers no way to set
 /// hyper's header limit (see [`HYPER_MAX_HEADERS`]); it refuses too many or too large
 /// headers ([`refuse_headers`]) before routing.
+///
+/// `name` names the listener in the metrics and logs; `per_peer` caps the connections of one
+/// remote peer (see [`conns`]).
 async fn serve_one(
     listener: TcpListener,
     router: Router,
     stop: watch::Receiver<bool>,
+    name: &'static str,
     bounds: Bounds,
+    per_peer: Option<usize>,
 ) -> std::io::Result<()> {
     static ACCEPT_FAILED: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
     // Every connection task holds a receiver; `closed()` resolves when the last is gone.
     let (all_closed, close_rx) = watch::channel(());
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(bounds.connections));
+    let gate = conns::Gate::new(&bounds, per_peer);
     loop {
         // A slot first: at the bound, the next connection waits in the listen queue.
         let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
+            slot = gate.slot() => match slot {
+                Some(slot) => slot,
+                None => break,
             },
             () = stopped(stop.clone()) => break,
         };
-        let stream = tokio::select! {
+        let (stream, held) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) => match gate.admit(slot, peer.ip()) {
+                    Ok(held) => (stream, held),
+                    // Closed unanswered (dropped): see `conns` for why.
+                    Err(refusal) => {
+                        refused(name, refusal, peer.ip());
+                        continue;
+                    }
+                },
                 // Out of file descriptors and the like: wait instead of spinning, as
                 // axum does (and log it once a second at most).
                 Err(e) => {
@@ -195,7 +220,7 @@ async fn serve_one(
         });
         let (stop, close_rx) = (stop.clone(), close_rx.clone());
         tokio::spawn(async move {
-            let _slot = slot;
+            let _held = held;
             let mut builder = http1::Builder::new();
             builder
                 .max_headers(HYPER_MAX_HEADERS)
@@ -226,19 +251,54 @@ async fn serve_one(
     Ok(())
 }
 
+/// Counts a connection closed unanswered, and logs it (once a second at most: the peer
+/// can repeat it as fast as it connects).
+fn refused(listener: &'static str, refusal: conns::Refusal, peer: std::net::IpAddr) {
+    static REFUSED: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+    crate::metrics::get()
+        .connections_refused
+        .with_label_values(&[listener, refusal.as_str()])
+        .inc();
+    if let Some(skipped) = REFUSED.ready() {
+        tracing::warn!(
+            listener,
+            reason = refusal.as_str(),
+            %peer,
+            skipped,
+            "connection refused: over its cap"
+        );
+    }
+}
+
 /// Serves both routers until `shutdown` completes, then drains for at most `grace`.
+/// One remote peer holds at most `per_peer` of the data plane's connections.
 pub async fn serve(
     state: AppState,
     data: TcpListener,
     admin: TcpListener,
     grace: Duration,
+    per_peer: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let data_router = data::router(state.clone());
     let admin_router = admin::router(state.clone());
-    let data_server = serve_one(data, data_router, stop_rx.clone(), Bounds::DATA);
-    let admin_server = serve_one(admin, admin_router, stop_rx.clone(), Bounds::ADMIN);
+    let data_server = serve_one(
+        data,
+        data_router,
+        stop_rx.clone(),
+        "data",
+        Bounds::DATA,
+        Some(per_peer),
+    );
+    let admin_server = serve_one(
+        admin,
+        admin_router,
+        stop_rx.clone(),
+        "admin",
+        Bounds::ADMIN,
+        None,
+    );
     let mut servers = tokio::spawn(async move { tokio::try_join!(data_server, admin_server) });
 
     tokio::select! {

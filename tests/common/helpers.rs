@@ -1,5 +1,5 @@
-//! Small helpers with no concern of their own: polling until a condition holds, and the
-//! operations an OpenAPI document lists.
+//! Small helpers with no concern of their own: polling until a condition holds, the
+//! operations an OpenAPI document lists, and this machine's own non-loopback address.
 
 use std::time::Duration;
 
@@ -38,4 +38,23 @@ pub fn openapi_operations(doc: &Value) -> std::collections::BTreeSet<(String, St
                 .map(move |m| (m.clone(), path.clone()))
         })
         .collect()
+}
+
+/// This machine's own non-loopback IPv4 address (the one its route to the outside
+/// leaves from; a UDP `connect` sends nothing): a connection from it to a listener on
+/// `0.0.0.0` is a remote peer's, not loopback's. Panics, saying so, on a machine that
+/// has none: a test of remote peers cannot run there and must not pass.
+pub fn own_address() -> std::net::IpAddr {
+    let found = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|socket| {
+            socket.connect("10.255.255.255:1")?;
+            socket.local_addr()
+        })
+        .map(|addr| addr.ip());
+    match found {
+        Ok(ip) if !ip.is_loopback() && !ip.is_unspecified() => ip,
+        other => panic!(
+            "this machine has no non-loopback IPv4 address ({other:?}): tests of remote peers need one (`ip -4 addr`)"
+        ),
+    }
 }

@@ -39,7 +39,7 @@ pub use chaos::{reroute, PgProxy};
 #[allow(unused_imports)]
 pub use db::{postgres_base_url, Backend, TestDb};
 #[allow(unused_imports)]
-pub use helpers::{eventually, openapi_operations};
+pub use helpers::{eventually, openapi_operations, own_address};
 #[allow(unused_imports)]
 pub use logs::captured_logs;
 #[allow(unused_imports)]

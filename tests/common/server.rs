@@ -86,10 +86,19 @@ impl TestServer {
     }
 
     pub async fn start_on(db: Arc<TestDb>, raw: RawConfig) -> TestServer {
+        Self::start_listening(db, raw, "127.0.0.1:0").await
+    }
+
+    /// Like [`Self::start_on`], with the data plane bound to `data` (`0.0.0.0:0`: reached
+    /// from the machine's own non-loopback address too, as a remote peer); `self.data`
+    /// reaches it over loopback either way.
+    pub async fn start_listening(db: Arc<TestDb>, raw: RawConfig, data: &str) -> TestServer {
         let config = Config::from_raw(&raw).unwrap();
-        let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let data = TcpListener::bind(data).await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (data_addr, admin_addr) = (data.local_addr().unwrap(), admin.local_addr().unwrap());
+        let data_addr =
+            std::net::SocketAddr::from(([127, 0, 0, 1], data.local_addr().unwrap().port()));
+        let admin_addr = admin.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let parts = keyward::app::build(&config).await.unwrap();
         let state = parts.state.clone();
