@@ -540,3 +540,147 @@ async fn no_body_is_read_before_its_proof() {
     assert!(failures.is_empty(), "{failures:#?}");
     s.stop().await;
 }
+
+/// A request of `head` (its first line and headers) announcing a body of `length` bytes
+/// and sending all of it but the last byte, as fast as it goes: keyward holds what it
+/// read of the body until the request bound (10 s) answers it, unless it refused the body
+/// at once. A refusal may close the connection under the send: that is no failure here.
+async fn almost_sent(addr: &str, head: &str, length: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request = format!(
+        "{head}Host: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+    .into_bytes();
+    request.resize(request.len() + length - 1, b' ');
+    let sent = stream.write_all(&request);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), sent).await;
+    stream
+}
+
+/// Whether keyward has answered on `stream` (or closed it): a body it still holds has
+/// neither.
+async fn answered(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let read = stream.read(&mut buf);
+    tokio::time::timeout(std::time::Duration::from_millis(50), read)
+        .await
+        .is_ok()
+}
+
+/// The holder of one valid client key, sending `/authz` bodies of 1 MiB slowly (all but
+/// their last byte), holds at most its share of the bodies keyward holds (4 MiB): its
+/// next body is refused at once with 503 `BUSY`, while another key's `/authz` with a body
+/// and an admin call with a body are served at once. It sends 66 of them, more than the
+/// whole data-plane budget (64 MiB) would hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_cannot_spend_every_tenants_body_budget() {
+    use std::time::{Duration, Instant};
+    const MIB: usize = 1024 * 1024;
+    let s = TestServer::start(common::Backend::Sqlite).await;
+    let (_, greedy) = s.create_key(json!({})).await;
+    let (_, other) = s.create_key(json!({})).await;
+    let addr = s.data.trim_start_matches("http://").to_string();
+    let head = format!("POST /authz/v1/chat/completions HTTP/1.1\r\nx-api-key: {greedy}\r\n");
+    let started = Instant::now();
+    let mut holders: Vec<_> =
+        futures_util::future::join_all((0..66).map(|_| almost_sent(&addr, &head, MIB))).await;
+    // What keyward has not answered after a moment, it holds.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut held = 0;
+    for stream in &mut holders {
+        held += usize::from(!answered(stream).await);
+    }
+    // Bodies refused while others grew may leave part of the share free: more bodies,
+    // one at a time, until four are held (the share, each holding 1 MiB).
+    for _ in 0..8 {
+        if held >= 4 {
+            break;
+        }
+        let mut stream = almost_sent(&addr, &head, MIB).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        held += usize::from(!answered(&mut stream).await);
+        holders.push(stream);
+    }
+    let body = format!(
+        r#"{{"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{{"role": "user", "content": "{}"}}]}}"#,
+        "x".repeat(256 * 1024)
+    );
+    let authz = |secret: String, body: String| {
+        let request = s
+            .client
+            .post(format!("{}/authz/v1/chat/completions", s.data))
+            .header("x-api-key", secret)
+            .header("content-type", "application/json")
+            .body(body);
+        async move {
+            let asked = Instant::now();
+            let response = request.send().await.unwrap();
+            let (status, headers) = (response.status().as_u16(), response.headers().clone());
+            // An admission's answer has an empty body; a refusal's is the error body.
+            let bytes = response.bytes().await.unwrap();
+            let body = serde_json::from_slice(&bytes).unwrap_or_default();
+            let answer = common::Answer {
+                status,
+                body,
+                headers,
+            };
+            (answer, asked.elapsed())
+        }
+    };
+    // Another tenant's request with a body is served, at once.
+    let (a, took) = authz(other, body.clone()).await;
+    assert_eq!(
+        (a.status, took < Duration::from_secs(2)),
+        (200, true),
+        "another key's /authz, after {took:?}: {}",
+        a.body
+    );
+    // So is the operator's admin call with a body (100 KB, mostly blanks).
+    let asked = Instant::now();
+    let padded = format!("{{\"name\": \"after the flood\"{}}}", " ".repeat(100_000));
+    let a = s
+        .admin_raw(
+            Method::POST,
+            "/admin/keys",
+            Some(padded),
+            Some(common::TOKEN),
+        )
+        .await;
+    let took = asked.elapsed();
+    assert_eq!(
+        (a.status, took < Duration::from_secs(2)),
+        (201, true),
+        "an admin call, after {took:?}: {}",
+        a.body
+    );
+    // The greedy key holds its share and no more; its next body is refused at once.
+    assert_eq!(held, 4, "bodies of one key held at once (1 MiB each)");
+    let (a, took) = authz(greedy, body).await;
+    assert_eq!(
+        (
+            a.status,
+            error_code(&a).as_str(),
+            took < Duration::from_secs(2)
+        ),
+        (503, "BUSY", true),
+        "the greedy key's next body, after {took:?}: {}",
+        a.body
+    );
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("client key")),
+        "{}",
+        a.body
+    );
+    // All of it within the request bound of the first bodies, which were held throughout.
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(holders);
+    s.stop().await;
+}

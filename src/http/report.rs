@@ -115,7 +115,9 @@ pub(super) async fn report_upstream(
             )
         })?;
     let lease = verified_lease(&state, text, ENDPOINT)?;
-    let body: UpstreamBody = body.json().await?;
+    // The lease names its key: the body counts within that key's share of the bodies
+    // held, as its `/authz` body did (anyone holding the key may get a lease).
+    let body: UpstreamBody = body.held_by(&lease.lease.key_id).json().await?;
     let (report, read) = body
         .into_report(text, crate::clock::now_ms())
         .map_err(|e| match e {

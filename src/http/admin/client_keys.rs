@@ -13,7 +13,7 @@ use crate::client_keys::store::ListFilter;
 use crate::client_keys::ClientKey;
 use crate::clock::{now_ms, parse_instant, to_rfc3339, DateEdge};
 use crate::http::error::ApiError;
-use crate::http::extract::{optional_bool, IdPath, JsonBody, QueryArgs};
+use crate::http::extract::{optional_bool, AdminBody, IdPath, QueryArgs};
 use crate::http::state::AppState;
 
 use crate::money::Usd;
@@ -24,7 +24,7 @@ fn key_json(key: &ClientKey) -> Json<Value> {
 
 pub(super) async fn create_key(
     State(state): State<AppState>,
-    JsonBody(body): JsonBody<CreateKeyRequest>,
+    AdminBody(body): AdminBody<CreateKeyRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let new_key = body.validate(now_ms()).map_err(ApiError::bad_request)?;
     let (key, secret) = state.keys.create(new_key).await?;
@@ -87,7 +87,7 @@ pub(super) async fn get_key(
 pub(super) async fn patch_key(
     State(state): State<AppState>,
     IdPath(id): IdPath,
-    JsonBody(body): JsonBody<PatchKeyRequest>,
+    AdminBody(body): AdminBody<PatchKeyRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let patch = body.validate().map_err(ApiError::bad_request)?;
     Ok(key_json(&state.keys.update(&id, &patch).await?))
@@ -112,7 +112,7 @@ pub(super) async fn reveal_key(
 pub(super) async fn adjust_balance(
     State(state): State<AppState>,
     IdPath(id): IdPath,
-    JsonBody(body): JsonBody<BalanceRequest>,
+    AdminBody(body): AdminBody<BalanceRequest>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(key_json(
         &state
@@ -173,7 +173,7 @@ pub(super) async fn key_stats(
 
 pub(super) async fn expire_keys(
     State(state): State<AppState>,
-    JsonBody(body): JsonBody<ExpireRequest>,
+    AdminBody(body): AdminBody<ExpireRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let auto_delete = body.auto_delete.unwrap_or(state.expiry_auto_delete);
     let expired = state.keys.expire(auto_delete).await?;

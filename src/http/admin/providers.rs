@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::clock::to_rfc3339;
 use crate::http::error::ApiError;
-use crate::http::extract::{IdPath, JsonBody, QueryArgs};
+use crate::http::extract::{AdminBody, IdPath, QueryArgs};
 use crate::http::state::AppState;
 
 use crate::pool::input::{AddKeyRequest, PatchProviderKeyRequest};
@@ -31,7 +31,7 @@ fn provider_path(
 pub(super) async fn add_provider_key(
     State(state): State<AppState>,
     provider: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    JsonBody(body): JsonBody<AddKeyRequest>,
+    AdminBody(body): AdminBody<AddKeyRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let provider = provider_path(provider)?;
     let key = body.validate().map_err(ApiError::bad_request)?;
@@ -55,7 +55,7 @@ pub(super) async fn list_provider_keys(
 pub(super) async fn patch_provider_key(
     State(state): State<AppState>,
     IdPath(id): IdPath,
-    JsonBody(body): JsonBody<PatchProviderKeyRequest>,
+    AdminBody(body): AdminBody<PatchProviderKeyRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let patch = body.validate().map_err(ApiError::bad_request)?;
     Ok(Json(json!(state
@@ -127,7 +127,7 @@ fn price_path(
 pub(super) async fn put_price(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
-    JsonBody(body): JsonBody<PriceInput>,
+    AdminBody(body): AdminBody<PriceInput>,
 ) -> Result<Json<Value>, ApiError> {
     let (provider, model) = price_path(path)?;
     let price = body.validate().map_err(ApiError::bad_request)?;

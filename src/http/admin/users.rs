@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::clock::{now_ms, to_rfc3339};
 use crate::http::error::{ApiError, ErrorCode};
-use crate::http::extract::{IdPath, JsonBody, QueryArgs, TextPath};
+use crate::http::extract::{AdminBody, IdPath, QueryArgs, TextPath};
 use crate::http::state::AppState;
 use crate::limits::Tenant;
 use crate::quota_usage::ScopeView;
@@ -46,7 +46,7 @@ fn user_json(user: &User) -> Json<Value> {
 pub(super) async fn put_user(
     State(state): State<AppState>,
     path: TextPath,
-    JsonBody(body): JsonBody<PutUserRequest>,
+    AdminBody(body): AdminBody<PutUserRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = user_id(path)?;
     let input = body.validate().map_err(ApiError::bad_request)?;
@@ -62,7 +62,7 @@ pub(super) async fn put_user(
 pub(super) async fn patch_user(
     State(state): State<AppState>,
     path: TextPath,
-    JsonBody(body): JsonBody<PatchUserRequest>,
+    AdminBody(body): AdminBody<PatchUserRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let id = user_id(path)?;
     Ok(user_json(&state.users.patch(&id, &body).await?))
