@@ -719,3 +719,63 @@ async fn a_remote_peer_filling_the_data_plane_leaves_loopback_served() {
     drop(held);
     s.stop().await;
 }
+
+/// An answer given before its request's body was read (a proof missing, a body
+/// announced over its bound) says `Connection: close` and closes: the connection cannot
+/// carry another request past the unread body, and a client that pooled it would send
+/// its next request into a closing socket (reqwest saw `IncompleteMessage`). An answer
+/// to a request whose body was read keeps the connection, so a proxy's pool stays warm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_body_was_read_closes_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start(Backend::Sqlite).await;
+    let addr = s.data.trim_start_matches("http://").to_string();
+    let (_, secret) = s.create_key(json!({})).await;
+    // The head of the answer, and whether the server closed after it.
+    let exchange = |request: String| {
+        let addr = addr.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            let closed = tokio::time::timeout(Duration::from_secs(3), async {
+                let mut chunk = vec![0; 16 * 1024];
+                loop {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return true,
+                        Ok(n) => out.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+            .await
+            .unwrap_or(false);
+            (String::from_utf8_lossy(&out).to_lowercase(), closed)
+        }
+    };
+    let unread = [
+        // No data token, 10 of 1,000 bytes sent.
+        "POST /v1/select HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"provider\""
+            .to_string(),
+        // Announced over the bound.
+        "POST /v1/admit HTTP/1.1\r\nHost: x\r\nContent-Length: 9000000\r\n\r\n{".to_string(),
+    ];
+    for request in unread {
+        let (head, closed) = exchange(request.clone()).await;
+        assert!(
+            head.contains("\r\nconnection: close\r\n") && closed,
+            "{request:?}: {head:?} closed={closed}"
+        );
+    }
+    let body = json!({"key": secret}).to_string();
+    let read = format!(
+        "POST /v1/admit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (head, closed) = exchange(read).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        !head.contains("connection: close") && !closed,
+        "a request read whole lost its connection: {head:?}"
+    );
+    s.stop().await;
+}

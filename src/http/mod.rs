@@ -11,6 +11,7 @@ pub mod data;
 pub mod error;
 pub mod error_code;
 pub mod extract;
+mod linger;
 pub mod openapi;
 mod proof;
 pub mod ratelimit;
@@ -198,22 +199,24 @@ async fn serve_one(
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             use futures_util::future::{ready, Either};
             match refuse_headers(request.headers()) {
-                Some(refusal) => Either::Left(ready(Ok(refusal))),
+                Some(refusal) => Either::Left(ready(Ok::<_, std::convert::Infallible>(refusal))),
                 None => {
+                    let (request, ended) = linger::track(request);
                     let answer = hyper::service::Service::call(&router, request);
                     Either::Right(async move {
-                        match tokio::time::timeout(bounds.request, answer).await {
-                            Ok(answered) => answered,
-                            Err(_) => Ok(axum::response::IntoResponse::into_response(
-                                ApiError::new(
-                                    ErrorCode::RequestTimeout,
-                                    format!(
-                                        "the request took longer than {} s to arrive and be answered",
-                                        bounds.request.as_secs()
-                                    ),
+                        let mut response = match tokio::time::timeout(bounds.request, answer).await
+                        {
+                            Ok(answered) => answered?,
+                            Err(_) => axum::response::IntoResponse::into_response(ApiError::new(
+                                ErrorCode::RequestTimeout,
+                                format!(
+                                    "the request took longer than {} s to arrive and be answered",
+                                    bounds.request.as_secs()
                                 ),
                             )),
-                        }
+                        };
+                        ended.close_unless_read(&mut response);
+                        Ok(response)
                     })
                 }
             }
