@@ -102,6 +102,8 @@ ensure_proxies() {
 # of its own (initdb, run as the postgres OS user) even when the shared one is remote.
 ensure_tls_tools() {
     command -v openssl >/dev/null || apt_install openssl
+    # tests/cli.rs reads the listeners' queue bound with ss.
+    command -v ss >/dev/null || apt_install iproute2
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
     id postgres >/dev/null 2>&1 || die "tests/tls.rs needs the postgres OS user (apt-get install postgresql)"
 }

@@ -779,3 +779,49 @@ async fn an_answer_before_the_body_was_read_closes_the_connection() {
     );
     s.stop().await;
 }
+
+/// A request head that never ends is refused as soon as it outgrows what keyward buffers
+/// of a connection (48 KiB), not held until the header bound: hyper's default buffer
+/// (about 400 KiB) let one peer's 1,024 connections take 400 MiB with endless headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_request_head_is_refused_once_it_outgrows_the_buffer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start(Backend::Sqlite).await;
+    let addr = s.data.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {}",
+        "a".repeat(100 * 1024)
+    );
+    // The server may stop reading (and close) before all of it is written.
+    let _ = stream.write_all(head.as_bytes()).await;
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut chunk = vec![0; 16 * 1024];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "100 KiB of an unfinished head was buffered and the connection held"
+    );
+    let answer = String::from_utf8_lossy(&out);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    // And the server is still well.
+    let healthy = s
+        .client
+        .get(format!("{}/healthz", s.data))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(healthy.status(), 200);
+    s.stop().await;
+}

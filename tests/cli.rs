@@ -817,3 +817,35 @@ async fn ignored_settings_are_warned_about_and_a_log_file_is_plain_text() {
     let serving = line("keyward serving").unwrap();
     assert!(serving.contains("shards=none"), "{serving}");
 }
+
+/// Both listeners queue up to 4,096 connections (`ss` shows a listening socket's queue
+/// bound as its Send-Q), not the standard library's 128: under a burst of connections
+/// closed at once over a peer's cap, a queue of 128 overflowed and a loopback client's
+/// connection waited a second for its SYN to be sent again.
+#[tokio::test]
+async fn the_listeners_queue_4096_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let running = serve_embedded(dir.path());
+    wait_ready(&client, running.data).await;
+    for port in [running.data, running.admin] {
+        let out = Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) is not installed");
+        let line = String::from_utf8_lossy(&out.stdout).to_string();
+        let queue: Vec<&str> = line.split_whitespace().collect();
+        // State, Recv-Q, Send-Q (the bound, capped by net.core.somaxconn), ...
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            queue.get(2).and_then(|q| q.parse().ok()),
+            Some(somaxconn.min(4096)),
+            "{line}"
+        );
+    }
+    assert!(terminate(running).success());
+}

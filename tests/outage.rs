@@ -118,6 +118,8 @@ where
 /// must open a fresh connection rather than report Redis down: on the old code, the
 /// first checks after Redis came back answered 503 until admissions happened to hit and
 /// replace each dead socket (and `outage`'s readiness assertion failed now and then).
+/// And once `/readyz` says ready, admissions go through: the circuit breaker, opened by
+/// the outage, had gone on refusing for up to a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_is_back_as_soon_as_redis_is() {
     let (mut redis, s) = start("deny").await;
@@ -127,6 +129,10 @@ async fn readiness_is_back_as_soon_as_redis_is() {
         assert_eq!(s.admit(json!({"key": secret})).await.status, 200);
     }
     redis.stop();
+    // Refusals enough to open the circuit breaker (3 in a row).
+    for _ in 0..5 {
+        assert_eq!(s.admit(json!({"key": secret})).await.status, 503);
+    }
     redis.restart().await;
     for _ in 0..4 {
         let r = s
@@ -138,6 +144,13 @@ async fn readiness_is_back_as_soon_as_redis_is() {
         let status = r.status().as_u16();
         assert_eq!(status, 200, "{}", r.text().await.unwrap());
     }
+    // Ready means admitting: the check that found Redis closed the breaker.
+    let a = s.admit(json!({"key": secret})).await;
+    assert_eq!(
+        a.status, 200,
+        "ready, but the breaker still refuses: {}",
+        a.body
+    );
     s.stop().await;
 }
 

@@ -440,19 +440,27 @@ pub async fn run_parts(
 
 /// Binds the configured addresses and runs until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let data = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {} ({})", config.listen, crate::config::LISTEN))?;
-    let admin = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding {} ({})",
-                config.admin_listen,
-                crate::config::ADMIN_LISTEN
-            )
-        })?;
+    let data = listen(config.listen, crate::config::LISTEN)?;
+    let admin = listen(config.admin_listen, crate::config::ADMIN_LISTEN)?;
     run(config, data, admin, shutdown_signal()).await
+}
+
+/// Binds `addr` (the setting `name`) with a listen queue of 4,096 (the kernel caps it at
+/// `net.core.somaxconn`). The standard library's 128 overflowed under a burst of
+/// connections that the listener closes at once (over a peer's cap), and a loopback
+/// client's connection then waited a second for its SYN to be sent again.
+fn listen(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<TcpListener> {
+    let bound = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(4096)
+    };
+    bound().with_context(|| format!("binding {addr} ({name})"))
 }
 
 /// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).

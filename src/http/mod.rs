@@ -38,6 +38,13 @@ pub use state::AppState;
 /// error body. (hyper itself refuses far larger ones, without a body.)
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
+/// The most bytes hyper buffers of a connection's input: an unfinished request head
+/// larger than this is refused at once (a bare 431) rather than held until the header
+/// bound. hyper's default (about 400 KiB) let 1,024 connections of one peer, each
+/// sending an endless header block, take 400 MiB. Room for [`MAX_HEADER_BYTES`], so that
+/// [`refuse_headers`] answers those in the contract's terms, and a long request line.
+const MAX_READ_BUFFER: usize = MAX_HEADER_BYTES + 16 * 1024;
+
 /// The most headers a request may have; more get 431 with the JSON error body.
 pub const MAX_HEADERS: usize = 100;
 
@@ -227,6 +234,7 @@ async fn serve_one(
             let mut builder = http1::Builder::new();
             builder
                 .max_headers(HYPER_MAX_HEADERS)
+                .max_buf_size(MAX_READ_BUFFER)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(bounds.headers);
             let conn = builder.serve_connection(

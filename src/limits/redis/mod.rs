@@ -423,10 +423,10 @@ impl RedisCounters {
                 Ok(loaded)
             })
             .await?;
-        if loaded.iter().all(|l| *l) {
-            Ok(())
-        } else {
-            self.load_scripts().await
+        if !loaded.iter().all(|l| *l) {
+            self.load_scripts().await?;
         }
+        self.answered();
+        Ok(())
     }
 }

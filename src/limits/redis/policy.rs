@@ -72,17 +72,22 @@ impl RedisCounters {
         }
         let result = call.await;
         match &result {
-            Ok(_) => {
-                self.breaker.success();
-                // A load, not a store, on the hot path: the flag is written once per outage.
-                if self.in_outage.load(Ordering::Relaxed) {
-                    self.in_outage.store(false, Ordering::Relaxed);
-                }
-            }
+            Ok(_) => self.answered(),
             Err(e) if is_outage(e) => self.breaker.failure(),
             Err(_) => {}
         }
         result
+    }
+
+    /// Redis answered: the circuit closes and any outage is over. Also run by the
+    /// readiness check, so that a replica `/readyz` calls ready again admits through
+    /// Redis at once, not after the rest of the breaker's second.
+    pub(super) fn answered(&self) {
+        self.breaker.success();
+        // A load, not a store, on the hot path: the flag is written once per outage.
+        if self.in_outage.load(Ordering::Relaxed) {
+            self.in_outage.store(false, Ordering::Relaxed);
+        }
     }
 
     /// The twin that answers while Redis fails, with its mode; `None` under `deny`.
