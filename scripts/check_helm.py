@@ -90,13 +90,12 @@ def check_container(c, where, sidecar, data_port, admin_port, ready="/readyz"):
     if sc["capabilities"]["drop"] != ["ALL"]:
         fail(f"{where}: capabilities are not all dropped")
     probes = (c["livenessProbe"], c["readinessProbe"], c["startupProbe"])
-    if sidecar:
-        # The kubelet cannot reach the pod's loopback: the probes run inside the container.
-        paths = [p.get("exec", {}).get("command", [None, None, None])[1:] for p in probes]
-        if paths != [["probe", "/healthz"], ["probe", ready], ["probe", "/healthz"]]:
-            fail(f"{where}: sidecar probes are not `keyward probe /healthz|{ready}`: {probes}")
-    elif [p["httpGet"]["path"] for p in probes] != ["/healthz", ready, "/healthz"]:
-        fail(f"{where}: probes are not on /healthz and {ready}")
+    # In both shapes the probes run inside the container, over loopback: the kubelet
+    # cannot reach a sidecar's loopback, and peers on the network cannot take a
+    # standalone replica's loopback connections.
+    paths = [p.get("exec", {}).get("command", [None, None, None])[1:] for p in probes]
+    if paths != [["probe", "/healthz"], ["probe", ready], ["probe", "/healthz"]]:
+        fail(f"{where}: probes are not `keyward probe /healthz|{ready}`: {probes}")
     secret_env = [e for e in c["env"] if "valueFrom" in e]
     if not secret_env or any(e["valueFrom"]["secretKeyRef"]["name"] != BASE["existingSecret"] for e in secret_env):
         fail(f"{where}: secrets are not read from existingSecret")

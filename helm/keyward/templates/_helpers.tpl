@@ -43,7 +43,7 @@ env:
   - name: KEYWARD_ADMIN_LISTEN
     value: "127.0.0.1:{{ $values.ports.admin }}"
   {{- else }}
-  # The data port also serves the kubelet's probes, so it listens on the pod's address.
+  # Gateways reach the data port through the Service, on the pod's address.
   - name: KEYWARD_LISTEN
     value: "0.0.0.0:{{ $values.ports.data }}"
   - name: KEYWARD_ADMIN_LISTEN
@@ -81,7 +81,11 @@ and must stay in: a shared outage would otherwise take every replica (every prox
 for the sidecar) out at once. */}}
 {{- $policy := (index $values.config "KEYWARD_ON_BACKEND_ERROR") | default "deny" }}
 {{- $ready := ternary "/readyz" "/healthz" (eq $policy "deny") }}
-{{- if .sidecar }}
+{{- /* The probes run inside the container (`keyward probe`, over loopback), in both
+shapes: a sidecar listens on the pod's loopback, which the kubelet cannot reach, and a
+standalone replica's loopback connections are ones that peers on the network cannot take
+(`KEYWARD_MAX_CONNECTIONS_PER_PEER`; the kubelet's httpGet would come from the node's
+address, shared with whatever else the node sends). */}}
 livenessProbe:
   exec: { command: ["keyward", "probe", "/healthz"] }
   periodSeconds: 10
@@ -93,19 +97,6 @@ startupProbe:
   exec: { command: ["keyward", "probe", "/healthz"] }
   periodSeconds: 1
   failureThreshold: 30
-{{- else }}
-livenessProbe:
-  httpGet: { path: /healthz, port: data }
-  periodSeconds: 10
-readinessProbe:
-  httpGet: { path: {{ $ready }}, port: data }
-  periodSeconds: 5
-  failureThreshold: 2
-startupProbe:
-  httpGet: { path: /healthz, port: data }
-  periodSeconds: 1
-  failureThreshold: 30
-{{- end }}
 resources:
   {{- toYaml $values.resources | nindent 2 }}
 securityContext:
