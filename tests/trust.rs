@@ -542,12 +542,20 @@ async fn no_body_is_read_before_its_proof() {
 }
 
 /// A request of `head` (its first line and headers) announcing a body of `length` bytes
-/// and sending all of it but the last byte, as fast as it goes: keyward holds what it
-/// read of the body until the request bound (10 s) answers it, unless it refused the body
-/// at once. A refusal may close the connection under the send: that is no failure here.
-async fn almost_sent(addr: &str, head: &str, length: usize) -> tokio::net::TcpStream {
+/// and sending all of it but the last byte, as fast as it goes, from address `from` to
+/// `to`: keyward holds what it read of the body until the request bound (10 s) answers
+/// it, unless it refused the body at once. A refusal may close the connection under the
+/// send: that is no failure here.
+async fn almost_sent(
+    from: std::net::IpAddr,
+    to: std::net::SocketAddr,
+    head: &str,
+    length: usize,
+) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::new(from, 0)).unwrap();
+    let mut stream = socket.connect(to).await.unwrap();
     let mut request = format!(
         "{head}Host: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
     )
@@ -569,23 +577,41 @@ async fn answered(stream: &mut tokio::net::TcpStream) -> bool {
         .is_ok()
 }
 
-/// The holder of one valid client key, sending `/authz` bodies of 1 MiB slowly (all but
-/// their last byte), holds at most its share of the bodies keyward holds (4 MiB): its
-/// next body is refused at once with 503 `BUSY`, while another key's `/authz` with a body
-/// and an admin call with a body are served at once. It sends 66 of them, more than the
-/// whole data-plane budget (64 MiB) would hold.
+/// One remote peer (the machine's own non-loopback address), sending `/authz` bodies of
+/// 1 MiB slowly (all but their last byte) with three client keys, holds at most its share
+/// of the bodies keyward holds for remote peers (8 MiB of 64 MiB): its next body, of any
+/// key and any endpoint (`/v1/admit` too), is refused at once with 503 `BUSY`, while
+/// loopback (the proxy beside keyward) is served at once: an `/authz` with a body of one
+/// of the same keys, and the `/v1/report/upstream` of a lease of that key. So is an admin
+/// call with a body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_key_cannot_spend_every_tenants_body_budget() {
+async fn one_peer_cannot_spend_every_tenants_body_budget() {
     use std::time::{Duration, Instant};
     const MIB: usize = 1024 * 1024;
-    let s = TestServer::start(common::Backend::Sqlite).await;
-    let (_, greedy) = s.create_key(json!({})).await;
-    let (_, other) = s.create_key(json!({})).await;
-    let addr = s.data.trim_start_matches("http://").to_string();
-    let head = format!("POST /authz/v1/chat/completions HTTP/1.1\r\nx-api-key: {greedy}\r\n");
+    let own = common::own_address();
+    let db = Arc::new(common::TestDb::new(common::Backend::Sqlite).await);
+    let s = TestServer::start_listening(db.clone(), common::base_config(&db), "0.0.0.0:0").await;
+    let port = s.data.rsplit(':').next().unwrap().parse().unwrap();
+    let remote = std::net::SocketAddr::new(own, port);
+    let mut secrets = Vec::new();
+    for _ in 0..3 {
+        secrets.push(s.create_key(json!({})).await.1);
+    }
+    // A lease of the first key, taken by the proxy before the flood.
+    let admitted = s.admit(json!({"key": secrets[0]})).await;
+    assert_eq!(admitted.status, 200, "{}", admitted.body);
+    let lease = admitted.body["lease_id"].as_str().unwrap().to_string();
+    let head = |secret: &str| {
+        format!("POST /authz/v1/chat/completions HTTP/1.1\r\nx-api-key: {secret}\r\n")
+    };
     let started = Instant::now();
-    let mut holders: Vec<_> =
-        futures_util::future::join_all((0..66).map(|_| almost_sent(&addr, &head, MIB))).await;
+    // Four bodies of each key: 12 MiB, more than the peer's share, and as much of each
+    // key as a key's share would have been.
+    let flood = (0..12).map(|i| {
+        let head = head(&secrets[i % 3]);
+        async move { almost_sent(own, remote, &head, MIB).await }
+    });
+    let mut holders: Vec<_> = futures_util::future::join_all(flood).await;
     // What keyward has not answered after a moment, it holds.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut held = 0;
@@ -593,12 +619,12 @@ async fn one_key_cannot_spend_every_tenants_body_budget() {
         held += usize::from(!answered(stream).await);
     }
     // Bodies refused while others grew may leave part of the share free: more bodies,
-    // one at a time, until four are held (the share, each holding 1 MiB).
-    for _ in 0..8 {
-        if held >= 4 {
+    // one at a time, until eight are held (the share, each holding 1 MiB).
+    for i in 0..8 {
+        if held >= 8 {
             break;
         }
-        let mut stream = almost_sent(&addr, &head, MIB).await;
+        let mut stream = almost_sent(own, remote, &head(&secrets[i % 3]), MIB).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         held += usize::from(!answered(&mut stream).await);
         holders.push(stream);
@@ -607,34 +633,58 @@ async fn one_key_cannot_spend_every_tenants_body_budget() {
         r#"{{"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{{"role": "user", "content": "{}"}}]}}"#,
         "x".repeat(256 * 1024)
     );
-    let authz = |secret: String, body: String| {
-        let request = s
-            .client
-            .post(format!("{}/authz/v1/chat/completions", s.data))
+    let from_the_peer = reqwest::Client::builder()
+        .local_address(own)
+        .build()
+        .unwrap();
+    let send = |request: reqwest::RequestBuilder| async move {
+        let asked = Instant::now();
+        let response = request.send().await.unwrap();
+        let (status, headers) = (response.status().as_u16(), response.headers().clone());
+        // An admission's answer has an empty body; a refusal's is the error body.
+        let bytes = response.bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or_default();
+        let answer = common::Answer {
+            status,
+            body,
+            headers,
+        };
+        (answer, asked.elapsed())
+    };
+    let authz = |client: &reqwest::Client, base: &str, secret: &str| {
+        client
+            .post(format!("{base}/authz/v1/chat/completions"))
             .header("x-api-key", secret)
             .header("content-type", "application/json")
-            .body(body);
-        async move {
-            let asked = Instant::now();
-            let response = request.send().await.unwrap();
-            let (status, headers) = (response.status().as_u16(), response.headers().clone());
-            // An admission's answer has an empty body; a refusal's is the error body.
-            let bytes = response.bytes().await.unwrap();
-            let body = serde_json::from_slice(&bytes).unwrap_or_default();
-            let answer = common::Answer {
-                status,
-                body,
-                headers,
-            };
-            (answer, asked.elapsed())
-        }
+            .body(body.clone())
     };
-    // Another tenant's request with a body is served, at once.
-    let (a, took) = authz(other, body.clone()).await;
+    let quick = |took: Duration| took < Duration::from_secs(2);
+    // The proxy beside keyward, on loopback, is served at once: an `/authz` with a body
+    // of a key the peer's bodies hold...
+    let (a, took) = send(authz(&s.client, &s.data, &secrets[0])).await;
     assert_eq!(
-        (a.status, took < Duration::from_secs(2)),
+        (a.status, quick(took)),
         (200, true),
-        "another key's /authz, after {took:?}: {}",
+        "a loopback /authz, after {took:?}: {}",
+        a.body
+    );
+    // ...and its report of that key's lease (a body of 100 KB, mostly blanks).
+    let report = format!(
+        r#"{{"status": 200, "path": "/v1/chat/completions", "head": "", "complete": true{}}}"#,
+        " ".repeat(100_000)
+    );
+    let (a, took) = send(
+        s.client
+            .post(format!("{}/v1/report/upstream", s.data))
+            .header("x-keyward-lease", &lease)
+            .header("content-type", "application/json")
+            .body(report),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body["recorded"].as_bool(), quick(took)),
+        (200, Some(true), true),
+        "a loopback report of the key's lease, after {took:?}: {}",
         a.body
     );
     // So is the operator's admin call with a body (100 KB, mostly blanks).
@@ -650,31 +700,35 @@ async fn one_key_cannot_spend_every_tenants_body_budget() {
         .await;
     let took = asked.elapsed();
     assert_eq!(
-        (a.status, took < Duration::from_secs(2)),
+        (a.status, quick(took)),
         (201, true),
         "an admin call, after {took:?}: {}",
         a.body
     );
-    // The greedy key holds its share and no more; its next body is refused at once.
-    assert_eq!(held, 4, "bodies of one key held at once (1 MiB each)");
-    let (a, took) = authz(greedy, body).await;
-    assert_eq!(
-        (
-            a.status,
-            error_code(&a).as_str(),
-            took < Duration::from_secs(2)
-        ),
-        (503, "BUSY", true),
-        "the greedy key's next body, after {took:?}: {}",
-        a.body
-    );
-    assert!(
-        a.body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("client key")),
-        "{}",
-        a.body
-    );
+    // The peer holds its share and no more; its next body is refused at once, whatever
+    // its key, and whatever its endpoint: `/v1/admit`'s body counts too.
+    assert_eq!(held, 8, "bodies of one peer held at once (1 MiB each)");
+    let base = format!("http://{remote}");
+    let admit = from_the_peer
+        .post(format!("{base}/v1/admit"))
+        .json(&json!({"key": secrets[1]}));
+    let mut failures = Vec::new();
+    for (what, request) in [
+        ("/authz", authz(&from_the_peer, &base, &secrets[2])),
+        ("/v1/admit", admit),
+    ] {
+        let (a, took) = send(request).await;
+        let message = a.body["error"]["message"].as_str().unwrap_or_default();
+        if (a.status, error_code(&a).as_str(), quick(took)) != (503, "BUSY", true)
+            || !message.contains(&format!("peer address ({own})"))
+        {
+            failures.push(format!(
+                "the peer's next {what}, after {took:?}: {}",
+                a.body
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
     // All of it within the request bound of the first bodies, which were held throughout.
     assert!(
         started.elapsed() < Duration::from_secs(9),

@@ -207,9 +207,9 @@ fn header_safe_json(bytes: &[u8]) -> String {
 
 /// The admission a request stands for, with its key: what the headers alone refuse
 /// first (the key looked up too: no body is read for a key that does not exist or
-/// cannot be used), then the body, read only then, within that key's share of the bodies
-/// held (`extract::MAX_BODIES_HELD_PER_KEY`: one tenant cannot spend every tenant's
-/// budget); the bytes are given back once it is scanned.
+/// cannot be used), then the body, read only then, within its peer's budget of bodies
+/// held (`extract::MAX_BODIES_HELD_PER_PEER` for a remote peer: one peer cannot spend
+/// every tenant's budget); the bytes are given back once it is scanned.
 async fn admission(
     state: &AppState,
     path: &str,
@@ -218,7 +218,7 @@ async fn admission(
 ) -> Result<(Arc<ClientKey>, AdmitBody), ApiError> {
     let secret = before_the_body(path, headers)?;
     let key = state.admission.check_key(Some(&secret)).await?;
-    let body = body.held_by(&key.id).bytes(MAX_AUTHZ_BODY).await?;
+    let body = body.bytes(MAX_AUTHZ_BODY).await?;
     Ok((key, admit_body(path, headers, secret, &body)?))
 }
 

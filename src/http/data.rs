@@ -201,8 +201,7 @@ async fn select(
     body: UnreadBody,
 ) -> Result<Json<Value>, ApiError> {
     // The token first: a caller without it learns nothing, not even about its body, and
-    // makes keyward hold none of it. Its caller is the operator's own proxy, not a
-    // tenant: the body counts against the whole budget, not a client key's share.
+    // makes keyward hold none of it.
     require_data_token(&state, &headers, "select")?;
     let body: SelectBody = body.json().await?;
     let provider = body

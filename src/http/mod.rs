@@ -178,10 +178,10 @@ async fn serve_one(
             },
             () = stopped(stop.clone()) => break,
         };
-        let (stream, held) = tokio::select! {
+        let (stream, held, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => match gate.admit(slot, peer.ip()) {
-                    Ok(held) => (stream, held),
+                    Ok(held) => (stream, held, peer.ip()),
                     // Closed unanswered (dropped): see `conns` for why.
                     Err(refusal) => {
                         refused(name, refusal, peer.ip());
@@ -203,11 +203,14 @@ async fn serve_one(
         // Answers are small and latency matters: no Nagle delay on any connection.
         let _ = stream.set_nodelay(true);
         let router = TowerToHyperService::new(router.clone());
-        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        // Each request carries its peer: the body budget is shared out by it.
+        let peer = extract::Peer(peer);
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             use futures_util::future::{ready, Either};
             match refuse_headers(request.headers()) {
                 Some(refusal) => Either::Left(ready(Ok::<_, std::convert::Infallible>(refusal))),
                 None => {
+                    request.extensions_mut().insert(peer);
                     let (request, ended) = linger::track(request);
                     let answer = hyper::service::Service::call(&router, request);
                     Either::Right(async move {

@@ -50,8 +50,8 @@ fn report_from_headers(mut body: ReportBody, headers: &axum::http::HeaderMap) ->
 /// A report is authorized by its lease (it charges the lease's key, and an upstream
 /// status acts only on the provider key picked for that lease), or, without a lease, by
 /// the data-plane token. The lease may be in the body, so the body is read first: what
-/// that lets a caller make keyward hold is bounded by
-/// [`super::extract::MAX_BODIES_HELD`]. Settling it is [`crate::reporting`]'s.
+/// that lets a caller make keyward hold is bounded by its peer's budget
+/// ([`super::extract::MAX_BODIES_HELD_PER_PEER`] for a remote peer). Settling it is [`crate::reporting`]'s.
 pub(super) async fn report(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -115,9 +115,9 @@ pub(super) async fn report_upstream(
             )
         })?;
     let lease = verified_lease(&state, text, ENDPOINT)?;
-    // The lease names its key: the body counts within that key's share of the bodies
-    // held, as its `/authz` body did (anyone holding the key may get a lease).
-    let body: UpstreamBody = body.held_by(&lease.lease.key_id).json().await?;
+    // The body counts in its peer's budget: the proxy's, on loopback, which a tenant
+    // sending bodies of its own from elsewhere cannot spend.
+    let body: UpstreamBody = body.json().await?;
     let (report, read) = body
         .into_report(text, crate::clock::now_ms())
         .map_err(|e| match e {
