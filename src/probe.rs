@@ -48,6 +48,17 @@ pub fn probe(addr: SocketAddr, path: &str) -> Result<(), String> {
         match stream.read(&mut head[read..]) {
             Ok(0) => break,
             Ok(n) => read += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(format!(
+                    "no answer from {addr} within {} s",
+                    TIMEOUT.as_secs()
+                ))
+            }
             Err(e) => return Err(format!("no answer from {addr}: {e}")),
         }
     }

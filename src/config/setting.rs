@@ -257,7 +257,7 @@ pub fn secrets_help(settings: &[Setting]) -> String {
         .map(|s| s.var)
         .collect();
     out.push_str(&format!(
-        "A database or Redis URL holding a password ({}) is refused as a flag.\n",
+        "A URL holding a password ({}) is refused as a flag.\n",
         urls.join(", ")
     ));
     let example = settings

@@ -85,17 +85,21 @@ for the sidecar) out at once. */}}
 shapes: a sidecar listens on the pod's loopback, which the kubelet cannot reach, and a
 standalone replica's loopback connections are ones that peers on the network cannot take
 (`KEYWARD_MAX_CONNECTIONS_PER_PEER`; the kubelet's httpGet would come from the node's
-address, shared with whatever else the node sends). */}}
+address, shared with whatever else the node sends). `keyward probe` waits up to 2 s to
+connect and 2 s for the answer: the kubelet's default timeout, 1 s, would cut it short. */}}
 livenessProbe:
   exec: { command: ["keyward", "probe", "/healthz"] }
   periodSeconds: 10
+  timeoutSeconds: 5
 readinessProbe:
   exec: { command: ["keyward", "probe", "{{ $ready }}"] }
   periodSeconds: 5
+  timeoutSeconds: 5
   failureThreshold: 2
 startupProbe:
   exec: { command: ["keyward", "probe", "/healthz"] }
   periodSeconds: 1
+  timeoutSeconds: 5
   failureThreshold: 30
 resources:
   {{- toYaml $values.resources | nindent 2 }}
