@@ -825,3 +825,41 @@ async fn an_endless_request_head_is_refused_once_it_outgrows_the_buffer() {
     assert_eq!(healthy.status(), 200);
     s.stop().await;
 }
+
+/// A client that pipelines requests and reads the answers slowly, enough to count as
+/// progress, holds little of the kernel's memory: keyward's sockets have fixed buffers,
+/// not autotuned ones (which held 250 to 400 KiB of answers per connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_holds_little_of_the_kernels_memory() {
+    use tokio::io::AsyncWriteExt;
+    let s = TestServer::start(Backend::Sqlite).await;
+    let addr = s.data.trim_start_matches("http://").to_string();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let client_port = stream.local_addr().unwrap().port();
+    // About 7 KB each; the client reads nothing.
+    let request = "GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(500);
+    let _ =
+        tokio::time::timeout(Duration::from_secs(2), stream.write_all(request.as_bytes())).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // keyward's end of the connection: its send queue (ss's Send-Q).
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tnH",
+            &format!("sport = :{port} and dport = :{client_port}"),
+        ])
+        .output()
+        .expect("ss (iproute2) is not installed");
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    let queued: usize = line
+        .split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no connection in {line:?}"));
+    assert!(
+        queued <= 64 * 1024,
+        "keyward's send queue holds {queued} bytes for one slow reader"
+    );
+    drop(stream);
+    s.stop().await;
+}
