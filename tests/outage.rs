@@ -269,6 +269,34 @@ async fn local_enforces_limits_in_process_and_recovers() {
     .await;
 }
 
+/// A report of `lease` as a proxy sends it: `tokens` (prompt, completion) and `cost`
+/// micro-USD, after an upstream 200.
+fn report_of(
+    lease: keyward::limits::LeaseId,
+    tokens: Option<(i64, i64)>,
+    cost: i64,
+) -> keyward::limits::Report {
+    keyward::limits::Report {
+        id: lease.to_string(),
+        lease: Some(lease),
+        tokens,
+        cost_micros: cost,
+        model: None,
+        provider_key_id: None,
+        provider: None,
+        latency_ms: None,
+        upstream_status: Some(200),
+        cooldown_ms: 0,
+        suspend_ms: 0,
+        source: "data-token".into(),
+        learned: None,
+        lease_expires_at_ms: 0,
+        token_classes: Default::default(),
+        usage_source: Default::default(),
+        spend_now: Vec::new(),
+    }
+}
+
 /// The outage twin's live balances belong to the outage they were made in: a later
 /// outage starts from the database snapshot, not from what the twin held before Redis
 /// came back (spending through Redis in between would otherwise be invisible to it).
@@ -278,7 +306,7 @@ async fn a_later_outage_starts_from_the_database_balance() {
     use keyward::limits::redis::RedisCounters;
     use keyward::limits::BackendErrorPolicy;
     use keyward::limits::{
-        AdmitRequest, BalanceSnapshot, Counters, Decision, Denial, LeaseId, Report, Verdict,
+        AdmitRequest, BalanceSnapshot, Counters, Decision, Denial, LeaseId, Verdict,
     };
 
     let mut redis = PrivateRedis::start().await;
@@ -322,26 +350,10 @@ async fn a_later_outage_starts_from_the_database_balance() {
     let spend = |lease: LeaseId, cost: i64| {
         let counters = counters.clone();
         async move {
-            let report = Report {
-                id: lease.to_string(),
-                lease: Some(lease),
-                tokens: None,
-                cost_micros: cost,
-                model: None,
-                provider_key_id: None,
-                provider: None,
-                latency_ms: None,
-                upstream_status: Some(200),
-                cooldown_ms: 0,
-                suspend_ms: 0,
-                source: "data-token".into(),
-                learned: None,
-                lease_expires_at_ms: 0,
-                token_classes: Default::default(),
-                usage_source: Default::default(),
-                spend_now: Vec::new(),
-            };
-            counters.report(&report).await.unwrap();
+            counters
+                .report(&report_of(lease, None, cost))
+                .await
+                .unwrap();
         }
     };
 
@@ -400,7 +412,7 @@ async fn a_lease_admitted_in_an_outage_takes_nothing_back_from_redis() {
     use keyward::limits::memory::MemoryCounters;
     use keyward::limits::redis::RedisCounters;
     use keyward::limits::BackendErrorPolicy;
-    use keyward::limits::{AdmitRequest, Counters, Denial, LeaseId, Report, Verdict};
+    use keyward::limits::{AdmitRequest, Counters, Denial, LeaseId, Verdict};
 
     let mut redis = PrivateRedis::start().await;
     let (tx, _queue) = tokio::sync::mpsc::channel(1_000);
@@ -466,25 +478,7 @@ async fn a_lease_admitted_in_an_outage_takes_nothing_back_from_redis() {
     let (lease, d) = admit(500).await;
     assert_eq!(d.degraded, Some("local"), "{d:?}");
     redis.restart().await;
-    let report = Report {
-        id: lease.to_string(),
-        lease: Some(lease),
-        tokens: Some((10, 0)),
-        cost_micros: 0,
-        model: None,
-        provider_key_id: None,
-        provider: None,
-        latency_ms: None,
-        upstream_status: Some(200),
-        cooldown_ms: 0,
-        suspend_ms: 0,
-        source: "data-token".into(),
-        learned: None,
-        lease_expires_at_ms: 0,
-        token_classes: Default::default(),
-        usage_source: Default::default(),
-        spend_now: Vec::new(),
-    };
+    let report = report_of(lease, Some((10, 0)), 0);
     // Until Redis answers again (a lane's first call after the restart falls back).
     eventually(10, || async {
         admit(0).await.1.degraded.is_none().then_some(())
