@@ -509,7 +509,7 @@ async fn unfinished_headers_and_bodies_do_not_hold_a_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_its_answers_does_not_hold_a_connection() {
     use std::time::{Duration, Instant};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     const REQUESTS: usize = 1000;
     let s = TestServer::start(Backend::Sqlite).await;
     let addr = s.data.trim_start_matches("http://").to_string();
@@ -524,22 +524,12 @@ async fn a_client_that_never_reads_its_answers_does_not_hold_a_connection() {
     // Read nothing for the bound and a margin; then the connection must be closed: what
     // keyward sent before it gave up arrives, then the end (or a reset), at once.
     tokio::time::sleep(Duration::from_secs(13)).await;
-    let mut out = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut chunk = vec![0; 64 * 1024];
-        loop {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
+    let (out, closed) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
     let answers = String::from_utf8_lossy(&out)
         .matches("HTTP/1.1 200")
         .count();
     assert!(
-        read.is_ok(),
+        closed,
         "the connection stayed open ({answers} answers read, {:?} after the requests)",
         started.elapsed()
     );
@@ -727,7 +717,7 @@ async fn a_remote_peer_filling_the_data_plane_leaves_loopback_served() {
 /// to a request whose body was read keeps the connection, so a proxy's pool stays warm.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_before_the_body_was_read_closes_the_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let s = TestServer::start(Backend::Sqlite).await;
     let addr = s.data.trim_start_matches("http://").to_string();
     let (_, secret) = s.create_key(json!({})).await;
@@ -737,18 +727,7 @@ async fn an_answer_before_the_body_was_read_closes_the_connection() {
         async move {
             let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
             stream.write_all(request.as_bytes()).await.unwrap();
-            let mut out = Vec::new();
-            let closed = tokio::time::timeout(Duration::from_secs(3), async {
-                let mut chunk = vec![0; 16 * 1024];
-                loop {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return true,
-                        Ok(n) => out.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            })
-            .await
-            .unwrap_or(false);
+            let (out, closed) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
             (String::from_utf8_lossy(&out).to_lowercase(), closed)
         }
     };
@@ -785,7 +764,7 @@ async fn an_answer_before_the_body_was_read_closes_the_connection() {
 /// (about 400 KiB) let one peer's 1,024 connections take 400 MiB with endless headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_request_head_is_refused_once_it_outgrows_the_buffer() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let s = TestServer::start(Backend::Sqlite).await;
     let addr = s.data.trim_start_matches("http://").to_string();
     let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -795,19 +774,9 @@ async fn an_endless_request_head_is_refused_once_it_outgrows_the_buffer() {
     );
     // The server may stop reading (and close) before all of it is written.
     let _ = stream.write_all(head.as_bytes()).await;
-    let mut out = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(3), async {
-        let mut chunk = vec![0; 16 * 1024];
-        loop {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
+    let (out, closed) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
     assert!(
-        closed.is_ok(),
+        closed,
         "100 KiB of an unfinished head was buffered and the connection held"
     );
     let answer = String::from_utf8_lossy(&out);
@@ -862,4 +831,23 @@ async fn a_slow_reader_holds_little_of_the_kernels_memory() {
     );
     drop(stream);
     s.stop().await;
+}
+
+/// Reads `stream` until the server closes it (an end or a reset), for at most `wait`:
+/// what arrived, and whether it was closed within that time.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, wait: Duration) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(wait, async {
+        let mut chunk = vec![0; 64 * 1024];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (out, closed)
 }

@@ -269,6 +269,28 @@ async fn local_enforces_limits_in_process_and_recovers() {
     .await;
 }
 
+/// The Redis shape's counters on `redis` under `KEYWARD_ON_BACKEND_ERROR=local`, with
+/// the outage twin that answers while Redis fails, and the twin's accounting queue (kept
+/// open: the twin's reports go there).
+async fn local_counters(
+    redis: &PrivateRedis,
+) -> (
+    keyward::limits::Counters,
+    Arc<keyward::limits::memory::MemoryCounters>,
+    tokio::sync::mpsc::Receiver<keyward::usage::UsageRecord>,
+) {
+    use keyward::limits::{memory::MemoryCounters, redis::RedisCounters, BackendErrorPolicy};
+    let (tx, queue) = tokio::sync::mpsc::channel(1_000);
+    let twin = Arc::new(MemoryCounters::new(600_000, tx));
+    let counters = keyward::limits::Counters::Redis(Arc::new(
+        RedisCounters::connect(&redis.url, &common::unique_prefix(), 600_000)
+            .await
+            .unwrap()
+            .with_failure_policy(BackendErrorPolicy::Local, twin.clone()),
+    ));
+    (counters, twin, queue)
+}
+
 /// A report of `lease` as a proxy sends it: `tokens` (prompt, completion) and `cost`
 /// micro-USD, after an upstream 200.
 fn report_of(
@@ -302,22 +324,10 @@ fn report_of(
 /// came back (spending through Redis in between would otherwise be invisible to it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_later_outage_starts_from_the_database_balance() {
-    use keyward::limits::memory::MemoryCounters;
-    use keyward::limits::redis::RedisCounters;
-    use keyward::limits::BackendErrorPolicy;
-    use keyward::limits::{
-        AdmitRequest, BalanceSnapshot, Counters, Decision, Denial, LeaseId, Verdict,
-    };
+    use keyward::limits::{AdmitRequest, BalanceSnapshot, Decision, Denial, LeaseId, Verdict};
 
     let mut redis = PrivateRedis::start().await;
-    let (tx, _queue) = tokio::sync::mpsc::channel(1_000);
-    let twin = Arc::new(MemoryCounters::new(600_000, tx));
-    let counters = Counters::Redis(Arc::new(
-        RedisCounters::connect(&redis.url, &common::unique_prefix(), 600_000)
-            .await
-            .unwrap()
-            .with_failure_policy(BackendErrorPolicy::Local, twin.clone()),
-    ));
+    let (counters, twin, _queue) = local_counters(&redis).await;
     let key = uuid::Uuid::new_v4().to_string();
     // `used` is what the database has applied: the snapshot the cache would hand over.
     let admit = |used: i64| {
@@ -409,20 +419,10 @@ async fn a_later_outage_starts_from_the_database_balance() {
 /// tokens under a limit of 1,000.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_admitted_in_an_outage_takes_nothing_back_from_redis() {
-    use keyward::limits::memory::MemoryCounters;
-    use keyward::limits::redis::RedisCounters;
-    use keyward::limits::BackendErrorPolicy;
     use keyward::limits::{AdmitRequest, Counters, Denial, LeaseId, Verdict};
 
     let mut redis = PrivateRedis::start().await;
-    let (tx, _queue) = tokio::sync::mpsc::channel(1_000);
-    let twin = Arc::new(MemoryCounters::new(600_000, tx));
-    let counters = Counters::Redis(Arc::new(
-        RedisCounters::connect(&redis.url, &common::unique_prefix(), 600_000)
-            .await
-            .unwrap()
-            .with_failure_policy(BackendErrorPolicy::Local, twin.clone()),
-    ));
+    let (counters, twin, _queue) = local_counters(&redis).await;
     // One second for Redis's scripts and the twin alike.
     let at = keyward::clock::now_ms() / 1000 * 1000 + 500;
     counters.time_shift().pin(at);
